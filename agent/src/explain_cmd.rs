@@ -1,0 +1,327 @@
+//! `palisade explain` (who decided a connection) and `palisade matrix`
+//! (connectivity of every pod pair, with the deciding policy per cell).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Result, anyhow};
+use policy_core::conformance::{ConnectionSpec, Peer, enforcing_endpoint, flow_between};
+use policy_core::flow::{DecidedBy, Decision, Verdict};
+use policy_core::net::Protocol;
+use policy_core::reference::{RuleOutcome, TierOutcome, Trace};
+use policy_core::{Direction, EndpointKey, ReferenceEngine};
+use serde_json::{Value, json};
+
+use crate::load::load_cluster;
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// For people.
+    Text,
+    /// For programs.
+    Json,
+    /// A Markdown table (matrix only).
+    Markdown,
+}
+
+/// What to ask about.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectionArgs {
+    /// Client: namespace/pod, or ip:ADDRESS for a source outside the cluster.
+    #[arg(long)]
+    pub from: String,
+    /// Server: namespace/pod or ip:ADDRESS.
+    #[arg(long)]
+    pub to: String,
+    /// Destination port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Protocol name or number.
+    #[arg(long, default_value = "TCP")]
+    pub protocol: String,
+    /// Source port (default: an ephemeral port).
+    #[arg(long)]
+    pub src_port: Option<u16>,
+    /// ICMP type (with --protocol ICMP/ICMPv6).
+    #[arg(long)]
+    pub icmp_type: Option<u8>,
+    /// ICMP code.
+    #[arg(long)]
+    pub icmp_code: Option<u8>,
+}
+
+pub fn decision_json(d: &Decision) -> Value {
+    let by = match &d.decided_by {
+        DecidedBy::Rule {
+            tier,
+            policy,
+            rule,
+            action,
+        } => {
+            json!({"kind": "rule", "tier": tier, "policy": policy.to_string(), "rule": rule, "action": action.to_string()})
+        }
+        DecidedBy::TierDefault { tier } => {
+            json!({"kind": "endOfTier", "tier": tier, "action": "deny"})
+        }
+        DecidedBy::Profile {
+            profile,
+            rule,
+            action,
+        } => {
+            json!({"kind": "profile", "profile": profile, "rule": rule, "action": action.to_string()})
+        }
+        DecidedBy::NoProfileMatch => json!({"kind": "noProfileMatch", "action": "deny"}),
+    };
+    json!({"verdict": d.verdict.to_string(), "decidedBy": by, "logged": d.logged})
+}
+
+fn trace_json(t: &Trace) -> Value {
+    let rules = |rs: &[policy_core::reference::RuleTrace]| -> Vec<Value> {
+        rs.iter()
+            .map(|r| match &r.outcome {
+                RuleOutcome::Matched => json!({"index": r.index, "action": r.action.to_string(), "matched": true}),
+                RuleOutcome::NoMatch(why) => json!({"index": r.index, "action": r.action.to_string(), "matched": false, "why": why}),
+            })
+            .collect()
+    };
+    json!({
+        "endpoint": t.endpoint.to_string(),
+        "direction": t.direction.to_string(),
+        "tiers": t.tiers.iter().map(|tt| json!({
+            "tier": tt.tier,
+            "policies": tt.policies.iter().map(|p| json!({
+                "policy": p.policy.to_string(),
+                "order": p.order,
+                "rules": rules(&p.rules),
+            })).collect::<Vec<_>>(),
+            "outcome": match &tt.outcome {
+                TierOutcome::Decided => json!("decided"),
+                TierOutcome::Passed { policy, rule } => json!({"passed": {"policy": policy.to_string(), "rule": rule}}),
+                TierOutcome::EndOfTier(d) => json!({"endOfTier": format!("{d:?}").to_lowercase()}),
+            },
+        })).collect::<Vec<_>>(),
+        "profiles": t.profiles.iter().map(|p| json!({
+            "profile": p.profile, "defined": p.defined, "rules": rules(&p.rules),
+        })).collect::<Vec<_>>(),
+        "decision": decision_json(&t.decision),
+    })
+}
+
+pub fn explain(files: &[PathBuf], args: &ConnectionArgs, format: Format) -> Result<bool> {
+    let cluster = load_cluster(files)?;
+    let engine = ReferenceEngine::new(&cluster);
+    let from: Peer = args
+        .from
+        .parse()
+        .map_err(|e: String| anyhow!("--from: {e}"))?;
+    let to: Peer = args.to.parse().map_err(|e: String| anyhow!("--to: {e}"))?;
+    let protocol = Protocol::parse(&args.protocol).map_err(|e| anyhow!("--protocol: {e}"))?;
+    let icmp = match (args.icmp_type, args.icmp_code) {
+        (None, None) => None,
+        (t, c) => Some((t.unwrap_or(0), c.unwrap_or(0))),
+    };
+    let spec = ConnectionSpec {
+        protocol,
+        dst_port: args.port,
+        src_port: args.src_port,
+        icmp,
+        ip_version: None,
+    };
+    let flow = flow_between(&cluster, &from, &to, spec, None, None).map_err(|e| anyhow!(e))?;
+    let mut traces = Vec::new();
+    if let Some(k) = enforcing_endpoint(&cluster, &from, true) {
+        traces.push(engine.trace(&k, Direction::Egress, &flow)?);
+    }
+    if let Some(k) = enforcing_endpoint(&cluster, &to, false) {
+        traces.push(engine.trace(&k, Direction::Ingress, &flow)?);
+    }
+    let allowed = traces.iter().all(|t| t.decision.verdict == Verdict::Allow);
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "from": from.to_string(), "to": to.to_string(), "flow": flow.to_string(),
+                "allowed": allowed,
+                "evaluations": traces.iter().map(trace_json).collect::<Vec<_>>(),
+            }))?
+        ),
+        _ => {
+            println!("connection {from} -> {to}: {flow}");
+            if traces.is_empty() {
+                println!("  neither end is a pod in the cluster: no policy applies");
+            }
+            for t in &traces {
+                println!();
+                print!("{t}");
+            }
+            println!();
+            let verdict = if allowed { "ALLOWED" } else { "DENIED" };
+            match traces.iter().find(|t| t.decision.verdict == Verdict::Deny) {
+                Some(t) => println!(
+                    "{verdict}: {} denied by {}",
+                    t.direction, t.decision.decided_by
+                ),
+                None => println!("{verdict}"),
+            }
+        }
+    }
+    Ok(allowed)
+}
+
+/// The cell of a matrix: whether the connection succeeds, and the decision
+/// that explains it (the denying one, or the server's ingress allow).
+struct Cell {
+    allowed: bool,
+    deciding: Option<(Direction, Decision)>,
+}
+
+pub fn matrix(files: &[PathBuf], port: u16, protocol: &str, format: Format) -> Result<()> {
+    let cluster = load_cluster(files)?;
+    let engine = ReferenceEngine::new(&cluster);
+    let protocol = Protocol::parse(protocol).map_err(|e| anyhow!("--protocol: {e}"))?;
+    let pods: Vec<EndpointKey> = cluster
+        .endpoints()
+        .filter(|e| !e.ips.is_empty())
+        .map(|e| e.key.clone())
+        .collect();
+    let spec = ConnectionSpec {
+        protocol,
+        dst_port: protocol.has_ports().then_some(port),
+        src_port: None,
+        icmp: None,
+        ip_version: None,
+    };
+    let mut cells: BTreeMap<(usize, usize), Cell> = BTreeMap::new();
+    for (i, a) in pods.iter().enumerate() {
+        for (j, b) in pods.iter().enumerate() {
+            let (from, to) = (Peer::Endpoint(a.clone()), Peer::Endpoint(b.clone()));
+            let flow = match flow_between(&cluster, &from, &to, spec, None, None) {
+                Ok(f) => f,
+                Err(_) => continue,
+            };
+            let out = policy_core::conformance::evaluate_connection(
+                &engine, &cluster, &from, &to, &flow,
+            )?;
+            let deciding = match (&out.egress, &out.ingress) {
+                (Some(e), _) if e.verdict == Verdict::Deny => Some((Direction::Egress, e.clone())),
+                (_, Some(i)) if i.verdict == Verdict::Deny => Some((Direction::Ingress, i.clone())),
+                (_, Some(i)) => Some((Direction::Ingress, i.clone())),
+                (Some(e), None) => Some((Direction::Egress, e.clone())),
+                (None, None) => None,
+            };
+            cells.insert(
+                (i, j),
+                Cell {
+                    allowed: out.allowed,
+                    deciding,
+                },
+            );
+        }
+    }
+    // Legend: one letter per distinct decider.
+    let mut legend: Vec<String> = Vec::new();
+    let mut code = |d: &Option<(Direction, Decision)>| -> String {
+        let Some((dir, dec)) = d else {
+            return String::new();
+        };
+        let text = format!("{dir} {} by {}", dec.verdict, dec.decided_by);
+        let idx = legend.iter().position(|l| *l == text).unwrap_or_else(|| {
+            legend.push(text);
+            legend.len() - 1
+        });
+        letter(idx)
+    };
+    let cell_text: BTreeMap<(usize, usize), String> = cells
+        .iter()
+        .map(|(k, c)| {
+            let mark = if c.allowed { "✓" } else { "✗" };
+            ((*k), format!("{mark}{}", code(&c.deciding)))
+        })
+        .collect();
+    let names: Vec<String> = pods.iter().map(ToString::to_string).collect();
+    match format {
+        Format::Json => {
+            let rows: Vec<Value> = cells
+                .iter()
+                .map(|((i, j), c)| {
+                    json!({
+                        "from": names[*i], "to": names[*j], "allowed": c.allowed,
+                        "deciding": c.deciding.as_ref().map(|(d, dec)| json!({"direction": d.to_string(), "decision": decision_json(dec)})),
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &json!({"port": port, "protocol": protocol.to_string(), "cells": rows})
+                )?
+            );
+        }
+        Format::Markdown => {
+            println!("| from \\ to | {} |", names.join(" | "));
+            println!("|---|{}", "---|".repeat(names.len()));
+            for (i, n) in names.iter().enumerate() {
+                let row: Vec<String> = (0..names.len())
+                    .map(|j| cell_text.get(&(i, j)).cloned().unwrap_or_default())
+                    .collect();
+                println!("| {n} | {} |", row.join(" | "));
+            }
+            println!();
+            for (i, l) in legend.iter().enumerate() {
+                println!("- **{}**: {l}", letter(i));
+            }
+        }
+        Format::Text => {
+            println!(
+                "connectivity for {protocol}/{port} (rows: client, columns: server; ✓ allowed, ✗ denied)"
+            );
+            let w = names.iter().map(|n| n.chars().count()).max().unwrap_or(4);
+            let cw = cell_text
+                .values()
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(2)
+                .max(3);
+            print!("{:w$}", "", w = w + 2);
+            for j in 0..names.len() {
+                print!(" {:>cw$}", format!("[{}]", j + 1), cw = cw + 1);
+            }
+            println!();
+            for (i, n) in names.iter().enumerate() {
+                print!(
+                    "[{}] {:w$}",
+                    i + 1,
+                    n,
+                    w = w.saturating_sub(format!("[{}]", i + 1).len() - 2)
+                );
+                for j in 0..names.len() {
+                    let t = cell_text
+                        .get(&(i, j))
+                        .cloned()
+                        .unwrap_or_else(|| "-".into());
+                    print!(" {:>cw$}", t, cw = cw + 1);
+                }
+                println!();
+            }
+            println!();
+            for (i, l) in legend.iter().enumerate() {
+                println!("  {} = {l}", letter(i));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn letter(i: usize) -> String {
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    if i < 26 {
+        (alphabet[i] as char).to_string()
+    } else {
+        format!(
+            "{}{}",
+            alphabet[i / 26 - 1] as char,
+            alphabet[i % 26] as char
+        )
+    }
+}

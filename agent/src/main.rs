@@ -1,0 +1,182 @@
+//! `palisade`: the Palisade CLI and agent.
+//!
+//! ```text
+//! palisade selector parse "app == 'web' && has(tier)"
+//! palisade selector test ../shared/conformance/selectors.jsonl
+//! palisade verify --engine reference ../shared/conformance/kubernetes
+//! palisade matrix -f examples/zero-trust --port 8080
+//! palisade explain -f examples/zero-trust --from shop/frontend --to shop/backend --port 8080
+//! ```
+
+mod explain_cmd;
+mod load;
+mod selector_cmd;
+mod verify_cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Passed/failed/skipped counts, printed as the closing line tools rely on.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tally {
+    pub passed: usize,
+    pub failed: usize,
+    pub skipped: usize,
+}
+
+impl Tally {
+    pub fn add(&mut self, o: &Tally) {
+        self.passed += o.passed;
+        self.failed += o.failed;
+        self.skipped += o.skipped;
+    }
+
+    fn finish(self) -> ExitCode {
+        println!(
+            "{} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.skipped
+        );
+        if self.failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[derive(Parser)]
+#[command(
+    name = "palisade",
+    version,
+    about = "Network-policy engine and zero-trust compiler"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work with Calico selectors.
+    Selector {
+        #[command(subcommand)]
+        command: SelectorCommand,
+    },
+    /// Run conformance cases through an engine; ends with "N passed, N failed, N skipped".
+    Verify {
+        /// Engine that answers the probes.
+        #[arg(long, value_enum, default_value = "reference")]
+        engine: verify_cmd::EngineKind,
+        /// Print every case and skipped probe.
+        #[arg(short, long)]
+        verbose: bool,
+        /// Case files or folders of them.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Explain who decides a connection, rule by rule.
+    Explain {
+        /// Manifest files or folders.
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        connection: explain_cmd::ConnectionArgs,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: explain_cmd::Format,
+    },
+    /// Connectivity matrix of every pod pair, with the deciding policy per cell.
+    Matrix {
+        /// Manifest files or folders.
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// Destination port.
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+        /// Protocol.
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: explain_cmd::Format,
+    },
+}
+
+#[derive(Subcommand)]
+enum SelectorCommand {
+    /// Parse a selector: canonical form, Calico selector ID, label restrictions.
+    Parse {
+        selector: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evaluate a selector against labels given as key=value (exit 1 on no match).
+    Eval {
+        selector: String,
+        labels: Vec<String>,
+    },
+    /// Run selector vectors (selectors.jsonl format); ends with "N passed, N failed, N skipped".
+    Test {
+        file: PathBuf,
+        #[arg(short, long)]
+        verbose: bool,
+    },
+}
+
+fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Selector { command } => match command {
+            SelectorCommand::Parse { selector, json } => {
+                selector_cmd::parse(&selector, json)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            SelectorCommand::Eval { selector, labels } => {
+                selector_cmd::eval(&selector, &labels)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            SelectorCommand::Test { file, verbose } => {
+                Ok(selector_cmd::test(&file, verbose)?.finish())
+            }
+        },
+        Command::Verify {
+            engine,
+            verbose,
+            paths,
+        } => Ok(verify_cmd::verify(engine, &paths, verbose)?.finish()),
+        Command::Explain {
+            files,
+            connection,
+            output,
+        } => {
+            let allowed = explain_cmd::explain(&files, &connection, output)?;
+            Ok(if allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Matrix {
+            files,
+            port,
+            protocol,
+            output,
+        } => {
+            explain_cmd::matrix(&files, port, &protocol, output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

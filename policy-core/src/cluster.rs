@@ -1,0 +1,382 @@
+//! The cluster state: every object Palisade knows, updated by atomic batches of
+//! changes. A rejected batch leaves the state exactly as it was.
+
+use std::collections::BTreeMap;
+
+use crate::convert::Object;
+use crate::error::{Error, ErrorKind, ObjectRef};
+use crate::model::*;
+
+/// One change to the cluster state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Create or replace an object.
+    Upsert(Object),
+    /// Remove an object.
+    Delete(ObjectRef),
+}
+
+/// Everything Palisade knows about a cluster.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    namespaces: BTreeMap<String, Namespace>,
+    service_accounts: BTreeMap<(String, String), ServiceAccount>,
+    endpoints: BTreeMap<EndpointKey, Endpoint>,
+    policies: BTreeMap<PolicyId, Policy>,
+    tiers: BTreeMap<String, Tier>,
+    network_sets: BTreeMap<(Option<String>, String), NetworkSet>,
+    profiles: BTreeMap<String, Profile>,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Undo record for one applied change.
+enum Undo {
+    Restore(Object),
+    Remove(ObjectRef),
+}
+
+impl Cluster {
+    /// An empty cluster with Calico's well-known tiers.
+    pub fn new() -> Self {
+        Self {
+            namespaces: BTreeMap::new(),
+            service_accounts: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            tiers: Tier::well_known()
+                .into_iter()
+                .map(|t| (t.name.clone(), t))
+                .collect(),
+            network_sets: BTreeMap::new(),
+            profiles: BTreeMap::new(),
+        }
+    }
+
+    /// Builds a cluster from objects, failing on the first invalid one.
+    pub fn from_objects(objects: impl IntoIterator<Item = Object>) -> Result<Self, Error> {
+        let mut c = Cluster::new();
+        c.apply(objects.into_iter().map(Change::Upsert).collect())?;
+        Ok(c)
+    }
+
+    /// Applies a batch atomically: either every change is applied and the
+    /// result is consistent, or nothing changes and the error says why.
+    pub fn apply(&mut self, changes: Vec<Change>) -> Result<(), Error> {
+        let mut undo: Vec<Undo> = Vec::with_capacity(changes.len());
+        let mut touched: Vec<ObjectRef> = Vec::new();
+        for change in changes {
+            let r = match change {
+                Change::Upsert(obj) => {
+                    touched.push(obj.object_ref());
+                    Ok(self.put(obj))
+                }
+                Change::Delete(r) => self.remove(&r),
+            };
+            match r {
+                Ok(u) => undo.push(u),
+                Err(e) => {
+                    self.rollback(undo);
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = self.check_consistency(&touched) {
+            self.rollback(undo);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn rollback(&mut self, undo: Vec<Undo>) {
+        for u in undo.into_iter().rev() {
+            match u {
+                Undo::Restore(obj) => {
+                    self.put(obj);
+                }
+                Undo::Remove(r) => {
+                    // The object was created by the batch; it is there to take out.
+                    let _ = self.remove(&r);
+                }
+            }
+        }
+    }
+
+    /// Inserts or replaces; returns how to undo it.
+    fn put(&mut self, obj: Object) -> Undo {
+        let r = obj.object_ref();
+        let old = match obj {
+            Object::Policy(p) => self.policies.insert(p.id.clone(), p).map(Object::Policy),
+            Object::Tier(t) => self.tiers.insert(t.name.clone(), t).map(Object::Tier),
+            Object::NetworkSet(n) => self
+                .network_sets
+                .insert((n.namespace.clone(), n.name.clone()), n)
+                .map(Object::NetworkSet),
+            Object::Profile(p) => self.profiles.insert(p.name.clone(), p).map(Object::Profile),
+            Object::Namespace(n) => self
+                .namespaces
+                .insert(n.name.clone(), n)
+                .map(Object::Namespace),
+            Object::ServiceAccount(s) => self
+                .service_accounts
+                .insert((s.namespace.clone(), s.name.clone()), s)
+                .map(Object::ServiceAccount),
+            Object::Endpoint(e) => self
+                .endpoints
+                .insert(e.key.clone(), e)
+                .map(Object::Endpoint),
+        };
+        match old {
+            Some(o) => Undo::Restore(o),
+            None => Undo::Remove(r),
+        }
+    }
+
+    fn remove(&mut self, r: &ObjectRef) -> Result<Undo, Error> {
+        let ns = r.namespace.clone();
+        let name = r.name.clone();
+        let removed = match r.kind.as_str() {
+            "NetworkPolicy"
+            | "GlobalNetworkPolicy"
+            | "StagedNetworkPolicy"
+            | "StagedGlobalNetworkPolicy"
+            | "StagedKubernetesNetworkPolicy"
+            | "KubernetesNetworkPolicy" => {
+                let kinds: &[PolicyKind] = match r.kind.as_str() {
+                    "NetworkPolicy" => &[PolicyKind::NetworkPolicy],
+                    "KubernetesNetworkPolicy" => &[PolicyKind::KubernetesNetworkPolicy],
+                    "GlobalNetworkPolicy" => &[PolicyKind::GlobalNetworkPolicy],
+                    "StagedNetworkPolicy" => &[PolicyKind::StagedNetworkPolicy],
+                    "StagedGlobalNetworkPolicy" => &[PolicyKind::StagedGlobalNetworkPolicy],
+                    _ => &[PolicyKind::StagedKubernetesNetworkPolicy],
+                };
+                kinds.iter().find_map(|k| {
+                    self.policies
+                        .remove(&PolicyId {
+                            kind: *k,
+                            namespace: if k.is_namespaced() { ns.clone() } else { None },
+                            name: name.clone(),
+                        })
+                        .map(Object::Policy)
+                })
+            }
+            "Tier" => {
+                if Tier::well_known().iter().any(|t| t.name == name) {
+                    return Err(Error::invalid(
+                        "metadata.name",
+                        format!("the well-known tier {name:?} cannot be deleted"),
+                    )
+                    .on(r.clone()));
+                }
+                self.tiers.remove(&name).map(Object::Tier)
+            }
+            "NetworkSet" | "GlobalNetworkSet" => self
+                .network_sets
+                .remove(&(if r.kind == "NetworkSet" { ns } else { None }, name))
+                .map(Object::NetworkSet),
+            "Profile" => self.profiles.remove(&name).map(Object::Profile),
+            "Namespace" => self.namespaces.remove(&name).map(Object::Namespace),
+            "ServiceAccount" => self
+                .service_accounts
+                .remove(&(ns.unwrap_or_default(), name))
+                .map(Object::ServiceAccount),
+            "Pod" | "WorkloadEndpoint" => self
+                .endpoints
+                .remove(&EndpointKey::new(ns.unwrap_or_default(), name))
+                .map(Object::Endpoint),
+            _ => None,
+        };
+        match removed {
+            Some(o) => Ok(Undo::Restore(o)),
+            None => Err(Error::new(ErrorKind::NotFound(r.to_string())).on(r.clone())),
+        }
+    }
+
+    /// Cross-object rules: policies name existing tiers, tiers in use are not deleted.
+    fn check_consistency(&self, touched: &[ObjectRef]) -> Result<(), Error> {
+        for p in self.policies.values() {
+            if !self.tiers.contains_key(&p.tier) {
+                let r = crate::convert::policy_ref(&p.id);
+                let err = Error::new(ErrorKind::UnknownTier(p.tier.clone())).at("spec.tier");
+                // Blame the tier deletion if the policy itself was not touched.
+                if touched.contains(&r) {
+                    return Err(err.on(r));
+                }
+                return Err(Error::invalid(
+                    "metadata.name",
+                    format!("tier {:?} is still used by {}", p.tier, p.id),
+                )
+                .on(ObjectRef::new("Tier", None, p.tier.clone())));
+            }
+        }
+        Ok(())
+    }
+
+    /// All namespaces.
+    pub fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
+        self.namespaces.values()
+    }
+    /// One namespace.
+    pub fn namespace(&self, name: &str) -> Option<&Namespace> {
+        self.namespaces.get(name)
+    }
+    /// All service accounts.
+    pub fn service_accounts(&self) -> impl Iterator<Item = &ServiceAccount> {
+        self.service_accounts.values()
+    }
+    /// All endpoints.
+    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.values()
+    }
+    /// One endpoint.
+    pub fn endpoint(&self, key: &EndpointKey) -> Option<&Endpoint> {
+        self.endpoints.get(key)
+    }
+    /// All policies, staged included.
+    pub fn policies(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.values()
+    }
+    /// One policy.
+    pub fn policy(&self, id: &PolicyId) -> Option<&Policy> {
+        self.policies.get(id)
+    }
+    /// All tiers.
+    pub fn tiers(&self) -> impl Iterator<Item = &Tier> {
+        self.tiers.values()
+    }
+    /// One tier.
+    pub fn tier(&self, name: &str) -> Option<&Tier> {
+        self.tiers.get(name)
+    }
+    /// All network sets.
+    pub fn network_sets(&self) -> impl Iterator<Item = &NetworkSet> {
+        self.network_sets.values()
+    }
+    /// Explicitly defined profiles (not the ones derived from namespaces).
+    pub fn explicit_profiles(&self) -> impl Iterator<Item = &Profile> {
+        self.profiles.values()
+    }
+
+    /// A profile by name: an explicit Profile object, or the one Calico
+    /// derives from a namespace (`kns.<ns>`: allow all, `pcns.` labels) or a
+    /// service account (`ksa.<ns>.<sa>`: no rules, `pcsa.` labels).
+    pub fn profile(&self, name: &str) -> Option<Profile> {
+        if let Some(p) = self.profiles.get(name) {
+            return Some(p.clone());
+        }
+        if let Some(ns) = name.strip_prefix(NAMESPACE_PROFILE_PREFIX) {
+            let ns = self.namespaces.get(ns)?;
+            return Some(namespace_profile(ns));
+        }
+        if let Some(rest) = name.strip_prefix(SERVICE_ACCOUNT_PROFILE_PREFIX) {
+            let (ns, sa) = rest.split_once('.')?;
+            let sa = self
+                .service_accounts
+                .get(&(ns.to_string(), sa.to_string()))?;
+            return Some(service_account_profile(sa));
+        }
+        None
+    }
+
+    /// The labels selectors see on an endpoint: its own labels, Calico's
+    /// implicit labels, then labels inherited from its profiles (own labels
+    /// win, then the first profile that sets a key).
+    pub fn endpoint_labels(&self, ep: &Endpoint) -> LabelMap {
+        let mut labels: LabelMap = ep
+            .labels
+            .iter()
+            .filter(|(k, _)| {
+                !k.starts_with(NAMESPACE_LABEL_PREFIX)
+                    && !k.starts_with(SERVICE_ACCOUNT_LABEL_PREFIX)
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        labels.insert(LABEL_NAMESPACE.into(), ep.key.namespace.clone());
+        labels.insert(LABEL_ORCHESTRATOR.into(), ep.orchestrator.clone());
+        if let Some(sa) = &ep.service_account {
+            labels.insert(LABEL_SERVICE_ACCOUNT.into(), sa.clone());
+        }
+        for name in ep.profile_names() {
+            if let Some(p) = self.profile(&name) {
+                for (k, v) in p.labels_to_apply {
+                    labels.entry(k).or_insert(v);
+                }
+            }
+        }
+        labels
+    }
+
+    /// The labels selectors see on a network set: its own, plus for
+    /// namespaced sets the namespace label and the namespace's `pcns.` labels.
+    pub fn network_set_labels(&self, set: &NetworkSet) -> LabelMap {
+        let mut labels = set.labels.clone();
+        if let Some(ns) = &set.namespace {
+            labels.insert(LABEL_NAMESPACE.into(), ns.clone());
+            if let Some(n) = self.namespaces.get(ns) {
+                for (k, v) in namespace_profile(n).labels_to_apply {
+                    labels.entry(k).or_insert(v);
+                }
+            }
+        }
+        labels
+    }
+
+    /// Tiers in evaluation order.
+    pub fn sorted_tiers(&self) -> Vec<&Tier> {
+        let mut t: Vec<&Tier> = self.tiers.values().collect();
+        t.sort_by_key(|t| t.sort_key());
+        t
+    }
+
+    /// Policies of a tier in evaluation order (staged included).
+    pub fn sorted_policies(&self, tier: &str) -> Vec<&Policy> {
+        let mut p: Vec<&Policy> = self.policies.values().filter(|p| p.tier == tier).collect();
+        p.sort_by_key(|p| p.sort_key());
+        p
+    }
+}
+
+/// The profile Calico derives from a namespace.
+pub fn namespace_profile(ns: &Namespace) -> Profile {
+    let mut labels: LabelMap = ns
+        .labels
+        .iter()
+        .map(|(k, v)| (format!("{NAMESPACE_LABEL_PREFIX}{k}"), v.clone()))
+        .collect();
+    labels.insert(
+        format!("{NAMESPACE_LABEL_PREFIX}{LABEL_NAME}"),
+        ns.name.clone(),
+    );
+    Profile {
+        name: format!("{NAMESPACE_PROFILE_PREFIX}{}", ns.name),
+        ingress: vec![Rule::any(Action::Allow)],
+        egress: vec![Rule::any(Action::Allow)],
+        labels_to_apply: labels,
+    }
+}
+
+/// The profile Calico derives from a service account.
+pub fn service_account_profile(sa: &ServiceAccount) -> Profile {
+    let mut labels: LabelMap = sa
+        .labels
+        .iter()
+        .map(|(k, v)| (format!("{SERVICE_ACCOUNT_LABEL_PREFIX}{k}"), v.clone()))
+        .collect();
+    labels.insert(
+        format!("{SERVICE_ACCOUNT_LABEL_PREFIX}{LABEL_NAME}"),
+        sa.name.clone(),
+    );
+    Profile {
+        name: format!(
+            "{SERVICE_ACCOUNT_PROFILE_PREFIX}{}.{}",
+            sa.namespace, sa.name
+        ),
+        ingress: vec![],
+        egress: vec![],
+        labels_to_apply: labels,
+    }
+}
