@@ -276,33 +276,35 @@ pub fn matrix(files: &[PathBuf], port: u16, protocol: &str, format: Format) -> R
             println!(
                 "connectivity for {protocol}/{port} (rows: client, columns: server; ✓ allowed, ✗ denied)"
             );
-            let w = names.iter().map(|n| n.chars().count()).max().unwrap_or(4);
+            let labels: Vec<String> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| format!("[{}] {n}", i + 1))
+                .collect();
+            let w = labels.iter().map(|l| l.chars().count()).max().unwrap_or(0);
             let cw = cell_text
                 .values()
                 .map(|c| c.chars().count())
+                .chain((1..=names.len()).map(|j| format!("[{j}]").len()))
                 .max()
-                .unwrap_or(2)
-                .max(3);
-            print!("{:w$}", "", w = w + 2);
-            for j in 0..names.len() {
-                print!(" {:>cw$}", format!("[{}]", j + 1), cw = cw + 1);
-            }
-            println!();
-            for (i, n) in names.iter().enumerate() {
-                print!(
-                    "[{}] {:w$}",
-                    i + 1,
-                    n,
-                    w = w.saturating_sub(format!("[{}]", i + 1).len() - 2)
-                );
-                for j in 0..names.len() {
-                    let t = cell_text
-                        .get(&(i, j))
-                        .cloned()
-                        .unwrap_or_else(|| "-".into());
-                    print!(" {:>cw$}", t, cw = cw + 1);
-                }
-                println!();
+                .unwrap_or(3);
+            let pad = |s: &str, width: usize| {
+                format!("{}{s}", " ".repeat(width.saturating_sub(s.chars().count())))
+            };
+            let header: Vec<String> = (1..=names.len())
+                .map(|j| pad(&format!("[{j}]"), cw))
+                .collect();
+            println!("{} {}", " ".repeat(w), header.join(" "));
+            for (i, l) in labels.iter().enumerate() {
+                let row: Vec<String> = (0..names.len())
+                    .map(|j| {
+                        pad(
+                            cell_text.get(&(i, j)).map(String::as_str).unwrap_or("-"),
+                            cw,
+                        )
+                    })
+                    .collect();
+                println!("{l}{} {}", " ".repeat(w - l.chars().count()), row.join(" "));
             }
             println!();
             for (i, l) in legend.iter().enumerate() {

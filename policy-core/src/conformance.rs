@@ -273,16 +273,14 @@ pub fn parse_case(source: &str, text: &str) -> Result<Case, Error> {
                 source: source.to_string(),
                 document: i + 1,
             });
-            Error {
-                field: Some(format!(
-                    "policies[{i}]{}",
-                    e.field
-                        .as_deref()
-                        .map(|f| format!(".{f}"))
-                        .unwrap_or_default()
-                )),
-                ..e
-            }
+            let field = format!(
+                "policies[{i}]{}",
+                e.field
+                    .as_deref()
+                    .map(|f| format!(".{f}"))
+                    .unwrap_or_default()
+            );
+            e.with_field(Some(field))
         })?);
     }
     let cluster = Cluster::from_objects(objects)?;

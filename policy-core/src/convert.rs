@@ -424,7 +424,7 @@ fn check_staged_action(a: Option<&str>) -> Result<bool, Error> {
 fn selector_field(text: Option<&str>, field: &str) -> Result<Option<Selector>, Error> {
     match text {
         None => Ok(None),
-        Some(t) if t.is_empty() => Ok(None),
+        Some("") => Ok(None),
         Some(t) => {
             if t.len() > limits::SELECTOR_LENGTH {
                 return Err(Error::new(ErrorKind::Limit {
@@ -1147,16 +1147,15 @@ fn k8s_rule(
             None => {
                 by_protocol.insert(protocol, None);
             }
-            Some(port) => match by_protocol
-                .entry(protocol)
-                .or_insert_with(|| Some(Vec::new()))
-            {
-                Some(list) => list.push(port),
-                None => {} // all ports of this protocol already allowed
-            },
-        }
-        if by_protocol.contains_key("") {
-            break;
+            Some(port) => {
+                // None means all ports of this protocol are already allowed.
+                if let Some(list) = by_protocol
+                    .entry(protocol)
+                    .or_insert_with(|| Some(Vec::new()))
+                {
+                    list.push(port);
+                }
+            }
         }
     }
 

@@ -112,9 +112,14 @@ pub enum ErrorKind {
     NotFound(String),
 }
 
-/// An error about one input, with everything needed to find it.
+/// An error about one input, with everything needed to find it. Boxed so
+/// `Result`s stay small; fields are reached through `Deref`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Error {
+pub struct Error(Box<ErrorData>);
+
+/// The contents of an [`Error`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ErrorData {
     /// Source and document index, when the input came from a document.
     pub origin: Option<Origin>,
     /// The object concerned, when known.
@@ -125,15 +130,34 @@ pub struct Error {
     pub kind: ErrorKind,
 }
 
+impl std::ops::Deref for Error {
+    type Target = ErrorData;
+    fn deref(&self) -> &ErrorData {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Error {
+    fn deref_mut(&mut self) -> &mut ErrorData {
+        &mut self.0
+    }
+}
+
 impl Error {
     /// An error with only a kind.
     pub fn new(kind: ErrorKind) -> Self {
-        Self {
+        Self(Box::new(ErrorData {
             origin: None,
             object: None,
             field: None,
             kind,
-        }
+        }))
+    }
+
+    /// Replaces the field path (used to prefix a path from an outer document).
+    pub fn with_field(mut self, field: Option<String>) -> Self {
+        self.field = field;
+        self
     }
 
     /// An invalid-value error at a field.
@@ -181,11 +205,9 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.kind)
-    }
-}
+/// `Display` already includes the kind's message, so there is no separate
+/// source to chain (chaining would print the message twice).
+impl std::error::Error for Error {}
 
 impl From<ErrorKind> for Error {
     fn from(kind: ErrorKind) -> Self {

@@ -182,7 +182,7 @@ mod tests {
     fn malformed_yaml() {
         let e = parse_manifests("bad.yaml", "kind: [unclosed\n").unwrap_err();
         assert!(matches!(e.kind, ErrorKind::Syntax { .. }), "{e}");
-        assert_eq!(e.origin.unwrap().source, "bad.yaml");
+        assert_eq!(e.origin.as_ref().unwrap().source, "bad.yaml");
     }
 
     #[test]

@@ -128,9 +128,9 @@ impl Expr {
             Expr::In(k, vs) => labels
                 .get_label(k)
                 .is_some_and(|x| vs.binary_search_by(|v| v.as_str().cmp(x)).is_ok()),
-            Expr::NotIn(k, vs) => !labels
+            Expr::NotIn(k, vs) => labels
                 .get_label(k)
-                .is_some_and(|x| vs.binary_search_by(|v| v.as_str().cmp(x)).is_ok()),
+                .is_none_or(|x| vs.binary_search_by(|v| v.as_str().cmp(x)).is_err()),
             Expr::Not(e) => !e.matches(labels),
             Expr::And(es) => es.iter().all(|e| e.matches(labels)),
             Expr::Or(es) => es.iter().any(|e| e.matches(labels)),
@@ -362,8 +362,9 @@ impl LabelRestriction {
 
     /// False when no label set can satisfy the restriction.
     pub fn possible(&self) -> bool {
-        !(self.must_be_present && self.must_be_absent)
-            && !matches!(&self.one_of, Some(v) if v.is_empty())
+        let contradictory = self.must_be_present && self.must_be_absent;
+        let no_value_allowed = matches!(&self.one_of, Some(v) if v.is_empty());
+        !contradictory && !no_value_allowed
     }
 }
 
