@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use policy_core::conformance::{Case, ProbeStatus, parse_case, run_case};
+use policy_core::compile::{CompileOptions, Compiler};
+use policy_core::conformance::{Case, ProbeStatus, evaluate_connection, parse_case, run_case};
 use policy_core::{Engine, ReferenceEngine};
 
 use crate::Tally;
@@ -14,6 +15,8 @@ use crate::load::collect_files;
 pub enum EngineKind {
     /// Direct evaluation of the ordered rules (the semantic oracle).
     Reference,
+    /// Lookup in the compiled decision programs.
+    Compiled,
 }
 
 fn run_engine(kind: EngineKind, case: &Case) -> Vec<policy_core::conformance::ProbeResult> {
@@ -22,7 +25,57 @@ fn run_engine(kind: EngineKind, case: &Case) -> Vec<policy_core::conformance::Pr
             let engine = ReferenceEngine::new(&case.cluster);
             run_case(&engine as &dyn Engine, case)
         }
+        EngineKind::Compiled => {
+            match Compiler::from_cluster(&case.cluster, CompileOptions::default()) {
+                Ok((engine, _)) => {
+                    with_provenance_check(case, &engine, run_case(&engine as &dyn Engine, case))
+                }
+                Err(e) => failed_all(case, &format!("compilation failed: {e}")),
+            }
+        }
     }
+}
+
+/// An engine other than the reference must also agree on who decided: a
+/// probe whose verdict is right but whose provenance differs fails.
+fn with_provenance_check(
+    case: &Case,
+    engine: &dyn Engine,
+    mut results: Vec<policy_core::conformance::ProbeResult>,
+) -> Vec<policy_core::conformance::ProbeResult> {
+    let reference = ReferenceEngine::new(&case.cluster);
+    for r in &mut results {
+        if r.status != ProbeStatus::Passed {
+            continue;
+        }
+        let p = &r.probe;
+        let want = evaluate_connection(&reference, &case.cluster, &p.from, &p.to, &p.flow);
+        let got = evaluate_connection(engine, &case.cluster, &p.from, &p.to, &p.flow);
+        match (want, got) {
+            (Ok(w), Ok(g)) if w == g => {}
+            (Ok(w), Ok(g)) => {
+                r.status = ProbeStatus::Failed(format!(
+                    "verdict agrees but provenance differs from the reference: egress {:?} vs {:?}, ingress {:?} vs {:?}",
+                    g.egress.map(|d| d.to_string()),
+                    w.egress.map(|d| d.to_string()),
+                    g.ingress.map(|d| d.to_string()),
+                    w.ingress.map(|d| d.to_string())
+                ))
+            }
+            (w, g) => r.status = ProbeStatus::Failed(format!("reference {w:?}, engine {g:?}")),
+        }
+    }
+    results
+}
+
+fn failed_all(case: &Case, why: &str) -> Vec<policy_core::conformance::ProbeResult> {
+    case.probes
+        .iter()
+        .map(|p| policy_core::conformance::ProbeResult {
+            probe: p.clone(),
+            status: ProbeStatus::Failed(why.to_string()),
+        })
+        .collect()
 }
 
 pub fn verify(engine: EngineKind, paths: &[PathBuf], verbose: bool) -> Result<Tally> {

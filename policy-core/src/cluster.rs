@@ -40,6 +40,16 @@ enum Undo {
     Remove(ObjectRef),
 }
 
+/// What one applied change did: the object before and after (either may be
+/// absent). Incremental consumers derive their invalidations from these.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Applied {
+    /// The object before the change.
+    pub old: Option<Object>,
+    /// The object after the change.
+    pub new: Option<Object>,
+}
+
 impl Cluster {
     /// An empty cluster with Calico's well-known tiers.
     pub fn new() -> Self {
@@ -66,16 +76,34 @@ impl Cluster {
 
     /// Applies a batch atomically: either every change is applied and the
     /// result is consistent, or nothing changes and the error says why.
-    pub fn apply(&mut self, changes: Vec<Change>) -> Result<(), Error> {
+    pub fn apply(&mut self, changes: Vec<Change>) -> Result<Vec<Applied>, Error> {
         let mut undo: Vec<Undo> = Vec::with_capacity(changes.len());
+        let mut applied: Vec<Applied> = Vec::with_capacity(changes.len());
         let mut touched: Vec<ObjectRef> = Vec::new();
         for change in changes {
             let r = match change {
                 Change::Upsert(obj) => {
                     touched.push(obj.object_ref());
-                    Ok(self.put(obj))
+                    let new = obj.clone();
+                    let u = self.put(obj);
+                    let old = match &u {
+                        Undo::Restore(o) => Some(o.clone()),
+                        Undo::Remove(_) => None,
+                    };
+                    applied.push(Applied {
+                        old,
+                        new: Some(new),
+                    });
+                    Ok(u)
                 }
-                Change::Delete(r) => self.remove(&r),
+                Change::Delete(r) => self.remove(&r).inspect(|u| {
+                    if let Undo::Restore(o) = u {
+                        applied.push(Applied {
+                            old: Some(o.clone()),
+                            new: None,
+                        });
+                    }
+                }),
             };
             match r {
                 Ok(u) => undo.push(u),
@@ -89,7 +117,7 @@ impl Cluster {
             self.rollback(undo);
             return Err(e);
         }
-        Ok(())
+        Ok(applied)
     }
 
     fn rollback(&mut self, undo: Vec<Undo>) {
@@ -214,6 +242,34 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Every object, in an order that can be applied to an empty cluster
+    /// (tiers before the policies that use them).
+    pub fn objects(&self) -> Vec<Object> {
+        let mut v: Vec<Object> = Vec::new();
+        let well_known: Vec<String> = Tier::well_known().into_iter().map(|t| t.name).collect();
+        v.extend(
+            self.tiers
+                .values()
+                .filter(|t| {
+                    !well_known.contains(&t.name) || Tier::well_known().iter().all(|w| w != *t)
+                })
+                .cloned()
+                .map(Object::Tier),
+        );
+        v.extend(self.namespaces.values().cloned().map(Object::Namespace));
+        v.extend(
+            self.service_accounts
+                .values()
+                .cloned()
+                .map(Object::ServiceAccount),
+        );
+        v.extend(self.profiles.values().cloned().map(Object::Profile));
+        v.extend(self.network_sets.values().cloned().map(Object::NetworkSet));
+        v.extend(self.policies.values().cloned().map(Object::Policy));
+        v.extend(self.endpoints.values().cloned().map(Object::Endpoint));
+        v
     }
 
     /// All namespaces.

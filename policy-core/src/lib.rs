@@ -59,6 +59,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod compile;
 pub mod conformance;
 pub mod convert;
 pub mod error;
@@ -68,6 +69,7 @@ pub mod model;
 pub mod net;
 pub mod reference;
 pub mod selector;
+pub mod testgen;
 
 pub use cluster::{Change, Cluster};
 pub use convert::Object;
