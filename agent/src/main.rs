@@ -8,6 +8,7 @@
 //! palisade explain -f examples/zero-trust --from shop/frontend --to shop/backend --port 8080
 //! ```
 
+mod compile_cmd;
 mod explain_cmd;
 mod load;
 mod selector_cmd;
@@ -87,6 +88,21 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: explain_cmd::Format,
     },
+    /// Compile manifests: statistics, decision programs (JSON or Graphviz).
+    Compile {
+        /// Manifest files or folders.
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// Compile only the endpoints of this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only the programs of this endpoint (namespace/pod).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "summary")]
+        output: compile_cmd::CompileFormat,
+    },
     /// Connectivity matrix of every pod pair, with the deciding policy per cell.
     Matrix {
         /// Manifest files or folders.
@@ -158,6 +174,15 @@ fn run() -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Compile {
+            files,
+            node,
+            endpoint,
+            output,
+        } => {
+            compile_cmd::compile(&files, node, endpoint.as_deref(), output)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Matrix {
             files,

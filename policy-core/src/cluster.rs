@@ -342,28 +342,7 @@ impl Cluster {
     /// implicit labels, then labels inherited from its profiles (own labels
     /// win, then the first profile that sets a key).
     pub fn endpoint_labels(&self, ep: &Endpoint) -> LabelMap {
-        let mut labels: LabelMap = ep
-            .labels
-            .iter()
-            .filter(|(k, _)| {
-                !k.starts_with(NAMESPACE_LABEL_PREFIX)
-                    && !k.starts_with(SERVICE_ACCOUNT_LABEL_PREFIX)
-            })
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        labels.insert(LABEL_NAMESPACE.into(), ep.key.namespace.clone());
-        labels.insert(LABEL_ORCHESTRATOR.into(), ep.orchestrator.clone());
-        if let Some(sa) = &ep.service_account {
-            labels.insert(LABEL_SERVICE_ACCOUNT.into(), sa.clone());
-        }
-        for name in ep.profile_names() {
-            if let Some(p) = self.profile(&name) {
-                for (k, v) in p.labels_to_apply {
-                    labels.entry(k).or_insert(v);
-                }
-            }
-        }
-        labels
+        endpoint_labels_with(ep, |name| self.profile(name).map(|p| p.labels_to_apply))
     }
 
     /// The labels selectors see on a network set: its own, plus for
@@ -394,6 +373,37 @@ impl Cluster {
         p.sort_by_key(|p| p.sort_key());
         p
     }
+}
+
+/// Effective endpoint labels, with profile labels supplied by `profile_labels`
+/// (so callers can cache them). See [`Cluster::endpoint_labels`].
+pub fn endpoint_labels_with<L: std::borrow::Borrow<LabelMap>>(
+    ep: &Endpoint,
+    mut profile_labels: impl FnMut(&str) -> Option<L>,
+) -> LabelMap {
+    let mut labels: LabelMap = ep
+        .labels
+        .iter()
+        .filter(|(k, _)| {
+            !k.starts_with(NAMESPACE_LABEL_PREFIX) && !k.starts_with(SERVICE_ACCOUNT_LABEL_PREFIX)
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    labels.insert(LABEL_NAMESPACE.into(), ep.key.namespace.clone());
+    labels.insert(LABEL_ORCHESTRATOR.into(), ep.orchestrator.clone());
+    if let Some(sa) = &ep.service_account {
+        labels.insert(LABEL_SERVICE_ACCOUNT.into(), sa.clone());
+    }
+    for name in ep.profile_names() {
+        if let Some(p) = profile_labels(&name) {
+            for (k, v) in p.borrow() {
+                if !labels.contains_key(k) {
+                    labels.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+    labels
 }
 
 /// The profile Calico derives from a namespace.

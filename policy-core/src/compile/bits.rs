@@ -1,6 +1,6 @@
 //! Small bitsets and change-tracked maps used by the compiler.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::hash::Hash;
 
 /// A growable bitset with a canonical form (no trailing zero words), so equal
@@ -83,8 +83,8 @@ pub struct Tracked<K: Hash + Eq + Clone, V: Clone + PartialEq> {
 impl<K: Hash + Eq + Clone, V: Clone + PartialEq> Default for Tracked<K, V> {
     fn default() -> Self {
         Self {
-            map: HashMap::new(),
-            before: HashMap::new(),
+            map: HashMap::default(),
+            before: HashMap::default(),
         }
     }
 }

@@ -7,7 +7,7 @@
 //! against the selectors its labels can satisfy, found through each
 //! selector's label restrictions.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 
 use roaring::RoaringBitmap;
@@ -59,20 +59,37 @@ enum Route {
     Nothing,
 }
 
-fn route(sel: &Selector) -> Route {
+fn route(sel: &Selector, ids: &Identities) -> Route {
     let r = sel.label_restrictions();
     if r.values().any(|x| !x.possible()) {
         return Route::Nothing;
     }
-    // The most selective restriction: fewest allowed values.
+    // The most selective restriction: the one whose allowed values the
+    // fewest identities carry now (namespace beats app, say).
     if let Some((k, x)) = r
         .iter()
         .filter(|(_, x)| x.one_of.is_some())
-        .min_by_key(|(_, x)| x.one_of.as_ref().map_or(usize::MAX, Vec::len))
+        .min_by_key(|(k, x)| {
+            let values = x.one_of.as_deref().unwrap_or_default();
+            let carriers: u64 = values
+                .iter()
+                .map(|v| {
+                    ids.index
+                        .get(*k)
+                        .and_then(|m| m.get(v))
+                        .map_or(0, |b| b.len())
+                })
+                .sum();
+            (carriers, values.len())
+        })
     {
         return Route::Values(k.clone(), x.one_of.clone().unwrap_or_default());
     }
-    if let Some((k, _)) = r.iter().find(|(_, x)| x.must_be_present) {
+    if let Some((k, _)) = r
+        .iter()
+        .filter(|(_, x)| x.must_be_present)
+        .min_by_key(|(k, _)| ids.has.get(*k).map_or(0, |b| b.len()))
+    {
         return Route::Key(k.clone());
     }
     Route::Anything
@@ -272,7 +289,7 @@ impl Selectors {
             e.users += 1;
             return false;
         }
-        let route = route(sel);
+        let route = route(sel, ids);
         match &route {
             Route::Values(k, vs) => {
                 for v in vs {

@@ -27,7 +27,9 @@ pub mod index;
 pub mod program;
 mod residual;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -290,6 +292,7 @@ struct EpState {
     label: LabelId,
     ips: Vec<IpAddr>,
     local: bool,
+    profiles: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -417,6 +420,12 @@ pub struct Compiler {
     rules: Tracked<RuleId, RuleRef>,
     next_rule: RuleId,
     pending_ranges: Vec<IpNet>,
+    profile_eps: HashMap<String, BTreeSet<EndpointKey>>,
+    profile_cache: HashMap<String, Option<Arc<Profile>>>,
+    policy_arcs: HashMap<PolicyId, Arc<Policy>>,
+    netsets_by_ns: HashMap<String, BTreeSet<(Option<String>, String)>>,
+    keys_of_program: HashMap<ProgramId, HashSet<ProgramKey>>,
+    ep_slots: HashMap<EndpointKey, Vec<Slot>>,
 }
 
 impl Compiler {
@@ -427,50 +436,56 @@ impl Compiler {
             cluster: Cluster::new(),
             ids: Default::default(),
             selectors: Default::default(),
-            endpoints: HashMap::new(),
-            identity_eps: HashMap::new(),
-            local_count: HashMap::new(),
-            netsets: HashMap::new(),
-            policy_selector: HashMap::new(),
-            selector_policies: HashMap::new(),
-            policy_local_side: HashMap::new(),
-            policy_sets: HashMap::new(),
-            policy_users: HashMap::new(),
-            profile_users: HashMap::new(),
-            named_port_users: HashMap::new(),
-            owner_named_ports: HashMap::new(),
-            realizations: HashMap::new(),
-            peer_sets: HashMap::new(),
+            endpoints: HashMap::default(),
+            identity_eps: HashMap::default(),
+            local_count: HashMap::default(),
+            netsets: HashMap::default(),
+            policy_selector: HashMap::default(),
+            selector_policies: HashMap::default(),
+            policy_local_side: HashMap::default(),
+            policy_sets: HashMap::default(),
+            policy_users: HashMap::default(),
+            profile_users: HashMap::default(),
+            named_port_users: HashMap::default(),
+            owner_named_ports: HashMap::default(),
+            realizations: HashMap::default(),
+            peer_sets: HashMap::default(),
             bit_owner: Vec::new(),
             free_bits: Vec::new(),
-            selector_bit: HashMap::new(),
-            np_by_realization: HashMap::new(),
+            selector_bit: HashMap::default(),
+            np_by_realization: HashMap::default(),
             id_bits: Tracked::default(),
             prefix_bits: BTreeMap::new(),
             prefix_class: Tracked::default(),
             hosts: BTreeMap::new(),
             host_entries: Tracked::default(),
-            unions: HashMap::new(),
-            union_refs: HashMap::new(),
+            unions: HashMap::default(),
+            union_refs: HashMap::default(),
             next_union: UNION_IDENTITY_BASE,
-            class_ids: HashMap::new(),
-            class_refs: HashMap::new(),
+            class_ids: HashMap::default(),
+            class_refs: HashMap::default(),
             classes: Tracked::default(),
             next_class: 1,
-            program_of_key: HashMap::new(),
-            keys_of_label: HashMap::new(),
+            program_of_key: HashMap::default(),
+            keys_of_label: HashMap::default(),
             programs: Tracked::default(),
-            program_refs: HashMap::new(),
-            program_sets: HashMap::new(),
-            program_rules: HashMap::new(),
-            program_by_content: HashMap::new(),
+            program_refs: HashMap::default(),
+            program_sets: HashMap::default(),
+            program_rules: HashMap::default(),
+            program_by_content: HashMap::default(),
             next_program: 1,
             slots: Tracked::default(),
-            rule_ids: HashMap::new(),
-            rule_refs: HashMap::new(),
+            rule_ids: HashMap::default(),
+            rule_refs: HashMap::default(),
             rules: Tracked::default(),
             next_rule: 1,
             pending_ranges: Vec::new(),
+            profile_eps: HashMap::default(),
+            profile_cache: HashMap::default(),
+            policy_arcs: HashMap::default(),
+            netsets_by_ns: HashMap::default(),
+            keys_of_program: HashMap::default(),
+            ep_slots: HashMap::default(),
         };
         // Class 0: no CIDR memberships. Always present.
         c.class_ids.insert(Bits::new(), 0);
@@ -572,55 +587,36 @@ impl Compiler {
 
     fn note_change(&mut self, a: &Applied, w: &mut Work) {
         for obj in [&a.old, &a.new].into_iter().flatten() {
-            match obj {
+            // Namespaces and service accounts reach endpoints through the
+            // profiles Calico derives from them.
+            let profile = match obj {
                 Object::Endpoint(e) => {
                     w.endpoints.insert(e.key.clone());
+                    None
                 }
                 Object::Namespace(n) => {
-                    for e in self.cluster.endpoints() {
-                        if e.key.namespace == n.name {
-                            w.endpoints.insert(e.key.clone());
-                        }
-                    }
-                    for (ns, name) in self.netsets.keys() {
-                        if ns.as_deref() == Some(&n.name) {
-                            w.netsets.insert((ns.clone(), name.clone()));
-                        }
+                    if let Some(sets) = self.netsets_by_ns.get(&n.name) {
+                        w.netsets.extend(sets.iter().cloned());
                     }
                     for s in self.cluster.network_sets() {
                         if s.namespace.as_deref() == Some(&n.name) {
                             w.netsets.insert((s.namespace.clone(), s.name.clone()));
                         }
                     }
-                    w.profiles
-                        .insert(format!("{NAMESPACE_PROFILE_PREFIX}{}", n.name));
+                    Some(format!("{NAMESPACE_PROFILE_PREFIX}{}", n.name))
                 }
-                Object::ServiceAccount(s) => {
-                    for e in self.cluster.endpoints() {
-                        if e.key.namespace == s.namespace
-                            && e.service_account.as_deref() == Some(&s.name)
-                        {
-                            w.endpoints.insert(e.key.clone());
-                        }
-                    }
-                    w.profiles.insert(format!(
-                        "{SERVICE_ACCOUNT_PROFILE_PREFIX}{}.{}",
-                        s.namespace, s.name
-                    ));
-                }
-                Object::Profile(p) => {
-                    for e in self.cluster.endpoints() {
-                        if e.profile_names().contains(&p.name) {
-                            w.endpoints.insert(e.key.clone());
-                        }
-                    }
-                    w.profiles.insert(p.name.clone());
-                }
+                Object::ServiceAccount(s) => Some(format!(
+                    "{SERVICE_ACCOUNT_PROFILE_PREFIX}{}.{}",
+                    s.namespace, s.name
+                )),
+                Object::Profile(p) => Some(p.name.clone()),
                 Object::NetworkSet(n) => {
                     w.netsets.insert((n.namespace.clone(), n.name.clone()));
+                    None
                 }
                 Object::Policy(p) => {
                     w.policies.insert(p.id.clone());
+                    None
                 }
                 Object::Tier(t) => {
                     for p in self.cluster.policies() {
@@ -628,12 +624,27 @@ impl Compiler {
                             w.policies.insert(p.id.clone());
                         }
                     }
-                    for id in self.policy_selector.keys() {
-                        w.policies.insert(id.clone());
-                    }
+                    None
                 }
+            };
+            if let Some(name) = profile {
+                self.profile_cache.remove(&name);
+                if let Some(eps) = self.profile_eps.get(&name) {
+                    w.endpoints.extend(eps.iter().cloned());
+                }
+                w.profiles.insert(name);
             }
         }
+    }
+
+    /// A profile by name (cached; invalidated by note_change).
+    fn profile_of(&mut self, name: &str) -> Option<Arc<Profile>> {
+        if let Some(p) = self.profile_cache.get(name) {
+            return p.clone();
+        }
+        let p = self.cluster.profile(name).map(Arc::new);
+        self.profile_cache.insert(name.to_string(), p.clone());
+        p
     }
 
     fn is_local(&self, e: &Endpoint) -> bool {
@@ -723,7 +734,11 @@ impl Compiler {
     fn forget_keys(&mut self, l: LabelId) {
         if let Some(keys) = self.keys_of_label.remove(&l) {
             for k in keys {
-                self.program_of_key.remove(&k);
+                if let Some(pid) = self.program_of_key.remove(&k)
+                    && let Some(set) = self.keys_of_program.get_mut(&pid)
+                {
+                    set.remove(&k);
+                }
             }
         }
     }
@@ -744,15 +759,16 @@ impl Compiler {
             self.hosts.remove(&k);
         }
         w.hosts.insert(ip);
-        // Endpoints sharing an address resolve local matches together.
-        if let Some((_, eps)) = self.hosts.get(&k) {
+        // Endpoints sharing an address resolve local matches together, so
+        // their programs change when the sharing does.
+        if let Some((_, eps)) = self.hosts.get(&k)
+            && (shared || eps.len() == 1 && !add)
+        {
             for e in eps.clone() {
-                if shared || add {
-                    if let Some(st) = self.endpoints.get(&e) {
-                        w.labels.insert(st.label);
-                    }
-                    w.slots.insert(e);
+                if let Some(st) = self.endpoints.get(&e) {
+                    w.labels.insert(st.label);
                 }
+                w.slots.insert(e);
             }
         }
     }
@@ -774,6 +790,14 @@ impl Compiler {
                     self.local_count.remove(&old.label);
                 }
             }
+            for p in &old.profiles {
+                if let Some(set) = self.profile_eps.get_mut(p) {
+                    set.remove(key);
+                    if set.is_empty() {
+                        self.profile_eps.remove(p);
+                    }
+                }
+            }
             let okey = self.ids.key(old.label).clone();
             if self.ids.release(old.label) {
                 self.identity_eps.remove(&old.label);
@@ -782,8 +806,22 @@ impl Compiler {
             w.slots.insert(key.clone());
         }
         if let Some(ep) = new {
-            let labels = self.cluster.endpoint_labels(&ep);
             let profiles = ep.profile_names();
+            let mut cache: Vec<(String, Option<Arc<Profile>>)> = Vec::new();
+            for p in &profiles {
+                cache.push((p.clone(), self.profile_of(p)));
+                self.profile_eps
+                    .entry(p.clone())
+                    .or_default()
+                    .insert(key.clone());
+            }
+            let labels = crate::cluster::endpoint_labels_with(&ep, |name| {
+                cache
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .and_then(|(_, p)| p.as_ref())
+                    .map(|p| &p.labels_to_apply)
+            });
             let (l, fresh) =
                 self.ids
                     .acquire(IdentityKey::new(labels, &ep.ports, profiles.clone()));
@@ -811,6 +849,7 @@ impl Compiler {
                     label: l,
                     ips: ips.clone(),
                     local,
+                    profiles,
                 },
             );
             for ip in ips {
@@ -826,7 +865,7 @@ impl Compiler {
             let e = self
                 .prefix_bits
                 .entry(k)
-                .or_insert_with(|| (*n, HashMap::new()));
+                .or_insert_with(|| (*n, HashMap::default()));
             if add {
                 *e.1.entry(bit).or_insert(0) += 1;
             } else if let Some(c) = e.1.get_mut(&bit) {
@@ -886,6 +925,14 @@ impl Compiler {
             .map(|k| k.label)
             .collect();
         w.labels.extend(ip_keyed);
+        if let Some(ns) = &key.0 {
+            let set = self.netsets_by_ns.entry(ns.clone()).or_default();
+            if new.is_some() {
+                set.insert(key.clone());
+            } else {
+                set.remove(key);
+            }
+        }
         if let Some(n) = new {
             self.netsets.insert(key.clone(), n);
         }
@@ -906,6 +953,7 @@ impl Compiler {
             self.selectors.release(&old);
         }
         self.policy_local_side.remove(id);
+        self.policy_arcs.remove(id);
         self.set_named_ports((Owner::Policy, id.to_string()), Vec::new());
         if let Some(users) = self.policy_users.get(id) {
             w.labels.extend(users.iter().copied());
@@ -927,6 +975,7 @@ impl Compiler {
             .or_default()
             .insert(id.clone());
         self.policy_selector.insert(id.clone(), p.selector.clone());
+        self.policy_arcs.insert(id.clone(), Arc::new(p.clone()));
         self.policy_local_side.insert(
             id.clone(),
             [
@@ -1066,16 +1115,10 @@ impl Compiler {
             }
         };
         self.bit_owner[bit as usize] = Some(key.clone());
-        let mut members: Vec<LabelId> = Vec::new();
         let mut cidrs: Vec<IpNet> = Vec::new();
         match key {
             PeerSetKey::Selector(s) => {
                 self.selectors.acquire(s, &self.ids);
-                members = self
-                    .selectors
-                    .bitmap(s)
-                    .map(|b| b.iter().collect())
-                    .unwrap_or_default();
                 for (l, nets) in self.netsets.values() {
                     if s.matches(l) {
                         cidrs.extend(nets.iter().copied());
@@ -1090,27 +1133,16 @@ impl Compiler {
                 protocol,
                 port,
             } => {
-                let pool: Vec<LabelId> = match selector {
-                    Some(s) => {
-                        self.selectors.acquire(s, &self.ids);
-                        self.selectors
-                            .bitmap(s)
-                            .map(|b| b.iter().collect())
-                            .unwrap_or_default()
-                    }
-                    None => self.ids.all().iter().collect(),
-                };
-                let want = (name.clone(), protocol.0, *port);
-                members = pool
-                    .into_iter()
-                    .filter(|l| self.ids.key(*l).ports.contains(&want))
-                    .collect();
+                if let Some(s) = selector {
+                    self.selectors.acquire(s, &self.ids);
+                }
                 self.np_by_realization
                     .entry((name.clone(), *protocol, *port))
                     .or_default()
                     .insert(key.clone());
             }
         }
+        let members = self.identity_members(key);
         for l in members {
             self.id_bits.update(l, |b| b.set(bit), Bits::new);
         }
@@ -1128,6 +1160,37 @@ impl Compiler {
         bit
     }
 
+    /// Identities whose addresses belong to a peer set (its CIDRs aside).
+    fn identity_members(&self, key: &PeerSetKey) -> Vec<LabelId> {
+        match key {
+            PeerSetKey::Selector(s) => self
+                .selectors
+                .bitmap(s)
+                .map(|b| b.iter().collect())
+                .unwrap_or_default(),
+            PeerSetKey::Nets(_) => Vec::new(),
+            PeerSetKey::NamedPort {
+                name,
+                selector,
+                protocol,
+                port,
+            } => {
+                let want = (name.clone(), protocol.0, *port);
+                let pool: Vec<LabelId> = match selector {
+                    Some(s) => self
+                        .selectors
+                        .bitmap(s)
+                        .map(|b| b.iter().collect())
+                        .unwrap_or_default(),
+                    None => self.ids.all().iter().collect(),
+                };
+                pool.into_iter()
+                    .filter(|l| self.ids.key(*l).ports.contains(&want))
+                    .collect()
+            }
+        }
+    }
+
     fn release_bit(&mut self, key: &PeerSetKey) {
         let Some(ps) = self.peer_sets.get_mut(key) else {
             return;
@@ -1138,12 +1201,7 @@ impl Compiler {
         }
         let ps = self.peer_sets.remove(key).expect("present");
         let bit = ps.bit;
-        let members: Vec<u32> = self
-            .id_bits
-            .iter()
-            .filter(|(_, b)| b.get(bit))
-            .map(|(l, _)| *l)
-            .collect();
+        let members = self.identity_members(key);
         for l in members {
             let mut empty = false;
             self.id_bits.update(
@@ -1212,31 +1270,30 @@ impl Compiler {
                     .collect(),
                 _ => Vec::new(),
             };
-            let stale: Vec<Slot> = self
-                .slots
-                .iter()
-                .filter(|(s, _)| &s.0 == e && !current.contains(s))
-                .map(|(s, _)| s.clone())
-                .collect();
-            for s in stale {
-                if let Some(pid) = self.slots.remove(&s) {
+            let previous = self.ep_slots.remove(e).unwrap_or_default();
+            for s in previous.iter().filter(|s| !current.contains(s)) {
+                if let Some(pid) = self.slots.remove(s) {
                     self.unref_program(pid);
                 }
             }
-            let Some(st) = self.endpoints.get(e) else {
+            if !current.is_empty() {
+                self.ep_slots.insert(e.clone(), current.clone());
+            }
+            let Some(label) = self.endpoints.get(e).map(|st| st.label) else {
                 continue;
             };
             for slot in current {
+                let needs_address = self.needs_address(label, slot.2);
                 let ip = slot.1;
                 let shared = self
                     .hosts
                     .get(&addr_key(&ip))
                     .is_some_and(|(_, v)| v.len() > 1);
                 let key = ProgramKey {
-                    label: st.label,
+                    label,
                     direction: slot.2,
                     version: IpVersion::of(&ip),
-                    ip: (shared || self.needs_address(st.label, slot.2)).then_some(ip),
+                    ip: (shared || needs_address).then_some(ip),
                 };
                 wanted.push((slot, key));
             }
@@ -1244,7 +1301,7 @@ impl Compiler {
         // Build the missing programs: items need &mut self (peer-set bits);
         // the decision structures are built in parallel.
         let mut to_build: Vec<(ProgramKey, IpAddr)> = Vec::new();
-        let mut seen: HashSet<ProgramKey> = HashSet::new();
+        let mut seen: HashSet<ProgramKey> = HashSet::default();
         for (slot, key) in &wanted {
             if !self.program_of_key.contains_key(key) && seen.insert(key.clone()) {
                 to_build.push((key.clone(), slot.1));
@@ -1257,10 +1314,18 @@ impl Compiler {
             let items = self.program_items(&key, ip, &mut sets, &mut rules);
             inputs.push((key, items, sets, rules));
         }
-        let built: Vec<Program> = inputs
-            .par_iter()
-            .map(|(_, items, _, _)| program::build(items))
-            .collect();
+        // Parallel only when there is enough work to pay for waking threads.
+        let built: Vec<Program> = if inputs.len() >= 32 {
+            inputs
+                .par_iter()
+                .map(|(_, items, _, _)| program::build(items))
+                .collect()
+        } else {
+            inputs
+                .iter()
+                .map(|(_, items, _, _)| program::build(items))
+                .collect()
+        };
         for ((key, _, sets, rules), prog) in inputs.into_iter().zip(built) {
             let prog = Arc::new(prog);
             let pid = match self.program_by_content.get(&prog).copied() {
@@ -1361,13 +1426,7 @@ impl Compiler {
         for r in self.program_rules.remove(&pid).unwrap_or_default() {
             self.unref_rule(r);
         }
-        let keys: Vec<ProgramKey> = self
-            .program_of_key
-            .iter()
-            .filter(|(_, p)| **p == pid)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in keys {
+        for k in self.keys_of_program.remove(&pid).unwrap_or_default() {
             self.program_of_key.remove(&k);
             if let Some(set) = self.keys_of_label.get_mut(&k.label) {
                 set.remove(&k);
@@ -1644,7 +1703,7 @@ impl Compiler {
     /// Statistics of the compiled state.
     pub fn stats(&self) -> Stats {
         let policy_sets: HashSet<&Arc<Vec<PolicyId>>> = self.policy_sets.values().collect();
-        let mut peer_classes: HashSet<(Option<&Bits>, ClassId)> = HashSet::new();
+        let mut peer_classes: HashSet<(Option<&Bits>, ClassId)> = HashSet::default();
         for h in self.host_entries.iter().map(|(_, h)| h) {
             peer_classes.insert((self.id_bits.get(&h.identity), h.class));
         }
@@ -1709,7 +1768,7 @@ impl Compiler {
         for (slot, pid) in slots {
             let p = &self.programs.get(pid).expect("slot program exists");
             let _ = writeln!(out, "slot {}/{} {}:", slot.0, slot.1, slot.2);
-            let mut numbering: HashMap<Next, usize> = HashMap::new();
+            let mut numbering: HashMap<Next, usize> = HashMap::default();
             render(p, p.root, &mut numbering, &mut out, &name, &|id| {
                 self.rule(id).map(ToString::to_string).unwrap_or_default()
             });
@@ -1825,7 +1884,7 @@ impl Compiler {
     /// holders); returns what is wrong. For tests.
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut problems = Vec::new();
-        let mut slot_refs: HashMap<ProgramId, u32> = HashMap::new();
+        let mut slot_refs: HashMap<ProgramId, u32> = HashMap::default();
         for (_, pid) in self.slots.iter() {
             *slot_refs.entry(*pid).or_insert(0) += 1;
         }
@@ -1833,6 +1892,11 @@ impl Compiler {
             let held = slot_refs.get(pid).copied().unwrap_or(0);
             if held != *refs {
                 problems.push(format!("program {pid}: {refs} refs, {held} slots"));
+            }
+        }
+        for (pid, _) in self.programs.iter() {
+            if self.program_refs.get(pid).is_none_or(|r| *r == 0) {
+                problems.push(format!("program {pid} is alive without references"));
             }
         }
         for pid in slot_refs.keys() {
@@ -1857,7 +1921,7 @@ impl Compiler {
                 ));
             }
         }
-        let mut set_refs: HashMap<&PeerSetKey, u32> = HashMap::new();
+        let mut set_refs: HashMap<&PeerSetKey, u32> = HashMap::default();
         for sets in self.program_sets.values() {
             for k in sets {
                 *set_refs.entry(k).or_insert(0) += 1;

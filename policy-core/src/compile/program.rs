@@ -13,7 +13,7 @@
 //! first-match list over peer literals, emitted as a decision list. Identical
 //! sub-problems and nodes are shared.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::flow::Verdict;
 use crate::model::IcmpMatch;
@@ -173,7 +173,7 @@ impl Program {
                 }
             }
         }
-        go(self, self.root, &mut HashMap::new())
+        go(self, self.root, &mut HashMap::default())
     }
 
     /// Bits the program tests.
@@ -381,16 +381,25 @@ impl Cond {
                 self.protocol = None;
                 self.not_protocol = None;
                 // Named-port realisations only count for their own protocol.
-                for spec in [
-                    &mut self.local_ports,
-                    &mut self.local_not_ports,
-                    &mut self.peer_ports,
-                    &mut self.peer_not_ports,
-                ]
-                .into_iter()
-                .flatten()
+                // A positive list left empty can never match; an empty
+                // negative list excludes nothing. (This keeps "no cut points
+                // on a feature" meaning "the feature does not matter".)
+                for sp in [&mut self.local_ports, &mut self.peer_ports]
+                    .into_iter()
+                    .flatten()
                 {
-                    spec.points.retain(|(p, _, _)| u32::from(p.0) == v);
+                    sp.points.retain(|(p, _, _)| u32::from(p.0) == v);
+                    if sp.ranges.is_empty() && sp.points.is_empty() {
+                        return None;
+                    }
+                }
+                for spec in [&mut self.local_not_ports, &mut self.peer_not_ports] {
+                    if let Some(sp) = spec {
+                        sp.points.retain(|(p, _, _)| u32::from(p.0) == v);
+                        if sp.ranges.is_empty() && sp.points.is_empty() {
+                            *spec = None;
+                        }
+                    }
                 }
                 Some(self)
             }
@@ -491,7 +500,9 @@ struct Builder {
     node_ids: HashMap<Node, u32>,
     leaves: Vec<Leaf>,
     leaf_ids: HashMap<Leaf, u32>,
-    regions: HashMap<(usize, Vec<Spec>), Next>,
+    regions: HashMap<(usize, Vec<u32>), Next>,
+    specs: Vec<Spec>,
+    spec_ids: HashMap<Spec, u32>,
 }
 
 impl Builder {
@@ -523,10 +534,25 @@ impl Builder {
         Next::Node(id)
     }
 
-    /// Splits on feature `Feature::ORDER[dim]`, then recurses.
-    fn region(&mut self, dim: usize, items: Vec<Spec>) -> Next {
+    fn intern(&mut self, spec: Spec) -> u32 {
+        if let Some(id) = self.spec_ids.get(&spec) {
+            return *id;
+        }
+        let id = self.specs.len() as u32;
+        self.specs.push(spec.clone());
+        self.spec_ids.insert(spec, id);
+        id
+    }
+
+    /// Splits on feature `Feature::ORDER[dim]`, then recurses. Items are
+    /// interned specs, so sub-problems hash and compare cheaply.
+    fn region(&mut self, dim: usize, items: Vec<u32>) -> Next {
         if dim == Feature::ORDER.len() {
-            return self.chain(&items);
+            let specs: Vec<Spec> = items
+                .iter()
+                .map(|i| self.specs[*i as usize].clone())
+                .collect();
+            return self.chain(&specs);
         }
         let key = (dim, items);
         if let Some(n) = self.regions.get(&key) {
@@ -535,9 +561,13 @@ impl Builder {
         let (dim, items) = key;
         let f = Feature::ORDER[dim];
         let mut cuts = vec![0u32];
-        for it in &items {
-            if let Spec::Rule { cond, .. } = it {
+        // Items whose condition does not look at this feature pass through unchanged.
+        let mut sensitive = vec![false; items.len()];
+        for (i, id) in items.iter().enumerate() {
+            if let Spec::Rule { cond, .. } = &self.specs[*id as usize] {
+                let before = cuts.len();
                 cond.cuts(f, &mut cuts);
+                sensitive[i] = cuts.len() > before;
             }
         }
         cuts.retain(|c| *c <= f.max());
@@ -546,23 +576,31 @@ impl Builder {
         // Elementary intervals [cuts[i], cuts[i+1]) and their sub-programs.
         let mut parts: Vec<(u32, Next)> = Vec::with_capacity(cuts.len());
         for &start in &cuts {
-            let specialised: Vec<Spec> = items
-                .iter()
-                .filter_map(|it| match it {
-                    Spec::Rule {
+            let mut specialised: Vec<u32> = Vec::with_capacity(items.len());
+            for (i, id) in items.iter().enumerate() {
+                if !sensitive[i] {
+                    specialised.push(*id);
+                    continue;
+                }
+                let Spec::Rule {
+                    cond,
+                    action,
+                    rule,
+                    tier,
+                } = &self.specs[*id as usize]
+                else {
+                    unreachable!("only rules have cuts")
+                };
+                let (action, rule, tier) = (*action, *rule, *tier);
+                if let Some(cond) = cond.clone().specialize(f, start) {
+                    specialised.push(self.intern(Spec::Rule {
                         cond,
                         action,
                         rule,
                         tier,
-                    } => cond.clone().specialize(f, start).map(|cond| Spec::Rule {
-                        cond,
-                        action: *action,
-                        rule: *rule,
-                        tier: *tier,
-                    }),
-                    other => Some(other.clone()),
-                })
-                .collect();
+                    }));
+                }
+            }
             let child = self.region(dim + 1, specialised);
             match parts.last() {
                 Some((_, prev)) if *prev == child => {}
@@ -588,13 +626,13 @@ impl Builder {
     /// First-match decision list over peer literals.
     fn chain(&mut self, items: &[Spec]) -> Next {
         // Position after each tier's end marker, for Pass.
-        let mut after_tier: HashMap<u32, usize> = HashMap::new();
+        let mut after_tier: HashMap<u32, usize> = HashMap::default();
         for (i, it) in items.iter().enumerate() {
             if let Spec::TierEnd { tier, .. } = it {
                 after_tier.insert(*tier, i + 1);
             }
         }
-        let mut memo: HashMap<(usize, bool), Next> = HashMap::new();
+        let mut memo: HashMap<(usize, bool), Next> = HashMap::default();
         self.chain_at(items, &after_tier, 0, false, &mut memo)
     }
 
@@ -702,17 +740,61 @@ pub fn build(items: &[Item]) -> Program {
         .collect();
     let mut b = Builder {
         nodes: Vec::new(),
-        node_ids: HashMap::new(),
+        node_ids: HashMap::default(),
         leaves: Vec::new(),
-        leaf_ids: HashMap::new(),
-        regions: HashMap::new(),
+        leaf_ids: HashMap::default(),
+        regions: HashMap::default(),
+        specs: Vec::new(),
+        spec_ids: HashMap::default(),
     };
-    let root = b.region(0, specs);
-    Program {
-        nodes: b.nodes,
-        leaves: b.leaves,
+    let ids: Vec<u32> = specs.into_iter().map(|s| b.intern(s)).collect();
+    let root = b.region(0, ids);
+    compact(&b.nodes, &b.leaves, root)
+}
+
+/// Keeps only what is reachable from the root, numbered in depth-first
+/// order from the root (node 0 is the root when the root is a node), so equal
+/// decision functions built along different paths get equal programs.
+fn compact(nodes: &[Node], leaves: &[Leaf], root: Next) -> Program {
+    let mut out = Program {
+        nodes: Vec::new(),
+        leaves: Vec::new(),
         root,
+    };
+    let mut node_map: HashMap<u32, u32> = HashMap::default();
+    let mut leaf_map: HashMap<u32, u32> = HashMap::default();
+    fn visit(
+        at: Next,
+        nodes: &[Node],
+        leaves: &[Leaf],
+        out: &mut Program,
+        node_map: &mut HashMap<u32, u32>,
+        leaf_map: &mut HashMap<u32, u32>,
+    ) -> Next {
+        match at {
+            Next::Leaf(l) => Next::Leaf(*leaf_map.entry(l).or_insert_with(|| {
+                out.leaves.push(leaves[l as usize]);
+                (out.leaves.len() - 1) as u32
+            })),
+            Next::Node(n) => {
+                if let Some(id) = node_map.get(&n) {
+                    return Next::Node(*id);
+                }
+                let id = out.nodes.len() as u32;
+                node_map.insert(n, id);
+                let node = nodes[n as usize];
+                // Reserve the slot, then fill in the children.
+                out.nodes.push(node);
+                let then = visit(node.then, nodes, leaves, out, node_map, leaf_map);
+                let otherwise = visit(node.otherwise, nodes, leaves, out, node_map, leaf_map);
+                out.nodes[id as usize].then = then;
+                out.nodes[id as usize].otherwise = otherwise;
+                Next::Node(id)
+            }
+        }
     }
+    out.root = visit(root, nodes, leaves, &mut out, &mut node_map, &mut leaf_map);
+    out
 }
 
 #[cfg(test)]

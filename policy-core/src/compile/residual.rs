@@ -171,7 +171,15 @@ impl Compiler {
             Some(spec)
         };
         let local_ports = local_spec(&lside.ports);
-        let local_not_ports = local_spec(&lside.not_ports);
+        // A port list that resolves to nothing can never match.
+        if local_ports
+            .as_ref()
+            .is_some_and(|s| s.ranges.is_empty() && s.points.is_empty())
+        {
+            return None;
+        }
+        let local_not_ports =
+            local_spec(&lside.not_ports).filter(|s| !(s.ranges.is_empty() && s.points.is_empty()));
 
         // Peer side: membership bits.
         let mut clauses: Vec<Vec<Lit>> = Vec::new();
@@ -227,7 +235,14 @@ impl Compiler {
             Some(spec)
         };
         let peer_ports = peer_spec(self, &pside.ports);
-        let peer_not_ports = peer_spec(self, &pside.not_ports);
+        if peer_ports
+            .as_ref()
+            .is_some_and(|s| s.ranges.is_empty() && s.points.is_empty())
+        {
+            return None;
+        }
+        let peer_not_ports = peer_spec(self, &pside.not_ports)
+            .filter(|s| !(s.ranges.is_empty() && s.points.is_empty()));
         Some(Cond {
             protocol: rule.protocol,
             not_protocol: rule.not_protocol,
@@ -278,7 +293,12 @@ impl Compiler {
                 .map(|st| self.ids.key(st.label).clone())
                 .collect();
         }
-        let netsets: Vec<(LabelMap, Vec<IpNet>)> = self.netsets.values().cloned().collect();
+        // Network sets only matter when rules test the local address.
+        let netsets: Vec<(LabelMap, Vec<IpNet>)> = if key.ip.is_some() {
+            self.netsets.values().cloned().collect()
+        } else {
+            Vec::new()
+        };
         let local = Local {
             ip: key.ip,
             version: key.version,
@@ -295,12 +315,12 @@ impl Compiler {
         let mut i = 0;
         while i < set.len() {
             let tier_name = self
-                .cluster
-                .policy(&set[i])
+                .policy_arcs
+                .get(&set[i])
                 .map(|p| p.tier.clone())
                 .unwrap_or_default();
             while i < set.len() {
-                let Some(p) = self.cluster.policy(&set[i]).cloned() else {
+                let Some(p) = self.policy_arcs.get(&set[i]).cloned() else {
                     i += 1;
                     continue;
                 };
@@ -349,7 +369,7 @@ impl Compiler {
             tier_pos += 1;
         }
         for name in identity.profiles.iter() {
-            let Some(profile) = self.cluster.profile(name) else {
+            let Some(profile) = self.profile_of(name) else {
                 continue;
             };
             for (idx, rule) in profile.rules(dir).iter().enumerate() {
@@ -386,7 +406,7 @@ impl Compiler {
 
     /// Whether programs for this identity and direction depend on the exact
     /// local address.
-    pub(super) fn needs_address(&self, label: super::LabelId, dir: Direction) -> bool {
+    pub(super) fn needs_address(&mut self, label: super::LabelId, dir: Direction) -> bool {
         let idx = match dir {
             Direction::Ingress => 0,
             Direction::Egress => 1,
@@ -395,11 +415,13 @@ impl Compiler {
             set.iter()
                 .any(|p| self.policy_local_side.get(p).is_some_and(|f| f[idx]))
         });
-        by_policy
-            || self.ids.key(label).profiles.iter().any(|name| {
-                self.cluster
-                    .profile(name)
-                    .is_some_and(|p| p.rules(dir).iter().any(|r| has_local_side(r, dir)))
-            })
+        if by_policy {
+            return true;
+        }
+        let profiles = self.ids.key(label).profiles.clone();
+        profiles.iter().any(|name| {
+            self.profile_of(name)
+                .is_some_and(|p| p.rules(dir).iter().any(|r| has_local_side(r, dir)))
+        })
     }
 }
