@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use policy_bpf::lower::Capacity;
+use policy_bpf::maps_engine::MapsEngine;
 use policy_core::compile::{CompileOptions, Compiler};
 use policy_core::conformance::{Case, ProbeStatus, evaluate_connection, parse_case, run_case};
 use policy_core::{Engine, ReferenceEngine};
@@ -17,6 +19,8 @@ pub enum EngineKind {
     Reference,
     /// Lookup in the compiled decision programs.
     Compiled,
+    /// User-space interpreter of the exact lowered map contents.
+    Maps,
 }
 
 fn run_engine(kind: EngineKind, case: &Case) -> Vec<policy_core::conformance::ProbeResult> {
@@ -33,6 +37,12 @@ fn run_engine(kind: EngineKind, case: &Case) -> Vec<policy_core::conformance::Pr
                 Err(e) => failed_all(case, &format!("compilation failed: {e}")),
             }
         }
+        EngineKind::Maps => match MapsEngine::new(&case.cluster, Capacity::default()) {
+            Ok(engine) => {
+                with_provenance_check(case, &engine, run_case(&engine as &dyn Engine, case))
+            }
+            Err(e) => failed_all(case, &format!("lowering failed: {e}")),
+        },
     }
 }
 

@@ -1,0 +1,361 @@
+//! Palisade's TC programs. `palisade_from_pod` runs on the host side of a
+//! pod's veth at TC ingress (the pod's egress policy); `palisade_to_pod` at TC
+//! egress (the pod's ingress policy).
+//!
+//! Per packet: parse; find the endpoint slot for (interface, direction, local
+//! address); established connections pass on one conntrack lookup; a new flow
+//! classifies its peer with one LPM lookup, reads the peer's identity and
+//! address-class bitsets (two array lookups), walks the slot's decision
+//! program (array reads, bounded), counts the rule, records the connection,
+//! and reports drops (and sampled allows) on a ring buffer.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod program {
+    use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_SHOT};
+    use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+    use aya_ebpf::macros::{classifier, map};
+    use aya_ebpf::maps::lpm_trie::Key;
+    use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
+    use aya_ebpf::programs::TcContext;
+    use policy_bpf_common::*;
+
+    /// TCX_NEXT: let the next program (or the stack) decide.
+    const PASS: i32 = -1;
+    const DROP: i32 = TC_ACT_SHOT as i32;
+
+    // Sizes here are defaults; user space sets them from configuration at load.
+    #[map]
+    static PALISADE_NODES: Array<Node> = Array::pinned(262_144, 0);
+    #[map]
+    static PALISADE_SLOTS: HashMap<SlotKey, SlotValue> = HashMap::pinned(65_536, 0);
+    #[map]
+    static PALISADE_MANAGED: HashMap<u32, u32> = HashMap::pinned(16_384, 0);
+    #[map]
+    static PALISADE_LPM4: LpmTrie<[u8; 4], PeerClass> = LpmTrie::pinned(262_144, 0);
+    #[map]
+    static PALISADE_LPM6: LpmTrie<[u8; 16], PeerClass> = LpmTrie::pinned(262_144, 0);
+    #[map]
+    static PALISADE_IDENTITIES: Array<Bitset> = Array::pinned(65_536, 0);
+    #[map]
+    static PALISADE_CLASSES: Array<Bitset> = Array::pinned(16_384, 0);
+    #[map]
+    static PALISADE_CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(262_144, 0);
+    #[map]
+    static PALISADE_FRAGS: LruHashMap<FragKey, u64> = LruHashMap::pinned(16_384, 0);
+    #[map]
+    static PALISADE_COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(65_536, 0);
+    #[map]
+    static PALISADE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+    #[map]
+    static PALISADE_EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
+    #[map]
+    static PALISADE_CONFIG: Array<Config> = Array::pinned(1, 0);
+
+    struct Skb<'a>(&'a TcContext);
+
+    impl PacketBytes for Skb<'_> {
+        #[inline(always)]
+        fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+            self.0.load::<[u8; N]>(offset).ok()
+        }
+    }
+
+    #[inline(always)]
+    fn stat(i: u32) {
+        if let Some(p) = PALISADE_STATS.get_ptr_mut(i) {
+            // SAFETY: per-CPU slot; no other program touches it concurrently.
+            unsafe { *p += 1 };
+        }
+    }
+
+    #[inline(always)]
+    fn count(rule: u32, bytes: u32) {
+        if let Some(c) = PALISADE_COUNTERS.get_ptr_mut(rule) {
+            // SAFETY: per-CPU slot owned by this CPU while the program runs.
+            unsafe {
+                (*c).packets += 1;
+                (*c).bytes += u64::from(bytes);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn event(
+        ctx: &TcContext,
+        p: &Parsed,
+        ifindex: u32,
+        direction: u8,
+        allow: bool,
+        rule: u32,
+        reason: u8,
+    ) {
+        match PALISADE_EVENTS.reserve::<Event>(0) {
+            Some(mut e) => {
+                let (sp, dp) = if p.protocol == 1 || p.protocol == 58 {
+                    ((u16::from(p.icmp_type) << 8) | u16::from(p.icmp_code), 0)
+                } else {
+                    (p.src_port, p.dst_port)
+                };
+                e.write(Event {
+                    // SAFETY: helper without preconditions.
+                    ts_ns: unsafe { bpf_ktime_get_ns() },
+                    rule,
+                    ifindex,
+                    allow: allow as u8,
+                    direction,
+                    family: p.family,
+                    protocol: p.protocol,
+                    reason,
+                    pad: [0],
+                    src_port: sp,
+                    dst_port: dp,
+                    pad2: 0,
+                    src: p.src,
+                    dst: p.dst,
+                });
+                e.submit(0);
+            }
+            None => stat(STAT_EVENTS_LOST),
+        }
+        let _ = ctx;
+    }
+
+    #[inline(always)]
+    fn config() -> Config {
+        match PALISADE_CONFIG.get(0) {
+            Some(c) => *c,
+            None => Config::default(),
+        }
+    }
+
+    fn timeout_ns(cfg: &Config, p: &Parsed, flags: u32) -> u64 {
+        let s = if p.protocol == 6 {
+            let both_fin = flags & (CT_FIN_A | CT_FIN_B) == (CT_FIN_A | CT_FIN_B);
+            if flags & CT_RST != 0 || both_fin {
+                cfg.tcp_closing_s
+            } else {
+                cfg.tcp_established_s
+            }
+        } else {
+            cfg.other_s
+        };
+        u64::from(s) * 1_000_000_000
+    }
+
+    #[inline(always)]
+    fn process(ctx: &TcContext, direction: u8) -> i32 {
+        // SAFETY: the context pointer is valid for the program's run.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        let zone_default = match PALISADE_MANAGED.get_ptr(&ifindex) {
+            Some(z) => z,
+            None => {
+                stat(STAT_UNMANAGED);
+                return PASS;
+            }
+        };
+        let _ = zone_default;
+        let p = match parse(&Skb(ctx)) {
+            Ok(p) => p,
+            Err(ParseError::NotIp) => {
+                stat(STAT_NON_IP);
+                return PASS;
+            }
+            Err(ParseError::Malformed) => {
+                stat(STAT_MALFORMED);
+                event(
+                    ctx,
+                    &Parsed::default(),
+                    ifindex,
+                    direction,
+                    false,
+                    0,
+                    REASON_MALFORMED,
+                );
+                return DROP;
+            }
+        };
+        // Neighbour discovery keeps IPv6 working on the link; policy is for traffic.
+        if p.protocol == 58 && !p.later_fragment && p.icmp_type >= 133 && p.icmp_type <= 137 {
+            return PASS;
+        }
+        let local = if direction == DIR_EGRESS {
+            p.src
+        } else {
+            p.dst
+        };
+        let key = SlotKey {
+            ifindex,
+            direction,
+            family: p.family,
+            pad: [0; 2],
+            addr: local,
+        };
+        let slot = match PALISADE_SLOTS.get_ptr(&key) {
+            // SAFETY: slot values are written whole by user space; a reader
+            // sees the old or the new value.
+            Some(s) => unsafe { *s },
+            None => {
+                stat(STAT_SPOOFED);
+                event(ctx, &p, ifindex, direction, false, 0, REASON_SPOOFED);
+                return DROP;
+            }
+        };
+        let cfg = config();
+        // SAFETY: helper without preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+
+        if p.later_fragment {
+            let fk = FragKey {
+                zone: slot.zone,
+                id: p.frag_id,
+                family: p.family,
+                protocol: p.protocol,
+                pad: [0; 2],
+                src: p.src,
+                dst: p.dst,
+            };
+            if PALISADE_FRAGS.get_ptr(&fk).is_some() {
+                return PASS;
+            }
+            stat(STAT_FRAGMENT);
+            event(ctx, &p, ifindex, direction, false, 0, REASON_FRAGMENT);
+            return DROP;
+        }
+
+        let (ck, a_is_src) = ct_key(slot.zone, &p);
+        if let Some(v) = PALISADE_CT.get_ptr_mut(&ck) {
+            // SAFETY: LRU entries may be evicted concurrently; we only read and
+            // update plain integers, and a stale value only affects timeouts.
+            let cur = unsafe { *v };
+            let closed = cur.flags & CT_RST != 0
+                || cur.flags & (CT_FIN_A | CT_FIN_B) == (CT_FIN_A | CT_FIN_B);
+            let reopened =
+                p.protocol == 6 && closed && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            let expired = now.saturating_sub(cur.last_ns) > timeout_ns(&cfg, &p, cur.flags);
+            if !reopened && !expired {
+                let mut flags = cur.flags;
+                if p.protocol == 6 {
+                    if p.tcp_flags & TCP_RST != 0 {
+                        flags |= CT_RST;
+                    }
+                    if p.tcp_flags & TCP_FIN != 0 {
+                        flags |= if a_is_src { CT_FIN_A } else { CT_FIN_B };
+                    }
+                }
+                // SAFETY: see above.
+                unsafe {
+                    (*v).last_ns = now;
+                    (*v).flags = flags;
+                }
+                count(cur.rule, ctx.len());
+                stat(STAT_ESTABLISHED);
+                return PASS;
+            }
+            let _ = PALISADE_CT.remove(&ck);
+        }
+
+        // New flow: classify the peer and walk the program.
+        stat(STAT_NEW_FLOWS);
+        let peer = if direction == DIR_EGRESS {
+            p.dst
+        } else {
+            p.src
+        };
+        let class = if p.family == FAMILY_V4 {
+            PALISADE_LPM4
+                .get(Key::new(32, [peer[0], peer[1], peer[2], peer[3]]))
+                .copied()
+        } else {
+            PALISADE_LPM6.get(Key::new(128, peer)).copied()
+        }
+        .unwrap_or_default();
+        let id_bits = if class.identity > 0 {
+            PALISADE_IDENTITIES.get(class.identity - 1)
+        } else {
+            None
+        };
+        let class_bits = PALISADE_CLASSES.get(class.class);
+        let f = features(&p, direction);
+        let verdict = walk(
+            slot.root,
+            &f,
+            |i| PALISADE_NODES.get(i).copied(),
+            |b| id_bits.is_some_and(|s| s.get(b)) || class_bits.is_some_and(|s| s.get(b)),
+        );
+        let v = match verdict {
+            Ok(v) => v,
+            Err(_) => {
+                stat(STAT_WALK);
+                event(ctx, &p, ifindex, direction, false, 0, REASON_WALK);
+                return DROP;
+            }
+        };
+        count(v.rule, ctx.len());
+        if !v.allow {
+            event(ctx, &p, ifindex, direction, false, v.rule, REASON_POLICY);
+            return DROP;
+        }
+        let mut flags = if a_is_src { CT_ORIGIN_A } else { 0 };
+        if direction == DIR_EGRESS {
+            flags |= CT_EGRESS;
+        }
+        let _ = PALISADE_CT.insert(
+            &ck,
+            &CtValue {
+                rule: v.rule,
+                flags,
+                created_ns: now,
+                last_ns: now,
+            },
+            u64::from(BPF_ANY),
+        );
+        if p.fragment {
+            let fk = FragKey {
+                zone: slot.zone,
+                id: p.frag_id,
+                family: p.family,
+                protocol: p.protocol,
+                pad: [0; 2],
+                src: p.src,
+                dst: p.dst,
+            };
+            let _ = PALISADE_FRAGS.insert(&fk, &now, u64::from(BPF_NOEXIST));
+        }
+        if cfg.allow_sample > 0 {
+            // SAFETY: helper without preconditions.
+            let r = unsafe { bpf_get_prandom_u32() };
+            if r % cfg.allow_sample == 0 {
+                event(ctx, &p, ifindex, direction, true, v.rule, REASON_POLICY);
+            }
+        }
+        PASS
+    }
+
+    /// The pod's egress policy: packets the pod sends.
+    #[classifier]
+    pub fn palisade_from_pod(ctx: TcContext) -> i32 {
+        process(&ctx, DIR_EGRESS)
+    }
+
+    /// The pod's ingress policy: packets sent to the pod.
+    #[classifier]
+    pub fn palisade_to_pod(ctx: TcContext) -> i32 {
+        process(&ctx, DIR_INGRESS)
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+}
+
+/// On the host the crate builds as an empty binary, so workspace-wide checks
+/// and tests work; the programs exist only for the BPF target.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
