@@ -3,11 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use policy_bpf::kernel_engine::KernelEngine;
 use policy_bpf::lower::Capacity;
 use policy_bpf::maps_engine::MapsEngine;
 use policy_core::compile::{CompileOptions, Compiler};
 use policy_core::conformance::{Case, ProbeStatus, evaluate_connection, parse_case, run_case};
-use policy_core::{Engine, ReferenceEngine};
+use policy_core::{Engine, EngineError, ReferenceEngine};
 
 use crate::Tally;
 use crate::load::collect_files;
@@ -21,6 +22,8 @@ pub enum EngineKind {
     Compiled,
     /// User-space interpreter of the exact lowered map contents.
     Maps,
+    /// The real TC programs run on crafted packets (BPF_PROG_TEST_RUN).
+    Kernel,
 }
 
 fn run_engine(kind: EngineKind, case: &Case) -> Vec<policy_core::conformance::ProbeResult> {
@@ -43,7 +46,24 @@ fn run_engine(kind: EngineKind, case: &Case) -> Vec<policy_core::conformance::Pr
             }
             Err(e) => failed_all(case, &format!("lowering failed: {e}")),
         },
+        EngineKind::Kernel => match KernelEngine::new(&case.cluster, Capacity::default()) {
+            Ok(engine) => {
+                with_provenance_check(case, &engine, run_case(&engine as &dyn Engine, case))
+            }
+            Err(EngineError::Unavailable(why)) => skipped_all(case, &why),
+            Err(e) => failed_all(case, &format!("loading the datapath failed: {e}")),
+        },
     }
+}
+
+fn skipped_all(case: &Case, why: &str) -> Vec<policy_core::conformance::ProbeResult> {
+    case.probes
+        .iter()
+        .map(|p| policy_core::conformance::ProbeResult {
+            probe: p.clone(),
+            status: ProbeStatus::Skipped(why.to_string()),
+        })
+        .collect()
 }
 
 /// An engine other than the reference must also agree on who decided: a

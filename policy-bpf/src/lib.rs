@@ -26,5 +26,8 @@
 //! assert_eq!(d.to_string(), "allow by tier default, np:a/db, rule 0 (allow)");
 //! ```
 
+pub mod datapath;
+pub mod kernel_engine;
 pub mod lower;
 pub mod maps_engine;
+pub mod packet;

@@ -84,6 +84,7 @@ pub fn parsed_of(flow: &Flow) -> Parsed {
         fragment: false,
         later_fragment: false,
         frag_id: 0,
+        pad: 0,
     }
 }
 

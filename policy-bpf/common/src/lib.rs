@@ -316,19 +316,58 @@ pub struct Event {
     pub protocol: u8,
     /// `REASON_*`.
     pub reason: u8,
-    /// Reserved.
-    pub pad: [u8; 1],
+    /// [`EVENT_LOGGED`] when a Log rule matched.
+    pub flags: u8,
     /// Source port (or ICMP type << 8 | code).
     pub src_port: u16,
     /// Destination port.
     pub dst_port: u16,
     /// Reserved.
-    pub pad2: u16,
+    pub pad2: [u8; 6],
     /// Source address.
     pub src: [u8; 16],
     /// Destination address.
     pub dst: [u8; 16],
 }
+
+impl Event {
+    /// Size in bytes of an event record.
+    pub const SIZE: usize = 64;
+
+    /// Decodes a record from the ring buffer (little-endian, as the kernel wrote it).
+    pub fn from_bytes(b: &[u8]) -> Option<Event> {
+        if b.len() < Self::SIZE {
+            return None;
+        }
+        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&b[0..8]);
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src.copy_from_slice(&b[32..48]);
+        dst.copy_from_slice(&b[48..64]);
+        Some(Event {
+            ts_ns: u64::from_le_bytes(ts),
+            rule: u32_at(8),
+            ifindex: u32_at(12),
+            allow: b[16],
+            direction: b[17],
+            family: b[18],
+            protocol: b[19],
+            reason: b[20],
+            flags: b[21],
+            src_port: u16_at(22),
+            dst_port: u16_at(24),
+            pad2: [0; 6],
+            src,
+            dst,
+        })
+    }
+}
+
+/// Event flag: a Log rule matched before the decision.
+pub const EVENT_LOGGED: u8 = 1;
 
 /// Tunables read by the program (array map, index 0).
 #[repr(C)]
@@ -353,6 +392,20 @@ impl Default for Config {
             other_s: 60,
         }
     }
+}
+
+/// Per-CPU working memory of the kernel program (kept off its 512-byte stack).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Scratch {
+    /// The parsed packet.
+    pub parsed: Parsed,
+    /// Slot lookup key.
+    pub slot: SlotKey,
+    /// Conntrack key.
+    pub ct: CtKey,
+    /// Fragment key.
+    pub frag: FragKey,
 }
 
 /// Packet features a program reads.
@@ -441,35 +494,43 @@ pub fn walk(
 
 /// Byte access to a packet; the kernel program reads the skb, user space a slice.
 pub trait PacketBytes {
-    /// `N` bytes at `offset`, if the packet has them.
-    fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
+    /// Fills `dst` from `offset`; false if the packet is too short.
+    fn read(&self, offset: usize, dst: &mut [u8]) -> bool;
 }
 
 impl PacketBytes for &[u8] {
-    fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        let end = offset.checked_add(N)?;
-        let s = self.get(offset..end)?;
-        let mut out = [0u8; N];
-        out.copy_from_slice(s);
-        Some(out)
+    fn read(&self, offset: usize, dst: &mut [u8]) -> bool {
+        let Some(end) = offset.checked_add(dst.len()) else {
+            return false;
+        };
+        match self.get(offset..end) {
+            Some(s) => {
+                dst.copy_from_slice(s);
+                true
+            }
+            None => false,
+        }
     }
 }
 
 /// What the parser found in a packet.
+#[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Parsed {
-    /// [`FAMILY_V4`] or [`FAMILY_V6`].
-    pub family: u8,
-    /// IP protocol (IPv6: after extension headers).
-    pub protocol: u8,
     /// Source address (IPv4 in the first 4 bytes).
     pub src: [u8; 16],
     /// Destination address.
     pub dst: [u8; 16],
+    /// Datagram identification (fragments).
+    pub frag_id: u32,
     /// Source port (0 without ports; ICMP echo: identifier).
     pub src_port: u16,
     /// Destination port (0 without ports; ICMP echo: identifier).
     pub dst_port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// IP protocol (IPv6: after extension headers).
+    pub protocol: u8,
     /// ICMP type.
     pub icmp_type: u8,
     /// ICMP code.
@@ -480,8 +541,8 @@ pub struct Parsed {
     pub fragment: bool,
     /// A fragment other than the first (no transport header).
     pub later_fragment: bool,
-    /// Datagram identification (fragments).
-    pub frag_id: u32,
+    /// Reserved.
+    pub pad: u8,
 }
 
 /// Why a packet could not be parsed.
@@ -507,68 +568,109 @@ fn has_ports(protocol: u8) -> bool {
 }
 
 /// Parses Ethernet, IPv4/IPv6 (with extension headers and fragments) and the
-/// transport header. Every read is bounds-checked; anything short or
-/// inconsistent is [`ParseError::Malformed`].
+/// transport header into `out`. Every read is bounds-checked; anything short
+/// or inconsistent is [`ParseError::Malformed`]. Reads are small so the
+/// kernel program's stack stays within the BPF limit.
 #[inline(always)]
-pub fn parse<P: PacketBytes>(p: &P) -> Result<Parsed, ParseError> {
-    let eth: [u8; 14] = p.bytes(0).ok_or(ParseError::Malformed)?;
-    let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
-    let mut out = Parsed::default();
+pub fn parse_into<P: PacketBytes>(p: &P, out: &mut Parsed) -> Result<(), ParseError> {
+    // Field by field: a whole-struct assignment becomes a memset call the
+    // BPF verifier rejects.
+    out.src = [0; 16];
+    out.dst = [0; 16];
+    out.frag_id = 0;
+    out.src_port = 0;
+    out.dst_port = 0;
+    out.family = 0;
+    out.protocol = 0;
+    out.icmp_type = 0;
+    out.icmp_code = 0;
+    out.tcp_flags = 0;
+    out.fragment = false;
+    out.later_fragment = false;
+    out.pad = 0;
+    let mut b2 = [0u8; 2];
+    if !p.read(12, &mut b2) {
+        return Err(ParseError::Malformed);
+    }
+    let ethertype = u16::from_be_bytes(b2);
     let mut l4: usize;
+    let mut b8 = [0u8; 8];
     match ethertype {
         0x0800 => {
-            let ip: [u8; 20] = p.bytes(14).ok_or(ParseError::Malformed)?;
-            if ip[0] >> 4 != 4 {
+            // version/IHL, TOS, total length, id, flags/fragment offset.
+            if !p.read(14, &mut b8) {
                 return Err(ParseError::Malformed);
             }
-            let ihl = (ip[0] & 0x0f) as usize * 4;
-            let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+            if b8[0] >> 4 != 4 {
+                return Err(ParseError::Malformed);
+            }
+            let ihl = (b8[0] & 0x0f) as usize * 4;
+            let total = u16::from_be_bytes([b8[2], b8[3]]) as usize;
             if ihl < 20 || total < ihl {
                 return Err(ParseError::Malformed);
             }
-            out.family = FAMILY_V4;
-            out.protocol = ip[9];
-            out.src[..4].copy_from_slice(&ip[12..16]);
-            out.dst[..4].copy_from_slice(&ip[16..20]);
-            let frag = u16::from_be_bytes([ip[6], ip[7]]);
+            out.frag_id = u32::from(u16::from_be_bytes([b8[4], b8[5]]));
+            let frag = u16::from_be_bytes([b8[6], b8[7]]);
             let more = frag & 0x2000 != 0;
             let offset = frag & 0x1fff;
             out.fragment = more || offset != 0;
             out.later_fragment = offset != 0;
-            out.frag_id = u32::from(u16::from_be_bytes([ip[4], ip[5]]));
+            let mut proto = [0u8; 1];
+            if !p.read(14 + 9, &mut proto)
+                || !p.read(14 + 12, &mut out.src[..4])
+                || !p.read(14 + 16, &mut out.dst[..4])
+            {
+                return Err(ParseError::Malformed);
+            }
+            out.family = FAMILY_V4;
+            out.protocol = proto[0];
+            // The whole header must be there.
+            let mut last = [0u8; 1];
+            if !p.read(14 + ihl - 1, &mut last) {
+                return Err(ParseError::Malformed);
+            }
             l4 = 14 + ihl;
         }
         0x86DD => {
-            let ip: [u8; 40] = p.bytes(14).ok_or(ParseError::Malformed)?;
-            if ip[0] >> 4 != 6 {
+            if !p.read(14, &mut b8) {
+                return Err(ParseError::Malformed);
+            }
+            if b8[0] >> 4 != 6 {
+                return Err(ParseError::Malformed);
+            }
+            if !p.read(22, &mut out.src) || !p.read(38, &mut out.dst) {
                 return Err(ParseError::Malformed);
             }
             out.family = FAMILY_V6;
-            out.src.copy_from_slice(&ip[8..24]);
-            out.dst.copy_from_slice(&ip[24..40]);
-            let mut next = ip[6];
+            let mut next = b8[6];
             l4 = 54;
             // Skip up to four extension headers; a fragment header is recorded.
             let mut i = 0;
             while i < 4 {
                 match next {
                     0 | 43 | 60 => {
-                        let h: [u8; 2] = p.bytes(l4).ok_or(ParseError::Malformed)?;
-                        next = h[0];
-                        l4 += (h[1] as usize + 1) * 8;
+                        if !p.read(l4, &mut b2) {
+                            return Err(ParseError::Malformed);
+                        }
+                        next = b2[0];
+                        l4 += (b2[1] as usize + 1) * 8;
                     }
                     51 => {
-                        let h: [u8; 2] = p.bytes(l4).ok_or(ParseError::Malformed)?;
-                        next = h[0];
-                        l4 += (h[1] as usize + 2) * 4;
+                        if !p.read(l4, &mut b2) {
+                            return Err(ParseError::Malformed);
+                        }
+                        next = b2[0];
+                        l4 += (b2[1] as usize + 2) * 4;
                     }
                     44 => {
-                        let h: [u8; 8] = p.bytes(l4).ok_or(ParseError::Malformed)?;
-                        next = h[0];
-                        let off = u16::from_be_bytes([h[2], h[3]]);
+                        if !p.read(l4, &mut b8) {
+                            return Err(ParseError::Malformed);
+                        }
+                        next = b8[0];
+                        let off = u16::from_be_bytes([b8[2], b8[3]]);
                         out.fragment = true;
                         out.later_fragment = off >> 3 != 0;
-                        out.frag_id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+                        out.frag_id = u32::from_be_bytes([b8[4], b8[5], b8[6], b8[7]]);
                         l4 += 8;
                     }
                     _ => break,
@@ -584,42 +686,56 @@ pub fn parse<P: PacketBytes>(p: &P) -> Result<Parsed, ParseError> {
         _ => return Err(ParseError::NotIp),
     }
     if out.later_fragment {
-        return Ok(out);
+        return Ok(());
     }
     let proto = out.protocol;
     if has_ports(proto) {
-        let h: [u8; 4] = p.bytes(l4).ok_or(ParseError::Malformed)?;
-        out.src_port = u16::from_be_bytes([h[0], h[1]]);
-        out.dst_port = u16::from_be_bytes([h[2], h[3]]);
+        // TCP 20, UDP/UDP-Lite 8, SCTP 12 bytes of header at least.
+        let min = match proto {
+            6 => 20,
+            132 => 12,
+            _ => 8,
+        };
+        let mut last = [0u8; 1];
+        if !p.read(l4, &mut b8) || !p.read(l4 + min - 1, &mut last) {
+            return Err(ParseError::Malformed);
+        }
+        out.src_port = u16::from_be_bytes([b8[0], b8[1]]);
+        out.dst_port = u16::from_be_bytes([b8[2], b8[3]]);
         if proto == 6 {
-            let t: [u8; 14] = p.bytes(l4).ok_or(ParseError::Malformed)?;
-            if (t[12] >> 4) < 5 {
+            if !p.read(l4 + 12, &mut b2) {
                 return Err(ParseError::Malformed);
             }
-            out.tcp_flags = t[13];
-        } else if proto == 17 || proto == 136 {
-            let _: [u8; 8] = p.bytes(l4).ok_or(ParseError::Malformed)?;
-        } else {
-            // SCTP common header: ports, verification tag, checksum.
-            let _: [u8; 12] = p.bytes(l4).ok_or(ParseError::Malformed)?;
+            if (b2[0] >> 4) < 5 {
+                return Err(ParseError::Malformed);
+            }
+            out.tcp_flags = b2[1];
         }
     } else if proto == 1 || proto == 58 {
-        let h: [u8; 8] = p.bytes(l4).ok_or(ParseError::Malformed)?;
-        out.icmp_type = h[0];
-        out.icmp_code = h[1];
+        if !p.read(l4, &mut b8) {
+            return Err(ParseError::Malformed);
+        }
+        out.icmp_type = b8[0];
+        out.icmp_code = b8[1];
         // Echo request/reply: the identifier plays the port's part for conntrack.
         let echo = if proto == 1 {
-            h[0] == 8 || h[0] == 0
+            b8[0] == 8 || b8[0] == 0
         } else {
-            h[0] == 128 || h[0] == 129
+            b8[0] == 128 || b8[0] == 129
         };
         if echo {
-            let id = u16::from_be_bytes([h[4], h[5]]);
+            let id = u16::from_be_bytes([b8[4], b8[5]]);
             out.src_port = id;
             out.dst_port = id;
         }
     }
-    Ok(out)
+    Ok(())
+}
+
+/// [`parse_into`] returning the result by value (user space).
+pub fn parse<P: PacketBytes>(p: &P) -> Result<Parsed, ParseError> {
+    let mut out = Parsed::default();
+    parse_into(p, &mut out).map(|()| out)
 }
 
 /// Whether an ICMP type is an echo reply (allowed as the reply of a tracked echo).
@@ -627,30 +743,35 @@ pub fn is_echo_reply(protocol: u8, icmp_type: u8) -> bool {
     (protocol == 1 && icmp_type == 0) || (protocol == 58 && icmp_type == 129)
 }
 
-/// Builds the normalised conntrack key of a packet.
+/// Fills the normalised conntrack key of a packet; returns whether the
+/// packet's source is side a. (For echo, request and reply carry the same
+/// identifier in both "ports"; normalisation then orders by address alone.)
 #[inline(always)]
-pub fn ct_key(zone: u32, p: &Parsed) -> (CtKey, bool) {
-    // For echo the request and reply carry the same identifier in both
-    // "ports"; normalisation then orders by address alone.
+pub fn ct_key_into(zone: u32, p: &Parsed, key: &mut CtKey) -> bool {
     let a_is_src = (p.src, p.src_port) <= (p.dst, p.dst_port);
-    let (addr_a, port_a, addr_b, port_b) = if a_is_src {
-        (p.src, p.src_port, p.dst, p.dst_port)
+    key.zone = zone;
+    key.family = p.family;
+    key.protocol = p.protocol;
+    key.pad = 0;
+    if a_is_src {
+        key.addr_a = p.src;
+        key.port_a = p.src_port;
+        key.addr_b = p.dst;
+        key.port_b = p.dst_port;
     } else {
-        (p.dst, p.dst_port, p.src, p.src_port)
-    };
-    (
-        CtKey {
-            zone,
-            family: p.family,
-            protocol: p.protocol,
-            port_a,
-            port_b,
-            pad: 0,
-            addr_a,
-            addr_b,
-        },
-        a_is_src,
-    )
+        key.addr_a = p.dst;
+        key.port_a = p.dst_port;
+        key.addr_b = p.src;
+        key.port_b = p.src_port;
+    }
+    a_is_src
+}
+
+/// [`ct_key_into`] by value (user space).
+pub fn ct_key(zone: u32, p: &Parsed) -> (CtKey, bool) {
+    let mut k = CtKey::default();
+    let a = ct_key_into(zone, p, &mut k);
+    (k, a)
 }
 
 /// Policy features of a parsed packet for one direction.
@@ -712,6 +833,16 @@ mod tests {
         assert_eq!(core::mem::size_of::<CtKey>(), 44);
         assert_eq!(core::mem::size_of::<Event>(), 64);
         assert_eq!(core::mem::size_of::<Bitset>(), BITSET_WORDS * 8);
+    }
+
+    #[test]
+    fn event_layout_matches_decoder() {
+        assert_eq!(core::mem::offset_of!(Event, rule), 8);
+        assert_eq!(core::mem::offset_of!(Event, reason), 20);
+        assert_eq!(core::mem::offset_of!(Event, src_port), 22);
+        assert_eq!(core::mem::offset_of!(Event, dst_port), 24);
+        assert_eq!(core::mem::offset_of!(Event, src), 32);
+        assert_eq!(core::mem::offset_of!(Event, dst), 48);
     }
 
     #[test]

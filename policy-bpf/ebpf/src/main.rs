@@ -14,7 +14,7 @@
 #[cfg(target_arch = "bpf")]
 mod program {
     use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_SHOT};
-    use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+    use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_skb_load_bytes};
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::lpm_trie::Key;
     use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
@@ -52,13 +52,28 @@ mod program {
     static PALISADE_EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
     #[map]
     static PALISADE_CONFIG: Array<Config> = Array::pinned(1, 0);
+    /// Working memory; not pinned (each loaded program has its own).
+    #[map]
+    static PALISADE_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
     struct Skb<'a>(&'a TcContext);
 
     impl PacketBytes for Skb<'_> {
+        /// Reads exactly `dst.len()` bytes (a constant after inlining, as the
+        /// verifier requires); the helper fails past the end of the packet.
         #[inline(always)]
-        fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-            self.0.load::<[u8; N]>(offset).ok()
+        fn read(&self, offset: usize, dst: &mut [u8]) -> bool {
+            // SAFETY: `dst` is a writable buffer of `dst.len()` bytes and the
+            // skb pointer is valid for the program's run.
+            let ret = unsafe {
+                bpf_skb_load_bytes(
+                    self.0.skb.skb.cast(),
+                    offset as u32,
+                    dst.as_mut_ptr().cast(),
+                    dst.len() as u32,
+                )
+            };
+            ret == 0
         }
     }
 
@@ -83,13 +98,13 @@ mod program {
 
     #[inline(always)]
     fn event(
-        ctx: &TcContext,
         p: &Parsed,
         ifindex: u32,
         direction: u8,
         allow: bool,
         rule: u32,
         reason: u8,
+        logged: bool,
     ) {
         match PALISADE_EVENTS.reserve::<Event>(0) {
             Some(mut e) => {
@@ -98,28 +113,30 @@ mod program {
                 } else {
                     (p.src_port, p.dst_port)
                 };
-                e.write(Event {
-                    // SAFETY: helper without preconditions.
-                    ts_ns: unsafe { bpf_ktime_get_ns() },
-                    rule,
-                    ifindex,
-                    allow: allow as u8,
-                    direction,
-                    family: p.family,
-                    protocol: p.protocol,
-                    reason,
-                    pad: [0],
-                    src_port: sp,
-                    dst_port: dp,
-                    pad2: 0,
-                    src: p.src,
-                    dst: p.dst,
-                });
+                let ev = e.as_mut_ptr();
+                // SAFETY: `ev` points at a reserved, writable ring-buffer
+                // record of size_of::<Event>(); every field is written before
+                // submit, so the record is fully initialised.
+                unsafe {
+                    (*ev).ts_ns = bpf_ktime_get_ns();
+                    (*ev).rule = rule;
+                    (*ev).ifindex = ifindex;
+                    (*ev).allow = allow as u8;
+                    (*ev).direction = direction;
+                    (*ev).family = p.family;
+                    (*ev).protocol = p.protocol;
+                    (*ev).reason = reason;
+                    (*ev).flags = if logged { EVENT_LOGGED } else { 0 };
+                    (*ev).src_port = sp;
+                    (*ev).dst_port = dp;
+                    (*ev).pad2 = [0; 6];
+                    (*ev).src = p.src;
+                    (*ev).dst = p.dst;
+                }
                 e.submit(0);
             }
             None => stat(STAT_EVENTS_LOST),
         }
-        let _ = ctx;
     }
 
     #[inline(always)]
@@ -130,6 +147,7 @@ mod program {
         }
     }
 
+    #[inline(always)]
     fn timeout_ns(cfg: &Config, p: &Parsed, flags: u32) -> u64 {
         let s = if p.protocol == 6 {
             let both_fin = flags & (CT_FIN_A | CT_FIN_B) == (CT_FIN_A | CT_FIN_B);
@@ -148,57 +166,58 @@ mod program {
     fn process(ctx: &TcContext, direction: u8) -> i32 {
         // SAFETY: the context pointer is valid for the program's run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        let zone_default = match PALISADE_MANAGED.get_ptr(&ifindex) {
-            Some(z) => z,
-            None => {
-                stat(STAT_UNMANAGED);
-                return PASS;
-            }
+        if PALISADE_MANAGED.get_ptr(&ifindex).is_none() {
+            stat(STAT_UNMANAGED);
+            return PASS;
+        }
+        let Some(scratch) = PALISADE_SCRATCH.get_ptr_mut(0) else {
+            return DROP;
         };
-        let _ = zone_default;
-        let p = match parse(&Skb(ctx)) {
-            Ok(p) => p,
+        // SAFETY: the per-CPU scratch slot is owned by this program run (TC
+        // programs do not nest on a CPU).
+        let sc = unsafe { &mut *scratch };
+        match parse_into(&Skb(ctx), &mut sc.parsed) {
+            Ok(()) => {}
             Err(ParseError::NotIp) => {
                 stat(STAT_NON_IP);
                 return PASS;
             }
             Err(ParseError::Malformed) => {
                 stat(STAT_MALFORMED);
+                // Whatever was parsed before the failure is reported as is.
                 event(
-                    ctx,
-                    &Parsed::default(),
+                    &sc.parsed,
                     ifindex,
                     direction,
                     false,
                     0,
                     REASON_MALFORMED,
+                    false,
                 );
                 return DROP;
             }
-        };
+        }
+        let p = &sc.parsed;
         // Neighbour discovery keeps IPv6 working on the link; policy is for traffic.
         if p.protocol == 58 && !p.later_fragment && p.icmp_type >= 133 && p.icmp_type <= 137 {
             return PASS;
         }
-        let local = if direction == DIR_EGRESS {
+        sc.slot.ifindex = ifindex;
+        sc.slot.direction = direction;
+        sc.slot.family = p.family;
+        sc.slot.pad = [0; 2];
+        sc.slot.addr = if direction == DIR_EGRESS {
             p.src
         } else {
             p.dst
         };
-        let key = SlotKey {
-            ifindex,
-            direction,
-            family: p.family,
-            pad: [0; 2],
-            addr: local,
-        };
-        let slot = match PALISADE_SLOTS.get_ptr(&key) {
+        let slot = match PALISADE_SLOTS.get_ptr(&sc.slot) {
             // SAFETY: slot values are written whole by user space; a reader
             // sees the old or the new value.
             Some(s) => unsafe { *s },
             None => {
                 stat(STAT_SPOOFED);
-                event(ctx, &p, ifindex, direction, false, 0, REASON_SPOOFED);
+                event(p, ifindex, direction, false, 0, REASON_SPOOFED, false);
                 return DROP;
             }
         };
@@ -206,26 +225,24 @@ mod program {
         // SAFETY: helper without preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
 
+        sc.frag.zone = slot.zone;
+        sc.frag.id = p.frag_id;
+        sc.frag.family = p.family;
+        sc.frag.protocol = p.protocol;
+        sc.frag.pad = [0; 2];
+        sc.frag.src = p.src;
+        sc.frag.dst = p.dst;
         if p.later_fragment {
-            let fk = FragKey {
-                zone: slot.zone,
-                id: p.frag_id,
-                family: p.family,
-                protocol: p.protocol,
-                pad: [0; 2],
-                src: p.src,
-                dst: p.dst,
-            };
-            if PALISADE_FRAGS.get_ptr(&fk).is_some() {
+            if PALISADE_FRAGS.get_ptr(&sc.frag).is_some() {
                 return PASS;
             }
             stat(STAT_FRAGMENT);
-            event(ctx, &p, ifindex, direction, false, 0, REASON_FRAGMENT);
+            event(p, ifindex, direction, false, 0, REASON_FRAGMENT, false);
             return DROP;
         }
 
-        let (ck, a_is_src) = ct_key(slot.zone, &p);
-        if let Some(v) = PALISADE_CT.get_ptr_mut(&ck) {
+        let a_is_src = ct_key_into(slot.zone, p, &mut sc.ct);
+        if let Some(v) = PALISADE_CT.get_ptr_mut(&sc.ct) {
             // SAFETY: LRU entries may be evicted concurrently; we only read and
             // update plain integers, and a stale value only affects timeouts.
             let cur = unsafe { *v };
@@ -233,7 +250,7 @@ mod program {
                 || cur.flags & (CT_FIN_A | CT_FIN_B) == (CT_FIN_A | CT_FIN_B);
             let reopened =
                 p.protocol == 6 && closed && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            let expired = now.saturating_sub(cur.last_ns) > timeout_ns(&cfg, &p, cur.flags);
+            let expired = now.saturating_sub(cur.last_ns) > timeout_ns(&cfg, p, cur.flags);
             if !reopened && !expired {
                 let mut flags = cur.flags;
                 if p.protocol == 6 {
@@ -253,22 +270,22 @@ mod program {
                 stat(STAT_ESTABLISHED);
                 return PASS;
             }
-            let _ = PALISADE_CT.remove(&ck);
+            let _ = PALISADE_CT.remove(&sc.ct);
         }
 
         // New flow: classify the peer and walk the program.
         stat(STAT_NEW_FLOWS);
         let peer = if direction == DIR_EGRESS {
-            p.dst
+            &p.dst
         } else {
-            p.src
+            &p.src
         };
         let class = if p.family == FAMILY_V4 {
             PALISADE_LPM4
                 .get(Key::new(32, [peer[0], peer[1], peer[2], peer[3]]))
                 .copied()
         } else {
-            PALISADE_LPM6.get(Key::new(128, peer)).copied()
+            PALISADE_LPM6.get(Key::new(128, *peer)).copied()
         }
         .unwrap_or_default();
         let id_bits = if class.identity > 0 {
@@ -277,7 +294,7 @@ mod program {
             None
         };
         let class_bits = PALISADE_CLASSES.get(class.class);
-        let f = features(&p, direction);
+        let f = features(p, direction);
         let verdict = walk(
             slot.root,
             &f,
@@ -288,13 +305,21 @@ mod program {
             Ok(v) => v,
             Err(_) => {
                 stat(STAT_WALK);
-                event(ctx, &p, ifindex, direction, false, 0, REASON_WALK);
+                event(p, ifindex, direction, false, 0, REASON_WALK, false);
                 return DROP;
             }
         };
         count(v.rule, ctx.len());
         if !v.allow {
-            event(ctx, &p, ifindex, direction, false, v.rule, REASON_POLICY);
+            event(
+                p,
+                ifindex,
+                direction,
+                false,
+                v.rule,
+                REASON_POLICY,
+                v.logged,
+            );
             return DROP;
         }
         let mut flags = if a_is_src { CT_ORIGIN_A } else { 0 };
@@ -302,7 +327,7 @@ mod program {
             flags |= CT_EGRESS;
         }
         let _ = PALISADE_CT.insert(
-            &ck,
+            &sc.ct,
             &CtValue {
                 rule: v.rule,
                 flags,
@@ -312,22 +337,13 @@ mod program {
             u64::from(BPF_ANY),
         );
         if p.fragment {
-            let fk = FragKey {
-                zone: slot.zone,
-                id: p.frag_id,
-                family: p.family,
-                protocol: p.protocol,
-                pad: [0; 2],
-                src: p.src,
-                dst: p.dst,
-            };
-            let _ = PALISADE_FRAGS.insert(&fk, &now, u64::from(BPF_NOEXIST));
+            let _ = PALISADE_FRAGS.insert(&sc.frag, &now, u64::from(BPF_NOEXIST));
         }
         if cfg.allow_sample > 0 {
             // SAFETY: helper without preconditions.
             let r = unsafe { bpf_get_prandom_u32() };
             if r % cfg.allow_sample == 0 {
-                event(ctx, &p, ifindex, direction, true, v.rule, REASON_POLICY);
+                event(p, ifindex, direction, true, v.rule, REASON_POLICY, v.logged);
             }
         }
         PASS

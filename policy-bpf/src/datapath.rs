@@ -1,0 +1,603 @@
+//! The kernel side from user space: loads the TC programs with aya, pins the
+//! maps under a bpffs directory (so a restarted agent re-adopts them and
+//! established connections survive), applies write plans with rollback,
+//! attaches and detaches programs with TCX links (pinned, atomically
+//! replaceable), runs programs on crafted packets with `BPF_PROG_TEST_RUN`,
+//! and reads counters, statistics and verdict events.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::Key;
+use aya::maps::{
+    Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, RingBuf,
+};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
+use policy_bpf_common::*;
+
+use crate::lower::{Capacity, MapWrite, Mirror, WritePlan};
+
+/// The TC program object, built by build.rs for the BPF target.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade-tc"));
+
+/// Where Palisade pins its maps and links by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/palisade";
+
+/// Datapath failures.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// The process lacks the privileges to load BPF programs.
+    #[error("loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN): {0}")]
+    Privileges(String),
+    /// Loading or verifying failed.
+    #[error("loading the TC programs failed: {0}")]
+    Load(String),
+    /// A map operation failed.
+    #[error("map {map}: {message}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// What happened.
+        message: String,
+    },
+    /// Attaching or detaching failed.
+    #[error("interface {interface}: {message}")]
+    Attach {
+        /// Interface.
+        interface: String,
+        /// What happened.
+        message: String,
+    },
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |e| DatapathError::Map {
+        map,
+        message: e.to_string(),
+    }
+}
+
+/// Which program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hook {
+    /// Host veth TC ingress: traffic from the pod (its egress policy).
+    FromPod,
+    /// Host veth TC egress: traffic to the pod (its ingress policy).
+    ToPod,
+}
+
+impl Hook {
+    fn program(self) -> &'static str {
+        match self {
+            Hook::FromPod => "palisade_from_pod",
+            Hook::ToPod => "palisade_to_pod",
+        }
+    }
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::FromPod => TcAttachType::Ingress,
+            Hook::ToPod => TcAttachType::Egress,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Hook::FromPod => "from-pod",
+            Hook::ToPod => "to-pod",
+        }
+    }
+}
+
+/// Result of one program run on a crafted packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunResult {
+    /// The program's return code.
+    pub retval: i32,
+    /// Average time per run (ns), as the kernel measured it.
+    pub duration_ns: u64,
+}
+
+impl RunResult {
+    /// Whether the packet passes (TCX next/pass).
+    pub fn passed(&self) -> bool {
+        self.retval == -1 || self.retval == 0
+    }
+}
+
+/// The loaded datapath.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    owns_pin_dir: bool,
+    nodes: Array<MapData, Node>,
+    slots: BpfHashMap<MapData, SlotKey, SlotValue>,
+    managed: BpfHashMap<MapData, u32, u32>,
+    lpm4: LpmTrie<MapData, [u8; 4], PeerClass>,
+    lpm6: LpmTrie<MapData, [u8; 16], PeerClass>,
+    identities: Array<MapData, Bitset>,
+    classes: Array<MapData, Bitset>,
+    ct: BpfHashMap<MapData, CtKey, CtValue>,
+    counters: PerCpuArray<MapData, Counter>,
+    stats: PerCpuArray<MapData, u64>,
+    events: RingBuf<MapData>,
+    config: Array<MapData, Config>,
+    links: HashMap<(String, Hook), PathBuf>,
+}
+
+/// Mounts bpffs at /sys/fs/bpf if it is not mounted (needs root).
+pub fn ensure_bpffs() -> Result<(), DatapathError> {
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .map(|m| {
+            m.lines().any(|l| {
+                l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf ")
+            })
+        })
+        .unwrap_or(false);
+    if mounted {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf").map_err(|e| DatapathError::Privileges(e.to_string()))?;
+    nix::mount::mount(
+        Some("bpf"),
+        "/sys/fs/bpf",
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| DatapathError::Privileges(format!("mounting bpffs at /sys/fs/bpf: {e}")))
+}
+
+/// Whether this process can load BPF programs (root or CAP_BPF+CAP_NET_ADMIN).
+pub fn privileged() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+impl Datapath {
+    /// Loads the programs with maps sized by `cap`, pinned under `pin_dir`
+    /// (existing pins are re-adopted, so conntrack survives a restart).
+    pub fn load(pin_dir: &Path, cap: Capacity) -> Result<Self, DatapathError> {
+        if !privileged() {
+            return Err(DatapathError::Privileges("not running as root".into()));
+        }
+        ensure_bpffs()?;
+        let fresh = !pin_dir.exists();
+        std::fs::create_dir_all(pin_dir.join("links"))
+            .map_err(|e| DatapathError::Load(format!("creating {}: {e}", pin_dir.display())))?;
+        let mut loader = EbpfLoader::new();
+        loader
+            .default_map_pin_directory(pin_dir)
+            .map_max_entries("PALISADE_NODES", cap.nodes)
+            .map_max_entries("PALISADE_SLOTS", cap.slots)
+            .map_max_entries("PALISADE_MANAGED", cap.interfaces)
+            .map_max_entries("PALISADE_LPM4", cap.lpm4)
+            .map_max_entries("PALISADE_LPM6", cap.lpm6)
+            .map_max_entries("PALISADE_IDENTITIES", cap.identities)
+            .map_max_entries("PALISADE_CLASSES", cap.classes)
+            .map_max_entries("PALISADE_CT", cap.conntrack)
+            .map_max_entries("PALISADE_COUNTERS", cap.rules);
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| DatapathError::Load(e.to_string()))?;
+        for hook in [Hook::FromPod, Hook::ToPod] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(hook.program())
+                .ok_or_else(|| DatapathError::Load(format!("program {} missing", hook.program())))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
+            prog.load()
+                .map_err(|e| DatapathError::Load(format!("{}: {e}", hook.program())))?;
+        }
+        macro_rules! take {
+            ($name:literal, $ty:ty) => {{
+                let m = ebpf
+                    .take_map($name)
+                    .ok_or_else(|| DatapathError::Load(format!("map {} missing", $name)))?;
+                <$ty>::try_from(m).map_err(map_err($name))?
+            }};
+        }
+        let mut dp = Datapath {
+            nodes: take!("PALISADE_NODES", Array<MapData, Node>),
+            slots: take!("PALISADE_SLOTS", BpfHashMap<MapData, SlotKey, SlotValue>),
+            managed: take!("PALISADE_MANAGED", BpfHashMap<MapData, u32, u32>),
+            lpm4: take!("PALISADE_LPM4", LpmTrie<MapData, [u8; 4], PeerClass>),
+            lpm6: take!("PALISADE_LPM6", LpmTrie<MapData, [u8; 16], PeerClass>),
+            identities: take!("PALISADE_IDENTITIES", Array<MapData, Bitset>),
+            classes: take!("PALISADE_CLASSES", Array<MapData, Bitset>),
+            ct: take!("PALISADE_CT", BpfHashMap<MapData, CtKey, CtValue>),
+            counters: take!("PALISADE_COUNTERS", PerCpuArray<MapData, Counter>),
+            stats: take!("PALISADE_STATS", PerCpuArray<MapData, u64>),
+            events: take!("PALISADE_EVENTS", RingBuf<MapData>),
+            config: take!("PALISADE_CONFIG", Array<MapData, Config>),
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            owns_pin_dir: false,
+            links: HashMap::new(),
+        };
+        if fresh {
+            dp.set_config(Config::default())?;
+        }
+        Ok(dp)
+    }
+
+    /// Loads into a private, temporary pin directory that is removed on drop
+    /// (for tests and the kernel engine).
+    pub fn load_private(cap: Capacity) -> Result<Self, DatapathError> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/palisade-private-{}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut dp = Self::load(&dir, cap)?;
+        dp.owns_pin_dir = true;
+        Ok(dp)
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Sets the tunables.
+    pub fn set_config(&mut self, c: Config) -> Result<(), DatapathError> {
+        self.config.set(0, c, 0).map_err(map_err("PALISADE_CONFIG"))
+    }
+
+    fn write_one(&mut self, w: &MapWrite) -> Result<(), DatapathError> {
+        match w {
+            MapWrite::Node(i, n) => self.nodes.set(*i, n, 0).map_err(map_err("PALISADE_NODES")),
+            MapWrite::Slot(k, Some(v)) => self
+                .slots
+                .insert(k, v, 0)
+                .map_err(map_err("PALISADE_SLOTS")),
+            MapWrite::Slot(k, None) => {
+                ignore_missing(self.slots.remove(k)).map_err(map_err("PALISADE_SLOTS"))
+            }
+            MapWrite::Interface(i, Some(z)) => self
+                .managed
+                .insert(i, z, 0)
+                .map_err(map_err("PALISADE_MANAGED")),
+            MapWrite::Interface(i, None) => {
+                ignore_missing(self.managed.remove(i)).map_err(map_err("PALISADE_MANAGED"))
+            }
+            MapWrite::Lpm4(l, a, Some(v)) => self
+                .lpm4
+                .insert(&Key::new(*l, *a), v, 0)
+                .map_err(map_err("PALISADE_LPM4")),
+            MapWrite::Lpm4(l, a, None) => ignore_missing(self.lpm4.remove(&Key::new(*l, *a)))
+                .map_err(map_err("PALISADE_LPM4")),
+            MapWrite::Lpm6(l, a, Some(v)) => self
+                .lpm6
+                .insert(&Key::new(*l, *a), v, 0)
+                .map_err(map_err("PALISADE_LPM6")),
+            MapWrite::Lpm6(l, a, None) => ignore_missing(self.lpm6.remove(&Key::new(*l, *a)))
+                .map_err(map_err("PALISADE_LPM6")),
+            MapWrite::Identity(i, b) => self
+                .identities
+                .set(*i, b, 0)
+                .map_err(map_err("PALISADE_IDENTITIES")),
+            MapWrite::Class(i, b) => self
+                .classes
+                .set(*i, b, 0)
+                .map_err(map_err("PALISADE_CLASSES")),
+            MapWrite::ResetCounter(i) => {
+                let cpus =
+                    aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Other(e.to_string()))?;
+                let zero = PerCpuValues::try_from(vec![Counter::default(); cpus])
+                    .map_err(|e| DatapathError::Other(e.to_string()))?;
+                self.counters
+                    .set(*i, zero, 0)
+                    .map_err(map_err("PALISADE_COUNTERS"))
+            }
+        }
+    }
+
+    /// The inverse of a write, from the state before the plan.
+    fn undo_one(&mut self, w: &MapWrite, before: &Mirror) {
+        let restore = match w {
+            MapWrite::Node(..) | MapWrite::ResetCounter(_) => None,
+            MapWrite::Slot(k, _) => Some(MapWrite::Slot(*k, before.slots.get(k).copied())),
+            MapWrite::Interface(i, _) => {
+                Some(MapWrite::Interface(*i, before.interfaces.get(i).copied()))
+            }
+            MapWrite::Lpm4(l, a, _) => {
+                Some(MapWrite::Lpm4(*l, *a, before.lpm4.get(&(*l, *a)).copied()))
+            }
+            MapWrite::Lpm6(l, a, _) => {
+                Some(MapWrite::Lpm6(*l, *a, before.lpm6.get(&(*l, *a)).copied()))
+            }
+            MapWrite::Identity(i, _) => Some(MapWrite::Identity(
+                *i,
+                before.identities.get(i).copied().unwrap_or_default(),
+            )),
+            MapWrite::Class(i, _) => Some(MapWrite::Class(
+                *i,
+                before.classes.get(i).copied().unwrap_or_default(),
+            )),
+        };
+        if let Some(r) = restore {
+            let _ = self.write_one(&r);
+        }
+    }
+
+    /// Applies a plan in order. If a write fails, everything written so far
+    /// is put back as `before` had it and the error is returned: the previous
+    /// policy stays enforced.
+    pub fn write(&mut self, plan: &WritePlan, before: &Mirror) -> Result<(), DatapathError> {
+        self.write_with(plan, before, |_| false)
+    }
+
+    /// [`Datapath::write`] with a fault injector (tests): when `fail(i)` is
+    /// true the i-th write fails as if the kernel had refused it.
+    pub fn write_with(
+        &mut self,
+        plan: &WritePlan,
+        before: &Mirror,
+        fail: impl Fn(usize) -> bool,
+    ) -> Result<(), DatapathError> {
+        let writes: Vec<&MapWrite> = plan.iter().collect();
+        for (i, w) in writes.iter().enumerate() {
+            let r = if fail(i) {
+                Err(DatapathError::Other(format!(
+                    "injected failure at write {i}"
+                )))
+            } else {
+                self.write_one(w)
+            };
+            if let Err(e) = r {
+                for done in writes[..i].iter().rev() {
+                    self.undo_one(done, before);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn link_path(&self, iface: &str, hook: Hook) -> PathBuf {
+        self.pin_dir
+            .join("links")
+            .join(format!("{iface}-{}", hook.name()))
+    }
+
+    /// Attaches both programs to an interface with TCX links, pinned so they
+    /// outlive this process. An existing pinned link is updated in place
+    /// (atomic program replacement). Must run in the interface's netns.
+    pub fn attach(&mut self, iface: &str) -> Result<(), DatapathError> {
+        for hook in [Hook::FromPod, Hook::ToPod] {
+            let path = self.link_path(iface, hook);
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(hook.program())
+                .ok_or_else(|| DatapathError::Load("program missing".into()))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
+            let attach_err = |m: String| DatapathError::Attach {
+                interface: iface.to_string(),
+                message: m,
+            };
+            let id = match PinnedLink::from_pin(&path) {
+                Ok(pinned) => {
+                    let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                        .map_err(|e| attach_err(e.to_string()))?;
+                    let _ = std::fs::remove_file(&path);
+                    prog.attach_to_link(link)
+                        .map_err(|e| attach_err(e.to_string()))?
+                }
+                Err(_) => prog
+                    .attach_with_options(
+                        iface,
+                        hook.attach_type(),
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(|e| attach_err(format!("TCX attach ({}): {e}", hook.name())))?,
+            };
+            let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| attach_err(e.to_string()))?;
+            fd.pin(&path)
+                .map_err(|e| attach_err(format!("pinning link: {e}")))?;
+            self.links.insert((iface.to_string(), hook), path);
+        }
+        Ok(())
+    }
+
+    /// Re-adopts links pinned by an earlier process: every pinned link is
+    /// switched to this process's programs (atomically; traffic never sees
+    /// a gap).
+    pub fn adopt_links(&mut self) -> Result<Vec<String>, DatapathError> {
+        let mut adopted = Vec::new();
+        let dir = self.pin_dir.join("links");
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| DatapathError::Other(format!("{}: {e}", dir.display())))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (iface, hook) = if let Some(i) = name.strip_suffix("-from-pod") {
+                (i.to_string(), Hook::FromPod)
+            } else if let Some(i) = name.strip_suffix("-to-pod") {
+                (i.to_string(), Hook::ToPod)
+            } else {
+                continue;
+            };
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(hook.program())
+                .ok_or_else(|| DatapathError::Load("program missing".into()))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
+            let path = e.path();
+            let err = |m: String| DatapathError::Attach {
+                interface: iface.clone(),
+                message: m,
+            };
+            let pinned = PinnedLink::from_pin(&path).map_err(|e| err(e.to_string()))?;
+            let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                .map_err(|e| err(e.to_string()))?;
+            let _ = std::fs::remove_file(&path);
+            let id = prog.attach_to_link(link).map_err(|e| err(e.to_string()))?;
+            let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
+            let fd: FdLink = link
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| err(e.to_string()))?;
+            fd.pin(&path).map_err(|e| err(e.to_string()))?;
+            self.links.insert((iface.clone(), hook), path);
+            adopted.push(format!("{iface} {}", hook.name()));
+        }
+        Ok(adopted)
+    }
+
+    /// Detaches the programs from an interface (removes the pinned links).
+    pub fn detach(&mut self, iface: &str) -> Result<(), DatapathError> {
+        for hook in [Hook::FromPod, Hook::ToPod] {
+            let path = self.link_path(iface, hook);
+            if let Ok(pinned) = PinnedLink::from_pin(&path) {
+                let _ = pinned.unpin();
+            }
+            self.links.remove(&(iface.to_string(), hook));
+        }
+        Ok(())
+    }
+
+    /// Runs a program on a packet with `BPF_PROG_TEST_RUN` (`repeat` times).
+    /// The packet arrives on this thread's netns loopback (ifindex 1).
+    pub fn run(&self, hook: Hook, packet: &[u8], repeat: u32) -> Result<RunResult, DatapathError> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(hook.program())
+            .ok_or_else(|| DatapathError::Load("program missing".into()))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                repeat: repeat.max(1),
+                ..TestRunOptions::default()
+            })
+            .map_err(|e| DatapathError::Other(format!("BPF_PROG_TEST_RUN: {e}")))?;
+        Ok(RunResult {
+            retval: r.return_value as i32,
+            duration_ns: r.duration.as_nanos() as u64,
+        })
+    }
+
+    /// Packet and byte counters of a rule index, summed over CPUs.
+    pub fn counter(&self, rule: u32) -> Result<Counter, DatapathError> {
+        let v = self
+            .counters
+            .get(&rule, 0)
+            .map_err(map_err("PALISADE_COUNTERS"))?;
+        Ok(v.iter().fold(Counter::default(), |a, c| Counter {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        }))
+    }
+
+    /// Datapath statistics (`STAT_*`), summed over CPUs.
+    pub fn stats(&self) -> Result<[u64; STAT_COUNT as usize], DatapathError> {
+        let mut out = [0u64; STAT_COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let v = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(map_err("PALISADE_STATS"))?;
+            *slot = v.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Drains the verdict events the programs reported.
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if let Some(e) = Event::from_bytes(&item) {
+                out.push(e);
+            }
+        }
+        out
+    }
+
+    /// The ring buffer's file descriptor, for polling.
+    pub fn events_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.events.as_fd()
+    }
+
+    /// Number of tracked connections.
+    pub fn conntrack_len(&self) -> usize {
+        self.ct.keys().filter(Result::is_ok).count()
+    }
+
+    /// Forgets every tracked connection.
+    pub fn flush_conntrack(&mut self) {
+        let keys: Vec<CtKey> = self.ct.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = self.ct.remove(&k);
+        }
+    }
+
+    /// Reads back the slots and LPM entries (for adoption after a restart).
+    pub fn read_mirror(&self) -> Mirror {
+        Mirror {
+            slots: self.slots.iter().filter_map(Result::ok).collect(),
+            interfaces: self.managed.iter().filter_map(Result::ok).collect(),
+            lpm4: self
+                .lpm4
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+                .collect(),
+            lpm6: self
+                .lpm6
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, v)| ((k.prefix_len(), k.data()), v))
+                .collect(),
+            ..Mirror::default()
+        }
+    }
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pin_dir", &self.pin_dir)
+            .field("links", &self.links.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc_enoent()) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn libc_enoent() -> i32 {
+    2
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if self.owns_pin_dir {
+            for (_, path) in self.links.drain() {
+                let _ = std::fs::remove_file(path);
+            }
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
+    }
+}
