@@ -6,8 +6,13 @@ use anyhow::{Context, Result};
 use policy_bpf::kernel_engine::KernelEngine;
 use policy_bpf::lower::Capacity;
 use policy_bpf::maps_engine::MapsEngine;
+use policy_bpf::netns_engine::NetnsEngine;
 use policy_core::compile::{CompileOptions, Compiler};
-use policy_core::conformance::{Case, ProbeStatus, evaluate_connection, parse_case, run_case};
+use policy_core::conformance::{
+    Case, ProbeOutcome, ProbeResult, ProbeStatus, describe_mismatch, evaluate_connection,
+    parse_case, run_case,
+};
+use policy_core::flow::{Decision, Verdict};
 use policy_core::{Engine, EngineError, ReferenceEngine};
 
 use crate::Tally;
@@ -24,9 +29,11 @@ pub enum EngineKind {
     Maps,
     /// The real TC programs run on crafted packets (BPF_PROG_TEST_RUN).
     Kernel,
+    /// Real traffic between network namespaces through the attached programs.
+    Netns,
 }
 
-fn run_engine(kind: EngineKind, case: &Case) -> Vec<policy_core::conformance::ProbeResult> {
+fn run_engine(kind: EngineKind, case: &Case) -> Vec<ProbeResult> {
     match kind {
         EngineKind::Reference => {
             let engine = ReferenceEngine::new(&case.cluster);
@@ -34,74 +41,106 @@ fn run_engine(kind: EngineKind, case: &Case) -> Vec<policy_core::conformance::Pr
         }
         EngineKind::Compiled => {
             match Compiler::from_cluster(&case.cluster, CompileOptions::default()) {
-                Ok((engine, _)) => {
-                    with_provenance_check(case, &engine, run_case(&engine as &dyn Engine, case))
-                }
+                Ok((engine, _)) => run_checked(case, &engine),
                 Err(e) => failed_all(case, &format!("compilation failed: {e}")),
             }
         }
         EngineKind::Maps => match MapsEngine::new(&case.cluster, Capacity::default()) {
-            Ok(engine) => {
-                with_provenance_check(case, &engine, run_case(&engine as &dyn Engine, case))
-            }
+            Ok(engine) => run_checked(case, &engine),
             Err(e) => failed_all(case, &format!("lowering failed: {e}")),
         },
         EngineKind::Kernel => match KernelEngine::new(&case.cluster, Capacity::default()) {
-            Ok(engine) => {
-                with_provenance_check(case, &engine, run_case(&engine as &dyn Engine, case))
-            }
+            Ok(engine) => run_checked(case, &engine),
             Err(EngineError::Unavailable(why)) => skipped_all(case, &why),
             Err(e) => failed_all(case, &format!("loading the datapath failed: {e}")),
+        },
+        EngineKind::Netns => match NetnsEngine::new(&case.cluster, Capacity::default()) {
+            Ok(engine) => run_checked(case, &engine),
+            Err(EngineError::Unavailable(why)) => skipped_all(case, &why),
+            Err(e) => failed_all(case, &format!("building the namespaces failed: {e}")),
         },
     }
 }
 
-fn skipped_all(case: &Case, why: &str) -> Vec<policy_core::conformance::ProbeResult> {
+fn skipped_all(case: &Case, why: &str) -> Vec<ProbeResult> {
     case.probes
         .iter()
-        .map(|p| policy_core::conformance::ProbeResult {
+        .map(|p| ProbeResult {
             probe: p.clone(),
             status: ProbeStatus::Skipped(why.to_string()),
         })
         .collect()
 }
 
-/// An engine other than the reference must also agree on who decided: a
-/// probe whose verdict is right but whose provenance differs fails.
-fn with_provenance_check(
-    case: &Case,
-    engine: &dyn Engine,
-    mut results: Vec<policy_core::conformance::ProbeResult>,
-) -> Vec<policy_core::conformance::ProbeResult> {
+/// Runs every probe through an engine other than the reference. Each probe
+/// runs once; the verdict must match upstream's expectation and every
+/// decision the engine reports must name the same rule as the reference (a
+/// right verdict for the wrong reason fails). An engine that sends real
+/// traffic cannot see the server's ingress when the client's egress dropped
+/// the packet; only then may it report no ingress decision.
+fn run_checked(case: &Case, engine: &dyn Engine) -> Vec<ProbeResult> {
     let reference = ReferenceEngine::new(&case.cluster);
-    for r in &mut results {
-        if r.status != ProbeStatus::Passed {
-            continue;
-        }
-        let p = &r.probe;
-        let want = evaluate_connection(&reference, &case.cluster, &p.from, &p.to, &p.flow);
-        let got = evaluate_connection(engine, &case.cluster, &p.from, &p.to, &p.flow);
-        match (want, got) {
-            (Ok(w), Ok(g)) if w == g => {}
-            (Ok(w), Ok(g)) => {
-                r.status = ProbeStatus::Failed(format!(
-                    "verdict agrees but provenance differs from the reference: egress {:?} vs {:?}, ingress {:?} vs {:?}",
-                    g.egress.map(|d| d.to_string()),
-                    w.egress.map(|d| d.to_string()),
-                    g.ingress.map(|d| d.to_string()),
-                    w.ingress.map(|d| d.to_string())
-                ))
-            }
-            (w, g) => r.status = ProbeStatus::Failed(format!("reference {w:?}, engine {g:?}")),
-        }
-    }
-    results
-}
-
-fn failed_all(case: &Case, why: &str) -> Vec<policy_core::conformance::ProbeResult> {
     case.probes
         .iter()
-        .map(|p| policy_core::conformance::ProbeResult {
+        .map(|p| {
+            let status = if let Some(why) = &p.skip {
+                ProbeStatus::Skipped(why.clone())
+            } else {
+                match evaluate_connection(engine, &case.cluster, &p.from, &p.to, &p.flow) {
+                    Err(EngineError::Unavailable(why)) => ProbeStatus::Skipped(why),
+                    Err(e) => ProbeStatus::Failed(format!("engine error: {e}")),
+                    Ok(got) if got.allowed != p.allowed => {
+                        ProbeStatus::Failed(describe_mismatch(p, &got))
+                    }
+                    Ok(got) => {
+                        match evaluate_connection(
+                            &reference,
+                            &case.cluster,
+                            &p.from,
+                            &p.to,
+                            &p.flow,
+                        ) {
+                            Ok(want) => provenance(&want, &got),
+                            Err(e) => ProbeStatus::Failed(format!("reference error: {e}")),
+                        }
+                    }
+                }
+            };
+            ProbeResult {
+                probe: p.clone(),
+                status,
+            }
+        })
+        .collect()
+}
+
+fn provenance(want: &ProbeOutcome, got: &ProbeOutcome) -> ProbeStatus {
+    let egress_denied = got
+        .egress
+        .as_ref()
+        .is_some_and(|d| d.verdict == Verdict::Deny);
+    let ingress_ok = match (&want.ingress, &got.ingress) {
+        (w, g) if w == g => true,
+        (Some(_), None) => egress_denied,
+        _ => false,
+    };
+    if want.egress == got.egress && ingress_ok {
+        return ProbeStatus::Passed;
+    }
+    let show = |d: &Option<Decision>| d.as_ref().map_or("-".to_string(), |d| d.to_string());
+    ProbeStatus::Failed(format!(
+        "verdict agrees but provenance differs from the reference: egress {} (reference {}), ingress {} (reference {})",
+        show(&got.egress),
+        show(&want.egress),
+        show(&got.ingress),
+        show(&want.ingress)
+    ))
+}
+
+fn failed_all(case: &Case, why: &str) -> Vec<ProbeResult> {
+    case.probes
+        .iter()
+        .map(|p| ProbeResult {
             probe: p.clone(),
             status: ProbeStatus::Failed(why.to_string()),
         })
@@ -111,8 +150,12 @@ fn failed_all(case: &Case, why: &str) -> Vec<policy_core::conformance::ProbeResu
 pub fn verify(engine: EngineKind, paths: &[PathBuf], verbose: bool) -> Result<Tally> {
     let files = collect_files(paths, &["json"])?;
     let mut tally = Tally::default();
-    for f in &files {
+    let slow = matches!(engine, EngineKind::Kernel | EngineKind::Netns);
+    for (i, f) in files.iter().enumerate() {
         let name = f.display().to_string();
+        if slow && !verbose && (i % 20 == 0 || i + 1 == files.len()) {
+            eprintln!("[{}/{}] {name}", i + 1, files.len());
+        }
         let text = std::fs::read_to_string(f).with_context(|| format!("reading {name}"))?;
         let case = match parse_case(&name, &text) {
             Ok(c) => c,

@@ -118,31 +118,40 @@ impl KernelEngine {
         let e = o
             .event
             .ok_or_else(|| EngineError::Other("the program reported no verdict event".into()))?;
-        if e.reason != REASON_POLICY {
-            return Err(EngineError::Other(format!(
-                "packet dropped before policy (reason {})",
-                e.reason
-            )));
-        }
-        let rule = self.lowering.rule(e.rule).ok_or_else(|| {
-            EngineError::Other(format!("event names unknown rule index {}", e.rule))
-        })?;
-        let verdict = if o.passed {
+        decision_from_event(&self.lowering, &e, o.passed)
+    }
+}
+
+/// The decision a verdict event reports, checked against whether the packet
+/// actually passed.
+pub fn decision_from_event(
+    lowering: &Lowering,
+    e: &Event,
+    passed: bool,
+) -> Result<Decision, EngineError> {
+    if e.reason != REASON_POLICY {
+        return Err(EngineError::Other(format!(
+            "packet dropped before policy (reason {})",
+            e.reason
+        )));
+    }
+    let rule = lowering
+        .rule(e.rule)
+        .ok_or_else(|| EngineError::Other(format!("event names unknown rule index {}", e.rule)))?;
+    if (e.allow == 1) != passed {
+        return Err(EngineError::Other(
+            "event verdict disagrees with the return code".into(),
+        ));
+    }
+    Ok(Decision {
+        verdict: if passed {
             Verdict::Allow
         } else {
             Verdict::Deny
-        };
-        if (e.allow == 1) != o.passed {
-            return Err(EngineError::Other(
-                "event verdict disagrees with the return code".into(),
-            ));
-        }
-        Ok(Decision {
-            verdict,
-            decided_by: rule.decided_by(),
-            logged: e.flags & EVENT_LOGGED != 0,
-        })
-    }
+        },
+        decided_by: rule.decided_by(),
+        logged: e.flags & EVENT_LOGGED != 0,
+    })
 }
 
 impl Engine for KernelEngine {

@@ -30,4 +30,6 @@ pub mod datapath;
 pub mod kernel_engine;
 pub mod lower;
 pub mod maps_engine;
+pub mod netns;
+pub mod netns_engine;
 pub mod packet;

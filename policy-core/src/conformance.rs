@@ -488,8 +488,20 @@ pub struct ProbeOutcome {
     pub ingress: Option<Decision>,
 }
 
-/// Asks an engine about a connection: client egress, then server ingress.
+/// Asks an engine about a connection (see [`Engine::connection`]).
 pub fn evaluate_connection<E: Engine + ?Sized>(
+    engine: &E,
+    cluster: &Cluster,
+    from: &Peer,
+    to: &Peer,
+    flow: &Flow,
+) -> Result<ProbeOutcome, EngineError> {
+    engine.connection(cluster, from, to, flow)
+}
+
+/// A connection from per-direction decisions: client egress, then server
+/// ingress; both must allow.
+pub fn decide_connection<E: Engine + ?Sized>(
     engine: &E,
     cluster: &Cluster,
     from: &Peer,

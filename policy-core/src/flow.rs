@@ -211,4 +211,17 @@ pub trait Engine {
         direction: Direction,
         flow: &Flow,
     ) -> Result<Decision, EngineError>;
+
+    /// Evaluates a whole connection: the client's egress, then the server's
+    /// ingress. Engines that send real traffic override this to observe the
+    /// connection itself.
+    fn connection(
+        &self,
+        cluster: &crate::Cluster,
+        from: &crate::conformance::Peer,
+        to: &crate::conformance::Peer,
+        flow: &Flow,
+    ) -> Result<crate::conformance::ProbeOutcome, EngineError> {
+        crate::conformance::decide_connection(self, cluster, from, to, flow)
+    }
 }

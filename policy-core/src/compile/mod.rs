@@ -1081,6 +1081,7 @@ impl Compiler {
         if !self.local_count.contains_key(&l) {
             return;
         }
+        let mut touched: Vec<PolicyId> = Vec::new();
         for d in Direction::ALL {
             let new = self.sorted_policy_set(l, d);
             let old = self.policy_sets.get(&(l, d)).cloned();
@@ -1088,17 +1089,28 @@ impl Compiler {
                 continue;
             }
             if let Some(old) = &old {
-                for p in old.iter() {
-                    if let Some(u) = self.policy_users.get_mut(p) {
-                        u.remove(&l);
-                    }
-                }
+                touched.extend(old.iter().cloned());
             }
-            for p in &new {
-                self.policy_users.entry(p.clone()).or_default().insert(l);
-            }
+            touched.extend(new.iter().cloned());
             self.policy_sets.insert((l, d), Arc::new(new));
             w.labels.insert(l);
+        }
+        // A label uses a policy while either direction's set holds it, so
+        // membership is decided on both sets, not per direction.
+        for p in touched {
+            let uses = Direction::ALL.iter().any(|d| {
+                self.policy_sets
+                    .get(&(l, *d))
+                    .is_some_and(|set| set.contains(&p))
+            });
+            if uses {
+                self.policy_users.entry(p).or_default().insert(l);
+            } else if let Some(u) = self.policy_users.get_mut(&p) {
+                u.remove(&l);
+                if u.is_empty() {
+                    self.policy_users.remove(&p);
+                }
+            }
         }
     }
 
@@ -1377,6 +1389,11 @@ impl Compiler {
             }
             self.keys_of_label
                 .entry(key.label)
+                .or_default()
+                .insert(key.clone());
+            // Dropping the program must also forget the keys that lead to it.
+            self.keys_of_program
+                .entry(pid)
                 .or_default()
                 .insert(key.clone());
             self.program_of_key.insert(key, pid);
@@ -1902,6 +1919,20 @@ impl Compiler {
         for pid in slot_refs.keys() {
             if self.programs.get(pid).is_none() {
                 problems.push(format!("slot points at missing program {pid}"));
+            }
+        }
+        for (k, pid) in &self.program_of_key {
+            if self.programs.get(pid).is_none() {
+                problems.push(format!("key {k:?} points at dropped program {pid}"));
+            }
+        }
+        // Every label's policy sets are mirrored in policy_users, or a
+        // policy edit would miss the programs that depend on it.
+        for ((l, d), set) in &self.policy_sets {
+            for p in set.iter() {
+                if !self.policy_users.get(p).is_some_and(|u| u.contains(l)) {
+                    problems.push(format!("label {l} uses {p} ({d:?}) but is not its user"));
+                }
             }
         }
         for (pid, sets) in &self.program_sets {
