@@ -13,6 +13,12 @@ use policy_core::{Direction, EndpointKey, ReferenceEngine};
 use serde_json::{Value, json};
 
 use crate::load::load_cluster;
+use crate::verify_cmd::{EngineKind, build_engine};
+use policy_bpf::lower::Capacity;
+use policy_bpf::netns_engine::{EventReport, NetnsEngine};
+use policy_bpf_common::{Counter, REASON_POLICY};
+use policy_core::EngineError;
+use policy_core::conformance::{ProbeOutcome, evaluate_connection};
 
 /// Output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -108,7 +114,12 @@ fn trace_json(t: &Trace) -> Value {
     })
 }
 
-pub fn explain(files: &[PathBuf], args: &ConnectionArgs, format: Format) -> Result<bool> {
+pub fn explain(
+    files: &[PathBuf],
+    args: &ConnectionArgs,
+    format: Format,
+    engine_kind: EngineKind,
+) -> Result<bool> {
     let cluster = load_cluster(files)?;
     let engine = ReferenceEngine::new(&cluster);
     let from: Peer = args
@@ -136,7 +147,14 @@ pub fn explain(files: &[PathBuf], args: &ConnectionArgs, format: Format) -> Resu
     if let Some(k) = enforcing_endpoint(&cluster, &to, false) {
         traces.push(engine.trace(&k, Direction::Ingress, &flow)?);
     }
-    let allowed = traces.iter().all(|t| t.decision.verdict == Verdict::Allow);
+    let mut allowed = traces.iter().all(|t| t.decision.verdict == Verdict::Allow);
+    let observed = match engine_kind {
+        EngineKind::Reference => None,
+        kind => Some(observe(&cluster, kind, &from, &to, &flow)?),
+    };
+    if let Some(o) = &observed {
+        allowed = o.outcome.allowed;
+    }
     match format {
         Format::Json => println!(
             "{}",
@@ -144,6 +162,7 @@ pub fn explain(files: &[PathBuf], args: &ConnectionArgs, format: Format) -> Resu
                 "from": from.to_string(), "to": to.to_string(), "flow": flow.to_string(),
                 "allowed": allowed,
                 "evaluations": traces.iter().map(trace_json).collect::<Vec<_>>(),
+                "observed": observed.as_ref().map(Observed::json),
             }))?
         ),
         _ => {
@@ -154,6 +173,10 @@ pub fn explain(files: &[PathBuf], args: &ConnectionArgs, format: Format) -> Resu
             for t in &traces {
                 println!();
                 print!("{t}");
+            }
+            if let Some(o) = &observed {
+                println!();
+                o.print();
             }
             println!();
             let verdict = if allowed { "ALLOWED" } else { "DENIED" };
@@ -166,7 +189,131 @@ pub fn explain(files: &[PathBuf], args: &ConnectionArgs, format: Format) -> Resu
             }
         }
     }
+    if let Some(o) = &observed {
+        let reference = |d: Direction| {
+            traces
+                .iter()
+                .find(|t| t.direction == d)
+                .map(|t| t.decision.clone())
+        };
+        let egress_denied = o
+            .outcome
+            .egress
+            .as_ref()
+            .is_some_and(|d| d.verdict == Verdict::Deny);
+        let agrees = o.outcome.egress == reference(Direction::Egress)
+            && (o.outcome.ingress == reference(Direction::Ingress)
+                || (o.outcome.ingress.is_none() && egress_denied));
+        if !agrees {
+            anyhow::bail!(
+                "the {} engine disagrees with the reference: egress {:?}, ingress {:?}",
+                o.engine,
+                o.outcome.egress.as_ref().map(ToString::to_string),
+                o.outcome.ingress.as_ref().map(ToString::to_string)
+            );
+        }
+    }
     Ok(allowed)
+}
+
+/// What an engine other than the reference reported for the connection;
+/// for `netns`, the kernel's own verdict events and rule counters.
+struct Observed {
+    engine: &'static str,
+    outcome: ProbeOutcome,
+    events: Vec<(EventReport, Option<Counter>)>,
+}
+
+impl Observed {
+    fn print(&self) {
+        let verdict = if self.outcome.allowed {
+            "connected"
+        } else {
+            "blocked"
+        };
+        println!("{} engine: the connection was {verdict}", self.engine);
+        for (d, dir) in [
+            (&self.outcome.egress, Direction::Egress),
+            (&self.outcome.ingress, Direction::Ingress),
+        ] {
+            if let Some(d) = d {
+                println!("  {dir}: {d}");
+            }
+        }
+        for (r, c) in &self.events {
+            println!(
+                "  kernel event: {} {} at {} {}: {} by {}",
+                if r.allowed() { "allow" } else { "drop" },
+                r.tuple(),
+                r.endpoint
+                    .as_ref()
+                    .map_or("?".to_string(), ToString::to_string),
+                r.direction,
+                if r.allowed() { "allowed" } else { "denied" },
+                r.decided_by
+            );
+            if let Some(c) = c {
+                println!(
+                    "    rule counter (all CPUs): {} packets, {} bytes",
+                    c.packets, c.bytes
+                );
+            }
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "engine": self.engine,
+            "allowed": self.outcome.allowed,
+            "egress": self.outcome.egress.as_ref().map(decision_json),
+            "ingress": self.outcome.ingress.as_ref().map(decision_json),
+            "events": self.events.iter().map(|(r, c)| json!({
+                "allowed": r.allowed(),
+                "tuple": r.tuple(),
+                "endpoint": r.endpoint.as_ref().map(ToString::to_string),
+                "direction": r.direction.to_string(),
+                "decidedBy": r.decided_by,
+                "ruleIndex": r.event.rule,
+                "counter": c.map(|c| json!({"packets": c.packets, "bytes": c.bytes})),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn observe(
+    cluster: &policy_core::Cluster,
+    kind: EngineKind,
+    from: &Peer,
+    to: &Peer,
+    flow: &policy_core::Flow,
+) -> Result<Observed> {
+    if kind == EngineKind::Netns {
+        let engine = NetnsEngine::new(cluster, Capacity::default())?;
+        let outcome = engine.probe(from, to, flow)?;
+        let events = engine.last_events()?;
+        let events = events
+            .into_iter()
+            .map(|r| {
+                let c = (r.event.reason == REASON_POLICY)
+                    .then(|| engine.with_datapath(|dp| dp.counter(r.event.rule).ok()))
+                    .transpose()?
+                    .flatten();
+                Ok((r, c))
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        return Ok(Observed {
+            engine: "netns",
+            outcome,
+            events,
+        });
+    }
+    let engine = build_engine(kind, cluster)?;
+    let outcome = evaluate_connection(&*engine, cluster, from, to, flow)?;
+    Ok(Observed {
+        engine: engine.name(),
+        outcome,
+        events: Vec::new(),
+    })
 }
 
 /// The cell of a matrix: whether the connection succeeds, and the decision
@@ -176,9 +323,38 @@ struct Cell {
     deciding: Option<(Direction, Decision)>,
 }
 
-pub fn matrix(files: &[PathBuf], port: u16, protocol: &str, format: Format) -> Result<()> {
+pub fn matrix(
+    files: &[PathBuf],
+    port: u16,
+    protocol: &str,
+    format: Format,
+    engine_kind: EngineKind,
+) -> Result<()> {
     let cluster = load_cluster(files)?;
-    let engine = ReferenceEngine::new(&cluster);
+    let engine: Box<dyn policy_core::Engine + '_> = if engine_kind == EngineKind::Netns {
+        let e = NetnsEngine::new(&cluster, Capacity::default())?;
+        eprintln!(
+            "{} pods are network namespaces on one node; the TC programs are attached to their host veths",
+            e.pods()
+        );
+        // Drops are printed the moment the kernel reports them.
+        e.set_listener(Box::new(|r: &EventReport| {
+            if !r.allowed() {
+                eprintln!(
+                    "  drop  {} at {} {} by {}",
+                    r.tuple(),
+                    r.endpoint
+                        .as_ref()
+                        .map_or("?".to_string(), ToString::to_string),
+                    r.direction,
+                    r.decided_by
+                );
+            }
+        }))?;
+        Box::new(e)
+    } else {
+        build_engine(engine_kind, &cluster)?
+    };
     let protocol = Protocol::parse(protocol).map_err(|e| anyhow!("--protocol: {e}"))?;
     let pods: Vec<EndpointKey> = cluster
         .endpoints()
@@ -200,9 +376,17 @@ pub fn matrix(files: &[PathBuf], port: u16, protocol: &str, format: Format) -> R
                 Ok(f) => f,
                 Err(_) => continue,
             };
-            let out = policy_core::conformance::evaluate_connection(
-                &engine, &cluster, &from, &to, &flow,
-            )?;
+            let out = match evaluate_connection(&*engine, &cluster, &from, &to, &flow) {
+                Ok(o) => o,
+                Err(EngineError::Unavailable(why)) => {
+                    // A pod talking to itself never leaves its namespace.
+                    if i != j {
+                        eprintln!("  {from} -> {to}: not run: {why}");
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             let deciding = match (&out.egress, &out.ingress) {
                 (Some(e), _) if e.verdict == Verdict::Deny => Some((Direction::Egress, e.clone())),
                 (_, Some(i)) if i.verdict == Verdict::Deny => Some((Direction::Ingress, i.clone())),
@@ -274,7 +458,8 @@ pub fn matrix(files: &[PathBuf], port: u16, protocol: &str, format: Format) -> R
         }
         Format::Text => {
             println!(
-                "connectivity for {protocol}/{port} (rows: client, columns: server; ✓ allowed, ✗ denied)"
+                "connectivity for {protocol}/{port} by the {} engine (rows: client, columns: server; ✓ allowed, ✗ denied)",
+                engine.name()
             );
             let labels: Vec<String> = names
                 .iter()

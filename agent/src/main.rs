@@ -5,7 +5,8 @@
 //! palisade selector test ../shared/conformance/selectors.jsonl
 //! palisade verify --engine reference ../shared/conformance/kubernetes
 //! palisade matrix -f examples/zero-trust --port 8080
-//! palisade explain -f examples/zero-trust --from shop/frontend --to shop/backend --port 8080
+//! sudo palisade matrix -f examples/zero-trust --port 8080 --engine netns
+//! palisade explain -f examples/zero-trust --from analytics/reporting --to shop-backend/api --port 8080
 //! ```
 
 mod compile_cmd;
@@ -20,11 +21,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 /// Passed/failed/skipped counts, printed as the closing line tools rely on.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Tally {
     pub passed: usize,
     pub failed: usize,
     pub skipped: usize,
+    /// Why probes were skipped, with counts.
+    pub skip_reasons: std::collections::BTreeMap<String, usize>,
 }
 
 impl Tally {
@@ -32,9 +35,15 @@ impl Tally {
         self.passed += o.passed;
         self.failed += o.failed;
         self.skipped += o.skipped;
+        for (r, n) in &o.skip_reasons {
+            *self.skip_reasons.entry(r.clone()).or_insert(0) += n;
+        }
     }
 
     fn finish(self) -> ExitCode {
+        for (reason, n) in &self.skip_reasons {
+            println!("skipped {n}: {reason}");
+        }
         println!(
             "{} passed, {} failed, {} skipped",
             self.passed, self.failed, self.skipped
@@ -87,6 +96,10 @@ enum Command {
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: explain_cmd::Format,
+        /// Also run the connection for real through the kernel programs
+        /// (`netns`) and report what they did: events, rule counters.
+        #[arg(long, value_enum, default_value = "reference")]
+        engine: verify_cmd::EngineKind,
     },
     /// Compile manifests: statistics, decision programs (JSON or Graphviz).
     Compile {
@@ -117,6 +130,10 @@ enum Command {
         /// Output format.
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: explain_cmd::Format,
+        /// Engine answering each cell (`netns`: real connections through
+        /// the kernel programs, drop events printed as they happen).
+        #[arg(long, value_enum, default_value = "reference")]
+        engine: verify_cmd::EngineKind,
     },
 }
 
@@ -167,8 +184,9 @@ fn run() -> anyhow::Result<ExitCode> {
             files,
             connection,
             output,
+            engine,
         } => {
-            let allowed = explain_cmd::explain(&files, &connection, output)?;
+            let allowed = explain_cmd::explain(&files, &connection, output, engine)?;
             Ok(if allowed {
                 ExitCode::SUCCESS
             } else {
@@ -189,8 +207,9 @@ fn run() -> anyhow::Result<ExitCode> {
             port,
             protocol,
             output,
+            engine,
         } => {
-            explain_cmd::matrix(&files, port, &protocol, output)?;
+            explain_cmd::matrix(&files, port, &protocol, output, engine)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -33,6 +33,26 @@ pub enum EngineKind {
     Netns,
 }
 
+/// Builds an engine for a cluster.
+pub fn build_engine<'a>(
+    kind: EngineKind,
+    cluster: &'a policy_core::Cluster,
+) -> Result<Box<dyn Engine + 'a>, EngineError> {
+    Ok(match kind {
+        EngineKind::Reference => Box::new(ReferenceEngine::new(cluster)),
+        EngineKind::Compiled => Box::new(
+            Compiler::from_cluster(cluster, CompileOptions::default())
+                .map_err(|e| EngineError::Other(e.to_string()))?
+                .0,
+        ),
+        EngineKind::Maps => {
+            Box::new(MapsEngine::new(cluster, Capacity::default()).map_err(EngineError::Other)?)
+        }
+        EngineKind::Kernel => Box::new(KernelEngine::new(cluster, Capacity::default())?),
+        EngineKind::Netns => Box::new(NetnsEngine::new(cluster, Capacity::default())?),
+    })
+}
+
 fn run_engine(kind: EngineKind, case: &Case) -> Vec<ProbeResult> {
     match kind {
         EngineKind::Reference => {
@@ -176,6 +196,7 @@ pub fn verify(engine: EngineKind, paths: &[PathBuf], verbose: bool) -> Result<Ta
                 }
                 ProbeStatus::Skipped(why) => {
                     case_tally.skipped += 1;
+                    *case_tally.skip_reasons.entry(skip_group(why)).or_insert(0) += 1;
                     if verbose {
                         println!("skip {name} {}: {why}", r.probe);
                     }
@@ -199,4 +220,19 @@ pub fn verify(engine: EngineKind, paths: &[PathBuf], verbose: bool) -> Result<Ta
         tally.add(&case_tally);
     }
     Ok(tally)
+}
+
+/// Skip reasons grouped for the summary: addresses are generalised so one
+/// cause is one line.
+fn skip_group(why: &str) -> String {
+    why.split(' ')
+        .map(|w| {
+            if w.parse::<std::net::IpAddr>().is_ok() {
+                "<address>"
+            } else {
+                w
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }

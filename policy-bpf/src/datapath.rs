@@ -19,7 +19,7 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
 use policy_bpf_common::*;
 
-use crate::lower::{Capacity, MapWrite, Mirror, WritePlan};
+use crate::lower::{Capacity, InUse, MapWrite, Mirror, WritePlan};
 
 /// The TC program object, built by build.rs for the BPF target.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade-tc"));
@@ -230,6 +230,9 @@ impl Datapath {
     pub fn load_private(cap: Capacity) -> Result<Self, DatapathError> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n == 0 {
+            remove_stale_private_dirs();
+        }
         let dir = PathBuf::from(format!(
             "/sys/fs/bpf/palisade-private-{}-{n}",
             std::process::id()
@@ -483,7 +486,7 @@ impl Datapath {
                 repeat: repeat.max(1),
                 ..TestRunOptions::default()
             })
-            .map_err(|e| DatapathError::Other(format!("BPF_PROG_TEST_RUN: {e}")))?;
+            .map_err(|e| DatapathError::Other(format!("BPF_PROG_TEST_RUN: {}", chain(&e))))?;
         Ok(RunResult {
             retval: r.return_value as i32,
             duration_ns: r.duration.as_nanos() as u64,
@@ -544,6 +547,42 @@ impl Datapath {
         }
     }
 
+    /// The entries live policy depends on: nodes reachable from the slots,
+    /// identity and class slots the prefixes point at (for a restart).
+    pub fn read_in_use(&self) -> InUse {
+        let mut u = InUse::default();
+        let mut stack: Vec<u32> = self
+            .slots
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, v)| v.root)
+            .collect();
+        while let Some(i) = stack.pop() {
+            if !u.nodes.insert(i) {
+                continue;
+            }
+            if let Ok(n) = self.nodes.get(&i, 0)
+                && n.op != OP_LEAF
+            {
+                stack.push(n.then);
+                stack.push(n.otherwise);
+            }
+        }
+        let classes = self
+            .lpm4
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, v)| v)
+            .chain(self.lpm6.iter().filter_map(Result::ok).map(|(_, v)| v));
+        for c in classes {
+            if c.identity > 0 {
+                u.identities.insert(c.identity - 1);
+            }
+            u.classes.insert(c.class);
+        }
+        u
+    }
+
     /// Reads back the slots and LPM entries (for adoption after a restart).
     pub fn read_mirror(&self) -> Mirror {
         Mirror {
@@ -573,6 +612,36 @@ impl std::fmt::Debug for Datapath {
             .field("links", &self.links.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
+}
+
+/// Private pin directories of processes that died without cleaning up.
+fn remove_stale_private_dirs() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("palisade-private-")
+            .and_then(|r| r.split('-').next())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// An error with its causes, one after the other.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!(": {c}"));
+        cur = c.source();
+    }
+    s
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {

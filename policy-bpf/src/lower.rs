@@ -298,6 +298,18 @@ impl Dense {
         self.used -= 1;
         self.free.push(i);
     }
+    /// Marks `i` used without handing it out (it belongs to someone else).
+    fn reserve(&mut self, i: u32) {
+        if i >= self.next {
+            self.free.extend(self.next..i);
+            self.next = i + 1;
+        } else if let Some(p) = self.free.iter().position(|f| *f == i) {
+            self.free.swap_remove(p);
+        } else {
+            return;
+        }
+        self.used += 1;
+    }
 }
 
 /// First-fit allocator of node ranges.
@@ -326,6 +338,26 @@ impl Ranges {
         Some(start)
     }
 
+    /// Takes `[start, start + len)` out of the free ranges.
+    fn reserve(&mut self, start: u32, len: u32) {
+        let end = start + len;
+        let overlapping: Vec<(u32, u32)> = self
+            .free
+            .range(..end)
+            .filter(|(s, l)| **s + **l > start)
+            .map(|(s, l)| (*s, *l))
+            .collect();
+        for (s, l) in overlapping {
+            self.free.remove(&s);
+            if s < start {
+                self.free.insert(s, start - s);
+            }
+            if s + l > end {
+                self.free.insert(end, s + l - end);
+            }
+        }
+    }
+
     fn release(&mut self, start: u32, len: u32) {
         let mut start = start;
         let mut len = len;
@@ -343,6 +375,18 @@ impl Ranges {
         }
         self.free.insert(start, len);
     }
+}
+
+/// Map entries live in the kernel that a new lowering must not overwrite
+/// until it has switched away from them (read from the maps at restart).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InUse {
+    /// Node indexes reachable from the live slots.
+    pub nodes: std::collections::BTreeSet<u32>,
+    /// Identity slots the live address classes point at.
+    pub identities: std::collections::BTreeSet<u32>,
+    /// Class slots the live address classes point at.
+    pub classes: std::collections::BTreeSet<u32>,
 }
 
 /// Where an endpoint lives on this node.
@@ -374,6 +418,15 @@ pub struct Lowering {
     identity_by_slot: HashMap<u32, u32>,
     identity_bits: HashMap<u32, Bitset>,
     identity_refs: HashMap<u32, u32>,
+    reserved: Reserved,
+}
+
+/// Entries held back for an earlier process's live state.
+#[derive(Debug, Clone, Default)]
+struct Reserved {
+    nodes: Vec<(u32, u32)>,
+    identities: Vec<u32>,
+    classes: Vec<u32>,
 }
 
 impl Lowering {
@@ -400,6 +453,7 @@ impl Lowering {
             identity_by_slot: HashMap::new(),
             identity_bits: HashMap::new(),
             identity_refs: HashMap::new(),
+            reserved: Reserved::default(),
         }
     }
 
@@ -978,6 +1032,81 @@ impl Lowering {
                     late.push(write(Some(n)));
                 }
             }
+        }
+    }
+
+    /// A lowering for a restarted process: the maps already enforce what an
+    /// earlier process wrote (`current`, with the entries in `in_use`). The
+    /// plan writes the new state into entries nothing live points at, then
+    /// switches slots and prefixes over and deletes what is stale, so new
+    /// flows never see a half-written program and established ones are not
+    /// touched. Call [`Lowering::release_reserved`] once the plan is written.
+    pub fn restart(
+        cap: Capacity,
+        compiler: &Compiler,
+        bindings: &[(EndpointKey, Binding)],
+        current: &Mirror,
+        in_use: &InUse,
+    ) -> Result<(Lowering, WritePlan), LowerError> {
+        let mut fresh = Lowering::new(cap);
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for n in &in_use.nodes {
+            match runs.last_mut() {
+                Some((s, l)) if *s + *l == *n => *l += 1,
+                _ => runs.push((*n, 1)),
+            }
+        }
+        for (s, l) in &runs {
+            fresh.ranges.reserve(*s, *l);
+        }
+        for i in &in_use.identities {
+            fresh.identity_alloc.reserve(*i);
+        }
+        for c in in_use.classes.iter().filter(|c| **c != 0) {
+            fresh.class_alloc.reserve(*c);
+        }
+        fresh.reserved = Reserved {
+            nodes: runs,
+            identities: in_use.identities.iter().copied().collect(),
+            classes: in_use.classes.iter().copied().filter(|c| *c != 0).collect(),
+        };
+        let mut plan = fresh.lower(&full_delta(compiler))?;
+        for (ep, b) in bindings {
+            let p = fresh.bind(ep, Some(*b))?;
+            plan.switch.extend(p.switch);
+        }
+        let new = fresh.mirror.clone();
+        for k in current.slots.keys().filter(|k| !new.slots.contains_key(k)) {
+            plan.cleanup.push(MapWrite::Slot(*k, None));
+        }
+        for k in current
+            .interfaces
+            .keys()
+            .filter(|k| !new.interfaces.contains_key(k))
+        {
+            plan.cleanup.push(MapWrite::Interface(*k, None));
+        }
+        for (l, a) in current.lpm4.keys().filter(|k| !new.lpm4.contains_key(k)) {
+            plan.cleanup.push(MapWrite::Lpm4(*l, *a, None));
+        }
+        for (l, a) in current.lpm6.keys().filter(|k| !new.lpm6.contains_key(k)) {
+            plan.cleanup.push(MapWrite::Lpm6(*l, *a, None));
+        }
+        Ok((fresh, plan))
+    }
+
+    /// Returns the entries an earlier process was using (see
+    /// [`Lowering::restart`]) to the allocators, once nothing points at them.
+    pub fn release_reserved(&mut self) {
+        let r = std::mem::take(&mut self.reserved);
+        for (s, l) in r.nodes {
+            self.ranges.release(s, l);
+        }
+        for i in r.identities {
+            self.identity_alloc.release(i);
+        }
+        for c in r.classes {
+            self.class_alloc.release(c);
         }
     }
 

@@ -9,11 +9,11 @@
 //! the deciding rule per direction, and they must agree with what the
 //! sockets saw, or the probe fails.
 //!
-//! This kernel has no SCTP stack, so SCTP probes are raw SCTP packets (a
-//! common header and an INIT chunk) received by a raw socket at the server:
-//! the datapath sees exactly what an SCTP association's first packet would
-//! carry. Addresses that real unicast traffic cannot use (multicast,
-//! loopback, link-local) make a probe unavailable, reported with the reason.
+//! SCTP probes use real SCTP sockets (an association handshake) where the
+//! kernel has SCTP; where it does not, they are unavailable with that reason
+//! (the kernel engine still runs them on crafted SCTP packets). Addresses
+//! that real unicast traffic cannot use (multicast, loopback, link-local)
+//! make a probe unavailable, reported with the reason.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Mutex;
@@ -53,6 +53,82 @@ struct Inner {
     topo: Topology,
     lowering: Lowering,
     next_id: u16,
+    listener: Option<EventListener>,
+    last_events: Vec<Event>,
+}
+
+/// Called with every verdict event as the programs report it.
+pub type EventListener = Box<dyn FnMut(&EventReport) + Send>;
+
+/// A verdict event, resolved to names.
+#[derive(Debug, Clone)]
+pub struct EventReport {
+    /// The raw record.
+    pub event: Event,
+    /// The pod whose veth reported it.
+    pub endpoint: Option<EndpointKey>,
+    /// The pod's policy direction.
+    pub direction: Direction,
+    /// The rule that decided, or why the packet was dropped before policy.
+    pub decided_by: String,
+}
+
+impl EventReport {
+    /// Whether the packet was allowed.
+    pub fn allowed(&self) -> bool {
+        self.event.allow == 1
+    }
+
+    /// The packet's five-tuple, for humans.
+    pub fn tuple(&self) -> String {
+        let e = &self.event;
+        let addr = |b: &[u8; 16]| -> IpAddr {
+            if e.family == FAMILY_V4 {
+                IpAddr::from([b[0], b[1], b[2], b[3]])
+            } else {
+                IpAddr::from(*b)
+            }
+        };
+        let proto = Protocol(e.protocol);
+        if proto.has_ports() {
+            format!(
+                "{proto} {} -> {}",
+                SocketAddr::new(addr(&e.src), e.src_port),
+                SocketAddr::new(addr(&e.dst), e.dst_port)
+            )
+        } else {
+            format!("{proto} {} -> {}", addr(&e.src), addr(&e.dst))
+        }
+    }
+}
+
+fn report(topo: &Topology, lowering: &Lowering, e: &Event) -> EventReport {
+    let endpoint = topo
+        .pods()
+        .iter()
+        .find(|p| p.ifindex == e.ifindex)
+        .map(|p| p.key.clone());
+    let decided_by = match e.reason {
+        REASON_POLICY => lowering
+            .rule(e.rule)
+            .map(|r| r.decided_by().to_string())
+            .unwrap_or_else(|| format!("unknown rule {}", e.rule)),
+        REASON_MALFORMED => "malformed packet".into(),
+        REASON_FRAGMENT => "fragment of an unknown datagram".into(),
+        REASON_SPOOFED => "source address not the pod's".into(),
+        REASON_WALK => "decision walk failed".into(),
+        r => format!("reason {r}"),
+    };
+    EventReport {
+        event: *e,
+        endpoint,
+        direction: if e.direction == DIR_EGRESS {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        },
+        decided_by,
+    }
 }
 
 impl std::fmt::Debug for Inner {
@@ -197,6 +273,8 @@ impl NetnsEngine {
                 topo,
                 lowering,
                 next_id: 1,
+                listener: None,
+                last_events: Vec::new(),
             }),
         })
     }
@@ -208,6 +286,35 @@ impl NetnsEngine {
             .lock()
             .map_err(|_| other("engine lock poisoned"))?;
         Ok(f(&mut inner.dp))
+    }
+
+    /// How many pods (namespaces) the engine runs.
+    pub fn pods(&self) -> usize {
+        self.inner.lock().map_or(0, |i| i.topo.pods().len())
+    }
+
+    /// Reports every verdict event to `l` as it is read (drops as they
+    /// happen, and allows: this engine samples every allowed new flow).
+    pub fn set_listener(&self, l: EventListener) -> Result<(), EngineError> {
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| other("engine lock poisoned"))?;
+        inner.listener = Some(l);
+        Ok(())
+    }
+
+    /// The verdict events of the last probe, resolved to names.
+    pub fn last_events(&self) -> Result<Vec<EventReport>, EngineError> {
+        let inner = self
+            .inner
+            .lock()
+            .map_err(|_| other("engine lock poisoned"))?;
+        Ok(inner
+            .last_events
+            .iter()
+            .map(|e| report(&inner.topo, &inner.lowering, e))
+            .collect())
     }
 
     /// Sends a connection's first packet for real and reports what each
@@ -260,28 +367,49 @@ impl Inner {
                 "port 0 cannot be used by real sockets".into(),
             ));
         }
+        if flow.protocol == Protocol::SCTP {
+            sctp_supported().map_err(EngineError::Unavailable)?;
+        }
         // A fresh decision: no connection may be remembered from earlier probes.
         self.dp.flush_conntrack();
         self.dp.drain_events();
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
         let mut watch = Watch { events: Vec::new() };
+        let Inner {
+            dp,
+            topo,
+            lowering,
+            listener,
+            ..
+        } = self;
+        let mut pump = |w: &mut Watch| {
+            let seen = w.events.len();
+            w.poll(dp);
+            if let Some(l) = listener.as_mut() {
+                for e in &w.events[seen..] {
+                    l(&report(topo, lowering, e));
+                }
+            }
+        };
         let delivery = {
-            let src_ns = self.topo.netns(src);
-            let dst_ns = self.topo.netns(dst);
-            let dp = &mut self.dp;
+            let src_ns = topo.netns(src);
+            let dst_ns = topo.netns(dst);
             let mut observe = |w: &mut Watch| {
-                w.poll(dp);
+                pump(w);
                 w.dropped(flow)
             };
             match flow.protocol {
-                Protocol::TCP => tcp(src_ns, dst_ns, flow, &mut watch, &mut observe),
+                Protocol::TCP | Protocol::SCTP => {
+                    stream(src_ns, dst_ns, flow, &mut watch, &mut observe)
+                }
                 Protocol::UDP => udp(src_ns, dst_ns, flow, &mut watch, &mut observe),
                 _ => raw(src_ns, dst_ns, flow, id, &mut watch, &mut observe),
             }
         }
         .map_err(|e| other(format!("{} -> {} ({flow}): {e}", from, to)))?;
-        watch.poll(&mut self.dp);
+        pump(&mut watch);
+        self.last_events = watch.events.clone();
 
         let decide = |owner: Owner, direction: u8| -> Result<Option<Decision>, EngineError> {
             let Owner::Pod(i) = owner else {
@@ -390,7 +518,31 @@ fn wait(
     }
 }
 
-fn tcp(
+/// Whether this kernel can open SCTP sockets (many kernels build SCTP as a
+/// module, or not at all).
+fn sctp_supported() -> Result<(), String> {
+    static SUPPORT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    SUPPORT
+        .get_or_init(|| {
+            Socket::new(
+                Domain::IPV4,
+                Type::STREAM,
+                Some(socket2::Protocol::from(132)),
+            )
+            .map(|_| ())
+            .map_err(|e| {
+                format!(
+                    "this kernel has no SCTP (socket(IPPROTO_SCTP): {e}); \
+                         the kernel engine covers SCTP with crafted packets"
+                )
+            })
+        })
+        .clone()
+}
+
+/// A connection-oriented probe (TCP, or SCTP where the kernel has it): the
+/// server must accept and the client must see the handshake complete.
+fn stream(
     src_ns: &crate::netns::Netns,
     dst_ns: &crate::netns::Netns,
     flow: &Flow,
@@ -399,30 +551,28 @@ fn tcp(
 ) -> Io<Delivery> {
     let dst = SocketAddr::new(flow.dst, flow.dst_port);
     let src = SocketAddr::new(flow.src, flow.src_port);
+    let proto = socket2::Protocol::from(i32::from(flow.protocol.0));
+    let name = if flow.protocol == Protocol::SCTP {
+        "SCTP"
+    } else {
+        "TCP"
+    };
     let server = open(
         dst_ns,
         || {
-            let s = Socket::new(
-                domain(&flow.dst),
-                Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
+            let s = Socket::new(domain(&flow.dst), Type::STREAM, Some(proto))?;
             s.set_reuse_address(true)?;
             s.bind(&dst.into())?;
             s.listen(16)?;
             s.set_nonblocking(true)?;
             Ok(s)
         },
-        "TCP listener",
+        "listener",
     )?;
     let client = open(
         src_ns,
         || {
-            let s = Socket::new(
-                domain(&flow.src),
-                Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
+            let s = Socket::new(domain(&flow.src), Type::STREAM, Some(proto))?;
             s.set_reuse_address(true)?;
             // Closing resets the connection: no TIME_WAIT to block the
             // same four-tuple in the next probe.
@@ -436,7 +586,7 @@ fn tcp(
             }
             Ok(s)
         },
-        "TCP client",
+        "client",
     )?;
     let mut accepted = false;
     let mut connected = false;
@@ -463,7 +613,7 @@ fn tcp(
         Ok((accepted && connected).then_some(true))
     })?;
     let detail = format!(
-        "TCP {src} -> {dst}: {how}; server {} the connection, client {}",
+        "{name} {src} -> {dst}: {how}; server {} the connection, client {}",
         if accepted { "accepted" } else { "never saw" },
         if connected {
             "connected"
@@ -550,8 +700,8 @@ fn checksum(b: &[u8]) -> u16 {
 }
 
 /// The message a raw probe carries: ICMP with type/code, id and a nonce;
-/// port-carrying protocols start with the ports (SCTP: common header plus an
-/// INIT chunk); others carry the nonce alone.
+/// port-carrying protocols (UDP-Lite) start with the ports; others carry the
+/// nonce alone.
 fn raw_payload(flow: &Flow, id: u16, nonce: &[u8; 8]) -> Vec<u8> {
     let p = flow.protocol.0;
     if let Some((t, c)) = flow.icmp {
@@ -569,17 +719,7 @@ fn raw_payload(flow: &Flow, id: u16, nonce: &[u8; 8]) -> Vec<u8> {
     if flow.protocol.has_ports() {
         m.extend_from_slice(&flow.src_port.to_be_bytes());
         m.extend_from_slice(&flow.dst_port.to_be_bytes());
-        if p == 132 {
-            // Verification tag 0 and a checksum placeholder, then INIT.
-            m.extend_from_slice(&[0; 8]);
-            m.extend_from_slice(&[1, 0, 0, 20]);
-            m.extend_from_slice(&u32::from(id).to_be_bytes());
-            m.extend_from_slice(&65535u32.to_be_bytes());
-            m.extend_from_slice(&[0, 1, 0, 1]);
-            m.extend_from_slice(&1u32.to_be_bytes());
-        } else {
-            m.extend_from_slice(&[0; 4]);
-        }
+        m.extend_from_slice(&[0; 4]);
     }
     m.extend_from_slice(nonce);
     m
@@ -742,17 +882,16 @@ mod tests {
     }
 
     #[test]
-    fn sctp_payload_starts_with_ports_and_init() {
+    fn port_protocol_payload_starts_with_ports() {
         let flow = Flow::ports(
             "10.0.0.1".parse().unwrap(),
             "10.0.0.2".parse().unwrap(),
-            Protocol(132),
+            Protocol(136),
             40000,
             9000,
         );
         let m = raw_payload(&flow, 7, &[1; 8]);
         assert_eq!(&m[0..4], &[0x9c, 0x40, 0x23, 0x28]);
-        assert_eq!(m[12], 1, "INIT chunk");
         assert!(m.ends_with(&[1; 8]));
     }
 }

@@ -177,3 +177,695 @@ fn writes_come_in_safe_order() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Kernel tests: the real programs, loaded into this kernel. They need root;
+// without it they skip, unless PALISADE_REQUIRE_PRIVILEGED is set (CI sets
+// it), where a skip would hide a broken datapath and so fails instead.
+// ---------------------------------------------------------------------------
+
+mod kernel {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, TcpListener, TcpStream};
+    use std::time::Duration;
+
+    use policy_bpf::datapath::{Datapath, Hook};
+    use policy_bpf::kernel_engine::KernelEngine;
+    use policy_bpf::lower::{Binding, Capacity, LowerError, Lowering, WritePlan};
+    use policy_bpf::maps_engine::MapsEngine;
+    use policy_bpf::netns::Topology;
+    use policy_bpf::netns_engine::NetnsEngine;
+    use policy_bpf::packet;
+    use policy_bpf_common::*;
+    use policy_core::compile::{CompileOptions, Compiler};
+    use policy_core::conformance::{Peer, evaluate_connection};
+    use policy_core::flow::{Flow, Verdict};
+    use policy_core::manifest::parse_manifests;
+    use policy_core::model::{Direction, Endpoint, EndpointKey};
+    use policy_core::net::Protocol;
+    use policy_core::testgen::{Rng, flows, small_cluster};
+    use policy_core::{Cluster, Engine, ReferenceEngine};
+    use proptest::prelude::*;
+
+    /// Whether kernel tests may run here (see the module comment).
+    fn privileged() -> bool {
+        if policy_bpf::datapath::privileged() {
+            return true;
+        }
+        if std::env::var_os("PALISADE_REQUIRE_PRIVILEGED").is_some_and(|v| v != "0") {
+            panic!(
+                "this test needs root (BPF, network namespaces) and PALISADE_REQUIRE_PRIVILEGED is set"
+            );
+        }
+        eprintln!("skipped: needs root (BPF, network namespaces)");
+        false
+    }
+
+    fn example() -> Cluster {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/zero-trust");
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let mut objects = Vec::new();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            objects.extend(
+                parse_manifests(&f.display().to_string(), &text)
+                    .unwrap()
+                    .into_iter()
+                    .map(|l| l.object),
+            );
+        }
+        Cluster::from_objects(objects).unwrap()
+    }
+
+    fn key(s: &str) -> EndpointKey {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// A datapath loaded with a cluster, every endpoint on loopback (where
+    /// test runs deliver packets), with its lowering.
+    struct Loaded {
+        dp: Datapath,
+        lowering: Lowering,
+        compiler: Compiler,
+    }
+
+    impl Loaded {
+        fn new(cluster: &Cluster, cap: Capacity) -> Result<Loaded, LowerError> {
+            let (compiler, delta) =
+                Compiler::from_cluster(cluster, CompileOptions::default()).unwrap();
+            let mut dp = Datapath::load_private(cap).unwrap();
+            dp.set_config(Config {
+                allow_sample: 1,
+                ..Config::default()
+            })
+            .unwrap();
+            let mut lowering = Lowering::new(cap);
+            let before = lowering.mirror().clone();
+            let mut plan: WritePlan = lowering.lower(&delta)?;
+            for (i, ep) in compiler.cluster().endpoints().enumerate() {
+                let p = lowering.bind(
+                    &ep.key,
+                    Some(Binding {
+                        ifindex: 1,
+                        zone: i as u32 + 1,
+                    }),
+                )?;
+                plan.switch.extend(p.switch);
+            }
+            dp.write(&plan, &before).unwrap();
+            Ok(Loaded {
+                dp,
+                lowering,
+                compiler,
+            })
+        }
+
+        /// One fresh packet through a hook: did it pass, and which event.
+        fn run(&mut self, hook: Hook, pkt: &[u8]) -> (bool, Option<Event>) {
+            self.dp.drain_events();
+            let r = self.dp.run(hook, pkt, 1).unwrap();
+            (r.passed(), self.dp.drain_events().into_iter().last())
+        }
+
+        fn verdict(&mut self, dir: Direction, flow: &Flow) -> bool {
+            self.dp.flush_conntrack();
+            let hook = match dir {
+                Direction::Egress => Hook::FromPod,
+                Direction::Ingress => Hook::ToPod,
+            };
+            self.run(hook, &packet::build(flow)).0
+        }
+    }
+
+    /// Connections between every pod of the example on a few ports.
+    fn example_flows(cluster: &Cluster) -> Vec<(EndpointKey, Direction, Flow)> {
+        let eps: Vec<&Endpoint> = cluster.endpoints().collect();
+        let mut out = Vec::new();
+        for a in &eps {
+            for b in &eps {
+                if a.key == b.key {
+                    continue;
+                }
+                for (proto, port) in [
+                    (Protocol::TCP, 8080),
+                    (Protocol::TCP, 5432),
+                    (Protocol::UDP, 53),
+                ] {
+                    let f = Flow::ports(a.ips[0], b.ips[0], proto, 40000, port);
+                    out.push((a.key.clone(), Direction::Egress, f));
+                    out.push((b.key.clone(), Direction::Ingress, f));
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(super::cases(24)))]
+
+        /// compiled, maps and kernel decide every generated packet alike
+        /// (IPv4 and IPv6; TCP, UDP, SCTP, UDP-Lite, ICMP, ICMPv6, GRE and
+        /// a port-less protocol), and the kernel's verdict event names the
+        /// rule the compiled engine names.
+        #[test]
+        fn kernel_agrees_with_compiled_and_maps(seed in any::<u64>()) {
+            if !privileged() {
+                return Ok(());
+            }
+            let g = small_cluster(seed);
+            let cluster = Cluster::from_objects(g.objects).unwrap();
+            let (compiled, _) = Compiler::from_cluster(&cluster, CompileOptions::default()).unwrap();
+            let maps = MapsEngine::new(&cluster, Capacity::default()).unwrap();
+            let kernel = KernelEngine::new(&cluster, Capacity::default()).unwrap();
+            let eps: Vec<Endpoint> = cluster.endpoints().cloned().collect();
+            let mut r = Rng::new(seed ^ 0x6b65);
+            for (ep, dir, flow) in flows(&mut r, &eps, &g.external, 150) {
+                let want = compiled.decide(&ep, dir, &flow);
+                prop_assert_eq!(&maps.decide(&ep, dir, &flow), &want, "maps: {} {} {}", ep, dir, flow);
+                prop_assert_eq!(&kernel.decide(&ep, dir, &flow), &want, "kernel: {} {} {}", ep, dir, flow);
+            }
+        }
+    }
+
+    fn example_loaded() -> Loaded {
+        Loaded::new(&example(), Capacity::default()).unwrap()
+    }
+
+    /// Eth + IPv4 with the given header bytes patched, then `l4`.
+    fn v4(src: &str, dst: &str, proto: u8, l4: &[u8]) -> Vec<u8> {
+        packet::ip_packet(ip(src), ip(dst), proto, l4)
+    }
+
+    fn tcp_syn(sport: u16, dport: u16) -> Vec<u8> {
+        let mut h = vec![0u8; 20];
+        h[0..2].copy_from_slice(&sport.to_be_bytes());
+        h[2..4].copy_from_slice(&dport.to_be_bytes());
+        h[12] = 5 << 4;
+        h[13] = packet::SYN;
+        h
+    }
+
+    fn stat(l: &Loaded, i: u32) -> u64 {
+        l.dp.stats().unwrap()[i as usize]
+    }
+
+    #[test]
+    fn bad_packets_are_dropped_with_a_reason() {
+        if !privileged() {
+            return;
+        }
+        let mut l = example_loaded();
+        // web -> api:8080 is allowed: the well-formed packet passes.
+        let good = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(40000, 8080));
+        assert!(l.run(Hook::ToPod, &good).0, "well-formed SYN to api:8080");
+
+        let malformed = |l: &mut Loaded, name: &str, pkt: Vec<u8>| {
+            let before = stat(l, STAT_MALFORMED);
+            let (passed, ev) = l.run(Hook::ToPod, &pkt);
+            assert!(!passed, "{name}: passed");
+            assert_eq!(
+                ev.map(|e| e.reason),
+                Some(REASON_MALFORMED),
+                "{name}: event"
+            );
+            assert_eq!(stat(l, STAT_MALFORMED), before + 1, "{name}: statistic");
+        };
+        // The kernel refuses test runs of frames without a whole network
+        // header, so truncation is tested past it.
+        let mut wrong_version = good.clone();
+        wrong_version[14] = 0x55;
+        malformed(&mut l, "IPv4 frame with version 5", wrong_version);
+        let mut short_total = good.clone();
+        short_total[14 + 2..14 + 4].copy_from_slice(&10u16.to_be_bytes());
+        malformed(&mut l, "total length below the header", short_total);
+        // IHL below the minimum of 5 words.
+        let mut bad_ihl = good.clone();
+        bad_ihl[14] = 0x44;
+        malformed(&mut l, "IHL 4", bad_ihl);
+        // IHL pointing past the end of the packet.
+        let mut long_ihl = good.clone();
+        long_ihl[14] = 0x4f;
+        long_ihl.truncate(14 + 20 + 8);
+        malformed(&mut l, "IHL 15 in a short packet", long_ihl);
+        // Transport headers cut short.
+        malformed(&mut l, "truncated TCP", good[..14 + 20 + 10].to_vec());
+        let udp = v4(
+            "10.10.1.10",
+            "10.10.2.10",
+            17,
+            &[0x9c, 0x40, 0x1f, 0x90, 0, 8],
+        );
+        malformed(&mut l, "truncated UDP", udp);
+        let v6 = packet::ip_packet(ip("fd00::1"), ip("fd00::2"), 6, &tcp_syn(1, 2));
+        malformed(
+            &mut l,
+            "truncated TCP over IPv6",
+            v6[..14 + 40 + 12].to_vec(),
+        );
+        let mut v6_version = v6.clone();
+        v6_version[14] = 0x40;
+        malformed(&mut l, "IPv6 frame with version 4", v6_version);
+        // More extension headers than the program looks past.
+        let mut chain = Vec::new();
+        for _ in 0..5 {
+            chain.extend_from_slice(&[0u8, 0, 0, 0, 0, 0, 0, 0]);
+        }
+        malformed(
+            &mut l,
+            "five hop-by-hop headers",
+            packet::ip_packet(ip("fd00::1"), ip("fd00::2"), 0, &chain),
+        );
+        // A hop-by-hop extension header that runs off the end.
+        let mut hbh = vec![6u8, 8];
+        hbh.extend_from_slice(&[0; 6]);
+        let mut ext = packet::ip_packet(ip("fd00::1"), ip("fd00::2"), 0, &hbh);
+        ext.truncate(ext.len() - 4);
+        malformed(&mut l, "truncated extension header", ext);
+
+        // Not IP at all (ARP): not policy's business, passed and counted.
+        let mut arp = good[..14].to_vec();
+        // ARP over Ethernet: a 28-byte body.
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        arp.extend_from_slice(&[0; 28]);
+        let before = stat(&l, STAT_NON_IP);
+        assert!(l.run(Hook::ToPod, &arp).0);
+        assert_eq!(stat(&l, STAT_NON_IP), before + 1);
+
+        // A source address that is not the pod's leaving its veth.
+        let spoofed = v4("10.99.0.1", "10.10.2.10", 6, &tcp_syn(40000, 8080));
+        let (passed, ev) = l.run(Hook::FromPod, &spoofed);
+        assert!(!passed);
+        assert_eq!(ev.map(|e| e.reason), Some(REASON_SPOOFED));
+    }
+
+    /// IPv4 fragments of one datagram: `offset` in 8-byte units.
+    fn fragment(src: &str, dst: &str, id: u16, offset: u16, more: bool, l4: &[u8]) -> Vec<u8> {
+        let mut p = v4(src, dst, 6, l4);
+        p[14 + 4..14 + 6].copy_from_slice(&id.to_be_bytes());
+        let flags = if more { 0x2000 } else { 0 } | offset;
+        p[14 + 6..14 + 8].copy_from_slice(&flags.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn fragments_follow_their_first_fragment() {
+        if !privileged() {
+            return;
+        }
+        let mut l = example_loaded();
+        // Allowed datagram (web -> api:8080): the first fragment carries the
+        // ports and is decided; later fragments of it pass.
+        let first = fragment(
+            "10.10.1.10",
+            "10.10.2.10",
+            77,
+            0,
+            true,
+            &tcp_syn(40000, 8080),
+        );
+        assert!(l.run(Hook::ToPod, &first).0);
+        let later = fragment("10.10.1.10", "10.10.2.10", 77, 3, false, &[0; 16]);
+        assert!(
+            l.run(Hook::ToPod, &later).0,
+            "later fragment of an allowed datagram"
+        );
+        // Denied datagram (analytics -> api:8080): its later fragments are dropped too.
+        let first = fragment(
+            "10.10.3.10",
+            "10.10.2.10",
+            78,
+            0,
+            true,
+            &tcp_syn(40000, 8080),
+        );
+        let (passed, ev) = l.run(Hook::ToPod, &first);
+        assert!(!passed);
+        assert_eq!(ev.map(|e| e.reason), Some(REASON_POLICY));
+        let later = fragment("10.10.3.10", "10.10.2.10", 78, 3, false, &[0; 16]);
+        let (passed, ev) = l.run(Hook::ToPod, &later);
+        assert!(!passed, "later fragment of a denied datagram");
+        assert_eq!(ev.map(|e| e.reason), Some(REASON_FRAGMENT));
+        // A later fragment whose first fragment was never seen: no ports to
+        // decide on, so it is dropped.
+        let orphan = fragment("10.10.1.10", "10.10.2.10", 999, 5, false, &[0; 16]);
+        let (passed, ev) = l.run(Hook::ToPod, &orphan);
+        assert!(!passed);
+        assert_eq!(ev.map(|e| e.reason), Some(REASON_FRAGMENT));
+        // A first fragment too short to hold the TCP ports is malformed.
+        let tiny = fragment("10.10.1.10", "10.10.2.10", 79, 0, true, &[0x9c, 0x40, 0x1f]);
+        let (passed, ev) = l.run(Hook::ToPod, &tiny);
+        assert!(!passed);
+        assert_eq!(ev.map(|e| e.reason), Some(REASON_MALFORMED));
+    }
+
+    #[test]
+    fn unknown_protocols_are_decided_by_policy() {
+        if !privileged() {
+            return;
+        }
+        let mut l = example_loaded();
+        // The example allows only TCP 8080 into api: protocol 99 from web is
+        // denied by the default-deny tier end, protocol 99 is carried
+        // without ports and decided like any other.
+        for proto in [99u8, 47, 253] {
+            let p = v4("10.10.1.10", "10.10.2.10", proto, &[1, 2, 3, 4, 5, 6, 7, 8]);
+            let (passed, ev) = l.run(Hook::ToPod, &p);
+            let ev = ev.expect("a verdict event");
+            assert!(!passed, "protocol {proto}");
+            assert_eq!(ev.reason, REASON_POLICY);
+            assert_eq!(ev.protocol, proto);
+            let flow = Flow {
+                src: ip("10.10.1.10"),
+                dst: ip("10.10.2.10"),
+                protocol: Protocol(proto),
+                src_port: 0,
+                dst_port: 0,
+                icmp: None,
+            };
+            let want = l
+                .compiler
+                .decide(&key("shop-backend/api"), Direction::Ingress, &flow)
+                .unwrap();
+            assert_eq!(want.verdict, Verdict::Deny);
+            assert_eq!(
+                l.lowering.rule(ev.rule).unwrap().decided_by(),
+                want.decided_by
+            );
+        }
+    }
+
+    /// The example plus a GlobalNetworkPolicy that allows everything first.
+    fn example_opened() -> Cluster {
+        let mut objects = example().objects();
+        let yaml = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: open-all}\n\
+                    spec: {order: 1, selector: all(), types: [Ingress, Egress], ingress: [{action: Allow}], egress: [{action: Allow}]}\n";
+        objects.extend(
+            parse_manifests("open.yaml", yaml)
+                .unwrap()
+                .into_iter()
+                .map(|l| l.object),
+        );
+        Cluster::from_objects(objects).unwrap()
+    }
+
+    fn assert_enforces(l: &mut Loaded, cluster: &Cluster, what: &str) {
+        let (c, _) = Compiler::from_cluster(cluster, CompileOptions::default()).unwrap();
+        for (ep, dir, flow) in example_flows(cluster) {
+            let want = c.decide(&ep, dir, &flow).unwrap().verdict == Verdict::Allow;
+            assert_eq!(l.verdict(dir, &flow), want, "{what}: {ep} {dir} {flow}");
+        }
+    }
+
+    #[test]
+    fn a_failed_update_leaves_the_old_policy_enforced() {
+        if !privileged() {
+            return;
+        }
+        let old = example();
+        let new = example_opened();
+        let mut l = example_loaded();
+        assert_enforces(&mut l, &old, "initial");
+        let changes: Vec<policy_core::Change> = new
+            .objects()
+            .into_iter()
+            .filter(|o| !old.objects().contains(o))
+            .map(policy_core::Change::Upsert)
+            .collect();
+        let delta = l.compiler.apply(changes).unwrap();
+        let saved = l.lowering.clone();
+        let before = l.lowering.mirror().clone();
+        let plan = l.lowering.lower(&delta).unwrap();
+        assert!(plan.len() > 3);
+        // Fail the first, a middle and the last write: each time everything
+        // written is rolled back and the old policy decides every packet.
+        for fail_at in [0, plan.len() / 2, plan.len() - 1] {
+            let err =
+                l.dp.write_with(&plan, &before, |i| i == fail_at)
+                    .unwrap_err();
+            assert!(err.to_string().contains("injected"), "{err}");
+            let kernel = l.dp.read_mirror();
+            assert_eq!(
+                kernel.slots, before.slots,
+                "slots after failing at {fail_at}"
+            );
+            assert_eq!(kernel.lpm4, before.lpm4);
+            assert_eq!(kernel.lpm6, before.lpm6);
+            assert_enforces(&mut l, &old, &format!("after a failure at write {fail_at}"));
+        }
+        l.lowering = saved;
+        let plan = l.lowering.lower(&delta).unwrap();
+        l.dp.write(&plan, &before).unwrap();
+        assert_enforces(&mut l, &new, "after the update");
+    }
+
+    #[test]
+    fn an_overflowing_update_is_refused_and_changes_nothing() {
+        if !privileged() {
+            return;
+        }
+        let old = example();
+        // Capacity for exactly what the example needs, no more.
+        let needed = Loaded::new(&old, Capacity::default())
+            .unwrap()
+            .lowering
+            .mirror()
+            .nodes
+            .len() as u32;
+        let cap = Capacity {
+            nodes: needed,
+            ..Capacity::default()
+        };
+        let mut l = Loaded::new(&old, cap).unwrap();
+        let changes: Vec<policy_core::Change> = example_opened()
+            .objects()
+            .into_iter()
+            .filter(|o| !old.objects().contains(o))
+            .map(policy_core::Change::Upsert)
+            .collect();
+        let delta = l.compiler.apply(changes).unwrap();
+        let before = format!("{:?}", l.lowering.mirror());
+        match l.lowering.lower(&delta) {
+            Err(e @ LowerError::Overflow { map: "nodes", .. }) => {
+                assert!(e.to_string().contains("raise it"), "{e}");
+            }
+            other => panic!("expected a nodes overflow, got {other:?}"),
+        }
+        assert_eq!(format!("{:?}", l.lowering.mirror()), before);
+        assert_enforces(&mut l, &old, "after the refused update");
+        // Loading into maps too small fails up front with the map named.
+        match Loaded::new(
+            &old,
+            Capacity {
+                nodes: 2,
+                ..Capacity::default()
+            },
+        ) {
+            Err(LowerError::Overflow {
+                map: "nodes",
+                needed: n,
+                capacity: 2,
+            }) => assert!(n > 2),
+            other => panic!("expected a nodes overflow, got {:?}", other.err()),
+        }
+    }
+
+    /// Real traffic: the netns engine answers every pod pair of the example
+    /// like the reference (TCP, UDP and ICMP).
+    #[test]
+    fn netns_matches_the_reference_on_the_example() {
+        if !privileged() {
+            return;
+        }
+        let cluster = example();
+        let engine = NetnsEngine::new(&cluster, Capacity::default()).unwrap();
+        let reference = ReferenceEngine::new(&cluster);
+        let eps: Vec<&Endpoint> = cluster.endpoints().collect();
+        let mut allowed = 0;
+        for a in &eps {
+            for b in &eps {
+                if a.key == b.key {
+                    continue;
+                }
+                let flows = [
+                    Flow::ports(a.ips[0], b.ips[0], Protocol::TCP, 41000, 8080),
+                    Flow::ports(a.ips[0], b.ips[0], Protocol::UDP, 41000, 53),
+                    Flow {
+                        src: a.ips[0],
+                        dst: b.ips[0],
+                        protocol: Protocol::ICMP,
+                        src_port: 0,
+                        dst_port: 0,
+                        icmp: Some((8, 0)),
+                    },
+                ];
+                for f in flows {
+                    let (from, to) = (Peer::Endpoint(a.key.clone()), Peer::Endpoint(b.key.clone()));
+                    let got = evaluate_connection(&engine, &cluster, &from, &to, &f).unwrap();
+                    let want = evaluate_connection(&reference, &cluster, &from, &to, &f).unwrap();
+                    assert_eq!(got.allowed, want.allowed, "{from} -> {to} {f}");
+                    assert_eq!(got.egress, want.egress, "{from} -> {to} {f}");
+                    if got.allowed {
+                        allowed += 1;
+                        assert_eq!(got.ingress, want.ingress);
+                    }
+                }
+            }
+        }
+        // web -> api TCP, and every pod's DNS to coredns over UDP.
+        assert!(allowed >= 5, "{allowed} allowed connections");
+    }
+
+    /// A restarted agent re-adopts the pinned maps and links: an established
+    /// connection keeps flowing while the agent is down and after it is back,
+    /// and policy still decides new connections.
+    #[test]
+    fn restart_keeps_established_connections() {
+        if !privileged() {
+            return;
+        }
+        let cluster = example();
+        let (compiler, delta) =
+            Compiler::from_cluster(&cluster, CompileOptions::default()).unwrap();
+        let pods: Vec<(EndpointKey, Vec<IpAddr>)> = cluster
+            .endpoints()
+            .map(|e| (e.key.clone(), e.ips.clone()))
+            .collect();
+        let topo = Topology::build(&pods).unwrap();
+        let pin = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/palisade-test-restart-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&pin);
+        let bindings: Vec<(EndpointKey, Binding)> = topo
+            .pods()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                (
+                    p.key.clone(),
+                    Binding {
+                        ifindex: p.ifindex,
+                        zone: i as u32 + 1,
+                    },
+                )
+            })
+            .collect();
+        let cap = Capacity::default();
+
+        // First agent: load, program, attach.
+        let mut dp = Datapath::load(&pin, cap).unwrap();
+        let mut lowering = Lowering::new(cap);
+        let before = lowering.mirror().clone();
+        let mut plan = lowering.lower(&delta).unwrap();
+        for (k, b) in &bindings {
+            plan.switch
+                .extend(lowering.bind(k, Some(*b)).unwrap().switch);
+        }
+        dp.write(&plan, &before).unwrap();
+        let ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
+        topo.node()
+            .run(|| ifaces.iter().try_for_each(|i| dp.attach(i)))
+            .unwrap()
+            .unwrap();
+
+        // web -> api:8080 is allowed: connect and exchange data.
+        let web = topo.pod(&key("shop-frontend/web")).unwrap();
+        let api = topo.pod(&key("shop-backend/api")).unwrap();
+        let analytics = topo.pod(&key("analytics/reporting")).unwrap();
+        let listener = api
+            .ns
+            .run(|| TcpListener::bind("10.10.2.10:8080"))
+            .unwrap()
+            .unwrap();
+        let mut client = web
+            .ns
+            .run(|| {
+                TcpStream::connect_timeout(
+                    &"10.10.2.10:8080".parse().unwrap(),
+                    Duration::from_secs(2),
+                )
+            })
+            .unwrap()
+            .expect("web -> api:8080 is allowed");
+        let (mut server, _) = listener.accept().unwrap();
+        for s in [&client, &server] {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        }
+        let exchange = |client: &mut TcpStream, server: &mut TcpStream, what: &str| {
+            let mut buf = [0u8; 5];
+            client.write_all(b"ping!").unwrap();
+            server
+                .read_exact(&mut buf)
+                .unwrap_or_else(|e| panic!("{what}: request lost: {e}"));
+            server.write_all(b"pong!").unwrap();
+            client
+                .read_exact(&mut buf)
+                .unwrap_or_else(|e| panic!("{what}: reply lost: {e}"));
+            assert_eq!(&buf, b"pong!");
+        };
+        exchange(&mut client, &mut server, "before the restart");
+        let denied = |what: &str| {
+            let r = analytics.ns.run(|| {
+                TcpStream::connect_timeout(
+                    &"10.10.2.10:8080".parse().unwrap(),
+                    Duration::from_millis(300),
+                )
+            });
+            assert!(
+                r.unwrap().is_err(),
+                "{what}: analytics -> api:8080 must stay denied"
+            );
+        };
+        denied("before the restart");
+
+        // The agent goes away: maps and links stay pinned, traffic flows.
+        drop(dp);
+        exchange(&mut client, &mut server, "while the agent is down");
+        denied("while the agent is down");
+
+        // A new agent: re-adopt the pins, swap in its programs, rewrite the
+        // policy around what is live.
+        let mut dp = Datapath::load(&pin, cap).unwrap();
+        assert!(
+            dp.conntrack_len() > 0,
+            "conntrack survived in the pinned map"
+        );
+        let adopted = dp.adopt_links().unwrap();
+        assert_eq!(adopted.len(), 2 * ifaces.len(), "{adopted:?}");
+        let current = dp.read_mirror();
+        let in_use = dp.read_in_use();
+        let (mut lowering, plan) =
+            Lowering::restart(cap, &compiler, &bindings, &current, &in_use).unwrap();
+        dp.write(&plan, &current).unwrap();
+        lowering.release_reserved();
+        let established_before = dp.stats().unwrap()[STAT_ESTABLISHED as usize];
+        exchange(&mut client, &mut server, "after the restart");
+        assert!(
+            dp.stats().unwrap()[STAT_ESTABLISHED as usize] > established_before,
+            "the connection went through conntrack in the new programs"
+        );
+        denied("after the restart");
+        // A new allowed connection is decided by the rewritten policy.
+        let again = web.ns.run(|| {
+            TcpStream::connect_timeout(&"10.10.2.10:8080".parse().unwrap(), Duration::from_secs(2))
+        });
+        assert!(
+            again.unwrap().is_ok(),
+            "new web -> api:8080 after the restart"
+        );
+
+        for i in &ifaces {
+            topo.node().run(|| dp.detach(i)).unwrap().unwrap();
+        }
+        drop(dp);
+        let _ = std::fs::remove_dir_all(&pin);
+    }
+}

@@ -522,7 +522,7 @@ pub fn flows(
                     Protocol::ICMPV6
                 }
             }
-            _ => Protocol(253),
+            _ => *r.pick(&[Protocol(253), Protocol(47), Protocol(136)]),
         };
         let port = |r: &mut Rng| *r.pick(&[53u16, 80, 443, 8080, 8050, 9090, 1, 1024, 1025, 40000]);
         let (sp, dp) = if protocol.has_ports() {

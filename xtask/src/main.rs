@@ -83,6 +83,108 @@ fn ensure_fuzz_tools() -> Result<()> {
     Ok(())
 }
 
+/// What the kernel programs need: nightly with rust-src (they build for the
+/// BPF target with build-std), bpf-linker built against nightly's own LLVM,
+/// and iproute2 for the network-namespace engine.
+fn ensure_ebpf_tools() -> Result<()> {
+    if !have("rustc", &["+nightly", "--version"]) {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let sysroot = String::from_utf8(
+        Command::new("rustc")
+            .args(["+nightly", "--print", "sysroot"])
+            .output()
+            .context("rustc +nightly --print sysroot")?
+            .stdout,
+    )?
+    .trim()
+    .to_string();
+    let rust_src = Path::new(&sysroot).join("lib/rustlib/src/rust/library");
+    if !rust_src.exists() {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("0.13"));
+    if !linker_ok {
+        // Linked against the LLVM shared library that ships with nightly, so
+        // the linker and rustc agree on the bitcode format.
+        let lib = Path::new(&sysroot).join("lib");
+        let llvm = std::fs::read_dir(&lib)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|n| n.starts_with("libLLVM") && n.ends_with(".so"))
+            .context("nightly ships no libLLVM-*.so")?;
+        let llvm = llvm.trim_start_matches("lib").trim_end_matches(".so");
+        let l = lib.display();
+        run(cargo()
+            .env(
+                "RUSTFLAGS",
+                format!("-C link-arg=-L{l} -C link-arg=-l{llvm} -C link-arg=-Wl,-rpath,{l}"),
+            )
+            .args([
+                "+nightly",
+                "install",
+                "bpf-linker@0.13.0",
+                "--no-default-features",
+                "--features",
+                "llvm-22,no-llvm-linking",
+            ]))?;
+    }
+    if !have("ip", &["-V"]) {
+        apt_install(&["iproute2"])?;
+    }
+    Ok(())
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    run(Command::new("apt-get").arg("update"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Whether this process may load BPF programs and create namespaces. When
+/// it may not, privileged steps are skipped with a notice, unless
+/// PALISADE_REQUIRE_PRIVILEGED is set (CI sets it): then it is an error.
+fn privileged(what: &str) -> Result<bool> {
+    let root = nix_uid_is_root();
+    if root {
+        return Ok(true);
+    }
+    if std::env::var_os("PALISADE_REQUIRE_PRIVILEGED").is_some_and(|v| v != "0") {
+        bail!("{what} needs root, and PALISADE_REQUIRE_PRIVILEGED is set");
+    }
+    eprintln!("SKIPPED (not root): {what}");
+    Ok(false)
+}
+
+fn nix_uid_is_root() -> bool {
+    // /proc/self/status: "Uid:\treal\teffective\t..."
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
 struct Steps {
     done: Vec<(String, std::time::Duration)>,
 }
@@ -104,7 +206,10 @@ fn palisade() -> PathBuf {
 fn test() -> Result<()> {
     let started = Instant::now();
     let mut s = Steps { done: Vec::new() };
-    s.step("tools", ensure_lint_tools)?;
+    s.step("tools", || {
+        ensure_lint_tools()?;
+        ensure_ebpf_tools()
+    })?;
     s.step("format", || {
         run(cargo().args(["fmt", "--all", "--", "--check"]))
     })?;
@@ -137,16 +242,22 @@ fn test() -> Result<()> {
                 .args(["selector", "test"])
                 .arg(c.join("selectors_canonical.jsonl")))
         })?;
-        s.step(
-            &format!("conformance, reference engine ({})", c.display()),
-            || {
-                run(Command::new(palisade())
-                    .args(["verify", "--engine", "reference"])
-                    .arg(c.join("kubernetes"))
-                    .arg(c.join("calico"))
-                    .arg(c.join("extra")))
-            },
-        )?;
+        for engine in ["reference", "compiled", "maps", "kernel", "netns"] {
+            if matches!(engine, "kernel" | "netns") && !privileged(&format!("the {engine} engine"))?
+            {
+                continue;
+            }
+            s.step(
+                &format!("conformance, {engine} engine ({})", c.display()),
+                || {
+                    run(Command::new(palisade())
+                        .args(["verify", "--engine", engine])
+                        .arg(c.join("kubernetes"))
+                        .arg(c.join("calico"))
+                        .arg(c.join("extra")))
+                },
+            )?;
+        }
     }
     s.step("fuzz targets build", || {
         ensure_fuzz_tools()?;
@@ -167,31 +278,62 @@ fn test() -> Result<()> {
 /// The corpus vendored in the repository, plus the shared one next to the
 /// checkout when it exists (it may hold cases added since).
 fn conformance_roots() -> Vec<PathBuf> {
-    let mut v = vec![root().join("conformance")];
+    let vendored = root().join("conformance");
+    let mut v = vec![vendored.clone()];
     let shared = root().join("../shared/conformance");
-    if shared.join("selectors.jsonl").exists() {
+    if shared.join("selectors.jsonl").exists() && !same_tree(&vendored, &shared) {
         v.push(shared);
     }
     v
 }
 
+/// Whether two corpus folders hold the same files with the same contents.
+fn same_tree(a: &Path, b: &Path) -> bool {
+    fn files(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if let Ok(c) = std::fs::read(&p) {
+                    out.push((p.strip_prefix(root).unwrap_or(&p).to_path_buf(), c));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+    files(a) == files(b)
+}
+
 fn demo() -> Result<()> {
+    ensure_ebpf_tools()?;
     run(cargo().args(["build", "--release", "-p", "palisade"]))?;
+    if !nix_uid_is_root() {
+        bail!(
+            "the demo enforces policy in the kernel (BPF programs, network namespaces): run it as root"
+        );
+    }
     let example = root().join("examples/zero-trust");
     eprintln!(
-        "\nZero-trust example: default-deny GlobalNetworkPolicy + allow-only namespace policies\n"
+        "\nZero-trust example: default-deny GlobalNetworkPolicy + allow-only namespace policies,\n\
+         enforced by the TC programs on real connections between pod namespaces\n"
     );
     for port in ["8080", "5432"] {
         run(Command::new(palisade())
-            .args(["matrix", "--port", port, "-f"])
+            .args(["matrix", "--engine", "netns", "--port", port, "-f"])
             .arg(&example))?;
         println!();
     }
-    eprintln!("Why can't analytics reach the shop API?\n");
+    eprintln!("Why can't analytics reach the shop API? (the kernel's own events and counters)\n");
     // explain exits 1 for a denied connection; that is the expected answer here.
     let status = Command::new(palisade())
         .args([
             "explain",
+            "--engine",
+            "netns",
             "--from",
             "analytics/reporting",
             "--to",

@@ -738,6 +738,16 @@ pub fn parse<P: PacketBytes>(p: &P) -> Result<Parsed, ParseError> {
     parse_into(p, &mut out).map(|()| out)
 }
 
+/// ICMPv6 link-local control (MLD 130-132 and 143, NDP 133-137), which the
+/// programs pass without policy as Calico does: without it IPv6 breaks on
+/// the link.
+#[inline(always)]
+pub fn is_link_control(p: &Parsed) -> bool {
+    p.protocol == 58
+        && !p.later_fragment
+        && ((130..=137).contains(&p.icmp_type) || p.icmp_type == 143)
+}
+
 /// Whether an ICMP type is an echo reply (allowed as the reply of a tracked echo).
 pub fn is_echo_reply(protocol: u8, icmp_type: u8) -> bool {
     (protocol == 1 && icmp_type == 0) || (protocol == 58 && icmp_type == 129)

@@ -198,8 +198,9 @@ mod program {
             }
         }
         let p = &sc.parsed;
-        // Neighbour discovery keeps IPv6 working on the link; policy is for traffic.
-        if p.protocol == 58 && !p.later_fragment && p.icmp_type >= 133 && p.icmp_type <= 137 {
+        // Neighbour discovery and multicast listener reports keep IPv6
+        // working on the link; policy is for traffic.
+        if is_link_control(p) {
             return PASS;
         }
         sc.slot.ifindex = ifindex;
