@@ -7,6 +7,11 @@
 //! assert!(c.endpoints().count() >= 200);
 //! ```
 
+pub mod chart;
+pub mod dataplane;
+pub mod packet_cost;
+pub mod veth;
+
 use policy_core::convert::Object;
 use policy_core::model::{Endpoint, EndpointKey, Policy};
 use policy_core::net::PortMatch;

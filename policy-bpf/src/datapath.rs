@@ -71,6 +71,9 @@ pub enum Hook {
     FromPod,
     /// Host veth TC egress: traffic to the pod (its ingress policy).
     ToPod,
+    /// A program that only passes packets: the baseline of benchmarks
+    /// (never attached).
+    PassThrough,
 }
 
 impl Hook {
@@ -78,18 +81,20 @@ impl Hook {
         match self {
             Hook::FromPod => "palisade_from_pod",
             Hook::ToPod => "palisade_to_pod",
+            Hook::PassThrough => "palisade_pass",
         }
     }
     fn attach_type(self) -> TcAttachType {
         match self {
             Hook::FromPod => TcAttachType::Ingress,
-            Hook::ToPod => TcAttachType::Egress,
+            Hook::ToPod | Hook::PassThrough => TcAttachType::Egress,
         }
     }
     fn name(self) -> &'static str {
         match self {
             Hook::FromPod => "from-pod",
             Hook::ToPod => "to-pod",
+            Hook::PassThrough => "pass",
         }
     }
 }
@@ -184,7 +189,7 @@ impl Datapath {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(e.to_string()))?;
-        for hook in [Hook::FromPod, Hook::ToPod] {
+        for hook in [Hook::FromPod, Hook::ToPod, Hook::PassThrough] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(hook.program())
                 .ok_or_else(|| DatapathError::Load(format!("program {} missing", hook.program())))?

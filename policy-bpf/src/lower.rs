@@ -419,6 +419,10 @@ pub struct Lowering {
     identity_bits: HashMap<u32, Bitset>,
     identity_refs: HashMap<u32, u32>,
     reserved: Reserved,
+    /// Addresses with a host entry.
+    host_addrs: std::collections::HashSet<IpAddr>,
+    /// Full-length prefixes (/32, /128) and their classes.
+    full_prefixes: HashMap<IpAddr, ClassId>,
 }
 
 /// Entries held back for an earlier process's live state.
@@ -454,6 +458,8 @@ impl Lowering {
             identity_bits: HashMap::new(),
             identity_refs: HashMap::new(),
             reserved: Reserved::default(),
+            host_addrs: std::collections::HashSet::new(),
+            full_prefixes: HashMap::new(),
         }
     }
 
@@ -867,11 +873,32 @@ impl Lowering {
         let mut late_lpm: Vec<MapWrite> = Vec::new();
         let class_of =
             |this: &Lowering, id: ClassId| this.classes_by_id.get(&id).copied().unwrap_or_default();
+        // A host address and a full-length prefix share one LPM key: the
+        // host entry (identity and class, the class already counting the
+        // prefix) wins, and the prefix takes the key back when the host goes.
+        for (ip, host) in &delta.hosts {
+            if host.is_some() {
+                self.host_addrs.insert(*ip);
+            } else {
+                self.host_addrs.remove(ip);
+            }
+        }
+        for (net, class) in &delta.prefixes {
+            if net.prefix_len() == net.max_prefix_len() {
+                match class {
+                    Some(c) => self.full_prefixes.insert(net.network(), *c),
+                    None => self.full_prefixes.remove(&net.network()),
+                };
+            }
+        }
         for (net, class) in &delta.prefixes {
             let (len, addr) = match net {
                 IpNet::V4(n) => (u32::from(n.prefix_len()), IpAddr::V4(n.network())),
                 IpNet::V6(n) => (u32::from(n.prefix_len()), IpAddr::V6(n.network())),
             };
+            if net.prefix_len() == net.max_prefix_len() && self.host_addrs.contains(&addr) {
+                continue;
+            }
             let old = self.lpm_get(len, &addr);
             let new = class.map(|c| PeerClass {
                 identity: 0,
@@ -891,10 +918,16 @@ impl Lowering {
         for (ip, host) in &delta.hosts {
             let len = if ip.is_ipv4() { 32 } else { 128 };
             let old = self.lpm_get(len, ip);
-            let new = host.map(|h| PeerClass {
-                identity: self.identity_slots.get(&h.identity).map_or(0, |s| s + 1),
-                class: self.class_slots[&h.class],
-            });
+            let new = match host {
+                Some(h) => Some(PeerClass {
+                    identity: self.identity_slots.get(&h.identity).map_or(0, |s| s + 1),
+                    class: self.class_slots[&h.class],
+                }),
+                None => self.full_prefixes.get(ip).map(|c| PeerClass {
+                    identity: 0,
+                    class: self.class_slots[c],
+                }),
+            };
             self.lpm_switch(
                 len,
                 ip,

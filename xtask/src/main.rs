@@ -150,6 +150,28 @@ fn ensure_ebpf_tools() -> Result<()> {
     Ok(())
 }
 
+/// What the C ABI tests need: a C and C++ compiler, valgrind, and
+/// unshare (util-linux) to attach in a private network namespace.
+fn ensure_ffi_tools() -> Result<()> {
+    let mut missing = Vec::new();
+    if !have("cc", &["--version"]) {
+        missing.push("gcc");
+    }
+    if !have("c++", &["--version"]) {
+        missing.push("g++");
+    }
+    if !have("valgrind", &["--version"]) {
+        missing.push("valgrind");
+    }
+    if !have("unshare", &["--version"]) {
+        missing.push("util-linux");
+    }
+    if !missing.is_empty() {
+        apt_install(&missing)?;
+    }
+    Ok(())
+}
+
 fn apt_install(packages: &[&str]) -> Result<()> {
     run(Command::new("apt-get").arg("update"))?;
     run(Command::new("apt-get")
@@ -208,7 +230,8 @@ fn test() -> Result<()> {
     let mut s = Steps { done: Vec::new() };
     s.step("tools", || {
         ensure_lint_tools()?;
-        ensure_ebpf_tools()
+        ensure_ebpf_tools()?;
+        ensure_ffi_tools()
     })?;
     s.step("format", || {
         run(cargo().args(["fmt", "--all", "--", "--check"]))

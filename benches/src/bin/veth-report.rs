@@ -1,0 +1,163 @@
+//! Writes docs/datapath-vs-iptables.{md,svg}: real traffic through veth pairs
+//! with no policy, Calico-style iptables rules, and Palisade's TC programs,
+//! at 10 to 5k policies; every rate relative to the no-policy baseline
+//! measured in the same run.
+//!
+//! `sudo cargo run --release -p palisade-benches --bin veth-report [-- --quick]`
+//! (needs iptables and ipset).
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+use palisade_benches::chart::{Series, line_chart};
+use palisade_benches::dataplane::SIZES;
+use palisade_benches::packet_cost::median;
+use palisade_benches::veth::{Lab, Mode};
+
+/// Median rates of one mode at one size: UDP new flows/s, TCP connects/s,
+/// bulk bytes/s.
+#[derive(Debug, Clone, Copy, Default)]
+struct Rates {
+    udp: f64,
+    tcp: f64,
+    bulk: f64,
+}
+
+/// Medians per mode, measured in interleaved rounds (the three labs exist
+/// side by side; each round runs every workload in every mode, rotating
+/// the order) so drift and warm-up affect all modes alike.
+fn measure(n: usize, rounds: usize, secs: f64) -> Result<[Rates; 3]> {
+    let modes = [Mode::Baseline, Mode::Iptables, Mode::Palisade];
+    let labs: Vec<Lab> = modes
+        .iter()
+        .map(|m| Lab::new(*m, n))
+        .collect::<Result<_>>()?;
+    let mut samples = vec![(Vec::new(), Vec::new(), Vec::new()); 3];
+    for round in 0..rounds.max(1) {
+        for k in 0..3 {
+            let i = (round + k) % 3;
+            let lab = &labs[i];
+            let what =
+                |e: anyhow::Error| e.context(format!("{} with {n} policies", modes[i].name()));
+            samples[i].0.push(lab.udp_new_flows(secs).map_err(what)?);
+            samples[i].1.push(lab.tcp_connect_rate(secs).map_err(what)?);
+            samples[i].2.push(lab.bulk(secs).map_err(what)?);
+        }
+    }
+    let mut out = [Rates::default(); 3];
+    for (o, (u, t, b)) in out.iter_mut().zip(samples.iter_mut()) {
+        *o = Rates {
+            udp: median(u),
+            tcp: median(t),
+            bulk: median(b),
+        };
+    }
+    Ok(out)
+}
+
+/// Policies, then baseline, iptables and palisade rates.
+type Row = (usize, Rates, Rates, Rates);
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (rounds, secs) = if quick { (1, 0.5) } else { (5, 1.5) };
+    let mut rows: Vec<Row> = Vec::new();
+    for n in SIZES {
+        eprintln!(
+            "{n} policies: baseline, iptables, palisade ({rounds} rounds of {secs} s each)..."
+        );
+        let [base, ipt, pal] = measure(n, rounds, secs)?;
+        eprintln!(
+            "  UDP new flows: iptables {:.2}, palisade {:.2}; TCP connects: iptables {:.2}, palisade {:.2}; bulk: iptables {:.2}, palisade {:.2} (of baseline)",
+            ipt.udp / base.udp,
+            pal.udp / base.udp,
+            ipt.tcp / base.tcp,
+            pal.tcp / base.tcp,
+            ipt.bulk / base.bulk,
+            pal.bulk / base.bulk
+        );
+        rows.push((n, base, ipt, pal));
+    }
+    let mut md = String::new();
+    writeln!(
+        md,
+        "# Palisade's TC programs and Calico-style iptables on real traffic\n"
+    )?;
+    writeln!(
+        md,
+        "Client and server pods are network namespaces joined by veth pairs to a node namespace \
+         (`policy-bpf/src/netns.rs`). The node enforces the benchmark policy set \
+         (`benches/src/dataplane.rs`: *n* Calico NetworkPolicies all selecting the server, only the \
+         last allowing the client) either with iptables rules and ipsets laid out as Calico's \
+         iptables mode does (`benches/src/veth.rs`: conntrack ESTABLISHED accept first, a chain per \
+         policy, a rule per policy rule, an ipset per selector) or with Palisade's TC programs; the \
+         baseline has no policy. Each number is the rate relative to the baseline measured in the \
+         same run (medians of {rounds} rounds of {secs} s).\n"
+    )?;
+    writeln!(
+        md,
+        "- **UDP new flows**: every datagram a fresh 5-tuple (changing source and destination ports), datagrams/s reaching the server."
+    )?;
+    writeln!(
+        md,
+        "- **TCP connect**: connections/s opened and reset, each a fresh 5-tuple."
+    )?;
+    writeln!(md, "- **bulk**: one established TCP stream, bytes/s.\n")?;
+    writeln!(md, "![relative throughput](datapath-vs-iptables.svg)\n")?;
+    writeln!(
+        md,
+        "| policies | baseline UDP new flows/s | iptables | palisade | baseline TCP connects/s | iptables | palisade | baseline bulk Gbit/s | iptables | palisade |"
+    )?;
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    for (n, b, i, p) in &rows {
+        writeln!(
+            md,
+            "| {n} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            b.udp,
+            i.udp / b.udp,
+            p.udp / b.udp,
+            b.tcp,
+            i.tcp / b.tcp,
+            p.tcp / b.tcp,
+            b.bulk * 8.0 / 1e9,
+            i.bulk / b.bulk,
+            p.bulk / b.bulk
+        )?;
+    }
+    writeln!(
+        md,
+        "\nGoal (issue 4): at least 0.9 of the baseline for new flows at every size.\n\n\
+         Reproduce: `sudo cargo run --release -p palisade-benches --bin veth-report` \
+         (add `-- --quick` for a one-round smoke run)."
+    )?;
+    let series = |name: &str, color: &'static str, dashed: bool, f: &dyn Fn(&Row) -> f64| Series {
+        name: name.to_string(),
+        color,
+        dashed,
+        points: rows.iter().map(|r| (r.0 as f64, f(r))).collect(),
+    };
+    let svg = line_chart(
+        "New-flow and bulk rates relative to no policy",
+        "policies selecting the server (log scale)",
+        "rate / no-policy rate",
+        &[
+            series("palisade UDP new", "#1f77b4", false, &|r| r.3.udp / r.1.udp),
+            series("palisade TCP connect", "#2ca02c", false, &|r| {
+                r.3.tcp / r.1.tcp
+            }),
+            series("palisade bulk", "#9467bd", false, &|r| r.3.bulk / r.1.bulk),
+            series("iptables UDP new", "#1f77b4", true, &|r| r.2.udp / r.1.udp),
+            series("iptables TCP connect", "#2ca02c", true, &|r| {
+                r.2.tcp / r.1.tcp
+            }),
+            series("iptables bulk", "#9467bd", true, &|r| r.2.bulk / r.1.bulk),
+        ],
+        1.2,
+        Some((0.9, "goal 0.9")),
+    );
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    std::fs::write(docs.join("datapath-vs-iptables.md"), md)?;
+    std::fs::write(docs.join("datapath-vs-iptables.svg"), svg)?;
+    eprintln!("wrote docs/datapath-vs-iptables.{{md,svg}}");
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! The policy set the datapath benchmarks share: one server pod that `n`
+//! Calico NetworkPolicies all select, in order. Every policy allows ingress
+//! from its own peer group on its own port, so none matches the benchmark
+//! traffic except the last, which allows the client (TCP 8080, UDP
+//! 9000-9015). A rule-by-rule dataplane (iptables) walks every policy for
+//! each new flow; a compiled one should not care how many there are.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use policy_core::Cluster;
+use policy_core::manifest::parse_manifests;
+
+/// Client address (pod `bench/client`).
+pub const CLIENT: &str = "10.77.0.1";
+/// Server address (pod `bench/server`).
+pub const SERVER: &str = "10.77.0.2";
+/// Peer groups the non-matching policies allow (pods `bench/peer-<i>`).
+pub const PEER_GROUPS: usize = 50;
+/// The allowed TCP port.
+pub const TCP_PORT: u16 = 8080;
+/// The allowed UDP ports: `UDP_PORT..UDP_PORT + UDP_PORTS`.
+pub const UDP_PORT: u16 = 9000;
+/// How many UDP ports.
+pub const UDP_PORTS: u16 = 16;
+/// Policy counts the benchmarks sweep.
+pub const SIZES: [usize; 4] = [10, 100, 1000, 5000];
+
+/// Pod address of a peer group.
+pub fn peer_ip(i: usize) -> IpAddr {
+    format!("10.77.1.{}", i + 1).parse().expect("ip")
+}
+
+/// The manifests (YAML) of the policy set with `n` policies.
+pub fn manifests(n: usize) -> String {
+    let mut y = String::new();
+    let pod = |y: &mut String, name: &str, labels: &str, ip: &str| {
+        let _ = writeln!(
+            y,
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: bench, labels: {{{labels}}}}}\nstatus: {{podIP: {ip}}}"
+        );
+    };
+    y.push_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: bench}\n");
+    pod(&mut y, "client", "app: client", CLIENT);
+    pod(&mut y, "server", "app: server", SERVER);
+    for i in 0..PEER_GROUPS {
+        pod(
+            &mut y,
+            &format!("peer-{i}"),
+            &format!("app: peer, group: g{i}"),
+            &peer_ip(i).to_string(),
+        );
+    }
+    for i in 0..n.saturating_sub(1) {
+        let _ = writeln!(
+            y,
+            "---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: p{i}, namespace: bench}}\n\
+             spec:\n  order: {i}\n  selector: app == 'server'\n  types: [Ingress]\n  ingress:\n  \
+             - action: Allow\n    protocol: TCP\n    source: {{selector: group == 'g{}'}}\n    destination: {{ports: [{}]}}",
+            i % PEER_GROUPS,
+            10000 + i % 50000
+        );
+    }
+    let _ = writeln!(
+        y,
+        "---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: allow-client, namespace: bench}}\n\
+         spec:\n  order: {n}\n  selector: app == 'server'\n  types: [Ingress]\n  ingress:\n  \
+         - action: Allow\n    protocol: TCP\n    source: {{selector: app == 'client'}}\n    destination: {{ports: [{TCP_PORT}]}}\n  \
+         - action: Allow\n    protocol: UDP\n    source: {{selector: app == 'client'}}\n    destination: {{ports: ['{UDP_PORT}:{}']}}",
+        UDP_PORT + UDP_PORTS - 1
+    );
+    y
+}
+
+/// The policy set with `n` policies.
+pub fn cluster(n: usize) -> Cluster {
+    let objects = parse_manifests("bench.yaml", &manifests(n))
+        .expect("benchmark manifests are valid")
+        .into_iter()
+        .map(|l| l.object);
+    Cluster::from_objects(objects).expect("benchmark cluster is valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use policy_core::conformance::{Peer, evaluate_connection};
+    use policy_core::net::Protocol;
+    use policy_core::{Flow, ReferenceEngine};
+
+    #[test]
+    fn only_the_client_gets_in() {
+        let c = cluster(100);
+        assert_eq!(c.policies().count(), 100);
+        let r = ReferenceEngine::new(&c);
+        let server = Peer::Endpoint("bench/server".parse().unwrap());
+        let ask = |from: &str, src: IpAddr, proto: Protocol, port: u16| {
+            let f = Flow::ports(src, SERVER.parse().unwrap(), proto, 40000, port);
+            evaluate_connection(&r, &c, &Peer::Endpoint(from.parse().unwrap()), &server, &f)
+                .unwrap()
+                .allowed
+        };
+        let client: IpAddr = CLIENT.parse().unwrap();
+        assert!(ask("bench/client", client, Protocol::TCP, TCP_PORT));
+        assert!(ask("bench/client", client, Protocol::UDP, UDP_PORT + 3));
+        assert!(!ask("bench/client", client, Protocol::TCP, 10000));
+        assert!(!ask("bench/peer-0", peer_ip(0), Protocol::TCP, TCP_PORT));
+        assert!(ask("bench/peer-0", peer_ip(0), Protocol::TCP, 10000));
+    }
+}

@@ -1,0 +1,162 @@
+//! Per-packet cost of the TC programs through `BPF_PROG_TEST_RUN`, timed by
+//! the kernel itself (so syscall overhead is not counted), next to a
+//! program that only passes packets, loaded from the same object and run
+//! the same way in the same process.
+
+use std::time::Duration;
+
+use policy_bpf::datapath::Hook;
+use policy_bpf::kernel_engine::KernelEngine;
+use policy_bpf::lower::Capacity;
+use policy_bpf::packet;
+use policy_bpf_common::Config;
+use policy_core::Flow;
+use policy_core::net::Protocol;
+
+use crate::dataplane::{CLIENT, SERVER, TCP_PORT};
+
+/// The server's ingress program loaded with a policy set.
+#[derive(Debug)]
+pub struct PacketBench {
+    engine: KernelEngine,
+    next_port: u16,
+}
+
+/// Source ports cycle through this range; conntrack is flushed when they wrap
+/// so every "new flow" really is one.
+const PORTS: std::ops::Range<u16> = 1024..65000;
+
+impl PacketBench {
+    /// Loads the programs with `cluster` compiled and lowered. Allowed flows
+    /// are not sampled into events, as in production.
+    pub fn new(cluster: &policy_core::Cluster) -> anyhow::Result<PacketBench> {
+        let engine = KernelEngine::new(cluster, Capacity::default())
+            .map_err(|e| anyhow::anyhow!("loading the datapath: {e}"))?;
+        engine
+            .with_datapath(|dp| dp.set_config(Config::default()))
+            .map_err(|e| anyhow::anyhow!("{e}"))??;
+        Ok(PacketBench {
+            engine,
+            next_port: PORTS.start,
+        })
+    }
+
+    fn syn(sport: u16) -> Vec<u8> {
+        packet::build(&Flow::ports(
+            CLIENT.parse().expect("ip"),
+            SERVER.parse().expect("ip"),
+            Protocol::TCP,
+            sport,
+            TCP_PORT,
+        ))
+    }
+
+    /// Kernel time for `iters` packets of fresh connections (a new source
+    /// port each) through `hook`.
+    pub fn new_flows(&mut self, hook: Hook, iters: u64) -> Duration {
+        let mut total = 0u64;
+        for _ in 0..iters {
+            if self.next_port >= PORTS.end {
+                self.next_port = PORTS.start;
+                self.engine.flush();
+            }
+            let pkt = Self::syn(self.next_port);
+            self.next_port += 1;
+            let r = self
+                .engine
+                .with_datapath(|dp| dp.run(hook, &pkt, 1))
+                .expect("datapath lock")
+                .expect("test run");
+            total += r.duration_ns;
+        }
+        Duration::from_nanos(total)
+    }
+
+    /// Kernel time for `iters` packets of one established connection.
+    pub fn established(&mut self, hook: Hook, iters: u64) -> Duration {
+        let pkt = Self::syn(PORTS.end);
+        let dp = |f: &mut dyn FnMut(&mut policy_bpf::datapath::Datapath) -> u64| {
+            self.engine.with_datapath(|d| f(d)).expect("datapath lock")
+        };
+        // First packet creates the entry; the timed ones find it.
+        dp(&mut |d| d.run(hook, &pkt, 1).expect("test run").duration_ns);
+        let per = dp(&mut |d| {
+            d.run(hook, &pkt, iters.clamp(1, u64::from(u32::MAX)) as u32)
+                .expect("test run")
+                .duration_ns
+        });
+        Duration::from_nanos(per * iters)
+    }
+
+    /// Whether the benchmark packet is allowed (it must be, or the numbers
+    /// would measure drops).
+    pub fn allowed(&mut self) -> bool {
+        let pkt = Self::syn(PORTS.end - 1);
+        self.engine.flush();
+        self.engine
+            .with_datapath(|d| d.run(Hook::ToPod, &pkt, 1))
+            .expect("datapath lock")
+            .expect("test run")
+            .passed()
+    }
+}
+
+/// One row of the report: nanoseconds per packet.
+#[derive(Debug, Clone, Copy)]
+pub struct CostRow {
+    /// Policies.
+    pub policies: usize,
+    /// Pass-through program, new-flow method (one run per packet).
+    pub pass_single: f64,
+    /// Pass-through program, repeated run (established method).
+    pub pass_repeat: f64,
+    /// New flow through the server's ingress program.
+    pub new_flow: f64,
+    /// Established flow.
+    pub established: f64,
+}
+
+impl CostRow {
+    /// What policy adds to a new flow.
+    pub fn new_added(&self) -> f64 {
+        self.new_flow - self.pass_single
+    }
+    /// What policy adds to an established flow.
+    pub fn established_added(&self) -> f64 {
+        self.established - self.pass_repeat
+    }
+}
+
+/// Measures one policy count: `samples` rounds of `per_round` packets each,
+/// alternating programs so drift affects all alike; medians of the rounds.
+pub fn measure(policies: usize, samples: usize, per_round: u64) -> anyhow::Result<CostRow> {
+    let mut b = PacketBench::new(&crate::dataplane::cluster(policies))?;
+    anyhow::ensure!(b.allowed(), "the benchmark flow must be allowed");
+    let mut pass_single = Vec::new();
+    let mut pass_repeat = Vec::new();
+    let mut new_flow = Vec::new();
+    let mut established = Vec::new();
+    let per = |d: Duration| d.as_nanos() as f64 / per_round as f64;
+    for _ in 0..samples {
+        pass_single.push(per(b.new_flows(Hook::PassThrough, per_round)));
+        new_flow.push(per(b.new_flows(Hook::ToPod, per_round)));
+        pass_repeat.push(per(b.established(Hook::PassThrough, per_round * 20)) / 20.0);
+        established.push(per(b.established(Hook::ToPod, per_round * 20)) / 20.0);
+    }
+    Ok(CostRow {
+        policies,
+        pass_single: median(&mut pass_single),
+        pass_repeat: median(&mut pass_repeat),
+        new_flow: median(&mut new_flow),
+        established: median(&mut established),
+    })
+}
+
+/// Median of a sample.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
