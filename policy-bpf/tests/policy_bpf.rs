@@ -677,6 +677,66 @@ mod kernel {
         }
     }
 
+    /// A program deeper than the inline part of the kernel walk (one peer
+    /// test per policy, 120 policies) is finished by the bpf_loop part and
+    /// decides like the compiled engine, for every peer.
+    #[test]
+    fn deep_programs_walk_to_the_end() {
+        if !privileged() {
+            return;
+        }
+        let mut y = String::from(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: d}\n---\n\
+            apiVersion: v1\nkind: Pod\nmetadata: {name: server, namespace: d, labels: {app: server}}\nstatus: {podIP: 10.5.0.1}\n",
+        );
+        let groups = 120;
+        for g in 0..groups {
+            y.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: c{g}, namespace: d, labels: {{g: g{g}}}}}\nstatus: {{podIP: 10.5.1.{}}}\n",
+                g + 1
+            ));
+            // Odd groups are denied, even ones allowed, each by its own policy.
+            let action = if g % 2 == 0 { "Allow" } else { "Deny" };
+            y.push_str(&format!(
+                "---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: p{g}, namespace: d}}\n\
+                 spec: {{order: {g}, selector: app == 'server', types: [Ingress], ingress: [{{action: {action}, source: {{selector: g == 'g{g}'}}}}]}}\n"
+            ));
+        }
+        let objects = parse_manifests("deep.yaml", &y)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.object);
+        let cluster = Cluster::from_objects(objects).unwrap();
+        let (compiled, _) = Compiler::from_cluster(&cluster, CompileOptions::default()).unwrap();
+        assert!(
+            compiled.stats().max_depth > 64,
+            "the test needs a deep program, got depth {}",
+            compiled.stats().max_depth
+        );
+        let kernel = KernelEngine::new(&cluster, Capacity::default()).unwrap();
+        let server = key("d/server");
+        let mut seen_allow = 0;
+        for g in 0..groups {
+            let f = Flow::ports(
+                ip(&format!("10.5.1.{}", g + 1)),
+                ip("10.5.0.1"),
+                Protocol::TCP,
+                40000,
+                80,
+            );
+            let want = compiled.decide(&server, Direction::Ingress, &f).unwrap();
+            assert_eq!(
+                kernel.decide(&server, Direction::Ingress, &f).unwrap(),
+                want,
+                "group {g}"
+            );
+            if want.verdict == Verdict::Allow {
+                seen_allow += 1;
+            }
+        }
+        assert_eq!(seen_allow, groups / 2);
+    }
+
     /// Real traffic: the netns engine answers every pod pair of the example
     /// like the reference (TCP, UDP and ICMP).
     #[test]

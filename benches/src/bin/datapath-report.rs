@@ -11,6 +11,23 @@ use palisade_benches::packet_cost::{CostRow, measure};
 
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
+    if let Some(kind) = std::env::args().skip_while(|a| a != "--profile").nth(1) {
+        // Only the program runs, for `perf record -a`: new or established
+        // flows at 1000 policies for five seconds.
+        let mut b = palisade_benches::packet_cost::PacketBench::new(
+            &palisade_benches::dataplane::cluster(1000),
+        )?;
+        let hook = policy_bpf::datapath::Hook::ToPod;
+        let t = std::time::Instant::now();
+        while t.elapsed().as_secs() < 5 {
+            if kind == "new" {
+                b.new_flows(hook, 1000);
+            } else {
+                b.established(hook, 100_000);
+            }
+        }
+        return Ok(());
+    }
     let (samples, per_round) = if quick { (5, 2_000) } else { (21, 10_000) };
     let mut rows: Vec<CostRow> = Vec::new();
     for n in SIZES {

@@ -22,7 +22,7 @@ pub const BITSET_WORDS: usize = 32;
 /// Membership bits per identity or address class.
 pub const MAX_BITS: u32 = (BITSET_WORDS * 64) as u32;
 /// Most nodes a decision walk may visit; deeper programs are refused when lowered.
-pub const MAX_WALK: u32 = 64;
+pub const MAX_WALK: u32 = 1024;
 
 /// Node operation: a leaf (verdict).
 pub const OP_LEAF: u8 = 0;
@@ -424,8 +424,9 @@ pub struct Features {
 }
 
 impl Features {
+    /// The value of one feature (`FEATURE_*`).
     #[inline(always)]
-    fn get(&self, feature: u8) -> u32 {
+    pub fn get(&self, feature: u8) -> u32 {
         match feature {
             FEATURE_PROTOCOL => self.protocol,
             FEATURE_LOCAL_PORT => self.local_port,
@@ -474,22 +475,41 @@ pub fn walk(
             Some(n) => n,
             None => return Err(WalkError::MissingNode(at)),
         };
-        let holds = match n.op {
-            OP_LEAF => {
-                return Ok(Verdict {
-                    allow: n.flags & LEAF_ALLOW != 0,
-                    logged: n.flags & LEAF_LOGGED != 0,
-                    rule: n.value,
-                    steps,
-                });
-            }
-            OP_LESS => features.get(n.feature) < n.value,
-            _ => bit(n.value),
-        };
-        at = if holds { n.then } else { n.otherwise };
+        match step(&n, features, &bit, steps) {
+            Step::Leaf(v) => return Ok(v),
+            Step::Next(next) => at = next,
+        }
         steps += 1;
     }
     Err(WalkError::TooDeep)
+}
+
+/// One step of a walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The walk ended at a leaf.
+    Leaf(Verdict),
+    /// Continue at this node.
+    Next(u32),
+}
+
+/// One node of a walk: the kernel runs this in a `bpf_loop` callback, user
+/// space in [`walk`], so both follow the same edges.
+#[inline(always)]
+pub fn step(n: &Node, features: &Features, bit: impl Fn(u32) -> bool, steps: u32) -> Step {
+    let holds = match n.op {
+        OP_LEAF => {
+            return Step::Leaf(Verdict {
+                allow: n.flags & LEAF_ALLOW != 0,
+                logged: n.flags & LEAF_LOGGED != 0,
+                rule: n.value,
+                steps,
+            });
+        }
+        OP_LESS => features.get(n.feature) < n.value,
+        _ => bit(n.value),
+    };
+    Step::Next(if holds { n.then } else { n.otherwise })
 }
 
 /// Byte access to a packet; the kernel program reads the skb, user space a slice.

@@ -2,20 +2,25 @@
 //! pod's veth at TC ingress (the pod's egress policy); `palisade_to_pod` at TC
 //! egress (the pod's ingress policy).
 //!
-//! Per packet: parse; find the endpoint slot for (interface, direction, local
-//! address); established connections pass on one conntrack lookup; a new flow
-//! classifies its peer with one LPM lookup, reads the peer's identity and
-//! address-class bitsets (two array lookups), walks the slot's decision
-//! program (array reads, bounded), counts the rule, records the connection,
-//! and reports drops (and sampled allows) on a ring buffer.
+//! Per packet: look up the interface (unmanaged ones pass untouched, managed
+//! ones give the conntrack zone); copy the headers once and parse them;
+//! established connections pass on one conntrack lookup. A new flow finds
+//! the endpoint slot for (interface, direction, local address) — a missing
+//! one means a spoofed source — classifies its peer with one LPM lookup,
+//! reads the peer's identity and address-class bitsets (two array lookups),
+//! walks the slot's decision program (array reads, at most MAX_WALK), counts
+//! the rule, records the connection, and reports drops (and sampled allows)
+//! on a ring buffer.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod program {
     use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_SHOT};
+    use aya_ebpf::cty::c_void;
     use aya_ebpf::helpers::{
-        bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_skb_load_bytes,
+        bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_loop,
+        bpf_skb_load_bytes,
     };
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::lpm_trie::Key;
@@ -361,27 +366,46 @@ mod program {
             PALISADE_LPM6.get(Key::new(128, *peer)).copied()
         }
         .unwrap_or_default();
-        let id_bits = if class.identity > 0 {
-            PALISADE_IDENTITIES.get(class.identity - 1)
-        } else {
-            None
+        let mut w = WalkState {
+            at: slot.root,
+            steps: 0,
+            identity: class.identity,
+            class: class.class,
+            features: features(p, direction),
+            done: WALK_RUNNING,
+            verdict: Verdict {
+                allow: false,
+                logged: false,
+                rule: 0,
+                steps: 0,
+            },
         };
-        let class_bits = PALISADE_CLASSES.get(class.class);
-        let f = features(p, direction);
-        let verdict = walk(
-            slot.root,
-            &f,
-            |i| PALISADE_NODES.get(i).copied(),
-            |b| id_bits.is_some_and(|s| s.get(b)) || class_bits.is_some_and(|s| s.get(b)),
-        );
-        let v = match verdict {
-            Ok(v) => v,
-            Err(_) => {
-                stat(STAT_WALK);
-                event(p, ifindex, direction, false, 0, REASON_WALK, false);
-                return DROP;
-            }
-        };
+        // Most programs are shallow: the first steps run inline (cheapest);
+        // deeper walks continue in a bpf_loop callback, which the verifier
+        // checks once however deep programs are.
+        let mut i = 0;
+        while i < INLINE_WALK && w.done == WALK_RUNNING {
+            walk_step(0, (&mut w as *mut WalkState).cast());
+            i += 1;
+        }
+        if w.done == WALK_RUNNING {
+            // SAFETY: `walk_step` has the callback signature bpf_loop expects
+            // and `w` is a stack object that outlives the call.
+            unsafe {
+                bpf_loop(
+                    MAX_WALK - INLINE_WALK,
+                    walk_step as *mut c_void,
+                    (&mut w as *mut WalkState).cast(),
+                    0,
+                )
+            };
+        }
+        if w.done != WALK_LEAF {
+            stat(STAT_WALK);
+            event(p, ifindex, direction, false, 0, REASON_WALK, false);
+            return DROP;
+        }
+        let v = w.verdict;
         count(v.rule, ctx.len());
         if !v.allow {
             event(
@@ -420,6 +444,58 @@ mod program {
             }
         }
         PASS
+    }
+
+    /// Walk steps taken inline before handing over to bpf_loop.
+    const INLINE_WALK: u32 = 24;
+    const WALK_RUNNING: u32 = 0;
+    const WALK_LEAF: u32 = 1;
+    const WALK_BROKEN: u32 = 2;
+
+    /// A decision walk in progress (on the program's stack).
+    #[repr(C)]
+    struct WalkState {
+        at: u32,
+        steps: u32,
+        /// Peer identity slot + 1 (0: none).
+        identity: u32,
+        /// Peer address-class slot.
+        class: u32,
+        features: Features,
+        done: u32,
+        verdict: Verdict,
+    }
+
+    /// One node per iteration; returns 1 to stop the loop.
+    #[inline(always)]
+    extern "C" fn walk_step(_index: u64, ctx: *mut c_void) -> i64 {
+        // SAFETY: bpf_loop passes back the pointer given to it: the caller's
+        // WalkState, alive and not otherwise borrowed during the loop.
+        let w = unsafe { &mut *ctx.cast::<WalkState>() };
+        let Some(n) = PALISADE_NODES.get(w.at) else {
+            w.done = WALK_BROKEN;
+            return 1;
+        };
+        let (identity, class) = (w.identity, w.class);
+        let bit = |b: u32| {
+            let in_identity = identity > 0
+                && PALISADE_IDENTITIES
+                    .get(identity - 1)
+                    .is_some_and(|s| s.get(b));
+            in_identity || PALISADE_CLASSES.get(class).is_some_and(|s| s.get(b))
+        };
+        match step(n, &w.features, bit, w.steps) {
+            Step::Leaf(v) => {
+                w.verdict = v;
+                w.done = WALK_LEAF;
+                1
+            }
+            Step::Next(next) => {
+                w.at = next;
+                w.steps += 1;
+                0
+            }
+        }
     }
 
     /// The pod's egress policy: packets the pod sends.
