@@ -305,21 +305,26 @@ impl Lab {
 
     /// TCP connections per second, each opened and reset (a new flow each).
     pub fn tcp_connect_rate(&self, secs: f64) -> Result<f64> {
-        let listener = self
+        // A deep accept queue: under load the acceptor may lag, and a full
+        // queue would drop SYNs (a one-second retransmit, not policy).
+        let listener: TcpListener = self
             .ns("bench/server")
-            .run(|| TcpListener::bind((SERVER, TCP_PORT)))??;
+            .run(|| -> std::io::Result<Socket> {
+                let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+                s.set_reuse_address(true)?;
+                s.bind(&SocketAddr::new(SERVER.parse().expect("ip"), TCP_PORT).into())?;
+                s.listen(4096)?;
+                Ok(s)
+            })??
+            .into();
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
         let acceptor = {
             let (stop, accepted) = (stop.clone(), accepted.clone());
             std::thread::spawn(move || {
-                listener.set_nonblocking(true).ok();
                 while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok(_) => {
-                            accepted.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_micros(50)),
+                    if listener.accept().is_ok() {
+                        accepted.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             })
@@ -338,13 +343,17 @@ impl Lab {
             })??;
             for s in batch {
                 s.set_linger(Some(Duration::ZERO))?;
-                s.connect_timeout(&dst, Duration::from_secs(1))
+                s.connect_timeout(&dst, Duration::from_secs(5))
                     .context("connect: the policy must allow the client")?;
                 done += 1;
             }
         }
         let elapsed = start.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
+        // One more connection wakes the acceptor so it sees the stop flag.
+        let wake = client_ns.run(|| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))??;
+        wake.set_linger(Some(Duration::ZERO))?;
+        let _ = wake.connect_timeout(&dst, Duration::from_secs(5));
         acceptor.join().ok();
         Ok(done as f64 / elapsed)
     }
