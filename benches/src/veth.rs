@@ -351,7 +351,8 @@ impl Lab {
         let elapsed = start.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
         // One more connection wakes the acceptor so it sees the stop flag.
-        let wake = client_ns.run(|| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))??;
+        let wake =
+            client_ns.run(|| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))??;
         wake.set_linger(Some(Duration::ZERO))?;
         let _ = wake.connect_timeout(&dst, Duration::from_secs(5));
         acceptor.join().ok();
