@@ -158,6 +158,13 @@ pub fn ensure_bpffs() -> Result<(), DatapathError> {
     .map_err(|e| DatapathError::Privileges(format!("mounting bpffs at /sys/fs/bpf: {e}")))
 }
 
+/// The clock `bpf_ktime_get_coarse_ns` reads (CLOCK_MONOTONIC), in ns.
+fn monotonic_ns() -> Result<u64, DatapathError> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_err(|e| DatapathError::Other(format!("clock_gettime: {e}")))?;
+    Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+}
+
 /// Whether this process can load BPF programs (root or CAP_BPF+CAP_NET_ADMIN).
 pub fn privileged() -> bool {
     nix::unistd::Uid::effective().is_root()
@@ -542,6 +549,43 @@ impl Datapath {
     /// Number of tracked connections.
     pub fn conntrack_len(&self) -> usize {
         self.ct.keys().filter(Result::is_ok).count()
+    }
+
+    /// Removes tracked connections idle for longer than their timeout (the
+    /// timeouts in the program's configuration) and returns how many went.
+    ///
+    /// Conntrack is a fixed-size hash: the program drops an expired entry
+    /// when a packet finds it, but connections that simply stop are only
+    /// removed here. Whoever owns the datapath calls this periodically (every
+    /// few seconds under load; `STAT_CT_FULL` counts connections that found
+    /// the table full).
+    pub fn expire_conntrack(&mut self) -> Result<usize, DatapathError> {
+        let cfg = self.config.get(&0, 0).map_err(map_err("PALISADE_CONFIG"))?;
+        let now = monotonic_ns()?;
+        let dead: Vec<CtKey> = self
+            .ct
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                now.saturating_sub(v.last_ns) > ct_timeout_ns(&cfg, k.protocol, v.flags)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for k in dead {
+            // The program may have refreshed it in between: look again.
+            match self.ct.get(&k, 0) {
+                Ok(v)
+                    if now.saturating_sub(v.last_ns) > ct_timeout_ns(&cfg, k.protocol, v.flags) =>
+                {
+                    if self.ct.remove(&k).is_ok() {
+                        removed += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(removed)
     }
 
     /// Forgets every tracked connection.

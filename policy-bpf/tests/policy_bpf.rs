@@ -562,6 +562,60 @@ mod kernel {
         }
     }
 
+    #[test]
+    fn the_sweep_expires_idle_connections_only() {
+        if !privileged() {
+            return;
+        }
+        let mut l = example_loaded();
+        l.dp.set_config(Config {
+            other_s: 1,
+            ..Config::default()
+        })
+        .unwrap();
+        l.dp.flush_conntrack();
+        // An allowed TCP connection (long timeout) and an allowed DNS query
+        // (UDP, one second).
+        let tcp = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(40000, 8080));
+        assert!(l.run(Hook::ToPod, &tcp).0, "web -> api:8080");
+        let mut udp = vec![0u8; 8];
+        udp[0..2].copy_from_slice(&40001u16.to_be_bytes());
+        udp[2..4].copy_from_slice(&53u16.to_be_bytes());
+        udp[5] = 8;
+        let dns = v4("10.10.1.10", "10.10.0.53", 17, &udp);
+        assert!(l.run(Hook::FromPod, &dns).0, "web -> DNS");
+        assert_eq!(l.dp.conntrack_len(), 2);
+        assert_eq!(l.dp.expire_conntrack().unwrap(), 0, "nothing is idle yet");
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        assert_eq!(
+            l.dp.expire_conntrack().unwrap(),
+            1,
+            "the idle UDP flow goes"
+        );
+        assert_eq!(l.dp.conntrack_len(), 1, "the TCP connection stays");
+    }
+
+    #[test]
+    fn a_full_conntrack_table_is_counted_and_policy_still_decides() {
+        if !privileged() {
+            return;
+        }
+        let cap = Capacity {
+            conntrack: 4,
+            ..Capacity::default()
+        };
+        let mut l = Loaded::new(&example(), cap).unwrap();
+        for sport in 40000..40010u16 {
+            let syn = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(sport, 8080));
+            assert!(l.run(Hook::ToPod, &syn).0, "allowed flow {sport} passes");
+        }
+        assert_eq!(l.dp.conntrack_len(), 4);
+        assert_eq!(stat(&l, STAT_CT_FULL), 6, "six flows found the table full");
+        // Denied flows are still denied.
+        let denied = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(40100, 9999));
+        assert!(!l.run(Hook::ToPod, &denied).0, "web -> api:9999 is denied");
+    }
+
     /// The example plus a GlobalNetworkPolicy that allows everything first.
     fn example_opened() -> Cluster {
         let mut objects = example().objects();

@@ -293,8 +293,12 @@ pub const STAT_UNMANAGED: u32 = 6;
 pub const STAT_EVENTS_LOST: u32 = 7;
 /// Non-IP frames (ARP, ...), passed.
 pub const STAT_NON_IP: u32 = 8;
+/// Allowed new connections that could not be tracked because the conntrack
+/// table was full (passed as the policy said; their replies meet policy
+/// again). Nonzero means the table needs sweeping more often or a larger size.
+pub const STAT_CT_FULL: u32 = 9;
 /// Number of statistics.
-pub const STAT_COUNT: u32 = 9;
+pub const STAT_COUNT: u32 = 10;
 
 /// A verdict event (drops always, allows sampled).
 #[repr(C)]
@@ -392,6 +396,24 @@ impl Default for Config {
             other_s: 60,
         }
     }
+}
+
+/// Idle timeout in nanoseconds of a tracked connection: TCP after FIN from
+/// both sides or a RST gets the closing timeout. Shared by the kernel's lazy
+/// expiry and the user-space sweep so both agree on what is dead.
+#[inline(always)]
+pub fn ct_timeout_ns(cfg: &Config, protocol: u8, flags: u32) -> u64 {
+    let s = if protocol == 6 {
+        let both_fin = flags & (CT_FIN_A | CT_FIN_B) == (CT_FIN_A | CT_FIN_B);
+        if flags & CT_RST != 0 || both_fin {
+            cfg.tcp_closing_s
+        } else {
+            cfg.tcp_established_s
+        }
+    } else {
+        cfg.other_s
+    };
+    u64::from(s) * 1_000_000_000
 }
 
 /// Per-CPU working memory of the kernel program (kept off its 512-byte stack).

@@ -47,8 +47,12 @@ mod program {
     static PALISADE_IDENTITIES: Array<Bitset> = Array::pinned(65_536, 0);
     #[map]
     static PALISADE_CLASSES: Array<Bitset> = Array::pinned(16_384, 0);
+    /// Conntrack: a preallocated hash, not an LRU. An LRU insert costs as
+    /// much as the rest of a new flow (free-list rotation); dead entries
+    /// are instead removed when a lookup finds them expired and by the
+    /// user-space sweep (`Datapath::expire_conntrack`), as Calico does.
     #[map]
-    static PALISADE_CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(262_144, 0);
+    static PALISADE_CT: HashMap<CtKey, CtValue> = HashMap::pinned(262_144, 0);
     #[map]
     static PALISADE_FRAGS: LruHashMap<FragKey, u64> = LruHashMap::pinned(16_384, 0);
     #[map]
@@ -188,21 +192,6 @@ mod program {
     }
 
     #[inline(always)]
-    fn timeout_ns(cfg: &Config, p: &Parsed, flags: u32) -> u64 {
-        let s = if p.protocol == 6 {
-            let both_fin = flags & (CT_FIN_A | CT_FIN_B) == (CT_FIN_A | CT_FIN_B);
-            if flags & CT_RST != 0 || both_fin {
-                cfg.tcp_closing_s
-            } else {
-                cfg.tcp_established_s
-            }
-        } else {
-            cfg.other_s
-        };
-        u64::from(s) * 1_000_000_000
-    }
-
-    #[inline(always)]
     fn process(ctx: &TcContext, direction: u8) -> i32 {
         // SAFETY: the context pointer is valid for the program's run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -307,7 +296,8 @@ mod program {
                 || cur.flags & (CT_FIN_A | CT_FIN_B) == (CT_FIN_A | CT_FIN_B);
             let reopened =
                 p.protocol == 6 && closed && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            let expired = now.saturating_sub(cur.last_ns) > timeout_ns(&cfg, p, cur.flags);
+            let expired =
+                now.saturating_sub(cur.last_ns) > ct_timeout_ns(&cfg, p.protocol, cur.flags);
             if !reopened && !expired {
                 let mut flags = cur.flags;
                 if p.protocol == 6 {
@@ -423,7 +413,7 @@ mod program {
         if direction == DIR_EGRESS {
             flags |= CT_EGRESS;
         }
-        let _ = PALISADE_CT.insert(
+        let tracked = PALISADE_CT.insert(
             &sc.ct,
             &CtValue {
                 rule: v.rule,
@@ -433,6 +423,11 @@ mod program {
             },
             u64::from(BPF_ANY),
         );
+        if tracked.is_err() {
+            // The table is full: the policy allowed this packet, so it
+            // passes; later packets are judged by policy again.
+            stat(STAT_CT_FULL);
+        }
         if p.fragment {
             let _ = PALISADE_FRAGS.insert(&sc.frag, &now, u64::from(BPF_NOEXIST));
         }
