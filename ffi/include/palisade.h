@@ -581,6 +581,27 @@ enum palisade_status palisade_detach(struct palisade_engine *engine,
                                      struct palisade_error **err);
 
 /**
+ * Removes idle connections from the datapath's conntrack table and stores
+ * how many went in `*removed`. Conntrack is a fixed-size table: a plugin
+ * that attaches calls this every few seconds (from any thread) so closed
+ * and idle connections make room for new ones.
+ *
+ * Errors: `PALISADE_ERR_NULL` (`removed`), `PALISADE_ERR_NOT_FOUND` (no
+ * interface was ever attached, so there is no datapath),
+ * `PALISADE_ERR_DATAPATH` (the kernel refused, or the library was built
+ * without the datapath), `PALISADE_ERR_BAD_HANDLE`.
+ *
+ * Thread safety: may be called from any thread; serialised with the other
+ * calls on the same engine.
+ *
+ * # Safety
+ * `removed` is NULL or writable; `err` is NULL or writable.
+ */
+enum palisade_status palisade_expire_conntrack(struct palisade_engine *engine,
+                                               uint64_t *removed,
+                                               struct palisade_error **err);
+
+/**
  * Frees a string handed out by the library and resets `*s` to `{NULL, 0}`.
  * `{NULL, 0}` is a no-op, so freeing twice through the same struct is
  * harmless. A pointer that is not a live string of this library (a copy

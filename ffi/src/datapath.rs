@@ -168,6 +168,11 @@ impl Attached {
         Ok(())
     }
 
+    /// Removes idle conntrack entries.
+    pub fn expire_conntrack(&mut self) -> Result<u64, FfiError> {
+        self.dp.expire_conntrack().map(|n| n as u64).map_err(dp_err)
+    }
+
     /// Attached interfaces: name, index and the endpoints bound to it.
     pub fn interfaces(&self) -> Vec<(String, u32, Vec<EndpointKey>)> {
         self.interfaces

@@ -419,6 +419,22 @@ impl Engine {
         #[cfg(not(feature = "datapath"))]
         Err(no_datapath())
     }
+
+    /// Sweeps idle connections out of the datapath's conntrack table;
+    /// returns how many were removed.
+    pub fn expire_conntrack(&mut self) -> Result<u64, FfiError> {
+        #[cfg(feature = "datapath")]
+        {
+            match &mut self.datapath {
+                Some(a) => a.expire_conntrack(),
+                None => Err(FfiError::NotFound(
+                    "no datapath is loaded: attach an interface first".into(),
+                )),
+            }
+        }
+        #[cfg(not(feature = "datapath"))]
+        Err(no_datapath())
+    }
 }
 
 #[cfg(not(feature = "datapath"))]

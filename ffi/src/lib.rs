@@ -719,6 +719,40 @@ pub unsafe extern "C" fn palisade_detach(
     })
 }
 
+/// Removes idle connections from the datapath's conntrack table and stores
+/// how many went in `*removed`. Conntrack is a fixed-size table: a plugin
+/// that attaches calls this every few seconds (from any thread) so closed
+/// and idle connections make room for new ones.
+///
+/// Errors: `PALISADE_ERR_NULL` (`removed`), `PALISADE_ERR_NOT_FOUND` (no
+/// interface was ever attached, so there is no datapath),
+/// `PALISADE_ERR_DATAPATH` (the kernel refused, or the library was built
+/// without the datapath), `PALISADE_ERR_BAD_HANDLE`.
+///
+/// Thread safety: may be called from any thread; serialised with the other
+/// calls on the same engine.
+///
+/// # Safety
+/// `removed` is NULL or writable; `err` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn palisade_expire_conntrack(
+    engine: *mut palisade_engine,
+    removed: *mut u64,
+    err: *mut *mut palisade_error,
+) -> palisade_status {
+    // SAFETY: `err` is NULL or writable (contract).
+    let err = unsafe { out_arg(err) };
+    run(err, || {
+        if removed.is_null() {
+            return Err(FfiError::Null("removed"));
+        }
+        let n = with_engine(engine, |e| e.expire_conntrack())?;
+        // SAFETY: `removed` is non-NULL and writable (contract).
+        unsafe { *removed = n };
+        Ok(())
+    })
+}
+
 /// Frees a string handed out by the library and resets `*s` to `{NULL, 0}`.
 /// `{NULL, 0}` is a no-op, so freeing twice through the same struct is
 /// harmless. A pointer that is not a live string of this library (a copy

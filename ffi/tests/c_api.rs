@@ -320,6 +320,10 @@ fn c_tests_are_clean_under_valgrind() {
     for (name, bin) in c_programs(Link::Shared) {
         let log = out_dir("valgrind").join(format!("{name}.log"));
         let log_arg = format!("--log-file={}", log.display());
+        let supp_arg = format!(
+            "--suppressions={}",
+            crate_path("tests/valgrind.supp").display()
+        );
         let wrapper = [
             "valgrind",
             "--tool=memcheck",
@@ -329,6 +333,7 @@ fn c_tests_are_clean_under_valgrind() {
             "--errors-for-leak-kinds=definite,indirect,possible",
             "--track-origins=yes",
             log_arg.as_str(),
+            supp_arg.as_str(),
         ];
         let out = program_command(name, bin, &wrapper)
             .output()

@@ -163,6 +163,10 @@ static void test_engine_lifecycle(void) {
   }
   EXPECT_ERR(palisade_attach(e, S("lo"), NULL, 0, ERR), PALISADE_ERR_BAD_HANDLE, NULL);
   EXPECT_ERR(palisade_detach(e, S("lo"), ERR), PALISADE_ERR_BAD_HANDLE, NULL);
+  {
+    uint64_t removed = 0;
+    EXPECT_ERR(palisade_expire_conntrack(e, &removed, ERR), PALISADE_ERR_BAD_HANDLE, NULL);
+  }
 }
 
 static int load_examples(palisade_engine *e, const char *dir) {
@@ -574,6 +578,16 @@ static void test_datapath(palisade_engine *e) {
   EXPECT_ERR(palisade_detach(e, S("lo\xff"), ERR), PALISADE_ERR_UTF8, "ifname");
   EXPECT_ERR(palisade_detach(e, S(""), ERR), PALISADE_ERR_INVALID, "interface name");
   EXPECT_ERR(palisade_detach(e, S("lo"), ERR), PALISADE_ERR_NOT_FOUND, "not attached");
+  {
+    uint64_t removed = 0;
+    EXPECT_ERR(palisade_expire_conntrack(e, NULL, ERR), PALISADE_ERR_NULL, "removed");
+    /* Nothing attached yet: no datapath (or none in this build). */
+    s = palisade_expire_conntrack(e, &removed, &error);
+    CHECK(s == PALISADE_ERR_NOT_FOUND || s == PALISADE_ERR_DATAPATH);
+    CHECK(error != NULL && error->code == s);
+    CHECK(palisade_error_free(error) == PALISADE_OK);
+    error = NULL;
+  }
 
   /* Attach to lo without binding an endpoint (traffic keeps passing).
    * Without root or datapath support this is PALISADE_ERR_DATAPATH. */
@@ -588,6 +602,12 @@ static void test_datapath(palisade_engine *e) {
   }
   CHECK(palisade_detach(e, S("lo"), NULL) == PALISADE_OK);
   EXPECT_ERR(palisade_detach(e, S("lo"), ERR), PALISADE_ERR_NOT_FOUND, "not attached");
+  {
+    /* The datapath stays loaded after a detach; no traffic, nothing idle. */
+    uint64_t removed = 99;
+    CHECK(palisade_expire_conntrack(e, &removed, NULL) == PALISADE_OK);
+    CHECK(removed == 0);
+  }
 
   if (iface != NULL) {
     palisade_string maps = {NULL, 0};
