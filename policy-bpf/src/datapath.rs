@@ -123,6 +123,7 @@ pub struct Datapath {
     nodes: Array<MapData, Node>,
     slots: BpfHashMap<MapData, SlotKey, SlotValue>,
     managed: BpfHashMap<MapData, u32, u32>,
+    ifaces: Array<MapData, Interface>,
     lpm4: LpmTrie<MapData, [u8; 4], PeerClass>,
     lpm6: LpmTrie<MapData, [u8; 16], PeerClass>,
     identities: Array<MapData, Bitset>,
@@ -187,6 +188,7 @@ impl Datapath {
             .map_max_entries("PALISADE_NODES", cap.nodes)
             .map_max_entries("PALISADE_SLOTS", cap.slots)
             .map_max_entries("PALISADE_MANAGED", cap.interfaces)
+            .map_max_entries("PALISADE_IFACES", cap.interface_index.max(1))
             .map_max_entries("PALISADE_LPM4", cap.lpm4)
             .map_max_entries("PALISADE_LPM6", cap.lpm6)
             .map_max_entries("PALISADE_IDENTITIES", cap.identities)
@@ -217,6 +219,7 @@ impl Datapath {
             nodes: take!("PALISADE_NODES", Array<MapData, Node>),
             slots: take!("PALISADE_SLOTS", BpfHashMap<MapData, SlotKey, SlotValue>),
             managed: take!("PALISADE_MANAGED", BpfHashMap<MapData, u32, u32>),
+            ifaces: take!("PALISADE_IFACES", Array<MapData, Interface>),
             lpm4: take!("PALISADE_LPM4", LpmTrie<MapData, [u8; 4], PeerClass>),
             lpm6: take!("PALISADE_LPM6", LpmTrie<MapData, [u8; 16], PeerClass>),
             identities: take!("PALISADE_IDENTITIES", Array<MapData, Bitset>),
@@ -274,6 +277,18 @@ impl Datapath {
                 .map_err(map_err("PALISADE_SLOTS")),
             MapWrite::Slot(k, None) => {
                 ignore_missing(self.slots.remove(k)).map_err(map_err("PALISADE_SLOTS"))
+            }
+            MapWrite::Interface(i, z) if *i < self.ifaces.len() => {
+                let v = match z {
+                    Some(zone) => Interface {
+                        zone: *zone,
+                        managed: 1,
+                    },
+                    None => Interface::default(),
+                };
+                self.ifaces
+                    .set(*i, v, 0)
+                    .map_err(map_err("PALISADE_IFACES"))
             }
             MapWrite::Interface(i, Some(z)) => self
                 .managed
@@ -574,15 +589,11 @@ impl Datapath {
         let mut removed = 0;
         for k in dead {
             // The program may have refreshed it in between: look again.
-            match self.ct.get(&k, 0) {
-                Ok(v)
-                    if now.saturating_sub(v.last_ns) > ct_timeout_ns(&cfg, k.protocol, v.flags) =>
-                {
-                    if self.ct.remove(&k).is_ok() {
-                        removed += 1;
-                    }
-                }
-                _ => {}
+            let still_dead = self.ct.get(&k, 0).is_ok_and(|v| {
+                now.saturating_sub(v.last_ns) > ct_timeout_ns(&cfg, k.protocol, v.flags)
+            });
+            if still_dead && self.ct.remove(&k).is_ok() {
+                removed += 1;
             }
         }
         Ok(removed)
@@ -636,7 +647,16 @@ impl Datapath {
     pub fn read_mirror(&self) -> Mirror {
         Mirror {
             slots: self.slots.iter().filter_map(Result::ok).collect(),
-            interfaces: self.managed.iter().filter_map(Result::ok).collect(),
+            interfaces: self
+                .ifaces
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| match v {
+                    Ok(v) if v.managed != 0 => Some((i as u32, v.zone)),
+                    _ => None,
+                })
+                .chain(self.managed.iter().filter_map(Result::ok))
+                .collect(),
             lpm4: self
                 .lpm4
                 .iter()

@@ -27,6 +27,9 @@ pub struct Capacity {
     pub slots: u32,
     /// Managed interfaces.
     pub interfaces: u32,
+    /// Interfaces with an index below this are found by direct indexing
+    /// (cheaper per packet); others in a hash of `interfaces` entries.
+    pub interface_index: u32,
     /// IPv4 LPM entries (prefixes and endpoint addresses).
     pub lpm4: u32,
     /// IPv6 LPM entries.
@@ -47,6 +50,7 @@ impl Default for Capacity {
             nodes: 262_144,
             slots: 65_536,
             interfaces: 16_384,
+            interface_index: 65_536,
             lpm4: 262_144,
             lpm6: 262_144,
             identities: 65_536,

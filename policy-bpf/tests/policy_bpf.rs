@@ -596,6 +596,25 @@ mod kernel {
     }
 
     #[test]
+    fn interfaces_past_the_direct_table_are_still_enforced() {
+        if !privileged() {
+            return;
+        }
+        // Only ifindex 0 fits the direct table: loopback (1) goes to the hash.
+        let cap = Capacity {
+            interface_index: 1,
+            ..Capacity::default()
+        };
+        let mut l = Loaded::new(&example(), cap).unwrap();
+        let allowed = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(40000, 8080));
+        assert!(l.run(Hook::ToPod, &allowed).0, "web -> api:8080");
+        let denied = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(40001, 9999));
+        assert!(!l.run(Hook::ToPod, &denied).0, "web -> api:9999 is denied");
+        assert_eq!(stat(&l, STAT_UNMANAGED), 0);
+        assert!(l.dp.read_mirror().interfaces.contains_key(&1), "read back");
+    }
+
+    #[test]
     fn a_full_conntrack_table_is_counted_and_policy_still_decides() {
         if !privileged() {
             return;

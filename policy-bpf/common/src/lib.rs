@@ -157,6 +157,16 @@ pub struct PeerClass {
     pub class: u32,
 }
 
+/// A managed interface in the direct table (indexed by ifindex).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Interface {
+    /// Conntrack zone of the endpoint behind it.
+    pub zone: u32,
+    /// 1 when Palisade manages the interface (0: an empty entry).
+    pub managed: u32,
+}
+
 /// Where an endpoint's program is attached: interface, direction, local address.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
@@ -555,8 +565,9 @@ impl PacketBytes for &[u8] {
     }
 }
 
-/// What the parser found in a packet.
-#[repr(C)]
+/// What the parser found in a packet. Eight-byte aligned so clearing it is
+/// six word stores in the kernel program rather than a byte-loop memset.
+#[repr(C, align(8))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Parsed {
     /// Source address (IPv4 in the first 4 bytes).
@@ -610,26 +621,14 @@ fn has_ports(protocol: u8) -> bool {
 }
 
 /// Parses Ethernet, IPv4/IPv6 (with extension headers and fragments) and the
-/// transport header into `out`. Every read is bounds-checked; anything short
-/// or inconsistent is [`ParseError::Malformed`]. Reads are small so the
-/// kernel program's stack stays within the BPF limit.
+/// transport header into `out`, which must start all zero (fields the packet
+/// does not carry stay zero; the kernel program clears it with word stores,
+/// cheaper than the byte loop a field-by-field clear compiles to). Every
+/// read is bounds-checked; anything short or inconsistent is
+/// [`ParseError::Malformed`]. Reads are small so the kernel program's stack
+/// stays within the BPF limit.
 #[inline(always)]
 pub fn parse_into<P: PacketBytes>(p: &P, out: &mut Parsed) -> Result<(), ParseError> {
-    // Field by field: a whole-struct assignment becomes a memset call the
-    // BPF verifier rejects.
-    out.src = [0; 16];
-    out.dst = [0; 16];
-    out.frag_id = 0;
-    out.src_port = 0;
-    out.dst_port = 0;
-    out.family = 0;
-    out.protocol = 0;
-    out.icmp_type = 0;
-    out.icmp_code = 0;
-    out.tcp_flags = 0;
-    out.fragment = false;
-    out.later_fragment = false;
-    out.pad = 0;
     let mut b2 = [0u8; 2];
     if !p.read(12, &mut b2) {
         return Err(ParseError::Malformed);
@@ -868,6 +867,8 @@ mod user {
     unsafe impl aya::Pod for FragKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Counter {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Interface {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Event {}
     // SAFETY: as above.

@@ -37,6 +37,11 @@ mod program {
     static PALISADE_NODES: Array<Node> = Array::pinned(262_144, 0);
     #[map]
     static PALISADE_SLOTS: HashMap<SlotKey, SlotValue> = HashMap::pinned(65_536, 0);
+    /// Managed interfaces by ifindex: an array read (inlined by the
+    /// verifier) on every packet; interfaces whose index is past its end are
+    /// in PALISADE_MANAGED.
+    #[map]
+    static PALISADE_IFACES: Array<Interface> = Array::pinned(65_536, 0);
     #[map]
     static PALISADE_MANAGED: HashMap<u32, u32> = HashMap::pinned(16_384, 0);
     #[map]
@@ -121,6 +126,96 @@ mod program {
         }
     }
 
+    // Addresses as 32-bit words. The BPF backend turns copies and
+    // comparisons of byte arrays into calls to byte-loop memcpy/memcmp
+    // subprograms; word access is a few instructions. Sound because every
+    // address field touched this way sits at a 4-byte-aligned offset of a
+    // struct aligned to at least 4 (checked here at compile time).
+    const _: () = {
+        use core::mem::{align_of, offset_of};
+        assert!(align_of::<Parsed>() >= 4 && align_of::<CtKey>() >= 4);
+        assert!(align_of::<FragKey>() >= 4 && align_of::<SlotKey>() >= 4);
+        assert!(align_of::<Event>() >= 4);
+        assert!(offset_of!(Parsed, src) % 4 == 0 && offset_of!(Parsed, dst) % 4 == 0);
+        assert!(offset_of!(CtKey, addr_a) % 4 == 0 && offset_of!(CtKey, addr_b) % 4 == 0);
+        assert!(offset_of!(FragKey, src) % 4 == 0 && offset_of!(FragKey, dst) % 4 == 0);
+        assert!(offset_of!(SlotKey, addr) % 4 == 0);
+        assert!(offset_of!(Event, src) % 4 == 0 && offset_of!(Event, dst) % 4 == 0);
+        assert!(core::mem::size_of::<Parsed>() == 48 && align_of::<Parsed>() == 8);
+    };
+
+    /// Word `i` (0..4) of an address field (see the layout check above).
+    #[inline(always)]
+    fn word(a: &[u8; 16], i: usize) -> u32 {
+        // SAFETY: `a` is an address field at a 4-aligned offset of a
+        // 4-aligned struct, so `a + 4 * i` (i < 4) is an aligned u32 inside it.
+        unsafe { a.as_ptr().cast::<u32>().add(i & 3).read() }
+    }
+
+    /// Copies an address field word by word.
+    #[inline(always)]
+    fn copy_addr(dst: &mut [u8; 16], src: &[u8; 16]) {
+        let d = dst.as_mut_ptr().cast::<u32>();
+        // SAFETY: as in `word`, for both fields; they do not overlap (one is
+        // borrowed mutably).
+        unsafe {
+            d.write(word(src, 0));
+            d.add(1).write(word(src, 1));
+            d.add(2).write(word(src, 2));
+            d.add(3).write(word(src, 3));
+        }
+    }
+
+    /// Zeroes the parse output with six word stores (volatile: LLVM would
+    /// merge plain ones back into a memset call).
+    #[inline(always)]
+    fn clear(p: &mut Parsed) {
+        let w = (p as *mut Parsed).cast::<u64>();
+        // SAFETY: Parsed is 48 bytes, 8-aligned, all integers (checked above).
+        unsafe {
+            w.write_volatile(0);
+            w.add(1).write_volatile(0);
+            w.add(2).write_volatile(0);
+            w.add(3).write_volatile(0);
+            w.add(4).write_volatile(0);
+            w.add(5).write_volatile(0);
+        }
+    }
+
+    /// `ct_key_into` of the common crate, with word access (the kernel
+    /// tests check both give the same verdicts).
+    #[inline(always)]
+    fn ct_key(zone: u32, p: &Parsed, key: &mut CtKey) -> bool {
+        // Lexicographic (address, port) order; byte order of an address is
+        // the numeric order of its big-endian words, and the first
+        // differing word decides.
+        let mut a_is_src = p.src_port <= p.dst_port;
+        let mut i = 4;
+        while i > 0 {
+            i -= 1;
+            let (x, y) = (u32::from_be(word(&p.src, i)), u32::from_be(word(&p.dst, i)));
+            if x != y {
+                a_is_src = x < y;
+            }
+        }
+        key.zone = zone;
+        key.family = p.family;
+        key.protocol = p.protocol;
+        key.pad = 0;
+        if a_is_src {
+            copy_addr(&mut key.addr_a, &p.src);
+            key.port_a = p.src_port;
+            copy_addr(&mut key.addr_b, &p.dst);
+            key.port_b = p.dst_port;
+        } else {
+            copy_addr(&mut key.addr_a, &p.dst);
+            key.port_a = p.dst_port;
+            copy_addr(&mut key.addr_b, &p.src);
+            key.port_b = p.src_port;
+        }
+        a_is_src
+    }
+
     #[inline(always)]
     fn stat(i: u32) {
         if let Some(p) = PALISADE_STATS.get_ptr_mut(i) {
@@ -174,8 +269,8 @@ mod program {
                     (*ev).src_port = sp;
                     (*ev).dst_port = dp;
                     (*ev).pad2 = [0; 6];
-                    (*ev).src = p.src;
-                    (*ev).dst = p.dst;
+                    copy_addr(&mut (*ev).src, &p.src);
+                    copy_addr(&mut (*ev).dst, &p.dst);
                 }
                 e.submit(0);
             }
@@ -196,13 +291,20 @@ mod program {
         // SAFETY: the context pointer is valid for the program's run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         // The interface's conntrack zone (one endpoint per interface).
-        let zone = match PALISADE_MANAGED.get_ptr(&ifindex) {
-            // SAFETY: a u32 written whole by user space.
-            Some(z) => unsafe { *z },
-            None => {
+        let zone = match PALISADE_IFACES.get(ifindex) {
+            Some(i) if i.managed != 0 => i.zone,
+            Some(_) => {
                 stat(STAT_UNMANAGED);
                 return PASS;
             }
+            None => match PALISADE_MANAGED.get_ptr(&ifindex) {
+                // SAFETY: a u32 written whole by user space.
+                Some(z) => unsafe { *z },
+                None => {
+                    stat(STAT_UNMANAGED);
+                    return PASS;
+                }
+            },
         };
         let Some(scratch) = PALISADE_SCRATCH.get_ptr_mut(0) else {
             return DROP;
@@ -239,6 +341,7 @@ mod program {
             head: unsafe { &*head },
             len: if copied { copy } else { 0 },
         };
+        clear(&mut sc.parsed);
         match parse_into(&bytes, &mut sc.parsed) {
             Ok(()) => {}
             Err(ParseError::NotIp) => {
@@ -276,8 +379,8 @@ mod program {
         sc.frag.family = p.family;
         sc.frag.protocol = p.protocol;
         sc.frag.pad = [0; 2];
-        sc.frag.src = p.src;
-        sc.frag.dst = p.dst;
+        copy_addr(&mut sc.frag.src, &p.src);
+        copy_addr(&mut sc.frag.dst, &p.dst);
         if p.later_fragment {
             if PALISADE_FRAGS.get_ptr(&sc.frag).is_some() {
                 return PASS;
@@ -287,7 +390,7 @@ mod program {
             return DROP;
         }
 
-        let a_is_src = ct_key_into(zone, p, &mut sc.ct);
+        let a_is_src = ct_key(zone, p, &mut sc.ct);
         if let Some(v) = PALISADE_CT.get_ptr_mut(&sc.ct) {
             // SAFETY: LRU entries may be evicted concurrently; we only read and
             // update plain integers, and a stale value only affects timeouts.
@@ -327,11 +430,14 @@ mod program {
         sc.slot.direction = direction;
         sc.slot.family = p.family;
         sc.slot.pad = [0; 2];
-        sc.slot.addr = if direction == DIR_EGRESS {
-            p.src
-        } else {
-            p.dst
-        };
+        copy_addr(
+            &mut sc.slot.addr,
+            if direction == DIR_EGRESS {
+                &p.src
+            } else {
+                &p.dst
+            },
+        );
         let slot = match PALISADE_SLOTS.get_ptr(&sc.slot) {
             // SAFETY: slot values are written whole by user space; a reader
             // sees the old or the new value.
