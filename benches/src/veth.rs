@@ -59,7 +59,7 @@ impl Mode {
 #[derive(Debug)]
 pub struct Lab {
     // Drop order: the datapath before the namespaces.
-    _datapath: Option<Datapath>,
+    datapath: Option<Datapath>,
     topo: Topology,
 }
 
@@ -204,7 +204,12 @@ impl Lab {
             Mode::Palisade => {
                 let (compiler, delta) =
                     Compiler::from_cluster(&cluster(n), CompileOptions::default())?;
-                let cap = Capacity::default();
+                // Room for every flow of a run, like the iptables lab's
+                // raised nf_conntrack_max (an entry per local endpoint).
+                let cap = Capacity {
+                    conntrack: CONNTRACK_ENTRIES,
+                    ..Capacity::default()
+                };
                 let mut dp = Datapath::load_private(cap)?;
                 let mut lowering = Lowering::new(cap);
                 let before = lowering.mirror().clone();
@@ -224,10 +229,16 @@ impl Lab {
                 Some(dp)
             }
         };
-        Ok(Lab {
-            _datapath: datapath,
-            topo,
-        })
+        Ok(Lab { datapath, topo })
+    }
+
+    /// Allowed connections that found Palisade's conntrack full (0 in a
+    /// fair run: the table holds every flow, as the iptables lab's does).
+    pub fn conntrack_full(&self) -> Result<u64> {
+        match &self.datapath {
+            Some(dp) => Ok(dp.stats()?[policy_bpf_common::STAT_CT_FULL as usize]),
+            None => Ok(0),
+        }
     }
 
     fn ns(&self, k: &str) -> &Netns {
@@ -414,12 +425,18 @@ fn udp_arrived(ns: &Netns) -> Result<u64> {
     Ok(get("InDatagrams")? + get("RcvbufErrors")?)
 }
 
+/// Conntrack entries of both labs.
+pub const CONNTRACK_ENTRIES: u32 = 4_194_304;
+
 /// Lets the node's conntrack table hold every flow of a run (iptables mode
 /// tracks each new flow in the kernel's table, whose default size would
 /// start dropping first).
 pub fn raise_conntrack_limit() -> Result<()> {
-    std::fs::write("/proc/sys/net/netfilter/nf_conntrack_max", "4194304")
-        .context("raising net.netfilter.nf_conntrack_max")
+    std::fs::write(
+        "/proc/sys/net/netfilter/nf_conntrack_max",
+        CONNTRACK_ENTRIES.to_string(),
+    )
+    .context("raising net.netfilter.nf_conntrack_max")
 }
 
 /// Address of the server (for messages).

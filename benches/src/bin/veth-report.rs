@@ -26,7 +26,7 @@ struct Rates {
 /// Medians per mode, measured in interleaved rounds (the three labs exist
 /// side by side; each round runs every workload in every mode, rotating
 /// the order) so drift and warm-up affect all modes alike.
-fn measure(n: usize, rounds: usize, secs: f64) -> Result<[Rates; 3]> {
+fn measure(n: usize, rounds: usize, secs: f64) -> Result<([Rates; 3], u64)> {
     let modes = [Mode::Baseline, Mode::Iptables, Mode::Palisade];
     let labs: Vec<Lab> = modes
         .iter()
@@ -44,6 +44,7 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<[Rates; 3]> {
             samples[i].2.push(lab.bulk(secs).map_err(what)?);
         }
     }
+    let ct_full = labs[2].conntrack_full()?;
     let mut out = [Rates::default(); 3];
     for (o, (u, t, b)) in out.iter_mut().zip(samples.iter_mut()) {
         *o = Rates {
@@ -52,7 +53,7 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<[Rates; 3]> {
             bulk: median(b),
         };
     }
-    Ok(out)
+    Ok((out, ct_full))
 }
 
 /// Policies, then baseline, iptables and palisade rates.
@@ -62,11 +63,13 @@ fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let (rounds, secs) = if quick { (1, 0.5) } else { (5, 1.5) };
     let mut rows: Vec<Row> = Vec::new();
+    let mut ct_full_total = 0u64;
     for n in SIZES {
         eprintln!(
             "{n} policies: baseline, iptables, palisade ({rounds} rounds of {secs} s each)..."
         );
-        let [base, ipt, pal] = measure(n, rounds, secs)?;
+        let ([base, ipt, pal], ct_full) = measure(n, rounds, secs)?;
+        ct_full_total += ct_full;
         eprintln!(
             "  UDP new flows: iptables {:.2}, palisade {:.2}; TCP connects: iptables {:.2}, palisade {:.2}; bulk: iptables {:.2}, palisade {:.2} (of baseline)",
             ipt.udp / base.udp,
@@ -124,6 +127,12 @@ fn main() -> Result<()> {
             p.bulk / b.bulk
         )?;
     }
+    writeln!(
+        md,
+        "\nBoth conntrack tables have room for every flow of a run ({} entries); allowed \
+         connections that found Palisade's full: {ct_full_total}.",
+        palisade_benches::veth::CONNTRACK_ENTRIES
+    )?;
     writeln!(
         md,
         "\nGoal (issue 4): at least 0.9 of the baseline for new flows at every size.\n\n\

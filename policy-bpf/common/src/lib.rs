@@ -161,7 +161,7 @@ pub struct PeerClass {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Interface {
-    /// Conntrack zone of the endpoint behind it.
+    /// Zone of the endpoint behind it (keeps fragment tracking apart).
     pub zone: u32,
     /// 1 when Palisade manages the interface (0: an empty entry).
     pub managed: u32,
@@ -194,12 +194,14 @@ pub struct SlotValue {
 }
 
 /// Connection key, normalised so both directions find it: `(addr_a, port_a)`
-/// sorts before `(addr_b, port_b)`.
-#[repr(C)]
+/// sorts before `(addr_b, port_b)` (addresses compared as bytes). One entry
+/// per connection on the node: when both ends are local pods, the client's
+/// egress and the server's ingress approval share it (see [`CtValue`]).
+/// For ICMP echo both "ports" are the identifier, so the order is the
+/// addresses'.
+#[repr(C, align(4))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub struct CtKey {
-    /// Conntrack zone (the enforcing endpoint).
-    pub zone: u32,
     /// Address family.
     pub family: u8,
     /// IP protocol.
@@ -224,17 +226,32 @@ pub const CT_FIN_A: u32 = 2;
 pub const CT_FIN_B: u32 = 4;
 /// A RST was seen.
 pub const CT_RST: u32 = 8;
-/// The connection was approved leaving the pod (egress) rather than entering.
-pub const CT_EGRESS: u32 = 16;
+/// The endpoint at side a (on `ifindex_a`) approved the connection: by its
+/// egress policy when side a opened it, else by its ingress policy.
+pub const CT_APPROVED_A: u32 = 16;
+/// The endpoint at side b approved the connection.
+pub const CT_APPROVED_B: u32 = 32;
 
-/// A tracked connection: the verdict that approved it.
+/// A tracked connection and, per side, whether the local endpoint there
+/// approved it and by which rule. A packet passes on the entry only at the
+/// interface of an approving side; the other side's local endpoint (if any)
+/// still decides its first packet with its own policy, then records its
+/// approval in the same entry (no second insert).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CtValue {
-    /// Rule index that allowed the first packet.
-    pub rule: u32,
+    /// Rule index that approved it at side a (with [`CT_APPROVED_A`]).
+    pub rule_a: u32,
+    /// Rule index that approved it at side b (with [`CT_APPROVED_B`]).
+    pub rule_b: u32,
+    /// Interface of side a's endpoint (with [`CT_APPROVED_A`]).
+    pub ifindex_a: u32,
+    /// Interface of side b's endpoint.
+    pub ifindex_b: u32,
     /// `CT_*` flags.
     pub flags: u32,
+    /// Reserved.
+    pub pad: u32,
     /// When the first packet was seen (ns, monotonic).
     pub created_ns: u64,
     /// When the last packet was seen.
@@ -794,37 +811,6 @@ pub fn is_echo_reply(protocol: u8, icmp_type: u8) -> bool {
     (protocol == 1 && icmp_type == 0) || (protocol == 58 && icmp_type == 129)
 }
 
-/// Fills the normalised conntrack key of a packet; returns whether the
-/// packet's source is side a. (For echo, request and reply carry the same
-/// identifier in both "ports"; normalisation then orders by address alone.)
-#[inline(always)]
-pub fn ct_key_into(zone: u32, p: &Parsed, key: &mut CtKey) -> bool {
-    let a_is_src = (p.src, p.src_port) <= (p.dst, p.dst_port);
-    key.zone = zone;
-    key.family = p.family;
-    key.protocol = p.protocol;
-    key.pad = 0;
-    if a_is_src {
-        key.addr_a = p.src;
-        key.port_a = p.src_port;
-        key.addr_b = p.dst;
-        key.port_b = p.dst_port;
-    } else {
-        key.addr_a = p.dst;
-        key.port_a = p.dst_port;
-        key.addr_b = p.src;
-        key.port_b = p.src_port;
-    }
-    a_is_src
-}
-
-/// [`ct_key_into`] by value (user space).
-pub fn ct_key(zone: u32, p: &Parsed) -> (CtKey, bool) {
-    let mut k = CtKey::default();
-    let a = ct_key_into(zone, p, &mut k);
-    (k, a)
-}
-
 /// Policy features of a parsed packet for one direction.
 #[inline(always)]
 pub fn features(p: &Parsed, direction: u8) -> Features {
@@ -883,7 +869,8 @@ mod tests {
     fn layouts_are_fixed() {
         assert_eq!(core::mem::size_of::<Node>(), 16);
         assert_eq!(core::mem::size_of::<SlotKey>(), 24);
-        assert_eq!(core::mem::size_of::<CtKey>(), 44);
+        assert_eq!(core::mem::size_of::<CtKey>(), 40);
+        assert_eq!(core::mem::size_of::<CtValue>(), 40);
         assert_eq!(core::mem::size_of::<Event>(), 64);
         assert_eq!(core::mem::size_of::<Bitset>(), BITSET_WORDS * 8);
     }

@@ -3,7 +3,7 @@
 //! egress (the pod's ingress policy).
 //!
 //! Per packet: look up the interface (unmanaged ones pass untouched, managed
-//! ones give the conntrack zone); copy the headers once and parse them;
+//! ones give the endpoint's zone); copy the headers once and parse them;
 //! established connections pass on one conntrack lookup. A new flow finds
 //! the endpoint slot for (interface, direction, local address) — a missing
 //! one means a spoofed source — classifies its peer with one LPM lookup,
@@ -16,7 +16,7 @@
 
 #[cfg(target_arch = "bpf")]
 mod program {
-    use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_SHOT};
+    use aya_ebpf::bindings::{BPF_NOEXIST, TC_ACT_SHOT};
     use aya_ebpf::cty::c_void;
     use aya_ebpf::helpers::{
         bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_loop,
@@ -182,10 +182,10 @@ mod program {
         }
     }
 
-    /// `ct_key_into` of the common crate, with word access (the kernel
-    /// tests check both give the same verdicts).
+    /// Fills the normalised conntrack key ([`CtKey`]); returns whether the
+    /// packet's source is side a.
     #[inline(always)]
-    fn ct_key(zone: u32, p: &Parsed, key: &mut CtKey) -> bool {
+    fn ct_key(p: &Parsed, key: &mut CtKey) -> bool {
         // Lexicographic (address, port) order; byte order of an address is
         // the numeric order of its big-endian words, and the first
         // differing word decides.
@@ -198,7 +198,6 @@ mod program {
                 a_is_src = x < y;
             }
         }
-        key.zone = zone;
         key.family = p.family;
         key.protocol = p.protocol;
         key.pad = 0;
@@ -214,6 +213,71 @@ mod program {
             key.port_b = p.src_port;
         }
         a_is_src
+    }
+
+    /// Records this side's approval: joins the entry when the connection is
+    /// tracked (or became so meanwhile), else inserts one. False when the
+    /// table is full.
+    #[inline(always)]
+    fn approve(
+        key: &CtKey,
+        tracked: bool,
+        local_is_a: bool,
+        a_is_src: bool,
+        rule: u32,
+        ifindex: u32,
+        now: u64,
+    ) -> bool {
+        let join = || match PALISADE_CT.get_ptr_mut(key) {
+            Some(v) => {
+                // SAFETY: as for the lookup in `process`.
+                unsafe {
+                    if local_is_a {
+                        (*v).rule_a = rule;
+                        (*v).ifindex_a = ifindex;
+                        (*v).flags |= CT_APPROVED_A;
+                    } else {
+                        (*v).rule_b = rule;
+                        (*v).ifindex_b = ifindex;
+                        (*v).flags |= CT_APPROVED_B;
+                    }
+                }
+                true
+            }
+            None => false,
+        };
+        if tracked && join() {
+            return true;
+        }
+        let origin = if a_is_src { CT_ORIGIN_A } else { 0 };
+        let value = if local_is_a {
+            CtValue {
+                rule_a: rule,
+                rule_b: 0,
+                ifindex_a: ifindex,
+                ifindex_b: 0,
+                flags: origin | CT_APPROVED_A,
+                pad: 0,
+                created_ns: now,
+                last_ns: now,
+            }
+        } else {
+            CtValue {
+                rule_a: 0,
+                rule_b: rule,
+                ifindex_a: 0,
+                ifindex_b: ifindex,
+                flags: origin | CT_APPROVED_B,
+                pad: 0,
+                created_ns: now,
+                last_ns: now,
+            }
+        };
+        // NOEXIST: another CPU may have just inserted it; then join that.
+        PALISADE_CT
+            .insert(key, &value, u64::from(BPF_NOEXIST))
+            .is_ok()
+            || join()
     }
 
     #[inline(always)]
@@ -290,7 +354,8 @@ mod program {
     fn process(ctx: &TcContext, direction: u8) -> i32 {
         // SAFETY: the context pointer is valid for the program's run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        // The interface's conntrack zone (one endpoint per interface).
+        // The interface's zone (one endpoint per interface; keeps
+        // fragment tracking apart).
         let zone = match PALISADE_IFACES.get(ifindex) {
             Some(i) if i.managed != 0 => i.zone,
             Some(_) => {
@@ -390,37 +455,62 @@ mod program {
             return DROP;
         }
 
-        let a_is_src = ct_key(zone, p, &mut sc.ct);
+        let a_is_src = ct_key(p, &mut sc.ct);
+        // The side of the connection this interface's endpoint is on.
+        let local_is_a = a_is_src == (direction == DIR_EGRESS);
+        let approved_bit = if local_is_a {
+            CT_APPROVED_A
+        } else {
+            CT_APPROVED_B
+        };
+        // Whether the connection is tracked (approved by the other side's
+        // endpoint only): this side's policy decides, then joins the entry.
+        let mut tracked = false;
         if let Some(v) = PALISADE_CT.get_ptr_mut(&sc.ct) {
-            // SAFETY: LRU entries may be evicted concurrently; we only read and
-            // update plain integers, and a stale value only affects timeouts.
-            let cur = unsafe { *v };
-            let closed = cur.flags & CT_RST != 0
-                || cur.flags & (CT_FIN_A | CT_FIN_B) == (CT_FIN_A | CT_FIN_B);
+            // SAFETY: hash entries stay valid for the program's run (RCU);
+            // fields are read and written one by one as plain integers. A
+            // racing update from another CPU can lose a flag bit, which
+            // costs one more policy decision or a timeout class, never a
+            // wrong allow: approval bits are only set after a policy allow.
+            let (flags, last_ns) = unsafe { ((*v).flags, (*v).last_ns) };
+            let closed =
+                flags & CT_RST != 0 || flags & (CT_FIN_A | CT_FIN_B) == (CT_FIN_A | CT_FIN_B);
             let reopened =
                 p.protocol == 6 && closed && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            let expired =
-                now.saturating_sub(cur.last_ns) > ct_timeout_ns(&cfg, p.protocol, cur.flags);
+            let expired = now.saturating_sub(last_ns) > ct_timeout_ns(&cfg, p.protocol, flags);
             if !reopened && !expired {
-                let mut flags = cur.flags;
+                let mut new_flags = flags;
                 if p.protocol == 6 {
                     if p.tcp_flags & TCP_RST != 0 {
-                        flags |= CT_RST;
+                        new_flags |= CT_RST;
                     }
                     if p.tcp_flags & TCP_FIN != 0 {
-                        flags |= if a_is_src { CT_FIN_A } else { CT_FIN_B };
+                        new_flags |= if a_is_src { CT_FIN_A } else { CT_FIN_B };
                     }
                 }
                 // SAFETY: see above.
-                unsafe {
+                let (rule, approved_on) = unsafe {
                     (*v).last_ns = now;
-                    (*v).flags = flags;
+                    if new_flags != flags {
+                        (*v).flags = new_flags;
+                    }
+                    if local_is_a {
+                        ((*v).rule_a, (*v).ifindex_a)
+                    } else {
+                        ((*v).rule_b, (*v).ifindex_b)
+                    }
+                };
+                // Approved by this endpoint, on this interface (a packet
+                // with the same addresses from elsewhere is not).
+                if flags & approved_bit != 0 && approved_on == ifindex {
+                    count(rule, ctx.len());
+                    stat(STAT_ESTABLISHED);
+                    return PASS;
                 }
-                count(cur.rule, ctx.len());
-                stat(STAT_ESTABLISHED);
-                return PASS;
+                tracked = true;
+            } else {
+                let _ = PALISADE_CT.remove(&sc.ct);
             }
-            let _ = PALISADE_CT.remove(&sc.ct);
         }
 
         // New flow: find the endpoint's slot (its address on this
@@ -515,21 +605,7 @@ mod program {
             );
             return DROP;
         }
-        let mut flags = if a_is_src { CT_ORIGIN_A } else { 0 };
-        if direction == DIR_EGRESS {
-            flags |= CT_EGRESS;
-        }
-        let tracked = PALISADE_CT.insert(
-            &sc.ct,
-            &CtValue {
-                rule: v.rule,
-                flags,
-                created_ns: now,
-                last_ns: now,
-            },
-            u64::from(BPF_ANY),
-        );
-        if tracked.is_err() {
+        if !approve(&sc.ct, tracked, local_is_a, a_is_src, v.rule, ifindex, now) {
             // The table is full: the policy allowed this packet, so it
             // passes; later packets are judged by policy again.
             stat(STAT_CT_FULL);
