@@ -4,7 +4,8 @@
 //! measured in the same run.
 //!
 //! `sudo cargo run --release -p palisade-benches --bin veth-report [-- --quick]`
-//! (needs iptables and ipset).
+//! (needs iptables and ipset). `-- --profile palisade|iptables|baseline`
+//! runs only UDP new flows in one lab for five seconds, for `perf record -a`.
 
 use std::fmt::Write as _;
 
@@ -60,6 +61,19 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<([Rates; 3], u64)> {
 type Row = (usize, Rates, Rates, Rates);
 
 fn main() -> Result<()> {
+    if let Some(mode) = std::env::args().skip_while(|a| a != "--profile").nth(1) {
+        // Only one workload, for `perf record -a`: UDP new flows through the
+        // palisade (or iptables, or baseline) lab at 1000 policies for 5 s.
+        let mode = match mode.as_str() {
+            "iptables" => Mode::Iptables,
+            "baseline" => Mode::Baseline,
+            _ => Mode::Palisade,
+        };
+        let lab = Lab::new(mode, 1000)?;
+        let rate = lab.udp_new_flows(5.0)?;
+        eprintln!("{} UDP new flows/s: {rate:.0}", mode.name());
+        return Ok(());
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let (rounds, secs) = if quick { (1, 0.5) } else { (5, 1.5) };
     let mut rows: Vec<Row> = Vec::new();

@@ -250,28 +250,20 @@ mod program {
             return true;
         }
         let origin = if a_is_src { CT_ORIGIN_A } else { 0 };
-        let value = if local_is_a {
-            CtValue {
-                rule_a: rule,
-                rule_b: 0,
-                ifindex_a: ifindex,
-                ifindex_b: 0,
-                flags: origin | CT_APPROVED_A,
-                pad: 0,
-                created_ns: now,
-                last_ns: now,
-            }
+        let (rule_a, ifindex_a, rule_b, ifindex_b, approved) = if local_is_a {
+            (rule, ifindex, 0, 0, CT_APPROVED_A)
         } else {
-            CtValue {
-                rule_a: 0,
-                rule_b: rule,
-                ifindex_a: 0,
-                ifindex_b: ifindex,
-                flags: origin | CT_APPROVED_B,
-                pad: 0,
-                created_ns: now,
-                last_ns: now,
-            }
+            (0, 0, rule, ifindex, CT_APPROVED_B)
+        };
+        let value = CtValue {
+            rule_a,
+            rule_b,
+            ifindex_a,
+            ifindex_b,
+            flags: origin | approved,
+            pad: 0,
+            created_ns: now,
+            last_ns: now,
         };
         // NOEXIST: another CPU may have just inserted it; then join that.
         PALISADE_CT
