@@ -129,6 +129,7 @@ pub struct Datapath {
     identities: Array<MapData, Bitset>,
     classes: Array<MapData, Bitset>,
     ct: BpfHashMap<MapData, CtKey, CtValue>,
+    ct4: BpfHashMap<MapData, CtKey4, CtValue>,
     counters: PerCpuArray<MapData, Counter>,
     stats: PerCpuArray<MapData, u64>,
     events: RingBuf<MapData>,
@@ -157,6 +158,33 @@ pub fn ensure_bpffs() -> Result<(), DatapathError> {
         None::<&str>,
     )
     .map_err(|e| DatapathError::Privileges(format!("mounting bpffs at /sys/fs/bpf: {e}")))
+}
+
+/// Removes the idle entries of one conntrack table; returns how many went.
+fn expire<K: aya::Pod>(
+    table: &mut BpfHashMap<MapData, K, CtValue>,
+    cfg: &Config,
+    now: u64,
+    protocol: impl Fn(&K) -> u8,
+) -> usize {
+    let idle = |k: &K, v: &CtValue| {
+        now.saturating_sub(v.last_ns) > ct_timeout_ns(cfg, protocol(k), v.flags)
+    };
+    let dead: Vec<K> = table
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| idle(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    let mut removed = 0;
+    for k in dead {
+        // The program may have refreshed it in between: look again.
+        let still_dead = table.get(&k, 0).is_ok_and(|v| idle(&k, &v));
+        if still_dead && table.remove(&k).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// The clock `bpf_ktime_get_coarse_ns` reads (CLOCK_MONOTONIC), in ns.
@@ -194,6 +222,7 @@ impl Datapath {
             .map_max_entries("PALISADE_IDENTITIES", cap.identities)
             .map_max_entries("PALISADE_CLASSES", cap.classes)
             .map_max_entries("PALISADE_CT", cap.conntrack)
+            .map_max_entries("PALISADE_CT4", cap.conntrack)
             .map_max_entries("PALISADE_COUNTERS", cap.rules);
         let mut ebpf = loader
             .load(OBJECT)
@@ -225,6 +254,7 @@ impl Datapath {
             identities: take!("PALISADE_IDENTITIES", Array<MapData, Bitset>),
             classes: take!("PALISADE_CLASSES", Array<MapData, Bitset>),
             ct: take!("PALISADE_CT", BpfHashMap<MapData, CtKey, CtValue>),
+            ct4: take!("PALISADE_CT4", BpfHashMap<MapData, CtKey4, CtValue>),
             counters: take!("PALISADE_COUNTERS", PerCpuArray<MapData, Counter>),
             stats: take!("PALISADE_STATS", PerCpuArray<MapData, u64>),
             events: take!("PALISADE_EVENTS", RingBuf<MapData>),
@@ -563,7 +593,7 @@ impl Datapath {
 
     /// Number of tracked connections.
     pub fn conntrack_len(&self) -> usize {
-        self.ct.keys().filter(Result::is_ok).count()
+        self.ct.keys().filter(Result::is_ok).count() + self.ct4.keys().filter(Result::is_ok).count()
     }
 
     /// Removes tracked connections idle for longer than their timeout (the
@@ -577,26 +607,8 @@ impl Datapath {
     pub fn expire_conntrack(&mut self) -> Result<usize, DatapathError> {
         let cfg = self.config.get(&0, 0).map_err(map_err("PALISADE_CONFIG"))?;
         let now = monotonic_ns()?;
-        let dead: Vec<CtKey> = self
-            .ct
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                now.saturating_sub(v.last_ns) > ct_timeout_ns(&cfg, k.protocol, v.flags)
-            })
-            .map(|(k, _)| k)
-            .collect();
-        let mut removed = 0;
-        for k in dead {
-            // The program may have refreshed it in between: look again.
-            let still_dead = self.ct.get(&k, 0).is_ok_and(|v| {
-                now.saturating_sub(v.last_ns) > ct_timeout_ns(&cfg, k.protocol, v.flags)
-            });
-            if still_dead && self.ct.remove(&k).is_ok() {
-                removed += 1;
-            }
-        }
-        Ok(removed)
+        Ok(expire(&mut self.ct4, &cfg, now, |k| k.protocol)
+            + expire(&mut self.ct, &cfg, now, |k| k.protocol))
     }
 
     /// Forgets every tracked connection.
@@ -604,6 +616,10 @@ impl Datapath {
         let keys: Vec<CtKey> = self.ct.keys().filter_map(Result::ok).collect();
         for k in keys {
             let _ = self.ct.remove(&k);
+        }
+        let keys: Vec<CtKey4> = self.ct4.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = self.ct4.remove(&k);
         }
     }
 

@@ -40,7 +40,8 @@ pub struct Capacity {
     pub classes: u32,
     /// Rule counters.
     pub rules: u32,
-    /// Tracked connections.
+    /// Tracked connections, per address family (IPv4 and IPv6 each have a
+    /// table of this size).
     pub conntrack: u32,
 }
 

@@ -218,6 +218,28 @@ pub struct CtKey {
     pub addr_b: [u8; 16],
 }
 
+/// [`CtKey`] of an IPv4 connection, in the IPv4 table: with 4-byte
+/// addresses the key is 16 bytes, which hashes and compares in less than
+/// half the time on every packet.
+#[repr(C, align(4))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct CtKey4 {
+    /// IP protocol.
+    pub protocol: u8,
+    /// Reserved.
+    pub pad: u8,
+    /// Port of side a (ICMP: identifier).
+    pub port_a: u16,
+    /// Port of side b.
+    pub port_b: u16,
+    /// Reserved.
+    pub pad2: u16,
+    /// Address of side a.
+    pub addr_a: [u8; 4],
+    /// Address of side b.
+    pub addr_b: [u8; 4],
+}
+
 /// Side a opened the connection.
 pub const CT_ORIGIN_A: u32 = 1;
 /// A FIN was seen from side a.
@@ -451,8 +473,10 @@ pub struct Scratch {
     pub parsed: Parsed,
     /// Slot lookup key.
     pub slot: SlotKey,
-    /// Conntrack key.
+    /// Conntrack key (IPv6).
     pub ct: CtKey,
+    /// Conntrack key (IPv4).
+    pub ct4: CtKey4,
     /// Fragment key.
     pub frag: FragKey,
 }
@@ -848,6 +872,8 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for CtKey {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for CtKey4 {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for CtValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FragKey {}
@@ -871,6 +897,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<SlotKey>(), 24);
         assert_eq!(core::mem::size_of::<CtKey>(), 40);
         assert_eq!(core::mem::size_of::<CtValue>(), 40);
+        assert_eq!(core::mem::size_of::<CtKey4>(), 16);
         assert_eq!(core::mem::size_of::<Event>(), 64);
         assert_eq!(core::mem::size_of::<Bitset>(), BITSET_WORDS * 8);
     }

@@ -58,6 +58,9 @@ mod program {
     /// user-space sweep (`Datapath::expire_conntrack`), as Calico does.
     #[map]
     static PALISADE_CT: HashMap<CtKey, CtValue> = HashMap::pinned(262_144, 0);
+    /// IPv4 connections, with a key less than half the size.
+    #[map]
+    static PALISADE_CT4: HashMap<CtKey4, CtValue> = HashMap::pinned(262_144, 0);
     #[map]
     static PALISADE_FRAGS: LruHashMap<FragKey, u64> = LruHashMap::pinned(16_384, 0);
     #[map]
@@ -138,6 +141,8 @@ mod program {
         assert!(align_of::<Event>() >= 4);
         assert!(offset_of!(Parsed, src) % 4 == 0 && offset_of!(Parsed, dst) % 4 == 0);
         assert!(offset_of!(CtKey, addr_a) % 4 == 0 && offset_of!(CtKey, addr_b) % 4 == 0);
+        assert!(align_of::<CtKey4>() >= 4);
+        assert!(offset_of!(CtKey4, addr_a) % 4 == 0 && offset_of!(CtKey4, addr_b) % 4 == 0);
         assert!(offset_of!(FragKey, src) % 4 == 0 && offset_of!(FragKey, dst) % 4 == 0);
         assert!(offset_of!(SlotKey, addr) % 4 == 0);
         assert!(offset_of!(Event, src) % 4 == 0 && offset_of!(Event, dst) % 4 == 0);
@@ -182,10 +187,10 @@ mod program {
         }
     }
 
-    /// Fills the normalised conntrack key ([`CtKey`]); returns whether the
-    /// packet's source is side a.
+    /// Fills the normalised conntrack key of the packet's family ([`CtKey4`]
+    /// or [`CtKey`]); returns whether the packet's source is side a.
     #[inline(always)]
-    fn ct_key(p: &Parsed, key: &mut CtKey) -> bool {
+    fn ct_key(p: &Parsed, key: &mut CtKey, key4: &mut CtKey4) -> bool {
         // Lexicographic (address, port) order; byte order of an address is
         // the numeric order of its big-endian words, and the first
         // differing word decides.
@@ -197,6 +202,27 @@ mod program {
             if x != y {
                 a_is_src = x < y;
             }
+        }
+        if p.family == FAMILY_V4 {
+            let (a, b) = if a_is_src {
+                (&p.src, &p.dst)
+            } else {
+                (&p.dst, &p.src)
+            };
+            key4.protocol = p.protocol;
+            key4.pad = 0;
+            key4.pad2 = 0;
+            (key4.port_a, key4.port_b) = if a_is_src {
+                (p.src_port, p.dst_port)
+            } else {
+                (p.dst_port, p.src_port)
+            };
+            // SAFETY: 4-aligned fields of a 4-aligned struct (checked above).
+            unsafe {
+                key4.addr_a.as_mut_ptr().cast::<u32>().write(word(a, 0));
+                key4.addr_b.as_mut_ptr().cast::<u32>().write(word(b, 0));
+            }
+            return a_is_src;
         }
         key.family = p.family;
         key.protocol = p.protocol;
@@ -215,12 +241,60 @@ mod program {
         a_is_src
     }
 
+    /// A connection's entry, in the table of its family. The family is
+    /// read from the per-CPU scratch at each access (volatile): kept in a
+    /// register, it would split every verifier state after the parse in
+    /// two (IPv4 and IPv6) and exceed the verifier's instruction budget;
+    /// read from memory, the paths merge again after each access.
+    struct Conn<'a> {
+        family: &'a u8,
+        key: &'a CtKey,
+        key4: &'a CtKey4,
+    }
+
+    impl Conn<'_> {
+        #[inline(always)]
+        fn v4(&self) -> bool {
+            // SAFETY: a valid, aligned reference.
+            unsafe { core::ptr::read_volatile(self.family) == FAMILY_V4 }
+        }
+
+        #[inline(always)]
+        fn get(&self) -> Option<*mut CtValue> {
+            if self.v4() {
+                PALISADE_CT4.get_ptr_mut(self.key4)
+            } else {
+                PALISADE_CT.get_ptr_mut(self.key)
+            }
+        }
+
+        #[inline(always)]
+        fn remove(&self) {
+            let _ = if self.v4() {
+                PALISADE_CT4.remove(self.key4)
+            } else {
+                PALISADE_CT.remove(self.key)
+            };
+        }
+
+        /// Inserts unless present; false if present or the table is full.
+        #[inline(always)]
+        fn insert_new(&self, v: &CtValue) -> bool {
+            let flags = u64::from(BPF_NOEXIST);
+            if self.v4() {
+                PALISADE_CT4.insert(self.key4, v, flags).is_ok()
+            } else {
+                PALISADE_CT.insert(self.key, v, flags).is_ok()
+            }
+        }
+    }
+
     /// Records this side's approval: joins the entry when the connection is
     /// tracked (or became so meanwhile), else inserts one. False when the
     /// table is full.
     #[inline(always)]
     fn approve(
-        key: &CtKey,
+        conn: &Conn,
         tracked: bool,
         local_is_a: bool,
         a_is_src: bool,
@@ -228,7 +302,7 @@ mod program {
         ifindex: u32,
         now: u64,
     ) -> bool {
-        let join = || match PALISADE_CT.get_ptr_mut(key) {
+        let join = || match conn.get() {
             Some(v) => {
                 // SAFETY: as for the lookup in `process`.
                 unsafe {
@@ -266,10 +340,7 @@ mod program {
             last_ns: now,
         };
         // NOEXIST: another CPU may have just inserted it; then join that.
-        PALISADE_CT
-            .insert(key, &value, u64::from(BPF_NOEXIST))
-            .is_ok()
-            || join()
+        conn.insert_new(&value) || join()
     }
 
     #[inline(always)]
@@ -447,7 +518,12 @@ mod program {
             return DROP;
         }
 
-        let a_is_src = ct_key(p, &mut sc.ct);
+        let a_is_src = ct_key(p, &mut sc.ct, &mut sc.ct4);
+        let conn = Conn {
+            family: &sc.parsed.family,
+            key: &sc.ct,
+            key4: &sc.ct4,
+        };
         // The side of the connection this interface's endpoint is on.
         let local_is_a = a_is_src == (direction == DIR_EGRESS);
         let approved_bit = if local_is_a {
@@ -458,7 +534,7 @@ mod program {
         // Whether the connection is tracked (approved by the other side's
         // endpoint only): this side's policy decides, then joins the entry.
         let mut tracked = false;
-        if let Some(v) = PALISADE_CT.get_ptr_mut(&sc.ct) {
+        if let Some(v) = conn.get() {
             // SAFETY: hash entries stay valid for the program's run (RCU);
             // fields are read and written one by one as plain integers. A
             // racing update from another CPU can lose a flag bit, which
@@ -501,7 +577,7 @@ mod program {
                 }
                 tracked = true;
             } else {
-                let _ = PALISADE_CT.remove(&sc.ct);
+                conn.remove();
             }
         }
 
@@ -597,7 +673,7 @@ mod program {
             );
             return DROP;
         }
-        if !approve(&sc.ct, tracked, local_is_a, a_is_src, v.rule, ifindex, now) {
+        if !approve(&conn, tracked, local_is_a, a_is_src, v.rule, ifindex, now) {
             // The table is full: the policy allowed this packet, so it
             // passes; later packets are judged by policy again.
             stat(STAT_CT_FULL);
