@@ -84,8 +84,8 @@ fn main() -> Result<()> {
          conntrack hash, the miss lookup and the insert, each touching a cold bucket or element of \
          a 262144-entry table; the program body is about a fifth and the LPM, slot and bitset \
          lookups little. On an established flow the program body (parse and checks) is about half \
-         and hashing the 40-byte conntrack key a fifth. Conntrack was an LRU hash until \
-         this run: its insert cost as much as the whole program body, so it is now a \
+         and hashing the conntrack key a fifth (hence a 16-byte key for IPv4). Conntrack \
+         was an LRU hash until this run: its insert cost as much as the whole program body, so it is now a \
          preallocated hash swept from user space, with one entry per connection shared by both \
          local endpoints.\n"
     )?;
