@@ -160,26 +160,22 @@ pub fn ensure_bpffs() -> Result<(), DatapathError> {
     .map_err(|e| DatapathError::Privileges(format!("mounting bpffs at /sys/fs/bpf: {e}")))
 }
 
-/// Removes the idle entries of one conntrack table; returns how many went.
-fn expire<K: aya::Pod>(
+/// Removes the entries of one conntrack table that `dead` picks; returns
+/// how many went.
+fn remove_where<K: aya::Pod>(
     table: &mut BpfHashMap<MapData, K, CtValue>,
-    cfg: &Config,
-    now: u64,
-    protocol: impl Fn(&K) -> u8,
+    dead: impl Fn(&K, &CtValue) -> bool,
 ) -> usize {
-    let idle = |k: &K, v: &CtValue| {
-        now.saturating_sub(v.last_ns) > ct_timeout_ns(cfg, protocol(k), v.flags)
-    };
-    let dead: Vec<K> = table
+    let picked: Vec<K> = table
         .iter()
         .filter_map(Result::ok)
-        .filter(|(k, v)| idle(k, v))
+        .filter(|(k, v)| dead(k, v))
         .map(|(k, _)| k)
         .collect();
     let mut removed = 0;
-    for k in dead {
+    for k in picked {
         // The program may have refreshed it in between: look again.
-        let still_dead = table.get(&k, 0).is_ok_and(|v| idle(&k, &v));
+        let still_dead = table.get(&k, 0).is_ok_and(|v| dead(&k, &v));
         if still_dead && table.remove(&k).is_ok() {
             removed += 1;
         }
@@ -607,20 +603,17 @@ impl Datapath {
     pub fn expire_conntrack(&mut self) -> Result<usize, DatapathError> {
         let cfg = self.config.get(&0, 0).map_err(map_err("PALISADE_CONFIG"))?;
         let now = monotonic_ns()?;
-        Ok(expire(&mut self.ct4, &cfg, now, |k| k.protocol)
-            + expire(&mut self.ct, &cfg, now, |k| k.protocol))
+        let idle = |protocol: u8, v: &CtValue| {
+            now.saturating_sub(v.last_ns) > ct_timeout_ns(&cfg, protocol, v.flags)
+        };
+        Ok(remove_where(&mut self.ct4, |k, v| idle(k.protocol, v))
+            + remove_where(&mut self.ct, |k, v| idle(k.protocol, v)))
     }
 
     /// Forgets every tracked connection.
     pub fn flush_conntrack(&mut self) {
-        let keys: Vec<CtKey> = self.ct.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            let _ = self.ct.remove(&k);
-        }
-        let keys: Vec<CtKey4> = self.ct4.keys().filter_map(Result::ok).collect();
-        for k in keys {
-            let _ = self.ct4.remove(&k);
-        }
+        remove_where(&mut self.ct4, |_, _| true);
+        remove_where(&mut self.ct, |_, _| true);
     }
 
     /// The entries live policy depends on: nodes reachable from the slots,
