@@ -585,10 +585,42 @@ pub fn step(n: &Node, features: &Features, bit: impl Fn(u32) -> bool, steps: u32
     Step::Next(if holds { n.then } else { n.otherwise })
 }
 
-/// Byte access to a packet; the kernel program reads the skb, user space a slice.
+/// Byte access to a packet; the kernel program reads the skb, user space a
+/// slice. The parser asks for values, not byte buffers: the kernel program
+/// assembles them in registers straight from the packet, where a buffer
+/// would cost a store and a slower, unforwardable reload per field.
 pub trait PacketBytes {
     /// Fills `dst` from `offset`; false if the packet is too short.
     fn read(&self, offset: usize, dst: &mut [u8]) -> bool;
+
+    /// The byte at `offset`.
+    #[inline(always)]
+    fn byte(&self, offset: usize) -> Option<u8> {
+        let mut b = [0u8; 1];
+        self.read(offset, &mut b).then_some(b[0])
+    }
+
+    /// The big-endian 16-bit value at `offset`.
+    #[inline(always)]
+    fn be16(&self, offset: usize) -> Option<u16> {
+        let mut b = [0u8; 2];
+        self.read(offset, &mut b).then(|| u16::from_be_bytes(b))
+    }
+
+    /// The big-endian 32-bit value at `offset`.
+    #[inline(always)]
+    fn be32(&self, offset: usize) -> Option<u32> {
+        let mut b = [0u8; 4];
+        self.read(offset, &mut b).then(|| u32::from_be_bytes(b))
+    }
+
+    /// Copies an address from `offset` into the start of `dst`: one 4-byte
+    /// word (IPv4) when `words` is 1, else four (IPv6).
+    #[inline(always)]
+    fn addr(&self, offset: usize, dst: &mut [u8; 16], words: usize) -> bool {
+        let n = if words == 1 { 4 } else { 16 };
+        self.read(offset, &mut dst[..n])
+    }
 }
 
 impl PacketBytes for &[u8] {
@@ -670,89 +702,72 @@ fn has_ports(protocol: u8) -> bool {
 /// stays within the BPF limit.
 #[inline(always)]
 pub fn parse_into<P: PacketBytes>(p: &P, out: &mut Parsed) -> Result<(), ParseError> {
-    let mut b2 = [0u8; 2];
-    if !p.read(12, &mut b2) {
-        return Err(ParseError::Malformed);
-    }
-    let ethertype = u16::from_be_bytes(b2);
+    use ParseError::Malformed;
+    let ethertype = p.be16(12).ok_or(Malformed)?;
     let mut l4: usize;
-    let mut b8 = [0u8; 8];
     match ethertype {
         0x0800 => {
             // version/IHL, TOS, total length, id, flags/fragment offset.
-            if !p.read(14, &mut b8) {
-                return Err(ParseError::Malformed);
+            let version_ihl = p.byte(14).ok_or(Malformed)?;
+            // The fixed header must be there (the first 8 bytes, then the rest).
+            let total = p.be16(16).ok_or(Malformed)? as usize;
+            let id = p.be16(18).ok_or(Malformed)?;
+            let frag = p.be16(20).ok_or(Malformed)?;
+            if version_ihl >> 4 != 4 {
+                return Err(Malformed);
             }
-            if b8[0] >> 4 != 4 {
-                return Err(ParseError::Malformed);
-            }
-            let ihl = (b8[0] & 0x0f) as usize * 4;
-            let total = u16::from_be_bytes([b8[2], b8[3]]) as usize;
+            let ihl = (version_ihl & 0x0f) as usize * 4;
             if ihl < 20 || total < ihl {
-                return Err(ParseError::Malformed);
+                return Err(Malformed);
             }
-            out.frag_id = u32::from(u16::from_be_bytes([b8[4], b8[5]]));
-            let frag = u16::from_be_bytes([b8[6], b8[7]]);
+            out.frag_id = u32::from(id);
             let more = frag & 0x2000 != 0;
             let offset = frag & 0x1fff;
             out.fragment = more || offset != 0;
             out.later_fragment = offset != 0;
-            let mut proto = [0u8; 1];
-            if !p.read(14 + 9, &mut proto)
-                || !p.read(14 + 12, &mut out.src[..4])
-                || !p.read(14 + 16, &mut out.dst[..4])
-            {
-                return Err(ParseError::Malformed);
+            let proto = p.byte(14 + 9).ok_or(Malformed)?;
+            if !p.addr(14 + 12, &mut out.src, 1) || !p.addr(14 + 16, &mut out.dst, 1) {
+                return Err(Malformed);
             }
             out.family = FAMILY_V4;
-            out.protocol = proto[0];
+            out.protocol = proto;
             // The whole header must be there.
-            let mut last = [0u8; 1];
-            if !p.read(14 + ihl - 1, &mut last) {
-                return Err(ParseError::Malformed);
-            }
+            p.byte(14 + ihl - 1).ok_or(Malformed)?;
             l4 = 14 + ihl;
         }
         0x86DD => {
-            if !p.read(14, &mut b8) {
-                return Err(ParseError::Malformed);
+            let version = p.byte(14).ok_or(Malformed)?;
+            let mut next = p.byte(20).ok_or(Malformed)?;
+            // The first 8 bytes of the fixed header must be there.
+            p.byte(21).ok_or(Malformed)?;
+            if version >> 4 != 6 {
+                return Err(Malformed);
             }
-            if b8[0] >> 4 != 6 {
-                return Err(ParseError::Malformed);
-            }
-            if !p.read(22, &mut out.src) || !p.read(38, &mut out.dst) {
-                return Err(ParseError::Malformed);
+            if !p.addr(22, &mut out.src, 4) || !p.addr(38, &mut out.dst, 4) {
+                return Err(Malformed);
             }
             out.family = FAMILY_V6;
-            let mut next = b8[6];
             l4 = 54;
             // Skip up to four extension headers; a fragment header is recorded.
             let mut i = 0;
             while i < 4 {
                 match next {
                     0 | 43 | 60 => {
-                        if !p.read(l4, &mut b2) {
-                            return Err(ParseError::Malformed);
-                        }
-                        next = b2[0];
-                        l4 += (b2[1] as usize + 1) * 8;
+                        let h = p.be16(l4).ok_or(Malformed)?;
+                        next = (h >> 8) as u8;
+                        l4 += ((h & 0xff) as usize + 1) * 8;
                     }
                     51 => {
-                        if !p.read(l4, &mut b2) {
-                            return Err(ParseError::Malformed);
-                        }
-                        next = b2[0];
-                        l4 += (b2[1] as usize + 2) * 4;
+                        let h = p.be16(l4).ok_or(Malformed)?;
+                        next = (h >> 8) as u8;
+                        l4 += ((h & 0xff) as usize + 2) * 4;
                     }
                     44 => {
-                        if !p.read(l4, &mut b8) {
-                            return Err(ParseError::Malformed);
-                        }
-                        next = b8[0];
-                        let off = u16::from_be_bytes([b8[2], b8[3]]);
+                        next = p.byte(l4).ok_or(Malformed)?;
+                        let off = p.be16(l4 + 2).ok_or(Malformed)?;
+                        out.frag_id = p.be32(l4 + 4).ok_or(Malformed)?;
                         out.fragment = true;
                         out.later_fragment = off >> 3 != 0;
-                        out.frag_id = u32::from_be_bytes([b8[4], b8[5], b8[6], b8[7]]);
                         l4 += 8;
                     }
                     _ => break,
@@ -761,7 +776,7 @@ pub fn parse_into<P: PacketBytes>(p: &P, out: &mut Parsed) -> Result<(), ParseEr
             }
             if matches!(next, 0 | 43 | 60 | 51 | 44) {
                 // Too many extension headers to look past.
-                return Err(ParseError::Malformed);
+                return Err(Malformed);
             }
             out.protocol = next;
         }
@@ -778,35 +793,33 @@ pub fn parse_into<P: PacketBytes>(p: &P, out: &mut Parsed) -> Result<(), ParseEr
             132 => 12,
             _ => 8,
         };
-        let mut last = [0u8; 1];
-        if !p.read(l4, &mut b8) || !p.read(l4 + min - 1, &mut last) {
-            return Err(ParseError::Malformed);
-        }
-        out.src_port = u16::from_be_bytes([b8[0], b8[1]]);
-        out.dst_port = u16::from_be_bytes([b8[2], b8[3]]);
+        let src_port = p.be16(l4).ok_or(Malformed)?;
+        let dst_port = p.be16(l4 + 2).ok_or(Malformed)?;
+        p.byte(l4 + 7).ok_or(Malformed)?;
+        p.byte(l4 + min - 1).ok_or(Malformed)?;
+        out.src_port = src_port;
+        out.dst_port = dst_port;
         if proto == 6 {
-            if !p.read(l4 + 12, &mut b2) {
-                return Err(ParseError::Malformed);
+            let h = p.be16(l4 + 12).ok_or(Malformed)?;
+            if (h >> 12) < 5 {
+                return Err(Malformed);
             }
-            if (b2[0] >> 4) < 5 {
-                return Err(ParseError::Malformed);
-            }
-            out.tcp_flags = b2[1];
+            out.tcp_flags = h as u8;
         }
     } else if proto == 1 || proto == 58 {
-        if !p.read(l4, &mut b8) {
-            return Err(ParseError::Malformed);
-        }
-        out.icmp_type = b8[0];
-        out.icmp_code = b8[1];
+        let h = p.be16(l4).ok_or(Malformed)?;
+        let id = p.be16(l4 + 4).ok_or(Malformed)?;
+        p.byte(l4 + 7).ok_or(Malformed)?;
+        let (icmp_type, icmp_code) = ((h >> 8) as u8, h as u8);
+        out.icmp_type = icmp_type;
+        out.icmp_code = icmp_code;
         // Echo request/reply: the identifier plays the port's part for conntrack.
         let echo = if proto == 1 {
-            b8[0] == 8 || b8[0] == 0
+            icmp_type == 8 || icmp_type == 0
         } else {
-            b8[0] == 128 || b8[0] == 129
+            icmp_type == 128 || icmp_type == 129
         };
         if echo {
-            let id = u16::from_be_bytes([b8[4], b8[5]]);
             out.src_port = id;
             out.dst_port = id;
         }
