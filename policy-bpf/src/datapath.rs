@@ -183,11 +183,21 @@ fn remove_where<K: aya::Pod>(
     removed
 }
 
-/// The clock `bpf_ktime_get_coarse_ns` reads (CLOCK_MONOTONIC), in ns.
-fn monotonic_ns() -> Result<u64, DatapathError> {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map_err(|e| DatapathError::Other(format!("clock_gettime: {e}")))?;
-    Ok(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+/// The program that reports the conntrack clock (run, never attached).
+const CLOCK_PROGRAM: &str = "palisade_clock";
+
+/// Kernel tick rates (CONFIG_HZ) a measurement is snapped to.
+const KNOWN_HZ: [u32; 6] = [100, 128, 250, 300, 1000, 1024];
+
+/// Ticks per second from `ticks` jiffies seen over `ns` nanoseconds of the
+/// coarse clock, which the kernel advances in the same tick update: a
+/// known rate within 3%, else the rounded measurement.
+fn snap_hz(ticks: u64, ns: u64) -> u32 {
+    let raw = ticks as f64 * 1e9 / ns.max(1) as f64;
+    KNOWN_HZ
+        .into_iter()
+        .find(|&hz| (raw - f64::from(hz)).abs() <= 0.03 * f64::from(hz))
+        .unwrap_or(raw.round().clamp(1.0, 100_000.0) as u32)
 }
 
 /// Whether this process can load BPF programs (root or CAP_BPF+CAP_NET_ADMIN).
@@ -223,14 +233,19 @@ impl Datapath {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(e.to_string()))?;
-        for hook in [Hook::FromPod, Hook::ToPod, Hook::PassThrough] {
+        for name in [
+            Hook::FromPod.program(),
+            Hook::ToPod.program(),
+            Hook::PassThrough.program(),
+            CLOCK_PROGRAM,
+        ] {
             let prog: &mut SchedClassifier = ebpf
-                .program_mut(hook.program())
-                .ok_or_else(|| DatapathError::Load(format!("program {} missing", hook.program())))?
+                .program_mut(name)
+                .ok_or_else(|| DatapathError::Load(format!("program {name} missing")))?
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
             prog.load()
-                .map_err(|e| DatapathError::Load(format!("{}: {e}", hook.program())))?;
+                .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
         }
         macro_rules! take {
             ($name:literal, $ty:ty) => {{
@@ -260,10 +275,72 @@ impl Datapath {
             owns_pin_dir: false,
             links: HashMap::new(),
         };
-        if fresh {
-            dp.set_config(Config::default())?;
-        }
+        // A re-adopted configuration keeps its tunables; the tick rate is
+        // measured again all the same (it is the kernel's, not the user's).
+        let cfg = if fresh {
+            Config::default()
+        } else {
+            dp.config()?
+        };
+        dp.set_config(cfg)?;
         Ok(dp)
+    }
+
+    /// The conntrack clock as the programs read it: (jiffies, coarse
+    /// monotonic nanoseconds), from one run of the clock program.
+    pub fn kernel_clock(&self) -> Result<(u64, u64), DatapathError> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(CLOCK_PROGRAM)
+            .ok_or_else(|| DatapathError::Load(format!("program {CLOCK_PROGRAM} missing")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
+        // An Ethernet-sized frame; the program overwrites its first 16 bytes.
+        let input = [0u8; 64];
+        let mut out = [0u8; 64 + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&input),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .map_err(|e| DatapathError::Other(format!("BPF_PROG_TEST_RUN: {}", chain(&e))))?;
+        // TC_ACT_SHOT: bpf_skb_store_bytes failed.
+        if r.return_value == 2 {
+            return Err(DatapathError::Other(
+                "the clock program could not write its packet".into(),
+            ));
+        }
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&out[8 * i..8 * i + 8]);
+            u64::from_ne_bytes(b)
+        };
+        Ok((word(0), word(1)))
+    }
+
+    /// Ticks per second of the conntrack clock (the kernel's HZ), measured
+    /// once per process over about 40 ms of the clock program's readings.
+    pub fn ticks_per_s(&self) -> Result<u32, DatapathError> {
+        static HZ: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        if let Some(hz) = HZ.get() {
+            return Ok(*hz);
+        }
+        let (j0, t0) = self.kernel_clock()?;
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            let (j, t) = self.kernel_clock()?;
+            let (ticks, ns) = (j.saturating_sub(j0), t.saturating_sub(t0));
+            if ns >= 40_000_000 && ticks >= 4 {
+                return Ok(*HZ.get_or_init(|| snap_hz(ticks, ns)));
+            }
+            if ns > 2_000_000_000 {
+                return Err(DatapathError::Other(format!(
+                    "measuring the kernel's tick rate: {ticks} jiffies in {ns} ns"
+                )));
+            }
+        }
     }
 
     /// Loads into a private, temporary pin directory that is removed on drop
@@ -289,8 +366,18 @@ impl Datapath {
         &self.pin_dir
     }
 
-    /// Sets the tunables.
+    /// The tunables the programs read.
+    pub fn config(&self) -> Result<Config, DatapathError> {
+        self.config.get(&0, 0).map_err(map_err("PALISADE_CONFIG"))
+    }
+
+    /// Sets the tunables (`ticks_per_s` is measured, not taken from `c`).
     pub fn set_config(&mut self, c: Config) -> Result<(), DatapathError> {
+        let c = Config {
+            ticks_per_s: self.ticks_per_s()?,
+            pad: 0,
+            ..c
+        };
         self.config.set(0, c, 0).map_err(map_err("PALISADE_CONFIG"))
     }
 
@@ -601,10 +688,10 @@ impl Datapath {
     /// few seconds under load; `STAT_CT_FULL` counts connections that found
     /// the table full).
     pub fn expire_conntrack(&mut self) -> Result<usize, DatapathError> {
-        let cfg = self.config.get(&0, 0).map_err(map_err("PALISADE_CONFIG"))?;
-        let now = monotonic_ns()?;
+        let cfg = self.config()?;
+        let (now, _) = self.kernel_clock()?;
         let idle = |protocol: u8, v: &CtValue| {
-            now.saturating_sub(v.last_ns) > ct_timeout_ns(&cfg, protocol, v.flags)
+            now.saturating_sub(v.last_seen) > ct_timeout_ticks(&cfg, protocol, v.flags)
         };
         Ok(remove_where(&mut self.ct4, |k, v| idle(k.protocol, v))
             + remove_where(&mut self.ct, |k, v| idle(k.protocol, v)))
@@ -746,5 +833,24 @@ impl Drop for Datapath {
             }
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snap_hz;
+
+    #[test]
+    fn tick_rates_snap_to_known_values() {
+        // 40 ms at HZ=250 is 10 ticks; the tick updates' jitter moves the
+        // nanosecond span a little either way.
+        assert_eq!(snap_hz(10, 40_100_000), 250);
+        assert_eq!(snap_hz(10, 39_900_000), 250);
+        assert_eq!(snap_hz(4, 40_000_000), 100);
+        assert_eq!(snap_hz(12, 40_000_000), 300);
+        assert_eq!(snap_hz(40, 40_020_000), 1000);
+        // Not near a known rate: the measurement, rounded.
+        assert_eq!(snap_hz(13, 40_000_000), 325);
+        assert_eq!(snap_hz(0, 0), 1);
     }
 }

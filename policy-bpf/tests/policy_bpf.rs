@@ -563,6 +563,30 @@ mod kernel {
     }
 
     #[test]
+    fn the_conntrack_clock_is_the_kernels_jiffies_at_a_measured_rate() {
+        if !privileged() {
+            return;
+        }
+        let l = example_loaded();
+        let hz = l.dp.ticks_per_s().unwrap();
+        assert!((24..=10_000).contains(&hz), "implausible tick rate {hz}");
+        let (j0, t0) = l.dp.kernel_clock().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let (j1, t1) = l.dp.kernel_clock().unwrap();
+        let (ticks, ns) = (j1 - j0, t1 - t0);
+        assert!(ns >= 150_000_000, "coarse clock advanced {ns} ns in 200 ms");
+        // Both clocks move in the same tick updates: the rate holds to
+        // within a tick or two at each end.
+        let expected = ns as f64 * f64::from(hz) / 1e9;
+        assert!(
+            (ticks as f64 - expected).abs() <= 2.0,
+            "{ticks} ticks in {ns} ns at {hz} Hz (expected {expected:.1})"
+        );
+        // The programs read their configuration's rate.
+        assert_eq!(l.dp.config().unwrap().ticks_per_s, hz);
+    }
+
+    #[test]
     fn the_sweep_expires_idle_connections_only() {
         if !privileged() {
             return;

@@ -274,10 +274,10 @@ pub struct CtValue {
     pub flags: u32,
     /// Reserved.
     pub pad: u32,
-    /// When the first packet was seen (ns, monotonic).
-    pub created_ns: u64,
-    /// When the last packet was seen.
-    pub last_ns: u64,
+    /// When the first packet was seen (conntrack clock ticks: jiffies).
+    pub created: u64,
+    /// When the last packet was seen (ticks).
+    pub last_seen: u64,
 }
 
 /// Fragment tracking key: a first fragment that was allowed lets the rest of
@@ -434,6 +434,12 @@ pub struct Config {
     pub tcp_closing_s: u32,
     /// Idle timeout of UDP and other protocols (seconds).
     pub other_s: u32,
+    /// Ticks per second of the conntrack clock (the kernel's jiffies, which
+    /// are far cheaper to read per packet than a nanosecond clock). Not a
+    /// tunable: the user-space loader measures it and fills it in.
+    pub ticks_per_s: u32,
+    /// Reserved.
+    pub pad: u32,
 }
 
 impl Default for Config {
@@ -443,15 +449,18 @@ impl Default for Config {
             tcp_established_s: 7200,
             tcp_closing_s: 10,
             other_s: 60,
+            ticks_per_s: 0,
+            pad: 0,
         }
     }
 }
 
-/// Idle timeout in nanoseconds of a tracked connection: TCP after FIN from
-/// both sides or a RST gets the closing timeout. Shared by the kernel's lazy
-/// expiry and the user-space sweep so both agree on what is dead.
+/// Idle timeout of a tracked connection in conntrack clock ticks (see
+/// [`Config::ticks_per_s`]): TCP after FIN from both sides or a RST gets the
+/// closing timeout. Shared by the kernel's lazy expiry and the user-space
+/// sweep so both agree on what is dead.
 #[inline(always)]
-pub fn ct_timeout_ns(cfg: &Config, protocol: u8, flags: u32) -> u64 {
+pub fn ct_timeout_ticks(cfg: &Config, protocol: u8, flags: u32) -> u64 {
     let s = if protocol == 6 {
         let both_fin = flags & (CT_FIN_A | CT_FIN_B) == (CT_FIN_A | CT_FIN_B);
         if flags & CT_RST != 0 || both_fin {
@@ -462,7 +471,7 @@ pub fn ct_timeout_ns(cfg: &Config, protocol: u8, flags: u32) -> u64 {
     } else {
         cfg.other_s
     };
-    u64::from(s) * 1_000_000_000
+    u64::from(s) * u64::from(cfg.ticks_per_s)
 }
 
 /// Per-CPU working memory of the kernel program (kept off its 512-byte stack).
