@@ -220,6 +220,7 @@ mod program {
         assert!(offset_of!(FragKey, src) % 4 == 0 && offset_of!(FragKey, dst) % 4 == 0);
         assert!(offset_of!(SlotKey, addr) % 4 == 0);
         assert!(offset_of!(Event, src) % 4 == 0 && offset_of!(Event, dst) % 4 == 0);
+        assert!(offset_of!(Event, pad2) % 2 == 0);
         assert!(core::mem::size_of::<Parsed>() == 48 && align_of::<Parsed>() == 8);
     };
 
@@ -469,7 +470,12 @@ mod program {
                     (*ev).flags = if logged { EVENT_LOGGED } else { 0 };
                     (*ev).src_port = sp;
                     (*ev).dst_port = dp;
-                    (*ev).pad2 = [0; 6];
+                    // Three halfword stores (pad2 is 2-aligned, checked
+                    // above); an array store compiles to a memset call.
+                    let pad = (*ev).pad2.as_mut_ptr().cast::<u16>();
+                    pad.write_volatile(0);
+                    pad.add(1).write_volatile(0);
+                    pad.add(2).write_volatile(0);
                     copy_addr(&mut (*ev).src, &p.src);
                     copy_addr(&mut (*ev).dst, &p.dst);
                 }
@@ -553,13 +559,17 @@ mod program {
         // SAFETY: helper without preconditions.
         let now = unsafe { bpf_jiffies64() };
 
-        sc.frag.zone = zone;
-        sc.frag.id = p.frag_id;
-        sc.frag.family = p.family;
-        sc.frag.protocol = p.protocol;
-        sc.frag.pad = [0; 2];
-        copy_addr(&mut sc.frag.src, &p.src);
-        copy_addr(&mut sc.frag.dst, &p.dst);
+        // The fragment key, only for fragments (later ones are looked up
+        // here; an allowed first one is recorded at the end).
+        if p.fragment {
+            sc.frag.zone = zone;
+            sc.frag.id = p.frag_id;
+            sc.frag.family = p.family;
+            sc.frag.protocol = p.protocol;
+            sc.frag.pad = [0; 2];
+            copy_addr(&mut sc.frag.src, &p.src);
+            copy_addr(&mut sc.frag.dst, &p.dst);
+        }
         if p.later_fragment {
             if PALISADE_FRAGS.get_ptr(&sc.frag).is_some() {
                 return PASS;
@@ -678,12 +688,9 @@ mod program {
             class: class.class,
             features: features(p, direction),
             done: WALK_RUNNING,
-            verdict: Verdict {
-                allow: false,
-                logged: false,
-                rule: 0,
-                steps: 0,
-            },
+            allow: 0,
+            logged: 0,
+            rule: 0,
         };
         // Most programs are shallow: the first steps run inline (cheapest);
         // deeper walks continue in a bpf_loop callback, which the verifier
@@ -710,7 +717,12 @@ mod program {
             event(p, ifindex, direction, false, 0, REASON_WALK, false);
             return DROP;
         }
-        let v = w.verdict;
+        let v = Verdict {
+            allow: w.allow != 0,
+            logged: w.logged != 0,
+            rule: w.rule,
+            steps: w.steps,
+        };
         count(v.rule, ctx.len());
         if !v.allow {
             event(
@@ -748,18 +760,27 @@ mod program {
     const WALK_LEAF: u32 = 1;
     const WALK_BROKEN: u32 = 2;
 
-    /// A decision walk in progress (on the program's stack).
+    /// A decision walk in progress (on the program's stack). The fields
+    /// that start at zero are interleaved with the others: LLVM turns a run
+    /// of more than 8 zeroed bytes into a memset subprogram call, on every
+    /// new flow (hence also the verdict as whole words, not a Verdict with
+    /// two bools and padding).
     #[repr(C)]
     struct WalkState {
         at: u32,
         steps: u32,
         /// Peer identity slot + 1 (0: none).
         identity: u32,
+        /// The leaf's verdict: allow (1) or deny (0).
+        allow: u32,
         /// Peer address-class slot.
         class: u32,
+        /// A Log rule matched before the leaf (1).
+        logged: u32,
         features: Features,
         done: u32,
-        verdict: Verdict,
+        /// The leaf's rule index.
+        rule: u32,
     }
 
     /// One node per iteration; returns 1 to stop the loop.
@@ -782,7 +803,9 @@ mod program {
         };
         match step(n, &w.features, bit, w.steps) {
             Step::Leaf(v) => {
-                w.verdict = v;
+                w.allow = u32::from(v.allow);
+                w.logged = u32::from(v.logged);
+                w.rule = v.rule;
                 w.done = WALK_LEAF;
                 1
             }
