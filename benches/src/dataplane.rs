@@ -22,7 +22,7 @@ pub const TCP_PORT: u16 = 8080;
 /// The allowed UDP ports: `UDP_PORT..UDP_PORT + UDP_PORTS`.
 pub const UDP_PORT: u16 = 9000;
 /// How many UDP ports.
-pub const UDP_PORTS: u16 = 16;
+pub const UDP_PORTS: u16 = 64;
 /// Policy counts the benchmarks sweep.
 pub const SIZES: [usize; 4] = [10, 100, 1000, 5000];
 

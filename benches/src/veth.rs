@@ -61,6 +61,10 @@ pub struct Lab {
     // Drop order: the datapath before the namespaces.
     datapath: Option<Datapath>,
     topo: Topology,
+    /// The next UDP flow (source and destination port pair) to send: runs
+    /// continue where the last stopped, so no datagram of a lab's life
+    /// reuses a tracked flow (Palisade would pass it as established).
+    next_udp_flow: std::cell::Cell<u32>,
 }
 
 fn run_in(ns: &Netns, program: &str, args: &[&str], stdin: &str) -> Result<()> {
@@ -229,7 +233,11 @@ impl Lab {
                 Some(dp)
             }
         };
-        Ok(Lab { datapath, topo })
+        Ok(Lab {
+            datapath,
+            topo,
+            next_udp_flow: std::cell::Cell::new(0),
+        })
     }
 
     /// Allowed connections that found Palisade's conntrack full (0 in a
@@ -269,28 +277,36 @@ impl Lab {
         let dst: socket2::SockAddr = SocketAddr::new(SERVER.parse()?, 0).into();
         let before = udp_arrived(server)?;
         let start = Instant::now();
-        let mut sport: u16 = 1024;
-        let mut dport_i: u16 = 0;
+        // Flow k is destination port k % UDP_PORTS from source port
+        // 1024 + k / UDP_PORTS: UDP_FLOWS distinct flows, more than a lab
+        // sends in a report's rounds (so every datagram is a new flow).
+        let mut flow = self.next_udp_flow.get();
+        let mut tried = 0u64;
         let mut msg = [0u8; 8 + 18];
         let len = msg.len() as u16;
         msg[4..6].copy_from_slice(&len.to_be_bytes());
         let mut sent = 0u64;
         while start.elapsed().as_secs_f64() < secs {
             for _ in 0..256 {
+                let sport = 1024 + (flow / u32::from(UDP_PORTS)) as u16;
+                let dport = UDP_PORT + (flow % u32::from(UDP_PORTS)) as u16;
                 msg[0..2].copy_from_slice(&sport.to_be_bytes());
-                msg[2..4].copy_from_slice(&(UDP_PORT + dport_i).to_be_bytes());
-                // Each (source port, destination port) pair once per run.
-                dport_i += 1;
-                if dport_i == UDP_PORTS {
-                    dport_i = 0;
-                    sport = if sport == u16::MAX { 1024 } else { sport + 1 };
-                }
+                msg[2..4].copy_from_slice(&dport.to_be_bytes());
+                flow = (flow + 1) % UDP_FLOWS;
+                tried += 1;
                 if raw.send_to(&msg, &dst).is_ok() {
                     sent += 1;
                 }
             }
         }
         let elapsed = start.elapsed().as_secs_f64();
+        let first = self.next_udp_flow.get();
+        anyhow::ensure!(
+            u64::from(first) + tried < u64::from(UDP_FLOWS),
+            "UDP flows ran out ({first} + {tried} of {UDP_FLOWS}): later datagrams \
+             would reuse tracked flows"
+        );
+        self.next_udp_flow.set(flow);
         std::thread::sleep(Duration::from_millis(50));
         // The kernel counts a datagram as delivered when it is read: drain.
         let mut buf = [0u8; 64];
@@ -427,6 +443,10 @@ fn udp_arrived(ns: &Netns) -> Result<u64> {
 
 /// Conntrack entries of both labs.
 pub const CONNTRACK_ENTRIES: u32 = 4_194_304;
+
+/// Distinct UDP flows a lab can send (source ports 1024-65535 times the
+/// UDP_PORTS destination ports).
+pub const UDP_FLOWS: u32 = (65536 - 1024) * UDP_PORTS as u32;
 
 /// Lets the node's conntrack table hold every flow of a run (iptables mode
 /// tracks each new flow in the kernel's table, whose default size would
