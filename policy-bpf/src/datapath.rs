@@ -292,25 +292,10 @@ impl Datapath {
     /// The conntrack clock as the programs read it: (jiffies, coarse
     /// monotonic nanoseconds), from one run of the clock program.
     pub fn kernel_clock(&self) -> Result<(u64, u64), DatapathError> {
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(CLOCK_PROGRAM)
-            .ok_or_else(|| DatapathError::Load(format!("program {CLOCK_PROGRAM} missing")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
         // An Ethernet-sized frame; the program overwrites its first 16 bytes.
-        let input = [0u8; 64];
-        let mut out = [0u8; 64 + 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&input),
-                data_out: Some(&mut out),
-                repeat: 1,
-                ..TestRunOptions::default()
-            })
-            .map_err(|e| DatapathError::Other(format!("BPF_PROG_TEST_RUN: {}", chain(&e))))?;
+        let (r, out) = self.test_run(CLOCK_PROGRAM, &[0u8; 64], 1)?;
         // TC_ACT_SHOT: bpf_skb_store_bytes failed.
-        if r.return_value == 2 {
+        if r.retval == 2 {
             return Err(DatapathError::Other(
                 "the clock program could not write its packet".into(),
             ));
@@ -615,10 +600,22 @@ impl Datapath {
     /// Runs a program on a packet with `BPF_PROG_TEST_RUN` (`repeat` times).
     /// The packet arrives on this thread's netns loopback (ifindex 1).
     pub fn run(&self, hook: Hook, packet: &[u8], repeat: u32) -> Result<RunResult, DatapathError> {
+        self.test_run(hook.program(), packet, repeat)
+            .map(|(r, _)| r)
+    }
+
+    /// Runs the named program on `packet` with BPF_PROG_TEST_RUN; returns
+    /// the result and the packet as the program left it.
+    fn test_run(
+        &self,
+        name: &str,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(RunResult, Vec<u8>), DatapathError> {
         let prog: &SchedClassifier = self
             .ebpf
-            .program(hook.program())
-            .ok_or_else(|| DatapathError::Load("program missing".into()))?
+            .program(name)
+            .ok_or_else(|| DatapathError::Load(format!("program {name} missing")))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
         let mut out = vec![0u8; packet.len() + 256];
@@ -630,10 +627,11 @@ impl Datapath {
                 ..TestRunOptions::default()
             })
             .map_err(|e| DatapathError::Other(format!("BPF_PROG_TEST_RUN: {}", chain(&e))))?;
-        Ok(RunResult {
+        let result = RunResult {
             retval: r.return_value as i32,
             duration_ns: r.duration.as_nanos() as u64,
-        })
+        };
+        Ok((result, out))
     }
 
     /// Packet and byte counters of a rule index, summed over CPUs.

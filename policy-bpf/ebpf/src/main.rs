@@ -112,6 +112,21 @@ mod program {
             (at + n <= self.data_end).then_some(at)
         }
 
+        /// `N` bytes at `offset`: loaded straight from the packet into a
+        /// value LLVM keeps in registers, else copied by the helper into a
+        /// buffer of their own (a buffer shared by both paths would have
+        /// its address taken and live on the stack).
+        #[inline(always)]
+        fn fixed<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+            match self.direct(offset, N) {
+                Some(at) => Some(core::array::from_fn(|i| Self::at(at, i))),
+                None => {
+                    let mut b = [0u8; N];
+                    self.read(offset, &mut b).then_some(b)
+                }
+            }
+        }
+
         /// Byte `i` at a checked packet address (see `direct`).
         #[inline(always)]
         fn at(at: usize, i: usize) -> u8 {
@@ -142,40 +157,17 @@ mod program {
 
         #[inline(always)]
         fn byte(&self, offset: usize) -> Option<u8> {
-            match self.direct(offset, 1) {
-                Some(at) => Some(Self::at(at, 0)),
-                None => {
-                    let mut b = [0u8; 1];
-                    self.read(offset, &mut b).then_some(b[0])
-                }
-            }
+            self.fixed::<1>(offset).map(|b| b[0])
         }
 
         #[inline(always)]
         fn be16(&self, offset: usize) -> Option<u16> {
-            match self.direct(offset, 2) {
-                Some(at) => Some((u16::from(Self::at(at, 0)) << 8) | u16::from(Self::at(at, 1))),
-                None => {
-                    let mut b = [0u8; 2];
-                    self.read(offset, &mut b).then(|| u16::from_be_bytes(b))
-                }
-            }
+            self.fixed(offset).map(u16::from_be_bytes)
         }
 
         #[inline(always)]
         fn be32(&self, offset: usize) -> Option<u32> {
-            match self.direct(offset, 4) {
-                Some(at) => Some(
-                    (u32::from(Self::at(at, 0)) << 24)
-                        | (u32::from(Self::at(at, 1)) << 16)
-                        | (u32::from(Self::at(at, 2)) << 8)
-                        | u32::from(Self::at(at, 3)),
-                ),
-                None => {
-                    let mut b = [0u8; 4];
-                    self.read(offset, &mut b).then(|| u32::from_be_bytes(b))
-                }
-            }
+            self.fixed(offset).map(u32::from_be_bytes)
         }
 
         /// Writes the address as whole words (in packet byte order), so the
