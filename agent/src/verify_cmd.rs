@@ -45,11 +45,11 @@ pub fn build_engine<'a>(
                 .map_err(|e| EngineError::Other(e.to_string()))?
                 .0,
         ),
-        EngineKind::Maps => {
-            Box::new(MapsEngine::new(cluster, Capacity::default()).map_err(EngineError::Other)?)
-        }
-        EngineKind::Kernel => Box::new(KernelEngine::new(cluster, Capacity::default())?),
-        EngineKind::Netns => Box::new(NetnsEngine::new(cluster, Capacity::default())?),
+        EngineKind::Maps => Box::new(
+            MapsEngine::new(cluster, Capacity::verification()).map_err(EngineError::Other)?,
+        ),
+        EngineKind::Kernel => Box::new(KernelEngine::new(cluster, Capacity::verification())?),
+        EngineKind::Netns => Box::new(NetnsEngine::new(cluster, Capacity::verification())?),
     })
 }
 
@@ -65,16 +65,16 @@ fn run_engine(kind: EngineKind, case: &Case) -> Vec<ProbeResult> {
                 Err(e) => failed_all(case, &format!("compilation failed: {e}")),
             }
         }
-        EngineKind::Maps => match MapsEngine::new(&case.cluster, Capacity::default()) {
+        EngineKind::Maps => match MapsEngine::new(&case.cluster, Capacity::verification()) {
             Ok(engine) => run_checked(case, &engine),
             Err(e) => failed_all(case, &format!("lowering failed: {e}")),
         },
-        EngineKind::Kernel => match KernelEngine::new(&case.cluster, Capacity::default()) {
+        EngineKind::Kernel => match KernelEngine::new(&case.cluster, Capacity::verification()) {
             Ok(engine) => run_checked(case, &engine),
             Err(EngineError::Unavailable(why)) => skipped_all(case, &why),
             Err(e) => failed_all(case, &format!("loading the datapath failed: {e}")),
         },
-        EngineKind::Netns => match NetnsEngine::new(&case.cluster, Capacity::default()) {
+        EngineKind::Netns => match NetnsEngine::new(&case.cluster, Capacity::verification()) {
             Ok(engine) => run_checked(case, &engine),
             Err(EngineError::Unavailable(why)) => skipped_all(case, &why),
             Err(e) => failed_all(case, &format!("building the namespaces failed: {e}")),

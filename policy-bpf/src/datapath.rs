@@ -19,7 +19,17 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
 use policy_bpf_common::*;
 
+use crate::conntrack::{Table, ways_for};
 use crate::lower::{Capacity, InUse, MapWrite, Mirror, WritePlan};
+
+/// A random, nonzero seed for the conntrack set hash (std's hasher keys
+/// come from the OS's random source).
+fn random_seed() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    (h.finish() as u32).max(1)
+}
 
 /// The TC program object, built by build.rs for the BPF target.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade-tc"));
@@ -128,8 +138,8 @@ pub struct Datapath {
     lpm6: LpmTrie<MapData, [u8; 16], PeerClass>,
     identities: Array<MapData, Bitset>,
     classes: Array<MapData, Bitset>,
-    ct: BpfHashMap<MapData, CtKey, CtValue>,
-    ct4: BpfHashMap<MapData, CtKey4, CtValue>,
+    conn4: Table<CtEntry4>,
+    conn6: Table<CtEntry6>,
     counters: PerCpuArray<MapData, Counter>,
     stats: PerCpuArray<MapData, u64>,
     events: RingBuf<MapData>,
@@ -158,29 +168,6 @@ pub fn ensure_bpffs() -> Result<(), DatapathError> {
         None::<&str>,
     )
     .map_err(|e| DatapathError::Privileges(format!("mounting bpffs at /sys/fs/bpf: {e}")))
-}
-
-/// Removes the entries of one conntrack table that `dead` picks; returns
-/// how many went.
-fn remove_where<K: aya::Pod>(
-    table: &mut BpfHashMap<MapData, K, CtValue>,
-    dead: impl Fn(&K, &CtValue) -> bool,
-) -> usize {
-    let picked: Vec<K> = table
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(k, v)| dead(k, v))
-        .map(|(k, _)| k)
-        .collect();
-    let mut removed = 0;
-    for k in picked {
-        // The program may have refreshed it in between: look again.
-        let still_dead = table.get(&k, 0).is_ok_and(|v| dead(&k, &v));
-        if still_dead && table.remove(&k).is_ok() {
-            removed += 1;
-        }
-    }
-    removed
 }
 
 /// The program that reports the conntrack clock (run, never attached).
@@ -216,6 +203,19 @@ impl Datapath {
             return Err(DatapathError::Privileges("not running as root".into()));
         }
         ensure_bpffs()?;
+        let conntrack_ways = ways_for(cap.conntrack)?;
+        // Builds before the set-associative conntrack pinned hash tables
+        // under these names, and a shorter configuration record: their
+        // maps cannot be re-adopted.
+        for obsolete in ["PALISADE_CT", "PALISADE_CT4"] {
+            if pin_dir.join(obsolete).exists() {
+                return Err(DatapathError::Load(format!(
+                    "{} holds pins of an earlier Palisade ({obsolete}); detach its programs and \
+                     remove the directory before loading this version",
+                    pin_dir.display()
+                )));
+            }
+        }
         let fresh = !pin_dir.exists();
         std::fs::create_dir_all(pin_dir.join("links"))
             .map_err(|e| DatapathError::Load(format!("creating {}: {e}", pin_dir.display())))?;
@@ -230,8 +230,8 @@ impl Datapath {
             .map_max_entries("PALISADE_LPM6", cap.lpm6)
             .map_max_entries("PALISADE_IDENTITIES", cap.identities)
             .map_max_entries("PALISADE_CLASSES", cap.classes)
-            .map_max_entries("PALISADE_CT", cap.conntrack)
-            .map_max_entries("PALISADE_CT4", cap.conntrack)
+            .map_max_entries("PALISADE_CONN4", conntrack_ways)
+            .map_max_entries("PALISADE_CONN6", conntrack_ways)
             .map_max_entries("PALISADE_COUNTERS", cap.rules);
         let mut ebpf = loader
             .load(OBJECT)
@@ -258,7 +258,7 @@ impl Datapath {
                 <$ty>::try_from(m).map_err(map_err($name))?
             }};
         }
-        let mut dp = Datapath {
+        let dp = Datapath {
             nodes: take!("PALISADE_NODES", Array<MapData, Node>),
             slots: take!("PALISADE_SLOTS", BpfHashMap<MapData, SlotKey, SlotValue>),
             managed: take!("PALISADE_MANAGED", BpfHashMap<MapData, u32, u32>),
@@ -267,8 +267,14 @@ impl Datapath {
             lpm6: take!("PALISADE_LPM6", LpmTrie<MapData, [u8; 16], PeerClass>),
             identities: take!("PALISADE_IDENTITIES", Array<MapData, Bitset>),
             classes: take!("PALISADE_CLASSES", Array<MapData, Bitset>),
-            ct: take!("PALISADE_CT", BpfHashMap<MapData, CtKey, CtValue>),
-            ct4: take!("PALISADE_CT4", BpfHashMap<MapData, CtKey4, CtValue>),
+            conn4: Table::open(
+                ebpf.take_map("PALISADE_CONN4")
+                    .ok_or_else(|| DatapathError::Load("map PALISADE_CONN4 missing".into()))?,
+            )?,
+            conn6: Table::open(
+                ebpf.take_map("PALISADE_CONN6")
+                    .ok_or_else(|| DatapathError::Load("map PALISADE_CONN6 missing".into()))?,
+            )?,
             counters: take!("PALISADE_COUNTERS", PerCpuArray<MapData, Counter>),
             stats: take!("PALISADE_STATS", PerCpuArray<MapData, u64>),
             events: take!("PALISADE_EVENTS", RingBuf<MapData>),
@@ -278,6 +284,14 @@ impl Datapath {
             owns_pin_dir: false,
             links: HashMap::new(),
         };
+        if dp.conn4.ways() != dp.conn6.ways() {
+            return Err(DatapathError::Load(format!(
+                "the pinned conntrack tables differ in size ({} and {} ways); remove them",
+                dp.conn4.ways(),
+                dp.conn6.ways()
+            )));
+        }
+        let mut dp = dp;
         // A re-adopted configuration keeps its tunables; the tick rate is
         // measured again all the same (it is the kernel's, not the user's).
         let cfg = if fresh {
@@ -359,10 +373,19 @@ impl Datapath {
         self.config.get(&0, 0).map_err(map_err("PALISADE_CONFIG"))
     }
 
-    /// Sets the tunables (`ticks_per_s` is measured, not taken from `c`).
+    /// Sets the tunables. What is not a tunable is not taken from `c`:
+    /// `ticks_per_s` is measured, the conntrack set mask follows the
+    /// tables, and the set hash's seed stays what the tables were filled
+    /// with (a new random one for empty tables).
     pub fn set_config(&mut self, c: Config) -> Result<(), DatapathError> {
+        let seed = match self.config()?.ct_seed {
+            0 => random_seed(),
+            kept => kept,
+        };
         let c = Config {
             ticks_per_s: self.ticks_per_s()?,
+            ct_sets_mask: self.conn4.sets_mask(),
+            ct_seed: seed,
             pad: 0,
             ..c
         };
@@ -677,31 +700,32 @@ impl Datapath {
 
     /// Number of tracked connections.
     pub fn conntrack_len(&self) -> usize {
-        self.ct.keys().filter(Result::is_ok).count() + self.ct4.keys().filter(Result::is_ok).count()
+        self.conn4.len() + self.conn6.len()
+    }
+
+    /// Copies of the tracked IPv4 and IPv6 connections.
+    pub fn conntrack_entries(&self) -> (Vec<CtEntry4>, Vec<CtEntry6>) {
+        (self.conn4.entries(), self.conn6.entries())
     }
 
     /// Removes tracked connections idle for longer than their timeout (the
     /// timeouts in the program's configuration) and returns how many went.
     ///
-    /// Conntrack is a fixed-size hash: the program drops an expired entry
-    /// when a packet finds it, but connections that simply stop are only
-    /// removed here. Whoever owns the datapath calls this periodically (every
-    /// few seconds under load; `STAT_CT_FULL` counts connections that found
-    /// the table full).
-    pub fn expire_conntrack(&mut self) -> Result<usize, DatapathError> {
+    /// Conntrack is a fixed-size set-associative table: the programs
+    /// reuse a way whose connection expired when a new connection hashes
+    /// to its set, but sets nobody inserts into keep their dead. Whoever
+    /// owns the datapath calls this periodically (every few seconds under
+    /// load; `STAT_CT_FULL` counts connections that found their set full of
+    /// live ones).
+    pub fn expire_conntrack(&self) -> Result<usize, DatapathError> {
         let cfg = self.config()?;
         let (now, _) = self.kernel_clock()?;
-        let idle = |protocol: u8, v: &CtValue| {
-            now.saturating_sub(v.last_seen) > ct_timeout_ticks(&cfg, protocol, v.flags)
-        };
-        Ok(remove_where(&mut self.ct4, |k, v| idle(k.protocol, v))
-            + remove_where(&mut self.ct, |k, v| idle(k.protocol, v)))
+        Ok(self.conn4.expire(&cfg, now) + self.conn6.expire(&cfg, now))
     }
 
-    /// Forgets every tracked connection.
-    pub fn flush_conntrack(&mut self) {
-        remove_where(&mut self.ct4, |_, _| true);
-        remove_where(&mut self.ct, |_, _| true);
+    /// Forgets every tracked connection; returns how many there were.
+    pub fn flush_conntrack(&self) -> usize {
+        self.conn4.free_where(|_| true) + self.conn6.free_where(|_| true)
     }
 
     /// The entries live policy depends on: nodes reachable from the slots,

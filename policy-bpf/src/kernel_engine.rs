@@ -100,7 +100,7 @@ impl KernelEngine {
 
     /// Forgets all tracked connections.
     pub fn flush(&self) {
-        if let Ok(mut dp) = self.dp.lock() {
+        if let Ok(dp) = self.dp.lock() {
             dp.flush_conntrack();
         }
     }

@@ -26,6 +26,7 @@
 //! assert_eq!(d.to_string(), "allow by tier default, np:a/db, rule 0 (allow)");
 //! ```
 
+pub mod conntrack;
 pub mod datapath;
 pub mod kernel_engine;
 pub mod lower;

@@ -62,6 +62,19 @@ impl Default for Capacity {
     }
 }
 
+impl Capacity {
+    /// The default maps with a conntrack table for a handful of
+    /// connections: the verification engines forget every connection
+    /// before each decision, and clearing a production-sized table (half a
+    /// million ways per family) each time would dominate their run time.
+    pub fn verification() -> Self {
+        Capacity {
+            conntrack: 1024,
+            ..Capacity::default()
+        }
+    }
+}
+
 /// Lowering failures. Nothing was written when one is returned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LowerError {

@@ -344,7 +344,7 @@ mod kernel {
             let cluster = Cluster::from_objects(g.objects).unwrap();
             let (compiled, _) = Compiler::from_cluster(&cluster, CompileOptions::default()).unwrap();
             let maps = MapsEngine::new(&cluster, Capacity::default()).unwrap();
-            let kernel = KernelEngine::new(&cluster, Capacity::default()).unwrap();
+            let kernel = KernelEngine::new(&cluster, Capacity::verification()).unwrap();
             let eps: Vec<Endpoint> = cluster.endpoints().cloned().collect();
             let mut r = Rng::new(seed ^ 0x6b65);
             for (ep, dir, flow) in flows(&mut r, &eps, &g.external, 150) {
@@ -356,7 +356,7 @@ mod kernel {
     }
 
     fn example_loaded() -> Loaded {
-        Loaded::new(&example(), Capacity::default()).unwrap()
+        Loaded::new(&example(), Capacity::verification()).unwrap()
     }
 
     /// Eth + IPv4 with the given header bytes patched, then `l4`.
@@ -619,6 +619,114 @@ mod kernel {
         assert_eq!(l.dp.conntrack_len(), 1, "the TCP connection stays");
     }
 
+    /// Two CPUs run both sides of the same connections into a small table
+    /// while a third sweeps and flushes it: ways are claimed, joined,
+    /// reused and freed concurrently. Whatever interleaving happens, a
+    /// denied flow never passes, an allowed one always does, and every
+    /// entry left is a whole one.
+    #[test]
+    fn concurrent_packets_and_sweeps_keep_verdicts_exact() {
+        if !privileged() {
+            return;
+        }
+        let cap = Capacity {
+            conntrack: 16,
+            ..Capacity::default()
+        };
+        let mut l = Loaded::new(&example(), cap).unwrap();
+        l.dp.set_config(Config {
+            other_s: 0,
+            ..Config::default()
+        })
+        .unwrap();
+        let dp = &l.dp;
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::thread::scope(|s| {
+            let runners: Vec<_> = (0..2)
+                .map(|t| {
+                    let done = &done;
+                    s.spawn(move || {
+                        // Stops the sweeper however this runner ends.
+                        struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+                        impl Drop for Done<'_> {
+                            fn drop(&mut self) {
+                                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                        let _done = Done(done);
+                        let mut set = nix::sched::CpuSet::new();
+                        set.set(t % cpus).unwrap();
+                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+                        for i in 0..1000u16 {
+                            let sport = 40000 + (i * 7 + t as u16) % 96;
+                            let allowed = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(sport, 8080));
+                            let reply = v4("10.10.2.10", "10.10.1.10", 6, &{
+                                let mut h = tcp_syn(8080, sport);
+                                h[13] = 0x12; // SYN-ACK
+                                h
+                            });
+                            let denied = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(sport, 9999));
+                            let mut udp = vec![0u8; 8];
+                            udp[0..2].copy_from_slice(&sport.to_be_bytes());
+                            udp[2..4].copy_from_slice(&53u16.to_be_bytes());
+                            udp[5] = 8;
+                            let dns = v4("10.10.1.10", "10.10.0.53", 17, &udp);
+                            let run = |hook, pkt: &[u8]| dp.run(hook, pkt, 1).unwrap().passed();
+                            assert!(run(Hook::FromPod, &allowed), "web egress to api:8080");
+                            assert!(run(Hook::ToPod, &allowed), "api ingress from web");
+                            // Passes on the entry, or meets api's egress
+                            // policy (which denies it) when the sweeper
+                            // flushed in between: either is right here.
+                            run(Hook::FromPod, &reply);
+                            assert!(run(Hook::FromPod, &dns), "web -> DNS");
+                            assert!(!run(Hook::ToPod, &denied), "web -> api:9999 stays denied");
+                        }
+                    })
+                })
+                .collect();
+            let sweeper = s.spawn(|| {
+                let (mut sweeps, mut freed) = (0u32, 0usize);
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    freed += dp.expire_conntrack().unwrap();
+                    sweeps += 1;
+                    if sweeps % 16 == 0 {
+                        freed += dp.flush_conntrack();
+                    }
+                }
+                (sweeps, freed)
+            });
+            for r in runners {
+                r.join().unwrap();
+            }
+            let (sweeps, freed) = sweeper.join().unwrap();
+            let stats = dp.stats().unwrap();
+            eprintln!(
+                "{sweeps} sweeps and flushes freed {freed}; established {}, full {}, contended {}",
+                stats[STAT_ESTABLISHED as usize],
+                stats[STAT_CT_FULL as usize],
+                stats[STAT_CT_CONTENDED as usize]
+            );
+            assert!(sweeps > 10 && freed > 0, "the sweeper ran alongside");
+            assert!(stats[STAT_ESTABLISHED as usize] > 0);
+        });
+        let (entries, v6) = dp.conntrack_entries();
+        assert!(v6.is_empty());
+        for e in &entries {
+            let v = e.value;
+            assert!(matches!(e.key.protocol, 6 | 17), "{e:?}");
+            let (client, server) = if e.key.port_a >= 40000 {
+                (e.key.port_a, e.key.port_b)
+            } else {
+                (e.key.port_b, e.key.port_a)
+            };
+            assert!((40000..40096).contains(&client), "{e:?}");
+            assert!([8080, 53].contains(&server), "{e:?}");
+            assert_ne!(v.flags & (CT_APPROVED_A | CT_APPROVED_B), 0, "{e:?}");
+            assert!(v.created <= v.last_seen, "{e:?}");
+        }
+    }
+
     #[test]
     fn interfaces_past_the_direct_table_are_still_enforced() {
         if !privileged() {
@@ -648,12 +756,35 @@ mod kernel {
             ..Capacity::default()
         };
         let mut l = Loaded::new(&example(), cap).unwrap();
-        for sport in 40000..40010u16 {
+        // Two sets of four ways: both are every connection's choices.
+        let ways = policy_bpf::conntrack::ways_for(4).unwrap();
+        assert_eq!(ways, 8);
+        for sport in 40000..40012u16 {
             let syn = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(sport, 8080));
             assert!(l.run(Hook::ToPod, &syn).0, "allowed flow {sport} passes");
         }
-        assert_eq!(l.dp.conntrack_len(), 4);
-        assert_eq!(stat(&l, STAT_CT_FULL), 6, "six flows found the table full");
+        assert_eq!(l.dp.conntrack_len(), 8);
+        assert_eq!(stat(&l, STAT_CT_FULL), 4, "four flows found the table full");
+        // Once those connections have expired, new ones take their ways
+        // without waiting for the sweep.
+        l.dp.set_config(Config {
+            tcp_established_s: 0,
+            ..Config::default()
+        })
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(25));
+        for sport in 41000..41004u16 {
+            let syn = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(sport, 8080));
+            assert!(l.run(Hook::ToPod, &syn).0, "allowed flow {sport} passes");
+        }
+        assert_eq!(stat(&l, STAT_CT_FULL), 4, "expired ways were reused");
+        assert_eq!(l.dp.conntrack_len(), 8);
+        let (v4_entries, _) = l.dp.conntrack_entries();
+        let reused = v4_entries
+            .iter()
+            .filter(|e| (41000..41004).contains(&e.key.port_a))
+            .count();
+        assert_eq!(reused, 4, "the new connections are in the table");
         // Denied flows are still denied.
         let denied = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(40100, 9999));
         assert!(!l.run(Hook::ToPod, &denied).0, "web -> api:9999 is denied");
@@ -810,7 +941,7 @@ mod kernel {
             "the test needs a deep program, got depth {}",
             compiled.stats().max_depth
         );
-        let kernel = KernelEngine::new(&cluster, Capacity::default()).unwrap();
+        let kernel = KernelEngine::new(&cluster, Capacity::verification()).unwrap();
         let server = key("d/server");
         let mut seen_allow = 0;
         for g in 0..groups {

@@ -14,10 +14,14 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
+// Rust's BPF target offers no compare-and-swap or fetch-or through its
+// atomic types; the intrinsics lower to BPF's atomic instructions.
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 
 #[cfg(target_arch = "bpf")]
 mod program {
-    use aya_ebpf::bindings::{BPF_NOEXIST, TC_ACT_SHOT};
+    use aya_ebpf::bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, TC_ACT_SHOT};
     use aya_ebpf::cty::c_void;
     use aya_ebpf::helpers::{
         bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_loop,
@@ -53,15 +57,16 @@ mod program {
     static PALISADE_IDENTITIES: Array<Bitset> = Array::pinned(65_536, 0);
     #[map]
     static PALISADE_CLASSES: Array<Bitset> = Array::pinned(16_384, 0);
-    /// Conntrack: a preallocated hash, not an LRU. An LRU insert costs as
-    /// much as the rest of a new flow (free-list rotation); dead entries
-    /// are instead removed when a lookup finds them expired and by the
-    /// user-space sweep (`Datapath::expire_conntrack`), as Calico does.
+    /// Conntrack: set-associative tables in array maps (see [`CtEntry4`]),
+    /// mmapable so the user-space sweep reads and frees ways with the same
+    /// atomic operations as the program. Not an LRU: dead entries are
+    /// reused by inserts into their set and freed by the sweep
+    /// (`Datapath::expire_conntrack`); live ones are never evicted.
     #[map]
-    static PALISADE_CT: HashMap<CtKey, CtValue> = HashMap::pinned(262_144, 0);
-    /// IPv4 connections, with a key less than half the size.
+    static PALISADE_CONN4: Array<CtEntry4> = Array::pinned(262_144, BPF_F_MMAPABLE);
+    /// IPv6 connections.
     #[map]
-    static PALISADE_CT4: HashMap<CtKey4, CtValue> = HashMap::pinned(262_144, 0);
+    static PALISADE_CONN6: Array<CtEntry6> = Array::pinned(262_144, BPF_F_MMAPABLE);
     #[map]
     static PALISADE_FRAGS: LruHashMap<FragKey, u64> = LruHashMap::pinned(16_384, 0);
     #[map]
@@ -308,15 +313,105 @@ mod program {
         a_is_src
     }
 
+    /// The state word and value of a way, at the same offsets in both
+    /// families' entries.
+    #[repr(C)]
+    struct CtHead {
+        state: u64,
+        value: CtValue,
+    }
+
+    /// Atomic operations on words of conntrack ways, which other CPUs and
+    /// the user-space sweep change concurrently. Callers pass pointers into
+    /// a conntrack array map's values: valid for the program's run (array
+    /// values are never freed) and naturally aligned.
+    mod atomic {
+        use core::intrinsics::{self, AtomicOrdering::SeqCst};
+
+        /// The word, read whole.
+        #[inline(always)]
+        pub fn load(p: *mut u64) -> u64 {
+            // SAFETY: see the module; an aligned 8-byte load is atomic.
+            unsafe { p.read_volatile() }
+        }
+
+        /// Replaces `old` by `new`; false if the word was not `old`.
+        #[inline(always)]
+        pub fn swap_if(p: *mut u64, old: u64, new: u64) -> bool {
+            // SAFETY: see the module.
+            unsafe { intrinsics::atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(p, old, new).1 }
+        }
+
+        #[inline(always)]
+        pub fn add(p: *mut u64, v: u64) {
+            // SAFETY: see the module.
+            unsafe { intrinsics::atomic_xadd::<u64, u64, { SeqCst }>(p, v) };
+        }
+
+        #[inline(always)]
+        pub fn and(p: *mut u64, v: u64) {
+            // SAFETY: see the module.
+            unsafe { intrinsics::atomic_and::<u64, u64, { SeqCst }>(p, v) };
+        }
+
+        #[inline(always)]
+        pub fn or(p: *mut u64, v: u64) {
+            // SAFETY: see the module.
+            unsafe { intrinsics::atomic_or::<u64, u64, { SeqCst }>(p, v) };
+        }
+    }
+
+    /// A connection's flags as the 64-bit word of `flags` and the zero `pad`
+    /// after it, flags in the low half (BPF is little-endian here; the
+    /// target CPU has 64-bit atomics only).
+    #[inline(always)]
+    fn flags_word(v: *mut CtValue) -> *mut u64 {
+        // SAFETY: `flags` is at offset 16 of an 8-aligned CtValue in a
+        // conntrack way, followed by its u32 pad.
+        unsafe { (&raw mut (*v).flags).cast::<u64>() }
+    }
+
+    /// The state word of a way.
+    #[inline(always)]
+    fn state_of(head: *mut CtHead) -> *mut u64 {
+        // SAFETY: `head` is a way of a conntrack array (see `atomic`).
+        unsafe { &raw mut (*head).state }
+    }
+
+    /// Whether two keys are equal: word XORs, no byte compares or memcmp.
+    #[inline(always)]
+    fn same_words<const N: usize>(a: *const u32, b: *const u32) -> bool {
+        let mut diff = 0;
+        let mut i = 0;
+        while i < N {
+            // SAFETY: callers pass two 4-aligned keys of N words.
+            diff |= unsafe { a.add(i).read_volatile() ^ b.add(i).read_volatile() };
+            i += 1;
+        }
+        diff == 0
+    }
+
+    /// Outcome of recording an approval.
+    #[derive(PartialEq, Eq)]
+    enum Record {
+        Done,
+        /// Every way of the set holds a live connection.
+        Full,
+        /// Another CPU changed the way in between.
+        Contended,
+    }
+
     /// A connection's entry, in the table of its family. The family is
     /// read from the per-CPU scratch at each access (volatile): kept in a
     /// register, it would split every verifier state after the parse in
     /// two (IPv4 and IPv6) and exceed the verifier's instruction budget;
-    /// read from memory, the paths merge again after each access.
+    /// read from memory, the paths merge again after each access. For the
+    /// same reason the lookup's result lives in the scratch ([`CtProbe`]).
     struct Conn<'a> {
         family: &'a u8,
         key: &'a CtKey,
         key4: &'a CtKey4,
+        probe: *mut CtProbe,
     }
 
     impl Conn<'_> {
@@ -326,69 +421,215 @@ mod program {
             unsafe { core::ptr::read_volatile(self.family) == FAMILY_V4 }
         }
 
+        /// Way `i` of this family's table, as far as both families'
+        /// entries agree (the state word and the value).
         #[inline(always)]
-        fn get(&self) -> Option<*mut CtValue> {
+        fn way(&self, i: u32) -> Option<*mut CtHead> {
             if self.v4() {
-                PALISADE_CT4.get_ptr_mut(self.key4)
+                PALISADE_CONN4.get_ptr_mut(i).map(|e| e.cast())
             } else {
-                PALISADE_CT.get_ptr_mut(self.key)
+                PALISADE_CONN6.get_ptr_mut(i).map(|e| e.cast())
             }
         }
 
+        /// Reads the connection's set into the probe: the way holding it
+        /// (live), and a way an insert may claim. Each family's scan is
+        /// whole in its branch, so the verifier sees every key access
+        /// against the entry size of the table it came from.
         #[inline(always)]
-        fn remove(&self) {
-            let _ = if self.v4() {
-                PALISADE_CT4.remove(self.key4)
+        fn lookup(&self, cfg: &Config, now: u64) {
+            // SAFETY: the probe is in this CPU's scratch (see `process`).
+            unsafe { self.probe.write_volatile(CtProbe::default()) };
+            if self.v4() {
+                let bases = ct_set4(self.key4, cfg.ct_seed, cfg.ct_sets_mask);
+                scan::<CtEntry4, 4, { core::mem::offset_of!(CtKey4, protocol) }>(
+                    &PALISADE_CONN4,
+                    bases,
+                    (self.key4 as *const CtKey4).cast(),
+                    self.probe,
+                    cfg,
+                    now,
+                );
             } else {
-                PALISADE_CT.remove(self.key)
-            };
+                let bases = ct_set6(self.key, cfg.ct_seed, cfg.ct_sets_mask);
+                scan::<CtEntry6, 10, { core::mem::offset_of!(CtKey, protocol) }>(
+                    &PALISADE_CONN6,
+                    bases,
+                    (self.key as *const CtKey).cast(),
+                    self.probe,
+                    cfg,
+                    now,
+                );
+            }
         }
 
-        /// Inserts unless present; false if present or the table is full.
+        /// The way found holding the connection, with its state then.
         #[inline(always)]
-        fn insert_new(&self, v: &CtValue) -> bool {
-            let flags = u64::from(BPF_NOEXIST);
+        fn hit(&self) -> Option<(*mut CtHead, u64)> {
+            // SAFETY: the probe is in this CPU's scratch.
+            let (hit, state) = unsafe {
+                (
+                    core::ptr::read_volatile(&(*self.probe).hit),
+                    core::ptr::read_volatile(&(*self.probe).hit_state),
+                )
+            };
+            if hit == 0 {
+                return None;
+            }
+            self.way(hit - 1).map(|h| (h, state))
+        }
+
+        /// Forgets the hit (an expired or closed connection): its way is the
+        /// one a new insert claims.
+        #[inline(always)]
+        fn retire_hit(&self) {
+            // SAFETY: the probe is in this CPU's scratch.
+            unsafe {
+                let p = self.probe;
+                (*p).free = core::ptr::read_volatile(&(*p).hit);
+                (*p).free_state = core::ptr::read_volatile(&(*p).hit_state);
+                (*p).hit = 0;
+            }
+        }
+
+        /// Claims the free way and writes the connection into it.
+        #[inline(always)]
+        fn insert(&self, v: &CtValue) -> Record {
+            // SAFETY: the probe is in this CPU's scratch.
+            let (free, state) = unsafe {
+                (
+                    core::ptr::read_volatile(&(*self.probe).free),
+                    core::ptr::read_volatile(&(*self.probe).free_state),
+                )
+            };
+            if free == 0 {
+                return Record::Full;
+            }
             if self.v4() {
-                PALISADE_CT4.insert(self.key4, v, flags).is_ok()
+                claim(&PALISADE_CONN4, free - 1, state, v, self.key4)
             } else {
-                PALISADE_CT.insert(self.key, v, flags).is_ok()
+                claim(&PALISADE_CONN6, free - 1, state, v, self.key)
             }
         }
     }
 
+    /// Scans the two sets at `bases` of one family's table for the key of
+    /// `N` words (see [`Conn::lookup`]). The way offered for an insert is
+    /// the first free one of the set with fewer ways taken before it (sets
+    /// fill from their first way), so inserts balance the two choices.
+    #[inline(always)]
+    fn scan<E, const N: usize, const PROTOCOL_AT: usize>(
+        table: &Array<E>,
+        bases: (u32, u32),
+        key: *const u32,
+        probe: *mut CtProbe,
+        cfg: &Config,
+        now: u64,
+    ) {
+        let mut set = 0;
+        while set < 2 {
+            let base = if set == 0 { bases.0 } else { bases.1 };
+            let mut w = 0;
+            while w < CT_WAYS {
+                let Some(entry) = table.get_ptr_mut(base + w) else {
+                    return;
+                };
+                let head = entry.cast::<CtHead>();
+                let state = atomic::load(state_of(head));
+                let status = state & CT_STATUS;
+                // SAFETY: `entry` is a way of `table` (valid for the run);
+                // its key of N words sits right after the head (offset 48,
+                // checked by the common crate's layout test); the probe is
+                // in this CPU's scratch. A concurrent writer can tear what
+                // is read here: a torn key compares unequal, and a torn
+                // expiry only offers a way whose claim (a compare-and-swap
+                // on the state read here) then fails.
+                unsafe {
+                    let at = head.add(1).cast::<u32>();
+                    if status == CT_LIVE && same_words::<N>(at, key) {
+                        (*probe).hit = base + w + 1;
+                        (*probe).hit_state = state;
+                        return;
+                    }
+                    let protocol = at.cast::<u8>().add(PROTOCOL_AT).read_volatile();
+                    let reusable = status == CT_EMPTY
+                        || (status == CT_LIVE && ct_expired(cfg, protocol, &(*head).value, now));
+                    if reusable {
+                        // Read back from memory: unknown to the verifier,
+                        // so the ways' outcomes do not multiply its states.
+                        let offered = core::ptr::read_volatile(&(*probe).free);
+                        if offered == 0 || (set == 1 && w < (offered - 1) % CT_WAYS) {
+                            (*probe).free = base + w + 1;
+                            (*probe).free_state = state;
+                        }
+                    }
+                }
+                w += 1;
+            }
+            set += 1;
+        }
+    }
+
+    /// Claims way `i` of `table` (read as `state`, free) for a new
+    /// connection and writes it.
+    #[inline(always)]
+    fn claim<E, K: Copy>(table: &Array<E>, i: u32, state: u64, v: &CtValue, key: &K) -> Record {
+        let Some(entry) = table.get_ptr_mut(i) else {
+            return Record::Full;
+        };
+        let head = entry.cast::<CtHead>();
+        let word = state_of(head);
+        if !atomic::swap_if(word, state, ct_claimed(state)) {
+            return Record::Contended;
+        }
+        // SAFETY: the way is ours while busy (readers skip busy ways; no
+        // other writer claims a way it did not read as free, and the
+        // generation changed); the key of type K sits after the head.
+        unsafe {
+            (*head).value = *v;
+            head.add(1).cast::<K>().write(*key);
+        }
+        // Busy to live; the atomic orders the writes above before it.
+        atomic::add(word, CT_LIVE - CT_BUSY);
+        Record::Done
+    }
+
     /// Records this side's approval: joins the entry when the connection is
-    /// tracked (or became so meanwhile), else inserts one. False when the
-    /// table is full.
+    /// tracked, else inserts one.
     #[inline(always)]
     fn approve(
         conn: &Conn,
-        tracked: bool,
         local_is_a: bool,
         a_is_src: bool,
         rule: u32,
         ifindex: u32,
         now: u64,
-    ) -> bool {
-        let join = || match conn.get() {
-            Some(v) => {
-                // SAFETY: as for the lookup in `process`.
-                unsafe {
-                    if local_is_a {
-                        (*v).rule_a = rule;
-                        (*v).ifindex_a = ifindex;
-                        (*v).flags |= CT_APPROVED_A;
-                    } else {
-                        (*v).rule_b = rule;
-                        (*v).ifindex_b = ifindex;
-                        (*v).flags |= CT_APPROVED_B;
-                    }
-                }
-                true
+    ) -> Record {
+        if let Some((head, state)) = conn.hit() {
+            // Join: lock the way in the generation that was read (a reused
+            // way fails the exchange), write this side, unlock.
+            let word = state_of(head);
+            let unlocked = state & !CT_LOCK;
+            if !atomic::swap_if(word, unlocked, unlocked | CT_LOCK) {
+                return Record::Contended;
             }
-            None => false,
-        };
-        if tracked && join() {
-            return true;
+            // SAFETY: this side's fields are ours while the lock is held;
+            // flags are shared with the established path, hence the atomic.
+            unsafe {
+                let v = &raw mut (*head).value;
+                let bit = if local_is_a {
+                    (*v).rule_a = rule;
+                    (*v).ifindex_a = ifindex;
+                    CT_APPROVED_A
+                } else {
+                    (*v).rule_b = rule;
+                    (*v).ifindex_b = ifindex;
+                    CT_APPROVED_B
+                };
+                atomic::or(flags_word(v), u64::from(bit));
+            }
+            atomic::and(word, !CT_LOCK);
+            return Record::Done;
         }
         let origin = if a_is_src { CT_ORIGIN_A } else { 0 };
         let (rule_a, ifindex_a, rule_b, ifindex_b, approved) = if local_is_a {
@@ -396,7 +637,7 @@ mod program {
         } else {
             (0, 0, rule, ifindex, CT_APPROVED_B)
         };
-        let value = CtValue {
+        conn.insert(&CtValue {
             rule_a,
             rule_b,
             ifindex_a,
@@ -405,9 +646,7 @@ mod program {
             pad: 0,
             created: now,
             last_seen: now,
-        };
-        // NOEXIST: another CPU may have just inserted it; then join that.
-        conn.insert_new(&value) || join()
+        })
     }
 
     #[inline(always)]
@@ -576,7 +815,9 @@ mod program {
             family: &sc.parsed.family,
             key: &sc.ct,
             key4: &sc.ct4,
+            probe: &raw mut sc.probe,
         };
+        conn.lookup(&cfg, now);
         // The side of the connection this interface's endpoint is on.
         let local_is_a = a_is_src == (direction == DIR_EGRESS);
         let approved_bit = if local_is_a {
@@ -584,53 +825,73 @@ mod program {
         } else {
             CT_APPROVED_B
         };
-        // Whether the connection is tracked (approved by the other side's
-        // endpoint only): this side's policy decides, then joins the entry.
-        let mut tracked = false;
-        if let Some(v) = conn.get() {
-            // SAFETY: hash entries stay valid for the program's run (RCU);
-            // fields are read and written one by one as plain integers. A
-            // racing update from another CPU can lose a flag bit, which
-            // costs one more policy decision or a timeout class, never a
-            // wrong allow: approval bits are only set after a policy allow.
-            let (flags, last_seen) = unsafe { ((*v).flags, (*v).last_seen) };
+        if let Some((head, state)) = conn.hit() {
+            // SAFETY: `head` is a way of a conntrack array (valid for the
+            // run); fields are read one by one, and the state word is read
+            // again afterwards: if the way was reused meanwhile (a new
+            // generation), what was read belongs to another connection and
+            // is not used. Flags only gain bits here, atomically; approval
+            // bits are only set after a policy allow.
+            let v = unsafe { &raw mut (*head).value };
+            let (flags, last_seen) = unsafe {
+                (
+                    core::ptr::read_volatile(&(*v).flags),
+                    core::ptr::read_volatile(&(*v).last_seen),
+                )
+            };
             let closed =
                 flags & CT_RST != 0 || flags & (CT_FIN_A | CT_FIN_B) == (CT_FIN_A | CT_FIN_B);
             let reopened =
                 p.protocol == 6 && closed && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             let expired = now.saturating_sub(last_seen) > ct_timeout_ticks(&cfg, p.protocol, flags);
             if !reopened && !expired {
-                let mut new_flags = flags;
-                if p.protocol == 6 {
-                    if p.tcp_flags & TCP_RST != 0 {
-                        new_flags |= CT_RST;
-                    }
-                    if p.tcp_flags & TCP_FIN != 0 {
-                        new_flags |= if a_is_src { CT_FIN_A } else { CT_FIN_B };
-                    }
-                }
-                // SAFETY: see above.
                 let (rule, approved_on) = unsafe {
-                    (*v).last_seen = now;
-                    if new_flags != flags {
-                        (*v).flags = new_flags;
-                    }
                     if local_is_a {
-                        ((*v).rule_a, (*v).ifindex_a)
+                        (
+                            core::ptr::read_volatile(&(*v).rule_a),
+                            core::ptr::read_volatile(&(*v).ifindex_a),
+                        )
                     } else {
-                        ((*v).rule_b, (*v).ifindex_b)
+                        (
+                            core::ptr::read_volatile(&(*v).rule_b),
+                            core::ptr::read_volatile(&(*v).ifindex_b),
+                        )
                     }
                 };
+                let same_way = atomic::load(state_of(head)) & !CT_LOCK == state & !CT_LOCK;
                 // Approved by this endpoint, on this interface (a packet
                 // with the same addresses from elsewhere is not).
-                if flags & approved_bit != 0 && approved_on == ifindex {
+                if same_way && flags & approved_bit != 0 && approved_on == ifindex {
+                    let mut gained = 0;
+                    if p.protocol == 6 {
+                        if p.tcp_flags & TCP_RST != 0 {
+                            gained |= CT_RST;
+                        }
+                        if p.tcp_flags & TCP_FIN != 0 {
+                            gained |= if a_is_src { CT_FIN_A } else { CT_FIN_B };
+                        }
+                    }
+                    unsafe {
+                        if gained & !flags != 0 {
+                            atomic::or(flags_word(v), u64::from(gained));
+                        }
+                        // Once per tick at most: a write per packet would
+                        // bounce the line between the CPUs of both sides.
+                        if last_seen != now {
+                            core::ptr::write_volatile(&raw mut (*v).last_seen, now);
+                        }
+                    }
                     count(rule, ctx.len());
                     stat(STAT_ESTABLISHED);
                     return PASS;
                 }
-                tracked = true;
+                if !same_way {
+                    // Reused under us: neither join nor claim it.
+                    sc.probe.hit = 0;
+                    sc.probe.free = 0;
+                }
             } else {
-                conn.remove();
+                conn.retire_hit();
             }
         }
 
@@ -728,10 +989,12 @@ mod program {
             );
             return DROP;
         }
-        if !approve(&conn, tracked, local_is_a, a_is_src, v.rule, ifindex, now) {
-            // The table is full: the policy allowed this packet, so it
-            // passes; later packets are judged by policy again.
-            stat(STAT_CT_FULL);
+        match approve(&conn, local_is_a, a_is_src, v.rule, ifindex, now) {
+            Record::Done => {}
+            // The policy allowed this packet, so it passes; later packets
+            // are judged by policy again.
+            Record::Full => stat(STAT_CT_FULL),
+            Record::Contended => stat(STAT_CT_CONTENDED),
         }
         if p.fragment {
             let _ = PALISADE_FRAGS.insert(&sc.frag, &now, u64::from(BPF_NOEXIST));
