@@ -80,17 +80,22 @@ fn main() -> Result<()> {
     writeln!(
         md,
         "Where the time goes (`perf record -a` while `datapath-report --profile new|est` runs, and \
-         ablations made by editing the program, 2026-11-26): about 170 ns of a new flow is the \
-         conntrack insert (`htab_map_update_elem` on the preallocated hash: bucket lock, free-list \
-         pop and element write, cold in a one-packet run). The rest of the new-flow path (parse, the \
-         conntrack miss lookup at about 25 ns, the slot hash, the LPM, the walk and the counters) \
-         measured 265-300 ns with the insert removed, inside the 300 ns budget, and about 120 ns \
-         when repeated warm: one-packet runs are cold (the pass-through itself costs 3x more run \
-         alone than repeated). Other tables insert more slowly here: a per-CPU LRU \
-         (`BPF_F_NO_COMMON_LRU`) by 80-250 ns, a hash without preallocation by about 400 ns. An \
-         established flow is the parse (straight from the packet's linear data), one conntrack \
-         lookup with a 16-byte key for IPv4, the jiffies clock (`bpf_jiffies64`; the coarse \
-         nanosecond clock cost 10 ns a packet) and two counters.\n"
+         ablations made by editing the program, 2026-11-26). Conntrack is a set-associative \
+         table in an array map (two candidate sets of four 64-byte ways for IPv4), so a new \
+         flow's insert claims a way its lookup already read with one compare-and-swap; the \
+         kernel hash it replaced spent about 170 ns of a new flow in `htab_map_update_elem` \
+         (bucket lock, free-list pop, element write). About half of the new-flow samples now sit \
+         on the first read of the connection's sets: the default table (262,144 connections, \
+         524,288 ways, 32 MB for IPv4) is larger than this machine's last-level cache share, and \
+         each new flow reads a random set. One-packet runs are cold (the pass-through itself \
+         costs 3x more run alone than repeated); with the conntrack insert removed, the rest of \
+         the new-flow path (parse, the slot hash, the LPM, the walk and the counters) measured \
+         265-300 ns cold and about 120 ns warm. Tried and not kept: a per-CPU LRU \
+         (`BPF_F_NO_COMMON_LRU`, 80-250 ns slower than the preallocated hash), a hash without \
+         preallocation (about 400 ns slower), the whole walk in `bpf_loop` (+150 ns). An \
+         established flow is the parse (straight from the packet's linear data), one read of \
+         the connection's way (state, key and value share a cache line for IPv4), the jiffies \
+         clock (`bpf_jiffies64`) and two counters.\n"
     )?;
     writeln!(
         md,

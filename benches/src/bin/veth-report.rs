@@ -147,8 +147,9 @@ fn main() -> Result<()> {
     }
     writeln!(
         md,
-        "\nBoth conntrack tables have room for every flow of a run ({} entries); allowed \
-         connections that found Palisade's full: {ct_full_total}.",
+        "\nBoth conntrack tables have room for every flow of a run ({} connections; Palisade's \
+         set-associative tables hold them in twice as many ways); allowed connections that \
+         found their conntrack sets full in Palisade: {ct_full_total}.",
         palisade_benches::veth::CONNTRACK_ENTRIES
     )?;
     writeln!(
