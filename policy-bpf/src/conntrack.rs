@@ -11,6 +11,7 @@ use std::os::fd::AsFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use aya::Ebpf;
 use aya::maps::{Map, MapData};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 use policy_bpf_common::{
@@ -103,12 +104,16 @@ impl<E: Way> Drop for Table<E> {
 }
 
 impl<E: Way> Table<E> {
-    /// Maps the table `map` (an mmapable array of `E`).
-    pub fn open(map: Map) -> Result<Self, DatapathError> {
+    /// Takes the table's map out of the loaded object and maps it (an
+    /// mmapable array of `E`).
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
         let err = |message: String| DatapathError::Map {
             map: E::MAP,
             message,
         };
+        let map = ebpf
+            .take_map(E::MAP)
+            .ok_or_else(|| DatapathError::Load(format!("map {} missing", E::MAP)))?;
         let Map::Array(data) = map else {
             return Err(err(
                 "not an array map (a pin from an older Palisade? remove it)".into(),
@@ -232,7 +237,10 @@ impl<E: Way> Table<E> {
 
     /// Frees the connections idle past their timeout at `now` (ticks).
     pub fn expire(&self, cfg: &Config, now: u64) -> usize {
-        self.free_where(|e| ct_expired(cfg, e.protocol(), e.value(), now))
+        self.free_where(|e| {
+            let v = e.value();
+            ct_expired(cfg, e.protocol(), v.flags, v.last_seen, now)
+        })
     }
 
     /// Copies of the live connections.

@@ -19,7 +19,7 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
 use policy_bpf_common::*;
 
-use crate::conntrack::{Table, ways_for};
+use crate::conntrack::{Table, Way, ways_for};
 use crate::lower::{Capacity, InUse, MapWrite, Mirror, WritePlan};
 
 /// A random, nonzero seed for the conntrack set hash (std's hasher keys
@@ -230,8 +230,8 @@ impl Datapath {
             .map_max_entries("PALISADE_LPM6", cap.lpm6)
             .map_max_entries("PALISADE_IDENTITIES", cap.identities)
             .map_max_entries("PALISADE_CLASSES", cap.classes)
-            .map_max_entries("PALISADE_CONN4", conntrack_ways)
-            .map_max_entries("PALISADE_CONN6", conntrack_ways)
+            .map_max_entries(CtEntry4::MAP, conntrack_ways)
+            .map_max_entries(CtEntry6::MAP, conntrack_ways)
             .map_max_entries("PALISADE_COUNTERS", cap.rules);
         let mut ebpf = loader
             .load(OBJECT)
@@ -258,7 +258,7 @@ impl Datapath {
                 <$ty>::try_from(m).map_err(map_err($name))?
             }};
         }
-        let dp = Datapath {
+        let mut dp = Datapath {
             nodes: take!("PALISADE_NODES", Array<MapData, Node>),
             slots: take!("PALISADE_SLOTS", BpfHashMap<MapData, SlotKey, SlotValue>),
             managed: take!("PALISADE_MANAGED", BpfHashMap<MapData, u32, u32>),
@@ -267,14 +267,8 @@ impl Datapath {
             lpm6: take!("PALISADE_LPM6", LpmTrie<MapData, [u8; 16], PeerClass>),
             identities: take!("PALISADE_IDENTITIES", Array<MapData, Bitset>),
             classes: take!("PALISADE_CLASSES", Array<MapData, Bitset>),
-            conn4: Table::open(
-                ebpf.take_map("PALISADE_CONN4")
-                    .ok_or_else(|| DatapathError::Load("map PALISADE_CONN4 missing".into()))?,
-            )?,
-            conn6: Table::open(
-                ebpf.take_map("PALISADE_CONN6")
-                    .ok_or_else(|| DatapathError::Load("map PALISADE_CONN6 missing".into()))?,
-            )?,
+            conn4: Table::take(&mut ebpf)?,
+            conn6: Table::take(&mut ebpf)?,
             counters: take!("PALISADE_COUNTERS", PerCpuArray<MapData, Counter>),
             stats: take!("PALISADE_STATS", PerCpuArray<MapData, u64>),
             events: take!("PALISADE_EVENTS", RingBuf<MapData>),
@@ -291,7 +285,6 @@ impl Datapath {
                 dp.conn6.ways()
             )));
         }
-        let mut dp = dp;
         // A re-adopted configuration keeps its tunables; the tick rate is
         // measured again all the same (it is the kernel's, not the user's).
         let cfg = if fresh {

@@ -281,9 +281,9 @@ pub struct CtValue {
 }
 
 /// One way of the conntrack table: an array map, not a kernel hash. A
-/// connection lives in one of [`CT_WAYS`] consecutive entries (its set,
-/// chosen by [`ct_set4`]/[`ct_set6`]), so a lookup reads one set and an
-/// insert writes the way the lookup already read: no bucket lock, no free
+/// connection lives in one of the [`CT_WAYS`] consecutive entries of one of
+/// its two sets (chosen by [`ct_set4`]/[`ct_set6`]), so a lookup reads its
+/// sets and an insert writes a way the lookup already read: no bucket lock, no free
 /// list and no separate element to fetch, which is most of what a kernel
 /// hash insert costs on a new flow. The state word comes first and the
 /// value right after it, at the same offsets in both families.
@@ -401,8 +401,8 @@ pub fn ct_set6(key: &CtKey, seed: u32, sets_mask: u32) -> (u32, u32) {
 /// Whether a tracked connection has been idle past its timeout at `now`
 /// (shared by the kernel, which reuses such ways, and the user-space sweep).
 #[inline(always)]
-pub fn ct_expired(cfg: &Config, protocol: u8, value: &CtValue, now: u64) -> bool {
-    now.saturating_sub(value.last_seen) > ct_timeout_ticks(cfg, protocol, value.flags)
+pub fn ct_expired(cfg: &Config, protocol: u8, flags: u32, last_seen: u64, now: u64) -> bool {
+    now.saturating_sub(last_seen) > ct_timeout_ticks(cfg, protocol, flags)
 }
 
 /// Fragment tracking key: a first fragment that was allowed lets the rest of
@@ -641,9 +641,9 @@ pub struct CtProbe {
     /// A way an insert may claim (empty, or holding an expired connection)
     /// + 1 (0: the set is full).
     pub free: u32,
-    /// Its state word when it was read.
+    /// The hit's state word when it was read.
     pub hit_state: u64,
-    /// Its state word when it was read.
+    /// The free way's state word when it was read.
     pub free_state: u64,
 }
 

@@ -392,7 +392,6 @@ mod program {
     }
 
     /// Outcome of recording an approval.
-    #[derive(PartialEq, Eq)]
     enum Record {
         Done,
         /// Every way of the set holds a live connection.
@@ -553,7 +552,14 @@ mod program {
                     }
                     let protocol = at.cast::<u8>().add(PROTOCOL_AT).read_volatile();
                     let reusable = status == CT_EMPTY
-                        || (status == CT_LIVE && ct_expired(cfg, protocol, &(*head).value, now));
+                        || (status == CT_LIVE
+                            && ct_expired(
+                                cfg,
+                                protocol,
+                                (*head).value.flags,
+                                (*head).value.last_seen,
+                                now,
+                            ));
                     if reusable {
                         // Read back from memory: unknown to the verifier,
                         // so the ways' outcomes do not multiply its states.
@@ -843,7 +849,7 @@ mod program {
                 flags & CT_RST != 0 || flags & (CT_FIN_A | CT_FIN_B) == (CT_FIN_A | CT_FIN_B);
             let reopened =
                 p.protocol == 6 && closed && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            let expired = now.saturating_sub(last_seen) > ct_timeout_ticks(&cfg, p.protocol, flags);
+            let expired = ct_expired(&cfg, p.protocol, flags, last_seen, now);
             if !reopened && !expired {
                 let (rule, approved_on) = unsafe {
                     if local_is_a {
