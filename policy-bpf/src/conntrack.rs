@@ -1,11 +1,11 @@
 //! The conntrack tables from user space. They are set-associative arrays
 //! that the TC programs read and write with atomic operations on each way's
-//! state word (see [`CtEntry4`]). User space maps them into its address
-//! space (the maps are created mmapable) so that it can count, sweep and
-//! flush the ways with the same compare-and-swap protocol. Freeing a way
-//! through the map syscalls would overwrite it whole, racing the programs.
+//! state word, kept in a separate array of tag lines (see [`CtEntry4`]).
+//! User space maps both into its address space (the maps are created
+//! mmapable) so that it can count, sweep and flush the ways with the same
+//! compare-and-swap protocol. Freeing a way through the map syscalls would
+//! overwrite its line of state words whole, racing the programs.
 
-use std::marker::PhantomData;
 use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
 use std::ptr::NonNull;
@@ -15,7 +15,8 @@ use aya::Ebpf;
 use aya::maps::{Map, MapData};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 use policy_bpf_common::{
-    CT_EMPTY, CT_LIVE, CT_LOCK, CT_STATUS, CT_WAYS, Config, CtEntry4, CtEntry6, CtValue, ct_expired,
+    CT_LIVE, CT_LOCK, CT_STATUS, CT_TAG_LINE, CT_WAYS, Config, CtEntry4, CtEntry6, CtTags, CtValue,
+    ct_expired, ct_freed,
 };
 
 use crate::datapath::DatapathError;
@@ -25,25 +26,27 @@ use crate::datapath::DatapathError;
 pub const MAX_CONNECTIONS: u32 = 1 << 25;
 
 /// Ways of a table sized for `connections`: twice as many, rounded up to a
-/// power of two (sets are picked by masking the hash), at least two sets.
-/// At half load two choices of four ways leave no set overflowing (a
-/// random placement of the capacity overflows about one connection in
-/// 10^5); a chained kernel hash needs about as many bytes per IPv4
-/// connection (a 104-byte element and a 16-byte bucket) as two 64-byte
-/// ways.
+/// power of two (sets are picked by masking the hash), at least two sets
+/// (one line of state words). At half load two choices of four ways leave
+/// no set overflowing (a random placement of the capacity overflows about
+/// one connection in 10^5); a chained kernel hash needs about as many
+/// bytes per IPv4 connection (a 104-byte element and a 16-byte bucket) as
+/// two 64-byte ways and their state words.
 pub fn ways_for(connections: u32) -> Result<u32, DatapathError> {
     if connections == 0 || connections > MAX_CONNECTIONS {
         return Err(DatapathError::Load(format!(
             "capacity.conntrack: {connections} connections; it must be between 1 and {MAX_CONNECTIONS}"
         )));
     }
-    Ok((connections * 2).max(2 * CT_WAYS).next_power_of_two())
+    Ok((connections * 2).max(CT_TAG_LINE).next_power_of_two())
 }
 
 /// An entry type of a conntrack table.
 pub trait Way: Copy {
-    /// The table's map name.
+    /// The map of the table's ways.
     const MAP: &'static str;
+    /// The map of their state words.
+    const TAGS: &'static str;
     /// The connection's IP protocol.
     fn protocol(&self) -> u8;
     /// The connection.
@@ -52,6 +55,7 @@ pub trait Way: Copy {
 
 impl Way for CtEntry4 {
     const MAP: &'static str = "PALISADE_CONN4";
+    const TAGS: &'static str = "PALISADE_CTTAG4";
     fn protocol(&self) -> u8 {
         self.key.protocol
     }
@@ -62,6 +66,7 @@ impl Way for CtEntry4 {
 
 impl Way for CtEntry6 {
     const MAP: &'static str = "PALISADE_CONN6";
+    const TAGS: &'static str = "PALISADE_CTTAG6";
     fn protocol(&self) -> u8 {
         self.key.protocol
     }
@@ -70,70 +75,37 @@ impl Way for CtEntry6 {
     }
 }
 
-/// One family's table, mapped into this process.
-pub struct Table<E: Way> {
+/// A map of `T` values, mapped into this process.
+struct Mapping<T> {
     /// Keeps the map (and so the mapping's object) open.
     _map: MapData,
-    base: NonNull<E>,
-    ways: u32,
-    _entries: PhantomData<E>,
+    base: NonNull<T>,
+    len: usize,
 }
 
-impl<E: Way> std::fmt::Debug for Table<E> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Table")
-            .field("map", &E::MAP)
-            .field("ways", &self.ways)
-            .finish()
-    }
-}
-
-// SAFETY: the mapping is shared memory owned by this value; every access
-// goes through atomic operations on state words or volatile reads, so
-// moving the owner to another thread or sharing it is sound.
-unsafe impl<E: Way> Send for Table<E> {}
-// SAFETY: as above.
-unsafe impl<E: Way> Sync for Table<E> {}
-
-impl<E: Way> Drop for Table<E> {
-    fn drop(&mut self) {
-        // SAFETY: `base` and the length are exactly what `open` mapped, and
-        // no reference into the mapping outlives `self`.
-        let _ = unsafe { munmap(self.base.cast(), self.bytes()) };
-    }
-}
-
-impl<E: Way> Table<E> {
-    /// Takes the table's map out of the loaded object and maps it (an
-    /// mmapable array of `E`).
-    pub fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
-        let err = |message: String| DatapathError::Map {
-            map: E::MAP,
-            message,
-        };
+impl<T> Mapping<T> {
+    /// Takes array map `name` out of the loaded object and maps its values,
+    /// checking they are `T`; returns it with its number of entries.
+    fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<(Self, u32), DatapathError> {
+        let err = |message: String| DatapathError::Map { map: name, message };
         let map = ebpf
-            .take_map(E::MAP)
-            .ok_or_else(|| DatapathError::Load(format!("map {} missing", E::MAP)))?;
+            .take_map(name)
+            .ok_or_else(|| DatapathError::Load(format!("map {name} missing")))?;
         let Map::Array(data) = map else {
             return Err(err(
                 "not an array map (a pin from an older Palisade? remove it)".into(),
             ));
         };
         let info = data.info().map_err(|e| err(e.to_string()))?;
-        let ways = info.max_entries();
-        if info.value_size() as usize != size_of::<E>() {
+        if info.value_size() as usize != size_of::<T>() {
             return Err(err(format!(
                 "value size {} where {} was expected (a pin from another version? remove it)",
                 info.value_size(),
-                size_of::<E>()
+                size_of::<T>()
             )));
         }
-        if !ways.is_power_of_two() || ways < CT_WAYS {
-            return Err(err(format!(
-                "{ways} ways: not a power of two of whole sets"
-            )));
-        }
-        let len = NonZeroUsize::new(ways as usize * size_of::<E>())
+        let entries = info.max_entries();
+        let len = NonZeroUsize::new(entries as usize * size_of::<T>())
             .ok_or_else(|| err("empty table".into()))?;
         // SAFETY: a fresh shared mapping of the map's value area (the
         // kernel checks the map is mmapable and the length fits); nothing
@@ -149,16 +121,73 @@ impl<E: Way> Table<E> {
             )
         }
         .map_err(|e| err(format!("mmap: {e} (created without BPF_F_MMAPABLE?)")))?;
-        Ok(Table {
-            _map: data,
-            base: base.cast(),
-            ways,
-            _entries: PhantomData,
-        })
+        Ok((
+            Mapping {
+                _map: data,
+                base: base.cast(),
+                len: len.get(),
+            },
+            entries,
+        ))
     }
+}
 
-    fn bytes(&self) -> usize {
-        self.ways as usize * size_of::<E>()
+impl<T> Drop for Mapping<T> {
+    fn drop(&mut self) {
+        // SAFETY: `base` and `len` are exactly what `take` mapped, and no
+        // reference into the mapping outlives `self`.
+        let _ = unsafe { munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// One family's table, mapped into this process.
+pub struct Table<E: Way> {
+    ways_map: Mapping<E>,
+    tags_map: Mapping<CtTags>,
+    ways: u32,
+}
+
+impl<E: Way> std::fmt::Debug for Table<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("map", &E::MAP)
+            .field("ways", &self.ways)
+            .finish()
+    }
+}
+
+// SAFETY: the mappings are shared memory owned by this value; every access
+// goes through atomic operations on state words or volatile reads, so
+// moving the owner to another thread or sharing it is sound.
+unsafe impl<E: Way> Send for Table<E> {}
+// SAFETY: as above.
+unsafe impl<E: Way> Sync for Table<E> {}
+
+impl<E: Way> Table<E> {
+    /// Takes the table's maps out of the loaded object and maps them (an
+    /// mmapable array of `E` and one of the ways' state words).
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        let (ways_map, ways) = Mapping::take(ebpf, E::MAP)?;
+        let (tags_map, lines) = Mapping::take(ebpf, E::TAGS)?;
+        if !ways.is_power_of_two() || ways < CT_TAG_LINE {
+            return Err(DatapathError::Map {
+                map: E::MAP,
+                message: format!("{ways} ways: not a power of two of whole lines of sets"),
+            });
+        }
+        if u64::from(lines) * u64::from(CT_TAG_LINE) != u64::from(ways) {
+            return Err(DatapathError::Map {
+                map: E::TAGS,
+                message: format!(
+                    "{lines} lines of state words for {ways} ways (pins of different sizes? remove them)"
+                ),
+            });
+        }
+        Ok(Table {
+            ways_map,
+            tags_map,
+            ways,
+        })
     }
 
     /// Sets minus one, as the programs mask their hash with.
@@ -174,10 +203,18 @@ impl<E: Way> Table<E> {
     /// The state word of way `i`.
     fn state(&self, i: u32) -> &AtomicU64 {
         debug_assert!(i < self.ways);
-        // SAFETY: `i` is in bounds; the state word is the first field of a
-        // 64-aligned entry in the mapping, and everyone writes it
-        // atomically (the programs with BPF atomic instructions).
-        unsafe { AtomicU64::from_ptr(self.base.as_ptr().add(i as usize).cast::<u64>()) }
+        // SAFETY: `i` is in bounds, so its line is; a state word is an
+        // aligned u64 of a line in the mapping, and everyone writes it
+        // atomically (the programs with BPF atomic instructions, or an
+        // ordered store of a way they own).
+        unsafe {
+            let line = self.tags_map.base.as_ptr().add((i / CT_TAG_LINE) as usize);
+            AtomicU64::from_ptr(
+                (&raw mut (*line).state)
+                    .cast::<u64>()
+                    .add((i % CT_TAG_LINE) as usize),
+            )
+        }
     }
 
     /// A consistent copy of way `i` with its state word: None while a
@@ -190,7 +227,7 @@ impl<E: Way> Table<E> {
         // SAFETY: in bounds and aligned; a volatile copy of plain integers.
         // A concurrent writer can tear it, which the state check below
         // detects (writers change the state word around their writes).
-        let entry = unsafe { self.base.as_ptr().add(i as usize).read_volatile() };
+        let entry = unsafe { self.ways_map.base.as_ptr().add(i as usize).read_volatile() };
         std::sync::atomic::fence(Ordering::Acquire);
         (self.state(i).load(Ordering::Relaxed) == before).then_some((before, entry))
     }
@@ -222,11 +259,9 @@ impl<E: Way> Table<E> {
             if state & CT_STATUS != CT_LIVE || !dead(&entry) {
                 continue;
             }
-            // Same generation, empty: the next claim advances it.
-            let empty = (state & !(CT_STATUS | CT_LOCK)) | CT_EMPTY;
             if self
                 .state(i)
-                .compare_exchange(state, empty, Ordering::AcqRel, Ordering::Relaxed)
+                .compare_exchange(state, ct_freed(state), Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
                 freed += 1;
@@ -259,8 +294,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tables_are_whole_sets_of_a_power_of_two() {
-        assert_eq!(ways_for(1).unwrap(), 2 * CT_WAYS);
+    fn tables_are_whole_lines_of_sets_of_a_power_of_two() {
+        assert_eq!(ways_for(1).unwrap(), CT_TAG_LINE);
         assert_eq!(ways_for(4).unwrap(), 8);
         assert_eq!(ways_for(5).unwrap(), 16);
         assert_eq!(ways_for(262_144).unwrap(), 524_288);

@@ -205,10 +205,14 @@ impl Datapath {
         ensure_bpffs()?;
         let conntrack_ways = ways_for(cap.conntrack)?;
         // Builds before the set-associative conntrack pinned hash tables
-        // under these names, and a shorter configuration record: their
-        // maps cannot be re-adopted.
-        for obsolete in ["PALISADE_CT", "PALISADE_CT4"] {
-            if pin_dir.join(obsolete).exists() {
+        // under the first two names, and a shorter configuration record;
+        // builds before the tag lines kept each way's state word in the way
+        // (their table of ways is pinned without tag lines): their maps
+        // cannot be re-adopted.
+        let untagged =
+            pin_dir.join(CtEntry4::MAP).exists() && !pin_dir.join(CtEntry4::TAGS).exists();
+        for obsolete in ["PALISADE_CT", "PALISADE_CT4", CtEntry4::MAP] {
+            if pin_dir.join(obsolete).exists() && (obsolete != CtEntry4::MAP || untagged) {
                 return Err(DatapathError::Load(format!(
                     "{} holds pins of an earlier Palisade ({obsolete}); detach its programs and \
                      remove the directory before loading this version",
@@ -231,7 +235,9 @@ impl Datapath {
             .map_max_entries("PALISADE_IDENTITIES", cap.identities)
             .map_max_entries("PALISADE_CLASSES", cap.classes)
             .map_max_entries(CtEntry4::MAP, conntrack_ways)
+            .map_max_entries(CtEntry4::TAGS, conntrack_ways / CT_TAG_LINE)
             .map_max_entries(CtEntry6::MAP, conntrack_ways)
+            .map_max_entries(CtEntry6::TAGS, conntrack_ways / CT_TAG_LINE)
             .map_max_entries("PALISADE_COUNTERS", cap.rules);
         let mut ebpf = loader
             .load(OBJECT)

@@ -757,9 +757,9 @@ mod kernel {
         };
         let mut l = Loaded::new(&example(), cap).unwrap();
         // Two sets of four ways: both are every connection's choices.
-        let ways = policy_bpf::conntrack::ways_for(4).unwrap();
-        assert_eq!(ways, 8);
-        for sport in 40000..40012u16 {
+        assert_eq!(policy_bpf::conntrack::ways_for(4).unwrap(), 8);
+        let crowded: Vec<u16> = (40000..40016).collect();
+        for &sport in &crowded[..12] {
             let syn = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(sport, 8080));
             assert!(l.run(Hook::ToPod, &syn).0, "allowed flow {sport} passes");
         }
@@ -773,7 +773,8 @@ mod kernel {
         })
         .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(25));
-        for sport in 41000..41004u16 {
+        let later = &crowded[12..16];
+        for &sport in later {
             let syn = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(sport, 8080));
             assert!(l.run(Hook::ToPod, &syn).0, "allowed flow {sport} passes");
         }
@@ -782,7 +783,7 @@ mod kernel {
         let (v4_entries, _) = l.dp.conntrack_entries();
         let reused = v4_entries
             .iter()
-            .filter(|e| (41000..41004).contains(&e.key.port_a))
+            .filter(|e| later.contains(&e.key.port_a))
             .count();
         assert_eq!(reused, 4, "the new connections are in the table");
         // Denied flows are still denied.

@@ -281,46 +281,57 @@ pub struct CtValue {
 }
 
 /// One way of the conntrack table: an array map, not a kernel hash. A
-/// connection lives in one of the [`CT_WAYS`] consecutive entries of one of
-/// its two sets (chosen by [`ct_set4`]/[`ct_set6`]), so a lookup reads its
-/// sets and an insert writes a way the lookup already read: no bucket lock, no free
-/// list and no separate element to fetch, which is most of what a kernel
-/// hash insert costs on a new flow. The state word comes first and the
-/// value right after it, at the same offsets in both families.
-///
-/// `state`: bits 0-1 the status ([`CT_EMPTY`], [`CT_BUSY`] while its
-/// inserter writes it, [`CT_LIVE`]), bit 2 [`CT_LOCK`] (a side's approval is
-/// being recorded), above them a generation that every reuse advances, so a
-/// compare-and-swap made from a stale read fails instead of touching
-/// another connection's entry.
+/// connection lives in one of the [`CT_WAYS`] consecutive ways of one of
+/// its two sets (chosen by [`ct_place4`]/[`ct_place6`]). Each way has a
+/// state word in a separate, eight times smaller array of [`CtTags`]
+/// lines, holding a tag of the connection's hash: a lookup reads its two
+/// sets' state words (one or two cache lines, in an array small enough to
+/// stay cached when the ways do not) and opens a way only when its tag
+/// matches, and an insert claims a way it read as free there, then writes
+/// it. No bucket lock, no free list, no element to allocate, and a new
+/// flow writes one way's line instead of reading the eight of its sets.
+/// The value and the key are at the same offsets in both families.
 #[repr(C, align(64))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CtEntry4 {
-    /// Status, lock bit and generation (64 bits: BPF has no 32-bit
-    /// atomics in Rust).
-    pub state: u64,
     /// The connection.
     pub value: CtValue,
     /// Its key.
     pub key: CtKey4,
 }
 
-/// [`CtEntry4`] of an IPv6 connection (two cache lines; the state and the
-/// value are in the first).
+/// [`CtEntry4`] of an IPv6 connection (two cache lines; the value is in
+/// the first).
 #[repr(C, align(64))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CtEntry6 {
-    /// Status, lock bit and generation (64 bits: BPF has no 32-bit
-    /// atomics in Rust).
-    pub state: u64,
     /// The connection.
     pub value: CtValue,
     /// Its key.
     pub key: CtKey,
 }
 
+/// The state words of two sets of a conntrack table (ways `8n` to `8n+7`
+/// in line `n`), one cache line.
+///
+/// A state word: bits 0-1 the status ([`CT_EMPTY`], [`CT_BUSY`] while its
+/// inserter writes the way, [`CT_LIVE`]), bit 2 [`CT_LOCK`] (a side's
+/// approval is being recorded), bits 3-31 a generation that every reuse
+/// advances, so a compare-and-swap made from a stale read fails instead of
+/// touching another connection's way, and bits 32-63 the tag of the
+/// connection in the way (64-bit words: BPF has no 32-bit atomics in
+/// Rust).
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CtTags {
+    /// Way `8n + i`'s state word.
+    pub state: [u64; CT_TAG_LINE as usize],
+}
+
 /// Entries per conntrack set: consecutive ways a connection may occupy.
 pub const CT_WAYS: u32 = 4;
+/// Ways whose state words share a [`CtTags`] line: two sets.
+pub const CT_TAG_LINE: u32 = 2 * CT_WAYS;
 /// Status of a free way.
 pub const CT_EMPTY: u64 = 0;
 /// Status of a way whose inserter is writing it (readers skip it).
@@ -333,12 +344,43 @@ pub const CT_STATUS: u64 = 3;
 pub const CT_LOCK: u64 = 4;
 /// The lowest generation bit.
 pub const CT_GENERATION: u64 = 8;
+/// The generation bits.
+pub const CT_GENERATIONS: u64 = 0xffff_fff8;
+/// Where the tag starts in a state word.
+pub const CT_TAG_SHIFT: u32 = 32;
 
-/// The state word of a way claimed for a new connection: the next
-/// generation, busy.
+/// The state word of a way claimed for a new connection with `tag`: the
+/// next generation, busy.
 #[inline(always)]
-pub fn ct_claimed(state: u64) -> u64 {
-    (state | (CT_GENERATION - 1)).wrapping_add(1) | CT_BUSY
+pub fn ct_claimed(state: u64, tag: u32) -> u64 {
+    ((state | (CT_GENERATION - 1)).wrapping_add(1) & CT_GENERATIONS)
+        | (u64::from(tag) << CT_TAG_SHIFT)
+        | CT_BUSY
+}
+
+/// The state word of a freed way: empty in the same generation (the next
+/// claim advances it), no tag.
+#[inline(always)]
+pub fn ct_freed(state: u64) -> u64 {
+    state & CT_GENERATIONS
+}
+
+/// The tag in a state word.
+#[inline(always)]
+pub fn ct_tag(state: u64) -> u32 {
+    (state >> CT_TAG_SHIFT) as u32
+}
+
+/// Where a connection may live: the first ways of its two sets and the
+/// tag its state word carries there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtPlace {
+    /// First way of the first set.
+    pub a: u32,
+    /// First way of the second set.
+    pub b: u32,
+    /// The low half of the hash.
+    pub tag: u32,
 }
 
 /// One round of the conntrack set hash (multiply, then fold the high bits
@@ -349,39 +391,45 @@ fn ct_round(h: u64, word: u64) -> u64 {
     h ^ (h >> 29)
 }
 
-/// The first ways of the two sets an IPv4 connection may live in. Two
+/// The two sets an IPv4 connection may live in, and its tag. Two
 /// choices, each insert taking the emptier set, keep sets from
 /// overflowing until the table is nearly full (one choice of four ways
 /// leaves 4% of connections untracked at half load). `seed` is random per
 /// node (an attacker who cannot see it cannot aim flows at one set);
 /// `sets_mask` is the number of sets minus one (a power of two).
 #[inline(always)]
-pub fn ct_set4(key: &CtKey4, seed: u32, sets_mask: u32) -> (u32, u32) {
+pub fn ct_place4(key: &CtKey4, seed: u32, sets_mask: u32) -> CtPlace {
     let ports =
         u64::from(key.protocol) | (u64::from(key.port_a) << 16) | (u64::from(key.port_b) << 32);
     let addrs = u64::from(u32::from_ne_bytes(key.addr_a))
         | (u64::from(u32::from_ne_bytes(key.addr_b)) << 32);
-    ct_sets(ct_round(ct_round(u64::from(seed), ports), addrs), sets_mask)
+    ct_place(ct_round(ct_round(u64::from(seed), ports), addrs), sets_mask)
 }
 
-/// Two different sets (when there are two) from one hash. The second is
-/// one of the 15 sets next to the first, on the same 4 KiB page for
-/// IPv4 (the second choice costs cache lines, not a page walk): choices
-/// that close still balance the sets as well as independent ones.
+/// Two different sets (when there are two) and a tag from one hash. The
+/// second set is one of the 15 next to the first, whose state words are
+/// on the same 4 KiB page (the second choice costs a cache line, not a
+/// page walk): choices that close still balance the sets as well as
+/// independent ones. The tag is the hash's low half: keys that share a
+/// set differ in it as they would in a whole hash.
 #[inline(always)]
-fn ct_sets(h: u64, sets_mask: u32) -> (u32, u32) {
+fn ct_place(h: u64, sets_mask: u32) -> CtPlace {
     let a = (h >> 32) as u32 & sets_mask;
     let near = 1 + (h >> 8) as u32 % 15;
     let mut b = (a ^ near) & sets_mask;
     if b == a {
         b = (a ^ 1) & sets_mask;
     }
-    (a * CT_WAYS, b * CT_WAYS)
+    CtPlace {
+        a: a * CT_WAYS,
+        b: b * CT_WAYS,
+        tag: h as u32,
+    }
 }
 
-/// The first ways of an IPv6 connection's two sets (see [`ct_set4`]).
+/// The two sets of an IPv6 connection and its tag (see [`ct_place4`]).
 #[inline(always)]
-pub fn ct_set6(key: &CtKey, seed: u32, sets_mask: u32) -> (u32, u32) {
+pub fn ct_place6(key: &CtKey, seed: u32, sets_mask: u32) -> CtPlace {
     let word = |a: &[u8; 16], i: usize| {
         u64::from(u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]))
             | (u64::from(u32::from_ne_bytes([a[i + 4], a[i + 5], a[i + 6], a[i + 7]])) << 32)
@@ -395,7 +443,7 @@ pub fn ct_set6(key: &CtKey, seed: u32, sets_mask: u32) -> (u32, u32) {
     h = ct_round(h, word(&key.addr_a, 8));
     h = ct_round(h, word(&key.addr_b, 0));
     h = ct_round(h, word(&key.addr_b, 8));
-    ct_sets(h, sets_mask)
+    ct_place(h, sets_mask)
 }
 
 /// Whether a tracked connection has been idle past its timeout at `now`
@@ -568,7 +616,7 @@ pub struct Config {
     /// tunable: the user-space loader measures it and fills it in.
     pub ticks_per_s: u32,
     /// Conntrack sets minus one (a power of two minus one). Filled in by the
-    /// loader from the table's size.
+    /// loader from the tables' size.
     pub ct_sets_mask: u32,
     /// Seed of the conntrack set hash: random per node, kept across
     /// restarts (the pinned table's entries were placed with it). Filled
@@ -639,8 +687,12 @@ pub struct CtProbe {
     /// The connection's way + 1 (0: not found).
     pub hit: u32,
     /// A way an insert may claim (empty, or holding an expired connection)
-    /// + 1 (0: the set is full).
+    /// + 1 (0: both sets are full).
     pub free: u32,
+    /// The connection's tag.
+    pub tag: u32,
+    /// Reserved.
+    pub pad: u32,
     /// The hit's state word when it was read.
     pub hit_state: u64,
     /// The free way's state word when it was read.
@@ -1054,12 +1106,13 @@ mod user {
     unsafe impl aya::Pod for CtKey4 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CtValue {}
-    // SAFETY: repr(C) plain integers; the explicit pad makes the padding
-    // before the value and after the key (align 64) the only padding,
-    // which user space never reads as data.
+    // SAFETY: repr(C) plain integers; the padding after the key (align
+    // 64) is the only padding, which user space never reads as data.
     unsafe impl aya::Pod for CtEntry4 {}
     // SAFETY: as for CtEntry4.
     unsafe impl aya::Pod for CtEntry6 {}
+    // SAFETY: repr(C) array of u64, no padding.
+    unsafe impl aya::Pod for CtTags {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FragKey {}
     // SAFETY: as above.
@@ -1086,21 +1139,35 @@ mod tests {
         assert_eq!(core::mem::size_of::<Event>(), 64);
         assert_eq!(core::mem::size_of::<Bitset>(), BITSET_WORDS * 8);
         // One cache line per IPv4 way, two per IPv6 way; the kernel reads
-        // the state and the value at the same offsets in both.
+        // the value and the key at the same offsets in both.
         assert_eq!(core::mem::size_of::<CtEntry4>(), 64);
         assert_eq!(core::mem::size_of::<CtEntry6>(), 128);
-        assert_eq!(core::mem::offset_of!(CtEntry4, value), 8);
-        assert_eq!(core::mem::offset_of!(CtEntry6, value), 8);
+        assert_eq!(core::mem::offset_of!(CtEntry4, value), 0);
+        assert_eq!(core::mem::offset_of!(CtEntry6, value), 0);
+        assert_eq!(core::mem::offset_of!(CtEntry4, key), 40);
+        assert_eq!(core::mem::offset_of!(CtEntry6, key), 40);
+        assert_eq!(core::mem::size_of::<CtTags>(), 64);
     }
 
     #[test]
-    fn a_claimed_way_is_busy_in_the_next_generation() {
-        assert_eq!(ct_claimed(CT_EMPTY), CT_GENERATION | CT_BUSY);
-        let live = (5 * CT_GENERATION) | CT_LIVE;
-        assert_eq!(ct_claimed(live), (6 * CT_GENERATION) | CT_BUSY);
-        assert_eq!(ct_claimed(live | CT_LOCK), (6 * CT_GENERATION) | CT_BUSY);
-        // The generation wraps instead of overflowing.
-        assert_eq!(ct_claimed(u64::MAX), CT_BUSY);
+    fn a_claimed_way_is_busy_in_the_next_generation_with_its_tag() {
+        let tag = 0xdead_beef;
+        let tagged = u64::from(tag) << CT_TAG_SHIFT;
+        assert_eq!(ct_claimed(CT_EMPTY, tag), tagged | CT_GENERATION | CT_BUSY);
+        let live = (0x1234 << CT_TAG_SHIFT) | (5 * CT_GENERATION) | CT_LIVE;
+        assert_eq!(
+            ct_claimed(live, tag),
+            tagged | (6 * CT_GENERATION) | CT_BUSY
+        );
+        assert_eq!(
+            ct_claimed(live | CT_LOCK, tag),
+            tagged | (6 * CT_GENERATION) | CT_BUSY
+        );
+        assert_eq!(ct_tag(ct_claimed(live, tag)), tag);
+        // The generation wraps instead of overflowing into the tag.
+        assert_eq!(ct_claimed(u64::MAX, 1), (1 << CT_TAG_SHIFT) | CT_BUSY);
+        // A freed way keeps its generation and loses its tag and lock.
+        assert_eq!(ct_freed(live | CT_LOCK), 5 * CT_GENERATION);
     }
 
     /// Flows that differ only in their source port (a UDP scan, a busy
@@ -1123,9 +1190,11 @@ mod tests {
         let mut untracked = 0;
         let flows = SETS * CT_WAYS / 2;
         for i in 0..flows {
-            let (a, b) = ct_set4(&key(i as u16, (i >> 16) as u8), 7, SETS - 1);
+            let CtPlace { a, b, .. } = ct_place4(&key(i as u16, (i >> 16) as u8), 7, SETS - 1);
             assert_eq!((a % CT_WAYS, b % CT_WAYS), (0, 0));
             assert_ne!(a, b);
+            // Both sets' state words are on one 4 KiB page (64 lines).
+            assert_eq!(a / CT_TAG_LINE / 64, b / CT_TAG_LINE / 64);
             let (a, b) = ((a / CT_WAYS) as usize, (b / CT_WAYS) as usize);
             let set = if taken[b] < taken[a] { b } else { a };
             if taken[set] == CT_WAYS {
@@ -1138,22 +1207,14 @@ mod tests {
         // single choice of four ways leaves about 3.5% of connections
         // untracked; two choices none (random placement: about 1 in 10^5).
         assert!(untracked <= 2, "{untracked} of {flows} untracked");
-        let (a7, _) = (0..1000u16)
-            .map(|p| {
-                (
-                    ct_set4(&key(p, 0), 7, SETS - 1),
-                    ct_set4(&key(p, 0), 8, SETS - 1),
-                )
+        let moved = (0..1000u16)
+            .filter(|&p| {
+                ct_place4(&key(p, 0), 7, SETS - 1).a != ct_place4(&key(p, 0), 8, SETS - 1).a
             })
-            .fold((0, 0), |(moved, n), (x, y)| {
-                (moved + usize::from(x.0 != y.0), n + 1)
-            });
-        assert!(a7 > 990, "the seed moved only {a7} of 1000 flows");
-        assert_eq!(
-            ct_set4(&key(1, 0), 7, 0),
-            (0, 0),
-            "one set: both choices are it"
-        );
+            .count();
+        assert!(moved > 990, "the seed moved only {moved} of 1000 flows");
+        let one = ct_place4(&key(1, 0), 7, 0);
+        assert_eq!((one.a, one.b), (0, 0), "one set: both choices are it");
         let k6 = CtKey {
             family: FAMILY_V6,
             protocol: 6,
@@ -1165,7 +1226,7 @@ mod tests {
         };
         let mut other = k6;
         other.addr_b[15] ^= 1;
-        assert_ne!(ct_set6(&k6, 7, SETS - 1), ct_set6(&other, 7, SETS - 1));
+        assert_ne!(ct_place6(&k6, 7, SETS - 1), ct_place6(&other, 7, SETS - 1));
     }
 
     #[test]

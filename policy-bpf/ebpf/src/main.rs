@@ -58,15 +58,22 @@ mod program {
     #[map]
     static PALISADE_CLASSES: Array<Bitset> = Array::pinned(16_384, 0);
     /// Conntrack: set-associative tables in array maps (see [`CtEntry4`]),
-    /// mmapable so the user-space sweep reads and frees ways with the same
-    /// atomic operations as the program. Not an LRU: dead entries are
-    /// reused by inserts into their set and freed by the sweep
-    /// (`Datapath::expire_conntrack`); live ones are never evicted.
+    /// the ways and their state words, mmapable so the user-space sweep
+    /// reads and frees ways with the same atomic operations as the
+    /// program. Not an LRU: dead entries are reused by inserts into their
+    /// set and freed by the sweep (`Datapath::expire_conntrack`); live ones
+    /// are never evicted.
     #[map]
-    static PALISADE_CONN4: Array<CtEntry4> = Array::pinned(262_144, BPF_F_MMAPABLE);
+    static PALISADE_CONN4: Array<CtEntry4> = Array::pinned(524_288, BPF_F_MMAPABLE);
+    /// State words of the IPv4 ways, eight to a line.
+    #[map]
+    static PALISADE_CTTAG4: Array<CtTags> = Array::pinned(524_288 / 8, BPF_F_MMAPABLE);
     /// IPv6 connections.
     #[map]
-    static PALISADE_CONN6: Array<CtEntry6> = Array::pinned(262_144, BPF_F_MMAPABLE);
+    static PALISADE_CONN6: Array<CtEntry6> = Array::pinned(524_288, BPF_F_MMAPABLE);
+    /// State words of the IPv6 ways.
+    #[map]
+    static PALISADE_CTTAG6: Array<CtTags> = Array::pinned(524_288 / 8, BPF_F_MMAPABLE);
     #[map]
     static PALISADE_FRAGS: LruHashMap<FragKey, u64> = LruHashMap::pinned(16_384, 0);
     #[map]
@@ -313,18 +320,10 @@ mod program {
         a_is_src
     }
 
-    /// The state word and value of a way, at the same offsets in both
-    /// families' entries.
-    #[repr(C)]
-    struct CtHead {
-        state: u64,
-        value: CtValue,
-    }
-
-    /// Atomic operations on words of conntrack ways, which other CPUs and
-    /// the user-space sweep change concurrently. Callers pass pointers into
-    /// a conntrack array map's values: valid for the program's run (array
-    /// values are never freed) and naturally aligned.
+    /// Atomic operations on conntrack state words and flags, which other
+    /// CPUs and the user-space sweep change concurrently. Callers pass
+    /// pointers into conntrack array maps' values: valid for the program's
+    /// run (array values are never freed) and naturally aligned.
     mod atomic {
         use core::intrinsics::{self, AtomicOrdering::SeqCst};
 
@@ -335,17 +334,26 @@ mod program {
             unsafe { p.read_volatile() }
         }
 
+        /// Writes the word after every write before it, for the owner of
+        /// a busy way. BPF has a store-release only from CPU v4, which
+        /// this build does not target (and BPF LLVM selects no fences):
+        /// an empty asm block that may touch memory keeps the compiler
+        /// from moving earlier stores after it, and the plain store the
+        /// JIT emits is a release on x86-64 (TSO). A weakly ordered CPU
+        /// (arm64) needs the v4 instruction here.
+        #[inline(always)]
+        pub fn publish(p: *mut u64, v: u64) {
+            // SAFETY: an empty block: no instructions, no registers.
+            unsafe { core::arch::asm!("", options(nostack, preserves_flags)) };
+            // SAFETY: see the module.
+            unsafe { p.write_volatile(v) };
+        }
+
         /// Replaces `old` by `new`; false if the word was not `old`.
         #[inline(always)]
         pub fn swap_if(p: *mut u64, old: u64, new: u64) -> bool {
             // SAFETY: see the module.
             unsafe { intrinsics::atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(p, old, new).1 }
-        }
-
-        #[inline(always)]
-        pub fn add(p: *mut u64, v: u64) {
-            // SAFETY: see the module.
-            unsafe { intrinsics::atomic_xadd::<u64, u64, { SeqCst }>(p, v) };
         }
 
         #[inline(always)]
@@ -371,11 +379,16 @@ mod program {
         unsafe { (&raw mut (*v).flags).cast::<u64>() }
     }
 
-    /// The state word of a way.
+    /// Way `i`'s state word in a table of tag lines.
     #[inline(always)]
-    fn state_of(head: *mut CtHead) -> *mut u64 {
-        // SAFETY: `head` is a way of a conntrack array (see `atomic`).
-        unsafe { &raw mut (*head).state }
+    fn state_word(tags: &Array<CtTags>, i: u32) -> Option<*mut u64> {
+        let line = tags.get_ptr_mut(i / CT_TAG_LINE)?;
+        // SAFETY: a word of the line (the index is below CT_TAG_LINE).
+        Some(unsafe {
+            (&raw mut (*line).state)
+                .cast::<u64>()
+                .add((i % CT_TAG_LINE) as usize)
+        })
     }
 
     /// Whether two keys are equal: word XORs, no byte compares or memcmp.
@@ -390,6 +403,10 @@ mod program {
         }
         diff == 0
     }
+
+    /// Where the key starts in both families' ways (checked by the common
+    /// crate's layout test).
+    const KEY_AT: usize = core::mem::size_of::<CtValue>();
 
     /// Outcome of recording an approval.
     enum Record {
@@ -420,18 +437,7 @@ mod program {
             unsafe { core::ptr::read_volatile(self.family) == FAMILY_V4 }
         }
 
-        /// Way `i` of this family's table, as far as both families'
-        /// entries agree (the state word and the value).
-        #[inline(always)]
-        fn way(&self, i: u32) -> Option<*mut CtHead> {
-            if self.v4() {
-                PALISADE_CONN4.get_ptr_mut(i).map(|e| e.cast())
-            } else {
-                PALISADE_CONN6.get_ptr_mut(i).map(|e| e.cast())
-            }
-        }
-
-        /// Reads the connection's set into the probe: the way holding it
+        /// Reads the connection's sets into the probe: the way holding it
         /// (live), and a way an insert may claim. Each family's scan is
         /// whole in its branch, so the verifier sees every key access
         /// against the entry size of the table it came from.
@@ -440,20 +446,22 @@ mod program {
             // SAFETY: the probe is in this CPU's scratch (see `process`).
             unsafe { self.probe.write_volatile(CtProbe::default()) };
             if self.v4() {
-                let bases = ct_set4(self.key4, cfg.ct_seed, cfg.ct_sets_mask);
+                let place = ct_place4(self.key4, cfg.ct_seed, cfg.ct_sets_mask);
                 scan::<CtEntry4, 4, { core::mem::offset_of!(CtKey4, protocol) }>(
+                    &PALISADE_CTTAG4,
                     &PALISADE_CONN4,
-                    bases,
+                    place,
                     (self.key4 as *const CtKey4).cast(),
                     self.probe,
                     cfg,
                     now,
                 );
             } else {
-                let bases = ct_set6(self.key, cfg.ct_seed, cfg.ct_sets_mask);
+                let place = ct_place6(self.key, cfg.ct_seed, cfg.ct_sets_mask);
                 scan::<CtEntry6, 10, { core::mem::offset_of!(CtKey, protocol) }>(
+                    &PALISADE_CTTAG6,
                     &PALISADE_CONN6,
-                    bases,
+                    place,
                     (self.key as *const CtKey).cast(),
                     self.probe,
                     cfg,
@@ -462,9 +470,10 @@ mod program {
             }
         }
 
-        /// The way found holding the connection, with its state then.
+        /// The way found holding the connection: its value, its state word
+        /// and the state then.
         #[inline(always)]
-        fn hit(&self) -> Option<(*mut CtHead, u64)> {
+        fn hit(&self) -> Option<(*mut CtValue, *mut u64, u64)> {
             // SAFETY: the probe is in this CPU's scratch.
             let (hit, state) = unsafe {
                 (
@@ -472,10 +481,14 @@ mod program {
                     core::ptr::read_volatile(&(*self.probe).hit_state),
                 )
             };
-            if hit == 0 {
-                return None;
+            let i = hit.checked_sub(1)?;
+            if self.v4() {
+                let v = PALISADE_CONN4.get_ptr_mut(i)?.cast();
+                Some((v, state_word(&PALISADE_CTTAG4, i)?, state))
+            } else {
+                let v = PALISADE_CONN6.get_ptr_mut(i)?.cast();
+                Some((v, state_word(&PALISADE_CTTAG6, i)?, state))
             }
-            self.way(hit - 1).map(|h| (h, state))
         }
 
         /// Forgets the hit (an expired or closed connection): its way is the
@@ -495,80 +508,161 @@ mod program {
         #[inline(always)]
         fn insert(&self, v: &CtValue) -> Record {
             // SAFETY: the probe is in this CPU's scratch.
-            let (free, state) = unsafe {
+            let (free, state, tag) = unsafe {
                 (
                     core::ptr::read_volatile(&(*self.probe).free),
                     core::ptr::read_volatile(&(*self.probe).free_state),
+                    core::ptr::read_volatile(&(*self.probe).tag),
                 )
             };
-            if free == 0 {
+            let Some(i) = free.checked_sub(1) else {
                 return Record::Full;
-            }
+            };
             if self.v4() {
-                claim(&PALISADE_CONN4, free - 1, state, v, self.key4)
+                claim(
+                    &PALISADE_CTTAG4,
+                    &PALISADE_CONN4,
+                    i,
+                    state,
+                    tag,
+                    v,
+                    self.key4,
+                )
             } else {
-                claim(&PALISADE_CONN6, free - 1, state, v, self.key)
+                claim(
+                    &PALISADE_CTTAG6,
+                    &PALISADE_CONN6,
+                    i,
+                    state,
+                    tag,
+                    v,
+                    self.key,
+                )
             }
         }
     }
 
-    /// Scans the two sets at `bases` of one family's table for the key of
-    /// `N` words (see [`Conn::lookup`]). The way offered for an insert is
-    /// the first free one of the set with fewer ways taken before it (sets
-    /// fill from their first way), so inserts balance the two choices.
+    /// Claims way `i` of a table (read as `state`, free) for a new
+    /// connection with `tag` and writes it. Each family calls it in its own
+    /// branch, so the verifier checks the key's write against its table.
+    #[inline(always)]
+    fn claim<E, K: Copy>(
+        tags: &Array<CtTags>,
+        table: &Array<E>,
+        i: u32,
+        state: u64,
+        tag: u32,
+        v: &CtValue,
+        key: &K,
+    ) -> Record {
+        let (Some(word), Some(entry)) = (state_word(tags, i), table.get_ptr_mut(i)) else {
+            return Record::Full;
+        };
+        let claimed = ct_claimed(state, tag);
+        if !atomic::swap_if(word, state, claimed) {
+            return Record::Contended;
+        }
+        // SAFETY: the way is ours while busy (readers skip busy ways; no
+        // other writer claims a way it did not read as free, and the
+        // generation changed); its key of type K sits at KEY_AT.
+        unsafe {
+            entry.cast::<CtValue>().write(*v);
+            entry.cast::<u8>().add(KEY_AT).cast::<K>().write(*key);
+        }
+        // Busy to live, after the writes above. A plain store: an atomic
+        // read-modify-write here would wait for the way's cache line,
+        // which a new flow has not read, before the packet goes on.
+        atomic::publish(word, claimed - CT_BUSY + CT_LIVE);
+        Record::Done
+    }
+
+    /// Scans the two sets of `place` in one family's table for the key of
+    /// `N` words (see [`Conn::lookup`]): first their state words alone,
+    /// opening only ways whose tag matches; the ways themselves only when
+    /// both sets are full, for one whose connection has expired. The way
+    /// offered for an insert is the first free one of the set with fewer
+    /// ways taken before it (sets fill from their first way), so inserts
+    /// balance the two choices.
     #[inline(always)]
     fn scan<E, const N: usize, const PROTOCOL_AT: usize>(
+        tags: &Array<CtTags>,
         table: &Array<E>,
-        bases: (u32, u32),
+        place: CtPlace,
         key: *const u32,
         probe: *mut CtProbe,
         cfg: &Config,
         now: u64,
     ) {
+        // SAFETY (every block below): the probe is in this CPU's scratch;
+        // ways and state words are in array maps (valid for the run). A
+        // concurrent writer can tear what is read: a torn key compares
+        // unequal, and a torn expiry only offers a way whose claim (a
+        // compare-and-swap on the state read here) then fails.
+        unsafe { (*probe).tag = place.tag };
         let mut set = 0;
         while set < 2 {
-            let base = if set == 0 { bases.0 } else { bases.1 };
+            let base = if set == 0 { place.a } else { place.b };
+            let Some(line) = tags.get_ptr_mut(base / CT_TAG_LINE) else {
+                return;
+            };
+            // The set's four words: the line's first or second half.
+            let first = unsafe {
+                (&raw mut (*line).state)
+                    .cast::<u64>()
+                    .add((base & CT_WAYS) as usize)
+            };
             let mut w = 0;
             while w < CT_WAYS {
-                let Some(entry) = table.get_ptr_mut(base + w) else {
-                    return;
-                };
-                let head = entry.cast::<CtHead>();
-                let state = atomic::load(state_of(head));
+                let state = atomic::load(unsafe { first.add(w as usize) });
                 let status = state & CT_STATUS;
-                // SAFETY: `entry` is a way of `table` (valid for the run);
-                // its key of N words sits right after the head (offset 48,
-                // checked by the common crate's layout test); the probe is
-                // in this CPU's scratch. A concurrent writer can tear what
-                // is read here: a torn key compares unequal, and a torn
-                // expiry only offers a way whose claim (a compare-and-swap
-                // on the state read here) then fails.
-                unsafe {
-                    let at = head.add(1).cast::<u32>();
-                    if status == CT_LIVE && same_words::<N>(at, key) {
-                        (*probe).hit = base + w + 1;
-                        (*probe).hit_state = state;
+                if status == CT_LIVE && ct_tag(state) == place.tag {
+                    let Some(entry) = table.get_ptr_mut(base + w) else {
+                        return;
+                    };
+                    let at = unsafe { entry.cast::<u8>().add(KEY_AT).cast::<u32>() };
+                    if same_words::<N>(at, key) {
+                        unsafe {
+                            (*probe).hit = base + w + 1;
+                            (*probe).hit_state = state;
+                        }
                         return;
                     }
-                    let protocol = at.cast::<u8>().add(PROTOCOL_AT).read_volatile();
-                    let reusable = status == CT_EMPTY
-                        || (status == CT_LIVE
-                            && ct_expired(
-                                cfg,
-                                protocol,
-                                (*head).value.flags,
-                                (*head).value.last_seen,
-                                now,
-                            ));
-                    if reusable {
-                        // Read back from memory: unknown to the verifier,
-                        // so the ways' outcomes do not multiply its states.
-                        let offered = core::ptr::read_volatile(&(*probe).free);
-                        if offered == 0 || (set == 1 && w < (offered - 1) % CT_WAYS) {
-                            (*probe).free = base + w + 1;
-                            (*probe).free_state = state;
-                        }
-                    }
+                }
+                if status == CT_EMPTY {
+                    offer(probe, set, base + w, w, state);
+                }
+                w += 1;
+            }
+            set += 1;
+        }
+        if unsafe { core::ptr::read_volatile(&(*probe).free) } != 0 {
+            return;
+        }
+        // Both sets full: reuse a connection idle past its timeout.
+        let mut set = 0;
+        while set < 2 {
+            let base = if set == 0 { place.a } else { place.b };
+            let mut w = 0;
+            while w < CT_WAYS {
+                let (Some(word), Some(entry)) =
+                    (state_word(tags, base + w), table.get_ptr_mut(base + w))
+                else {
+                    return;
+                };
+                let state = atomic::load(word);
+                let v = entry.cast::<CtValue>();
+                let expired = unsafe {
+                    let protocol = entry.cast::<u8>().add(KEY_AT + PROTOCOL_AT).read_volatile();
+                    ct_expired(
+                        cfg,
+                        protocol,
+                        core::ptr::read_volatile(&(*v).flags),
+                        core::ptr::read_volatile(&(*v).last_seen),
+                        now,
+                    )
+                };
+                if state & CT_STATUS == CT_LIVE && expired {
+                    offer(probe, set, base + w, w, state);
                 }
                 w += 1;
             }
@@ -576,28 +670,20 @@ mod program {
         }
     }
 
-    /// Claims way `i` of `table` (read as `state`, free) for a new
-    /// connection and writes it.
+    /// Offers way `i` (way `w` of its set) to an insert, unless the probe
+    /// holds a way of the other set at most as far in.
     #[inline(always)]
-    fn claim<E, K: Copy>(table: &Array<E>, i: u32, state: u64, v: &CtValue, key: &K) -> Record {
-        let Some(entry) = table.get_ptr_mut(i) else {
-            return Record::Full;
-        };
-        let head = entry.cast::<CtHead>();
-        let word = state_of(head);
-        if !atomic::swap_if(word, state, ct_claimed(state)) {
-            return Record::Contended;
-        }
-        // SAFETY: the way is ours while busy (readers skip busy ways; no
-        // other writer claims a way it did not read as free, and the
-        // generation changed); the key of type K sits after the head.
+    fn offer(probe: *mut CtProbe, set: u32, i: u32, w: u32, state: u64) {
+        // SAFETY: the probe is in this CPU's scratch. Read back from memory:
+        // unknown to the verifier, so the ways' outcomes do not multiply
+        // its states.
         unsafe {
-            (*head).value = *v;
-            head.add(1).cast::<K>().write(*key);
+            let offered = core::ptr::read_volatile(&(*probe).free);
+            if offered == 0 || (set == 1 && w < (offered - 1) % CT_WAYS) {
+                (*probe).free = i + 1;
+                (*probe).free_state = state;
+            }
         }
-        // Busy to live; the atomic orders the writes above before it.
-        atomic::add(word, CT_LIVE - CT_BUSY);
-        Record::Done
     }
 
     /// Records this side's approval: joins the entry when the connection is
@@ -611,10 +697,9 @@ mod program {
         ifindex: u32,
         now: u64,
     ) -> Record {
-        if let Some((head, state)) = conn.hit() {
+        if let Some((v, word, state)) = conn.hit() {
             // Join: lock the way in the generation that was read (a reused
             // way fails the exchange), write this side, unlock.
-            let word = state_of(head);
             let unlocked = state & !CT_LOCK;
             if !atomic::swap_if(word, unlocked, unlocked | CT_LOCK) {
                 return Record::Contended;
@@ -622,7 +707,6 @@ mod program {
             // SAFETY: this side's fields are ours while the lock is held;
             // flags are shared with the established path, hence the atomic.
             unsafe {
-                let v = &raw mut (*head).value;
                 let bit = if local_is_a {
                     (*v).rule_a = rule;
                     (*v).ifindex_a = ifindex;
@@ -831,14 +915,13 @@ mod program {
         } else {
             CT_APPROVED_B
         };
-        if let Some((head, state)) = conn.hit() {
-            // SAFETY: `head` is a way of a conntrack array (valid for the
+        if let Some((v, word, state)) = conn.hit() {
+            // SAFETY: `v` is a way of a conntrack array (valid for the
             // run); fields are read one by one, and the state word is read
             // again afterwards: if the way was reused meanwhile (a new
             // generation), what was read belongs to another connection and
             // is not used. Flags only gain bits here, atomically; approval
             // bits are only set after a policy allow.
-            let v = unsafe { &raw mut (*head).value };
             let (flags, last_seen) = unsafe {
                 (
                     core::ptr::read_volatile(&(*v).flags),
@@ -864,7 +947,7 @@ mod program {
                         )
                     }
                 };
-                let same_way = atomic::load(state_of(head)) & !CT_LOCK == state & !CT_LOCK;
+                let same_way = atomic::load(word) & !CT_LOCK == state & !CT_LOCK;
                 // Approved by this endpoint, on this interface (a packet
                 // with the same addresses from elsewhere is not).
                 if same_way && flags & approved_bit != 0 && approved_on == ifindex {
@@ -1079,13 +1162,17 @@ mod program {
     }
 
     /// The pod's egress policy: packets the pod sends.
+    // The macro's entry point calls this function: inlined, the program
+    // is one function (a BPF-to-BPF call costs a frame on every packet).
     #[classifier]
+    #[inline(always)]
     pub fn palisade_from_pod(ctx: TcContext) -> i32 {
         process(&ctx, DIR_EGRESS)
     }
 
     /// The pod's ingress policy: packets sent to the pod.
     #[classifier]
+    #[inline(always)]
     pub fn palisade_to_pod(ctx: TcContext) -> i32 {
         process(&ctx, DIR_INGRESS)
     }
