@@ -42,6 +42,9 @@ pub enum Mode {
     Iptables,
     /// Palisade's TC programs on the host veths.
     Palisade,
+    /// A program that passes every packet, where Palisade's go: the cost
+    /// of the TC hooks themselves, the floor under any TC datapath.
+    PassThrough,
 }
 
 impl Mode {
@@ -51,6 +54,7 @@ impl Mode {
             Mode::Baseline => "no policy",
             Mode::Iptables => "iptables",
             Mode::Palisade => "palisade",
+            Mode::PassThrough => "pass-through",
         }
     }
 }
@@ -204,6 +208,13 @@ impl Lab {
                 // The rules loaded nf_conntrack; now its limit exists.
                 raise_conntrack_limit()?;
                 None
+            }
+            Mode::PassThrough => {
+                let mut dp = Datapath::load_private(Capacity::default())?;
+                let ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
+                topo.node()
+                    .run(|| ifaces.iter().try_for_each(|i| dp.attach_pass_through(i)))??;
+                Some(dp)
             }
             Mode::Palisade => {
                 let (compiler, delta) =

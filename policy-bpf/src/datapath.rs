@@ -524,11 +524,27 @@ impl Datapath {
     /// outlive this process. An existing pinned link is updated in place
     /// (atomic program replacement). Must run in the interface's netns.
     pub fn attach(&mut self, iface: &str) -> Result<(), DatapathError> {
+        self.attach_programs(iface, false)
+    }
+
+    /// Attaches the pass-through program in both places [`Self::attach`]
+    /// attaches the policy programs: what TC hooks cost a packet before
+    /// any policy (benchmarks measure against it). Detached like them.
+    pub fn attach_pass_through(&mut self, iface: &str) -> Result<(), DatapathError> {
+        self.attach_programs(iface, true)
+    }
+
+    fn attach_programs(&mut self, iface: &str, pass_through: bool) -> Result<(), DatapathError> {
         for hook in [Hook::FromPod, Hook::ToPod] {
             let path = self.link_path(iface, hook);
+            let program = if pass_through {
+                Hook::PassThrough.program()
+            } else {
+                hook.program()
+            };
             let prog: &mut SchedClassifier = self
                 .ebpf
-                .program_mut(hook.program())
+                .program_mut(program)
                 .ok_or_else(|| DatapathError::Load("program missing".into()))?
                 .try_into()
                 .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;

@@ -81,21 +81,26 @@ fn main() -> Result<()> {
         md,
         "Where the time goes (`perf record -a` while `datapath-report --profile new|est` runs, and \
          ablations made by editing the program, 2026-11-26). Conntrack is a set-associative \
-         table in an array map (two candidate sets of four 64-byte ways for IPv4), so a new \
-         flow's insert claims a way its lookup already read with one compare-and-swap; the \
-         kernel hash it replaced spent about 170 ns of a new flow in `htab_map_update_elem` \
-         (bucket lock, free-list pop, element write). About half of the new-flow samples now sit \
-         on the first read of the connection's sets: the default table (262,144 connections, \
-         524,288 ways, 32 MB for IPv4) is larger than this machine's last-level cache share, and \
-         each new flow reads a random set. One-packet runs are cold (the pass-through itself \
-         costs 3x more run alone than repeated); with the conntrack insert removed, the rest of \
-         the new-flow path (parse, the slot hash, the LPM, the walk and the counters) measured \
-         265-300 ns cold and about 120 ns warm. Tried and not kept: a per-CPU LRU \
+         table in array maps: two candidate sets of four ways per connection, and each way's \
+         state word, with a 32-bit tag of the connection's hash, in a separate array of tag \
+         lines, eight words to a cache line. A new flow reads one or two tag lines (4 MB of them \
+         at the default 262,144 connections) and claims and writes one way (64 bytes for IPv4, \
+         in a 32 MB array). The kernel hash this replaced spent about 170 ns of a new flow in \
+         `htab_map_update_elem` (bucket lock, free-list pop, element write); reading both sets' \
+         ways instead of their tag lines (the first set-associative layout) cost about 100 ns \
+         more than now, measured by running both builds alternately. About a third of the \
+         new-flow samples sit on the first tag-line read, a miss here even though the tag array \
+         is smaller than the last-level cache; with a table small enough to stay cached (4,096 \
+         connections, measured before the tag lines) a new flow cost about 250 ns. One-packet \
+         runs are cold (the pass-through itself costs 3x more run alone than repeated). Tried \
+         and not kept: pages holding both tag lines and their ways (one address translation per \
+         new flow, but the tags lose their compactness: 400-500 ns), loading the way to be \
+         claimed before the walk so its miss overlaps it (no change), a per-CPU LRU \
          (`BPF_F_NO_COMMON_LRU`, 80-250 ns slower than the preallocated hash), a hash without \
          preallocation (about 400 ns slower), the whole walk in `bpf_loop` (+150 ns). An \
-         established flow is the parse (straight from the packet's linear data), one read of \
-         the connection's way (state, key and value share a cache line for IPv4), the jiffies \
-         clock (`bpf_jiffies64`) and two counters.\n"
+         established flow is the parse (straight from the packet's linear data), one tag line \
+         and one way (key and value share a cache line for IPv4), the jiffies clock \
+         (`bpf_jiffies64`) and two counters.\n"
     )?;
     writeln!(
         md,

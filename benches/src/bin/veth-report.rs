@@ -4,7 +4,7 @@
 //! measured in the same run.
 //!
 //! `sudo cargo run --release -p palisade-benches --bin veth-report [-- --quick]`
-//! (needs iptables and ipset). `-- --profile palisade|iptables|baseline`
+//! (needs iptables and ipset). `-- --profile palisade|iptables|baseline|pass-through`
 //! runs only UDP new flows in one lab for five seconds, for `perf record -a`.
 
 use std::fmt::Write as _;
@@ -24,19 +24,27 @@ struct Rates {
     bulk: f64,
 }
 
-/// Medians per mode, measured in interleaved rounds (the three labs exist
-/// side by side; each round runs every workload in every mode, rotating
-/// the order) so drift and warm-up affect all modes alike.
-fn measure(n: usize, rounds: usize, secs: f64) -> Result<([Rates; 3], u64)> {
-    let modes = [Mode::Baseline, Mode::Iptables, Mode::Palisade];
+/// The labs of a run, in the order of [`measure`]'s result.
+const MODES: [Mode; 4] = [
+    Mode::Baseline,
+    Mode::Iptables,
+    Mode::Palisade,
+    Mode::PassThrough,
+];
+
+/// Medians per mode, measured in interleaved rounds (the labs exist side
+/// by side; each round runs every workload in every mode, rotating the
+/// order) so drift and warm-up affect all modes alike.
+fn measure(n: usize, rounds: usize, secs: f64) -> Result<([Rates; 4], u64)> {
+    let modes = MODES;
     let labs: Vec<Lab> = modes
         .iter()
         .map(|m| Lab::new(*m, n))
         .collect::<Result<_>>()?;
-    let mut samples = vec![(Vec::new(), Vec::new(), Vec::new()); 3];
+    let mut samples = vec![(Vec::new(), Vec::new(), Vec::new()); modes.len()];
     for round in 0..rounds.max(1) {
-        for k in 0..3 {
-            let i = (round + k) % 3;
+        for k in 0..modes.len() {
+            let i = (round + k) % modes.len();
             let lab = &labs[i];
             let what =
                 |e: anyhow::Error| e.context(format!("{} with {n} policies", modes[i].name()));
@@ -46,7 +54,7 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<([Rates; 3], u64)> {
         }
     }
     let ct_full = labs[2].conntrack_full()?;
-    let mut out = [Rates::default(); 3];
+    let mut out = [Rates::default(); 4];
     for (o, (u, t, b)) in out.iter_mut().zip(samples.iter_mut()) {
         *o = Rates {
             udp: median(u),
@@ -57,8 +65,8 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<([Rates; 3], u64)> {
     Ok((out, ct_full))
 }
 
-/// Policies, then baseline, iptables and palisade rates.
-type Row = (usize, Rates, Rates, Rates);
+/// Policies, then baseline, iptables, palisade and pass-through rates.
+type Row = (usize, Rates, Rates, Rates, Rates);
 
 fn main() -> Result<()> {
     if let Some(mode) = std::env::args().skip_while(|a| a != "--profile").nth(1) {
@@ -67,6 +75,7 @@ fn main() -> Result<()> {
         let mode = match mode.as_str() {
             "iptables" => Mode::Iptables,
             "baseline" => Mode::Baseline,
+            "pass-through" => Mode::PassThrough,
             _ => Mode::Palisade,
         };
         let lab = Lab::new(mode, 1000)?;
@@ -80,20 +89,21 @@ fn main() -> Result<()> {
     let mut ct_full_total = 0u64;
     for n in SIZES {
         eprintln!(
-            "{n} policies: baseline, iptables, palisade ({rounds} rounds of {secs} s each)..."
+            "{n} policies: baseline, iptables, palisade, pass-through ({rounds} rounds of {secs} s each)..."
         );
-        let ([base, ipt, pal], ct_full) = measure(n, rounds, secs)?;
+        let ([base, ipt, pal, pass], ct_full) = measure(n, rounds, secs)?;
         ct_full_total += ct_full;
         eprintln!(
-            "  UDP new flows: iptables {:.2}, palisade {:.2}; TCP connects: iptables {:.2}, palisade {:.2}; bulk: iptables {:.2}, palisade {:.2} (of baseline)",
+            "  UDP new flows: iptables {:.2}, palisade {:.2}, pass-through {:.2}; TCP connects: iptables {:.2}, palisade {:.2}; bulk: iptables {:.2}, palisade {:.2} (of baseline)",
             ipt.udp / base.udp,
             pal.udp / base.udp,
+            pass.udp / base.udp,
             ipt.tcp / base.tcp,
             pal.tcp / base.tcp,
             ipt.bulk / base.bulk,
             pal.bulk / base.bulk
         );
-        rows.push((n, base, ipt, pal));
+        rows.push((n, base, ipt, pal, pass));
     }
     let mut md = String::new();
     writeln!(
@@ -109,7 +119,9 @@ fn main() -> Result<()> {
          iptables mode does (`benches/src/veth.rs`: conntrack ESTABLISHED accept first, a chain per \
          policy, a rule per policy rule, an ipset per selector) or with Palisade's TC programs; the \
          baseline has no policy. Each number is the rate relative to the baseline measured in the \
-         same run (medians of {rounds} rounds of {secs} s).\n"
+         same run (medians of {rounds} rounds of {secs} s). A fourth lab attaches a program \
+         that passes every packet where Palisade's programs go: what the TC hooks cost before \
+         any policy, the floor under any TC datapath.\n"
     )?;
     writeln!(
         md,
@@ -127,22 +139,28 @@ fn main() -> Result<()> {
     writeln!(md, "![relative throughput](datapath-vs-iptables.svg)\n")?;
     writeln!(
         md,
-        "| policies | baseline UDP new flows/s | iptables | palisade | baseline TCP connects/s | iptables | palisade | baseline bulk Gbit/s | iptables | palisade |"
+        "| policies | baseline UDP new flows/s | iptables | palisade | pass-through | baseline TCP connects/s | iptables | palisade | pass-through | baseline bulk Gbit/s | iptables | palisade | pass-through |"
     )?;
-    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
-    for (n, b, i, p) in &rows {
+    writeln!(
+        md,
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
+    for (n, b, i, p, t) in &rows {
         writeln!(
             md,
-            "| {n} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {n} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
             b.udp,
             i.udp / b.udp,
             p.udp / b.udp,
+            t.udp / b.udp,
             b.tcp,
             i.tcp / b.tcp,
             p.tcp / b.tcp,
+            t.tcp / b.tcp,
             b.bulk * 8.0 / 1e9,
             i.bulk / b.bulk,
-            p.bulk / b.bulk
+            p.bulk / b.bulk,
+            t.bulk / b.bulk
         )?;
     }
     writeln!(
@@ -179,6 +197,9 @@ fn main() -> Result<()> {
                 r.2.tcp / r.1.tcp
             }),
             series("iptables bulk", "#9467bd", true, &|r| r.2.bulk / r.1.bulk),
+            series("pass-through UDP new", "#7f7f7f", true, &|r| {
+                r.4.udp / r.1.udp
+            }),
         ],
         1.2,
         Some((0.9, "goal 0.9")),
