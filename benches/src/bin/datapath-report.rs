@@ -90,12 +90,15 @@ fn main() -> Result<()> {
          ways instead of their tag lines (the first set-associative layout) cost about 100 ns \
          more than now, measured by running both builds alternately. About a third of the \
          new-flow samples sit on the first tag-line read, a miss here even though the tag array \
-         is smaller than the last-level cache; with a table small enough to stay cached (4,096 \
-         connections, measured before the tag lines) a new flow cost about 250 ns. One-packet \
+         is smaller than the last-level cache. With a table small enough to stay cached (4,096 \
+         connections) a new flow costs 220-250 ns, within the goal: what exceeds it is that \
+         miss on a production-sized table. One-packet \
          runs are cold (the pass-through itself costs 3x more run alone than repeated). Tried \
          and not kept: pages holding both tag lines and their ways (one address translation per \
          new flow, but the tags lose their compactness: 400-500 ns), loading the way to be \
-         claimed before the walk so its miss overlaps it (no change), a per-CPU LRU \
+         claimed before the walk so its miss overlaps it (no change), tag lines in 16 KiB \
+         inner arrays of an array of maps (kmalloc'd, so in memory the kernel maps with huge \
+         pages: no change on this VM), a per-CPU LRU \
          (`BPF_F_NO_COMMON_LRU`, 80-250 ns slower than the preallocated hash), a hash without \
          preallocation (about 400 ns slower), the whole walk in `bpf_loop` (+150 ns). An \
          established flow is the parse (straight from the packet's linear data), one tag line \
