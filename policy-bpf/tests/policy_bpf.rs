@@ -791,6 +791,38 @@ mod kernel {
         assert!(!l.run(Hook::ToPod, &denied).0, "web -> api:9999 is denied");
     }
 
+    /// Pins of an earlier conntrack layout cannot be re-adopted: the load
+    /// refuses them and names them, before creating anything.
+    #[test]
+    fn pins_of_an_earlier_conntrack_layout_are_refused_by_name() {
+        if !privileged() {
+            return;
+        }
+        for (pinned, named) in [
+            (&["PALISADE_CT4"][..], "PALISADE_CT4"),
+            // Ways pinned without their tag lines: the state words were in
+            // the ways then.
+            (&["PALISADE_CONN4"][..], "PALISADE_CONN4"),
+        ] {
+            let dir =
+                std::env::temp_dir().join(format!("palisade-old-pins-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            for name in pinned {
+                std::fs::write(dir.join(name), b"").unwrap();
+            }
+            let err = Datapath::load(&dir, Capacity::verification())
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("earlier Palisade") && err.contains(named),
+                "{pinned:?}: {err}"
+            );
+            assert!(!dir.join("links").exists(), "nothing was created");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
     /// The example plus a GlobalNetworkPolicy that allows everything first.
     fn example_opened() -> Cluster {
         let mut objects = example().objects();
