@@ -20,17 +20,30 @@ use crate::dataplane::{CLIENT, SERVER, TCP_PORT};
 pub struct PacketBench {
     engine: KernelEngine,
     next_port: u16,
+    /// New flows since conntrack was last flushed, and how many it takes.
+    since_flush: u32,
+    flush_every: u32,
 }
 
-/// Source ports cycle through this range; conntrack is flushed when they wrap
-/// so every "new flow" really is one.
+/// Source ports cycle through this range; conntrack is flushed when they
+/// wrap, so every "new flow" really is one, and whenever the table holds
+/// half its capacity (the load it is sized for), so new flows are inserted
+/// as in production instead of finding their sets full.
 const PORTS: std::ops::Range<u16> = 1024..65000;
 
 impl PacketBench {
     /// Loads the programs with `cluster` compiled and lowered. Allowed flows
     /// are not sampled into events, as in production.
     pub fn new(cluster: &policy_core::Cluster) -> anyhow::Result<PacketBench> {
-        let engine = KernelEngine::new(cluster, Capacity::default())
+        Self::with_capacity(cluster, Capacity::default())
+    }
+
+    /// [`PacketBench::new`] with maps sized by `cap`.
+    pub fn with_capacity(
+        cluster: &policy_core::Cluster,
+        cap: Capacity,
+    ) -> anyhow::Result<PacketBench> {
+        let engine = KernelEngine::new(cluster, cap)
             .map_err(|e| anyhow::anyhow!("loading the datapath: {e}"))?;
         engine
             .with_datapath(|dp| dp.set_config(Config::default()))
@@ -38,6 +51,8 @@ impl PacketBench {
         Ok(PacketBench {
             engine,
             next_port: PORTS.start,
+            since_flush: 0,
+            flush_every: (cap.conntrack / 2).max(1),
         })
     }
 
@@ -56,10 +71,14 @@ impl PacketBench {
     pub fn new_flows(&mut self, hook: Hook, iters: u64) -> Duration {
         let mut total = 0u64;
         for _ in 0..iters {
-            if self.next_port >= PORTS.end {
-                self.next_port = PORTS.start;
+            if self.next_port >= PORTS.end || self.since_flush >= self.flush_every {
+                if self.next_port >= PORTS.end {
+                    self.next_port = PORTS.start;
+                }
+                self.since_flush = 0;
                 self.engine.flush();
             }
+            self.since_flush += 1;
             let pkt = Self::syn(self.next_port);
             self.next_port += 1;
             let r = self
@@ -106,6 +125,8 @@ impl PacketBench {
 pub struct CostRow {
     /// Policies.
     pub policies: usize,
+    /// Conntrack capacity (connections).
+    pub conntrack: u32,
     /// Pass-through program, new-flow method (one run per packet).
     pub pass_single: f64,
     /// Pass-through program, repeated run (established method).
@@ -130,7 +151,17 @@ impl CostRow {
 /// Measures one policy count: `samples` rounds of `per_round` packets each,
 /// alternating programs so drift affects all alike; medians of the rounds.
 pub fn measure(policies: usize, samples: usize, per_round: u64) -> anyhow::Result<CostRow> {
-    let mut b = PacketBench::new(&crate::dataplane::cluster(policies))?;
+    measure_with(policies, Capacity::default(), samples, per_round)
+}
+
+/// [`measure`] with maps sized by `cap`.
+pub fn measure_with(
+    policies: usize,
+    cap: Capacity,
+    samples: usize,
+    per_round: u64,
+) -> anyhow::Result<CostRow> {
+    let mut b = PacketBench::with_capacity(&crate::dataplane::cluster(policies), cap)?;
     anyhow::ensure!(b.allowed(), "the benchmark flow must be allowed");
     let mut pass_single = Vec::new();
     let mut pass_repeat = Vec::new();
@@ -145,6 +176,7 @@ pub fn measure(policies: usize, samples: usize, per_round: u64) -> anyhow::Resul
     }
     Ok(CostRow {
         policies,
+        conntrack: cap.conntrack,
         pass_single: median(&mut pass_single),
         pass_repeat: median(&mut pass_repeat),
         new_flow: median(&mut new_flow),

@@ -7,7 +7,11 @@ use std::fmt::Write as _;
 
 use anyhow::Result;
 use palisade_benches::dataplane::SIZES;
-use palisade_benches::packet_cost::{CostRow, measure};
+use palisade_benches::packet_cost::{CostRow, measure, measure_with};
+use policy_bpf::lower::Capacity;
+
+/// Conntrack capacities the report compares (connections).
+const CAPACITIES: [u32; 4] = [4_096, 32_768, 262_144, 1_048_576];
 
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -39,6 +43,23 @@ fn main() -> Result<()> {
             r.established_added()
         );
         rows.push(r);
+    }
+    // The same flows against conntrack tables of other sizes: what a new
+    // flow's misses on a larger table cost.
+    let mut by_capacity: Vec<CostRow> = Vec::new();
+    for conntrack in CAPACITIES {
+        eprintln!("measuring a conntrack table of {conntrack} connections at 1000 policies...");
+        let cap = Capacity {
+            conntrack,
+            ..Capacity::default()
+        };
+        let r = measure_with(1000, cap, samples, per_round)?;
+        eprintln!(
+            "  new flow +{:.0} ns, established +{:.0} ns",
+            r.new_added(),
+            r.established_added()
+        );
+        by_capacity.push(r);
     }
     let base = rows[0];
     let mut md = String::new();
@@ -77,6 +98,31 @@ fn main() -> Result<()> {
         "\nGoals (issue 4): new-flow cost flat in the number of policies (5k within 1.2x of 10); \
          added cost at most about 300 ns for a new flow and 60 ns for an established one.\n"
     )?;
+    writeln!(
+        md,
+        "New-flow cost by conntrack capacity, at 1000 policies (the default is {}; tables are \
+         flushed whenever they hold half their capacity, the load they are sized for, so every \
+         new flow is inserted):\n",
+        Capacity::default().conntrack
+    )?;
+    writeln!(
+        md,
+        "| conntrack capacity (connections) | IPv4 tag lines (MiB) | IPv4 ways (MiB) | added, new (ns) | added, established (ns) |"
+    )?;
+    writeln!(md, "|---:|---:|---:|---:|---:|")?;
+    for r in &by_capacity {
+        let ways = f64::from(policy_bpf::conntrack::ways_for(r.conntrack)?);
+        writeln!(
+            md,
+            "| {} | {:.2} | {:.1} | {:.0} | {:.0} |",
+            r.conntrack,
+            ways * 8.0 / f64::from(1 << 20),
+            ways * 64.0 / f64::from(1 << 20),
+            r.new_added(),
+            r.established_added()
+        )?;
+    }
+    writeln!(md)?;
     writeln!(
         md,
         "Where the time goes (`perf record -a` while `datapath-report --profile new|est` runs, and \
