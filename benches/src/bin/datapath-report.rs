@@ -137,8 +137,8 @@ fn main() -> Result<()> {
          more than now, measured by running both builds alternately. About a third of the \
          new-flow samples sit on the first tag-line read, a miss here even though the tag array \
          is smaller than the last-level cache. With a table small enough to stay cached (4,096 \
-         connections) a new flow costs 220-250 ns, within the goal: what exceeds it is that \
-         miss on a production-sized table. One-packet \
+         connections, in the table above) a new flow costs about 230 ns, within the goal: \
+         what exceeds it is that miss on a production-sized table. One-packet \
          runs are cold (the pass-through itself costs 3x more run alone than repeated). Tried \
          and not kept: pages holding both tag lines and their ways (one address translation per \
          new flow, but the tags lose their compactness: 400-500 ns), loading the way to be \
