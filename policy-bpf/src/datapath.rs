@@ -209,16 +209,17 @@ impl Datapath {
         // builds before the tag lines kept each way's state word in the way
         // (their table of ways is pinned without tag lines): their maps
         // cannot be re-adopted.
-        let untagged =
-            pin_dir.join(CtEntry4::MAP).exists() && !pin_dir.join(CtEntry4::TAGS).exists();
-        for obsolete in ["PALISADE_CT", "PALISADE_CT4", CtEntry4::MAP] {
-            if pin_dir.join(obsolete).exists() && (obsolete != CtEntry4::MAP || untagged) {
-                return Err(DatapathError::Load(format!(
-                    "{} holds pins of an earlier Palisade ({obsolete}); detach its programs and \
-                     remove the directory before loading this version",
-                    pin_dir.display()
-                )));
-            }
+        let pinned = |name: &str| pin_dir.join(name).exists();
+        let obsolete = ["PALISADE_CT", "PALISADE_CT4"]
+            .into_iter()
+            .find(|name| pinned(name))
+            .or((pinned(CtEntry4::MAP) && !pinned(CtEntry4::TAGS)).then_some(CtEntry4::MAP));
+        if let Some(obsolete) = obsolete {
+            return Err(DatapathError::Load(format!(
+                "{} holds pins of an earlier Palisade ({obsolete}); detach its programs and \
+                 remove the directory before loading this version",
+                pin_dir.display()
+            )));
         }
         let fresh = !pin_dir.exists();
         std::fs::create_dir_all(pin_dir.join("links"))
