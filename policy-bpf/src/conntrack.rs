@@ -140,6 +140,40 @@ impl<T> Drop for Mapping<T> {
     }
 }
 
+/// An mmapable array map of words, mapped into this process: for words the
+/// programs read whole while user space changes them (one atomic store
+/// each, where a map update would copy the value byte by byte).
+pub(crate) struct Words {
+    map: Mapping<u64>,
+    len: u32,
+}
+
+// SAFETY: shared memory owned by this value, only accessed through atomics.
+unsafe impl Send for Words {}
+// SAFETY: as above.
+unsafe impl Sync for Words {}
+
+impl Words {
+    /// Takes array map `name` (of u64 values) out of the loaded object.
+    pub(crate) fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Self, DatapathError> {
+        let (map, len) = Mapping::take(ebpf, name)?;
+        Ok(Words { map, len })
+    }
+
+    /// Number of words.
+    pub(crate) fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Word `i`, if in bounds.
+    pub(crate) fn get(&self, i: u32) -> Option<&AtomicU64> {
+        // SAFETY: in bounds of the mapping, which lives as long as `self`;
+        // an aligned u64 that the programs only read.
+        (i < self.len)
+            .then(|| unsafe { AtomicU64::from_ptr(self.map.base.as_ptr().add(i as usize)) })
+    }
+}
+
 /// One family's table, mapped into this process.
 pub struct Table<E: Way> {
     ways_map: Mapping<E>,

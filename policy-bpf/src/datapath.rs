@@ -19,7 +19,7 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
 use policy_bpf_common::*;
 
-use crate::conntrack::{Table, Way, ways_for};
+use crate::conntrack::{Table, Way, Words, ways_for};
 use crate::lower::{Capacity, InUse, MapWrite, Mirror, WritePlan};
 
 /// A random, nonzero seed for the conntrack set hash (std's hasher keys
@@ -134,6 +134,8 @@ pub struct Datapath {
     slots: BpfHashMap<MapData, SlotKey, SlotValue>,
     managed: BpfHashMap<MapData, u32, u32>,
     ifaces: Array<MapData, Interface>,
+    /// A copy of one IPv4 slot per interface and direction ([`local4_index`]).
+    local4: Words,
     lpm4: LpmTrie<MapData, [u8; 4], PeerClass>,
     lpm6: LpmTrie<MapData, [u8; 16], PeerClass>,
     identities: Array<MapData, Bitset>,
@@ -231,6 +233,7 @@ impl Datapath {
             .map_max_entries("PALISADE_SLOTS", cap.slots)
             .map_max_entries("PALISADE_MANAGED", cap.interfaces)
             .map_max_entries("PALISADE_IFACES", cap.interface_index.max(1))
+            .map_max_entries("PALISADE_LOCAL4", 2 * cap.interface_index.max(1))
             .map_max_entries("PALISADE_LPM4", cap.lpm4)
             .map_max_entries("PALISADE_LPM6", cap.lpm6)
             .map_max_entries("PALISADE_IDENTITIES", cap.identities)
@@ -270,6 +273,7 @@ impl Datapath {
             slots: take!("PALISADE_SLOTS", BpfHashMap<MapData, SlotKey, SlotValue>),
             managed: take!("PALISADE_MANAGED", BpfHashMap<MapData, u32, u32>),
             ifaces: take!("PALISADE_IFACES", Array<MapData, Interface>),
+            local4: Words::take(&mut ebpf, "PALISADE_LOCAL4")?,
             lpm4: take!("PALISADE_LPM4", LpmTrie<MapData, [u8; 4], PeerClass>),
             lpm6: take!("PALISADE_LPM6", LpmTrie<MapData, [u8; 16], PeerClass>),
             identities: take!("PALISADE_IDENTITIES", Array<MapData, Bitset>),
@@ -300,7 +304,128 @@ impl Datapath {
             dp.config()?
         };
         dp.set_config(cfg)?;
+        dp.reconcile_local4()?;
         Ok(dp)
+    }
+
+    /// Makes every IPv4 fast slot a copy of a slot in the hash (after a
+    /// restart: pins from a build without them, or a process stopped
+    /// between a slot's two writes).
+    fn reconcile_local4(&mut self) -> Result<(), DatapathError> {
+        let slots: HashMap<SlotKey, SlotValue> = self
+            .slots
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("PALISADE_SLOTS"))?;
+        for i in 0..self.local4.len() {
+            let (ifindex, direction) = (i >> 1, (i & 1) as u8);
+            self.promote_local4(ifindex, direction, &slots);
+        }
+        Ok(())
+    }
+
+    /// The IPv4 slot of `k`'s interface and direction that its fast word
+    /// should copy, from `slots`: the one it copies if that is still there,
+    /// else the lowest address's.
+    fn promote_local4(&self, ifindex: u32, direction: u8, slots: &HashMap<SlotKey, SlotValue>) {
+        let Some(word) = self.local4.get(local4_index(ifindex, direction)) else {
+            return;
+        };
+        let current = word.load(std::sync::atomic::Ordering::Acquire);
+        let key = |addr: [u8; 4]| {
+            let mut k = SlotKey {
+                ifindex,
+                direction,
+                family: FAMILY_V4,
+                ..SlotKey::default()
+            };
+            k.addr[..4].copy_from_slice(&addr);
+            k
+        };
+        let kept = (current as u32).to_ne_bytes();
+        let want = match slots.get(&key(kept)) {
+            Some(v) if current != 0 => Some((kept, v.root)),
+            _ => slots
+                .iter()
+                .filter(|(k, _)| {
+                    k.ifindex == ifindex && k.direction == direction && k.family == FAMILY_V4
+                })
+                .map(|(k, v)| ([k.addr[0], k.addr[1], k.addr[2], k.addr[3]], v.root))
+                .min(),
+        };
+        let new = want.map_or(0, |(addr, root)| local4_word(addr, root));
+        if new != current {
+            word.store(new, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Where the IPv4 fast slots disagree with the slots hash: a word that
+    /// copies no slot (or an old root), or an interface and direction with
+    /// IPv4 slots but no word. Empty when consistent (checked by tests
+    /// after updates, failed updates and restarts).
+    pub fn local4_disagreements(&self) -> Result<Vec<String>, DatapathError> {
+        let slots: HashMap<SlotKey, SlotValue> = self
+            .slots
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("PALISADE_SLOTS"))?;
+        let with_v4: std::collections::HashSet<(u32, u8)> = slots
+            .keys()
+            .filter(|k| k.family == FAMILY_V4)
+            .map(|k| (k.ifindex, k.direction))
+            .collect();
+        let mut out = Vec::new();
+        for i in 0..self.local4.len() {
+            let (ifindex, direction) = (i >> 1, (i & 1) as u8);
+            let Some(word) = self.local4.get(i) else {
+                continue;
+            };
+            let word = word.load(std::sync::atomic::Ordering::Acquire);
+            let addr = (word as u32).to_ne_bytes();
+            let mut k = SlotKey {
+                ifindex,
+                direction,
+                family: FAMILY_V4,
+                ..SlotKey::default()
+            };
+            k.addr[..4].copy_from_slice(&addr);
+            let copied = slots.get(&k).map(|v| v.root);
+            if word != 0 && local4_root(word, u32::from_ne_bytes(addr)) != copied {
+                out.push(format!(
+                    "interface {ifindex} direction {direction}: fast slot {} root {:?}, hash {copied:?}",
+                    std::net::Ipv4Addr::from(addr),
+                    local4_root(word, u32::from_ne_bytes(addr)),
+                ));
+            }
+            if word == 0 && with_v4.contains(&(ifindex, direction)) {
+                out.push(format!(
+                    "interface {ifindex} direction {direction}: IPv4 slots but no fast slot"
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Keeps the fast word of slot `k`'s interface and direction in step
+    /// with the hash, right after the hash's write (so it never names a
+    /// root the plan has moved away from): a new root for its address, or
+    /// cleared with it. A free word takes the slot.
+    fn follow_local4(&self, k: &SlotKey, root: Option<u32>) {
+        if k.family != FAMILY_V4 {
+            return;
+        }
+        let Some(word) = self.local4.get(local4_index(k.ifindex, k.direction)) else {
+            return;
+        };
+        let addr = [k.addr[0], k.addr[1], k.addr[2], k.addr[3]];
+        let current = word.load(std::sync::atomic::Ordering::Acquire);
+        let ours = local4_root(current, u32::from_ne_bytes(addr)).is_some();
+        let new = match root {
+            Some(root) if ours || current == 0 => local4_word(addr, root),
+            None if ours => 0,
+            _ => return,
+        };
+        word.store(new, std::sync::atomic::Ordering::Release);
     }
 
     /// The conntrack clock as the programs read it: (jiffies, coarse
@@ -395,12 +520,17 @@ impl Datapath {
     fn write_one(&mut self, w: &MapWrite) -> Result<(), DatapathError> {
         match w {
             MapWrite::Node(i, n) => self.nodes.set(*i, n, 0).map_err(map_err("PALISADE_NODES")),
-            MapWrite::Slot(k, Some(v)) => self
-                .slots
-                .insert(k, v, 0)
-                .map_err(map_err("PALISADE_SLOTS")),
+            MapWrite::Slot(k, Some(v)) => {
+                self.slots
+                    .insert(k, v, 0)
+                    .map_err(map_err("PALISADE_SLOTS"))?;
+                self.follow_local4(k, Some(v.root));
+                Ok(())
+            }
             MapWrite::Slot(k, None) => {
-                ignore_missing(self.slots.remove(k)).map_err(map_err("PALISADE_SLOTS"))
+                ignore_missing(self.slots.remove(k)).map_err(map_err("PALISADE_SLOTS"))?;
+                self.follow_local4(k, None);
+                Ok(())
             }
             MapWrite::Interface(i, z) if *i < self.ifaces.len() => {
                 let v = match z {
@@ -509,10 +639,37 @@ impl Datapath {
                 for done in writes[..i].iter().rev() {
                     self.undo_one(done, before);
                 }
+                self.promote_touched_local4(&writes[..i], &before.slots);
                 return Err(e);
             }
         }
+        let mut after = before.slots.clone();
+        for w in &writes {
+            if let MapWrite::Slot(k, v) = w {
+                match v {
+                    Some(v) => after.insert(*k, *v),
+                    None => after.remove(k),
+                };
+            }
+        }
+        self.promote_touched_local4(&writes, &after);
         Ok(())
+    }
+
+    /// Gives the fast words that slot writes left free (an address removed
+    /// while the interface has others) another of the interface's IPv4
+    /// slots, from the slots now in the hash.
+    fn promote_touched_local4(&self, writes: &[&MapWrite], slots: &HashMap<SlotKey, SlotValue>) {
+        let touched: std::collections::BTreeSet<(u32, u8)> = writes
+            .iter()
+            .filter_map(|w| match w {
+                MapWrite::Slot(k, _) if k.family == FAMILY_V4 => Some((k.ifindex, k.direction)),
+                _ => None,
+            })
+            .collect();
+        for (ifindex, direction) in touched {
+            self.promote_local4(ifindex, direction, slots);
+        }
     }
 
     fn link_path(&self, iface: &str, hook: Hook) -> PathBuf {

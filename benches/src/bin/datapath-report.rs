@@ -18,8 +18,20 @@ fn main() -> Result<()> {
     if let Some(kind) = std::env::args().skip_while(|a| a != "--profile").nth(1) {
         // Only the program runs, for `perf record -a`: new or established
         // flows at 1000 policies for five seconds.
-        let mut b = palisade_benches::packet_cost::PacketBench::new(
+        // `--conntrack N` sizes the table (default: the production default).
+        let conntrack = std::env::args()
+            .skip_while(|a| a != "--conntrack")
+            .nth(1)
+            .map(|n| n.parse::<u32>())
+            .transpose()?
+            .unwrap_or(Capacity::default().conntrack);
+        let cap = Capacity {
+            conntrack,
+            ..Capacity::default()
+        };
+        let mut b = palisade_benches::packet_cost::PacketBench::with_capacity(
             &palisade_benches::dataplane::cluster(1000),
+            cap,
         )?;
         let hook = policy_bpf::datapath::Hook::ToPod;
         let t = std::time::Instant::now();

@@ -193,6 +193,40 @@ pub struct SlotValue {
     pub zone: u32,
 }
 
+/// Where the programs find an endpoint's IPv4 slot without a hash lookup:
+/// entry `2 * ifindex + direction` of an array of words (for interfaces in
+/// the direct table) holds one IPv4 address of the endpoint behind the
+/// interface, in its low half as it sits in the packet, and the root of
+/// that slot + 1 in its high half (0: no entry). The slots hash stays
+/// complete; this is a copy of one of its IPv4 slots per interface and
+/// direction, so a packet from another address (a second one, or a spoofed
+/// one) is looked up there as before. One word per slot: user space writes
+/// it with one atomic store into the mapped array, so a program reads the
+/// old slot or the new one, never half of each.
+/// Interfaces whose index does not fit get `u32::MAX`, past any array (a
+/// wrapped index would name another interface's slot).
+#[inline(always)]
+pub fn local4_index(ifindex: u32, direction: u8) -> u32 {
+    if ifindex >= 1 << 31 {
+        return u32::MAX;
+    }
+    (ifindex << 1) | u32::from(direction & 1)
+}
+
+/// The [`local4_index`] word of an IPv4 slot with `root`.
+#[inline(always)]
+pub fn local4_word(addr: [u8; 4], root: u32) -> u64 {
+    u64::from(u32::from_ne_bytes(addr)) | (u64::from(root.wrapping_add(1)) << 32)
+}
+
+/// The root in a [`local4_index`] word when it is for the address whose
+/// bytes, loaded as a native word, are `addr`.
+#[inline(always)]
+pub fn local4_root(word: u64, addr: u32) -> Option<u32> {
+    let root = (word >> 32) as u32;
+    (root != 0 && word as u32 == addr).then(|| root - 1)
+}
+
 /// Connection key, normalised so both directions find it: `(addr_a, port_a)`
 /// sorts before `(addr_b, port_b)` (addresses compared as bytes). One entry
 /// per connection on the node: when both ends are local pods, the client's
@@ -1128,6 +1162,23 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local4_words_name_their_address_and_root() {
+        let addr = [10, 0, 0, 7];
+        let word = local4_word(addr, 41);
+        assert_eq!(local4_root(word, u32::from_ne_bytes(addr)), Some(41));
+        assert_eq!(
+            local4_root(local4_word(addr, 0), u32::from_ne_bytes(addr)),
+            Some(0)
+        );
+        assert_eq!(local4_root(word, u32::from_ne_bytes([10, 0, 0, 8])), None);
+        // An empty word is for no address, 0.0.0.0 included.
+        assert_eq!(local4_root(0, 0), None);
+        assert_eq!(local4_index(3, DIR_EGRESS), 6);
+        assert_eq!(local4_index(3, DIR_INGRESS), 7);
+        assert_eq!(local4_index((1 << 31) + 3, DIR_EGRESS), u32::MAX);
+    }
 
     #[test]
     fn layouts_are_fixed() {
