@@ -8,7 +8,7 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use palisade_benches::dataplane::{SIZES, cluster};
-use palisade_benches::packet_cost::PacketBench;
+use palisade_benches::packet_cost::{BenchNet, PacketBench};
 use policy_bpf::datapath::Hook;
 
 fn datapath(c: &mut Criterion) {
@@ -16,9 +16,13 @@ fn datapath(c: &mut Criterion) {
         eprintln!("datapath benchmarks skipped: loading BPF programs needs root");
         return;
     }
+    // Packets arrive on the server's interface, in the bench's namespace,
+    // which this thread (criterion runs the benchmarks on it) joins.
+    let net = BenchNet::create().expect("the bench namespace");
+    net.enter().expect("joining the bench namespace");
     let mut g = c.benchmark_group("packet");
     for n in SIZES {
-        let mut b = PacketBench::new(&cluster(n)).expect("datapath loads");
+        let mut b = PacketBench::new(&cluster(n), &net).expect("datapath loads");
         assert!(b.allowed());
         g.bench_function(format!("pass-through/new/{n}"), |x| {
             x.iter_custom(|iters| b.new_flows(Hook::PassThrough, iters))

@@ -1,13 +1,16 @@
 //! Per-packet cost of the TC programs through `BPF_PROG_TEST_RUN`, timed by
 //! the kernel itself (so syscall overhead is not counted), next to a
 //! program that only passes packets, loaded from the same object and run
-//! the same way in the same process.
+//! the same way in the same process. Packets arrive on the server pod's own
+//! interface (a veth in a namespace of the benchmark's), as they do on a
+//! node, where each pod has its host-side veth.
 
 use std::time::Duration;
 
 use policy_bpf::datapath::Hook;
 use policy_bpf::kernel_engine::KernelEngine;
 use policy_bpf::lower::Capacity;
+use policy_bpf::netns::{Netns, ip_batch};
 use policy_bpf::packet;
 use policy_bpf_common::Config;
 use policy_core::Flow;
@@ -15,10 +18,56 @@ use policy_core::net::Protocol;
 
 use crate::dataplane::{CLIENT, SERVER, TCP_PORT};
 
+/// A network namespace with a veth pair, one end standing for the server
+/// pod's host-side interface. The benchmark binds the server to it, as an agent
+/// binds each pod to its own interface, and delivers its packets on it:
+/// with every endpoint on loopback (the kernel engine's default) the
+/// program would find the server's slot in the slots hash, where on a node
+/// it finds it in its interface's word.
+#[derive(Debug)]
+pub struct BenchNet {
+    ns: Netns,
+    server_ifindex: u32,
+}
+
+impl BenchNet {
+    /// Creates the namespace and the interface (needs root).
+    pub fn create() -> anyhow::Result<BenchNet> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("palisade-bench-{}-{n}", std::process::id());
+        let ns = Netns::create(&name)?;
+        ip_batch(
+            Some(&name),
+            &[
+                "link add server0 type veth peer name server0-pod".to_string(),
+                "link set server0 up".to_string(),
+                "link set server0-pod up".to_string(),
+            ],
+        )?;
+        let server_ifindex = ns.ifindex("server0")?;
+        Ok(BenchNet { ns, server_ifindex })
+    }
+
+    /// Moves the calling thread into the namespace for good (a benchmark
+    /// process's main thread).
+    pub fn enter(&self) -> anyhow::Result<()> {
+        Ok(self.ns.enter()?)
+    }
+
+    /// Runs `f` on a thread inside the namespace, where benchmark packets
+    /// must be run (the kernel finds their interface there).
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+        Ok(self.ns.run(f)?)
+    }
+}
+
 /// The server's ingress program loaded with a policy set.
 #[derive(Debug)]
 pub struct PacketBench {
     engine: KernelEngine,
+    /// The server's interface (in a [`BenchNet`]).
+    ifindex: u32,
     next_port: u16,
     /// New flows since conntrack was last flushed, and how many it takes.
     since_flush: u32,
@@ -32,24 +81,31 @@ pub struct PacketBench {
 const PORTS: std::ops::Range<u16> = 1024..65000;
 
 impl PacketBench {
-    /// Loads the programs with `cluster` compiled and lowered. Allowed flows
-    /// are not sampled into events, as in production.
-    pub fn new(cluster: &policy_core::Cluster) -> anyhow::Result<PacketBench> {
-        Self::with_capacity(cluster, Capacity::default())
+    /// Loads the programs with `cluster` compiled and lowered, the server
+    /// bound to `net`'s interface (run the bench inside `net`). Allowed
+    /// flows are not sampled into events, as in production.
+    pub fn new(cluster: &policy_core::Cluster, net: &BenchNet) -> anyhow::Result<PacketBench> {
+        Self::with_capacity(cluster, Capacity::default(), net)
     }
 
     /// [`PacketBench::new`] with maps sized by `cap`.
     pub fn with_capacity(
         cluster: &policy_core::Cluster,
         cap: Capacity,
+        net: &BenchNet,
     ) -> anyhow::Result<PacketBench> {
-        let engine = KernelEngine::new(cluster, cap)
-            .map_err(|e| anyhow::anyhow!("loading the datapath: {e}"))?;
+        let server: policy_core::model::EndpointKey =
+            "bench/server".parse().map_err(anyhow::Error::msg)?;
+        let engine = KernelEngine::with_interfaces(cluster, cap, |k| {
+            if *k == server { net.server_ifindex } else { 1 }
+        })
+        .map_err(|e| anyhow::anyhow!("loading the datapath: {e}"))?;
         engine
             .with_datapath(|dp| dp.set_config(Config::default()))
             .map_err(|e| anyhow::anyhow!("{e}"))??;
         Ok(PacketBench {
             engine,
+            ifindex: net.server_ifindex,
             next_port: PORTS.start,
             since_flush: 0,
             flush_every: (cap.conntrack / 2).max(1),
@@ -81,9 +137,10 @@ impl PacketBench {
             self.since_flush += 1;
             let pkt = Self::syn(self.next_port);
             self.next_port += 1;
+            let ifindex = self.ifindex;
             let r = self
                 .engine
-                .with_datapath(|dp| dp.run(hook, &pkt, 1))
+                .with_datapath(|dp| dp.run_on(hook, &pkt, 1, ifindex))
                 .expect("datapath lock")
                 .expect("test run");
             total += r.duration_ns;
@@ -94,15 +151,25 @@ impl PacketBench {
     /// Kernel time for `iters` packets of one established connection.
     pub fn established(&mut self, hook: Hook, iters: u64) -> Duration {
         let pkt = Self::syn(PORTS.end);
+        let ifindex = self.ifindex;
         let dp = |f: &mut dyn FnMut(&mut policy_bpf::datapath::Datapath) -> u64| {
             self.engine.with_datapath(|d| f(d)).expect("datapath lock")
         };
         // First packet creates the entry; the timed ones find it.
-        dp(&mut |d| d.run(hook, &pkt, 1).expect("test run").duration_ns);
-        let per = dp(&mut |d| {
-            d.run(hook, &pkt, iters.clamp(1, u64::from(u32::MAX)) as u32)
+        dp(&mut |d| {
+            d.run_on(hook, &pkt, 1, ifindex)
                 .expect("test run")
                 .duration_ns
+        });
+        let per = dp(&mut |d| {
+            d.run_on(
+                hook,
+                &pkt,
+                iters.clamp(1, u64::from(u32::MAX)) as u32,
+                ifindex,
+            )
+            .expect("test run")
+            .duration_ns
         });
         Duration::from_nanos(per * iters)
     }
@@ -111,9 +178,10 @@ impl PacketBench {
     /// would measure drops).
     pub fn allowed(&mut self) -> bool {
         let pkt = Self::syn(PORTS.end - 1);
+        let ifindex = self.ifindex;
         self.engine.flush();
         self.engine
-            .with_datapath(|d| d.run(Hook::ToPod, &pkt, 1))
+            .with_datapath(|d| d.run_on(Hook::ToPod, &pkt, 1, ifindex))
             .expect("datapath lock")
             .expect("test run")
             .passed()
@@ -161,7 +229,19 @@ pub fn measure_with(
     samples: usize,
     per_round: u64,
 ) -> anyhow::Result<CostRow> {
-    let mut b = PacketBench::with_capacity(&crate::dataplane::cluster(policies), cap)?;
+    let net = BenchNet::create()?;
+    let mut b = PacketBench::with_capacity(&crate::dataplane::cluster(policies), cap, &net)?;
+    net.run(|| measure_loaded(&mut b, policies, cap, samples, per_round))?
+}
+
+/// The rounds of [`measure_with`], on a thread inside the bench's namespace.
+fn measure_loaded(
+    b: &mut PacketBench,
+    policies: usize,
+    cap: Capacity,
+    samples: usize,
+    per_round: u64,
+) -> anyhow::Result<CostRow> {
     anyhow::ensure!(b.allowed(), "the benchmark flow must be allowed");
     let mut pass_single = Vec::new();
     let mut pass_repeat = Vec::new();

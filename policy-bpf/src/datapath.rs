@@ -432,7 +432,7 @@ impl Datapath {
     /// monotonic nanoseconds), from one run of the clock program.
     pub fn kernel_clock(&self) -> Result<(u64, u64), DatapathError> {
         // An Ethernet-sized frame; the program overwrites its first 16 bytes.
-        let (r, out) = self.test_run(CLOCK_PROGRAM, &[0u8; 64], 1)?;
+        let (r, out) = self.test_run(CLOCK_PROGRAM, &[0u8; 64], 1, 0)?;
         // TC_ACT_SHOT: bpf_skb_store_bytes failed.
         if r.retval == 2 {
             return Err(DatapathError::Other(
@@ -796,7 +796,21 @@ impl Datapath {
     /// Runs a program on a packet with `BPF_PROG_TEST_RUN` (`repeat` times).
     /// The packet arrives on this thread's netns loopback (ifindex 1).
     pub fn run(&self, hook: Hook, packet: &[u8], repeat: u32) -> Result<RunResult, DatapathError> {
-        self.test_run(hook.program(), packet, repeat)
+        self.test_run(hook.program(), packet, repeat, 0)
+            .map(|(r, _)| r)
+    }
+
+    /// [`Datapath::run`] on a packet arriving on interface `ifindex`, a
+    /// device of the calling thread's network namespace (0 or 1: loopback),
+    /// as the programs see it when attached there.
+    pub fn run_on(
+        &self,
+        hook: Hook,
+        packet: &[u8],
+        repeat: u32,
+        ifindex: u32,
+    ) -> Result<RunResult, DatapathError> {
+        self.test_run(hook.program(), packet, repeat, ifindex)
             .map(|(r, _)| r)
     }
 
@@ -807,6 +821,7 @@ impl Datapath {
         name: &str,
         packet: &[u8],
         repeat: u32,
+        ifindex: u32,
     ) -> Result<(RunResult, Vec<u8>), DatapathError> {
         let prog: &SchedClassifier = self
             .ebpf
@@ -815,10 +830,15 @@ impl Datapath {
             .try_into()
             .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
         let mut out = vec![0u8; packet.len() + 256];
+        // A `struct __sk_buff` up to its `ifindex` (offset 40), the one
+        // field set: the kernel delivers the packet on that device.
+        let mut skb = [0u8; 44];
+        skb[40..].copy_from_slice(&ifindex.to_ne_bytes());
         let r = prog
             .test_run(TestRunOptions {
                 data_in: Some(packet),
                 data_out: Some(&mut out),
+                ctx_in: (ifindex > 1).then_some(&skb[..]),
                 repeat: repeat.max(1),
                 ..TestRunOptions::default()
             })

@@ -3,7 +3,8 @@
 //!
 //! Every endpoint is bound to the loopback interface (ifindex 1), which is
 //! where test runs deliver packets; slots are keyed by address, so endpoints
-//! stay apart. Verdict events are sampled at 1 in 1 so every decision names
+//! stay apart. ([`KernelEngine::with_interfaces`] binds them elsewhere, for
+//! runs on other devices: [`Datapath::run_on`].) Verdict events are sampled at 1 in 1 so every decision names
 //! its rule, read back from the ring buffer.
 
 use std::sync::Mutex;
@@ -40,6 +41,16 @@ pub struct PacketOutcome {
 impl KernelEngine {
     /// Compiles, lowers and loads a cluster into a private datapath.
     pub fn new(cluster: &Cluster, cap: Capacity) -> Result<Self, EngineError> {
+        Self::with_interfaces(cluster, cap, |_| TEST_IFINDEX)
+    }
+
+    /// [`KernelEngine::new`] with each endpoint bound to the interface
+    /// `ifindex_of` names.
+    pub fn with_interfaces(
+        cluster: &Cluster,
+        cap: Capacity,
+        ifindex_of: impl Fn(&EndpointKey) -> u32,
+    ) -> Result<Self, EngineError> {
         let (compiler, delta) = Compiler::from_cluster(cluster, CompileOptions::default())
             .map_err(|e| EngineError::Other(e.to_string()))?;
         let mut dp = Datapath::load_private(cap).map_err(|e| match e {
@@ -61,7 +72,7 @@ impl KernelEngine {
                 .bind(
                     &ep.key,
                     Some(Binding {
-                        ifindex: TEST_IFINDEX,
+                        ifindex: ifindex_of(&ep.key),
                         zone: i as u32 + 1,
                     }),
                 )

@@ -143,6 +143,16 @@ impl Netns {
         })
     }
 
+    /// Moves the calling thread into this namespace for the rest of its
+    /// life (for a process whose main thread only works there: [`Netns::run`]
+    /// is the scoped form).
+    pub fn enter(&self) -> Result<(), NetnsError> {
+        setns(&self.file, CloneFlags::CLONE_NEWNET).map_err(|e| NetnsError::Namespace {
+            ns: self.name.clone(),
+            message: format!("setns: {e}"),
+        })
+    }
+
     /// Sets a sysctl under /proc/sys/net as seen from this namespace.
     pub fn sysctl(&self, path: &str, value: &str) -> Result<(), NetnsError> {
         let full = format!("/proc/sys/net/{path}");

@@ -29,19 +29,23 @@ fn main() -> Result<()> {
             conntrack,
             ..Capacity::default()
         };
+        let net = palisade_benches::packet_cost::BenchNet::create()?;
         let mut b = palisade_benches::packet_cost::PacketBench::with_capacity(
             &palisade_benches::dataplane::cluster(1000),
             cap,
+            &net,
         )?;
         let hook = policy_bpf::datapath::Hook::ToPod;
-        let t = std::time::Instant::now();
-        while t.elapsed().as_secs() < 5 {
-            if kind == "new" {
-                b.new_flows(hook, 1000);
-            } else {
-                b.established(hook, 100_000);
+        net.run(|| {
+            let t = std::time::Instant::now();
+            while t.elapsed().as_secs() < 5 {
+                if kind == "new" {
+                    b.new_flows(hook, 1000);
+                } else {
+                    b.established(hook, 100_000);
+                }
             }
-        }
+        })?;
         return Ok(());
     }
     let (samples, per_round) = if quick { (5, 2_000) } else { (21, 10_000) };
@@ -84,7 +88,10 @@ fn main() -> Result<()> {
          the time over `palisade_pass`, a program that only passes packets, loaded from the same \
          object and run the same way in the same process: a new flow is one run per packet with a \
          fresh source port each time; an established flow repeats one packet whose connection is \
-         tracked. Medians of {samples} rounds of {per_round} packets.\n"
+         tracked. Packets arrive on the server's own interface (one end of a veth pair in a \
+         namespace of the benchmark's), as on a node, where the program finds the server's slot \
+         in that interface's word rather than in the slots hash. Medians of {samples} rounds of \
+         {per_round} packets.\n"
     )?;
     writeln!(
         md,
@@ -158,7 +165,16 @@ fn main() -> Result<()> {
          inner arrays of an array of maps (kmalloc'd, so in memory the kernel maps with huge \
          pages: no change on this VM), a per-CPU LRU \
          (`BPF_F_NO_COMMON_LRU`, 80-250 ns slower than the preallocated hash), a hash without \
-         preallocation (about 400 ns slower), the whole walk in `bpf_loop` (+150 ns). An \
+         preallocation (about 400 ns slower), the whole walk in `bpf_loop` (+150 ns), and \
+         (2026-11-26, night, timed with `kernel.bpf_stats_enabled` over seconds of runs) \
+         loading every way of both sets along with the tag lines, or the second set's tag \
+         line first, so the misses overlap (no change), and hint bytes: the state words back \
+         in the ways and one byte per way in an array 64 times smaller than the ways (512 KiB \
+         at the default capacity), which was slower everywhere (+40 ns cache-resident, no \
+         better at the default capacity, +100 ns a new flow in the veth lab), since claiming a \
+         way then needs its state word first, a dependent miss. Spreading the ways of a \
+         4,096-connection table over eight times the memory (4 MiB) added 87 ns: the way a new \
+         flow writes costs its miss even though it is only written. An \
          established flow is the parse (straight from the packet's linear data), one tag line \
          and one way (key and value share a cache line for IPv4), the jiffies clock \
          (`bpf_jiffies64`) and two counters.\n"
