@@ -172,6 +172,18 @@ pub fn ensure_bpffs() -> Result<(), DatapathError> {
     .map_err(|e| DatapathError::Privileges(format!("mounting bpffs at /sys/fs/bpf: {e}")))
 }
 
+/// The key of an IPv4 slot.
+fn slot_key4(ifindex: u32, direction: u8, addr: [u8; 4]) -> SlotKey {
+    let mut k = SlotKey {
+        ifindex,
+        direction,
+        family: FAMILY_V4,
+        ..SlotKey::default()
+    };
+    k.addr[..4].copy_from_slice(&addr);
+    k
+}
+
 /// The program that reports the conntrack clock (run, never attached).
 const CLOCK_PROGRAM: &str = "palisade_clock";
 
@@ -308,15 +320,19 @@ impl Datapath {
         Ok(dp)
     }
 
+    /// The slots hash as it is in the kernel.
+    fn read_slots(&self) -> Result<HashMap<SlotKey, SlotValue>, DatapathError> {
+        self.slots
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err("PALISADE_SLOTS"))
+    }
+
     /// Makes every IPv4 fast slot a copy of a slot in the hash (after a
     /// restart: pins from a build without them, or a process stopped
     /// between a slot's two writes).
     fn reconcile_local4(&mut self) -> Result<(), DatapathError> {
-        let slots: HashMap<SlotKey, SlotValue> = self
-            .slots
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err("PALISADE_SLOTS"))?;
+        let slots = self.read_slots()?;
         for i in 0..self.local4.len() {
             let (ifindex, direction) = (i >> 1, (i & 1) as u8);
             self.promote_local4(ifindex, direction, &slots);
@@ -332,18 +348,8 @@ impl Datapath {
             return;
         };
         let current = word.load(std::sync::atomic::Ordering::Acquire);
-        let key = |addr: [u8; 4]| {
-            let mut k = SlotKey {
-                ifindex,
-                direction,
-                family: FAMILY_V4,
-                ..SlotKey::default()
-            };
-            k.addr[..4].copy_from_slice(&addr);
-            k
-        };
         let kept = (current as u32).to_ne_bytes();
-        let want = match slots.get(&key(kept)) {
+        let want = match slots.get(&slot_key4(ifindex, direction, kept)) {
             Some(v) if current != 0 => Some((kept, v.root)),
             _ => slots
                 .iter()
@@ -364,11 +370,7 @@ impl Datapath {
     /// IPv4 slots but no word. Empty when consistent (checked by tests
     /// after updates, failed updates and restarts).
     pub fn local4_disagreements(&self) -> Result<Vec<String>, DatapathError> {
-        let slots: HashMap<SlotKey, SlotValue> = self
-            .slots
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(map_err("PALISADE_SLOTS"))?;
+        let slots = self.read_slots()?;
         let with_v4: std::collections::HashSet<(u32, u8)> = slots
             .keys()
             .filter(|k| k.family == FAMILY_V4)
@@ -382,14 +384,9 @@ impl Datapath {
             };
             let word = word.load(std::sync::atomic::Ordering::Acquire);
             let addr = (word as u32).to_ne_bytes();
-            let mut k = SlotKey {
-                ifindex,
-                direction,
-                family: FAMILY_V4,
-                ..SlotKey::default()
-            };
-            k.addr[..4].copy_from_slice(&addr);
-            let copied = slots.get(&k).map(|v| v.root);
+            let copied = slots
+                .get(&slot_key4(ifindex, direction, addr))
+                .map(|v| v.root);
             if word != 0 && local4_root(word, u32::from_ne_bytes(addr)) != copied {
                 out.push(format!(
                     "interface {ifindex} direction {direction}: fast slot {} root {:?}, hash {copied:?}",
@@ -848,6 +845,31 @@ impl Datapath {
             duration_ns: r.duration.as_nanos() as u64,
         };
         Ok((result, out))
+    }
+
+    /// Turns on the kernel's run-time statistics of every BPF program
+    /// until the returned descriptor is dropped (each run then reads the
+    /// clock twice; see [`Datapath::program_stats`]).
+    pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd, DatapathError> {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .map_err(|e| DatapathError::Other(format!("enabling BPF run-time statistics: {e}")))
+    }
+
+    /// The kernel's run-time statistics of a hook's program: total time
+    /// and runs, counted while statistics are enabled (`BPF_ENABLE_STATS`,
+    /// `aya::sys::enable_stats`, or `kernel.bpf_stats_enabled`).
+    pub fn program_stats(&self, hook: Hook) -> Result<(std::time::Duration, u64), DatapathError> {
+        let name = hook.program();
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| DatapathError::Load(format!("program {name} missing")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
+        let info = prog
+            .info()
+            .map_err(|e| DatapathError::Other(format!("{name}: {e}")))?;
+        Ok((info.run_time(), info.run_count()))
     }
 
     /// Packet and byte counters of a rule index, summed over CPUs.
