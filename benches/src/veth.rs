@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use policy_bpf::datapath::Datapath;
+use policy_bpf::datapath::{Datapath, Hook};
 use policy_bpf::lower::{Binding, Capacity, Lowering};
 use policy_bpf::netns::{Netns, Topology};
 use policy_core::compile::{CompileOptions, Compiler};
@@ -62,6 +62,7 @@ impl Mode {
 /// A node with a client and a server pod and one enforcement mode.
 #[derive(Debug)]
 pub struct Lab {
+    mode: Mode,
     // Drop order: the datapath before the namespaces.
     datapath: Option<Datapath>,
     topo: Topology,
@@ -245,6 +246,7 @@ impl Lab {
             }
         };
         Ok(Lab {
+            mode,
             datapath,
             topo,
             next_udp_flow: std::cell::Cell::new(0),
@@ -262,6 +264,32 @@ impl Lab {
 
     fn ns(&self, k: &str) -> &Netns {
         &self.topo.pod(&key(k)).expect("pod").ns
+    }
+
+    /// Nanoseconds per run of the programs attached in this lab during
+    /// `secs` of UDP new flows, from the kernel's run-time statistics
+    /// (enabled for this run only: they add two clock reads a run, so the
+    /// rates are measured without them): (from the pod, to the pod), the
+    /// pass-through program's average for both in its lab; None without
+    /// programs.
+    pub fn udp_program_times(&self, secs: f64) -> Result<Option<(f64, f64)>> {
+        let Some(dp) = &self.datapath else {
+            return Ok(None);
+        };
+        let hooks = match self.mode {
+            Mode::PassThrough => [Hook::PassThrough, Hook::PassThrough],
+            _ => [Hook::FromPod, Hook::ToPod],
+        };
+        let stats = Datapath::enable_run_time_stats()?;
+        let before = [dp.program_stats(hooks[0])?, dp.program_stats(hooks[1])?];
+        self.udp_new_flows(secs)?;
+        let after = [dp.program_stats(hooks[0])?, dp.program_stats(hooks[1])?];
+        drop(stats);
+        let per_run = |i: usize| {
+            let runs = after[i].1.saturating_sub(before[i].1).max(1);
+            after[i].0.saturating_sub(before[i].0).as_nanos() as f64 / runs as f64
+        };
+        Ok(Some((per_run(0), per_run(1))))
     }
 
     /// UDP datagrams per second delivered to the server when every datagram
