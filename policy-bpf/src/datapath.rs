@@ -184,6 +184,20 @@ fn slot_key4(ifindex: u32, direction: u8, addr: [u8; 4]) -> SlotKey {
     k
 }
 
+/// An interface's IPv4 slots in one direction: (address, root).
+type V4Slots = Vec<([u8; 4], u32)>;
+
+/// IPv4 slots by interface and direction.
+fn v4_slots(slots: &HashMap<SlotKey, SlotValue>) -> HashMap<(u32, u8), V4Slots> {
+    let mut out: HashMap<(u32, u8), V4Slots> = HashMap::new();
+    for (k, v) in slots.iter().filter(|(k, _)| k.family == FAMILY_V4) {
+        out.entry((k.ifindex, k.direction))
+            .or_default()
+            .push(([k.addr[0], k.addr[1], k.addr[2], k.addr[3]], v.root));
+    }
+    out
+}
+
 /// The program that reports the conntrack clock (run, never attached).
 const CLOCK_PROGRAM: &str = "palisade_clock";
 
@@ -332,33 +346,29 @@ impl Datapath {
     /// restart: pins from a build without them, or a process stopped
     /// between a slot's two writes).
     fn reconcile_local4(&mut self) -> Result<(), DatapathError> {
-        let slots = self.read_slots()?;
+        let v4 = v4_slots(&self.read_slots()?);
         for i in 0..self.local4.len() {
             let (ifindex, direction) = (i >> 1, (i & 1) as u8);
-            self.promote_local4(ifindex, direction, &slots);
+            let candidates = v4.get(&(ifindex, direction)).map_or(&[][..], Vec::as_slice);
+            self.promote_local4(ifindex, direction, candidates);
         }
         Ok(())
     }
 
-    /// The IPv4 slot of `k`'s interface and direction that its fast word
-    /// should copy, from `slots`: the one it copies if that is still there,
-    /// else the lowest address's.
-    fn promote_local4(&self, ifindex: u32, direction: u8, slots: &HashMap<SlotKey, SlotValue>) {
+    /// Makes the fast word of an interface and direction copy one of its
+    /// IPv4 slots, `candidates` (address, root): the one it copies if that
+    /// is still there, else the lowest address's; none if there are none.
+    fn promote_local4(&self, ifindex: u32, direction: u8, candidates: &[([u8; 4], u32)]) {
         let Some(word) = self.local4.get(local4_index(ifindex, direction)) else {
             return;
         };
         let current = word.load(std::sync::atomic::Ordering::Acquire);
         let kept = (current as u32).to_ne_bytes();
-        let want = match slots.get(&slot_key4(ifindex, direction, kept)) {
-            Some(v) if current != 0 => Some((kept, v.root)),
-            _ => slots
-                .iter()
-                .filter(|(k, _)| {
-                    k.ifindex == ifindex && k.direction == direction && k.family == FAMILY_V4
-                })
-                .map(|(k, v)| ([k.addr[0], k.addr[1], k.addr[2], k.addr[3]], v.root))
-                .min(),
-        };
+        let want = candidates
+            .iter()
+            .find(|(addr, _)| current != 0 && *addr == kept)
+            .or_else(|| candidates.iter().min())
+            .copied();
         let new = want.map_or(0, |(addr, root)| local4_word(addr, root));
         if new != current {
             word.store(new, std::sync::atomic::Ordering::Release);
@@ -640,16 +650,19 @@ impl Datapath {
                 return Err(e);
             }
         }
-        let mut after = before.slots.clone();
-        for w in &writes {
-            if let MapWrite::Slot(k, v) = w {
-                match v {
-                    Some(v) => after.insert(*k, *v),
-                    None => after.remove(k),
-                };
+        // The slots after the plan, only when it wrote some.
+        if writes.iter().any(|w| matches!(w, MapWrite::Slot(..))) {
+            let mut after = before.slots.clone();
+            for w in &writes {
+                if let MapWrite::Slot(k, v) = w {
+                    match v {
+                        Some(v) => after.insert(*k, *v),
+                        None => after.remove(k),
+                    };
+                }
             }
+            self.promote_touched_local4(&writes, &after);
         }
-        self.promote_touched_local4(&writes, &after);
         Ok(())
     }
 
@@ -664,8 +677,13 @@ impl Datapath {
                 _ => None,
             })
             .collect();
+        if touched.is_empty() {
+            return;
+        }
+        let v4 = v4_slots(slots);
         for (ifindex, direction) in touched {
-            self.promote_local4(ifindex, direction, slots);
+            let candidates = v4.get(&(ifindex, direction)).map_or(&[][..], Vec::as_slice);
+            self.promote_local4(ifindex, direction, candidates);
         }
     }
 

@@ -823,6 +823,35 @@ mod kernel {
         }
     }
 
+    /// Every endpoint of the kernel engine shares loopback, so each
+    /// direction has many IPv4 slots and one fast word: unbinding them one
+    /// by one (the word's own among them) must leave the word on one that
+    /// is still there, until none is.
+    #[test]
+    fn fast_slots_move_to_another_address_when_theirs_goes() {
+        if !privileged() {
+            return;
+        }
+        let mut l = example_loaded();
+        let keys: Vec<EndpointKey> = l
+            .compiler
+            .cluster()
+            .endpoints()
+            .map(|e| e.key.clone())
+            .collect();
+        assert!(keys.len() > 2);
+        for k in &keys {
+            let before = l.lowering.mirror().clone();
+            let plan = l.lowering.bind(k, None).unwrap();
+            l.dp.write(&plan, &before).unwrap();
+            assert_eq!(
+                l.dp.local4_disagreements().unwrap(),
+                Vec::<String>::new(),
+                "after unbinding {k}"
+            );
+        }
+    }
+
     /// The example plus a GlobalNetworkPolicy that allows everything first.
     fn example_opened() -> Cluster {
         let mut objects = example().objects();

@@ -203,6 +203,7 @@ pub struct SlotValue {
 /// one) is looked up there as before. One word per slot: user space writes
 /// it with one atomic store into the mapped array, so a program reads the
 /// old slot or the new one, never half of each.
+///
 /// Interfaces whose index does not fit get `u32::MAX`, past any array (a
 /// wrapped index would name another interface's slot).
 #[inline(always)]
