@@ -829,6 +829,15 @@ impl Datapath {
             .map(|(r, _)| r)
     }
 
+    /// The loaded TC program `name`.
+    fn classifier(&self, name: &str) -> Result<&SchedClassifier, DatapathError> {
+        self.ebpf
+            .program(name)
+            .ok_or_else(|| DatapathError::Load(format!("program {name} missing")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))
+    }
+
     /// Runs the named program on `packet` with BPF_PROG_TEST_RUN; returns
     /// the result and the packet as the program left it.
     fn test_run(
@@ -838,12 +847,7 @@ impl Datapath {
         repeat: u32,
         ifindex: u32,
     ) -> Result<(RunResult, Vec<u8>), DatapathError> {
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(name)
-            .ok_or_else(|| DatapathError::Load(format!("program {name} missing")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
+        let prog = self.classifier(name)?;
         let mut out = vec![0u8; packet.len() + 256];
         // A `struct __sk_buff` up to its `ifindex` (offset 40), the one
         // field set: the kernel delivers the packet on that device.
@@ -878,12 +882,7 @@ impl Datapath {
     /// `aya::sys::enable_stats`, or `kernel.bpf_stats_enabled`).
     pub fn program_stats(&self, hook: Hook) -> Result<(std::time::Duration, u64), DatapathError> {
         let name = hook.program();
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(name)
-            .ok_or_else(|| DatapathError::Load(format!("program {name} missing")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
+        let prog = self.classifier(name)?;
         let info = prog
             .info()
             .map_err(|e| DatapathError::Other(format!("{name}: {e}")))?;
