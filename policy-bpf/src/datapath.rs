@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::Key;
 use aya::maps::{
-    Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, RingBuf,
+    Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, ProgramArray,
+    RingBuf,
 };
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
@@ -146,6 +147,7 @@ pub struct Datapath {
     stats: PerCpuArray<MapData, u64>,
     events: RingBuf<MapData>,
     config: Array<MapData, Config>,
+    endpoints: BpfHashMap<MapData, LocalKey, LocalEndpoint>,
     links: HashMap<(String, Hook), PathBuf>,
 }
 
@@ -200,6 +202,9 @@ fn v4_slots(slots: &HashMap<SlotKey, SlotValue>) -> HashMap<(u32, u8), V4Slots> 
 
 /// The program that reports the conntrack clock (run, never attached).
 const CLOCK_PROGRAM: &str = "palisade_clock";
+
+/// The receiver's side of local delivery (tail-called, never attached).
+const LOCAL_DELIVERY_PROGRAM: &str = "palisade_to_pod_local";
 
 /// Kernel tick rates (CONFIG_HZ) a measurement is snapped to: at least 20%
 /// apart, so the 8% windows around them never overlap.
@@ -268,7 +273,8 @@ impl Datapath {
             .map_max_entries(CtEntry4::TAGS, conntrack_ways / CT_TAG_LINE)
             .map_max_entries(CtEntry6::MAP, conntrack_ways)
             .map_max_entries(CtEntry6::TAGS, conntrack_ways / CT_TAG_LINE)
-            .map_max_entries("PALISADE_COUNTERS", cap.rules);
+            .map_max_entries("PALISADE_COUNTERS", cap.rules)
+            .map_max_entries("PALISADE_ENDPOINTS", cap.slots);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(e.to_string()))?;
@@ -277,6 +283,7 @@ impl Datapath {
             Hook::ToPod.program(),
             Hook::PassThrough.program(),
             CLOCK_PROGRAM,
+            LOCAL_DELIVERY_PROGRAM,
         ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -285,6 +292,26 @@ impl Datapath {
                 .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
             prog.load()
                 .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
+        }
+        // The pinned jump table now leads to this load's receiver program
+        // (programs attached by an earlier process jump there as well).
+        {
+            let target = ebpf
+                .program(LOCAL_DELIVERY_PROGRAM)
+                .ok_or_else(|| {
+                    DatapathError::Load(format!("program {LOCAL_DELIVERY_PROGRAM} missing"))
+                })?
+                .fd()
+                .map_err(|e| DatapathError::Load(format!("{LOCAL_DELIVERY_PROGRAM}: {e}")))?
+                .try_clone()
+                .map_err(|e| DatapathError::Load(format!("{LOCAL_DELIVERY_PROGRAM}: {e}")))?;
+            let mut jump = ProgramArray::try_from(
+                ebpf.map_mut("PALISADE_DELIVER")
+                    .ok_or_else(|| DatapathError::Load("map PALISADE_DELIVER missing".into()))?,
+            )
+            .map_err(map_err("PALISADE_DELIVER"))?;
+            jump.set(0, &target, 0)
+                .map_err(map_err("PALISADE_DELIVER"))?;
         }
         macro_rules! take {
             ($name:literal, $ty:ty) => {{
@@ -310,6 +337,7 @@ impl Datapath {
             stats: take!("PALISADE_STATS", PerCpuArray<MapData, u64>),
             events: take!("PALISADE_EVENTS", RingBuf<MapData>),
             config: take!("PALISADE_CONFIG", Array<MapData, Config>),
+            endpoints: take!("PALISADE_ENDPOINTS", BpfHashMap<MapData, LocalKey, LocalEndpoint>),
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             owns_pin_dir: false,
@@ -901,6 +929,28 @@ impl Datapath {
         }))
     }
 
+    /// Makes `addr` a local endpoint (`Some`) that allowed packets from
+    /// other local pods go straight into (see [`LocalEndpoint`]), or stops
+    /// that (`None`; removing an absent address is not an error). Without
+    /// an entry, packets to the address take the node's forwarding, and
+    /// the receiver's interface judges them there, as before.
+    pub fn set_local_endpoint(
+        &mut self,
+        addr: std::net::IpAddr,
+        endpoint: Option<LocalEndpoint>,
+    ) -> Result<(), DatapathError> {
+        let key = local_key(addr);
+        match endpoint {
+            Some(ep) => self
+                .endpoints
+                .insert(key, ep, 0)
+                .map_err(map_err("PALISADE_ENDPOINTS")),
+            None => {
+                ignore_missing(self.endpoints.remove(&key)).map_err(map_err("PALISADE_ENDPOINTS"))
+            }
+        }
+    }
+
     /// Datapath statistics (`STAT_*`), summed over CPUs.
     pub fn stats(&self) -> Result<[u64; STAT_COUNT as usize], DatapathError> {
         let mut out = [0u64; STAT_COUNT as usize];
@@ -1091,6 +1141,22 @@ impl Drop for Datapath {
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
     }
+}
+
+/// The local delivery map's key for an address.
+fn local_key(addr: std::net::IpAddr) -> LocalKey {
+    let mut key = LocalKey::default();
+    match addr {
+        std::net::IpAddr::V4(a) => {
+            key.family = FAMILY_V4;
+            key.addr[..4].copy_from_slice(&a.octets());
+        }
+        std::net::IpAddr::V6(a) => {
+            key.family = FAMILY_V6;
+            key.addr = a.octets();
+        }
+    }
+    key
 }
 
 #[cfg(test)]

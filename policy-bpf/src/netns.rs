@@ -22,6 +22,8 @@ use policy_core::model::EndpointKey;
 
 /// MAC address of every host-side veth (as Calico uses).
 pub const HOST_MAC: &str = "ee:ee:ee:ee:ee:ee";
+/// [`HOST_MAC`] as bytes.
+pub const HOST_MAC_BYTES: [u8; 6] = [0xee; 6];
 /// IPv4 gateway pods route through.
 pub const GATEWAY_V4: &str = "169.254.1.1";
 /// IPv6 gateway pods route through.
@@ -208,12 +210,16 @@ fn host_prefix(ip: &IpAddr) -> String {
     }
 }
 
+/// A locally administered MAC: kind `kind`, number `i`.
+fn mac_bytes(kind: u8, i: usize) -> [u8; 6] {
+    [0x02, 0x50, kind, (i >> 16) as u8, (i >> 8) as u8, i as u8]
+}
+
 fn mac(kind: u8, i: usize) -> String {
+    let b = mac_bytes(kind, i);
     format!(
-        "02:50:{kind:02x}:{:02x}:{:02x}:{:02x}",
-        (i >> 16) & 0xff,
-        (i >> 8) & 0xff,
-        i & 0xff
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3], b[4], b[5]
     )
 }
 
@@ -239,6 +245,20 @@ pub struct PodNet {
     pub ifindex: u32,
     /// Addresses configured on the pod's eth0.
     pub ips: Vec<IpAddr>,
+    /// MAC of the pod's eth0.
+    pub mac: [u8; 6],
+}
+
+impl PodNet {
+    /// The pod as a local delivery target (see
+    /// [`crate::Datapath::set_local_endpoint`]).
+    pub fn local_endpoint(&self) -> policy_bpf_common::LocalEndpoint {
+        policy_bpf_common::LocalEndpoint {
+            ifindex: self.ifindex,
+            pod_mac: self.mac,
+            host_mac: HOST_MAC_BYTES,
+        }
+    }
 }
 
 /// A node with pods, built from namespaces.
@@ -331,6 +351,7 @@ impl Topology {
                 host_if,
                 ifindex: 0,
                 ips: usable,
+                mac: mac_bytes(0, i),
             });
         }
         ip_batch(Some(topo.node.name()), &node_lines)?;

@@ -1073,6 +1073,137 @@ mod kernel {
         }
         // web -> api TCP, and every pod's DNS to coredns over UDP.
         assert!(allowed >= 5, "{allowed} allowed connections");
+        // Those went straight from pod to pod, both policies judged on the
+        // way (the ingress rules above came from those judgements).
+        let delivered = engine
+            .with_datapath(|dp| dp.stats().unwrap()[STAT_DELIVERED as usize])
+            .unwrap();
+        assert!(delivered >= 2 * allowed, "{delivered} delivered packets");
+    }
+
+    /// Local delivery is forwarding: a packet with no hop left is the
+    /// node's to answer (ICMP time exceeded), not delivered; with hops left
+    /// it arrives one hop less.
+    #[test]
+    fn local_delivery_forwards_like_the_node() {
+        use std::net::UdpSocket;
+        if !privileged() {
+            return;
+        }
+        let cluster = example();
+        let (compiler, delta) =
+            Compiler::from_cluster(&cluster, CompileOptions::default()).unwrap();
+        let pods: Vec<(EndpointKey, Vec<IpAddr>)> = cluster
+            .endpoints()
+            .map(|e| (e.key.clone(), e.ips.clone()))
+            .collect();
+        let topo = Topology::build(&pods).unwrap();
+        let cap = Capacity::default();
+        let mut dp = Datapath::load_private(cap).unwrap();
+        let mut lowering = Lowering::new(cap);
+        let before = lowering.mirror().clone();
+        let mut plan = lowering.lower(&delta).unwrap();
+        for (i, p) in topo.pods().iter().enumerate() {
+            let b = Binding {
+                ifindex: p.ifindex,
+                zone: i as u32 + 1,
+            };
+            plan.switch
+                .extend(lowering.bind(&p.key, Some(b)).unwrap().switch);
+        }
+        dp.write(&plan, &before).unwrap();
+        let ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
+        topo.node()
+            .run(|| ifaces.iter().try_for_each(|i| dp.attach(i)))
+            .unwrap()
+            .unwrap();
+        for pod in topo.pods() {
+            for a in &pod.ips {
+                dp.set_local_endpoint(*a, Some(pod.local_endpoint()))
+                    .unwrap();
+            }
+        }
+        drop(compiler);
+        let web = topo.pod(&key("shop-frontend/web")).unwrap();
+        let dns = topo.pod(&key("kube-system/coredns")).unwrap();
+        let server = dns
+            .ns
+            .run(|| UdpSocket::bind("10.10.0.53:53"))
+            .unwrap()
+            .unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        // Report each datagram's TTL.
+        nix::sys::socket::setsockopt(&server, nix::sys::socket::sockopt::Ipv4RecvTtl, &true)
+            .unwrap();
+        let client = web
+            .ns
+            .run(|| UdpSocket::bind("10.10.1.10:0"))
+            .unwrap()
+            .unwrap();
+        let delivered = |dp: &Datapath| dp.stats().unwrap()[STAT_DELIVERED as usize];
+        for (ttl, arrives) in [(1u32, false), (5, true)] {
+            client.set_ttl(ttl).unwrap();
+            let before = delivered(&dp);
+            client.send_to(b"query", "10.10.0.53:53").unwrap();
+            let got = recv_ttl(&server);
+            if arrives {
+                assert_eq!(got, Some(ttl as u8 - 1), "TTL {ttl}: one hop less");
+                assert_eq!(delivered(&dp), before + 1, "TTL {ttl}: delivered locally");
+            } else {
+                assert_eq!(got, None, "TTL {ttl} must not arrive");
+                assert_eq!(delivered(&dp), before, "TTL {ttl}: left to the node");
+            }
+        }
+        // The first datagram recorded both sides' approvals in one entry:
+        // the next one of the flow is established on both.
+        let stats = |dp: &Datapath| dp.stats().unwrap();
+        let before = stats(&dp);
+        client.send_to(b"query", "10.10.0.53:53").unwrap();
+        assert_eq!(recv_ttl(&server), Some(4));
+        let after = stats(&dp);
+        let grew = |i: u32| after[i as usize] - before[i as usize];
+        assert_eq!(
+            (
+                grew(STAT_NEW_FLOWS),
+                grew(STAT_ESTABLISHED),
+                grew(STAT_DELIVERED)
+            ),
+            (0, 2, 1),
+            "new flows, established, delivered"
+        );
+        // Without its entry, the pod is reached through the node as before.
+        dp.set_local_endpoint(ip("10.10.0.53"), None).unwrap();
+        let before = delivered(&dp);
+        client.send_to(b"query", "10.10.0.53:53").unwrap();
+        assert_eq!(recv_ttl(&server), Some(4), "routed by the node");
+        assert_eq!(delivered(&dp), before);
+        for i in &ifaces {
+            topo.node().run(|| dp.detach(i)).unwrap().unwrap();
+        }
+    }
+
+    /// One datagram's TTL (from IP_RECVTTL), or None on timeout.
+    fn recv_ttl(s: &std::net::UdpSocket) -> Option<u8> {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+        use std::os::fd::AsRawFd;
+        let mut buf = [0u8; 64];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!(i32);
+        let msg = recvmsg::<SockaddrStorage>(
+            s.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::empty(),
+        )
+        .ok()?;
+        for c in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::Ipv4Ttl(ttl) = c {
+                return Some(ttl as u8);
+            }
+        }
+        panic!("no TTL reported with the datagram");
     }
 
     /// A restarted agent re-adopts the pinned maps and links: an established
@@ -1128,6 +1259,12 @@ mod kernel {
             .run(|| ifaces.iter().try_for_each(|i| dp.attach(i)))
             .unwrap()
             .unwrap();
+        for pod in topo.pods() {
+            for a in &pod.ips {
+                dp.set_local_endpoint(*a, Some(pod.local_endpoint()))
+                    .unwrap();
+            }
+        }
 
         // web -> api:8080 is allowed: connect and exchange data.
         let web = topo.pod(&key("shop-frontend/web")).unwrap();
@@ -1164,7 +1301,13 @@ mod kernel {
                 .unwrap_or_else(|e| panic!("{what}: reply lost: {e}"));
             assert_eq!(&buf, b"pong!");
         };
+        let delivered = |dp: &Datapath| dp.stats().unwrap()[STAT_DELIVERED as usize];
+        let before = delivered(&dp);
         exchange(&mut client, &mut server, "before the restart");
+        assert!(
+            delivered(&dp) >= before + 2,
+            "request and reply went straight into the other pod"
+        );
         let denied = |what: &str| {
             let r = analytics.ns.run(|| {
                 TcpStream::connect_timeout(
@@ -1179,7 +1322,9 @@ mod kernel {
         };
         denied("before the restart");
 
-        // The agent goes away: maps and links stay pinned, traffic flows.
+        // The agent goes away: maps and links stay pinned, traffic flows
+        // (local delivery too: its jump table is pinned).
+        let before = delivered(&dp);
         drop(dp);
         exchange(&mut client, &mut server, "while the agent is down");
         denied("while the agent is down");
@@ -1189,6 +1334,10 @@ mod kernel {
         // those of a build before them do: it fills them from the slots.
         std::fs::remove_file(pin.join("PALISADE_LOCAL4")).unwrap();
         let mut dp = Datapath::load(&pin, cap).unwrap();
+        assert!(
+            delivered(&dp) >= before + 2,
+            "local delivery went on while the agent was down"
+        );
         assert_eq!(dp.local4_disagreements().unwrap(), Vec::<String>::new());
         assert!(
             dp.conntrack_len() > 0,
@@ -1204,10 +1353,15 @@ mod kernel {
         assert_eq!(dp.local4_disagreements().unwrap(), Vec::<String>::new());
         lowering.release_reserved();
         let established_before = dp.stats().unwrap()[STAT_ESTABLISHED as usize];
+        let delivered_before = delivered(&dp);
         exchange(&mut client, &mut server, "after the restart");
         assert!(
             dp.stats().unwrap()[STAT_ESTABLISHED as usize] > established_before,
             "the connection went through conntrack in the new programs"
+        );
+        assert!(
+            delivered(&dp) >= delivered_before + 2,
+            "the new programs deliver locally"
         );
         denied("after the restart");
         // A new allowed connection is decided by the rewritten policy.

@@ -558,8 +558,11 @@ pub const STAT_CT_FULL: u32 = 9;
 /// CPU was writing the same conntrack entry at that instant (passed as the
 /// policy said; the connection's next packet records it).
 pub const STAT_CT_CONTENDED: u32 = 10;
+/// Allowed packets from a pod handed straight to a local pod (see
+/// [`LocalEndpoint`]).
+pub const STAT_DELIVERED: u32 = 11;
 /// Number of statistics.
-pub const STAT_COUNT: u32 = 11;
+pub const STAT_COUNT: u32 = 12;
 
 /// A verdict event (drops always, allows sampled).
 #[repr(C)]
@@ -711,6 +714,38 @@ pub struct Scratch {
     pub frag: FragKey,
     /// What the conntrack lookup found.
     pub probe: CtProbe,
+    /// Local delivery's endpoint lookup key.
+    pub local: LocalKey,
+}
+
+/// A local endpoint's address (key of the local delivery map). Aligned
+/// so the programs write the address as words.
+#[repr(C, align(4))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct LocalKey {
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+    /// The address (IPv4 in the first 4 bytes, the rest zero).
+    pub addr: [u8; 16],
+}
+
+/// Where a pod on this node receives: packets from another local pod that
+/// both pods' policies allow go straight into it (`bpf_redirect_peer`
+/// from the sender's interface, as Cilium does), skipping the node's
+/// forwarding and a second pass through the receive backlog. The
+/// receiver's ingress policy is applied on the way, as on its own
+/// interface, by the same program code.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct LocalEndpoint {
+    /// Host-side interface of the pod's veth (its peer is the pod's end).
+    pub ifindex: u32,
+    /// MAC of the pod's end (the frame's new destination).
+    pub pod_mac: [u8; 6],
+    /// MAC of the host-side interface (the frame's new source).
+    pub host_mac: [u8; 6],
 }
 
 /// The result of a conntrack lookup, kept in the per-CPU scratch: way
@@ -1158,6 +1193,10 @@ mod user {
     unsafe impl aya::Pod for Event {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for LocalKey {}
+    // SAFETY: as above (u32 then two 6-byte arrays: 16 bytes, no padding).
+    unsafe impl aya::Pod for LocalEndpoint {}
 }
 
 #[cfg(test)]
@@ -1189,6 +1228,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<CtValue>(), 40);
         assert_eq!(core::mem::size_of::<CtKey4>(), 16);
         assert_eq!(core::mem::size_of::<Event>(), 64);
+        assert_eq!(core::mem::size_of::<LocalKey>(), 20);
+        assert_eq!(core::mem::size_of::<LocalEndpoint>(), 16);
         assert_eq!(core::mem::size_of::<Bitset>(), BITSET_WORDS * 8);
         // One cache line per IPv4 way, two per IPv6 way; the kernel reads
         // the value and the key at the same offsets in both.

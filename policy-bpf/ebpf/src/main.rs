@@ -1,6 +1,10 @@
 //! Palisade's TC programs. `palisade_from_pod` runs on the host side of a
 //! pod's veth at TC ingress (the pod's egress policy); `palisade_to_pod` at TC
-//! egress (the pod's ingress policy).
+//! egress (the pod's ingress policy). A packet from a pod that its egress
+//! policy allows, addressed to a local endpoint, goes on by tail call to
+//! `palisade_to_pod_local`: the receiver's ingress policy, judged as on the
+//! receiver's interface, then straight into the receiving pod
+//! (`bpf_redirect_peer`), past the node's forwarding.
 //!
 //! Per packet: look up the interface (unmanaged ones pass untouched, managed
 //! ones give the endpoint's zone); parse the headers in place;
@@ -25,17 +29,29 @@ mod program {
     use aya_ebpf::cty::c_void;
     use aya_ebpf::helpers::{
         bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_loop,
-        bpf_skb_load_bytes,
+        bpf_redirect_peer, bpf_skb_load_bytes,
     };
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::lpm_trie::Key;
-    use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
+    use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf};
     use aya_ebpf::programs::TcContext;
     use policy_bpf_common::*;
 
     /// TCX_NEXT: let the next program (or the stack) decide.
     const PASS: i32 = -1;
     const DROP: i32 = TC_ACT_SHOT as i32;
+    /// `process`'s verdict on a packet policy allowed: it passes, or goes
+    /// straight to a local endpoint ([`deliver_locally`]). Not a TC return
+    /// code.
+    const ALLOWED: i32 = -2;
+    /// `process`'s verdict on a new connection from a pod to a local
+    /// endpoint that the pod's egress policy allowed: its approval is in
+    /// the skb's control block (see [`stash`]) for the receiver's
+    /// judgement, to be tail-called next. Not a TC return code.
+    const DEFERRED: i32 = -3;
+    /// Marks `skb->cb` as holding a deferred approval ("PAL1").
+    const STASH_MAGIC: u32 = 0x5041_4c31;
+    const ETH_HLEN: usize = 14;
 
     // Sizes here are defaults; user space sets them from configuration at load.
     #[map]
@@ -90,6 +106,12 @@ mod program {
     static PALISADE_EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
     #[map]
     static PALISADE_CONFIG: Array<Config> = Array::pinned(1, 0);
+    /// Local endpoints by address (see [`LocalEndpoint`]).
+    #[map]
+    static PALISADE_ENDPOINTS: HashMap<LocalKey, LocalEndpoint> = HashMap::pinned(65_536, 0);
+    /// Slot 0: `palisade_to_pod_local`, which local delivery tail-calls.
+    #[map]
+    static PALISADE_DELIVER: ProgramArray = ProgramArray::pinned(1, 0);
     /// Working memory; not pinned (each loaded program has its own).
     #[map]
     static PALISADE_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
@@ -693,7 +715,9 @@ mod program {
     }
 
     /// Records this side's approval: joins the entry when the connection is
-    /// tracked, else inserts one.
+    /// tracked, else inserts one, with `sender`'s deferred approval when
+    /// there is one. (Joining an entry another CPU inserted meanwhile
+    /// drops it: the sender's next packet is judged again.)
     #[inline(always)]
     fn approve(
         conn: &Conn,
@@ -702,6 +726,7 @@ mod program {
         rule: u32,
         ifindex: u32,
         now: u64,
+        sender: Approval,
     ) -> Record {
         if let Some((v, word, state)) = conn.hit() {
             // Join: lock the way in the generation that was read (a reused
@@ -728,10 +753,32 @@ mod program {
             return Record::Done;
         }
         let origin = if a_is_src { CT_ORIGIN_A } else { 0 };
-        let (rule_a, ifindex_a, rule_b, ifindex_b, approved) = if local_is_a {
-            (rule, ifindex, 0, 0, CT_APPROVED_A)
+        // A new entry carries the other side's deferred approval too.
+        let other = if sender.ifindex != 0 {
+            if local_is_a {
+                CT_APPROVED_B
+            } else {
+                CT_APPROVED_A
+            }
         } else {
-            (0, 0, rule, ifindex, CT_APPROVED_B)
+            0
+        };
+        let (rule_a, ifindex_a, rule_b, ifindex_b, approved) = if local_is_a {
+            (
+                rule,
+                ifindex,
+                sender.rule,
+                sender.ifindex,
+                CT_APPROVED_A | other,
+            )
+        } else {
+            (
+                sender.rule,
+                sender.ifindex,
+                rule,
+                ifindex,
+                CT_APPROVED_B | other,
+            )
         };
         conn.insert(&CtValue {
             rule_a,
@@ -821,9 +868,12 @@ mod program {
     }
 
     #[inline(always)]
-    fn process(ctx: &TcContext, direction: u8) -> i32 {
-        // SAFETY: the context pointer is valid for the program's run.
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    /// Judges a packet as the `direction` hook of interface `ifindex`
+    /// would (the interface it arrived on, or the local endpoint's it is
+    /// being delivered to).
+    /// `sender` is the other side's deferred approval, recorded with this
+    /// side's when the connection is new (none: interface 0).
+    fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i32 {
         // The interface's zone (one endpoint per interface; keeps
         // fragment tracking apart).
         let zone = match PALISADE_IFACES.get(ifindex) {
@@ -899,7 +949,7 @@ mod program {
         }
         if p.later_fragment {
             if PALISADE_FRAGS.get_ptr(&sc.frag).is_some() {
-                return PASS;
+                return ALLOWED;
             }
             stat(STAT_FRAGMENT);
             event(p, ifindex, direction, false, 0, REASON_FRAGMENT, false);
@@ -978,7 +1028,7 @@ mod program {
                     }
                     count(rule, ctx.len());
                     stat(STAT_ESTABLISHED);
-                    return PASS;
+                    return ALLOWED;
                 }
                 if !same_way {
                     // Reused under us: neither join nor claim it.
@@ -1095,12 +1145,25 @@ mod program {
             );
             return DROP;
         }
-        match approve(&conn, local_is_a, a_is_src, v.rule, ifindex, now) {
-            Record::Done => {}
-            // The policy allowed this packet, so it passes; later packets
-            // are judged by policy again.
-            Record::Full => stat(STAT_CT_FULL),
-            Record::Contended => stat(STAT_CT_CONTENDED),
+        // A new connection from this pod to a local endpoint: the approval
+        // rides with the packet to the receiver's judgement, tail-called
+        // next, which records both sides in one insert. Recorded here, the
+        // receiver would join the entry with locked instructions that wait
+        // for this insert's write (a cache miss in a large table) to land.
+        let deferred = direction == DIR_EGRESS
+            && !p.fragment
+            && conn.hit().is_none()
+            && local_receiver(ctx, ifindex, &mut sc.local).is_some();
+        if deferred {
+            stash(ctx, v.rule, ifindex);
+        } else {
+            match approve(&conn, local_is_a, a_is_src, v.rule, ifindex, now, sender) {
+                Record::Done => {}
+                // The policy allowed this packet, so it passes; later
+                // packets are judged by policy again.
+                Record::Full => stat(STAT_CT_FULL),
+                Record::Contended => stat(STAT_CT_CONTENDED),
+            }
         }
         if p.fragment {
             let _ = PALISADE_FRAGS.insert(&sc.frag, &now, u64::from(BPF_NOEXIST));
@@ -1112,7 +1175,159 @@ mod program {
                 event(p, ifindex, direction, true, v.rule, REASON_POLICY, v.logged);
             }
         }
-        PASS
+        if deferred { DEFERRED } else { ALLOWED }
+    }
+
+    /// One side's approval of a connection: its rule and interface.
+    #[derive(Clone, Copy)]
+    struct Approval {
+        rule: u32,
+        /// 0: no approval.
+        ifindex: u32,
+    }
+
+    impl Approval {
+        const NONE: Approval = Approval {
+            rule: 0,
+            ifindex: 0,
+        };
+    }
+
+    /// Puts a deferred approval in the skb's control block, which the tail
+    /// call keeps: `[STASH_MAGIC, rule, ifindex]`. The caller writes the
+    /// block right before every tail call (see [`clear_stash`]), so the
+    /// receiver never reads another packet's or layer's bytes as one.
+    #[inline(always)]
+    fn stash(ctx: &TcContext, rule: u32, ifindex: u32) {
+        // SAFETY: `cb` is the context's scratch words, writable by TC
+        // programs.
+        unsafe {
+            let skb = ctx.skb.skb;
+            (*skb).cb[0] = STASH_MAGIC;
+            (*skb).cb[1] = rule;
+            (*skb).cb[2] = ifindex;
+        }
+    }
+
+    /// Marks the control block as holding no deferred approval.
+    #[inline(always)]
+    fn clear_stash(ctx: &TcContext) {
+        // SAFETY: as in `stash`.
+        unsafe { (*ctx.skb.skb).cb[0] = 0 };
+    }
+
+    /// Takes the deferred approval out of the control block, if any.
+    #[inline(always)]
+    fn unstash(ctx: &TcContext) -> Approval {
+        // SAFETY: as in `stash`.
+        unsafe {
+            let skb = ctx.skb.skb;
+            if (*skb).cb[0] != STASH_MAGIC {
+                return Approval::NONE;
+            }
+            (*skb).cb[0] = 0;
+            Approval {
+                rule: (*skb).cb[1],
+                ifindex: (*skb).cb[2],
+            }
+        }
+    }
+
+    /// The interface a packet arrived on.
+    #[inline(always)]
+    fn arrival(ctx: &TcContext) -> u32 {
+        // SAFETY: the context pointer is valid for the program's run.
+        unsafe { (*ctx.skb.skb).ifindex }
+    }
+
+    /// The local endpoint a frame is addressed to, and its IP family,
+    /// when it is one and the frame is for local delivery: Ethernet then
+    /// IP in the linear data (a pod's veth carries no VLAN tags), with a
+    /// hop left, not from the endpoint's own interface `from`. Read from
+    /// the frame, not from a parse another program made.
+    #[inline(always)]
+    fn local_receiver(
+        ctx: &TcContext,
+        from: u32,
+        key: &mut LocalKey,
+    ) -> Option<(LocalEndpoint, u8)> {
+        let (data, end) = (ctx.data(), ctx.data_end());
+        if data + ETH_HLEN + 20 > end {
+            return None;
+        }
+        key.pad = [0; 3];
+        let b = data as *const u8;
+        let words = key.addr.as_mut_ptr().cast::<u32>();
+        // SAFETY (reads): inside the bounds checked before each. (Writes):
+        // the key's address is 4-aligned and four words long.
+        let family = unsafe {
+            match (*b.add(12), *b.add(13)) {
+                (0x08, 0x00) => {
+                    if *b.add(ETH_HLEN + 8) <= 1 {
+                        return None;
+                    }
+                    words.write(b.add(ETH_HLEN + 16).cast::<u32>().read_unaligned());
+                    words.add(1).write(0);
+                    words.add(2).write(0);
+                    words.add(3).write(0);
+                    FAMILY_V4
+                }
+                (0x86, 0xdd) => {
+                    if data + ETH_HLEN + 40 > end || *b.add(ETH_HLEN + 7) <= 1 {
+                        return None;
+                    }
+                    let dst = b.add(ETH_HLEN + 24).cast::<u32>();
+                    words.write(dst.read_unaligned());
+                    words.add(1).write(dst.add(1).read_unaligned());
+                    words.add(2).write(dst.add(2).read_unaligned());
+                    words.add(3).write(dst.add(3).read_unaligned());
+                    FAMILY_V6
+                }
+                _ => return None,
+            }
+        };
+        key.family = family;
+        // SAFETY: a value of the map, written whole by user space.
+        let ep = unsafe { *PALISADE_ENDPOINTS.get_ptr(key)? };
+        (ep.ifindex != from && ep.ifindex != 0).then_some((ep, family))
+    }
+
+    /// Hands an allowed packet to a local endpoint: what
+    /// the node's forwarding would write (the pod's and the host side's
+    /// MACs, one hop less), then straight into the pod's end of the veth.
+    #[inline(always)]
+    fn hand_over(ctx: &TcContext, ep: &LocalEndpoint, family: u8) -> i32 {
+        let (data, end) = (ctx.data(), ctx.data_end());
+        if data + ETH_HLEN + 20 > end {
+            return PASS;
+        }
+        let b = data as *mut u8;
+        // SAFETY: inside the bounds checked above (the IPv6 hop limit is
+        // at ETH_HLEN + 7); `local_receiver` checked the EtherType and
+        // that a hop is left.
+        unsafe {
+            let mut i = 0;
+            while i < 6 {
+                *b.add(i) = ep.pod_mac[i];
+                *b.add(6 + i) = ep.host_mac[i];
+                i += 1;
+            }
+            if family == FAMILY_V4 {
+                *b.add(ETH_HLEN + 8) -= 1;
+                // RFC 1624's incremental update, as the kernel's
+                // ip_decrease_ttl: the TTL is the high byte of its word.
+                let at = b.add(ETH_HLEN + 10).cast::<u16>();
+                let check = u32::from(at.read_unaligned()) + u32::from(0x0100u16.to_be());
+                at.write_unaligned((check + u32::from(check >= 0xffff)) as u16);
+            } else {
+                *b.add(ETH_HLEN + 7) -= 1;
+            }
+        }
+        stat(STAT_DELIVERED);
+        // SAFETY: helper without preconditions; TC_ACT_REDIRECT with no
+        // flags, and this runs at TC ingress (tail-called from the
+        // sender's hook), where a peer redirect is allowed.
+        unsafe { bpf_redirect_peer(ep.ifindex, 0) as i32 }
     }
 
     /// Walk steps taken inline before handing over to bpf_loop.
@@ -1184,14 +1399,63 @@ mod program {
     #[classifier]
     #[inline(always)]
     pub fn palisade_from_pod(ctx: TcContext) -> i32 {
-        process(&ctx, DIR_EGRESS)
+        let from = arrival(&ctx);
+        let deliver = match process(&ctx, DIR_EGRESS, from, Approval::NONE) {
+            DEFERRED => true,
+            ALLOWED => match PALISADE_SCRATCH.get_ptr_mut(0) {
+                // SAFETY: this CPU's scratch (TC programs do not nest).
+                Some(sc) => {
+                    local_receiver(&ctx, from, unsafe { &mut (*sc).local }).is_some() && {
+                        clear_stash(&ctx);
+                        true
+                    }
+                }
+                None => false,
+            },
+            r => return r,
+        };
+        if deliver {
+            // SAFETY: the target is a TC program taking the same context;
+            // this returns only when the slot is empty (then a deferred
+            // approval is lost: the connection's next packet is judged
+            // again).
+            unsafe { PALISADE_DELIVER.tail_call(&ctx, 0) };
+        }
+        PASS
     }
 
     /// The pod's ingress policy: packets sent to the pod.
     #[classifier]
     #[inline(always)]
     pub fn palisade_to_pod(ctx: TcContext) -> i32 {
-        process(&ctx, DIR_INGRESS)
+        match process(&ctx, DIR_INGRESS, arrival(&ctx), Approval::NONE) {
+            ALLOWED => PASS,
+            r => r,
+        }
+    }
+
+    /// The receiver's ingress policy for a packet `palisade_from_pod`
+    /// allowed to a local endpoint (only ever tail-called from there): the
+    /// judgement `palisade_to_pod` makes on the receiver's interface, then
+    /// the hand-over. It finds the receiver again rather than taking it
+    /// from the caller: a caller of another build (during a restart) shares
+    /// only the pinned maps with it. A packet it does not judge (say, an
+    /// interface no longer managed) passes, takes the node's forwarding,
+    /// and meets `palisade_to_pod` there.
+    #[classifier]
+    pub fn palisade_to_pod_local(ctx: TcContext) -> i32 {
+        let Some(sc) = PALISADE_SCRATCH.get_ptr_mut(0) else {
+            return PASS;
+        };
+        // SAFETY: this CPU's scratch (TC programs do not nest on a CPU).
+        let Some((ep, family)) = local_receiver(&ctx, arrival(&ctx), unsafe { &mut (*sc).local })
+        else {
+            return PASS;
+        };
+        match process(&ctx, DIR_INGRESS, ep.ifindex, unstash(&ctx)) {
+            ALLOWED | DEFERRED => hand_over(&ctx, &ep, family),
+            r => r,
+        }
     }
 
     /// Reports the conntrack clock to user space, which runs it with
