@@ -40,8 +40,13 @@ pub enum Mode {
     Baseline,
     /// iptables rules and ipsets in the node namespace.
     Iptables,
-    /// Palisade's TC programs on the host veths.
+    /// Palisade's TC programs on the host veths, with local delivery (the
+    /// client's datagrams go straight into the server pod once both
+    /// policies allow; `policy_bpf_common::LocalEndpoint`).
     Palisade,
+    /// Palisade's TC programs without local delivery: the node forwards,
+    /// and the server's interface judges on the way out.
+    PalisadeForwarded,
     /// A program that passes every packet, where Palisade's go: the cost
     /// of the TC hooks themselves, the floor under any TC datapath.
     PassThrough,
@@ -54,6 +59,7 @@ impl Mode {
             Mode::Baseline => "no policy",
             Mode::Iptables => "iptables",
             Mode::Palisade => "palisade",
+            Mode::PalisadeForwarded => "palisade, node forwarding",
             Mode::PassThrough => "pass-through",
         }
     }
@@ -217,7 +223,7 @@ impl Lab {
                     .run(|| ifaces.iter().try_for_each(|i| dp.attach_pass_through(i)))??;
                 Some(dp)
             }
-            Mode::Palisade => {
+            Mode::Palisade | Mode::PalisadeForwarded => {
                 let (compiler, delta) =
                     Compiler::from_cluster(&cluster(n), CompileOptions::default())?;
                 // Room for every flow of a run, like the iptables lab's
@@ -241,6 +247,13 @@ impl Lab {
                 let ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
                 topo.node()
                     .run(|| ifaces.iter().try_for_each(|i| dp.attach(i)))??;
+                if mode == Mode::Palisade {
+                    for pod in topo.pods() {
+                        for ip in &pod.ips {
+                            dp.set_local_endpoint(*ip, Some(pod.local_endpoint()))?;
+                        }
+                    }
+                }
                 drop(compiler);
                 Some(dp)
             }
@@ -271,7 +284,10 @@ impl Lab {
     /// (enabled for this run only: they add two clock reads a run, so the
     /// rates are measured without them): (from the pod, to the pod), the
     /// pass-through program's average for both in its lab; None without
-    /// programs.
+    /// programs. With local delivery the receiver's judgement runs in a
+    /// program `palisade_from_pod` tail-calls, whose time the kernel
+    /// counts in the caller's, and `palisade_to_pod` does not run for
+    /// datagrams from the client.
     pub fn udp_program_times(&self, secs: f64) -> Result<Option<(f64, f64)>> {
         let Some(dp) = &self.datapath else {
             return Ok(None);

@@ -4,7 +4,7 @@
 //! measured in the same run.
 //!
 //! `sudo cargo run --release -p palisade-benches --bin veth-report [-- --quick]`
-//! (needs iptables and ipset). `-- --profile palisade|iptables|baseline|pass-through`
+//! (needs iptables and ipset). `-- --profile palisade|forwarded|iptables|baseline|pass-through`
 //! runs only UDP new flows in one lab for five seconds, for `perf record -a`;
 //! add `--times` for the programs' nanoseconds per run in six one-second runs.
 
@@ -26,17 +26,20 @@ struct Rates {
 }
 
 /// The labs of a run, in the order of [`measure`]'s result.
-const MODES: [Mode; 4] = [
+const MODES: [Mode; 5] = [
     Mode::Baseline,
     Mode::Iptables,
     Mode::Palisade,
+    Mode::PalisadeForwarded,
     Mode::PassThrough,
 ];
 
 /// Nanoseconds per run of the programs during UDP new flows: Palisade's
-/// from the pod and to the pod, and the pass-through program.
+/// from the pod (with local delivery: both judgements), and without local
+/// delivery from the pod and to the pod; the pass-through program.
 #[derive(Debug, Clone, Copy, Default)]
 struct ProgramTimes {
+    delivered: f64,
     from_pod: f64,
     to_pod: f64,
     pass: f64,
@@ -46,7 +49,7 @@ struct ProgramTimes {
 /// by side; each round runs every workload in every mode, rotating the
 /// order) so drift and warm-up affect all modes alike; then one more UDP
 /// run in the labs with programs, timing them.
-fn measure(n: usize, rounds: usize, secs: f64) -> Result<([Rates; 4], u64, ProgramTimes)> {
+fn measure(n: usize, rounds: usize, secs: f64) -> Result<([Rates; 5], u64, ProgramTimes)> {
     let modes = MODES;
     let labs: Vec<Lab> = modes
         .iter()
@@ -64,15 +67,17 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<([Rates; 4], u64, Progr
             samples[i].2.push(lab.bulk(secs).map_err(what)?);
         }
     }
-    let ct_full = labs[2].conntrack_full()?;
-    let (from_pod, to_pod) = labs[2].udp_program_times(secs)?.unwrap_or_default();
-    let (pass, _) = labs[3].udp_program_times(secs)?.unwrap_or_default();
+    let ct_full = labs[2].conntrack_full()? + labs[3].conntrack_full()?;
+    let (delivered, _) = labs[2].udp_program_times(secs)?.unwrap_or_default();
+    let (from_pod, to_pod) = labs[3].udp_program_times(secs)?.unwrap_or_default();
+    let (pass, _) = labs[4].udp_program_times(secs)?.unwrap_or_default();
     let times = ProgramTimes {
+        delivered,
         from_pod,
         to_pod,
         pass,
     };
-    let mut out = [Rates::default(); 4];
+    let mut out = [Rates::default(); 5];
     for (o, (u, t, b)) in out.iter_mut().zip(samples.iter_mut()) {
         *o = Rates {
             udp: median(u),
@@ -83,8 +88,9 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<([Rates; 4], u64, Progr
     Ok((out, ct_full, times))
 }
 
-/// Policies, then baseline, iptables, palisade and pass-through rates.
-type Row = (usize, Rates, Rates, Rates, Rates);
+/// Policies, then baseline, iptables, palisade, palisade without local
+/// delivery and pass-through rates.
+type Row = (usize, Rates, Rates, Rates, Rates, Rates);
 
 fn main() -> Result<()> {
     if let Some(mode) = std::env::args().skip_while(|a| a != "--profile").nth(1) {
@@ -92,6 +98,7 @@ fn main() -> Result<()> {
         // palisade (or iptables, or baseline) lab at 1000 policies for 5 s.
         let mode = match mode.as_str() {
             "iptables" => Mode::Iptables,
+            "forwarded" => Mode::PalisadeForwarded,
             "baseline" => Mode::Baseline,
             "pass-through" => Mode::PassThrough,
             _ => Mode::Palisade,
@@ -115,22 +122,23 @@ fn main() -> Result<()> {
     let mut ct_full_total = 0u64;
     for n in SIZES {
         eprintln!(
-            "{n} policies: baseline, iptables, palisade, pass-through ({rounds} rounds of {secs} s each)..."
+            "{n} policies: baseline, iptables, palisade, palisade with node forwarding, pass-through ({rounds} rounds of {secs} s each)..."
         );
-        let ([base, ipt, pal, pass], ct_full, t) = measure(n, rounds, secs)?;
+        let ([base, ipt, pal, fwd, pass], ct_full, t) = measure(n, rounds, secs)?;
         ct_full_total += ct_full;
         times.push(t);
         eprintln!(
-            "  UDP new flows: iptables {:.2}, palisade {:.2}, pass-through {:.2}; TCP connects: iptables {:.2}, palisade {:.2}; bulk: iptables {:.2}, palisade {:.2} (of baseline)",
+            "  UDP new flows: iptables {:.2}, palisade {:.2} (node forwarding {:.2}), pass-through {:.2}; TCP connects: iptables {:.2}, palisade {:.2}; bulk: iptables {:.2}, palisade {:.2} (of baseline)",
             ipt.udp / base.udp,
             pal.udp / base.udp,
+            fwd.udp / base.udp,
             pass.udp / base.udp,
             ipt.tcp / base.tcp,
             pal.tcp / base.tcp,
             ipt.bulk / base.bulk,
             pal.bulk / base.bulk
         );
-        rows.push((n, base, ipt, pal, pass));
+        rows.push((n, base, ipt, pal, fwd, pass));
     }
     let mut md = String::new();
     writeln!(
@@ -146,9 +154,14 @@ fn main() -> Result<()> {
          iptables mode does (`benches/src/veth.rs`: conntrack ESTABLISHED accept first, a chain per \
          policy, a rule per policy rule, an ipset per selector) or with Palisade's TC programs; the \
          baseline has no policy. Each number is the rate relative to the baseline measured in the \
-         same run (medians of {rounds} rounds of {secs} s). A fourth lab attaches a program \
-         that passes every packet where Palisade's programs go: what the TC hooks cost before \
-         any policy, the floor under any TC datapath.\n"
+         same run (medians of {rounds} rounds of {secs} s). Palisade runs as a node would \
+         (`policy_bpf_common::LocalEndpoint`): a datagram from one pod to another goes straight \
+         into the receiving pod (`bpf_redirect_peer`) once the sender's egress and the \
+         receiver's ingress policy allow it, as Cilium does, instead of through the node's IP \
+         forwarding; a second Palisade lab leaves forwarding to the node, so the receiver's \
+         interface judges on the way out (the datapath before 2026-11-27). A last lab attaches \
+         a program that passes every packet where Palisade's programs go: what the TC hooks \
+         cost before any policy.\n"
     )?;
     writeln!(
         md,
@@ -166,27 +179,30 @@ fn main() -> Result<()> {
     writeln!(md, "![relative throughput](datapath-vs-iptables.svg)\n")?;
     writeln!(
         md,
-        "| policies | baseline UDP new flows/s | iptables | palisade | pass-through | baseline TCP connects/s | iptables | palisade | pass-through | baseline bulk Gbit/s | iptables | palisade | pass-through |"
+        "| policies | baseline UDP new flows/s | iptables | palisade | node fwd | pass-through | baseline TCP connects/s | iptables | palisade | node fwd | pass-through | baseline bulk Gbit/s | iptables | palisade | node fwd | pass-through |"
     )?;
     writeln!(
         md,
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )?;
-    for (n, b, i, p, t) in &rows {
+    for (n, b, i, p, f, t) in &rows {
         writeln!(
             md,
-            "| {n} | {:.0} | {:.2} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {n} | {:.0} | {:.2} | **{:.2}** | {:.2} | {:.2} | {:.0} | {:.2} | **{:.2}** | {:.2} | {:.2} | {:.2} | {:.2} | **{:.2}** | {:.2} | {:.2} |",
             b.udp,
             i.udp / b.udp,
             p.udp / b.udp,
+            f.udp / b.udp,
             t.udp / b.udp,
             b.tcp,
             i.tcp / b.tcp,
             p.tcp / b.tcp,
+            f.tcp / b.tcp,
             t.tcp / b.tcp,
             b.bulk * 8.0 / 1e9,
             i.bulk / b.bulk,
             p.bulk / b.bulk,
+            f.bulk / b.bulk,
             t.bulk / b.bulk
         )?;
     }
@@ -203,23 +219,28 @@ fn main() -> Result<()> {
          over the baseline (a rate of 0.9: a ninth of the baseline's time per datagram), what \
          each lab adds (from the rates above), and what the programs take a run, from the \
          kernel's run-time statistics during one more run (`BPF_ENABLE_STATS`, which adds two \
-         clock reads a run; the rates above are measured without it). Palisade runs both \
-         programs on every datagram (the client's egress, then the server's ingress); the \
-         pass-through lab runs its program in the same two places.\n"
+         clock reads a run; the rates above are measured without it). With node forwarding \
+         Palisade runs two programs on every datagram (the client's egress on its interface, \
+         then the server's ingress on the server's); with local delivery both judgements run \
+         on the client's interface, the second in a program the first tail-calls, and the \
+         kernel counts both in the first's time. The pass-through lab runs its program in the \
+         two places of node forwarding.\n"
     )?;
     writeln!(
         md,
-        "| policies | allowed at 0.9 | palisade adds | pass-through adds | from_pod run | to_pod run | pass-through run |"
+        "| policies | allowed at 0.9 | palisade adds | node fwd adds | pass-through adds | palisade: from_pod run (both judgements) | node fwd: from_pod run | node fwd: to_pod run | pass-through run |"
     )?;
-    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|")?;
-    for ((n, b, _, p, t), pt) in rows.iter().zip(&times) {
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    for ((n, b, _, p, f, t), pt) in rows.iter().zip(&times) {
         let per = |rate: f64| 1e9 / rate;
         writeln!(
             md,
-            "| {n} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {n} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
             per(b.udp) / 9.0,
             per(p.udp) - per(b.udp),
+            per(f.udp) - per(b.udp),
             per(t.udp) - per(b.udp),
+            pt.delivered,
             pt.from_pod,
             pt.to_pod,
             pt.pass
@@ -252,8 +273,14 @@ fn main() -> Result<()> {
                 r.2.tcp / r.1.tcp
             }),
             series("iptables bulk", "#9467bd", true, &|r| r.2.bulk / r.1.bulk),
+            series(
+                "palisade UDP new, node forwarding",
+                "#17becf",
+                false,
+                &|r| r.4.udp / r.1.udp,
+            ),
             series("pass-through UDP new", "#7f7f7f", true, &|r| {
-                r.4.udp / r.1.udp
+                r.5.udp / r.1.udp
             }),
         ],
         1.2,
