@@ -41,8 +41,8 @@ mod program {
     const PASS: i32 = -1;
     const DROP: i32 = TC_ACT_SHOT as i32;
     /// `process`'s verdict on a packet policy allowed: it passes, or goes
-    /// straight to a local endpoint ([`deliver_locally`]). Not a TC return
-    /// code.
+    /// straight to a local endpoint (see `palisade_from_pod`). Not a TC
+    /// return code.
     const ALLOWED: i32 = -2;
     /// `process`'s verdict on a new connection from a pod to a local
     /// endpoint that the pod's egress policy allowed: its approval is in
@@ -867,12 +867,12 @@ mod program {
         }
     }
 
-    #[inline(always)]
     /// Judges a packet as the `direction` hook of interface `ifindex`
     /// would (the interface it arrived on, or the local endpoint's it is
-    /// being delivered to).
-    /// `sender` is the other side's deferred approval, recorded with this
-    /// side's when the connection is new (none: interface 0).
+    /// being delivered to). `sender` is the other side's deferred
+    /// approval, recorded with this side's when the connection is new
+    /// (none: interface 0).
+    #[inline(always)]
     fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i32 {
         // The interface's zone (one endpoint per interface; keeps
         // fragment tracking apart).
