@@ -581,6 +581,40 @@ enum palisade_status palisade_detach(struct palisade_engine *engine,
                                      struct palisade_error **err);
 
 /**
+ * Delivers packets for pod address `addr` (IPv4 or IPv6 text) locally:
+ * once the sender's egress and this pod's ingress policy allow a packet
+ * from another pod attached by this engine, it goes straight into the pod
+ * (the TC programs rewrite the MACs, take a hop off and redirect it to
+ * the peer of `ifname`), past the node's IP forwarding. `ifname` is the
+ * host side of the pod's veth, attached by this engine; `pod_mac` the 6
+ * bytes of the pod end's MAC. With `ifname` NULL and 0 (and `pod_mac`
+ * NULL) the address goes back to the node's forwarding (an address
+ * without an entry is no error). Detaching `ifname` removes its entries.
+ * Without an entry, packets between attached pods are forwarded by the
+ * node and judged on the receiver's interface, as before.
+ *
+ * Errors: `PALISADE_ERR_NULL` (`addr`, or `pod_mac` with `ifname`),
+ * `PALISADE_ERR_UTF8`, `PALISADE_ERR_SIZE`, `PALISADE_ERR_INVALID`
+ * (`addr` not an IP address, bad interface name), `PALISADE_ERR_NOT_FOUND`
+ * (`ifname` not attached by this engine, or no datapath),
+ * `PALISADE_ERR_DATAPATH`, `PALISADE_ERR_BAD_HANDLE`.
+ *
+ * Thread safety: may be called from any thread; serialised with the other
+ * calls on the same engine.
+ *
+ * # Safety
+ * `addr` and `ifname` are NULL or readable for their lengths; `pod_mac` is
+ * NULL or readable for 6 bytes; `err` is NULL or writable.
+ */
+enum palisade_status palisade_set_local_endpoint(struct palisade_engine *engine,
+                                                 const char *addr,
+                                                 size_t addr_len,
+                                                 const char *ifname,
+                                                 size_t ifname_len,
+                                                 const uint8_t *pod_mac,
+                                                 struct palisade_error **err);
+
+/**
  * Removes idle connections from the datapath's conntrack table and stores
  * how many went in `*removed`. Conntrack is a fixed-size table: a plugin
  * that attaches calls this every few seconds (from any thread) so closed

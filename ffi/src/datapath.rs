@@ -23,6 +23,25 @@ pub struct Attached {
 struct Iface {
     ifindex: u32,
     endpoints: BTreeSet<EndpointKey>,
+    /// Addresses delivered locally through this interface.
+    local: BTreeSet<std::net::IpAddr>,
+}
+
+/// The MAC of an interface in the calling thread's network namespace.
+fn mac_of(ifname: &str) -> Result<[u8; 6], FfiError> {
+    let addrs = nix::ifaddrs::getifaddrs()
+        .map_err(|e| FfiError::Datapath(format!("listing interfaces: {e}")))?;
+    addrs
+        .filter(|a| a.interface_name == ifname)
+        .find_map(|a| {
+            a.address
+                .and_then(|s| s.as_link_addr().and_then(|l| l.addr()))
+        })
+        .ok_or_else(|| {
+            FfiError::NotFound(format!(
+                "interface {ifname:?} has no MAC address in this network namespace"
+            ))
+        })
 }
 
 /// The index of an interface in the calling thread's network namespace.
@@ -140,6 +159,7 @@ impl Attached {
             .or_insert_with(|| Iface {
                 ifindex,
                 endpoints: BTreeSet::new(),
+                local: BTreeSet::new(),
             });
         iface.ifindex = ifindex;
         iface.endpoints.extend(endpoint);
@@ -157,12 +177,58 @@ impl Attached {
         let iface = self.interfaces.remove(ifname).unwrap_or(Iface {
             ifindex: 0,
             endpoints: BTreeSet::new(),
+            local: BTreeSet::new(),
         });
+        // Its pods are not delivered to through it any more.
+        for addr in &iface.local {
+            self.dp.set_local_endpoint(*addr, None).map_err(dp_err)?;
+        }
         for k in iface.endpoints {
             if lowering.binding(&k).is_some() {
                 let before = lowering.mirror().clone();
                 let plan = lowering.bind(&k, None).map_err(lower_err)?;
                 self.dp.write(&plan, &before).map_err(dp_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers `addr` locally through attached interface `ifname` (the
+    /// host side of the pod's veth) to a pod whose MAC is `pod_mac`, or,
+    /// with `None`, stops that (an address without an entry is no error).
+    pub fn set_local_endpoint(
+        &mut self,
+        addr: std::net::IpAddr,
+        to: Option<(&str, [u8; 6])>,
+    ) -> Result<(), FfiError> {
+        let Some((ifname, pod_mac)) = to else {
+            self.dp.set_local_endpoint(addr, None).map_err(dp_err)?;
+            for iface in self.interfaces.values_mut() {
+                iface.local.remove(&addr);
+            }
+            return Ok(());
+        };
+        let Some(ifindex) = self.interfaces.get(ifname).map(|i| i.ifindex) else {
+            return Err(FfiError::NotFound(format!(
+                "interface {ifname:?} is not attached by this engine"
+            )));
+        };
+        let host_mac = mac_of(ifname)?;
+        self.dp
+            .set_local_endpoint(
+                addr,
+                Some(policy_bpf_common::LocalEndpoint {
+                    ifindex,
+                    pod_mac,
+                    host_mac,
+                }),
+            )
+            .map_err(dp_err)?;
+        for (name, iface) in self.interfaces.iter_mut() {
+            if name == ifname {
+                iface.local.insert(addr);
+            } else {
+                iface.local.remove(&addr);
             }
         }
         Ok(())

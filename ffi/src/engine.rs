@@ -420,6 +420,32 @@ impl Engine {
         Err(no_datapath())
     }
 
+    /// Delivers `addr` locally through attached interface `ifname` to a pod
+    /// whose MAC is `pod_mac`, or stops that (`None`).
+    pub fn set_local_endpoint(
+        &mut self,
+        addr: std::net::IpAddr,
+        to: Option<(&str, [u8; 6])>,
+    ) -> Result<(), FfiError> {
+        if let Some((ifname, _)) = to {
+            check_ifname(ifname)?;
+        }
+        #[cfg(feature = "datapath")]
+        {
+            match &mut self.datapath {
+                Some(a) => a.set_local_endpoint(addr, to),
+                None => Err(FfiError::NotFound(
+                    "no datapath is loaded: attach an interface first".into(),
+                )),
+            }
+        }
+        #[cfg(not(feature = "datapath"))]
+        {
+            let _ = (addr, to);
+            Err(no_datapath())
+        }
+    }
+
     /// Sweeps idle connections out of the datapath's conntrack table;
     /// returns how many were removed.
     pub fn expire_conntrack(&mut self) -> Result<u64, FfiError> {

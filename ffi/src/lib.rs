@@ -719,6 +719,71 @@ pub unsafe extern "C" fn palisade_detach(
     })
 }
 
+/// Delivers packets for pod address `addr` (IPv4 or IPv6 text) locally:
+/// once the sender's egress and this pod's ingress policy allow a packet
+/// from another pod attached by this engine, it goes straight into the pod
+/// (the TC programs rewrite the MACs, take a hop off and redirect it to
+/// the peer of `ifname`), past the node's IP forwarding. `ifname` is the
+/// host side of the pod's veth, attached by this engine; `pod_mac` the 6
+/// bytes of the pod end's MAC. With `ifname` NULL and 0 (and `pod_mac`
+/// NULL) the address goes back to the node's forwarding (an address
+/// without an entry is no error). Detaching `ifname` removes its entries.
+/// Without an entry, packets between attached pods are forwarded by the
+/// node and judged on the receiver's interface, as before.
+///
+/// Errors: `PALISADE_ERR_NULL` (`addr`, or `pod_mac` with `ifname`),
+/// `PALISADE_ERR_UTF8`, `PALISADE_ERR_SIZE`, `PALISADE_ERR_INVALID`
+/// (`addr` not an IP address, bad interface name), `PALISADE_ERR_NOT_FOUND`
+/// (`ifname` not attached by this engine, or no datapath),
+/// `PALISADE_ERR_DATAPATH`, `PALISADE_ERR_BAD_HANDLE`.
+///
+/// Thread safety: may be called from any thread; serialised with the other
+/// calls on the same engine.
+///
+/// # Safety
+/// `addr` and `ifname` are NULL or readable for their lengths; `pod_mac` is
+/// NULL or readable for 6 bytes; `err` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn palisade_set_local_endpoint(
+    engine: *mut palisade_engine,
+    addr: *const c_char,
+    addr_len: usize,
+    ifname: *const c_char,
+    ifname_len: usize,
+    pod_mac: *const u8,
+    err: *mut *mut palisade_error,
+) -> palisade_status {
+    // SAFETY: `err` is NULL or writable (contract).
+    let err = unsafe { out_arg(err) };
+    run(err, || {
+        if addr.is_null() {
+            return Err(FfiError::Null("addr"));
+        }
+        // SAFETY: `addr` and `ifname` are NULL or readable for their
+        // lengths (contract).
+        let (addr, ifname) = unsafe {
+            (
+                str_arg(addr, addr_len, "addr")?,
+                str_arg(ifname, ifname_len, "ifname")?,
+            )
+        };
+        let addr = addr
+            .parse::<std::net::IpAddr>()
+            .map_err(|e| FfiError::Invalid(format!("addr {addr:?}: {e}")))?;
+        let to = if ifname.is_empty() {
+            None
+        } else {
+            if pod_mac.is_null() {
+                return Err(FfiError::Null("pod_mac"));
+            }
+            // SAFETY: `pod_mac` is readable for 6 bytes (contract).
+            let mac = unsafe { std::ptr::read_unaligned(pod_mac.cast::<[u8; 6]>()) };
+            Some((ifname, mac))
+        };
+        with_engine(engine, |e| e.set_local_endpoint(addr, to))
+    })
+}
+
 /// Removes idle connections from the datapath's conntrack table and stores
 /// how many went in `*removed`. Conntrack is a fixed-size table: a plugin
 /// that attaches calls this every few seconds (from any thread) so closed

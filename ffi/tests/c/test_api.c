@@ -167,6 +167,8 @@ static void test_engine_lifecycle(void) {
     uint64_t removed = 0;
     EXPECT_ERR(palisade_expire_conntrack(e, &removed, ERR), PALISADE_ERR_BAD_HANDLE, NULL);
   }
+  EXPECT_ERR(palisade_set_local_endpoint(e, S("10.10.1.10"), NULL, 0, NULL, ERR),
+             PALISADE_ERR_BAD_HANDLE, NULL);
 }
 
 static int load_examples(palisade_engine *e, const char *dir) {
@@ -589,6 +591,24 @@ static void test_datapath(palisade_engine *e) {
     error = NULL;
   }
 
+  {
+    static const uint8_t mac[6] = {0x02, 0x50, 0, 0, 0, 1};
+    EXPECT_ERR(palisade_set_local_endpoint(e, NULL, 0, NULL, 0, NULL, ERR), PALISADE_ERR_NULL,
+               "addr");
+    EXPECT_ERR(palisade_set_local_endpoint(e, S("10.10.1.300"), S("lo"), mac, ERR),
+               PALISADE_ERR_INVALID, "addr");
+    EXPECT_ERR(palisade_set_local_endpoint(e, S("10.10.1.10"), S("lo"), NULL, ERR),
+               PALISADE_ERR_NULL, "pod_mac");
+    EXPECT_ERR(palisade_set_local_endpoint(e, S("10.10.1.10"), S("a/b"), mac, ERR),
+               PALISADE_ERR_INVALID, "interface name");
+    /* Nothing attached yet: no datapath (or none in this build). */
+    s = palisade_set_local_endpoint(e, S("10.10.1.10"), S("lo"), mac, &error);
+    CHECK(s == PALISADE_ERR_NOT_FOUND || s == PALISADE_ERR_DATAPATH);
+    CHECK(error != NULL && error->code == s);
+    CHECK(palisade_error_free(error) == PALISADE_OK);
+    error = NULL;
+  }
+
   /* Attach to lo without binding an endpoint (traffic keeps passing).
    * Without root or datapath support this is PALISADE_ERR_DATAPATH. */
   s = palisade_attach(e, S("lo"), NULL, 0, &error);
@@ -600,8 +620,24 @@ static void test_datapath(palisade_engine *e) {
     CHECK(palisade_error_free(error) == PALISADE_OK);
     return;
   }
+  {
+    /* Local delivery through an attached interface; entries go with it. */
+    static const uint8_t mac[6] = {0x02, 0x50, 0, 0, 0, 1};
+    CHECK(palisade_set_local_endpoint(e, S("10.10.1.10"), S("lo"), mac, NULL) == PALISADE_OK);
+    CHECK(palisade_set_local_endpoint(e, S("fd00::10"), S("lo"), mac, NULL) == PALISADE_OK);
+    EXPECT_ERR(palisade_set_local_endpoint(e, S("10.10.1.11"), S("nosuchif0"), mac, ERR),
+               PALISADE_ERR_NOT_FOUND, "not attached");
+    CHECK(palisade_set_local_endpoint(e, S("10.10.1.10"), NULL, 0, NULL, NULL) == PALISADE_OK);
+    /* Removing an address without an entry is no error. */
+    CHECK(palisade_set_local_endpoint(e, S("10.10.1.10"), NULL, 0, NULL, NULL) == PALISADE_OK);
+  }
   CHECK(palisade_detach(e, S("lo"), NULL) == PALISADE_OK);
   EXPECT_ERR(palisade_detach(e, S("lo"), ERR), PALISADE_ERR_NOT_FOUND, "not attached");
+  {
+    static const uint8_t mac[6] = {0x02, 0x50, 0, 0, 0, 1};
+    EXPECT_ERR(palisade_set_local_endpoint(e, S("10.10.1.10"), S("lo"), mac, ERR),
+               PALISADE_ERR_NOT_FOUND, "not attached");
+  }
   {
     /* The datapath stays loaded after a detach; no traffic, nothing idle. */
     uint64_t removed = 99;
