@@ -1081,6 +1081,69 @@ mod kernel {
         assert!(delivered >= 2 * allowed, "{delivered} delivered packets");
     }
 
+    /// The example as a node: a namespace per pod, the datapath programmed
+    /// with its policy, attached to every host veth, and every pod address
+    /// a local delivery target.
+    struct ExampleNode {
+        topo: Topology,
+        dp: Datapath,
+        compiler: Compiler,
+        bindings: Vec<(EndpointKey, Binding)>,
+        /// Host-side interfaces, in pod order.
+        ifaces: Vec<String>,
+    }
+
+    impl ExampleNode {
+        fn up(mut dp: Datapath) -> ExampleNode {
+            let cluster = example();
+            let (compiler, delta) =
+                Compiler::from_cluster(&cluster, CompileOptions::default()).unwrap();
+            let pods: Vec<(EndpointKey, Vec<IpAddr>)> = cluster
+                .endpoints()
+                .map(|e| (e.key.clone(), e.ips.clone()))
+                .collect();
+            let topo = Topology::build(&pods).unwrap();
+            let bindings: Vec<(EndpointKey, Binding)> = topo
+                .pods()
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let b = Binding {
+                        ifindex: p.ifindex,
+                        zone: i as u32 + 1,
+                    };
+                    (p.key.clone(), b)
+                })
+                .collect();
+            let mut lowering = Lowering::new(Capacity::default());
+            let before = lowering.mirror().clone();
+            let mut plan = lowering.lower(&delta).unwrap();
+            for (k, b) in &bindings {
+                plan.switch
+                    .extend(lowering.bind(k, Some(*b)).unwrap().switch);
+            }
+            dp.write(&plan, &before).unwrap();
+            let ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
+            topo.node()
+                .run(|| ifaces.iter().try_for_each(|i| dp.attach(i)))
+                .unwrap()
+                .unwrap();
+            for pod in topo.pods() {
+                for a in &pod.ips {
+                    dp.set_local_endpoint(*a, Some(pod.local_endpoint()))
+                        .unwrap();
+                }
+            }
+            ExampleNode {
+                topo,
+                dp,
+                compiler,
+                bindings,
+                ifaces,
+            }
+        }
+    }
+
     /// Local delivery is forwarding: a packet with no hop left is the
     /// node's to answer (ICMP time exceeded), not delivered; with hops left
     /// it arrives one hop less.
@@ -1090,40 +1153,12 @@ mod kernel {
         if !privileged() {
             return;
         }
-        let cluster = example();
-        let (compiler, delta) =
-            Compiler::from_cluster(&cluster, CompileOptions::default()).unwrap();
-        let pods: Vec<(EndpointKey, Vec<IpAddr>)> = cluster
-            .endpoints()
-            .map(|e| (e.key.clone(), e.ips.clone()))
-            .collect();
-        let topo = Topology::build(&pods).unwrap();
-        let cap = Capacity::default();
-        let mut dp = Datapath::load_private(cap).unwrap();
-        let mut lowering = Lowering::new(cap);
-        let before = lowering.mirror().clone();
-        let mut plan = lowering.lower(&delta).unwrap();
-        for (i, p) in topo.pods().iter().enumerate() {
-            let b = Binding {
-                ifindex: p.ifindex,
-                zone: i as u32 + 1,
-            };
-            plan.switch
-                .extend(lowering.bind(&p.key, Some(b)).unwrap().switch);
-        }
-        dp.write(&plan, &before).unwrap();
-        let ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
-        topo.node()
-            .run(|| ifaces.iter().try_for_each(|i| dp.attach(i)))
-            .unwrap()
-            .unwrap();
-        for pod in topo.pods() {
-            for a in &pod.ips {
-                dp.set_local_endpoint(*a, Some(pod.local_endpoint()))
-                    .unwrap();
-            }
-        }
-        drop(compiler);
+        let ExampleNode {
+            topo,
+            mut dp,
+            ifaces,
+            ..
+        } = ExampleNode::up(Datapath::load_private(Capacity::default()).unwrap());
         let web = topo.pod(&key("shop-frontend/web")).unwrap();
         let dns = topo.pod(&key("kube-system/coredns")).unwrap();
         let server = dns
@@ -1214,57 +1249,22 @@ mod kernel {
         if !privileged() {
             return;
         }
-        let cluster = example();
-        let (compiler, delta) =
-            Compiler::from_cluster(&cluster, CompileOptions::default()).unwrap();
-        let pods: Vec<(EndpointKey, Vec<IpAddr>)> = cluster
-            .endpoints()
-            .map(|e| (e.key.clone(), e.ips.clone()))
-            .collect();
-        let topo = Topology::build(&pods).unwrap();
         let pin = std::path::PathBuf::from(format!(
             "/sys/fs/bpf/palisade-test-restart-{}",
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&pin);
-        let bindings: Vec<(EndpointKey, Binding)> = topo
-            .pods()
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                (
-                    p.key.clone(),
-                    Binding {
-                        ifindex: p.ifindex,
-                        zone: i as u32 + 1,
-                    },
-                )
-            })
-            .collect();
         let cap = Capacity::default();
 
         // First agent: load, program, attach.
-        let mut dp = Datapath::load(&pin, cap).unwrap();
-        let mut lowering = Lowering::new(cap);
-        let before = lowering.mirror().clone();
-        let mut plan = lowering.lower(&delta).unwrap();
-        for (k, b) in &bindings {
-            plan.switch
-                .extend(lowering.bind(k, Some(*b)).unwrap().switch);
-        }
-        dp.write(&plan, &before).unwrap();
+        let ExampleNode {
+            topo,
+            dp,
+            compiler,
+            bindings,
+            ifaces,
+        } = ExampleNode::up(Datapath::load(&pin, cap).unwrap());
         assert_eq!(dp.local4_disagreements().unwrap(), Vec::<String>::new());
-        let ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
-        topo.node()
-            .run(|| ifaces.iter().try_for_each(|i| dp.attach(i)))
-            .unwrap()
-            .unwrap();
-        for pod in topo.pods() {
-            for a in &pod.ips {
-                dp.set_local_endpoint(*a, Some(pod.local_endpoint()))
-                    .unwrap();
-            }
-        }
 
         // web -> api:8080 is allowed: connect and exchange data.
         let web = topo.pod(&key("shop-frontend/web")).unwrap();
