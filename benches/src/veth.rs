@@ -248,10 +248,8 @@ impl Lab {
                 topo.node()
                     .run(|| ifaces.iter().try_for_each(|i| dp.attach(i)))??;
                 if mode == Mode::Palisade {
-                    for pod in topo.pods() {
-                        for ip in &pod.ips {
-                            dp.set_local_endpoint(*ip, Some(pod.local_endpoint()))?;
-                        }
+                    for (ip, ep) in topo.local_endpoints() {
+                        dp.set_local_endpoint(ip, Some(ep))?;
                     }
                 }
                 drop(compiler);

@@ -278,6 +278,15 @@ pub struct Topology {
 static TOPOLOGIES: AtomicU32 = AtomicU32::new(0);
 
 impl Topology {
+    /// Every pod address with its pod as a local delivery target, as a CNI
+    /// would register them.
+    pub fn local_endpoints(&self) -> Vec<(IpAddr, policy_bpf_common::LocalEndpoint)> {
+        self.pods
+            .iter()
+            .flat_map(|p| p.ips.iter().map(move |ip| (*ip, p.local_endpoint())))
+            .collect()
+    }
+
     /// Builds the node, a namespace per pod (with its addresses) and the
     /// external namespace. Addresses that real traffic cannot use, or that
     /// two pods claim, are left out and reported by [`Topology::owner`].

@@ -269,11 +269,8 @@ impl NetnsEngine {
             .map_err(from_dp)?;
         // Pods reach each other the way a CNI would set them up to: straight
         // into the receiver once both policies allow.
-        for pod in topo.pods() {
-            for ip in &pod.ips {
-                dp.set_local_endpoint(*ip, Some(pod.local_endpoint()))
-                    .map_err(from_dp)?;
-            }
+        for (ip, ep) in topo.local_endpoints() {
+            dp.set_local_endpoint(ip, Some(ep)).map_err(from_dp)?;
         }
         Ok(NetnsEngine {
             inner: Mutex::new(Inner {

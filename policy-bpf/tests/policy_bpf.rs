@@ -1128,11 +1128,8 @@ mod kernel {
                 .run(|| ifaces.iter().try_for_each(|i| dp.attach(i)))
                 .unwrap()
                 .unwrap();
-            for pod in topo.pods() {
-                for a in &pod.ips {
-                    dp.set_local_endpoint(*a, Some(pod.local_endpoint()))
-                        .unwrap();
-                }
+            for (ip, ep) in topo.local_endpoints() {
+                dp.set_local_endpoint(ip, Some(ep)).unwrap();
             }
             ExampleNode {
                 topo,
