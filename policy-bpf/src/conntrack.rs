@@ -1,6 +1,8 @@
 //! The conntrack tables from user space. They are set-associative arrays
 //! that the TC programs read and write with atomic operations on each way's
-//! state word, kept in a separate array of tag lines (see [`CtEntry4`]).
+//! state word, kept in a separate array of tag lines; the word names the
+//! entry holding the way's connection, its home or one of the log's (see
+//! [`CtEntry4`]).
 //! User space maps both into its address space (the maps are created
 //! mmapable) so that it can count, sweep and flush the ways with the same
 //! compare-and-swap protocol. Freeing a way through the map syscalls would
@@ -16,7 +18,7 @@ use aya::maps::{Map, MapData};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 use policy_bpf_common::{
     CT_LIVE, CT_LOCK, CT_STATUS, CT_TAG_LINE, CT_WAYS, Config, CtEntry4, CtEntry6, CtTags, CtValue,
-    ct_expired, ct_freed,
+    ct_entry, ct_expired, ct_freed, ct_log_entries,
 };
 
 use crate::datapath::DatapathError;
@@ -24,6 +26,9 @@ use crate::datapath::DatapathError;
 /// Most connections a table may be sized for: 2^25, in 2^26 ways (IPv6
 /// ways are 128 bytes: 8 GiB).
 pub const MAX_CONNECTIONS: u32 = 1 << 25;
+
+/// The pinned map of the tables' log heads (see `CtEntry4`).
+pub const CONNTRACK_LOG_HEAD: &str = "PALISADE_CTHEAD";
 
 /// Ways of a table sized for `connections`: twice as many, rounded up to a
 /// power of two (sets are picked by masking the hash), at least two sets
@@ -47,6 +52,8 @@ pub trait Way: Copy {
     const MAP: &'static str;
     /// The map of their state words.
     const TAGS: &'static str;
+    /// The map of the owners of its log entries.
+    const OWNERS: &'static str;
     /// The connection's IP protocol.
     fn protocol(&self) -> u8;
     /// The connection.
@@ -56,6 +63,7 @@ pub trait Way: Copy {
 impl Way for CtEntry4 {
     const MAP: &'static str = "PALISADE_CONN4";
     const TAGS: &'static str = "PALISADE_CTTAG4";
+    const OWNERS: &'static str = "PALISADE_CTOWN4";
     fn protocol(&self) -> u8 {
         self.key.protocol
     }
@@ -67,6 +75,7 @@ impl Way for CtEntry4 {
 impl Way for CtEntry6 {
     const MAP: &'static str = "PALISADE_CONN6";
     const TAGS: &'static str = "PALISADE_CTTAG6";
+    const OWNERS: &'static str = "PALISADE_CTOWN6";
     fn protocol(&self) -> u8 {
         self.key.protocol
     }
@@ -178,7 +187,11 @@ impl Words {
 pub struct Table<E: Way> {
     ways_map: Mapping<E>,
     tags_map: Mapping<CtTags>,
+    /// Owners of the log entries: the way naming each, plus one.
+    owners: Words,
     ways: u32,
+    /// Entries: a home per way, then the log.
+    entries: u32,
 }
 
 impl<E: Way> std::fmt::Debug for Table<E> {
@@ -201,26 +214,36 @@ impl<E: Way> Table<E> {
     /// Takes the table's maps out of the loaded object and maps them (an
     /// mmapable array of `E` and one of the ways' state words).
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
-        let (ways_map, ways) = Mapping::take(ebpf, E::MAP)?;
+        let (ways_map, entries) = Mapping::take(ebpf, E::MAP)?;
         let (tags_map, lines) = Mapping::take(ebpf, E::TAGS)?;
-        if !ways.is_power_of_two() || ways < CT_TAG_LINE {
-            return Err(DatapathError::Map {
-                map: E::MAP,
-                message: format!("{ways} ways: not a power of two of whole lines of sets"),
-            });
-        }
-        if u64::from(lines) * u64::from(CT_TAG_LINE) != u64::from(ways) {
-            return Err(DatapathError::Map {
+        let ways = u64::from(lines) * u64::from(CT_TAG_LINE);
+        let ways = u32::try_from(ways)
+            .ok()
+            .filter(|w| w.is_power_of_two())
+            .ok_or_else(|| DatapathError::Map {
                 map: E::TAGS,
                 message: format!(
-                    "{lines} lines of state words for {ways} ways (pins of different sizes? remove them)"
+                    "{lines} lines of state words: not a power of two of whole lines of sets"
+                ),
+            })?;
+        let owners = Words::take(ebpf, E::OWNERS)?;
+        if u64::from(entries) != u64::from(ways) + u64::from(ct_log_entries(ways))
+            || owners.len() != ct_log_entries(ways)
+        {
+            return Err(DatapathError::Map {
+                map: E::MAP,
+                message: format!(
+                    "{entries} entries and {} owners for {ways} ways and their log (pins of different sizes? remove them)",
+                    owners.len()
                 ),
             });
         }
         Ok(Table {
             ways_map,
             tags_map,
+            owners,
             ways,
+            entries,
         })
     }
 
@@ -258,10 +281,16 @@ impl<E: Way> Table<E> {
         if before & CT_LOCK != 0 {
             return None;
         }
-        // SAFETY: in bounds and aligned; a volatile copy of plain integers.
-        // A concurrent writer can tear it, which the state check below
-        // detects (writers change the state word around their writes).
-        let entry = unsafe { self.ways_map.base.as_ptr().add(i as usize).read_volatile() };
+        let at = ct_entry(before);
+        if at >= self.entries {
+            return None;
+        }
+        // SAFETY: in bounds (checked above) and aligned; a volatile copy of
+        // plain integers. A concurrent writer can tear it, which the state
+        // check below detects (writers change the state word around their
+        // writes, and an entry is rewritten only once its way no longer
+        // names it).
+        let entry = unsafe { self.ways_map.base.as_ptr().add(at as usize).read_volatile() };
         std::sync::atomic::fence(Ordering::Acquire);
         (self.state(i).load(Ordering::Relaxed) == before).then_some((before, entry))
     }
@@ -270,6 +299,14 @@ impl<E: Way> Table<E> {
     pub fn len(&self) -> usize {
         (0..self.ways)
             .filter(|&i| self.state(i).load(Ordering::Relaxed) & CT_STATUS == CT_LIVE)
+            .count()
+    }
+
+    /// Live connections held in a log entry.
+    pub fn logged(&self) -> usize {
+        (0..self.ways)
+            .map(|i| self.state(i).load(Ordering::Relaxed))
+            .filter(|&s| s & CT_STATUS == CT_LIVE && ct_entry(s) >= self.ways)
             .count()
     }
 
@@ -299,6 +336,19 @@ impl<E: Way> Table<E> {
                 .is_ok()
             {
                 freed += 1;
+                // Its log entry is free again (unless an inserter that
+                // found the way free has taken it meanwhile).
+                if let Some(owner) = ct_entry(state)
+                    .checked_sub(self.ways)
+                    .and_then(|n| self.owners.get(n))
+                {
+                    let _ = owner.compare_exchange(
+                        u64::from(i) + 1,
+                        0,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
+                }
             }
         }
         freed

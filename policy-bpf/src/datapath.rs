@@ -20,7 +20,7 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
 use policy_bpf_common::*;
 
-use crate::conntrack::{Table, Way, Words, ways_for};
+use crate::conntrack::{CONNTRACK_LOG_HEAD, Table, Way, Words, ways_for};
 use crate::lower::{Capacity, InUse, MapWrite, Mirror, WritePlan};
 
 /// A random, nonzero seed for the conntrack set hash (std's hasher keys
@@ -237,16 +237,19 @@ impl Datapath {
         }
         ensure_bpffs()?;
         let conntrack_ways = ways_for(cap.conntrack)?;
+        let conntrack_entries = conntrack_ways + ct_log_entries(conntrack_ways);
         // Builds before the set-associative conntrack pinned hash tables
         // under the first two names, and a shorter configuration record;
         // builds before the tag lines kept each way's state word in the way
-        // (their table of ways is pinned without tag lines): their maps
-        // cannot be re-adopted.
+        // (their table of ways is pinned without tag lines); builds before
+        // the log kept each connection in its way's entry (the tables are
+        // pinned without a log head): their maps cannot be re-adopted.
         let pinned = |name: &str| pin_dir.join(name).exists();
         let obsolete = ["PALISADE_CT", "PALISADE_CT4"]
             .into_iter()
             .find(|name| pinned(name))
-            .or((pinned(CtEntry4::MAP) && !pinned(CtEntry4::TAGS)).then_some(CtEntry4::MAP));
+            .or((pinned(CtEntry4::MAP) && !pinned(CtEntry4::TAGS)).then_some(CtEntry4::MAP))
+            .or((pinned(CtEntry4::MAP) && !pinned(CONNTRACK_LOG_HEAD)).then_some(CtEntry4::MAP));
         if let Some(obsolete) = obsolete {
             return Err(DatapathError::Load(format!(
                 "{} holds pins of an earlier Palisade ({obsolete}); detach its programs and \
@@ -269,9 +272,11 @@ impl Datapath {
             .map_max_entries("PALISADE_LPM6", cap.lpm6)
             .map_max_entries("PALISADE_IDENTITIES", cap.identities)
             .map_max_entries("PALISADE_CLASSES", cap.classes)
-            .map_max_entries(CtEntry4::MAP, conntrack_ways)
+            .map_max_entries(CtEntry4::MAP, conntrack_entries)
             .map_max_entries(CtEntry4::TAGS, conntrack_ways / CT_TAG_LINE)
-            .map_max_entries(CtEntry6::MAP, conntrack_ways)
+            .map_max_entries(CtEntry6::MAP, conntrack_entries)
+            .map_max_entries("PALISADE_CTOWN4", ct_log_entries(conntrack_ways))
+            .map_max_entries("PALISADE_CTOWN6", ct_log_entries(conntrack_ways))
             .map_max_entries(CtEntry6::TAGS, conntrack_ways / CT_TAG_LINE)
             .map_max_entries("PALISADE_COUNTERS", cap.rules)
             .map_max_entries("PALISADE_ENDPOINTS", cap.slots);
@@ -983,6 +988,13 @@ impl Datapath {
     /// Number of tracked connections.
     pub fn conntrack_len(&self) -> usize {
         self.conn4.len() + self.conn6.len()
+    }
+
+    /// Tracked connections held in a log entry rather than their way's
+    /// home (see [`CtEntry4`]); the rest of [`Datapath::conntrack_len`]
+    /// were inserted while the log's next entries were taken.
+    pub fn conntrack_logged(&self) -> usize {
+        self.conn4.logged() + self.conn6.logged()
     }
 
     /// Copies of the tracked IPv4 and IPv6 connections.

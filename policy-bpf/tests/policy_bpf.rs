@@ -791,6 +791,73 @@ mod kernel {
         assert!(!l.run(Hook::ToPod, &denied).0, "web -> api:9999 is denied");
     }
 
+    /// New connections go to the log while its next entries are free;
+    /// once every log entry holds a live connection they go to their
+    /// way's home, counted, and are tracked all the same; entries freed by
+    /// the sweep serve the log again.
+    #[test]
+    fn new_connections_fill_the_log_then_their_homes() {
+        if !privileged() {
+            return;
+        }
+        // 128 ways and a log of 32 entries, taken as one run.
+        let cap = Capacity {
+            conntrack: 64,
+            ..Capacity::default()
+        };
+        assert_eq!(policy_bpf::conntrack::ways_for(64).unwrap(), 128);
+        let mut l = Loaded::new(&example(), cap).unwrap();
+        // The log runs are per CPU: one CPU takes them in order.
+        let mut set = nix::sched::CpuSet::new();
+        set.set(0).unwrap();
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+        let syn = |sport: u16| v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(sport, 8080));
+        let ack = |sport: u16| {
+            let mut h = tcp_syn(sport, 8080);
+            h[13] = 0x10;
+            v4("10.10.1.10", "10.10.2.10", 6, &h)
+        };
+        let open = |l: &mut Loaded, ports: std::ops::Range<u16>| {
+            for sport in ports {
+                assert!(l.run(Hook::ToPod, &syn(sport)).0, "allowed flow {sport}");
+            }
+        };
+        open(&mut l, 40000..40032);
+        assert_eq!(l.dp.conntrack_len(), 32);
+        assert_eq!(l.dp.conntrack_logged(), 32, "the log took them all");
+        assert_eq!(stat(&l, STAT_CT_HOME), 0);
+        open(&mut l, 40032..40040);
+        assert_eq!(stat(&l, STAT_CT_FULL), 0);
+        assert_eq!(l.dp.conntrack_len(), 40);
+        assert_eq!(l.dp.conntrack_logged(), 32, "no live entry was overwritten");
+        assert_eq!(stat(&l, STAT_CT_HOME), 8, "the rest went home");
+        // Every one of them is tracked, in the log or at home.
+        let established = stat(&l, STAT_ESTABLISHED);
+        for sport in 40000..40040 {
+            assert!(l.run(Hook::ToPod, &ack(sport)).0, "established {sport}");
+        }
+        assert_eq!(stat(&l, STAT_ESTABLISHED) - established, 40);
+        let (entries, _) = l.dp.conntrack_entries();
+        let mut ports: Vec<u16> = entries
+            .iter()
+            .map(|e| e.key.port_a.max(e.key.port_b))
+            .collect();
+        ports.sort_unstable();
+        assert_eq!(ports, (40000..40040).collect::<Vec<_>>(), "whole entries");
+        // Swept, the log's entries are free again.
+        l.dp.set_config(Config {
+            tcp_established_s: 0,
+            ..Config::default()
+        })
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(25));
+        assert_eq!(l.dp.expire_conntrack().unwrap(), 40);
+        l.dp.set_config(Config::default()).unwrap();
+        open(&mut l, 41000..41032);
+        assert_eq!(l.dp.conntrack_logged(), 32);
+        assert_eq!(stat(&l, STAT_CT_HOME), 8, "none went home");
+    }
+
     /// Pins of an earlier conntrack layout cannot be re-adopted: the load
     /// refuses them and names them, before creating anything.
     #[test]
@@ -803,6 +870,9 @@ mod kernel {
             // Ways pinned without their tag lines: the state words were in
             // the ways then.
             (&["PALISADE_CONN4"][..], "PALISADE_CONN4"),
+            // Ways and tag lines pinned without a log head: each
+            // connection was in its way's entry then.
+            (&["PALISADE_CONN4", "PALISADE_CTTAG4"][..], "PALISADE_CONN4"),
         ] {
             let dir =
                 std::env::temp_dir().join(format!("palisade-old-pins-{}", std::process::id()));

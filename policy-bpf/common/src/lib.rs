@@ -315,16 +315,28 @@ pub struct CtValue {
     pub last_seen: u64,
 }
 
-/// One way of the conntrack table: an array map, not a kernel hash. A
-/// connection lives in one of the [`CT_WAYS`] consecutive ways of one of
-/// its two sets (chosen by [`ct_place4`]/[`ct_place6`]). Each way has a
-/// state word in a separate, eight times smaller array of [`CtTags`]
-/// lines, holding a tag of the connection's hash: a lookup reads its two
-/// sets' state words (one or two cache lines, in an array small enough to
-/// stay cached when the ways do not) and opens a way only when its tag
-/// matches, and an insert claims a way it read as free there, then writes
-/// it. No bucket lock, no free list, no element to allocate, and a new
-/// flow writes one way's line instead of reading the eight of its sets.
+/// One entry of the conntrack table: an array map, not a kernel hash. A
+/// connection belongs to one of the [`CT_WAYS`] consecutive ways of one
+/// of its two sets (chosen by [`ct_place4`]/[`ct_place6`]). Each way has
+/// a state word in a separate, eight times smaller array of [`CtTags`]
+/// lines, holding a tag of the connection's hash and the index of the
+/// entry holding it: a lookup reads its two sets' state words (one or two
+/// cache lines, in an array small enough to stay cached when the entries
+/// do not) and opens an entry only when its tag matches, and an insert
+/// claims a way it read as free there, then writes an entry. No bucket
+/// lock, no free list, no element to allocate.
+///
+/// The array holds an entry per way (its home, entry `i` for way `i`),
+/// then a log of [`ct_log_entries`] more, which each CPU fills in order,
+/// 64 entries at a time ([`CT_LOG_CHUNK`]): a new flow writes the next
+/// entry of its CPU's run, a line the CPU's prefetcher has fetched, where
+/// its home would be a random line of a large array, a memory latency on
+/// every new flow. A log entry whose connection still lives is skipped
+/// (the state word of the way that wrote it, its owner, still names it),
+/// and that insert writes its
+/// way's home instead, so a log full of long-lived connections costs what
+/// the log saves and never fails an insert.
+///
 /// The value and the key are at the same offsets in both families.
 #[repr(C, align(64))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -351,11 +363,11 @@ pub struct CtEntry6 {
 ///
 /// A state word: bits 0-1 the status ([`CT_EMPTY`], [`CT_BUSY`] while its
 /// inserter writes the way, [`CT_LIVE`]), bit 2 [`CT_LOCK`] (a side's
-/// approval is being recorded), bits 3-31 a generation that every reuse
+/// approval is being recorded), bits 3-15 a generation that every reuse
 /// advances, so a compare-and-swap made from a stale read fails instead of
-/// touching another connection's way, and bits 32-63 the tag of the
-/// connection in the way (64-bit words: BPF has no 32-bit atomics in
-/// Rust).
+/// touching another connection's way, bits 16-31 the tag of the
+/// connection in the way and bits 32-63 the index of its entry (the way's
+/// home or a log entry; 64-bit words: BPF has no 32-bit atomics in Rust).
 #[repr(C, align(64))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CtTags {
@@ -380,30 +392,64 @@ pub const CT_LOCK: u64 = 4;
 /// The lowest generation bit.
 pub const CT_GENERATION: u64 = 8;
 /// The generation bits.
-pub const CT_GENERATIONS: u64 = 0xffff_fff8;
+pub const CT_GENERATIONS: u64 = 0xfff8;
 /// Where the tag starts in a state word.
-pub const CT_TAG_SHIFT: u32 = 32;
+pub const CT_TAG_SHIFT: u32 = 16;
+/// The tag bits, in place.
+pub const CT_TAGS: u64 = 0xffff << CT_TAG_SHIFT;
+/// Where the entry index starts in a state word.
+pub const CT_ENTRY_SHIFT: u32 = 32;
+/// Log entries a CPU takes at a time: one 4 KiB page of IPv4 entries.
+pub const CT_LOG_CHUNK: u32 = 64;
 
-/// The state word of a way claimed for a new connection with `tag`: the
-/// next generation, busy.
+/// The state word of a way claimed for a new connection with `tag`, to be
+/// written to entry `entry`: the next generation, busy.
 #[inline(always)]
-pub fn ct_claimed(state: u64, tag: u32) -> u64 {
+pub fn ct_claimed(state: u64, tag: u32, entry: u32) -> u64 {
     ((state | (CT_GENERATION - 1)).wrapping_add(1) & CT_GENERATIONS)
-        | (u64::from(tag) << CT_TAG_SHIFT)
+        | ((u64::from(tag) << CT_TAG_SHIFT) & CT_TAGS)
+        | (u64::from(entry) << CT_ENTRY_SHIFT)
         | CT_BUSY
 }
 
+/// `state` with its entry index replaced by `entry`.
+#[inline(always)]
+pub fn ct_moved(state: u64, entry: u32) -> u64 {
+    (state & 0xffff_ffff) | (u64::from(entry) << CT_ENTRY_SHIFT)
+}
+
 /// The state word of a freed way: empty in the same generation (the next
-/// claim advances it), no tag.
+/// claim advances it), no tag, no entry.
 #[inline(always)]
 pub fn ct_freed(state: u64) -> u64 {
     state & CT_GENERATIONS
 }
 
-/// The tag in a state word.
+/// The tag in a state word (16 bits: see [`CtPlace::tag`]).
 #[inline(always)]
 pub fn ct_tag(state: u64) -> u32 {
-    (state >> CT_TAG_SHIFT) as u32
+    ((state & CT_TAGS) >> CT_TAG_SHIFT) as u32
+}
+
+/// The index of the entry a busy or live way's connection is in.
+#[inline(always)]
+pub fn ct_entry(state: u64) -> u32 {
+    (state >> CT_ENTRY_SHIFT) as u32
+}
+
+/// Log entries of a table of `ways` ways: one per set, so a table holds
+/// a quarter more entries than ways (the log holds the last half
+/// capacity's worth of new connections).
+#[inline(always)]
+pub const fn ct_log_entries(ways: u32) -> u32 {
+    ways / CT_WAYS
+}
+
+/// Whether entry `entry`, of the log, holds a connection: its owner's
+/// state word (`owner_state`) is busy or live and names it.
+#[inline(always)]
+pub fn ct_log_entry_taken(owner_state: u64, entry: u32) -> bool {
+    owner_state & CT_STATUS != CT_EMPTY && ct_entry(owner_state) == entry
 }
 
 /// Where a connection may live: the first ways of its two sets and the
@@ -414,7 +460,9 @@ pub struct CtPlace {
     pub a: u32,
     /// First way of the second set.
     pub b: u32,
-    /// The low half of the hash.
+    /// 16 bits of the hash, distinct from those that chose the sets
+    /// (keys that share a set differ in it as they would in a whole hash;
+    /// one lookup in 65536 opens an entry for nothing).
     pub tag: u32,
 }
 
@@ -445,8 +493,8 @@ pub fn ct_place4(key: &CtKey4, seed: u32, sets_mask: u32) -> CtPlace {
 /// second set is one of the 15 next to the first, whose state words are
 /// on the same 4 KiB page (the second choice costs a cache line, not a
 /// page walk): choices that close still balance the sets as well as
-/// independent ones. The tag is the hash's low half: keys that share a
-/// set differ in it as they would in a whole hash.
+/// independent ones. The tag is bits 16-31 of the hash, which the first
+/// set's index (bits 32 and up) does not use.
 #[inline(always)]
 fn ct_place(h: u64, sets_mask: u32) -> CtPlace {
     let a = (h >> 32) as u32 & sets_mask;
@@ -458,7 +506,7 @@ fn ct_place(h: u64, sets_mask: u32) -> CtPlace {
     CtPlace {
         a: a * CT_WAYS,
         b: b * CT_WAYS,
-        tag: h as u32,
+        tag: (h >> 16) as u32 & 0xffff,
     }
 }
 
@@ -561,8 +609,13 @@ pub const STAT_CT_CONTENDED: u32 = 10;
 /// Allowed packets from a pod handed straight to a local pod (see
 /// [`LocalEndpoint`]).
 pub const STAT_DELIVERED: u32 = 11;
+/// New connections written to their way's home entry because the next
+/// log entries still held live connections (see [`CtEntry4`]): the cost
+/// of a new flow without the log. A steady share means connections
+/// outliving half the table's capacity in new flows fill the log.
+pub const STAT_CT_HOME: u32 = 12;
 /// Number of statistics.
-pub const STAT_COUNT: u32 = 12;
+pub const STAT_COUNT: u32 = 13;
 
 /// A verdict event (drops always, allows sampled).
 #[repr(C)]
@@ -716,6 +769,22 @@ pub struct Scratch {
     pub probe: CtProbe,
     /// Local delivery's endpoint lookup key.
     pub local: LocalKey,
+    /// This CPU's run of IPv4 log entries.
+    pub log4: CtCursor,
+    /// This CPU's run of IPv6 log entries.
+    pub log6: CtCursor,
+}
+
+/// A CPU's run of conntrack log entries (see [`CtEntry4`]): the next one
+/// to write and how many are left, taken [`CT_LOG_CHUNK`] at a time from
+/// the table's shared head.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CtCursor {
+    /// The next entry, counted from the start of the log.
+    pub next: u32,
+    /// Entries left in the run.
+    pub left: u32,
 }
 
 /// A local endpoint's address (key of the local delivery map). Aligned
@@ -1243,24 +1312,42 @@ mod tests {
     }
 
     #[test]
-    fn a_claimed_way_is_busy_in_the_next_generation_with_its_tag() {
-        let tag = 0xdead_beef;
+    fn a_claimed_way_is_busy_in_the_next_generation_with_its_tag_and_entry() {
+        let tag = 0xbeef;
         let tagged = u64::from(tag) << CT_TAG_SHIFT;
-        assert_eq!(ct_claimed(CT_EMPTY, tag), tagged | CT_GENERATION | CT_BUSY);
-        let live = (0x1234 << CT_TAG_SHIFT) | (5 * CT_GENERATION) | CT_LIVE;
+        let at = |entry: u64| entry << CT_ENTRY_SHIFT;
         assert_eq!(
-            ct_claimed(live, tag),
-            tagged | (6 * CT_GENERATION) | CT_BUSY
+            ct_claimed(CT_EMPTY, tag, 7),
+            at(7) | tagged | CT_GENERATION | CT_BUSY
+        );
+        let live = at(3) | (0x1234 << CT_TAG_SHIFT) | (5 * CT_GENERATION) | CT_LIVE;
+        let claimed = ct_claimed(live, tag, 9);
+        assert_eq!(claimed, at(9) | tagged | (6 * CT_GENERATION) | CT_BUSY);
+        assert_eq!(ct_claimed(live | CT_LOCK, tag, 9), claimed);
+        assert_eq!((ct_tag(claimed), ct_entry(claimed)), (tag, 9));
+        // The generation wraps instead of overflowing into the tag, and a
+        // tag wider than 16 bits does not reach the entry index.
+        assert_eq!(
+            ct_claimed(u64::MAX, 0x1_0001, u32::MAX),
+            at(u64::from(u32::MAX)) | (1 << CT_TAG_SHIFT) | CT_BUSY
         );
         assert_eq!(
-            ct_claimed(live | CT_LOCK, tag),
-            tagged | (6 * CT_GENERATION) | CT_BUSY
+            ct_moved(claimed, 4),
+            at(4) | tagged | (6 * CT_GENERATION) | CT_BUSY
         );
-        assert_eq!(ct_tag(ct_claimed(live, tag)), tag);
-        // The generation wraps instead of overflowing into the tag.
-        assert_eq!(ct_claimed(u64::MAX, 1), (1 << CT_TAG_SHIFT) | CT_BUSY);
-        // A freed way keeps its generation and loses its tag and lock.
+        // A freed way keeps its generation and loses its tag, entry and lock.
         assert_eq!(ct_freed(live | CT_LOCK), 5 * CT_GENERATION);
+    }
+
+    #[test]
+    fn a_log_entry_is_taken_while_its_owner_names_it() {
+        let live = ct_claimed(CT_EMPTY, 1, 40) - CT_BUSY + CT_LIVE;
+        assert!(ct_log_entry_taken(live, 40));
+        assert!(ct_log_entry_taken(ct_claimed(CT_EMPTY, 1, 40), 40));
+        // The owner moved on to another entry, or was freed.
+        assert!(!ct_log_entry_taken(live, 41));
+        assert!(!ct_log_entry_taken(ct_freed(live), 40));
+        assert_eq!(ct_log_entries(1 << 20), 1 << 18);
     }
 
     /// Flows that differ only in their source port (a UDP scan, a busy

@@ -80,22 +80,38 @@ mod program {
     #[map]
     static PALISADE_CLASSES: Array<Bitset> = Array::pinned(16_384, 0);
     /// Conntrack: set-associative tables in array maps (see [`CtEntry4`]),
-    /// the ways and their state words, mmapable so the user-space sweep
-    /// reads and frees ways with the same atomic operations as the
-    /// program. Not an LRU: dead entries are reused by inserts into their
-    /// set and freed by the sweep (`Datapath::expire_conntrack`); live ones
-    /// are never evicted.
+    /// the entries (a home per way, then the log) and the ways' state
+    /// words, mmapable so the user-space sweep reads and frees ways with
+    /// the same atomic operations as the program. Not an LRU: dead ways
+    /// are reused by inserts into their set and freed by the sweep
+    /// (`Datapath::expire_conntrack`); live ones are never evicted.
     #[map]
-    static PALISADE_CONN4: Array<CtEntry4> = Array::pinned(524_288, BPF_F_MMAPABLE);
+    static PALISADE_CONN4: Array<CtEntry4> =
+        Array::pinned(524_288 + ct_log_entries(524_288), BPF_F_MMAPABLE);
     /// State words of the IPv4 ways, eight to a line.
     #[map]
     static PALISADE_CTTAG4: Array<CtTags> = Array::pinned(524_288 / 8, BPF_F_MMAPABLE);
     /// IPv6 connections.
     #[map]
-    static PALISADE_CONN6: Array<CtEntry6> = Array::pinned(524_288, BPF_F_MMAPABLE);
+    static PALISADE_CONN6: Array<CtEntry6> =
+        Array::pinned(524_288 + ct_log_entries(524_288), BPF_F_MMAPABLE);
     /// State words of the IPv6 ways.
     #[map]
     static PALISADE_CTTAG6: Array<CtTags> = Array::pinned(524_288 / 8, BPF_F_MMAPABLE);
+    /// Where the next run of log entries starts, counted from the start
+    /// of the log without wrapping: IPv4 (0), IPv6 (1). Pinned, so a
+    /// restarted program goes on where the last one stopped.
+    #[map]
+    static PALISADE_CTHEAD: Array<u64> = Array::pinned(2, 0);
+    /// The way that last wrote each IPv4 log entry, plus one (0: never
+    /// written): apart from the entries, so that finding a free one reads
+    /// eight to a cache line, in order, and not the entry a new flow only
+    /// writes. Inserters take an entry with a compare-and-swap here.
+    #[map]
+    static PALISADE_CTOWN4: Array<u64> = Array::pinned(ct_log_entries(524_288), BPF_F_MMAPABLE);
+    /// Owners of the IPv6 log entries.
+    #[map]
+    static PALISADE_CTOWN6: Array<u64> = Array::pinned(ct_log_entries(524_288), BPF_F_MMAPABLE);
     #[map]
     static PALISADE_FRAGS: LruHashMap<FragKey, u64> = LruHashMap::pinned(16_384, 0);
     #[map]
@@ -395,6 +411,27 @@ mod program {
             // SAFETY: see the module.
             unsafe { intrinsics::atomic_or::<u64, u64, { SeqCst }>(p, v) };
         }
+
+        /// Adds `v` and returns the word before, or None when other CPUs
+        /// kept changing it. A compare-and-swap loop: this build's CPU
+        /// version has no fetching add.
+        #[inline(always)]
+        pub fn fetch_add(p: *mut u64, v: u64) -> Option<u64> {
+            let mut seen = load(p);
+            let mut tries = 0;
+            while tries < 4 {
+                // SAFETY: see the module.
+                let (was, done) = unsafe {
+                    intrinsics::atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(p, seen, seen + v)
+                };
+                if done {
+                    return Some(was);
+                }
+                seen = was;
+                tries += 1;
+            }
+            None
+        }
     }
 
     /// A connection's flags as the 64-bit word of `flags` and the zero `pad`
@@ -456,6 +493,9 @@ mod program {
         key: &'a CtKey,
         key4: &'a CtKey4,
         probe: *mut CtProbe,
+        /// This CPU's runs of log entries (in the scratch).
+        log4: *mut CtCursor,
+        log6: *mut CtCursor,
     }
 
     impl Conn<'_> {
@@ -511,10 +551,10 @@ mod program {
             };
             let i = hit.checked_sub(1)?;
             if self.v4() {
-                let v = PALISADE_CONN4.get_ptr_mut(i)?.cast();
+                let v = PALISADE_CONN4.get_ptr_mut(ct_entry(state))?.cast();
                 Some((v, state_word(&PALISADE_CTTAG4, i)?, state))
             } else {
-                let v = PALISADE_CONN6.get_ptr_mut(i)?.cast();
+                let v = PALISADE_CONN6.get_ptr_mut(ct_entry(state))?.cast();
                 Some((v, state_word(&PALISADE_CTTAG6, i)?, state))
             }
         }
@@ -546,13 +586,20 @@ mod program {
             let Some(i) = free.checked_sub(1) else {
                 return Record::Full;
             };
+            let Some(head) = PALISADE_CTHEAD.get_ptr_mut(if self.v4() { 0 } else { 1 }) else {
+                return Record::Full;
+            };
+            let way = Way { i, state, tag };
             if self.v4() {
                 claim(
                     &PALISADE_CTTAG4,
                     &PALISADE_CONN4,
-                    i,
-                    state,
-                    tag,
+                    Log {
+                        cursor: self.log4,
+                        head,
+                        owners: &PALISADE_CTOWN4,
+                    },
+                    way,
                     v,
                     self.key4,
                 )
@@ -560,9 +607,12 @@ mod program {
                 claim(
                     &PALISADE_CTTAG6,
                     &PALISADE_CONN6,
-                    i,
-                    state,
-                    tag,
+                    Log {
+                        cursor: self.log6,
+                        head,
+                        owners: &PALISADE_CTOWN6,
+                    },
+                    way,
                     v,
                     self.key,
                 )
@@ -570,37 +620,132 @@ mod program {
         }
     }
 
-    /// Claims way `i` of a table (read as `state`, free) for a new
-    /// connection with `tag` and writes it. Each family calls it in its own
-    /// branch, so the verifier checks the key's write against its table.
+    /// A way an insert claims: its index, its state word as read (free)
+    /// and the new connection's tag.
+    struct Way {
+        i: u32,
+        state: u64,
+        tag: u32,
+    }
+
+    /// Where a CPU writes a table's new connections: its run of log
+    /// entries (in the scratch), the table's shared head and the log
+    /// entries' owners.
+    struct Log<'a> {
+        cursor: *mut CtCursor,
+        head: *mut u64,
+        owners: &'a Array<u64>,
+    }
+
+    /// The next entry of this CPU's run of the log whose connection (if
+    /// any) is gone, with its owner word and the owner as read: two
+    /// tries, then None (the insert writes the way's home). Entries are
+    /// counted from the start of the array (the log follows the `ways`
+    /// homes).
+    #[inline(always)]
+    fn log_entry(tags: &Array<CtTags>, log: &Log, ways: u32) -> Option<(u32, *mut u64, u64)> {
+        let entries = ct_log_entries(ways);
+        let run = if entries < CT_LOG_CHUNK {
+            entries
+        } else {
+            CT_LOG_CHUNK
+        };
+        // SAFETY (every block below): the cursor is in this CPU's scratch;
+        // the head and the entries are in array maps (valid for the run).
+        let cursor = unsafe { &mut *log.cursor };
+        let mut tries = 0;
+        while tries < 2 {
+            if cursor.left == 0 {
+                // Runs start at multiples of their length, so one never
+                // wraps past the end of the log.
+                let start = atomic::fetch_add(log.head, u64::from(run))?;
+                cursor.next = start as u32 & (entries - 1);
+                cursor.left = run;
+            }
+            let n = cursor.next & (entries - 1);
+            let at = ways + n;
+            cursor.next = cursor.next.wrapping_add(1);
+            cursor.left -= 1;
+            let owner = log.owners.get_ptr_mut(n)?;
+            let seen = atomic::load(owner);
+            // An owner is cleared when its way stops naming the entry; one
+            // left behind (a sweep that stopped half-way) is checked
+            // against its way's state word, a random read.
+            let taken = match seen.checked_sub(1) {
+                Some(way) => match state_word(tags, way as u32) {
+                    Some(word) => ct_log_entry_taken(atomic::load(word), at),
+                    None => false,
+                },
+                None => false,
+            };
+            if !taken {
+                return Some((at, owner, seen));
+            }
+            tries += 1;
+        }
+        None
+    }
+
+    /// Claims `way` of a table (read free) for a new connection and writes
+    /// it: into the next free entry of this CPU's run of the log, or into
+    /// the way's home when the log's next entries still hold connections
+    /// or another CPU took the same entry (a run taken a whole lap of the
+    /// log ago). Each family calls it in its own branch, so the verifier
+    /// checks the key's write against its table.
     #[inline(always)]
     fn claim<E, K: Copy>(
         tags: &Array<CtTags>,
         table: &Array<E>,
-        i: u32,
-        state: u64,
-        tag: u32,
+        log: Log,
+        way: Way,
         v: &CtValue,
         key: &K,
     ) -> Record {
-        let (Some(word), Some(entry)) = (state_word(tags, i), table.get_ptr_mut(i)) else {
+        let Some(word) = state_word(tags, way.i) else {
             return Record::Full;
         };
-        let claimed = ct_claimed(state, tag);
-        if !atomic::swap_if(word, state, claimed) {
+        let ways = (config_sets_mask() + 1) * CT_WAYS;
+        let logged = log_entry(tags, &log, ways);
+        let first = match logged {
+            Some((at, _, _)) => at,
+            None => way.i,
+        };
+        let claimed = ct_claimed(way.state, way.tag, first);
+        if !atomic::swap_if(word, way.state, claimed) {
             return Record::Contended;
         }
-        // SAFETY: the way is ours while busy (readers skip busy ways; no
-        // other writer claims a way it did not read as free, and the
-        // generation changed); its key of type K sits at KEY_AT.
+        // A reused way's connection no longer holds its log entry.
+        let was = ct_entry(way.state);
+        if way.state & CT_STATUS != CT_EMPTY && was >= ways {
+            if let Some(owner) = log.owners.get_ptr_mut(was - ways) {
+                atomic::swap_if(owner, u64::from(way.i) + 1, 0);
+            }
+        }
+        // The log entry is ours once its owner names this way: busy and
+        // naming the entry, the way now marks it taken for every other
+        // inserter that reads it after this exchange.
+        let at = match logged {
+            Some((at, owner, seen)) if atomic::swap_if(owner, seen, u64::from(way.i) + 1) => at,
+            _ => {
+                stat(STAT_CT_HOME);
+                way.i
+            }
+        };
+        let Some(entry) = table.get_ptr_mut(at) else {
+            atomic::publish(word, ct_freed(claimed));
+            return Record::Full;
+        };
+        // SAFETY: the entry is ours while the way is busy (readers skip
+        // busy ways; a home entry is only its way's, a log entry only its
+        // owner's); its key of type K sits at KEY_AT.
         unsafe {
             entry.cast::<CtValue>().write(*v);
             entry.cast::<u8>().add(KEY_AT).cast::<K>().write(*key);
         }
         // Busy to live, after the writes above. A plain store: an atomic
-        // read-modify-write here would wait for the way's cache line,
-        // which a new flow has not read, before the packet goes on.
-        atomic::publish(word, claimed - CT_BUSY + CT_LIVE);
+        // read-modify-write here would wait for the entry's cache line
+        // before the packet goes on.
+        atomic::publish(word, ct_moved(claimed, at) - CT_BUSY + CT_LIVE);
         Record::Done
     }
 
@@ -644,7 +789,7 @@ mod program {
                 let state = atomic::load(unsafe { first.add(w as usize) });
                 let status = state & CT_STATUS;
                 if status == CT_LIVE && ct_tag(state) == place.tag {
-                    let Some(entry) = table.get_ptr_mut(base + w) else {
+                    let Some(entry) = table.get_ptr_mut(ct_entry(state)) else {
                         return;
                     };
                     let at = unsafe { entry.cast::<u8>().add(KEY_AT).cast::<u32>() };
@@ -672,12 +817,13 @@ mod program {
             let base = if set == 0 { place.a } else { place.b };
             let mut w = 0;
             while w < CT_WAYS {
-                let (Some(word), Some(entry)) =
-                    (state_word(tags, base + w), table.get_ptr_mut(base + w))
-                else {
+                let Some(word) = state_word(tags, base + w) else {
                     return;
                 };
                 let state = atomic::load(word);
+                let Some(entry) = table.get_ptr_mut(ct_entry(state)) else {
+                    return;
+                };
                 let v = entry.cast::<CtValue>();
                 let expired = unsafe {
                     let protocol = entry.cast::<u8>().add(KEY_AT + PROTOCOL_AT).read_volatile();
@@ -859,6 +1005,12 @@ mod program {
         }
     }
 
+    /// The conntrack tables' sets minus one, without copying the record.
+    #[inline(always)]
+    fn config_sets_mask() -> u32 {
+        PALISADE_CONFIG.get(0).map_or(0, |c| c.ct_sets_mask)
+    }
+
     #[inline(always)]
     fn config() -> Config {
         match PALISADE_CONFIG.get(0) {
@@ -962,6 +1114,8 @@ mod program {
             key: &sc.ct,
             key4: &sc.ct4,
             probe: &raw mut sc.probe,
+            log4: &raw mut sc.log4,
+            log6: &raw mut sc.log6,
         };
         conn.lookup(&cfg, now);
         // The side of the connection this interface's endpoint is on.
