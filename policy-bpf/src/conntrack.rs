@@ -18,7 +18,7 @@ use aya::maps::{Map, MapData};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 use policy_bpf_common::{
     CT_LIVE, CT_LOCK, CT_STATUS, CT_TAG_LINE, CT_WAYS, Config, CtEntry4, CtEntry6, CtTags, CtValue,
-    ct_entry, ct_expired, ct_freed, ct_log_entries,
+    ct_entry, ct_expired, ct_freed, ct_log_entries, ct_owner,
 };
 
 use crate::datapath::DatapathError;
@@ -187,7 +187,7 @@ impl Words {
 pub struct Table<E: Way> {
     ways_map: Mapping<E>,
     tags_map: Mapping<CtTags>,
-    /// Owners of the log entries: the way naming each, plus one.
+    /// Owners of the log entries (see `ct_owner`).
     owners: Words,
     ways: u32,
     /// Entries: a home per way, then the log.
@@ -343,7 +343,7 @@ impl<E: Way> Table<E> {
                     .and_then(|n| self.owners.get(n))
                 {
                     let _ = owner.compare_exchange(
-                        u64::from(i) + 1,
+                        ct_owner(i, state),
                         0,
                         Ordering::AcqRel,
                         Ordering::Relaxed,

@@ -445,6 +445,22 @@ pub const fn ct_log_entries(ways: u32) -> u32 {
     ways / CT_WAYS
 }
 
+/// The owner word of a log entry written by way `way` in the generation
+/// of `state` (a state word of that claim): the way plus one, and the
+/// generation above it, so that clearing the owner of a connection that
+/// is gone (a compare-and-swap on this value) cannot clear the owner of a
+/// later connection of the same way in the same entry. 0: no owner.
+#[inline(always)]
+pub fn ct_owner(way: u32, state: u64) -> u64 {
+    ((state & CT_GENERATIONS) << 32) | (u64::from(way) + 1)
+}
+
+/// The way of an owner word ([`ct_owner`]), if any.
+#[inline(always)]
+pub fn ct_owner_way(owner: u64) -> Option<u32> {
+    (owner as u32).checked_sub(1)
+}
+
 /// Whether entry `entry`, of the log, holds a connection: its owner's
 /// state word (`owner_state`) is busy or live and names it.
 #[inline(always)]
@@ -1348,6 +1364,11 @@ mod tests {
         assert!(!ct_log_entry_taken(live, 41));
         assert!(!ct_log_entry_taken(ct_freed(live), 40));
         assert_eq!(ct_log_entries(1 << 20), 1 << 18);
+        // An owner names its way, and differs from the same way's owner
+        // in the next generation.
+        assert_eq!(ct_owner_way(ct_owner(41, live)), Some(41));
+        assert_eq!(ct_owner_way(0), None);
+        assert_ne!(ct_owner(41, live), ct_owner(41, ct_claimed(live, 1, 40)));
     }
 
     /// Flows that differ only in their source port (a UDP scan, a busy

@@ -103,10 +103,11 @@ mod program {
     /// restarted program goes on where the last one stopped.
     #[map]
     static PALISADE_CTHEAD: Array<u64> = Array::pinned(2, 0);
-    /// The way that last wrote each IPv4 log entry, plus one (0: never
-    /// written): apart from the entries, so that finding a free one reads
-    /// eight to a cache line, in order, and not the entry a new flow only
-    /// writes. Inserters take an entry with a compare-and-swap here.
+    /// The way (and its generation: [`ct_owner`]) holding each IPv4 log
+    /// entry, cleared when the way lets go (0: none): apart from the
+    /// entries, so that finding a free one reads eight to a cache line, in
+    /// order, and not the entry a new flow only writes. Inserters take an
+    /// entry with a compare-and-swap here.
     #[map]
     static PALISADE_CTOWN4: Array<u64> = Array::pinned(ct_log_entries(524_288), BPF_F_MMAPABLE);
     /// Owners of the IPv6 log entries.
@@ -671,8 +672,8 @@ mod program {
             // An owner is cleared when its way stops naming the entry; one
             // left behind (a sweep that stopped half-way) is checked
             // against its way's state word, a random read.
-            let taken = match seen.checked_sub(1) {
-                Some(way) => match state_word(tags, way as u32) {
+            let taken = match ct_owner_way(seen) {
+                Some(way) => match state_word(tags, way) {
                     Some(word) => ct_log_entry_taken(atomic::load(word), at),
                     None => false,
                 },
@@ -718,14 +719,14 @@ mod program {
         let was = ct_entry(way.state);
         if way.state & CT_STATUS != CT_EMPTY && was >= ways {
             if let Some(owner) = log.owners.get_ptr_mut(was - ways) {
-                atomic::swap_if(owner, u64::from(way.i) + 1, 0);
+                atomic::swap_if(owner, ct_owner(way.i, way.state), 0);
             }
         }
         // The log entry is ours once its owner names this way: busy and
         // naming the entry, the way now marks it taken for every other
         // inserter that reads it after this exchange.
         let at = match logged {
-            Some((at, owner, seen)) if atomic::swap_if(owner, seen, u64::from(way.i) + 1) => at,
+            Some((at, owner, seen)) if atomic::swap_if(owner, seen, ct_owner(way.i, claimed)) => at,
             _ => {
                 stat(STAT_CT_HOME);
                 way.i
