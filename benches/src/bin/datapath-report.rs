@@ -122,74 +122,74 @@ fn main() -> Result<()> {
         "New-flow cost by conntrack capacity, at 1000 policies (the default is {}; tables are \
          flushed whenever they hold half their capacity, the load they are sized for, so every \
          new flow is inserted), next to what this machine takes to read a random cache line of a \
-         buffer as large as the tag lines and as the ways (a chain of dependent reads from user \
-         space, `benches/src/memory.rs`, measured in the same run): a new flow reads a tag line \
-         and writes a way. The last column adds both reads to the smallest table's new-flow \
-         cost (its arrays stay cached): how much of each row the two lines explain.\n",
+         buffer as large as the tag lines and as the entries (a chain of dependent reads from \
+         user space, `benches/src/memory.rs`, measured in the same run): a new flow reads a tag \
+         line at random and writes the next entry of its CPU's run of the log (in order, so not \
+         a random line). The last column adds the tag-line read to the smallest table's \
+         new-flow cost (its arrays stay cached): how much of each row that line explains.\n",
         Capacity::default().conntrack
     )?;
     writeln!(
         md,
-        "| conntrack capacity (connections) | IPv4 tag lines (MiB) | random line read there (ns) | IPv4 ways (MiB) | random line read there (ns) | added, new (ns) | added, established (ns) | smallest table's new flow + both reads (ns) |"
+        "| conntrack capacity (connections) | IPv4 tag lines (MiB) | random line read there (ns) | IPv4 entries, homes and log (MiB) | random line read there (ns) | added, new (ns) | added, established (ns) | smallest table's new flow + a tag-line read (ns) |"
     )?;
     writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     let cached = by_capacity.first().map_or(0.0, |r| r.new_added());
     for r in &by_capacity {
         let ways = policy_bpf::conntrack::ways_for(r.conntrack)? as usize;
         let read = |bytes: usize| palisade_benches::memory::random_line_read_ns(bytes, 2_000_000);
-        let (tags_read, ways_read) = (read(ways * 8), read(ways * 64));
+        let entries = ways + policy_bpf_common::ct_log_entries(ways as u32) as usize;
+        let (tags_read, entries_read) = (read(ways * 8), read(entries * 64));
         writeln!(
             md,
             "| {} | {:.2} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} |",
             r.conntrack,
             (ways * 8) as f64 / f64::from(1 << 20),
             tags_read,
-            (ways * 64) as f64 / f64::from(1 << 20),
-            ways_read,
+            (entries * 64) as f64 / f64::from(1 << 20),
+            entries_read,
             r.new_added(),
             r.established_added(),
-            cached + tags_read + ways_read
+            cached + tags_read
         )?;
     }
     writeln!(md)?;
     writeln!(
         md,
-        "Where the time goes (`perf record -a` while `datapath-report --profile new|est` runs, and \
-         ablations made by editing the program, 2026-11-26). Conntrack is a set-associative \
-         table in array maps: two candidate sets of four ways per connection, and each way's \
-         state word, with a 32-bit tag of the connection's hash, in a separate array of tag \
-         lines, eight words to a cache line. A new flow reads one or two tag lines (4 MB of them \
-         at the default 262,144 connections) and claims and writes one way (64 bytes for IPv4, \
-         in a 32 MB array). The kernel hash this replaced spent about 170 ns of a new flow in \
-         `htab_map_update_elem` (bucket lock, free-list pop, element write); reading both sets' \
-         ways instead of their tag lines (the first set-associative layout) cost about 100 ns \
-         more than now, measured by running both builds alternately. With a table small enough \
-         to stay cached (4,096 connections, in the table above) a new flow costs about 200 ns, \
-         within the goal; at larger capacities it costs about that plus one random read of each \
-         array (the last column): at the default capacity the tag lines mostly stay in the \
-         last-level cache and the way a new flow writes costs a memory latency, which alone \
-         takes the cost past 300 ns on this machine. The profile agrees: the samples of a new \
-         flow pile up on the first tag-line read and on the first store into the way. One-packet \
-         runs are cold (the pass-through itself costs 3x more run alone than repeated). Tried \
-         and not kept: pages holding both tag lines and their ways (one address translation per \
-         new flow, but the tags lose their compactness: 400-500 ns), loading the way to be \
-         claimed before the walk so its miss overlaps it (no change), tag lines in 16 KiB \
-         inner arrays of an array of maps (kmalloc'd, so in memory the kernel maps with huge \
-         pages: no change on this VM), a per-CPU LRU \
+        "Where the time goes (`perf record -a` while `datapath-report --profile new|est` runs, \
+         timing with `kernel.bpf_stats_enabled`, and ablations made by editing the program). \
+         Conntrack is a set-associative table in array maps: two candidate sets of four ways \
+         per connection, and each way's state word (a 16-bit tag of the connection's hash and \
+         the index of the entry holding it) in a separate array of tag lines, eight words to a \
+         cache line. The entries are a home per way and then a log of a quarter as many, which \
+         each CPU fills in order, 64 entries (a 4 KiB page) at a time; whether a log entry is \
+         free is read from an owner word per entry, eight to a line in their own array, \
+         cleared when the way stops naming the entry. A new flow reads one or two tag lines (4 \
+         MB of them at the default 262,144 connections), claims a way there and writes the \
+         next free log entry of its CPU (64 bytes for IPv4); an entry whose connection still \
+         lives is skipped, and after two the insert writes the way's home instead (counted: \
+         `STAT_CT_HOME`). Before the log (2026-11-27) every new flow wrote its way's home, a \
+         random line of a 32 MB array: a memory latency on every new flow, 446-484 ns added at \
+         the default capacity in this report where the log gives 280-349. The kernel hash \
+         before that spent about 170 ns of a new flow in `htab_map_update_elem` (bucket lock, \
+         free-list pop, element write). With a table small enough to stay cached (4,096 \
+         connections, in the table above) a new flow costs about 230 ns; larger tables add \
+         about one random tag-line read, and the page walks of a table that large. Tried and \
+         not kept: the log entry's owner in the entry itself (+150 ns: reading the line before \
+         writing it waits for it, which a write alone does not), the owner's state word read \
+         on every insert to tell whether its entry is free (+100 ns, a random tag-line read; \
+         now read only for an owner left behind), pages holding both tag lines and their ways \
+         (400-500 ns), loading the way to be claimed before the walk so its miss overlaps it \
+         (no change), tag lines in 16 KiB inner arrays of an array of maps (kmalloc'd, so in \
+         memory the kernel maps with huge pages: no change on this VM), a per-CPU LRU \
          (`BPF_F_NO_COMMON_LRU`, 80-250 ns slower than the preallocated hash), a hash without \
-         preallocation (about 400 ns slower), the whole walk in `bpf_loop` (+150 ns), and \
-         (2026-11-26, night, timed with `kernel.bpf_stats_enabled` over seconds of runs) \
-         loading every way of both sets along with the tag lines, or the second set's tag \
-         line first, so the misses overlap (no change), and hint bytes: the state words back \
-         in the ways and one byte per way in an array 64 times smaller than the ways (512 KiB \
-         at the default capacity), which was slower everywhere (+40 ns cache-resident, no \
-         better at the default capacity, +100 ns a new flow in the veth lab), since claiming a \
-         way then needs its state word first, a dependent miss. Spreading the ways of a \
-         4,096-connection table over eight times the memory (4 MiB) added 87 ns: the way a new \
-         flow writes costs its miss even though it is only written. An \
-         established flow is the parse (straight from the packet's linear data), one tag line \
-         and one way (key and value share a cache line for IPv4), the jiffies clock \
-         (`bpf_jiffies64`) and two counters.\n"
+         preallocation (about 400 ns slower), the whole walk in `bpf_loop` (+150 ns), loading \
+         every way of both sets along with the tag lines so the misses overlap (no change), and \
+         hint bytes (one byte per way in an array 64 times smaller than the ways: +40 ns \
+         cache-resident, +100 ns a new flow in the veth lab, since claiming a way then needs its \
+         state word first, a dependent miss). An established flow is the parse (straight from \
+         the packet's linear data), one tag line and one entry (key and value share a cache \
+         line for IPv4), the jiffies clock (`bpf_jiffies64`) and two counters.\n"
     )?;
     writeln!(
         md,
