@@ -173,8 +173,14 @@ fn main() -> Result<()> {
          the default capacity in this report where the log gives 280-349. The kernel hash \
          before that spent about 170 ns of a new flow in `htab_map_update_elem` (bucket lock, \
          free-list pop, element write). With a table small enough to stay cached (4,096 \
-         connections, in the table above) a new flow costs about 230 ns; larger tables add \
-         about one random tag-line read, and the page walks of a table that large. Tried and \
+         connections, in the table above) a new flow costs about 200-230 ns; larger tables add \
+         one tag-line read that misses the cache: in the profile, the first load of the tag \
+         line takes 38% of the program's samples at 32,768 connections (512 KiB of tag lines) \
+         and 51% at the default, against 8% at 4,096. A user-space chain of random reads over \
+         512 KiB takes 5.5 ns, with 4 KiB pages as with huge ones (so not the page walks), \
+         but two new flows of one tag line come milliseconds apart, and over that time the \
+         line does not stay in this VM's caches; writing no entry at all (an ablation) left \
+         the cost unchanged. Tried and \
          not kept: the log entry's owner in the entry itself (+150 ns: reading the line before \
          writing it waits for it, which a write alone does not), the owner's state word read \
          on every insert to tell whether its entry is free (+100 ns, a random tag-line read; \
