@@ -170,7 +170,7 @@ fn main() -> Result<()> {
          lives is skipped, and after two the insert writes the way's home instead (counted: \
          `STAT_CT_HOME`). Before the log (2026-11-27) every new flow wrote its way's home, a \
          random line of a 32 MB array: a memory latency on every new flow, 446-484 ns added at \
-         the default capacity in this report where the log gives 280-349. The kernel hash \
+         the default capacity in this report where the log gives 277-349 (three runs). The kernel hash \
          before that spent about 170 ns of a new flow in `htab_map_update_elem` (bucket lock, \
          free-list pop, element write). With a table small enough to stay cached (4,096 \
          connections, in the table above) a new flow costs about 200-230 ns; larger tables add \
