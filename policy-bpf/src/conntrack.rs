@@ -48,9 +48,9 @@ pub fn ways_for(connections: u32) -> Result<u32, DatapathError> {
 
 /// An entry type of a conntrack table.
 pub trait Way: Copy {
-    /// The map of the table's ways.
+    /// The map of the table's entries (a home per way, then the log).
     const MAP: &'static str;
-    /// The map of their state words.
+    /// The map of the ways' state words.
     const TAGS: &'static str;
     /// The map of the owners of its log entries.
     const OWNERS: &'static str;
@@ -185,7 +185,7 @@ impl Words {
 
 /// One family's table, mapped into this process.
 pub struct Table<E: Way> {
-    ways_map: Mapping<E>,
+    entries_map: Mapping<E>,
     tags_map: Mapping<CtTags>,
     /// Owners of the log entries (see `ct_owner`).
     owners: Words,
@@ -212,9 +212,10 @@ unsafe impl<E: Way> Sync for Table<E> {}
 
 impl<E: Way> Table<E> {
     /// Takes the table's maps out of the loaded object and maps them (an
-    /// mmapable array of `E` and one of the ways' state words).
+    /// mmapable array of `E`, homes then log, one of the ways' state words
+    /// and one of the log entries' owners).
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
-        let (ways_map, entries) = Mapping::take(ebpf, E::MAP)?;
+        let (entries_map, entries) = Mapping::take(ebpf, E::MAP)?;
         let (tags_map, lines) = Mapping::take(ebpf, E::TAGS)?;
         let ways = u64::from(lines) * u64::from(CT_TAG_LINE);
         let ways = u32::try_from(ways)
@@ -239,7 +240,7 @@ impl<E: Way> Table<E> {
             });
         }
         Ok(Table {
-            ways_map,
+            entries_map,
             tags_map,
             owners,
             ways,
@@ -290,7 +291,13 @@ impl<E: Way> Table<E> {
         // check below detects (writers change the state word around their
         // writes, and an entry is rewritten only once its way no longer
         // names it).
-        let entry = unsafe { self.ways_map.base.as_ptr().add(at as usize).read_volatile() };
+        let entry = unsafe {
+            self.entries_map
+                .base
+                .as_ptr()
+                .add(at as usize)
+                .read_volatile()
+        };
         std::sync::atomic::fence(Ordering::Acquire);
         (self.state(i).load(Ordering::Relaxed) == before).then_some((before, entry))
     }
