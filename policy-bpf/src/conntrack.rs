@@ -302,18 +302,23 @@ impl<E: Way> Table<E> {
         (self.state(i).load(Ordering::Relaxed) == before).then_some((before, entry))
     }
 
+    /// The ways holding a live connection, with their state words as
+    /// read (one load each: most ways of a sparse table are empty).
+    fn live_ways(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        (0..self.ways)
+            .map(|i| (i, self.state(i).load(Ordering::Relaxed)))
+            .filter(|&(_, s)| s & CT_STATUS == CT_LIVE)
+    }
+
     /// Live connections.
     pub fn len(&self) -> usize {
-        (0..self.ways)
-            .filter(|&i| self.state(i).load(Ordering::Relaxed) & CT_STATUS == CT_LIVE)
-            .count()
+        self.live_ways().count()
     }
 
     /// Live connections held in a log entry.
     pub fn logged(&self) -> usize {
-        (0..self.ways)
-            .map(|i| self.state(i).load(Ordering::Relaxed))
-            .filter(|&s| s & CT_STATUS == CT_LIVE && ct_entry(s) >= self.ways)
+        self.live_ways()
+            .filter(|&(_, s)| ct_entry(s) >= self.ways)
             .count()
     }
 
@@ -326,11 +331,7 @@ impl<E: Way> Table<E> {
     /// since they were read; returns how many were freed.
     pub fn free_where(&self, dead: impl Fn(&E) -> bool) -> usize {
         let mut freed = 0;
-        for i in 0..self.ways {
-            // Most ways of a sparse table are empty: skip them on one load.
-            if self.state(i).load(Ordering::Relaxed) & CT_STATUS != CT_LIVE {
-                continue;
-            }
+        for (i, _) in self.live_ways() {
             let Some((state, entry)) = self.read(i) else {
                 continue;
             };
@@ -371,9 +372,8 @@ impl<E: Way> Table<E> {
 
     /// Copies of the live connections.
     pub fn entries(&self) -> Vec<E> {
-        (0..self.ways)
-            .filter(|&i| self.state(i).load(Ordering::Relaxed) & CT_STATUS == CT_LIVE)
-            .filter_map(|i| self.read(i))
+        self.live_ways()
+            .filter_map(|(i, _)| self.read(i))
             .filter(|(s, _)| s & CT_STATUS == CT_LIVE)
             .map(|(_, e)| e)
             .collect()

@@ -494,6 +494,9 @@ mod program {
         key: &'a CtKey,
         key4: &'a CtKey4,
         probe: *mut CtProbe,
+        /// Ways of each family's table (the log's entries follow their
+        /// homes).
+        ways: u32,
         /// This CPU's runs of log entries (in the scratch).
         log4: *mut CtCursor,
         log6: *mut CtCursor,
@@ -599,6 +602,7 @@ mod program {
                         cursor: self.log4,
                         head,
                         owners: &PALISADE_CTOWN4,
+                        ways: self.ways,
                     },
                     way,
                     v,
@@ -612,6 +616,7 @@ mod program {
                         cursor: self.log6,
                         head,
                         owners: &PALISADE_CTOWN6,
+                        ways: self.ways,
                     },
                     way,
                     v,
@@ -630,12 +635,13 @@ mod program {
     }
 
     /// Where a CPU writes a table's new connections: its run of log
-    /// entries (in the scratch), the table's shared head and the log
-    /// entries' owners.
+    /// entries (in the scratch), the table's shared head, the log
+    /// entries' owners, and the table's ways (the log follows their homes).
     struct Log<'a> {
         cursor: *mut CtCursor,
         head: *mut u64,
         owners: &'a Array<u64>,
+        ways: u32,
     }
 
     /// The next entry of this CPU's run of the log whose connection (if
@@ -644,7 +650,8 @@ mod program {
     /// counted from the start of the array (the log follows the `ways`
     /// homes).
     #[inline(always)]
-    fn log_entry(tags: &Array<CtTags>, log: &Log, ways: u32) -> Option<(u32, *mut u64, u64)> {
+    fn log_entry(tags: &Array<CtTags>, log: &Log) -> Option<(u32, *mut u64, u64)> {
+        let ways = log.ways;
         let entries = ct_log_entries(ways);
         let run = if entries < CT_LOG_CHUNK {
             entries
@@ -705,8 +712,8 @@ mod program {
         let Some(word) = state_word(tags, way.i) else {
             return Record::Full;
         };
-        let ways = (config_sets_mask() + 1) * CT_WAYS;
-        let logged = log_entry(tags, &log, ways);
+        let ways = log.ways;
+        let logged = log_entry(tags, &log);
         let first = match logged {
             Some((at, _, _)) => at,
             None => way.i,
@@ -1006,12 +1013,6 @@ mod program {
         }
     }
 
-    /// The conntrack tables' sets minus one, without copying the record.
-    #[inline(always)]
-    fn config_sets_mask() -> u32 {
-        PALISADE_CONFIG.get(0).map_or(0, |c| c.ct_sets_mask)
-    }
-
     #[inline(always)]
     fn config() -> Config {
         match PALISADE_CONFIG.get(0) {
@@ -1115,6 +1116,7 @@ mod program {
             key: &sc.ct,
             key4: &sc.ct4,
             probe: &raw mut sc.probe,
+            ways: (cfg.ct_sets_mask + 1) * CT_WAYS,
             log4: &raw mut sc.log4,
             log6: &raw mut sc.log6,
         };
