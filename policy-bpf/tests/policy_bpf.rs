@@ -619,6 +619,14 @@ mod kernel {
         assert_eq!(l.dp.conntrack_len(), 1, "the TCP connection stays");
     }
 
+    /// Keeps the calling thread on `cpu` (test runs execute the program on
+    /// the caller's CPU).
+    fn pin_to_cpu(cpu: usize) {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu).unwrap();
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+    }
+
     /// Two CPUs run both sides of the same connections into a small table
     /// while a third sweeps and flushes it: ways are claimed, joined,
     /// reused and freed concurrently. Whatever interleaving happens, a
@@ -655,9 +663,7 @@ mod kernel {
                             }
                         }
                         let _done = Done(done);
-                        let mut set = nix::sched::CpuSet::new();
-                        set.set(t % cpus).unwrap();
-                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+                        pin_to_cpu(t % cpus);
                         for i in 0..1000u16 {
                             let sport = 40000 + (i * 7 + t as u16) % 96;
                             let allowed = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(sport, 8080));
@@ -808,9 +814,7 @@ mod kernel {
         assert_eq!(policy_bpf::conntrack::ways_for(64).unwrap(), 128);
         let mut l = Loaded::new(&example(), cap).unwrap();
         // The log runs are per CPU: one CPU takes them in order.
-        let mut set = nix::sched::CpuSet::new();
-        set.set(0).unwrap();
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+        pin_to_cpu(0);
         let syn = |sport: u16| v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(sport, 8080));
         let ack = |sport: u16| {
             let mut h = tcp_syn(sport, 8080);
