@@ -1056,7 +1056,7 @@ fn k8s_network_policy(
         tier: Some("default".into()),
         order: Some(1000.0),
         selector: Some(k8s_selector_text(
-            Some(&spec.pod_selector),
+            spec.pod_selector.as_ref(),
             true,
             "spec.podSelector",
         )?),
