@@ -3,17 +3,22 @@
 //! ```text
 //! cargo xtask demo                 # the main job on the embedded defaults
 //! cargo xtask test                 # the whole test suite, as CI runs it
+//! cargo xtask setup                # only install what building the workspace needs
+//! cargo xtask report <compiler|datapath|veth> [-- ARGS]   # a report of docs/, with its tools
 //! cargo xtask fuzz <target> [--seconds N]
 //! ```
 //!
 //! Each command installs what it needs on first use (rustup components,
-//! cargo tools) and prints every step it runs.
+//! cargo tools under `target/tools/`, Debian packages; see [`tools`]) and
+//! prints every step it runs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+
+mod tools;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -35,6 +40,7 @@ fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("+ {shown}");
     let status = cmd
         .current_dir(root())
+        .env("PATH", tools::search_path(&tools::tools_root()))
         .status()
         .with_context(|| format!("starting {shown}"))?;
     if !status.success() {
@@ -51,140 +57,25 @@ fn cargo() -> Command {
 fn have(cmd: &str, args: &[&str]) -> bool {
     Command::new(cmd)
         .args(args)
+        .env("PATH", tools::search_path(&tools::tools_root()))
         .output()
         .is_ok_and(|o| o.status.success())
 }
 
-/// rustfmt and clippy for the stable toolchain.
-fn ensure_lint_tools() -> Result<()> {
-    if !have("cargo", &["fmt", "--version"]) {
-        run(Command::new("rustup").args(["component", "add", "rustfmt"]))?;
-    }
-    if !have("cargo", &["clippy", "--version"]) {
-        run(Command::new("rustup").args(["component", "add", "clippy"]))?;
-    }
-    Ok(())
-}
-
-/// The nightly toolchain and cargo-fuzz, for the fuzz targets.
-fn ensure_fuzz_tools() -> Result<()> {
-    if !have("rustc", &["+nightly", "--version"]) {
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
-    }
-    if !have("cargo", &["fuzz", "--version"]) {
-        run(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
-    }
-    Ok(())
-}
-
-/// What the kernel programs need: nightly with rust-src (they build for the
-/// BPF target with build-std), bpf-linker built against nightly's own LLVM,
-/// and iproute2 for the network-namespace engine.
+/// What the kernel programs and the network-namespace tests need: nightly
+/// with rust-src, bpf-linker in the project's tool root (where
+/// `.cargo/config.toml` points the BPF target's linker), and iproute2.
 fn ensure_ebpf_tools() -> Result<()> {
-    if !have("rustc", &["+nightly", "--version"]) {
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))?;
-    }
-    let sysroot = String::from_utf8(
-        Command::new("rustc")
-            .args(["+nightly", "--print", "sysroot"])
-            .output()
-            .context("rustc +nightly --print sysroot")?
-            .stdout,
-    )?
-    .trim()
-    .to_string();
-    let rust_src = Path::new(&sysroot).join("lib/rustlib/src/rust/library");
-    if !rust_src.exists() {
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
-    }
-    let linker_ok = Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("0.13"));
-    if !linker_ok {
-        // Linked against the LLVM shared library that ships with nightly, so
-        // the linker and rustc agree on the bitcode format.
-        let lib = Path::new(&sysroot).join("lib");
-        let llvm = std::fs::read_dir(&lib)?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .find(|n| n.starts_with("libLLVM") && n.ends_with(".so"))
-            .context("nightly ships no libLLVM-*.so")?;
-        let llvm = llvm.trim_start_matches("lib").trim_end_matches(".so");
-        let l = lib.display();
-        run(cargo()
-            .env(
-                "RUSTFLAGS",
-                format!("-C link-arg=-L{l} -C link-arg=-l{llvm} -C link-arg=-Wl,-rpath,{l}"),
-            )
-            .args([
-                "+nightly",
-                "install",
-                "bpf-linker@0.13.0",
-                "--no-default-features",
-                "--features",
-                "llvm-22,no-llvm-linking",
-            ]))?;
-    }
-    if !have("ip", &["-V"]) {
-        apt_install(&["iproute2"])?;
-    }
-    Ok(())
-}
-
-/// What the C ABI tests need: a C and C++ compiler, valgrind, and
-/// unshare (util-linux) to attach in a private network namespace.
-fn ensure_ffi_tools() -> Result<()> {
-    let mut missing = Vec::new();
-    if !have("cc", &["--version"]) {
-        missing.push("gcc");
-    }
-    if !have("c++", &["--version"]) {
-        missing.push("g++");
-    }
-    if !have("valgrind", &["--version"]) {
-        missing.push("valgrind");
-    }
-    if !have("unshare", &["--version"]) {
-        missing.push("util-linux");
-    }
-    if !missing.is_empty() {
-        apt_install(&missing)?;
-    }
-    Ok(())
-}
-
-fn apt_install(packages: &[&str]) -> Result<()> {
-    run(Command::new("apt-get").arg("update"))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(packages)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    tools::ensure_nightly()?;
+    tools::BPF_LINKER.ensure(&tools::tools_root())?;
+    tools::ensure_debs(tools::NETNS_DEBS)
 }
 
 /// Whether this process may load BPF programs and create namespaces. When
 /// it may not, privileged steps are skipped with a notice, unless
 /// PALISADE_REQUIRE_PRIVILEGED is set (CI sets it): then it is an error.
 fn privileged(what: &str) -> Result<bool> {
-    let root = nix_uid_is_root();
+    let root = is_root();
     if root {
         return Ok(true);
     }
@@ -195,7 +86,7 @@ fn privileged(what: &str) -> Result<bool> {
     Ok(false)
 }
 
-fn nix_uid_is_root() -> bool {
+fn is_root() -> bool {
     // /proc/self/status: "Uid:\treal\teffective\t..."
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -228,10 +119,12 @@ fn palisade() -> PathBuf {
 fn test() -> Result<()> {
     let started = Instant::now();
     let mut s = Steps { done: Vec::new() };
-    s.step("tools", || {
-        ensure_lint_tools()?;
+    s.step("tools (installed from nothing on a fresh clone)", || {
+        tools::ensure_lint_tools()?;
         ensure_ebpf_tools()?;
-        ensure_ffi_tools()
+        tools::ensure_debs(tools::FFI_DEBS)?;
+        tools::CARGO_FUZZ.ensure(&tools::tools_root())?;
+        tools::check_debian_install_path()
     })?;
     s.step("format", || {
         run(cargo().args(["fmt", "--all", "--", "--check"]))
@@ -283,8 +176,15 @@ fn test() -> Result<()> {
         }
     }
     s.step("fuzz targets build", || {
-        ensure_fuzz_tools()?;
-        run(Command::new("cargo").args(["+nightly", "fuzz", "build", "--fuzz-dir", "fuzz"]))
+        run(Command::new("rustup").args([
+            "run",
+            "nightly",
+            "cargo",
+            "fuzz",
+            "build",
+            "--fuzz-dir",
+            "fuzz",
+        ]))
     })?;
     eprintln!("\n=== summary");
     for (name, d) in &s.done {
@@ -332,13 +232,14 @@ fn same_tree(a: &Path, b: &Path) -> bool {
 }
 
 fn demo() -> Result<()> {
-    ensure_ebpf_tools()?;
-    run(cargo().args(["build", "--release", "-p", "palisade"]))?;
-    if !nix_uid_is_root() {
+    if !is_root() {
         bail!(
             "the demo enforces policy in the kernel (BPF programs, network namespaces): run it as root"
         );
     }
+    ensure_ebpf_tools()?;
+    eprintln!("building palisade (release; the first build takes about 3 minutes on 2 cores)");
+    run(cargo().args(["build", "--release", "-p", "palisade"]))?;
     let example = root().join("examples/zero-trust");
     eprintln!(
         "\nZero-trust example: default-deny GlobalNetworkPolicy + allow-only namespace policies,\n\
@@ -386,12 +287,22 @@ fn fuzz(args: &[String]) -> Result<()> {
         .and_then(|i| args.get(i + 1))
         .map(String::as_str)
         .unwrap_or("600");
-    ensure_fuzz_tools()?;
+    tools::ensure_nightly()?;
+    tools::CARGO_FUZZ.ensure(&tools::tools_root())?;
     let corpus = root().join("fuzz/corpus").join(target);
     std::fs::create_dir_all(&corpus)?;
     seed_corpus(target, &corpus)?;
-    run(Command::new("cargo")
-        .args(["+nightly", "fuzz", "run", "--fuzz-dir", "fuzz", target])
+    run(Command::new("rustup")
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "fuzz",
+            "run",
+            "--fuzz-dir",
+            "fuzz",
+            target,
+        ])
         .arg(&corpus)
         .args([
             "--",
@@ -457,14 +368,63 @@ fn serde_json_selector(line: &str) -> Result<String> {
     bail!("unterminated")
 }
 
+/// Installs what `cargo build --workspace` needs, so plain cargo works too.
+fn setup() -> Result<()> {
+    tools::ensure_lint_tools()?;
+    ensure_ebpf_tools()?;
+    eprintln!(
+        "ready: the BPF target links with {} (see .cargo/config.toml)",
+        tools::BPF_LINKER.path(&tools::tools_root()).display()
+    );
+    Ok(())
+}
+
+/// Runs one of the report binaries behind docs/, after installing its tools.
+fn report(args: &[String]) -> Result<()> {
+    let (name, rest) = match args.split_first() {
+        Some((name, rest)) => (name.as_str(), rest),
+        None => bail!("usage: cargo xtask report <compiler|datapath|veth> [-- ARGS]"),
+    };
+    let bin = match name {
+        "compiler" => "compiler-report",
+        "datapath" => "datapath-report",
+        "veth" => "veth-report",
+        other => bail!("unknown report {other:?}: expected compiler, datapath or veth"),
+    };
+    if name != "compiler" && !is_root() {
+        bail!("the {name} report loads BPF programs and builds network namespaces: run it as root");
+    }
+    // The benches crate links the datapath, so every report builds the kernel programs.
+    ensure_ebpf_tools()?;
+    if name == "veth" {
+        tools::ensure_debs(tools::VETH_REPORT_DEBS)?;
+    }
+    let rest: Vec<&String> = rest.iter().filter(|a| *a != "--").collect();
+    run(cargo()
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "palisade-benches",
+            "--bin",
+            bin,
+            "--",
+        ])
+        .args(rest))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("test") => test(),
         Some("demo") => demo(),
+        Some("setup") => setup(),
+        Some("report") => report(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <demo|test|fuzz TARGET [--seconds N]>");
+            eprintln!(
+                "usage: cargo xtask <demo|test|setup|report NAME [-- ARGS]|fuzz TARGET [--seconds N]>"
+            );
             std::process::exit(2);
         }
     }

@@ -5,8 +5,8 @@
 //! `.svg`.
 //!
 //! ```text
-//! cargo run --release -p palisade-benches --bin compiler-report            # full grid
-//! cargo run --release -p palisade-benches --bin compiler-report -- --quick # 1k and 10k pods only
+//! cargo xtask report compiler               # full grid
+//! cargo xtask report compiler -- --quick    # 1k and 10k pods only
 //! ```
 
 use std::alloc::System;
@@ -372,7 +372,7 @@ fn main() -> anyhow::Result<()> {
     let _ = writeln!(md, "# Compiler scaling\n");
     let _ = writeln!(
         md,
-        "Measured with `cargo run --release -p palisade-benches --bin compiler-report` on {} cores ({cpu}). Clusters come from `policy_core::testgen::scale_cluster` (see its documentation for the mix of namespaces, labels and policies). Ratios are against the reference engine measured in the same run: for a compile, indexing the cluster and answering one flow per endpoint and direction; for a change, rebuilding the reference engine's indexes.\n",
+        "Measured with `cargo xtask report compiler` on {} cores ({cpu}). Clusters come from `policy_core::testgen::scale_cluster` (see its documentation for the mix of namespaces, labels and policies). Ratios are against the reference engine measured in the same run: for a compile, indexing the cluster and answering one flow per endpoint and direction; for a change, rebuilding the reference engine's indexes.\n",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)

@@ -1,7 +1,7 @@
 //! Writes docs/datapath-cost.md: per-packet cost the TC programs add over a
 //! pass-through program, new and established flows, at 10 to 5k policies.
 //!
-//! `cargo run --release -p palisade-benches --bin datapath-report [-- --quick]` (root).
+//! `sudo cargo xtask report datapath [-- --quick]` (installs the eBPF toolchain first).
 
 use std::fmt::Write as _;
 
@@ -199,8 +199,8 @@ fn main() -> Result<()> {
     )?;
     writeln!(
         md,
-        "Reproduce: `sudo cargo run --release -p palisade-benches --bin datapath-report`; \
-         the criterion version is `sudo cargo bench -p palisade-benches --bench datapath`."
+        "Reproduce: `sudo cargo xtask report datapath`; \
+         the criterion version is `sudo cargo bench -p palisade-benches --bench datapath` after `cargo xtask setup`."
     )?;
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/datapath-cost.md");
     std::fs::write(&out, md)?;

@@ -3,8 +3,8 @@
 //! at 10 to 5k policies; every rate relative to the no-policy baseline
 //! measured in the same run.
 //!
-//! `sudo cargo run --release -p palisade-benches --bin veth-report [-- --quick]`
-//! (needs iptables and ipset). `-- --profile palisade|forwarded|iptables|baseline|pass-through`
+//! `sudo cargo xtask report veth [-- --quick]` (installs what it needs: the
+//! eBPF toolchain, iptables and ipset). `-- --profile palisade|forwarded|iptables|baseline|pass-through`
 //! runs only UDP new flows in one lab for five seconds, for `perf record -a`;
 //! add `--times` for the programs' nanoseconds per run in six one-second runs.
 
@@ -92,7 +92,30 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<([Rates; 5], u64, Progr
 /// delivery and pass-through rates.
 type Row = (usize, Rates, Rates, Rates, Rates, Rates);
 
+/// The iptables lab's commands, checked before anything is built.
+fn check_tools() -> Result<()> {
+    let missing: Vec<&str> = [("ipset", "ipset"), ("iptables-restore", "iptables")]
+        .into_iter()
+        .filter(|(cmd, _)| {
+            std::process::Command::new(cmd)
+                .arg("--version")
+                .output()
+                .is_err()
+        })
+        .map(|(_, package)| package)
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "the iptables lab needs {}: run `sudo cargo xtask report veth`, which installs them, or `apt-get install {}`",
+            missing.join(" and "),
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
+    check_tools()?;
     if let Some(mode) = std::env::args().skip_while(|a| a != "--profile").nth(1) {
         // Only one workload, for `perf record -a`: UDP new flows through the
         // palisade (or iptables, or baseline) lab at 1000 policies for 5 s.
@@ -249,7 +272,7 @@ fn main() -> Result<()> {
     writeln!(
         md,
         "\nGoal (issue 4): at least 0.9 of the baseline for new flows at every size.\n\n\
-         Reproduce: `sudo cargo run --release -p palisade-benches --bin veth-report` \
+         Reproduce: `sudo cargo xtask report veth` \
          (add `-- --quick` for a one-round smoke run)."
     )?;
     let series = |name: &str, color: &'static str, dashed: bool, f: &dyn Fn(&Row) -> f64| Series {
