@@ -546,13 +546,19 @@ impl Builder {
 
     /// Splits on feature `Feature::ORDER[dim]`, then recurses. Items are
     /// interned specs, so sub-problems hash and compare cheaply.
+    ///
+    /// Each rule is specialised once per stretch between its own cut points
+    /// (its truth cannot change inside one), and a sweep over the region's
+    /// elementary intervals picks the stretch that covers each: the work is
+    /// the items' own cuts plus one index step per item and interval, not a
+    /// specialisation (with its allocations) per item and interval.
     fn region(&mut self, dim: usize, items: Vec<u32>) -> Next {
         if dim == Feature::ORDER.len() {
-            let specs: Vec<Spec> = items
-                .iter()
-                .map(|i| self.specs[*i as usize].clone())
-                .collect();
-            return self.chain(&specs);
+            let specs = std::mem::take(&mut self.specs);
+            let chained: Vec<&Spec> = items.iter().map(|i| &specs[*i as usize]).collect();
+            let out = self.chain(&chained);
+            self.specs = specs;
+            return out;
         }
         let key = (dim, items);
         if let Some(n) = self.regions.get(&key) {
@@ -561,44 +567,65 @@ impl Builder {
         let (dim, items) = key;
         let f = Feature::ORDER[dim];
         let mut cuts = vec![0u32];
-        // Items whose condition does not look at this feature pass through unchanged.
-        let mut sensitive = vec![false; items.len()];
-        for (i, id) in items.iter().enumerate() {
-            if let Spec::Rule { cond, .. } = &self.specs[*id as usize] {
-                let before = cuts.len();
-                cond.cuts(f, &mut cuts);
-                sensitive[i] = cuts.len() > before;
+        // Per item: None when its condition does not look at this feature
+        // (it passes through unchanged), else its stretches as (start,
+        // specialised spec or None where the rule cannot match).
+        let mut stretches: Vec<Option<Vec<(u32, Option<u32>)>>> = Vec::with_capacity(items.len());
+        let mut own = Vec::new();
+        for id in &items {
+            let Spec::Rule {
+                cond,
+                action,
+                rule,
+                tier,
+            } = &self.specs[*id as usize]
+            else {
+                stretches.push(None);
+                continue;
+            };
+            own.clear();
+            cond.cuts(f, &mut own);
+            if own.is_empty() {
+                stretches.push(None);
+                continue;
             }
-        }
-        cuts.retain(|c| *c <= f.max());
-        cuts.sort_unstable();
-        cuts.dedup();
-        // Elementary intervals [cuts[i], cuts[i+1]) and their sub-programs.
-        let mut parts: Vec<(u32, Next)> = Vec::with_capacity(cuts.len());
-        for &start in &cuts {
-            let mut specialised: Vec<u32> = Vec::with_capacity(items.len());
-            for (i, id) in items.iter().enumerate() {
-                if !sensitive[i] {
-                    specialised.push(*id);
-                    continue;
-                }
-                let Spec::Rule {
-                    cond,
-                    action,
-                    rule,
-                    tier,
-                } = &self.specs[*id as usize]
-                else {
-                    unreachable!("only rules have cuts")
-                };
-                let (action, rule, tier) = (*action, *rule, *tier);
-                if let Some(cond) = cond.clone().specialize(f, start) {
-                    specialised.push(self.intern(Spec::Rule {
+            own.push(0);
+            own.retain(|c| *c <= f.max());
+            own.sort_unstable();
+            own.dedup();
+            cuts.extend_from_slice(&own);
+            let (cond, action, rule, tier) = (cond.clone(), *action, *rule, *tier);
+            let mut item_stretches = Vec::with_capacity(own.len());
+            for &start in &own {
+                let spec = cond.clone().specialize(f, start).map(|cond| {
+                    self.intern(Spec::Rule {
                         cond,
                         action,
                         rule,
                         tier,
-                    }));
+                    })
+                });
+                item_stretches.push((start, spec));
+            }
+            stretches.push(Some(item_stretches));
+        }
+        cuts.sort_unstable();
+        cuts.dedup();
+        // Elementary intervals [cuts[i], cuts[i+1]) and their sub-programs.
+        let mut at = vec![0usize; items.len()];
+        let mut parts: Vec<(u32, Next)> = Vec::with_capacity(cuts.len());
+        for &start in &cuts {
+            let mut specialised: Vec<u32> = Vec::with_capacity(items.len());
+            for (i, id) in items.iter().enumerate() {
+                let Some(item_stretches) = &stretches[i] else {
+                    specialised.push(*id);
+                    continue;
+                };
+                while at[i] + 1 < item_stretches.len() && item_stretches[at[i] + 1].0 <= start {
+                    at[i] += 1;
+                }
+                if let Some(spec) = item_stretches[at[i]].1 {
+                    specialised.push(spec);
                 }
             }
             let child = self.region(dim + 1, specialised);
@@ -624,7 +651,7 @@ impl Builder {
     }
 
     /// First-match decision list over peer literals.
-    fn chain(&mut self, items: &[Spec]) -> Next {
+    fn chain(&mut self, items: &[&Spec]) -> Next {
         // Position after each tier's end marker, for Pass.
         let mut after_tier: HashMap<u32, usize> = HashMap::default();
         for (i, it) in items.iter().enumerate() {
@@ -638,7 +665,7 @@ impl Builder {
 
     fn chain_at(
         &mut self,
-        items: &[Spec],
+        items: &[&Spec],
         after_tier: &HashMap<u32, usize>,
         pos: usize,
         logged: bool,
@@ -647,7 +674,7 @@ impl Builder {
         if let Some(n) = memo.get(&(pos, logged)) {
             return *n;
         }
-        let out = match &items[pos] {
+        let out = match items[pos] {
             Spec::End { rule }
             | Spec::TierEnd {
                 deny: true, rule, ..
