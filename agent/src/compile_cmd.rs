@@ -103,6 +103,9 @@ fn dot(c: &Compiler, pid: ProgramId, p: &Program, users: &[String], out: &mut St
     );
 }
 
+/// Slots listed under each program in the summary.
+const SLOTS_SHOWN: usize = 4;
+
 pub fn compile(
     files: &[PathBuf],
     node: Option<String>,
@@ -138,11 +141,11 @@ pub fn compile(
     let s = c.stats();
     match format {
         CompileFormat::Summary => {
-            println!(
+            outln!(
                 "compiled in {:.1} ms{}",
                 elapsed.as_secs_f64() * 1e3,
                 node.map(|n| format!(" (node {n})")).unwrap_or_default()
-            );
+            )?;
             let rows = [
                 ("endpoints", s.endpoints),
                 ("local endpoints", s.local_endpoints),
@@ -160,17 +163,30 @@ pub fn compile(
                 ("map entries the lowering writes", s.lowered_entries),
             ];
             for (k, v) in rows {
-                println!("  {k:<34} {v:>8}");
+                outln!("  {k:<34} {v:>8}")?;
             }
-            println!();
+            outln!()?;
+            // One line per program, its users beneath: a program shared by
+            // every pod of a namespace would otherwise be one enormous line.
             for (pid, p) in &programs {
-                println!(
-                    "program {pid}: {} nodes, {} leaves, depth {}; used by {}",
+                let used = &users[pid];
+                outln!(
+                    "program {pid}: {} nodes, {} leaves, depth {}; used by {} slot{}",
                     p.nodes.len(),
                     p.leaves.len(),
                     p.depth(),
-                    users[pid].join("; ")
-                );
+                    used.len(),
+                    if used.len() == 1 { "" } else { "s" }
+                )?;
+                for u in used.iter().take(SLOTS_SHOWN) {
+                    outln!("    {u}")?;
+                }
+                if used.len() > SLOTS_SHOWN {
+                    outln!(
+                        "    ... and {} more (all of them: -o json, or --endpoint)",
+                        used.len() - SLOTS_SHOWN
+                    )?;
+                }
             }
         }
         CompileFormat::Json => {
@@ -193,7 +209,7 @@ pub fn compile(
                 "hosts": c.hosts().map(|(ip, h)| (ip.to_string(), json!({"identity": h.identity, "class": h.class}))).collect::<serde_json::Map<_, _>>(),
                 "rules": c.rule_ids().map(|(id, r)| (id.to_string(), json!(r.to_string()))).collect::<serde_json::Map<_, _>>(),
             });
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            outln!("{}", serde_json::to_string_pretty(&v)?)?;
         }
         CompileFormat::Dot => {
             let mut out = String::from(
@@ -203,7 +219,7 @@ pub fn compile(
                 dot(&c, *pid, p, &users[pid], &mut out);
             }
             out.push_str("}\n");
-            print!("{out}");
+            out!("{out}")?;
         }
     }
     Ok(())

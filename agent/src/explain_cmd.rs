@@ -156,7 +156,7 @@ pub fn explain(
         allowed = o.outcome.allowed;
     }
     match format {
-        Format::Json => println!(
+        Format::Json => outln!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "from": from.to_string(), "to": to.to_string(), "flow": flow.to_string(),
@@ -164,28 +164,29 @@ pub fn explain(
                 "evaluations": traces.iter().map(trace_json).collect::<Vec<_>>(),
                 "observed": observed.as_ref().map(Observed::json),
             }))?
-        ),
+        )?,
         _ => {
-            println!("connection {from} -> {to}: {flow}");
+            outln!("connection {from} -> {to}: {flow}")?;
             if traces.is_empty() {
-                println!("  neither end is a pod in the cluster: no policy applies");
+                outln!("  neither end is a pod in the cluster: no policy applies")?;
             }
             for t in &traces {
-                println!();
-                print!("{t}");
+                outln!()?;
+                out!("{t}")?;
             }
             if let Some(o) = &observed {
-                println!();
-                o.print();
+                outln!()?;
+                o.print()?;
             }
-            println!();
+            outln!()?;
             let verdict = if allowed { "ALLOWED" } else { "DENIED" };
             match traces.iter().find(|t| t.decision.verdict == Verdict::Deny) {
-                Some(t) => println!(
+                Some(t) => outln!(
                     "{verdict}: {} denied by {}",
-                    t.direction, t.decision.decided_by
-                ),
-                None => println!("{verdict}"),
+                    t.direction,
+                    t.decision.decided_by
+                )?,
+                None => outln!("{verdict}")?,
             }
         }
     }
@@ -225,23 +226,23 @@ struct Observed {
 }
 
 impl Observed {
-    fn print(&self) {
+    fn print(&self) -> std::io::Result<()> {
         let verdict = if self.outcome.allowed {
             "connected"
         } else {
             "blocked"
         };
-        println!("{} engine: the connection was {verdict}", self.engine);
+        outln!("{} engine: the connection was {verdict}", self.engine)?;
         for (d, dir) in [
             (&self.outcome.egress, Direction::Egress),
             (&self.outcome.ingress, Direction::Ingress),
         ] {
             if let Some(d) = d {
-                println!("  {dir}: {d}");
+                outln!("  {dir}: {d}")?;
             }
         }
         for (r, c) in &self.events {
-            println!(
+            outln!(
                 "  kernel event: {} {} at {} {}: {} by {}",
                 if r.allowed() { "allow" } else { "drop" },
                 r.tuple(),
@@ -251,14 +252,16 @@ impl Observed {
                 r.direction,
                 if r.allowed() { "allowed" } else { "denied" },
                 r.decided_by
-            );
+            )?;
             if let Some(c) = c {
-                println!(
+                outln!(
                     "    rule counter (all CPUs): {} packets, {} bytes",
-                    c.packets, c.bytes
-                );
+                    c.packets,
+                    c.bytes
+                )?;
             }
         }
+        Ok(())
     }
 
     fn json(&self) -> Value {
@@ -435,32 +438,32 @@ pub fn matrix(
                     })
                 })
                 .collect();
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(
                     &json!({"port": port, "protocol": protocol.to_string(), "cells": rows})
                 )?
-            );
+            )?;
         }
         Format::Markdown => {
-            println!("| from \\ to | {} |", names.join(" | "));
-            println!("|---|{}", "---|".repeat(names.len()));
+            outln!("| from \\ to | {} |", names.join(" | "))?;
+            outln!("|---|{}", "---|".repeat(names.len()))?;
             for (i, n) in names.iter().enumerate() {
                 let row: Vec<String> = (0..names.len())
                     .map(|j| cell_text.get(&(i, j)).cloned().unwrap_or_default())
                     .collect();
-                println!("| {n} | {} |", row.join(" | "));
+                outln!("| {n} | {} |", row.join(" | "))?;
             }
-            println!();
+            outln!()?;
             for (i, l) in legend.iter().enumerate() {
-                println!("- **{}**: {l}", letter(i));
+                outln!("- **{}**: {l}", letter(i))?;
             }
         }
         Format::Text => {
-            println!(
+            outln!(
                 "connectivity for {protocol}/{port} by the {} engine (rows: client, columns: server; ✓ allowed, ✗ denied)",
                 engine.name()
-            );
+            )?;
             let labels: Vec<String> = names
                 .iter()
                 .enumerate()
@@ -479,7 +482,7 @@ pub fn matrix(
             let header: Vec<String> = (1..=names.len())
                 .map(|j| pad(&format!("[{j}]"), cw))
                 .collect();
-            println!("{} {}", " ".repeat(w), header.join(" "));
+            outln!("{} {}", " ".repeat(w), header.join(" "))?;
             for (i, l) in labels.iter().enumerate() {
                 let row: Vec<String> = (0..names.len())
                     .map(|j| {
@@ -489,11 +492,11 @@ pub fn matrix(
                         )
                     })
                     .collect();
-                println!("{l}{} {}", " ".repeat(w - l.chars().count()), row.join(" "));
+                outln!("{l}{} {}", " ".repeat(w - l.chars().count()), row.join(" "))?;
             }
-            println!();
+            outln!()?;
             for (i, l) in legend.iter().enumerate() {
-                println!("  {} = {l}", letter(i));
+                outln!("  {} = {l}", letter(i))?;
             }
         }
     }

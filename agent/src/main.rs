@@ -9,9 +9,27 @@
 //! palisade explain -f examples/zero-trust --from analytics/reporting --to shop-backend/api --port 8080
 //! ```
 
+/// `println!` that hands back the write error instead of panicking, so a
+/// reader that went away (`palisade matrix | head`) ends the run quietly.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
+/// `print!` counterpart of [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        write!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 mod compile_cmd;
 mod explain_cmd;
 mod load;
+mod progress;
 mod selector_cmd;
 mod verify_cmd;
 
@@ -40,19 +58,28 @@ impl Tally {
         }
     }
 
-    fn finish(self) -> ExitCode {
+    fn finish(self) -> std::io::Result<ExitCode> {
         for (reason, n) in &self.skip_reasons {
-            println!("skipped {n}: {reason}");
+            outln!("skipped {n}: {reason}")?;
         }
-        println!(
+        outln!(
             "{} passed, {} failed, {} skipped",
-            self.passed, self.failed, self.skipped
-        );
-        if self.failed == 0 {
+            self.passed,
+            self.failed,
+            self.skipped
+        )?;
+        if self.passed + self.failed == 0 {
+            // A check that checked nothing must not read as green in CI.
+            eprintln!(
+                "error: nothing was checked: no cases or probes ran (see the skip lines above)"
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        Ok(if self.failed == 0 {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
-        }
+        })
     }
 }
 
@@ -172,14 +199,14 @@ fn run() -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             SelectorCommand::Test { file, verbose } => {
-                Ok(selector_cmd::test(&file, verbose)?.finish())
+                Ok(selector_cmd::test(&file, verbose)?.finish()?)
             }
         },
         Command::Verify {
             engine,
             verbose,
             paths,
-        } => Ok(verify_cmd::verify(engine, &paths, verbose)?.finish()),
+        } => Ok(verify_cmd::verify(engine, &paths, verbose)?.finish()?),
         Command::Explain {
             files,
             connection,
@@ -215,9 +242,19 @@ fn run() -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Whether the error is stdout's reader having gone away (EPIPE).
+fn is_closed_stdout(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn main() -> ExitCode {
     match run() {
         Ok(code) => code,
+        // As `grep` or `cat` under `| head`: nobody is reading, nothing to say.
+        Err(e) if is_closed_stdout(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

@@ -40,19 +40,19 @@ pub fn parse(text: &str, json: bool) -> Result<()> {
         })
         .collect();
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "canonical": sel.canonical(),
                 "id": sel.id(),
                 "labelRestrictions": restrictions,
             }))?
-        );
+        )?;
     } else {
-        println!("canonical: {}", sel.canonical());
-        println!("id:        {}", sel.id());
+        outln!("canonical: {}", sel.canonical())?;
+        outln!("id:        {}", sel.id())?;
         for (k, r) in restrictions {
-            println!("label {k}: {r}");
+            outln!("label {k}: {r}")?;
         }
     }
     Ok(())
@@ -68,7 +68,7 @@ pub fn eval(text: &str, labels: &[String]) -> Result<()> {
         map.insert(k.to_string(), v.to_string());
     }
     let m = sel.matches(&map);
-    println!("{}", if m { "match" } else { "no match" });
+    outln!("{}", if m { "match" } else { "no match" })?;
     if !m {
         std::process::exit(1);
     }
@@ -103,7 +103,7 @@ pub fn test(path: &Path, verbose: bool) -> Result<Tally> {
         let v: Vector = match serde_json::from_str(line) {
             Ok(v) => v,
             Err(e) => {
-                println!("FAIL line {lineno}: not a selector vector: {e}");
+                outln!("FAIL line {lineno}: not a selector vector: {e}")?;
                 tally.failed += 1;
                 continue;
             }
@@ -142,12 +142,12 @@ pub fn test(path: &Path, verbose: bool) -> Result<Tally> {
             Ok(()) => {
                 tally.passed += 1;
                 if verbose {
-                    println!("ok   line {lineno}: {:?}", v.selector);
+                    outln!("ok   line {lineno}: {:?}", v.selector)?;
                 }
             }
             Err(why) => {
                 tally.failed += 1;
-                println!("FAIL line {lineno}: {:?}: {why}", v.selector);
+                outln!("FAIL line {lineno}: {:?}: {why}", v.selector)?;
             }
         }
     }

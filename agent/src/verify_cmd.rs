@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use policy_bpf::kernel_engine::KernelEngine;
 use policy_bpf::lower::Capacity;
 use policy_bpf::maps_engine::MapsEngine;
@@ -170,17 +170,27 @@ fn failed_all(case: &Case, why: &str) -> Vec<ProbeResult> {
 pub fn verify(engine: EngineKind, paths: &[PathBuf], verbose: bool) -> Result<Tally> {
     let files = collect_files(paths, &["json"])?;
     let mut tally = Tally::default();
-    let slow = matches!(engine, EngineKind::Kernel | EngineKind::Netns);
-    for (i, f) in files.iter().enumerate() {
+    if files.is_empty() {
+        bail!(
+            "no case files (.json) under {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    // The kernel and netns engines take minutes on the full corpora.
+    let progress = crate::progress::bar(files.len() as u64, "cases");
+    for f in &files {
         let name = f.display().to_string();
-        if slow && !verbose && (i % 20 == 0 || i + 1 == files.len()) {
-            eprintln!("[{}/{}] {name}", i + 1, files.len());
-        }
+        progress.set_message(name.clone());
+        progress.inc(1);
         let text = std::fs::read_to_string(f).with_context(|| format!("reading {name}"))?;
         let case = match parse_case(&name, &text) {
             Ok(c) => c,
             Err(e) => {
-                println!("FAIL {name}: case does not load: {e}");
+                outln!("FAIL {name}: case does not load: {e}")?;
                 tally.failed += 1;
                 continue;
             }
@@ -192,19 +202,19 @@ pub fn verify(engine: EngineKind, paths: &[PathBuf], verbose: bool) -> Result<Ta
                 ProbeStatus::Passed => case_tally.passed += 1,
                 ProbeStatus::Failed(why) => {
                     case_tally.failed += 1;
-                    println!("FAIL {name} {}: {why}", r.probe);
+                    outln!("FAIL {name} {}: {why}", r.probe)?;
                 }
                 ProbeStatus::Skipped(why) => {
                     case_tally.skipped += 1;
                     *case_tally.skip_reasons.entry(skip_group(why)).or_insert(0) += 1;
                     if verbose {
-                        println!("skip {name} {}: {why}", r.probe);
+                        outln!("skip {name} {}: {why}", r.probe)?;
                     }
                 }
             }
         }
         if verbose {
-            println!(
+            outln!(
                 "{} {} ({} passed, {} failed, {} skipped)",
                 if case_tally.failed == 0 {
                     "ok  "
@@ -215,10 +225,11 @@ pub fn verify(engine: EngineKind, paths: &[PathBuf], verbose: bool) -> Result<Ta
                 case_tally.passed,
                 case_tally.failed,
                 case_tally.skipped
-            );
+            )?;
         }
         tally.add(&case_tally);
     }
+    progress.finish_and_clear();
     Ok(tally)
 }
 

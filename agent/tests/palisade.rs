@@ -1,0 +1,129 @@
+//! The `palisade` binary as users run it: pipes, empty folders, big inputs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn palisade() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_palisade"));
+    c.current_dir(repo());
+    c
+}
+
+/// A fresh scratch folder for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("palisade-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs with stdout a pipe whose reader is already gone, as `palisade ... | head`
+/// after `head` has read its lines.
+fn run_with_reader_gone(args: &[&str]) -> Output {
+    let mut child = palisade()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn every_command_ends_quietly_when_nobody_reads_stdout() {
+    let zt = "examples/zero-trust";
+    let commands: &[&[&str]] = &[
+        &["selector", "parse", "app == 'web' && has(tier)"],
+        &["selector", "eval", "app == 'web'", "app=web"],
+        &["selector", "test", "conformance/selectors.jsonl"],
+        &["verify", "conformance/kubernetes"],
+        &["compile", "-f", zt],
+        &["compile", "-f", zt, "-o", "json"],
+        &["compile", "-f", zt, "-o", "dot"],
+        &["matrix", "-f", zt, "--port", "8080"],
+        &["matrix", "-f", zt, "--port", "8080", "-o", "json"],
+        &[
+            "explain",
+            "-f",
+            zt,
+            "--from",
+            "analytics/reporting",
+            "--to",
+            "shop-backend/api",
+            "--port",
+            "8080",
+        ],
+    ];
+    for args in commands {
+        let out = run_with_reader_gone(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked") && out.status.code() != Some(101),
+            "palisade {args:?} panicked on a closed pipe: {stderr}"
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "palisade {args:?} should end quietly with 0, as grep does: {stderr}"
+        );
+        assert!(stderr.is_empty(), "palisade {args:?} said: {stderr}");
+    }
+}
+
+#[test]
+fn verify_fails_when_there_is_nothing_to_verify() {
+    let empty = scratch("verify-empty");
+    let out = palisade().arg("verify").arg(&empty).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "a run that checked nothing passed"
+    );
+    assert!(stderr.contains("no case files"), "{stderr}");
+
+    // Only a non-case file: still nothing checked.
+    std::fs::write(empty.join("notes.txt"), "not a case").unwrap();
+    let out = palisade().arg("verify").arg(&empty).output().unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let _ = std::fs::remove_dir_all(&empty);
+}
+
+#[test]
+fn compile_summary_lines_stay_readable_when_many_pods_share_a_program() {
+    let dir = scratch("compile-wide");
+    let mut yaml =
+        String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: big, labels: {team: a}}\n");
+    for i in 0..200 {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{i}, namespace: big, labels: {{app: web}}}}\nstatus: {{podIP: 10.1.{}.{}}}\n",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    yaml.push_str(
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: big}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {}}]}]\n",
+    );
+    std::fs::write(dir.join("big.yaml"), yaml).unwrap();
+    let out = palisade()
+        .args(["compile", "-f"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let longest = text.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest <= 160, "a summary line of {longest} characters");
+    assert!(text.contains("used by 200 slots"), "{text}");
+    assert!(text.contains("... and 196 more"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
