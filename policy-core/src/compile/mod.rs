@@ -1326,20 +1326,33 @@ impl Compiler {
             let items = self.program_items(&key, ip, &mut sets, &mut rules);
             inputs.push((key, items, sets, rules));
         }
+        // Identities a policy set treats alike get the same item list (one
+        // `all()` policy: every identity): build each distinct list once.
+        let mut distinct: HashMap<&[program::Item], usize> = HashMap::default();
+        let mut unique: Vec<&[program::Item]> = Vec::new();
+        let which: Vec<usize> = inputs
+            .iter()
+            .map(|(_, items, _, _)| {
+                *distinct.entry(items.as_slice()).or_insert_with(|| {
+                    unique.push(items.as_slice());
+                    unique.len() - 1
+                })
+            })
+            .collect();
         // Parallel only when there is enough work to pay for waking threads.
-        let built: Vec<Program> = if inputs.len() >= 32 {
-            inputs
+        let unique_built: Vec<Arc<Program>> = if unique.len() >= 32 {
+            unique
                 .par_iter()
-                .map(|(_, items, _, _)| program::build(items))
+                .map(|items| Arc::new(program::build(items)))
                 .collect()
         } else {
-            inputs
+            unique
                 .iter()
-                .map(|(_, items, _, _)| program::build(items))
+                .map(|items| Arc::new(program::build(items)))
                 .collect()
         };
+        let built: Vec<Arc<Program>> = which.iter().map(|i| unique_built[*i].clone()).collect();
         for ((key, _, sets, rules), prog) in inputs.into_iter().zip(built) {
-            let prog = Arc::new(prog);
             let pid = match self.program_by_content.get(&prog).copied() {
                 // An identical program already exists and holds its sets and rules.
                 Some(pid) => pid,

@@ -566,13 +566,15 @@ impl Builder {
         }
         let (dim, items) = key;
         let f = Feature::ORDER[dim];
-        let mut cuts = vec![0u32];
-        // Per item: None when its condition does not look at this feature
-        // (it passes through unchanged), else its stretches as (start,
+        // Each item's specialised form as the sweep moves right: pass-through
+        // items (their condition ignores this feature) never change; a rule
+        // changes only at its own cuts, listed in `changes` as (start, item,
         // specialised spec or None where the rule cannot match).
-        let mut stretches: Vec<Option<Vec<(u32, Option<u32>)>>> = Vec::with_capacity(items.len());
+        let mut current: Vec<Option<u32>> = Vec::with_capacity(items.len());
+        let mut changes: Vec<(u32, usize, Option<u32>)> = Vec::new();
         let mut own = Vec::new();
-        for id in &items {
+        for (i, id) in items.iter().enumerate() {
+            current.push(Some(*id));
             let Spec::Rule {
                 cond,
                 action,
@@ -580,22 +582,18 @@ impl Builder {
                 tier,
             } = &self.specs[*id as usize]
             else {
-                stretches.push(None);
                 continue;
             };
             own.clear();
             cond.cuts(f, &mut own);
             if own.is_empty() {
-                stretches.push(None);
                 continue;
             }
             own.push(0);
             own.retain(|c| *c <= f.max());
             own.sort_unstable();
             own.dedup();
-            cuts.extend_from_slice(&own);
             let (cond, action, rule, tier) = (cond.clone(), *action, *rule, *tier);
-            let mut item_stretches = Vec::with_capacity(own.len());
             for &start in &own {
                 let spec = cond.clone().specialize(f, start).map(|cond| {
                     self.intern(Spec::Rule {
@@ -605,34 +603,40 @@ impl Builder {
                         tier,
                     })
                 });
-                item_stretches.push((start, spec));
+                changes.push((start, i, spec));
             }
-            stretches.push(Some(item_stretches));
         }
-        cuts.sort_unstable();
-        cuts.dedup();
-        // Elementary intervals [cuts[i], cuts[i+1]) and their sub-programs.
-        let mut at = vec![0usize; items.len()];
-        let mut parts: Vec<(u32, Next)> = Vec::with_capacity(cuts.len());
-        for &start in &cuts {
-            let mut specialised: Vec<u32> = Vec::with_capacity(items.len());
-            for (i, id) in items.iter().enumerate() {
-                let Some(item_stretches) = &stretches[i] else {
-                    specialised.push(*id);
-                    continue;
-                };
-                while at[i] + 1 < item_stretches.len() && item_stretches[at[i] + 1].0 <= start {
-                    at[i] += 1;
+        changes.sort_unstable_by_key(|(start, i, _)| (*start, *i));
+        // Items that can match in the current interval, in list order: the
+        // work per interval is what its sub-problem holds, not every item.
+        let mut live: std::collections::BTreeSet<usize> = (0..items.len()).collect();
+        let mut parts: Vec<(u32, Next)> = Vec::new();
+        let mut next_change = 0;
+        while next_change < changes.len() {
+            let start = changes[next_change].0;
+            while let Some(&(at, i, spec)) = changes.get(next_change) {
+                if at != start {
+                    break;
                 }
-                if let Some(spec) = item_stretches[at[i]].1 {
-                    specialised.push(spec);
+                current[i] = spec;
+                if spec.is_some() {
+                    live.insert(i);
+                } else {
+                    live.remove(&i);
                 }
+                next_change += 1;
             }
+            let specialised: Vec<u32> = live.iter().filter_map(|i| current[*i]).collect();
             let child = self.region(dim + 1, specialised);
             match parts.last() {
                 Some((_, prev)) if *prev == child => {}
                 _ => parts.push((start, child)),
             }
+        }
+        if parts.is_empty() {
+            // No item looks at this feature: one interval, everything passes.
+            let child = self.region(dim + 1, items.clone());
+            parts.push((0, child));
         }
         let out = self.search(f, &parts);
         self.regions.insert((dim, items), out);
