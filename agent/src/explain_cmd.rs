@@ -220,7 +220,7 @@ pub fn explain(
 /// What an engine other than the reference reported for the connection;
 /// for `netns`, the kernel's own verdict events and rule counters.
 struct Observed {
-    engine: &'static str,
+    engine: String,
     outcome: ProbeOutcome,
     events: Vec<(EventReport, Option<Counter>)>,
 }
@@ -291,7 +291,19 @@ fn observe(
     flow: &policy_core::Flow,
 ) -> Result<Observed> {
     if kind == EngineKind::Netns {
-        let engine = NetnsEngine::new(cluster, Capacity::default())?;
+        // Namespaces for the two ends only, not for every pod of the cluster.
+        // An address peer that is some pod's address is that pod.
+        let ends: Vec<&EndpointKey> = cluster
+            .endpoints()
+            .filter(|e| {
+                [from, to].into_iter().any(|p| match p {
+                    Peer::Endpoint(k) => *k == e.key,
+                    Peer::Ip(ip) => e.ips.contains(ip),
+                })
+            })
+            .map(|e| &e.key)
+            .collect();
+        let engine = NetnsEngine::with_pods(cluster, Capacity::default(), |k| ends.contains(&k))?;
         let outcome = engine.probe(from, to, flow)?;
         let events = engine.last_events()?;
         let events = events
@@ -305,7 +317,11 @@ fn observe(
             })
             .collect::<Result<Vec<_>, EngineError>>()?;
         return Ok(Observed {
-            engine: "netns",
+            engine: format!(
+                "netns ({} of {} pods in namespaces)",
+                engine.pods(),
+                cluster.endpoints().count()
+            ),
             outcome,
             events,
         });
@@ -313,7 +329,7 @@ fn observe(
     let engine = build_engine(kind, cluster)?;
     let outcome = evaluate_connection(&*engine, cluster, from, to, flow)?;
     Ok(Observed {
-        engine: engine.name(),
+        engine: engine.name().to_string(),
         outcome,
         events: Vec::new(),
     })

@@ -21,6 +21,42 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// Whether kernel tests may run: root, or a skip CI turns into a failure.
+fn privileged() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or("");
+    if euid == "0" {
+        return true;
+    }
+    if std::env::var_os("PALISADE_REQUIRE_PRIVILEGED").is_some_and(|v| v != "0") {
+        panic!("this test needs root and PALISADE_REQUIRE_PRIVILEGED is set");
+    }
+    eprintln!("skipped: needs root (BPF, network namespaces)");
+    false
+}
+
+/// One namespace `big` of `pods` pods labelled app=web, and a policy
+/// letting them talk to each other.
+fn wide_namespace(dir: &Path, pods: usize) {
+    let mut yaml =
+        String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: big, labels: {team: a}}\n");
+    for i in 0..pods {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{i}, namespace: big, labels: {{app: web}}}}\nstatus: {{podIP: 10.1.{}.{}}}\n",
+            i / 250,
+            i % 250 + 1
+        ));
+    }
+    yaml.push_str(
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: big}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {}}]}]\n",
+    );
+    std::fs::write(dir.join("big.yaml"), yaml).unwrap();
+}
+
 /// Runs with stdout a pipe whose reader is already gone, as `palisade ... | head`
 /// after `head` has read its lines.
 fn run_with_reader_gone(args: &[&str]) -> Output {
@@ -97,19 +133,7 @@ fn verify_fails_when_there_is_nothing_to_verify() {
 #[test]
 fn compile_summary_lines_stay_readable_when_many_pods_share_a_program() {
     let dir = scratch("compile-wide");
-    let mut yaml =
-        String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: big, labels: {team: a}}\n");
-    for i in 0..200 {
-        yaml.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{i}, namespace: big, labels: {{app: web}}}}\nstatus: {{podIP: 10.1.{}.{}}}\n",
-            i / 250,
-            i % 250 + 1
-        ));
-    }
-    yaml.push_str(
-        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web, namespace: big}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {}}]}]\n",
-    );
-    std::fs::write(dir.join("big.yaml"), yaml).unwrap();
+    wide_namespace(&dir, 200);
     let out = palisade()
         .args(["compile", "-f"])
         .arg(&dir)
@@ -125,5 +149,32 @@ fn compile_summary_lines_stay_readable_when_many_pods_share_a_program() {
     assert!(longest <= 160, "a summary line of {longest} characters");
     assert!(text.contains("used by 200 slots"), "{text}");
     assert!(text.contains("... and 196 more"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn explain_through_the_kernel_builds_namespaces_for_the_two_ends_only() {
+    if !privileged() {
+        return;
+    }
+    let dir = scratch("explain-netns");
+    wide_namespace(&dir, 40);
+    let out = palisade()
+        .args(["explain", "--engine", "netns", "-f"])
+        .arg(&dir)
+        .args(["--from", "big/pod-3", "--to", "big/pod-7", "--port", "80"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("netns (2 of 40 pods in namespaces)"),
+        "{text}"
+    );
+    assert!(text.contains("connected"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -222,6 +222,18 @@ impl NetnsEngine {
     /// datapath, attaches them to every host veth and writes the compiled
     /// policy.
     pub fn new(cluster: &Cluster, cap: Capacity) -> Result<Self, EngineError> {
+        Self::with_pods(cluster, cap, |_| true)
+    }
+
+    /// As [`NetnsEngine::new`], with namespaces only for the endpoints
+    /// `wanted` keeps: one question about two pods of thousands needs two
+    /// namespaces, not thousands. The policy is still compiled from the whole
+    /// cluster, so the kept pods see every peer's identity.
+    pub fn with_pods(
+        cluster: &Cluster,
+        cap: Capacity,
+        wanted: impl Fn(&EndpointKey) -> bool,
+    ) -> Result<Self, EngineError> {
         if !crate::datapath::privileged() {
             return Err(EngineError::Unavailable(
                 "network namespaces and BPF need root".into(),
@@ -232,6 +244,7 @@ impl NetnsEngine {
         let pods: Vec<(EndpointKey, Vec<IpAddr>)> = compiler
             .cluster()
             .endpoints()
+            .filter(|e| wanted(&e.key))
             .map(|e| (e.key.clone(), e.ips.clone()))
             .collect();
         let topo = Topology::build(&pods).map_err(from_netns)?;
