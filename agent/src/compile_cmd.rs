@@ -113,6 +113,7 @@ pub fn compile(
     format: CompileFormat,
 ) -> Result<()> {
     let cluster = load_cluster(files)?;
+    crate::lint_cmd::warn(&cluster);
     let started = std::time::Instant::now();
     let (c, _) = Compiler::from_cluster(&cluster, CompileOptions { node: node.clone() })?;
     let elapsed = started.elapsed();

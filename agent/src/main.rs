@@ -28,6 +28,7 @@ macro_rules! out {
 
 mod compile_cmd;
 mod explain_cmd;
+mod lint_cmd;
 mod load;
 mod progress;
 mod selector_cmd;
@@ -143,6 +144,14 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "summary")]
         output: compile_cmd::CompileFormat,
     },
+    /// Policies that are valid but will not do what they say: selecting
+    /// nothing, peers matching nothing, DNS cut off by a default deny.
+    /// Exit 1 when there are findings.
+    Lint {
+        /// Manifest files or folders.
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Connectivity matrix of every pod pair, with the deciding policy per cell.
     Matrix {
         /// Manifest files or folders.
@@ -229,6 +238,11 @@ fn run() -> anyhow::Result<ExitCode> {
             compile_cmd::compile(&files, node, endpoint.as_deref(), output)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Lint { files } => Ok(if lint_cmd::run(&files)? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        }),
         Command::Matrix {
             files,
             port,

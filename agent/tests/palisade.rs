@@ -178,3 +178,36 @@ fn explain_through_the_kernel_builds_namespaces_for_the_two_ends_only() {
     assert!(text.contains("connected"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn lint_names_the_zero_trust_surprises_and_compile_warns_about_them() {
+    let dir = scratch("lint");
+    std::fs::write(
+        dir.join("cluster.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {env: prod}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nstatus: {podIP: 10.0.0.1}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: default-deny}\nspec: {selector: all(), types: [Ingress, Egress]}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: prod-only}\nspec: {selector: env == 'prod', types: [Ingress]}\n",
+    )
+    .unwrap();
+    let out = palisade().args(["lint", "-f"]).arg(&dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("gnp:prod-only: selects no endpoint"),
+        "{text}"
+    );
+    assert!(text.contains("`env` is a namespace label"), "{text}");
+    assert!(text.contains("[dns-blocked]"), "{text}");
+    assert!(text.contains("3 findings"), "{text}");
+
+    let out = palisade()
+        .args(["compile", "-f"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: gnp:prod-only: selects no endpoint"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -64,6 +64,7 @@ pub mod conformance;
 pub mod convert;
 pub mod error;
 pub mod flow;
+pub mod lint;
 pub mod manifest;
 pub mod model;
 pub mod net;

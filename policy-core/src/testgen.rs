@@ -880,3 +880,41 @@ pub fn scale_cluster(scale: Scale, seed: u64) -> Vec<Object> {
     }
     objects
 }
+
+/// Few, wide policies: `policies` GlobalNetworkPolicies on `all()` of
+/// `rules` ingress rules each, over 200 pods in 10 namespaces. Rule `r`
+/// allows (even `r`) or denies (odd) TCP to port `1000 + r` from pods
+/// labelled `app == 'a{r % 20}' && rank == 'r{r}'`, so every rule has its own
+/// port interval and its own peer set: the shape that made compile time grow
+/// faster than the rules (issue 16). At most 1,024 rules, Calico's limit.
+pub fn wide_policies(policies: usize, rules: usize) -> Vec<Object> {
+    assert!(
+        rules <= 1024,
+        "Calico allows at most 1,024 rules per policy"
+    );
+    let mut objects: Vec<Object> = Vec::new();
+    for n in 0..10 {
+        objects.extend(convert(&json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": format!("ns{n}"), "labels": {"team": format!("t{}", n % 3)}}})));
+    }
+    for p in 0..200usize {
+        objects.extend(convert(&json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("pod{p}"), "namespace": format!("ns{}", p % 10),
+                "labels": {"app": format!("a{}", p % 20), "rank": format!("r{}", p % 50)}},
+            "status": {"podIP": format!("10.0.{}.{}", p / 250, p % 250 + 1)}})));
+    }
+    for k in 0..policies {
+        let ingress: Vec<Value> = (0..rules)
+            .map(|r| {
+                json!({"action": if r % 2 == 0 { "Allow" } else { "Deny" }, "protocol": "TCP",
+                    "source": {"selector": format!("app == 'a{}' && rank == 'r{r}'", r % 20)},
+                    "destination": {"ports": [1000 + r]}})
+            })
+            .collect();
+        let policy = json!({"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+            "metadata": {"name": format!("gnp{k}")},
+            "spec": {"order": k as f64, "selector": "all()", "types": ["Ingress"], "ingress": ingress}});
+        objects.push(convert_document(&policy).expect("generated policy is valid"));
+    }
+    objects
+}

@@ -7,7 +7,11 @@
 //! ```text
 //! cargo xtask report compiler               # full grid
 //! cargo xtask report compiler -- --quick    # 1k and 10k pods only
+//! cargo xtask report compiler -- --wide-only  # rules-per-policy axis only
 //! ```
+//!
+//! The rules-per-policy axis (few policies of many rules, each rule its own
+//! port and peer set) goes to `docs/compiler-rules-per-policy.md`.
 
 use std::alloc::System;
 use std::fmt::Write as _;
@@ -344,7 +348,138 @@ fn svg(rows: &[Row]) -> String {
     out
 }
 
+/// One point on the rules-per-policy axis.
+struct WideRow {
+    policies: usize,
+    rules: usize,
+    compile: Duration,
+    compiled_bytes: usize,
+    reference_matrix: Duration,
+    peer_sets: usize,
+    programs: usize,
+    max_depth: usize,
+}
+
+/// Few, wide policies (`testgen::wide_policies`): compile time and memory
+/// next to the reference engine answering the same cluster's whole matrix
+/// (every pod pair, both directions, the first rule's port), timed on every
+/// tenth row and scaled to the whole: it takes minutes otherwise.
+/// The reference matrix is timed on one row in this many.
+const REFERENCE_ROW_STEP: usize = 10;
+
+fn measure_wide(policies: usize, rules: usize) -> WideRow {
+    eprintln!("== {policies} policies x {rules} rules");
+    let mut c = Cluster::new();
+    c.apply(
+        policy_core::testgen::wide_policies(policies, rules)
+            .into_iter()
+            .map(policy_core::Change::Upsert)
+            .collect(),
+    )
+    .expect("generated cluster is valid");
+    let reps = 3;
+    let compile = median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                let compiled = Compiler::from_cluster(&c, CompileOptions::default());
+                let d = t.elapsed();
+                drop(compiled);
+                d
+            })
+            .collect(),
+    );
+    let region = Region::new(GLOBAL);
+    let (compiled, _) = Compiler::from_cluster(&c, CompileOptions::default()).expect("compiles");
+    let stats = region.change();
+    let compiled_bytes = stats
+        .bytes_allocated
+        .saturating_sub(stats.bytes_deallocated);
+    let s = compiled.stats();
+    drop(compiled);
+    let reference_matrix = median(
+        (0..1)
+            .map(|_| {
+                let t = Instant::now();
+                let engine = ReferenceEngine::new(&c);
+                let eps: Vec<_> = c.endpoints().collect();
+                for src in eps.iter().step_by(REFERENCE_ROW_STEP) {
+                    for dst in &eps {
+                        let (Some(s), Some(d)) = (src.ips.first(), dst.ips.first()) else {
+                            continue;
+                        };
+                        let flow =
+                            Flow::ports(*s, *d, policy_core::net::Protocol::TCP, 40000, 1000);
+                        let _ = engine.decide(&src.key, Direction::Egress, &flow);
+                        let _ = engine.decide(&dst.key, Direction::Ingress, &flow);
+                    }
+                }
+                t.elapsed() * REFERENCE_ROW_STEP as u32
+            })
+            .collect(),
+    );
+    eprintln!(
+        "   compile {:.0} ms, reference matrix {:.0} ms",
+        ms(compile),
+        ms(reference_matrix)
+    );
+    WideRow {
+        policies,
+        rules,
+        compile,
+        compiled_bytes,
+        reference_matrix,
+        peer_sets: s.peer_sets,
+        programs: s.programs,
+        max_depth: s.max_depth,
+    }
+}
+
+fn wide_report(root: &std::path::Path) -> anyhow::Result<()> {
+    // Rules per policy at five policies, then policies at 1,000 rules.
+    let grid = [(5, 100), (5, 500), (5, 1_000), (1, 1_000), (20, 1_000)];
+    let rows: Vec<WideRow> = grid.iter().map(|(p, r)| measure_wide(*p, *r)).collect();
+    let mut md = String::from(
+        "# Compiler: rules per policy
+
+",
+    );
+    let _ = writeln!(
+        md,
+        "Measured with `cargo xtask report compiler -- --wide-only`. Clusters from `policy_core::testgen::wide_policies`: 200 pods, GlobalNetworkPolicies on `all()` whose every rule has its own port and its own peer set. Baseline, same run: the reference engine answering the whole 200 x 200 matrix (both directions) of the same cluster, timed on every tenth row and scaled. Goal: 5 x 1,000 rules under 1 s.
+"
+    );
+    let _ = writeln!(
+        md,
+        "| policies | rules each | compile | vs reference matrix | compiled memory | peer sets | programs | deepest walk |"
+    );
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} ms | {:.2}x | {:.1} MB | {} | {} | {} |",
+            r.policies,
+            r.rules,
+            ms(r.compile),
+            ms(r.compile) / ms(r.reference_matrix),
+            r.compiled_bytes as f64 / 1e6,
+            r.peer_sets,
+            r.programs,
+            r.max_depth
+        );
+    }
+    std::fs::create_dir_all(root.join("docs"))?;
+    std::fs::write(root.join("docs/compiler-rules-per-policy.md"), &md)?;
+    print!("{md}");
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    if std::env::args().any(|a| a == "--wide-only") {
+        return wide_report(&root);
+    }
+    wide_report(&root)?;
     let quick = std::env::args().any(|a| a == "--quick");
     let pods: &[usize] = if quick {
         &[1_000, 10_000]
@@ -359,7 +494,6 @@ fn main() -> anyhow::Result<()> {
             rows.push(measure(p, q, changes));
         }
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
