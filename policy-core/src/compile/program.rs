@@ -503,6 +503,9 @@ struct Builder {
     regions: HashMap<(usize, Vec<u32>), Next>,
     specs: Vec<Spec>,
     spec_ids: HashMap<Spec, u32>,
+    /// Rule specialisations plus items handed to sub-problems: the
+    /// builder's work, counted so tests can check how it grows.
+    work: u64,
 }
 
 impl Builder {
@@ -595,6 +598,7 @@ impl Builder {
             own.dedup();
             let (cond, action, rule, tier) = (cond.clone(), *action, *rule, *tier);
             for &start in &own {
+                self.work += 1;
                 let spec = cond.clone().specialize(f, start).map(|cond| {
                     self.intern(Spec::Rule {
                         cond,
@@ -627,6 +631,7 @@ impl Builder {
                 next_change += 1;
             }
             let specialised: Vec<u32> = live.iter().filter_map(|i| current[*i]).collect();
+            self.work += specialised.len() as u64;
             let child = self.region(dim + 1, specialised);
             match parts.last() {
                 Some((_, prev)) if *prev == child => {}
@@ -747,6 +752,11 @@ impl Builder {
 /// [`Item::End`] and every tier referenced by a rule must have its
 /// [`Item::TierEnd`].
 pub fn build(items: &[Item]) -> Program {
+    build_counting(items).0
+}
+
+/// [`build`], and the builder's work (see `Builder::work`).
+fn build_counting(items: &[Item]) -> (Program, u64) {
     let specs: Vec<Spec> = items
         .iter()
         .map(|it| match it {
@@ -777,10 +787,11 @@ pub fn build(items: &[Item]) -> Program {
         regions: HashMap::default(),
         specs: Vec::new(),
         spec_ids: HashMap::default(),
+        work: 0,
     };
     let ids: Vec<u32> = specs.into_iter().map(|s| b.intern(s)).collect();
     let root = b.region(0, ids);
-    compact(&b.nodes, &b.leaves, root)
+    (compact(&b.nodes, &b.leaves, root), b.work)
 }
 
 /// Keeps only what is reachable from the root, numbered in depth-first
@@ -840,6 +851,58 @@ mod tests {
             icmp_type: 0,
             icmp_code: 0,
         }
+    }
+
+    /// `n` rules, each on its own port and peer set, then the tier's end.
+    fn one_port_per_rule(n: u16) -> Vec<Item> {
+        let mut items: Vec<Item> = (0..n)
+            .map(|r| Item::Rule {
+                cond: Cond {
+                    protocol: Some(Protocol::TCP),
+                    local_ports: Some(PortSpec {
+                        ranges: vec![(1000 + r, 1000 + r)],
+                        points: vec![],
+                    }),
+                    clauses: vec![vec![Lit {
+                        bit: u32::from(r),
+                        positive: true,
+                    }]],
+                    ..Default::default()
+                },
+                action: ItemAction::Allow,
+                rule: u32::from(r) + 1,
+                tier: 0,
+            })
+            .collect();
+        items.push(Item::TierEnd {
+            tier: 0,
+            deny: true,
+            rule: 0,
+        });
+        items
+    }
+
+    #[test]
+    fn work_grows_linearly_with_rules_that_each_cut_the_ports() {
+        // Specialising every rule in every port interval was quadratic: a
+        // 1,024-rule policy took seconds (issue 16). Doubling the rules must
+        // now about double the work, not quadruple it.
+        let (small, w1) = build_counting(&one_port_per_rule(500));
+        let (large, w2) = build_counting(&one_port_per_rule(1000));
+        assert_eq!(small.leaves.len(), 501);
+        assert_eq!(large.leaves.len(), 1001);
+        let ratio = w2 as f64 / w1 as f64;
+        assert!(
+            ratio < 2.5,
+            "work {w1} -> {w2} ({ratio:.2}x) for twice the rules"
+        );
+        let p = large;
+        let at = |port| {
+            p.evaluate(&features(6, port), |b| u32::from(port - 1000) == b)
+                .0
+        };
+        assert_eq!(at(1500).rule, 501);
+        assert_eq!(at(1999).verdict, Verdict::Allow);
     }
 
     #[test]
