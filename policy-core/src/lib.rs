@@ -69,6 +69,8 @@ pub mod model;
 pub mod net;
 pub mod reference;
 pub mod selector;
+mod strict;
+pub mod suggest;
 pub mod testgen;
 
 pub use cluster::{Change, Cluster};
