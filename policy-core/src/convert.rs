@@ -16,10 +16,12 @@ use crate::api::{
     ActionSpec, CalicoObject, EntityRuleSpec, IcmpSpec, NetworkSetSpec, NumOrString, PolicySpec,
     PolicyTypeSpec, ProfileSpec, RuleSpec, TierSpec,
 };
-use crate::error::{Error, ErrorKind, ObjectRef};
+use crate::error::{Error, ErrorKind, Errors, ObjectRef};
 use crate::model::*;
 use crate::net::{IpVersion, PortMatch, Protocol, parse_cidr, parse_cidr_or_ip};
 use crate::selector::{Expr, MAX_LABEL_LENGTH, Selector, is_valid_label_key};
+use crate::strict::{self, UnknownField};
+use crate::suggest::closest;
 
 /// Calico's limits.
 pub mod limits {
@@ -97,8 +99,20 @@ pub const SUPPORTED_KINDS: &str = "projectcalico.org/v3 NetworkPolicy, GlobalNet
 StagedNetworkPolicy, StagedGlobalNetworkPolicy, StagedKubernetesNetworkPolicy, Tier, NetworkSet, \
 GlobalNetworkSet, Profile; networking.k8s.io/v1 NetworkPolicy; v1 Namespace, Pod, ServiceAccount";
 
-/// Converts one manifest document (already parsed to JSON) into a model object.
+/// Converts one manifest document (already parsed to JSON) into a model
+/// object; on failure, the first of [`convert_document_all`]'s errors.
 pub fn convert_document(doc: &serde_json::Value) -> Result<Object, Error> {
+    convert_document_all(doc).map_err(|e| {
+        e.into_iter()
+            .next()
+            .unwrap_or_else(|| Error::new(ErrorKind::Invalid("rejected".into())))
+    })
+}
+
+/// Converts one manifest document (already parsed to JSON) into a model
+/// object. Fields are checked strictly: every unknown field is an error,
+/// reported all at once with the first bad value.
+pub fn convert_document_all(doc: &serde_json::Value) -> Result<Object, Errors> {
     let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or("");
     let api_version = doc.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("");
     let meta = doc.get("metadata");
@@ -114,7 +128,7 @@ pub fn convert_document(doc: &serde_json::Value) -> Result<Object, Error> {
         namespace,
         name,
     );
-    convert_inner(doc, kind, api_version).map_err(|e| e.on(obj))
+    convert_inner(doc, kind, api_version).map_err(|e| e.map(|e| e.on(obj.clone())))
 }
 
 fn expect_api(kind: &str, found: &str, expected: &'static str) -> Result<(), Error> {
@@ -130,7 +144,7 @@ fn expect_api(kind: &str, found: &str, expected: &'static str) -> Result<(), Err
     }
 }
 
-fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Object, Error> {
+fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Object, Errors> {
     match kind {
         "NetworkPolicy" if api == "networking.k8s.io/v1" => {
             let np: netv1::NetworkPolicy = typed(doc)?;
@@ -145,12 +159,14 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
         | "StagedNetworkPolicy"
         | "StagedGlobalNetworkPolicy" => {
             if kind == "NetworkPolicy" && api != CALICO_API_VERSION {
-                return Err(Error::new(ErrorKind::WrongApiVersion {
-                    kind: kind.into(),
-                    found: api.into(),
-                    expected: "projectcalico.org/v3 or networking.k8s.io/v1",
-                })
-                .at("apiVersion"));
+                return fail(
+                    Error::new(ErrorKind::WrongApiVersion {
+                        kind: kind.into(),
+                        found: api.into(),
+                        expected: "projectcalico.org/v3 or networking.k8s.io/v1",
+                    })
+                    .at("apiVersion"),
+                );
             }
             expect_api(kind, api, CALICO_API_VERSION)?;
             let obj: CalicoObject<PolicySpec> = typed(doc)?;
@@ -196,7 +212,7 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
                 None | Some(ActionSpec::Deny) => TierDefault::Deny,
                 Some(ActionSpec::Pass) => TierDefault::Pass,
                 Some(other) => {
-                    return Err(Error::invalid(
+                    return fail(Error::invalid(
                         "spec.defaultAction",
                         format!("{other:?} is not a tier default action: expected Deny or Pass"),
                     ));
@@ -217,7 +233,7 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
                 Some(namespace_of(&obj.metadata)?)
             } else {
                 if obj.metadata.namespace.is_some() {
-                    return Err(Error::invalid(
+                    return fail(Error::invalid(
                         "metadata.namespace",
                         "a GlobalNetworkSet is not namespaced",
                     ));
@@ -226,16 +242,18 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
             };
             let labels = labels_of(&obj.metadata, "metadata.labels")?;
             if labels.contains_key(LABEL_NAMESPACE) {
-                return Err(Error::invalid(
+                return fail(Error::invalid(
                     format!("metadata.labels[{LABEL_NAMESPACE}]"),
                     "projectcalico.org/namespace is set by Calico and may not be given",
                 ));
             }
             if !obj.spec.allowed_egress_domains.is_empty() {
-                return Err(Error::new(ErrorKind::Unsupported(
-                    "allowedEgressDomains (domain-based network sets)".into(),
-                ))
-                .at("spec.allowedEgressDomains"));
+                return fail(
+                    Error::new(ErrorKind::Unsupported(
+                        "allowedEgressDomains (domain-based network sets)".into(),
+                    ))
+                    .at("spec.allowedEgressDomains"),
+                );
             }
             let nets = obj
                 .spec
@@ -286,22 +304,111 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
             let pod: core::Pod = typed(doc)?;
             Ok(Object::Endpoint(pod_endpoint(&pod)?))
         }
-        _ => Err(Error::new(ErrorKind::UnknownKind {
-            kind: kind.to_string(),
-            api_version: api.to_string(),
-            supported: SUPPORTED_KINDS,
-        })
-        .at("kind")),
+        _ => fail(
+            Error::new(ErrorKind::UnknownKind {
+                kind: kind.to_string(),
+                api_version: api.to_string(),
+                supported: SUPPORTED_KINDS,
+            })
+            .at("kind"),
+        ),
     }
 }
 
-/// Deserialises with the failing field's path in the error.
-fn typed<T: DeserializeOwned>(doc: &serde_json::Value) -> Result<T, Error> {
-    serde_path_to_error::deserialize(doc).map_err(|e| {
-        let path = e.path().to_string();
-        let msg = e.into_inner().to_string();
-        let err = Error::new(ErrorKind::Invalid(msg));
-        if path == "." { err } else { err.at(path) }
+/// An error as the one error of a document.
+fn fail<T>(e: Error) -> Result<T, Errors> {
+    Err(e.into())
+}
+
+/// Deserialises strictly: every unknown field (with a suggestion) and the
+/// first bad value, each with its path.
+fn typed<T: DeserializeOwned>(doc: &serde_json::Value) -> Result<T, Errors> {
+    strict::from_value(doc).map_err(|failure| {
+        let mut errors: Errors = failure.unknown.into_iter().map(unknown_field).collect();
+        if let Some((path, msg)) = failure.invalid {
+            let err = Error::new(ErrorKind::Invalid(msg));
+            errors.push(if path == "." { err } else { err.at(path) });
+        }
+        errors
+    })
+}
+
+fn unknown_field(u: UnknownField) -> Error {
+    let help = other_api_help(u.parent, &u.name).or_else(|| {
+        closest(&u.name, u.known.iter().copied()).map(|c| format!("did you mean `{c}`?"))
+    });
+    Error::new(ErrorKind::UnknownField { name: u.name, help }).at(u.path)
+}
+
+/// Fields of one policy API written in the other: Calico syntax in a
+/// Kubernetes NetworkPolicy and the other way round. `parent` is the type
+/// that was expected where the field was found.
+fn other_api_help(parent: &str, name: &str) -> Option<String> {
+    const K8S: &str = "networking.k8s.io/v1";
+    const CALICO: &str = "projectcalico.org/v3";
+    let calico_in_k8s =
+        |instead: &str| format!("`{name}` is Calico syntax; in {K8S} use {instead}");
+    let calico_only = || {
+        format!(
+            "`{name}` is Calico syntax, which {K8S} has no equivalent for: write a {CALICO} NetworkPolicy instead"
+        )
+    };
+    let k8s_in_calico =
+        |instead: &str| format!("`{name}` is {K8S} syntax; in {CALICO} use {instead}");
+    let k8s_rule = matches!(
+        parent,
+        "NetworkPolicyIngressRule" | "NetworkPolicyEgressRule"
+    );
+    let ingress = parent == "NetworkPolicyIngressRule";
+    Some(match (parent, name) {
+        ("NetworkPolicySpec", "selector") => {
+            calico_in_k8s("podSelector (a label selector: matchLabels, matchExpressions)")
+        }
+        ("NetworkPolicySpec", "types") => calico_in_k8s("policyTypes"),
+        (
+            "NetworkPolicySpec",
+            "order"
+            | "tier"
+            | "namespaceSelector"
+            | "serviceAccountSelector"
+            | "doNotTrack"
+            | "preDNAT"
+            | "applyOnForward",
+        ) => calico_only(),
+        (_, "action") if k8s_rule => format!(
+            "`action` is Calico syntax; {K8S} rules can only allow (write a {CALICO} NetworkPolicy to Deny, Pass or Log)"
+        ),
+        (_, "source") if ingress => calico_in_k8s("from"),
+        (_, "destination") if k8s_rule && !ingress => calico_in_k8s("to"),
+        (_, "destination") if ingress => {
+            calico_in_k8s("ports (the destination of an ingress rule is the selected pods)")
+        }
+        (_, "source") if k8s_rule => {
+            calico_in_k8s("to and ports (the source of an egress rule is the selected pods)")
+        }
+        (_, "protocol") if k8s_rule => {
+            calico_in_k8s("a protocol per port: ports: [{protocol: UDP, port: 53}]")
+        }
+        (_, "ipVersion" | "notProtocol" | "icmp" | "notICMP" | "http" | "metadata") if k8s_rule => {
+            calico_only()
+        }
+        ("NetworkPolicyPeer", "selector") => calico_in_k8s("podSelector"),
+        ("NetworkPolicyPeer", "nets") => calico_in_k8s("ipBlock: {cidr: ...}"),
+        ("NetworkPolicyPeer", "notNets") => calico_in_k8s("ipBlock.except"),
+        ("NetworkPolicyPeer", "ports") => calico_in_k8s("ports on the rule, next to from/to"),
+        ("NetworkPolicyPeer", "notSelector" | "serviceAccounts" | "services" | "notPorts") => {
+            calico_only()
+        }
+        ("PolicySpec", "podSelector") => {
+            k8s_in_calico("selector (an expression such as app == 'db')")
+        }
+        ("PolicySpec", "policyTypes") => k8s_in_calico("types"),
+        ("RuleSpec", "from") => k8s_in_calico("source (and action: Allow)"),
+        ("RuleSpec", "to") => k8s_in_calico("destination (and action: Allow)"),
+        ("RuleSpec", "ports") => k8s_in_calico("protocol and destination.ports"),
+        ("EntityRuleSpec", "podSelector") => k8s_in_calico("selector"),
+        ("EntityRuleSpec", "ipBlock") => k8s_in_calico("nets and notNets"),
+        _ => return None,
     })
 }
 
