@@ -138,3 +138,106 @@ pub fn load_cluster(paths: &[PathBuf]) -> Result<Cluster> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh folder under the system temp dir, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let p =
+                std::env::temp_dir().join(format!("palisade-load-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Scratch(p)
+        }
+
+        fn write(&self, rel: &str, text: &str) {
+            let p = self.0.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n";
+
+    #[test]
+    fn dot_entries_and_symlink_loops_are_not_walked() {
+        let s = Scratch::new("walk");
+        s.write("ns.yaml", NS);
+        s.write(".git/copy.yaml", NS);
+        s.write(".hidden.yaml", NS);
+        // A mounted ConfigMap: ..data -> ..2026_01, file -> ..data/file.
+        s.write(
+            "cm/..2026_01/policy.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: cm}\n",
+        );
+        std::os::unix::fs::symlink("..2026_01", s.0.join("cm/..data")).unwrap();
+        std::os::unix::fs::symlink("..data/policy.yaml", s.0.join("cm/policy.yaml")).unwrap();
+        // A loop back to the top, and a symlink to a folder elsewhere.
+        std::os::unix::fs::symlink("..", s.0.join("cm/loop")).unwrap();
+        let other = Scratch::new("walk-other");
+        other.write(
+            "more.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: more}\n",
+        );
+        std::os::unix::fs::symlink(&other.0, s.0.join("linked")).unwrap();
+
+        let files = collect_files(std::slice::from_ref(&s.0), &["yaml"]).unwrap();
+        let rel: Vec<_> = files
+            .iter()
+            .map(|f| f.strip_prefix(&s.0).unwrap().display().to_string())
+            .collect();
+        assert_eq!(rel, ["cm/policy.yaml", "linked/more.yaml", "ns.yaml"]);
+        let cluster = load_cluster(std::slice::from_ref(&s.0)).unwrap();
+        assert_eq!(cluster.namespaces().count(), 3);
+    }
+
+    #[test]
+    fn other_kinds_are_skipped_and_all_errors_reported() {
+        let s = Scratch::new("kinds");
+        s.write(
+            "app.yaml",
+            &format!(
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web}}\n---\n\
+                 apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {{name: default}}\n---\n\
+                 apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\n---\n{NS}"
+            ),
+        );
+        s.write("ns.yaml", &NS.replace("shop", "web"));
+        assert_eq!(
+            load_cluster(std::slice::from_ref(&s.0))
+                .unwrap()
+                .namespaces()
+                .count(),
+            2
+        );
+
+        s.write(
+            "a.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, lables: {}}\n",
+        );
+        s.write("b.yaml", "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec:\n  ingres: []\n");
+        let e = load_cluster(std::slice::from_ref(&s.0)).unwrap_err();
+        let errors = e.downcast_ref::<Errors>().expect("load errors");
+        let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(shown.len(), 2, "{errors}");
+        assert!(
+            shown[0].contains("a.yaml:3:1: Namespace a: metadata.lables"),
+            "{errors}"
+        );
+        assert!(
+            shown[1].contains("b.yaml:5:3: NetworkPolicy p: spec.ingres"),
+            "{errors}"
+        );
+    }
+}
