@@ -1537,4 +1537,89 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("sorce"), "{e}");
     }
+
+    #[test]
+    fn kubernetes_kinds_reject_unknown_fields() {
+        let np = |spec: serde_json::Value| {
+            convert_document_all(&json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": "p", "namespace": "x"}, "spec": spec
+            }))
+            .unwrap_err()
+            .into_vec()
+        };
+        let e = np(
+            json!({"podSelector": {}, "ingres": [{}], "egress": [{"to": [{"nets": ["10.0.0.0/8"]}]}]}),
+        );
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].field.as_deref(), Some("spec.ingres"));
+        assert_eq!(
+            e[0].kind,
+            ErrorKind::UnknownField {
+                name: "ingres".into(),
+                help: Some("did you mean `ingress`?".into())
+            }
+        );
+        assert_eq!(e[1].field.as_deref(), Some("spec.egress[0].to[0].nets"));
+        assert!(
+            e[1].to_string()
+                .contains("in networking.k8s.io/v1 use ipBlock"),
+            "{}",
+            e[1]
+        );
+        assert_eq!(e[1].object.as_ref().unwrap().name, "p");
+
+        // A staged Kubernetes policy is as strict.
+        let e = convert_document_all(&json!({
+            "apiVersion": "projectcalico.org/v3", "kind": "StagedKubernetesNetworkPolicy",
+            "metadata": {"name": "p", "namespace": "x"},
+            "spec": {"stagedAction": "Set", "podSelector": {"matchLabel": {"a": "b"}}}
+        }))
+        .unwrap_err();
+        assert_eq!(
+            e.first().unwrap().field.as_deref(),
+            Some("spec.podSelector.matchLabel")
+        );
+        // The first-error form still works for embedders.
+        let e = convert_document(&json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": "s", "namespace": "x", "annotation": {}}
+        }))
+        .unwrap_err();
+        assert!(
+            e.to_string().ends_with("did you mean `annotations`?"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn other_api_help_goes_both_ways() {
+        assert!(
+            other_api_help("NetworkPolicySpec", "types")
+                .unwrap()
+                .ends_with("use policyTypes")
+        );
+        assert!(
+            other_api_help("NetworkPolicyEgressRule", "destination")
+                .unwrap()
+                .ends_with("use to")
+        );
+        assert!(
+            other_api_help("NetworkPolicyIngressRule", "source")
+                .unwrap()
+                .ends_with("use from")
+        );
+        assert!(
+            other_api_help("RuleSpec", "from")
+                .unwrap()
+                .starts_with("`from` is networking.k8s.io/v1 syntax")
+        );
+        assert!(
+            other_api_help("EntityRuleSpec", "ipBlock")
+                .unwrap()
+                .ends_with("use nets and notNets")
+        );
+        assert_eq!(other_api_help("NetworkPolicySpec", "ingres"), None);
+        assert_eq!(other_api_help("RuleSpec", "action"), None);
+    }
 }

@@ -302,7 +302,7 @@ fn shift_lines(message: &str, by: usize) -> String {
         rest = &rest[i + 5..];
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         match rest[..digits].parse::<usize>() {
-            Ok(n) if digits > 0 => out.push_str(&(n + by).to_string()),
+            Ok(n) if digits > 0 => out.push_str(&n.saturating_add(by).to_string()),
             _ => out.push_str(&rest[..digits]),
         }
         rest = &rest[digits..];
