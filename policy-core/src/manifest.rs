@@ -172,9 +172,18 @@ fn split_json(source: &str, text: &str) -> (Vec<Document>, Option<Error>) {
         };
         match v {
             serde_json::Value::Array(items) => {
-                for value in items {
+                let starts = json_item_starts(&text[start..stream.byte_offset()]);
+                for (i, value) in items.into_iter().enumerate() {
+                    let (line, column) = starts
+                        .get(i)
+                        .map_or((line, column), |&o| lines.position(start + o));
                     out.push(Document {
-                        origin: origin(out.len() + 1),
+                        origin: Origin {
+                            source: source.to_string(),
+                            document: out.len() + 1,
+                            line,
+                            column,
+                        },
                         value,
                         span: 0..0,
                         first_line: line,
@@ -190,6 +199,46 @@ fn split_json(source: &str, text: &str) -> (Vec<Document>, Option<Error>) {
         }
     }
     (out, None)
+}
+
+/// Byte offsets of the items of a JSON array (the text of a whole array
+/// that parsed), found by tracking strings and nesting.
+fn json_item_starts(array: &str) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut expect_item = false;
+    for (i, b) in array.bytes().enumerate() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        if expect_item && !b.is_ascii_whitespace() {
+            expect_item = false;
+            if b != b']' {
+                starts.push(i);
+            }
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth == 1 {
+                    expect_item = true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b',' if depth == 1 => expect_item = true,
+            _ => {}
+        }
+    }
+    starts
 }
 
 /// Byte offsets of line starts, to turn an offset into a line and column.
@@ -769,6 +818,15 @@ mod tests {
     }
 
     #[test]
+    fn json_items_have_their_offsets() {
+        let a = r#"[ {"a": "x,]\"[{"}, [1, 2],
+  "s" ]"#;
+        assert_eq!(json_item_starts(a), [2, 20, 30]);
+        assert_eq!(json_item_starts("[]"), Vec::<usize>::new());
+        assert_eq!(json_item_starts("[ ]"), Vec::<usize>::new());
+    }
+
+    #[test]
     fn sections_keep_their_lines() {
         let text = "%YAML 1.2\n---\na: 1\n--- # two\n\n  b: 2\n...\nc: 3\n";
         let chunks: Vec<_> = yaml_chunks(text)
@@ -799,5 +857,65 @@ mod tests {
         assert!(matches!(e.kind, ErrorKind::Duplicate(..)), "{e}");
         assert!(e.to_string().contains("one.yaml"), "{e}");
         assert_eq!(set.objects().len(), 1);
+    }
+
+    mod never_panics {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Lines built from YAML's structural pieces, so the splitter and
+        /// the field locator meet markers, dashes, quotes and odd indents.
+        fn yamlish() -> impl Strategy<Value = String> {
+            let piece = prop::sample::select(vec![
+                "---",
+                "...",
+                "- ",
+                "-",
+                "  ",
+                " ",
+                "\t",
+                "\r",
+                "#",
+                "%YAML 1.2",
+                "a:",
+                "b: 1",
+                "\"a\":",
+                "'b': x",
+                "{",
+                "}",
+                "[",
+                "]",
+                ":",
+                "spec:",
+                "ingress:",
+                "kind: Pod",
+                "apiVersion: v1",
+                "metadata:",
+                "name: x",
+                "é",
+                "\u{1F600}",
+            ]);
+            prop::collection::vec(prop::collection::vec(piece, 0..6), 0..12).prop_map(|lines| {
+                lines
+                    .into_iter()
+                    .map(|l| l.concat())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(500))]
+            #[test]
+            fn parse_and_locate_never_panic(
+                text in yamlish(),
+                path in "[a-z.\\[\\]0-9]{0,20}",
+            ) {
+                let _ = parse_source("p.yaml", &text);
+                let _ = locate(&text, &path);
+                let _ = locate(&text, "spec.ingress[0].a");
+                let _ = shift_lines(&text, usize::MAX);
+            }
+        }
     }
 }

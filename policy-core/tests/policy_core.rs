@@ -814,7 +814,14 @@ items:
         let e = errors(
             "[\n  {\"apiVersion\": \"v1\", \"kind\": \"Namespace\", \"metadata\": {\"name\": \"a\"}},\n  {\"apiVersion\": \"v1\", \"kind\": \"Namespace\", \"metadata\": {\"nme\": \"b\"}}\n]\n",
         );
-        assert!(lines(&e)[0].starts_with("np.yaml:1:1: "), "{e}");
+        assert!(
+            lines(&e)[0].starts_with("np.yaml:3:3: Namespace <unnamed>: metadata.nme"),
+            "{e}"
+        );
+        assert_eq!(
+            e.iter().next().unwrap().origin.as_ref().unwrap().document,
+            2
+        );
         let e = errors("{\"apiVersion\": \"v1\",\n \"kind\": }");
         assert!(
             lines(&e)[0].starts_with("np.yaml:2:10: malformed JSON"),
