@@ -380,7 +380,8 @@ fn str_field<'v>(v: &'v serde_json::Value, key: &str) -> &'v str {
 fn acted_on(doc: &serde_json::Value) -> Result<bool, Error> {
     let kind = str_field(doc, "kind");
     let api = str_field(doc, "apiVersion");
-    if ACTED_ON_KINDS.contains(&kind) || kind.is_empty() || api.is_empty() {
+    let list = kind.ends_with("List") && doc.get("items").is_some();
+    if ACTED_ON_KINDS.contains(&kind) || list || kind.is_empty() || api.is_empty() {
         // Conversion reports a missing kind or apiVersion.
         return Ok(true);
     }

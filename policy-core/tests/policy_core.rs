@@ -748,6 +748,24 @@ items:
                 ("ConfigMap", "shop/c", 19),
             ]
         );
+        // Typed lists (kubectl get -o yaml) are read item by item.
+        let parsed = parse_source(
+            "list.yaml",
+            "apiVersion: v1\nkind: PodList\nitems:\n- {apiVersion: v1, kind: Pod, metadata: {name: a}}\n\
+             - {apiVersion: apps/v1, kind: Deployment, metadata: {name: d}}\n",
+        )
+        .unwrap();
+        assert_eq!((parsed.objects.len(), parsed.skipped.len()), (1, 1));
+        let e = errors(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicyList\nitems:\n\
+             - apiVersion: networking.k8s.io/v1\n  kind: NetworkPolicy\n  metadata: {name: p}\n  spec:\n    ingres: []\n",
+        );
+        assert_eq!(
+            lines(&e),
+            [
+                "np.yaml:8:5: NetworkPolicy p: items[0].spec.ingres: unknown field `ingres`; did you mean `ingress`?"
+            ]
+        );
         // A kind Palisade acts on is still strict next to them.
         let e = errors(&format!(
             "{text}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: b, labls: {{}}}}\n"
