@@ -432,18 +432,22 @@ fn convert_into(
     parsed: &mut Parsed,
     errors: &mut Errors,
 ) {
+    // Where a field is, when it can be found in the text.
+    let origin_of = |field: Option<&str>| {
+        let (text, first_line) = section;
+        let mut at = origin.clone();
+        if let Some((line, column)) = field.and_then(|f| locate(text, f)) {
+            at.line = first_line + line;
+            at.column = column;
+        }
+        at
+    };
     let place = |e: Error| {
         let e = match item {
             Some(j) => prefix_field(e, &format!("items[{j}]")),
             None => e,
         };
-        // Point at the field itself when it can be found in the text.
-        let (text, first_line) = section;
-        let mut at = origin.clone();
-        if let Some((line, column)) = e.field.as_deref().and_then(|f| locate(text, f)) {
-            at.line = first_line + line;
-            at.column = column;
-        }
+        let at = origin_of(e.field.as_deref());
         e.from_origin(at)
     };
     if !doc.is_object() {
@@ -456,7 +460,8 @@ fn convert_into(
     match acted_on(doc) {
         Ok(true) => {}
         Ok(false) => {
-            parsed.skipped.push(skipped(doc, origin));
+            let at = origin_of(item.map(|j| format!("items[{j}]")).as_deref());
+            parsed.skipped.push(skipped(doc, &at));
             return;
         }
         Err(e) => {

@@ -745,7 +745,7 @@ items:
                 ("Service", "shop/web", 6),
                 ("IPPool", "pool", 10),
                 ("FelixConfiguration", "default", 15),
-                ("ConfigMap", "shop/c", 19),
+                ("ConfigMap", "shop/c", 22),
             ]
         );
         // Typed lists (kubectl get -o yaml) are read item by item.
