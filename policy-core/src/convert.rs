@@ -192,12 +192,37 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
             if let Some(a) = &staged_action {
                 check_staged_action(a.as_str()).map_err(|e| e.at("spec.stagedAction"))?;
             }
-            let np: netv1::NetworkPolicy = typed(&serde_json::json!({
+            // Read as a Kubernetes NetworkPolicy, so its own top-level
+            // fields are checked here.
+            const TOP: &[&str] = &["apiVersion", "kind", "metadata", "spec"];
+            let mut errors: Errors = doc
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.keys())
+                .filter(|k| !TOP.contains(&k.as_str()))
+                .map(|k| {
+                    unknown_field(UnknownField {
+                        path: k.clone(),
+                        name: k.clone(),
+                        parent: "StagedKubernetesNetworkPolicy",
+                        known: TOP,
+                    })
+                })
+                .collect();
+            let np: Result<netv1::NetworkPolicy, Errors> = typed(&serde_json::json!({
                 "apiVersion": "networking.k8s.io/v1",
                 "kind": "NetworkPolicy",
                 "metadata": doc.get("metadata").cloned().unwrap_or_default(),
                 "spec": doc.get("spec").cloned().unwrap_or_default(),
-            }))?;
+            }));
+            let np = match np {
+                Ok(np) if errors.is_empty() => np,
+                Ok(_) => return Err(errors),
+                Err(e) => {
+                    errors.extend(e);
+                    return Err(errors);
+                }
+            };
             Ok(Object::Policy(k8s_network_policy(
                 &np.metadata,
                 np.spec.as_ref(),
@@ -1580,6 +1605,14 @@ mod tests {
             e.first().unwrap().field.as_deref(),
             Some("spec.podSelector.matchLabel")
         );
+        let e = convert_document_all(&json!({
+            "apiVersion": "projectcalico.org/v3", "kind": "StagedKubernetesNetworkPolicy",
+            "metadata": {"name": "p", "namespace": "x"},
+            "sepc": {"podSelector": {}}
+        }))
+        .unwrap_err();
+        assert_eq!(e.first().unwrap().field.as_deref(), Some("sepc"));
+        assert!(e.to_string().ends_with("did you mean `spec`?"), "{e}");
         // The first-error form still works for embedders.
         let e = convert_document(&json!({
             "apiVersion": "v1", "kind": "ServiceAccount",
