@@ -232,7 +232,7 @@ mod tests {
         let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(shown.len(), 2, "{errors}");
         assert!(
-            shown[0].contains("a.yaml:3:1: Namespace a: metadata.lables"),
+            shown[0].contains("a.yaml:3:21: Namespace a: metadata.lables"),
             "{errors}"
         );
         assert!(

@@ -107,7 +107,7 @@ fn every_error_is_printed_with_its_position() {
                 "error: {np}:7:3: NetworkPolicy shop/api-to-db: spec.ingres: unknown field `ingres`; did you mean `ingress`?"
             ),
             format!(
-                "error: {z}:3:1: Namespace z: metadata.lables: unknown field `lables`; did you mean `labels`?"
+                "error: {z}:3:21: Namespace z: metadata.lables: unknown field `lables`; did you mean `labels`?"
             ),
         ]
     );

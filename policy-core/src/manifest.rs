@@ -629,7 +629,7 @@ impl ManifestSet {
 }
 
 /// A step of a field path: `spec`, `[0]`.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Step<'p> {
     Key(&'p str),
     Index(usize),
@@ -712,7 +712,8 @@ fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
     let mut end = lines.len();
     let mut col = token_columns(lines[start]).last().copied()?;
     let mut found = None;
-    for step in steps(path) {
+    let steps = steps(path);
+    for (depth, &step) in steps.iter().enumerate() {
         let hit = (start..end).find(|&i| {
             let line = lines[i];
             is_content(line)
@@ -731,6 +732,31 @@ fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
                     !v.is_empty() && !v.starts_with('#')
                 };
                 if value_inline {
+                    // A flow value (`metadata: {name: a, lables: {}}`): the
+                    // field's key, if it is written once on this line.
+                    if let (true, Some(Step::Key(last))) = (depth + 1 < steps.len(), steps.last()) {
+                        let text = lines[line];
+                        let hits: Vec<usize> = text
+                            .match_indices(last)
+                            .map(|(i, _)| i)
+                            .filter(|&i| i > col)
+                            .map(|i| match text.as_bytes()[i - 1] {
+                                b'"' | b'\'' => i - 1,
+                                _ => i,
+                            })
+                            .filter(|&i| {
+                                i > 0
+                                    && matches!(
+                                        text.as_bytes()[i - 1],
+                                        b'{' | b',' | b' ' | b'\t' | b'['
+                                    )
+                                    && is_key(&text[i..], last)
+                            })
+                            .collect();
+                        if let [at] = hits[..] {
+                            return Some((line, at + 1));
+                        }
+                    }
                     return found;
                 }
                 let key_col = col;
@@ -807,6 +833,11 @@ mod tests {
             Some((8, 9))
         );
         assert_eq!(locate(text, "spec.egress"), Some((10, 3)));
+        // Flow values: the key when it is written once on the line.
+        let flow = "metadata: {name: a, \"lables\": {x: y}}\nspec: {a: {b: 1}, c: {b: 2}}\n";
+        assert_eq!(locate(flow, "metadata.lables"), Some((0, 21)));
+        assert_eq!(locate(flow, "spec.a.b"), Some((1, 1)));
+        assert_eq!(locate(flow, "spec.c"), Some((1, 19)));
         // Not found: the deepest step that was.
         assert_eq!(locate(text, "spec.ingress[5].from"), Some((2, 3)));
         assert_eq!(locate(text, "nothing"), None);

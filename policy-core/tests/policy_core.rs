@@ -696,10 +696,12 @@ spec:
         );
         let l = lines(&e);
         assert_eq!(l.len(), 3, "{e}");
-        assert!(l[0].starts_with("np.yaml:3:1: Namespace a: metadata.lables: unknown field `lables`; did you mean `labels`?"), "{e}");
-        assert!(l[1].starts_with("np.yaml:8:1: Pod a/p: spec.containers[0].port: unknown field `port`; did you mean `ports`?"), "{e}");
+        assert!(l[0].starts_with("np.yaml:3:21: Namespace a: metadata.lables: unknown field `lables`; did you mean `labels`?"), "{e}");
+        assert!(l[1].starts_with("np.yaml:8:31: Pod a/p: spec.containers[0].port: unknown field `port`; did you mean `ports`?"), "{e}");
         assert!(
-            l[2].contains("status.podIp: unknown field `podIp`; did you mean `podIP`?"),
+            l[2].starts_with(
+                "np.yaml:9:10: Pod a/p: status.podIp: unknown field `podIp`; did you mean `podIP`?"
+            ),
             "{e}"
         );
     }
@@ -772,7 +774,7 @@ items:
         ));
         assert_eq!(e.len(), 1, "{e}");
         assert!(
-            lines(&e)[0].starts_with("np.yaml:27:1: Namespace b: metadata.labls"),
+            lines(&e)[0].starts_with("np.yaml:27:21: Namespace b: metadata.labls"),
             "{e}"
         );
     }
