@@ -57,6 +57,17 @@ pub struct Document {
     /// that section begins: to find the line of a field.
     span: std::ops::Range<usize>,
     first_line: usize,
+    /// For JSON: byte offset in the source where the value starts.
+    json_start: Option<usize>,
+}
+
+/// Where a document's text is, to find its fields in.
+#[derive(Clone, Copy)]
+enum Section<'t> {
+    /// A YAML section and the line it begins on.
+    Yaml(&'t str, usize),
+    /// The whole JSON source and where the value starts.
+    Json(&'t str, usize),
 }
 
 /// The kinds Palisade acts on (any other kind is skipped).
@@ -112,6 +123,7 @@ fn split_all(source: &str, text: &str) -> (Vec<Document>, Errors) {
                     value,
                     span: chunk.begin..chunk.begin + chunk.text.len(),
                     first_line: chunk.line,
+                    json_start: None,
                 }),
                 Err(e) => {
                     let at = e
@@ -174,9 +186,8 @@ fn split_json(source: &str, text: &str) -> (Vec<Document>, Option<Error>) {
             serde_json::Value::Array(items) => {
                 let starts = json_item_starts(&text[start..stream.byte_offset()]);
                 for (i, value) in items.into_iter().enumerate() {
-                    let (line, column) = starts
-                        .get(i)
-                        .map_or((line, column), |&o| lines.position(start + o));
+                    let at = starts.get(i).map_or(start, |&o| start + o);
+                    let (line, column) = lines.position(at);
                     out.push(Document {
                         origin: Origin {
                             source: source.to_string(),
@@ -187,6 +198,7 @@ fn split_json(source: &str, text: &str) -> (Vec<Document>, Option<Error>) {
                         value,
                         span: 0..0,
                         first_line: line,
+                        json_start: Some(at),
                     });
                 }
             }
@@ -195,6 +207,7 @@ fn split_json(source: &str, text: &str) -> (Vec<Document>, Option<Error>) {
                 value,
                 span: 0..0,
                 first_line: line,
+                json_start: Some(start),
             }),
         }
     }
@@ -427,17 +440,29 @@ fn object_ref_of(doc: &serde_json::Value) -> ObjectRef {
 fn convert_into(
     doc: &serde_json::Value,
     origin: &Origin,
-    section: (&str, usize),
+    section: Section<'_>,
     item: Option<usize>,
     parsed: &mut Parsed,
     errors: &mut Errors,
 ) {
     // Where a field is, when it can be found in the text.
     let origin_of = |field: Option<&str>| {
-        let (text, first_line) = section;
         let mut at = origin.clone();
-        if let Some((line, column)) = field.and_then(|f| locate(text, f)) {
-            at.line = first_line + line;
+        let found = field.and_then(|f| match section {
+            Section::Yaml(text, first_line) => {
+                locate(text, f).map(|(line, column)| (first_line + line, column))
+            }
+            Section::Json(text, start) => locate_json(text.get(start..)?, f).map(|offset| {
+                let before = &text[..start + offset];
+                let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+                (
+                    before.matches('\n').count() + 1,
+                    before[line_start..].chars().count() + 1,
+                )
+            }),
+        });
+        if let Some((line, column)) = found {
+            at.line = line;
             at.column = column;
         }
         at
@@ -506,7 +531,10 @@ pub fn parse_source(source: &str, text: &str) -> Result<Parsed, Errors> {
     let mut all: Vec<(usize, Error)> = Vec::new();
     for d in &docs {
         let mut es = Errors::new();
-        let section = (text.get(d.span.clone()).unwrap_or(""), d.first_line);
+        let section = match d.json_start {
+            Some(start) => Section::Json(text, start),
+            None => Section::Yaml(text.get(d.span.clone()).unwrap_or(""), d.first_line),
+        };
         convert_into(&d.value, &d.origin, section, None, &mut parsed, &mut es);
         all.extend(es.into_iter().map(|e| (d.origin.document, e)));
     }
@@ -811,6 +839,115 @@ fn locate(text: &str, path: &str) -> Option<(usize, usize)> {
     found
 }
 
+/// Where a field of a JSON value (that parsed) is written: the byte offset
+/// in `text` of its key, or of the element for an index, for the deepest
+/// step of `path` that could be found.
+fn locate_json(text: &str, path: &str) -> Option<usize> {
+    let b = text.as_bytes();
+    let mut i = 0;
+    let ws = |i: &mut usize| {
+        while *i < b.len() && b[*i].is_ascii_whitespace() {
+            *i += 1;
+        }
+    };
+    // Skips one value starting at `i` (after whitespace).
+    fn skip(b: &[u8], i: &mut usize) -> Option<()> {
+        let mut depth = 0usize;
+        let mut in_string = false;
+        let mut escaped = false;
+        while *i < b.len() {
+            let c = b[*i];
+            *i += 1;
+            if in_string {
+                match c {
+                    _ if escaped => escaped = false,
+                    b'\\' => escaped = true,
+                    b'"' => {
+                        in_string = false;
+                        if depth == 0 {
+                            return Some(());
+                        }
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            match c {
+                b'"' => in_string = true,
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => {
+                    depth = depth.checked_sub(1)?;
+                    if depth == 0 {
+                        return Some(());
+                    }
+                }
+                b',' | b':' if depth == 0 => {
+                    *i -= 1;
+                    return Some(());
+                }
+                c if depth == 0 && c.is_ascii_whitespace() => return Some(()),
+                _ => {}
+            }
+        }
+        Some(())
+    }
+    let mut found = None;
+    for step in steps(path) {
+        ws(&mut i);
+        match step {
+            Step::Key(k) => {
+                if b.get(i) != Some(&b'{') {
+                    return found;
+                }
+                i += 1;
+                loop {
+                    ws(&mut i);
+                    if b.get(i) != Some(&b'"') {
+                        return found;
+                    }
+                    let key_at = i;
+                    skip(b, &mut i)?;
+                    let key = text.get(key_at + 1..i.saturating_sub(1))?;
+                    ws(&mut i);
+                    if b.get(i) != Some(&b':') {
+                        return found;
+                    }
+                    i += 1;
+                    if key == k {
+                        found = Some(key_at);
+                        break;
+                    }
+                    ws(&mut i);
+                    skip(b, &mut i)?;
+                    ws(&mut i);
+                    if b.get(i) != Some(&b',') {
+                        return found;
+                    }
+                    i += 1;
+                }
+            }
+            Step::Index(n) => {
+                if b.get(i) != Some(&b'[') {
+                    return found;
+                }
+                i += 1;
+                for _ in 0..n {
+                    ws(&mut i);
+                    skip(b, &mut i)?;
+                    ws(&mut i);
+                    if b.get(i) != Some(&b',') {
+                        return found;
+                    }
+                    i += 1;
+                }
+                ws(&mut i);
+                found = Some(i);
+            }
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -852,6 +989,19 @@ mod tests {
                 Step::Key("c")
             ]
         );
+    }
+
+    #[test]
+    fn json_fields_are_found() {
+        let t = r#"{"a": {"x": "}\"", "b": [1, {"c": 2}, [3]]}, "d": 4}"#;
+        assert_eq!(locate_json(t, "a"), Some(1));
+        assert_eq!(locate_json(t, "d"), Some(45));
+        assert_eq!(locate_json(t, "a.b[1].c"), Some(29));
+        assert_eq!(locate_json(t, "a.b[2]"), Some(38));
+        assert_eq!(locate_json(t, "a.b[7]"), Some(19));
+        assert_eq!(locate_json(t, "zz"), None);
+        assert_eq!(locate_json("", "a"), None);
+        assert_eq!(locate_json("[1,", "[5]"), None);
     }
 
     #[test]
@@ -951,6 +1101,7 @@ mod tests {
                 let _ = parse_source("p.yaml", &text);
                 let _ = locate(&text, &path);
                 let _ = locate(&text, "spec.ingress[0].a");
+                let _ = locate_json(&text, &path);
                 let _ = shift_lines(&text, usize::MAX);
             }
         }

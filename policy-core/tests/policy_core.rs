@@ -835,7 +835,7 @@ items:
             "[\n  {\"apiVersion\": \"v1\", \"kind\": \"Namespace\", \"metadata\": {\"name\": \"a\"}},\n  {\"apiVersion\": \"v1\", \"kind\": \"Namespace\", \"metadata\": {\"nme\": \"b\"}}\n]\n",
         );
         assert!(
-            lines(&e)[0].starts_with("np.yaml:3:3: Namespace <unnamed>: metadata.nme"),
+            lines(&e)[0].starts_with("np.yaml:3:58: Namespace <unnamed>: metadata.nme"),
             "{e}"
         );
         assert_eq!(
