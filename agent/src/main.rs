@@ -91,6 +91,10 @@ impl Tally {
     about = "Network-policy engine and zero-trust compiler"
 )]
 struct Cli {
+    /// Say more: every case and skipped probe (verify, selector test), every
+    /// manifest document skipped because Palisade does not act on its kind.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -107,9 +111,6 @@ enum Command {
         /// Engine that answers the probes.
         #[arg(long, value_enum, default_value = "reference")]
         engine: verify_cmd::EngineKind,
-        /// Print every case and skipped probe.
-        #[arg(short, long)]
-        verbose: bool,
         /// Case files or folders of them.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -188,15 +189,13 @@ enum SelectorCommand {
         labels: Vec<String>,
     },
     /// Run selector vectors (selectors.jsonl format); ends with "N passed, N failed, N skipped".
-    Test {
-        file: PathBuf,
-        #[arg(short, long)]
-        verbose: bool,
-    },
+    Test { file: PathBuf },
 }
 
 fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    let verbose = cli.verbose;
+    load::VERBOSE.store(verbose, std::sync::atomic::Ordering::Relaxed);
     match cli.command {
         Command::Selector { command } => match command {
             SelectorCommand::Parse { selector, json } => {
@@ -207,15 +206,11 @@ fn run() -> anyhow::Result<ExitCode> {
                 selector_cmd::eval(&selector, &labels)?;
                 Ok(ExitCode::SUCCESS)
             }
-            SelectorCommand::Test { file, verbose } => {
-                Ok(selector_cmd::test(&file, verbose)?.finish()?)
-            }
+            SelectorCommand::Test { file } => Ok(selector_cmd::test(&file, verbose)?.finish()?),
         },
-        Command::Verify {
-            engine,
-            verbose,
-            paths,
-        } => Ok(verify_cmd::verify(engine, &paths, verbose)?.finish()?),
+        Command::Verify { engine, paths } => {
+            Ok(verify_cmd::verify(engine, &paths, verbose)?.finish()?)
+        }
         Command::Explain {
             files,
             connection,
@@ -270,7 +265,19 @@ fn main() -> ExitCode {
         // As `grep` or `cat` under `| head`: nobody is reading, nothing to say.
         Err(e) if is_closed_stdout(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match e.downcast_ref::<policy_core::Errors>() {
+                // Every error of a load, one per line.
+                Some(errors) => {
+                    for line in errors.to_string().lines() {
+                        if line.starts_with("... ") {
+                            eprintln!("{line}");
+                        } else {
+                            eprintln!("error: {line}");
+                        }
+                    }
+                }
+                None => eprintln!("error: {e:#}"),
+            }
             ExitCode::from(2)
         }
     }

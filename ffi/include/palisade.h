@@ -124,8 +124,8 @@ typedef struct palisade_error {
    */
   enum palisade_status code;
   /**
-   * Everything in one line, e.g. `zero-trust.yaml: document 3:
-   * NetworkPolicy shop/web: spec.selector: ...`.
+   * Everything in one line, e.g. `zero-trust.yaml:12:3:
+   * NetworkPolicy shop/web: spec.selector: ...` (file:line:column).
    */
   struct palisade_str message;
   /**

@@ -101,8 +101,8 @@ pub struct palisade_engine {
 pub struct palisade_error {
     /// The status the call returned.
     pub code: palisade_status,
-    /// Everything in one line, e.g. `zero-trust.yaml: document 3:
-    /// NetworkPolicy shop/web: spec.selector: ...`.
+    /// Everything in one line, e.g. `zero-trust.yaml:12:3:
+    /// NetworkPolicy shop/web: spec.selector: ...` (file:line:column).
     pub message: palisade_str,
     /// Source name of the manifest buffer, or empty.
     pub source: palisade_str,

@@ -8,9 +8,10 @@ use std::net::IpAddr;
 use policy_bpf::lower::{Capacity, Lowering, MapWrite, Mirror, WritePlan};
 use policy_core::compile::{CompileOptions, Compiler};
 use policy_core::conformance::{ConnectionSpec, Peer, enforcing_endpoint, flow_between};
+use policy_core::convert::SUPPORTED_KINDS;
 use policy_core::error::{ErrorKind, ObjectRef};
 use policy_core::flow::{Decision, Engine as _, EngineError, Flow};
-use policy_core::manifest::{ManifestSet, parse_manifests};
+use policy_core::manifest::{ManifestSet, parse_source};
 use policy_core::model::{DeclaredPort, Endpoint};
 use policy_core::net::{PortMatch, Protocol};
 use policy_core::{Change, Cluster, Direction, EndpointKey, Error, Object, ReferenceEngine};
@@ -122,9 +123,32 @@ impl Engine {
         Ok(())
     }
 
-    /// Parses and stages every object of a manifest text.
+    /// Parses and stages every object of a manifest text. Unlike the CLI,
+    /// which skips kinds Palisade does not act on with a warning, the C ABI
+    /// has nowhere to warn, so such a document is an error here.
     pub fn load_manifests(&mut self, source: &str, text: &str) -> Result<usize, FfiError> {
-        let loaded = parse_manifests(source, text)?;
+        let parsed = parse_source(source, text).map_err(|e| {
+            e.into_vec()
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| policy_core::Error::new(ErrorKind::Invalid("rejected".into())))
+        })?;
+        if let Some(s) = parsed.skipped.first() {
+            let (namespace, name) = match s.name.split_once('/') {
+                Some((ns, n)) => (Some(ns), n),
+                None => (None, s.name.as_str()),
+            };
+            return Err(policy_core::Error::new(ErrorKind::UnknownKind {
+                kind: s.kind.clone(),
+                api_version: s.api_version.clone(),
+                supported: SUPPORTED_KINDS,
+            })
+            .at("kind")
+            .on(ObjectRef::new(s.kind.clone(), namespace, name))
+            .from_origin(s.origin.clone())
+            .into());
+        }
+        let loaded = parsed.objects;
         let mut set = ManifestSet::new();
         let n = set.add_all(loaded)?;
         let loaded = set.into_objects();

@@ -269,10 +269,7 @@ pub fn parse_case(source: &str, text: &str) -> Result<Case, Error> {
     }
     for (i, p) in raw.policies.iter().enumerate() {
         objects.push(convert_document(p).map_err(|e| {
-            let e = e.from_origin(crate::error::Origin {
-                source: source.to_string(),
-                document: i + 1,
-            });
+            let e = e.from_origin(crate::error::Origin::document(source, i + 1));
             let field = format!(
                 "policies[{i}]{}",
                 e.field

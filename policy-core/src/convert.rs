@@ -16,10 +16,12 @@ use crate::api::{
     ActionSpec, CalicoObject, EntityRuleSpec, IcmpSpec, NetworkSetSpec, NumOrString, PolicySpec,
     PolicyTypeSpec, ProfileSpec, RuleSpec, TierSpec,
 };
-use crate::error::{Error, ErrorKind, ObjectRef};
+use crate::error::{Error, ErrorKind, Errors, ObjectRef};
 use crate::model::*;
 use crate::net::{IpVersion, PortMatch, Protocol, parse_cidr, parse_cidr_or_ip};
 use crate::selector::{Expr, MAX_LABEL_LENGTH, Selector, is_valid_label_key};
+use crate::strict::{self, UnknownField};
+use crate::suggest::closest;
 
 /// Calico's limits.
 pub mod limits {
@@ -97,8 +99,20 @@ pub const SUPPORTED_KINDS: &str = "projectcalico.org/v3 NetworkPolicy, GlobalNet
 StagedNetworkPolicy, StagedGlobalNetworkPolicy, StagedKubernetesNetworkPolicy, Tier, NetworkSet, \
 GlobalNetworkSet, Profile; networking.k8s.io/v1 NetworkPolicy; v1 Namespace, Pod, ServiceAccount";
 
-/// Converts one manifest document (already parsed to JSON) into a model object.
+/// Converts one manifest document (already parsed to JSON) into a model
+/// object; on failure, the first of [`convert_document_all`]'s errors.
 pub fn convert_document(doc: &serde_json::Value) -> Result<Object, Error> {
+    convert_document_all(doc).map_err(|e| {
+        e.into_iter()
+            .next()
+            .unwrap_or_else(|| Error::new(ErrorKind::Invalid("rejected".into())))
+    })
+}
+
+/// Converts one manifest document (already parsed to JSON) into a model
+/// object. Fields are checked strictly: every unknown field is an error,
+/// reported all at once with the first bad value.
+pub fn convert_document_all(doc: &serde_json::Value) -> Result<Object, Errors> {
     let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or("");
     let api_version = doc.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("");
     let meta = doc.get("metadata");
@@ -114,7 +128,7 @@ pub fn convert_document(doc: &serde_json::Value) -> Result<Object, Error> {
         namespace,
         name,
     );
-    convert_inner(doc, kind, api_version).map_err(|e| e.on(obj))
+    convert_inner(doc, kind, api_version).map_err(|e| e.map(|e| e.on(obj.clone())))
 }
 
 fn expect_api(kind: &str, found: &str, expected: &'static str) -> Result<(), Error> {
@@ -130,7 +144,7 @@ fn expect_api(kind: &str, found: &str, expected: &'static str) -> Result<(), Err
     }
 }
 
-fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Object, Error> {
+fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Object, Errors> {
     match kind {
         "NetworkPolicy" if api == "networking.k8s.io/v1" => {
             let np: netv1::NetworkPolicy = typed(doc)?;
@@ -145,12 +159,14 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
         | "StagedNetworkPolicy"
         | "StagedGlobalNetworkPolicy" => {
             if kind == "NetworkPolicy" && api != CALICO_API_VERSION {
-                return Err(Error::new(ErrorKind::WrongApiVersion {
-                    kind: kind.into(),
-                    found: api.into(),
-                    expected: "projectcalico.org/v3 or networking.k8s.io/v1",
-                })
-                .at("apiVersion"));
+                return fail(
+                    Error::new(ErrorKind::WrongApiVersion {
+                        kind: kind.into(),
+                        found: api.into(),
+                        expected: "projectcalico.org/v3 or networking.k8s.io/v1",
+                    })
+                    .at("apiVersion"),
+                );
             }
             expect_api(kind, api, CALICO_API_VERSION)?;
             let obj: CalicoObject<PolicySpec> = typed(doc)?;
@@ -176,12 +192,37 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
             if let Some(a) = &staged_action {
                 check_staged_action(a.as_str()).map_err(|e| e.at("spec.stagedAction"))?;
             }
-            let np: netv1::NetworkPolicy = typed(&serde_json::json!({
+            // Read as a Kubernetes NetworkPolicy, so its own top-level
+            // fields are checked here.
+            const TOP: &[&str] = &["apiVersion", "kind", "metadata", "spec"];
+            let mut errors: Errors = doc
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.keys())
+                .filter(|k| !TOP.contains(&k.as_str()))
+                .map(|k| {
+                    unknown_field(UnknownField {
+                        path: k.clone(),
+                        name: k.clone(),
+                        parent: "StagedKubernetesNetworkPolicy",
+                        known: TOP,
+                    })
+                })
+                .collect();
+            let np: Result<netv1::NetworkPolicy, Errors> = typed(&serde_json::json!({
                 "apiVersion": "networking.k8s.io/v1",
                 "kind": "NetworkPolicy",
                 "metadata": doc.get("metadata").cloned().unwrap_or_default(),
                 "spec": doc.get("spec").cloned().unwrap_or_default(),
-            }))?;
+            }));
+            let np = match np {
+                Ok(np) if errors.is_empty() => np,
+                Ok(_) => return Err(errors),
+                Err(e) => {
+                    errors.extend(e);
+                    return Err(errors);
+                }
+            };
             Ok(Object::Policy(k8s_network_policy(
                 &np.metadata,
                 np.spec.as_ref(),
@@ -196,7 +237,7 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
                 None | Some(ActionSpec::Deny) => TierDefault::Deny,
                 Some(ActionSpec::Pass) => TierDefault::Pass,
                 Some(other) => {
-                    return Err(Error::invalid(
+                    return fail(Error::invalid(
                         "spec.defaultAction",
                         format!("{other:?} is not a tier default action: expected Deny or Pass"),
                     ));
@@ -217,7 +258,7 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
                 Some(namespace_of(&obj.metadata)?)
             } else {
                 if obj.metadata.namespace.is_some() {
-                    return Err(Error::invalid(
+                    return fail(Error::invalid(
                         "metadata.namespace",
                         "a GlobalNetworkSet is not namespaced",
                     ));
@@ -226,16 +267,18 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
             };
             let labels = labels_of(&obj.metadata, "metadata.labels")?;
             if labels.contains_key(LABEL_NAMESPACE) {
-                return Err(Error::invalid(
+                return fail(Error::invalid(
                     format!("metadata.labels[{LABEL_NAMESPACE}]"),
                     "projectcalico.org/namespace is set by Calico and may not be given",
                 ));
             }
             if !obj.spec.allowed_egress_domains.is_empty() {
-                return Err(Error::new(ErrorKind::Unsupported(
-                    "allowedEgressDomains (domain-based network sets)".into(),
-                ))
-                .at("spec.allowedEgressDomains"));
+                return fail(
+                    Error::new(ErrorKind::Unsupported(
+                        "allowedEgressDomains (domain-based network sets)".into(),
+                    ))
+                    .at("spec.allowedEgressDomains"),
+                );
             }
             let nets = obj
                 .spec
@@ -286,22 +329,111 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
             let pod: core::Pod = typed(doc)?;
             Ok(Object::Endpoint(pod_endpoint(&pod)?))
         }
-        _ => Err(Error::new(ErrorKind::UnknownKind {
-            kind: kind.to_string(),
-            api_version: api.to_string(),
-            supported: SUPPORTED_KINDS,
-        })
-        .at("kind")),
+        _ => fail(
+            Error::new(ErrorKind::UnknownKind {
+                kind: kind.to_string(),
+                api_version: api.to_string(),
+                supported: SUPPORTED_KINDS,
+            })
+            .at("kind"),
+        ),
     }
 }
 
-/// Deserialises with the failing field's path in the error.
-fn typed<T: DeserializeOwned>(doc: &serde_json::Value) -> Result<T, Error> {
-    serde_path_to_error::deserialize(doc).map_err(|e| {
-        let path = e.path().to_string();
-        let msg = e.into_inner().to_string();
-        let err = Error::new(ErrorKind::Invalid(msg));
-        if path == "." { err } else { err.at(path) }
+/// An error as the one error of a document.
+fn fail<T>(e: Error) -> Result<T, Errors> {
+    Err(e.into())
+}
+
+/// Deserialises strictly: every unknown field (with a suggestion) and the
+/// first bad value, each with its path.
+fn typed<T: DeserializeOwned>(doc: &serde_json::Value) -> Result<T, Errors> {
+    strict::from_value(doc).map_err(|failure| {
+        let mut errors: Errors = failure.unknown.into_iter().map(unknown_field).collect();
+        if let Some((path, msg)) = failure.invalid {
+            let err = Error::new(ErrorKind::Invalid(msg));
+            errors.push(if path == "." { err } else { err.at(path) });
+        }
+        errors
+    })
+}
+
+fn unknown_field(u: UnknownField) -> Error {
+    let help = other_api_help(u.parent, &u.name).or_else(|| {
+        closest(&u.name, u.known.iter().copied()).map(|c| format!("did you mean `{c}`?"))
+    });
+    Error::new(ErrorKind::UnknownField { name: u.name, help }).at(u.path)
+}
+
+/// Fields of one policy API written in the other: Calico syntax in a
+/// Kubernetes NetworkPolicy and the other way round. `parent` is the type
+/// that was expected where the field was found.
+fn other_api_help(parent: &str, name: &str) -> Option<String> {
+    const K8S: &str = "networking.k8s.io/v1";
+    const CALICO: &str = "projectcalico.org/v3";
+    let calico_in_k8s =
+        |instead: &str| format!("`{name}` is Calico syntax; in {K8S} use {instead}");
+    let calico_only = || {
+        format!(
+            "`{name}` is Calico syntax, which {K8S} has no equivalent for: write a {CALICO} NetworkPolicy instead"
+        )
+    };
+    let k8s_in_calico =
+        |instead: &str| format!("`{name}` is {K8S} syntax; in {CALICO} use {instead}");
+    let k8s_rule = matches!(
+        parent,
+        "NetworkPolicyIngressRule" | "NetworkPolicyEgressRule"
+    );
+    let ingress = parent == "NetworkPolicyIngressRule";
+    Some(match (parent, name) {
+        ("NetworkPolicySpec", "selector") => {
+            calico_in_k8s("podSelector (a label selector: matchLabels, matchExpressions)")
+        }
+        ("NetworkPolicySpec", "types") => calico_in_k8s("policyTypes"),
+        (
+            "NetworkPolicySpec",
+            "order"
+            | "tier"
+            | "namespaceSelector"
+            | "serviceAccountSelector"
+            | "doNotTrack"
+            | "preDNAT"
+            | "applyOnForward",
+        ) => calico_only(),
+        (_, "action") if k8s_rule => format!(
+            "`action` is Calico syntax; {K8S} rules can only allow (write a {CALICO} NetworkPolicy to Deny, Pass or Log)"
+        ),
+        (_, "source") if ingress => calico_in_k8s("from"),
+        (_, "destination") if k8s_rule && !ingress => calico_in_k8s("to"),
+        (_, "destination") if ingress => {
+            calico_in_k8s("ports (the destination of an ingress rule is the selected pods)")
+        }
+        (_, "source") if k8s_rule => {
+            calico_in_k8s("to and ports (the source of an egress rule is the selected pods)")
+        }
+        (_, "protocol") if k8s_rule => {
+            calico_in_k8s("a protocol per port: ports: [{protocol: UDP, port: 53}]")
+        }
+        (_, "ipVersion" | "notProtocol" | "icmp" | "notICMP" | "http" | "metadata") if k8s_rule => {
+            calico_only()
+        }
+        ("NetworkPolicyPeer", "selector") => calico_in_k8s("podSelector"),
+        ("NetworkPolicyPeer", "nets") => calico_in_k8s("ipBlock: {cidr: ...}"),
+        ("NetworkPolicyPeer", "notNets") => calico_in_k8s("ipBlock.except"),
+        ("NetworkPolicyPeer", "ports") => calico_in_k8s("ports on the rule, next to from/to"),
+        ("NetworkPolicyPeer", "notSelector" | "serviceAccounts" | "services" | "notPorts") => {
+            calico_only()
+        }
+        ("PolicySpec", "podSelector") => {
+            k8s_in_calico("selector (an expression such as app == 'db')")
+        }
+        ("PolicySpec", "policyTypes") => k8s_in_calico("types"),
+        ("RuleSpec", "from") => k8s_in_calico("source (and action: Allow)"),
+        ("RuleSpec", "to") => k8s_in_calico("destination (and action: Allow)"),
+        ("RuleSpec", "ports") => k8s_in_calico("protocol and destination.ports"),
+        ("EntityRuleSpec", "podSelector") => k8s_in_calico("selector"),
+        ("EntityRuleSpec", "ipBlock") => k8s_in_calico("nets and notNets"),
+        _ => return None,
     })
 }
 
@@ -1429,5 +1561,98 @@ mod tests {
         }))
         .unwrap_err();
         assert!(e.to_string().contains("sorce"), "{e}");
+    }
+
+    #[test]
+    fn kubernetes_kinds_reject_unknown_fields() {
+        let np = |spec: serde_json::Value| {
+            convert_document_all(&json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": "p", "namespace": "x"}, "spec": spec
+            }))
+            .unwrap_err()
+            .into_vec()
+        };
+        let e = np(
+            json!({"podSelector": {}, "ingres": [{}], "egress": [{"to": [{"nets": ["10.0.0.0/8"]}]}]}),
+        );
+        assert_eq!(e.len(), 2);
+        assert_eq!(e[0].field.as_deref(), Some("spec.ingres"));
+        assert_eq!(
+            e[0].kind,
+            ErrorKind::UnknownField {
+                name: "ingres".into(),
+                help: Some("did you mean `ingress`?".into())
+            }
+        );
+        assert_eq!(e[1].field.as_deref(), Some("spec.egress[0].to[0].nets"));
+        assert!(
+            e[1].to_string()
+                .contains("in networking.k8s.io/v1 use ipBlock"),
+            "{}",
+            e[1]
+        );
+        assert_eq!(e[1].object.as_ref().unwrap().name, "p");
+
+        // A staged Kubernetes policy is as strict.
+        let e = convert_document_all(&json!({
+            "apiVersion": "projectcalico.org/v3", "kind": "StagedKubernetesNetworkPolicy",
+            "metadata": {"name": "p", "namespace": "x"},
+            "spec": {"stagedAction": "Set", "podSelector": {"matchLabel": {"a": "b"}}}
+        }))
+        .unwrap_err();
+        assert_eq!(
+            e.first().unwrap().field.as_deref(),
+            Some("spec.podSelector.matchLabel")
+        );
+        let e = convert_document_all(&json!({
+            "apiVersion": "projectcalico.org/v3", "kind": "StagedKubernetesNetworkPolicy",
+            "metadata": {"name": "p", "namespace": "x"},
+            "sepc": {"podSelector": {}}
+        }))
+        .unwrap_err();
+        assert_eq!(e.first().unwrap().field.as_deref(), Some("sepc"));
+        assert!(e.to_string().ends_with("did you mean `spec`?"), "{e}");
+        // The first-error form still works for embedders.
+        let e = convert_document(&json!({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": "s", "namespace": "x", "annotation": {}}
+        }))
+        .unwrap_err();
+        assert!(
+            e.to_string().ends_with("did you mean `annotations`?"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn other_api_help_goes_both_ways() {
+        assert!(
+            other_api_help("NetworkPolicySpec", "types")
+                .unwrap()
+                .ends_with("use policyTypes")
+        );
+        assert!(
+            other_api_help("NetworkPolicyEgressRule", "destination")
+                .unwrap()
+                .ends_with("use to")
+        );
+        assert!(
+            other_api_help("NetworkPolicyIngressRule", "source")
+                .unwrap()
+                .ends_with("use from")
+        );
+        assert!(
+            other_api_help("RuleSpec", "from")
+                .unwrap()
+                .starts_with("`from` is networking.k8s.io/v1 syntax")
+        );
+        assert!(
+            other_api_help("EntityRuleSpec", "ipBlock")
+                .unwrap()
+                .ends_with("use nets and notNets")
+        );
+        assert_eq!(other_api_help("NetworkPolicySpec", "ingres"), None);
+        assert_eq!(other_api_help("RuleSpec", "action"), None);
     }
 }

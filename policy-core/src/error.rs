@@ -5,18 +5,40 @@ use std::fmt;
 
 use crate::selector::SelectorError;
 
-/// Where a document came from.
+/// Where a document (or a field in it) came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
     /// File name or other source label.
     pub source: String,
     /// 1-based index of the document within the source.
     pub document: usize,
+    /// 1-based line in the source where the document (or, when it could be
+    /// found, the field an error is about) starts; 0 when unknown.
+    pub line: usize,
+    /// 1-based column on that line; 0 when unknown.
+    pub column: usize,
 }
 
+impl Origin {
+    /// A document of a source whose position in the text is unknown.
+    pub fn document(source: impl Into<String>, document: usize) -> Self {
+        Self {
+            source: source.into(),
+            document,
+            line: 0,
+            column: 0,
+        }
+    }
+}
+
+/// `file:line:column` when the position is known, else `file: document N`.
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: document {}", self.source, self.document)
+        if self.line > 0 {
+            write!(f, "{}:{}:{}", self.source, self.line, self.column.max(1))
+        } else {
+            write!(f, "{}: document {}", self.source, self.document)
+        }
     }
 }
 
@@ -81,6 +103,15 @@ pub enum ErrorKind {
         found: String,
         /// The apiVersion expected.
         expected: &'static str,
+    },
+    /// A field the object's type does not have (a typo, or another API's
+    /// syntax): rejected like kubectl's strict field validation does.
+    #[error("unknown field `{name}`{}", help.as_deref().map(|h| format!("; {h}")).unwrap_or_default())]
+    UnknownField {
+        /// The field as written.
+        name: String,
+        /// What to write instead, when there is a good guess.
+        help: Option<String>,
     },
     /// A field has a bad value.
     #[error("{0}")]
@@ -212,6 +243,113 @@ impl std::error::Error for Error {}
 impl From<ErrorKind> for Error {
     fn from(kind: ErrorKind) -> Self {
         Error::new(kind)
+    }
+}
+
+/// How many errors [`Errors`] prints before summing up the rest.
+pub const MAX_REPORTED: usize = 20;
+
+/// Every error of one load, in source and document order. Printing shows
+/// one per line, the first [`MAX_REPORTED`], then how many more there are.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Errors(Vec<Error>);
+
+impl Errors {
+    /// No errors yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one.
+    pub fn push(&mut self, e: Error) {
+        self.0.push(e);
+    }
+
+    /// Adds all of `other`.
+    pub fn extend(&mut self, other: Errors) {
+        self.0.extend(other.0);
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The errors, in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, Error> {
+        self.0.iter()
+    }
+
+    /// The first error, if any.
+    pub fn first(&self) -> Option<&Error> {
+        self.0.first()
+    }
+
+    /// The errors, in order.
+    pub fn into_vec(self) -> Vec<Error> {
+        self.0
+    }
+
+    /// `Ok(value)` when there are no errors.
+    pub fn or_ok<T>(self, value: T) -> Result<T, Errors> {
+        if self.is_empty() {
+            Ok(value)
+        } else {
+            Err(self)
+        }
+    }
+
+    /// Applies `f` to every error (to add an origin or an object).
+    pub fn map(self, f: impl FnMut(Error) -> Error) -> Errors {
+        Errors(self.0.into_iter().map(f).collect())
+    }
+}
+
+impl fmt::Display for Errors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().take(MAX_REPORTED).enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        if self.0.len() > MAX_REPORTED {
+            write!(f, "\n... and {} more errors", self.0.len() - MAX_REPORTED)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Errors {}
+
+impl From<Error> for Errors {
+    fn from(e: Error) -> Self {
+        Errors(vec![e])
+    }
+}
+
+impl From<ErrorKind> for Errors {
+    fn from(kind: ErrorKind) -> Self {
+        Errors(vec![Error::new(kind)])
+    }
+}
+
+impl IntoIterator for Errors {
+    type Item = Error;
+    type IntoIter = std::vec::IntoIter<Error>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl FromIterator<Error> for Errors {
+    fn from_iter<I: IntoIterator<Item = Error>>(iter: I) -> Self {
+        Errors(iter.into_iter().collect())
     }
 }
 

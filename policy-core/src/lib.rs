@@ -70,11 +70,13 @@ pub mod model;
 pub mod net;
 pub mod reference;
 pub mod selector;
+mod strict;
+pub mod suggest;
 pub mod testgen;
 
 pub use cluster::{Change, Cluster};
 pub use convert::Object;
-pub use error::{Error, ErrorKind, ObjectRef, Origin};
+pub use error::{Error, ErrorKind, Errors, ObjectRef, Origin};
 pub use flow::{DecidedBy, Decision, Engine, EngineError, Flow, Verdict};
 pub use model::{Direction, EndpointKey, Policy, PolicyId};
 pub use reference::ReferenceEngine;

@@ -100,7 +100,7 @@ mod bad_input {
     fn err(yaml: &str) -> policy_core::Error {
         let mut set = ManifestSet::new();
         match set.add_source("test.yaml", yaml) {
-            Err(e) => e,
+            Err(e) => e.into_vec().remove(0),
             Ok(_) => Cluster::from_objects(set.into_objects().into_iter().map(|l| l.object))
                 .expect_err("manifest should be rejected"),
         }
@@ -128,16 +128,25 @@ mod bad_input {
         );
         assert!(
             e.to_string()
-                .starts_with("test.yaml: document 1: GlobalNetworkPolicy p: "),
+                .starts_with("test.yaml:7:3: GlobalNetworkPolicy p: "),
             "{e}"
         );
     }
 
     #[test]
-    fn unknown_kind() {
-        let e = err("apiVersion: projectcalico.org/v3\nkind: Polciy\nmetadata: {name: x}\n");
-        assert!(matches!(e.kind, ErrorKind::UnknownKind { .. }), "{e}");
+    fn misspelt_kind() {
+        // Close to a kind Palisade reads: an error that names it.
+        let e = err(
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicies\nmetadata: {name: x}\n",
+        );
         assert_eq!(e.field.as_deref(), Some("kind"));
+        assert!(
+            e.to_string().ends_with("did you mean GlobalNetworkPolicy?"),
+            "{e}"
+        );
+        // Without a kind, a document is not an object at all.
+        let e = err("apiVersion: v1\nmetadata: {name: x}\n");
+        assert!(matches!(e.kind, ErrorKind::UnknownKind { .. }), "{e}");
     }
 
     #[test]
@@ -567,5 +576,276 @@ mod differential {
             }
             let _ = Direction::Ingress;
         }
+    }
+}
+
+/// Issue 16: strict loading of Kubernetes kinds, skipped kinds, every error
+/// at once with positions.
+mod strict_load {
+    use policy_core::manifest::{ManifestSet, parse_source};
+    use policy_core::{ErrorKind, Errors};
+
+    fn errors(yaml: &str) -> Errors {
+        let mut set = ManifestSet::new();
+        let e = set
+            .add_source("np.yaml", yaml)
+            .expect_err("manifest should be rejected");
+        assert!(set.objects().is_empty(), "a rejected load adds nothing");
+        e
+    }
+
+    fn lines(e: &Errors) -> Vec<String> {
+        e.iter().map(ToString::to_string).collect()
+    }
+
+    const API_TO_DB: &str = "\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: api-to-db
+  namespace: shop
+spec:
+  podSelector:
+    matchLabel:
+      app: db
+  ingres:
+  - from:
+    - podSelecter:
+        matchLabels:
+          app: api
+";
+
+    #[test]
+    fn kubernetes_typos_are_errors_with_path_and_suggestion() {
+        let e = errors(API_TO_DB);
+        let want = [
+            (
+                "spec.podSelector.matchLabel",
+                "did you mean `matchLabels`?",
+                8,
+            ),
+            ("spec.ingres", "did you mean `ingress`?", 10),
+        ];
+        assert_eq!(e.len(), want.len(), "{e}");
+        for (err, (field, help, line)) in e.iter().zip(want) {
+            assert_eq!(err.field.as_deref(), Some(field), "{err}");
+            assert!(err.to_string().ends_with(help), "{err}");
+            let o = err.origin.as_ref().unwrap();
+            assert_eq!((o.source.as_str(), o.line), ("np.yaml", line), "{err}");
+        }
+        assert_eq!(
+            e.iter().next().unwrap().to_string(),
+            "np.yaml:8:5: NetworkPolicy shop/api-to-db: spec.podSelector.matchLabel: \
+             unknown field `matchLabel`; did you mean `matchLabels`?"
+        );
+
+        // Under the right `ingress`, the peer's typo is found too.
+        let e = errors(&API_TO_DB.replace("ingres:", "ingress:"));
+        let fields: Vec<_> = e.iter().map(|e| e.field.clone().unwrap()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.podSelector.matchLabel",
+                "spec.ingress[0].from[0].podSelecter"
+            ]
+        );
+        assert!(lines(&e)[1].ends_with("did you mean `podSelector`?"), "{e}");
+    }
+
+    #[test]
+    fn calico_syntax_in_a_kubernetes_policy_says_so() {
+        let e = errors(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\n\
+             spec:\n  selector: app == 'db'\n  ingress:\n  - action: Allow\n    from:\n    - selector: app == 'api'\n",
+        );
+        let l = lines(&e);
+        assert_eq!(l.len(), 3, "{e}");
+        assert!(
+            l[0].contains("spec.selector: unknown field `selector`; `selector` is Calico syntax; in networking.k8s.io/v1 use podSelector"),
+            "{e}"
+        );
+        assert!(
+            l[1].contains(
+                "spec.ingress[0].action: unknown field `action`; `action` is Calico syntax"
+            ),
+            "{e}"
+        );
+        assert!(
+            l[2].contains("spec.ingress[0].from[0].selector: unknown field `selector`; `selector` is Calico syntax; in networking.k8s.io/v1 use podSelector"),
+            "{e}"
+        );
+        // And the other way round.
+        let e = errors(
+            "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\n\
+             spec:\n  podSelector: {}\n",
+        );
+        assert!(
+            lines(&e)[0].contains(
+                "`podSelector` is networking.k8s.io/v1 syntax; in projectcalico.org/v3 use selector"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn pods_and_namespaces_are_strict_too() {
+        let e = errors(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, lables: {team: x}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: a}\n\
+             spec: {containers: [{name: c, port: [{containerPort: 80}]}]}\nstatus: {podIp: 10.0.0.1}\n",
+        );
+        let l = lines(&e);
+        assert_eq!(l.len(), 3, "{e}");
+        assert!(l[0].starts_with("np.yaml:3:21: Namespace a: metadata.lables: unknown field `lables`; did you mean `labels`?"), "{e}");
+        assert!(l[1].starts_with("np.yaml:8:31: Pod a/p: spec.containers[0].port: unknown field `port`; did you mean `ports`?"), "{e}");
+        assert!(
+            l[2].starts_with(
+                "np.yaml:9:10: Pod a/p: status.podIp: unknown field `podIp`; did you mean `podIP`?"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn kinds_palisade_does_not_act_on_are_skipped() {
+        let text = "\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop}
+spec: {replicas: 2, template: {spec: {containers: []}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+---
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata: {name: pool}
+spec: {cidr: 10.0.0.0/16}
+---
+apiVersion: projectcalico.org/v3
+kind: FelixConfiguration
+metadata: {name: default}
+---
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: ConfigMap, metadata: {name: c, namespace: shop}}
+- {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
+";
+        let parsed = parse_source("app.yaml", text).unwrap();
+        assert_eq!(parsed.objects.len(), 1);
+        let skipped: Vec<_> = parsed
+            .skipped
+            .iter()
+            .map(|s| (s.kind.as_str(), s.name.as_str(), s.origin.line))
+            .collect();
+        assert_eq!(
+            skipped,
+            [
+                ("Deployment", "shop/web", 1),
+                ("Service", "shop/web", 6),
+                ("IPPool", "pool", 10),
+                ("FelixConfiguration", "default", 15),
+                ("ConfigMap", "shop/c", 22),
+            ]
+        );
+        // Typed lists (kubectl get -o yaml) are read item by item.
+        let parsed = parse_source(
+            "list.yaml",
+            "apiVersion: v1\nkind: PodList\nitems:\n- {apiVersion: v1, kind: Pod, metadata: {name: a}}\n\
+             - {apiVersion: apps/v1, kind: Deployment, metadata: {name: d}}\n",
+        )
+        .unwrap();
+        assert_eq!((parsed.objects.len(), parsed.skipped.len()), (1, 1));
+        let e = errors(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicyList\nitems:\n\
+             - apiVersion: networking.k8s.io/v1\n  kind: NetworkPolicy\n  metadata: {name: p}\n  spec:\n    ingres: []\n",
+        );
+        assert_eq!(
+            lines(&e),
+            [
+                "np.yaml:8:5: NetworkPolicy p: items[0].spec.ingres: unknown field `ingres`; did you mean `ingress`?"
+            ]
+        );
+        // A kind Palisade acts on is still strict next to them.
+        let e = errors(&format!(
+            "{text}---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: b, labls: {{}}}}\n"
+        ));
+        assert_eq!(e.len(), 1, "{e}");
+        assert!(
+            lines(&e)[0].starts_with("np.yaml:27:21: Namespace b: metadata.labls"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_error_of_a_load_in_document_order_with_lines() {
+        let mut text = String::new();
+        for i in 0..30 {
+            text.push_str(&format!(
+                "---\n# policy {i}\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: p{i}, namespace: x}}\nspec: {{podSelecter: {{}}}}\n"
+            ));
+        }
+        // A syntax error in one document does not hide the others.
+        text.push_str("---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a\n");
+        text.push_str("---\napiVersion: v1\nkind: Namespace\nmetadata: {name: b}\nspce: {}\n");
+        let e = errors(&text);
+        assert_eq!(e.len(), 32, "{e}");
+        for (i, err) in e.iter().take(30).enumerate() {
+            let o = err.origin.as_ref().unwrap();
+            assert_eq!((o.document, o.line), (i + 1, 6 * i + 6), "{err}");
+        }
+        let l = lines(&e);
+        assert!(
+            l[30].starts_with("np.yaml:185:") && l[30].contains("malformed YAML"),
+            "{}",
+            l[30]
+        );
+        assert!(l[30].contains("line 184"), "{}", l[30]);
+        assert!(
+            l[31].starts_with("np.yaml:189:1: Namespace b: spce"),
+            "{}",
+            l[31]
+        );
+        let shown = e.to_string();
+        assert_eq!(shown.lines().count(), 21, "{shown}");
+        assert!(shown.ends_with("\n... and 12 more errors"), "{shown}");
+    }
+
+    #[test]
+    fn duplicates_are_all_reported_with_lines() {
+        let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n";
+        let e = errors(&format!("{ns}---\n{ns}---\n{ns}"));
+        assert_eq!(e.len(), 2, "{e}");
+        assert!(
+            matches!(e.iter().next().unwrap().kind, ErrorKind::Duplicate(..)),
+            "{e}"
+        );
+        assert!(lines(&e)[1].starts_with("np.yaml:9:1: "), "{e}");
+        assert!(
+            lines(&e)[1].contains("already defined at np.yaml:1:1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn json_documents_have_positions() {
+        let e = errors(
+            "[\n  {\"apiVersion\": \"v1\", \"kind\": \"Namespace\", \"metadata\": {\"name\": \"a\"}},\n  {\"apiVersion\": \"v1\", \"kind\": \"Namespace\", \"metadata\": {\"nme\": \"b\"}}\n]\n",
+        );
+        assert!(
+            lines(&e)[0].starts_with("np.yaml:3:58: Namespace <unnamed>: metadata.nme"),
+            "{e}"
+        );
+        assert_eq!(
+            e.iter().next().unwrap().origin.as_ref().unwrap().document,
+            2
+        );
+        let e = errors("{\"apiVersion\": \"v1\",\n \"kind\": }");
+        assert!(
+            lines(&e)[0].starts_with("np.yaml:2:10: malformed JSON"),
+            "{e}"
+        );
     }
 }

@@ -223,7 +223,7 @@ static void test_manifest_errors(palisade_engine *e) {
   if (error != NULL) {
     CHECK(str_eq(error->source, "bad.yaml"));
     CHECK(error->document == 2);
-    CHECK(str_contains(error->message, "bad.yaml: document 2"));
+    CHECK(str_contains(error->message, "bad.yaml:6:1: malformed YAML"));
   }
   CHECK(palisade_error_free(error) == PALISADE_OK);
 
@@ -264,7 +264,7 @@ static void test_manifest_errors(palisade_engine *e) {
                                      S("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\n"
                                        "metadata: {name: t}\nspec: {tier: nowhere, selector: all()}\n"),
                                      ERR),
-             PALISADE_ERR_INVALID, "tier.yaml: document 1");
+             PALISADE_ERR_INVALID, "tier.yaml:1:1: GlobalNetworkPolicy t");
 
   /* None of that was staged: an apply changes nothing. */
   {
