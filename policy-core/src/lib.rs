@@ -65,10 +65,12 @@ pub mod convert;
 pub mod error;
 pub mod flow;
 pub mod manifest;
+pub mod matrix;
 pub mod model;
 pub mod net;
 pub mod reference;
 pub mod selector;
+pub mod suggest;
 pub mod testgen;
 
 pub use cluster::{Change, Cluster};

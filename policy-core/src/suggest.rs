@@ -1,0 +1,75 @@
+//! "Did you mean ...?": the closest known name to a mistyped one, by edit
+//! distance, for error messages that name an unknown pod, namespace or
+//! object.
+//!
+//! ```
+//! use policy_core::suggest::closest;
+//! let pods = ["shop/web", "shop/db", "analytics/reporting"];
+//! assert_eq!(closest("shop/wbe", pods), Some("shop/web"));
+//! assert_eq!(closest("kube-system/coredns", pods), None);
+//! ```
+
+/// Levenshtein distance between two strings, over characters.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    // One row of the dynamic-programming table at a time.
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// The candidate closest to `name`, if one is close enough to be a likely
+/// typo: at most a third of the longer name's characters differ (and at
+/// least one edit is always allowed). Ties go to the first candidate, so
+/// callers that want a stable answer pass candidates in a stable order.
+pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let len = name.chars().count();
+    let mut best: Option<(usize, &'a str)> = None;
+    for c in candidates {
+        let d = edit_distance(name, c);
+        let budget = (len.max(c.chars().count()) / 3).max(1);
+        if d <= budget && best.is_none_or(|(bd, _)| d < bd) {
+            best = Some((d, c));
+        }
+    }
+    best.map(|(_, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distances() {
+        assert_eq!(edit_distance("", ""), 0);
+        assert_eq!(edit_distance("abc", ""), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("shop/web", "shop/wbe"), 2);
+        assert_eq!(edit_distance("naïve", "naive"), 1);
+    }
+
+    #[test]
+    fn closest_prefers_the_nearest_and_the_first_on_ties() {
+        let names = ["ns-1/pod-10", "ns-1/pod-11", "ns-2/pod-1"];
+        assert_eq!(closest("ns-1/pod-1", names), Some("ns-1/pod-10"));
+        assert_eq!(closest("ns-2/pod-1", names), Some("ns-2/pod-1"));
+        assert_eq!(closest("ns-2/pod1", names), Some("ns-2/pod-1"));
+    }
+
+    #[test]
+    fn nothing_close_means_no_suggestion() {
+        assert_eq!(closest("nosuch/pod", ["shop/web", "shop/db"]), None);
+        assert_eq!(closest("x", std::iter::empty()), None);
+        // One edit is always allowed, even for short names.
+        assert_eq!(closest("db", ["dc"]), Some("dc"));
+    }
+}
