@@ -9,21 +9,34 @@
 //! assert_eq!(closest("kube-system/coredns", pods), None);
 //! ```
 
-/// Levenshtein distance between two strings, over characters.
+/// Edit distance between two strings, over characters: insertions,
+/// deletions, substitutions and swaps of two neighbours (the optimal
+/// string alignment distance), each costing one, since swapped letters are
+/// the commonest typo.
 pub fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
-    // One row of the dynamic-programming table at a time.
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let substitute = diagonal + usize::from(ca != *cb);
-            diagonal = row[j + 1];
-            row[j + 1] = substitute.min(row[j] + 1).min(diagonal + 1);
+    // d[i][j]: distance between a[..i] and b[..j].
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
         }
     }
-    row[b.len()]
+    d[a.len()][b.len()]
 }
 
 /// The candidate closest to `name`, if one is close enough to be a likely
@@ -53,7 +66,8 @@ mod tests {
         assert_eq!(edit_distance("abc", ""), 3);
         assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert_eq!(edit_distance("shop/web", "shop/wbe"), 2);
+        assert_eq!(edit_distance("shop/web", "shop/wbe"), 1);
+        assert_eq!(edit_distance("shop/db", "shop/wbe"), 2);
         assert_eq!(edit_distance("naïve", "naive"), 1);
     }
 
@@ -63,6 +77,11 @@ mod tests {
         assert_eq!(closest("ns-1/pod-1", names), Some("ns-1/pod-10"));
         assert_eq!(closest("ns-2/pod-1", names), Some("ns-2/pod-1"));
         assert_eq!(closest("ns-2/pod1", names), Some("ns-2/pod-1"));
+        // A swap is one edit, nearer than two substitutions.
+        assert_eq!(
+            closest("shop/wbe", ["shop/db", "shop/web"]),
+            Some("shop/web")
+        );
     }
 
     #[test]
