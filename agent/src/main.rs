@@ -5,6 +5,8 @@
 //! palisade selector test ../shared/conformance/selectors.jsonl
 //! palisade verify --engine reference ../shared/conformance/kubernetes
 //! palisade matrix -f examples/zero-trust --port 8080
+//! palisade matrix -f cluster/ --to shop/db --port 5432   # who can reach shop/db
+//! palisade matrix -f cluster/ --summary -o svg > matrix.svg
 //! sudo palisade matrix -f examples/zero-trust --port 8080 --engine netns
 //! palisade explain -f examples/zero-trust --from analytics/reporting --to shop-backend/api --port 8080
 //! ```
@@ -12,6 +14,8 @@
 mod compile_cmd;
 mod explain_cmd;
 mod load;
+mod matrix_cmd;
+mod resolve;
 mod selector_cmd;
 mod verify_cmd;
 
@@ -116,25 +120,8 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value = "summary")]
         output: compile_cmd::CompileFormat,
     },
-    /// Connectivity matrix of every pod pair, with the deciding policy per cell.
-    Matrix {
-        /// Manifest files or folders.
-        #[arg(short = 'f', long = "file", required = true)]
-        files: Vec<PathBuf>,
-        /// Destination port.
-        #[arg(long, default_value_t = 80)]
-        port: u16,
-        /// Protocol.
-        #[arg(long, default_value = "TCP")]
-        protocol: String,
-        /// Output format.
-        #[arg(short = 'o', long, value_enum, default_value = "text")]
-        output: explain_cmd::Format,
-        /// Engine answering each cell (`netns`: real connections through
-        /// the kernel programs, drop events printed as they happen).
-        #[arg(long, value_enum, default_value = "reference")]
-        engine: verify_cmd::EngineKind,
-    },
+    /// Connectivity matrix of pod pairs, with both directions' deciding rule per cell.
+    Matrix(matrix_cmd::MatrixArgs),
 }
 
 #[derive(Subcommand)]
@@ -202,14 +189,8 @@ fn run() -> anyhow::Result<ExitCode> {
             compile_cmd::compile(&files, node, endpoint.as_deref(), output)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Matrix {
-            files,
-            port,
-            protocol,
-            output,
-            engine,
-        } => {
-            explain_cmd::matrix(&files, port, &protocol, output, engine)?;
+        Command::Matrix(args) => {
+            matrix_cmd::matrix(&args)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -218,6 +199,13 @@ fn run() -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     match run() {
         Ok(code) => code,
+        // `palisade matrix ... | head`: the reader has what it wanted.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
