@@ -27,10 +27,11 @@
 //! let pods = [EndpointKey::new("a", "web"), EndpointKey::new("a", "db")];
 //! let spec = ConnectionSpec { protocol: Protocol::TCP, dst_port: Some(5432), src_port: None, icmp: None, ip_version: None };
 //! let m = CompiledMatrix::new(&compiler, &pods, &pods, spec).unwrap();
-//! let db_to_web = m.cell(1, 0).unwrap();
-//! assert!(!db_to_web.allowed);
-//! let ingress = db_to_web.ingress.unwrap();
-//! assert_eq!(ingress.verdict, Verdict::Allow); // web's ingress is open
+//! // db to itself: its own egress is open, its ingress only admits web.
+//! let db_to_db = m.cell(1, 1).unwrap();
+//! assert!(!db_to_db.allowed);
+//! assert_eq!(db_to_db.egress.unwrap().verdict, Verdict::Allow);
+//! assert_eq!(db_to_db.ingress.unwrap().verdict, Verdict::Deny);
 //! let web_to_db = m.cell(0, 1).unwrap();
 //! let rule = m.rule(web_to_db.ingress.unwrap().rule).unwrap();
 //! assert_eq!(rule.decided_by().to_string(), "tier default, np:a/db, rule 0 (allow)");
