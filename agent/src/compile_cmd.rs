@@ -120,6 +120,9 @@ pub fn compile(
     let only: Option<EndpointKey> = endpoint
         .map(|e| e.parse().map_err(|m: String| anyhow!("--endpoint: {m}")))
         .transpose()?;
+    if let Some(k) = &only {
+        crate::resolve::known_pod(&cluster, k, "--endpoint")?;
+    }
     // Which slots use each program.
     let mut users: BTreeMap<ProgramId, Vec<String>> = BTreeMap::new();
     for ((ep, ip, dir), pid) in c.slots() {

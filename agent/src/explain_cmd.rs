@@ -1,7 +1,5 @@
-//! `palisade explain` (who decided a connection) and `palisade matrix`
-//! (connectivity of every pod pair, with the deciding policy per cell).
+//! `palisade explain`: who decided a connection, rule by rule.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Result, anyhow};
@@ -9,10 +7,11 @@ use policy_core::conformance::{ConnectionSpec, Peer, enforcing_endpoint, flow_be
 use policy_core::flow::{DecidedBy, Decision, Verdict};
 use policy_core::net::Protocol;
 use policy_core::reference::{RuleOutcome, TierOutcome, Trace};
-use policy_core::{Direction, EndpointKey, ReferenceEngine};
+use policy_core::{Direction, ReferenceEngine};
 use serde_json::{Value, json};
 
 use crate::load::load_cluster;
+use crate::resolve::known_pod;
 use crate::verify_cmd::{EngineKind, build_engine};
 use policy_bpf::lower::Capacity;
 use policy_bpf::netns_engine::{EventReport, NetnsEngine};
@@ -27,8 +26,6 @@ pub enum Format {
     Text,
     /// For programs.
     Json,
-    /// A Markdown table (matrix only).
-    Markdown,
 }
 
 /// What to ask about.
@@ -127,6 +124,11 @@ pub fn explain(
         .parse()
         .map_err(|e: String| anyhow!("--from: {e}"))?;
     let to: Peer = args.to.parse().map_err(|e: String| anyhow!("--to: {e}"))?;
+    for (peer, flag) in [(&from, "--from"), (&to, "--to")] {
+        if let Peer::Endpoint(k) = peer {
+            known_pod(&cluster, k, flag)?;
+        }
+    }
     let protocol = Protocol::parse(&args.protocol).map_err(|e| anyhow!("--protocol: {e}"))?;
     let icmp = match (args.icmp_type, args.icmp_code) {
         (None, None) => None,
@@ -293,7 +295,7 @@ fn observe(
     if kind == EngineKind::Netns {
         // Namespaces for the two ends only, not for every pod of the cluster.
         // An address peer that is some pod's address is that pod.
-        let ends: Vec<&EndpointKey> = cluster
+        let ends: Vec<&policy_core::EndpointKey> = cluster
             .endpoints()
             .filter(|e| {
                 [from, to].into_iter().any(|p| match p {
@@ -333,201 +335,4 @@ fn observe(
         outcome,
         events: Vec::new(),
     })
-}
-
-/// The cell of a matrix: whether the connection succeeds, and the decision
-/// that explains it (the denying one, or the server's ingress allow).
-struct Cell {
-    allowed: bool,
-    deciding: Option<(Direction, Decision)>,
-}
-
-pub fn matrix(
-    files: &[PathBuf],
-    port: u16,
-    protocol: &str,
-    format: Format,
-    engine_kind: EngineKind,
-) -> Result<()> {
-    let cluster = load_cluster(files)?;
-    let engine: Box<dyn policy_core::Engine + '_> = if engine_kind == EngineKind::Netns {
-        let e = NetnsEngine::new(&cluster, Capacity::default())?;
-        eprintln!(
-            "{} pods are network namespaces on one node; the TC programs are attached to their host veths",
-            e.pods()
-        );
-        // Drops are printed the moment the kernel reports them.
-        e.set_listener(Box::new(|r: &EventReport| {
-            if !r.allowed() {
-                eprintln!(
-                    "  drop  {} at {} {} by {}",
-                    r.tuple(),
-                    r.endpoint
-                        .as_ref()
-                        .map_or("?".to_string(), ToString::to_string),
-                    r.direction,
-                    r.decided_by
-                );
-            }
-        }))?;
-        Box::new(e)
-    } else {
-        build_engine(engine_kind, &cluster)?
-    };
-    let protocol = Protocol::parse(protocol).map_err(|e| anyhow!("--protocol: {e}"))?;
-    let pods: Vec<EndpointKey> = cluster
-        .endpoints()
-        .filter(|e| !e.ips.is_empty())
-        .map(|e| e.key.clone())
-        .collect();
-    let spec = ConnectionSpec {
-        protocol,
-        dst_port: protocol.has_ports().then_some(port),
-        src_port: None,
-        icmp: None,
-        ip_version: None,
-    };
-    let mut cells: BTreeMap<(usize, usize), Cell> = BTreeMap::new();
-    for (i, a) in pods.iter().enumerate() {
-        for (j, b) in pods.iter().enumerate() {
-            let (from, to) = (Peer::Endpoint(a.clone()), Peer::Endpoint(b.clone()));
-            let flow = match flow_between(&cluster, &from, &to, spec, None, None) {
-                Ok(f) => f,
-                Err(_) => continue,
-            };
-            let out = match evaluate_connection(&*engine, &cluster, &from, &to, &flow) {
-                Ok(o) => o,
-                Err(EngineError::Unavailable(why)) => {
-                    // A pod talking to itself never leaves its namespace.
-                    if i != j {
-                        eprintln!("  {from} -> {to}: not run: {why}");
-                    }
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let deciding = match (&out.egress, &out.ingress) {
-                (Some(e), _) if e.verdict == Verdict::Deny => Some((Direction::Egress, e.clone())),
-                (_, Some(i)) if i.verdict == Verdict::Deny => Some((Direction::Ingress, i.clone())),
-                (_, Some(i)) => Some((Direction::Ingress, i.clone())),
-                (Some(e), None) => Some((Direction::Egress, e.clone())),
-                (None, None) => None,
-            };
-            cells.insert(
-                (i, j),
-                Cell {
-                    allowed: out.allowed,
-                    deciding,
-                },
-            );
-        }
-    }
-    // Legend: one letter per distinct decider.
-    let mut legend: Vec<String> = Vec::new();
-    let mut code = |d: &Option<(Direction, Decision)>| -> String {
-        let Some((dir, dec)) = d else {
-            return String::new();
-        };
-        let text = format!("{dir} {} by {}", dec.verdict, dec.decided_by);
-        let idx = legend.iter().position(|l| *l == text).unwrap_or_else(|| {
-            legend.push(text);
-            legend.len() - 1
-        });
-        letter(idx)
-    };
-    let cell_text: BTreeMap<(usize, usize), String> = cells
-        .iter()
-        .map(|(k, c)| {
-            let mark = if c.allowed { "✓" } else { "✗" };
-            ((*k), format!("{mark}{}", code(&c.deciding)))
-        })
-        .collect();
-    let names: Vec<String> = pods.iter().map(ToString::to_string).collect();
-    match format {
-        Format::Json => {
-            let rows: Vec<Value> = cells
-                .iter()
-                .map(|((i, j), c)| {
-                    json!({
-                        "from": names[*i], "to": names[*j], "allowed": c.allowed,
-                        "deciding": c.deciding.as_ref().map(|(d, dec)| json!({"direction": d.to_string(), "decision": decision_json(dec)})),
-                    })
-                })
-                .collect();
-            outln!(
-                "{}",
-                serde_json::to_string_pretty(
-                    &json!({"port": port, "protocol": protocol.to_string(), "cells": rows})
-                )?
-            )?;
-        }
-        Format::Markdown => {
-            outln!("| from \\ to | {} |", names.join(" | "))?;
-            outln!("|---|{}", "---|".repeat(names.len()))?;
-            for (i, n) in names.iter().enumerate() {
-                let row: Vec<String> = (0..names.len())
-                    .map(|j| cell_text.get(&(i, j)).cloned().unwrap_or_default())
-                    .collect();
-                outln!("| {n} | {} |", row.join(" | "))?;
-            }
-            outln!()?;
-            for (i, l) in legend.iter().enumerate() {
-                outln!("- **{}**: {l}", letter(i))?;
-            }
-        }
-        Format::Text => {
-            outln!(
-                "connectivity for {protocol}/{port} by the {} engine (rows: client, columns: server; ✓ allowed, ✗ denied)",
-                engine.name()
-            )?;
-            let labels: Vec<String> = names
-                .iter()
-                .enumerate()
-                .map(|(i, n)| format!("[{}] {n}", i + 1))
-                .collect();
-            let w = labels.iter().map(|l| l.chars().count()).max().unwrap_or(0);
-            let cw = cell_text
-                .values()
-                .map(|c| c.chars().count())
-                .chain((1..=names.len()).map(|j| format!("[{j}]").len()))
-                .max()
-                .unwrap_or(3);
-            let pad = |s: &str, width: usize| {
-                format!("{}{s}", " ".repeat(width.saturating_sub(s.chars().count())))
-            };
-            let header: Vec<String> = (1..=names.len())
-                .map(|j| pad(&format!("[{j}]"), cw))
-                .collect();
-            outln!("{} {}", " ".repeat(w), header.join(" "))?;
-            for (i, l) in labels.iter().enumerate() {
-                let row: Vec<String> = (0..names.len())
-                    .map(|j| {
-                        pad(
-                            cell_text.get(&(i, j)).map(String::as_str).unwrap_or("-"),
-                            cw,
-                        )
-                    })
-                    .collect();
-                outln!("{l}{} {}", " ".repeat(w - l.chars().count()), row.join(" "))?;
-            }
-            outln!()?;
-            for (i, l) in legend.iter().enumerate() {
-                outln!("  {} = {l}", letter(i))?;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn letter(i: usize) -> String {
-    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ";
-    if i < 26 {
-        (alphabet[i] as char).to_string()
-    } else {
-        format!(
-            "{}{}",
-            alphabet[i / 26 - 1] as char,
-            alphabet[i % 26] as char
-        )
-    }
 }

@@ -5,6 +5,8 @@
 //! palisade selector test ../shared/conformance/selectors.jsonl
 //! palisade verify --engine reference ../shared/conformance/kubernetes
 //! palisade matrix -f examples/zero-trust --port 8080
+//! palisade matrix -f cluster/ --to shop/db --port 5432   # who can reach shop/db
+//! palisade matrix -f cluster/ --summary -o svg > matrix.svg
 //! sudo palisade matrix -f examples/zero-trust --port 8080 --engine netns
 //! palisade explain -f examples/zero-trust --from analytics/reporting --to shop-backend/api --port 8080
 //! ```
@@ -30,7 +32,9 @@ mod compile_cmd;
 mod explain_cmd;
 mod lint_cmd;
 mod load;
+mod matrix_cmd;
 mod progress;
+mod resolve;
 mod selector_cmd;
 mod verify_cmd;
 
@@ -153,25 +157,8 @@ enum Command {
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
     },
-    /// Connectivity matrix of every pod pair, with the deciding policy per cell.
-    Matrix {
-        /// Manifest files or folders.
-        #[arg(short = 'f', long = "file", required = true)]
-        files: Vec<PathBuf>,
-        /// Destination port.
-        #[arg(long, default_value_t = 80)]
-        port: u16,
-        /// Protocol.
-        #[arg(long, default_value = "TCP")]
-        protocol: String,
-        /// Output format.
-        #[arg(short = 'o', long, value_enum, default_value = "text")]
-        output: explain_cmd::Format,
-        /// Engine answering each cell (`netns`: real connections through
-        /// the kernel programs, drop events printed as they happen).
-        #[arg(long, value_enum, default_value = "reference")]
-        engine: verify_cmd::EngineKind,
-    },
+    /// Connectivity matrix of pod pairs, with both directions' deciding rule per cell.
+    Matrix(matrix_cmd::MatrixArgs),
 }
 
 #[derive(Subcommand)]
@@ -238,14 +225,8 @@ fn run() -> anyhow::Result<ExitCode> {
         } else {
             ExitCode::from(1)
         }),
-        Command::Matrix {
-            files,
-            port,
-            protocol,
-            output,
-            engine,
-        } => {
-            explain_cmd::matrix(&files, port, &protocol, output, engine)?;
+        Command::Matrix(args) => {
+            matrix_cmd::matrix(&args)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -364,6 +364,13 @@ pub fn flow_between(
     let from_addrs = peer_addresses(cluster, from)?;
     let src = pick(&from_addrs, from_ip, Some(IpVersion::of(&dst)))
         .map_err(|m| format!("{from}: {m} to reach {dst}"))?;
+    flow_for(src, dst, spec)
+}
+
+/// The flow of a connection between two chosen addresses: ports (the
+/// default source port when `spec` gives none), or an ICMP echo request
+/// when `spec` gives no type/code.
+pub fn flow_for(src: IpAddr, dst: IpAddr, spec: ConnectionSpec) -> Result<Flow, String> {
     let protocol = spec.protocol;
     let (src_port, dst_port, icmp) = if protocol.has_ports() {
         (

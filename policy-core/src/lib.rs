@@ -66,6 +66,7 @@ pub mod error;
 pub mod flow;
 pub mod lint;
 pub mod manifest;
+pub mod matrix;
 pub mod model;
 pub mod net;
 pub mod reference;

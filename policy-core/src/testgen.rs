@@ -686,8 +686,62 @@ pub struct Scale {
 ///
 /// Deterministic in `seed`.
 pub fn scale_cluster(scale: Scale, seed: u64) -> Vec<Object> {
+    scale_parts(scale, seed)
+        .into_iter()
+        .filter_map(|p| match p {
+            Part::Doc(v) => convert(&v),
+            Part::Pod(e) => Some(Object::Endpoint(e)),
+        })
+        .collect()
+}
+
+/// The cluster of [`scale_cluster`] as manifests (JSON documents, pods as
+/// Kubernetes `Pod`s with `status.podIP`), for tools that read files: the
+/// same objects once loaded.
+pub fn scale_manifests(scale: Scale, seed: u64) -> Vec<Value> {
+    scale_parts(scale, seed)
+        .into_iter()
+        .map(|p| match p {
+            Part::Doc(v) => v,
+            Part::Pod(e) => pod_manifest(&e),
+        })
+        .collect()
+}
+
+/// A Kubernetes `Pod` manifest that loads as exactly this endpoint (for
+/// endpoints with Kubernetes' default profiles and orchestrator).
+pub fn pod_manifest(e: &Endpoint) -> Value {
+    let ports: Vec<Value> = e
+        .ports
+        .iter()
+        .map(|p| json!({"name": p.name, "containerPort": p.port, "protocol": p.protocol.to_string()}))
+        .collect();
+    let mut spec = json!({"containers": [{"name": "main", "ports": ports}]});
+    if let Some(sa) = &e.service_account {
+        spec["serviceAccountName"] = json!(sa);
+    }
+    if let Some(node) = &e.node {
+        spec["nodeName"] = json!(node);
+    }
+    let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": e.key.name, "namespace": e.key.namespace, "labels": e.labels},
+        "spec": spec});
+    if let Some(ip) = e.ips.first() {
+        pod["status"] = json!({"podIP": ip.to_string(),
+            "podIPs": e.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()});
+    }
+    pod
+}
+
+/// A generated object: a manifest, or a pod built directly.
+enum Part {
+    Doc(Value),
+    Pod(Endpoint),
+}
+
+fn scale_parts(scale: Scale, seed: u64) -> Vec<Part> {
     let mut r = Rng::new(seed);
-    let mut objects: Vec<Object> = Vec::new();
+    let mut objects: Vec<Part> = Vec::new();
     let namespaces = scale.pods.div_ceil(50).max(1);
     let teams = 20usize;
     let envs = ["prod", "staging", "dev"];
@@ -696,23 +750,23 @@ pub fn scale_cluster(scale: Scale, seed: u64) -> Vec<Object> {
         ("platform", 200.0, "Pass"),
         ("team", 300.0, "Deny"),
     ] {
-        objects.extend(convert(
-            &json!({"apiVersion": "projectcalico.org/v3", "kind": "Tier",
+        objects.push(Part::Doc(
+            json!({"apiVersion": "projectcalico.org/v3", "kind": "Tier",
             "metadata": {"name": t.0}, "spec": {"order": t.1, "defaultAction": t.2}}),
         ));
     }
-    objects.extend(convert(&json!({"apiVersion": "v1", "kind": "Namespace",
+    objects.push(Part::Doc(json!({"apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": "kube-system"}})));
-    objects.extend(convert(&json!({"apiVersion": "v1", "kind": "Namespace",
+    objects.push(Part::Doc(json!({"apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": "monitoring", "labels": {"purpose": "monitoring"}}})));
     for n in 0..namespaces {
-        objects.extend(convert(&json!({"apiVersion": "v1", "kind": "Namespace",
+        objects.push(Part::Doc(json!({"apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": format!("ns-{n}"), "labels": {
                 "team": format!("team-{}", n % teams), "env": envs[n % 3],
                 "tier": if n % 2 == 0 { "frontend" } else { "backend" }}}})));
     }
     for i in 0..40 {
-        objects.extend(convert(&json!({"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
+        objects.push(Part::Doc(json!({"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkSet",
             "metadata": {"name": format!("partner-{i}"), "labels": {"partner": format!("p{}", i % 8), "external": "true"}},
             "spec": {"nets": [format!("198.{}.{}.0/24", 18 + i / 200, i % 200), format!("203.0.{i}.0/24")]}})));
     }
@@ -749,7 +803,7 @@ pub fn scale_cluster(scale: Scale, seed: u64) -> Vec<Object> {
                 protocol: Protocol::TCP,
             });
         }
-        objects.push(Object::Endpoint(Endpoint {
+        objects.push(Part::Pod(Endpoint {
             key: EndpointKey::new(format!("ns-{ns}"), format!("pod-{i}")),
             labels: BTreeMap::from([
                 ("app".to_string(), format!("app-{app}")),
@@ -778,7 +832,7 @@ pub fn scale_cluster(scale: Scale, seed: u64) -> Vec<Object> {
         profiles: None,
         orchestrator: "k8s".into(),
     };
-    objects.push(Object::Endpoint(dns_pod));
+    objects.push(Part::Pod(dns_pod));
 
     // Global policies first (about 10% of the budget).
     let n_global = (scale.policies / 10).max(4);
@@ -814,8 +868,8 @@ pub fn scale_cluster(scale: Scale, seed: u64) -> Vec<Object> {
                         "destination": {"nets": [format!("198.51.{}.0/24", g % 250)], "notNets": [format!("198.51.{}.128/25", g % 250)]}},
                        {"action": "Pass"}]})
         };
-        objects.extend(convert(
-            &json!({"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+        objects.push(Part::Doc(
+            json!({"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
             "metadata": {"name": format!("global-{g}")}, "spec": spec}),
         ));
     }
@@ -825,8 +879,8 @@ pub fn scale_cluster(scale: Scale, seed: u64) -> Vec<Object> {
     let mut k8s = 0;
     // Per-namespace default deny first.
     for n in 0..namespaces.min(n_k8s) {
-        objects.extend(convert(
-            &json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        objects.push(Part::Doc(
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": "default-deny", "namespace": format!("ns-{n}")},
             "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}}),
         ));
@@ -858,7 +912,7 @@ pub fn scale_cluster(scale: Scale, seed: u64) -> Vec<Object> {
                         "policyTypes": ["Egress"]})
             }
         };
-        objects.extend(convert(&json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        objects.push(Part::Doc(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": format!("allow-{k8s}"), "namespace": format!("ns-{ns}")}, "spec": spec})));
         k8s += 1;
     }
@@ -875,7 +929,7 @@ pub fn scale_cluster(scale: Scale, seed: u64) -> Vec<Object> {
                  "destination": {"ports": ["http", "8000:8100"]}},
                 {"action": "Allow", "protocol": "ICMP", "icmp": {"type": 8}},
                 {"action": "Pass", "source": {"selector": "app == 'app-0'"}}]});
-        objects.extend(convert(&json!({"apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
+        objects.push(Part::Doc(json!({"apiVersion": "projectcalico.org/v3", "kind": "NetworkPolicy",
             "metadata": {"name": format!("team-{c}"), "namespace": format!("ns-{ns}")}, "spec": spec})));
     }
     objects
@@ -917,4 +971,25 @@ pub fn wide_policies(policies: usize, rules: usize) -> Vec<Object> {
         objects.push(convert_document(&policy).expect("generated policy is valid"));
     }
     objects
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tools that read files see exactly the cluster the benchmarks build.
+    #[test]
+    fn scale_manifests_load_as_the_scale_cluster() {
+        let scale = Scale {
+            pods: 260,
+            policies: 60,
+            pods_per_node: 100,
+        };
+        let docs = scale_manifests(scale, 3);
+        let loaded: Vec<Object> = docs
+            .iter()
+            .map(|d| convert_document(d).unwrap_or_else(|e| panic!("{d}: {e}")))
+            .collect();
+        assert_eq!(loaded, scale_cluster(scale, 3));
+    }
 }

@@ -1858,6 +1858,25 @@ fn render(
     id
 }
 
+/// How a flow looks from the endpoint enforcing `direction`: the local
+/// address (whose slot holds the program), the peer address (whose bits the
+/// program tests) and the packet features the program reads.
+pub fn flow_features(flow: &Flow, direction: Direction) -> (IpAddr, IpAddr, Features) {
+    let (local_ip, peer_ip, local_port, peer_port) = match direction {
+        Direction::Ingress => (flow.dst, flow.src, flow.dst_port, flow.src_port),
+        Direction::Egress => (flow.src, flow.dst, flow.src_port, flow.dst_port),
+    };
+    let (icmp_type, icmp_code) = flow.icmp.unwrap_or((0, 0));
+    let features = Features {
+        protocol: flow.protocol.0,
+        local_port,
+        peer_port,
+        icmp_type,
+        icmp_code,
+    };
+    (local_ip, peer_ip, features)
+}
+
 impl Engine for Compiler {
     fn name(&self) -> &'static str {
         "compiled"
@@ -1879,24 +1898,13 @@ impl Engine for Compiler {
                 "{endpoint} is not on this node: no programs are compiled for it"
             )));
         }
-        let (local_ip, peer_ip, local_port, peer_port) = match direction {
-            Direction::Ingress => (flow.dst, flow.src, flow.dst_port, flow.src_port),
-            Direction::Egress => (flow.src, flow.dst, flow.src_port, flow.dst_port),
-        };
+        let (local_ip, peer_ip, features) = flow_features(flow, direction);
         let program = self
             .program(&(endpoint.clone(), local_ip, direction))
             .ok_or_else(|| {
                 EngineError::InvalidFlow(format!("{local_ip} is not an address of {endpoint}"))
             })?;
         let bits = self.peer_bits(&peer_ip);
-        let (icmp_type, icmp_code) = flow.icmp.unwrap_or((0, 0));
-        let features = Features {
-            protocol: flow.protocol.0,
-            local_port,
-            peer_port,
-            icmp_type,
-            icmp_code,
-        };
         let (leaf, _) = program.evaluate(&features, |b| bits.get(b));
         let rule = self
             .rule(leaf.rule)
