@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Result, anyhow};
+use policy_bpf::lower::{Capacity, Lowering, full_delta};
 use policy_core::EndpointKey;
 use policy_core::compile::{CompileOptions, Compiler, Next, Program, ProgramId, Test};
 use serde_json::{Value, json};
@@ -226,5 +227,11 @@ pub fn compile(
             out!("{out}")?;
         }
     }
+    // What the datapath would refuse, by the very checks its lowering makes
+    // before writing anything (default capacities), so a policy set that
+    // compiles but cannot be enforced fails here too.
+    Lowering::new(Capacity::default())
+        .check_capacity(&full_delta(&c))
+        .map_err(|e| anyhow!("the datapath would refuse this policy set: {e}"))?;
     Ok(())
 }

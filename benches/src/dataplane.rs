@@ -25,6 +25,8 @@ pub const UDP_PORT: u16 = 9000;
 pub const UDP_PORTS: u16 = 64;
 /// Policy counts the benchmarks sweep.
 pub const SIZES: [usize; 4] = [10, 100, 1000, 5000];
+/// Peer sets of the wide policy set ([`manifests_with_peer_sets`]).
+pub const PEER_SETS: usize = 10_000;
 
 /// Pod address of a peer group.
 pub fn peer_ip(i: usize) -> IpAddr {
@@ -72,9 +74,46 @@ pub fn manifests(n: usize) -> String {
     y
 }
 
+/// The policy set with `n` policies, after policies ordered before them
+/// whose `sets` rules (1,000 a policy) each allow one peer group over UDP
+/// on a port of its own by a selector of its own: `sets` more peer sets
+/// (membership bits), every peer identity holding `sets / PEER_GROUPS` of
+/// them, so membership rows are `sets / 64` words wide.
+pub fn manifests_with_peer_sets(n: usize, sets: usize) -> String {
+    let mut y = manifests(n);
+    // 1,000 rules a policy (the manifest limit is 1,024), in order.
+    for k in 0..sets {
+        if k % 1_000 == 0 {
+            let _ = writeln!(
+                y,
+                "---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {{name: wide{}, namespace: bench}}\n\
+                 spec:\n  order: {}\n  selector: app == 'server'\n  types: [Ingress]\n  ingress:",
+                k / 1_000,
+                -1 - (sets / 1_000 - k / 1_000) as i64
+            );
+        }
+        let _ = writeln!(
+            y,
+            "  - action: Allow\n    protocol: UDP\n    source: {{selector: group == 'g{}' || set == 's{k}'}}\n    destination: {{ports: [{}]}}",
+            k % PEER_GROUPS,
+            20000 + k % 40000
+        );
+    }
+    y
+}
+
+/// The policy set of [`manifests_with_peer_sets`].
+pub fn cluster_with_peer_sets(n: usize, sets: usize) -> Cluster {
+    parse(&manifests_with_peer_sets(n, sets))
+}
+
 /// The policy set with `n` policies.
 pub fn cluster(n: usize) -> Cluster {
-    let objects = parse_manifests("bench.yaml", &manifests(n))
+    parse(&manifests(n))
+}
+
+fn parse(manifests: &str) -> Cluster {
+    let objects = parse_manifests("bench.yaml", manifests)
         .expect("benchmark manifests are valid")
         .into_iter()
         .map(|l| l.object);

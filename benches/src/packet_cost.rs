@@ -195,6 +195,10 @@ pub struct CostRow {
     pub policies: usize,
     /// Conntrack capacity (connections).
     pub conntrack: u32,
+    /// Peer sets (membership bits) the compiled policy set has.
+    pub peer_sets: usize,
+    /// Words per membership row the lowering laid out.
+    pub row_words: u32,
     /// Pass-through program, new-flow method (one run per packet).
     pub pass_single: f64,
     /// Pass-through program, repeated run (established method).
@@ -229,9 +233,50 @@ pub fn measure_with(
     samples: usize,
     per_round: u64,
 ) -> anyhow::Result<CostRow> {
+    measure_cluster(
+        &crate::dataplane::cluster(policies),
+        policies,
+        cap,
+        samples,
+        per_round,
+    )
+}
+
+/// [`measure`] on the policy set with `sets` more peer sets
+/// ([`crate::dataplane::cluster_with_peer_sets`]).
+pub fn measure_peer_sets(
+    policies: usize,
+    sets: usize,
+    samples: usize,
+    per_round: u64,
+) -> anyhow::Result<CostRow> {
+    measure_cluster(
+        &crate::dataplane::cluster_with_peer_sets(policies, sets),
+        policies,
+        Capacity::default(),
+        samples,
+        per_round,
+    )
+}
+
+fn measure_cluster(
+    cluster: &policy_core::Cluster,
+    policies: usize,
+    cap: Capacity,
+    samples: usize,
+    per_round: u64,
+) -> anyhow::Result<CostRow> {
     let net = BenchNet::create()?;
-    let mut b = PacketBench::with_capacity(&crate::dataplane::cluster(policies), cap, &net)?;
-    net.run(|| measure_loaded(&mut b, policies, cap, samples, per_round))?
+    let mut b = PacketBench::with_capacity(cluster, cap, &net)?;
+    let peer_sets = policy_core::compile::Compiler::from_cluster(cluster, Default::default())?
+        .0
+        .stats()
+        .peer_sets;
+    let row_words = b.engine.lowering().stride();
+    let mut row = net.run(|| measure_loaded(&mut b, policies, cap, samples, per_round))??;
+    row.peer_sets = peer_sets;
+    row.row_words = row_words;
+    Ok(row)
 }
 
 /// The rounds of [`measure_with`], on a thread inside the bench's namespace.
@@ -257,6 +302,8 @@ fn measure_loaded(
     Ok(CostRow {
         policies,
         conntrack: cap.conntrack,
+        peer_sets: 0,
+        row_words: 0,
         pass_single: median(&mut pass_single),
         pass_repeat: median(&mut pass_repeat),
         new_flow: median(&mut new_flow),

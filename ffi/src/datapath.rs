@@ -68,10 +68,18 @@ fn full_plan(m: &Mirror) -> WritePlan {
     nodes.sort_by_key(|(i, _)| **i);
     plan.prepare
         .extend(nodes.into_iter().map(|(i, n)| MapWrite::Node(*i, *n)));
-    plan.prepare
-        .extend(m.identities.iter().map(|(i, b)| MapWrite::Identity(*i, *b)));
-    plan.prepare
-        .extend(m.classes.iter().map(|(i, b)| MapWrite::Class(*i, *b)));
+    let (identities, classes) = m.layouts;
+    plan.prepare.extend(
+        m.identities
+            .iter()
+            .map(|(i, b)| MapWrite::Identity(*i, identities, b.clone())),
+    );
+    plan.prepare.extend(
+        m.classes
+            .iter()
+            .map(|(i, b)| MapWrite::Class(*i, classes, b.clone())),
+    );
+    plan.switch.push(MapWrite::Layouts(identities, classes));
     plan.switch.extend(
         m.lpm4
             .iter()

@@ -4,12 +4,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use policy_bpf::lower::{Lowering, WritePlan};
 use policy_bpf_common::{
-    BITSET_WORDS, Bitset, DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6, FEATURE_ICMP_CODE,
-    FEATURE_ICMP_TYPE, FEATURE_LOCAL_PORT, FEATURE_PEER_PORT, FEATURE_PROTOCOL, LEAF_ALLOW,
-    LEAF_LOGGED, MAX_BITS, MAX_WALK, OP_BIT, OP_LEAF, OP_LESS, PeerClass, SlotKey,
+    DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6, FEATURE_ICMP_CODE, FEATURE_ICMP_TYPE,
+    FEATURE_LOCAL_PORT, FEATURE_PEER_PORT, FEATURE_PROTOCOL, LEAF_ALLOW, LEAF_LOGGED, MAX_WALK,
+    OP_BIT, OP_LEAF, OP_LESS, PeerClass, SlotKey, member_base, member_stride,
 };
 use policy_core::EndpointKey;
-use policy_core::compile::{Compiler, Delta, RuleRef};
+use policy_core::compile::{Bits, Compiler, Delta, RuleRef};
 use serde_json::{Value, json};
 
 /// The delta of one apply: what changed in the compiled state, and how many
@@ -97,8 +97,8 @@ fn rule_json(index: u32, r: &RuleRef) -> Value {
     v
 }
 
-fn bits(b: &Bitset) -> Vec<u32> {
-    (0..MAX_BITS).filter(|i| b.get(*i)).collect()
+fn bits(b: &Bits) -> Vec<u32> {
+    b.iter().collect()
 }
 
 fn lpm(prefix_len: u32, addr: IpAddr, c: &PeerClass) -> Value {
@@ -145,10 +145,15 @@ pub fn maps(
     managed.sort();
     let cap = l.capacity();
     let v = json!({
-        "format": 1,
+        "format": 2,
         "layout": {
-            "bitsetWords": BITSET_WORDS,
-            "maxBits": MAX_BITS,
+            // Rows of `memberStride` words from word `base` of each map
+            // (see `member_layout`): word base + row * stride + bit / 64.
+            "memberStride": l.stride(),
+            "memberLayouts": {
+                "identities": {"base": member_base(m.layouts.0), "stride": member_stride(m.layouts.0)},
+                "classes": {"base": member_base(m.layouts.1), "stride": member_stride(m.layouts.1)},
+            },
             "maxWalk": MAX_WALK,
             "ops": {"leaf": OP_LEAF, "less": OP_LESS, "bit": OP_BIT},
             "features": {
@@ -163,7 +168,8 @@ pub fn maps(
         "capacity": {
             "nodes": cap.nodes, "slots": cap.slots, "interfaces": cap.interfaces,
             "lpm4": cap.lpm4, "lpm6": cap.lpm6, "identities": cap.identities,
-            "classes": cap.classes, "rules": cap.rules, "conntrack": cap.conntrack,
+            "classes": cap.classes, "identityWords": cap.identity_words,
+            "classWords": cap.class_words, "rules": cap.rules, "conntrack": cap.conntrack,
         },
         "nodes": nodes.into_iter().map(|(i, n)| json!({
             "index": i, "op": n.op, "feature": n.feature, "flags": n.flags,

@@ -139,8 +139,12 @@ pub struct Datapath {
     local4: Words,
     lpm4: LpmTrie<MapData, [u8; 4], PeerClass>,
     lpm6: LpmTrie<MapData, [u8; 16], PeerClass>,
-    identities: Array<MapData, Bitset>,
-    classes: Array<MapData, Bitset>,
+    /// Identity membership rows (see [`member_layout`]).
+    identities: Words,
+    /// Address-class membership rows.
+    classes: Words,
+    /// The two layout words ([`LAYOUT_IDENTITIES`], [`LAYOUT_CLASSES`]).
+    layouts: Words,
     conn4: Table<CtEntry4>,
     conn6: Table<CtEntry6>,
     counters: PerCpuArray<MapData, Counter>,
@@ -245,11 +249,18 @@ impl Datapath {
         // the log kept each connection in its way's entry (the tables are
         // pinned without a log head): their maps cannot be re-adopted.
         let pinned = |name: &str| pin_dir.join(name).exists();
-        let obsolete = ["PALISADE_CT", "PALISADE_CT4"]
-            .into_iter()
-            .find(|name| pinned(name))
-            .or((pinned(CtEntry4::MAP) && !pinned(CtEntry4::TAGS)).then_some(CtEntry4::MAP))
-            .or((pinned(CtEntry4::MAP) && !pinned(CONNTRACK_LOG_HEAD)).then_some(CtEntry4::MAP));
+        // Builds before membership rows (2026-12-03) pinned fixed
+        // 2,048-bit bitsets under these names.
+        let obsolete = [
+            "PALISADE_CT",
+            "PALISADE_CT4",
+            "PALISADE_IDENTITIES",
+            "PALISADE_CLASSES",
+        ]
+        .into_iter()
+        .find(|name| pinned(name))
+        .or((pinned(CtEntry4::MAP) && !pinned(CtEntry4::TAGS)).then_some(CtEntry4::MAP))
+        .or((pinned(CtEntry4::MAP) && !pinned(CONNTRACK_LOG_HEAD)).then_some(CtEntry4::MAP));
         if let Some(obsolete) = obsolete {
             return Err(DatapathError::Load(format!(
                 "{} holds pins of an earlier Palisade ({obsolete}); detach its programs and \
@@ -270,8 +281,8 @@ impl Datapath {
             .map_max_entries("PALISADE_LOCAL4", 2 * cap.interface_index.max(1))
             .map_max_entries("PALISADE_LPM4", cap.lpm4)
             .map_max_entries("PALISADE_LPM6", cap.lpm6)
-            .map_max_entries("PALISADE_IDENTITIES", cap.identities)
-            .map_max_entries("PALISADE_CLASSES", cap.classes)
+            .map_max_entries("PALISADE_IDWORDS", cap.identity_words.max(2))
+            .map_max_entries("PALISADE_CLASSWORDS", cap.class_words.max(2))
             .map_max_entries(CtEntry4::MAP, conntrack_entries)
             .map_max_entries(CtEntry4::TAGS, conntrack_ways / CT_TAG_LINE)
             .map_max_entries(CtEntry6::MAP, conntrack_entries)
@@ -334,8 +345,9 @@ impl Datapath {
             local4: Words::take(&mut ebpf, "PALISADE_LOCAL4")?,
             lpm4: take!("PALISADE_LPM4", LpmTrie<MapData, [u8; 4], PeerClass>),
             lpm6: take!("PALISADE_LPM6", LpmTrie<MapData, [u8; 16], PeerClass>),
-            identities: take!("PALISADE_IDENTITIES", Array<MapData, Bitset>),
-            classes: take!("PALISADE_CLASSES", Array<MapData, Bitset>),
+            identities: Words::take(&mut ebpf, "PALISADE_IDWORDS")?,
+            classes: Words::take(&mut ebpf, "PALISADE_CLASSWORDS")?,
+            layouts: Words::take(&mut ebpf, "PALISADE_LAYOUT")?,
             conn4: Table::take(&mut ebpf)?,
             conn6: Table::take(&mut ebpf)?,
             counters: take!("PALISADE_COUNTERS", PerCpuArray<MapData, Counter>),
@@ -603,14 +615,22 @@ impl Datapath {
                 .map_err(map_err("PALISADE_LPM6")),
             MapWrite::Lpm6(l, a, None) => ignore_missing(self.lpm6.remove(&Key::new(*l, *a)))
                 .map_err(map_err("PALISADE_LPM6")),
-            MapWrite::Identity(i, b) => self
-                .identities
-                .set(*i, b, 0)
-                .map_err(map_err("PALISADE_IDENTITIES")),
-            MapWrite::Class(i, b) => self
-                .classes
-                .set(*i, b, 0)
-                .map_err(map_err("PALISADE_CLASSES")),
+            MapWrite::Identity(slot, layout, bits) => {
+                write_row(&self.identities, *slot, *layout, bits, "PALISADE_IDWORDS")
+            }
+            MapWrite::Class(slot, layout, bits) => {
+                write_row(&self.classes, *slot, *layout, bits, "PALISADE_CLASSWORDS")
+            }
+            MapWrite::Layouts(identities, classes) => {
+                for (i, word) in [(LAYOUT_IDENTITIES, identities), (LAYOUT_CLASSES, classes)] {
+                    let w = self.layouts.get(i).ok_or(DatapathError::Map {
+                        map: "PALISADE_LAYOUT",
+                        message: format!("no word {i}"),
+                    })?;
+                    w.store(*word, std::sync::atomic::Ordering::Release);
+                }
+                Ok(())
+            }
             MapWrite::ResetCounter(i) => {
                 let cpus =
                     aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Other(e.to_string()))?;
@@ -637,14 +657,23 @@ impl Datapath {
             MapWrite::Lpm6(l, a, _) => {
                 Some(MapWrite::Lpm6(*l, *a, before.lpm6.get(&(*l, *a)).copied()))
             }
-            MapWrite::Identity(i, _) => Some(MapWrite::Identity(
-                *i,
-                before.identities.get(i).copied().unwrap_or_default(),
-            )),
-            MapWrite::Class(i, _) => Some(MapWrite::Class(
-                *i,
-                before.classes.get(i).copied().unwrap_or_default(),
-            )),
+            // A row written in the live layout gets its old words back; a
+            // row in a layout the plan had not switched to yet is not read.
+            MapWrite::Identity(i, layout, _) => (*layout == before.layouts.0).then(|| {
+                MapWrite::Identity(
+                    *i,
+                    *layout,
+                    before.identities.get(i).cloned().unwrap_or_default(),
+                )
+            }),
+            MapWrite::Class(i, layout, _) => (*layout == before.layouts.1).then(|| {
+                MapWrite::Class(
+                    *i,
+                    *layout,
+                    before.classes.get(i).cloned().unwrap_or_default(),
+                )
+            }),
+            MapWrite::Layouts(..) => Some(MapWrite::Layouts(before.layouts.0, before.layouts.1)),
         };
         if let Some(r) = restore {
             let _ = self.write_one(&r);
@@ -1058,7 +1087,15 @@ impl Datapath {
         u
     }
 
-    /// Reads back the slots and LPM entries (for adoption after a restart).
+    /// A membership layout word as the programs read it.
+    fn layout(&self, which: u32) -> u64 {
+        self.layouts
+            .get(which)
+            .map_or(0, |w| w.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Reads back the slots, LPM entries and row layouts (for adoption
+    /// after a restart).
     pub fn read_mirror(&self) -> Mirror {
         Mirror {
             slots: self.slots.iter().filter_map(Result::ok).collect(),
@@ -1084,6 +1121,7 @@ impl Datapath {
                 .filter_map(Result::ok)
                 .map(|(k, v)| ((k.prefix_len(), k.data()), v))
                 .collect(),
+            layouts: (self.layout(LAYOUT_IDENTITIES), self.layout(LAYOUT_CLASSES)),
             ..Mirror::default()
         }
     }
@@ -1115,6 +1153,37 @@ fn remove_stale_private_dirs() {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
+}
+
+/// Writes row `slot` of a membership map at `layout`: `stride` words, one
+/// atomic store each. Rows are only rewritten with supersets of what a
+/// live program may read (or after the switch away from them), so a
+/// program reading word by word never sees a bit it must not.
+fn write_row(
+    words: &Words,
+    slot: u32,
+    layout: u64,
+    bits: &policy_core::compile::Bits,
+    map: &'static str,
+) -> Result<(), DatapathError> {
+    let stride = member_stride(layout);
+    let start = u64::from(member_base(layout)) + u64::from(slot) * u64::from(stride);
+    if start + u64::from(stride) > u64::from(words.len()) {
+        return Err(DatapathError::Map {
+            map,
+            message: format!(
+                "row {slot} of {stride} words from word {start} is past the map's {} words",
+                words.len()
+            ),
+        });
+    }
+    for w in 0..stride {
+        let value = bits.words().get(w as usize).copied().unwrap_or(0);
+        if let Some(word) = words.get(start as u32 + w) {
+            word.store(value, std::sync::atomic::Ordering::Release);
+        }
+    }
+    Ok(())
 }
 
 /// An error with its causes, one after the other.

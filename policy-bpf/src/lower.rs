@@ -3,7 +3,7 @@
 //! exactly what the kernel holds.
 //!
 //! Writes come in three phases so that no packet ever sees a half-written
-//! policy: (1) new program nodes, bitsets and classes that nothing points at
+//! policy: (1) new program nodes and membership rows that nothing points at
 //! yet; (2) the switches — LPM entries and slot roots; (3) the removal of what
 //! is no longer referenced. A batch is checked against map capacities before
 //! anything is written, and fails with an error naming the map.
@@ -34,10 +34,17 @@ pub struct Capacity {
     pub lpm4: u32,
     /// IPv6 LPM entries.
     pub lpm6: u32,
-    /// Identity bitsets.
+    /// Identity rows.
     pub identities: u32,
-    /// Address-class bitsets.
+    /// Address-class rows.
     pub classes: u32,
+    /// Words of the identity rows' map. Rows are `stride` words each (the
+    /// peer-set bits in use, see [`member_layout`]); half the map holds the
+    /// live rows, the other half the next layout while the stride grows,
+    /// so identity rows × stride may take at most half of these.
+    pub identity_words: u32,
+    /// Words of the address-class rows' map (half usable, as above).
+    pub class_words: u32,
     /// Rule counters.
     pub rules: u32,
     /// Tracked connections, per address family (IPv4 and IPv6 each have a
@@ -59,6 +66,10 @@ impl Default for Capacity {
             lpm6: 262_144,
             identities: 65_536,
             classes: 16_384,
+            // 64 and 16 MiB: 65,536 identities at 4,096 peer sets, 16,384
+            // at 16,384, 4,096 at 65,536 (and classes a quarter of that).
+            identity_words: 8 << 20,
+            class_words: 2 << 20,
             rules: 65_536,
             conntrack: 262_144,
         }
@@ -103,11 +114,32 @@ pub enum LowerError {
         /// Its depth.
         depth: usize,
     },
-    /// More membership bits than a bitset holds.
-    #[error("policy needs membership bit {bit}, more than the {MAX_BITS} a bitset holds")]
-    TooManyBits {
-        /// The bit.
-        bit: u32,
+    /// The membership rows do not fit their map at the stride the peer
+    /// sets in use need.
+    #[error(
+        "{map} need {needed} words ({rows} rows of {stride} words for {bits} peer sets), more than the {capacity} a layout may take (half of the map, the other half holds the next layout while it grows; raise the {map} words in the datapath configuration)"
+    )]
+    MembershipOverflow {
+        /// `"identity rows"` or `"class rows"`.
+        map: &'static str,
+        /// Words needed: rows × stride.
+        needed: u64,
+        /// Rows (highest slot in use + 1).
+        rows: u64,
+        /// Words per row.
+        stride: u32,
+        /// Peer-set bits the rows hold (stride × 64).
+        bits: u64,
+        /// Words a layout may take.
+        capacity: u32,
+    },
+    /// More peer sets than a membership row can hold.
+    #[error("policy needs {bits} peer sets (membership bits), more than the datapath's {limit}")]
+    TooManyPeerSets {
+        /// Bits needed.
+        bits: u64,
+        /// Most bits a row holds.
+        limit: u64,
     },
     /// A delta refers to something the lowering never saw.
     #[error("inconsistent delta: {0}")]
@@ -127,10 +159,13 @@ pub enum MapWrite {
     Lpm4(u32, [u8; 4], Option<PeerClass>),
     /// An IPv6 LPM entry.
     Lpm6(u32, [u8; 16], Option<PeerClass>),
-    /// An identity bitset.
-    Identity(u32, Bitset),
-    /// An address-class bitset.
-    Class(u32, Bitset),
+    /// An identity's row (slot, the layout it is written in, its bits).
+    Identity(u32, u64, Bits),
+    /// An address class's row.
+    Class(u32, u64, Bits),
+    /// The switch to new layouts of the identity and class rows (see
+    /// [`member_layout`]): every live row was written there first.
+    Layouts(u64, u64),
     /// Zero a rule's counters (index reused).
     ResetCounter(u32),
 }
@@ -176,10 +211,12 @@ pub struct Mirror {
     pub lpm4: BTreeMap<(u32, [u8; 4]), PeerClass>,
     /// IPv6 LPM.
     pub lpm6: BTreeMap<(u32, [u8; 16]), PeerClass>,
-    /// Identity bitsets by slot.
-    pub identities: HashMap<u32, Bitset>,
-    /// Class bitsets by slot.
-    pub classes: HashMap<u32, Bitset>,
+    /// Identity rows by slot, as last written.
+    pub identities: HashMap<u32, Bits>,
+    /// Class rows by slot, as last written.
+    pub classes: HashMap<u32, Bits>,
+    /// Layout words of the identity and class rows.
+    pub layouts: (u64, u64),
 }
 
 impl Mirror {
@@ -221,14 +258,53 @@ impl Mirror {
                     self.lpm6.remove(&(*l, *a));
                 }
             },
-            MapWrite::Identity(i, b) => {
-                self.identities.insert(*i, *b);
+            MapWrite::Identity(i, _, b) => {
+                self.identities.insert(*i, b.clone());
             }
-            MapWrite::Class(i, b) => {
-                self.classes.insert(*i, *b);
+            MapWrite::Class(i, _, b) => {
+                self.classes.insert(*i, b.clone());
             }
+            MapWrite::Layouts(i, c) => self.layouts = (*i, *c),
             MapWrite::ResetCounter(_) => {}
         }
+    }
+
+    /// Word `i` of the identity (`identity`) or class rows' map, as the
+    /// live layout reads it: the interpreter's view of the array the
+    /// program reads (words of no live row read as zero, as a reused
+    /// region's stale words are never reached through a live row).
+    pub fn member_word(&self, identity: bool, i: u32) -> Option<u64> {
+        let (layout, rows) = if identity {
+            (self.layouts.0, &self.identities)
+        } else {
+            (self.layouts.1, &self.classes)
+        };
+        let stride = member_stride(layout);
+        if stride == 0 {
+            return None;
+        }
+        let off = i.checked_sub(member_base(layout))?;
+        let row = rows.get(&(off / stride))?;
+        Some(
+            row.words()
+                .get((off % stride) as usize)
+                .copied()
+                .unwrap_or(0),
+        )
+    }
+
+    /// Whether a peer (identity slot + 1, 0 for none; class slot) has
+    /// membership bit `bit`: the walk's test, over the mirror.
+    pub fn peer_bit(&self, identity: u32, class: u32, bit: u32) -> bool {
+        let id_row = if identity > 0 {
+            MemberRow::of(self.layouts.0, identity - 1)
+        } else {
+            MemberRow::default()
+        };
+        member_bit(id_row, bit, |i| self.member_word(true, i))
+            || member_bit(MemberRow::of(self.layouts.1, class), bit, |i| {
+                self.member_word(false, i)
+            })
     }
 
     /// Longest-prefix match, as the kernel's LPM trie does.
@@ -265,27 +341,22 @@ impl Mirror {
     }
 }
 
-fn to_bitset(b: &Bits) -> Result<Bitset, LowerError> {
-    let mut out = Bitset::default();
-    for bit in b.iter() {
-        if bit >= MAX_BITS {
-            return Err(LowerError::TooManyBits { bit });
-        }
-        out.words[(bit / 64) as usize] |= 1 << (bit % 64);
-    }
-    Ok(out)
-}
-
-fn or(a: &Bitset, b: &Bitset) -> Bitset {
-    let mut out = *a;
-    for (x, y) in out.words.iter_mut().zip(&b.words) {
-        *x |= y;
-    }
+fn or(a: &Bits, b: &Bits) -> Bits {
+    let mut out = a.clone();
+    out.union_with(b);
     out
 }
 
-fn superset(a: &Bitset, b: &Bitset) -> bool {
-    a.words.iter().zip(&b.words).all(|(x, y)| x & y == *y)
+fn superset(a: &Bits, b: &Bits) -> bool {
+    let (a, b) = (a.words(), b.words());
+    b.iter()
+        .enumerate()
+        .all(|(i, y)| a.get(i).copied().unwrap_or(0) & y == *y)
+}
+
+/// Words per row that bits below `bits` need (at least one).
+fn stride_for(bits: u64) -> u32 {
+    bits.div_ceil(64).max(1) as u32
 }
 
 fn addr_bytes(ip: &IpAddr) -> (u8, [u8; 16]) {
@@ -319,6 +390,11 @@ impl Dense {
         self.used -= 1;
         self.free.push(i);
     }
+    /// Rows (highest index + 1) once `k` more are allocated: free ones first.
+    fn rows_after(&self, k: u64) -> u64 {
+        u64::from(self.next) + k.saturating_sub(self.free.len() as u64)
+    }
+
     /// Marks `i` used without handing it out (it belongs to someone else).
     fn reserve(&mut self, i: u32) {
         if i >= self.next {
@@ -435,15 +511,30 @@ pub struct Lowering {
     rules: HashMap<u32, RuleRef>,
     slot_programs: HashMap<Slot, ProgramId>,
     bindings: HashMap<EndpointKey, Binding>,
-    classes_by_id: HashMap<ClassId, Bitset>,
+    classes_by_id: HashMap<ClassId, Bits>,
     identity_by_slot: HashMap<u32, u32>,
-    identity_bits: HashMap<u32, Bitset>,
+    identity_bits: HashMap<u32, Bits>,
     identity_refs: HashMap<u32, u32>,
     reserved: Reserved,
     /// Addresses with a host entry.
     host_addrs: std::collections::HashSet<IpAddr>,
     /// Full-length prefixes (/32, /128) and their classes.
     full_prefixes: HashMap<IpAddr, ClassId>,
+    /// Words per membership row (0: no rows written yet).
+    stride: u32,
+    /// Which half of the rows' maps the rows are in: a new stride is laid
+    /// out in the other half, then switched to.
+    half: u32,
+}
+
+/// What the capacity checks found room for.
+struct Checked {
+    /// The node ranges with the new programs placed.
+    ranges: Ranges,
+    /// Where each new program goes.
+    placed: Vec<(ProgramId, u32)>,
+    /// Words per membership row after the delta.
+    stride: u32,
 }
 
 /// Entries held back for an earlier process's live state.
@@ -474,14 +565,31 @@ impl Lowering {
             rules: HashMap::new(),
             slot_programs: HashMap::new(),
             bindings: HashMap::new(),
-            classes_by_id: HashMap::from([(0, Bitset::default())]),
+            classes_by_id: HashMap::from([(0, Bits::new())]),
             identity_by_slot: HashMap::new(),
             identity_bits: HashMap::new(),
             identity_refs: HashMap::new(),
             reserved: Reserved::default(),
             host_addrs: std::collections::HashSet::new(),
             full_prefixes: HashMap::new(),
+            stride: 0,
+            // The first layout goes to half 0.
+            half: 1,
         }
+    }
+
+    /// The layout words rows are written in now (identities, classes).
+    fn layouts(&self) -> (u64, u64) {
+        let base = |words: u32| self.half * (words / 2);
+        (
+            member_layout(base(self.cap.identity_words), self.stride),
+            member_layout(base(self.cap.class_words), self.stride),
+        )
+    }
+
+    /// Words per membership row in the current layout.
+    pub fn stride(&self) -> u32 {
+        self.stride
     }
 
     /// Capacities.
@@ -632,9 +740,6 @@ impl Lowering {
                     Node::less(feature, v, at(node.then), at(node.otherwise))
                 }
                 policy_core::compile::Test::Bit(b) => {
-                    if b >= MAX_BITS {
-                        return Err(LowerError::TooManyBits { bit: b });
-                    }
                     Node::bit(b, at(node.then), at(node.otherwise))
                 }
             });
@@ -652,10 +757,16 @@ impl Lowering {
         Ok((out, at(p.root)))
     }
 
-    /// Turns a compiler delta into ordered writes and updates the mirror.
-    /// On error nothing changed.
-    pub fn lower(&mut self, delta: &Delta) -> Result<WritePlan, LowerError> {
-        // Capacity checks first, on copies of the allocators.
+    /// Whether `delta` fits the maps: the checks [`Lowering::lower`] makes
+    /// before it writes anything, with the same error (for `palisade
+    /// compile`, which reports what the datapath would refuse).
+    pub fn check_capacity(&self, delta: &Delta) -> Result<(), LowerError> {
+        self.checked(delta).map(|_| ())
+    }
+
+    /// The capacity checks, on copies of the allocators: where new
+    /// programs go and the stride the rows need.
+    fn checked(&self, delta: &Delta) -> Result<Checked, LowerError> {
         let mut ranges = self.ranges.clone();
         let mut placed: Vec<(ProgramId, u32)> = Vec::new();
         let mut needed_nodes: u64 = 0;
@@ -747,14 +858,112 @@ impl Lowering {
             self.mirror.slots.len() as u64 + new_slots,
             self.cap.slots,
         )?;
-        for (_, b) in delta.identities.iter().chain(delta.classes.iter()) {
-            if let Some(b) = b {
-                to_bitset(b)?;
+        // Membership rows: the stride the bits in use need (it only grows
+        // here: a new stride means laying every row out again), and the
+        // rows each map will have, fit half the map.
+        let bits_needed = delta
+            .identities
+            .values()
+            .chain(delta.classes.values())
+            .flatten()
+            .map(|b| b.words().len() as u64 * 64)
+            .chain(delta.programs.values().flatten().flat_map(|p| {
+                p.nodes.iter().filter_map(|n| match n.test {
+                    policy_core::compile::Test::Bit(b) => Some(u64::from(b) + 1),
+                    policy_core::compile::Test::Less(..) => None,
+                })
+            }))
+            .max()
+            .unwrap_or(0);
+        let needed = stride_for(bits_needed);
+        if needed > MAX_MEMBER_STRIDE {
+            return Err(LowerError::TooManyPeerSets {
+                bits: bits_needed,
+                limit: u64::from(MAX_MEMBER_STRIDE) * 64,
+            });
+        }
+        let stride = if self.stride == 0 {
+            needed
+        } else if needed > self.stride {
+            // Doubling keeps relayouts to a few over a node's life.
+            needed
+                .max(self.stride.saturating_mul(2))
+                .min(MAX_MEMBER_STRIDE)
+        } else {
+            self.stride
+        };
+        // Prefixes and hosts that have an entry now may each take a
+        // transitional class (see `lpm_switch`).
+        let transitions = delta
+            .prefixes
+            .keys()
+            .filter(|n| {
+                self.lpm_get(u32::from(n.prefix_len()), &n.network())
+                    .is_some()
+            })
+            .count() as u64
+            + delta
+                .hosts
+                .keys()
+                .filter(|ip| {
+                    self.lpm_get(if ip.is_ipv4() { 32 } else { 128 }, ip)
+                        .is_some()
+                })
+                .count() as u64;
+        let rows = [
+            (
+                "identity rows",
+                self.identity_alloc.rows_after(new_ids),
+                self.cap.identity_words,
+            ),
+            (
+                "class rows",
+                self.class_alloc.rows_after(new_classes + transitions),
+                self.cap.class_words,
+            ),
+        ];
+        for (map, rows, words) in rows {
+            let needed = rows * u64::from(stride);
+            if needed > u64::from(words / 2) {
+                return Err(LowerError::MembershipOverflow {
+                    map,
+                    needed,
+                    rows,
+                    stride,
+                    bits: u64::from(stride) * 64,
+                    capacity: words / 2,
+                });
             }
         }
+        Ok(Checked {
+            ranges,
+            placed,
+            stride,
+        })
+    }
+
+    /// Turns a compiler delta into ordered writes and updates the mirror.
+    /// On error nothing changed.
+    pub fn lower(&mut self, delta: &Delta) -> Result<WritePlan, LowerError> {
+        let Checked {
+            ranges,
+            placed,
+            stride,
+        } = self.checked(delta)?;
 
         // From here on nothing fails.
         let mut plan = WritePlan::default();
+
+        // A new stride: every row goes to the other half of its map at the
+        // new stride (rows this delta writes are written there below; the
+        // rest are copied), and the layouts switch before anything that
+        // could reach a new bit or a new row.
+        let relayout = stride != self.stride;
+        if relayout {
+            self.stride = stride;
+            self.half ^= 1;
+        }
+        let (id_layout, class_layout) = self.layouts();
 
         // Rules: new indexes, counters reset.
         let mut freed_rules = Vec::new();
@@ -809,10 +1018,7 @@ impl Lowering {
         // A slot lives while the identity has bits or an address points at it.
         let mut touched_ids: Vec<u32> = Vec::new();
         for (id, b) in &delta.identities {
-            let bits = match b {
-                Some(b) => to_bitset(b).expect("checked"),
-                None => Bitset::default(),
-            };
+            let bits = b.clone().unwrap_or_default();
             self.identity_bits.insert(*id, bits);
             touched_ids.push(*id);
         }
@@ -834,21 +1040,22 @@ impl Lowering {
         touched_ids.dedup();
         let mut freed_identities = Vec::new();
         for id in touched_ids {
-            let bits = self.identity_bits.get(&id).copied().unwrap_or_default();
+            let bits = self.identity_bits.get(&id).cloned().unwrap_or_default();
             let refs = self.identity_refs.get(&id).copied().unwrap_or(0);
-            let live = refs > 0 || bits != Bitset::default();
+            let live = refs > 0 || !bits.is_empty();
             match (self.identity_slots.get(&id).copied(), live) {
                 (Some(slot), true) => {
                     let old = self
                         .mirror
                         .identities
                         .get(&slot)
-                        .copied()
+                        .cloned()
                         .unwrap_or_default();
                     if old != bits {
-                        plan.prepare.push(MapWrite::Identity(slot, or(&old, &bits)));
+                        plan.prepare
+                            .push(MapWrite::Identity(slot, id_layout, or(&old, &bits)));
                         if !superset(&bits, &old) {
-                            plan.cleanup.push(MapWrite::Identity(slot, bits));
+                            plan.cleanup.push(MapWrite::Identity(slot, id_layout, bits));
                         }
                     }
                 }
@@ -856,11 +1063,11 @@ impl Lowering {
                     let slot = self.identity_alloc.alloc();
                     self.identity_slots.insert(id, slot);
                     self.identity_by_slot.insert(slot, id);
-                    plan.prepare.push(MapWrite::Identity(slot, bits));
+                    plan.prepare.push(MapWrite::Identity(slot, id_layout, bits));
                 }
                 (Some(slot), false) => {
                     plan.cleanup
-                        .push(MapWrite::Identity(slot, Bitset::default()));
+                        .push(MapWrite::Identity(slot, id_layout, Bits::new()));
                     freed_identities.push(id);
                 }
                 (None, false) => {}
@@ -874,7 +1081,7 @@ impl Lowering {
         // Classes: immutable by id; new ones before, old ones after.
         for (id, b) in &delta.classes {
             if let Some(b) = b {
-                let bits = to_bitset(b).expect("checked");
+                let bits = b.clone();
                 let slot = match self.class_slots.get(id) {
                     Some(s) => *s,
                     None => {
@@ -883,8 +1090,9 @@ impl Lowering {
                         s
                     }
                 };
+                plan.prepare
+                    .push(MapWrite::Class(slot, class_layout, bits.clone()));
                 self.classes_by_id.insert(*id, bits);
-                plan.prepare.push(MapWrite::Class(slot, bits));
             }
         }
 
@@ -893,7 +1101,7 @@ impl Lowering {
         let mut transitional: Vec<u32> = Vec::new();
         let mut late_lpm: Vec<MapWrite> = Vec::new();
         let class_of =
-            |this: &Lowering, id: ClassId| this.classes_by_id.get(&id).copied().unwrap_or_default();
+            |this: &Lowering, id: ClassId| this.classes_by_id.get(&id).cloned().unwrap_or_default();
         // A host address and a full-length prefix share one LPM key: the
         // host entry (identity and class, the class already counting the
         // prefix) wins, and the prefix takes the key back when the host goes.
@@ -1008,7 +1216,8 @@ impl Lowering {
                 && let Some(slot) = self.class_slots.remove(id)
             {
                 self.classes_by_id.remove(id);
-                plan.cleanup.push(MapWrite::Class(slot, Bitset::default()));
+                plan.cleanup
+                    .push(MapWrite::Class(slot, class_layout, Bits::new()));
                 self.class_alloc.release(slot);
             }
         }
@@ -1017,10 +1226,60 @@ impl Lowering {
             self.rules.remove(&idx);
             self.rule_alloc.release(idx);
         }
+        if relayout {
+            self.copy_rows(&mut plan);
+        }
         for w in plan.iter() {
             self.mirror.apply(w);
         }
         Ok(plan)
+    }
+
+    /// For a new layout: copies into it, before the switch, every row the
+    /// plan does not write there itself (live rows stay live until the
+    /// cleanup), the class row 0 ("no memberships") included; then the
+    /// switch to it comes first.
+    fn copy_rows(&self, plan: &mut WritePlan) {
+        let (id_layout, class_layout) = self.layouts();
+        let mut written_ids = std::collections::HashSet::new();
+        let mut written_classes = std::collections::HashSet::new();
+        for w in &plan.prepare {
+            match w {
+                MapWrite::Identity(s, ..) => {
+                    written_ids.insert(*s);
+                }
+                MapWrite::Class(s, ..) => {
+                    written_classes.insert(*s);
+                }
+                _ => {}
+            }
+        }
+        let mut copies = Vec::new();
+        for (slot, bits) in &self.mirror.identities {
+            if !written_ids.contains(slot) {
+                copies.push(MapWrite::Identity(*slot, id_layout, bits.clone()));
+            }
+        }
+        let zero = (!self.mirror.classes.contains_key(&0)).then(|| (0, Bits::new()));
+        for (slot, bits) in self
+            .mirror
+            .classes
+            .iter()
+            .map(|(s, b)| (*s, b.clone()))
+            .chain(zero)
+        {
+            if !written_classes.contains(&slot) {
+                copies.push(MapWrite::Class(slot, class_layout, bits));
+            }
+        }
+        copies.sort_by_key(|w| match w {
+            MapWrite::Identity(s, ..) => (0, *s),
+            MapWrite::Class(s, ..) => (1, *s),
+            _ => (2, 0),
+        });
+        plan.prepare.extend(copies);
+        plan.switch
+            .insert(0, MapWrite::Layouts(id_layout, class_layout));
     }
 
     fn identity_of_slot(&self, slot: u32) -> Option<u32> {
@@ -1041,7 +1300,7 @@ impl Lowering {
         addr: &IpAddr,
         old: Option<PeerClass>,
         new: Option<PeerClass>,
-        class_of: &dyn Fn(&Lowering, ClassId) -> Bitset,
+        class_of: &dyn Fn(&Lowering, ClassId) -> Bits,
         transitional: &mut Vec<u32>,
         plan: &mut WritePlan,
         late: &mut Vec<MapWrite>,
@@ -1051,7 +1310,7 @@ impl Lowering {
             IpAddr::V6(a) => MapWrite::Lpm6(len, a.octets(), v),
         };
         let slot_bits = |this: &Lowering, slot: u32| {
-            this.mirror.classes.get(&slot).copied().unwrap_or_else(|| {
+            this.mirror.classes.get(&slot).cloned().unwrap_or_else(|| {
                 this.class_slots
                     .iter()
                     .find(|(_, s)| **s == slot)
@@ -1069,7 +1328,7 @@ impl Lowering {
                     .iter()
                     .rev()
                     .find_map(|w| match w {
-                        MapWrite::Class(s, b) if *s == n.class => Some(*b),
+                        MapWrite::Class(s, _, b) if *s == n.class => Some(b.clone()),
                         _ => None,
                     })
                     .unwrap_or_else(|| slot_bits(self, n.class));
@@ -1078,7 +1337,8 @@ impl Lowering {
                 } else {
                     let t = self.class_alloc.alloc();
                     transitional.push(t);
-                    plan.prepare.push(MapWrite::Class(t, or(&ob, &nb)));
+                    let layout = self.layouts().1;
+                    plan.prepare.push(MapWrite::Class(t, layout, or(&ob, &nb)));
                     plan.switch.push(write(Some(PeerClass {
                         identity: n.identity,
                         class: t,
@@ -1103,6 +1363,9 @@ impl Lowering {
         in_use: &InUse,
     ) -> Result<(Lowering, WritePlan), LowerError> {
         let mut fresh = Lowering::new(cap);
+        // The live rows stay where they are: the new ones go to the other
+        // half of each map, then the layouts switch.
+        fresh.half = u32::from(member_base(current.layouts.0) != 0);
         let mut runs: Vec<(u32, u32)> = Vec::new();
         for n in &in_use.nodes {
             match runs.last_mut() {
@@ -1171,6 +1434,8 @@ impl Lowering {
         let bindings = self.bindings.clone();
         let old = std::mem::take(&mut self.mirror);
         let mut fresh = Lowering::new(self.cap);
+        // New rows in the other half; the live ones stay until the switch.
+        fresh.half = self.half;
         let full = full_delta(compiler);
         let mut plan = fresh.lower(&full)?;
         for (ep, b) in bindings {

@@ -121,20 +121,14 @@ impl Engine for MapsEngine {
             EngineError::InvalidFlow(format!("the local address is not an address of {endpoint}"))
         })?;
         let class = m.classify(&peer);
-        let id_bits = (class.identity > 0).then(|| {
-            m.identities
-                .get(&(class.identity - 1))
-                .copied()
-                .unwrap_or_default()
-        });
-        let class_bits = m.classes.get(&class.class).copied().unwrap_or_default();
         let cap = self.lowering.capacity().nodes;
         let v = walk(
             slot.root,
             &features(&p, dir),
             // Array maps read unwritten entries as zeroes, and nothing past the end.
             |i| (i < cap).then(|| m.nodes.get(&i).copied().unwrap_or_default()),
-            |b| id_bits.is_some_and(|s| s.get(b)) || class_bits.get(b),
+            // The kernel's membership test over the mirrored words.
+            |b| m.peer_bit(class.identity, class.class, b),
         )
         .map_err(|e| EngineError::Other(format!("walk failed: {e:?}")))?;
         let rule = self.lowering.rule(v.rule).ok_or_else(|| {

@@ -6,8 +6,8 @@
 use std::fmt::Write as _;
 
 use anyhow::Result;
-use palisade_benches::dataplane::SIZES;
-use palisade_benches::packet_cost::{CostRow, measure, measure_with};
+use palisade_benches::dataplane::{PEER_SETS, SIZES};
+use palisade_benches::packet_cost::{CostRow, measure, measure_peer_sets, measure_with};
 use policy_bpf::lower::Capacity;
 
 /// Conntrack capacities the report compares (connections).
@@ -60,6 +60,18 @@ fn main() -> Result<()> {
         );
         rows.push(r);
     }
+    // The smallest policy set with thousands of peer sets in front of it:
+    // membership rows as wide as they need, one word read per test.
+    eprintln!("measuring {PEER_SETS} more peer sets at 10 policies...");
+    let wide = measure_peer_sets(10, PEER_SETS, samples, per_round)?;
+    eprintln!(
+        "  {} peer sets, {} words per row: new flow +{:.0} ns, established +{:.0} ns",
+        wide.peer_sets,
+        wide.row_words,
+        wide.new_added(),
+        wide.established_added()
+    );
+    rows.push(wide);
     // The same flows against conntrack tables of other sizes: what a new
     // flow's misses on a larger table cost.
     let mut by_capacity: Vec<CostRow> = Vec::new();
@@ -95,14 +107,16 @@ fn main() -> Result<()> {
     )?;
     writeln!(
         md,
-        "| policies | pass-through, new (ns) | new flow (ns) | added, new (ns) | new vs 10 policies | pass-through, established (ns) | established (ns) | added, established (ns) |"
+        "| policies | peer sets | words per row | pass-through, new (ns) | new flow (ns) | added, new (ns) | new vs 10 policies | pass-through, established (ns) | established (ns) | added, established (ns) |"
     )?;
-    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for r in &rows {
         writeln!(
             md,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.0} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.0} | {:.0} | {:.0} |",
             r.policies,
+            r.peer_sets,
+            r.row_words,
             r.pass_single,
             r.new_flow,
             r.new_added(),
@@ -114,8 +128,13 @@ fn main() -> Result<()> {
     }
     writeln!(
         md,
-        "\nGoals (issue 4): new-flow cost flat in the number of policies (5k within 1.2x of 10); \
-         added cost at most about 300 ns for a new flow and 60 ns for an established one.\n"
+        "\nThe last row is the 10-policy set after {PEER_SETS} more rules (1,000 a policy, \
+         ordered first), each with a selector of its own (`benches/src/dataplane.rs`, \
+         `manifests_with_peer_sets`): membership rows of {} words. \
+         Goals (issue 4): new-flow cost flat in the number of policies (5k within 1.2x of 10); \
+         added cost at most about 300 ns for a new flow and 60 ns for an established one. \
+         Issue 16: flat in the number of peer sets too (10k within 1.2x of 10 policies).\n",
+        rows.last().map_or(0, |r| r.row_words)
     )?;
     writeln!(
         md,

@@ -507,7 +507,7 @@ static void test_strings_and_export(palisade_engine *e) {
   CHECK(contains(maps.ptr, maps.len, "\"prefix\":\"10.10.2.10/32\""));
   CHECK(contains(maps.ptr, maps.len, "\"endpoint\":\"shop-backend/api\""));
   CHECK(contains(maps.ptr, maps.len, "\"policy\":\"np:shop-frontend/web-to-api\""));
-  CHECK(contains(maps.ptr, maps.len, "\"bitsetWords\":32"));
+  CHECK(contains(maps.ptr, maps.len, "\"memberStride\":1"));
 
   /* A changed length is refused and frees nothing; then the real free. */
   copy = maps;

@@ -17,10 +17,6 @@
 //! ```
 #![no_std]
 
-/// Membership bits per identity or address class (64-bit words).
-pub const BITSET_WORDS: usize = 32;
-/// Membership bits per identity or address class.
-pub const MAX_BITS: u32 = (BITSET_WORDS * 64) as u32;
 /// Most nodes a decision walk may visit; deeper programs are refused when lowered.
 pub const MAX_WALK: u32 = 1024;
 
@@ -119,33 +115,84 @@ impl Node {
     }
 }
 
-/// Membership bits of an identity or an address class.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bitset {
-    /// Word `i` holds bits `64*i ..`.
-    pub words: [u64; BITSET_WORDS],
+/// Membership rows: each identity and each address class has a row of
+/// `stride` 64-bit words (bit `b` in word `b / 64`), stored densely in an
+/// array map of words. The stride follows the number of peer-set bits in
+/// use, so one test is still one array read however many peer sets there
+/// are, and memory is rows × bits in use rather than a fixed width.
+///
+/// A layout word says where the rows are: bits 0-31 the index of row 0's
+/// first word, bits 32-63 the stride (0: no rows, every bit clear). User
+/// space writes it with one atomic store, so a program sees the old rows
+/// or the new ones, never a mix of one's base and the other's stride.
+#[inline(always)]
+pub const fn member_layout(base: u32, stride: u32) -> u64 {
+    (base as u64) | ((stride as u64) << 32)
 }
 
-impl Default for Bitset {
-    fn default() -> Self {
-        Bitset {
-            words: [0; BITSET_WORDS],
-        }
-    }
+/// The index of row 0's first word in a layout word.
+#[inline(always)]
+pub const fn member_base(layout: u64) -> u32 {
+    layout as u32
 }
 
-impl Bitset {
-    /// Whether `bit` is set (false beyond capacity).
+/// Words per row in a layout word.
+#[inline(always)]
+pub const fn member_stride(layout: u64) -> u32 {
+    (layout >> 32) as u32
+}
+
+/// Where one row is under a layout: its first word and its length.
+/// Resolved once per walk, so a membership test is one bounds check and
+/// one array read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemberRow {
+    /// Index of the row's first word.
+    pub start: u32,
+    /// Words in the row (0: no row, every bit clear).
+    pub stride: u32,
+}
+
+impl MemberRow {
+    /// Row `row` under `layout`. Wrapping arithmetic: an index past the
+    /// map is refused by the map lookup, never read.
     #[inline(always)]
-    pub fn get(&self, bit: u32) -> bool {
-        let w = (bit / 64) as usize;
-        if w >= BITSET_WORDS {
-            return false;
+    pub fn of(layout: u64, row: u32) -> MemberRow {
+        let stride = member_stride(layout);
+        MemberRow {
+            start: member_base(layout).wrapping_add(row.wrapping_mul(stride)),
+            stride,
         }
-        self.words[w] & (1u64 << (bit % 64)) != 0
+    }
+
+    /// Which word holds bit `bit`, or `None` when the bit is past the row
+    /// (clear: the row was written before the bit existed).
+    #[inline(always)]
+    pub fn word(&self, bit: u32) -> Option<u32> {
+        let w = bit / 64;
+        (w < self.stride).then_some(self.start.wrapping_add(w))
     }
 }
+
+/// Whether membership bit `bit` is set in `row`: the test the walk makes,
+/// with `word` reading the rows' array map (kernel) or its mirror (user
+/// space).
+#[inline(always)]
+pub fn member_bit(row: MemberRow, bit: u32, word: impl Fn(u32) -> Option<u64>) -> bool {
+    match row.word(bit) {
+        Some(i) => word(i).is_some_and(|x| x & (1u64 << (bit % 64)) != 0),
+        None => false,
+    }
+}
+
+/// Most words a membership row may have (the kernel's walk keeps a row's
+/// length in 16 bits): 4,194,240 peer sets.
+pub const MAX_MEMBER_STRIDE: u32 = 0xffff;
+
+/// Index of the identity rows' layout word in the layout map.
+pub const LAYOUT_IDENTITIES: u32 = 0;
+/// Index of the address-class rows' layout word in the layout map.
+pub const LAYOUT_CLASSES: u32 = 1;
 
 /// What the address LPM maps a prefix to.
 #[repr(C)]
@@ -1248,8 +1295,6 @@ mod user {
     // and the kernel and user space agree on the layout.
     unsafe impl aya::Pod for Node {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for Bitset {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for PeerClass {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SlotKey {}
@@ -1315,7 +1360,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<Event>(), 64);
         assert_eq!(core::mem::size_of::<LocalKey>(), 20);
         assert_eq!(core::mem::size_of::<LocalEndpoint>(), 16);
-        assert_eq!(core::mem::size_of::<Bitset>(), BITSET_WORDS * 8);
         // One cache line per IPv4 way, two per IPv6 way; the kernel reads
         // the value and the key at the same offsets in both.
         assert_eq!(core::mem::size_of::<CtEntry4>(), 64);
@@ -1428,6 +1472,35 @@ mod tests {
         let mut other = k6;
         other.addr_b[15] ^= 1;
         assert_ne!(ct_place6(&k6, 7, SETS - 1), ct_place6(&other, 7, SETS - 1));
+    }
+
+    #[test]
+    fn member_bits_are_found_by_row_and_stride() {
+        // Three rows of two words from word 10; row 1 has bits 3 and 64+5.
+        let layout = member_layout(10, 2);
+        let mut words = [0u64; 16];
+        words[12] = 1 << 3;
+        words[13] = 1 << 5;
+        let read = |i: u32| words.get(i as usize).copied();
+        let row = |r: u32| MemberRow::of(layout, r);
+        assert_eq!(row(1).word(69), Some(13));
+        assert!(member_bit(row(1), 3, read));
+        assert!(member_bit(row(1), 69, read));
+        assert!(!member_bit(row(0), 3, read));
+        assert!(!member_bit(row(2), 69, read));
+        // Past the stride: clear, without reading the next row's word.
+        assert_eq!(row(0).word(128), None);
+        assert!(!member_bit(row(0), 128 + 3, read));
+        // No layout yet (or no identity): every bit is clear.
+        assert_eq!(MemberRow::of(0, 5).word(0), None);
+        assert_eq!(MemberRow::default().word(0), None);
+        // Past the map: the read refuses it.
+        assert!(!member_bit(
+            MemberRow::of(member_layout(u32::MAX, 4), 7),
+            3,
+            read
+        ));
+        assert_eq!((member_base(layout), member_stride(layout)), (10, 2));
     }
 
     #[test]

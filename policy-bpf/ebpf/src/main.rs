@@ -11,8 +11,9 @@
 //! established connections pass on one conntrack lookup. A new flow finds
 //! the endpoint slot for (interface, direction, local address) — a missing
 //! one means a spoofed source — classifies its peer with one LPM lookup,
-//! reads the peer's identity and address-class bitsets (two array lookups),
-//! walks the slot's decision program (array reads, at most MAX_WALK), counts
+//! reads where the membership rows are (two words), walks the slot's
+//! decision program (array reads, at most MAX_WALK; a membership test reads
+//! one word of the peer's identity row and at most one of its class row), counts
 //! the rule, records the connection, and reports drops (and sampled allows)
 //! on a ring buffer.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -75,10 +76,18 @@ mod program {
     static PALISADE_LPM4: LpmTrie<[u8; 4], PeerClass> = LpmTrie::pinned(262_144, 0);
     #[map]
     static PALISADE_LPM6: LpmTrie<[u8; 16], PeerClass> = LpmTrie::pinned(262_144, 0);
+    /// Identity membership rows, `stride` words each (see
+    /// [`member_layout`]); mmapable so user space writes each word with
+    /// one atomic store.
     #[map]
-    static PALISADE_IDENTITIES: Array<Bitset> = Array::pinned(65_536, 0);
+    static PALISADE_IDWORDS: Array<u64> = Array::pinned(8 << 20, BPF_F_MMAPABLE);
+    /// Address-class membership rows.
     #[map]
-    static PALISADE_CLASSES: Array<Bitset> = Array::pinned(16_384, 0);
+    static PALISADE_CLASSWORDS: Array<u64> = Array::pinned(2 << 20, BPF_F_MMAPABLE);
+    /// Where the rows are: [`LAYOUT_IDENTITIES`] and [`LAYOUT_CLASSES`]
+    /// layout words, each switched with one atomic store.
+    #[map]
+    static PALISADE_LAYOUT: Array<u64> = Array::pinned(2, BPF_F_MMAPABLE);
     /// Conntrack: set-associative tables in array maps (see [`CtEntry4`]),
     /// the entries (a home per way, then the log) and the ways' state
     /// words, mmapable so the user-space sweep reads and frees ways with
@@ -1013,6 +1022,17 @@ mod program {
         }
     }
 
+    /// A membership layout word (see [`member_layout`]; 0: no rows).
+    #[inline(always)]
+    fn layout(which: u32) -> u64 {
+        match PALISADE_LAYOUT.get_ptr(which) {
+            // SAFETY: an aligned word of an array map, written whole (one
+            // atomic store) by user space.
+            Some(w) => unsafe { core::ptr::read_volatile(w) },
+            None => 0,
+        }
+    }
+
     #[inline(always)]
     fn config() -> Config {
         match PALISADE_CONFIG.get(0) {
@@ -1247,26 +1267,34 @@ mod program {
             PALISADE_LPM6.get(Key::new(128, *peer)).copied()
         }
         .unwrap_or_default();
+        // The peer's rows, resolved once: a test is then one bounds check
+        // and one array read.
+        let id_row = if class.identity > 0 {
+            MemberRow::of(layout(LAYOUT_IDENTITIES), class.identity - 1)
+        } else {
+            MemberRow::default()
+        };
+        let class_row = MemberRow::of(layout(LAYOUT_CLASSES), class.class);
         let mut w = WalkState {
             at: root,
             steps: 0,
-            identity: class.identity,
-            class: class.class,
+            id_start: id_row.start,
+            state: WALK_RUNNING,
+            class_start: class_row.start,
+            // The lowering keeps strides within 16 bits (MAX_MEMBER_STRIDE).
+            strides: (id_row.stride & 0xffff) | (class_row.stride << 16),
             features: features(p, direction),
-            done: WALK_RUNNING,
-            allow: 0,
-            logged: 0,
             rule: 0,
         };
         // Most programs are shallow: the first steps run inline (cheapest);
         // deeper walks continue in a bpf_loop callback, which the verifier
         // checks once however deep programs are.
         let mut i = 0;
-        while i < INLINE_WALK && w.done == WALK_RUNNING {
+        while i < INLINE_WALK && w.state & WALK_STATUS == WALK_RUNNING {
             walk_step(0, (&mut w as *mut WalkState).cast());
             i += 1;
         }
-        if w.done == WALK_RUNNING {
+        if w.state & WALK_STATUS == WALK_RUNNING {
             // SAFETY: `walk_step` has the callback signature bpf_loop expects
             // and `w` is a stack object that outlives the call.
             unsafe {
@@ -1278,14 +1306,14 @@ mod program {
                 )
             };
         }
-        if w.done != WALK_LEAF {
+        if w.state & WALK_STATUS != WALK_LEAF {
             stat(STAT_WALK);
             event(p, ifindex, direction, false, 0, REASON_WALK, false);
             return DROP;
         }
         let v = Verdict {
-            allow: w.allow != 0,
-            logged: w.logged != 0,
+            allow: (w.state >> WALK_FLAGS) & LEAF_ALLOW as u32 != 0,
+            logged: (w.state >> WALK_FLAGS) & LEAF_LOGGED as u32 != 0,
             rule: w.rule,
             steps: w.steps,
         };
@@ -1492,6 +1520,10 @@ mod program {
     const WALK_RUNNING: u32 = 0;
     const WALK_LEAF: u32 = 1;
     const WALK_BROKEN: u32 = 2;
+    /// The status bits of [`WalkState::state`].
+    const WALK_STATUS: u32 = 3;
+    /// Where the leaf's flags start in [`WalkState::state`].
+    const WALK_FLAGS: u32 = 2;
 
     /// A decision walk in progress (on the program's stack). The fields
     /// that start at zero are interleaved with the others: LLVM turns a run
@@ -1502,16 +1534,18 @@ mod program {
     struct WalkState {
         at: u32,
         steps: u32,
-        /// Peer identity slot + 1 (0: none).
-        identity: u32,
-        /// The leaf's verdict: allow (1) or deny (0).
-        allow: u32,
-        /// Peer address-class slot.
-        class: u32,
-        /// A Log rule matched before the leaf (1).
-        logged: u32,
+        /// First word of the peer identity's row (see [`MemberRow`]).
+        id_start: u32,
+        /// `WALK_*` status in bits 0-1, the leaf's `LEAF_*` flags from
+        /// bit 2 (packed: the walk's state and the caller's frame share a
+        /// stack with no bytes to spare).
+        state: u32,
+        /// First word of the peer address class's row.
+        class_start: u32,
+        /// Words of the identity row (0: the peer has no identity) in
+        /// bits 0-15, of the class row in bits 16-31.
+        strides: u32,
         features: Features,
-        done: u32,
         /// The leaf's rule index.
         rule: u32,
     }
@@ -1523,23 +1557,40 @@ mod program {
         // WalkState, alive and not otherwise borrowed during the loop.
         let w = unsafe { &mut *ctx.cast::<WalkState>() };
         let Some(n) = PALISADE_NODES.get(w.at) else {
-            w.done = WALK_BROKEN;
+            w.state = WALK_BROKEN;
             return 1;
         };
-        let (identity, class) = (w.identity, w.class);
+        // The class row is read from the state only when the identity's
+        // test fails: held in registers across the identity's lookup, it
+        // would spill to a stack that has no room.
+        let state: &WalkState = w;
         let bit = |b: u32| {
-            let in_identity = identity > 0
-                && PALISADE_IDENTITIES
-                    .get(identity - 1)
-                    .is_some_and(|s| s.get(b));
-            in_identity || PALISADE_CLASSES.get(class).is_some_and(|s| s.get(b))
+            let id_row = MemberRow {
+                start: state.id_start,
+                stride: state.strides & 0xffff,
+            };
+            member_bit(id_row, b, |i| PALISADE_IDWORDS.get(i).copied()) || {
+                // SAFETY: reads of fields of a live, aligned struct.
+                let (start, strides) = unsafe {
+                    (
+                        core::ptr::read_volatile(&state.class_start),
+                        core::ptr::read_volatile(&state.strides),
+                    )
+                };
+                let class_row = MemberRow {
+                    start,
+                    stride: strides >> 16,
+                };
+                member_bit(class_row, b, |i| PALISADE_CLASSWORDS.get(i).copied())
+            }
         };
         match step(n, &w.features, bit, w.steps) {
             Step::Leaf(v) => {
-                w.allow = u32::from(v.allow);
-                w.logged = u32::from(v.logged);
+                w.state = WALK_LEAF
+                    | (u32::from(v.allow) * LEAF_ALLOW as u32
+                        | u32::from(v.logged) * LEAF_LOGGED as u32)
+                        << WALK_FLAGS;
                 w.rule = v.rule;
-                w.done = WALK_LEAF;
                 1
             }
             Step::Next(next) => {
