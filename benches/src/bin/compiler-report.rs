@@ -469,6 +469,15 @@ fn wide_report(root: &std::path::Path) -> anyhow::Result<()> {
         );
     }
     std::fs::create_dir_all(root.join("docs"))?;
+    // Shared machines skew wall times; say how busy this one was.
+    if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
+        let one_minute = load.split_whitespace().next().unwrap_or("?");
+        let _ = writeln!(
+            md,
+            "\nLoad average at the end of the run: {one_minute} on {} cores.",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        );
+    }
     std::fs::write(root.join("docs/compiler-rules-per-policy.md"), &md)?;
     print!("{md}");
     Ok(())
