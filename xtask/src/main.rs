@@ -6,6 +6,7 @@
 //! cargo xtask setup                # only install what building the workspace needs
 //! cargo xtask report <compiler|datapath|veth> [-- ARGS]   # a report of docs/, with its tools
 //! cargo xtask fuzz <target> [--seconds N]
+//! cargo xtask structure            # file sizes and module import cycles
 //! ```
 //!
 //! Each command installs what it needs on first use (rustup components,
@@ -18,6 +19,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+mod structure;
 mod tools;
 
 fn root() -> PathBuf {
@@ -128,6 +130,9 @@ fn test() -> Result<()> {
     })?;
     s.step("format", || {
         run(cargo().args(["fmt", "--all", "--", "--check"]))
+    })?;
+    s.step("structure (file sizes, module import cycles)", || {
+        structure::check(&root())
     })?;
     s.step("clippy", || {
         run(cargo().args([
@@ -421,9 +426,10 @@ fn main() -> Result<()> {
         Some("setup") => setup(),
         Some("report") => report(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
+        Some("structure") => structure::check(&root()),
         _ => {
             eprintln!(
-                "usage: cargo xtask <demo|test|setup|report NAME [-- ARGS]|fuzz TARGET [--seconds N]>"
+                "usage: cargo xtask <demo|test|setup|structure|report NAME [-- ARGS]|fuzz TARGET [--seconds N]>"
             );
             std::process::exit(2);
         }
