@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, anyhow};
-use policy_core::conformance::{ConnectionSpec, Peer, enforcing_endpoint, flow_between};
+use policy_core::connection::{ConnectionSpec, Peer, enforcing_endpoint, flow_between};
 use policy_core::flow::{DecidedBy, Decision, Verdict};
 use policy_core::net::Protocol;
 use policy_core::reference::{RuleOutcome, TierOutcome, Trace};
@@ -17,7 +17,7 @@ use policy_bpf::lower::Capacity;
 use policy_bpf::netns_engine::{EventReport, NetnsEngine};
 use policy_bpf_common::{Counter, REASON_POLICY};
 use policy_core::EngineError;
-use policy_core::conformance::{ProbeOutcome, evaluate_connection};
+use policy_core::connection::{ProbeOutcome, evaluate_connection};
 
 /// Output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -9,9 +9,9 @@ use policy_bpf::maps_engine::MapsEngine;
 use policy_bpf::netns_engine::NetnsEngine;
 use policy_core::compile::{CompileOptions, Compiler};
 use policy_core::conformance::{
-    Case, ProbeOutcome, ProbeResult, ProbeStatus, describe_mismatch, evaluate_connection,
-    parse_case, run_case,
+    Case, ProbeResult, ProbeStatus, describe_mismatch, parse_case, run_case,
 };
+use policy_core::connection::{ProbeOutcome, evaluate_connection};
 use policy_core::flow::{Decision, Verdict};
 use policy_core::{Engine, EngineError, ReferenceEngine};
 

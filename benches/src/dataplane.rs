@@ -123,7 +123,7 @@ fn parse(manifests: &str) -> Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use policy_core::conformance::{Peer, evaluate_connection};
+    use policy_core::connection::{Peer, evaluate_connection};
     use policy_core::net::Protocol;
     use policy_core::{Flow, ReferenceEngine};
 

@@ -7,10 +7,11 @@ use std::net::IpAddr;
 
 use policy_bpf::lower::{Capacity, Lowering, MapWrite, Mirror, WritePlan};
 use policy_core::compile::{CompileOptions, Compiler};
-use policy_core::conformance::{ConnectionSpec, Peer, enforcing_endpoint, flow_between};
+use policy_core::connection::{ConnectionSpec, Peer, enforcing_endpoint, flow_between};
+use policy_core::connection::{Engine as _, EngineError};
 use policy_core::convert::SUPPORTED_KINDS;
 use policy_core::error::{ErrorKind, ObjectRef};
-use policy_core::flow::{Decision, Engine as _, EngineError, Flow};
+use policy_core::flow::{Decision, Flow};
 use policy_core::manifest::{ManifestSet, parse_source};
 use policy_core::model::{DeclaredPort, Endpoint};
 use policy_core::net::{PortMatch, Protocol};

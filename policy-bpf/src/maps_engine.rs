@@ -4,7 +4,8 @@
 use policy_bpf_common::*;
 use policy_core::Cluster;
 use policy_core::compile::{CompileOptions, Compiler};
-use policy_core::flow::{Decision, Engine, EngineError, Flow, Verdict};
+use policy_core::connection::{Engine, EngineError};
+use policy_core::flow::{Decision, Flow, Verdict};
 use policy_core::model::{Direction, EndpointKey};
 
 use crate::lower::{Binding, Capacity, Lowering};

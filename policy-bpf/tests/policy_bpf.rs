@@ -402,7 +402,7 @@ mod kernel {
     use policy_bpf::packet;
     use policy_bpf_common::*;
     use policy_core::compile::{CompileOptions, Compiler};
-    use policy_core::conformance::{Peer, evaluate_connection};
+    use policy_core::connection::{Peer, evaluate_connection};
     use policy_core::flow::{Flow, Verdict};
     use policy_core::manifest::parse_manifests;
     use policy_core::model::{Direction, Endpoint, EndpointKey};

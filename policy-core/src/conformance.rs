@@ -9,48 +9,13 @@ use std::net::IpAddr;
 use serde::Deserialize;
 
 use crate::cluster::Cluster;
+use crate::connection::{ConnectionSpec, Peer, ProbeOutcome, evaluate_connection, flow_between};
+use crate::connection::{Engine, EngineError};
 use crate::convert::{Object, check_labels, convert_document};
 use crate::error::{Error, ErrorKind, ObjectRef};
-use crate::flow::{Decision, Engine, EngineError, Flow, Verdict};
+use crate::flow::Flow;
 use crate::model::*;
 use crate::net::{IpVersion, PortMatch, Protocol};
-
-/// Source port used when a probe does not give one (an ephemeral port).
-pub const DEFAULT_SOURCE_PORT: u16 = 45678;
-
-/// One end of a probe.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Peer {
-    /// A workload endpoint.
-    Endpoint(EndpointKey),
-    /// A bare address with no labels (outside the cluster).
-    Ip(IpAddr),
-}
-
-impl fmt::Display for Peer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Peer::Endpoint(k) => write!(f, "{k}"),
-            Peer::Ip(ip) => write!(f, "ip:{ip}"),
-        }
-    }
-}
-
-impl std::str::FromStr for Peer {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(ip) = s
-            .strip_prefix("ip:")
-            .or_else(|| s.strip_prefix("external:"))
-        {
-            return ip
-                .parse()
-                .map(Peer::Ip)
-                .map_err(|_| format!("{ip:?} is not an IP address"));
-        }
-        s.parse().map(Peer::Endpoint)
-    }
-}
 
 /// A connectivity question with its expected answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -297,110 +262,6 @@ pub fn parse_case(source: &str, text: &str) -> Result<Case, Error> {
     })
 }
 
-fn peer_addresses(cluster: &Cluster, peer: &Peer) -> Result<Vec<IpAddr>, String> {
-    match peer {
-        Peer::Ip(ip) => Ok(vec![*ip]),
-        Peer::Endpoint(k) => {
-            let ep = cluster
-                .endpoint(k)
-                .ok_or_else(|| format!("pod {k} is not in the case"))?;
-            if ep.ips.is_empty() {
-                return Err(format!("pod {k} has no IP address"));
-            }
-            Ok(ep.ips.clone())
-        }
-    }
-}
-
-fn pick(
-    addrs: &[IpAddr],
-    explicit: Option<&str>,
-    version: Option<IpVersion>,
-) -> Result<IpAddr, String> {
-    if let Some(s) = explicit {
-        let ip: IpAddr = s
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP address"))?;
-        return Ok(ip);
-    }
-    match version {
-        None => Ok(addrs[0]),
-        Some(v) => addrs
-            .iter()
-            .copied()
-            .find(|a| IpVersion::of(a) == v)
-            .ok_or_else(|| format!("no {v} address")),
-    }
-}
-
-/// What a connection carries beyond its two ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnectionSpec {
-    /// Protocol.
-    pub protocol: Protocol,
-    /// Destination port (protocols with ports).
-    pub dst_port: Option<u16>,
-    /// Source port (default: an ephemeral port).
-    pub src_port: Option<u16>,
-    /// ICMP type and code (default: echo request).
-    pub icmp: Option<(u8, u8)>,
-    /// Restricts address selection to one IP version.
-    pub ip_version: Option<IpVersion>,
-}
-
-/// Builds the flow of a connection between two peers: the destination's
-/// address (of `ip_version` if given, or `to_ip`), and the source's address of
-/// the same family (or `from_ip`).
-pub fn flow_between(
-    cluster: &Cluster,
-    from: &Peer,
-    to: &Peer,
-    spec: ConnectionSpec,
-    from_ip: Option<&str>,
-    to_ip: Option<&str>,
-) -> Result<Flow, String> {
-    let to_addrs = peer_addresses(cluster, to)?;
-    let dst = pick(&to_addrs, to_ip, spec.ip_version)?;
-    let from_addrs = peer_addresses(cluster, from)?;
-    let src = pick(&from_addrs, from_ip, Some(IpVersion::of(&dst)))
-        .map_err(|m| format!("{from}: {m} to reach {dst}"))?;
-    flow_for(src, dst, spec)
-}
-
-/// The flow of a connection between two chosen addresses: ports (the
-/// default source port when `spec` gives none), or an ICMP echo request
-/// when `spec` gives no type/code.
-pub fn flow_for(src: IpAddr, dst: IpAddr, spec: ConnectionSpec) -> Result<Flow, String> {
-    let protocol = spec.protocol;
-    let (src_port, dst_port, icmp) = if protocol.has_ports() {
-        (
-            spec.src_port.unwrap_or(DEFAULT_SOURCE_PORT),
-            spec.dst_port
-                .ok_or_else(|| format!("protocol {protocol} needs a port"))?,
-            None,
-        )
-    } else if protocol.is_icmp() || protocol == Protocol::ICMP {
-        let echo = if IpVersion::of(&dst) == IpVersion::V4 {
-            8
-        } else {
-            128
-        };
-        (0, 0, Some(spec.icmp.unwrap_or((echo, 0))))
-    } else {
-        (0, 0, None)
-    };
-    let flow = Flow {
-        src,
-        dst,
-        protocol,
-        src_port,
-        dst_port,
-        icmp,
-    };
-    flow.validate()?;
-    Ok(flow)
-}
-
 fn build_probe(cluster: &Cluster, index: usize, p: &RawProbe) -> Result<Probe, String> {
     let from: Peer = p.from.parse()?;
     let to: Peer = p.to.parse()?;
@@ -465,66 +326,6 @@ fn build_probe(cluster: &Cluster, index: usize, p: &RawProbe) -> Result<Probe, S
         skip: p
             .loopback_ignored_upstream
             .then(|| "pod-to-itself probe; upstream does not check it".to_string()),
-    })
-}
-
-/// Which endpoint enforces policy for a peer: a named pod, or the pod owning
-/// the destination address. Bare source addresses are outside the cluster.
-pub fn enforcing_endpoint(cluster: &Cluster, peer: &Peer, is_source: bool) -> Option<EndpointKey> {
-    match peer {
-        Peer::Endpoint(k) => Some(k.clone()),
-        Peer::Ip(ip) if !is_source => cluster
-            .endpoints()
-            .find(|e| e.ips.contains(ip))
-            .map(|e| e.key.clone()),
-        Peer::Ip(_) => None,
-    }
-}
-
-/// The answer to a probe with the decisions behind it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ProbeOutcome {
-    /// Whether the connection succeeds.
-    pub allowed: bool,
-    /// The client's egress decision, when the client is a pod.
-    pub egress: Option<Decision>,
-    /// The server's ingress decision, when the server is a pod.
-    pub ingress: Option<Decision>,
-}
-
-/// Asks an engine about a connection (see [`Engine::connection`]).
-pub fn evaluate_connection<E: Engine + ?Sized>(
-    engine: &E,
-    cluster: &Cluster,
-    from: &Peer,
-    to: &Peer,
-    flow: &Flow,
-) -> Result<ProbeOutcome, EngineError> {
-    engine.connection(cluster, from, to, flow)
-}
-
-/// A connection from per-direction decisions: client egress, then server
-/// ingress; both must allow.
-pub fn decide_connection<E: Engine + ?Sized>(
-    engine: &E,
-    cluster: &Cluster,
-    from: &Peer,
-    to: &Peer,
-    flow: &Flow,
-) -> Result<ProbeOutcome, EngineError> {
-    let egress = match enforcing_endpoint(cluster, from, true) {
-        Some(k) => Some(engine.decide(&k, Direction::Egress, flow)?),
-        None => None,
-    };
-    let ingress = match enforcing_endpoint(cluster, to, false) {
-        Some(k) => Some(engine.decide(&k, Direction::Ingress, flow)?),
-        None => None,
-    };
-    let ok = |d: &Option<Decision>| d.as_ref().is_none_or(|d| d.verdict == Verdict::Allow);
-    Ok(ProbeOutcome {
-        allowed: ok(&egress) && ok(&ingress),
-        egress,
-        ingress,
     })
 }
 

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::model::{Action, Direction, EndpointKey, PolicyId};
+use crate::model::{Action, PolicyId};
 use crate::net::{IpVersion, Protocol};
 
 /// The first packet of a connection as policy sees it.
@@ -178,50 +178,5 @@ impl fmt::Display for Decision {
             f.write_str(" [logged]")?;
         }
         Ok(())
-    }
-}
-
-/// Something an engine could not answer.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EngineError {
-    /// The endpoint is not known.
-    #[error("endpoint {0} does not exist")]
-    UnknownEndpoint(EndpointKey),
-    /// The flow is malformed.
-    #[error("invalid flow: {0}")]
-    InvalidFlow(String),
-    /// The engine cannot run here (missing privileges, kernel features...).
-    #[error("engine unavailable: {0}")]
-    Unavailable(String),
-    /// Anything else.
-    #[error("{0}")]
-    Other(String),
-}
-
-/// An engine answers: what does policy at `endpoint` decide for `flow` in
-/// direction `direction` (ingress: the endpoint is the destination; egress:
-/// the source)?
-pub trait Engine {
-    /// Short engine name.
-    fn name(&self) -> &'static str;
-    /// Evaluates one direction at one endpoint.
-    fn decide(
-        &self,
-        endpoint: &EndpointKey,
-        direction: Direction,
-        flow: &Flow,
-    ) -> Result<Decision, EngineError>;
-
-    /// Evaluates a whole connection: the client's egress, then the server's
-    /// ingress. Engines that send real traffic override this to observe the
-    /// connection itself.
-    fn connection(
-        &self,
-        cluster: &crate::Cluster,
-        from: &crate::conformance::Peer,
-        to: &crate::conformance::Peer,
-        flow: &Flow,
-    ) -> Result<crate::conformance::ProbeOutcome, EngineError> {
-        crate::conformance::decide_connection(self, cluster, from, to, flow)
     }
 }

@@ -36,8 +36,9 @@ use std::fmt;
 use std::net::IpAddr;
 
 use crate::cluster::{Change, Cluster};
+use crate::connection::Engine;
 use crate::convert::Object;
-use crate::flow::{Engine, Flow, Verdict};
+use crate::flow::{Flow, Verdict};
 use crate::model::{Direction, Endpoint, EndpointKey, EntityMatch, LabelMap, Namespace, Policy};
 use crate::net::Protocol;
 use crate::reference::ReferenceEngine;

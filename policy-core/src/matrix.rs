@@ -10,7 +10,7 @@
 //!
 //! ```
 //! use policy_core::compile::{CompileOptions, Compiler};
-//! use policy_core::conformance::ConnectionSpec;
+//! use policy_core::connection::ConnectionSpec;
 //! use policy_core::manifest::parse_manifests;
 //! use policy_core::matrix::CompiledMatrix;
 //! use policy_core::net::Protocol;
@@ -40,7 +40,7 @@
 use std::net::IpAddr;
 
 use crate::compile::{Bits, Compiler, Leaf, Program, RuleId, RuleRef, flow_features};
-use crate::conformance::{ConnectionSpec, flow_for};
+use crate::connection::{ConnectionSpec, flow_for};
 use crate::flow::Verdict;
 use crate::model::{Direction, EndpointKey};
 use crate::net::IpVersion;
@@ -91,7 +91,7 @@ pub struct CompiledMatrix<'c> {
     /// Per client, every address with its egress program.
     clients: Vec<Vec<Side<'c>>>,
     /// Per server, the address a connection goes to (its first, as
-    /// [`crate::conformance::flow_between`] picks) with its ingress program.
+    /// [`crate::connection::flow_between`] picks) with its ingress program.
     servers: Vec<Side<'c>>,
 }
 
@@ -198,7 +198,7 @@ impl<'c> CompiledMatrix<'c> {
 mod tests {
     use super::*;
     use crate::compile::CompileOptions;
-    use crate::conformance::{Peer, decide_connection, flow_between};
+    use crate::connection::{Peer, decide_connection, flow_between};
     use crate::net::Protocol;
     use crate::testgen::small_cluster;
     use crate::{Change, Cluster, ReferenceEngine};

@@ -15,7 +15,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::cluster::Cluster;
-use crate::flow::{DecidedBy, Decision, Engine, EngineError, Flow, Verdict};
+use crate::connection::{Engine, EngineError};
+use crate::flow::{DecidedBy, Decision, Flow, Verdict};
 use crate::model::*;
 use crate::net::{IpVersion, PortMatch, Protocol};
 use crate::selector::Selector;

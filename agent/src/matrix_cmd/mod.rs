@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use policy_bpf::lower::Capacity;
 use policy_bpf::netns_engine::{EventReport, NetnsEngine};
 use policy_core::compile::{CompileOptions, Compiler, Leaf};
-use policy_core::conformance::{ConnectionSpec, Peer, flow_between};
+use policy_core::connection::{ConnectionSpec, Peer, flow_between};
 use policy_core::flow::{DecidedBy, Decision};
 use policy_core::matrix::{Cell, CompiledMatrix};
 use policy_core::net::Protocol;

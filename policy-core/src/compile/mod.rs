@@ -41,9 +41,10 @@ use ipnet::IpNet;
 use rayon::prelude::*;
 
 use crate::cluster::{Applied, Change, Cluster};
+use crate::connection::{Engine, EngineError};
 use crate::convert::Object;
 use crate::error::Error;
-use crate::flow::{DecidedBy, Decision, Engine, EngineError, Flow};
+use crate::flow::{DecidedBy, Decision, Flow};
 use crate::model::*;
 use crate::net::{IpVersion, Protocol};
 use crate::selector::Selector;

@@ -17,9 +17,9 @@ use crate::suggest::closest;
 
 mod documents;
 mod locate;
+pub use documents::split_documents;
 use documents::*;
 use locate::*;
-pub use documents::split_documents;
 
 /// An object with where it came from.
 #[derive(Debug, Clone, PartialEq)]
