@@ -7,6 +7,8 @@ use std::ffi::c_char;
 use std::marker::{PhantomData, PhantomPinned};
 use std::sync::{Mutex, PoisonError};
 
+use policy_core::ErrorKind;
+
 use crate::error::FfiError;
 
 /// Status code returned by every function that can fail.
@@ -445,4 +447,61 @@ pub(crate) fn free_error(e: *mut palisade_error) -> Result<(), FfiError> {
     // exactly once.
     drop(unsafe { Box::from_raw(e.cast::<ErrorBox>()) });
     Ok(())
+}
+
+/// The C side of an [`FfiError`]: its status code and its `palisade_error`
+/// (here, next to the C types, so that `error` stays free of them).
+impl FfiError {
+    /// The status code for this error.
+    pub(crate) fn code(&self) -> palisade_status {
+        use palisade_status::*;
+        match self {
+            FfiError::Null(_) => PALISADE_ERR_NULL,
+            FfiError::Utf8(..) => PALISADE_ERR_UTF8,
+            FfiError::Input(e) => match &e.kind {
+                ErrorKind::Syntax { .. }
+                | ErrorKind::UnknownKind { .. }
+                | ErrorKind::WrongApiVersion { .. } => PALISADE_ERR_PARSE,
+                ErrorKind::NotFound(_) => PALISADE_ERR_NOT_FOUND,
+                _ => PALISADE_ERR_INVALID,
+            },
+            FfiError::Invalid(_) => PALISADE_ERR_INVALID,
+            FfiError::NotFound(_) => PALISADE_ERR_NOT_FOUND,
+            FfiError::BadHandle(_) => PALISADE_ERR_BAD_HANDLE,
+            FfiError::Size(_) => PALISADE_ERR_SIZE,
+            FfiError::Datapath(_) => PALISADE_ERR_DATAPATH,
+            FfiError::Panic(_) => PALISADE_ERR_PANIC,
+        }
+    }
+
+    /// The C view of this error and the strings it points into.
+    pub(crate) fn to_c(&self) -> (palisade_error, Texts) {
+        let mut t = Texts::default();
+        let message = t.add(&self.to_string());
+        let (source, document, kind, namespace, name, field) = match self {
+            FfiError::Input(e) => (
+                e.origin.as_ref().map_or("", |o| o.source.as_str()),
+                e.origin.as_ref().map_or(0, |o| o.document),
+                e.object.as_ref().map_or("", |o| o.kind.as_str()),
+                e.object
+                    .as_ref()
+                    .and_then(|o| o.namespace.as_deref())
+                    .unwrap_or(""),
+                e.object.as_ref().map_or("", |o| o.name.as_str()),
+                e.field.as_deref().unwrap_or(""),
+            ),
+            _ => ("", 0, "", "", "", ""),
+        };
+        let error = palisade_error {
+            code: self.code(),
+            message,
+            source: t.add(source),
+            document,
+            object_kind: t.add(kind),
+            object_namespace: t.add(namespace),
+            object_name: t.add(name),
+            field: t.add(field),
+        };
+        (error, t)
+    }
 }

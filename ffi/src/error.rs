@@ -1,9 +1,5 @@
-//! Errors of the C ABI: one enum, each variant with its status code, turned
-//! into a `palisade_error` for the caller.
-
-use policy_core::ErrorKind;
-
-use crate::abi::{Texts, palisade_error, palisade_status};
+//! Errors of the C ABI: one enum naming what went wrong; `abi` gives each
+//! variant its status code and turns it into a `palisade_error`.
 
 /// Everything a call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -35,61 +31,6 @@ pub(crate) enum FfiError {
     /// A caught panic, or an engine left unusable by one.
     #[error("internal error (please report it): {0}")]
     Panic(String),
-}
-
-impl FfiError {
-    /// The status code for this error.
-    pub(crate) fn code(&self) -> palisade_status {
-        use palisade_status::*;
-        match self {
-            FfiError::Null(_) => PALISADE_ERR_NULL,
-            FfiError::Utf8(..) => PALISADE_ERR_UTF8,
-            FfiError::Input(e) => match &e.kind {
-                ErrorKind::Syntax { .. }
-                | ErrorKind::UnknownKind { .. }
-                | ErrorKind::WrongApiVersion { .. } => PALISADE_ERR_PARSE,
-                ErrorKind::NotFound(_) => PALISADE_ERR_NOT_FOUND,
-                _ => PALISADE_ERR_INVALID,
-            },
-            FfiError::Invalid(_) => PALISADE_ERR_INVALID,
-            FfiError::NotFound(_) => PALISADE_ERR_NOT_FOUND,
-            FfiError::BadHandle(_) => PALISADE_ERR_BAD_HANDLE,
-            FfiError::Size(_) => PALISADE_ERR_SIZE,
-            FfiError::Datapath(_) => PALISADE_ERR_DATAPATH,
-            FfiError::Panic(_) => PALISADE_ERR_PANIC,
-        }
-    }
-
-    /// The C view of this error and the strings it points into.
-    pub(crate) fn to_c(&self) -> (palisade_error, Texts) {
-        let mut t = Texts::default();
-        let message = t.add(&self.to_string());
-        let (source, document, kind, namespace, name, field) = match self {
-            FfiError::Input(e) => (
-                e.origin.as_ref().map_or("", |o| o.source.as_str()),
-                e.origin.as_ref().map_or(0, |o| o.document),
-                e.object.as_ref().map_or("", |o| o.kind.as_str()),
-                e.object
-                    .as_ref()
-                    .and_then(|o| o.namespace.as_deref())
-                    .unwrap_or(""),
-                e.object.as_ref().map_or("", |o| o.name.as_str()),
-                e.field.as_deref().unwrap_or(""),
-            ),
-            _ => ("", 0, "", "", "", ""),
-        };
-        let error = palisade_error {
-            code: self.code(),
-            message,
-            source: t.add(source),
-            document,
-            object_kind: t.add(kind),
-            object_namespace: t.add(namespace),
-            object_name: t.add(name),
-            field: t.add(field),
-        };
-        (error, t)
-    }
 }
 
 /// The message of a caught panic.
