@@ -21,7 +21,7 @@ use policy_bpf_common::{
     ct_entry, ct_expired, ct_freed, ct_log_entries, ct_owner,
 };
 
-use crate::datapath::DatapathError;
+use crate::error::DatapathError;
 
 /// Most connections a table may be sized for: 2^25, in 2^26 ways (IPv6
 /// ways are 128 bytes: 8 GiB).

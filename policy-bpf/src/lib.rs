@@ -28,6 +28,7 @@
 
 pub mod conntrack;
 pub mod datapath;
+pub mod error;
 pub mod kernel_engine;
 pub mod lower;
 pub mod maps_engine;

@@ -1,0 +1,435 @@
+//! The kernel side from user space: loads the TC programs with aya, pins the
+//! maps under a bpffs directory (so a restarted agent re-adopts them and
+//! established connections survive), applies write plans with rollback,
+//! attaches and detaches programs with TCX links (pinned, atomically
+//! replaceable), runs programs on crafted packets with `BPF_PROG_TEST_RUN`,
+//! and reads counters, statistics and verdict events.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::Key;
+use aya::maps::{
+    Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, ProgramArray,
+    RingBuf,
+};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader, TestRun, TestRunOptions};
+use policy_bpf_common::*;
+
+use crate::conntrack::{CONNTRACK_LOG_HEAD, Table, Way, Words, ways_for};
+mod attach;
+mod local;
+mod telemetry;
+mod write;
+use local::*;
+use write::*;
+
+pub use crate::error::DatapathError;
+use crate::lower::{Capacity, InUse, MapWrite, Mirror, WritePlan};
+
+/// A random, nonzero seed for the conntrack set hash (std's hasher keys
+/// come from the OS's random source).
+fn random_seed() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    (h.finish() as u32).max(1)
+}
+
+/// The TC program object, built by build.rs for the BPF target.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/palisade-tc"));
+
+/// Where Palisade pins its maps and links by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/palisade";
+
+fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |e| DatapathError::Map {
+        map,
+        message: e.to_string(),
+    }
+}
+
+/// Which program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hook {
+    /// Host veth TC ingress: traffic from the pod (its egress policy).
+    FromPod,
+    /// Host veth TC egress: traffic to the pod (its ingress policy).
+    ToPod,
+    /// A program that only passes packets: the baseline of benchmarks
+    /// (never attached).
+    PassThrough,
+}
+
+impl Hook {
+    fn program(self) -> &'static str {
+        match self {
+            Hook::FromPod => "palisade_from_pod",
+            Hook::ToPod => "palisade_to_pod",
+            Hook::PassThrough => "palisade_pass",
+        }
+    }
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Hook::FromPod => TcAttachType::Ingress,
+            Hook::ToPod | Hook::PassThrough => TcAttachType::Egress,
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Hook::FromPod => "from-pod",
+            Hook::ToPod => "to-pod",
+            Hook::PassThrough => "pass",
+        }
+    }
+}
+
+/// Result of one program run on a crafted packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunResult {
+    /// The program's return code.
+    pub retval: i32,
+    /// Average time per run (ns), as the kernel measured it.
+    pub duration_ns: u64,
+}
+
+impl RunResult {
+    /// Whether the packet passes (TCX next/pass).
+    pub fn passed(&self) -> bool {
+        self.retval == -1 || self.retval == 0
+    }
+}
+
+/// The loaded datapath.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    owns_pin_dir: bool,
+    nodes: Array<MapData, Node>,
+    slots: BpfHashMap<MapData, SlotKey, SlotValue>,
+    managed: BpfHashMap<MapData, u32, u32>,
+    ifaces: Array<MapData, Interface>,
+    /// A copy of one IPv4 slot per interface and direction ([`local4_index`]).
+    local4: Words,
+    lpm4: LpmTrie<MapData, [u8; 4], PeerClass>,
+    lpm6: LpmTrie<MapData, [u8; 16], PeerClass>,
+    /// Identity membership rows (see [`member_layout`]).
+    identities: Words,
+    /// Address-class membership rows.
+    classes: Words,
+    /// The two layout words ([`LAYOUT_IDENTITIES`], [`LAYOUT_CLASSES`]).
+    layouts: Words,
+    conn4: Table<CtEntry4>,
+    conn6: Table<CtEntry6>,
+    counters: PerCpuArray<MapData, Counter>,
+    stats: PerCpuArray<MapData, u64>,
+    events: RingBuf<MapData>,
+    config: Array<MapData, Config>,
+    endpoints: BpfHashMap<MapData, LocalKey, LocalEndpoint>,
+    links: HashMap<(String, Hook), PathBuf>,
+}
+
+/// Mounts bpffs at /sys/fs/bpf if it is not mounted (needs root).
+pub fn ensure_bpffs() -> Result<(), DatapathError> {
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .map(|m| {
+            m.lines().any(|l| {
+                l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf ")
+            })
+        })
+        .unwrap_or(false);
+    if mounted {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf").map_err(|e| DatapathError::Privileges(e.to_string()))?;
+    nix::mount::mount(
+        Some("bpf"),
+        "/sys/fs/bpf",
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| DatapathError::Privileges(format!("mounting bpffs at /sys/fs/bpf: {e}")))
+}
+
+/// The program that reports the conntrack clock (run, never attached).
+const CLOCK_PROGRAM: &str = "palisade_clock";
+
+/// The receiver's side of local delivery (tail-called, never attached).
+const LOCAL_DELIVERY_PROGRAM: &str = "palisade_to_pod_local";
+
+/// Whether this process can load BPF programs (root or CAP_BPF+CAP_NET_ADMIN).
+pub fn privileged() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+impl Datapath {
+    /// Loads the programs with maps sized by `cap`, pinned under `pin_dir`
+    /// (existing pins are re-adopted, so conntrack survives a restart).
+    pub fn load(pin_dir: &Path, cap: Capacity) -> Result<Self, DatapathError> {
+        if !privileged() {
+            return Err(DatapathError::Privileges("not running as root".into()));
+        }
+        ensure_bpffs()?;
+        let conntrack_ways = ways_for(cap.conntrack)?;
+        let conntrack_entries = conntrack_ways + ct_log_entries(conntrack_ways);
+        // Builds before the set-associative conntrack pinned hash tables
+        // under the first two names, and a shorter configuration record;
+        // builds before the tag lines kept each way's state word in the way
+        // (their table of ways is pinned without tag lines); builds before
+        // the log kept each connection in its way's entry (the tables are
+        // pinned without a log head): their maps cannot be re-adopted.
+        let pinned = |name: &str| pin_dir.join(name).exists();
+        // Builds before membership rows (2026-12-03) pinned fixed
+        // 2,048-bit bitsets under these names.
+        let obsolete = [
+            "PALISADE_CT",
+            "PALISADE_CT4",
+            "PALISADE_IDENTITIES",
+            "PALISADE_CLASSES",
+        ]
+        .into_iter()
+        .find(|name| pinned(name))
+        .or((pinned(CtEntry4::MAP) && !pinned(CtEntry4::TAGS)).then_some(CtEntry4::MAP))
+        .or((pinned(CtEntry4::MAP) && !pinned(CONNTRACK_LOG_HEAD)).then_some(CtEntry4::MAP));
+        if let Some(obsolete) = obsolete {
+            return Err(DatapathError::Load(format!(
+                "{} holds pins of an earlier Palisade ({obsolete}); detach its programs and \
+                 remove the directory before loading this version",
+                pin_dir.display()
+            )));
+        }
+        let fresh = !pin_dir.exists();
+        std::fs::create_dir_all(pin_dir.join("links"))
+            .map_err(|e| DatapathError::Load(format!("creating {}: {e}", pin_dir.display())))?;
+        let mut loader = EbpfLoader::new();
+        loader
+            .default_map_pin_directory(pin_dir)
+            .map_max_entries("PALISADE_NODES", cap.nodes)
+            .map_max_entries("PALISADE_SLOTS", cap.slots)
+            .map_max_entries("PALISADE_MANAGED", cap.interfaces)
+            .map_max_entries("PALISADE_IFACES", cap.interface_index.max(1))
+            .map_max_entries("PALISADE_LOCAL4", 2 * cap.interface_index.max(1))
+            .map_max_entries("PALISADE_LPM4", cap.lpm4)
+            .map_max_entries("PALISADE_LPM6", cap.lpm6)
+            .map_max_entries("PALISADE_IDWORDS", cap.identity_words.max(2))
+            .map_max_entries("PALISADE_CLASSWORDS", cap.class_words.max(2))
+            .map_max_entries(CtEntry4::MAP, conntrack_entries)
+            .map_max_entries(CtEntry4::TAGS, conntrack_ways / CT_TAG_LINE)
+            .map_max_entries(CtEntry6::MAP, conntrack_entries)
+            .map_max_entries("PALISADE_CTOWN4", ct_log_entries(conntrack_ways))
+            .map_max_entries("PALISADE_CTOWN6", ct_log_entries(conntrack_ways))
+            .map_max_entries(CtEntry6::TAGS, conntrack_ways / CT_TAG_LINE)
+            .map_max_entries("PALISADE_COUNTERS", cap.rules)
+            .map_max_entries("PALISADE_ENDPOINTS", cap.slots);
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| DatapathError::Load(e.to_string()))?;
+        for name in [
+            Hook::FromPod.program(),
+            Hook::ToPod.program(),
+            Hook::PassThrough.program(),
+            CLOCK_PROGRAM,
+            LOCAL_DELIVERY_PROGRAM,
+        ] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| DatapathError::Load(format!("program {name} missing")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
+            prog.load()
+                .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
+        }
+        // The pinned jump table now leads to this load's receiver program
+        // (programs attached by an earlier process jump there as well).
+        {
+            let target = ebpf
+                .program(LOCAL_DELIVERY_PROGRAM)
+                .ok_or_else(|| {
+                    DatapathError::Load(format!("program {LOCAL_DELIVERY_PROGRAM} missing"))
+                })?
+                .fd()
+                .map_err(|e| DatapathError::Load(format!("{LOCAL_DELIVERY_PROGRAM}: {e}")))?
+                .try_clone()
+                .map_err(|e| DatapathError::Load(format!("{LOCAL_DELIVERY_PROGRAM}: {e}")))?;
+            let mut jump = ProgramArray::try_from(
+                ebpf.map_mut("PALISADE_DELIVER")
+                    .ok_or_else(|| DatapathError::Load("map PALISADE_DELIVER missing".into()))?,
+            )
+            .map_err(map_err("PALISADE_DELIVER"))?;
+            jump.set(0, &target, 0)
+                .map_err(map_err("PALISADE_DELIVER"))?;
+        }
+        macro_rules! take {
+            ($name:literal, $ty:ty) => {{
+                let m = ebpf
+                    .take_map($name)
+                    .ok_or_else(|| DatapathError::Load(format!("map {} missing", $name)))?;
+                <$ty>::try_from(m).map_err(map_err($name))?
+            }};
+        }
+        let mut dp = Datapath {
+            nodes: take!("PALISADE_NODES", Array<MapData, Node>),
+            slots: take!("PALISADE_SLOTS", BpfHashMap<MapData, SlotKey, SlotValue>),
+            managed: take!("PALISADE_MANAGED", BpfHashMap<MapData, u32, u32>),
+            ifaces: take!("PALISADE_IFACES", Array<MapData, Interface>),
+            local4: Words::take(&mut ebpf, "PALISADE_LOCAL4")?,
+            lpm4: take!("PALISADE_LPM4", LpmTrie<MapData, [u8; 4], PeerClass>),
+            lpm6: take!("PALISADE_LPM6", LpmTrie<MapData, [u8; 16], PeerClass>),
+            identities: Words::take(&mut ebpf, "PALISADE_IDWORDS")?,
+            classes: Words::take(&mut ebpf, "PALISADE_CLASSWORDS")?,
+            layouts: Words::take(&mut ebpf, "PALISADE_LAYOUT")?,
+            conn4: Table::take(&mut ebpf)?,
+            conn6: Table::take(&mut ebpf)?,
+            counters: take!("PALISADE_COUNTERS", PerCpuArray<MapData, Counter>),
+            stats: take!("PALISADE_STATS", PerCpuArray<MapData, u64>),
+            events: take!("PALISADE_EVENTS", RingBuf<MapData>),
+            config: take!("PALISADE_CONFIG", Array<MapData, Config>),
+            endpoints: take!("PALISADE_ENDPOINTS", BpfHashMap<MapData, LocalKey, LocalEndpoint>),
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+            owns_pin_dir: false,
+            links: HashMap::new(),
+        };
+        if dp.conn4.ways() != dp.conn6.ways() {
+            return Err(DatapathError::Load(format!(
+                "the pinned conntrack tables differ in size ({} and {} ways); remove them",
+                dp.conn4.ways(),
+                dp.conn6.ways()
+            )));
+        }
+        // A re-adopted configuration keeps its tunables; the tick rate is
+        // measured again all the same (it is the kernel's, not the user's).
+        let cfg = if fresh {
+            Config::default()
+        } else {
+            dp.config()?
+        };
+        dp.set_config(cfg)?;
+        dp.reconcile_local4()?;
+        Ok(dp)
+    }
+
+    /// Loads into a private, temporary pin directory that is removed on drop
+    /// (for tests and the kernel engine).
+    pub fn load_private(cap: Capacity) -> Result<Self, DatapathError> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n == 0 {
+            remove_stale_private_dirs();
+        }
+        let dir = PathBuf::from(format!(
+            "/sys/fs/bpf/palisade-private-{}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut dp = Self::load(&dir, cap)?;
+        dp.owns_pin_dir = true;
+        Ok(dp)
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The tunables the programs read.
+    pub fn config(&self) -> Result<Config, DatapathError> {
+        self.config.get(&0, 0).map_err(map_err("PALISADE_CONFIG"))
+    }
+
+    /// Sets the tunables. What is not a tunable is not taken from `c`:
+    /// `ticks_per_s` is measured, the conntrack set mask follows the
+    /// tables, and the set hash's seed stays what the tables were filled
+    /// with (a new random one for empty tables).
+    pub fn set_config(&mut self, c: Config) -> Result<(), DatapathError> {
+        let seed = match self.config()?.ct_seed {
+            0 => random_seed(),
+            kept => kept,
+        };
+        let c = Config {
+            ticks_per_s: self.ticks_per_s()?,
+            ct_sets_mask: self.conn4.sets_mask(),
+            ct_seed: seed,
+            pad: 0,
+            ..c
+        };
+        self.config.set(0, c, 0).map_err(map_err("PALISADE_CONFIG"))
+    }
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pin_dir", &self.pin_dir)
+            .field("links", &self.links.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Private pin directories of processes that died without cleaning up.
+fn remove_stale_private_dirs() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("palisade-private-")
+            .and_then(|r| r.split('-').next())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// An error with its causes, one after the other.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!(": {c}"));
+        cur = c.source();
+    }
+    s
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        if self.owns_pin_dir {
+            for (_, path) in self.links.drain() {
+                let _ = std::fs::remove_file(path);
+            }
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::telemetry::snap_hz;
+
+    #[test]
+    fn tick_rates_snap_to_known_values() {
+        // 60 ms at HZ=250 is 15 ticks; the tick updates' jitter moves the
+        // nanosecond span a little either way.
+        assert_eq!(snap_hz(15, 60_100_000), 250);
+        assert_eq!(snap_hz(15, 59_900_000), 250);
+        assert_eq!(snap_hz(6, 60_000_000), 100);
+        assert_eq!(snap_hz(18, 60_000_000), 300);
+        assert_eq!(snap_hz(60, 60_020_000), 1000);
+        // A reading a tick off: still the right rate.
+        assert_eq!(snap_hz(16, 60_000_000), 250);
+        assert_eq!(snap_hz(61, 60_000_000), 1000);
+        // Not near a known rate: the measurement, rounded.
+        assert_eq!(snap_hz(21, 60_000_000), 350);
+        assert_eq!(snap_hz(0, 0), 1);
+    }
+}
