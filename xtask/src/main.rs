@@ -114,6 +114,34 @@ impl Steps {
     }
 }
 
+/// clippy for the kernel side as the BPF target builds it: without this the
+/// workspace lints (`undocumented_unsafe_blocks` among them) never see the
+/// code under `#[cfg(target_arch = "bpf")]`.
+fn bpf_clippy() -> Command {
+    let mut c = Command::new("rustup");
+    c.args([
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "-p",
+        "policy-bpf-ebpf",
+        "-p",
+        "policy-bpf-common",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ])
+    .current_dir(root())
+    .env("PATH", tools::search_path(&tools::tools_root()));
+    c
+}
+
 fn palisade() -> PathBuf {
     root().join("target/release/palisade")
 }
@@ -144,6 +172,10 @@ fn test() -> Result<()> {
             "warnings",
         ]))
     })?;
+    s.step(
+        "clippy, BPF target (kernel program and shared types)",
+        || run(&mut bpf_clippy()),
+    )?;
     s.step("unit and integration tests", || {
         run(cargo().args(["test", "--workspace"]))
     })?;

@@ -211,6 +211,14 @@ pub fn ensure_lint_tools() -> Result<()> {
             run(Command::new("rustup").args(["component", "add", component]))?;
         }
     }
+    // The kernel program is linted for its own target, which needs nightly.
+    ensure_nightly()?;
+    if !have(
+        "rustup",
+        &["run", "nightly", "cargo", "clippy", "--version"],
+    ) {
+        run(Command::new("rustup").args(["component", "add", "clippy", "--toolchain", "nightly"]))?;
+    }
     Ok(())
 }
 

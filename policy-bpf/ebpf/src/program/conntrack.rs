@@ -297,8 +297,11 @@ pub(super) fn log_entry(tags: &Array<CtTags>, log: &Log) -> Option<(u32, *mut u6
     } else {
         CT_LOG_CHUNK
     };
-    // SAFETY (every block below): the cursor is in this CPU's scratch;
-    // the head and the entries are in array maps (valid for the run).
+    // The head and the owner entries are array-map values (valid for the
+    // run; array values are never freed), reached through `atomic`.
+    // SAFETY: the cursor is in this CPU's scratch map value, which lives
+    // for the whole run and which nothing else on this CPU borrows while
+    // the program runs (programs do not nest on one CPU's scratch).
     let cursor = unsafe { &mut *log.cursor };
     let mut tries = 0;
     while tries < 2 {
@@ -363,10 +366,11 @@ pub(super) fn claim<E, K: Copy>(
     }
     // A reused way's connection no longer holds its log entry.
     let was = ct_entry(way.state);
-    if way.state & CT_STATUS != CT_EMPTY && was >= ways {
-        if let Some(owner) = log.owners.get_ptr_mut(was - ways) {
-            atomic::swap_if(owner, ct_owner(way.i, way.state), 0);
-        }
+    if way.state & CT_STATUS != CT_EMPTY
+        && was >= ways
+        && let Some(owner) = log.owners.get_ptr_mut(was - ways)
+    {
+        atomic::swap_if(owner, ct_owner(way.i, way.state), 0);
     }
     // The log entry is ours once its owner names this way: busy and
     // naming the entry, the way now marks it taken for every other
@@ -413,11 +417,12 @@ pub(super) fn scan<E, const N: usize, const PROTOCOL_AT: usize>(
     cfg: &Config,
     now: u64,
 ) {
-    // SAFETY (every block below): the probe is in this CPU's scratch;
-    // ways and state words are in array maps (valid for the run). A
+    // Ways and state words are array-map values (valid for the run). A
     // concurrent writer can tear what is read: a torn key compares
     // unequal, and a torn expiry only offers a way whose claim (a
     // compare-and-swap on the state read here) then fails.
+    // SAFETY: the probe points into this CPU's scratch map value: valid,
+    // aligned and not aliased by any other reference during the run.
     unsafe { (*probe).tag = place.tag };
     let mut set = 0;
     while set < 2 {
@@ -426,6 +431,9 @@ pub(super) fn scan<E, const N: usize, const PROTOCOL_AT: usize>(
             return;
         };
         // The set's four words: the line's first or second half.
+        // SAFETY: `line` is a live array-map value; `state` holds
+        // 2 * CT_WAYS u64 words and `base & CT_WAYS` is 0 or CT_WAYS, so the
+        // offset stays inside it.
         let first = unsafe {
             (&raw mut (*line).state)
                 .cast::<u64>()
@@ -433,14 +441,20 @@ pub(super) fn scan<E, const N: usize, const PROTOCOL_AT: usize>(
         };
         let mut w = 0;
         while w < CT_WAYS {
+            // SAFETY: w < CT_WAYS, so the word is inside this set's half of
+            // the line (see `first`).
             let state = atomic::load(unsafe { first.add(w as usize) });
             let status = state & CT_STATUS;
             if status == CT_LIVE && ct_tag(state) == place.tag {
                 let Some(entry) = table.get_ptr_mut(ct_entry(state)) else {
                     return;
                 };
+                // SAFETY: `entry` is a live array-map value of type E, whose
+                // key starts KEY_AT bytes in (checked by the common crate's
+                // layout test), 4-aligned.
                 let at = unsafe { entry.cast::<u8>().add(KEY_AT).cast::<u32>() };
                 if same_words::<N>(at, key) {
+                    // SAFETY: the probe is this CPU's scratch (see above).
                     unsafe {
                         (*probe).hit = base + w + 1;
                         (*probe).hit_state = state;
@@ -455,6 +469,8 @@ pub(super) fn scan<E, const N: usize, const PROTOCOL_AT: usize>(
         }
         set += 1;
     }
+    // SAFETY: the probe is this CPU's scratch (see above); a volatile read
+    // so the verifier sees the value the offers above stored.
     if unsafe { core::ptr::read_volatile(&(*probe).free) } != 0 {
         return;
     }
@@ -472,6 +488,10 @@ pub(super) fn scan<E, const N: usize, const PROTOCOL_AT: usize>(
                 return;
             };
             let v = entry.cast::<CtValue>();
+            // SAFETY: `entry` is a live array-map value beginning with a
+            // CtValue, with the key (and its protocol byte) KEY_AT bytes in;
+            // concurrent writers may tear these reads (see above), never
+            // make them invalid.
             let expired = unsafe {
                 let protocol = entry.cast::<u8>().add(KEY_AT + PROTOCOL_AT).read_volatile();
                 ct_expired(

@@ -83,8 +83,10 @@ pub(super) fn local_receiver(
     key.pad = [0; 3];
     let b = data as *const u8;
     let words = key.addr.as_mut_ptr().cast::<u32>();
-    // SAFETY (reads): inside the bounds checked before each. (Writes):
-    // the key's address is 4-aligned and four words long.
+    // SAFETY: every read is of packet bytes inside the bounds checked
+    // before it (`data + ETH_HLEN + 20/40 <= end`), unaligned reads where
+    // unaligned; every write is to the key's address, which is 4-aligned
+    // and four words long.
     let family = unsafe {
         match (*b.add(12), *b.add(13)) {
             (0x08, 0x00) => {

@@ -16,7 +16,7 @@ use policy_bpf_common::*;
 
 /// TCX_NEXT: let the next program (or the stack) decide.
 const PASS: i32 = -1;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const DROP: i32 = TC_ACT_SHOT;
 /// `process`'s verdict on a packet policy allowed: it passes, or goes
 /// straight to a local endpoint (see `palisade_from_pod`). Not a TC
 /// return code.
@@ -48,6 +48,12 @@ use walk::*;
 /// being delivered to). `sender` is the other side's deferred
 /// approval, recorded with this side's when the connection is new
 /// (none: interface 0).
+// Keys in this CPU's scratch go to the map helpers by reference: by value
+// they would be copied onto the 512-byte stack.
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "scratch keys stay off the stack"
+)]
 #[inline(always)]
 fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i32 {
     // The interface's zone (one endpoint per interface; keeps
@@ -58,7 +64,7 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
             stat(STAT_UNMANAGED);
             return PASS;
         }
-        None => match PALISADE_MANAGED.get_ptr(&ifindex) {
+        None => match PALISADE_MANAGED.get_ptr(ifindex) {
             // SAFETY: a u32 written whole by user space.
             Some(z) => unsafe { *z },
             None => {
@@ -167,6 +173,9 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
         let reopened = p.protocol == 6 && closed && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let expired = ct_expired(&cfg, p.protocol, flags, last_seen, now);
         if !reopened && !expired {
+            // SAFETY: `v` is the same live conntrack way read above;
+            // volatile reads of its fields (a reuse is caught by the state
+            // word's generation check below).
             let (rule, approved_on) = unsafe {
                 if local_is_a {
                     (
@@ -193,6 +202,9 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
                         gained |= if a_is_src { CT_FIN_A } else { CT_FIN_B };
                     }
                 }
+                // SAFETY: `v` is the live way above; its flags word is
+                // naturally aligned (see `flags_word`) and only changed
+                // atomically, here and by other CPUs.
                 unsafe {
                     if gained & !flags != 0 {
                         atomic::or(flags_word(v), u64::from(gained));
@@ -226,9 +238,9 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
         &p.dst
     };
     let fast = match PALISADE_LOCAL4.get_ptr(local4_index(ifindex, direction)) {
-        // SAFETY: an aligned word of an array map, written whole (one
-        // atomic store) by user space.
         Some(w) if p.family == FAMILY_V4 => {
+            // SAFETY: an aligned word of an array map, written whole (one
+            // atomic store) by user space.
             local4_root(unsafe { core::ptr::read_volatile(w) }, word(local, 0))
         }
         _ => None,
@@ -351,7 +363,7 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
         }
     }
     if p.fragment {
-        let _ = PALISADE_FRAGS.insert(&sc.frag, &now, u64::from(BPF_NOEXIST));
+        let _ = PALISADE_FRAGS.insert(&sc.frag, now, u64::from(BPF_NOEXIST));
     }
     if cfg.allow_sample > 0 {
         // SAFETY: helper without preconditions.
@@ -373,8 +385,9 @@ pub fn palisade_from_pod(ctx: TcContext) -> i32 {
     let deliver = match process(&ctx, DIR_EGRESS, from, Approval::NONE) {
         DEFERRED => true,
         ALLOWED => match PALISADE_SCRATCH.get_ptr_mut(0) {
-            // SAFETY: this CPU's scratch (TC programs do not nest).
             Some(sc) => {
+                // SAFETY: this CPU's scratch (TC programs do not nest), so
+                // no other reference to it is live.
                 local_receiver(&ctx, from, unsafe { &mut (*sc).local }).is_some() && {
                     clear_stash(&ctx);
                     true

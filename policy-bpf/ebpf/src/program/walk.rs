@@ -74,8 +74,8 @@ pub(super) extern "C" fn walk_step(_index: u64, ctx: *mut c_void) -> i64 {
     match step(n, &w.features, bit, w.steps) {
         Step::Leaf(v) => {
             w.state = WALK_LEAF
-                | (u32::from(v.allow) * LEAF_ALLOW as u32
-                    | u32::from(v.logged) * LEAF_LOGGED as u32)
+                | ((u32::from(v.allow) * LEAF_ALLOW as u32)
+                    | (u32::from(v.logged) * LEAF_LOGGED as u32))
                     << WALK_FLAGS;
             w.rule = v.rule;
             1
