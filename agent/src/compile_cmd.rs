@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Result, anyhow};
-use policy_bpf::lower::{Capacity, Lowering, full_delta};
+use palisade_controller::{Controller, MirrorDataplane};
 use policy_core::EndpointKey;
 use policy_core::compile::{CompileOptions, Compiler, Next, Program, ProgramId, Test};
 use serde_json::{Value, json};
@@ -149,7 +149,9 @@ pub fn compile(
             outln!(
                 "compiled in {:.1} ms{}",
                 elapsed.as_secs_f64() * 1e3,
-                node.map(|n| format!(" (node {n})")).unwrap_or_default()
+                node.as_ref()
+                    .map(|n| format!(" (node {n})"))
+                    .unwrap_or_default()
             )?;
             let rows = [
                 ("endpoints", s.endpoints),
@@ -227,11 +229,10 @@ pub fn compile(
             out!("{out}")?;
         }
     }
-    // What the datapath would refuse, by the very checks its lowering makes
-    // before writing anything (default capacities), so a policy set that
-    // compiles but cannot be enforced fails here too.
-    Lowering::new(Capacity::default())
-        .check_capacity(&full_delta(&c))
+    // What the node controller would refuse: the whole state lowered to map
+    // entries (default capacities) on an in-memory dataplane, so a policy
+    // set that compiles but cannot be enforced fails here too.
+    Controller::from_compiler(c, node, MirrorDataplane::default())
         .map_err(|e| anyhow!("the datapath would refuse this policy set: {e}"))?;
     Ok(())
 }

@@ -1,6 +1,9 @@
 //! Errors of the C ABI: one enum naming what went wrong; `abi` gives each
 //! variant its status code and turns it into a `palisade_error`.
 
+use palisade_controller::{ControllerError, DataplaneError};
+use policy_core::EngineError;
+
 /// Everything a call can fail with.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum FfiError {
@@ -41,5 +44,32 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "a panic with a non-text payload".to_string()
+    }
+}
+
+/// The controller's errors by the status class the C caller sees; the
+/// message is the controller's own.
+impl From<ControllerError> for FfiError {
+    fn from(e: ControllerError) -> Self {
+        let message = e.to_string();
+        match e {
+            ControllerError::Input(e) => FfiError::Input(e),
+            ControllerError::NoSuchEndpoint(_)
+            | ControllerError::EndpointNotApplied(_)
+            | ControllerError::UnknownPeer { .. }
+            | ControllerError::InterfaceNotAttached(_)
+            | ControllerError::NotLoaded
+            | ControllerError::Decide(EngineError::UnknownEndpoint(_)) => {
+                FfiError::NotFound(message)
+            }
+            ControllerError::Dataplane(
+                DataplaneError::NoSuchInterface { .. } | DataplaneError::NoMacAddress { .. },
+            ) => FfiError::NotFound(message),
+            ControllerError::Decide(EngineError::Unavailable(_))
+            | ControllerError::ChangeNotLowered(_)
+            | ControllerError::Lowering(_)
+            | ControllerError::Dataplane(_) => FfiError::Datapath(message),
+            _ => FfiError::Invalid(message),
+        }
     }
 }

@@ -93,8 +93,6 @@
 #![allow(non_camel_case_types)]
 
 mod abi;
-#[cfg(feature = "datapath")]
-mod datapath;
 mod engine;
 mod error;
 mod handles;

@@ -4,7 +4,7 @@
 use super::*;
 
 /// The user-space mirror of the datapath maps.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Mirror {
     /// Program nodes (index -> node); absent entries read as zero.
     pub nodes: HashMap<u32, Node>,
