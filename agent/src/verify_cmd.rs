@@ -3,14 +3,14 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use policy_bpf::kernel_engine::KernelEngine;
-use policy_bpf::lower::Capacity;
-use policy_bpf::maps_engine::MapsEngine;
-use policy_bpf::netns_engine::NetnsEngine;
-use policy_core::compile::{CompileOptions, Compiler};
-use policy_core::conformance::{
+use palisade_testing::conformance::{
     Case, ProbeResult, ProbeStatus, describe_mismatch, parse_case, run_case,
 };
+use palisade_testing::kernel_engine::KernelEngine;
+use palisade_testing::maps_engine::MapsEngine;
+use palisade_testing::netns_engine::NetnsEngine;
+use policy_bpf::lower::Capacity;
+use policy_core::compile::{CompileOptions, Compiler};
 use policy_core::connection::{ProbeOutcome, evaluate_connection};
 use policy_core::flow::{Decision, Verdict};
 use policy_core::{Engine, EngineError, ReferenceEngine};

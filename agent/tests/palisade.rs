@@ -337,7 +337,7 @@ mod matrix {
     use std::path::{Path, PathBuf};
     use std::process::{Command, Output};
 
-    use policy_core::testgen::{Scale, scale_manifests};
+    use palisade_testing::testgen::{Scale, scale_manifests};
     use serde_json::Value;
 
     const SHOP: &str = r#"

@@ -8,9 +8,9 @@
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use palisade_benches::{ChangeKind, change, cluster};
+use palisade_testing::testgen::Rng;
 use policy_core::ReferenceEngine;
 use policy_core::compile::{CompileOptions, Compiler};
-use policy_core::testgen::Rng;
 
 fn compile(c: &mut Criterion) {
     for (pods, policies) in [(1_000, 100), (10_000, 1_000)] {

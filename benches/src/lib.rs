@@ -13,10 +13,10 @@ pub mod memory;
 pub mod packet_cost;
 pub mod veth;
 
+use palisade_testing::testgen::{Rng, Scale, scale_cluster};
 use policy_core::convert::Object;
 use policy_core::model::{Endpoint, EndpointKey, Policy};
 use policy_core::net::PortMatch;
-use policy_core::testgen::{Rng, Scale, scale_cluster};
 use policy_core::{Change, Cluster};
 
 /// Seed for every generated cluster, so runs are comparable.

@@ -7,10 +7,10 @@
 
 use std::time::Duration;
 
+use palisade_testing::kernel_engine::KernelEngine;
+use palisade_testing::netns::{Netns, ip_batch};
 use policy_bpf::datapath::Hook;
-use policy_bpf::kernel_engine::KernelEngine;
 use policy_bpf::lower::Capacity;
-use policy_bpf::netns::{Netns, ip_batch};
 use policy_bpf::packet;
 use policy_bpf_common::Config;
 use policy_core::Flow;

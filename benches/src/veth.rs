@@ -22,9 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use palisade_testing::netns::{Netns, Topology};
 use policy_bpf::datapath::{Datapath, Hook};
 use policy_bpf::lower::{Binding, Capacity, Lowering};
-use policy_bpf::netns::{Netns, Topology};
 use policy_core::compile::{CompileOptions, Compiler};
 use policy_core::model::EndpointKey;
 use socket2::{Domain, Protocol, Socket, Type};

@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use policy_core::ReferenceEngine;
-use policy_core::conformance::{parse_case, run_case};
+use palisade_testing::conformance::{parse_case, run_case};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };

@@ -60,7 +60,6 @@
 pub mod api;
 pub mod cluster;
 pub mod compile;
-pub mod conformance;
 pub mod connection;
 pub mod convert;
 pub mod error;
@@ -74,7 +73,6 @@ pub mod reference;
 pub mod selector;
 mod strict;
 pub mod suggest;
-pub mod testgen;
 
 pub use cluster::{Change, Cluster};
 pub use connection::{Engine, EngineError};

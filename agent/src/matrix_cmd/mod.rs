@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use palisade_testing::netns_engine::{EventReport, NetnsEngine};
 use policy_bpf::lower::Capacity;
-use policy_bpf::netns_engine::{EventReport, NetnsEngine};
 use policy_core::compile::{CompileOptions, Compiler, Leaf};
 use policy_core::connection::{ConnectionSpec, Peer, flow_between};
 use policy_core::flow::{DecidedBy, Decision};

@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use palisade_benches::{ChangeKind, INSTRUMENTED_SYSTEM, Region, StatsAlloc, change, cluster};
+use palisade_testing::testgen::Rng;
 use policy_core::compile::{CompileOptions, Compiler};
-use policy_core::testgen::Rng;
 use policy_core::{Cluster, Direction, Engine, Flow, ReferenceEngine};
 
 #[global_allocator]
@@ -371,7 +371,7 @@ fn measure_wide(policies: usize, rules: usize) -> WideRow {
     eprintln!("== {policies} policies x {rules} rules");
     let mut c = Cluster::new();
     c.apply(
-        policy_core::testgen::wide_policies(policies, rules)
+        palisade_testing::testgen::wide_policies(policies, rules)
             .into_iter()
             .map(policy_core::Change::Upsert)
             .collect(),
@@ -446,7 +446,7 @@ fn wide_report(root: &std::path::Path) -> anyhow::Result<()> {
     );
     let _ = writeln!(
         md,
-        "Measured with `cargo xtask report compiler -- --wide-only`. Clusters from `policy_core::testgen::wide_policies`: 200 pods, GlobalNetworkPolicies on `all()` whose every rule has its own port and its own peer set. Baseline, same run: the reference engine answering the whole 200 x 200 matrix (both directions) of the same cluster, timed on every tenth row and scaled. Goal: 5 x 1,000 rules under 1 s.
+        "Measured with `cargo xtask report compiler -- --wide-only`. Clusters from `palisade_testing::testgen::wide_policies`: 200 pods, GlobalNetworkPolicies on `all()` whose every rule has its own port and its own peer set. Baseline, same run: the reference engine answering the whole 200 x 200 matrix (both directions) of the same cluster, timed on every tenth row and scaled. Goal: 5 x 1,000 rules under 1 s.
 "
     );
     let _ = writeln!(
@@ -515,7 +515,7 @@ fn main() -> anyhow::Result<()> {
     let _ = writeln!(md, "# Compiler scaling\n");
     let _ = writeln!(
         md,
-        "Measured with `cargo xtask report compiler` on {} cores ({cpu}). Clusters come from `policy_core::testgen::scale_cluster` (see its documentation for the mix of namespaces, labels and policies). Ratios are against the reference engine measured in the same run: for a compile, indexing the cluster and answering one flow per endpoint and direction; for a change, rebuilding the reference engine's indexes.\n",
+        "Measured with `cargo xtask report compiler` on {} cores ({cpu}). Clusters come from `palisade_testing::testgen::scale_cluster` (see its documentation for the mix of namespaces, labels and policies). Ratios are against the reference engine measured in the same run: for a compile, indexing the cluster and answering one flow per endpoint and direction; for a change, rebuilding the reference engine's indexes.\n",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)

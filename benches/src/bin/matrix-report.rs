@@ -7,7 +7,7 @@
 //! target/release/matrix-report run > docs/scale.md          # the whole report
 //! ```
 //!
-//! Clusters come from `policy_core::testgen::scale_manifests` (the same
+//! Clusters come from `palisade_testing::testgen::scale_manifests` (the same
 //! clusters as the compiler report) with 11 policies per 40 pods (2,000 pods:
 //! 550 policies, 10% global) and every 100th pod without `status.podIP`,
 //! as a pod not yet running has none. `run` times `palisade matrix` with
@@ -22,7 +22,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 use palisade_benches::{PODS_PER_NODE, SEED};
-use policy_core::testgen::{Scale, scale_manifests};
+use palisade_testing::testgen::{Scale, scale_manifests};
 
 /// Sizes measured by `run`.
 const SIZES: [usize; 3] = [500, 2000, 5000];
@@ -169,7 +169,7 @@ fn run(palisade: &Path) -> Result<()> {
         out,
         "Measured with `target/release/matrix-report run` (benches/src/bin/matrix-report.rs) on {} cores; \
          wall time and peak resident memory from `/usr/bin/time -v`, one run each. Clusters: \
-         `policy_core::testgen::scale_manifests`, 11 policies per 40 pods (10% GlobalNetworkPolicies), \
+         `palisade_testing::testgen::scale_manifests`, 11 policies per 40 pods (10% GlobalNetworkPolicies), \
          every 100th pod without `status.podIP` (reported and skipped). Port TCP/80.\n",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     )?;

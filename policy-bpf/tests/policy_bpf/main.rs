@@ -2,11 +2,11 @@
 //! the compiled engine, whole and incrementally; capacity errors; and, where
 //! the machine allows, the kernel and netns engines.
 
+use palisade_testing::maps_engine::MapsEngine;
+use palisade_testing::testgen::{Rng, flows, random_change, small_cluster};
 use policy_bpf::lower::{Binding, Capacity, LowerError, Lowering, MapWrite, Mirror};
-use policy_bpf::maps_engine::MapsEngine;
 use policy_core::compile::{CompileOptions, Compiler};
 use policy_core::model::Endpoint;
-use policy_core::testgen::{Rng, flows, random_change, small_cluster};
 use policy_core::{Change, Cluster, Engine};
 use proptest::prelude::*;
 

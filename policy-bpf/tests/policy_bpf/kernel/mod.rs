@@ -6,12 +6,13 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
+use palisade_testing::kernel_engine::KernelEngine;
+use palisade_testing::maps_engine::MapsEngine;
+use palisade_testing::netns::Topology;
+use palisade_testing::netns_engine::NetnsEngine;
+use palisade_testing::testgen::{Rng, flows, small_cluster};
 use policy_bpf::datapath::{Datapath, Hook};
-use policy_bpf::kernel_engine::KernelEngine;
 use policy_bpf::lower::{Binding, Capacity, LowerError, Lowering, WritePlan};
-use policy_bpf::maps_engine::MapsEngine;
-use policy_bpf::netns::Topology;
-use policy_bpf::netns_engine::NetnsEngine;
 use policy_bpf::packet;
 use policy_bpf_common::*;
 use policy_core::compile::{CompileOptions, Compiler};
@@ -20,7 +21,6 @@ use policy_core::flow::{Flow, Verdict};
 use policy_core::manifest::parse_manifests;
 use policy_core::model::{Direction, Endpoint, EndpointKey};
 use policy_core::net::Protocol;
-use policy_core::testgen::{Rng, flows, small_cluster};
 use policy_core::{Cluster, Engine, ReferenceEngine};
 use proptest::prelude::*;
 

@@ -14,12 +14,12 @@ use std::net::IpAddr;
 
 use serde_json::{Value, json};
 
-use crate::cluster::Change;
-use crate::convert::{Object, convert_document};
-use crate::error::ObjectRef;
-use crate::flow::Flow;
-use crate::model::*;
-use crate::net::Protocol;
+use policy_core::cluster::Change;
+use policy_core::convert::{Object, convert_document};
+use policy_core::error::ObjectRef;
+use policy_core::flow::Flow;
+use policy_core::model::*;
+use policy_core::net::Protocol;
 
 /// SplitMix64: tiny, fast, good enough for test data.
 #[derive(Debug, Clone)]

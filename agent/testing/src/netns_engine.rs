@@ -29,10 +29,10 @@ use policy_core::model::{Direction, EndpointKey};
 use policy_core::net::Protocol;
 use socket2::{Domain, Socket, Type};
 
-use crate::datapath::{Datapath, DatapathError};
 use crate::kernel_engine::decision_from_event;
-use crate::lower::{Binding, Capacity, Lowering, WritePlan};
 use crate::netns::{NetnsError, Owner, Topology};
+use policy_bpf::datapath::{Datapath, DatapathError};
+use policy_bpf::lower::{Binding, Capacity, Lowering, WritePlan};
 
 /// How long a packet may take to arrive before the probe gives up (only
 /// reached when neither delivery nor a drop event is seen).
@@ -235,7 +235,7 @@ impl NetnsEngine {
         cap: Capacity,
         wanted: impl Fn(&EndpointKey) -> bool,
     ) -> Result<Self, EngineError> {
-        if !crate::datapath::privileged() {
+        if !policy_bpf::datapath::privileged() {
             return Err(EngineError::Unavailable(
                 "network namespaces and BPF need root".into(),
             ));

@@ -251,7 +251,7 @@ pub struct PodNet {
 
 impl PodNet {
     /// The pod as a local delivery target (see
-    /// [`crate::Datapath::set_local_endpoint`]).
+    /// [`policy_bpf::datapath::Datapath::set_local_endpoint`]).
     pub fn local_endpoint(&self) -> policy_bpf_common::LocalEndpoint {
         policy_bpf_common::LocalEndpoint {
             ifindex: self.ifindex,

@@ -16,9 +16,9 @@ use policy_core::connection::{Engine, EngineError};
 use policy_core::flow::{Decision, Flow, Verdict};
 use policy_core::model::{Direction, EndpointKey};
 
-use crate::datapath::{Datapath, Hook};
-use crate::lower::{Binding, Capacity, Lowering, WritePlan};
-use crate::packet;
+use policy_bpf::datapath::{Datapath, Hook};
+use policy_bpf::lower::{Binding, Capacity, Lowering, WritePlan};
+use policy_bpf::packet;
 
 /// Loopback, where `BPF_PROG_TEST_RUN` delivers packets.
 const TEST_IFINDEX: u32 = 1;
@@ -55,7 +55,7 @@ impl KernelEngine {
         let (compiler, delta) = Compiler::from_cluster(cluster, CompileOptions::default())
             .map_err(|e| EngineError::Other(e.to_string()))?;
         let mut dp = Datapath::load_private(cap).map_err(|e| match e {
-            crate::datapath::DatapathError::Privileges(m) => EngineError::Unavailable(m),
+            policy_bpf::datapath::DatapathError::Privileges(m) => EngineError::Unavailable(m),
             other => EngineError::Other(other.to_string()),
         })?;
         dp.set_config(Config {

@@ -8,14 +8,16 @@ use std::net::IpAddr;
 
 use serde::Deserialize;
 
-use crate::cluster::Cluster;
-use crate::connection::{ConnectionSpec, Peer, ProbeOutcome, evaluate_connection, flow_between};
-use crate::connection::{Engine, EngineError};
-use crate::convert::{Object, check_labels, convert_document};
-use crate::error::{Error, ErrorKind, ObjectRef};
-use crate::flow::Flow;
-use crate::model::*;
-use crate::net::{IpVersion, PortMatch, Protocol};
+use policy_core::cluster::Cluster;
+use policy_core::connection::{
+    ConnectionSpec, Peer, ProbeOutcome, evaluate_connection, flow_between,
+};
+use policy_core::connection::{Engine, EngineError};
+use policy_core::convert::{Object, check_labels, convert_document};
+use policy_core::error::{Error, ErrorKind, ObjectRef};
+use policy_core::flow::Flow;
+use policy_core::model::*;
+use policy_core::net::{IpVersion, PortMatch, Protocol};
 
 /// A connectivity question with its expected answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -234,7 +236,7 @@ pub fn parse_case(source: &str, text: &str) -> Result<Case, Error> {
     }
     for (i, p) in raw.policies.iter().enumerate() {
         objects.push(convert_document(p).map_err(|e| {
-            let e = e.from_origin(crate::error::Origin::document(source, i + 1));
+            let e = e.from_origin(policy_core::error::Origin::document(source, i + 1));
             let field = format!(
                 "policies[{i}]{}",
                 e.field

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use policy_core::conformance::{ProbeStatus, parse_case, run_case};
+use palisade_testing::conformance::{ProbeStatus, parse_case, run_case};
 use policy_core::manifest::{ManifestSet, parse_manifests};
 use policy_core::selector::{Expr, Selector};
 use policy_core::{Change, Cluster, ErrorKind, ObjectRef, ReferenceEngine};
@@ -484,9 +484,9 @@ mod roundtrip {
 
 mod differential {
     use super::*;
+    use palisade_testing::testgen::{Rng, flows, random_change, small_cluster};
     use policy_core::compile::{CompileOptions, Compiler};
     use policy_core::model::Endpoint;
-    use policy_core::testgen::{Rng, flows, random_change, small_cluster};
     use policy_core::{Direction, Engine};
     use proptest::prelude::*;
 
@@ -849,3 +849,5 @@ items:
         );
     }
 }
+
+mod matrix;

@@ -8,7 +8,7 @@ use policy_core::connection::{Engine, EngineError};
 use policy_core::flow::{Decision, Flow, Verdict};
 use policy_core::model::{Direction, EndpointKey};
 
-use crate::lower::{Binding, Capacity, Lowering};
+use policy_bpf::lower::{Binding, Capacity, Lowering};
 
 /// A compiled cluster lowered into map contents, answered from the mirror.
 #[derive(Debug)]
