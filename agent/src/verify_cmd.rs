@@ -42,12 +42,10 @@ pub fn build_engine<'a>(
         EngineKind::Reference => Box::new(ReferenceEngine::new(cluster)),
         EngineKind::Compiled => Box::new(
             Compiler::from_cluster(cluster, CompileOptions::default())
-                .map_err(|e| EngineError::Other(e.to_string()))?
+                .map_err(|e| EngineError::InvalidCluster(e.to_string()))?
                 .0,
         ),
-        EngineKind::Maps => Box::new(
-            MapsEngine::new(cluster, Capacity::verification()).map_err(EngineError::Other)?,
-        ),
+        EngineKind::Maps => Box::new(MapsEngine::new(cluster, Capacity::verification())?),
         EngineKind::Kernel => Box::new(KernelEngine::new(cluster, Capacity::verification())?),
         EngineKind::Netns => Box::new(NetnsEngine::new(cluster, Capacity::verification())?),
     })

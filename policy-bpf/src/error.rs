@@ -3,6 +3,7 @@
 
 /// Datapath failures.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DatapathError {
     /// The process lacks the privileges to load BPF programs.
     #[error("loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN): {0}")]
@@ -26,7 +27,32 @@ pub enum DatapathError {
         /// What happened.
         message: String,
     },
-    /// Anything else.
+    /// A test run (`BPF_PROG_TEST_RUN`) failed.
+    #[error("BPF_PROG_TEST_RUN: {0}")]
+    TestRun(String),
+    /// The kernel refused run-time statistics.
+    #[error("enabling BPF run-time statistics: {0}")]
+    RunTimeStats(String),
+    /// Reading a program's information failed.
+    #[error("{program}: {message}")]
+    ProgramInfo {
+        /// The program.
+        program: &'static str,
+        /// What happened.
+        message: String,
+    },
+    /// The conntrack clock could not be read or measured.
     #[error("{0}")]
-    Other(String),
+    Clock(String),
+    /// The pin directory could not be read.
+    #[error("{path}: {message}")]
+    Pins {
+        /// The directory.
+        path: String,
+        /// What happened.
+        message: String,
+    },
+    /// A write failed on purpose (fault injection in tests).
+    #[error("injected failure at write {0}")]
+    Injected(usize),
 }

@@ -14,19 +14,32 @@ use crate::net::{IpVersion, Protocol};
 
 /// Something an engine could not answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum EngineError {
     /// The endpoint is not known.
     #[error("endpoint {0} does not exist")]
     UnknownEndpoint(EndpointKey),
+    /// The endpoint is on another node: no programs are compiled for it.
+    #[error("{0} is not on this node: no programs are compiled for it")]
+    NotLocal(EndpointKey),
     /// The flow is malformed.
     #[error("invalid flow: {0}")]
     InvalidFlow(String),
+    /// The cluster given to the engine does not compile.
+    #[error("{0}")]
+    InvalidCluster(String),
+    /// The cluster does not fit the engine's maps.
+    #[error("{0}")]
+    Capacity(String),
     /// The engine cannot run here (missing privileges, kernel features...).
     #[error("engine unavailable: {0}")]
     Unavailable(String),
-    /// Anything else.
+    /// The datapath failed (loading, a map, a test run).
     #[error("{0}")]
-    Other(String),
+    Dataplane(String),
+    /// The engine's own tables contradict each other (a bug, not bad input).
+    #[error("{0}")]
+    Inconsistent(String),
 }
 
 /// An engine answers: what does policy at `endpoint` decide for `flow` in

@@ -75,6 +75,7 @@ impl fmt::Display for ObjectRef {
 
 /// What went wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ErrorKind {
     /// The text is not valid YAML/JSON.
     #[error("malformed {format}: {message}")]

@@ -47,6 +47,7 @@ use crate::net::IpVersion;
 
 /// Why a matrix could not be set up.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum MatrixError {
     /// The pod is not in the compiled cluster.
     #[error("pod {0} is not in the cluster")]

@@ -53,21 +53,21 @@ impl KernelEngine {
         ifindex_of: impl Fn(&EndpointKey) -> u32,
     ) -> Result<Self, EngineError> {
         let (compiler, delta) = Compiler::from_cluster(cluster, CompileOptions::default())
-            .map_err(|e| EngineError::Other(e.to_string()))?;
+            .map_err(|e| EngineError::InvalidCluster(e.to_string()))?;
         let mut dp = Datapath::load_private(cap).map_err(|e| match e {
             policy_bpf::datapath::DatapathError::Privileges(m) => EngineError::Unavailable(m),
-            other => EngineError::Other(other.to_string()),
+            other => EngineError::Dataplane(other.to_string()),
         })?;
         dp.set_config(Config {
             allow_sample: 1,
             ..Config::default()
         })
-        .map_err(|e| EngineError::Other(e.to_string()))?;
+        .map_err(|e| EngineError::Dataplane(e.to_string()))?;
         let mut lowering = Lowering::new(cap);
         let before = lowering.mirror().clone();
         let mut plan: WritePlan = lowering
             .lower(&delta)
-            .map_err(|e| EngineError::Other(e.to_string()))?;
+            .map_err(|e| EngineError::Capacity(e.to_string()))?;
         for (i, ep) in compiler.cluster().endpoints().enumerate() {
             let p = lowering
                 .bind(
@@ -77,11 +77,11 @@ impl KernelEngine {
                         zone: i as u32 + 1,
                     }),
                 )
-                .map_err(|e| EngineError::Other(e.to_string()))?;
+                .map_err(|e| EngineError::Dataplane(e.to_string()))?;
             plan.switch.extend(p.switch);
         }
         dp.write(&plan, &before)
-            .map_err(|e| EngineError::Other(e.to_string()))?;
+            .map_err(|e| EngineError::Dataplane(e.to_string()))?;
         Ok(KernelEngine {
             dp: Mutex::new(dp),
             lowering,
@@ -98,11 +98,11 @@ impl KernelEngine {
         let mut dp = self
             .dp
             .lock()
-            .map_err(|_| EngineError::Other("datapath lock poisoned".into()))?;
+            .map_err(|_| EngineError::Inconsistent("datapath lock poisoned".into()))?;
         dp.drain_events();
         let r = dp
             .run(hook, packet, 1)
-            .map_err(|e| EngineError::Other(e.to_string()))?;
+            .map_err(|e| EngineError::Dataplane(e.to_string()))?;
         let event = dp.drain_events().into_iter().last();
         Ok(PacketOutcome {
             passed: r.passed(),
@@ -122,14 +122,14 @@ impl KernelEngine {
         let mut dp = self
             .dp
             .lock()
-            .map_err(|_| EngineError::Other("datapath lock poisoned".into()))?;
+            .map_err(|_| EngineError::Inconsistent("datapath lock poisoned".into()))?;
         Ok(f(&mut dp))
     }
 
     fn decision(&self, o: &PacketOutcome) -> Result<Decision, EngineError> {
-        let e = o
-            .event
-            .ok_or_else(|| EngineError::Other("the program reported no verdict event".into()))?;
+        let e = o.event.ok_or_else(|| {
+            EngineError::Inconsistent("the program reported no verdict event".into())
+        })?;
         decision_from_event(&self.lowering, &e, o.passed)
     }
 }
@@ -142,16 +142,16 @@ pub fn decision_from_event(
     passed: bool,
 ) -> Result<Decision, EngineError> {
     if e.reason != REASON_POLICY {
-        return Err(EngineError::Other(format!(
+        return Err(EngineError::Dataplane(format!(
             "packet dropped before policy (reason {})",
             e.reason
         )));
     }
-    let rule = lowering
-        .rule(e.rule)
-        .ok_or_else(|| EngineError::Other(format!("event names unknown rule index {}", e.rule)))?;
+    let rule = lowering.rule(e.rule).ok_or_else(|| {
+        EngineError::Inconsistent(format!("event names unknown rule index {}", e.rule))
+    })?;
     if (e.allow == 1) != passed {
-        return Err(EngineError::Other(
+        return Err(EngineError::Inconsistent(
             "event verdict disagrees with the return code".into(),
         ));
     }

@@ -22,11 +22,13 @@ pub const SYNTHETIC_IFINDEX_BASE: u32 = 1000;
 impl MapsEngine {
     /// Compiles and lowers a cluster, binding every endpoint to a synthetic
     /// interface.
-    pub fn new(cluster: &Cluster, cap: Capacity) -> Result<Self, String> {
+    pub fn new(cluster: &Cluster, cap: Capacity) -> Result<Self, EngineError> {
         let (compiler, delta) = Compiler::from_cluster(cluster, CompileOptions::default())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| EngineError::InvalidCluster(e.to_string()))?;
         let mut lowering = Lowering::new(cap);
-        lowering.lower(&delta).map_err(|e| e.to_string())?;
+        lowering
+            .lower(&delta)
+            .map_err(|e| EngineError::Capacity(e.to_string()))?;
         for (i, ep) in compiler.cluster().endpoints().enumerate() {
             let n = i as u32 + 1;
             lowering
@@ -37,7 +39,7 @@ impl MapsEngine {
                         zone: n,
                     }),
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| EngineError::Capacity(e.to_string()))?;
         }
         Ok(MapsEngine { lowering })
     }
@@ -131,9 +133,9 @@ impl Engine for MapsEngine {
             // The kernel's membership test over the mirrored words.
             |b| m.peer_bit(class.identity, class.class, b),
         )
-        .map_err(|e| EngineError::Other(format!("walk failed: {e:?}")))?;
+        .map_err(|e| EngineError::Inconsistent(format!("walk failed: {e:?}")))?;
         let rule = self.lowering.rule(v.rule).ok_or_else(|| {
-            EngineError::Other(format!("leaf names unknown rule index {}", v.rule))
+            EngineError::Inconsistent(format!("leaf names unknown rule index {}", v.rule))
         })?;
         Ok(Decision {
             verdict: if v.allow {

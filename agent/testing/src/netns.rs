@@ -31,6 +31,7 @@ pub const GATEWAY_V6: &str = "fe80::1";
 
 /// Namespace and wiring failures.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum NetnsError {
     /// An `ip` command failed.
     #[error("`ip {args}` failed: {stderr}")]

@@ -141,7 +141,7 @@ impl std::fmt::Debug for Inner {
 }
 
 fn other(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Other(e.to_string())
+    EngineError::Dataplane(e.to_string())
 }
 
 fn from_dp(e: DatapathError) -> EngineError {

@@ -79,8 +79,10 @@ impl Datapath {
     pub fn adopt_links(&mut self) -> Result<Vec<String>, DatapathError> {
         let mut adopted = Vec::new();
         let dir = self.pin_dir.join("links");
-        let entries = std::fs::read_dir(&dir)
-            .map_err(|e| DatapathError::Other(format!("{}: {e}", dir.display())))?;
+        let entries = std::fs::read_dir(&dir).map_err(|e| DatapathError::Pins {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let (iface, hook) = if let Some(i) = name.strip_suffix("-from-pod") {

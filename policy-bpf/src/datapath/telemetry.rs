@@ -57,7 +57,7 @@ impl Datapath {
                 repeat: repeat.max(1),
                 ..TestRunOptions::default()
             })
-            .map_err(|e| DatapathError::Other(format!("BPF_PROG_TEST_RUN: {}", chain(&e))))?;
+            .map_err(|e| DatapathError::TestRun(chain(&e)))?;
         let result = RunResult {
             retval: r.return_value as i32,
             duration_ns: r.duration.as_nanos() as u64,
@@ -70,7 +70,7 @@ impl Datapath {
     /// clock twice; see [`Datapath::program_stats`]).
     pub fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd, DatapathError> {
         aya::sys::enable_stats(aya::sys::Stats::RunTime)
-            .map_err(|e| DatapathError::Other(format!("enabling BPF run-time statistics: {e}")))
+            .map_err(|e| DatapathError::RunTimeStats(e.to_string()))
     }
 
     /// The kernel's run-time statistics of a hook's program: total time
@@ -79,9 +79,10 @@ impl Datapath {
     pub fn program_stats(&self, hook: Hook) -> Result<(std::time::Duration, u64), DatapathError> {
         let name = hook.program();
         let prog = self.classifier(name)?;
-        let info = prog
-            .info()
-            .map_err(|e| DatapathError::Other(format!("{name}: {e}")))?;
+        let info = prog.info().map_err(|e| DatapathError::ProgramInfo {
+            program: name,
+            message: e.to_string(),
+        })?;
         Ok((info.run_time(), info.run_count()))
     }
 
@@ -247,7 +248,7 @@ impl Datapath {
         let (r, out) = self.test_run(CLOCK_PROGRAM, &[0u8; 64], 1, 0)?;
         // TC_ACT_SHOT: bpf_skb_store_bytes failed.
         if r.retval == 2 {
-            return Err(DatapathError::Other(
+            return Err(DatapathError::Clock(
                 "the clock program could not write its packet".into(),
             ));
         }
@@ -275,7 +276,7 @@ impl Datapath {
                 return Ok(*HZ.get_or_init(|| snap_hz(ticks, ns)));
             }
             if ns > 2_000_000_000 {
-                return Err(DatapathError::Other(format!(
+                return Err(DatapathError::Clock(format!(
                     "measuring the kernel's tick rate: {ticks} jiffies in {ns} ns"
                 )));
             }

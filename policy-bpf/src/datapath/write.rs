@@ -116,10 +116,16 @@ impl Datapath {
                 Ok(())
             }
             MapWrite::ResetCounter(i) => {
-                let cpus =
-                    aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Other(e.to_string()))?;
-                let zero = PerCpuValues::try_from(vec![Counter::default(); cpus])
-                    .map_err(|e| DatapathError::Other(e.to_string()))?;
+                let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Map {
+                    map: "PALISADE_COUNTERS",
+                    message: e.to_string(),
+                })?;
+                let zero = PerCpuValues::try_from(vec![Counter::default(); cpus]).map_err(|e| {
+                    DatapathError::Map {
+                        map: "PALISADE_COUNTERS",
+                        message: e.to_string(),
+                    }
+                })?;
                 self.counters
                     .set(*i, zero, 0)
                     .map_err(map_err("PALISADE_COUNTERS"))
@@ -182,9 +188,7 @@ impl Datapath {
         let writes: Vec<&MapWrite> = plan.iter().collect();
         for (i, w) in writes.iter().enumerate() {
             let r = if fail(i) {
-                Err(DatapathError::Other(format!(
-                    "injected failure at write {i}"
-                )))
+                Err(DatapathError::Injected(i))
             } else {
                 self.write_one(w)
             };

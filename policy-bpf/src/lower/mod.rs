@@ -99,6 +99,7 @@ impl Capacity {
 
 /// Lowering failures. Nothing was written when one is returned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum LowerError {
     /// A map would overflow.
     #[error(
@@ -156,6 +157,7 @@ pub enum LowerError {
 
 /// One map write. `None` values delete.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum MapWrite {
     /// A program node.
     Node(u32, Node),

@@ -249,9 +249,7 @@ impl Engine for Compiler {
             .get(endpoint)
             .ok_or_else(|| EngineError::UnknownEndpoint(endpoint.clone()))?;
         if !st.local {
-            return Err(EngineError::Other(format!(
-                "{endpoint} is not on this node: no programs are compiled for it"
-            )));
+            return Err(EngineError::NotLocal(endpoint.clone()));
         }
         let (local_ip, peer_ip, features) = flow_features(flow, direction);
         let program = self
@@ -263,7 +261,7 @@ impl Engine for Compiler {
         let (leaf, _) = program.evaluate(&features, |b| bits.get(b));
         let rule = self
             .rule(leaf.rule)
-            .ok_or_else(|| EngineError::Other(format!("unknown rule id {}", leaf.rule)))?;
+            .ok_or_else(|| EngineError::Inconsistent(format!("unknown rule id {}", leaf.rule)))?;
         Ok(Decision {
             verdict: leaf.verdict,
             decided_by: rule.decided_by(),
