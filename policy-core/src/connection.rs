@@ -8,7 +8,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use crate::cluster::Cluster;
-use crate::flow::{Decision, Flow, Verdict};
+use crate::flow::{Decision, Flow, FlowError, Verdict};
 use crate::model::*;
 use crate::net::{IpVersion, Protocol};
 
@@ -24,7 +24,15 @@ pub enum EngineError {
     NotLocal(EndpointKey),
     /// The flow is malformed.
     #[error("invalid flow: {0}")]
-    InvalidFlow(String),
+    InvalidFlow(FlowError),
+    /// The flow's address on the endpoint's side is not the endpoint's.
+    #[error("invalid flow: {addr} is not an address of {endpoint}")]
+    NotAnAddressOf {
+        /// The endpoint.
+        endpoint: EndpointKey,
+        /// The address the flow gives it.
+        addr: IpAddr,
+    },
     /// The cluster given to the engine does not compile.
     #[error("{0}")]
     InvalidCluster(String),
@@ -107,15 +115,15 @@ impl std::str::FromStr for Peer {
     }
 }
 
-fn peer_addresses(cluster: &Cluster, peer: &Peer) -> Result<Vec<IpAddr>, String> {
+fn peer_addresses(cluster: &Cluster, peer: &Peer) -> Result<Vec<IpAddr>, ConnectionError> {
     match peer {
         Peer::Ip(ip) => Ok(vec![*ip]),
         Peer::Endpoint(k) => {
             let ep = cluster
                 .endpoint(k)
-                .ok_or_else(|| format!("pod {k} is not in the case"))?;
+                .ok_or_else(|| ConnectionError::UnknownPod(k.clone()))?;
             if ep.ips.is_empty() {
-                return Err(format!("pod {k} has no IP address"));
+                return Err(ConnectionError::NoAddress(k.clone()));
             }
             Ok(ep.ips.clone())
         }
@@ -126,11 +134,11 @@ fn pick(
     addrs: &[IpAddr],
     explicit: Option<&str>,
     version: Option<IpVersion>,
-) -> Result<IpAddr, String> {
+) -> Result<IpAddr, ConnectionError> {
     if let Some(s) = explicit {
         let ip: IpAddr = s
             .parse()
-            .map_err(|_| format!("{s:?} is not an IP address"))?;
+            .map_err(|_| ConnectionError::NotAnAddress(s.to_string()))?;
         return Ok(ip);
     }
     match version {
@@ -139,8 +147,42 @@ fn pick(
             .iter()
             .copied()
             .find(|a| IpVersion::of(a) == v)
-            .ok_or_else(|| format!("no {v} address")),
+            .ok_or(ConnectionError::NoAddressOfVersion(v)),
     }
+}
+
+/// Why a connection between two peers has no flow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectionError {
+    /// The pod is not in the cluster.
+    #[error("pod {0} is not in the case")]
+    UnknownPod(EndpointKey),
+    /// The pod has no address to connect to or from.
+    #[error("pod {0} has no IP address")]
+    NoAddress(EndpointKey),
+    /// An address given explicitly does not parse.
+    #[error("{0:?} is not an IP address")]
+    NotAnAddress(String),
+    /// The peer has no address of that IP version.
+    #[error("no {0} address")]
+    NoAddressOfVersion(IpVersion),
+    /// The client has no usable address to reach the server's.
+    #[error("{from}: {reason} to reach {dst}")]
+    Source {
+        /// The client.
+        from: Peer,
+        /// The server's address.
+        dst: IpAddr,
+        /// Why none of the client's addresses fits.
+        reason: Box<ConnectionError>,
+    },
+    /// A protocol with ports needs a destination port.
+    #[error("protocol {0} needs a port")]
+    NeedsPort(Protocol),
+    /// The flow is malformed.
+    #[error(transparent)]
+    Flow(#[from] FlowError),
 }
 
 /// What a connection carries beyond its two ends.
@@ -168,25 +210,29 @@ pub fn flow_between(
     spec: ConnectionSpec,
     from_ip: Option<&str>,
     to_ip: Option<&str>,
-) -> Result<Flow, String> {
+) -> Result<Flow, ConnectionError> {
     let to_addrs = peer_addresses(cluster, to)?;
     let dst = pick(&to_addrs, to_ip, spec.ip_version)?;
     let from_addrs = peer_addresses(cluster, from)?;
-    let src = pick(&from_addrs, from_ip, Some(IpVersion::of(&dst)))
-        .map_err(|m| format!("{from}: {m} to reach {dst}"))?;
+    let src = pick(&from_addrs, from_ip, Some(IpVersion::of(&dst))).map_err(|e| {
+        ConnectionError::Source {
+            from: from.clone(),
+            dst,
+            reason: Box::new(e),
+        }
+    })?;
     flow_for(src, dst, spec)
 }
 
 /// The flow of a connection between two chosen addresses: ports (the
 /// default source port when `spec` gives none), or an ICMP echo request
 /// when `spec` gives no type/code.
-pub fn flow_for(src: IpAddr, dst: IpAddr, spec: ConnectionSpec) -> Result<Flow, String> {
+pub fn flow_for(src: IpAddr, dst: IpAddr, spec: ConnectionSpec) -> Result<Flow, ConnectionError> {
     let protocol = spec.protocol;
     let (src_port, dst_port, icmp) = if protocol.has_ports() {
         (
             spec.src_port.unwrap_or(DEFAULT_SOURCE_PORT),
-            spec.dst_port
-                .ok_or_else(|| format!("protocol {protocol} needs a port"))?,
+            spec.dst_port.ok_or(ConnectionError::NeedsPort(protocol))?,
             None,
         )
     } else if protocol.is_icmp() || protocol == Protocol::ICMP {

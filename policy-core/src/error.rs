@@ -193,8 +193,8 @@ impl Error {
     }
 
     /// An invalid-value error at a field.
-    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::Invalid(message.into())).at(field)
+    pub fn invalid(field: impl Into<String>, message: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Invalid(message.to_string())).at(field)
     }
 
     /// Sets the field path (keeps one already set deeper down).

@@ -49,24 +49,41 @@ impl Flow {
 
     /// Checks the flow is well-formed: one address family, ports only on
     /// protocols that have them, ICMP type/code only on ICMP.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), FlowError> {
         if IpVersion::of(&self.src) != IpVersion::of(&self.dst) {
-            return Err(format!(
-                "source {} and destination {} are of different IP versions",
-                self.src, self.dst
-            ));
+            return Err(FlowError::MixedVersions {
+                src: self.src,
+                dst: self.dst,
+            });
         }
         if !self.protocol.has_ports() && (self.src_port != 0 || self.dst_port != 0) {
-            return Err(format!("protocol {} has no ports", self.protocol));
+            return Err(FlowError::PortsWithoutPorts(self.protocol));
         }
         if self.icmp.is_some() && !self.protocol.is_icmp() && self.protocol != Protocol(1) {
-            return Err(format!(
-                "ICMP type/code given for protocol {}",
-                self.protocol
-            ));
+            return Err(FlowError::IcmpWithoutIcmp(self.protocol));
         }
         Ok(())
     }
+}
+
+/// Why a flow is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FlowError {
+    /// Source and destination of different IP versions.
+    #[error("source {src} and destination {dst} are of different IP versions")]
+    MixedVersions {
+        /// Source address.
+        src: IpAddr,
+        /// Destination address.
+        dst: IpAddr,
+    },
+    /// Ports on a protocol that has none.
+    #[error("protocol {0} has no ports")]
+    PortsWithoutPorts(Protocol),
+    /// ICMP type/code on a protocol that is not ICMP.
+    #[error("ICMP type/code given for protocol {0}")]
+    IcmpWithoutIcmp(Protocol),
 }
 
 impl fmt::Display for Flow {

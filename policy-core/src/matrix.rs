@@ -40,7 +40,7 @@
 use std::net::IpAddr;
 
 use crate::compile::{Bits, Compiler, Leaf, Program, RuleId, RuleRef, flow_features};
-use crate::connection::{ConnectionSpec, flow_for};
+use crate::connection::{ConnectionError, ConnectionSpec, flow_for};
 use crate::flow::Verdict;
 use crate::model::{Direction, EndpointKey};
 use crate::net::IpVersion;
@@ -61,7 +61,7 @@ pub enum MatrixError {
     NotCompiled(EndpointKey, Direction),
     /// The connection spec cannot make a flow (a protocol with ports and no port).
     #[error("{0}")]
-    InvalidSpec(String),
+    InvalidSpec(ConnectionError),
 }
 
 /// One cell: whether the connection succeeds and both deciding leaves.

@@ -26,7 +26,7 @@ impl Protocol {
 
     /// Parses a protocol name (`TCP`, `UDP`, `ICMP`, `ICMPv6`, `SCTP`, `UDPLite`,
     /// any case) or a number 1-255.
-    pub fn parse(s: &str) -> Result<Protocol, String> {
+    pub fn parse(s: &str) -> Result<Protocol, NetValueError> {
         let named = match s.to_ascii_lowercase().as_str() {
             "tcp" => Some(Protocol::TCP),
             "udp" => Some(Protocol::UDP),
@@ -41,18 +41,16 @@ impl Protocol {
         }
         match s.parse::<u16>() {
             Ok(n) => Protocol::from_number(i64::from(n)),
-            Err(_) => Err(format!(
-                "unknown protocol {s:?}: expected TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite or a number 1-255"
-            )),
+            Err(_) => Err(NetValueError::UnknownProtocol(s.to_string())),
         }
     }
 
     /// A protocol number 1-255.
-    pub fn from_number(n: i64) -> Result<Protocol, String> {
+    pub fn from_number(n: i64) -> Result<Protocol, NetValueError> {
         if (1..=255).contains(&n) {
             Ok(Protocol(n as u8))
         } else {
-            Err(format!("protocol number {n} is out of range 1-255"))
+            Err(NetValueError::ProtocolOutOfRange(n))
         }
     }
 
@@ -144,14 +142,12 @@ pub enum PortMatch {
 
 impl PortMatch {
     /// Parses `80`, `"80"`, `"1000:2000"` or a port name.
-    pub fn parse(s: &str) -> Result<PortMatch, String> {
+    pub fn parse(s: &str) -> Result<PortMatch, NetValueError> {
         if let Some((a, b)) = s.split_once(':') {
             let first = parse_port_number(a, true)?;
             let last = parse_port_number(b, false)?;
             if first > last {
-                return Err(format!(
-                    "port range {s:?} is reversed: its first port is greater than its last"
-                ));
+                return Err(NetValueError::ReversedPortRange(s.to_string()));
             }
             return Ok(PortMatch::Range { first, last });
         }
@@ -164,14 +160,14 @@ impl PortMatch {
     }
 
     /// A numeric port 1-65535.
-    pub fn number(n: i64) -> Result<PortMatch, String> {
+    pub fn number(n: i64) -> Result<PortMatch, NetValueError> {
         if (1..=65535).contains(&n) {
             Ok(PortMatch::Range {
                 first: n as u16,
                 last: n as u16,
             })
         } else {
-            Err(format!("port {n} is out of range 1-65535"))
+            Err(NetValueError::PortOutOfRange { port: n, min: 1 })
         }
     }
 
@@ -193,21 +189,24 @@ impl fmt::Display for PortMatch {
 
 /// Ports are 1-65535; a range may start at 0, as Calico's datapath accepts
 /// (`0:80` appears in its own policy-program tests).
-fn parse_port_number(s: &str, range_start: bool) -> Result<u16, String> {
+fn parse_port_number(s: &str, range_start: bool) -> Result<u16, NetValueError> {
     let n: u32 = s
         .trim()
         .parse()
-        .map_err(|_| format!("{s:?} is not a port number"))?;
+        .map_err(|_| NetValueError::NotAPortNumber(s.to_string()))?;
     let min = if range_start { 0 } else { 1 };
     if n < min || n > 65535 {
-        return Err(format!("port {n} is out of range {min}-65535"));
+        return Err(NetValueError::PortOutOfRange {
+            port: i64::from(n),
+            min,
+        });
     }
     Ok(n as u16)
 }
 
 /// Kubernetes' IANA_SVC_NAME rule for port names: 1-15 characters of
 /// `[a-z0-9-]`, at least one letter, no leading, trailing or doubled `-`.
-pub fn validate_port_name(s: &str) -> Result<(), String> {
+pub fn validate_port_name(s: &str) -> Result<(), NetValueError> {
     let why = if s.is_empty() {
         Some("it is empty")
     } else if s.len() > 15 {
@@ -225,14 +224,17 @@ pub fn validate_port_name(s: &str) -> Result<(), String> {
         None
     };
     match why {
-        Some(w) => Err(format!("{s:?} is not a valid port name: {w}")),
+        Some(reason) => Err(NetValueError::BadPortName {
+            name: s.to_string(),
+            reason,
+        }),
         None => Ok(()),
     }
 }
 
 /// Parses a CIDR, or a bare address (as a /32 or /128), the way Calico's
 /// `ParseCIDROrIP` does. Host bits are cleared.
-pub fn parse_cidr_or_ip(s: &str) -> Result<IpNet, String> {
+pub fn parse_cidr_or_ip(s: &str) -> Result<IpNet, NetValueError> {
     let t = s.trim();
     if let Ok(net) = t.parse::<IpNet>() {
         return Ok(net.trunc());
@@ -240,15 +242,58 @@ pub fn parse_cidr_or_ip(s: &str) -> Result<IpNet, String> {
     if let Ok(addr) = t.parse::<IpAddr>() {
         return Ok(IpNet::from(addr));
     }
-    Err(format!("{s:?} is not a valid CIDR or IP address"))
+    Err(NetValueError::NotCidrOrIp(s.to_string()))
 }
 
 /// Parses a strict CIDR (prefix length required), as Kubernetes ipBlock wants.
-pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+pub fn parse_cidr(s: &str) -> Result<IpNet, NetValueError> {
     s.trim()
         .parse::<IpNet>()
         .map(|n| n.trunc())
-        .map_err(|_| format!("{s:?} is not a valid CIDR (expected address/prefix-length)"))
+        .map_err(|_| NetValueError::NotCidr(s.to_string()))
+}
+
+/// A value that is not a protocol, a port, a port name or a CIDR; the
+/// message says what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetValueError {
+    /// Neither a protocol name nor a number.
+    #[error(
+        "unknown protocol {0:?}: expected TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite or a number 1-255"
+    )]
+    UnknownProtocol(String),
+    /// A protocol number outside 1-255.
+    #[error("protocol number {0} is out of range 1-255")]
+    ProtocolOutOfRange(i64),
+    /// A port range whose first port is above its last.
+    #[error("port range {0:?} is reversed: its first port is greater than its last")]
+    ReversedPortRange(String),
+    /// Not a number where a port number belongs.
+    #[error("{0:?} is not a port number")]
+    NotAPortNumber(String),
+    /// A port outside `min`-65535.
+    #[error("port {port} is out of range {min}-65535")]
+    PortOutOfRange {
+        /// The port given.
+        port: i64,
+        /// The smallest port allowed there (0 only as a range's start).
+        min: u32,
+    },
+    /// A port name Kubernetes would refuse.
+    #[error("{name:?} is not a valid port name: {reason}")]
+    BadPortName {
+        /// The name given.
+        name: String,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+    /// Neither a CIDR nor an address.
+    #[error("{0:?} is not a valid CIDR or IP address")]
+    NotCidrOrIp(String),
+    /// Not a CIDR with a prefix length.
+    #[error("{0:?} is not a valid CIDR (expected address/prefix-length)")]
+    NotCidr(String),
 }
 
 #[cfg(test)]

@@ -290,8 +290,9 @@ impl<'c> ReferenceEngine<'c> {
         Ok(())
     }
 
-    /// Checks a whole rule against a flow. `Err` says why it does not match.
-    pub fn rule_matches(&self, rule: &Rule, flow: &Flow) -> Result<(), String> {
+    /// Checks a whole rule against a flow. `Err` is the trace's reason why it
+    /// does not match (text for `explain`, not a failure).
+    fn rule_matches(&self, rule: &Rule, flow: &Flow) -> Result<(), String> {
         let v = flow.ip_version();
         if let Some(rv) = rule.ip_version
             && rv != v

@@ -315,8 +315,7 @@ impl<D: Dataplane> Controller<D> {
         spec: ConnectionSpec,
     ) -> Result<Checked, ControllerError> {
         let cluster = self.compiler.cluster();
-        let flow = flow_between(cluster, from.0, to.0, spec, from.1, to.1)
-            .map_err(ControllerError::InvalidConnection)?;
+        let flow = flow_between(cluster, from.0, to.0, spec, from.1, to.1)?;
         let mut out = Checked {
             allowed: true,
             flow,

@@ -4,6 +4,7 @@
 
 use policy_bpf::datapath::DatapathError;
 use policy_bpf::lower::LowerError;
+use policy_core::connection::ConnectionError;
 use policy_core::{EndpointKey, EngineError};
 
 /// A dataplane operation that failed.
@@ -90,6 +91,9 @@ pub enum ControllerError {
     /// A connection to check is malformed (its text says how).
     #[error("{0}")]
     InvalidConnection(String),
+    /// The connection has no flow (no address of the right version...).
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
     /// An engine could not decide a connection.
     #[error(transparent)]
     Decide(#[from] EngineError),

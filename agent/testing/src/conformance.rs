@@ -153,7 +153,7 @@ struct RawCase {
     service_accounts: Vec<RawServiceAccount>,
 }
 
-fn case_err(source: &str, field: String, msg: impl Into<String>) -> Error {
+fn case_err(source: &str, field: String, msg: impl std::fmt::Display) -> Error {
     Error::invalid(field, msg).on(ObjectRef::new("ConformanceCase", None, source))
 }
 
@@ -268,8 +268,10 @@ fn build_probe(cluster: &Cluster, index: usize, p: &RawProbe) -> Result<Probe, S
     let from: Peer = p.from.parse()?;
     let to: Peer = p.to.parse()?;
     let protocol = match &p.protocol {
-        serde_json::Value::String(s) => Protocol::parse(s)?,
-        serde_json::Value::Number(n) => Protocol::from_number(n.as_i64().unwrap_or(0))?,
+        serde_json::Value::String(s) => Protocol::parse(s).map_err(|e| e.to_string())?,
+        serde_json::Value::Number(n) => {
+            Protocol::from_number(n.as_i64().unwrap_or(0)).map_err(|e| e.to_string())?
+        }
         other => return Err(format!("protocol {other} is neither a name nor a number")),
     };
     let ip_version = match p.ip_version {
@@ -318,7 +320,8 @@ fn build_probe(cluster: &Cluster, index: usize, p: &RawProbe) -> Result<Probe, S
         spec,
         p.from_ip.as_deref(),
         p.to_ip.as_deref(),
-    )?;
+    )
+    .map_err(|e| e.to_string())?;
     Ok(Probe {
         index,
         from,

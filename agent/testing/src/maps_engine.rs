@@ -120,9 +120,16 @@ impl Engine for MapsEngine {
             pad: [0; 2],
             addr: local,
         };
-        let slot = m.slots.get(&key).ok_or_else(|| {
-            EngineError::InvalidFlow(format!("the local address is not an address of {endpoint}"))
-        })?;
+        let slot = m
+            .slots
+            .get(&key)
+            .ok_or_else(|| EngineError::NotAnAddressOf {
+                endpoint: endpoint.clone(),
+                addr: match direction {
+                    Direction::Egress => flow.src,
+                    Direction::Ingress => flow.dst,
+                },
+            })?;
         let class = m.classify(&peer);
         let cap = self.lowering.capacity().nodes;
         let v = walk(

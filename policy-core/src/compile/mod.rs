@@ -52,7 +52,7 @@ use crate::selector::Selector;
 pub use bits::{Bits, Tracked};
 pub use index::{IdentityKey, LabelId};
 pub use program::{Bit, Feature, Features, Leaf, Next, Node, Program, RuleId, Test};
-pub use queries::flow_features;
+pub use queries::{InvariantViolations, flow_features};
 
 /// Id of a program in the compiled state.
 pub type ProgramId = u32;

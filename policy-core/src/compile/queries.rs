@@ -254,8 +254,9 @@ impl Engine for Compiler {
         let (local_ip, peer_ip, features) = flow_features(flow, direction);
         let program = self
             .program(&(endpoint.clone(), local_ip, direction))
-            .ok_or_else(|| {
-                EngineError::InvalidFlow(format!("{local_ip} is not an address of {endpoint}"))
+            .ok_or_else(|| EngineError::NotAnAddressOf {
+                endpoint: endpoint.clone(),
+                addr: local_ip,
             })?;
         let bits = self.peer_bits(&peer_ip);
         let (leaf, _) = program.evaluate(&features, |b| bits.get(b));
@@ -273,7 +274,7 @@ impl Engine for Compiler {
 impl Compiler {
     /// Checks the bookkeeping invariants (reference counts match their
     /// holders); returns what is wrong. For tests.
-    pub fn check_invariants(&self) -> Result<(), String> {
+    pub fn check_invariants(&self) -> Result<(), InvariantViolations> {
         let mut problems = Vec::new();
         let mut slot_refs: HashMap<ProgramId, u32> = HashMap::default();
         for (_, pid) in self.slots.iter() {
@@ -344,7 +345,13 @@ impl Compiler {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(problems.join("\n"))
+            Err(InvariantViolations(problems))
         }
     }
 }
+
+/// Bookkeeping of a [`Compiler`] that does not add up (a bug, never bad
+/// input): one line per problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct InvariantViolations(pub Vec<String>);
