@@ -126,14 +126,14 @@ pub fn compile(
     }
     // Which slots use each program.
     let mut users: BTreeMap<ProgramId, Vec<String>> = BTreeMap::new();
-    for ((ep, ip, dir), pid) in c.slots() {
-        if only.as_ref().is_some_and(|o| o != ep) {
+    for (slot, pid) in c.slots() {
+        if only.as_ref().is_some_and(|o| *o != slot.endpoint) {
             continue;
         }
-        users
-            .entry(*pid)
-            .or_default()
-            .push(format!("{ep} {ip} {dir}"));
+        users.entry(*pid).or_default().push(format!(
+            "{} {} {}",
+            slot.endpoint, slot.addr, slot.direction
+        ));
     }
     for v in users.values_mut() {
         v.sort();
@@ -206,8 +206,8 @@ pub fn compile(
                     "ruleIds": s.rule_ids, "loweredEntries": s.lowered_entries,
                 },
                 "programs": programs.iter().map(|(pid, p)| (pid.to_string(), program_json(&c, p))).collect::<serde_json::Map<_, _>>(),
-                "slots": c.slots().filter(|((ep, _, _), _)| only.as_ref().is_none_or(|o| o == ep))
-                    .map(|((ep, ip, dir), pid)| json!({"endpoint": ep.to_string(), "ip": ip.to_string(), "direction": dir.to_string(), "program": pid}))
+                "slots": c.slots().filter(|(slot, _)| only.as_ref().is_none_or(|o| *o == slot.endpoint))
+                    .map(|(slot, pid)| json!({"endpoint": slot.endpoint.to_string(), "ip": slot.addr.to_string(), "direction": slot.direction.to_string(), "program": pid}))
                     .collect::<Vec<_>>(),
                 "bits": (0..c.bit_width() as u32).filter_map(|b| c.bit_meaning(b).map(|k| (b.to_string(), json!(k.to_string())))).collect::<serde_json::Map<_, _>>(),
                 "identities": c.identity_bits().map(|(id, b)| (id.to_string(), json!(b.iter().collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>(),

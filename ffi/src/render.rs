@@ -32,10 +32,10 @@ pub fn delta(d: &Delta, plan: &WritePlan, c: &Compiler) -> String {
             "cleanup": plan.cleanup.len(),
         },
         "programs": split(d.programs.iter().map(|(i, p)| (*i, p.is_some())).collect()),
-        "slots": d.slots.iter().map(|((ep, ip, dir), p)| json!({
-            "endpoint": ep.to_string(),
-            "address": ip.to_string(),
-            "direction": dir.to_string(),
+        "slots": d.slots.iter().map(|(slot, p)| json!({
+            "endpoint": slot.endpoint.to_string(),
+            "address": slot.addr.to_string(),
+            "direction": slot.direction.to_string(),
             "program": p,
         })).collect::<Vec<_>>(),
         "identities": split(d.identities.iter().map(|(i, b)| (*i, b.is_some())).collect()),

@@ -39,7 +39,7 @@
 
 use std::net::IpAddr;
 
-use crate::compile::{Bits, Compiler, Leaf, Program, RuleId, RuleRef, flow_features};
+use crate::compile::{Bits, Compiler, Leaf, Program, RuleId, RuleRef, Slot, flow_features};
 use crate::connection::{ConnectionError, ConnectionSpec, flow_for};
 use crate::flow::Verdict;
 use crate::model::{Direction, EndpointKey};
@@ -107,7 +107,11 @@ impl<'c> CompiledMatrix<'c> {
     ) -> Result<Self, MatrixError> {
         let side = |key: &EndpointKey, ip: IpAddr, direction| -> Result<Side<'c>, MatrixError> {
             let program = compiler
-                .program(&(key.clone(), ip, direction))
+                .program(&Slot {
+                    endpoint: key.clone(),
+                    addr: ip,
+                    direction,
+                })
                 .ok_or_else(|| MatrixError::NotCompiled(key.clone(), direction))?;
             Ok(Side {
                 ip,

@@ -366,7 +366,7 @@ impl Lowering {
         let slots: Vec<(Slot, ProgramId)> = self
             .slot_programs
             .iter()
-            .filter(|(s, _)| &s.0 == ep)
+            .filter(|(s, _)| &s.endpoint == ep)
             .map(|(s, p)| (s.clone(), *p))
             .collect();
         if let Some(b) = binding {
@@ -416,10 +416,10 @@ impl Lowering {
     }
 
     fn slot_key(&self, slot: &Slot, b: Binding) -> SlotKey {
-        let (family, addr) = addr_bytes(&slot.1);
+        let (family, addr) = addr_bytes(&slot.addr);
         SlotKey {
             ifindex: b.ifindex,
-            direction: match slot.2 {
+            direction: match slot.direction {
                 Direction::Egress => DIR_EGRESS,
                 Direction::Ingress => DIR_INGRESS,
             },

@@ -420,7 +420,7 @@ impl Lowering {
                     self.slot_programs.remove(slot);
                 }
             }
-            let Some(b) = self.bindings.get(&slot.0).copied() else {
+            let Some(b) = self.bindings.get(&slot.endpoint).copied() else {
                 continue;
             };
             let key = self.slot_key(slot, b);

@@ -202,8 +202,17 @@ pub struct HostEntry {
     pub class: ClassId,
 }
 
-/// Where an endpoint's program is attached: endpoint, local address, direction.
-pub type Slot = (EndpointKey, IpAddr, Direction);
+/// Where an endpoint's program is attached: one of its addresses, in one
+/// direction. Ordered by endpoint, address, direction.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slot {
+    /// The endpoint.
+    pub endpoint: EndpointKey,
+    /// One of its addresses.
+    pub addr: IpAddr,
+    /// Ingress or egress.
+    pub direction: Direction,
+}
 
 /// The map writes a batch of changes implies. `None` values are deletions.
 /// The lowering applies new entries first, then switches slots, then deletes.

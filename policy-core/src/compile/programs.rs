@@ -22,7 +22,13 @@ impl Compiler {
                 Some(st) if st.local => st
                     .ips
                     .iter()
-                    .flat_map(|ip| Direction::ALL.map(|d| (e.clone(), *ip, d)))
+                    .flat_map(|ip| {
+                        Direction::ALL.map(|d| Slot {
+                            endpoint: e.clone(),
+                            addr: *ip,
+                            direction: d,
+                        })
+                    })
                     .collect(),
                 _ => Vec::new(),
             };
@@ -39,15 +45,15 @@ impl Compiler {
                 continue;
             };
             for slot in current {
-                let needs_address = self.needs_address(label, slot.2);
-                let ip = slot.1;
+                let needs_address = self.needs_address(label, slot.direction);
+                let ip = slot.addr;
                 let shared = self
                     .hosts
                     .get(&addr_key(&ip))
                     .is_some_and(|(_, v)| v.len() > 1);
                 let key = ProgramKey {
                     label,
-                    direction: slot.2,
+                    direction: slot.direction,
                     version: IpVersion::of(&ip),
                     ip: (shared || needs_address).then_some(ip),
                 };
@@ -60,7 +66,7 @@ impl Compiler {
         let mut seen: HashSet<ProgramKey> = HashSet::default();
         for (slot, key) in &wanted {
             if !self.program_of_key.contains_key(key) && seen.insert(key.clone()) {
-                to_build.push((key.clone(), slot.1));
+                to_build.push((key.clone(), slot.addr));
             }
         }
         let mut inputs = Vec::with_capacity(to_build.len());

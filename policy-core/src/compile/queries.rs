@@ -152,7 +152,11 @@ impl Compiler {
         slots.sort_by(|a, b| a.0.cmp(b.0));
         for (slot, pid) in slots {
             let p = &self.programs.get(pid).expect("slot program exists");
-            let _ = writeln!(out, "slot {}/{} {}:", slot.0, slot.1, slot.2);
+            let _ = writeln!(
+                out,
+                "slot {}/{} {}:",
+                slot.endpoint, slot.addr, slot.direction
+            );
             let mut numbering: HashMap<Next, usize> = HashMap::default();
             render(p, p.root, &mut numbering, &mut out, &name, &|id| {
                 self.rule(id).map(ToString::to_string).unwrap_or_default()
@@ -253,7 +257,11 @@ impl Engine for Compiler {
         }
         let (local_ip, peer_ip, features) = flow_features(flow, direction);
         let program = self
-            .program(&(endpoint.clone(), local_ip, direction))
+            .program(&Slot {
+                endpoint: endpoint.clone(),
+                addr: local_ip,
+                direction,
+            })
             .ok_or_else(|| EngineError::NotAnAddressOf {
                 endpoint: endpoint.clone(),
                 addr: local_ip,

@@ -572,7 +572,7 @@ mod differential {
                 prop_assert_eq!(node.decide(&ep, dir, &flow), reference.decide(&ep, dir, &flow));
             }
             for e in cluster.endpoints().filter(|e| e.node.as_deref() != Some("node-0")) {
-                prop_assert!(node.slots().all(|(s, _)| s.0 != e.key));
+                prop_assert!(node.slots().all(|(s, _)| s.endpoint != e.key));
             }
             let _ = Direction::Ingress;
         }
