@@ -7,11 +7,11 @@
 //! use policy_bpf_common::*;
 //! // A one-node program: "protocol < 7 ? allow rule 1 : deny rule 2".
 //! let nodes = [
-//!     Node::less(FEATURE_PROTOCOL, 7, 1, 2),
-//!     Node::leaf(true, false, 1),
-//!     Node::leaf(false, false, 2),
+//!     LoweredNode::less(FEATURE_PROTOCOL, 7, 1, 2),
+//!     LoweredNode::leaf(true, false, 1),
+//!     LoweredNode::leaf(false, false, 2),
 //! ];
-//! let f = Features { protocol: 6, ..Features::default() };
+//! let f = PacketFeatures { protocol: 6, ..PacketFeatures::default() };
 //! let out = walk(0, &f, |i| nodes.get(i as usize).copied(), |_| false).unwrap();
 //! assert_eq!((out.allow, out.rule), (true, 1));
 //! ```
@@ -41,7 +41,7 @@ mod user {
     // SAFETY: each type is #[repr(C)], made only of integers and integer
     // arrays, with explicit padding fields, so every bit pattern is valid
     // and the kernel and user space agree on the layout.
-    unsafe impl aya::Pod for Node {}
+    unsafe impl aya::Pod for LoweredNode {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PeerClass {}
     // SAFETY: as above.
@@ -100,7 +100,7 @@ mod tests {
 
     #[test]
     fn layouts_are_fixed() {
-        assert_eq!(core::mem::size_of::<Node>(), 16);
+        assert_eq!(core::mem::size_of::<LoweredNode>(), 16);
         assert_eq!(core::mem::size_of::<SlotKey>(), 24);
         assert_eq!(core::mem::size_of::<CtKey>(), 40);
         assert_eq!(core::mem::size_of::<CtValue>(), 40);

@@ -1,7 +1,7 @@
 //! The packet parser both sides run: Ethernet, IPv4/IPv6 with extension
 //! headers, TCP/UDP/SCTP ports, ICMP, and the features a program reads.
 
-use crate::program::{DIR_EGRESS, FAMILY_V4, FAMILY_V6, Features};
+use crate::program::{DIR_EGRESS, FAMILY_V4, FAMILY_V6, PacketFeatures};
 
 /// Byte access to a packet; the kernel program reads the skb, user space a
 /// slice. The parser asks for values, not byte buffers: the kernel program
@@ -268,7 +268,7 @@ pub fn is_echo_reply(protocol: u8, icmp_type: u8) -> bool {
 
 /// Policy features of a parsed packet for one direction.
 #[inline(always)]
-pub fn features(p: &Parsed, direction: u8) -> Features {
+pub fn features(p: &Parsed, direction: u8) -> PacketFeatures {
     let ports = has_ports(p.protocol);
     let (local, peer) = if direction == DIR_EGRESS {
         (p.src_port, p.dst_port)
@@ -276,7 +276,7 @@ pub fn features(p: &Parsed, direction: u8) -> Features {
         (p.dst_port, p.src_port)
     };
     let icmp = p.protocol == 1 || p.protocol == 58;
-    Features {
+    PacketFeatures {
         protocol: u32::from(p.protocol),
         local_port: if ports { u32::from(local) } else { 0 },
         peer_port: if ports { u32::from(peer) } else { 0 },

@@ -41,7 +41,7 @@ pub const FAMILY_V6: u8 = 6;
 /// indexes into the global node array.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
-pub struct Node {
+pub struct LoweredNode {
     /// [`OP_LEAF`], [`OP_LESS`] or [`OP_BIT`].
     pub op: u8,
     /// Feature compared by [`OP_LESS`].
@@ -58,10 +58,10 @@ pub struct Node {
     pub otherwise: u32,
 }
 
-impl Node {
+impl LoweredNode {
     /// A `feature < value` test.
-    pub const fn less(feature: u8, value: u32, then: u32, otherwise: u32) -> Node {
-        Node {
+    pub const fn less(feature: u8, value: u32, then: u32, otherwise: u32) -> LoweredNode {
+        LoweredNode {
             op: OP_LESS,
             feature,
             flags: 0,
@@ -73,8 +73,8 @@ impl Node {
     }
 
     /// A membership-bit test.
-    pub const fn bit(bit: u32, then: u32, otherwise: u32) -> Node {
-        Node {
+    pub const fn bit(bit: u32, then: u32, otherwise: u32) -> LoweredNode {
+        LoweredNode {
             op: OP_BIT,
             feature: 0,
             flags: 0,
@@ -86,8 +86,8 @@ impl Node {
     }
 
     /// A verdict.
-    pub const fn leaf(allow: bool, logged: bool, rule: u32) -> Node {
-        Node {
+    pub const fn leaf(allow: bool, logged: bool, rule: u32) -> LoweredNode {
+        LoweredNode {
             op: OP_LEAF,
             feature: 0,
             flags: (allow as u8) | ((logged as u8) << 1),
@@ -101,7 +101,7 @@ impl Node {
 
 /// Packet features a program reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Features {
+pub struct PacketFeatures {
     /// Protocol number.
     pub protocol: u32,
     /// The enforcing endpoint's port.
@@ -114,7 +114,7 @@ pub struct Features {
     pub icmp_code: u32,
 }
 
-impl Features {
+impl PacketFeatures {
     /// The value of one feature (`FEATURE_*`).
     #[inline(always)]
     pub fn get(&self, feature: u8) -> u32 {
@@ -130,7 +130,7 @@ impl Features {
 
 /// The outcome of a walk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Verdict {
+pub struct WalkOutcome {
     /// Allow or deny.
     pub allow: bool,
     /// A Log rule matched before the decision.
@@ -155,10 +155,10 @@ pub enum WalkError {
 #[inline(always)]
 pub fn walk(
     root: u32,
-    features: &Features,
-    node: impl Fn(u32) -> Option<Node>,
+    features: &PacketFeatures,
+    node: impl Fn(u32) -> Option<LoweredNode>,
     bit: impl Fn(u32) -> bool,
-) -> Result<Verdict, WalkError> {
+) -> Result<WalkOutcome, WalkError> {
     let mut at = root;
     let mut steps = 0u32;
     while steps < MAX_WALK {
@@ -179,7 +179,7 @@ pub fn walk(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     /// The walk ended at a leaf.
-    Leaf(Verdict),
+    Leaf(WalkOutcome),
     /// Continue at this node.
     Next(u32),
 }
@@ -187,10 +187,15 @@ pub enum Step {
 /// One node of a walk: the kernel runs this in a `bpf_loop` callback, user
 /// space in [`walk`], so both follow the same edges.
 #[inline(always)]
-pub fn step(n: &Node, features: &Features, bit: impl Fn(u32) -> bool, steps: u32) -> Step {
+pub fn step(
+    n: &LoweredNode,
+    features: &PacketFeatures,
+    bit: impl Fn(u32) -> bool,
+    steps: u32,
+) -> Step {
     let holds = match n.op {
         OP_LEAF => {
-            return Step::Leaf(Verdict {
+            return Step::Leaf(WalkOutcome {
                 allow: n.flags & LEAF_ALLOW != 0,
                 logged: n.flags & LEAF_LOGGED != 0,
                 rule: n.value,

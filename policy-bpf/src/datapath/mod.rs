@@ -109,7 +109,7 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     owns_pin_dir: bool,
-    nodes: Array<MapData, Node>,
+    nodes: Array<MapData, LoweredNode>,
     slots: BpfHashMap<MapData, SlotKey, SlotValue>,
     managed: BpfHashMap<MapData, u32, u32>,
     ifaces: Array<MapData, Interface>,
@@ -273,7 +273,7 @@ impl Datapath {
             }};
         }
         let mut dp = Datapath {
-            nodes: take!("PALISADE_NODES", Array<MapData, Node>),
+            nodes: take!("PALISADE_NODES", Array<MapData, LoweredNode>),
             slots: take!("PALISADE_SLOTS", BpfHashMap<MapData, SlotKey, SlotValue>),
             managed: take!("PALISADE_MANAGED", BpfHashMap<MapData, u32, u32>),
             ifaces: take!("PALISADE_IFACES", Array<MapData, Interface>),

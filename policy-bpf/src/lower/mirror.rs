@@ -7,7 +7,7 @@ use super::*;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Mirror {
     /// Program nodes (index -> node); absent entries read as zero.
-    pub nodes: HashMap<u32, Node>,
+    pub nodes: HashMap<u32, LoweredNode>,
     /// Endpoint slots.
     pub slots: HashMap<SlotKey, SlotValue>,
     /// Managed interfaces.

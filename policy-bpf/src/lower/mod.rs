@@ -160,7 +160,7 @@ pub enum LowerError {
 #[non_exhaustive]
 pub enum MapWrite {
     /// A program node.
-    Node(u32, Node),
+    Node(u32, LoweredNode),
     /// An endpoint slot.
     Slot(SlotKey, Option<SlotValue>),
     /// A managed interface and its conntrack zone.
@@ -454,7 +454,7 @@ impl Lowering {
         p: &Program,
         start: u32,
         rule_index: &HashMap<RuleId, u32>,
-    ) -> Result<(Vec<Node>, u32), LowerError> {
+    ) -> Result<(Vec<LoweredNode>, u32), LowerError> {
         let n = p.nodes.len() as u32;
         let at = |x: Next| match x {
             Next::Node(i) => start + i,
@@ -471,10 +471,10 @@ impl Lowering {
                         policy_core::compile::Feature::IcmpType => FEATURE_ICMP_TYPE,
                         policy_core::compile::Feature::IcmpCode => FEATURE_ICMP_CODE,
                     };
-                    Node::less(feature, v, at(node.then), at(node.otherwise))
+                    LoweredNode::less(feature, v, at(node.then), at(node.otherwise))
                 }
                 policy_core::compile::Test::Bit(b) => {
-                    Node::bit(b, at(node.then), at(node.otherwise))
+                    LoweredNode::bit(b, at(node.then), at(node.otherwise))
                 }
             });
         }
@@ -482,7 +482,7 @@ impl Lowering {
             let idx = *rule_index.get(&leaf.rule).ok_or_else(|| {
                 LowerError::Inconsistent(format!("rule id {} has no index", leaf.rule))
             })?;
-            out.push(Node::leaf(
+            out.push(LoweredNode::leaf(
                 leaf.verdict == policy_core::Verdict::Allow,
                 leaf.logged,
                 idx,

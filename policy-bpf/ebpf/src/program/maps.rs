@@ -5,7 +5,7 @@ use super::*;
 
 // Sizes here are defaults; user space sets them from configuration at load.
 #[map]
-pub(super) static PALISADE_NODES: Array<Node> = Array::pinned(262_144, 0);
+pub(super) static PALISADE_NODES: Array<LoweredNode> = Array::pinned(262_144, 0);
 #[map]
 pub(super) static PALISADE_SLOTS: HashMap<SlotKey, SlotValue> = HashMap::pinned(65_536, 0);
 /// Managed interfaces by ifindex: an array read (inlined by the

@@ -323,7 +323,7 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
         event(p, ifindex, direction, false, 0, REASON_WALK, false);
         return DROP;
     }
-    let v = Verdict {
+    let v = WalkOutcome {
         allow: (w.state >> WALK_FLAGS) & LEAF_ALLOW as u32 != 0,
         logged: (w.state >> WALK_FLAGS) & LEAF_LOGGED as u32 != 0,
         rule: w.rule,

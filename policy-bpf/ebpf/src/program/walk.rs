@@ -15,7 +15,7 @@ pub(super) const WALK_FLAGS: u32 = 2;
 /// A decision walk in progress (on the program's stack). The fields
 /// that start at zero are interleaved with the others: LLVM turns a run
 /// of more than 8 zeroed bytes into a memset subprogram call, on every
-/// new flow (hence also the verdict as whole words, not a Verdict with
+/// new flow (hence also the verdict as whole words, not a WalkOutcome with
 /// two bools and padding).
 #[repr(C)]
 pub(super) struct WalkState {
@@ -32,7 +32,7 @@ pub(super) struct WalkState {
     /// Words of the identity row (0: the peer has no identity) in
     /// bits 0-15, of the class row in bits 16-31.
     pub(super) strides: u32,
-    pub(super) features: Features,
+    pub(super) features: PacketFeatures,
     /// The leaf's rule index.
     pub(super) rule: u32,
 }
