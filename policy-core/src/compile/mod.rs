@@ -24,6 +24,7 @@
 
 pub mod bits;
 pub mod index;
+pub mod interner;
 pub mod program;
 mod programs;
 mod queries;
@@ -51,6 +52,7 @@ use crate::selector::Selector;
 
 pub use bits::{Bits, Tracked};
 pub use index::{IdentityKey, LabelId};
+use interner::Interner;
 pub use program::{Bit, Feature, Features, Leaf, Next, Node, Program, RuleId, Test};
 pub use queries::{InvariantViolations, flow_features};
 
@@ -413,26 +415,22 @@ pub struct Compiler {
     prefix_class: Tracked<IpNet, ClassId>,
     hosts: BTreeMap<(u8, u128), (IpAddr, Vec<EndpointKey>)>,
     host_entries: Tracked<IpAddr, HostEntry>,
-    unions: HashMap<Vec<LabelId>, u32>,
-    union_refs: HashMap<u32, u32>,
-    next_union: u32,
-    class_ids: HashMap<Bits, ClassId>,
-    class_refs: HashMap<ClassId, u32>,
+    /// Identities of addresses that several label sets share.
+    unions: Interner<Vec<LabelId>>,
+    /// Address classes by their CIDR memberships; `classes` mirrors them for the delta.
+    class_ids: Interner<Bits>,
     classes: Tracked<ClassId, Bits>,
-    next_class: ClassId,
     program_of_key: HashMap<ProgramKey, ProgramId>,
     keys_of_label: HashMap<LabelId, HashSet<ProgramKey>>,
+    /// Programs by content, referenced once per slot; `programs` mirrors them for the delta.
+    program_ids: Interner<Arc<Program>>,
     programs: Tracked<ProgramId, Arc<Program>>,
-    program_refs: HashMap<ProgramId, u32>,
     program_sets: HashMap<ProgramId, Vec<PeerSetKey>>,
     program_rules: HashMap<ProgramId, Vec<RuleId>>,
-    program_by_content: HashMap<Arc<Program>, ProgramId>,
-    next_program: ProgramId,
     slots: Tracked<Slot, ProgramId>,
-    rule_ids: HashMap<RuleRef, RuleId>,
-    rule_refs: HashMap<RuleId, u32>,
+    /// Rule references, held by the programs whose leaves name them; `rules` mirrors them for the delta.
+    rule_ids: Interner<RuleRef>,
     rules: Tracked<RuleId, RuleRef>,
-    next_rule: RuleId,
     pending_ranges: Vec<IpNet>,
     profile_eps: HashMap<String, BTreeSet<EndpointKey>>,
     profile_cache: HashMap<String, Option<Arc<Profile>>>,
@@ -473,26 +471,18 @@ impl Compiler {
             prefix_class: Tracked::default(),
             hosts: BTreeMap::new(),
             host_entries: Tracked::default(),
-            unions: HashMap::default(),
-            union_refs: HashMap::default(),
-            next_union: UNION_IDENTITY_BASE,
-            class_ids: HashMap::default(),
-            class_refs: HashMap::default(),
+            unions: Interner::new(UNION_IDENTITY_BASE),
+            class_ids: Interner::new(1),
             classes: Tracked::default(),
-            next_class: 1,
             program_of_key: HashMap::default(),
             keys_of_label: HashMap::default(),
+            program_ids: Interner::new(1),
             programs: Tracked::default(),
-            program_refs: HashMap::default(),
             program_sets: HashMap::default(),
             program_rules: HashMap::default(),
-            program_by_content: HashMap::default(),
-            next_program: 1,
             slots: Tracked::default(),
-            rule_ids: HashMap::default(),
-            rule_refs: HashMap::default(),
+            rule_ids: Interner::new(1),
             rules: Tracked::default(),
-            next_rule: 1,
             pending_ranges: Vec::new(),
             profile_eps: HashMap::default(),
             profile_cache: HashMap::default(),
@@ -502,8 +492,7 @@ impl Compiler {
             ep_slots: HashMap::default(),
         };
         // Class 0: no CIDR memberships. Always present.
-        c.class_ids.insert(Bits::new(), 0);
-        c.class_refs.insert(0, u32::MAX / 2);
+        c.class_ids.insert_permanent(0, Bits::new());
         c.classes.insert(0, Bits::new());
         c.classes.take_changes();
         c

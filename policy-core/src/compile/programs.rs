@@ -103,7 +103,7 @@ impl Compiler {
         };
         let built: Vec<Arc<Program>> = which.iter().map(|i| unique_built[*i].clone()).collect();
         for ((key, _, sets, rules), prog) in inputs.into_iter().zip(built) {
-            let pid = match self.program_by_content.get(&prog).copied() {
+            let pid = match self.program_ids.id(&prog) {
                 // An identical program already exists and holds its sets and rules.
                 Some(pid) => pid,
                 None => {
@@ -129,16 +129,14 @@ impl Compiler {
                     leaf_rules.sort_unstable();
                     leaf_rules.dedup();
                     for r in &leaf_rules {
-                        *self
-                            .rule_refs
-                            .get_mut(r)
-                            .expect("rule acquired while building") += 1;
+                        // Building took a reference on every rule it named,
+                        // released below, so each is still interned here.
+                        let live = self.rule_ids.retain(*r);
+                        debug_assert!(live, "rule {r} released while building");
                     }
-                    let pid = self.next_program;
-                    self.next_program += 1;
-                    self.program_by_content.insert(prog.clone(), pid);
+                    // Unreferenced until a slot points at it (below).
+                    let (pid, _) = self.program_ids.intern(prog.clone());
                     self.programs.insert(pid, prog);
-                    self.program_refs.insert(pid, 0);
                     self.program_sets.insert(pid, held);
                     self.program_rules.insert(pid, leaf_rules);
                     pid
@@ -165,8 +163,11 @@ impl Compiler {
         // dropping the old one so a shared program is never freed in between.
         let mut released = Vec::new();
         for (slot, key) in wanted {
-            let pid = self.program_of_key[&key];
-            *self.program_refs.get_mut(&pid).expect("live program") += 1;
+            let Some(pid) = self.program_of_key.get(&key).copied() else {
+                debug_assert!(false, "slot {slot:?} wants a program never built");
+                continue;
+            };
+            self.program_ids.retain(pid);
             if let Some(old) = self.slots.get(&slot).copied() {
                 released.push(old);
             }
@@ -176,30 +177,25 @@ impl Compiler {
             self.unref_program(old);
         }
         // Programs built but not used by any slot (all slots moved on).
-        let unused: Vec<ProgramId> = self
-            .program_refs
-            .iter()
-            .filter(|(_, r)| **r == 0)
-            .map(|(p, _)| *p)
-            .collect();
-        for pid in unused {
+        for pid in self.program_ids.unreferenced() {
             self.drop_program(pid);
         }
     }
 
     pub(super) fn unref_program(&mut self, pid: ProgramId) {
-        let r = self.program_refs.get_mut(&pid).expect("live program");
-        *r -= 1;
-        if *r == 0 {
-            self.drop_program(pid);
+        if self.program_ids.release(pid).is_some() {
+            self.forget_program(pid);
         }
     }
 
     pub(super) fn drop_program(&mut self, pid: ProgramId) {
-        self.program_refs.remove(&pid);
-        if let Some(p) = self.programs.remove(&pid) {
-            self.program_by_content.remove(&p);
-        }
+        self.program_ids.remove(pid);
+        self.forget_program(pid);
+    }
+
+    /// Releases what a dropped program held.
+    fn forget_program(&mut self, pid: ProgramId) {
+        self.programs.remove(&pid);
         for k in self.program_sets.remove(&pid).unwrap_or_default() {
             self.release_bit(&k);
         }
@@ -215,39 +211,24 @@ impl Compiler {
     }
 
     pub(super) fn unref_rule(&mut self, id: RuleId) {
-        let r = self.rule_refs.get_mut(&id).expect("live rule id");
-        *r -= 1;
-        if *r == 0 {
-            self.rule_refs.remove(&id);
-            if let Some(rr) = self.rules.remove(&id) {
-                self.rule_ids.remove(&rr);
-            }
+        if self.rule_ids.release(id).is_some() {
+            self.rules.remove(&id);
         }
     }
 
     pub(super) fn intern_class(&mut self, bits: Bits) -> ClassId {
-        let id = match self.class_ids.get(&bits) {
-            Some(id) => *id,
-            None => {
-                let id = self.next_class;
-                self.next_class += 1;
-                self.class_ids.insert(bits.clone(), id);
-                self.classes.insert(id, bits);
-                id
-            }
-        };
-        *self.class_refs.entry(id).or_insert(0) += 1;
+        if let Some(id) = self.class_ids.id(&bits) {
+            self.class_ids.retain(id);
+            return id;
+        }
+        let (id, _) = self.class_ids.acquire(bits.clone());
+        self.classes.insert(id, bits);
         id
     }
 
     pub(super) fn unref_class(&mut self, id: ClassId) {
-        let r = self.class_refs.get_mut(&id).expect("live class");
-        *r -= 1;
-        if *r == 0 {
-            self.class_refs.remove(&id);
-            if let Some(b) = self.classes.remove(&id) {
-                self.class_ids.remove(&b);
-            }
+        if self.class_ids.release(id).is_some() {
+            self.classes.remove(&id);
         }
     }
 
@@ -340,36 +321,25 @@ impl Compiler {
         if labels.len() == 1 {
             return labels[0];
         }
-        let id = match self.unions.get(&labels) {
-            Some(id) => *id,
-            None => {
-                let id = self.next_union;
-                self.next_union += 1;
-                self.unions.insert(labels, id);
-                id
-            }
-        };
-        *self.union_refs.entry(id).or_insert(0) += 1;
-        id
+        self.unions.acquire(labels).0
     }
 
     pub(super) fn unref_union(&mut self, id: u32) {
         if id < UNION_IDENTITY_BASE {
             return;
         }
-        let r = self.union_refs.get_mut(&id).expect("live union");
-        *r -= 1;
-        if *r == 0 {
-            self.union_refs.remove(&id);
-            self.unions.retain(|_, v| *v != id);
+        if self.unions.release(id).is_some() {
             self.id_bits.remove(&id);
         }
     }
 
     /// Union identities get the OR of their members' bits.
     pub(super) fn refresh_unions(&mut self) {
-        let unions: Vec<(Vec<LabelId>, u32)> =
-            self.unions.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let unions: Vec<(Vec<LabelId>, u32)> = self
+            .unions
+            .iter()
+            .map(|(id, k, _)| (k.clone(), id))
+            .collect();
         for (members, id) in unions {
             let mut bits = Bits::new();
             for m in &members {

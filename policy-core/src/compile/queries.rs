@@ -288,14 +288,14 @@ impl Compiler {
         for (_, pid) in self.slots.iter() {
             *slot_refs.entry(*pid).or_insert(0) += 1;
         }
-        for (pid, refs) in &self.program_refs {
-            let held = slot_refs.get(pid).copied().unwrap_or(0);
-            if held != *refs {
+        for (pid, _, refs) in self.program_ids.iter() {
+            let held = slot_refs.get(&pid).copied().unwrap_or(0);
+            if held != refs {
                 problems.push(format!("program {pid}: {refs} refs, {held} slots"));
             }
         }
         for (pid, _) in self.programs.iter() {
-            if self.program_refs.get(pid).is_none_or(|r| *r == 0) {
+            if self.program_ids.refs(*pid) == 0 {
                 problems.push(format!("program {pid} is alive without references"));
             }
         }

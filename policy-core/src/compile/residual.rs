@@ -257,17 +257,17 @@ impl Compiler {
     }
 
     pub(super) fn rule_id(&mut self, r: RuleRef, used: &mut Vec<RuleId>) -> RuleId {
-        let id = match self.rule_ids.get(&r) {
-            Some(id) => *id,
+        let id = match self.rule_ids.id(&r) {
+            Some(id) => {
+                self.rule_ids.retain(id);
+                id
+            }
             None => {
-                let id = self.next_rule;
-                self.next_rule += 1;
-                self.rule_ids.insert(r.clone(), id);
+                let (id, _) = self.rule_ids.acquire(r.clone());
                 self.rules.insert(id, r);
                 id
             }
         };
-        *self.rule_refs.entry(id).or_insert(0) += 1;
         used.push(id);
         id
     }
