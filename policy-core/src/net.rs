@@ -140,6 +140,14 @@ pub enum PortMatch {
     Named(String),
 }
 
+/// A port number, 1 to 65535.
+pub fn port_number(n: i64) -> Result<u16, NetValueError> {
+    match u16::try_from(n) {
+        Ok(port) if port >= 1 => Ok(port),
+        _ => Err(NetValueError::PortOutOfRange { port: n, min: 1 }),
+    }
+}
+
 impl PortMatch {
     /// Parses `80`, `"80"`, `"1000:2000"` or a port name.
     pub fn parse(s: &str) -> Result<PortMatch, NetValueError> {
@@ -161,14 +169,11 @@ impl PortMatch {
 
     /// A numeric port 1-65535.
     pub fn number(n: i64) -> Result<PortMatch, NetValueError> {
-        if (1..=65535).contains(&n) {
-            Ok(PortMatch::Range {
-                first: n as u16,
-                last: n as u16,
-            })
-        } else {
-            Err(NetValueError::PortOutOfRange { port: n, min: 1 })
-        }
+        let port = port_number(n)?;
+        Ok(PortMatch::Range {
+            first: port,
+            last: port,
+        })
     }
 
     /// Whether this is a numeric port or range.

@@ -349,11 +349,8 @@ pub(super) fn pod_endpoint(pod: &core::Pod) -> Result<Endpoint, Error> {
                     format!("{protocol} has no ports"),
                 ));
             }
-            let port = PortMatch::number(i64::from(p.container_port))
+            let first = crate::net::port_number(i64::from(p.container_port))
                 .map_err(|m| Error::invalid(format!("{f}.containerPort"), m))?;
-            let PortMatch::Range { first, .. } = port else {
-                unreachable!("numeric port")
-            };
             let name = p.name.clone().unwrap_or_default();
             if !name.is_empty() {
                 crate::net::validate_port_name(&name)
