@@ -15,7 +15,7 @@ use crate::resolve::known_pod;
 use crate::verify_cmd::{EngineKind, build_engine};
 use palisade_testing::netns_engine::{EventReport, NetnsEngine};
 use policy_bpf::lower::Capacity;
-use policy_bpf_common::{Counter, REASON_POLICY};
+use policy_bpf_common::{Counter, EventReason};
 use policy_core::EngineError;
 use policy_core::connection::{ProbeOutcome, evaluate_connection};
 
@@ -311,7 +311,7 @@ fn observe(
         let events = events
             .into_iter()
             .map(|r| {
-                let c = (r.event.reason == REASON_POLICY)
+                let c = (r.event.reason == EventReason::Policy.code())
                     .then(|| engine.with_datapath(|dp| dp.counter(r.event.rule).ok()))
                     .transpose()?
                     .flatten();

@@ -268,7 +268,7 @@ impl Lab {
     /// fair run: the table holds every flow, as the iptables lab's does).
     pub fn conntrack_full(&self) -> Result<u64> {
         match &self.datapath {
-            Some(dp) => Ok(dp.stats()?[policy_bpf_common::STAT_CT_FULL as usize]),
+            Some(dp) => Ok(dp.stats()?[policy_bpf_common::Statistic::CtFull as usize]),
             None => Ok(0),
         }
     }

@@ -4,9 +4,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use policy_bpf::lower::{Lowering, WritePlan};
 use policy_bpf_common::{
-    DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6, FEATURE_ICMP_CODE, FEATURE_ICMP_TYPE,
-    FEATURE_LOCAL_PORT, FEATURE_PEER_PORT, FEATURE_PROTOCOL, LEAF_ALLOW, LEAF_LOGGED, MAX_WALK,
-    OP_BIT, OP_LEAF, OP_LESS, PeerClass, SlotKey, member_base, member_stride,
+    AddressFamily, HookDirection, LEAF_ALLOW, LEAF_LOGGED, MAX_WALK, NodeFeature, NodeOp,
+    PeerClass, SlotKey, member_base, member_stride,
 };
 use policy_core::EndpointKey;
 use policy_core::compile::{Bits, Compiler, Delta, RuleRef};
@@ -112,7 +111,7 @@ fn lpm(prefix_len: u32, addr: IpAddr, c: &PeerClass) -> Value {
 }
 
 fn slot_addr(k: &SlotKey) -> IpAddr {
-    if k.family == FAMILY_V4 {
+    if k.family == AddressFamily::V4.code() {
         IpAddr::V4(Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]))
     } else {
         IpAddr::V6(Ipv6Addr::from(k.addr))
@@ -120,7 +119,11 @@ fn slot_addr(k: &SlotKey) -> IpAddr {
 }
 
 fn direction(d: u8) -> &'static str {
-    if d == DIR_EGRESS { "egress" } else { "ingress" }
+    if d == HookDirection::Egress.code() {
+        "egress"
+    } else {
+        "ingress"
+    }
 }
 
 /// Every lowered map entry, for a plugin that programs the maps with its
@@ -155,15 +158,15 @@ pub fn maps(
                 "classes": {"base": member_base(m.layouts.1), "stride": member_stride(m.layouts.1)},
             },
             "maxWalk": MAX_WALK,
-            "ops": {"leaf": OP_LEAF, "less": OP_LESS, "bit": OP_BIT},
+            "ops": {"leaf": NodeOp::Leaf.code(), "less": NodeOp::Less.code(), "bit": NodeOp::Bit.code()},
             "features": {
-                "protocol": FEATURE_PROTOCOL, "localPort": FEATURE_LOCAL_PORT,
-                "peerPort": FEATURE_PEER_PORT, "icmpType": FEATURE_ICMP_TYPE,
-                "icmpCode": FEATURE_ICMP_CODE,
+                "protocol": NodeFeature::Protocol.code(), "localPort": NodeFeature::LocalPort.code(),
+                "peerPort": NodeFeature::PeerPort.code(), "icmpType": NodeFeature::IcmpType.code(),
+                "icmpCode": NodeFeature::IcmpCode.code(),
             },
             "leafFlags": {"allow": LEAF_ALLOW, "logged": LEAF_LOGGED},
-            "directions": {"egress": DIR_EGRESS, "ingress": DIR_INGRESS},
-            "families": {"ipv4": FAMILY_V4, "ipv6": FAMILY_V6},
+            "directions": {"egress": HookDirection::Egress.code(), "ingress": HookDirection::Ingress.code()},
+            "families": {"ipv4": AddressFamily::V4.code(), "ipv6": AddressFamily::V6.code()},
         },
         "capacity": {
             "nodes": cap.nodes, "slots": cap.slots, "interfaces": cap.interfaces,

@@ -8,6 +8,7 @@
 //! compare-and-swap protocol. Freeing a way through the map syscalls would
 //! overwrite its line of state words whole, racing the programs.
 
+use policy_bpf_common::map_names;
 use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
 use std::ptr::NonNull;
@@ -28,7 +29,7 @@ use crate::error::DatapathError;
 pub const MAX_CONNECTIONS: u32 = 1 << 25;
 
 /// The pinned map of the tables' log heads (see `CtEntry4`).
-pub const CONNTRACK_LOG_HEAD: &str = "PALISADE_CTHEAD";
+pub const CONNTRACK_LOG_HEAD: &str = map_names::CTHEAD;
 
 /// Ways of a table sized for `connections`: twice as many, rounded up to a
 /// power of two (sets are picked by masking the hash), at least two sets
@@ -61,9 +62,9 @@ pub trait Way: Copy {
 }
 
 impl Way for CtEntry4 {
-    const MAP: &'static str = "PALISADE_CONN4";
-    const TAGS: &'static str = "PALISADE_CTTAG4";
-    const OWNERS: &'static str = "PALISADE_CTOWN4";
+    const MAP: &'static str = map_names::CONN4;
+    const TAGS: &'static str = map_names::CTTAG4;
+    const OWNERS: &'static str = map_names::CTOWN4;
     fn protocol(&self) -> u8 {
         self.key.protocol
     }
@@ -73,9 +74,9 @@ impl Way for CtEntry4 {
 }
 
 impl Way for CtEntry6 {
-    const MAP: &'static str = "PALISADE_CONN6";
-    const TAGS: &'static str = "PALISADE_CTTAG6";
-    const OWNERS: &'static str = "PALISADE_CTOWN6";
+    const MAP: &'static str = map_names::CONN6;
+    const TAGS: &'static str = map_names::CTTAG6;
+    const OWNERS: &'static str = map_names::CTOWN6;
     fn protocol(&self) -> u8 {
         self.key.protocol
     }

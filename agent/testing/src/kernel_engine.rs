@@ -141,7 +141,7 @@ pub fn decision_from_event(
     e: &Event,
     passed: bool,
 ) -> Result<Decision, EngineError> {
-    if e.reason != REASON_POLICY {
+    if e.reason != EventReason::Policy.code() {
         return Err(EngineError::Dataplane(format!(
             "packet dropped before policy (reason {})",
             e.reason

@@ -63,14 +63,14 @@ pub fn parsed_of(flow: &Flow) -> Parsed {
             let mut b = [0u8; 16];
             a[..4].copy_from_slice(&s.octets());
             b[..4].copy_from_slice(&d.octets());
-            (FAMILY_V4, a, b)
+            (AddressFamily::V4.code(), a, b)
         }
         (s, d) => {
             let v6 = |ip: std::net::IpAddr| match ip {
                 std::net::IpAddr::V6(a) => a.octets(),
                 std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
             };
-            (FAMILY_V6, v6(s), v6(d))
+            (AddressFamily::V6.code(), v6(s), v6(d))
         }
     };
     let (icmp_type, icmp_code) = flow.icmp.unwrap_or((0, 0));
@@ -109,8 +109,8 @@ impl Engine for MapsEngine {
             .ok_or_else(|| EngineError::UnknownEndpoint(endpoint.clone()))?;
         let p = parsed_of(flow);
         let (dir, local, peer) = match direction {
-            Direction::Egress => (DIR_EGRESS, p.src, flow.dst),
-            Direction::Ingress => (DIR_INGRESS, p.dst, flow.src),
+            Direction::Egress => (HookDirection::Egress.code(), p.src, flow.dst),
+            Direction::Ingress => (HookDirection::Ingress.code(), p.dst, flow.src),
         };
         let m = self.lowering.mirror();
         let key = SlotKey {

@@ -84,7 +84,7 @@ impl EventReport {
     pub fn tuple(&self) -> String {
         let e = &self.event;
         let addr = |b: &[u8; 16]| -> IpAddr {
-            if e.family == FAMILY_V4 {
+            if e.family == AddressFamily::V4.code() {
                 IpAddr::from([b[0], b[1], b[2], b[3]])
             } else {
                 IpAddr::from(*b)
@@ -109,21 +109,21 @@ fn report(topo: &Topology, lowering: &Lowering, e: &Event) -> EventReport {
         .iter()
         .find(|p| p.ifindex == e.ifindex)
         .map(|p| p.key.clone());
-    let decided_by = match e.reason {
-        REASON_POLICY => lowering
+    let decided_by = match EventReason::from_code(e.reason) {
+        Some(EventReason::Policy) => lowering
             .rule(e.rule)
             .map(|r| r.decided_by().to_string())
             .unwrap_or_else(|| format!("unknown rule {}", e.rule)),
-        REASON_MALFORMED => "malformed packet".into(),
-        REASON_FRAGMENT => "fragment of an unknown datagram".into(),
-        REASON_SPOOFED => "source address not the pod's".into(),
-        REASON_WALK => "decision walk failed".into(),
-        r => format!("reason {r}"),
+        Some(EventReason::Malformed) => "malformed packet".into(),
+        Some(EventReason::Fragment) => "fragment of an unknown datagram".into(),
+        Some(EventReason::Spoofed) => "source address not the pod's".into(),
+        Some(EventReason::Walk) => "decision walk failed".into(),
+        Some(EventReason::Established) | None => format!("reason {}", e.reason),
     };
     EventReport {
         event: *e,
         endpoint,
-        direction: if e.direction == DIR_EGRESS {
+        direction: if e.direction == HookDirection::Egress.code() {
             Direction::Egress
         } else {
             Direction::Ingress
@@ -440,8 +440,8 @@ impl Inner {
                 None => Ok(None),
             }
         };
-        let egress = decide(src, DIR_EGRESS)?;
-        let ingress = decide(dst, DIR_INGRESS)?;
+        let egress = decide(src, HookDirection::Egress.code())?;
+        let ingress = decide(dst, HookDirection::Ingress.code())?;
         let allows = |d: &Option<Decision>| d.as_ref().is_none_or(|d| d.verdict == Verdict::Allow);
         // Every enforcing end the packet reached must have reported.
         if matches!(src, Owner::Pod(_)) && egress.is_none() {

@@ -187,7 +187,7 @@ fn main() -> Result<()> {
          MB of them at the default 262,144 connections), claims a way there and writes the \
          next free log entry of its CPU (64 bytes for IPv4); an entry whose connection still \
          lives is skipped, and after two the insert writes the way's home instead (counted: \
-         `STAT_CT_HOME`). Before the log (2026-11-27) every new flow wrote its way's home, a \
+         `Statistic::CtHome`). Before the log (2026-11-27) every new flow wrote its way's home, a \
          random line of a 32 MB array: a memory latency on every new flow, 446-484 ns added at \
          the default capacity in this report where the log gives 277-349 (three runs). The kernel hash \
          before that spent about 170 ns of a new flow in `htab_map_update_elem` (bucket lock, \

@@ -7,7 +7,7 @@
 //! use policy_bpf_common::*;
 //! // A one-node program: "protocol < 7 ? allow rule 1 : deny rule 2".
 //! let nodes = [
-//!     LoweredNode::less(FEATURE_PROTOCOL, 7, 1, 2),
+//!     LoweredNode::less(NodeFeature::Protocol, 7, 1, 2),
 //!     LoweredNode::leaf(true, false, 1),
 //!     LoweredNode::leaf(false, false, 2),
 //! ];
@@ -17,8 +17,10 @@
 //! ```
 #![no_std]
 
+mod codes;
 mod conntrack;
 mod counters;
+pub mod map_names;
 mod membership;
 mod packet;
 mod program;
@@ -26,6 +28,7 @@ mod runtime;
 mod scratch;
 mod slots;
 
+pub use codes::*;
 pub use conntrack::*;
 pub use counters::*;
 pub use membership::*;
@@ -93,9 +96,12 @@ mod tests {
         assert_eq!(local4_root(word, u32::from_ne_bytes([10, 0, 0, 8])), None);
         // An empty word is for no address, 0.0.0.0 included.
         assert_eq!(local4_root(0, 0), None);
-        assert_eq!(local4_index(3, DIR_EGRESS), 6);
-        assert_eq!(local4_index(3, DIR_INGRESS), 7);
-        assert_eq!(local4_index((1 << 31) + 3, DIR_EGRESS), u32::MAX);
+        assert_eq!(local4_index(3, HookDirection::Egress.code()), 6);
+        assert_eq!(local4_index(3, HookDirection::Ingress.code()), 7);
+        assert_eq!(
+            local4_index((1 << 31) + 3, HookDirection::Egress.code()),
+            u32::MAX
+        );
     }
 
     #[test]
@@ -209,7 +215,7 @@ mod tests {
         let one = ct_place4(&key(1, 0), 7, 0);
         assert_eq!((one.a, one.b), (0, 0), "one set: both choices are it");
         let k6 = CtKey {
-            family: FAMILY_V6,
+            family: AddressFamily::V6.code(),
             protocol: 6,
             port_a: 1000,
             port_b: 80,

@@ -1,7 +1,8 @@
 //! The packet parser both sides run: Ethernet, IPv4/IPv6 with extension
 //! headers, TCP/UDP/SCTP ports, ICMP, and the features a program reads.
 
-use crate::program::{DIR_EGRESS, FAMILY_V4, FAMILY_V6, PacketFeatures};
+use crate::codes::{AddressFamily, HookDirection};
+use crate::program::PacketFeatures;
 
 /// Byte access to a packet; the kernel program reads the skb, user space a
 /// slice. The parser asks for values, not byte buffers: the kernel program
@@ -71,7 +72,7 @@ pub struct Parsed {
     pub src_port: u16,
     /// Destination port (0 without ports; ICMP echo: identifier).
     pub dst_port: u16,
-    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    /// An [`AddressFamily`](crate::AddressFamily) code.
     pub family: u8,
     /// IP protocol (IPv6: after extension headers).
     pub protocol: u8,
@@ -147,7 +148,7 @@ pub fn parse_into<P: PacketBytes>(p: &P, out: &mut Parsed) -> Result<(), ParseEr
             if !p.addr(14 + 12, &mut out.src, 1) || !p.addr(14 + 16, &mut out.dst, 1) {
                 return Err(Malformed);
             }
-            out.family = FAMILY_V4;
+            out.family = AddressFamily::V4.code();
             out.protocol = proto;
             // The whole header must be there.
             p.byte(14 + ihl - 1).ok_or(Malformed)?;
@@ -164,7 +165,7 @@ pub fn parse_into<P: PacketBytes>(p: &P, out: &mut Parsed) -> Result<(), ParseEr
             if !p.addr(22, &mut out.src, 4) || !p.addr(38, &mut out.dst, 4) {
                 return Err(Malformed);
             }
-            out.family = FAMILY_V6;
+            out.family = AddressFamily::V6.code();
             l4 = 54;
             // Skip up to four extension headers; a fragment header is recorded.
             let mut i = 0;
@@ -270,7 +271,7 @@ pub fn is_echo_reply(protocol: u8, icmp_type: u8) -> bool {
 #[inline(always)]
 pub fn features(p: &Parsed, direction: u8) -> PacketFeatures {
     let ports = has_ports(p.protocol);
-    let (local, peer) = if direction == DIR_EGRESS {
+    let (local, peer) = if direction == HookDirection::Egress.code() {
         (p.src_port, p.dst_port)
     } else {
         (p.dst_port, p.src_port)

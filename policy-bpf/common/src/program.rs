@@ -4,53 +4,27 @@
 /// Most nodes a decision walk may visit; deeper programs are refused when lowered.
 pub const MAX_WALK: u32 = 1024;
 
-/// Node operation: a leaf (verdict).
-pub const OP_LEAF: u8 = 0;
-/// Node operation: `feature < value`.
-pub const OP_LESS: u8 = 1;
-/// Node operation: membership bit `value` set.
-pub const OP_BIT: u8 = 2;
-
-/// Feature: IP protocol.
-pub const FEATURE_PROTOCOL: u8 = 0;
-/// Feature: the enforcing endpoint's port.
-pub const FEATURE_LOCAL_PORT: u8 = 1;
-/// Feature: the peer's port.
-pub const FEATURE_PEER_PORT: u8 = 2;
-/// Feature: ICMP type.
-pub const FEATURE_ICMP_TYPE: u8 = 3;
-/// Feature: ICMP code.
-pub const FEATURE_ICMP_CODE: u8 = 4;
-
 /// Leaf flag: the verdict is allow.
 pub const LEAF_ALLOW: u8 = 1;
 /// Leaf flag: a Log rule matched before the decision.
 pub const LEAF_LOGGED: u8 = 2;
 
-/// Direction: traffic leaving the pod (program on the host veth's TC ingress).
-pub const DIR_EGRESS: u8 = 0;
-/// Direction: traffic entering the pod (program on the host veth's TC egress).
-pub const DIR_INGRESS: u8 = 1;
-
-/// Address family: IPv4.
-pub const FAMILY_V4: u8 = 4;
-/// Address family: IPv6.
-pub const FAMILY_V6: u8 = 6;
+use crate::codes::{NodeFeature, NodeOp};
 
 /// One node of a lowered decision program (16 bytes). Branches are absolute
 /// indexes into the global node array.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub struct LoweredNode {
-    /// [`OP_LEAF`], [`OP_LESS`] or [`OP_BIT`].
+    /// A [`NodeOp`] code.
     pub op: u8,
-    /// Feature compared by [`OP_LESS`].
+    /// The [`NodeFeature`] code a [`NodeOp::Less`] node compares.
     pub feature: u8,
     /// Leaf flags ([`LEAF_ALLOW`], [`LEAF_LOGGED`]).
     pub flags: u8,
     /// Reserved.
     pub pad: u8,
-    /// Constant for [`OP_LESS`], bit for [`OP_BIT`], rule index for [`OP_LEAF`].
+    /// Constant for [`NodeOp::Less`], bit for [`NodeOp::Bit`], rule index for [`NodeOp::Leaf`].
     pub value: u32,
     /// Next node when the test holds.
     pub then: u32,
@@ -60,10 +34,10 @@ pub struct LoweredNode {
 
 impl LoweredNode {
     /// A `feature < value` test.
-    pub const fn less(feature: u8, value: u32, then: u32, otherwise: u32) -> LoweredNode {
+    pub const fn less(feature: NodeFeature, value: u32, then: u32, otherwise: u32) -> LoweredNode {
         LoweredNode {
-            op: OP_LESS,
-            feature,
+            op: NodeOp::Less.code(),
+            feature: feature.code(),
             flags: 0,
             pad: 0,
             value,
@@ -75,7 +49,7 @@ impl LoweredNode {
     /// A membership-bit test.
     pub const fn bit(bit: u32, then: u32, otherwise: u32) -> LoweredNode {
         LoweredNode {
-            op: OP_BIT,
+            op: NodeOp::Bit.code(),
             feature: 0,
             flags: 0,
             pad: 0,
@@ -88,7 +62,7 @@ impl LoweredNode {
     /// A verdict.
     pub const fn leaf(allow: bool, logged: bool, rule: u32) -> LoweredNode {
         LoweredNode {
-            op: OP_LEAF,
+            op: NodeOp::Leaf.code(),
             feature: 0,
             flags: (allow as u8) | ((logged as u8) << 1),
             pad: 0,
@@ -115,15 +89,16 @@ pub struct PacketFeatures {
 }
 
 impl PacketFeatures {
-    /// The value of one feature (`FEATURE_*`).
+    /// The value of one feature (a [`NodeFeature`] code; an unknown code
+    /// reads the ICMP code, as the lowering never writes one).
     #[inline(always)]
     pub fn get(&self, feature: u8) -> u32 {
-        match feature {
-            FEATURE_PROTOCOL => self.protocol,
-            FEATURE_LOCAL_PORT => self.local_port,
-            FEATURE_PEER_PORT => self.peer_port,
-            FEATURE_ICMP_TYPE => self.icmp_type,
-            _ => self.icmp_code,
+        match NodeFeature::from_code(feature) {
+            Some(NodeFeature::Protocol) => self.protocol,
+            Some(NodeFeature::LocalPort) => self.local_port,
+            Some(NodeFeature::PeerPort) => self.peer_port,
+            Some(NodeFeature::IcmpType) => self.icmp_type,
+            Some(NodeFeature::IcmpCode) | None => self.icmp_code,
         }
     }
 }
@@ -193,8 +168,8 @@ pub fn step(
     bit: impl Fn(u32) -> bool,
     steps: u32,
 ) -> Step {
-    let holds = match n.op {
-        OP_LEAF => {
+    let holds = match NodeOp::from_code(n.op) {
+        Some(NodeOp::Leaf) => {
             return Step::Leaf(WalkOutcome {
                 allow: n.flags & LEAF_ALLOW != 0,
                 logged: n.flags & LEAF_LOGGED != 0,
@@ -202,8 +177,9 @@ pub fn step(
                 steps,
             });
         }
-        OP_LESS => features.get(n.feature) < n.value,
-        _ => bit(n.value),
+        Some(NodeOp::Less) => features.get(n.feature) < n.value,
+        // The lowering writes only the three operations.
+        Some(NodeOp::Bit) | None => bit(n.value),
     };
     Step::Next(if holds { n.then } else { n.otherwise })
 }

@@ -17,9 +17,9 @@ pub struct Interface {
 pub struct SlotKey {
     /// Host-side interface index.
     pub ifindex: u32,
-    /// [`DIR_EGRESS`] or [`DIR_INGRESS`].
+    /// A [`HookDirection`](crate::HookDirection) code.
     pub direction: u8,
-    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    /// An [`AddressFamily`](crate::AddressFamily) code.
     pub family: u8,
     /// Reserved.
     pub pad: [u8; 2],
@@ -77,7 +77,7 @@ pub fn local4_root(word: u64, addr: u32) -> Option<u32> {
 #[repr(C, align(4))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub struct LocalKey {
-    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    /// An [`AddressFamily`](crate::AddressFamily) code.
     pub family: u8,
     /// Zero.
     pub pad: [u8; 3],

@@ -2,17 +2,18 @@
 //! consistent with the per-interface local-delivery table (promotion, reconciliation, checks).
 
 use super::*;
+use policy_bpf_common::map_names;
 
 /// The local delivery map's key for an address.
 pub(super) fn local_key(addr: std::net::IpAddr) -> LocalKey {
     let mut key = LocalKey::default();
     match addr {
         std::net::IpAddr::V4(a) => {
-            key.family = FAMILY_V4;
+            key.family = AddressFamily::V4.code();
             key.addr[..4].copy_from_slice(&a.octets());
         }
         std::net::IpAddr::V6(a) => {
-            key.family = FAMILY_V6;
+            key.family = AddressFamily::V6.code();
             key.addr = a.octets();
         }
     }
@@ -35,9 +36,9 @@ impl Datapath {
             Some(ep) => self
                 .endpoints
                 .insert(key, ep, 0)
-                .map_err(map_err("PALISADE_ENDPOINTS")),
+                .map_err(map_err(map_names::ENDPOINTS)),
             None => {
-                ignore_missing(self.endpoints.remove(&key)).map_err(map_err("PALISADE_ENDPOINTS"))
+                ignore_missing(self.endpoints.remove(&key)).map_err(map_err(map_names::ENDPOINTS))
             }
         }
     }
@@ -49,7 +50,7 @@ impl Datapath {
         self.slots
             .iter()
             .collect::<Result<_, _>>()
-            .map_err(map_err("PALISADE_SLOTS"))
+            .map_err(map_err(map_names::SLOTS))
     }
 
     /// Makes every IPv4 fast slot a copy of a slot in the hash (after a
@@ -98,7 +99,7 @@ impl Datapath {
         let slots = self.read_slots()?;
         let with_v4: std::collections::HashSet<(u32, u8)> = slots
             .keys()
-            .filter(|k| k.family == FAMILY_V4)
+            .filter(|k| k.family == AddressFamily::V4.code())
             .map(|k| (k.ifindex, k.direction))
             .collect();
         let mut out = Vec::new();
@@ -133,7 +134,7 @@ impl Datapath {
     /// root the plan has moved away from): a new root for its address, or
     /// cleared with it. A free word takes the slot.
     pub(super) fn follow_local4(&self, k: &SlotKey, root: Option<u32>) {
-        if k.family != FAMILY_V4 {
+        if k.family != AddressFamily::V4.code() {
             return;
         }
         let Some(word) = self.local4.get(local4_index(k.ifindex, k.direction)) else {
@@ -156,7 +157,7 @@ pub(super) fn slot_key4(ifindex: u32, direction: u8, addr: [u8; 4]) -> SlotKey {
     let mut k = SlotKey {
         ifindex,
         direction,
-        family: FAMILY_V4,
+        family: AddressFamily::V4.code(),
         ..SlotKey::default()
     };
     k.addr[..4].copy_from_slice(&addr);
@@ -169,7 +170,10 @@ pub(super) type V4Slots = Vec<([u8; 4], u32)>;
 /// IPv4 slots by interface and direction.
 pub(super) fn v4_slots(slots: &HashMap<SlotKey, SlotValue>) -> HashMap<(u32, u8), V4Slots> {
     let mut out: HashMap<(u32, u8), V4Slots> = HashMap::new();
-    for (k, v) in slots.iter().filter(|(k, _)| k.family == FAMILY_V4) {
+    for (k, v) in slots
+        .iter()
+        .filter(|(k, _)| k.family == AddressFamily::V4.code())
+    {
         out.entry((k.ifindex, k.direction))
             .or_default()
             .push(([k.addr[0], k.addr[1], k.addr[2], k.addr[3]], v.root));

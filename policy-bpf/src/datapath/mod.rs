@@ -5,6 +5,7 @@
 //! replaceable), runs programs on crafted packets with `BPF_PROG_TEST_RUN`,
 //! and reads counters, statistics and verdict events.
 
+use policy_bpf_common::map_names;
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -186,16 +187,12 @@ impl Datapath {
         let pinned = |name: &str| pin_dir.join(name).exists();
         // Builds before membership rows (2026-12-03) pinned fixed
         // 2,048-bit bitsets under these names.
-        let obsolete = [
-            "PALISADE_CT",
-            "PALISADE_CT4",
-            "PALISADE_IDENTITIES",
-            "PALISADE_CLASSES",
-        ]
-        .into_iter()
-        .find(|name| pinned(name))
-        .or((pinned(CtEntry4::MAP) && !pinned(CtEntry4::TAGS)).then_some(CtEntry4::MAP))
-        .or((pinned(CtEntry4::MAP) && !pinned(CONNTRACK_LOG_HEAD)).then_some(CtEntry4::MAP));
+        let obsolete = map_names::RETIRED
+            .iter()
+            .copied()
+            .find(|name| pinned(name))
+            .or((pinned(CtEntry4::MAP) && !pinned(CtEntry4::TAGS)).then_some(CtEntry4::MAP))
+            .or((pinned(CtEntry4::MAP) && !pinned(CONNTRACK_LOG_HEAD)).then_some(CtEntry4::MAP));
         if let Some(obsolete) = obsolete {
             return Err(DatapathError::Load(format!(
                 "{} holds pins of an earlier Palisade ({obsolete}); detach its programs and \
@@ -209,23 +206,23 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(pin_dir)
-            .map_max_entries("PALISADE_NODES", cap.nodes)
-            .map_max_entries("PALISADE_SLOTS", cap.slots)
-            .map_max_entries("PALISADE_MANAGED", cap.interfaces)
-            .map_max_entries("PALISADE_IFACES", cap.interface_index.max(1))
-            .map_max_entries("PALISADE_LOCAL4", 2 * cap.interface_index.max(1))
-            .map_max_entries("PALISADE_LPM4", cap.lpm4)
-            .map_max_entries("PALISADE_LPM6", cap.lpm6)
-            .map_max_entries("PALISADE_IDWORDS", cap.identity_words.max(2))
-            .map_max_entries("PALISADE_CLASSWORDS", cap.class_words.max(2))
+            .map_max_entries(map_names::NODES, cap.nodes)
+            .map_max_entries(map_names::SLOTS, cap.slots)
+            .map_max_entries(map_names::MANAGED, cap.interfaces)
+            .map_max_entries(map_names::IFACES, cap.interface_index.max(1))
+            .map_max_entries(map_names::LOCAL4, 2 * cap.interface_index.max(1))
+            .map_max_entries(map_names::LPM4, cap.lpm4)
+            .map_max_entries(map_names::LPM6, cap.lpm6)
+            .map_max_entries(map_names::IDWORDS, cap.identity_words.max(2))
+            .map_max_entries(map_names::CLASSWORDS, cap.class_words.max(2))
             .map_max_entries(CtEntry4::MAP, conntrack_entries)
             .map_max_entries(CtEntry4::TAGS, conntrack_ways / CT_TAG_LINE)
             .map_max_entries(CtEntry6::MAP, conntrack_entries)
-            .map_max_entries("PALISADE_CTOWN4", ct_log_entries(conntrack_ways))
-            .map_max_entries("PALISADE_CTOWN6", ct_log_entries(conntrack_ways))
+            .map_max_entries(map_names::CTOWN4, ct_log_entries(conntrack_ways))
+            .map_max_entries(map_names::CTOWN6, ct_log_entries(conntrack_ways))
             .map_max_entries(CtEntry6::TAGS, conntrack_ways / CT_TAG_LINE)
-            .map_max_entries("PALISADE_COUNTERS", cap.rules)
-            .map_max_entries("PALISADE_ENDPOINTS", cap.slots);
+            .map_max_entries(map_names::COUNTERS, cap.rules)
+            .map_max_entries(map_names::ENDPOINTS, cap.slots);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(e.to_string()))?;
@@ -256,16 +253,16 @@ impl Datapath {
                 .map_err(|e| DatapathError::Load(format!("{LOCAL_DELIVERY_PROGRAM}: {e}")))?
                 .try_clone()
                 .map_err(|e| DatapathError::Load(format!("{LOCAL_DELIVERY_PROGRAM}: {e}")))?;
-            let mut jump = ProgramArray::try_from(
-                ebpf.map_mut("PALISADE_DELIVER")
-                    .ok_or_else(|| DatapathError::Load("map PALISADE_DELIVER missing".into()))?,
-            )
-            .map_err(map_err("PALISADE_DELIVER"))?;
+            let mut jump =
+                ProgramArray::try_from(ebpf.map_mut(map_names::DELIVER).ok_or_else(|| {
+                    DatapathError::Load(format!("map {} missing", map_names::DELIVER))
+                })?)
+                .map_err(map_err(map_names::DELIVER))?;
             jump.set(0, &target, 0)
-                .map_err(map_err("PALISADE_DELIVER"))?;
+                .map_err(map_err(map_names::DELIVER))?;
         }
         macro_rules! take {
-            ($name:literal, $ty:ty) => {{
+            ($name:expr, $ty:ty) => {{
                 let m = ebpf
                     .take_map($name)
                     .ok_or_else(|| DatapathError::Load(format!("map {} missing", $name)))?;
@@ -273,23 +270,23 @@ impl Datapath {
             }};
         }
         let mut dp = Datapath {
-            nodes: take!("PALISADE_NODES", Array<MapData, LoweredNode>),
-            slots: take!("PALISADE_SLOTS", BpfHashMap<MapData, SlotKey, SlotValue>),
-            managed: take!("PALISADE_MANAGED", BpfHashMap<MapData, u32, u32>),
-            ifaces: take!("PALISADE_IFACES", Array<MapData, Interface>),
-            local4: Words::take(&mut ebpf, "PALISADE_LOCAL4")?,
-            lpm4: take!("PALISADE_LPM4", LpmTrie<MapData, [u8; 4], PeerClass>),
-            lpm6: take!("PALISADE_LPM6", LpmTrie<MapData, [u8; 16], PeerClass>),
-            identities: Words::take(&mut ebpf, "PALISADE_IDWORDS")?,
-            classes: Words::take(&mut ebpf, "PALISADE_CLASSWORDS")?,
-            layouts: Words::take(&mut ebpf, "PALISADE_LAYOUT")?,
+            nodes: take!(map_names::NODES, Array<MapData, LoweredNode>),
+            slots: take!(map_names::SLOTS, BpfHashMap<MapData, SlotKey, SlotValue>),
+            managed: take!(map_names::MANAGED, BpfHashMap<MapData, u32, u32>),
+            ifaces: take!(map_names::IFACES, Array<MapData, Interface>),
+            local4: Words::take(&mut ebpf, map_names::LOCAL4)?,
+            lpm4: take!(map_names::LPM4, LpmTrie<MapData, [u8; 4], PeerClass>),
+            lpm6: take!(map_names::LPM6, LpmTrie<MapData, [u8; 16], PeerClass>),
+            identities: Words::take(&mut ebpf, map_names::IDWORDS)?,
+            classes: Words::take(&mut ebpf, map_names::CLASSWORDS)?,
+            layouts: Words::take(&mut ebpf, map_names::LAYOUT)?,
             conn4: Table::take(&mut ebpf)?,
             conn6: Table::take(&mut ebpf)?,
-            counters: take!("PALISADE_COUNTERS", PerCpuArray<MapData, Counter>),
-            stats: take!("PALISADE_STATS", PerCpuArray<MapData, u64>),
-            events: take!("PALISADE_EVENTS", RingBuf<MapData>),
-            config: take!("PALISADE_CONFIG", Array<MapData, Config>),
-            endpoints: take!("PALISADE_ENDPOINTS", BpfHashMap<MapData, LocalKey, LocalEndpoint>),
+            counters: take!(map_names::COUNTERS, PerCpuArray<MapData, Counter>),
+            stats: take!(map_names::STATS, PerCpuArray<MapData, u64>),
+            events: take!(map_names::EVENTS, RingBuf<MapData>),
+            config: take!(map_names::CONFIG, Array<MapData, Config>),
+            endpoints: take!(map_names::ENDPOINTS, BpfHashMap<MapData, LocalKey, LocalEndpoint>),
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             owns_pin_dir: false,
@@ -339,7 +336,7 @@ impl Datapath {
 
     /// The tunables the programs read.
     pub fn config(&self) -> Result<Config, DatapathError> {
-        self.config.get(&0, 0).map_err(map_err("PALISADE_CONFIG"))
+        self.config.get(&0, 0).map_err(map_err(map_names::CONFIG))
     }
 
     /// Sets the tunables. What is not a tunable is not taken from `c`:
@@ -358,7 +355,7 @@ impl Datapath {
             pad: 0,
             ..c
         };
-        self.config.set(0, c, 0).map_err(map_err("PALISADE_CONFIG"))
+        self.config.set(0, c, 0).map_err(map_err(map_names::CONFIG))
     }
 }
 
@@ -415,6 +412,27 @@ impl Drop for Datapath {
 #[cfg(test)]
 mod tests {
     use super::telemetry::snap_hz;
+
+    #[test]
+    fn the_kernel_object_defines_exactly_the_named_maps() {
+        use policy_bpf_common::map_names;
+        let object = aya_obj::Object::parse(super::OBJECT).expect("the built object parses");
+        let mut defined: Vec<&str> = object.maps.keys().map(String::as_str).collect();
+        defined.sort_unstable();
+        let mut named: Vec<&str> = map_names::ALL.to_vec();
+        named.push(map_names::SCRATCH);
+        named.sort_unstable();
+        assert_eq!(
+            defined, named,
+            "map_names and the kernel's statics disagree"
+        );
+        for retired in map_names::RETIRED {
+            assert!(
+                !named.contains(retired),
+                "{retired} is both live and retired"
+            );
+        }
+    }
 
     #[test]
     fn tick_rates_snap_to_known_values() {

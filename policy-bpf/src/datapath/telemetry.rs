@@ -2,6 +2,7 @@
 //! counters, events, conntrack contents and a read-back of every map.
 
 use super::*;
+use policy_bpf_common::map_names;
 
 impl Datapath {
     /// Runs a program on a packet with `BPF_PROG_TEST_RUN` (`repeat` times).
@@ -91,7 +92,7 @@ impl Datapath {
         let v = self
             .counters
             .get(&rule, 0)
-            .map_err(map_err("PALISADE_COUNTERS"))?;
+            .map_err(map_err(map_names::COUNTERS))?;
         Ok(v.iter().fold(Counter::default(), |a, c| Counter {
             packets: a.packets + c.packets,
             bytes: a.bytes + c.bytes,
@@ -99,13 +100,13 @@ impl Datapath {
     }
 
     /// Datapath statistics (`STAT_*`), summed over CPUs.
-    pub fn stats(&self) -> Result<[u64; STAT_COUNT as usize], DatapathError> {
-        let mut out = [0u64; STAT_COUNT as usize];
+    pub fn stats(&self) -> Result<[u64; Statistic::COUNT as usize], DatapathError> {
+        let mut out = [0u64; Statistic::COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
             let v = self
                 .stats
                 .get(&(i as u32), 0)
-                .map_err(map_err("PALISADE_STATS"))?;
+                .map_err(map_err(map_names::STATS))?;
             *slot = v.iter().sum();
         }
         Ok(out)
@@ -151,7 +152,7 @@ impl Datapath {
     /// reuse a way whose connection expired when a new connection hashes
     /// to its set, but sets nobody inserts into keep their dead. Whoever
     /// owns the datapath calls this periodically (every few seconds under
-    /// load; `STAT_CT_FULL` counts connections that found their set full of
+    /// load; `Statistic::CtFull` counts connections that found their set full of
     /// live ones).
     pub fn expire_conntrack(&self) -> Result<usize, DatapathError> {
         let cfg = self.config()?;
@@ -179,7 +180,7 @@ impl Datapath {
                 continue;
             }
             if let Ok(n) = self.nodes.get(&i, 0)
-                && n.op != OP_LEAF
+                && n.op != NodeOp::Leaf.code()
             {
                 stack.push(n.then);
                 stack.push(n.otherwise);

@@ -2,6 +2,7 @@
 //! stores, and the rollback of a plan that fails half way.
 
 use super::*;
+use policy_bpf_common::map_names;
 
 pub(super) fn ignore_missing(
     r: Result<(), aya::maps::MapError>,
@@ -55,16 +56,16 @@ pub(super) fn write_row(
 impl Datapath {
     pub(super) fn write_one(&mut self, w: &MapWrite) -> Result<(), DatapathError> {
         match w {
-            MapWrite::Node(i, n) => self.nodes.set(*i, n, 0).map_err(map_err("PALISADE_NODES")),
+            MapWrite::Node(i, n) => self.nodes.set(*i, n, 0).map_err(map_err(map_names::NODES)),
             MapWrite::Slot(k, Some(v)) => {
                 self.slots
                     .insert(k, v, 0)
-                    .map_err(map_err("PALISADE_SLOTS"))?;
+                    .map_err(map_err(map_names::SLOTS))?;
                 self.follow_local4(k, Some(v.root));
                 Ok(())
             }
             MapWrite::Slot(k, None) => {
-                ignore_missing(self.slots.remove(k)).map_err(map_err("PALISADE_SLOTS"))?;
+                ignore_missing(self.slots.remove(k)).map_err(map_err(map_names::SLOTS))?;
                 self.follow_local4(k, None);
                 Ok(())
             }
@@ -78,37 +79,37 @@ impl Datapath {
                 };
                 self.ifaces
                     .set(*i, v, 0)
-                    .map_err(map_err("PALISADE_IFACES"))
+                    .map_err(map_err(map_names::IFACES))
             }
             MapWrite::Interface(i, Some(z)) => self
                 .managed
                 .insert(i, z, 0)
-                .map_err(map_err("PALISADE_MANAGED")),
+                .map_err(map_err(map_names::MANAGED)),
             MapWrite::Interface(i, None) => {
-                ignore_missing(self.managed.remove(i)).map_err(map_err("PALISADE_MANAGED"))
+                ignore_missing(self.managed.remove(i)).map_err(map_err(map_names::MANAGED))
             }
             MapWrite::Lpm4(l, a, Some(v)) => self
                 .lpm4
                 .insert(&Key::new(*l, *a), v, 0)
-                .map_err(map_err("PALISADE_LPM4")),
+                .map_err(map_err(map_names::LPM4)),
             MapWrite::Lpm4(l, a, None) => ignore_missing(self.lpm4.remove(&Key::new(*l, *a)))
-                .map_err(map_err("PALISADE_LPM4")),
+                .map_err(map_err(map_names::LPM4)),
             MapWrite::Lpm6(l, a, Some(v)) => self
                 .lpm6
                 .insert(&Key::new(*l, *a), v, 0)
-                .map_err(map_err("PALISADE_LPM6")),
+                .map_err(map_err(map_names::LPM6)),
             MapWrite::Lpm6(l, a, None) => ignore_missing(self.lpm6.remove(&Key::new(*l, *a)))
-                .map_err(map_err("PALISADE_LPM6")),
+                .map_err(map_err(map_names::LPM6)),
             MapWrite::Identity(slot, layout, bits) => {
-                write_row(&self.identities, *slot, *layout, bits, "PALISADE_IDWORDS")
+                write_row(&self.identities, *slot, *layout, bits, map_names::IDWORDS)
             }
             MapWrite::Class(slot, layout, bits) => {
-                write_row(&self.classes, *slot, *layout, bits, "PALISADE_CLASSWORDS")
+                write_row(&self.classes, *slot, *layout, bits, map_names::CLASSWORDS)
             }
             MapWrite::Layouts(identities, classes) => {
                 for (i, word) in [(LAYOUT_IDENTITIES, identities), (LAYOUT_CLASSES, classes)] {
                     let w = self.layouts.get(i).ok_or(DatapathError::Map {
-                        map: "PALISADE_LAYOUT",
+                        map: map_names::LAYOUT,
                         message: format!("no word {i}"),
                     })?;
                     w.store(*word, std::sync::atomic::Ordering::Release);
@@ -117,18 +118,18 @@ impl Datapath {
             }
             MapWrite::ResetCounter(i) => {
                 let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Map {
-                    map: "PALISADE_COUNTERS",
+                    map: map_names::COUNTERS,
                     message: e.to_string(),
                 })?;
                 let zero = PerCpuValues::try_from(vec![Counter::default(); cpus]).map_err(|e| {
                     DatapathError::Map {
-                        map: "PALISADE_COUNTERS",
+                        map: map_names::COUNTERS,
                         message: e.to_string(),
                     }
                 })?;
                 self.counters
                     .set(*i, zero, 0)
-                    .map_err(map_err("PALISADE_COUNTERS"))
+                    .map_err(map_err(map_names::COUNTERS))
             }
         }
     }
@@ -227,7 +228,9 @@ impl Datapath {
         let touched: std::collections::BTreeSet<(u32, u8)> = writes
             .iter()
             .filter_map(|w| match w {
-                MapWrite::Slot(k, _) if k.family == FAMILY_V4 => Some((k.ifindex, k.direction)),
+                MapWrite::Slot(k, _) if k.family == AddressFamily::V4.code() => {
+                    Some((k.ifindex, k.direction))
+                }
                 _ => None,
             })
             .collect();

@@ -26,9 +26,9 @@ pub(super) fn addr_bytes(ip: &IpAddr) -> (u8, [u8; 16]) {
         IpAddr::V4(a) => {
             let mut out = [0u8; 16];
             out[..4].copy_from_slice(&a.octets());
-            (FAMILY_V4, out)
+            (AddressFamily::V4.code(), out)
         }
-        IpAddr::V6(a) => (FAMILY_V6, a.octets()),
+        IpAddr::V6(a) => (AddressFamily::V6.code(), a.octets()),
     }
 }
 

@@ -420,8 +420,8 @@ impl Lowering {
         SlotKey {
             ifindex: b.ifindex,
             direction: match slot.direction {
-                Direction::Egress => DIR_EGRESS,
-                Direction::Ingress => DIR_INGRESS,
+                Direction::Egress => HookDirection::Egress.code(),
+                Direction::Ingress => HookDirection::Ingress.code(),
             },
             family,
             pad: [0; 2],
@@ -465,11 +465,11 @@ impl Lowering {
             out.push(match node.test {
                 policy_core::compile::Test::Less(f, v) => {
                     let feature = match f {
-                        policy_core::compile::Feature::Protocol => FEATURE_PROTOCOL,
-                        policy_core::compile::Feature::LocalPort => FEATURE_LOCAL_PORT,
-                        policy_core::compile::Feature::PeerPort => FEATURE_PEER_PORT,
-                        policy_core::compile::Feature::IcmpType => FEATURE_ICMP_TYPE,
-                        policy_core::compile::Feature::IcmpCode => FEATURE_ICMP_CODE,
+                        policy_core::compile::Feature::Protocol => NodeFeature::Protocol,
+                        policy_core::compile::Feature::LocalPort => NodeFeature::LocalPort,
+                        policy_core::compile::Feature::PeerPort => NodeFeature::PeerPort,
+                        policy_core::compile::Feature::IcmpType => NodeFeature::IcmpType,
+                        policy_core::compile::Feature::IcmpCode => NodeFeature::IcmpCode,
                     };
                     LoweredNode::less(feature, v, at(node.then), at(node.otherwise))
                 }

@@ -372,7 +372,7 @@ fn writes_come_in_safe_order() {
                         .get(&i)
                         .copied()
                         .expect("node written before the switch");
-                    if n.op != policy_bpf_common::OP_LEAF {
+                    if n.op != policy_bpf_common::NodeOp::Leaf.code() {
                         stack.push(n.then);
                         stack.push(n.otherwise);
                     }

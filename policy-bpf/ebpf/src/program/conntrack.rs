@@ -145,7 +145,7 @@ impl Conn<'_> {
     #[inline(always)]
     pub(super) fn v4(&self) -> bool {
         // SAFETY: a valid, aligned reference.
-        unsafe { core::ptr::read_volatile(self.family) == FAMILY_V4 }
+        unsafe { core::ptr::read_volatile(self.family) == AddressFamily::V4.code() }
     }
 
     /// Reads the connection's sets into the probe: the way holding it
@@ -212,6 +212,17 @@ impl Conn<'_> {
             (*p).free = core::ptr::read_volatile(&(*p).hit);
             (*p).free_state = core::ptr::read_volatile(&(*p).hit_state);
             (*p).hit = 0;
+        }
+    }
+
+    /// Forgets a hit whose way was reused under us: neither join nor
+    /// claim it.
+    #[inline(always)]
+    pub(super) fn drop_hit(&self) {
+        // SAFETY: the probe is in this CPU's scratch.
+        unsafe {
+            (*self.probe).hit = 0;
+            (*self.probe).free = 0;
         }
     }
 
@@ -378,7 +389,7 @@ pub(super) fn claim<E, K: Copy>(
     let at = match logged {
         Some((at, owner, seen)) if atomic::swap_if(owner, seen, ct_owner(way.i, claimed)) => at,
         _ => {
-            stat(STAT_CT_HOME);
+            stat(Statistic::CtHome);
             way.i
         }
     };
@@ -603,4 +614,106 @@ pub(super) fn approve(
         created: now,
         last_seen: now,
     })
+}
+
+/// Which side of its connection a packet's endpoint is on.
+#[derive(Clone, Copy)]
+pub(super) struct Side {
+    /// The endpoint at this hook is the connection's side A.
+    pub(super) local_is_a: bool,
+    /// The packet's source is side A.
+    pub(super) a_is_src: bool,
+}
+
+/// A packet of a connection this endpoint approved on this interface:
+/// updates the connection's flags and last use and counts the packet
+/// against the approving rule; true when the packet passes on that.
+/// An expired or closed connection is retired, a way reused meanwhile
+/// forgotten: the packet is then a new flow.
+#[inline(always)]
+pub(super) fn established(
+    ctx: &TcContext,
+    p: &Parsed,
+    conn: &Conn,
+    side: Side,
+    ifindex: u32,
+    cfg: &Config,
+    now: u64,
+) -> bool {
+    let approved_bit = if side.local_is_a {
+        CT_APPROVED_A
+    } else {
+        CT_APPROVED_B
+    };
+    if let Some((v, word, state)) = conn.hit() {
+        // SAFETY: `v` is a way of a conntrack array (valid for the
+        // run); fields are read one by one, and the state word is read
+        // again afterwards: if the way was reused meanwhile (a new
+        // generation), what was read belongs to another connection and
+        // is not used. Flags only gain bits here, atomically; approval
+        // bits are only set after a policy allow.
+        let (flags, last_seen) = unsafe {
+            (
+                core::ptr::read_volatile(&(*v).flags),
+                core::ptr::read_volatile(&(*v).last_seen),
+            )
+        };
+        let closed = flags & CT_RST != 0 || flags & (CT_FIN_A | CT_FIN_B) == (CT_FIN_A | CT_FIN_B);
+        let reopened = p.protocol == 6 && closed && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let expired = ct_expired(cfg, p.protocol, flags, last_seen, now);
+        if !reopened && !expired {
+            // SAFETY: `v` is the same live conntrack way read above;
+            // volatile reads of its fields (a reuse is caught by the state
+            // word's generation check below).
+            let (rule, approved_on) = unsafe {
+                if side.local_is_a {
+                    (
+                        core::ptr::read_volatile(&(*v).rule_a),
+                        core::ptr::read_volatile(&(*v).ifindex_a),
+                    )
+                } else {
+                    (
+                        core::ptr::read_volatile(&(*v).rule_b),
+                        core::ptr::read_volatile(&(*v).ifindex_b),
+                    )
+                }
+            };
+            let same_way = atomic::load(word) & !CT_LOCK == state & !CT_LOCK;
+            // Approved by this endpoint, on this interface (a packet
+            // with the same addresses from elsewhere is not).
+            if same_way && flags & approved_bit != 0 && approved_on == ifindex {
+                let mut gained = 0;
+                if p.protocol == 6 {
+                    if p.tcp_flags & TCP_RST != 0 {
+                        gained |= CT_RST;
+                    }
+                    if p.tcp_flags & TCP_FIN != 0 {
+                        gained |= if side.a_is_src { CT_FIN_A } else { CT_FIN_B };
+                    }
+                }
+                // SAFETY: `v` is the live way above; its flags word is
+                // naturally aligned (see `flags_word`) and only changed
+                // atomically, here and by other CPUs.
+                unsafe {
+                    if gained & !flags != 0 {
+                        atomic::or(flags_word(v), u64::from(gained));
+                    }
+                    // Once per tick at most: a write per packet would
+                    // bounce the line between the CPUs of both sides.
+                    if last_seen != now {
+                        core::ptr::write_volatile(&raw mut (*v).last_seen, now);
+                    }
+                }
+                count(rule, ctx.len());
+                return true;
+            }
+            if !same_way {
+                // Reused under us: neither join nor claim it.
+                conn.drop_hit();
+            }
+        } else {
+            conn.retire_hit();
+        }
+    }
+    false
 }

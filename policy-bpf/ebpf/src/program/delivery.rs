@@ -97,7 +97,7 @@ pub(super) fn local_receiver(
                 words.add(1).write(0);
                 words.add(2).write(0);
                 words.add(3).write(0);
-                FAMILY_V4
+                AddressFamily::V4.code()
             }
             (0x86, 0xdd) => {
                 if data + ETH_HLEN + 40 > end || *b.add(ETH_HLEN + 7) <= 1 {
@@ -108,7 +108,7 @@ pub(super) fn local_receiver(
                 words.add(1).write(dst.add(1).read_unaligned());
                 words.add(2).write(dst.add(2).read_unaligned());
                 words.add(3).write(dst.add(3).read_unaligned());
-                FAMILY_V6
+                AddressFamily::V6.code()
             }
             _ => return None,
         }
@@ -139,7 +139,7 @@ pub(super) fn hand_over(ctx: &TcContext, ep: &LocalEndpoint, family: u8) -> i32 
             *b.add(6 + i) = ep.host_mac[i];
             i += 1;
         }
-        if family == FAMILY_V4 {
+        if family == AddressFamily::V4.code() {
             *b.add(ETH_HLEN + 8) -= 1;
             // RFC 1624's incremental update, as the kernel's
             // ip_decrease_ttl: the TTL is the high byte of its word.
@@ -150,7 +150,7 @@ pub(super) fn hand_over(ctx: &TcContext, ep: &LocalEndpoint, family: u8) -> i32 
             *b.add(ETH_HLEN + 7) -= 1;
         }
     }
-    stat(STAT_DELIVERED);
+    stat(Statistic::Delivered);
     // SAFETY: helper without preconditions; TC_ACT_REDIRECT with no
     // flags, and this runs at TC ingress (tail-called from the
     // sender's hook), where a peer redirect is allowed.

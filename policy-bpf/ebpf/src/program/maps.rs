@@ -78,7 +78,7 @@ pub(super) static PALISADE_FRAGS: LruHashMap<FragKey, u64> = LruHashMap::pinned(
 #[map]
 pub(super) static PALISADE_COUNTERS: PerCpuArray<Counter> = PerCpuArray::pinned(65_536, 0);
 #[map]
-pub(super) static PALISADE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+pub(super) static PALISADE_STATS: PerCpuArray<u64> = PerCpuArray::pinned(Statistic::COUNT, 0);
 #[map]
 pub(super) static PALISADE_EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
 #[map]
@@ -108,5 +108,18 @@ pub(super) fn config() -> Config {
     match PALISADE_CONFIG.get(0) {
         Some(c) => *c,
         None => Config::default(),
+    }
+}
+
+/// The conntrack zone of a managed interface (one endpoint per
+/// interface; keeps fragment tracking apart); `None` for an interface
+/// Palisade does not manage.
+#[inline(always)]
+pub(super) fn interface_zone(ifindex: u32) -> Option<u32> {
+    match PALISADE_IFACES.get(ifindex) {
+        Some(i) if i.managed != 0 => Some(i.zone),
+        Some(_) => None,
+        // SAFETY: a u32 written whole by user space.
+        None => PALISADE_MANAGED.get_ptr(ifindex).map(|z| unsafe { *z }),
     }
 }

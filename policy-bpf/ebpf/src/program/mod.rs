@@ -47,7 +47,9 @@ use walk::*;
 /// would (the interface it arrived on, or the local endpoint's it is
 /// being delivered to). `sender` is the other side's deferred
 /// approval, recorded with this side's when the connection is new
-/// (none: interface 0).
+/// (none: interface 0). The phases: the interface's zone, parsing,
+/// fragments, the connection table, and for a new flow the slot, the
+/// peer's class, the walk and the approval.
 // Keys in this CPU's scratch go to the map helpers by reference: by value
 // they would be copied onto the 512-byte stack.
 #[allow(
@@ -56,22 +58,9 @@ use walk::*;
 )]
 #[inline(always)]
 fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i32 {
-    // The interface's zone (one endpoint per interface; keeps
-    // fragment tracking apart).
-    let zone = match PALISADE_IFACES.get(ifindex) {
-        Some(i) if i.managed != 0 => i.zone,
-        Some(_) => {
-            stat(STAT_UNMANAGED);
-            return PASS;
-        }
-        None => match PALISADE_MANAGED.get_ptr(ifindex) {
-            // SAFETY: a u32 written whole by user space.
-            Some(z) => unsafe { *z },
-            None => {
-                stat(STAT_UNMANAGED);
-                return PASS;
-            }
-        },
+    let Some(zone) = interface_zone(ifindex) else {
+        stat(Statistic::Unmanaged);
+        return PASS;
     };
     let Some(scratch) = PALISADE_SCRATCH.get_ptr_mut(0) else {
         return DROP;
@@ -88,21 +77,13 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
     match parse_into(&bytes, &mut sc.parsed) {
         Ok(()) => {}
         Err(ParseError::NotIp) => {
-            stat(STAT_NON_IP);
+            stat(Statistic::NonIp);
             return PASS;
         }
         Err(ParseError::Malformed) => {
-            stat(STAT_MALFORMED);
+            stat(Statistic::Malformed);
             // Whatever was parsed before the failure is reported as is.
-            event(
-                &sc.parsed,
-                ifindex,
-                direction,
-                false,
-                0,
-                REASON_MALFORMED,
-                false,
-            );
+            drop_event(&sc.parsed, ifindex, direction, EventReason::Malformed);
             return DROP;
         }
     }
@@ -121,20 +102,14 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
     // The fragment key, only for fragments (later ones are looked up
     // here; an allowed first one is recorded at the end).
     if p.fragment {
-        sc.frag.zone = zone;
-        sc.frag.id = p.frag_id;
-        sc.frag.family = p.family;
-        sc.frag.protocol = p.protocol;
-        sc.frag.pad = [0; 2];
-        copy_addr(&mut sc.frag.src, &p.src);
-        copy_addr(&mut sc.frag.dst, &p.dst);
+        fragment_key(p, zone, &mut sc.frag);
     }
     if p.later_fragment {
         if PALISADE_FRAGS.get_ptr(&sc.frag).is_some() {
             return ALLOWED;
         }
-        stat(STAT_FRAGMENT);
-        event(p, ifindex, direction, false, 0, REASON_FRAGMENT, false);
+        stat(Statistic::Fragment);
+        drop_event(p, ifindex, direction, EventReason::Fragment);
         return DROP;
     }
 
@@ -149,185 +124,29 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
         log6: &raw mut sc.log6,
     };
     conn.lookup(&cfg, now);
-    // The side of the connection this interface's endpoint is on.
-    let local_is_a = a_is_src == (direction == DIR_EGRESS);
-    let approved_bit = if local_is_a {
-        CT_APPROVED_A
-    } else {
-        CT_APPROVED_B
+    let side = Side {
+        // The side of the connection this interface's endpoint is on.
+        local_is_a: a_is_src == (direction == HookDirection::Egress.code()),
+        a_is_src,
     };
-    if let Some((v, word, state)) = conn.hit() {
-        // SAFETY: `v` is a way of a conntrack array (valid for the
-        // run); fields are read one by one, and the state word is read
-        // again afterwards: if the way was reused meanwhile (a new
-        // generation), what was read belongs to another connection and
-        // is not used. Flags only gain bits here, atomically; approval
-        // bits are only set after a policy allow.
-        let (flags, last_seen) = unsafe {
-            (
-                core::ptr::read_volatile(&(*v).flags),
-                core::ptr::read_volatile(&(*v).last_seen),
-            )
-        };
-        let closed = flags & CT_RST != 0 || flags & (CT_FIN_A | CT_FIN_B) == (CT_FIN_A | CT_FIN_B);
-        let reopened = p.protocol == 6 && closed && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        let expired = ct_expired(&cfg, p.protocol, flags, last_seen, now);
-        if !reopened && !expired {
-            // SAFETY: `v` is the same live conntrack way read above;
-            // volatile reads of its fields (a reuse is caught by the state
-            // word's generation check below).
-            let (rule, approved_on) = unsafe {
-                if local_is_a {
-                    (
-                        core::ptr::read_volatile(&(*v).rule_a),
-                        core::ptr::read_volatile(&(*v).ifindex_a),
-                    )
-                } else {
-                    (
-                        core::ptr::read_volatile(&(*v).rule_b),
-                        core::ptr::read_volatile(&(*v).ifindex_b),
-                    )
-                }
-            };
-            let same_way = atomic::load(word) & !CT_LOCK == state & !CT_LOCK;
-            // Approved by this endpoint, on this interface (a packet
-            // with the same addresses from elsewhere is not).
-            if same_way && flags & approved_bit != 0 && approved_on == ifindex {
-                let mut gained = 0;
-                if p.protocol == 6 {
-                    if p.tcp_flags & TCP_RST != 0 {
-                        gained |= CT_RST;
-                    }
-                    if p.tcp_flags & TCP_FIN != 0 {
-                        gained |= if a_is_src { CT_FIN_A } else { CT_FIN_B };
-                    }
-                }
-                // SAFETY: `v` is the live way above; its flags word is
-                // naturally aligned (see `flags_word`) and only changed
-                // atomically, here and by other CPUs.
-                unsafe {
-                    if gained & !flags != 0 {
-                        atomic::or(flags_word(v), u64::from(gained));
-                    }
-                    // Once per tick at most: a write per packet would
-                    // bounce the line between the CPUs of both sides.
-                    if last_seen != now {
-                        core::ptr::write_volatile(&raw mut (*v).last_seen, now);
-                    }
-                }
-                count(rule, ctx.len());
-                stat(STAT_ESTABLISHED);
-                return ALLOWED;
-            }
-            if !same_way {
-                // Reused under us: neither join nor claim it.
-                sc.probe.hit = 0;
-                sc.probe.free = 0;
-            }
-        } else {
-            conn.retire_hit();
-        }
+    if established(ctx, p, &conn, side, ifindex, &cfg, now) {
+        stat(Statistic::Established);
+        return ALLOWED;
     }
 
     // New flow: find the endpoint's slot (its address on this
     // interface: anything else is spoofed), classify the peer and walk
     // the slot's program.
-    let local = if direction == DIR_EGRESS {
-        &p.src
-    } else {
-        &p.dst
-    };
-    let fast = match PALISADE_LOCAL4.get_ptr(local4_index(ifindex, direction)) {
-        Some(w) if p.family == FAMILY_V4 => {
-            // SAFETY: an aligned word of an array map, written whole (one
-            // atomic store) by user space.
-            local4_root(unsafe { core::ptr::read_volatile(w) }, word(local, 0))
-        }
-        _ => None,
-    };
-    let root = match fast {
-        Some(root) => root,
-        None => {
-            sc.slot.ifindex = ifindex;
-            sc.slot.direction = direction;
-            sc.slot.family = p.family;
-            sc.slot.pad = [0; 2];
-            copy_addr(&mut sc.slot.addr, local);
-            match PALISADE_SLOTS.get_ptr(&sc.slot) {
-                // SAFETY: slot values are written whole by user space
-                // (a hash element is replaced, not rewritten).
-                Some(s) => unsafe { (*s).root },
-                None => {
-                    stat(STAT_SPOOFED);
-                    event(p, ifindex, direction, false, 0, REASON_SPOOFED, false);
-                    return DROP;
-                }
-            }
-        }
-    };
-    stat(STAT_NEW_FLOWS);
-    let peer = if direction == DIR_EGRESS {
-        &p.dst
-    } else {
-        &p.src
-    };
-    let class = if p.family == FAMILY_V4 {
-        PALISADE_LPM4
-            .get(Key::new(32, [peer[0], peer[1], peer[2], peer[3]]))
-            .copied()
-    } else {
-        PALISADE_LPM6.get(Key::new(128, *peer)).copied()
-    }
-    .unwrap_or_default();
-    // The peer's rows, resolved once: a test is then one bounds check
-    // and one array read.
-    let id_row = if class.identity > 0 {
-        MemberRow::of(layout(LAYOUT_IDENTITIES), class.identity - 1)
-    } else {
-        MemberRow::default()
-    };
-    let class_row = MemberRow::of(layout(LAYOUT_CLASSES), class.class);
-    let mut w = WalkState {
-        at: root,
-        steps: 0,
-        id_start: id_row.start,
-        state: WALK_RUNNING,
-        class_start: class_row.start,
-        // The lowering keeps strides within 16 bits (MAX_MEMBER_STRIDE).
-        strides: (id_row.stride & 0xffff) | (class_row.stride << 16),
-        features: features(p, direction),
-        rule: 0,
-    };
-    // Most programs are shallow: the first steps run inline (cheapest);
-    // deeper walks continue in a bpf_loop callback, which the verifier
-    // checks once however deep programs are.
-    let mut i = 0;
-    while i < INLINE_WALK && w.state & WALK_STATUS == WALK_RUNNING {
-        walk_step(0, (&mut w as *mut WalkState).cast());
-        i += 1;
-    }
-    if w.state & WALK_STATUS == WALK_RUNNING {
-        // SAFETY: `walk_step` has the callback signature bpf_loop expects
-        // and `w` is a stack object that outlives the call.
-        unsafe {
-            bpf_loop(
-                MAX_WALK - INLINE_WALK,
-                walk_step as *mut c_void,
-                (&mut w as *mut WalkState).cast(),
-                0,
-            )
-        };
-    }
-    if w.state & WALK_STATUS != WALK_LEAF {
-        stat(STAT_WALK);
-        event(p, ifindex, direction, false, 0, REASON_WALK, false);
+    let Some(root) = slot_root(p, direction, ifindex, &mut sc.slot) else {
+        stat(Statistic::Spoofed);
+        drop_event(p, ifindex, direction, EventReason::Spoofed);
         return DROP;
-    }
-    let v = WalkOutcome {
-        allow: (w.state >> WALK_FLAGS) & LEAF_ALLOW as u32 != 0,
-        logged: (w.state >> WALK_FLAGS) & LEAF_LOGGED as u32 != 0,
-        rule: w.rule,
-        steps: w.steps,
+    };
+    stat(Statistic::NewFlows);
+    let Some(v) = judge(p, direction, root) else {
+        stat(Statistic::Walk);
+        drop_event(p, ifindex, direction, EventReason::Walk);
+        return DROP;
     };
     count(v.rule, ctx.len());
     if !v.allow {
@@ -337,7 +156,7 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
             direction,
             false,
             v.rule,
-            REASON_POLICY,
+            EventReason::Policy,
             v.logged,
         );
         return DROP;
@@ -347,19 +166,27 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
     // next, which records both sides in one insert. Recorded here, the
     // receiver would join the entry with locked instructions that wait
     // for this insert's write (a cache miss in a large table) to land.
-    let deferred = direction == DIR_EGRESS
+    let deferred = direction == HookDirection::Egress.code()
         && !p.fragment
         && conn.hit().is_none()
         && local_receiver(ctx, ifindex, &mut sc.local).is_some();
     if deferred {
         stash(ctx, v.rule, ifindex);
     } else {
-        match approve(&conn, local_is_a, a_is_src, v.rule, ifindex, now, sender) {
+        match approve(
+            &conn,
+            side.local_is_a,
+            a_is_src,
+            v.rule,
+            ifindex,
+            now,
+            sender,
+        ) {
             Record::Done => {}
             // The policy allowed this packet, so it passes; later
             // packets are judged by policy again.
-            Record::Full => stat(STAT_CT_FULL),
-            Record::Contended => stat(STAT_CT_CONTENDED),
+            Record::Full => stat(Statistic::CtFull),
+            Record::Contended => stat(Statistic::CtContended),
         }
     }
     if p.fragment {
@@ -369,7 +196,15 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
         // SAFETY: helper without preconditions.
         let r = unsafe { bpf_get_prandom_u32() };
         if r % cfg.allow_sample == 0 {
-            event(p, ifindex, direction, true, v.rule, REASON_POLICY, v.logged);
+            event(
+                p,
+                ifindex,
+                direction,
+                true,
+                v.rule,
+                EventReason::Policy,
+                v.logged,
+            );
         }
     }
     if deferred { DEFERRED } else { ALLOWED }
@@ -382,7 +217,7 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
 #[inline(always)]
 pub fn palisade_from_pod(ctx: TcContext) -> i32 {
     let from = arrival(&ctx);
-    let deliver = match process(&ctx, DIR_EGRESS, from, Approval::NONE) {
+    let deliver = match process(&ctx, HookDirection::Egress.code(), from, Approval::NONE) {
         DEFERRED => true,
         ALLOWED => match PALISADE_SCRATCH.get_ptr_mut(0) {
             Some(sc) => {
@@ -411,7 +246,12 @@ pub fn palisade_from_pod(ctx: TcContext) -> i32 {
 #[classifier]
 #[inline(always)]
 pub fn palisade_to_pod(ctx: TcContext) -> i32 {
-    match process(&ctx, DIR_INGRESS, arrival(&ctx), Approval::NONE) {
+    match process(
+        &ctx,
+        HookDirection::Ingress.code(),
+        arrival(&ctx),
+        Approval::NONE,
+    ) {
         ALLOWED => PASS,
         r => r,
     }
@@ -435,7 +275,12 @@ pub fn palisade_to_pod_local(ctx: TcContext) -> i32 {
     else {
         return PASS;
     };
-    match process(&ctx, DIR_INGRESS, ep.ifindex, unstash(&ctx)) {
+    match process(
+        &ctx,
+        HookDirection::Ingress.code(),
+        ep.ifindex,
+        unstash(&ctx),
+    ) {
         ALLOWED | DEFERRED => hand_over(&ctx, &ep, family),
         r => r,
     }

@@ -198,7 +198,7 @@ pub(super) fn ct_key(p: &Parsed, key: &mut CtKey, key4: &mut CtKey4) -> bool {
             a_is_src = x < y;
         }
     }
-    if p.family == FAMILY_V4 {
+    if p.family == AddressFamily::V4.code() {
         let (a, b) = if a_is_src {
             (&p.src, &p.dst)
         } else {
@@ -234,4 +234,16 @@ pub(super) fn ct_key(p: &Parsed, key: &mut CtKey, key4: &mut CtKey4) -> bool {
         key.port_b = p.src_port;
     }
     a_is_src
+}
+
+/// The key under which a fragmented datagram's first verdict is kept.
+#[inline(always)]
+pub(super) fn fragment_key(p: &Parsed, zone: u32, key: &mut FragKey) {
+    key.zone = zone;
+    key.id = p.frag_id;
+    key.family = p.family;
+    key.protocol = p.protocol;
+    key.pad = [0; 2];
+    copy_addr(&mut key.src, &p.src);
+    copy_addr(&mut key.dst, &p.dst);
 }

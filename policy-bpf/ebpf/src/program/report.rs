@@ -4,8 +4,8 @@
 use super::*;
 
 #[inline(always)]
-pub(super) fn stat(i: u32) {
-    if let Some(p) = PALISADE_STATS.get_ptr_mut(i) {
+pub(super) fn stat(s: Statistic) {
+    if let Some(p) = PALISADE_STATS.get_ptr_mut(s.code()) {
         // SAFETY: per-CPU slot; no other program touches it concurrently.
         unsafe { *p += 1 };
     }
@@ -22,6 +22,12 @@ pub(super) fn count(rule: u32, bytes: u32) {
     }
 }
 
+/// A drop before any policy decided (no rule, not logged).
+#[inline(always)]
+pub(super) fn drop_event(p: &Parsed, ifindex: u32, direction: u8, reason: EventReason) {
+    event(p, ifindex, direction, false, 0, reason, false);
+}
+
 #[inline(always)]
 pub(super) fn event(
     p: &Parsed,
@@ -29,7 +35,7 @@ pub(super) fn event(
     direction: u8,
     allow: bool,
     rule: u32,
-    reason: u8,
+    reason: EventReason,
     logged: bool,
 ) {
     match PALISADE_EVENTS.reserve::<Event>(0) {
@@ -51,7 +57,7 @@ pub(super) fn event(
                 (*ev).direction = direction;
                 (*ev).family = p.family;
                 (*ev).protocol = p.protocol;
-                (*ev).reason = reason;
+                (*ev).reason = reason.code();
                 (*ev).flags = if logged { EVENT_LOGGED } else { 0 };
                 (*ev).src_port = sp;
                 (*ev).dst_port = dp;
@@ -66,6 +72,6 @@ pub(super) fn event(
             }
             e.submit(0);
         }
-        None => stat(STAT_EVENTS_LOST),
+        None => stat(Statistic::EventsLost),
     }
 }

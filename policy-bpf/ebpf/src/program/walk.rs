@@ -87,3 +87,114 @@ pub(super) extern "C" fn walk_step(_index: u64, ctx: *mut c_void) -> i64 {
         }
     }
 }
+
+/// The root of the program of the endpoint's slot: its address on this
+/// interface and direction, IPv4 from the direct table when it is there.
+/// `None` when the endpoint has no such address (a spoofed source).
+// The slot key lives in this CPU's scratch and goes to the map helper by
+// reference: by value it would be copied onto the stack.
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "scratch keys stay off the stack"
+)]
+#[inline(always)]
+pub(super) fn slot_root(
+    p: &Parsed,
+    direction: u8,
+    ifindex: u32,
+    slot: &mut SlotKey,
+) -> Option<u32> {
+    let local = if direction == HookDirection::Egress.code() {
+        &p.src
+    } else {
+        &p.dst
+    };
+    let fast = match PALISADE_LOCAL4.get_ptr(local4_index(ifindex, direction)) {
+        Some(w) if p.family == AddressFamily::V4.code() => {
+            // SAFETY: an aligned word of an array map, written whole (one
+            // atomic store) by user space.
+            local4_root(unsafe { core::ptr::read_volatile(w) }, word(local, 0))
+        }
+        _ => None,
+    };
+    if fast.is_some() {
+        return fast;
+    }
+    slot.ifindex = ifindex;
+    slot.direction = direction;
+    slot.family = p.family;
+    slot.pad = [0; 2];
+    copy_addr(&mut slot.addr, local);
+    // SAFETY: slot values are written whole by user space (a hash
+    // element is replaced, not rewritten).
+    PALISADE_SLOTS.get_ptr(&*slot).map(|s| unsafe { (*s).root })
+}
+
+/// The verdict of the program at `root` on a new flow: the peer's
+/// address class and identity from the LPM maps, their membership rows,
+/// then the walk. `None` when the walk failed (too deep, or a missing
+/// node).
+#[inline(always)]
+pub(super) fn judge(p: &Parsed, direction: u8, root: u32) -> Option<WalkOutcome> {
+    let peer = if direction == HookDirection::Egress.code() {
+        &p.dst
+    } else {
+        &p.src
+    };
+    let class = if p.family == AddressFamily::V4.code() {
+        PALISADE_LPM4
+            .get(Key::new(32, [peer[0], peer[1], peer[2], peer[3]]))
+            .copied()
+    } else {
+        PALISADE_LPM6.get(Key::new(128, *peer)).copied()
+    }
+    .unwrap_or_default();
+    // The peer's rows, resolved once: a test is then one bounds check
+    // and one array read.
+    let id_row = if class.identity > 0 {
+        MemberRow::of(layout(LAYOUT_IDENTITIES), class.identity - 1)
+    } else {
+        MemberRow::default()
+    };
+    let class_row = MemberRow::of(layout(LAYOUT_CLASSES), class.class);
+    let mut w = WalkState {
+        at: root,
+        steps: 0,
+        id_start: id_row.start,
+        state: WALK_RUNNING,
+        class_start: class_row.start,
+        // The lowering keeps strides within 16 bits (MAX_MEMBER_STRIDE).
+        strides: (id_row.stride & 0xffff) | (class_row.stride << 16),
+        features: features(p, direction),
+        rule: 0,
+    };
+    // Most programs are shallow: the first steps run inline (cheapest);
+    // deeper walks continue in a bpf_loop callback, which the verifier
+    // checks once however deep programs are.
+    let mut i = 0;
+    while i < INLINE_WALK && w.state & WALK_STATUS == WALK_RUNNING {
+        walk_step(0, (&mut w as *mut WalkState).cast());
+        i += 1;
+    }
+    if w.state & WALK_STATUS == WALK_RUNNING {
+        // SAFETY: `walk_step` has the callback signature bpf_loop expects
+        // and `w` is a stack object that outlives the call.
+        unsafe {
+            bpf_loop(
+                MAX_WALK - INLINE_WALK,
+                walk_step as *mut c_void,
+                (&mut w as *mut WalkState).cast(),
+                0,
+            )
+        };
+    }
+    if w.state & WALK_STATUS != WALK_LEAF {
+        return None;
+    }
+    Some(WalkOutcome {
+        allow: (w.state >> WALK_FLAGS) & LEAF_ALLOW as u32 != 0,
+        logged: (w.state >> WALK_FLAGS) & LEAF_LOGGED as u32 != 0,
+        rule: w.rule,
+        steps: w.steps,
+    })
+}

@@ -2,6 +2,7 @@
 //! packets and sweeps, a full table, the log of new connections, old pins.
 
 use super::*;
+use policy_bpf_common::map_names;
 
 #[test]
 fn the_conntrack_clock_is_the_kernels_jiffies_at_a_measured_rate() {
@@ -142,12 +143,12 @@ fn concurrent_packets_and_sweeps_keep_verdicts_exact() {
         let stats = dp.stats().unwrap();
         eprintln!(
             "{sweeps} sweeps and flushes freed {freed}; established {}, full {}, contended {}",
-            stats[STAT_ESTABLISHED as usize],
-            stats[STAT_CT_FULL as usize],
-            stats[STAT_CT_CONTENDED as usize]
+            stats[Statistic::Established as usize],
+            stats[Statistic::CtFull as usize],
+            stats[Statistic::CtContended as usize]
         );
         assert!(sweeps > 10 && freed > 0, "the sweeper ran alongside");
-        assert!(stats[STAT_ESTABLISHED as usize] > 0);
+        assert!(stats[Statistic::Established as usize] > 0);
     });
     let (entries, v6) = dp.conntrack_entries();
     assert!(v6.is_empty());
@@ -184,7 +185,11 @@ fn a_full_conntrack_table_is_counted_and_policy_still_decides() {
         assert!(l.run(Hook::ToPod, &syn).0, "allowed flow {sport} passes");
     }
     assert_eq!(l.dp.conntrack_len(), 8);
-    assert_eq!(stat(&l, STAT_CT_FULL), 4, "four flows found the table full");
+    assert_eq!(
+        stat(&l, Statistic::CtFull),
+        4,
+        "four flows found the table full"
+    );
     // Once those connections have expired, new ones take their ways
     // without waiting for the sweep.
     l.dp.set_config(Config {
@@ -198,7 +203,7 @@ fn a_full_conntrack_table_is_counted_and_policy_still_decides() {
         let syn = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(sport, 8080));
         assert!(l.run(Hook::ToPod, &syn).0, "allowed flow {sport} passes");
     }
-    assert_eq!(stat(&l, STAT_CT_FULL), 4, "expired ways were reused");
+    assert_eq!(stat(&l, Statistic::CtFull), 4, "expired ways were reused");
     assert_eq!(l.dp.conntrack_len(), 8);
     let (v4_entries, _) = l.dp.conntrack_entries();
     let reused = v4_entries
@@ -243,18 +248,18 @@ fn new_connections_fill_the_log_then_their_homes() {
     open(&mut l, 40000..40032);
     assert_eq!(l.dp.conntrack_len(), 32);
     assert_eq!(l.dp.conntrack_logged(), 32, "the log took them all");
-    assert_eq!(stat(&l, STAT_CT_HOME), 0);
+    assert_eq!(stat(&l, Statistic::CtHome), 0);
     open(&mut l, 40032..40040);
-    assert_eq!(stat(&l, STAT_CT_FULL), 0);
+    assert_eq!(stat(&l, Statistic::CtFull), 0);
     assert_eq!(l.dp.conntrack_len(), 40);
     assert_eq!(l.dp.conntrack_logged(), 32, "no live entry was overwritten");
-    assert_eq!(stat(&l, STAT_CT_HOME), 8, "the rest went home");
+    assert_eq!(stat(&l, Statistic::CtHome), 8, "the rest went home");
     // Every one of them is tracked, in the log or at home.
-    let established = stat(&l, STAT_ESTABLISHED);
+    let established = stat(&l, Statistic::Established);
     for sport in 40000..40040 {
         assert!(l.run(Hook::ToPod, &ack(sport)).0, "established {sport}");
     }
-    assert_eq!(stat(&l, STAT_ESTABLISHED) - established, 40);
+    assert_eq!(stat(&l, Statistic::Established) - established, 40);
     let (entries, _) = l.dp.conntrack_entries();
     let mut ports: Vec<u16> = entries
         .iter()
@@ -273,7 +278,7 @@ fn new_connections_fill_the_log_then_their_homes() {
     l.dp.set_config(Config::default()).unwrap();
     open(&mut l, 41000..41032);
     assert_eq!(l.dp.conntrack_logged(), 32);
-    assert_eq!(stat(&l, STAT_CT_HOME), 8, "none went home");
+    assert_eq!(stat(&l, Statistic::CtHome), 8, "none went home");
 }
 
 /// Pins of an earlier conntrack layout cannot be re-adopted: the load
@@ -287,10 +292,10 @@ fn pins_of_an_earlier_conntrack_layout_are_refused_by_name() {
         (&["PALISADE_CT4"][..], "PALISADE_CT4"),
         // Ways pinned without their tag lines: the state words were in
         // the ways then.
-        (&["PALISADE_CONN4"][..], "PALISADE_CONN4"),
+        (&[map_names::CONN4][..], map_names::CONN4),
         // Ways and tag lines pinned without a log head: each
         // connection was in its way's entry then.
-        (&["PALISADE_CONN4", "PALISADE_CTTAG4"][..], "PALISADE_CONN4"),
+        (&[map_names::CONN4, map_names::CTTAG4][..], map_names::CONN4),
     ] {
         let dir = std::env::temp_dir().join(format!("palisade-old-pins-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -189,8 +189,8 @@ fn tcp_syn(sport: u16, dport: u16) -> Vec<u8> {
     h
 }
 
-fn stat(l: &Loaded, i: u32) -> u64 {
-    l.dp.stats().unwrap()[i as usize]
+fn stat(l: &Loaded, s: Statistic) -> u64 {
+    l.dp.stats().unwrap()[s as usize]
 }
 
 /// Keeps the calling thread on `cpu` (test runs execute the program on

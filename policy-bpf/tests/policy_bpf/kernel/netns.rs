@@ -3,6 +3,7 @@
 //! established connections.
 
 use super::*;
+use policy_bpf_common::map_names;
 
 /// Real traffic: the netns engine answers every pod pair of the example
 /// like the reference (TCP, UDP and ICMP).
@@ -51,7 +52,7 @@ fn netns_matches_the_reference_on_the_example() {
     // Those went straight from pod to pod, both policies judged on the
     // way (the ingress rules above came from those judgements).
     let delivered = engine
-        .with_datapath(|dp| dp.stats().unwrap()[STAT_DELIVERED as usize])
+        .with_datapath(|dp| dp.stats().unwrap()[Statistic::Delivered as usize])
         .unwrap();
     assert!(delivered >= 2 * allowed, "{delivered} delivered packets");
 }
@@ -148,7 +149,7 @@ fn local_delivery_forwards_like_the_node() {
         .run(|| UdpSocket::bind("10.10.1.10:0"))
         .unwrap()
         .unwrap();
-    let delivered = |dp: &Datapath| dp.stats().unwrap()[STAT_DELIVERED as usize];
+    let delivered = |dp: &Datapath| dp.stats().unwrap()[Statistic::Delivered as usize];
     for (ttl, arrives) in [(1u32, false), (5, true)] {
         client.set_ttl(ttl).unwrap();
         let before = delivered(&dp);
@@ -169,12 +170,12 @@ fn local_delivery_forwards_like_the_node() {
     client.send_to(b"query", "10.10.0.53:53").unwrap();
     assert_eq!(recv_ttl(&server), Some(4));
     let after = stats(&dp);
-    let grew = |i: u32| after[i as usize] - before[i as usize];
+    let grew = |s: Statistic| after[s as usize] - before[s as usize];
     assert_eq!(
         (
-            grew(STAT_NEW_FLOWS),
-            grew(STAT_ESTABLISHED),
-            grew(STAT_DELIVERED)
+            grew(Statistic::NewFlows),
+            grew(Statistic::Established),
+            grew(Statistic::Delivered)
         ),
         (0, 2, 1),
         "new flows, established, delivered"
@@ -265,7 +266,7 @@ fn restart_keeps_established_connections() {
             .unwrap_or_else(|e| panic!("{what}: reply lost: {e}"));
         assert_eq!(&buf, b"pong!");
     };
-    let delivered = |dp: &Datapath| dp.stats().unwrap()[STAT_DELIVERED as usize];
+    let delivered = |dp: &Datapath| dp.stats().unwrap()[Statistic::Delivered as usize];
     let before = delivered(&dp);
     exchange(&mut client, &mut server, "before the restart");
     assert!(
@@ -296,7 +297,7 @@ fn restart_keeps_established_connections() {
     // A new agent: re-adopt the pins, swap in its programs, rewrite the
     // policy around what is live. Its pins lack the IPv4 fast slots, as
     // those of a build before them do: it fills them from the slots.
-    std::fs::remove_file(pin.join("PALISADE_LOCAL4")).unwrap();
+    std::fs::remove_file(pin.join(map_names::LOCAL4)).unwrap();
     let mut dp = Datapath::load(&pin, cap).unwrap();
     assert!(
         delivered(&dp) >= before + 2,
@@ -316,11 +317,11 @@ fn restart_keeps_established_connections() {
     dp.write(&plan, &current).unwrap();
     assert_eq!(dp.local4_disagreements().unwrap(), Vec::<String>::new());
     lowering.release_reserved();
-    let established_before = dp.stats().unwrap()[STAT_ESTABLISHED as usize];
+    let established_before = dp.stats().unwrap()[Statistic::Established as usize];
     let delivered_before = delivered(&dp);
     exchange(&mut client, &mut server, "after the restart");
     assert!(
-        dp.stats().unwrap()[STAT_ESTABLISHED as usize] > established_before,
+        dp.stats().unwrap()[Statistic::Established as usize] > established_before,
         "the connection went through conntrack in the new programs"
     );
     assert!(

@@ -14,15 +14,19 @@ fn bad_packets_are_dropped_with_a_reason() {
     assert!(l.run(Hook::ToPod, &good).0, "well-formed SYN to api:8080");
 
     let malformed = |l: &mut Loaded, name: &str, pkt: Vec<u8>| {
-        let before = stat(l, STAT_MALFORMED);
+        let before = stat(l, Statistic::Malformed);
         let (passed, ev) = l.run(Hook::ToPod, &pkt);
         assert!(!passed, "{name}: passed");
         assert_eq!(
             ev.map(|e| e.reason),
-            Some(REASON_MALFORMED),
+            Some(EventReason::Malformed.code()),
             "{name}: event"
         );
-        assert_eq!(stat(l, STAT_MALFORMED), before + 1, "{name}: statistic");
+        assert_eq!(
+            stat(l, Statistic::Malformed),
+            before + 1,
+            "{name}: statistic"
+        );
     };
     // The kernel refuses test runs of frames without a whole network
     // header, so truncation is tested past it.
@@ -81,15 +85,15 @@ fn bad_packets_are_dropped_with_a_reason() {
     // ARP over Ethernet: a 28-byte body.
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     arp.extend_from_slice(&[0; 28]);
-    let before = stat(&l, STAT_NON_IP);
+    let before = stat(&l, Statistic::NonIp);
     assert!(l.run(Hook::ToPod, &arp).0);
-    assert_eq!(stat(&l, STAT_NON_IP), before + 1);
+    assert_eq!(stat(&l, Statistic::NonIp), before + 1);
 
     // A source address that is not the pod's leaving its veth.
     let spoofed = v4("10.99.0.1", "10.10.2.10", 6, &tcp_syn(40000, 8080));
     let (passed, ev) = l.run(Hook::FromPod, &spoofed);
     assert!(!passed);
-    assert_eq!(ev.map(|e| e.reason), Some(REASON_SPOOFED));
+    assert_eq!(ev.map(|e| e.reason), Some(EventReason::Spoofed.code()));
 }
 
 /// IPv4 fragments of one datagram: `offset` in 8-byte units.
@@ -134,22 +138,22 @@ fn fragments_follow_their_first_fragment() {
     );
     let (passed, ev) = l.run(Hook::ToPod, &first);
     assert!(!passed);
-    assert_eq!(ev.map(|e| e.reason), Some(REASON_POLICY));
+    assert_eq!(ev.map(|e| e.reason), Some(EventReason::Policy.code()));
     let later = fragment("10.10.3.10", "10.10.2.10", 78, 3, false, &[0; 16]);
     let (passed, ev) = l.run(Hook::ToPod, &later);
     assert!(!passed, "later fragment of a denied datagram");
-    assert_eq!(ev.map(|e| e.reason), Some(REASON_FRAGMENT));
+    assert_eq!(ev.map(|e| e.reason), Some(EventReason::Fragment.code()));
     // A later fragment whose first fragment was never seen: no ports to
     // decide on, so it is dropped.
     let orphan = fragment("10.10.1.10", "10.10.2.10", 999, 5, false, &[0; 16]);
     let (passed, ev) = l.run(Hook::ToPod, &orphan);
     assert!(!passed);
-    assert_eq!(ev.map(|e| e.reason), Some(REASON_FRAGMENT));
+    assert_eq!(ev.map(|e| e.reason), Some(EventReason::Fragment.code()));
     // A first fragment too short to hold the TCP ports is malformed.
     let tiny = fragment("10.10.1.10", "10.10.2.10", 79, 0, true, &[0x9c, 0x40, 0x1f]);
     let (passed, ev) = l.run(Hook::ToPod, &tiny);
     assert!(!passed);
-    assert_eq!(ev.map(|e| e.reason), Some(REASON_MALFORMED));
+    assert_eq!(ev.map(|e| e.reason), Some(EventReason::Malformed.code()));
 }
 
 #[test]
@@ -166,7 +170,7 @@ fn unknown_protocols_are_decided_by_policy() {
         let (passed, ev) = l.run(Hook::ToPod, &p);
         let ev = ev.expect("a verdict event");
         assert!(!passed, "protocol {proto}");
-        assert_eq!(ev.reason, REASON_POLICY);
+        assert_eq!(ev.reason, EventReason::Policy.code());
         assert_eq!(ev.protocol, proto);
         let flow = Flow {
             src: ip("10.10.1.10"),

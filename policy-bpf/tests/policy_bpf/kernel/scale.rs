@@ -125,7 +125,7 @@ fn interfaces_past_the_direct_table_are_still_enforced() {
     assert!(l.run(Hook::ToPod, &allowed).0, "web -> api:8080");
     let denied = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(40001, 9999));
     assert!(!l.run(Hook::ToPod, &denied).0, "web -> api:9999 is denied");
-    assert_eq!(stat(&l, STAT_UNMANAGED), 0);
+    assert_eq!(stat(&l, Statistic::Unmanaged), 0);
     assert!(l.dp.read_mirror().interfaces.contains_key(&1), "read back");
 }
 
