@@ -4,10 +4,73 @@
 
 use super::*;
 
+/// What a lowering frees in its cleanup phase.
+struct Unused {
+    /// Class slots of transitional unions.
+    transitional: Vec<u32>,
+    /// Identities whose slot goes.
+    identities: Vec<u32>,
+    /// Removed rules and their indexes.
+    rules: Vec<(RuleId, u32)>,
+}
+
 impl Lowering {
+    /// Everything the delta points at exists once it is applied: the
+    /// rules its programs' leaves name, the programs bound slots use, the
+    /// classes of its prefixes and hosts. A delta from the compiler always
+    /// passes; anything else is refused before a write, so the phases of
+    /// [`Self::lower`] never meet a dangling id.
+    fn check_references(&self, delta: &Delta) -> Result<(), LowerError> {
+        let rule_known = |r: &RuleId| {
+            self.rule_index.contains_key(r) || matches!(delta.rules.get(r), Some(Some(_)))
+        };
+        for (pid, p) in &delta.programs {
+            let Some(p) = p else { continue };
+            if let Some(leaf) = p.leaves.iter().find(|l| !rule_known(&l.rule)) {
+                return Err(LowerError::Inconsistent(format!(
+                    "program {pid} names rule id {}, which has no index",
+                    leaf.rule
+                )));
+            }
+        }
+        for (slot, pid) in &delta.slots {
+            let Some(pid) = pid else { continue };
+            let added = matches!(delta.programs.get(pid), Some(Some(_)));
+            if self.bindings.contains_key(&slot.endpoint)
+                && !added
+                && !self.programs.contains_key(pid)
+            {
+                return Err(LowerError::Inconsistent(format!(
+                    "slot {slot:?} points at program {pid}, which is not lowered"
+                )));
+            }
+        }
+        let class_known = |c: &ClassId| {
+            self.class_slots.contains_key(c) || matches!(delta.classes.get(c), Some(Some(_)))
+        };
+        let prefix_classes = delta
+            .prefixes
+            .iter()
+            .filter_map(|(n, c)| Some((n.to_string(), c.as_ref()?)));
+        let host_classes = delta
+            .hosts
+            .iter()
+            .filter_map(|(ip, h)| Some((ip.to_string(), &h.as_ref()?.class)));
+        if let Some((at, class)) = prefix_classes
+            .chain(host_classes)
+            .find(|(_, c)| !class_known(c))
+        {
+            return Err(LowerError::Inconsistent(format!(
+                "{at} is in address class {class}, which the lowering never saw"
+            )));
+        }
+        Ok(())
+    }
+
     /// The capacity checks, on copies of the allocators: where new
     /// programs go and the stride the rows need.
     pub(super) fn checked(&self, delta: &Delta) -> Result<Checked, LowerError> {
+        self.check_references(delta)?;
         let mut ranges = self.ranges.clone();
         let mut placed: Vec<(ProgramId, u32)> = Vec::new();
         let mut needed_nodes: u64 = 0;
@@ -192,21 +255,53 @@ impl Lowering {
             stride,
         } = self.checked(delta)?;
 
-        // From here on nothing fails.
+        // From here on nothing fails: each phase below appends to the plan
+        // and updates the lowering's own bookkeeping.
         let mut plan = WritePlan::default();
+        let relayout = self.switch_stride(stride);
+        let (id_layout, class_layout) = self.layouts();
+        let freed_rules = self.lower_rules(delta, &mut plan);
+        self.lower_programs(delta, &placed, ranges, &mut plan);
+        let freed_identities = self.lower_identities(delta, id_layout, &mut plan);
+        self.lower_classes(delta, class_layout, &mut plan);
+        let (transitional, late_lpm) = self.lower_lpm(delta, &mut plan);
+        self.lower_slots(delta, &mut plan);
+        plan.cleanup.extend(late_lpm);
+        self.release_unused(
+            delta,
+            Unused {
+                transitional,
+                identities: freed_identities,
+                rules: freed_rules,
+            },
+            class_layout,
+            &mut plan,
+        );
+        if relayout {
+            self.copy_rows(&mut plan);
+        }
+        for w in plan.iter() {
+            self.mirror.apply(w);
+        }
+        Ok(plan)
+    }
 
-        // A new stride: every row goes to the other half of its map at the
-        // new stride (rows this delta writes are written there below; the
-        // rest are copied), and the layouts switch before anything that
-        // could reach a new bit or a new row.
+    /// A new stride: every row goes to the other half of its map at the
+    /// new stride (rows this delta writes are written there below; the
+    /// rest are copied), and the layouts switch before anything that
+    /// could reach a new bit or a new row. True when the layout moves.
+    fn switch_stride(&mut self, stride: u32) -> bool {
         let relayout = stride != self.stride;
         if relayout {
             self.stride = stride;
             self.half ^= 1;
         }
-        let (id_layout, class_layout) = self.layouts();
+        relayout
+    }
 
-        // Rules: new indexes, counters reset.
+    /// Rules: new indexes with their counters reset; the indexes of
+    /// removed rules, freed in the cleanup.
+    fn lower_rules(&mut self, delta: &Delta, plan: &mut WritePlan) -> Vec<(RuleId, u32)> {
         let mut freed_rules = Vec::new();
         for (id, r) in &delta.rules {
             match r {
@@ -229,14 +324,28 @@ impl Lowering {
                 }
             }
         }
+        freed_rules
+    }
 
-        // Programs: nodes written into free ranges.
+    /// Programs: nodes written into the free ranges `checked` found.
+    fn lower_programs(
+        &mut self,
+        delta: &Delta,
+        placed: &[(ProgramId, u32)],
+        ranges: Ranges,
+        plan: &mut WritePlan,
+    ) {
         let rule_index = self.rule_index.clone();
-        for (pid, start) in &placed {
-            let p = delta.programs[pid]
-                .as_ref()
-                .expect("placed programs are added");
-            let (nodes, root) = self.layout(p, *start, &rule_index).expect("checked");
+        for (pid, start) in placed {
+            // `checked` placed only added programs and `check_references`
+            // saw every rule they name.
+            let Some(Some(p)) = delta.programs.get(pid) else {
+                continue;
+            };
+            let Ok((nodes, root)) = self.layout(p, *start, &rule_index) else {
+                debug_assert!(false, "program {pid} failed its layout after the checks");
+                continue;
+            };
             for (i, n) in nodes.iter().enumerate() {
                 plan.prepare.push(MapWrite::Node(start + i as u32, *n));
             }
@@ -248,15 +357,17 @@ impl Lowering {
             }
         }
         self.ranges = ranges;
-        let removed_programs: Vec<ProgramId> = delta
-            .programs
-            .iter()
-            .filter(|(_, p)| p.is_none())
-            .map(|(pid, _)| *pid)
-            .collect();
+    }
 
-        // Identities: new bits first (old | new), exact value after the switch.
-        // A slot lives while the identity has bits or an address points at it.
+    /// Identities: new bits first (old | new), exact value after the
+    /// switch. A slot lives while the identity has bits or an address
+    /// points at it; the identities whose slot goes, freed in the cleanup.
+    fn lower_identities(
+        &mut self,
+        delta: &Delta,
+        id_layout: u64,
+        plan: &mut WritePlan,
+    ) -> Vec<u32> {
         let mut touched_ids: Vec<u32> = Vec::new();
         for (id, b) in &delta.identities {
             let bits = b.clone().unwrap_or_default();
@@ -318,8 +429,11 @@ impl Lowering {
                 self.identity_refs.remove(&id);
             }
         }
+        freed_identities
+    }
 
-        // Classes: immutable by id; new ones before, old ones after.
+    /// Classes: immutable by id; new ones before, old ones after.
+    fn lower_classes(&mut self, delta: &Delta, class_layout: u64, plan: &mut WritePlan) {
         for (id, b) in &delta.classes {
             if let Some(b) = b {
                 let bits = b.clone();
@@ -336,9 +450,13 @@ impl Lowering {
                 self.classes_by_id.insert(*id, bits);
             }
         }
+    }
 
-        // LPM switches. Where an entry's new class lacks bits of its old
-        // class, a transitional union class bridges until the slots switch.
+    /// LPM switches. Where an entry's new class lacks bits of its old
+    /// class, a transitional union class bridges until the slots switch:
+    /// the transitional class slots, and the final LPM writes that go in
+    /// the cleanup.
+    fn lower_lpm(&mut self, delta: &Delta, plan: &mut WritePlan) -> (Vec<u32>, Vec<MapWrite>) {
         let mut transitional: Vec<u32> = Vec::new();
         let mut late_lpm: Vec<MapWrite> = Vec::new();
         let class_of =
@@ -372,7 +490,7 @@ impl Lowering {
             let old = self.lpm_get(len, &addr);
             let new = class.map(|c| PeerClass {
                 identity: 0,
-                class: self.class_slots[&c],
+                class: self.class_slot(c),
             });
             self.lpm_switch(
                 len,
@@ -381,7 +499,7 @@ impl Lowering {
                 new,
                 &class_of,
                 &mut transitional,
-                &mut plan,
+                plan,
                 &mut late_lpm,
             );
         }
@@ -391,11 +509,11 @@ impl Lowering {
             let new = match host {
                 Some(h) => Some(PeerClass {
                     identity: self.identity_slots.get(&h.identity).map_or(0, |s| s + 1),
-                    class: self.class_slots[&h.class],
+                    class: self.class_slot(h.class),
                 }),
                 None => self.full_prefixes.get(ip).map(|c| PeerClass {
                     identity: 0,
-                    class: self.class_slots[c],
+                    class: self.class_slot(*c),
                 }),
             };
             self.lpm_switch(
@@ -405,12 +523,16 @@ impl Lowering {
                 new,
                 &class_of,
                 &mut transitional,
-                &mut plan,
+                plan,
                 &mut late_lpm,
             );
         }
+        (transitional, late_lpm)
+    }
 
-        // Slots.
+    /// Slots: bound endpoints switch to their programs' roots; unbound
+    /// ones are only remembered.
+    fn lower_slots(&mut self, delta: &Delta, plan: &mut WritePlan) {
         for (slot, pid) in &delta.slots {
             match pid {
                 Some(pid) => {
@@ -425,28 +547,42 @@ impl Lowering {
             };
             let key = self.slot_key(slot, b);
             match pid {
-                Some(pid) => plan.switch.push(MapWrite::Slot(
-                    key,
-                    Some(SlotValue {
-                        root: self.root(*pid).expect("program lowered"),
-                        zone: b.zone,
-                    }),
-                )),
+                // `check_references` saw the program of every bound slot.
+                Some(pid) => {
+                    if let Ok(root) = self.root(*pid) {
+                        plan.switch
+                            .push(MapWrite::Slot(key, Some(SlotValue { root, zone: b.zone })));
+                    }
+                }
                 None => plan.cleanup.push(MapWrite::Slot(key, None)),
             }
         }
+    }
 
-        // Cleanup.
-        plan.cleanup.extend(late_lpm);
-        for slot in transitional {
+    /// Cleanup: frees what nothing points at any more once the switches
+    /// are done (transitional classes, removed programs' ranges, identity
+    /// and class slots, rule indexes).
+    fn release_unused(
+        &mut self,
+        delta: &Delta,
+        unused: Unused,
+        class_layout: u64,
+        plan: &mut WritePlan,
+    ) {
+        for slot in unused.transitional {
             self.class_alloc.release(slot);
         }
+        let removed_programs = delta
+            .programs
+            .iter()
+            .filter(|(_, p)| p.is_none())
+            .map(|(pid, _)| *pid);
         for pid in removed_programs {
             if let Some((start, len, _)) = self.programs.remove(&pid) {
                 self.ranges.release(start, len);
             }
         }
-        for id in freed_identities {
+        for id in unused.identities {
             if let Some(slot) = self.identity_slots.remove(&id) {
                 self.identity_by_slot.remove(&slot);
                 self.identity_alloc.release(slot);
@@ -462,18 +598,11 @@ impl Lowering {
                 self.class_alloc.release(slot);
             }
         }
-        for (id, idx) in freed_rules {
+        for (id, idx) in unused.rules {
             self.rule_index.remove(&id);
             self.rules.remove(&idx);
             self.rule_alloc.release(idx);
         }
-        if relayout {
-            self.copy_rows(&mut plan);
-        }
-        for w in plan.iter() {
-            self.mirror.apply(w);
-        }
-        Ok(plan)
     }
 
     /// For a new layout: copies into it, before the switch, every row the
@@ -521,6 +650,12 @@ impl Lowering {
         plan.prepare.extend(copies);
         plan.switch
             .insert(0, MapWrite::Layouts(id_layout, class_layout));
+    }
+
+    /// The row of an address class; row 0 ("no memberships") for a class
+    /// without one, which `check_references` keeps from new entries.
+    fn class_slot(&self, class: ClassId) -> u32 {
+        self.class_slots.get(&class).copied().unwrap_or(0)
     }
 
     pub(super) fn identity_of_slot(&self, slot: u32) -> Option<u32> {

@@ -132,6 +132,45 @@ fn overflow_is_an_error_and_changes_nothing() {
     }
 }
 
+#[test]
+fn dangling_references_are_refused_and_change_nothing() {
+    let g = small_cluster(3);
+    let cluster = Cluster::from_objects(g.objects).unwrap();
+    let (_, delta) = Compiler::from_cluster(&cluster, CompileOptions::default()).unwrap();
+    let mut l = Lowering::new(Capacity::default());
+    l.lower(&delta).unwrap();
+    let before = format!("{:?}", l.mirror());
+    let unknown_class = policy_core::compile::Delta {
+        prefixes: [("10.99.0.0/16".parse().unwrap(), Some(9_999))].into(),
+        ..Default::default()
+    };
+    let unknown_host_class = policy_core::compile::Delta {
+        hosts: [(
+            "10.99.0.1".parse().unwrap(),
+            Some(policy_core::compile::HostEntry {
+                identity: 1,
+                class: 9_999,
+            }),
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let mut unknown_rule = delta.clone();
+    unknown_rule.rules.clear();
+    let mut l_fresh = Lowering::new(Capacity::default());
+    match l_fresh.lower(&unknown_rule) {
+        Err(LowerError::Inconsistent(m)) => assert!(m.contains("rule id"), "{m}"),
+        other => panic!("a program naming unknown rules was accepted: {other:?}"),
+    }
+    for (name, d) in [("class", unknown_class), ("host class", unknown_host_class)] {
+        match l.lower(&d) {
+            Err(LowerError::Inconsistent(m)) => assert!(m.contains("address class 9999"), "{m}"),
+            other => panic!("{name}: expected a refusal, got {other:?}"),
+        }
+        assert_eq!(format!("{:?}", l.mirror()), before, "{name}");
+    }
+}
+
 /// A generated cluster with `n` more peer sets in front of its own: a tier
 /// ordered first whose policies test `n` selectors no pod matches (Pass,
 /// then the tier passes on), so the generated policies' selectors, which
