@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use crate::net::NetValueError;
 use crate::selector::SelectorError;
 
 /// Where a document (or a field in it) came from.
@@ -73,6 +74,32 @@ impl fmt::Display for ObjectRef {
     }
 }
 
+/// What is wrong with a field's value: a network value a caller can
+/// match on, or a rule of the object's schema, told in words.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidValue {
+    /// A protocol, port, port name or CIDR that does not parse or is out
+    /// of range.
+    #[error(transparent)]
+    Net(#[from] NetValueError),
+    /// Any other rule of the object's schema; the message says which.
+    #[error("{0}")]
+    Rule(String),
+}
+
+impl From<String> for InvalidValue {
+    fn from(message: String) -> Self {
+        Self::Rule(message)
+    }
+}
+
+impl From<&str> for InvalidValue {
+    fn from(message: &str) -> Self {
+        Self::Rule(message.to_owned())
+    }
+}
+
 /// What went wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
@@ -116,7 +143,7 @@ pub enum ErrorKind {
     },
     /// A field has a bad value.
     #[error("{0}")]
-    Invalid(String),
+    Invalid(InvalidValue),
     /// A selector does not parse.
     #[error(transparent)]
     Selector(#[from] SelectorError),
@@ -193,8 +220,8 @@ impl Error {
     }
 
     /// An invalid-value error at a field.
-    pub fn invalid(field: impl Into<String>, message: impl fmt::Display) -> Self {
-        Self::new(ErrorKind::Invalid(message.to_string())).at(field)
+    pub fn invalid(field: impl Into<String>, problem: impl Into<InvalidValue>) -> Self {
+        Self::new(ErrorKind::Invalid(problem.into())).at(field)
     }
 
     /// Sets the field path (keeps one already set deeper down).
@@ -356,3 +383,30 @@ impl FromIterator<Error> for Errors {
 
 /// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::parse_manifests;
+
+    #[test]
+    fn bad_network_values_stay_typed_and_keep_their_message() {
+        let yaml = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+                    metadata: {name: p, namespace: a}\n\
+                    spec: {podSelector: {}, ingress: [{ports: [{port: 70000}]}]}\n";
+        let e = parse_manifests("p.yaml", yaml).unwrap_err();
+        assert!(
+            matches!(
+                e.kind,
+                ErrorKind::Invalid(InvalidValue::Net(NetValueError::PortOutOfRange {
+                    port: 70000,
+                    ..
+                }))
+            ),
+            "{e:?}"
+        );
+        assert_eq!(e.field.as_deref(), Some("spec.ingress[0].ports[0].port"));
+        let rule: InvalidValue = "a name is required".into();
+        assert_eq!(rule.to_string(), "a name is required");
+    }
+}

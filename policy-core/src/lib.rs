@@ -77,7 +77,7 @@ pub mod suggest;
 pub use cluster::{Change, Cluster};
 pub use connection::{Engine, EngineError};
 pub use convert::Object;
-pub use error::{Error, ErrorKind, Errors, ObjectRef, Origin};
+pub use error::{Error, ErrorKind, Errors, InvalidValue, ObjectRef, Origin};
 pub use flow::{DecidedBy, Decision, Flow, Verdict};
 pub use model::{Direction, EndpointKey, Policy, PolicyId};
 pub use reference::ReferenceEngine;

@@ -154,7 +154,7 @@ struct RawCase {
 }
 
 fn case_err(source: &str, field: String, msg: impl std::fmt::Display) -> Error {
-    Error::invalid(field, msg).on(ObjectRef::new("ConformanceCase", None, source))
+    Error::invalid(field, msg.to_string()).on(ObjectRef::new("ConformanceCase", None, source))
 }
 
 /// Parses a case file. `source` names it in errors and is the id fallback.

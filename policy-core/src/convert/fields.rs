@@ -112,9 +112,9 @@ pub(super) fn check_staged_action(a: Option<&str>) -> Result<bool, Error> {
     match a {
         None | Some("Set") => Ok(false),
         Some("Delete") => Ok(true),
-        Some(other) => Err(Error::new(ErrorKind::Invalid(format!(
-            "{other:?} is not a staged action: expected Set or Delete"
-        )))),
+        Some(other) => Err(Error::new(ErrorKind::Invalid(
+            format!("{other:?} is not a staged action: expected Set or Delete").into(),
+        ))),
     }
 }
 

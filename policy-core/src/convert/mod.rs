@@ -359,7 +359,7 @@ fn typed<T: DeserializeOwned>(doc: &serde_json::Value) -> Result<T, Errors> {
     strict::from_value(doc).map_err(|failure| {
         let mut errors: Errors = failure.unknown.into_iter().map(unknown_field).collect();
         if let Some((path, msg)) = failure.invalid {
-            let err = Error::new(ErrorKind::Invalid(msg));
+            let err = Error::new(ErrorKind::Invalid(msg.into()));
             errors.push(if path == "." { err } else { err.at(path) });
         }
         errors

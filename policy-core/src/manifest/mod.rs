@@ -196,10 +196,13 @@ fn convert_into(
         e.from_origin(at)
     };
     if !doc.is_object() {
-        errors.push(place(Error::new(ErrorKind::Invalid(format!(
-            "a manifest document must be an object, found {}",
-            json_type(doc)
-        )))));
+        errors.push(place(Error::new(ErrorKind::Invalid(
+            format!(
+                "a manifest document must be an object, found {}",
+                json_type(doc)
+            )
+            .into(),
+        ))));
         return;
     }
     match acted_on(doc) {
