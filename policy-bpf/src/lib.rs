@@ -27,6 +27,10 @@
 //! assert_eq!(lowering.mirror().lpm4.len(), 1);
 //! ```
 
+// Received data never reaches an unwrap: failures are errors, and the few
+// `expect`s left state an internal invariant.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 pub mod conntrack;
 pub mod datapath;
 pub mod error;

@@ -56,6 +56,9 @@
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// Received data never reaches an unwrap: failures are errors, and the few
+// `expect`s left state an internal invariant.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod api;
 pub mod cluster;

@@ -203,7 +203,9 @@ impl<'c> ReferenceEngine<'c> {
         port: u16,
     ) -> bool {
         self.endpoints_at(ip).iter().any(|k| {
-            let ep = self.cluster.endpoint(k).expect("indexed endpoint exists");
+            let Some(ep) = self.cluster.endpoint(k) else {
+                return false;
+            };
             positive.is_none_or(|s| s.matches(&self.labels[k]))
                 && ep.ports.iter().any(|p| {
                     p.name == name

@@ -42,6 +42,10 @@
 //! assert!(checked.allowed, "{checked:?}");
 //! ```
 
+// Received data never reaches an unwrap: failures are errors, and the few
+// `expect`s left state an internal invariant.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 mod controller;
 mod dataplane;
 mod endpoint_json;

@@ -109,6 +109,11 @@ pub struct Identities {
 
 impl Identities {
     /// The key of an identity.
+    ///
+    /// # Panics
+    ///
+    /// If `id` is not live: the compiler only asks for identities its
+    /// endpoints and programs hold.
     pub fn key(&self, id: LabelId) -> &Arc<IdentityKey> {
         self.keys[id as usize]
             .as_ref()
@@ -171,7 +176,9 @@ impl Identities {
         if *r > 0 {
             return false;
         }
-        let key = self.keys[id as usize].take().expect("live identity");
+        let Some(key) = self.keys[id as usize].take() else {
+            return false;
+        };
         for (k, v) in &key.labels {
             if let Some(values) = self.index.get_mut(k) {
                 if let Some(b) = values.get_mut(v) {
@@ -337,7 +344,9 @@ impl Selectors {
         if e.users > 0 {
             return false;
         }
-        let e = self.entries.remove(sel).expect("present");
+        let Some(e) = self.entries.remove(sel) else {
+            return false;
+        };
         match e.route {
             Route::Values(k, vs) => {
                 if let Some(m) = self.by_value.get_mut(&k) {

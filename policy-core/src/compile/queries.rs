@@ -151,7 +151,14 @@ impl Compiler {
         let mut slots: Vec<(&Slot, &ProgramId)> = self.slots.iter().collect();
         slots.sort_by(|a, b| a.0.cmp(b.0));
         for (slot, pid) in slots {
-            let p = &self.programs.get(pid).expect("slot program exists");
+            let Some(p) = self.programs.get(pid) else {
+                let _ = writeln!(
+                    out,
+                    "slot {}/{}: missing program {pid}",
+                    slot.endpoint, slot.addr
+                );
+                continue;
+            };
             let _ = writeln!(
                 out,
                 "slot {}/{} {}:",

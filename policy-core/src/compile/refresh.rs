@@ -562,7 +562,9 @@ impl Compiler {
         if ps.refs > 0 {
             return;
         }
-        let ps = self.peer_sets.remove(key).expect("present");
+        let Some(ps) = self.peer_sets.remove(key) else {
+            return;
+        };
         let bit = ps.bit;
         let members = self.identity_members(key);
         for l in members {

@@ -54,29 +54,29 @@ impl<'a> Parser<'a> {
     }
 
     fn or_expr(&mut self) -> Result<Expr, SelectorError> {
-        let mut operands = vec![self.and_expr()?];
+        let first = self.and_expr()?;
+        if self.peek().kind != TokenKind::Or {
+            return Ok(first);
+        }
+        let mut operands = vec![first];
         while self.peek().kind == TokenKind::Or {
             self.advance();
             operands.push(self.and_expr()?);
         }
-        Ok(if operands.len() == 1 {
-            operands.pop().expect("one operand")
-        } else {
-            Expr::Or(operands)
-        })
+        Ok(Expr::Or(operands))
     }
 
     fn and_expr(&mut self) -> Result<Expr, SelectorError> {
-        let mut operands = vec![self.operation()?];
+        let first = self.operation()?;
+        if self.peek().kind != TokenKind::And {
+            return Ok(first);
+        }
+        let mut operands = vec![first];
         while self.peek().kind == TokenKind::And {
             self.advance();
             operands.push(self.operation()?);
         }
-        Ok(if operands.len() == 1 {
-            operands.pop().expect("one operand")
-        } else {
-            Expr::And(operands)
-        })
+        Ok(Expr::And(operands))
     }
 
     fn string_operand(&mut self) -> Result<String, SelectorError> {
