@@ -159,7 +159,8 @@ pub fn compile(
                 ("identities", s.identities),
                 ("selectors", s.selectors),
                 ("policy sets", s.policy_sets),
-                ("peer sets (membership bits)", s.peer_sets),
+                ("peer sets", s.peer_sets),
+                ("membership row width (bits)", s.membership_bits),
                 ("address classes", s.address_classes),
                 ("peer classes", s.peer_classes),
                 ("programs", s.programs),
@@ -200,7 +201,7 @@ pub fn compile(
             let v = json!({
                 "stats": {
                     "endpoints": s.endpoints, "localEndpoints": s.local_endpoints, "identities": s.identities,
-                    "selectors": s.selectors, "policySets": s.policy_sets, "peerSets": s.peer_sets,
+                    "selectors": s.selectors, "policySets": s.policy_sets, "peerSets": s.peer_sets, "membershipBits": s.membership_bits,
                     "addressClasses": s.address_classes, "peerClasses": s.peer_classes, "programs": s.programs,
                     "programNodes": s.program_nodes, "maxDepth": s.max_depth, "lpmEntries": s.lpm_entries,
                     "ruleIds": s.rule_ids, "loweredEntries": s.lowered_entries,

@@ -283,8 +283,12 @@ pub struct Stats {
     pub selectors: usize,
     /// Distinct policy sets (identity x direction lists).
     pub policy_sets: usize,
-    /// Peer sets (membership bits).
+    /// Live peer sets, one membership bit each.
     pub peer_sets: usize,
+    /// Width of the membership rows in bits (highest bit in use + 1): bits
+    /// freed by peer sets that went are reused before the width grows, so
+    /// this is at least `peer_sets`.
+    pub membership_bits: usize,
     /// Distinct peer classes (identity bits plus address class, over known addresses).
     pub peer_classes: usize,
     /// Address classes.

@@ -116,6 +116,7 @@ impl Compiler {
             selectors: self.selectors.len(),
             policy_sets: policy_sets.len(),
             peer_sets: self.peer_sets.len(),
+            membership_bits: self.bit_owner.len(),
             peer_classes: peer_classes.len(),
             address_classes: self.classes.len(),
             programs: self.programs.len(),
@@ -354,6 +355,14 @@ impl Compiler {
                 problems.push(format!(
                     "peer set {k}: {} refs, {held} held by programs",
                     ps.refs
+                ));
+            }
+            // The statistics' row width counts every live bit.
+            let width = self.bit_owner.len();
+            if ps.bit as usize >= width || self.bit_owner[ps.bit as usize].as_ref() != Some(k) {
+                problems.push(format!(
+                    "peer set {k}: bit {} is not owned by it within the width {width}",
+                    ps.bit
                 ));
             }
         }
