@@ -26,6 +26,7 @@ use crate::suggest::closest;
 mod calico;
 mod fields;
 mod kubernetes;
+mod mixups;
 use calico::*;
 pub use fields::check_labels;
 use fields::*;
@@ -209,12 +210,15 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
                 .flat_map(|m| m.keys())
                 .filter(|k| !TOP.contains(&k.as_str()))
                 .map(|k| {
-                    unknown_field(UnknownField {
-                        path: k.clone(),
-                        name: k.clone(),
-                        parent: "StagedKubernetesNetworkPolicy",
-                        known: TOP,
-                    })
+                    unknown_field(
+                        &doc,
+                        UnknownField {
+                            path: k.clone(),
+                            name: k.clone(),
+                            parent: "StagedKubernetesNetworkPolicy",
+                            known: TOP,
+                        },
+                    )
                 })
                 .collect();
             let np: Result<netv1::NetworkPolicy, Errors> = typed(&serde_json::json!({
@@ -357,7 +361,11 @@ fn fail<T>(e: Error) -> Result<T, Errors> {
 /// first bad value, each with its path.
 fn typed<T: DeserializeOwned>(doc: &serde_json::Value) -> Result<T, Errors> {
     strict::from_value(doc).map_err(|failure| {
-        let mut errors: Errors = failure.unknown.into_iter().map(unknown_field).collect();
+        let mut errors: Errors = failure
+            .unknown
+            .into_iter()
+            .map(|u| unknown_field(doc, u))
+            .collect();
         if let Some((path, msg)) = failure.invalid {
             let err = Error::new(ErrorKind::Invalid(msg.into()));
             errors.push(if path == "." { err } else { err.at(path) });
@@ -366,10 +374,15 @@ fn typed<T: DeserializeOwned>(doc: &serde_json::Value) -> Result<T, Errors> {
     })
 }
 
-fn unknown_field(u: UnknownField) -> Error {
-    let help = other_api_help(u.parent, &u.name).or_else(|| {
-        closest(&u.name, u.known.iter().copied()).map(|c| format!("did you mean `{c}`?"))
-    });
+fn unknown_field(doc: &serde_json::Value, u: UnknownField) -> Error {
+    let rewritten = (u.parent == "RuleSpec")
+        .then(|| mixups::calico_rules_for_k8s_peers(doc, &u.path, &u.name))
+        .flatten();
+    let help = rewritten
+        .or_else(|| other_api_help(u.parent, &u.name))
+        .or_else(|| {
+            closest(&u.name, u.known.iter().copied()).map(|c| format!("did you mean `{c}`?"))
+        });
     Error::new(ErrorKind::UnknownField { name: u.name, help }).at(u.path)
 }
 
