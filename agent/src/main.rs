@@ -36,6 +36,7 @@ mod matrix_cmd;
 mod progress;
 mod resolve;
 mod selector_cmd;
+mod store_cmd;
 mod verify_cmd;
 
 use std::path::PathBuf;
@@ -159,6 +160,42 @@ enum Command {
     },
     /// Connectivity matrix of pod pairs, with both directions' deciding rule per cell.
     Matrix(matrix_cmd::MatrixArgs),
+    /// Validate manifests and write them to the datastore as one batch (all or nothing).
+    Apply {
+        /// Manifest files or folders.
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        store: store_cmd::StoreArgs,
+    },
+    /// Show stored objects of a kind (`globalnetworkpolicies`, `networkpolicies`, `gnp`, ...).
+    Get {
+        /// Kind: plural, singular or short name.
+        kind: String,
+        /// Only this object.
+        name: Option<String>,
+        /// Only this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: store_cmd::GetFormat,
+        #[command(flatten)]
+        store: store_cmd::StoreArgs,
+    },
+    /// Delete stored objects (all named, or none).
+    Delete {
+        /// Kind: plural, singular or short name.
+        kind: String,
+        /// Names.
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Namespace, for namespaced kinds.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        store: store_cmd::StoreArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -227,6 +264,29 @@ fn run() -> anyhow::Result<ExitCode> {
         }),
         Command::Matrix(args) => {
             matrix_cmd::matrix(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Apply { files, store } => {
+            store_cmd::apply(&store, &files)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            output,
+            store,
+        } => {
+            store_cmd::get(&store, &kind, name.as_deref(), namespace.as_deref(), output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delete {
+            kind,
+            names,
+            namespace,
+            store,
+        } => {
+            store_cmd::delete(&store, &kind, &names, namespace.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -740,3 +740,78 @@ spec:
         }
     }
 }
+
+/// `apply`, `get` and `delete` on the embedded datastore, as an operator
+/// following the zero-trust recipe would run them.
+#[test]
+fn apply_get_delete_on_the_embedded_datastore() {
+    let dir = scratch("store");
+    let state = dir.join("state");
+    let state_arg = state.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = palisade()
+            .args(args)
+            .args(["--state-dir", state_arg])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let (code, out, err) = run(&["apply", "-f", "examples/zero-trust"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("GlobalNetworkPolicy default-deny created"),
+        "{out}"
+    );
+    assert!(out.ends_with("revision 1\n"), "{out}");
+
+    let (code, out, _) = run(&["get", "gnp"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(out, "NAME\nallow-dns\ndefault-deny\n");
+    let (_, out, _) = run(&["get", "networkpolicies", "-n", "shop-backend", "-o", "wide"]);
+    assert!(
+        out.starts_with("NAMESPACE      NAME           REVISION   KEY\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "/calico/resources/v3/projectcalico.org/networkpolicies/shop-backend/db-from-api"
+        ),
+        "{out}"
+    );
+    let (_, out, _) = run(&["get", "globalnetworkpolicy", "default-deny", "-o", "json"]);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["spec"]["order"], 2000);
+
+    // Kubernetes syntax in a Calico policy: refused, with the Calico form,
+    // and nothing written.
+    let log = std::fs::read(state.join("changes.jsonl")).unwrap();
+    let mixed = dir.join("mixed.yaml");
+    std::fs::write(
+        &mixed,
+        "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: api, namespace: shop-backend}\n\
+         spec:\n  selector: app == 'api'\n  ingress:\n  - from:\n    - namespaceSelector:\n        matchLabels: {tier: frontend}\n",
+    )
+    .unwrap();
+    let (code, _, err) = run(&["apply", "-f", mixed.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains(r#"`{action: Allow, source: {namespaceSelector: "tier == 'frontend'"}}`"#),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(state.join("changes.jsonl")).unwrap(), log);
+
+    let (code, out, err) = run(&["delete", "gnp", "allow-dns"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "GlobalNetworkPolicy allow-dns deleted\nrevision 2\n");
+    let (code, _, err) = run(&["delete", "gnp", "allow-dns"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("does not exist"), "{err}");
+    let (code, _, err) = run(&["get", "deployments"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("known kinds: globalnetworkpolicies"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -44,7 +44,9 @@ impl fmt::Display for Origin {
 }
 
 /// Which object an error is about.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct ObjectRef {
     /// Object kind.
     pub kind: String,

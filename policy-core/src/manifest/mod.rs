@@ -28,6 +28,9 @@ pub struct Loaded {
     pub origin: Origin,
     /// The object.
     pub object: Object,
+    /// The document it was read from (the item, for a `List`): what a
+    /// datastore stores and prints back.
+    pub document: serde_json::Value,
 }
 
 /// A document of a kind Palisade does not act on, left out of a load.
@@ -235,6 +238,7 @@ fn convert_into(
         Ok(object) => parsed.objects.push(Loaded {
             origin: origin.clone(),
             object,
+            document: doc.clone(),
         }),
         Err(es) => {
             for e in es {

@@ -1,0 +1,184 @@
+//! Palisade's datastores: where the objects a node agent enforces live,
+//! each with the revision it was written at, and the ordered changes an
+//! agent follows. One trait, [`Datastore`]; the backends:
+//!
+//! | backend | for | changes |
+//! |---|---|---|
+//! | [`EmbeddedStore`] | one node: a state directory | an append-only log, fsynced per apply |
+//! | etcd v3 (next) | several nodes: Calico's etcdv3 key layout | etcd watches |
+//! | Kubernetes API (its own issue) | a real cluster | list + watch |
+//!
+//! Every backend validates an apply exactly as the CLI validates manifests
+//! (strict fields, selectors, references between objects) and applies all
+//! of it or nothing.
+//!
+//! ```
+//! use palisade_datastore::{Datastore, EmbeddedStore};
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = EmbeddedStore::open(dir.path()).unwrap();
+//! let applied = store.apply_text("deny.yaml", "\
+//! apiVersion: projectcalico.org/v3
+//! kind: GlobalNetworkPolicy
+//! metadata: {name: default-deny}
+//! spec: {selector: all(), types: [Ingress, Egress]}
+//! ").unwrap();
+//! assert_eq!(applied.revision, 1);
+//!
+//! // A rejected apply changes nothing.
+//! assert!(store.apply_text("bad.yaml", "\
+//! apiVersion: projectcalico.org/v3
+//! kind: GlobalNetworkPolicy
+//! metadata: {name: broken}
+//! spec: {selector: app = 'x'}
+//! ").is_err());
+//! let snapshot = store.snapshot().unwrap();
+//! assert_eq!((snapshot.revision, snapshot.objects.len()), (1, 1));
+//! assert_eq!(store.changes_since(0).unwrap().len(), 1);
+//! ```
+
+mod embedded;
+pub mod kinds;
+mod validate;
+
+use serde::{Deserialize, Serialize};
+
+pub use embedded::EmbeddedStore;
+pub use kinds::{KINDS, KindInfo, kind_named};
+pub use validate::validate_apply;
+
+use policy_core::{Errors, ObjectRef};
+
+/// A datastore's change counter: every apply or delete takes the next one.
+pub type Revision = u64;
+
+/// One object as stored: its identity, the document as applied, and the
+/// revision that last wrote it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredObject {
+    /// Where it is stored (see [`KindInfo::key`]).
+    pub key: String,
+    /// Kind, namespace and name.
+    #[serde(rename = "ref")]
+    pub object: ObjectRef,
+    /// The revision that wrote it.
+    pub revision: Revision,
+    /// The manifest document, as applied.
+    pub document: serde_json::Value,
+}
+
+/// One change, in revision order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Change {
+    /// An object was created or replaced.
+    Put(StoredObject),
+    /// An object was deleted.
+    Deleted {
+        /// Its key.
+        key: String,
+        /// Kind, namespace and name.
+        #[serde(rename = "ref")]
+        object: ObjectRef,
+        /// The revision of the delete.
+        revision: Revision,
+    },
+}
+
+impl Change {
+    /// The revision of the change.
+    pub fn revision(&self) -> Revision {
+        match self {
+            Change::Put(o) => o.revision,
+            Change::Deleted { revision, .. } => *revision,
+        }
+    }
+}
+
+/// Every object at one revision, ordered by key.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// The revision of the last change included.
+    pub revision: Revision,
+    /// The objects.
+    pub objects: Vec<StoredObject>,
+}
+
+/// What an apply or delete did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    /// The revision it took (unchanged when nothing changed).
+    pub revision: Revision,
+    /// Objects created.
+    pub created: Vec<ObjectRef>,
+    /// Objects replaced with a different document.
+    pub replaced: Vec<ObjectRef>,
+    /// Objects applied again unchanged.
+    pub unchanged: Vec<ObjectRef>,
+    /// Objects deleted.
+    pub deleted: Vec<ObjectRef>,
+}
+
+/// Datastore failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The apply was refused; nothing was written.
+    #[error("{0}")]
+    Rejected(Errors),
+    /// A kind name no datastore holds.
+    #[error("unknown kind {name:?}; known kinds: {known}")]
+    UnknownKind {
+        /// The name given.
+        name: String,
+        /// The plural names.
+        known: String,
+    },
+    /// A delete of an object that is not stored; nothing was written.
+    #[error("{0} does not exist")]
+    NotFound(ObjectRef),
+    /// The store's files cannot be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// File or directory.
+        path: String,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// A record of the store does not parse (not a torn last write, which
+    /// is ignored): the store needs repair.
+    #[error("{path}:{line}: corrupt record: {message}")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// Its line.
+        line: usize,
+        /// The parser's message.
+        message: String,
+    },
+}
+
+/// A store of the objects an agent enforces. Writers validate and apply a
+/// whole batch or nothing; readers see whole batches in revision order.
+///
+/// Synchronous by choice: the embedded store's work is a few file
+/// operations, and the agent calls datastores from its watcher threads, so
+/// an async backend (etcd) runs its client on the agent's runtime behind
+/// this interface rather than every caller needing one.
+pub trait Datastore {
+    /// Every object, at the latest revision.
+    fn snapshot(&self) -> Result<Snapshot, StoreError>;
+    /// Validates manifest sources (name and text, YAML or JSON, several
+    /// documents each) and writes every object (create or replace) as one
+    /// batch. Kinds no datastore holds are refused.
+    fn apply_sources(&self, sources: &[(String, String)]) -> Result<Written, StoreError>;
+    /// Deletes objects as one batch; all must exist.
+    fn delete(&self, objects: &[ObjectRef]) -> Result<Written, StoreError>;
+    /// The changes after a revision, in order.
+    fn changes_since(&self, after: Revision) -> Result<Vec<Change>, StoreError>;
+
+    /// Applies one manifest source.
+    fn apply_text(&self, source: &str, text: &str) -> Result<Written, StoreError> {
+        self.apply_sources(&[(source.to_string(), text.to_string())])
+    }
+}

@@ -1,0 +1,220 @@
+//! The embedded datastore: whole batches or nothing, validation as the CLI
+//! validates, torn writes survived, corruption reported, concurrent writers
+//! serialised.
+
+use std::path::PathBuf;
+
+use palisade_datastore::{Change, Datastore, EmbeddedStore, StoreError, kind_named};
+use policy_core::ObjectRef;
+
+fn zero_trust() -> Vec<(String, String)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/zero-trust");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            (
+                p.display().to_string(),
+                std::fs::read_to_string(&p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn store() -> (tempfile::TempDir, EmbeddedStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path().join("state")).unwrap();
+    (dir, store)
+}
+
+fn log_bytes(store: &EmbeddedStore) -> Vec<u8> {
+    std::fs::read(store.log_path()).unwrap()
+}
+
+const GNP: &str = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\n\
+                   metadata: {name: allow-ntp}\n\
+                   spec: {selector: all(), types: [Egress], egress: [{action: Allow, protocol: UDP, destination: {ports: [123]}}]}\n";
+
+#[test]
+fn an_apply_is_one_revision_and_applying_it_again_changes_nothing() {
+    let (_d, store) = store();
+    let first = store.apply_sources(&zero_trust()).unwrap();
+    assert_eq!(first.revision, 1);
+    assert!(first.created.len() > 10, "{first:?}");
+    let snapshot = store.snapshot().unwrap();
+    assert_eq!(snapshot.objects.len(), first.created.len());
+    assert!(snapshot.objects.iter().all(|o| o.revision == 1));
+    let again = store.apply_sources(&zero_trust()).unwrap();
+    assert_eq!(again.revision, 1, "nothing new was written");
+    assert_eq!(again.unchanged.len(), first.created.len());
+    assert_eq!(store.changes_since(1).unwrap(), vec![]);
+
+    let next = store.apply_text("ntp.yaml", GNP).unwrap();
+    assert_eq!((next.revision, next.created.len()), (2, 1));
+    let changes = store.changes_since(1).unwrap();
+    assert_eq!(changes.len(), 1);
+    assert!(matches!(&changes[0], Change::Put(o)
+        if o.key == "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/allow-ntp"));
+}
+
+#[test]
+fn a_rejected_apply_changes_nothing_and_says_where() {
+    let (_d, store) = store();
+    store.apply_sources(&zero_trust()).unwrap();
+    let before = log_bytes(&store);
+    // A good object next to a bad one: neither is written.
+    let bad = format!(
+        "{GNP}---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\n\
+         metadata: {{name: p, namespace: shop-backend}}\n\
+         spec: {{tier: nosuch, selector: app == 'api'}}\n"
+    );
+    let e = store.apply_text("bad.yaml", &bad).unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, StoreError::Rejected(_)), "{e:?}");
+    assert!(text.contains("tier \"nosuch\" does not exist"), "{text}");
+    assert!(text.contains("bad.yaml"), "the document is named: {text}");
+    assert_eq!(log_bytes(&store), before);
+
+    for (name, doc) in [
+        (
+            "selector",
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: x}\nspec: {selector: app = 'x'}\n",
+        ),
+        (
+            "field",
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: x}\nspec: {selecter: all()}\n",
+        ),
+        (
+            "kind",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x, namespace: a}\n",
+        ),
+    ] {
+        let e = store.apply_text("x.yaml", doc).unwrap_err();
+        assert!(matches!(e, StoreError::Rejected(_)), "{name}: {e:?}");
+        assert_eq!(log_bytes(&store), before, "{name}");
+    }
+
+    let twice = format!("{GNP}---\n{GNP}");
+    let e = store.apply_text("twice.yaml", &twice).unwrap_err();
+    assert!(e.to_string().contains("earlier in this apply"), "{e}");
+    assert_eq!(log_bytes(&store), before);
+}
+
+#[test]
+fn deletes_must_name_stored_objects_and_keep_the_cluster_valid() {
+    let (_d, store) = store();
+    store.apply_sources(&zero_trust()).unwrap();
+    store
+        .apply_text(
+            "tier.yaml",
+            "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: security}\nspec: {order: 100}\n---\n\
+             apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: security.block}\n\
+             spec: {tier: security, selector: all(), types: [Ingress]}\n",
+        )
+        .unwrap();
+    let before = log_bytes(&store);
+    let tier = ObjectRef::new("Tier", None, "security");
+    let e = store.delete(std::slice::from_ref(&tier)).unwrap_err();
+    assert!(
+        matches!(e, StoreError::Rejected(_)),
+        "a tier in use stays: {e:?}"
+    );
+    let missing = ObjectRef::new("GlobalNetworkPolicy", None, "nosuch");
+    assert!(matches!(
+        store.delete(std::slice::from_ref(&missing)),
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(log_bytes(&store), before);
+
+    let policy = ObjectRef::new("GlobalNetworkPolicy", None, "security.block");
+    let written = store.delete(&[policy.clone(), tier]).unwrap();
+    assert_eq!(written.revision, 3);
+    let changes = store.changes_since(2).unwrap();
+    assert_eq!(changes.len(), 2);
+    assert!(matches!(&changes[0], Change::Deleted { object, .. } if *object == policy));
+    assert!(
+        store
+            .snapshot()
+            .unwrap()
+            .objects
+            .iter()
+            .all(|o| o.object.kind != "Tier")
+    );
+}
+
+#[test]
+fn a_torn_last_write_is_ignored_and_cut_and_corruption_is_reported() {
+    let (_d, store) = store();
+    store.apply_text("ntp.yaml", GNP).unwrap();
+    let good = log_bytes(&store);
+    // A crash in the middle of the next append.
+    let mut torn = good.clone();
+    torn.extend_from_slice(br#"{"put":{"key":"/calico/resou"#);
+    std::fs::write(store.log_path(), &torn).unwrap();
+    assert_eq!(store.snapshot().unwrap().revision, 1);
+    let written = store.apply_sources(&zero_trust()).unwrap();
+    assert_eq!(written.revision, 2);
+    let log = log_bytes(&store);
+    assert!(log.starts_with(&good) && log.ends_with(b"\n"));
+    assert_eq!(
+        store.changes_since(0).unwrap().len(),
+        1 + written.created.len()
+    );
+
+    // A damaged line in the middle is never skipped.
+    let mut damaged = String::from_utf8(log).unwrap();
+    damaged.replace_range(0..1, "[");
+    std::fs::write(store.log_path(), damaged).unwrap();
+    let e = store.snapshot().unwrap_err();
+    assert!(matches!(e, StoreError::Corrupt { line: 1, .. }), "{e:?}");
+    assert!(store.apply_text("ntp.yaml", GNP).is_err());
+}
+
+#[test]
+fn concurrent_writers_get_one_revision_each() {
+    let (_d, store) = store();
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..15 {
+                    let doc = format!(
+                        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\n\
+                         metadata: {{name: w{w}-{i}, labels: {{writer: w{w}}}}}\nspec: {{nets: [10.{w}.{i}.0/24]}}\n"
+                    );
+                    // A second handle on the same directory, as a CLI next to the agent.
+                    let own = EmbeddedStore::open(store.dir()).unwrap();
+                    own.apply_text("set.yaml", &doc).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let changes = store.changes_since(0).unwrap();
+    let mut revisions: Vec<u64> = changes.iter().map(Change::revision).collect();
+    revisions.dedup();
+    assert_eq!(revisions, (1..=30).collect::<Vec<_>>());
+    assert_eq!(store.snapshot().unwrap().objects.len(), 30);
+}
+
+#[test]
+fn kinds_are_named_as_calicoctl_names_them() {
+    let (_d, store) = store();
+    store.apply_sources(&zero_trust()).unwrap();
+    let gnp = kind_named("globalnetworkpolicies").unwrap();
+    let stored: Vec<String> = store
+        .snapshot()
+        .unwrap()
+        .objects
+        .into_iter()
+        .filter(|o| o.object.kind == gnp.kind)
+        .map(|o| o.object.name)
+        .collect();
+    assert!(!stored.is_empty());
+}
