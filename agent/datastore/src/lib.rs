@@ -4,7 +4,7 @@
 //!
 //! | backend | for | changes |
 //! |---|---|---|
-//! | [`EmbeddedStore`] | one node: a state directory | an append-only log, fsynced per apply |
+//! | [`EmbeddedStore`] | one node: a state directory | an append-only log, fsynced per apply, followed with inotify ([`Watch`]) |
 //! | etcd v3 (next) | several nodes: Calico's etcdv3 key layout | etcd watches |
 //! | Kubernetes API (its own issue) | a real cluster | list + watch |
 //!
@@ -40,12 +40,14 @@
 mod embedded;
 pub mod kinds;
 mod validate;
+mod watch;
 
 use serde::{Deserialize, Serialize};
 
 pub use embedded::EmbeddedStore;
 pub use kinds::{KINDS, KindInfo, kind_named};
 pub use validate::validate_apply;
+pub use watch::Watch;
 
 use policy_core::{Errors, ObjectRef};
 

@@ -218,3 +218,37 @@ fn kinds_are_named_as_calicoctl_names_them() {
         .collect();
     assert!(!stored.is_empty());
 }
+
+#[test]
+fn a_watch_wakes_on_each_written_batch_and_only_then() {
+    use palisade_datastore::Watch;
+    use std::time::Duration;
+    let (_d, store) = store();
+    store.apply_sources(&zero_trust()).unwrap();
+    let mut watch = Watch::new(store.clone(), 0).unwrap();
+    // What was there before the watch: at once.
+    let first = watch.next(None).unwrap();
+    assert_eq!(watch.revision(), 1);
+    assert!(first.len() > 10);
+    // Nothing new: the time runs out with nothing.
+    assert_eq!(watch.next(Some(Duration::from_millis(20))).unwrap(), vec![]);
+    // A writer in another thread (as `palisade apply` next to the agent):
+    // with no timeout, only the log's inotify event can wake the watch.
+    let dir = store.dir().to_path_buf();
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        let other = EmbeddedStore::open(&dir).unwrap();
+        other.apply_text("ntp.yaml", GNP).unwrap();
+        other
+            .delete(&[ObjectRef::new("GlobalNetworkPolicy", None, "allow-ntp")])
+            .unwrap();
+    });
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        seen.extend(watch.next(None).unwrap());
+    }
+    writer.join().unwrap();
+    assert!(matches!(&seen[0], Change::Put(o) if o.revision == 2));
+    assert!(matches!(&seen[1], Change::Deleted { revision: 3, .. }));
+    assert_eq!(watch.revision(), 3);
+}
