@@ -278,3 +278,79 @@ pub struct CalicoObject<S> {
     #[serde(default)]
     pub spec: S,
 }
+
+/// WorkloadEndpoint spec: what Calico's CNI plugin records for a pod's
+/// interface (`projectcalico.org/v3`, Calico's field names).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadEndpointSpec {
+    /// `k8s` for pods.
+    #[serde(default)]
+    pub orchestrator: String,
+    /// Workload name (other orchestrators).
+    #[serde(default)]
+    pub workload: String,
+    /// The node the endpoint is on.
+    #[serde(default)]
+    pub node: String,
+    /// Container runtime id.
+    #[serde(default, rename = "containerID")]
+    pub container_id: String,
+    /// The pod's name.
+    #[serde(default)]
+    pub pod: String,
+    /// Interface name inside the workload (`eth0`).
+    #[serde(default)]
+    pub endpoint: String,
+    /// The pod's service account.
+    #[serde(default)]
+    pub service_account_name: String,
+    /// Addresses, as /32 or /128 networks.
+    #[serde(default)]
+    pub ip_networks: Vec<String>,
+    /// One-to-one NAT addresses (floating IPs; not supported).
+    #[serde(default, rename = "ipNATs")]
+    pub ip_nats: Vec<serde_json::Value>,
+    /// IPv4 gateway.
+    #[serde(default, rename = "ipv4Gateway")]
+    pub ipv4_gateway: String,
+    /// IPv6 gateway.
+    #[serde(default, rename = "ipv6Gateway")]
+    pub ipv6_gateway: String,
+    /// Profiles applied, in order.
+    #[serde(default)]
+    pub profiles: Vec<String>,
+    /// Host-side interface.
+    #[serde(default)]
+    pub interface_name: String,
+    /// MAC address of the workload side.
+    #[serde(default)]
+    pub mac: String,
+    /// Named ports.
+    #[serde(default)]
+    pub ports: Vec<WorkloadEndpointPort>,
+    /// Source prefixes the workload may also send from (not supported).
+    #[serde(default)]
+    pub allow_spoofed_source_prefixes: Vec<String>,
+}
+
+/// A named port of a WorkloadEndpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkloadEndpointPort {
+    /// Port name.
+    #[serde(default)]
+    pub name: String,
+    /// Protocol (`TCP`, `UDP`, `SCTP`).
+    #[serde(default)]
+    pub protocol: Option<NumOrString>,
+    /// Port number.
+    #[serde(default)]
+    pub port: u16,
+    /// Host port (port mapping; not enforced by policy).
+    #[serde(default)]
+    pub host_port: u16,
+    /// Host address of the port mapping.
+    #[serde(default, rename = "hostIP")]
+    pub host_ip: String,
+}

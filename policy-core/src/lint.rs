@@ -236,6 +236,7 @@ fn dns_blocked(cluster: &Cluster) -> Vec<Finding> {
             node: None,
             profiles: None,
             orchestrator: "k8s".into(),
+            interface: None,
         };
         let mut changes = vec![Change::Upsert(Object::Endpoint(dns))];
         if cluster.namespace("kube-system").is_none() {

@@ -489,6 +489,9 @@ pub struct Endpoint {
     pub profiles: Option<Vec<String>>,
     /// Orchestrator label value (`k8s` for pods).
     pub orchestrator: String,
+    /// The host-side interface the endpoint is attached to, when a
+    /// WorkloadEndpoint records it (Calico's CNI plugin writes it).
+    pub interface: Option<String>,
 }
 
 impl Endpoint {

@@ -125,6 +125,7 @@ pub fn parse_endpoint(json: &str) -> Result<Endpoint, Error> {
         node: spec.node.filter(|n| !n.is_empty()),
         profiles: spec.profiles,
         orchestrator: "k8s".into(),
+        interface: None,
     })
 }
 

@@ -17,7 +17,7 @@ use nix::fcntl::{Flock, FlockArg};
 use policy_core::ObjectRef;
 use policy_core::manifest::{Loaded, parse_source};
 
-use crate::kinds::kind_of_ref;
+use crate::kinds::{document_ref, kind_of_ref};
 use crate::validate::{validate_apply, validate_delete};
 use crate::{Change, Datastore, Revision, Snapshot, StoreError, StoredObject, Written};
 
@@ -189,8 +189,14 @@ impl EmbeddedStore {
             };
             let mut changes = Vec::new();
             for l in batch {
-                let object = l.object.object_ref();
-                let key = key_of(&object)?;
+                // Stored under the document's own kind and name (a
+                // WorkloadEndpoint is not stored as its pod).
+                let (info, object) =
+                    document_ref(&l.document).ok_or_else(|| StoreError::UnknownKind {
+                        name: l.object.object_ref().kind,
+                        known: known_kinds(),
+                    })?;
+                let key = info.key(object.namespace.as_deref(), &object.name);
                 match by_key.get(key.as_str()) {
                     Some(old) if old.document == l.document => {
                         written.unchanged.push(object);
@@ -241,7 +247,14 @@ impl Datastore for EmbeddedStore {
                     revision,
                 });
             }
-            validate_delete(&state, objects).map_err(StoreError::Rejected)?;
+            let keys: Vec<String> = changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::Deleted { key, .. } => Some(key.clone()),
+                    Change::Put(_) => None,
+                })
+                .collect();
+            validate_delete(&state, &keys).map_err(StoreError::Rejected)?;
             self.append(log.whole_bytes, &changes)?;
             Ok(Written {
                 revision,
@@ -289,13 +302,17 @@ fn fold(changes: &[Change]) -> Snapshot {
 fn key_of(object: &ObjectRef) -> Result<String, StoreError> {
     let kind = kind_of_ref(&object.kind).ok_or_else(|| StoreError::UnknownKind {
         name: object.kind.clone(),
-        known: crate::KINDS
-            .iter()
-            .map(|k| k.plural)
-            .collect::<Vec<_>>()
-            .join(", "),
+        known: known_kinds(),
     })?;
     Ok(kind.key(object.namespace.as_deref(), &object.name))
+}
+
+fn known_kinds() -> String {
+    crate::KINDS
+        .iter()
+        .map(|k| k.plural)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {

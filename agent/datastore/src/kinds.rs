@@ -88,6 +88,12 @@ pub const KINDS: &[KindInfo] = &[
         &["globalnetworkset", "gns"],
     ),
     calico("profiles", "Profile", false, &["profile", "pro"]),
+    calico(
+        "workloadendpoints",
+        "WorkloadEndpoint",
+        true,
+        &["workloadendpoint", "wep", "weps"],
+    ),
     KindInfo {
         plural: "networkpolicies.networking.k8s.io",
         kind: "KubernetesNetworkPolicy",
@@ -157,6 +163,29 @@ pub fn kind_named(name: &str) -> Result<&'static KindInfo, StoreError> {
                 .collect::<Vec<_>>()
                 .join(", "),
         })
+}
+
+fn str_of(v: Option<&serde_json::Value>) -> Option<&str> {
+    v.and_then(|v| v.as_str())
+}
+
+/// The kind of a manifest document, by its `kind` and `apiVersion`, with
+/// its reference (namespace and name from its metadata).
+pub fn document_ref(
+    document: &serde_json::Value,
+) -> Option<(&'static KindInfo, policy_core::ObjectRef)> {
+    let kind = str_of(document.get("kind"))?;
+    let api = str_of(document.get("apiVersion"))?;
+    let info = KINDS
+        .iter()
+        .find(|k| k.document_kind == kind && k.api_version == api)?;
+    let meta = document.get("metadata");
+    let name = str_of(meta.and_then(|m| m.get("name")))?;
+    let namespace = str_of(meta.and_then(|m| m.get("namespace"))).filter(|_| info.namespaced);
+    Some((
+        info,
+        policy_core::ObjectRef::new(info.kind, namespace, name),
+    ))
 }
 
 /// The kind an `ObjectRef` kind names.

@@ -2,24 +2,32 @@
 //! stored objects, must leave a valid cluster, exactly as the CLI would
 //! find it loading the same manifests.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use policy_core::cluster::{Change, Cluster};
-use policy_core::convert::convert_document_all;
+use policy_core::convert::{Object, convert_document_all};
 use policy_core::manifest::Loaded;
 use policy_core::{Error, ErrorKind, Errors, ObjectRef};
 
 use crate::Snapshot;
+use crate::kinds::document_ref;
 
 /// The stored objects as a cluster. A stored document that no longer
 /// converts (written by another version) is reported, not skipped: the
 /// store must not validate against a state it cannot read.
 pub(crate) fn stored_cluster(stored: &Snapshot) -> Result<Cluster, Errors> {
+    stored_objects(stored).and_then(|objects| {
+        Cluster::from_objects(objects.into_iter().map(|(_, o)| o)).map_err(Errors::from)
+    })
+}
+
+/// The stored objects, converted, with their keys.
+fn stored_objects(stored: &Snapshot) -> Result<Vec<(&str, Object)>, Errors> {
     let mut errors = Errors::new();
     let mut objects = Vec::with_capacity(stored.objects.len());
     for o in &stored.objects {
         match convert_document_all(&o.document) {
-            Ok(obj) => objects.push(obj),
+            Ok(obj) => objects.push((o.key.as_str(), obj)),
             Err(es) => {
                 for e in es {
                     errors.push(e.on(o.object.clone()));
@@ -27,8 +35,7 @@ pub(crate) fn stored_cluster(stored: &Snapshot) -> Result<Cluster, Errors> {
             }
         }
     }
-    errors.or_ok(())?;
-    Cluster::from_objects(objects).map_err(Errors::from)
+    errors.or_ok(objects)
 }
 
 /// Checks `batch` against `stored`: no object twice in one batch, and the
@@ -51,7 +58,29 @@ pub fn validate_apply(stored: &Snapshot, batch: &[Loaded]) -> Result<(), Errors>
         }
     }
     errors.or_ok(())?;
-    let mut cluster = stored_cluster(stored)?;
+    let objects = stored_objects(stored)?;
+    // One object, one document: a Pod and a WorkloadEndpoint for the same
+    // pod (or two endpoints for it) would leave which one counts to the
+    // order of their keys.
+    let mut errors = Errors::new();
+    let held: BTreeMap<ObjectRef, &str> =
+        objects.iter().map(|(k, o)| (o.object_ref(), *k)).collect();
+    for l in batch {
+        let r = l.object.object_ref();
+        let key =
+            document_ref(&l.document).map(|(info, d)| info.key(d.namespace.as_deref(), &d.name));
+        if let Some(other) = held.get(&r)
+            && key.as_deref() != Some(*other)
+        {
+            errors.push(
+                Error::new(ErrorKind::Duplicate(r.clone(), format!(" as {other}")))
+                    .on(r)
+                    .from_origin(l.origin.clone()),
+            );
+        }
+    }
+    errors.or_ok(())?;
+    let mut cluster = Cluster::from_objects(objects.into_iter().map(|(_, o)| o))?;
     let changes = batch
         .iter()
         .map(|l| Change::Upsert(l.object.clone()))
@@ -71,10 +100,16 @@ pub fn validate_apply(stored: &Snapshot, batch: &[Loaded]) -> Result<(), Errors>
     })
 }
 
-/// Checks that deleting `refs` leaves a valid cluster (a tier still named
-/// by a policy cannot go).
-pub(crate) fn validate_delete(stored: &Snapshot, refs: &[ObjectRef]) -> Result<(), Errors> {
+/// Checks that deleting the objects stored under `keys` leaves a valid
+/// cluster (a tier still named by a policy cannot go). The cluster knows
+/// objects by what they are (a WorkloadEndpoint is its pod), so each
+/// stored document says which object goes.
+pub(crate) fn validate_delete(stored: &Snapshot, keys: &[String]) -> Result<(), Errors> {
     let mut cluster = stored_cluster(stored)?;
-    let changes = refs.iter().cloned().map(Change::Delete).collect();
+    let mut changes = Vec::new();
+    for o in stored.objects.iter().filter(|o| keys.contains(&o.key)) {
+        let object = convert_document_all(&o.document)?;
+        changes.push(Change::Delete(object.object_ref()));
+    }
     cluster.apply(changes).map(|_| ()).map_err(Errors::from)
 }

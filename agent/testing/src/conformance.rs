@@ -232,6 +232,7 @@ pub fn parse_case(source: &str, text: &str) -> Result<Case, Error> {
             node: pod.node_name.clone(),
             profiles: pod.profiles.clone(),
             orchestrator: "k8s".into(),
+            interface: None,
         }));
     }
     for (i, p) in raw.policies.iter().enumerate() {

@@ -379,6 +379,7 @@ fn pod(r: &mut Rng, ns_index: usize, i: usize, name: &str) -> Object {
         node: Some(format!("node-{}", r.below(2))),
         profiles,
         orchestrator: "k8s".into(),
+        interface: None,
     })
 }
 
@@ -816,6 +817,7 @@ fn scale_parts(scale: Scale, seed: u64) -> Vec<Part> {
             node: Some(format!("node-{}", i % nodes)),
             profiles: None,
             orchestrator: "k8s".into(),
+            interface: None,
         }));
     }
     let dns_pod = Endpoint {
@@ -831,6 +833,7 @@ fn scale_parts(scale: Scale, seed: u64) -> Vec<Part> {
         node: Some("node-0".into()),
         profiles: None,
         orchestrator: "k8s".into(),
+        interface: None,
     };
     objects.push(Part::Pod(dns_pod));
 

@@ -377,5 +377,6 @@ pub(super) fn pod_endpoint(pod: &core::Pod) -> Result<Endpoint, Error> {
         node: spec.node_name.clone(),
         profiles: None,
         orchestrator: "k8s".into(),
+        interface: None,
     })
 }

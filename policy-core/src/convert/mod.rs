@@ -27,6 +27,7 @@ mod calico;
 mod fields;
 mod kubernetes;
 mod mixups;
+mod workload;
 use calico::*;
 pub use fields::check_labels;
 use fields::*;
@@ -106,7 +107,7 @@ pub fn policy_ref(id: &PolicyId) -> ObjectRef {
 /// Kinds Palisade reads, for error messages.
 pub const SUPPORTED_KINDS: &str = "projectcalico.org/v3 NetworkPolicy, GlobalNetworkPolicy, \
 StagedNetworkPolicy, StagedGlobalNetworkPolicy, StagedKubernetesNetworkPolicy, Tier, NetworkSet, \
-GlobalNetworkSet, Profile; networking.k8s.io/v1 NetworkPolicy; v1 Namespace, Pod, ServiceAccount";
+GlobalNetworkSet, Profile, WorkloadEndpoint; networking.k8s.io/v1 NetworkPolicy; v1 Namespace, Pod, ServiceAccount";
 
 /// Converts one manifest document (already parsed to JSON) into a model
 /// object; on failure, the first of [`convert_document_all`]'s errors.
@@ -335,6 +336,11 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
                 name: object_name(&sa.metadata, NameRule::Subdomain)?,
                 labels: labels_of(&sa.metadata, "metadata.labels")?,
             }))
+        }
+        "WorkloadEndpoint" => {
+            expect_api(kind, api, CALICO_API_VERSION)?;
+            let obj: CalicoObject<crate::api::WorkloadEndpointSpec> = typed(doc)?;
+            Ok(Object::Endpoint(workload::workload_endpoint(&obj)?))
         }
         "Pod" => {
             expect_api(kind, api, "v1")?;

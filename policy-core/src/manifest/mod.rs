@@ -80,7 +80,7 @@ enum Section<'t> {
 }
 
 /// The kinds Palisade acts on (any other kind is skipped).
-pub const ACTED_ON_KINDS: [&str; 13] = [
+pub const ACTED_ON_KINDS: [&str; 14] = [
     "NetworkPolicy",
     "GlobalNetworkPolicy",
     "StagedNetworkPolicy",
@@ -89,6 +89,7 @@ pub const ACTED_ON_KINDS: [&str; 13] = [
     "Tier",
     "NetworkSet",
     "GlobalNetworkSet",
+    "WorkloadEndpoint",
     "Profile",
     "Namespace",
     "Pod",

@@ -252,3 +252,44 @@ fn a_watch_wakes_on_each_written_batch_and_only_then() {
     assert!(matches!(&seen[1], Change::Deleted { revision: 3, .. }));
     assert_eq!(watch.revision(), 3);
 }
+
+#[test]
+fn workload_endpoints_are_stored_under_their_own_name_and_deleted_as_their_pod() {
+    let (_d, store) = store();
+    store.apply_sources(&zero_trust()).unwrap();
+    let wep = "apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\n\
+               metadata: {name: node1-k8s-cache-eth0, namespace: shop-backend, labels: {app: cache}}\n\
+               spec: {node: node1, orchestrator: k8s, pod: cache, endpoint: eth0, interfaceName: cali1234,\n\
+                      ipNetworks: [10.10.2.30/32], profiles: [kns.shop-backend]}\n";
+    let written = store.apply_text("wep.yaml", wep).unwrap();
+    assert_eq!(
+        written.created,
+        vec![ObjectRef::new(
+            "WorkloadEndpoint",
+            Some("shop-backend"),
+            "node1-k8s-cache-eth0"
+        )]
+    );
+    let snapshot = store.snapshot().unwrap();
+    let stored = snapshot
+        .objects
+        .iter()
+        .find(|o| o.object.kind == "WorkloadEndpoint")
+        .unwrap();
+    assert_eq!(
+        stored.key,
+        "/calico/resources/v3/projectcalico.org/workloadendpoints/shop-backend/node1-k8s-cache-eth0"
+    );
+    // The same pod twice (a Pod and its endpoint) is refused.
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: cache, namespace: shop-backend}\nstatus: {podIP: 10.10.2.31}\n";
+    assert!(matches!(
+        store.apply_text("pod.yaml", pod),
+        Err(StoreError::Rejected(_))
+    ));
+    let gone = store.delete(std::slice::from_ref(&stored.object)).unwrap();
+    assert_eq!(gone.deleted.len(), 1);
+    assert!(
+        store.apply_text("pod.yaml", pod).is_ok(),
+        "the pod's place is free again"
+    );
+}
