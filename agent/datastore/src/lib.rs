@@ -10,7 +10,9 @@
 //!
 //! Every backend validates an apply exactly as the CLI validates manifests
 //! (strict fields, selectors, references between objects) and applies all
-//! of it or nothing.
+//! of it or nothing. A node follows a store through a [`NodeView`]: the
+//! changes as model changes for its controller, its endpoints' interfaces
+//! to bind, and the objects it had to skip.
 //!
 //! ```
 //! use palisade_datastore::{Datastore, EmbeddedStore};
@@ -39,6 +41,7 @@
 
 mod embedded;
 pub mod kinds;
+mod node_view;
 mod validate;
 mod watch;
 
@@ -46,6 +49,7 @@ use serde::{Deserialize, Serialize};
 
 pub use embedded::EmbeddedStore;
 pub use kinds::{KINDS, KindInfo, kind_named};
+pub use node_view::{NodeView, Rejected, Step};
 pub use validate::validate_apply;
 pub use watch::Watch;
 

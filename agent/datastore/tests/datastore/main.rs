@@ -293,3 +293,98 @@ fn workload_endpoints_are_stored_under_their_own_name_and_deleted_as_their_pod()
         "the pod's place is free again"
     );
 }
+
+/// The agent's pipeline without a kernel: a store, a watch, this node's
+/// view, and the node controller on its in-memory dataplane. A policy
+/// applied with `palisade apply` decides connections at once; a bad
+/// object written around the validation is skipped while the rest holds.
+#[test]
+fn a_node_view_feeds_the_controller_change_by_change() {
+    use palisade_controller::{Controller, MirrorDataplane};
+    use palisade_datastore::{NodeView, Watch};
+    use policy_core::connection::ConnectionSpec;
+    use policy_core::net::Protocol;
+
+    let (_d, store) = store();
+    store.apply_sources(&zero_trust()).unwrap();
+    let endpoints = "apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\n\
+        metadata: {name: n1-k8s-cache-eth0, namespace: shop-backend, labels: {app: cache}}\n\
+        spec: {node: n1, orchestrator: k8s, pod: cache, interfaceName: cali1, ipNetworks: [10.10.2.30/32], profiles: [kns.shop-backend]}\n";
+    store.apply_text("weps.yaml", endpoints).unwrap();
+
+    let mut watch = Watch::new(store.clone(), 0).unwrap();
+    let mut view = NodeView::new("n1");
+    let dataplane = MirrorDataplane::with_interfaces([("cali1", 11, [2, 0, 0, 0, 0, 11])]);
+    let mut controller = Controller::new(Some("n1".into()), dataplane);
+    let follow =
+        |watch: &mut Watch, controller: &mut Controller<MirrorDataplane>, view: &mut NodeView| {
+            let step = view.update(&watch.next(None).unwrap());
+            controller.stage(step.changes).unwrap();
+            controller.apply().unwrap();
+            for (iface, key) in step.bind {
+                controller.attach(&iface, Some(key)).unwrap();
+            }
+            step.rejected
+        };
+    assert!(follow(&mut watch, &mut controller, &mut view).is_empty());
+    assert_eq!(view.bindings().len(), 1);
+
+    let api_to_cache = |c: &Controller<MirrorDataplane>| {
+        let (api, _) = c.peer("shop-backend/api", "src").unwrap();
+        let (cache, _) = c.peer("shop-backend/cache", "dst").unwrap();
+        let spec = ConnectionSpec {
+            protocol: Protocol::TCP,
+            dst_port: Some(6379),
+            src_port: None,
+            icmp: None,
+            ip_version: None,
+        };
+        c.check((&api, None), (&cache, None), spec).unwrap().allowed
+    };
+    assert!(!api_to_cache(&controller), "default deny");
+    store
+        .apply_text(
+            "cache.yaml",
+            "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\n\
+             metadata: {name: cache-from-api, namespace: shop-backend}\n\
+             spec: {order: 10, selector: app == 'cache', types: [Ingress], ingress: [{action: Allow, protocol: TCP, source: {selector: app == 'api'}, destination: {ports: [6379]}}]}\n",
+        )
+        .unwrap();
+    // The allow needs the api pod's egress too.
+    store
+        .apply_text(
+            "api.yaml",
+            "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\n\
+             metadata: {name: api-to-cache, namespace: shop-backend}\n\
+             spec: {order: 10, selector: app == 'api', types: [Egress], egress: [{action: Allow, protocol: TCP, destination: {selector: app == 'cache', ports: [6379]}}]}\n",
+        )
+        .unwrap();
+    while watch.revision() < 4 {
+        assert!(follow(&mut watch, &mut controller, &mut view).is_empty());
+    }
+    assert!(api_to_cache(&controller));
+
+    // Another tool writes a broken version straight into the log (around
+    // the store's validation): skipped, the last good one stays in force.
+    let mut log = std::fs::read_to_string(store.log_path()).unwrap();
+    let broken = log
+        .lines()
+        .find(|l| l.contains("cache-from-api"))
+        .unwrap()
+        .replace("app == 'cache'", "app = 'cache'")
+        .replace("\"revision\":3", "\"revision\":5");
+    log.push_str(&broken);
+    log.push('\n');
+    std::fs::write(store.log_path(), log).unwrap();
+    let rejected = follow(&mut watch, &mut controller, &mut view);
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert!(
+        rejected[0].errors.contains("spec.selector"),
+        "{}",
+        rejected[0].errors
+    );
+    assert!(
+        api_to_cache(&controller),
+        "the last good version still decides"
+    );
+}
