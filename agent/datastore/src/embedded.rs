@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 use policy_core::ObjectRef;
-use policy_core::manifest::{Loaded, parse_source};
+use policy_core::manifest::{Loaded, parse_source_keeping_documents};
 
 use crate::kinds::{document_ref, kind_of_ref};
 use crate::validate::{validate_apply, validate_delete};
@@ -141,7 +141,7 @@ impl EmbeddedStore {
         let mut loaded = Vec::new();
         let mut errors = policy_core::Errors::new();
         for (source, text) in sources {
-            match parse_source(source, text) {
+            match parse_source_keeping_documents(source, text) {
                 Ok(parsed) => {
                     for s in parsed.skipped {
                         errors.push(
@@ -171,8 +171,8 @@ impl EmbeddedStore {
         self.apply_loaded(loaded)
     }
 
-    /// Applies objects already read from manifests as one batch.
-    pub fn apply_loaded(&self, batch: Vec<Loaded>) -> Result<Written, StoreError> {
+    /// Applies objects read with their documents as one batch.
+    fn apply_loaded(&self, batch: Vec<Loaded>) -> Result<Written, StoreError> {
         self.locked(true, || {
             let log = self.read_log()?;
             let state = fold(&log.changes);
@@ -191,14 +191,17 @@ impl EmbeddedStore {
             for l in batch {
                 // Stored under the document's own kind and name (a
                 // WorkloadEndpoint is not stored as its pod).
-                let (info, object) =
-                    document_ref(&l.document).ok_or_else(|| StoreError::UnknownKind {
-                        name: l.object.object_ref().kind,
-                        known: known_kinds(),
-                    })?;
+                let unknown = || StoreError::UnknownKind {
+                    name: l.object.object_ref().kind,
+                    known: known_kinds(),
+                };
+                let Some(document) = l.document.clone() else {
+                    return Err(unknown());
+                };
+                let (info, object) = document_ref(&document).ok_or_else(unknown)?;
                 let key = info.key(object.namespace.as_deref(), &object.name);
                 match by_key.get(key.as_str()) {
-                    Some(old) if old.document == l.document => {
+                    Some(old) if old.document == document => {
                         written.unchanged.push(object);
                         continue;
                     }
@@ -209,7 +212,7 @@ impl EmbeddedStore {
                     key,
                     object,
                     revision,
-                    document: l.document,
+                    document,
                 }));
             }
             if !changes.is_empty() {

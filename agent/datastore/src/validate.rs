@@ -41,6 +41,8 @@ fn stored_objects(stored: &Snapshot) -> Result<Vec<(&str, Object)>, Errors> {
 /// Checks `batch` against `stored`: no object twice in one batch, and the
 /// stored objects with the batch applied form a valid cluster (tiers the
 /// policies name exist, and so on). Errors carry the document's origin.
+/// The batch is read with its documents kept
+/// (`parse_source_keeping_documents`): they say where each object is stored.
 pub fn validate_apply(stored: &Snapshot, batch: &[Loaded]) -> Result<(), Errors> {
     let mut errors = Errors::new();
     let mut seen: BTreeSet<ObjectRef> = BTreeSet::new();
@@ -67,8 +69,11 @@ pub fn validate_apply(stored: &Snapshot, batch: &[Loaded]) -> Result<(), Errors>
         objects.iter().map(|(k, o)| (o.object_ref(), *k)).collect();
     for l in batch {
         let r = l.object.object_ref();
-        let key =
-            document_ref(&l.document).map(|(info, d)| info.key(d.namespace.as_deref(), &d.name));
+        let key = l
+            .document
+            .as_ref()
+            .and_then(document_ref)
+            .map(|(info, d)| info.key(d.namespace.as_deref(), &d.name));
         if let Some(other) = held.get(&r)
             && key.as_deref() != Some(*other)
         {

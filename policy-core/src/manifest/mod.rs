@@ -28,9 +28,10 @@ pub struct Loaded {
     pub origin: Origin,
     /// The object.
     pub object: Object,
-    /// The document it was read from (the item, for a `List`): what a
+    /// The document it was read from (the item, for a `List`), when the
+    /// caller asked to keep it ([`parse_source_keeping_documents`]): what a
     /// datastore stores and prints back.
-    pub document: serde_json::Value,
+    pub document: Option<serde_json::Value>,
 }
 
 /// A document of a kind Palisade does not act on, left out of a load.
@@ -168,6 +169,7 @@ fn convert_into(
     item: Option<usize>,
     parsed: &mut Parsed,
     errors: &mut Errors,
+    keep_documents: bool,
 ) {
     // Where a field is, when it can be found in the text.
     let origin_of = |field: Option<&str>| {
@@ -231,7 +233,7 @@ fn convert_into(
             return;
         };
         for (j, it) in items.iter().enumerate() {
-            convert_into(it, origin, section, Some(j), parsed, errors);
+            convert_into(it, origin, section, Some(j), parsed, errors, keep_documents);
         }
         return;
     }
@@ -239,7 +241,7 @@ fn convert_into(
         Ok(object) => parsed.objects.push(Loaded {
             origin: origin.clone(),
             object,
-            document: doc.clone(),
+            document: keep_documents.then(|| doc.clone()),
         }),
         Err(es) => {
             for e in es {
@@ -254,6 +256,16 @@ fn convert_into(
 /// `*List`) are expanded into their items; kinds Palisade does not act on are
 /// listed in [`Parsed::skipped`].
 pub fn parse_source(source: &str, text: &str) -> Result<Parsed, Errors> {
+    parse_source_with(source, text, false)
+}
+
+/// [`parse_source`], keeping each object's document in [`Loaded::document`]
+/// (for datastores, which store what was applied).
+pub fn parse_source_keeping_documents(source: &str, text: &str) -> Result<Parsed, Errors> {
+    parse_source_with(source, text, true)
+}
+
+fn parse_source_with(source: &str, text: &str, keep_documents: bool) -> Result<Parsed, Errors> {
     let (docs, syntax) = split_all(source, text);
     let mut parsed = Parsed::default();
     let mut all: Vec<(usize, Error)> = Vec::new();
@@ -263,7 +275,15 @@ pub fn parse_source(source: &str, text: &str) -> Result<Parsed, Errors> {
             Some(start) => Section::Json(text, start),
             None => Section::Yaml(text.get(d.span.clone()).unwrap_or(""), d.first_line),
         };
-        convert_into(&d.value, &d.origin, section, None, &mut parsed, &mut es);
+        convert_into(
+            &d.value,
+            &d.origin,
+            section,
+            None,
+            &mut parsed,
+            &mut es,
+            keep_documents,
+        );
         all.extend(es.into_iter().map(|e| (d.origin.document, e)));
     }
     // Syntax and conversion errors, merged in document order (stable).
