@@ -19,7 +19,7 @@ use policy_core::manifest::{Loaded, parse_source_keeping_documents};
 
 use crate::kinds::{document_ref, kind_of_ref};
 use crate::validate::{validate_apply, validate_delete};
-use crate::{Change, Datastore, Revision, Snapshot, StoreError, StoredObject, Written};
+use crate::{Datastore, Revision, Snapshot, StoreChange, StoreError, StoredObject, Written};
 
 const LOG: &str = "changes.jsonl";
 const LOCK: &str = "lock";
@@ -32,7 +32,7 @@ pub struct EmbeddedStore {
 
 /// The log as read: its changes and the length of its whole lines.
 struct Log {
-    changes: Vec<Change>,
+    changes: Vec<StoreChange>,
     whole_bytes: u64,
 }
 
@@ -98,11 +98,12 @@ impl EmbeddedStore {
         while let Some(end) = rest.find('\n') {
             line_no += 1;
             let line = &rest[..end];
-            let change: Change = serde_json::from_str(line).map_err(|e| StoreError::Corrupt {
-                path: path.display().to_string(),
-                line: line_no,
-                message: e.to_string(),
-            })?;
+            let change: StoreChange =
+                serde_json::from_str(line).map_err(|e| StoreError::Corrupt {
+                    path: path.display().to_string(),
+                    line: line_no,
+                    message: e.to_string(),
+                })?;
             changes.push(change);
             whole_bytes += end as u64 + 1;
             rest = &rest[end + 1..];
@@ -114,7 +115,7 @@ impl EmbeddedStore {
         })
     }
 
-    fn append(&self, whole_bytes: u64, changes: &[Change]) -> Result<(), StoreError> {
+    fn append(&self, whole_bytes: u64, changes: &[StoreChange]) -> Result<(), StoreError> {
         let path = self.log_path();
         let mut file = OpenOptions::new()
             .write(true)
@@ -208,7 +209,7 @@ impl EmbeddedStore {
                     Some(_) => written.replaced.push(object.clone()),
                     None => written.created.push(object.clone()),
                 }
-                changes.push(Change::Put(StoredObject {
+                changes.push(StoreChange::Put(StoredObject {
                     key,
                     object,
                     revision,
@@ -244,7 +245,7 @@ impl Datastore for EmbeddedStore {
                 if !state.objects.iter().any(|o| o.key == key) {
                     return Err(StoreError::NotFound(object.clone()));
                 }
-                changes.push(Change::Deleted {
+                changes.push(StoreChange::Deleted {
                     key,
                     object: object.clone(),
                     revision,
@@ -253,8 +254,8 @@ impl Datastore for EmbeddedStore {
             let keys: Vec<String> = changes
                 .iter()
                 .filter_map(|c| match c {
-                    Change::Deleted { key, .. } => Some(key.clone()),
-                    Change::Put(_) => None,
+                    StoreChange::Deleted { key, .. } => Some(key.clone()),
+                    StoreChange::Put(_) => None,
                 })
                 .collect();
             validate_delete(&state, &keys).map_err(StoreError::Rejected)?;
@@ -269,7 +270,7 @@ impl Datastore for EmbeddedStore {
         })
     }
 
-    fn changes_since(&self, after: Revision) -> Result<Vec<Change>, StoreError> {
+    fn changes_since(&self, after: Revision) -> Result<Vec<StoreChange>, StoreError> {
         self.locked(false, || {
             Ok(self
                 .read_log()?
@@ -282,16 +283,16 @@ impl Datastore for EmbeddedStore {
 }
 
 /// The state the changes lead to.
-fn fold(changes: &[Change]) -> Snapshot {
+fn fold(changes: &[StoreChange]) -> Snapshot {
     let mut objects: BTreeMap<String, StoredObject> = BTreeMap::new();
     let mut revision = 0;
     for c in changes {
         revision = revision.max(c.revision());
         match c {
-            Change::Put(o) => {
+            StoreChange::Put(o) => {
                 objects.insert(o.key.clone(), o.clone());
             }
-            Change::Deleted { key, .. } => {
+            StoreChange::Deleted { key, .. } => {
                 objects.remove(key);
             }
         }

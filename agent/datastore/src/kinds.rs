@@ -122,17 +122,21 @@ const fn calico(
     namespaced: bool,
     aliases: &'static [&'static str],
 ) -> KindInfo {
-    KindInfo {
-        plural,
-        kind,
-        document_kind: kind,
-        api_version: "projectcalico.org/v3",
-        namespaced,
-        aliases,
-    }
+    info("projectcalico.org/v3", plural, kind, namespaced, aliases)
 }
 
 const fn core(
+    plural: &'static str,
+    kind: &'static str,
+    namespaced: bool,
+    aliases: &'static [&'static str],
+) -> KindInfo {
+    info("v1", plural, kind, namespaced, aliases)
+}
+
+/// A kind whose documents say `kind: <kind>`.
+const fn info(
+    api_version: &'static str,
     plural: &'static str,
     kind: &'static str,
     namespaced: bool,
@@ -142,7 +146,7 @@ const fn core(
         plural,
         kind,
         document_kind: kind,
-        api_version: "v1",
+        api_version,
         namespaced,
         aliases,
     }

@@ -76,7 +76,7 @@ pub struct StoredObject {
 /// One change, in revision order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub enum Change {
+pub enum StoreChange {
     /// An object was created or replaced.
     Put(StoredObject),
     /// An object was deleted.
@@ -91,12 +91,12 @@ pub enum Change {
     },
 }
 
-impl Change {
+impl StoreChange {
     /// The revision of the change.
     pub fn revision(&self) -> Revision {
         match self {
-            Change::Put(o) => o.revision,
-            Change::Deleted { revision, .. } => *revision,
+            StoreChange::Put(o) => o.revision,
+            StoreChange::Deleted { revision, .. } => *revision,
         }
     }
 }
@@ -181,7 +181,7 @@ pub trait Datastore {
     /// Deletes objects as one batch; all must exist.
     fn delete(&self, objects: &[ObjectRef]) -> Result<Written, StoreError>;
     /// The changes after a revision, in order.
-    fn changes_since(&self, after: Revision) -> Result<Vec<Change>, StoreError>;
+    fn changes_since(&self, after: Revision) -> Result<Vec<StoreChange>, StoreError>;
 
     /// Applies one manifest source.
     fn apply_text(&self, source: &str, text: &str) -> Result<Written, StoreError> {

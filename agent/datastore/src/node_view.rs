@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::{Change as StoreChange, Revision};
+use crate::{Revision, StoreChange};
 use policy_core::cluster::Change;
 use policy_core::convert::{Object, convert_document_all};
 use policy_core::{EndpointKey, ObjectRef};

@@ -8,7 +8,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
-use crate::{Change, Datastore, EmbeddedStore, Revision, StoreError};
+use crate::{Datastore, EmbeddedStore, Revision, StoreChange, StoreError};
 
 /// The changes of an [`EmbeddedStore`] after a revision, as they are written.
 #[derive(Debug)]
@@ -49,7 +49,7 @@ impl Watch {
 
     /// The next changes, waiting up to `timeout` (forever with `None`) for
     /// a writer; empty when the time ran out. Whole batches only.
-    pub fn next(&mut self, timeout: Option<Duration>) -> Result<Vec<Change>, StoreError> {
+    pub fn next(&mut self, timeout: Option<Duration>) -> Result<Vec<StoreChange>, StoreError> {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             // Drain the events first: a write after this read wakes the poll.

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use palisade_datastore::{Change, Datastore, EmbeddedStore, StoreError, kind_named};
+use palisade_datastore::{Datastore, EmbeddedStore, StoreChange, StoreError, kind_named};
 use policy_core::ObjectRef;
 
 fn zero_trust() -> Vec<(String, String)> {
@@ -57,7 +57,7 @@ fn an_apply_is_one_revision_and_applying_it_again_changes_nothing() {
     assert_eq!((next.revision, next.created.len()), (2, 1));
     let changes = store.changes_since(1).unwrap();
     assert_eq!(changes.len(), 1);
-    assert!(matches!(&changes[0], Change::Put(o)
+    assert!(matches!(&changes[0], StoreChange::Put(o)
         if o.key == "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/allow-ntp"));
 }
 
@@ -135,7 +135,7 @@ fn deletes_must_name_stored_objects_and_keep_the_cluster_valid() {
     assert_eq!(written.revision, 3);
     let changes = store.changes_since(2).unwrap();
     assert_eq!(changes.len(), 2);
-    assert!(matches!(&changes[0], Change::Deleted { object, .. } if *object == policy));
+    assert!(matches!(&changes[0], StoreChange::Deleted { object, .. } if *object == policy));
     assert!(
         store
             .snapshot()
@@ -197,7 +197,7 @@ fn concurrent_writers_get_one_revision_each() {
         w.join().unwrap();
     }
     let changes = store.changes_since(0).unwrap();
-    let mut revisions: Vec<u64> = changes.iter().map(Change::revision).collect();
+    let mut revisions: Vec<u64> = changes.iter().map(StoreChange::revision).collect();
     revisions.dedup();
     assert_eq!(revisions, (1..=30).collect::<Vec<_>>());
     assert_eq!(store.snapshot().unwrap().objects.len(), 30);
@@ -248,8 +248,8 @@ fn a_watch_wakes_on_each_written_batch_and_only_then() {
         seen.extend(watch.next(None).unwrap());
     }
     writer.join().unwrap();
-    assert!(matches!(&seen[0], Change::Put(o) if o.revision == 2));
-    assert!(matches!(&seen[1], Change::Deleted { revision: 3, .. }));
+    assert!(matches!(&seen[0], StoreChange::Put(o) if o.revision == 2));
+    assert!(matches!(&seen[1], StoreChange::Deleted { revision: 3, .. }));
     assert_eq!(watch.revision(), 3);
 }
 
