@@ -1,26 +1,47 @@
-//! The real dataplane: Palisade's TC programs loaded with aya into a private
-//! bpffs pin directory that lives as long as the dataplane, attached to
-//! interfaces of the calling thread's network namespace.
+//! The real dataplane: Palisade's TC programs loaded with aya, attached to
+//! interfaces of the calling thread's network namespace, with maps and links
+//! pinned either in a private bpffs directory that lives as long as the
+//! dataplane, or in a node agent's directory that outlives it (so a
+//! restarted agent adopts what is enforcing).
 
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 
 use policy_bpf::datapath::Datapath;
 use policy_bpf::lower::{Capacity, Mirror, WritePlan};
-use policy_bpf_common::LocalEndpoint;
+use policy_bpf_common::{LocalEndpoint, map_names};
 
-use crate::dataplane::Dataplane;
+use crate::dataplane::{Adopted, Dataplane};
 use crate::error::DataplaneError;
 
-/// The kernel dataplane; programs are loaded by the first `load`.
+/// The kernel dataplane; programs are loaded by the first `load` or `adopt`.
 #[derive(Debug, Default)]
 pub struct AyaDataplane {
     datapath: Option<Datapath>,
+    /// Pins that outlive the process; `None`: a private directory.
+    pin_dir: Option<PathBuf>,
 }
 
 impl AyaDataplane {
-    /// A dataplane with nothing loaded yet.
+    /// A dataplane with nothing loaded yet, pinned privately (removed when
+    /// it is dropped).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A dataplane pinned under `pin_dir`, which it leaves behind: the
+    /// programs go on enforcing after the process ends, and the next
+    /// dataplane on the same directory adopts them.
+    pub fn pinned(pin_dir: impl Into<PathBuf>) -> Self {
+        AyaDataplane {
+            datapath: None,
+            pin_dir: Some(pin_dir.into()),
+        }
+    }
+
+    /// The pin directory, when it outlives the dataplane.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
     }
 
     /// The loaded datapath (for telemetry), once loaded.
@@ -37,10 +58,39 @@ impl AyaDataplane {
 
 impl Dataplane for AyaDataplane {
     fn load(&mut self, capacity: Capacity, full: &WritePlan) -> Result<(), DataplaneError> {
-        let mut dp = Datapath::load_private(capacity)?;
+        let mut dp = match &self.pin_dir {
+            Some(dir) => Datapath::load(dir, capacity)?,
+            None => Datapath::load_private(capacity)?,
+        };
         dp.write(full, &Mirror::default())?;
         self.datapath = Some(dp);
         Ok(())
+    }
+
+    fn adopt(&mut self, capacity: Capacity) -> Result<Option<Adopted>, DataplaneError> {
+        // Only a directory holding the program map of an earlier load has
+        // anything to adopt.
+        let Some(dir) = &self.pin_dir else {
+            return Ok(None);
+        };
+        if !dir.join(map_names::NODES).exists() {
+            return Ok(None);
+        }
+        let mut dp = Datapath::load(dir, capacity)?;
+        let interfaces = dp
+            .adopt_links()?
+            .into_iter()
+            .filter_map(|l| l.split_once(' ').map(|(iface, _)| iface.to_string()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let adopted = Adopted {
+            mirror: dp.read_mirror(),
+            in_use: dp.read_in_use(),
+            interfaces,
+        };
+        self.datapath = Some(dp);
+        Ok(Some(adopted))
     }
 
     fn write(&mut self, plan: &WritePlan, before: &Mirror) -> Result<(), DataplaneError> {

@@ -56,6 +56,21 @@ pub struct AttachedInterface {
     pub local: BTreeSet<IpAddr>,
 }
 
+/// What [`Controller::start`] found and did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Started {
+    /// Whether maps and links an earlier process pinned were adopted.
+    pub adopted: bool,
+    /// Interfaces attached and bound to their endpoints.
+    pub attached: Vec<String>,
+    /// Interfaces an earlier process attached that no endpoint uses now
+    /// (detached).
+    pub detached: Vec<String>,
+    /// Bindings that could not be made, with why (an interface that does
+    /// not exist yet, say); the caller retries them.
+    pub failed: Vec<(String, String)>,
+}
+
 /// One node's controller over a dataplane `D`.
 #[derive(Debug)]
 pub struct Controller<D: Dataplane> {
@@ -153,6 +168,130 @@ impl<D: Dataplane> Controller<D> {
     /// Attached interfaces by name.
     pub fn interfaces(&self) -> &BTreeMap<String, AttachedInterface> {
         &self.interfaces
+    }
+
+    /// Whether the dataplane holds the programs.
+    pub fn loaded(&self) -> bool {
+        self.loaded
+    }
+
+    /// The dataplane, giving up the controller (a restart test hands it to
+    /// the next one).
+    pub fn into_dataplane(self) -> D {
+        self.dataplane
+    }
+
+    /// Loads the dataplane with the applied state and binds `bindings`
+    /// (interface, endpoint). When an earlier process left its programs
+    /// enforcing, they are adopted instead of replaced: the applied state
+    /// is written beside what is live and switched over, established
+    /// connections keep their conntrack zones, and interfaces it attached
+    /// that no endpoint uses now are detached. Traffic never sees empty
+    /// maps or the previous policy half rewritten.
+    pub fn start(
+        &mut self,
+        bindings: &[(String, EndpointKey)],
+    ) -> Result<Started, ControllerError> {
+        if self.loaded {
+            return Err(ControllerError::AlreadyLoaded);
+        }
+        self.dataplane.available()?;
+        let mut started = Started::default();
+        let mut usable = Vec::new();
+        for (ifname, key) in bindings {
+            match self.bindable(ifname, key) {
+                Ok(ifindex) => usable.push((ifname.clone(), ifindex, key.clone())),
+                Err(e) => started.failed.push((ifname.clone(), e.to_string())),
+            }
+        }
+        let cap = self.lowering.capacity();
+        let Some(adopted) = self.dataplane.adopt(cap)? else {
+            self.dataplane
+                .load(cap, &full_plan(self.lowering.mirror()))?;
+            self.loaded = true;
+            for (ifname, _, key) in usable {
+                match self.attach(&ifname, Some(key)) {
+                    Ok(()) => started.attached.push(ifname),
+                    Err(e) => started.failed.push((ifname, e.to_string())),
+                }
+            }
+            return Ok(started);
+        };
+        started.adopted = true;
+        // An interface keeps its zone, so its tracked connections stay
+        // established; new ones take zones no live interface has.
+        let live = &adopted.mirror.interfaces;
+        self.next_zone = live.values().max().map_or(1, |z| z + 1);
+        let mut bound = Vec::new();
+        for (_, ifindex, key) in &usable {
+            let zone = match live.get(ifindex) {
+                Some(z) => *z,
+                None => {
+                    self.next_zone += 1;
+                    self.next_zone - 1
+                }
+            };
+            bound.push((
+                key.clone(),
+                Binding {
+                    ifindex: *ifindex,
+                    zone,
+                },
+            ));
+        }
+        let (mut lowering, plan) = Lowering::restart(
+            cap,
+            &self.compiler,
+            &bound,
+            &adopted.mirror,
+            &adopted.in_use,
+        )?;
+        self.dataplane.write(&plan, &adopted.mirror)?;
+        lowering.release_reserved();
+        self.lowering = lowering;
+        self.loaded = true;
+        for (ifname, ifindex, key) in usable {
+            match self.dataplane.attach(&ifname) {
+                Ok(()) => {
+                    let iface = self.interfaces.entry(ifname.clone()).or_insert_with(|| {
+                        AttachedInterface {
+                            ifindex,
+                            endpoints: BTreeSet::new(),
+                            local: BTreeSet::new(),
+                        }
+                    });
+                    iface.endpoints.insert(key);
+                    started.attached.push(ifname);
+                }
+                Err(e) => started.failed.push((ifname, e.to_string())),
+            }
+        }
+        for ifname in adopted.interfaces {
+            if !self.interfaces.contains_key(&ifname) {
+                self.dataplane.detach(&ifname)?;
+                started.detached.push(ifname);
+            }
+        }
+        Ok(started)
+    }
+
+    /// The index of `ifname` if `key` may be bound to it here.
+    fn bindable(&self, ifname: &str, key: &EndpointKey) -> Result<u32, ControllerError> {
+        check_ifname(ifname)?;
+        let ep = self
+            .compiler
+            .cluster()
+            .endpoint(key)
+            .ok_or_else(|| ControllerError::EndpointNotApplied(key.clone()))?;
+        if let Some(n) = &self.node
+            && ep.node.as_deref() != Some(n.as_str())
+        {
+            return Err(ControllerError::NotOnThisNode {
+                endpoint: key.clone(),
+                node: n.clone(),
+            });
+        }
+        Ok(self.dataplane.interface_index(ifname)?)
     }
 
     /// Stages changes after checking them against the staged state; a

@@ -5,13 +5,26 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use policy_bpf::lower::{Capacity, MapWrite, Mirror, WritePlan};
+use policy_bpf::lower::{Capacity, InUse, MapWrite, Mirror, WritePlan};
 use policy_bpf_common::LocalEndpoint;
 
 use crate::error::DataplaneError;
 
+/// What an earlier process left enforcing: its maps and attached links.
+#[derive(Debug, Clone, Default)]
+pub struct Adopted {
+    /// What the maps hold (slots, interfaces, prefixes, layouts).
+    pub mirror: Mirror,
+    /// The entries live policy depends on.
+    pub in_use: InUse,
+    /// Interfaces whose links were adopted (now running this process's
+    /// programs).
+    pub interfaces: Vec<String>,
+}
+
 /// Where policy is enforced. Calls come in the controller's order: `load`
-/// once (before any other write), then writes, attaches and the rest.
+/// or `adopt` once (before any other write), then writes, attaches and
+/// the rest.
 pub trait Dataplane {
     /// Whether this dataplane can load programs here; the error says why not.
     fn available(&self) -> Result<(), DataplaneError> {
@@ -20,6 +33,13 @@ pub trait Dataplane {
     /// Loads the programs with maps of `capacity` and writes `full` (the
     /// whole current state) into them.
     fn load(&mut self, capacity: Capacity, full: &WritePlan) -> Result<(), DataplaneError>;
+    /// Loads the programs over maps and links an earlier process left
+    /// pinned, without changing what they enforce; `None` when nothing was
+    /// left (then `load` follows). Dataplanes that do not outlive their
+    /// process never have anything to adopt.
+    fn adopt(&mut self, _capacity: Capacity) -> Result<Option<Adopted>, DataplaneError> {
+        Ok(None)
+    }
     /// Writes a plan; on failure the maps are as `before` says (the
     /// implementation rolls back what it wrote).
     fn write(&mut self, plan: &WritePlan, before: &Mirror) -> Result<(), DataplaneError>;
@@ -149,6 +169,19 @@ impl Dataplane for MirrorDataplane {
         self.write_all(full)?;
         self.loaded = true;
         Ok(())
+    }
+
+    /// A mirror that was loaded before stands for maps a process left
+    /// pinned (hand a controller's dataplane to a new one to test a restart).
+    fn adopt(&mut self, _capacity: Capacity) -> Result<Option<Adopted>, DataplaneError> {
+        if !self.loaded {
+            return Ok(None);
+        }
+        Ok(Some(Adopted {
+            mirror: self.maps.clone(),
+            in_use: self.maps.in_use(),
+            interfaces: self.attached.clone(),
+        }))
     }
 
     fn write(&mut self, plan: &WritePlan, _before: &Mirror) -> Result<(), DataplaneError> {

@@ -88,6 +88,9 @@ pub enum ControllerError {
     /// An operation that needs loaded programs, before any attach.
     #[error("no datapath is loaded: attach an interface first")]
     NotLoaded,
+    /// `start` after the programs were loaded.
+    #[error("the datapath is already loaded")]
+    AlreadyLoaded,
     /// A connection to check is malformed (its text says how).
     #[error("{0}")]
     InvalidConnection(String),

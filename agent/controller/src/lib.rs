@@ -56,7 +56,7 @@ mod aya_dataplane;
 
 #[cfg(feature = "aya")]
 pub use aya_dataplane::AyaDataplane;
-pub use controller::{Applied, AttachedInterface, Checked, Controller};
-pub use dataplane::{Dataplane, MirrorDataplane, UnavailableDataplane, full_plan};
+pub use controller::{Applied, AttachedInterface, Checked, Controller, Started};
+pub use dataplane::{Adopted, Dataplane, MirrorDataplane, UnavailableDataplane, full_plan};
 pub use endpoint_json::parse_endpoint;
 pub use error::{ControllerError, DataplaneError};

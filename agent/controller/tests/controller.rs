@@ -189,3 +189,58 @@ fn a_dataplane_that_cannot_load_says_why() {
     assert_eq!(err.to_string(), "no kernel side here");
     assert!(c.expire_conntrack().is_err());
 }
+
+#[test]
+fn a_restarted_controller_adopts_what_the_last_one_left_enforcing() {
+    let mut first = shop(Some("n1"));
+    let started = first
+        .start(&[
+            ("veth-db".into(), key("shop/db")),
+            ("veth-web".into(), key("shop/web")),
+        ])
+        .unwrap();
+    assert!(!started.adopted, "nothing was pinned before");
+    assert_eq!(started.attached, ["veth-db", "veth-web"]);
+    let zones = first.dataplane().maps.interfaces.clone();
+    let left = first.into_dataplane();
+
+    // The next process compiles the datastore's current state (web gone,
+    // deny-all added) and adopts the maps the last one left.
+    let mut next = Controller::new(Some("n1".into()), left);
+    next.load_manifests("shop.yaml", POLICY).unwrap();
+    next.load_manifests("deny.yaml", DENY_ALL).unwrap();
+    next.upsert_endpoint_json(&endpoint("db", "10.0.0.2", "n1"))
+        .unwrap();
+    next.apply().unwrap();
+    let started = next.start(&[("veth-db".into(), key("shop/db"))]).unwrap();
+    assert!(started.adopted);
+    assert_eq!(started.attached, ["veth-db"]);
+    assert_eq!(started.detached, ["veth-web"], "its endpoint is gone");
+    assert_eq!(next.dataplane().attached, ["veth-db"]);
+    // db keeps its conntrack zone; what the maps hold is the new state.
+    assert_eq!(next.dataplane().maps.interfaces[&12], zones[&12]);
+    assert_eq!(next.dataplane().maps.slots, next.lowering().mirror().slots);
+    assert!(matches!(
+        next.start(&[]),
+        Err(ControllerError::AlreadyLoaded)
+    ));
+    // Later applies go on from the adopted state.
+    next.upsert_endpoint_json(&endpoint("web", "10.0.0.1", "n1"))
+        .unwrap();
+    next.apply().unwrap();
+    assert_eq!(next.dataplane().maps.slots, next.lowering().mirror().slots);
+}
+
+#[test]
+fn start_reports_bindings_it_cannot_make_and_makes_the_rest() {
+    let mut c = shop(Some("n1"));
+    let started = c
+        .start(&[
+            ("veth-db".into(), key("shop/db")),
+            ("veth-gone".into(), key("shop/web")),
+        ])
+        .unwrap();
+    assert_eq!(started.attached, ["veth-db"]);
+    assert_eq!(started.failed.len(), 1);
+    assert!(started.failed[0].1.contains("veth-gone"), "{started:?}");
+}

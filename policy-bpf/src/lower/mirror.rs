@@ -74,6 +74,34 @@ impl Mirror {
         }
     }
 
+    /// The entries live policy depends on, as [`Datapath::read_in_use`]
+    /// reads them from the kernel: nodes reachable from the slots, identity
+    /// and class slots the prefixes point at.
+    ///
+    /// [`Datapath::read_in_use`]: crate::datapath::Datapath::read_in_use
+    pub fn in_use(&self) -> InUse {
+        let mut u = InUse::default();
+        let mut stack: Vec<u32> = self.slots.values().map(|v| v.root).collect();
+        while let Some(i) = stack.pop() {
+            if !u.nodes.insert(i) {
+                continue;
+            }
+            if let Some(n) = self.nodes.get(&i)
+                && n.op != NodeOp::Leaf.code()
+            {
+                stack.push(n.then);
+                stack.push(n.otherwise);
+            }
+        }
+        for c in self.lpm4.values().chain(self.lpm6.values()) {
+            if c.identity > 0 {
+                u.identities.insert(c.identity - 1);
+            }
+            u.classes.insert(c.class);
+        }
+        u
+    }
+
     /// Word `i` of the identity (`identity`) or class rows' map, as the
     /// live layout reads it: the interpreter's view of the array the
     /// program reads (words of no live row read as zero, as a reused
