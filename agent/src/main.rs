@@ -28,6 +28,7 @@ macro_rules! out {
     }};
 }
 
+mod agent;
 mod compile_cmd;
 mod explain_cmd;
 mod lint_cmd;
@@ -163,7 +164,7 @@ enum Command {
     /// Validate manifests and write them to the datastore as one batch (all or nothing).
     Apply {
         /// Manifest files or folders.
-        #[arg(short = 'f', long = "file", required = true)]
+        #[arg(short = 'f', long = "file", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
         #[command(flatten)]
         store: store_cmd::StoreArgs,
@@ -196,6 +197,28 @@ enum Command {
         #[command(flatten)]
         store: store_cmd::StoreArgs,
     },
+    /// Run the node agent: follow the datastore and keep this node's
+    /// dataplane equal to it (/metrics, /healthz, /readyz, /status).
+    Agent(agent::AgentArgs),
+    /// Show a running agent's view: sync state, local endpoints, map fill,
+    /// conntrack, last errors. Exit 0 when it is ready.
+    Status {
+        /// The agent's --metrics-addr.
+        #[arg(long, default_value = "127.0.0.1:9091")]
+        metrics_addr: std::net::SocketAddr,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: StatusFormat,
+    },
+}
+
+/// `status` output formats.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum StatusFormat {
+    /// The human view.
+    Table,
+    /// The agent's /status document.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -289,6 +312,20 @@ fn run() -> anyhow::Result<ExitCode> {
             store_cmd::delete(&store, &kind, &names, namespace.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Agent(args) => {
+            agent::run(args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status {
+            metrics_addr,
+            output,
+        } => Ok(
+            if agent::status::show(metrics_addr, output == StatusFormat::Json)? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            },
+        ),
     }
 }
 

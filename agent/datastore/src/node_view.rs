@@ -10,9 +10,9 @@
 //! - An endpoint is local when its node is this node and it names the
 //!   host-side interface it is attached to (a WorkloadEndpoint).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::{Revision, StoreChange};
+use crate::{Revision, Snapshot, StoreChange};
 use policy_core::cluster::Change;
 use policy_core::convert::{Object, convert_document_all};
 use policy_core::{EndpointKey, ObjectRef};
@@ -140,6 +140,30 @@ impl NodeView {
         self.bindings = wanted;
     }
 
+    /// The changes that turn this view into `snapshot`'s: a put of every
+    /// object in it (unchanged ones change nothing) and a delete of every
+    /// key it no longer holds. For a watcher that lost its place (a
+    /// compacted revision, a datastore that was replaced) and listed again.
+    pub fn resync_changes(&self, snapshot: &Snapshot) -> Vec<StoreChange> {
+        let listed: BTreeSet<&str> = snapshot.objects.iter().map(|o| o.key.as_str()).collect();
+        let gone = self
+            .objects
+            .iter()
+            .map(|(k, o)| (k, o.object_ref()))
+            .chain(self.rejected.keys().map(|k| {
+                let r = ObjectRef::new("unknown", None, k.as_str());
+                (k, r)
+            }))
+            .filter(|(k, _)| !listed.contains(k.as_str()))
+            .map(|(k, object)| StoreChange::Deleted {
+                key: k.clone(),
+                object,
+                revision: snapshot.revision,
+            });
+        gone.chain(snapshot.objects.iter().cloned().map(StoreChange::Put))
+            .collect()
+    }
+
     /// The reference of the object stored under `key`, if in force.
     pub fn object_at(&self, key: &str) -> Option<ObjectRef> {
         self.objects.get(key).map(Object::object_ref)
@@ -197,6 +221,34 @@ mod tests {
                 .changes
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_resync_deletes_what_the_listing_lacks_and_puts_the_rest() {
+        let mut calc = NodeView::new("n");
+        calc.update(&[
+            put("gnp/a", 1, gnp("all()")),
+            put("gnp/b", 2, gnp("app = 'bad'")),
+            put("wep", 3, wep("n", "cali1")),
+        ]);
+        let listing = Snapshot {
+            revision: 9,
+            objects: vec![StoredObject {
+                key: "wep".into(),
+                object: ObjectRef::new("x", None, "wep"),
+                revision: 3,
+                document: wep("n", "cali1"),
+            }],
+        };
+        let changes = calc.resync_changes(&listing);
+        let step = calc.update(&changes);
+        assert!(
+            matches!(&step.changes[..], [Change::Delete(r)] if r.name == "p"),
+            "only gnp/a goes; the endpoint is unchanged: {:?}",
+            step.changes
+        );
+        assert_eq!(calc.rejected().count(), 0, "the skipped gnp/b is gone too");
+        assert!(step.bind.is_empty() && step.unbind.is_empty());
     }
 
     #[test]

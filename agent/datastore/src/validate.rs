@@ -12,30 +12,25 @@ use policy_core::{Error, ErrorKind, Errors, ObjectRef};
 use crate::Snapshot;
 use crate::kinds::document_ref;
 
-/// The stored objects as a cluster. A stored document that no longer
-/// converts (written by another version) is reported, not skipped: the
-/// store must not validate against a state it cannot read.
+/// The stored objects as a cluster.
 pub(crate) fn stored_cluster(stored: &Snapshot) -> Result<Cluster, Errors> {
-    stored_objects(stored).and_then(|objects| {
-        Cluster::from_objects(objects.into_iter().map(|(_, o)| o)).map_err(Errors::from)
-    })
+    Cluster::from_objects(stored_objects(stored).into_iter().map(|(_, o)| o)).map_err(Errors::from)
 }
 
-/// The stored objects, converted, with their keys.
-fn stored_objects(stored: &Snapshot) -> Result<Vec<(&str, Object)>, Errors> {
-    let mut errors = Errors::new();
-    let mut objects = Vec::with_capacity(stored.objects.len());
-    for o in &stored.objects {
-        match convert_document_all(&o.document) {
-            Ok(obj) => objects.push((o.key.as_str(), obj)),
-            Err(es) => {
-                for e in es {
-                    errors.push(e.on(o.object.clone()));
-                }
-            }
-        }
-    }
-    errors.or_ok(objects)
+/// The stored objects that convert, with their keys. A stored document
+/// that does not (written around validation, or by another version) is
+/// left out, as every agent leaves it out: it must not block writes of
+/// other objects, nor its own replacement or deletion.
+fn stored_objects(stored: &Snapshot) -> Vec<(&str, Object)> {
+    stored
+        .objects
+        .iter()
+        .filter_map(|o| {
+            convert_document_all(&o.document)
+                .ok()
+                .map(|obj| (o.key.as_str(), obj))
+        })
+        .collect()
 }
 
 /// Checks `batch` against `stored`: no object twice in one batch, and the
@@ -60,7 +55,7 @@ pub fn validate_apply(stored: &Snapshot, batch: &[Loaded]) -> Result<(), Errors>
         }
     }
     errors.or_ok(())?;
-    let objects = stored_objects(stored)?;
+    let objects = stored_objects(stored);
     // One object, one document: a Pod and a WorkloadEndpoint for the same
     // pod (or two endpoints for it) would leave which one counts to the
     // order of their keys.
@@ -113,8 +108,10 @@ pub(crate) fn validate_delete(stored: &Snapshot, keys: &[String]) -> Result<(), 
     let mut cluster = stored_cluster(stored)?;
     let mut changes = Vec::new();
     for o in stored.objects.iter().filter(|o| keys.contains(&o.key)) {
-        let object = convert_document_all(&o.document)?;
-        changes.push(Change::Delete(object.object_ref()));
+        // An unreadable document is not in the cluster: nothing to check.
+        if let Ok(object) = convert_document_all(&o.document) {
+            changes.push(Change::Delete(object.object_ref()));
+        }
     }
     cluster.apply(changes).map(|_| ()).map_err(Errors::from)
 }

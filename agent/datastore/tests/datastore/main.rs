@@ -388,3 +388,38 @@ fn a_node_view_feeds_the_controller_change_by_change() {
         "the last good version still decides"
     );
 }
+
+/// A record another tool wrote around validation (an unparsable selector)
+/// is left out of every check, as agents leave it out: it blocks neither
+/// other applies nor its own repair or deletion.
+#[test]
+fn an_unreadable_stored_object_blocks_neither_other_writes_nor_its_repair() {
+    let (_dir, store) = store();
+    store.apply_sources(&zero_trust()).unwrap();
+    let bad = serde_json::json!({"put": {
+        "key": "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/sneaky",
+        "ref": {"kind": "GlobalNetworkPolicy", "namespace": null, "name": "sneaky"},
+        "revision": 2,
+        "document": {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+                     "metadata": {"name": "sneaky"}, "spec": {"selector": "all("}}}});
+    let mut log = log_bytes(&store);
+    log.extend(format!("{bad}\n").bytes());
+    std::fs::write(store.log_path(), log).unwrap();
+    let gnp = |name: &str, selector: &str| {
+        format!(
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: {name}}}\nspec: {{selector: \"{selector}\"}}\n"
+        )
+    };
+    let w = store
+        .apply_text("other.yaml", &gnp("other", "all()"))
+        .unwrap();
+    assert_eq!(w.revision, 3);
+    let w = store
+        .apply_text("fix.yaml", &gnp("sneaky", "all()"))
+        .unwrap();
+    assert_eq!(w.replaced.len(), 1);
+    let w = store
+        .delete(&[ObjectRef::new("GlobalNetworkPolicy", None, "sneaky")])
+        .unwrap();
+    assert_eq!(w.deleted.len(), 1);
+}

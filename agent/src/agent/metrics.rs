@@ -1,0 +1,241 @@
+//! The agent's Prometheus metrics (text format on `/metrics`). Every name
+//! starts with `palisade_`; the README lists them.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+/// A map of the datapath.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    /// The map's short name (`nodes`, `slots`, `lpm4`, ...).
+    pub map: String,
+}
+
+/// A datastore event type.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    /// `put` or `delete`.
+    pub r#type: String,
+}
+
+/// A rule that denies.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabel {
+    /// Tier (empty for profiles and the end of the chain).
+    pub tier: String,
+    /// Policy, profile, or `tier-default` / `no-profile-match`.
+    pub policy: String,
+    /// Rule index in its list (empty for defaults).
+    pub rule: String,
+}
+
+/// A datapath statistic.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatisticLabel {
+    /// Its name (`new_flows`, `established`, `malformed`, ...).
+    pub statistic: String,
+}
+
+/// Every metric the agent exports.
+#[derive(Debug)]
+pub struct Metrics {
+    /// The registry `/metrics` encodes.
+    pub registry: Registry,
+    /// 1 once the first complete sync is written and the datastore is connected.
+    pub ready: Gauge,
+    /// 1 while the datastore is connected and followed.
+    pub datastore_connected: Gauge,
+    /// The datastore revision applied last.
+    pub datastore_revision: Gauge,
+    /// Datastore changes received, by type.
+    pub datastore_events: Family<EventLabel, Counter>,
+    /// Times the datastore was lost and listed again.
+    pub datastore_resyncs: Counter,
+    /// Objects currently skipped because they do not convert.
+    pub rejected_objects: Gauge,
+    /// Changes skipped (objects that do not convert, changes refused).
+    pub rejected_changes: Counter,
+    /// Batches applied.
+    pub batches: Counter,
+    /// Compile + lower + write of one batch.
+    pub apply_seconds: Histogram,
+    /// From a batch's arrival at the agent to the maps holding it.
+    pub update_latency_seconds: Histogram,
+    /// Entries written per map.
+    pub map_entries: Family<MapLabel, Gauge>,
+    /// Capacity per map.
+    pub map_capacity: Family<MapLabel, Gauge>,
+    /// Tracked connections.
+    pub conntrack_entries: Gauge,
+    /// Conntrack capacity.
+    pub conntrack_capacity: Gauge,
+    /// Conntrack sweeps run.
+    pub conntrack_sweeps: Counter,
+    /// Connections the sweeps expired.
+    pub conntrack_expired: Counter,
+    /// New flows denied, by the rule that denied them.
+    pub policy_drops: Family<RuleLabel, Counter>,
+    /// Datapath statistics (packets).
+    pub datapath_packets: Family<StatisticLabel, Counter>,
+    /// Endpoints of this node attached to their interfaces.
+    pub local_endpoints: Gauge,
+    /// Local endpoints waiting for their interface.
+    pub pending_interfaces: Gauge,
+    /// Policies in force.
+    pub policies: Gauge,
+    /// The agent's CPU time (user + system).
+    pub cpu_seconds: Gauge<f64, AtomicU64>,
+    /// The agent's resident memory.
+    pub resident_memory_bytes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every metric registered under the `palisade` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("palisade");
+        let latency = || Histogram::new(exponential_buckets(0.000_05, 2.0, 18));
+        let m = Metrics {
+            registry: Registry::default(),
+            ready: Gauge::default(),
+            datastore_connected: Gauge::default(),
+            datastore_revision: Gauge::default(),
+            datastore_events: Family::default(),
+            datastore_resyncs: Counter::default(),
+            rejected_objects: Gauge::default(),
+            rejected_changes: Counter::default(),
+            batches: Counter::default(),
+            apply_seconds: latency(),
+            update_latency_seconds: latency(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            conntrack_entries: Gauge::default(),
+            conntrack_capacity: Gauge::default(),
+            conntrack_sweeps: Counter::default(),
+            conntrack_expired: Counter::default(),
+            policy_drops: Family::default(),
+            datapath_packets: Family::default(),
+            local_endpoints: Gauge::default(),
+            pending_interfaces: Gauge::default(),
+            policies: Gauge::default(),
+            cpu_seconds: Gauge::default(),
+            resident_memory_bytes: Gauge::default(),
+        };
+        macro_rules! register {
+            ($($name:literal, $help:literal, $field:ident;)*) => {
+                $(registry.register($name, $help, m.$field.clone());)*
+            };
+        }
+        register! {
+            "ready", "1 once the first complete sync is written and the datastore is connected", ready;
+            "datastore_connected", "1 while the datastore is connected and followed", datastore_connected;
+            "datastore_revision", "The datastore revision applied last", datastore_revision;
+            "datastore_events", "Datastore changes received, by type", datastore_events;
+            "datastore_resyncs", "Times the datastore was listed again after its watch was lost", datastore_resyncs;
+            "rejected_objects", "Objects skipped because they do not convert (their last good version stays)", rejected_objects;
+            "rejected_changes", "Changes skipped: objects that do not convert, changes the dataplane refused", rejected_changes;
+            "batches", "Batches of datastore changes applied", batches;
+            "apply_seconds", "Compile, lower and write of one batch", apply_seconds;
+            "update_latency_seconds", "From a batch's arrival at the agent to the maps holding it", update_latency_seconds;
+            "map_entries", "Entries written per datapath map", map_entries;
+            "map_capacity", "Capacity per datapath map", map_capacity;
+            "conntrack_entries", "Tracked connections", conntrack_entries;
+            "conntrack_capacity", "Conntrack capacity", conntrack_capacity;
+            "conntrack_sweeps", "Conntrack sweeps run", conntrack_sweeps;
+            "conntrack_expired", "Connections the sweeps expired", conntrack_expired;
+            "policy_drops", "New flows denied, by the rule that denied them", policy_drops;
+            "datapath_packets", "Datapath statistics, in packets", datapath_packets;
+            "local_endpoints", "Endpoints of this node attached to their interfaces", local_endpoints;
+            "pending_interfaces", "Endpoints of this node waiting for their interface", pending_interfaces;
+            "policies", "Policies in force", policies;
+            "agent_cpu_seconds", "The agent's CPU time, user and system", cpu_seconds;
+            "agent_resident_memory_bytes", "The agent's resident memory", resident_memory_bytes;
+        }
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// This process's CPU seconds (user + system) and resident bytes, from
+/// /proc/self.
+pub fn process_usage() -> Option<(f64, i64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    // utime and stime are fields 14 and 15 of stat; 12 and 13 after ')'.
+    let cpu = (fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / ticks;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let rss_kb: i64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((cpu, rss_kb * 1024))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_exported_under_the_palisade_prefix() {
+        let m = Metrics::new();
+        m.datastore_events
+            .get_or_create(&EventLabel {
+                r#type: "put".into(),
+            })
+            .inc();
+        m.map_entries
+            .get_or_create(&MapLabel {
+                map: "nodes".into(),
+            })
+            .set(3);
+        let text = m.encode();
+        for name in [
+            "palisade_ready ",
+            "palisade_datastore_events_total{type=\"put\"} 1",
+            "palisade_map_entries{map=\"nodes\"} 3",
+            "palisade_apply_seconds_bucket",
+            "palisade_agent_cpu_seconds ",
+            "palisade_conntrack_sweeps_total 0",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            assert!(line.starts_with("palisade_"), "{line}");
+        }
+    }
+
+    #[test]
+    fn process_usage_reads_this_process() {
+        let (cpu, rss) = process_usage().unwrap();
+        assert!(cpu >= 0.0 && rss > 0);
+    }
+}

@@ -1,0 +1,469 @@
+//! `palisade agent` as a node runs it: a process in the node's network
+//! namespace, fed by the embedded store, enforcing for real connections
+//! between pods (namespaces and veths built here, WorkloadEndpoints written
+//! as Calico's CNI plugin writes them), through restarts and faults.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use palisade_testing::netns::{PodNet, Topology};
+use policy_core::EndpointKey;
+
+use super::{palisade, privileged, repo, scratch};
+
+/// A running agent in a node namespace; killed (not stopped) on drop, and
+/// its pins removed.
+pub struct Agent {
+    child: Option<Child>,
+    netns: String,
+    state: PathBuf,
+    pins: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(netns: &str, node: &str, state: &Path, pins: &Path, log: &Path) -> Agent {
+        let mut agent = Agent {
+            child: None,
+            netns: netns.to_string(),
+            state: state.to_path_buf(),
+            pins: pins.to_path_buf(),
+            log: log.to_path_buf(),
+        };
+        agent.spawn(node);
+        agent
+    }
+
+    fn spawn(&mut self, node: &str) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        // nsenter, not `ip netns exec`: that one also gives the process a
+        // mount namespace of its own, whose bpffs pins die with it.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .arg(env!("CARGO_BIN_EXE_palisade"))
+            .args(["agent", "--node", node, "--state-dir"])
+            .arg(&self.state)
+            .arg("--pin-path")
+            .arg(&self.pins)
+            .args([
+                "--metrics-addr",
+                "127.0.0.1:9091",
+                "--conntrack-sweep-seconds",
+                "2",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// A GET inside the node's namespace: status code and body.
+    pub fn get(&self, topo: &Topology, path: &str) -> Option<(u16, String)> {
+        topo.node()
+            .run(|| http_get("127.0.0.1:9091".parse().unwrap(), path))
+            .ok()
+            .flatten()
+    }
+
+    /// Waits for /readyz to answer 200.
+    pub fn wait_ready(&self, topo: &Topology) {
+        self.wait(topo, "ready", |a| {
+            a.get(topo, "/readyz").is_some_and(|(c, _)| c == 200)
+        });
+    }
+
+    /// Waits until the agent has applied `revision`.
+    pub fn wait_revision(&self, topo: &Topology, revision: u64) {
+        self.wait(topo, &format!("revision {revision}"), |a| {
+            a.status(topo)
+                .is_some_and(|s| s["revision"].as_u64() >= Some(revision))
+        });
+    }
+
+    pub fn status(&self, topo: &Topology) -> Option<serde_json::Value> {
+        let (code, body) = self.get(topo, "/status")?;
+        (code == 200).then(|| serde_json::from_str(&body).unwrap())
+    }
+
+    fn wait(&self, topo: &Topology, what: &str, done: impl Fn(&Agent) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done(self) {
+            if Instant::now() > deadline {
+                panic!(
+                    "agent not {what} after 60 s; status {:?}\nlog:\n{}",
+                    self.get(topo, "/status"),
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        child.wait().unwrap().code()
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self, node: &str) {
+        self.kill();
+        self.spawn(node);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        // The pinned links go with their pins (nothing else holds them).
+        let _ = std::fs::remove_dir_all(&self.pins);
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    let (head, body) = r.split_once("\r\n\r\n")?;
+    Some((
+        head.split_whitespace().nth(1)?.parse().ok()?,
+        body.to_string(),
+    ))
+}
+
+/// An echo server on `addr` inside the pod's namespace.
+pub fn serve(pod: &PodNet, addr: SocketAddr) {
+    let listener = pod.ns.run(|| TcpListener::bind(addr)).unwrap().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// A new connection from `pod` to `to`, if the policy lets it through.
+pub fn connect(pod: &PodNet, to: SocketAddr) -> Option<TcpStream> {
+    let s = pod
+        .ns
+        .run(|| TcpStream::connect_timeout(&to, Duration::from_millis(700)))
+        .unwrap()
+        .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    Some(s)
+}
+
+/// A round trip over an open connection.
+pub fn echo(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4];
+    s.write_all(b"ping").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"ping"
+}
+
+/// A WorkloadEndpoint as Calico's CNI plugin records a pod it networked.
+pub fn workload_endpoint(node: &str, pod: &PodNet, labels: &str, ports: &str) -> String {
+    let EndpointKey { namespace, name } = &pod.key;
+    let ips: Vec<String> = pod.ips.iter().map(|ip| format!("{ip}/32")).collect();
+    format!(
+        "apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\n\
+         metadata: {{name: {node}-k8s-{name}-eth0, namespace: {namespace}, labels: {{{labels}}}}}\n\
+         spec: {{node: {node}, orchestrator: k8s, pod: {name}, endpoint: eth0, interfaceName: {}, \
+         ipNetworks: [{}], profiles: [kns.{namespace}], ports: [{ports}]}}\n",
+        pod.host_if,
+        ips.join(", ")
+    )
+}
+
+/// Runs `palisade` on the embedded store; the revision it wrote, or the
+/// error output.
+pub fn store(state: &Path, args: &[&str]) -> Result<u64, String> {
+    let out = palisade()
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        return Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(stdout
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("revision "))
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no revision in {stdout}")))
+}
+
+fn pods() -> Vec<(EndpointKey, Vec<std::net::IpAddr>)> {
+    [
+        ("shop-frontend", "web", "10.10.1.10"),
+        ("shop-backend", "api", "10.10.2.10"),
+        ("analytics", "reporting", "10.10.3.10"),
+    ]
+    .into_iter()
+    .map(|(ns, name, ip)| (EndpointKey::new(ns, name), vec![ip.parse().unwrap()]))
+    .collect()
+}
+
+/// The zero-trust example on the embedded store, then one change at a
+/// time, each enforced for real connections; a rejected apply and an
+/// invalid record change nothing; SIGKILL in the middle of a batch and a
+/// restart keep an open connection and end at the store's state; SIGTERM
+/// exits 0 with the programs still enforcing.
+#[test]
+fn the_agent_enforces_the_embedded_store_through_changes_faults_and_restarts() {
+    if !privileged() {
+        return;
+    }
+    let dir = scratch("agent-embedded");
+    let state = dir.join("state");
+    let topo = Topology::build(&pods()).unwrap();
+    let [web, api, reporting] = [0, 1, 2].map(|i| &topo.pods()[i]);
+    let api_addr: SocketAddr = "10.10.2.10:8080".parse().unwrap();
+    serve(api, api_addr);
+    let http = "{name: http, port: 8080, protocol: TCP}";
+    let weps = dir.join("weps.yaml");
+    let write_weps = |reporting_labels: &str| {
+        let docs = [
+            workload_endpoint("node1", web, "app: web", ""),
+            workload_endpoint("node1", api, "app: api", http),
+            workload_endpoint("node1", reporting, reporting_labels, ""),
+        ];
+        std::fs::write(&weps, docs.join("---\n")).unwrap();
+    };
+    write_weps("app: reporting");
+    let example = repo().join("examples/zero-trust");
+    let mut files: Vec<String> = ["00-namespaces.yaml", "20-default-deny.yaml", "30-shop.yaml"]
+        .iter()
+        .map(|f| example.join(f).display().to_string())
+        .collect();
+    files.push(weps.display().to_string());
+    let mut apply_args = vec!["apply", "-f"];
+    apply_args.extend(files.iter().map(String::as_str));
+    let revision = store(&state, &apply_args).unwrap();
+
+    let pins = PathBuf::from(format!(
+        "/sys/fs/bpf/palisade-test-agent-{}",
+        std::process::id()
+    ));
+    let log = dir.join("agent.log");
+    let mut agent = Agent::start(topo.node().name(), "node1", &state, &pins, &log);
+    agent.wait_ready(&topo);
+    agent.wait_revision(&topo, revision);
+    let status = agent.status(&topo).unwrap();
+    assert_eq!(status["endpoints"].as_array().unwrap().len(), 3, "{status}");
+    let mut open = connect(web, api_addr).expect("web -> api:8080 is allowed");
+    assert!(echo(&mut open));
+    assert!(
+        connect(reporting, api_addr).is_none(),
+        "reporting -> api is denied"
+    );
+
+    // One change: analytics may call the API.
+    let allow = dir.join("allow-analytics.yaml");
+    std::fs::write(
+        &allow,
+        "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\n\
+         metadata: {name: api-from-analytics, namespace: shop-backend}\n\
+         spec: {order: 400, selector: app == 'api', types: [Ingress], ingress: [{action: Allow, protocol: TCP, \
+         source: {namespaceSelector: team == 'data', selector: app == 'reporting'}, destination: {ports: [8080]}}]}\n\
+         ---\napiVersion: projectcalico.org/v3\nkind: NetworkPolicy\n\
+         metadata: {name: reporting-to-api, namespace: analytics}\n\
+         spec: {order: 400, selector: app == 'reporting', types: [Egress], egress: [{action: Allow, protocol: TCP, \
+         destination: {namespaceSelector: tier == 'backend', selector: app == 'api', ports: [8080]}}]}\n",
+    )
+    .unwrap();
+    let revision = store(&state, &["apply", "-f", allow.to_str().unwrap()]).unwrap();
+    agent.wait_revision(&topo, revision);
+    assert!(
+        connect(reporting, api_addr).is_some(),
+        "allowed after the apply"
+    );
+
+    // A label change on the pod takes it out of the rule.
+    write_weps("app: batch");
+    let revision = store(&state, &["apply", "-f", weps.to_str().unwrap()]).unwrap();
+    agent.wait_revision(&topo, revision);
+    assert!(
+        connect(reporting, api_addr).is_none(),
+        "denied once relabelled"
+    );
+    write_weps("app: reporting");
+    let revision = store(&state, &["apply", "-f", weps.to_str().unwrap()]).unwrap();
+    agent.wait_revision(&topo, revision);
+    assert!(connect(reporting, api_addr).is_some(), "allowed again");
+
+    // Removal, enforced.
+    let revision = store(
+        &state,
+        &[
+            "delete",
+            "networkpolicies",
+            "api-from-analytics",
+            "-n",
+            "shop-backend",
+        ],
+    )
+    .unwrap();
+    agent.wait_revision(&topo, revision);
+    assert!(
+        connect(reporting, api_addr).is_none(),
+        "denied after the delete"
+    );
+    assert!(connect(web, api_addr).is_some(), "web -> api untouched");
+
+    // A rejected apply writes nothing and changes nothing.
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: open-all}\n\
+         spec: {order: 1, selector: all(), ingress: [{action: Allow}], egress: [{action: Allow}]}\n\
+         ---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: broken}\n\
+         spec: {selector: app = 'x'}\n",
+    )
+    .unwrap();
+    let err = store(&state, &["apply", "-f", bad.to_str().unwrap()]).unwrap_err();
+    assert!(err.contains("broken") && err.contains("selector"), "{err}");
+    assert!(
+        connect(reporting, api_addr).is_none(),
+        "open-all was not applied either"
+    );
+
+    // An invalid object arriving from the datastore (written by another
+    // tool, around validation): reported, skipped, the rest enforced.
+    let log_path = state.join("changes.jsonl");
+    let bad_gnp = serde_json::json!({"put": {
+        "key": "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/sneaky",
+        "ref": {"kind": "GlobalNetworkPolicy", "namespace": null, "name": "sneaky"},
+        "revision": revision + 1,
+        "document": {"apiVersion": "projectcalico.org/v3", "kind": "GlobalNetworkPolicy",
+                     "metadata": {"name": "sneaky"},
+                     "spec": {"order": 1, "selector": "all(", "ingress": [{"action": "Allow"}]}}}});
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log_path)
+        .unwrap();
+    writeln!(f, "{bad_gnp}").unwrap();
+    drop(f);
+    agent.wait_revision(&topo, revision + 1);
+    let status = agent.status(&topo).unwrap();
+    let rejected = status["rejected"].to_string();
+    assert!(
+        rejected.contains("sneaky") && rejected.contains("selector"),
+        "{status}"
+    );
+    assert!(connect(reporting, api_addr).is_none(), "still denied");
+    let (_, metrics) = agent.get(&topo, "/metrics").unwrap();
+    assert!(metrics.contains("palisade_rejected_objects 1"), "{metrics}");
+    // It is no obstacle to repairing it.
+    let revision = store(&state, &["delete", "globalnetworkpolicies", "sneaky"]).unwrap();
+    agent.wait_revision(&topo, revision);
+    assert_eq!(
+        agent.status(&topo).unwrap()["rejected"],
+        serde_json::json!([])
+    );
+
+    // SIGKILL in the middle of a batch, then a restart: the open connection
+    // lives through it, and the end state is the store's.
+    // The batch is big enough to take the agent tens of milliseconds.
+    let bulk = dir.join("bulk.yaml");
+    let policies: Vec<String> = (0..150)
+        .map(|i| {
+            format!(
+                "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: bulk-{i}}}\n\
+                 spec: {{order: {}, selector: app == 'api', types: [Ingress], ingress: [{{action: Allow, protocol: TCP, \
+                 source: {{nets: [192.168.{i}.0/24]}}, destination: {{ports: [{}]}}}}]}}\n",
+                300 + i,
+                9000 + i
+            )
+        })
+        .collect();
+    std::fs::write(&bulk, policies.join("---\n")).unwrap();
+    let policies_before = agent.status(&topo).unwrap()["policies"].as_u64().unwrap();
+    let revision = store(
+        &state,
+        &[
+            "apply",
+            "-f",
+            allow.to_str().unwrap(),
+            bulk.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(15));
+    agent.kill();
+    assert!(
+        echo(&mut open),
+        "the open connection while the agent is down"
+    );
+    assert!(
+        connect(web, api_addr).is_some(),
+        "the pinned programs go on"
+    );
+    agent.restart("node1");
+    agent.wait_ready(&topo);
+    agent.wait_revision(&topo, revision);
+    let status = agent.status(&topo).unwrap();
+    assert_eq!(status["adopted"], true, "{status}");
+    assert_eq!(
+        status["policies"].as_u64(),
+        Some(policies_before + 151),
+        "{status}"
+    );
+    assert!(echo(&mut open), "the open connection after the restart");
+    assert!(
+        connect(reporting, api_addr).is_some(),
+        "the store's state after the restart"
+    );
+
+    // SIGTERM: exit 0, and the programs stay attached and enforcing.
+    assert_eq!(agent.stop(), Some(0));
+    assert!(echo(&mut open));
+    store(
+        &state,
+        &[
+            "delete",
+            "networkpolicies",
+            "reporting-to-api",
+            "-n",
+            "analytics",
+        ],
+    )
+    .unwrap();
+    assert!(
+        connect(reporting, api_addr).is_some(),
+        "with the agent stopped, the last state it wrote is enforced"
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
