@@ -15,10 +15,9 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 use policy_core::ObjectRef;
-use policy_core::manifest::{Loaded, parse_source_keeping_documents};
+use policy_core::manifest::Loaded;
 
-use crate::kinds::{document_ref, kind_of_ref};
-use crate::validate::{validate_apply, validate_delete};
+use crate::plan::{parse_sources, plan_apply, plan_delete};
 use crate::{Datastore, Revision, Snapshot, StoreChange, StoreError, StoredObject, Written};
 
 const LOG: &str = "changes.jsonl";
@@ -137,88 +136,15 @@ impl EmbeddedStore {
         file.sync_data().map_err(io(&path))
     }
 
-    /// See [`Datastore::apply_sources`].
-    fn apply_manifests(&self, sources: &[(String, String)]) -> Result<Written, StoreError> {
-        let mut loaded = Vec::new();
-        let mut errors = policy_core::Errors::new();
-        for (source, text) in sources {
-            match parse_source_keeping_documents(source, text) {
-                Ok(parsed) => {
-                    for s in parsed.skipped {
-                        errors.push(
-                            policy_core::Error::new(policy_core::ErrorKind::Unsupported(format!(
-                                "kind {} ({}) is not something Palisade stores; known kinds: {}",
-                                s.kind,
-                                s.api_version,
-                                crate::KINDS
-                                    .iter()
-                                    .map(|k| k.plural)
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            )))
-                            .from_origin(s.origin),
-                        );
-                    }
-                    loaded.extend(parsed.objects);
-                }
-                Err(es) => {
-                    for e in es {
-                        errors.push(e);
-                    }
-                }
-            }
-        }
-        errors.or_ok(()).map_err(StoreError::Rejected)?;
-        self.apply_loaded(loaded)
-    }
-
     /// Applies objects read with their documents as one batch.
     fn apply_loaded(&self, batch: Vec<Loaded>) -> Result<Written, StoreError> {
         self.locked(true, || {
             let log = self.read_log()?;
             let state = fold(&log.changes);
-            validate_apply(&state, &batch).map_err(StoreError::Rejected)?;
-            let revision = state.revision + 1;
-            let by_key: BTreeMap<&str, &StoredObject> =
-                state.objects.iter().map(|o| (o.key.as_str(), o)).collect();
-            let mut written = Written {
-                revision: state.revision,
-                created: Vec::new(),
-                replaced: Vec::new(),
-                unchanged: Vec::new(),
-                deleted: Vec::new(),
-            };
-            let mut changes = Vec::new();
-            for l in batch {
-                // Stored under the document's own kind and name (a
-                // WorkloadEndpoint is not stored as its pod).
-                let unknown = || StoreError::UnknownKind {
-                    name: l.object.object_ref().kind,
-                    known: known_kinds(),
-                };
-                let Some(document) = l.document.clone() else {
-                    return Err(unknown());
-                };
-                let (info, object) = document_ref(&document).ok_or_else(unknown)?;
-                let key = info.key(object.namespace.as_deref(), &object.name);
-                match by_key.get(key.as_str()) {
-                    Some(old) if old.document == document => {
-                        written.unchanged.push(object);
-                        continue;
-                    }
-                    Some(_) => written.replaced.push(object.clone()),
-                    None => written.created.push(object.clone()),
-                }
-                changes.push(StoreChange::Put(StoredObject {
-                    key,
-                    object,
-                    revision,
-                    document,
-                }));
-            }
+            let (changes, mut written) = plan_apply(&state, batch, state.revision + 1)?;
             if !changes.is_empty() {
                 self.append(log.whole_bytes, &changes)?;
-                written.revision = revision;
+                written.revision = state.revision + 1;
             }
             Ok(written)
         })
@@ -231,42 +157,16 @@ impl Datastore for EmbeddedStore {
     }
 
     fn apply_sources(&self, sources: &[(String, String)]) -> Result<Written, StoreError> {
-        self.apply_manifests(sources)
+        self.apply_loaded(parse_sources(sources)?)
     }
 
     fn delete(&self, objects: &[ObjectRef]) -> Result<Written, StoreError> {
         self.locked(true, || {
             let log = self.read_log()?;
             let state = fold(&log.changes);
-            let mut changes = Vec::new();
-            let revision = state.revision + 1;
-            for object in objects {
-                let key = key_of(object)?;
-                if !state.objects.iter().any(|o| o.key == key) {
-                    return Err(StoreError::NotFound(object.clone()));
-                }
-                changes.push(StoreChange::Deleted {
-                    key,
-                    object: object.clone(),
-                    revision,
-                });
-            }
-            let keys: Vec<String> = changes
-                .iter()
-                .filter_map(|c| match c {
-                    StoreChange::Deleted { key, .. } => Some(key.clone()),
-                    StoreChange::Put(_) => None,
-                })
-                .collect();
-            validate_delete(&state, &keys).map_err(StoreError::Rejected)?;
+            let (changes, written) = plan_delete(&state, objects, state.revision + 1)?;
             self.append(log.whole_bytes, &changes)?;
-            Ok(Written {
-                revision,
-                created: Vec::new(),
-                replaced: Vec::new(),
-                unchanged: Vec::new(),
-                deleted: objects.to_vec(),
-            })
+            Ok(written)
         })
     }
 
@@ -301,22 +201,6 @@ fn fold(changes: &[StoreChange]) -> Snapshot {
         revision,
         objects: objects.into_values().collect(),
     }
-}
-
-fn key_of(object: &ObjectRef) -> Result<String, StoreError> {
-    let kind = kind_of_ref(&object.kind).ok_or_else(|| StoreError::UnknownKind {
-        name: object.kind.clone(),
-        known: known_kinds(),
-    })?;
-    Ok(kind.key(object.namespace.as_deref(), &object.name))
-}
-
-fn known_kinds() -> String {
-    crate::KINDS
-        .iter()
-        .map(|k| k.plural)
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {

@@ -42,6 +42,7 @@
 mod embedded;
 pub mod kinds;
 mod node_view;
+mod plan;
 mod validate;
 mod watch;
 

@@ -1,0 +1,145 @@
+//! What every backend does before it writes, apart from the writing: read
+//! the manifests, validate the batch against the stored state, and work out
+//! the changes (unchanged documents are not written again).
+
+use std::collections::BTreeMap;
+
+use policy_core::ObjectRef;
+use policy_core::manifest::{Loaded, parse_source_keeping_documents};
+
+use crate::kinds::{document_ref, kind_of_ref};
+use crate::validate::{validate_apply, validate_delete};
+use crate::{Revision, Snapshot, StoreChange, StoreError, StoredObject, Written};
+
+/// Reads manifest sources (name, text) keeping each object's document;
+/// kinds no datastore holds are errors.
+pub(crate) fn parse_sources(sources: &[(String, String)]) -> Result<Vec<Loaded>, StoreError> {
+    let mut loaded = Vec::new();
+    let mut errors = policy_core::Errors::new();
+    for (source, text) in sources {
+        match parse_source_keeping_documents(source, text) {
+            Ok(parsed) => {
+                for s in parsed.skipped {
+                    errors.push(
+                        policy_core::Error::new(policy_core::ErrorKind::Unsupported(format!(
+                            "kind {} ({}) is not something Palisade stores; known kinds: {}",
+                            s.kind,
+                            s.api_version,
+                            crate::KINDS
+                                .iter()
+                                .map(|k| k.plural)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )))
+                        .from_origin(s.origin),
+                    );
+                }
+                loaded.extend(parsed.objects);
+            }
+            Err(es) => {
+                for e in es {
+                    errors.push(e);
+                }
+            }
+        }
+    }
+    errors.or_ok(()).map_err(StoreError::Rejected)?;
+    Ok(loaded)
+}
+
+/// Validates `batch` against `state` and works out its changes, each at
+/// `revision`; `Written.revision` is the state's when nothing changes.
+pub(crate) fn plan_apply(
+    state: &Snapshot,
+    batch: Vec<Loaded>,
+    revision: Revision,
+) -> Result<(Vec<StoreChange>, Written), StoreError> {
+    validate_apply(state, &batch).map_err(StoreError::Rejected)?;
+    let by_key: BTreeMap<&str, &StoredObject> =
+        state.objects.iter().map(|o| (o.key.as_str(), o)).collect();
+    let mut written = Written {
+        revision: state.revision,
+        created: Vec::new(),
+        replaced: Vec::new(),
+        unchanged: Vec::new(),
+        deleted: Vec::new(),
+    };
+    let mut changes = Vec::new();
+    for l in batch {
+        // Stored under the document's own kind and name (a WorkloadEndpoint
+        // is not stored as its pod).
+        let unknown = || StoreError::UnknownKind {
+            name: l.object.object_ref().kind,
+            known: known_kinds(),
+        };
+        let Some(document) = l.document.clone() else {
+            return Err(unknown());
+        };
+        let (info, object) = document_ref(&document).ok_or_else(unknown)?;
+        let key = info.key(object.namespace.as_deref(), &object.name);
+        match by_key.get(key.as_str()) {
+            Some(old) if old.document == document => {
+                written.unchanged.push(object);
+                continue;
+            }
+            Some(_) => written.replaced.push(object.clone()),
+            None => written.created.push(object.clone()),
+        }
+        changes.push(StoreChange::Put(StoredObject {
+            key,
+            object,
+            revision,
+            document,
+        }));
+    }
+    Ok((changes, written))
+}
+
+/// Checks that `objects` are stored and that deleting them leaves a valid
+/// cluster; the deletes, each at `revision`.
+pub(crate) fn plan_delete(
+    state: &Snapshot,
+    objects: &[ObjectRef],
+    revision: Revision,
+) -> Result<(Vec<StoreChange>, Written), StoreError> {
+    let mut changes = Vec::new();
+    let mut keys = Vec::new();
+    for object in objects {
+        let key = key_of(object)?;
+        if !state.objects.iter().any(|o| o.key == key) {
+            return Err(StoreError::NotFound(object.clone()));
+        }
+        keys.push(key.clone());
+        changes.push(StoreChange::Deleted {
+            key,
+            object: object.clone(),
+            revision,
+        });
+    }
+    validate_delete(state, &keys).map_err(StoreError::Rejected)?;
+    let written = Written {
+        revision,
+        created: Vec::new(),
+        replaced: Vec::new(),
+        unchanged: Vec::new(),
+        deleted: objects.to_vec(),
+    };
+    Ok((changes, written))
+}
+
+fn key_of(object: &ObjectRef) -> Result<String, StoreError> {
+    let kind = kind_of_ref(&object.kind).ok_or_else(|| StoreError::UnknownKind {
+        name: object.kind.clone(),
+        known: known_kinds(),
+    })?;
+    Ok(kind.key(object.namespace.as_deref(), &object.name))
+}
+
+fn known_kinds() -> String {
+    crate::KINDS
+        .iter()
+        .map(|k| k.plural)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
