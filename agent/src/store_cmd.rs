@@ -4,20 +4,54 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use palisade_datastore::{Datastore, EmbeddedStore, StoreError, StoredObject, Written, kind_named};
+use palisade_datastore::{
+    Datastore, EmbeddedStore, EtcdConfig, EtcdStore, StoreError, StoredObject, Written, kind_named,
+};
 use policy_core::ObjectRef;
 
 use crate::load::collect_files;
 
-/// Which datastore, and where.
+/// Which datastore, and where (the etcd flags read calicoctl's variables).
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {
-    /// The datastore: `embedded` (a state directory on this node).
-    #[arg(long, value_enum, default_value = "embedded")]
+    /// The datastore: `embedded` (a state directory on this node) or `etcd`.
+    #[arg(long, value_enum, default_value = "embedded", env = "PALISADE_DATASTORE")]
     pub datastore: DatastoreKind,
     /// State directory of the embedded datastore.
     #[arg(long, default_value = "/var/lib/palisade")]
     pub state_dir: PathBuf,
+    /// etcd client URLs, comma-separated.
+    #[arg(long, env = "ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd_endpoints: Vec<String>,
+    /// CA certificate (PEM) etcd's certificates are checked against.
+    #[arg(long, env = "ETCD_CA_CERT_FILE")]
+    pub etcd_ca_cert_file: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client certificate authentication.
+    #[arg(long, env = "ETCD_CERT_FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, env = "ETCD_KEY_FILE")]
+    pub etcd_key_file: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// The etcd connection the flags describe.
+    pub fn etcd(&self) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: self.etcd_endpoints.clone(),
+            ca_file: self.etcd_ca_cert_file.clone(),
+            cert_file: self.etcd_cert_file.clone(),
+            key_file: self.etcd_key_file.clone(),
+        }
+    }
+
+    /// Which store, for messages.
+    pub fn describe(&self) -> String {
+        match self.datastore {
+            DatastoreKind::Embedded => format!("embedded {}", self.state_dir.display()),
+            DatastoreKind::Etcd => format!("etcd {}", self.etcd_endpoints.join(",")),
+        }
+    }
 }
 
 /// Datastore backends.
@@ -25,6 +59,8 @@ pub struct StoreArgs {
 pub enum DatastoreKind {
     /// A state directory with an append-only change log (one node).
     Embedded,
+    /// etcd v3, in Calico's key layout (several nodes).
+    Etcd,
 }
 
 /// `get` output formats.
@@ -40,11 +76,17 @@ pub enum GetFormat {
     Json,
 }
 
-fn open(args: &StoreArgs) -> Result<EmbeddedStore> {
-    match args.datastore {
-        DatastoreKind::Embedded => EmbeddedStore::open(&args.state_dir)
-            .with_context(|| format!("opening the datastore in {}", args.state_dir.display())),
-    }
+fn open(args: &StoreArgs) -> Result<Box<dyn Datastore>> {
+    Ok(match args.datastore {
+        DatastoreKind::Embedded => Box::new(
+            EmbeddedStore::open(&args.state_dir)
+                .with_context(|| format!("opening the datastore in {}", args.state_dir.display()))?,
+        ),
+        DatastoreKind::Etcd => Box::new(
+            EtcdStore::connect(&args.etcd())
+                .with_context(|| format!("connecting to {}", args.describe()))?,
+        ),
+    })
 }
 
 fn rejected(e: StoreError) -> anyhow::Error {

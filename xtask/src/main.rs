@@ -64,13 +64,14 @@ fn have(cmd: &str, args: &[&str]) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// What the kernel programs and the network-namespace tests need: nightly
-/// with rust-src, bpf-linker in the project's tool root (where
-/// `.cargo/config.toml` points the BPF target's linker), and iproute2.
+/// What building the workspace, the kernel programs and the
+/// network-namespace tests need: nightly with rust-src, bpf-linker in the
+/// project's tool root (where `.cargo/config.toml` points the BPF target's
+/// linker), protoc (the etcd client) and iproute2.
 fn ensure_ebpf_tools() -> Result<()> {
     tools::ensure_nightly()?;
     tools::BPF_LINKER.ensure(&tools::tools_root())?;
-    tools::ensure_debs(tools::NETNS_DEBS)
+    tools::ensure_debs(&[tools::NETNS_DEBS, tools::BUILD_DEBS].concat())
 }
 
 /// Whether this process may load BPF programs and create namespaces. When
@@ -153,6 +154,7 @@ fn test() -> Result<()> {
         tools::ensure_lint_tools()?;
         ensure_ebpf_tools()?;
         tools::ensure_debs(tools::FFI_DEBS)?;
+        tools::ensure_debs(tools::ETCD_DEBS)?;
         tools::CARGO_FUZZ.ensure(&tools::tools_root())?;
         tools::check_debian_install_path()
     })?;

@@ -238,6 +238,18 @@ const fn deb(probe: &'static str, package: &'static str) -> Deb {
 
 /// Network namespaces, veth pairs and TC (netns engine, kernel tests).
 pub const NETNS_DEBS: &[Deb] = &[deb("ip", "iproute2")];
+/// Building the workspace: the etcd client's gRPC code is generated with protoc.
+pub const BUILD_DEBS: &[Deb] = &[
+    deb("protoc", "protobuf-compiler"),
+    deb("/usr/include/google/protobuf/descriptor.proto", "libprotobuf-dev"),
+];
+/// The etcd datastore's tests and the agents' clusters: etcd members on
+/// loopback, etcdctl, and openssl for their TLS certificates.
+pub const ETCD_DEBS: &[Deb] = &[
+    deb("etcd", "etcd-server"),
+    deb("/usr/bin/etcdctl", "etcd-client"),
+    deb("openssl", "openssl"),
+];
 /// The C ABI tests: compilers, valgrind, and unshare for a private netns.
 pub const FFI_DEBS: &[Deb] = &[
     deb("cc", "gcc"),
@@ -251,7 +263,14 @@ pub const VETH_REPORT_DEBS: &[Deb] = &[deb("ipset", "ipset"), deb("iptables-rest
 /// Every package any command may install: CI checks they all resolve from
 /// freshly updated package lists.
 pub fn all_debs() -> Vec<Deb> {
-    let mut all: Vec<Deb> = [NETNS_DEBS, FFI_DEBS, VETH_REPORT_DEBS].concat();
+    let mut all: Vec<Deb> = [
+        NETNS_DEBS,
+        BUILD_DEBS,
+        ETCD_DEBS,
+        FFI_DEBS,
+        VETH_REPORT_DEBS,
+    ]
+    .concat();
     all.sort_by_key(|d| d.package);
     all.dedup_by_key(|d| d.package);
     all

@@ -57,6 +57,18 @@ impl EmbeddedStore {
         &self.dir
     }
 
+    /// The changes after a revision, in order.
+    pub fn changes_since(&self, after: Revision) -> Result<Vec<StoreChange>, StoreError> {
+        self.locked(false, || {
+            Ok(self
+                .read_log()?
+                .changes
+                .into_iter()
+                .filter(|c| c.revision() > after)
+                .collect())
+        })
+    }
+
     /// The change log's path: an agent watches it (inotify) to hear of
     /// changes as they are written.
     pub fn log_path(&self) -> PathBuf {
@@ -170,16 +182,6 @@ impl Datastore for EmbeddedStore {
         })
     }
 
-    fn changes_since(&self, after: Revision) -> Result<Vec<StoreChange>, StoreError> {
-        self.locked(false, || {
-            Ok(self
-                .read_log()?
-                .changes
-                .into_iter()
-                .filter(|c| c.revision() > after)
-                .collect())
-        })
-    }
 }
 
 /// The state the changes lead to.

@@ -192,6 +192,21 @@ pub fn document_ref(
     ))
 }
 
+/// The object stored under `key`, from the key alone (a delete event
+/// carries no document).
+pub fn ref_of_key(key: &str) -> Option<policy_core::ObjectRef> {
+    KINDS.iter().find_map(|info| {
+        let rest = key.strip_prefix(&info.key(None, ""))?;
+        let (namespace, name) = match (info.namespaced, rest.split_once('/')) {
+            (true, Some((ns, name))) => (Some(ns), name),
+            (false, None) => (None, rest),
+            _ => return None,
+        };
+        (!name.is_empty() && !name.contains('/'))
+            .then(|| policy_core::ObjectRef::new(info.kind, namespace, name))
+    })
+}
+
 /// The kind an `ObjectRef` kind names.
 pub fn kind_of_ref(kind: &str) -> Option<&'static KindInfo> {
     KINDS.iter().find(|k| k.kind == kind)
@@ -233,6 +248,20 @@ mod tests {
             pod.key(Some("a"), "web"),
             "/palisade/resources/core/pods/a/web"
         );
+    }
+
+    #[test]
+    fn keys_name_their_objects() {
+        for (info, ns) in KINDS
+            .iter()
+            .map(|k| (k, k.namespaced.then_some("shop")))
+        {
+            let key = info.key(ns, "db");
+            let r = ref_of_key(&key).unwrap_or_else(|| panic!("{key}"));
+            assert_eq!((r.kind.as_str(), r.namespace.as_deref(), r.name.as_str()), (info.kind, ns, "db"));
+        }
+        assert_eq!(ref_of_key("/calico/ipam/v2/assignment/ipv4/block/10.0.0.0-26"), None);
+        assert_eq!(ref_of_key("/calico/resources/v3/projectcalico.org/networkpolicies/shop"), None);
     }
 
     #[test]

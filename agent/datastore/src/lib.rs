@@ -5,7 +5,7 @@
 //! | backend | for | changes |
 //! |---|---|---|
 //! | [`EmbeddedStore`] | one node: a state directory | an append-only log, fsynced per apply, followed with inotify ([`Watch`]) |
-//! | etcd v3 (next) | several nodes: Calico's etcdv3 key layout | etcd watches |
+//! | [`EtcdStore`] | several nodes: Calico's etcdv3 key layout | etcd watches ([`EtcdWatch`]), resumed from their revision |
 //! | Kubernetes API (its own issue) | a real cluster | list + watch |
 //!
 //! Every backend validates an apply exactly as the CLI validates manifests
@@ -40,6 +40,7 @@
 //! ```
 
 mod embedded;
+mod etcd;
 pub mod kinds;
 mod node_view;
 mod plan;
@@ -49,6 +50,7 @@ mod watch;
 use serde::{Deserialize, Serialize};
 
 pub use embedded::EmbeddedStore;
+pub use etcd::{EtcdConfig, EtcdStore, EtcdWatch, PREFIXES};
 pub use kinds::{KINDS, KindInfo, kind_named};
 pub use node_view::{NodeView, Rejected, Step};
 pub use validate::validate_apply;
@@ -152,6 +154,18 @@ pub enum StoreError {
         /// The failure.
         source: std::io::Error,
     },
+    /// The datastore cannot be reached or refused the request.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The changes after a revision are no longer kept (etcd compacted its
+    /// history): list again.
+    #[error("the datastore no longer has the changes after revision {after} (compacted up to {compacted}): list again")]
+    Compacted {
+        /// The revision the follower had.
+        after: Revision,
+        /// The oldest revision still kept.
+        compacted: Revision,
+    },
     /// A record of the store does not parse (not a torn last write, which
     /// is ignored): the store needs repair.
     #[error("{path}:{line}: corrupt record: {message}")]
@@ -163,6 +177,17 @@ pub enum StoreError {
         /// The parser's message.
         message: String,
     },
+}
+
+/// Follows a datastore's changes after a revision, whole batches in order
+/// ([`Watch`] for the embedded store, [`EtcdWatch`] for etcd).
+pub trait Follower {
+    /// The last revision handed out: a follower that lost its connection
+    /// resumes after it.
+    fn revision(&self) -> Revision;
+    /// The next changes, waiting up to `timeout` (forever with `None`);
+    /// empty when the time ran out.
+    fn next(&mut self, timeout: Option<std::time::Duration>) -> Result<Vec<StoreChange>, StoreError>;
 }
 
 /// A store of the objects an agent enforces. Writers validate and apply a
@@ -181,8 +206,6 @@ pub trait Datastore {
     fn apply_sources(&self, sources: &[(String, String)]) -> Result<Written, StoreError>;
     /// Deletes objects as one batch; all must exist.
     fn delete(&self, objects: &[ObjectRef]) -> Result<Written, StoreError>;
-    /// The changes after a revision, in order.
-    fn changes_since(&self, after: Revision) -> Result<Vec<StoreChange>, StoreError>;
 
     /// Applies one manifest source.
     fn apply_text(&self, source: &str, text: &str) -> Result<Written, StoreError> {

@@ -8,7 +8,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
-use crate::{Datastore, EmbeddedStore, Revision, StoreChange, StoreError};
+use crate::{EmbeddedStore, Follower, Revision, StoreChange, StoreError};
 
 /// The changes of an [`EmbeddedStore`] after a revision, as they are written.
 #[derive(Debug)]
@@ -42,14 +42,21 @@ impl Watch {
         })
     }
 
-    /// The last revision handed out.
-    pub fn revision(&self) -> Revision {
+    fn failed(&self, e: Errno) -> StoreError {
+        StoreError::Io {
+            path: self.store.log_path().display().to_string(),
+            source: e.into(),
+        }
+    }
+}
+
+impl Follower for Watch {
+    fn revision(&self) -> Revision {
         self.after
     }
 
-    /// The next changes, waiting up to `timeout` (forever with `None`) for
-    /// a writer; empty when the time ran out. Whole batches only.
-    pub fn next(&mut self, timeout: Option<Duration>) -> Result<Vec<StoreChange>, StoreError> {
+    /// Waits for a writer; whole batches only.
+    fn next(&mut self, timeout: Option<Duration>) -> Result<Vec<StoreChange>, StoreError> {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             // Drain the events first: a write after this read wakes the poll.
@@ -80,13 +87,6 @@ impl Watch {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return Err(self.failed(e)),
             }
-        }
-    }
-
-    fn failed(&self, e: Errno) -> StoreError {
-        StoreError::Io {
-            path: self.store.log_path().display().to_string(),
-            source: e.into(),
         }
     }
 }

@@ -34,7 +34,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use clap::Args;
 use palisade_controller::{AyaDataplane, Dataplane, MirrorDataplane};
-use palisade_datastore::{Datastore, EmbeddedStore, Snapshot, StoreChange, Watch};
+use palisade_datastore::{
+    Datastore, EmbeddedStore, EtcdStore, Follower, Revision, Snapshot, StoreChange, StoreError,
+    Watch,
+};
 use policy_bpf_common::Statistic;
 use policy_core::compile::RuleRef;
 use policy_core::model::Action;
@@ -76,6 +79,8 @@ enum Input {
     Changes(Vec<StoreChange>, Instant),
     /// The datastore cannot be followed; the watcher retries.
     Lost(String),
+    /// Following again after the revision, after a loss.
+    Resumed(Revision),
     /// Stop (SIGTERM).
     Stop,
 }
@@ -193,9 +198,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         // Colours for a person at a terminal, plain text for journald.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let datastore = match args.store.datastore {
-        DatastoreKind::Embedded => format!("embedded {}", args.store.state_dir.display()),
-    };
+    let datastore = args.store.describe();
     let shared = Arc::new(Shared::new(Status {
         node: args.node.clone(),
         datastore,
@@ -244,51 +247,111 @@ pub fn run(args: AgentArgs) -> Result<()> {
 }
 
 /// Follows the datastore on its own thread: a listing, then changes as they
-/// are written; on failure it says so and lists again with backoff.
+/// are written. When the datastore goes away it says so, and reconnects
+/// with backoff: it resumes from the last revision it handed out, and lists
+/// again only when the datastore no longer has the changes after it.
 fn spawn_watcher(args: &AgentArgs, tx: Sender<Input>) -> Result<()> {
-    let dir = args.store.state_dir.clone();
+    let store = args.store.clone();
     std::thread::Builder::new()
         .name("watcher".into())
-        .spawn(move || {
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                let err = follow_embedded(&dir, &tx, &mut backoff);
-                if tx.send(Input::Lost(format!("{err:#}"))).is_err() {
-                    return;
-                }
-                tracing::warn!(error = %format!("{err:#}"), retry_in = ?backoff, "datastore lost");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
+        .spawn(move || match store.datastore {
+            DatastoreKind::Embedded => watch_loop(
+                &tx,
+                || Ok(EmbeddedStore::open(&store.state_dir)?),
+                |s, after| Ok(Watch::new(s.clone(), after)?),
+            ),
+            DatastoreKind::Etcd => watch_loop(
+                &tx,
+                || Ok(EtcdStore::connect(&store.etcd())?),
+                |s, after| Ok(s.watch(after)?),
+            ),
         })
         .context("starting the watcher thread")?;
     Ok(())
 }
 
-/// Lists the embedded store and follows its log until an error (returned).
-fn follow_embedded(
-    dir: &std::path::Path,
+/// How a follow ended.
+enum Ended {
+    /// The writer is gone (the agent is stopping).
+    Stopping,
+    /// The history after our revision is gone: list again at once.
+    Compacted,
+    /// The datastore failed: say so, wait, reconnect.
+    Failed(anyhow::Error),
+}
+
+fn watch_loop<S: Datastore, F: Follower>(
     tx: &Sender<Input>,
-    backoff: &mut Duration,
-) -> anyhow::Error {
-    let mut run = || -> Result<()> {
-        let store = EmbeddedStore::open(dir)?;
-        let snapshot = store.snapshot()?;
-        let mut watch = Watch::new(store, snapshot.revision)?;
-        if tx.send(Input::Listing(snapshot, Instant::now())).is_err() {
-            return Ok(());
-        }
-        *backoff = Duration::from_millis(100);
-        loop {
-            let changes = watch.next(None)?;
-            if !changes.is_empty() && tx.send(Input::Changes(changes, Instant::now())).is_err() {
-                return Ok(());
+    open: impl Fn() -> Result<S>,
+    follow: impl Fn(&S, Revision) -> Result<F>,
+) {
+    let mut resume: Option<Revision> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let ended = (|| -> Ended {
+            let store = match open() {
+                Ok(s) => s,
+                Err(e) => return Ended::Failed(e),
+            };
+            let mut follower = match resume {
+                Some(after) => match follow(&store, after) {
+                    Ok(f) => {
+                        if tx.send(Input::Resumed(after)).is_err() {
+                            return Ended::Stopping;
+                        }
+                        f
+                    }
+                    Err(e) => return Ended::Failed(e),
+                },
+                None => {
+                    let listed = store
+                        .snapshot()
+                        .map_err(anyhow::Error::from)
+                        .and_then(|snap| Ok((follow(&store, snap.revision)?, snap)));
+                    match listed {
+                        Ok((f, snap)) => {
+                            resume = Some(snap.revision);
+                            if tx.send(Input::Listing(snap, Instant::now())).is_err() {
+                                return Ended::Stopping;
+                            }
+                            f
+                        }
+                        Err(e) => return Ended::Failed(e),
+                    }
+                }
+            };
+            backoff = Duration::from_millis(100);
+            loop {
+                match follower.next(None) {
+                    Ok(changes) => {
+                        resume = Some(follower.revision());
+                        if !changes.is_empty()
+                            && tx.send(Input::Changes(changes, Instant::now())).is_err()
+                        {
+                            return Ended::Stopping;
+                        }
+                    }
+                    Err(StoreError::Compacted { .. }) => return Ended::Compacted,
+                    Err(e) => return Ended::Failed(e.into()),
+                }
+            }
+        })();
+        match ended {
+            Ended::Stopping => return,
+            Ended::Compacted => {
+                tracing::warn!(after = ?resume, "the datastore compacted the changes after our revision: listing again");
+                resume = None;
+            }
+            Ended::Failed(err) => {
+                let why = format!("{err:#}");
+                tracing::warn!(error = %why, retry_in = ?backoff, "datastore lost; the dataplane keeps enforcing the last state");
+                if tx.send(Input::Lost(why)).is_err() {
+                    return;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
-    };
-    match run() {
-        Ok(()) => anyhow::anyhow!("the agent is stopping"),
-        Err(e) => e,
     }
 }
 
@@ -344,6 +407,15 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
                         }
                         Input::Listing(snapshot, at) => {
                             listing(&mut node, shared, &snapshot, at)?;
+                        }
+                        Input::Resumed(after) => {
+                            tracing::info!(after, "datastore back: following again");
+                            let mut s = shared.status();
+                            s.sync = SyncState::Synced;
+                            s.ready = node.started();
+                            s.datastore_error = None;
+                            shared.metrics.ready.set(i64::from(node.started()));
+                            shared.metrics.datastore_connected.set(1);
                         }
                         Input::Changes(..) => {}
                     }

@@ -6,7 +6,7 @@
 //! that answer from the lowered maps ([`maps_engine`]), from the kernel
 //! programs through `BPF_PROG_TEST_RUN` ([`kernel_engine`]) and from real
 //! traffic between network namespaces ([`netns_engine`], on the lab of
-//! [`netns`]). The CLI's `verify`, `matrix --engine` and `explain --engine`
+//! [`netns`]), and real etcd clusters on loopback ([`etcd`]). The CLI's `verify`, `matrix --engine` and `explain --engine`
 //! use it; libraries take it as a dev-dependency of their integration tests.
 //!
 //! ```
@@ -32,6 +32,7 @@
 //! ```
 
 pub mod conformance;
+pub mod etcd;
 pub mod testgen;
 
 #[cfg(feature = "bpf")]

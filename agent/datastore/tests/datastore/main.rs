@@ -4,7 +4,9 @@
 
 use std::path::PathBuf;
 
-use palisade_datastore::{Datastore, EmbeddedStore, StoreChange, StoreError, kind_named};
+mod etcd;
+
+use palisade_datastore::{Datastore, EmbeddedStore, Follower, StoreChange, StoreError, kind_named};
 use policy_core::ObjectRef;
 
 fn zero_trust() -> Vec<(String, String)> {
