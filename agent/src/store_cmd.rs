@@ -15,13 +15,23 @@ use crate::load::collect_files;
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {
     /// The datastore: `embedded` (a state directory on this node) or `etcd`.
-    #[arg(long, value_enum, default_value = "embedded", env = "PALISADE_DATASTORE")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "embedded",
+        env = "PALISADE_DATASTORE"
+    )]
     pub datastore: DatastoreKind,
     /// State directory of the embedded datastore.
     #[arg(long, default_value = "/var/lib/palisade")]
     pub state_dir: PathBuf,
     /// etcd client URLs, comma-separated.
-    #[arg(long, env = "ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
     pub etcd_endpoints: Vec<String>,
     /// CA certificate (PEM) etcd's certificates are checked against.
     #[arg(long, env = "ETCD_CA_CERT_FILE")]
@@ -78,10 +88,11 @@ pub enum GetFormat {
 
 fn open(args: &StoreArgs) -> Result<Box<dyn Datastore>> {
     Ok(match args.datastore {
-        DatastoreKind::Embedded => Box::new(
-            EmbeddedStore::open(&args.state_dir)
-                .with_context(|| format!("opening the datastore in {}", args.state_dir.display()))?,
-        ),
+        DatastoreKind::Embedded => {
+            Box::new(EmbeddedStore::open(&args.state_dir).with_context(|| {
+                format!("opening the datastore in {}", args.state_dir.display())
+            })?)
+        }
         DatastoreKind::Etcd => Box::new(
             EtcdStore::connect(&args.etcd())
                 .with_context(|| format!("connecting to {}", args.describe()))?,

@@ -5,6 +5,8 @@ use std::process::{Command, Output, Stdio};
 
 #[path = "palisade/agent.rs"]
 mod agent;
+#[path = "palisade/cluster.rs"]
+mod cluster;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

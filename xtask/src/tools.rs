@@ -241,14 +241,17 @@ pub const NETNS_DEBS: &[Deb] = &[deb("ip", "iproute2")];
 /// Building the workspace: the etcd client's gRPC code is generated with protoc.
 pub const BUILD_DEBS: &[Deb] = &[
     deb("protoc", "protobuf-compiler"),
-    deb("/usr/include/google/protobuf/descriptor.proto", "libprotobuf-dev"),
+    deb(
+        "/usr/include/google/protobuf/descriptor.proto",
+        "libprotobuf-dev",
+    ),
 ];
 /// The etcd datastore's tests and the agents' clusters: etcd members on
 /// loopback, etcdctl, and openssl for their TLS certificates.
 pub const ETCD_DEBS: &[Deb] = &[
     deb("etcd", "etcd-server"),
     deb("/usr/bin/etcdctl", "etcd-client"),
-    deb("openssl", "openssl"),
+    deb("/usr/bin/openssl", "openssl"),
 ];
 /// The C ABI tests: compilers, valgrind, and unshare for a private netns.
 pub const FFI_DEBS: &[Deb] = &[

@@ -181,7 +181,6 @@ impl Datastore for EmbeddedStore {
             Ok(written)
         })
     }
-
 }
 
 /// The state the changes lead to.

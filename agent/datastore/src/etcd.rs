@@ -30,7 +30,10 @@ use crate::{
 };
 
 /// The key prefixes objects live under.
-pub const PREFIXES: [&str; 2] = ["/calico/resources/v3/projectcalico.org/", "/palisade/resources/"];
+pub const PREFIXES: [&str; 2] = [
+    "/calico/resources/v3/projectcalico.org/",
+    "/palisade/resources/",
+];
 
 /// How long a request waits for etcd to answer again (a new leader, another
 /// member) before it fails.
@@ -154,15 +157,17 @@ impl EtcdStore {
             }
             end
         };
-        let stream = self.runtime.block_on(client.watch(
-            PREFIXES[0],
-            Some(
-                WatchOptions::new()
-                    .with_range(end)
-                    .with_start_revision(start)
-                    .with_progress_notify(),
+        let stream = self.runtime.block_on(
+            client.watch(
+                PREFIXES[0],
+                Some(
+                    WatchOptions::new()
+                        .with_range(end)
+                        .with_start_revision(start)
+                        .with_progress_notify(),
+                ),
             ),
-        ));
+        );
         Ok(EtcdWatch {
             runtime: self.runtime.clone(),
             stream: stream.map_err(unavailable(&endpoints))?,
@@ -176,7 +181,10 @@ impl EtcdStore {
         let mut client = self.client.clone();
         let resp = self
             .runtime
-            .block_on(client.get(PREFIXES[0], Some(GetOptions::new().with_prefix().with_count_only())))
+            .block_on(client.get(
+                PREFIXES[0],
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            ))
             .map_err(unavailable(&self.endpoints))?;
         Ok(resp.header().map_or(0, |h| h.revision()) as Revision)
     }

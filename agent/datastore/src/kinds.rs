@@ -252,16 +252,22 @@ mod tests {
 
     #[test]
     fn keys_name_their_objects() {
-        for (info, ns) in KINDS
-            .iter()
-            .map(|k| (k, k.namespaced.then_some("shop")))
-        {
+        for (info, ns) in KINDS.iter().map(|k| (k, k.namespaced.then_some("shop"))) {
             let key = info.key(ns, "db");
             let r = ref_of_key(&key).unwrap_or_else(|| panic!("{key}"));
-            assert_eq!((r.kind.as_str(), r.namespace.as_deref(), r.name.as_str()), (info.kind, ns, "db"));
+            assert_eq!(
+                (r.kind.as_str(), r.namespace.as_deref(), r.name.as_str()),
+                (info.kind, ns, "db")
+            );
         }
-        assert_eq!(ref_of_key("/calico/ipam/v2/assignment/ipv4/block/10.0.0.0-26"), None);
-        assert_eq!(ref_of_key("/calico/resources/v3/projectcalico.org/networkpolicies/shop"), None);
+        assert_eq!(
+            ref_of_key("/calico/ipam/v2/assignment/ipv4/block/10.0.0.0-26"),
+            None
+        );
+        assert_eq!(
+            ref_of_key("/calico/resources/v3/projectcalico.org/networkpolicies/shop"),
+            None
+        );
     }
 
     #[test]

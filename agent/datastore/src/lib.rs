@@ -159,7 +159,9 @@ pub enum StoreError {
     Unavailable(String),
     /// The changes after a revision are no longer kept (etcd compacted its
     /// history): list again.
-    #[error("the datastore no longer has the changes after revision {after} (compacted up to {compacted}): list again")]
+    #[error(
+        "the datastore no longer has the changes after revision {after} (compacted up to {compacted}): list again"
+    )]
     Compacted {
         /// The revision the follower had.
         after: Revision,
@@ -187,7 +189,10 @@ pub trait Follower {
     fn revision(&self) -> Revision;
     /// The next changes, waiting up to `timeout` (forever with `None`);
     /// empty when the time ran out.
-    fn next(&mut self, timeout: Option<std::time::Duration>) -> Result<Vec<StoreChange>, StoreError>;
+    fn next(
+        &mut self,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Vec<StoreChange>, StoreError>;
 }
 
 /// A store of the objects an agent enforces. Writers validate and apply a

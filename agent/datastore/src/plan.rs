@@ -142,4 +142,3 @@ fn known_kinds() -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
-

@@ -62,6 +62,12 @@ pub struct AgentArgs {
     /// Where /metrics, /healthz, /readyz and /status are served.
     #[arg(long, default_value = "127.0.0.1:9091")]
     pub metrics_addr: SocketAddr,
+    /// The network namespace of the node's interfaces (a name under
+    /// /run/netns or a path), when it is not the agent's own: the dataplane
+    /// writer works there while the datastore and /metrics stay in the
+    /// agent's namespace (labs that run several nodes on one machine).
+    #[arg(long)]
+    pub netns: Option<String>,
     /// Seconds between conntrack sweeps.
     #[arg(long, default_value_t = 10)]
     pub conntrack_sweep_seconds: u64,
@@ -358,6 +364,9 @@ fn watch_loop<S: Datastore, F: Follower>(
 /// The writer: owns the dataplane; applies what the watcher sends, ticks
 /// every second (pending interfaces, telemetry, conntrack sweeps).
 fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<()> {
+    if let Some(ns) = &args.netns {
+        enter_netns(ns)?;
+    }
     let dataplane = AyaDataplane::pinned(&args.pin_path);
     dataplane
         .available()
@@ -439,6 +448,20 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
         }
         publish(&node, shared, &mut drops_seen, &mut stats_seen);
     }
+}
+
+/// Moves the calling thread into a network namespace (only this thread:
+/// interface lookups and attaches happen there).
+fn enter_netns(ns: &str) -> Result<()> {
+    let path = if ns.contains('/') {
+        PathBuf::from(ns)
+    } else {
+        PathBuf::from("/run/netns").join(ns)
+    };
+    let file = std::fs::File::open(&path)
+        .with_context(|| format!("--netns: opening {}", path.display()))?;
+    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("--netns: entering {}", path.display()))
 }
 
 fn count_events(shared: &Shared, changes: &[StoreChange]) {

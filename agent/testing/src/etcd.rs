@@ -70,14 +70,28 @@ impl TlsFiles {
             run(&mut c)
         };
         openssl(&[
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-            "/CN=palisade-test-ca", "-keyout", "ca.key", "-out", "ca.pem",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=palisade-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
         ])?;
-        std::fs::write(p("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-            .map_err(|e| EtcdError::Command {
-                command: "write server.ext".into(),
-                message: e.to_string(),
-            })?;
+        std::fs::write(
+            p("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .map_err(|e| EtcdError::Command {
+            command: "write server.ext".into(),
+            message: e.to_string(),
+        })?;
         std::fs::write(p("client.ext"), "extendedKeyUsage=clientAuth\n").map_err(|e| {
             EtcdError::Command {
                 command: "write client.ext".into(),
@@ -86,13 +100,33 @@ impl TlsFiles {
         })?;
         for (who, cn) in [("server", "etcd"), ("client", "palisade-agent")] {
             openssl(&[
-                "req", "-newkey", "rsa:2048", "-nodes", "-subj", &format!("/CN={cn}"),
-                "-keyout", &format!("{who}.key"), "-out", &format!("{who}.csr"),
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                &format!("{who}.key"),
+                "-out",
+                &format!("{who}.csr"),
             ])?;
             openssl(&[
-                "x509", "-req", "-in", &format!("{who}.csr"), "-CA", "ca.pem", "-CAkey",
-                "ca.key", "-CAcreateserial", "-days", "2", "-extfile", &format!("{who}.ext"),
-                "-out", &format!("{who}.pem"),
+                "x509",
+                "-req",
+                "-in",
+                &format!("{who}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{who}.ext"),
+                "-out",
+                &format!("{who}.pem"),
             ])?;
         }
         Ok(TlsFiles {
@@ -140,14 +174,16 @@ fn free_port() -> Result<u16, EtcdError> {
 
 /// Whether etcd and etcdctl are installed.
 pub fn installed() -> bool {
-    [("etcd", "--version"), ("etcdctl", "version")].iter().all(|(b, arg)| {
-        Command::new(b)
-            .arg(arg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
+    [("etcd", "--version"), ("etcdctl", "version")]
+        .iter()
+        .all(|(b, arg)| {
+            Command::new(b)
+                .arg(arg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
 }
 
 impl EtcdCluster {
@@ -196,7 +232,11 @@ impl EtcdCluster {
 
     /// Client URL of member `i`.
     pub fn endpoint(&self, i: usize) -> String {
-        format!("{}://127.0.0.1:{}", self.scheme(), self.members[i].client_port)
+        format!(
+            "{}://127.0.0.1:{}",
+            self.scheme(),
+            self.members[i].client_port
+        )
     }
 
     /// The TLS files, for a TLS cluster.

@@ -14,50 +14,91 @@ use policy_core::EndpointKey;
 
 use super::{palisade, privileged, repo, scratch};
 
-/// A running agent in a node namespace; killed (not stopped) on drop, and
-/// its pins removed.
+/// How an agent is started and reached.
+pub struct AgentSpec {
+    /// Run the whole agent inside this namespace (nsenter), as on a node.
+    pub nsenter: Option<String>,
+    /// Its flags after `agent`.
+    pub args: Vec<String>,
+    /// Where it serves /metrics and /status.
+    pub metrics: SocketAddr,
+    /// Its pin directory (removed on drop).
+    pub pins: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+/// A running agent; killed (not stopped) on drop, and its pins removed.
 pub struct Agent {
     child: Option<Child>,
-    netns: String,
-    state: PathBuf,
-    pins: PathBuf,
-    log: PathBuf,
+    spec: AgentSpec,
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (a name under
+/// /run/netns), or here with `None`.
+fn in_netns<T: Send>(ns: Option<&str>, f: impl FnOnce() -> T + Send) -> T {
+    let Some(ns) = ns else { return f() };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
 }
 
 impl Agent {
+    /// An agent inside node namespace `netns` on the embedded store.
     pub fn start(netns: &str, node: &str, state: &Path, pins: &Path, log: &Path) -> Agent {
-        let mut agent = Agent {
-            child: None,
-            netns: netns.to_string(),
-            state: state.to_path_buf(),
+        let args = [
+            "--node",
+            node,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--pin-path",
+            pins.to_str().unwrap(),
+            "--metrics-addr",
+            "127.0.0.1:9091",
+            "--conntrack-sweep-seconds",
+            "2",
+        ];
+        Agent::spawn_spec(AgentSpec {
+            nsenter: Some(netns.to_string()),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            metrics: "127.0.0.1:9091".parse().unwrap(),
             pins: pins.to_path_buf(),
             log: log.to_path_buf(),
-        };
-        agent.spawn(node);
+        })
+    }
+
+    pub fn spawn_spec(spec: AgentSpec) -> Agent {
+        let mut agent = Agent { child: None, spec };
+        agent.spawn();
         agent
     }
 
-    fn spawn(&mut self, node: &str) {
+    fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.log)
+            .open(&self.spec.log)
             .unwrap();
         // nsenter, not `ip netns exec`: that one also gives the process a
         // mount namespace of its own, whose bpffs pins die with it.
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.netns))
-            .arg(env!("CARGO_BIN_EXE_palisade"))
-            .args(["agent", "--node", node, "--state-dir"])
-            .arg(&self.state)
-            .arg("--pin-path")
-            .arg(&self.pins)
-            .args([
-                "--metrics-addr",
-                "127.0.0.1:9091",
-                "--conntrack-sweep-seconds",
-                "2",
-            ])
+        let mut cmd = match &self.spec.nsenter {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg(env!("CARGO_BIN_EXE_palisade"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_palisade")),
+        };
+        let child = cmd
+            .arg("agent")
+            .args(&self.spec.args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -65,42 +106,45 @@ impl Agent {
         self.child = Some(child);
     }
 
-    /// A GET inside the node's namespace: status code and body.
-    pub fn get(&self, topo: &Topology, path: &str) -> Option<(u16, String)> {
-        topo.node()
-            .run(|| http_get("127.0.0.1:9091".parse().unwrap(), path))
-            .ok()
-            .flatten()
+    /// A GET to the agent's HTTP endpoint: status code and body.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        let addr = self.spec.metrics;
+        in_netns(self.spec.nsenter.as_deref(), || http_get(addr, path))
     }
 
     /// Waits for /readyz to answer 200.
-    pub fn wait_ready(&self, topo: &Topology) {
-        self.wait(topo, "ready", |a| {
-            a.get(topo, "/readyz").is_some_and(|(c, _)| c == 200)
+    pub fn wait_ready(&self) {
+        self.wait("ready", |a| a.get("/readyz").is_some_and(|(c, _)| c == 200));
+    }
+
+    /// Waits for /readyz to answer 503.
+    pub fn wait_not_ready(&self) {
+        self.wait("not ready", |a| {
+            a.get("/readyz").is_some_and(|(c, _)| c == 503)
         });
     }
 
     /// Waits until the agent has applied `revision`.
-    pub fn wait_revision(&self, topo: &Topology, revision: u64) {
-        self.wait(topo, &format!("revision {revision}"), |a| {
-            a.status(topo)
+    pub fn wait_revision(&self, revision: u64) {
+        self.wait(&format!("revision {revision}"), |a| {
+            a.status()
                 .is_some_and(|s| s["revision"].as_u64() >= Some(revision))
         });
     }
 
-    pub fn status(&self, topo: &Topology) -> Option<serde_json::Value> {
-        let (code, body) = self.get(topo, "/status")?;
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let (code, body) = self.get("/status")?;
         (code == 200).then(|| serde_json::from_str(&body).unwrap())
     }
 
-    fn wait(&self, topo: &Topology, what: &str, done: impl Fn(&Agent) -> bool) {
+    fn wait(&self, what: &str, done: impl Fn(&Agent) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !done(self) {
             if Instant::now() > deadline {
                 panic!(
                     "agent not {what} after 60 s; status {:?}\nlog:\n{}",
-                    self.get(topo, "/status"),
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                    self.get("/status"),
+                    std::fs::read_to_string(&self.spec.log).unwrap_or_default()
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -123,9 +167,9 @@ impl Agent {
         }
     }
 
-    pub fn restart(&mut self, node: &str) {
+    pub fn restart(&mut self) {
         self.kill();
-        self.spawn(node);
+        self.spawn();
     }
 }
 
@@ -133,7 +177,7 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
         // The pinned links go with their pins (nothing else holds them).
-        let _ = std::fs::remove_dir_all(&self.pins);
+        let _ = std::fs::remove_dir_all(&self.spec.pins);
     }
 }
 
@@ -278,9 +322,9 @@ fn the_agent_enforces_the_embedded_store_through_changes_faults_and_restarts() {
     ));
     let log = dir.join("agent.log");
     let mut agent = Agent::start(topo.node().name(), "node1", &state, &pins, &log);
-    agent.wait_ready(&topo);
-    agent.wait_revision(&topo, revision);
-    let status = agent.status(&topo).unwrap();
+    agent.wait_ready();
+    agent.wait_revision(revision);
+    let status = agent.status().unwrap();
     assert_eq!(status["endpoints"].as_array().unwrap().len(), 3, "{status}");
     let mut open = connect(web, api_addr).expect("web -> api:8080 is allowed");
     assert!(echo(&mut open));
@@ -304,7 +348,7 @@ fn the_agent_enforces_the_embedded_store_through_changes_faults_and_restarts() {
     )
     .unwrap();
     let revision = store(&state, &["apply", "-f", allow.to_str().unwrap()]).unwrap();
-    agent.wait_revision(&topo, revision);
+    agent.wait_revision(revision);
     assert!(
         connect(reporting, api_addr).is_some(),
         "allowed after the apply"
@@ -313,14 +357,14 @@ fn the_agent_enforces_the_embedded_store_through_changes_faults_and_restarts() {
     // A label change on the pod takes it out of the rule.
     write_weps("app: batch");
     let revision = store(&state, &["apply", "-f", weps.to_str().unwrap()]).unwrap();
-    agent.wait_revision(&topo, revision);
+    agent.wait_revision(revision);
     assert!(
         connect(reporting, api_addr).is_none(),
         "denied once relabelled"
     );
     write_weps("app: reporting");
     let revision = store(&state, &["apply", "-f", weps.to_str().unwrap()]).unwrap();
-    agent.wait_revision(&topo, revision);
+    agent.wait_revision(revision);
     assert!(connect(reporting, api_addr).is_some(), "allowed again");
 
     // Removal, enforced.
@@ -335,7 +379,7 @@ fn the_agent_enforces_the_embedded_store_through_changes_faults_and_restarts() {
         ],
     )
     .unwrap();
-    agent.wait_revision(&topo, revision);
+    agent.wait_revision(revision);
     assert!(
         connect(reporting, api_addr).is_none(),
         "denied after the delete"
@@ -375,23 +419,20 @@ fn the_agent_enforces_the_embedded_store_through_changes_faults_and_restarts() {
         .unwrap();
     writeln!(f, "{bad_gnp}").unwrap();
     drop(f);
-    agent.wait_revision(&topo, revision + 1);
-    let status = agent.status(&topo).unwrap();
+    agent.wait_revision(revision + 1);
+    let status = agent.status().unwrap();
     let rejected = status["rejected"].to_string();
     assert!(
         rejected.contains("sneaky") && rejected.contains("selector"),
         "{status}"
     );
     assert!(connect(reporting, api_addr).is_none(), "still denied");
-    let (_, metrics) = agent.get(&topo, "/metrics").unwrap();
+    let (_, metrics) = agent.get("/metrics").unwrap();
     assert!(metrics.contains("palisade_rejected_objects 1"), "{metrics}");
     // It is no obstacle to repairing it.
     let revision = store(&state, &["delete", "globalnetworkpolicies", "sneaky"]).unwrap();
-    agent.wait_revision(&topo, revision);
-    assert_eq!(
-        agent.status(&topo).unwrap()["rejected"],
-        serde_json::json!([])
-    );
+    agent.wait_revision(revision);
+    assert_eq!(agent.status().unwrap()["rejected"], serde_json::json!([]));
 
     // SIGKILL in the middle of a batch, then a restart: the open connection
     // lives through it, and the end state is the store's.
@@ -409,7 +450,7 @@ fn the_agent_enforces_the_embedded_store_through_changes_faults_and_restarts() {
         })
         .collect();
     std::fs::write(&bulk, policies.join("---\n")).unwrap();
-    let policies_before = agent.status(&topo).unwrap()["policies"].as_u64().unwrap();
+    let policies_before = agent.status().unwrap()["policies"].as_u64().unwrap();
     let revision = store(
         &state,
         &[
@@ -430,10 +471,10 @@ fn the_agent_enforces_the_embedded_store_through_changes_faults_and_restarts() {
         connect(web, api_addr).is_some(),
         "the pinned programs go on"
     );
-    agent.restart("node1");
-    agent.wait_ready(&topo);
-    agent.wait_revision(&topo, revision);
-    let status = agent.status(&topo).unwrap();
+    agent.restart();
+    agent.wait_ready();
+    agent.wait_revision(revision);
+    let status = agent.status().unwrap();
     assert_eq!(status["adopted"], true, "{status}");
     assert_eq!(
         status["policies"].as_u64(),

@@ -20,7 +20,9 @@ fn etcd_available() -> bool {
         return true;
     }
     if std::env::var_os("PALISADE_REQUIRE_PRIVILEGED").is_some_and(|v| v != "0") {
-        panic!("etcd is not installed and PALISADE_REQUIRE_PRIVILEGED is set (cargo xtask test installs it)");
+        panic!(
+            "etcd is not installed and PALISADE_REQUIRE_PRIVILEGED is set (cargo xtask test installs it)"
+        );
     }
     eprintln!("skipped: etcd is not installed");
     false
@@ -62,7 +64,9 @@ fn objects_live_under_calicos_keys_and_watches_follow_them() {
         key,
         "/calico/resources/v3/projectcalico.org/networkpolicies/shop-backend/db-from-api"
     );
-    let raw = cluster.etcdctl(&[0], &["get", &key, "--print-value-only"]).unwrap();
+    let raw = cluster
+        .etcdctl(&[0], &["get", &key, "--print-value-only"])
+        .unwrap();
     let doc: serde_json::Value = serde_json::from_str(raw.trim()).unwrap();
     assert_eq!(doc["spec"]["selector"], "app == 'db'");
     let snapshot = store.snapshot().unwrap();
@@ -73,24 +77,38 @@ fn objects_live_under_calicos_keys_and_watches_follow_them() {
     let again = store.apply_sources(&zero_trust()).unwrap();
     assert!(again.created.is_empty() && again.replaced.is_empty());
     let bad = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: b}\nspec: {selector: app = 'x'}\n";
-    assert!(matches!(store.apply_text("bad.yaml", bad), Err(StoreError::Rejected(_))));
+    assert!(matches!(
+        store.apply_text("bad.yaml", bad),
+        Err(StoreError::Rejected(_))
+    ));
     assert_eq!(cluster.revision().unwrap(), applied.revision);
 
     // A watch from the listing sees each write, in order.
     let mut watch = store.watch(snapshot.revision).unwrap();
     let w = store.apply_text("ntp.yaml", GNP).unwrap();
     let changes = next_changes(&mut watch);
-    assert!(matches!(&changes[..], [StoreChange::Put(o)] if o.object.name == "allow-ntp" && o.revision == w.revision));
+    assert!(
+        matches!(&changes[..], [StoreChange::Put(o)] if o.object.name == "allow-ntp" && o.revision == w.revision)
+    );
     let d = store
         .delete(&[ObjectRef::new("GlobalNetworkPolicy", None, "allow-ntp")])
         .unwrap();
     let changes = next_changes(&mut watch);
-    assert!(matches!(&changes[..], [StoreChange::Deleted { object, revision, .. }] if object.name == "allow-ntp" && *revision == d.revision));
+    assert!(
+        matches!(&changes[..], [StoreChange::Deleted { object, revision, .. }] if object.name == "allow-ntp" && *revision == d.revision)
+    );
     assert_eq!(watch.revision(), d.revision);
     // A write by another tool, around validation, reaches the follower
     // as written (the node view reports it).
     cluster
-        .etcdctl(&[0], &["put", "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/raw", "not json"])
+        .etcdctl(
+            &[0],
+            &[
+                "put",
+                "/calico/resources/v3/projectcalico.org/globalnetworkpolicies/raw",
+                "not json",
+            ],
+        )
         .unwrap();
     let changes = next_changes(&mut watch);
     assert!(matches!(&changes[..], [StoreChange::Put(o)] if o.object.name == "raw"));
@@ -197,8 +215,14 @@ fn a_three_member_cluster_keeps_serving_with_a_member_killed() {
         .unwrap();
     let mut seen = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !seen.iter().any(|c: &StoreChange| c.revision() == w.revision) {
-        assert!(std::time::Instant::now() < deadline, "no event after the kill");
+    while !seen
+        .iter()
+        .any(|c: &StoreChange| c.revision() == w.revision)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no event after the kill"
+        );
         match watch.next(Some(Duration::from_secs(2))) {
             Ok(c) => seen.extend(c),
             Err(StoreError::Unavailable(_)) => {
