@@ -7,6 +7,8 @@ use std::process::{Command, Output, Stdio};
 mod agent;
 #[path = "palisade/cluster.rs"]
 mod cluster;
+#[path = "palisade/deploy.rs"]
+mod deploy;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
