@@ -39,6 +39,12 @@ pub const PREFIXES: [&str; 2] = [
 /// member) before it fails.
 const UNAVAILABLE_FOR: Duration = Duration::from_secs(10);
 
+/// etcd's default limit of operations in one transaction (`--max-txn-ops`).
+const TXN_OPS: usize = 128;
+
+/// Keys per page of a listing.
+const LIST_PAGE: i64 = 500;
+
 /// Times a write lists and tries again when another writer got there first.
 const WRITE_ATTEMPTS: usize = 8;
 
@@ -150,13 +156,7 @@ impl EtcdStore {
         // each other while they catch up, and etcd 3.4 answers a progress
         // request before that catch-up is done). Keys of other things in
         // that range are skipped.
-        let end = {
-            let mut end = PREFIXES[1].as_bytes().to_vec();
-            if let Some(last) = end.last_mut() {
-                *last += 1;
-            }
-            end
-        };
+        let end = prefix_end(PREFIXES[1]);
         let stream = self.runtime.block_on(
             client.watch(
                 PREFIXES[0],
@@ -209,26 +209,39 @@ impl EtcdStore {
     fn list(&self) -> Result<Snapshot, StoreError> {
         let mut client = self.client.clone();
         let lists = self.runtime.block_on(async {
-            let first = client
-                .get(PREFIXES[0], Some(GetOptions::new().with_prefix()))
-                .await?;
-            let revision = first.header().map_or(0, |h| h.revision());
-            // The second prefix at the same revision: one consistent view.
-            let second = client
-                .get(
-                    PREFIXES[1],
-                    Some(GetOptions::new().with_prefix().with_revision(revision)),
-                )
-                .await?;
-            Ok::<_, etcd_client::Error>((revision, first, second))
+            // Pages of LIST_PAGE keys (a large store does not fit one gRPC
+            // message), every page at the revision of the first: one
+            // consistent view of both prefixes.
+            let mut revision = 0i64;
+            let mut kvs = Vec::new();
+            for prefix in PREFIXES {
+                let end = prefix_end(prefix);
+                let mut from = prefix.as_bytes().to_vec();
+                loop {
+                    let mut options = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+                    if revision > 0 {
+                        options = options.with_revision(revision);
+                    }
+                    let mut page = client.get(from.clone(), Some(options)).await?;
+                    if revision == 0 {
+                        revision = page.header().map_or(0, |h| h.revision());
+                    }
+                    let more = page.more();
+                    let got = page.take_kvs();
+                    if let Some(last) = got.last() {
+                        from = last.key().to_vec();
+                        from.push(0);
+                    }
+                    kvs.extend(got);
+                    if !more {
+                        break;
+                    }
+                }
+            }
+            Ok::<_, etcd_client::Error>((revision, kvs))
         });
-        let (revision, first, second) = lists.map_err(unavailable(&self.endpoints))?;
-        let mut objects: Vec<StoredObject> = first
-            .kvs()
-            .iter()
-            .chain(second.kvs())
-            .filter_map(stored)
-            .collect();
+        let (revision, kvs) = lists.map_err(unavailable(&self.endpoints))?;
+        let mut objects: Vec<StoredObject> = kvs.iter().filter_map(stored).collect();
         objects.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(Snapshot {
             revision: revision as Revision,
@@ -238,38 +251,61 @@ impl EtcdStore {
 
     /// Writes `changes` if no key they touch changed since `state` was
     /// listed; the revision they took, or `None` when another writer got
-    /// there first.
+    /// there first. etcd takes at most [`TXN_OPS`] operations in one
+    /// transaction, so a larger batch is written in several, each comparing
+    /// its keys: when one of them loses to another writer, the caller lists
+    /// again and writes what is still missing (the earlier ones are then
+    /// unchanged).
     fn commit(
         &self,
         state: &Snapshot,
         changes: &[StoreChange],
     ) -> Result<Option<Revision>, StoreError> {
-        let mut compares = Vec::new();
-        let mut ops = Vec::new();
-        for c in changes {
-            let key = match c {
-                StoreChange::Put(o) => o.key.as_str(),
-                StoreChange::Deleted { key, .. } => key.as_str(),
-            };
-            let held = state.objects.iter().find(|o| o.key == key);
-            compares.push(match held {
-                Some(o) => Compare::mod_revision(key, CompareOp::Equal, o.revision as i64),
-                None => Compare::create_revision(key, CompareOp::Equal, 0),
-            });
-            ops.push(match c {
-                StoreChange::Put(o) => TxnOp::put(key, o.document.to_string(), None),
-                StoreChange::Deleted { .. } => TxnOp::delete(key, None),
-            });
+        let held: std::collections::HashMap<&str, Revision> = state
+            .objects
+            .iter()
+            .map(|o| (o.key.as_str(), o.revision))
+            .collect();
+        let mut revision = None;
+        for chunk in changes.chunks(TXN_OPS) {
+            let mut compares = Vec::new();
+            let mut ops = Vec::new();
+            for c in chunk {
+                let key = match c {
+                    StoreChange::Put(o) => o.key.as_str(),
+                    StoreChange::Deleted { key, .. } => key.as_str(),
+                };
+                compares.push(match held.get(key) {
+                    Some(r) => Compare::mod_revision(key, CompareOp::Equal, *r as i64),
+                    None => Compare::create_revision(key, CompareOp::Equal, 0),
+                });
+                ops.push(match c {
+                    StoreChange::Put(o) => TxnOp::put(key, o.document.to_string(), None),
+                    StoreChange::Deleted { .. } => TxnOp::delete(key, None),
+                });
+            }
+            let mut client = self.client.clone();
+            let resp = self
+                .runtime
+                .block_on(client.txn(Txn::new().when(compares).and_then(ops)))
+                .map_err(unavailable(&self.endpoints))?;
+            if !resp.succeeded() {
+                return Ok(None);
+            }
+            revision = Some(resp.header().map_or(0, |h| h.revision()) as Revision);
         }
-        let mut client = self.client.clone();
-        let resp = self
-            .runtime
-            .block_on(client.txn(Txn::new().when(compares).and_then(ops)))
-            .map_err(unavailable(&self.endpoints))?;
-        Ok(resp
-            .succeeded()
-            .then(|| resp.header().map_or(0, |h| h.revision()) as Revision))
+        Ok(revision)
     }
+}
+
+/// The end of the key range of everything under `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        // The prefixes end in '/', so this never overflows.
+        *last += 1;
+    }
+    end
 }
 
 /// A stored key-value as a stored object. A value that is not JSON (written

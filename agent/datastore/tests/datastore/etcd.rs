@@ -234,3 +234,26 @@ fn a_three_member_cluster_keeps_serving_with_a_member_killed() {
     cluster.restart(0).unwrap();
     assert_eq!(store.snapshot().unwrap().objects.len(), 2);
 }
+
+/// More objects than one etcd transaction takes (128) and one listing page
+/// holds (500): written in several transactions, listed in pages, all of
+/// them at one revision.
+#[test]
+fn a_large_apply_is_written_in_transactions_and_listed_in_pages() {
+    if !etcd_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = EtcdCluster::start(&dir.path().join("etcd"), 1, None).unwrap();
+    let store = EtcdStore::connect(&config(&cluster)).unwrap();
+    let docs: Vec<String> = (0..1200)
+        .map(|i| GNP.replace("allow-ntp", &format!("p{i}")))
+        .collect();
+    let w = store.apply_text("many.yaml", &docs.join("---\n")).unwrap();
+    assert_eq!(w.created.len(), 1200);
+    let snapshot = store.snapshot().unwrap();
+    assert_eq!(snapshot.objects.len(), 1200);
+    assert_eq!(snapshot.revision, w.revision);
+    let again = store.apply_text("many.yaml", &docs.join("---\n")).unwrap();
+    assert_eq!(again.unchanged.len(), 1200);
+}
