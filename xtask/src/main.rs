@@ -444,13 +444,14 @@ fn setup() -> Result<()> {
 fn report(args: &[String]) -> Result<()> {
     let (name, rest) = match args.split_first() {
         Some((name, rest)) => (name.as_str(), rest),
-        None => bail!("usage: cargo xtask report <compiler|datapath|veth> [-- ARGS]"),
+        None => bail!("usage: cargo xtask report <compiler|datapath|veth|agent> [-- ARGS]"),
     };
     let bin = match name {
         "compiler" => "compiler-report",
         "datapath" => "datapath-report",
         "veth" => "veth-report",
-        other => bail!("unknown report {other:?}: expected compiler, datapath or veth"),
+        "agent" => "agent-report",
+        other => bail!("unknown report {other:?}: expected compiler, datapath, veth or agent"),
     };
     if name != "compiler" && !is_root() {
         bail!("the {name} report loads BPF programs and builds network namespaces: run it as root");
@@ -459,6 +460,11 @@ fn report(args: &[String]) -> Result<()> {
     ensure_ebpf_tools()?;
     if name == "veth" {
         tools::ensure_debs(tools::VETH_REPORT_DEBS)?;
+    }
+    if name == "agent" {
+        // It runs the release agent against etcd.
+        tools::ensure_debs(tools::ETCD_DEBS)?;
+        run(cargo().args(["build", "--release", "-p", "palisade"]))?;
     }
     let rest: Vec<&String> = rest.iter().filter(|a| *a != "--").collect();
     run(cargo()

@@ -373,29 +373,39 @@ impl<D: Dataplane> Controller<D> {
     /// dataplane.
     pub fn apply(&mut self) -> Result<Applied, ControllerError> {
         let changes = std::mem::take(&mut self.pending);
-        let previous = self.compiler.cluster().clone();
-        let delta = match self.compiler.apply(changes) {
+        // The applied state is not copied up front (at 10k pods that copy
+        // costs more than the change): a failure undoes the batch instead.
+        let (delta, undo) = match self.compiler.apply_undoable(changes) {
             Ok(d) => d,
             Err(e) => {
-                self.staged = previous;
+                self.staged = self.compiler.cluster().clone();
                 return Err(e.into());
             }
         };
-        let before = self.loaded.then(|| self.lowering.mirror().clone());
         let plan = match self.lowering.lower(&delta) {
             Ok(p) => p,
             Err(e) => {
-                self.rebuild(&previous)?;
+                self.undo(undo)?;
                 return Err(ControllerError::ChangeNotLowered(e));
             }
         };
-        if let Some(before) = before
-            && let Err(e) = self.dataplane.write(&plan, &before)
+        if self.loaded
+            && let Err(e) = self
+                .dataplane
+                .write(&plan, self.lowering.before_last_plan())
         {
-            self.rebuild(&previous)?;
+            self.undo(undo)?;
             return Err(e.into());
         }
         Ok(Applied { delta, plan })
+    }
+
+    /// Puts the controller back as it was before a batch whose lowering or
+    /// write failed (`undo` from [`Compiler::apply_undoable`]).
+    fn undo(&mut self, undo: Vec<Change>) -> Result<(), ControllerError> {
+        let mut previous = self.compiler.cluster().clone();
+        previous.apply(undo)?;
+        self.rebuild(&previous)
     }
 
     /// Puts the controller back to `previous` after a failed apply.
@@ -562,9 +572,11 @@ impl<D: Dataplane> Controller<D> {
                 Some(_) => {}
                 None => {
                     let zone = self.next_zone;
-                    let before = self.lowering.mirror().clone();
                     let plan = self.lowering.bind(&k, Some(Binding { ifindex, zone }))?;
-                    if let Err(e) = self.dataplane.write(&plan, &before) {
+                    if let Err(e) = self
+                        .dataplane
+                        .write(&plan, self.lowering.before_last_plan())
+                    {
                         // The maps were put back; forget the binding too.
                         let _ = self.lowering.bind(&k, None);
                         return Err(e.into());
@@ -576,9 +588,10 @@ impl<D: Dataplane> Controller<D> {
         }
         if let Err(e) = self.dataplane.attach(ifname) {
             if let Some(k) = bound {
-                let before = self.lowering.mirror().clone();
                 if let Ok(plan) = self.lowering.bind(&k, None) {
-                    let _ = self.dataplane.write(&plan, &before);
+                    let _ = self
+                        .dataplane
+                        .write(&plan, self.lowering.before_last_plan());
                 }
             }
             return Err(e.into());
@@ -613,9 +626,9 @@ impl<D: Dataplane> Controller<D> {
         }
         for k in iface.endpoints {
             if self.lowering.binding(&k).is_some() {
-                let before = self.lowering.mirror().clone();
                 let plan = self.lowering.bind(&k, None)?;
-                self.dataplane.write(&plan, &before)?;
+                self.dataplane
+                    .write(&plan, self.lowering.before_last_plan())?;
             }
         }
         Ok(())

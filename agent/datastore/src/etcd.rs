@@ -218,7 +218,9 @@ impl EtcdStore {
                 let end = prefix_end(prefix);
                 let mut from = prefix.as_bytes().to_vec();
                 loop {
-                    let mut options = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+                    let mut options = GetOptions::new()
+                        .with_range(end.clone())
+                        .with_limit(LIST_PAGE);
                     if revision > 0 {
                         options = options.with_revision(revision);
                     }

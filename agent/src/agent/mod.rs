@@ -719,3 +719,129 @@ fn publish<D: Dataplane + Telemetry>(
     };
     s.rejected = rejected;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_datastore::{StoredObject, Written};
+    use policy_core::ObjectRef;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    /// A store that lists `revision`, and followers that play a script.
+    struct Scripted {
+        revision: Mutex<Revision>,
+        script: Arc<Mutex<VecDeque<Result<Vec<StoreChange>, StoreError>>>>,
+    }
+
+    struct Player {
+        after: Revision,
+        script: Arc<Mutex<VecDeque<Result<Vec<StoreChange>, StoreError>>>>,
+    }
+
+    impl Datastore for Scripted {
+        fn snapshot(&self) -> Result<Snapshot, StoreError> {
+            Ok(Snapshot {
+                revision: *self.revision.lock().unwrap(),
+                objects: Vec::new(),
+            })
+        }
+        fn apply_sources(&self, _: &[(String, String)]) -> Result<Written, StoreError> {
+            Err(StoreError::Unavailable("read-only".into()))
+        }
+        fn delete(&self, _: &[ObjectRef]) -> Result<Written, StoreError> {
+            Err(StoreError::Unavailable("read-only".into()))
+        }
+    }
+
+    impl Follower for Player {
+        fn revision(&self) -> Revision {
+            self.after
+        }
+        fn next(&mut self, _: Option<Duration>) -> Result<Vec<StoreChange>, StoreError> {
+            let next = self.script.lock().unwrap().pop_front();
+            let r = next.unwrap_or_else(|| {
+                std::thread::sleep(Duration::from_millis(5));
+                Ok(Vec::new())
+            });
+            if let Ok(c) = &r
+                && let Some(last) = c.last()
+            {
+                self.after = last.revision();
+            }
+            r
+        }
+    }
+
+    fn put(revision: Revision) -> StoreChange {
+        StoreChange::Put(StoredObject {
+            key: format!("k{revision}"),
+            object: ObjectRef::new("GlobalNetworkPolicy", None, "p"),
+            revision,
+            document: serde_json::Value::Null,
+        })
+    }
+
+    #[test]
+    fn the_watcher_resumes_after_a_loss_and_lists_again_after_a_compaction() {
+        let script = Arc::new(Mutex::new(VecDeque::from([
+            Ok(vec![put(6)]),
+            Err(StoreError::Unavailable("connection reset".into())),
+            Ok(vec![put(7)]),
+            Err(StoreError::Compacted {
+                after: 7,
+                compacted: 9,
+            }),
+        ])));
+        let store = Arc::new(Scripted {
+            revision: Mutex::new(5),
+            script: script.clone(),
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let watcher = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                watch_loop(
+                    &tx,
+                    || {
+                        // The second listing (after the compaction) is newer.
+                        Ok(Scripted {
+                            revision: Mutex::new(*store.revision.lock().unwrap()),
+                            script: store.script.clone(),
+                        })
+                    },
+                    |s, after| {
+                        *store.revision.lock().unwrap() = 10;
+                        Ok(Player {
+                            after,
+                            script: s.script.clone(),
+                        })
+                    },
+                )
+            })
+        };
+        let mut seen = Vec::new();
+        while seen.len() < 6 {
+            seen.push(match rx.recv().unwrap() {
+                Input::Listing(s, _) => format!("listing {}", s.revision),
+                Input::Changes(c, _) => format!("changes {}", c[0].revision()),
+                Input::Lost(why) => format!("lost: {why}"),
+                Input::Resumed(after) => format!("resumed after {after}"),
+                Input::Stop => "stop".into(),
+            });
+        }
+        drop(rx);
+        watcher.join().unwrap();
+        assert_eq!(
+            seen,
+            [
+                "listing 5",
+                "changes 6",
+                "lost: connection reset",
+                "resumed after 6",
+                "changes 7",
+                "listing 10",
+            ]
+        );
+    }
+}

@@ -74,6 +74,56 @@ impl Mirror {
         }
     }
 
+    /// What a failed write of `plan` is put back to: the entries it
+    /// overwrites as this mirror holds them (absent ones absent), every
+    /// slot and interface, and the layouts. Much smaller than the mirror
+    /// (program nodes and rows the plan does not touch are left out), and
+    /// all [`Datapath::write`] reads to undo the plan.
+    ///
+    /// [`Datapath::write`]: crate::datapath::Datapath::write
+    pub fn before(&self, plan: &WritePlan) -> Mirror {
+        let mut m = Mirror {
+            slots: self.slots.clone(),
+            interfaces: self.interfaces.clone(),
+            layouts: self.layouts,
+            ..Mirror::default()
+        };
+        for w in plan.iter() {
+            match w {
+                MapWrite::Node(i, _) => {
+                    if let Some(n) = self.nodes.get(i) {
+                        m.nodes.insert(*i, *n);
+                    }
+                }
+                MapWrite::Lpm4(l, a, _) => {
+                    if let Some(c) = self.lpm4.get(&(*l, *a)) {
+                        m.lpm4.insert((*l, *a), *c);
+                    }
+                }
+                MapWrite::Lpm6(l, a, _) => {
+                    if let Some(c) = self.lpm6.get(&(*l, *a)) {
+                        m.lpm6.insert((*l, *a), *c);
+                    }
+                }
+                MapWrite::Identity(i, _, _) => {
+                    if let Some(b) = self.identities.get(i) {
+                        m.identities.insert(*i, b.clone());
+                    }
+                }
+                MapWrite::Class(i, _, _) => {
+                    if let Some(b) = self.classes.get(i) {
+                        m.classes.insert(*i, b.clone());
+                    }
+                }
+                MapWrite::Slot(..)
+                | MapWrite::Interface(..)
+                | MapWrite::Layouts(..)
+                | MapWrite::ResetCounter(_) => {}
+            }
+        }
+        m
+    }
+
     /// The entries live policy depends on, as [`Datapath::read_in_use`]
     /// reads them from the kernel: nodes reachable from the slots, identity
     /// and class slots the prefixes point at.

@@ -234,6 +234,8 @@ pub struct Binding {
 pub struct Lowering {
     cap: Capacity,
     mirror: Mirror,
+    /// The entries the last plan overwrote, as they were.
+    before: Mirror,
     ranges: Ranges,
     programs: HashMap<ProgramId, (u32, u32, u32)>,
     identity_slots: HashMap<u32, u32>,
@@ -288,6 +290,7 @@ impl Lowering {
         Lowering {
             cap,
             mirror: Mirror::default(),
+            before: Mirror::default(),
             ranges: Ranges::new(cap.nodes),
             programs: HashMap::new(),
             identity_slots: HashMap::new(),
@@ -334,6 +337,15 @@ impl Lowering {
     /// The mirror of the map contents.
     pub fn mirror(&self) -> &Mirror {
         &self.mirror
+    }
+
+    /// What the maps held, where the last plan (`lower` or `bind`) writes,
+    /// before it: hand it to [`Datapath::write`] with that plan, so a failed
+    /// write is undone without a copy of the whole mirror.
+    ///
+    /// [`Datapath::write`]: crate::datapath::Datapath::write
+    pub fn before_last_plan(&self) -> &Mirror {
+        &self.before
     }
 
     /// What a rule index stands for.
@@ -409,6 +421,7 @@ impl Lowering {
             Some(b) => self.bindings.insert(ep.clone(), b),
             None => self.bindings.remove(ep),
         };
+        self.before = self.mirror.before(&plan);
         for w in plan.iter() {
             self.mirror.apply(w);
         }

@@ -280,6 +280,7 @@ impl Lowering {
         if relayout {
             self.copy_rows(&mut plan);
         }
+        self.before = self.mirror.before(&plan);
         for w in plan.iter() {
             self.mirror.apply(w);
         }

@@ -50,6 +50,24 @@ fn agree(compiled: &Compiler, maps: &MapsEngine, seed: u64, n: usize) -> Result<
     Ok(())
 }
 
+/// Whether `part` (what the lowering kept for undoing `plan`) holds what
+/// `full` held at every entry the plan writes, and every slot.
+fn undo_view_matches(full: &Mirror, part: &Mirror, plan: &policy_bpf::lower::WritePlan) -> bool {
+    full.slots == part.slots
+        && full.interfaces == part.interfaces
+        && plan.iter().all(|w| match w {
+            MapWrite::Node(i, _) => full.nodes.get(i) == part.nodes.get(i),
+            MapWrite::Slot(..) | MapWrite::Interface(..) | MapWrite::ResetCounter(_) => true,
+            MapWrite::Lpm4(l, a, _) => full.lpm4.get(&(*l, *a)) == part.lpm4.get(&(*l, *a)),
+            MapWrite::Lpm6(l, a, _) => full.lpm6.get(&(*l, *a)) == part.lpm6.get(&(*l, *a)),
+            MapWrite::Identity(i, ..) => full.identities.get(i) == part.identities.get(i),
+            MapWrite::Class(i, ..) => full.classes.get(i) == part.classes.get(i),
+            MapWrite::Layouts(..) => full.layouts == part.layouts,
+            // A write this check does not know: it cannot vouch for it.
+            _ => false,
+        })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases(800)))]
 
@@ -77,8 +95,10 @@ proptest! {
         for step in 0..10 {
             let current = c.cluster().objects();
             let batch: Vec<Change> = (0..1 + r.below(3)).map(|i| random_change(&mut r, &current, step * 4 + i)).collect();
+            let full_before = l.mirror().clone();
             if let Ok(d) = c.apply(batch) {
-                l.lower(&d).unwrap();
+                let plan = l.lower(&d).unwrap();
+                prop_assert!(undo_view_matches(&full_before, l.before_last_plan(), &plan));
                 bind_all(&mut l, &c);
             }
             let maps = MapsEngine::from_lowering(l.clone());

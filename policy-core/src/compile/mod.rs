@@ -560,7 +560,23 @@ impl Compiler {
     /// Applies a batch; returns the map writes it implies. A rejected batch
     /// changes nothing.
     pub fn apply(&mut self, changes: Vec<Change>) -> Result<Delta, Error> {
+        self.apply_undoable(changes).map(|(delta, _)| delta)
+    }
+
+    /// [`Compiler::apply`], also returning the changes that put the cluster
+    /// back as it was (applied in order): a caller whose later step fails
+    /// undoes the batch without having copied the whole cluster first.
+    pub fn apply_undoable(&mut self, changes: Vec<Change>) -> Result<(Delta, Vec<Change>), Error> {
         let applied = self.cluster.apply(changes)?;
+        let undo = applied
+            .iter()
+            .rev()
+            .filter_map(|a| match (&a.old, &a.new) {
+                (Some(old), _) => Some(Change::Upsert(old.clone())),
+                (None, Some(new)) => Some(Change::Delete(new.object_ref())),
+                (None, None) => None,
+            })
+            .collect();
         let mut w = Work::default();
         for a in &applied {
             self.note_change(a, &mut w);
@@ -589,7 +605,7 @@ impl Compiler {
         }
         self.refresh_programs(&mut w);
         self.refresh_classes(&mut w);
-        Ok(self.take_delta())
+        Ok((self.take_delta(), undo))
     }
 
     fn note_change(&mut self, a: &Applied, w: &mut Work) {

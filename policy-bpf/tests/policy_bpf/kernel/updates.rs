@@ -52,12 +52,13 @@ fn a_failed_update_leaves_the_old_policy_enforced() {
     let before = l.lowering.mirror().clone();
     let plan = l.lowering.lower(&delta).unwrap();
     assert!(plan.len() > 3);
+    // Undone from what the lowering kept of the entries the plan writes
+    // (as the controller does), not from a copy of the whole mirror.
+    let undo = l.lowering.before_last_plan().clone();
     // Fail the first, a middle and the last write: each time everything
     // written is rolled back and the old policy decides every packet.
     for fail_at in [0, plan.len() / 2, plan.len() - 1] {
-        let err =
-            l.dp.write_with(&plan, &before, |i| i == fail_at)
-                .unwrap_err();
+        let err = l.dp.write_with(&plan, &undo, |i| i == fail_at).unwrap_err();
         assert!(err.to_string().contains("injected"), "{err}");
         let kernel = l.dp.read_mirror();
         assert_eq!(
