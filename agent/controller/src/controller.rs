@@ -587,12 +587,12 @@ impl<D: Dataplane> Controller<D> {
             }
         }
         if let Err(e) = self.dataplane.attach(ifname) {
-            if let Some(k) = bound {
-                if let Ok(plan) = self.lowering.bind(&k, None) {
-                    let _ = self
-                        .dataplane
-                        .write(&plan, self.lowering.before_last_plan());
-                }
+            if let Some(k) = bound
+                && let Ok(plan) = self.lowering.bind(&k, None)
+            {
+                let _ = self
+                    .dataplane
+                    .write(&plan, self.lowering.before_last_plan());
             }
             return Err(e.into());
         }

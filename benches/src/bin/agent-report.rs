@@ -180,12 +180,12 @@ impl Agent {
         self.written.range(rev..).next().map(|(_, t)| *t)
     }
 
-    fn get(&self, path: &str) -> Option<String> {
+    /// `palisade status -o json` (exit 0 once ready).
+    fn status_json(&self) -> Option<String> {
         let out = Command::new(palisade_bin())
             .args(["status", "-o", "json", "--metrics-addr", &self.metrics])
             .output()
             .ok()?;
-        let _ = path;
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -195,8 +195,8 @@ impl Agent {
     /// and the BPF maps it has mapped (`RssFile` + `RssShmem`: kernel
     /// memory the programs use, shared with them).
     fn rss_mb(&self) -> (f64, f64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()
@@ -329,7 +329,7 @@ fn run(pods: usize, policies: usize, changes: usize, scratch: &Path) -> Result<R
         };
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
-            if let Some(s) = agent.get("/status")
+            if let Some(s) = agent.status_json()
                 && s.contains("\"ready\": true")
             {
                 break;
@@ -365,7 +365,7 @@ fn run(pods: usize, policies: usize, changes: usize, scratch: &Path) -> Result<R
         let resp = rt.block_on(client.put(key(&doc), doc.to_string(), None))?;
         let rev = resp.header().map_or(0, |h| h.revision()) as u64;
         let deadline = Instant::now() + Duration::from_secs(60);
-        let mut times = vec![None; NODES];
+        let mut times = [None; NODES];
         while times.iter().any(Option::is_none) || !floor_seen.contains_key(&rev) {
             while let Ok((r, at)) = floor_rx.try_recv() {
                 floor_seen.insert(r, at);

@@ -1,0 +1,239 @@
+//! What the writer tells the outside: log lines, metrics and the status
+//! after every batch and tick, read from the node's state and, for the
+//! kernel dataplane, its counters.
+
+use std::time::{Duration, Instant};
+
+use palisade_controller::{AyaDataplane, Dataplane, MirrorDataplane};
+use palisade_datastore::StoreChange;
+use policy_bpf_common::Statistic;
+use policy_core::compile::RuleRef;
+use policy_core::model::Action;
+
+use super::Shared;
+use super::metrics::{EventLabel, MapLabel, RuleLabel, StatisticLabel};
+use super::status::{ConntrackStatus, LocalEndpointStatus, MapFill};
+use super::sync::{NodeSync, Outcome, Problem};
+
+/// The dataplane's counters, where it has them (the kernel does; memory
+/// does not).
+pub trait Telemetry {
+    /// Tracked connections.
+    fn conntrack_len(&self) -> Option<usize> {
+        None
+    }
+    /// New flows that ended at rule `index`.
+    fn rule_packets(&self, _index: u32) -> Option<u64> {
+        None
+    }
+    /// Datapath statistics.
+    fn statistics(&self) -> Option<Vec<(Statistic, u64)>> {
+        None
+    }
+}
+
+impl Telemetry for MirrorDataplane {}
+
+impl Telemetry for AyaDataplane {
+    fn conntrack_len(&self) -> Option<usize> {
+        self.datapath().map(|d| d.conntrack_len())
+    }
+    fn rule_packets(&self, index: u32) -> Option<u64> {
+        self.datapath()?.counter(index).ok().map(|c| c.packets)
+    }
+    fn statistics(&self) -> Option<Vec<(Statistic, u64)>> {
+        let stats = self.datapath()?.stats().ok()?;
+        Some(
+            Statistic::ALL
+                .iter()
+                .map(|s| (*s, stats[s.code() as usize]))
+                .collect(),
+        )
+    }
+}
+
+pub(super) fn count_events(shared: &Shared, changes: &[StoreChange]) {
+    for c in changes {
+        let kind = match c {
+            StoreChange::Put(_) => "put",
+            StoreChange::Deleted { .. } => "delete",
+        };
+        shared
+            .metrics
+            .datastore_events
+            .get_or_create(&EventLabel {
+                r#type: kind.into(),
+            })
+            .inc();
+    }
+}
+
+/// Logs and counts what an update did, and refreshes the status.
+pub(super) fn report<D: Dataplane + Telemetry>(
+    node: &NodeSync<D>,
+    shared: &Shared,
+    out: &Outcome,
+    arrived: Instant,
+    took: Duration,
+) {
+    let m = &shared.metrics;
+    m.batches.inc();
+    m.apply_seconds.observe(took.as_secs_f64());
+    m.update_latency_seconds
+        .observe(arrived.elapsed().as_secs_f64());
+    m.datastore_revision.set(node.revision() as i64);
+    for p in &out.rejected {
+        tracing::error!(object = %p.object, revision = p.revision, error = %p.message, "skipped an object that does not convert; its last good version stays in force");
+    }
+    for p in &out.refused {
+        tracing::error!(object = %p.object, revision = p.revision, error = %p.message, "the dataplane refused a change; the rest of the batch is applied");
+    }
+    for i in &out.attached {
+        tracing::info!(interface = %i, "attached");
+    }
+    for i in &out.detached {
+        tracing::info!(interface = %i, "detached");
+    }
+    m.rejected_changes
+        .inc_by((out.rejected.len() + out.refused.len()) as u64);
+    let mut s = shared.status();
+    for p in out.rejected.iter().chain(&out.refused) {
+        s.record(p.clone());
+    }
+}
+
+/// Refreshes the status and the gauges from the node's state; counters
+/// read from the kernel advance by what they grew since `drops_seen` and
+/// `stats_seen`.
+pub(super) fn publish<D: Dataplane + Telemetry>(
+    node: &NodeSync<D>,
+    shared: &Shared,
+    drops_seen: &mut std::collections::HashMap<u32, u64>,
+    stats_seen: &mut [u64; Statistic::COUNT as usize],
+) {
+    let c = node.controller();
+    let lowering = c.lowering();
+    let cap = lowering.capacity();
+    let mirror = lowering.mirror();
+    let maps = [
+        ("nodes", mirror.nodes.len(), cap.nodes),
+        ("slots", mirror.slots.len(), cap.slots),
+        ("interfaces", mirror.interfaces.len(), cap.interfaces),
+        ("lpm4", mirror.lpm4.len(), cap.lpm4),
+        ("lpm6", mirror.lpm6.len(), cap.lpm6),
+        ("identities", mirror.identities.len(), cap.identities),
+        ("classes", mirror.classes.len(), cap.classes),
+        ("rules", lowering.rules().count(), cap.rules),
+    ];
+    let m = &shared.metrics;
+    let mut fill = Vec::new();
+    for (name, entries, capacity) in maps {
+        let label = MapLabel { map: name.into() };
+        m.map_entries.get_or_create(&label).set(entries as i64);
+        m.map_capacity
+            .get_or_create(&label)
+            .set(i64::from(capacity));
+        fill.push(MapFill {
+            map: name.into(),
+            entries: entries as u64,
+            capacity: u64::from(capacity),
+        });
+    }
+    let dataplane = c.dataplane();
+    let conntrack = dataplane.conntrack_len().unwrap_or(0) as u64;
+    m.conntrack_entries.set(conntrack as i64);
+    m.conntrack_capacity.set(i64::from(cap.conntrack));
+    for (index, rule) in lowering.rules() {
+        let label = match rule {
+            RuleRef::Policy {
+                tier,
+                policy,
+                index: i,
+                action,
+                ..
+            } if *action == Action::Deny => RuleLabel {
+                tier: tier.clone(),
+                policy: policy.to_string(),
+                rule: i.to_string(),
+            },
+            RuleRef::TierDefault { tier } => RuleLabel {
+                tier: tier.clone(),
+                policy: "tier-default".into(),
+                rule: String::new(),
+            },
+            RuleRef::NoProfileMatch => RuleLabel {
+                tier: String::new(),
+                policy: "no-profile-match".into(),
+                rule: String::new(),
+            },
+            _ => continue,
+        };
+        let Some(now) = dataplane.rule_packets(*index) else {
+            continue;
+        };
+        let seen = drops_seen.entry(*index).or_insert(0);
+        // A rule index reused by another rule starts again from its count.
+        let grown = now.checked_sub(*seen).unwrap_or(now);
+        *seen = now;
+        if grown > 0 {
+            m.policy_drops.get_or_create(&label).inc_by(grown);
+        }
+    }
+    if let Some(stats) = dataplane.statistics() {
+        for (s, now) in stats {
+            let i = s.code() as usize;
+            let grown = now.saturating_sub(stats_seen[i]);
+            stats_seen[i] = now;
+            m.datapath_packets
+                .get_or_create(&StatisticLabel {
+                    statistic: format!("{s:?}"),
+                })
+                .inc_by(grown);
+        }
+    }
+    let cluster = c.compiler().cluster();
+    let mut endpoints: Vec<LocalEndpointStatus> = node
+        .view()
+        .bindings()
+        .iter()
+        .map(|(iface, key)| LocalEndpointStatus {
+            endpoint: key.to_string(),
+            interface: iface.clone(),
+            state: match node.pending().get(iface) {
+                Some((_, why)) => format!("waiting: {why}"),
+                None if c.interfaces().contains_key(iface) => "attached".into(),
+                None => "not attached".into(),
+            },
+        })
+        .collect();
+    endpoints.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+    m.local_endpoints
+        .set(endpoints.iter().filter(|e| e.state == "attached").count() as i64);
+    m.pending_interfaces.set(node.pending().len() as i64);
+    let policies = cluster.policies().count();
+    m.policies.set(policies as i64);
+    let rejected: Vec<Problem> = node
+        .view()
+        .rejected()
+        .map(|r| Problem {
+            revision: r.revision,
+            object: r.key.clone(),
+            message: r.errors.clone(),
+        })
+        .collect();
+    m.rejected_objects.set(rejected.len() as i64);
+    let mut s = shared.status();
+    // Last: a reader that sees the revision sees everything it brought.
+    s.revision = node.revision();
+    s.endpoints = endpoints;
+    s.known_endpoints = cluster.endpoints().count();
+    s.policies = policies;
+    s.maps = fill;
+    s.conntrack = ConntrackStatus {
+        entries: conntrack,
+        capacity: u64::from(cap.conntrack),
+        sweeps: m.conntrack_sweeps.get(),
+        expired: m.conntrack_expired.get(),
+    };
+    s.rejected = rejected;
+}
