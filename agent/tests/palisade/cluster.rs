@@ -287,3 +287,88 @@ fn three_agents_on_etcd_enforce_one_policy_through_member_loss_and_an_outage() {
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
+
+/// An agent against an etcd that demands client certificates: the flags
+/// (and `palisade apply`'s) carry the CA and the client pair; an agent
+/// without them is never ready.
+#[test]
+fn an_agent_follows_etcd_with_client_certificates() {
+    if !privileged() || !etcd_available() {
+        return;
+    }
+    let dir = scratch("agent-etcd-tls");
+    let tls = palisade_testing::etcd::TlsFiles::generate(&dir.join("pki")).unwrap();
+    let etcd = EtcdCluster::start(&dir.join("etcd"), 1, Some(tls.clone())).unwrap();
+    let endpoints = etcd.endpoints().join(",");
+    let tls_args = [
+        "--etcd-ca-cert-file".to_string(),
+        p(&tls.ca).to_string(),
+        "--etcd-cert-file".into(),
+        p(&tls.client_cert).to_string(),
+        "--etcd-key-file".into(),
+        p(&tls.client_key).to_string(),
+    ];
+    let deny = repo().join("examples/zero-trust/20-default-deny.yaml");
+    let out = palisade()
+        .args([
+            "apply",
+            "-f",
+            p(&deny),
+            "--datastore",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoints,
+        ])
+        .args(&tls_args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = |name: &str, with_certs: bool| {
+        let metrics = free_addr();
+        let mut args = vec![
+            "--node".to_string(),
+            name.into(),
+            "--datastore".into(),
+            "etcd".into(),
+            "--etcd-endpoints".into(),
+            endpoints.clone(),
+            "--pin-path".into(),
+            format!(
+                "/sys/fs/bpf/palisade-test-tls-{}-{name}",
+                std::process::id()
+            ),
+            "--metrics-addr".into(),
+            metrics.to_string(),
+        ];
+        if with_certs {
+            args.extend(tls_args.iter().cloned());
+        } else {
+            // The CA alone: the server is trusted, but it wants a client.
+            args.extend(tls_args[..2].iter().cloned());
+        }
+        Agent::spawn_spec(AgentSpec {
+            nsenter: None,
+            pins: PathBuf::from(&args[7]),
+            args,
+            metrics,
+            log: dir.join(format!("{name}.log")),
+        })
+    };
+    let with = start("with-certs", true);
+    let without = start("without-certs", false);
+    with.wait_ready();
+    let status = with.status().unwrap();
+    assert_eq!(status["policies"], 2, "{status}");
+    let s = without.status().unwrap();
+    assert_eq!(s["ready"], false, "{s}");
+    assert!(
+        without.get("/readyz").is_some_and(|(code, _)| code == 503),
+        "no client certificate, never ready"
+    );
+    drop((with, without, etcd));
+    let _ = std::fs::remove_dir_all(&dir);
+}
