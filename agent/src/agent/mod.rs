@@ -292,7 +292,9 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
         if !node.started() {
             continue;
         }
-        node.retry_pending();
+        for ifname in node.retry_pending() {
+            tracing::info!(interface = %ifname, "attached (its interface appeared)");
+        }
         if last_sweep.elapsed() >= sweep_every {
             last_sweep = Instant::now();
             match node.expire_conntrack() {

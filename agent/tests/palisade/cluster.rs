@@ -34,7 +34,7 @@ fn free_addr() -> SocketAddr {
 }
 
 /// `palisade` against etcd; the revision it wrote.
-fn etcdctl_apply(endpoints: &str, args: &[&str]) -> u64 {
+fn palisade_on_etcd(endpoints: &str, args: &[&str]) -> u64 {
     let out = palisade()
         .args(args)
         .args(["--datastore", "etcd", "--etcd-endpoints", endpoints])
@@ -92,6 +92,14 @@ fn fabric(topos: &[Topology]) -> Netns {
 fn pod(ns: &str, name: &str, ip: &str) -> Vec<(EndpointKey, Vec<std::net::IpAddr>)> {
     vec![(EndpointKey::new(ns, name), vec![ip.parse().unwrap()])]
 }
+
+const DELETE_API_FROM_WEB: &[&str] = &[
+    "delete",
+    "networkpolicies",
+    "api-from-web",
+    "-n",
+    "shop-backend",
+];
 
 const ALLOW: &str = "\
 apiVersion: projectcalico.org/v3
@@ -151,7 +159,7 @@ fn three_agents_on_etcd_enforce_one_policy_through_member_loss_and_an_outage() {
     let example = repo().join("examples/zero-trust");
     let ns = example.join("00-namespaces.yaml");
     let deny = example.join("20-default-deny.yaml");
-    let rev = etcdctl_apply(&endpoints, &["apply", "-f", p(&ns), p(&deny), p(&weps)]);
+    let rev = palisade_on_etcd(&endpoints, &["apply", "-f", p(&ns), p(&deny), p(&weps)]);
 
     let agents: Vec<Agent> = topos
         .iter()
@@ -209,7 +217,7 @@ fn three_agents_on_etcd_enforce_one_policy_through_member_loss_and_an_outage() {
     // One apply, enforced by both ends' nodes.
     let allow = dir.join("allow.yaml");
     std::fs::write(&allow, ALLOW).unwrap();
-    all_at(etcdctl_apply(&endpoints, &["apply", "-f", p(&allow)]));
+    all_at(palisade_on_etcd(&endpoints, &["apply", "-f", p(&allow)]));
     assert!(
         connect(web, api_addr).is_some(),
         "web (node0) -> api (node1)"
@@ -221,33 +229,23 @@ fn three_agents_on_etcd_enforce_one_policy_through_member_loss_and_an_outage() {
 
     // web's labels change on node0: node1 stops allowing it.
     write_weps("app: web-old");
-    all_at(etcdctl_apply(&endpoints, &["apply", "-f", p(&weps)]));
+    all_at(palisade_on_etcd(&endpoints, &["apply", "-f", p(&weps)]));
     assert!(
         connect(web, api_addr).is_none(),
         "relabelled web is denied at node1"
     );
     write_weps("app: web");
-    all_at(etcdctl_apply(&endpoints, &["apply", "-f", p(&weps)]));
+    all_at(palisade_on_etcd(&endpoints, &["apply", "-f", p(&weps)]));
     assert!(connect(web, api_addr).is_some(), "allowed again");
 
     // Removal, enforced everywhere.
-    let rev = etcdctl_apply(
-        &endpoints,
-        &[
-            "delete",
-            "networkpolicies",
-            "api-from-web",
-            "-n",
-            "shop-backend",
-        ],
-    );
-    all_at(rev);
+    all_at(palisade_on_etcd(&endpoints, DELETE_API_FROM_WEB));
     assert!(connect(web, api_addr).is_none(), "denied after the delete");
 
     // A member dies: the agents keep following through the others.
     etcd.kill(0);
     let others = etcd.endpoints()[1..].join(",");
-    all_at(etcdctl_apply(&others, &["apply", "-f", p(&allow)]));
+    all_at(palisade_on_etcd(&others, &["apply", "-f", p(&allow)]));
     assert!(
         connect(web, api_addr).is_some(),
         "applied with a member down"
@@ -265,17 +263,7 @@ fn three_agents_on_etcd_enforce_one_policy_through_member_loss_and_an_outage() {
     );
     assert!(connect(reporting, api_addr).is_none(), "denials too");
     etcd.restart_all().unwrap();
-    let rev = etcdctl_apply(
-        &endpoints,
-        &[
-            "delete",
-            "networkpolicies",
-            "api-from-web",
-            "-n",
-            "shop-backend",
-        ],
-    );
-    all_at(rev);
+    all_at(palisade_on_etcd(&endpoints, DELETE_API_FROM_WEB));
     assert!(connect(web, api_addr).is_none(), "changes after the outage");
     for mut a in agents {
         assert_eq!(a.stop(), Some(0));
