@@ -41,11 +41,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use palisade_controller::{AyaDataplane, Dataplane};
 use palisade_datastore::{Revision, Snapshot, StoreChange};
-use policy_bpf_common::Statistic;
 
 use crate::store_cmd::StoreArgs;
 use metrics::Metrics;
-use publish::{Telemetry, count_events, publish, report};
+use publish::{Seen, Telemetry, count_events, publish, report};
 use status::{Status, SyncState};
 use sync::NodeSync;
 use watcher::spawn_watcher;
@@ -231,8 +230,7 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
     let mut node = NodeSync::new(&args.node, dataplane);
     let sweep_every = Duration::from_secs(args.conntrack_sweep_seconds.max(1));
     let mut last_sweep = Instant::now();
-    let mut drops_seen: std::collections::HashMap<u32, u64> = Default::default();
-    let mut stats_seen = [0u64; Statistic::COUNT as usize];
+    let mut seen = Seen::default();
     loop {
         shared.heartbeat.store(now_s(), Ordering::Relaxed);
         let first = match rx.recv_timeout(Duration::from_secs(1)) {
@@ -272,7 +270,7 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
                             shared.metrics.datastore_connected.set(0);
                         }
                         Input::Listing(snapshot, at) => {
-                            listing(&mut node, shared, &snapshot, at)?;
+                            listing(&mut node, shared, &snapshot, at, &mut seen)?;
                         }
                         Input::Resumed(after) => {
                             tracing::info!(after, "datastore back: following again");
@@ -305,7 +303,7 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
                 Err(e) => tracing::warn!(error = %e, "conntrack sweep"),
             }
         }
-        publish(&node, shared, &mut drops_seen, &mut stats_seen);
+        publish(&node, shared, &mut seen);
     }
 }
 
@@ -332,6 +330,7 @@ fn listing<D: Dataplane + Telemetry>(
     shared: &Shared,
     snapshot: &Snapshot,
     arrived: Instant,
+    seen: &mut Seen,
 ) -> Result<()> {
     let first = !node.started();
     let started = Instant::now();
@@ -341,6 +340,8 @@ fn listing<D: Dataplane + Telemetry>(
         shared.metrics.datastore_resyncs.inc();
     }
     report(node, shared, &out, arrived, took);
+    // The status holds this listing before it says ready.
+    publish(node, shared, seen);
     let mut s = shared.status();
     s.sync = SyncState::Synced;
     s.ready = true;

@@ -68,6 +68,13 @@ pub(super) fn count_events(shared: &Shared, changes: &[StoreChange]) {
     }
 }
 
+/// The kernel counters as last read: counters advance by what they grew.
+#[derive(Debug, Default)]
+pub(super) struct Seen {
+    drops: std::collections::HashMap<u32, u64>,
+    stats: [u64; Statistic::COUNT as usize],
+}
+
 /// Logs and counts what an update did, and refreshes the status.
 pub(super) fn report<D: Dataplane + Telemetry>(
     node: &NodeSync<D>,
@@ -103,13 +110,11 @@ pub(super) fn report<D: Dataplane + Telemetry>(
 }
 
 /// Refreshes the status and the gauges from the node's state; counters
-/// read from the kernel advance by what they grew since `drops_seen` and
-/// `stats_seen`.
+/// read from the kernel advance by what they grew since last `seen`.
 pub(super) fn publish<D: Dataplane + Telemetry>(
     node: &NodeSync<D>,
     shared: &Shared,
-    drops_seen: &mut std::collections::HashMap<u32, u64>,
-    stats_seen: &mut [u64; Statistic::COUNT as usize],
+    seen: &mut Seen,
 ) {
     let c = node.controller();
     let lowering = c.lowering();
@@ -171,10 +176,10 @@ pub(super) fn publish<D: Dataplane + Telemetry>(
         let Some(now) = dataplane.rule_packets(*index) else {
             continue;
         };
-        let seen = drops_seen.entry(*index).or_insert(0);
+        let last = seen.drops.entry(*index).or_insert(0);
         // A rule index reused by another rule starts again from its count.
-        let grown = now.checked_sub(*seen).unwrap_or(now);
-        *seen = now;
+        let grown = now.checked_sub(*last).unwrap_or(now);
+        *last = now;
         if grown > 0 {
             m.policy_drops.get_or_create(&label).inc_by(grown);
         }
@@ -182,8 +187,8 @@ pub(super) fn publish<D: Dataplane + Telemetry>(
     if let Some(stats) = dataplane.statistics() {
         for (s, now) in stats {
             let i = s.code() as usize;
-            let grown = now.saturating_sub(stats_seen[i]);
-            stats_seen[i] = now;
+            let grown = now.saturating_sub(seen.stats[i]);
+            seen.stats[i] = now;
             m.datapath_packets
                 .get_or_create(&StatisticLabel {
                     statistic: format!("{s:?}"),
