@@ -14,12 +14,23 @@ use policy_bpf_common::{LocalEndpoint, map_names};
 use crate::dataplane::{Adopted, Dataplane};
 use crate::error::DataplaneError;
 
+/// Set to a number of milliseconds, the dataplane stops that long in the
+/// middle of every plan write: after the entries it prepares, before the
+/// switch that makes them live. Fault injection for tests that kill the
+/// process in the middle of a batch; never set in production.
+pub const STALL_ENV: &str = "PALISADE_TEST_STALL_MID_WRITE_MS";
+
+/// What a stalled write says on stderr (tests wait for it).
+pub const STALL_MESSAGE: &str = "palisade fault injection: stalled in the middle of a write";
+
 /// The kernel dataplane; programs are loaded by the first `load` or `adopt`.
 #[derive(Debug, Default)]
 pub struct AyaDataplane {
     datapath: Option<Datapath>,
     /// Pins that outlive the process; `None`: a private directory.
     pin_dir: Option<PathBuf>,
+    /// See [`STALL_ENV`].
+    stall_mid_write: Option<std::time::Duration>,
 }
 
 impl AyaDataplane {
@@ -33,9 +44,14 @@ impl AyaDataplane {
     /// programs go on enforcing after the process ends, and the next
     /// dataplane on the same directory adopts them.
     pub fn pinned(pin_dir: impl Into<PathBuf>) -> Self {
+        let stall_mid_write = std::env::var(STALL_ENV)
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(std::time::Duration::from_millis);
         AyaDataplane {
             datapath: None,
             pin_dir: Some(pin_dir.into()),
+            stall_mid_write,
         }
     }
 
@@ -94,7 +110,26 @@ impl Dataplane for AyaDataplane {
     }
 
     fn write(&mut self, plan: &WritePlan, before: &Mirror) -> Result<(), DataplaneError> {
-        Ok(self.loaded()?.write(plan, before)?)
+        let stall = self.stall_mid_write;
+        let dp = self.loaded()?;
+        if let Some(stall) = stall.filter(|_| !plan.prepare.is_empty()) {
+            // Fault injection: the new entries are in the maps, nothing
+            // points at them yet; a test kills the process here.
+            let prepared = WritePlan {
+                prepare: plan.prepare.clone(),
+                ..WritePlan::default()
+            };
+            dp.write(&prepared, before)?;
+            eprintln!("{STALL_MESSAGE} ({} writes prepared)", plan.prepare.len());
+            std::thread::sleep(stall);
+            let rest = WritePlan {
+                switch: plan.switch.clone(),
+                cleanup: plan.cleanup.clone(),
+                ..WritePlan::default()
+            };
+            return Ok(dp.write(&rest, before)?);
+        }
+        Ok(dp.write(plan, before)?)
     }
 
     fn interface_index(&self, ifname: &str) -> Result<u32, DataplaneError> {

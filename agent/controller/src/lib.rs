@@ -55,7 +55,7 @@ mod error;
 mod aya_dataplane;
 
 #[cfg(feature = "aya")]
-pub use aya_dataplane::AyaDataplane;
+pub use aya_dataplane::{AyaDataplane, STALL_ENV, STALL_MESSAGE};
 pub use controller::{Applied, AttachedInterface, Checked, Controller, Started};
 pub use dataplane::{Adopted, Dataplane, MirrorDataplane, UnavailableDataplane, full_plan};
 pub use endpoint_json::parse_endpoint;

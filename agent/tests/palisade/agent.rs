@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use palisade_controller::{STALL_ENV, STALL_MESSAGE};
 use palisade_testing::netns::{PodNet, Topology};
 use policy_core::EndpointKey;
 
@@ -26,6 +27,8 @@ pub struct AgentSpec {
     pub pins: PathBuf,
     /// Its log file.
     pub log: PathBuf,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
 }
 
 /// A running agent; killed (not stopped) on drop, and its pins removed.
@@ -70,6 +73,7 @@ impl Agent {
             metrics: "127.0.0.1:9091".parse().unwrap(),
             pins: pins.to_path_buf(),
             log: log.to_path_buf(),
+            env: Vec::new(),
         })
     }
 
@@ -99,6 +103,7 @@ impl Agent {
         let child = cmd
             .arg("agent")
             .args(&self.spec.args)
+            .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -170,6 +175,28 @@ impl Agent {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// Runs the next start with `env` (replacing earlier extra variables).
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.spec.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// Waits until the log, past byte `from`, holds `text`.
+    pub fn wait_log(&self, from: u64, text: &str) {
+        self.wait(&format!("logging {text:?}"), |a| {
+            std::fs::read(&a.spec.log)
+                .map(|b| String::from_utf8_lossy(&b[(from as usize).min(b.len())..]).contains(text))
+                .unwrap_or(false)
+        });
+    }
+
+    /// The log's length now.
+    pub fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.spec.log).map_or(0, |m| m.len())
     }
 }
 
@@ -435,8 +462,14 @@ fn the_agent_enforces_the_embedded_store_through_changes_faults_and_restarts() {
     assert_eq!(agent.status().unwrap()["rejected"], serde_json::json!([]));
 
     // SIGKILL in the middle of a batch, then a restart: the open connection
-    // lives through it, and the end state is the store's.
-    // The batch is big enough to take the agent tens of milliseconds.
+    // lives through it, and the end state is the store's. The agent runs
+    // with the dataplane's fault injection: every plan write stops between
+    // the entries it prepares and the switch to them, and the agent is
+    // killed there, with the batch half in the maps.
+    assert_eq!(agent.stop(), Some(0));
+    agent.set_env(&[(STALL_ENV, "1500")]);
+    agent.restart();
+    agent.wait_ready();
     let bulk = dir.join("bulk.yaml");
     let policies: Vec<String> = (0..150)
         .map(|i| {
@@ -451,6 +484,7 @@ fn the_agent_enforces_the_embedded_store_through_changes_faults_and_restarts() {
         .collect();
     std::fs::write(&bulk, policies.join("---\n")).unwrap();
     let policies_before = agent.status().unwrap()["policies"].as_u64().unwrap();
+    let log_at = agent.log_len();
     let revision = store(
         &state,
         &[
@@ -461,8 +495,9 @@ fn the_agent_enforces_the_embedded_store_through_changes_faults_and_restarts() {
         ],
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(15));
+    agent.wait_log(log_at, STALL_MESSAGE);
     agent.kill();
+    agent.set_env(&[]);
     assert!(
         echo(&mut open),
         "the open connection while the agent is down"

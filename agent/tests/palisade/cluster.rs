@@ -190,6 +190,7 @@ fn three_agents_on_etcd_enforce_one_policy_through_member_loss_and_an_outage() {
                 metrics,
                 pins,
                 log: dir.join(format!("agent{i}.log")),
+                env: Vec::new(),
             })
         })
         .collect();
@@ -344,6 +345,7 @@ fn an_agent_follows_etcd_with_client_certificates() {
             args,
             metrics,
             log: dir.join(format!("{name}.log")),
+            env: Vec::new(),
         })
     };
     let with = start("with-certs", true);
