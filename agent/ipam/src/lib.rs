@@ -1,5 +1,6 @@
 //! Calico IPAM for Palisade (work in progress, issue 19): the allocation
-//! logic, pure, over stores behind a trait. So far: allocation blocks.
+//! logic, pure, over stores behind a trait. So far: allocation blocks and
+//! validated IP pools.
 //!
 //! ```
 //! use palisade_ipam::block::Block;
@@ -14,3 +15,4 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod block;
+pub mod pool;
