@@ -176,19 +176,6 @@ impl EtcdStore {
         })
     }
 
-    /// The current revision of the cluster.
-    pub fn revision(&self) -> Result<Revision, StoreError> {
-        let mut client = self.client.clone();
-        let resp = self
-            .runtime
-            .block_on(client.get(
-                PREFIXES[0],
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            ))
-            .map_err(unavailable(&self.endpoints))?;
-        Ok(resp.header().map_or(0, |h| h.revision()) as Revision)
-    }
-
     /// Runs `op` again while etcd cannot answer (between leaders, a member
     /// gone), for up to [`UNAVAILABLE_FOR`]; other errors return at once.
     fn retrying<T>(&self, mut op: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
