@@ -16,3 +16,4 @@
 
 pub mod block;
 pub mod pool;
+pub mod store;
