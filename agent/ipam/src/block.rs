@@ -378,6 +378,147 @@ impl Block {
     }
 }
 
+/// Calico's stored form of a block (`model.AllocationBlock`), field for
+/// field, so other tools reading the store see what Calico writes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredBlock {
+    cidr: IpNet,
+    affinity: Option<String>,
+    #[serde(
+        rename = "affinityClaimTime",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    affinity_claim_time: Option<String>,
+    allocations: Vec<Option<usize>>,
+    unallocated: Vec<u32>,
+    attributes: Vec<StoredAttribute>,
+    #[serde(default)]
+    deleted: bool,
+    #[serde(rename = "sequenceNumber", default)]
+    sequence_number: u64,
+    #[serde(rename = "sequenceNumberForAllocation", default)]
+    sequence_number_for_allocation: BTreeMap<String, u64>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredAttribute {
+    handle_id: Option<String>,
+    #[serde(default)]
+    secondary: Option<BTreeMap<String, String>>,
+}
+
+impl Block {
+    /// The block as Calico stores it (JSON).
+    pub fn to_json(&self) -> Vec<u8> {
+        let stored = StoredBlock {
+            cidr: self.cidr,
+            affinity: self.affinity.clone(),
+            affinity_claim_time: self.affinity_claimed_at.map(crate::time::rfc3339),
+            allocations: self.allocations.clone(),
+            unallocated: self.unallocated.clone(),
+            attributes: self
+                .attributes
+                .iter()
+                .map(|a| StoredAttribute {
+                    handle_id: a.handle.clone(),
+                    secondary: (!a.attrs.is_empty()).then(|| a.attrs.clone()),
+                })
+                .collect(),
+            deleted: false,
+            sequence_number: self.sequence,
+            sequence_number_for_allocation: self
+                .sequence_of
+                .iter()
+                .map(|(o, s)| (o.to_string(), *s))
+                .collect(),
+        };
+        // A struct of strings, numbers and maps with string keys always
+        // serialises.
+        serde_json::to_vec(&stored).unwrap_or_default()
+    }
+
+    /// Reads a stored block, checking that its parts agree (every ordinal
+    /// either free or allocated, attribute indexes in range).
+    pub fn from_json(bytes: &[u8]) -> Result<Block, String> {
+        let s: StoredBlock = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let size = block_size(&s.cidr) as usize;
+        if s.allocations.len() != size {
+            return Err(format!(
+                "{} allocations for a block of {size} addresses",
+                s.allocations.len()
+            ));
+        }
+        let mut seen = vec![false; size];
+        for &o in &s.unallocated {
+            let i = o as usize;
+            if i >= size || seen[i] || s.allocations[i].is_some() {
+                return Err(format!(
+                    "free ordinal {o} is out of range, repeated or allocated"
+                ));
+            }
+            seen[i] = true;
+        }
+        for (i, a) in s.allocations.iter().enumerate() {
+            match a {
+                None if !seen[i] => {
+                    return Err(format!("ordinal {i} is neither free nor allocated"));
+                }
+                Some(x) if *x >= s.attributes.len() => {
+                    return Err(format!("ordinal {i} points at missing attribute {x}"));
+                }
+                _ => {}
+            }
+        }
+        let mut sequence_of = BTreeMap::new();
+        for (k, v) in s.sequence_number_for_allocation {
+            let o: u32 = k
+                .parse()
+                .map_err(|_| format!("sequence number key {k:?} is not an ordinal"))?;
+            sequence_of.insert(o, v);
+        }
+        Ok(Block {
+            cidr: s.cidr.trunc(),
+            affinity: s.affinity,
+            affinity_claimed_at: match s.affinity_claim_time {
+                Some(t) => Some(crate::time::parse_rfc3339(&t)?),
+                None => None,
+            },
+            sequence: s.sequence_number,
+            allocations: s.allocations,
+            unallocated: s.unallocated,
+            attributes: s
+                .attributes
+                .into_iter()
+                .map(|a| Attribute {
+                    handle: a.handle_id,
+                    attrs: a.secondary.unwrap_or_default(),
+                })
+                .collect(),
+            sequence_of,
+        })
+    }
+
+    /// Ordinals allocated under each handle.
+    pub fn handles(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for i in self.allocations.iter().flatten() {
+            if let Some(h) = &self.attributes[*i].handle {
+                *out.entry(h.clone()).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    /// Every allocated address with its attribute.
+    pub fn allocated(&self) -> impl Iterator<Item = (IpAddr, &Attribute)> + '_ {
+        self.allocations
+            .iter()
+            .enumerate()
+            .filter_map(|(o, a)| a.map(|i| (self.ip(o as u32), &self.attributes[i])))
+    }
+}
+
 /// Addresses in a block range.
 pub fn block_size(cidr: &IpNet) -> u32 {
     let host_bits = u32::from(cidr.max_prefix_len() - cidr.prefix_len());

@@ -1,0 +1,1004 @@
+//! Assignment: AutoAssign, AssignIP and EnsureBlock as Calico's `ipam.go`
+//! defines them, over one commit per block write.
+//!
+//! AutoAssign, per family: choose pools (requested, else those selecting
+//! the node and namespace; then by intended use), take addresses from the
+//! host's affine blocks, then claim new blocks (up to the host's block
+//! limit; reclaiming empty blocks of other hosts claimed over a minute
+//! ago), then, without strict affinity, borrow from any block of the pools.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::block::{Block, HostReserved};
+use crate::cluster::{LOAD_BALANCER_NODE, Labels, family};
+use crate::error::IpamError;
+use crate::ipam::{Ipam, RETRIES};
+use crate::pool::{Pool, Use};
+use crate::records::{self, Config, Handle};
+use crate::store::{Revision, StoreError, Write};
+
+/// Seconds an empty block stays with the host that claimed it before
+/// another host may take it (Calico's `EmptyBlockMinReclaimAge`).
+pub const EMPTY_BLOCK_MIN_RECLAIM_AGE: u64 = 60;
+/// Blocks a host may hold when no limit is configured.
+pub const DEFAULT_BLOCK_LIMIT: u32 = 20;
+
+/// An AutoAssign request (Calico's `AutoAssignArgs`).
+#[derive(Debug, Clone)]
+pub struct AutoAssignArgs {
+    /// IPv4 addresses wanted.
+    pub num4: usize,
+    /// IPv6 addresses wanted.
+    pub num6: usize,
+    /// The handle the addresses are allocated under.
+    pub handle: Option<String>,
+    /// Owner attributes stored with each address.
+    pub attrs: Labels,
+    /// The node.
+    pub hostname: String,
+    /// Pools to use, by CIDR (empty: choose by selectors).
+    pub ipv4_pools: Vec<IpNet>,
+    /// IPv6 pools to use, by CIDR.
+    pub ipv6_pools: Vec<IpNet>,
+    /// Per-request block limit (0: none).
+    pub max_blocks_per_host: u32,
+    /// Addresses reserved at the ends of every IPv4 block the host claims.
+    pub host_reserved_v4: Option<HostReserved>,
+    /// Addresses reserved at the ends of every IPv6 block the host claims.
+    pub host_reserved_v6: Option<HostReserved>,
+    /// What the addresses are for.
+    pub intended_use: Use,
+    /// The namespace, for pools' namespace selectors.
+    pub namespace: Option<String>,
+    /// With a handle: the most addresses of one family it may hold; a
+    /// handle at its limit gets its addresses back (0: no limit).
+    pub max_alloc_per_handle: usize,
+    /// Calico's Windows path (strict affinity required).
+    pub windows: bool,
+}
+
+impl AutoAssignArgs {
+    /// A request for `num4` IPv4 and `num6` IPv6 addresses on `hostname`.
+    pub fn new(hostname: &str, num4: usize, num6: usize, intended_use: Use) -> AutoAssignArgs {
+        AutoAssignArgs {
+            num4,
+            num6,
+            handle: None,
+            attrs: Labels::new(),
+            hostname: hostname.to_string(),
+            ipv4_pools: Vec::new(),
+            ipv6_pools: Vec::new(),
+            max_blocks_per_host: 0,
+            host_reserved_v4: None,
+            host_reserved_v6: None,
+            intended_use,
+            namespace: None,
+            max_alloc_per_handle: 0,
+            windows: false,
+        }
+    }
+}
+
+/// What AutoAssign gave for one family (Calico's `IPAMAssignments`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignments {
+    /// Addresses, each with its block's prefix length.
+    pub ips: Vec<IpNet>,
+    /// 4 or 6.
+    pub version: u8,
+    /// How many were asked for.
+    pub requested: usize,
+    /// The host reservation in force.
+    pub host_reserved: Option<HostReserved>,
+    /// Why fewer were given, in Calico's words.
+    pub msgs: Vec<String>,
+}
+
+impl Assignments {
+    fn add_msg(&mut self, msg: String) {
+        if !self.msgs.contains(&msg) {
+            self.msgs.push(msg);
+        }
+    }
+
+    /// Calico's `PartialFulfillmentError`: None when every address was given.
+    pub fn partial_fulfillment_error(&self) -> Option<String> {
+        if self.ips.len() >= self.requested {
+            return None;
+        }
+        let mut s = format!(
+            "Assigned {} out of {} requested IPv{} addresses",
+            self.ips.len(),
+            self.requested,
+            self.version
+        );
+        for m in &self.msgs {
+            s.push_str("; ");
+            s.push_str(m);
+        }
+        if let Some(r) = &self.host_reserved {
+            s.push_str("; HostReservedAttr: ");
+            s.push_str(&r.handle);
+        }
+        Some(s)
+    }
+}
+
+/// AutoAssign's result: what each family got, and the error that stopped
+/// it (addresses given before an error stay allocated, as in Calico).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoAssigned {
+    /// IPv4 result (None: not requested, or failed before assigning).
+    pub v4: Option<Assignments>,
+    /// IPv6 result.
+    pub v6: Option<Assignments>,
+    /// The error, if any.
+    pub error: Option<IpamError>,
+}
+
+/// An AssignIP request (Calico's `AssignIPArgs`).
+#[derive(Debug, Clone)]
+pub struct AssignIpArgs {
+    /// The address.
+    pub ip: IpAddr,
+    /// The node.
+    pub hostname: String,
+    /// The handle.
+    pub handle: Option<String>,
+    /// Owner attributes.
+    pub attrs: Labels,
+    /// Checked against the pool's allowed uses when given.
+    pub intended_use: Option<Use>,
+    /// See [`AutoAssignArgs::max_alloc_per_handle`].
+    pub max_alloc_per_handle: usize,
+    /// Host reservations for a block claimed on the way.
+    pub host_reserved: Option<HostReserved>,
+}
+
+/// The affinity a request acts under: Calico's `<type>:<host>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AffinityOf {
+    pub host: String,
+    pub text: String,
+}
+
+impl AffinityOf {
+    pub fn new(host: &str, usage: Use) -> AffinityOf {
+        if usage == Use::LoadBalancer {
+            AffinityOf {
+                host: LOAD_BALANCER_NODE.into(),
+                text: format!("virtual:{LOAD_BALANCER_NODE}"),
+            }
+        } else {
+            AffinityOf {
+                host: host.into(),
+                text: format!("host:{host}"),
+            }
+        }
+    }
+
+    /// The host named by a block's affinity string.
+    pub fn host_of(affinity: &str) -> Option<&str> {
+        affinity.split_once(':').map(|(_, h)| h)
+    }
+}
+
+/// The longest block prefix that still holds the host reservations.
+pub(crate) fn max_prefix_len(
+    version: u8,
+    reserved: Option<&HostReserved>,
+) -> Result<u8, IpamError> {
+    let bits: u32 = if version == 4 { 32 } else { 128 };
+    let Some(r) = reserved else {
+        return Ok(bits as u8);
+    };
+    let n = r.start_of_block + r.end_of_block;
+    let len = u32::BITS - n.leading_zeros();
+    if n == 0 || len >= bits {
+        return Err(IpamError::BadHostReservation);
+    }
+    Ok((bits - len) as u8)
+}
+
+/// A block to assign from, as read.
+pub(crate) struct Found {
+    pub block: Block,
+    pub revision: Revision,
+    pub newly_claimed: bool,
+}
+
+/// The block walk of a pool: its blocks from a start index, upwards,
+/// wrapping around (Calico's `randomBlockGenerator`).
+#[derive(Debug)]
+pub struct Walk {
+    base: u128,
+    block_addrs: u128,
+    count: u128,
+    start: u128,
+    v4: bool,
+    prefix: u8,
+}
+
+impl Walk {
+    /// The walk of `pool` starting at block `start_seed` (mod the block count).
+    pub fn new(pool: &Pool, start_seed: u64) -> Walk {
+        let bits = u32::from(pool.cidr.max_prefix_len());
+        let pool_bits = bits - u32::from(pool.cidr.prefix_len());
+        let block_bits = bits - u32::from(pool.block_size);
+        let count = 1u128 << (pool_bits - block_bits).min(127);
+        let base = match pool.cidr.network() {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a),
+        };
+        Walk {
+            base,
+            block_addrs: 1u128 << block_bits.min(127),
+            count,
+            start: u128::from(start_seed) % count,
+            v4: pool.cidr.network().is_ipv4(),
+            prefix: pool.block_size,
+        }
+    }
+
+    /// Blocks in the pool.
+    pub fn count(&self) -> u128 {
+        self.count
+    }
+
+    /// The block at walk step `k` (0 ≤ k < count).
+    pub fn at(&self, k: u128) -> IpNet {
+        let index = (self.start + k) % self.count;
+        let addr = self.base + index * self.block_addrs;
+        let ip = if self.v4 {
+            IpAddr::V4((addr as u32).into())
+        } else {
+            IpAddr::V6(addr.into())
+        };
+        // The prefix is the pool's validated block size.
+        IpNet::new(ip, self.prefix).unwrap_or_else(|_| IpNet::from(ip))
+    }
+
+    /// Walk step of `block` (which must be one of the pool's blocks).
+    pub fn step_of(&self, block: &IpNet) -> u128 {
+        let addr = match block.network() {
+            IpAddr::V4(a) => u128::from(u32::from(a)),
+            IpAddr::V6(a) => u128::from(a),
+        };
+        let index = (addr - self.base) / self.block_addrs;
+        (index + self.count - self.start) % self.count
+    }
+}
+
+/// FNV-1 32-bit hash: the same host starts its walk at the same block, so
+/// its concurrent requests meet at one block instead of claiming several.
+fn fnv1_32(s: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in s.bytes() {
+        h = h.wrapping_mul(0x0100_0193);
+        h ^= u32::from(b);
+    }
+    h
+}
+
+impl Ipam<'_> {
+    /// The start of `host`'s walk of `pool`: fixed per host, random for
+    /// single-address blocks (where meeting at one block cannot help).
+    pub fn walk(&self, pool: &Pool, host: &str) -> Walk {
+        let single = pool.block_size == pool.cidr.max_prefix_len();
+        let seed = if single {
+            self.env.random()
+        } else {
+            u64::from(fnv1_32(host))
+        };
+        Walk::new(pool, seed)
+    }
+
+    fn config_for(&self, windows: bool) -> Result<(Config, Option<Revision>), IpamError> {
+        let (config, revision) = self.records().config()?;
+        if windows && !config.strict_affinity {
+            return Err(IpamError::StrictAffinityRequired);
+        }
+        Ok((config, revision))
+    }
+
+    /// Calico's `AutoAssign`.
+    pub fn auto_assign(&self, args: &AutoAssignArgs) -> AutoAssigned {
+        let mut out = AutoAssigned {
+            v4: None,
+            v6: None,
+            error: None,
+        };
+        if args.num4 > 0 {
+            if args.ipv4_pools.iter().any(|p| family(p) != 4) {
+                out.error = Some(IpamError::MixedFamilyPools(4, 6));
+                return out;
+            }
+            let (a, e) = self.auto_assign_family(args, 4);
+            out.v4 = a;
+            if e.is_some() {
+                out.error = e;
+                return out;
+            }
+        }
+        if args.num6 > 0 {
+            if args.ipv6_pools.iter().any(|p| family(p) != 6) {
+                // Calico returns neither result here (the IPv4 addresses
+                // stay allocated).
+                out.v4 = None;
+                out.error = Some(IpamError::MixedFamilyPools(6, 4));
+                return out;
+            }
+            let (a, e) = self.auto_assign_family(args, 6);
+            out.v6 = a;
+            out.error = e;
+        }
+        out
+    }
+
+    /// Pools for a request and the host's affine blocks in them; empty
+    /// affine blocks of pools that no longer select the host are released
+    /// (Calico's `prepareAffinityBlocksForHost`).
+    pub(crate) fn prepare(
+        &self,
+        requested: &[IpNet],
+        version: u8,
+        host: &str,
+        reserved: Option<&HostReserved>,
+        usage: Use,
+        namespace: Option<&str>,
+    ) -> Result<(Vec<&Pool>, Vec<IpNet>), IpamError> {
+        let affinity = AffinityOf::new(host, usage);
+        let node = self.cluster.node(host, usage)?;
+        let max_prefix = max_prefix_len(version, reserved)?;
+        let ns_labels = namespace.and_then(|n| self.cluster.namespaces.get(n));
+        let (selecting, enabled) = self
+            .cluster
+            .determine_pools(requested, version, &node, ns_labels, max_prefix)?;
+        if selecting.is_empty() {
+            return Err(IpamError::NoMatchingPool(host.to_string()));
+        }
+        let allowed: Vec<&Pool> = selecting
+            .iter()
+            .copied()
+            .filter(|p| p.allowed_uses.contains(&usage))
+            .collect();
+        if allowed.is_empty() {
+            return Err(IpamError::NoQualifiedPool(Some(usage)));
+        }
+        let contains = |pools: &[&Pool], b: &IpNet| pools.iter().any(|p| p.contains(b.network()));
+        let mut affine = Vec::new();
+        for (cidr, _) in self.records().host_blocks(&affinity.host, Some(version))? {
+            if contains(&allowed, &cidr) {
+                affine.push(cidr);
+            } else if !contains(&selecting, &cidr) {
+                let Some(pool) = enabled.iter().find(|p| p.contains(cidr.network())) else {
+                    continue;
+                };
+                if pool.node_selector.matches(&node) {
+                    continue;
+                }
+                // Only if empty; a failure leaves the affinity for next time.
+                let _ = self.release_block_affinity(&affinity, &cidr, true, None);
+            }
+        }
+        Ok((allowed, affine))
+    }
+
+    fn auto_assign_family(
+        &self,
+        args: &AutoAssignArgs,
+        version: u8,
+    ) -> (Option<Assignments>, Option<IpamError>) {
+        let (num, requested, reserved) = if version == 4 {
+            (args.num4, &args.ipv4_pools, args.host_reserved_v4.as_ref())
+        } else {
+            (args.num6, &args.ipv6_pools, args.host_reserved_v6.as_ref())
+        };
+        let affinity = AffinityOf::new(&args.hostname, args.intended_use);
+        let (pools, affine) = match self.prepare(
+            requested,
+            version,
+            &args.hostname,
+            reserved,
+            args.intended_use,
+            args.namespace.as_deref(),
+        ) {
+            Ok(p) => p,
+            Err(e) => return (None, Some(e)),
+        };
+        let mut owned = affine.len() as u32;
+        let config = match self.config_for(args.windows) {
+            Ok((c, _)) => c,
+            Err(e) => return (None, Some(e)),
+        };
+        let mut limit = args.max_blocks_per_host;
+        if config.max_blocks_per_host > 0 && (limit == 0 || limit > config.max_blocks_per_host) {
+            limit = config.max_blocks_per_host;
+        }
+        if limit == 0 {
+            limit = DEFAULT_BLOCK_LIMIT;
+        }
+        let mut ia = Assignments {
+            ips: Vec::new(),
+            version,
+            requested: num,
+            host_reserved: reserved.cloned(),
+            msgs: Vec::new(),
+        };
+        if let (Some(h), true) = (&args.handle, args.max_alloc_per_handle > 0) {
+            match self.ips_of_handle_in_family(h, version) {
+                Ok(held) if held.len() >= args.max_alloc_per_handle => {
+                    ia.ips = held.into_iter().take(num).collect();
+                    return (Some(ia), None);
+                }
+                Ok(_) => {}
+                Err(e) => return (Some(ia), Some(e)),
+            }
+        }
+        let mut remaining: VecDeque<IpNet> = affine.into();
+        let handle = args.handle.as_deref();
+        // Each round either assigns or consumes an affine block or a claim;
+        // the bound only guards against a store that keeps changing.
+        let mut rounds = 0;
+        while ia.ips.len() < num && rounds < 10 * RETRIES {
+            rounds += 1;
+            let allow_new = owned < limit;
+            let found = self.find_or_claim_block(
+                &mut remaining,
+                &pools,
+                1,
+                allow_new,
+                &config,
+                reserved,
+                &affinity,
+            );
+            let found = match found {
+                Ok(f) => f,
+                Err(IpamError::NoFreeBlocks) => {
+                    if config.strict_affinity {
+                        ia.add_msg("No more free affine blocks and strict affinity enabled".into());
+                    }
+                    break;
+                }
+                Err(IpamError::BlockLimit) => {
+                    ia.add_msg(format!(
+                        "Need to allocate an IPAM block but could not - limit of {limit} blocks reached for this node"
+                    ));
+                    return (Some(ia), Some(IpamError::BlockLimit));
+                }
+                Err(e) => return (Some(ia), Some(e)),
+            };
+            if found.newly_claimed {
+                owned += 1;
+            }
+            let rem = num - ia.ips.len();
+            let check = config.strict_affinity.then_some(&affinity);
+            match self.assign_retrying(found.block, found.revision, rem, handle, &args.attrs, check)
+            {
+                Ok(ips) => ia.ips.extend(ips),
+                Err(IpamError::Store(e)) => return (Some(ia), Some(e.into())),
+                Err(_) => ia.add_msg("Failed to assign IPs in newly allocated block".into()),
+            }
+        }
+        if ia.ips.len() < num
+            && !config.strict_affinity
+            && let Err(e) = self.borrow(&mut ia, num, &pools, &affinity, handle, &args.attrs)
+        {
+            return (Some(ia), Some(e));
+        }
+        (Some(ia), None)
+    }
+
+    /// Takes addresses from any block of the pools (strict affinity off).
+    fn borrow(
+        &self,
+        ia: &mut Assignments,
+        num: usize,
+        pools: &[&Pool],
+        affinity: &AffinityOf,
+        handle: Option<&str>,
+        attrs: &Labels,
+    ) -> Result<(), IpamError> {
+        let existing: BTreeMap<IpNet, (Block, Revision)> = self
+            .records()
+            .blocks(Some(ia.version))?
+            .into_iter()
+            .map(|(b, r)| (b.cidr(), (b, r)))
+            .collect();
+        let mut exhausted = Vec::new();
+        for pool in pools {
+            if ia.ips.len() >= num {
+                break;
+            }
+            // Walking every block of the pool and reading each is what
+            // Calico does; only existing blocks can lend, so they are
+            // visited in walk order instead.
+            let walk = self.walk(pool, &affinity.host);
+            let mut in_pool: Vec<(u128, &IpNet)> = existing
+                .keys()
+                .filter(|c| pool.contains(c.network()) && c.prefix_len() == pool.block_size)
+                .map(|c| (walk.step_of(c), c))
+                .collect();
+            in_pool.sort();
+            for (_, cidr) in in_pool {
+                if ia.ips.len() >= num {
+                    break;
+                }
+                if self.cluster.reserves_whole(cidr) {
+                    continue;
+                }
+                let (block, revision) = existing[cidr].clone();
+                let rem = num - ia.ips.len();
+                match self.assign_retrying(block, revision, rem, handle, attrs, None) {
+                    Ok(ips) => ia.ips.extend(ips),
+                    Err(IpamError::Store(e)) => return Err(e.into()),
+                    Err(_) => {}
+                }
+            }
+            if ia.ips.len() < num {
+                exhausted.push(pool.cidr.to_string());
+            }
+        }
+        if !exhausted.is_empty() {
+            ia.add_msg(format!(
+                "No IPs available in pools: [{}]",
+                exhausted.join(" ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// Assigns up to `num` addresses from a block, re-reading it when
+    /// another writer got there first.
+    fn assign_retrying(
+        &self,
+        mut block: Block,
+        mut revision: Revision,
+        num: usize,
+        handle: Option<&str>,
+        attrs: &Labels,
+        affinity_check: Option<&AffinityOf>,
+    ) -> Result<Vec<IpNet>, IpamError> {
+        for _ in 0..RETRIES {
+            let cidr = block.cidr();
+            match self.assign_from_block(block, revision, num, handle, attrs, affinity_check) {
+                Err(IpamError::Store(StoreError::Conflict { .. })) => {
+                    match self.records().block(&cidr)? {
+                        Some((b, r)) => (block, revision) = (b, r),
+                        None => return Ok(Vec::new()),
+                    }
+                }
+                other => return other,
+            }
+        }
+        Err(IpamError::TooManyConflicts)
+    }
+
+    /// One commit: the block with its new allocations and the handle.
+    fn assign_from_block(
+        &self,
+        mut block: Block,
+        revision: Revision,
+        num: usize,
+        handle: Option<&str>,
+        attrs: &Labels,
+        affinity_check: Option<&AffinityOf>,
+    ) -> Result<Vec<IpNet>, IpamError> {
+        if let (Some(want), Some(have)) = (affinity_check, &block.affinity)
+            && *have != want.text
+        {
+            return Err(IpamError::AffinityMismatch {
+                have: have.clone(),
+                want: want.text.clone(),
+            });
+        }
+        let ips = block.auto_assign(num, handle, attrs, |ip| self.cluster.is_reserved(ip));
+        if ips.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut writes = vec![records::put_block(&mut block, Some(revision))];
+        if let Some(h) = handle {
+            writes.extend(self.handle_delta(h, &block.cidr(), ips.len() as isize)?);
+        }
+        self.store.commit(&writes)?;
+        let prefix = block.cidr().prefix_len();
+        Ok(ips
+            .into_iter()
+            .filter_map(|ip| IpNet::new(ip, prefix).ok())
+            .collect())
+    }
+
+    /// The write that adds `delta` addresses in `block` to handle `id`.
+    pub(crate) fn handle_delta(
+        &self,
+        id: &str,
+        block: &IpNet,
+        delta: isize,
+    ) -> Result<Option<Write>, IpamError> {
+        let (mut handle, revision) = match self.records().handle(id)? {
+            Some((h, r)) => (h, Some(r)),
+            None if delta <= 0 => return Ok(None),
+            None => (Handle::default(), None),
+        };
+        let key = block.to_string();
+        let n = handle.block.get(&key).copied().unwrap_or(0) as isize + delta;
+        if n <= 0 {
+            handle.block.remove(&key);
+        } else {
+            handle.block.insert(key, n as usize);
+        }
+        Ok(records::write_handle(id, &handle, revision))
+    }
+
+    fn ips_of_handle_in_family(&self, handle: &str, version: u8) -> Result<Vec<IpNet>, IpamError> {
+        match self.ips_by_handle(handle) {
+            Ok(ips) => Ok(ips.into_iter().filter(|n| family(n) == version).collect()),
+            Err(IpamError::HandleNotFound(_)) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A block of the host with at least `min_free` free addresses: an
+    /// affine one, else a newly claimed one (Calico's `findOrClaimBlock`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn find_or_claim_block(
+        &self,
+        remaining: &mut VecDeque<IpNet>,
+        pools: &[&Pool],
+        min_free: usize,
+        allow_new: bool,
+        config: &Config,
+        reserved: Option<&HostReserved>,
+        affinity: &AffinityOf,
+    ) -> Result<Found, IpamError> {
+        let reserved_ip = |ip| self.cluster.is_reserved(ip);
+        'affine: while let Some(cidr) = remaining.pop_front() {
+            if self.cluster.reserves_whole(&cidr) {
+                continue;
+            }
+            for _ in 0..RETRIES {
+                let Some(aff_rev) = self.records().affinity(&affinity.host, &cidr)? else {
+                    continue 'affine;
+                };
+                match self.records().block(&cidr)? {
+                    None => {
+                        // An affinity whose block is gone: make the block.
+                        match self.create_block(&cidr, affinity, Some(aff_rev), reserved) {
+                            Ok(found) if found.block.free(reserved_ip) >= min_free => {
+                                return Ok(found);
+                            }
+                            Ok(_) => continue 'affine,
+                            Err(IpamError::Store(StoreError::Conflict { .. })) => continue,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Some((b, rev)) => {
+                        if b.affinity.as_deref() != Some(affinity.text.as_str()) {
+                            // A stale affinity: the block went elsewhere.
+                            let stale = records::delete_affinity(&affinity.host, &cidr, aff_rev);
+                            match self.store.commit(&[stale]) {
+                                Ok(()) | Err(StoreError::Conflict { .. }) => continue 'affine,
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                        if b.free(reserved_ip) >= min_free {
+                            return Ok(Found {
+                                block: b,
+                                revision: rev,
+                                newly_claimed: false,
+                            });
+                        }
+                        continue 'affine;
+                    }
+                }
+            }
+        }
+        if !allow_new {
+            return Err(IpamError::BlockLimit);
+        }
+        if !config.auto_allocate_blocks {
+            return Err(IpamError::NoClaimableBlock);
+        }
+        for _ in 0..RETRIES {
+            let subnet = self.find_usable_block(pools, affinity)?;
+            match self.claim_block(&subnet, affinity, reserved) {
+                Ok(found) => {
+                    if found.block.free(reserved_ip) >= min_free {
+                        return Ok(found);
+                    }
+                    // The host's own block, filled by another request of
+                    // this host since it was found: look again (Calico
+                    // gives up here).
+                    continue;
+                }
+                Err(IpamError::ClaimConflict(_))
+                | Err(IpamError::Store(StoreError::Conflict { .. })) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(IpamError::TooManyConflicts)
+    }
+
+    /// Claims `cidr` for the host: creates the block with the host's
+    /// affinity (or takes it if it is the host's already).
+    pub(crate) fn claim_block(
+        &self,
+        cidr: &IpNet,
+        affinity: &AffinityOf,
+        reserved: Option<&HostReserved>,
+    ) -> Result<Found, IpamError> {
+        let aff_rev = self.records().affinity(&affinity.host, cidr)?;
+        match self.records().block(cidr)? {
+            None => self.create_block(cidr, affinity, aff_rev, reserved),
+            Some((b, rev)) if b.affinity.as_deref() == Some(affinity.text.as_str()) => {
+                if aff_rev.is_none() {
+                    let confirm = records::put_affinity(&affinity.host, cidr, None);
+                    match self.store.commit(&[confirm]) {
+                        Ok(()) | Err(StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(Found {
+                    block: b,
+                    revision: rev,
+                    newly_claimed: true,
+                })
+            }
+            Some(_) => Err(IpamError::ClaimConflict(*cidr)),
+        }
+    }
+
+    /// One commit: a new block affine to the host and the host's affinity.
+    fn create_block(
+        &self,
+        cidr: &IpNet,
+        affinity: &AffinityOf,
+        aff_rev: Option<Revision>,
+        reserved: Option<&HostReserved>,
+    ) -> Result<Found, IpamError> {
+        // A new block's sequence numbers start from the clock, so no reader
+        // of an earlier block at this CIDR can hold a matching one.
+        let now = self.env.now();
+        let mut block = Block::new(*cidr, now.as_nanos() as u64, reserved);
+        block.affinity = Some(affinity.text.clone());
+        block.affinity_claimed_at = Some(now.as_secs());
+        let writes = [
+            records::put_block(&mut block, None),
+            records::put_affinity(&affinity.host, cidr, aff_rev),
+        ];
+        self.store.commit(&writes)?;
+        // Read back for the revision the commit gave it.
+        match self.records().block(cidr)? {
+            Some((b, rev)) => Ok(Found {
+                block: b,
+                revision: rev,
+                newly_claimed: true,
+            }),
+            None => Err(StoreError::Conflict {
+                key: crate::store::block_key(cidr),
+            }
+            .into()),
+        }
+    }
+
+    /// A block CIDR the host can claim: the first in its walk of each pool
+    /// that does not exist (or is its own with room); else an empty block
+    /// of another host claimed long enough ago (Calico's
+    /// `findUsableBlock`).
+    fn find_usable_block(
+        &self,
+        pools: &[&Pool],
+        affinity: &AffinityOf,
+    ) -> Result<IpNet, IpamError> {
+        if pools.is_empty() {
+            return Err(IpamError::NoMatchingPool(affinity.host.clone()));
+        }
+        let existing: BTreeMap<IpNet, Block> = self
+            .records()
+            .blocks(None)?
+            .into_iter()
+            .map(|(b, _)| (b.cidr(), b))
+            .collect();
+        let reserved_ip = |ip| self.cluster.is_reserved(ip);
+        let mut empty = Vec::new();
+        for pool in pools {
+            let walk = self.walk(pool, &affinity.host);
+            // At most every existing block, then a free one follows; whole
+            // reservations are skipped without a read.
+            let mut k = 0u128;
+            while k < walk.count() {
+                let subnet = walk.at(k);
+                k += 1;
+                if self.cluster.reserves_whole(&subnet) {
+                    continue;
+                }
+                match existing.get(&subnet) {
+                    None => return Ok(subnet),
+                    Some(b) => {
+                        let free = b.free(reserved_ip);
+                        if b.affinity.as_deref() == Some(affinity.text.as_str()) && free > 0 {
+                            return Ok(subnet);
+                        }
+                        if b.is_empty() && free > 0 {
+                            empty.push(b);
+                        }
+                    }
+                }
+            }
+        }
+        let now = self.env.now().as_secs();
+        for b in empty {
+            let claimed = b.affinity_claimed_at.unwrap_or(0);
+            if now.saturating_sub(claimed) < EMPTY_BLOCK_MIN_RECLAIM_AGE {
+                continue;
+            }
+            let Some(host) = b.affinity.as_deref().and_then(AffinityOf::host_of) else {
+                continue;
+            };
+            let owner = AffinityOf {
+                host: host.to_string(),
+                text: b.affinity.clone().unwrap_or_default(),
+            };
+            if self
+                .release_block_affinity(&owner, &b.cidr(), true, Some(b.sequence))
+                .is_ok()
+            {
+                return Ok(b.cidr());
+            }
+        }
+        Err(IpamError::NoFreeBlocks)
+    }
+
+    /// Calico's `AssignIP`.
+    pub fn assign_ip(&self, args: &AssignIpArgs) -> Result<(), IpamError> {
+        let pool = self
+            .cluster
+            .enabled_pool_for(args.ip)
+            .ok_or(IpamError::NotInAnyPool(args.ip))?;
+        if let Some(u) = args.intended_use
+            && !pool.allowed_uses.contains(&u)
+        {
+            return Err(IpamError::UseNotAllowed {
+                ip: args.ip,
+                pool: pool.name.clone(),
+                usage: u,
+                allowed: pool.allowed_uses.clone(),
+            });
+        }
+        let (config, _) = self.records().config()?;
+        let block_cidr = pool
+            .block_of(args.ip)
+            .ok_or(IpamError::NotInAnyPool(args.ip))?;
+        let version = crate::cluster::ip_family(&args.ip);
+        if let (Some(h), true) = (&args.handle, args.max_alloc_per_handle > 0) {
+            let held = self.ips_of_handle_in_family(h, version)?;
+            if held.len() >= args.max_alloc_per_handle {
+                if held.iter().any(|n| n.addr() == args.ip) {
+                    return Ok(());
+                }
+                return Err(IpamError::MaxAllocReached {
+                    handle: h.clone(),
+                    ip: args.ip,
+                    max: args.max_alloc_per_handle,
+                });
+            }
+        }
+        let affinity = AffinityOf::new(&args.hostname, args.intended_use.unwrap_or(Use::Workload));
+        for _ in 0..RETRIES {
+            let (mut block, revision) = match self.records().block(&block_cidr)? {
+                Some(found) => found,
+                None => match self.claim_block(&block_cidr, &affinity, args.host_reserved.as_ref())
+                {
+                    Ok(f) => (f.block, f.revision),
+                    Err(IpamError::ClaimConflict(_))
+                    | Err(IpamError::Store(StoreError::Conflict { .. })) => continue,
+                    Err(e) => return Err(e),
+                },
+            };
+            if config.strict_affinity
+                && let Some(have) = &block.affinity
+                && *have != affinity.text
+            {
+                return Err(IpamError::AffinityMismatch {
+                    have: have.clone(),
+                    want: affinity.text.clone(),
+                });
+            }
+            if let Err(e) = block.assign(args.ip, args.handle.as_deref(), &args.attrs) {
+                let same_handle = block
+                    .allocation(args.ip)
+                    .is_some_and(|a| a.handle.is_some() && a.handle == args.handle);
+                if args.max_alloc_per_handle > 0 && same_handle {
+                    return Ok(());
+                }
+                return Err(match e {
+                    crate::block::BlockError::InUse(ip) => IpamError::AddressInUse(ip),
+                    _ => IpamError::NotInAnyPool(args.ip),
+                });
+            }
+            let mut writes = vec![records::put_block(&mut block, Some(revision))];
+            if let Some(h) = &args.handle {
+                writes.extend(self.handle_delta(h, &block_cidr, 1)?);
+            }
+            match self.store.commit(&writes) {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(IpamError::TooManyConflicts)
+    }
+
+    /// Calico's `EnsureBlock`: the host's block of each family whose host
+    /// reservation is given (claiming one if it has none).
+    pub fn ensure_block(
+        &self,
+        args: &EnsureBlockArgs,
+    ) -> Result<(Option<IpNet>, Option<IpNet>), IpamError> {
+        let mut v4 = None;
+        let mut v6 = None;
+        if let Some(r) = &args.host_reserved_v4 {
+            if args.ipv4_pools.iter().any(|p| family(p) != 4) {
+                return Err(IpamError::MixedFamilyPools(4, 6));
+            }
+            v4 = Some(self.ensure_family(r, &args.ipv4_pools, 4, &args.hostname, args.windows)?);
+        }
+        if let Some(r) = &args.host_reserved_v6 {
+            if args.ipv6_pools.iter().any(|p| family(p) != 6) {
+                return Err(IpamError::MixedFamilyPools(6, 4));
+            }
+            v6 = Some(self.ensure_family(r, &args.ipv6_pools, 6, &args.hostname, args.windows)?);
+        }
+        Ok((v4, v6))
+    }
+
+    fn ensure_family(
+        &self,
+        reserved: &HostReserved,
+        requested: &[IpNet],
+        version: u8,
+        host: &str,
+        windows: bool,
+    ) -> Result<IpNet, IpamError> {
+        let (pools, affine) = self.prepare(
+            requested,
+            version,
+            host,
+            Some(reserved),
+            Use::Workload,
+            None,
+        )?;
+        let (config, _) = self.config_for(windows)?;
+        let affinity = AffinityOf::new(host, Use::Workload);
+        let found = self.find_or_claim_block(
+            &mut affine.into(),
+            &pools,
+            0,
+            true,
+            &config,
+            Some(reserved),
+            &affinity,
+        )?;
+        Ok(found.block.cidr())
+    }
+}
+
+/// An EnsureBlock request (Calico's `BlockArgs`).
+#[derive(Debug, Clone, Default)]
+pub struct EnsureBlockArgs {
+    /// The node.
+    pub hostname: String,
+    /// IPv4 pools to use.
+    pub ipv4_pools: Vec<IpNet>,
+    /// IPv6 pools to use.
+    pub ipv6_pools: Vec<IpNet>,
+    /// IPv4 host reservation (the family is handled only when given).
+    pub host_reserved_v4: Option<HostReserved>,
+    /// IPv6 host reservation.
+    pub host_reserved_v6: Option<HostReserved>,
+    /// Calico's Windows path.
+    pub windows: bool,
+}

@@ -1,0 +1,191 @@
+//! The IPAM client: Calico's `ipam.Interface` over a store, a cluster view
+//! and an injected clock and random source.
+
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::cluster::Cluster;
+use crate::error::IpamError;
+use crate::records::{self, Config, Records};
+use crate::store::{IpamStore, StoreError};
+
+/// Attempts per write before giving up to other writers (Calico's
+/// `datastoreRetries`).
+pub const RETRIES: usize = 100;
+
+/// Time and randomness, injected so the logic stays pure and testable.
+pub trait Env: Send + Sync {
+    /// Time since the Unix epoch.
+    fn now(&self) -> Duration;
+    /// A random number (where blocks of one address start their walk).
+    fn random(&self) -> u64;
+}
+
+/// A settable clock that ticks a microsecond per reading (so, like a real
+/// clock, two readings never agree) and a seeded generator, for tests and
+/// replays.
+#[derive(Debug)]
+pub struct FixedEnv {
+    inner: Mutex<(Duration, u64)>,
+}
+
+impl FixedEnv {
+    /// From `now`, random numbers from `seed`.
+    pub fn new(now: Duration, seed: u64) -> FixedEnv {
+        FixedEnv {
+            inner: Mutex::new((now, seed)),
+        }
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, by: Duration) {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 += by;
+    }
+}
+
+impl Env for FixedEnv {
+    fn now(&self) -> Duration {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 += Duration::from_micros(1);
+        g.0
+    }
+
+    fn random(&self) -> u64 {
+        // xorshift64*: deterministic, good enough to spread walk starts.
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut x = g.1 | 1;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        g.1 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// The IPAM client (see the crate documentation).
+#[derive(Clone, Copy)]
+pub struct Ipam<'a> {
+    pub(crate) store: &'a dyn IpamStore,
+    pub(crate) cluster: &'a Cluster,
+    pub(crate) env: &'a dyn Env,
+}
+
+impl std::fmt::Debug for Ipam<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ipam")
+            .field("cluster", self.cluster)
+            .finish()
+    }
+}
+
+impl<'a> Ipam<'a> {
+    /// A client over `store` for `cluster`.
+    pub fn new(store: &'a dyn IpamStore, cluster: &'a Cluster, env: &'a dyn Env) -> Ipam<'a> {
+        Ipam {
+            store,
+            cluster,
+            env,
+        }
+    }
+
+    /// Typed access to the store's records.
+    pub fn records(&self) -> Records<'a> {
+        Records { store: self.store }
+    }
+
+    /// The cluster this client reads.
+    pub fn cluster(&self) -> &'a Cluster {
+        self.cluster
+    }
+
+    /// Calico's `GetIPAMConfig` (Windows nodes need strict affinity).
+    pub fn get_config(&self, windows: bool) -> Result<Config, IpamError> {
+        let (config, _) = self.records().config()?;
+        if windows && !config.strict_affinity {
+            return Err(IpamError::StrictAffinityRequired);
+        }
+        Ok(config)
+    }
+
+    /// Calico's `SetIPAMConfig`, with its refusals.
+    pub fn set_config(&self, config: Config) -> Result<(), IpamError> {
+        if !config.strict_affinity && !config.auto_allocate_blocks {
+            return Err(IpamError::InvalidConfig(
+                "Cannot disable 'StrictAffinity' and 'AutoAllocateBlocks' at the same time".into(),
+            ));
+        }
+        if config.max_blocks_per_host > 0 && !config.strict_affinity {
+            return Err(IpamError::InvalidConfig(
+                "MaxBlocksPerHost requires StrictAffinity to be enabled".into(),
+            ));
+        }
+        for _ in 0..RETRIES {
+            let (current, revision) = self.records().config()?;
+            if current == config && revision.is_some() {
+                return Ok(());
+            }
+            match self.store.commit(&[records::put_config(&config, revision)]) {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(IpamError::TooManyConflicts)
+    }
+
+    /// Calico's `IPsByHandle`: each address with its block's prefix.
+    pub fn ips_by_handle(&self, handle: &str) -> Result<Vec<IpNet>, IpamError> {
+        let (h, _) = self
+            .records()
+            .handle(handle)?
+            .ok_or_else(|| IpamError::HandleNotFound(handle.to_string()))?;
+        let mut out = Vec::new();
+        for cidr in h.block.keys() {
+            let Ok(cidr) = cidr.parse::<IpNet>() else {
+                continue;
+            };
+            if let Some((b, _)) = self.records().block(&cidr)? {
+                let prefix = b.cidr().prefix_len();
+                out.extend(
+                    b.ips_by_handle(handle)
+                        .into_iter()
+                        .filter_map(|ip| IpNet::new(ip, prefix).ok()),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Calico's `GetAssignmentAttributes`: owner attributes and handle.
+    pub fn assignment_attributes(
+        &self,
+        ip: IpAddr,
+    ) -> Result<(crate::cluster::Labels, Option<String>), IpamError> {
+        let missing = |reason: &str| IpamError::ResourceDoesNotExist {
+            ip: ip.to_string(),
+            reason: reason.to_string(),
+        };
+        let pool = self
+            .cluster
+            .enabled_pool_for(ip)
+            .ok_or_else(|| missing("No valid IPPool"))?;
+        let cidr = pool
+            .block_of(ip)
+            .ok_or_else(|| missing("No valid IPPool"))?;
+        let (block, _) =
+            self.records()
+                .block(&cidr)?
+                .ok_or_else(|| IpamError::ResourceDoesNotExist {
+                    ip: cidr.to_string(),
+                    reason: "block does not exist".into(),
+                })?;
+        let a = block
+            .allocation(ip)
+            .ok_or_else(|| missing("IP is unassigned"))?;
+        Ok((a.attrs.clone(), a.handle.clone()))
+    }
+}
