@@ -43,7 +43,7 @@ const UNAVAILABLE_FOR: Duration = Duration::from_secs(10);
 const TXN_OPS: usize = 128;
 
 /// Keys per page of a listing.
-const LIST_PAGE: i64 = 500;
+pub(crate) const LIST_PAGE: i64 = 500;
 
 /// Times a write lists and tries again when another writer got there first.
 const WRITE_ATTEMPTS: usize = 8;
@@ -95,9 +95,19 @@ fn read_pem(path: &PathBuf) -> Result<Vec<u8>, StoreError> {
     })
 }
 
-impl EtcdStore {
+/// A client of an etcd cluster and the runtime it runs on: how every etcd
+/// backend of this crate connects (the objects here, IPAM in
+/// [`crate::ipam`]).
+pub(crate) struct Connection {
+    pub(crate) runtime: Arc<Runtime>,
+    pub(crate) client: Client,
+    /// The endpoints, comma-separated (for messages).
+    pub(crate) endpoints: String,
+}
+
+impl Connection {
     /// Connects to the cluster (any reachable member will do).
-    pub fn connect(config: &EtcdConfig) -> Result<Self, StoreError> {
+    pub(crate) fn open(config: &EtcdConfig) -> Result<Self, StoreError> {
         let endpoints = config.describe();
         if config.endpoints.is_empty() {
             return Err(StoreError::Unavailable(
@@ -139,8 +149,44 @@ impl EtcdStore {
         let client = runtime
             .block_on(Client::connect(&config.endpoints, Some(options)))
             .map_err(unavailable(&endpoints))?;
-        Ok(EtcdStore {
+        Ok(Connection {
             runtime: Arc::new(runtime),
+            client,
+            endpoints,
+        })
+    }
+}
+
+/// Runs `op` again while etcd cannot answer (between leaders, a member
+/// gone: `is_unavailable` says which errors), for up to
+/// [`UNAVAILABLE_FOR`]; other errors return at once.
+pub(crate) fn retrying<T, E>(
+    is_unavailable: impl Fn(&E) -> bool,
+    mut op: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let deadline = std::time::Instant::now() + UNAVAILABLE_FOR;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match op() {
+            Err(e) if is_unavailable(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+impl EtcdStore {
+    /// Connects to the cluster (any reachable member will do).
+    pub fn connect(config: &EtcdConfig) -> Result<Self, StoreError> {
+        let Connection {
+            runtime,
+            client,
+            endpoints,
+        } = Connection::open(config)?;
+        Ok(EtcdStore {
+            runtime,
             client,
             endpoints,
         })
@@ -156,7 +202,7 @@ impl EtcdStore {
         // each other while they catch up, and etcd 3.4 answers a progress
         // request before that catch-up is done). Keys of other things in
         // that range are skipped.
-        let end = prefix_end(PREFIXES[1]);
+        let end = prefix_end(PREFIXES[1].as_bytes());
         let stream = self.runtime.block_on(
             client.watch(
                 PREFIXES[0],
@@ -176,20 +222,10 @@ impl EtcdStore {
         })
     }
 
-    /// Runs `op` again while etcd cannot answer (between leaders, a member
-    /// gone), for up to [`UNAVAILABLE_FOR`]; other errors return at once.
-    fn retrying<T>(&self, mut op: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let deadline = std::time::Instant::now() + UNAVAILABLE_FOR;
-        let mut wait = Duration::from_millis(50);
-        loop {
-            match op() {
-                Err(StoreError::Unavailable(_)) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(wait);
-                    wait = (wait * 2).min(Duration::from_secs(1));
-                }
-                other => return other,
-            }
-        }
+    /// Runs `op` again while etcd cannot answer, for up to
+    /// [`UNAVAILABLE_FOR`]; other errors return at once.
+    fn retrying<T>(&self, op: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        retrying(|e| matches!(e, StoreError::Unavailable(_)), op)
     }
 
     /// Every object at one revision (one attempt).
@@ -202,7 +238,7 @@ impl EtcdStore {
             let mut revision = 0i64;
             let mut kvs = Vec::new();
             for prefix in PREFIXES {
-                let end = prefix_end(prefix);
+                let end = prefix_end(prefix.as_bytes());
                 let mut from = prefix.as_bytes().to_vec();
                 loop {
                     let mut options = GetOptions::new()
@@ -287,14 +323,19 @@ impl EtcdStore {
     }
 }
 
-/// The end of the key range of everything under `prefix`.
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    if let Some(last) = end.last_mut() {
-        // The prefixes end in '/', so this never overflows.
-        *last += 1;
+/// The end of the key range of everything under `prefix`: the smallest
+/// key greater than every key starting with it (`"\0"`, which etcd reads as
+/// "to the end of the keyspace", when there is none: an empty prefix or
+/// one of `0xff` bytes only).
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
     }
-    end
+    vec![0]
 }
 
 /// A stored key-value as a stored object. A value that is not JSON (written

@@ -8,6 +8,10 @@
 //! | [`EtcdStore`] | several nodes: Calico's etcdv3 key layout | etcd watches ([`EtcdWatch`]), resumed from their revision |
 //! | Kubernetes API (its own issue) | a real cluster | list + watch |
 //!
+//! IPAM's compare-and-swap records (`palisade_ipam::store::IpamStore`) have
+//! stores of their own in [`ipam`]: [`EmbeddedIpamStore`] (one redb file a
+//! node's processes share) and [`EtcdIpamStore`].
+//!
 //! Every backend validates an apply exactly as the CLI validates manifests
 //! (strict fields, selectors, references between objects) and applies all
 //! of it or nothing. A node follows a store through a [`NodeView`]: the
@@ -41,6 +45,7 @@
 
 mod embedded;
 mod etcd;
+pub mod ipam;
 pub mod kinds;
 mod node_view;
 mod plan;
@@ -51,6 +56,7 @@ use serde::{Deserialize, Serialize};
 
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdConfig, EtcdStore, EtcdWatch, PREFIXES};
+pub use ipam::{EmbeddedIpamStore, EtcdIpamStore};
 pub use kinds::{KINDS, KindInfo, kind_named};
 pub use node_view::{NodeView, Rejected, Step};
 pub use validate::validate_apply;

@@ -15,7 +15,7 @@ use super::{GNP, zero_trust};
 
 /// Whether etcd tests may run: etcd installed, or a skip CI turns into a
 /// failure.
-fn etcd_available() -> bool {
+pub(super) fn etcd_available() -> bool {
     if installed() {
         return true;
     }
@@ -39,7 +39,7 @@ fn next_changes(watch: &mut palisade_datastore::EtcdWatch) -> Vec<StoreChange> {
     }
 }
 
-fn config(cluster: &EtcdCluster) -> EtcdConfig {
+pub(super) fn config(cluster: &EtcdCluster) -> EtcdConfig {
     EtcdConfig {
         endpoints: cluster.endpoints(),
         ..EtcdConfig::default()
@@ -226,7 +226,15 @@ fn a_three_member_cluster_keeps_serving_with_a_member_killed() {
         match watch.next(Some(Duration::from_secs(2))) {
             Ok(c) => seen.extend(c),
             Err(StoreError::Unavailable(_)) => {
-                watch = store.watch(watch.revision()).unwrap();
+                // The new watch may still go to the killed member and fail
+                // at once: then try again (until the deadline).
+                match store.watch(watch.revision()) {
+                    Ok(resumed) => watch = resumed,
+                    Err(StoreError::Unavailable(_)) => {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(e) => panic!("{e}"),
+                }
             }
             Err(e) => panic!("{e}"),
         }

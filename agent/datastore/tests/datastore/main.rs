@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 mod etcd;
+mod ipam;
 
 use palisade_datastore::{Datastore, EmbeddedStore, Follower, StoreChange, StoreError, kind_named};
 use policy_core::ObjectRef;
