@@ -31,6 +31,7 @@ macro_rules! out {
 mod agent;
 mod compile_cmd;
 mod explain_cmd;
+mod ipam_verify;
 mod lint_cmd;
 mod load;
 mod matrix_cmd;
@@ -120,6 +121,13 @@ enum Command {
         /// Case files or folders of them.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Where IPAM scenarios keep their state (each starts empty).
+        #[arg(long, value_enum, default_value = "embedded")]
+        store: ipam_verify::StoreKind,
+        /// etcd client URLs for `--store etcd` (its IPAM keys are wiped
+        /// before each scenario).
+        #[arg(long, env = "ETCD_ENDPOINTS", value_delimiter = ',')]
+        etcd_endpoints: Vec<String>,
     },
     /// Explain who decides a connection, rule by rule.
     Explain {
@@ -255,8 +263,20 @@ fn run() -> anyhow::Result<ExitCode> {
             }
             SelectorCommand::Test { file } => Ok(selector_cmd::test(&file, verbose)?.finish()?),
         },
-        Command::Verify { engine, paths } => {
-            Ok(verify_cmd::verify(engine, &paths, verbose)?.finish()?)
+        Command::Verify {
+            engine,
+            paths,
+            store,
+            etcd_endpoints,
+        } => {
+            let etcd = (!etcd_endpoints.is_empty()).then_some(palisade_datastore::EtcdConfig {
+                endpoints: etcd_endpoints,
+                ca_file: None,
+                cert_file: None,
+                key_file: None,
+            });
+            let mut stores = ipam_verify::StoreFactory::new(store, etcd)?;
+            Ok(verify_cmd::verify(engine, &paths, &mut stores, verbose)?.finish()?)
         }
         Command::Explain {
             files,

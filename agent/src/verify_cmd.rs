@@ -165,7 +165,12 @@ fn failed_all(case: &Case, why: &str) -> Vec<ProbeResult> {
         .collect()
 }
 
-pub fn verify(engine: EngineKind, paths: &[PathBuf], verbose: bool) -> Result<Tally> {
+pub fn verify(
+    engine: EngineKind,
+    paths: &[PathBuf],
+    stores: &mut crate::ipam_verify::StoreFactory,
+    verbose: bool,
+) -> Result<Tally> {
     let files = collect_files(paths, &["json"])?;
     let mut tally = Tally::default();
     if files.is_empty() {
@@ -185,6 +190,13 @@ pub fn verify(engine: EngineKind, paths: &[PathBuf], verbose: bool) -> Result<Ta
         progress.set_message(name.clone());
         progress.inc(1);
         let text = std::fs::read_to_string(f).with_context(|| format!("reading {name}"))?;
+        // IPAM scenarios (steps against a store) have their own runner.
+        if let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text)
+            && crate::ipam_verify::is_scenario(&doc)
+        {
+            tally.add(&crate::ipam_verify::run_file(f, &doc, stores, verbose)?);
+            continue;
+        }
         let case = match parse_case(&name, &text) {
             Ok(c) => c,
             Err(e) => {
