@@ -9,6 +9,8 @@ mod agent;
 mod cluster;
 #[path = "palisade/deploy.rs"]
 mod deploy;
+#[path = "palisade/ipam.rs"]
+mod ipam;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -214,6 +214,19 @@ fn test() -> Result<()> {
             )?;
         }
     }
+    for c in &corpora {
+        // etcd's run is an integration test (it starts its own cluster);
+        // here every corpus root, the shared one with any held-out cases
+        // included, runs on the embedded store.
+        s.step(
+            &format!("conformance, Calico IPAM, embedded store ({})", c.display()),
+            || {
+                run(Command::new(palisade())
+                    .args(["verify", "--store", "embedded"])
+                    .arg(c.join("ipam")))
+            },
+        )?;
+    }
     s.step("fuzz targets build", || {
         run(Command::new("rustup").args([
             "run",
@@ -239,17 +252,18 @@ fn test() -> Result<()> {
 
 /// What of a corpus `cargo xtask test` runs: the selector vectors and the
 /// policy folders the engines verify.
-const CHECKED_CORPUS: [&str; 5] = [
+const CHECKED_CORPUS: [&str; 6] = [
     "selectors.jsonl",
     "selectors_canonical.jsonl",
     "kubernetes",
     "calico",
     "extra",
+    "ipam",
 ];
 
 /// The corpus vendored in the repository, plus the shared one next to the
 /// checkout when what CI runs of it differs (it may hold cases added since).
-/// Folders CI does not run yet (services, IPAM, ...) do not count, so an
+/// Folders CI does not run yet (services, ...) do not count, so an
 /// identical policy corpus is never verified twice.
 fn conformance_roots() -> Vec<PathBuf> {
     let vendored = root().join("conformance");

@@ -15,7 +15,7 @@ use policy_core::EndpointKey;
 use super::agent::{Agent, AgentSpec, connect, serve, workload_endpoint};
 use super::{palisade, privileged, repo, scratch};
 
-fn etcd_available() -> bool {
+pub(super) fn etcd_available() -> bool {
     if installed() {
         return true;
     }
