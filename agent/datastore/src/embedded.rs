@@ -15,9 +15,8 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 use policy_core::ObjectRef;
-use policy_core::manifest::Loaded;
 
-use crate::plan::{parse_sources, plan_apply, plan_delete};
+use crate::plan::{Batch, parse_sources, plan_apply, plan_delete};
 use crate::{Datastore, Revision, Snapshot, StoreChange, StoreError, StoredObject, Written};
 
 const LOG: &str = "changes.jsonl";
@@ -149,7 +148,7 @@ impl EmbeddedStore {
     }
 
     /// Applies objects read with their documents as one batch.
-    fn apply_loaded(&self, batch: Vec<Loaded>) -> Result<Written, StoreError> {
+    fn apply_loaded(&self, batch: Batch) -> Result<Written, StoreError> {
         self.locked(true, || {
             let log = self.read_log()?;
             let state = fold(&log.changes);

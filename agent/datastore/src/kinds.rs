@@ -21,6 +21,9 @@ pub struct KindInfo {
     /// Other names accepted on the command line (singular, short names,
     /// `plural.group`).
     pub aliases: &'static [&'static str],
+    /// Read by the policy engine; false: stored for another layer (IPAM
+    /// reads IP pools, reservations and nodes) and validated by it.
+    pub policy: bool,
 }
 
 impl KindInfo {
@@ -105,6 +108,7 @@ pub const KINDS: &[KindInfo] = &[
             "knp",
             "networkpolicy.networking.k8s.io",
         ],
+        policy: true,
     },
     core("namespaces", "Namespace", false, &["namespace", "ns"]),
     core("pods", "Pod", true, &["pod", "po"]),
@@ -114,7 +118,21 @@ pub const KINDS: &[KindInfo] = &[
         true,
         &["serviceaccount", "sa"],
     ),
+    ipam("ippools", "IPPool", &["ippool", "ipp", "pool", "pools"]),
+    ipam("ipreservations", "IPReservation", &["ipreservation"]),
+    ipam("nodes", "Node", &["node", "no"]),
 ];
+
+/// A Calico kind IPAM reads (cluster-scoped).
+const fn ipam(
+    plural: &'static str,
+    kind: &'static str,
+    aliases: &'static [&'static str],
+) -> KindInfo {
+    let mut k = info("projectcalico.org/v3", plural, kind, false, aliases);
+    k.policy = false;
+    k
+}
 
 const fn calico(
     plural: &'static str,
@@ -149,6 +167,7 @@ const fn info(
         api_version,
         namespaced,
         aliases,
+        policy: true,
     }
 }
 

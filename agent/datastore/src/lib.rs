@@ -49,6 +49,7 @@ pub mod ipam;
 pub mod kinds;
 mod node_view;
 mod plan;
+pub mod resources;
 mod validate;
 mod watch;
 

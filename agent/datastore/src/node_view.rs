@@ -77,6 +77,10 @@ impl NodeView {
         let mut step = Step::default();
         for change in batch {
             match change {
+                // IP pools, reservations and nodes are IPAM's, not policy.
+                StoreChange::Put(stored)
+                    if crate::kinds::document_ref(&stored.document)
+                        .is_some_and(|(info, _)| !info.policy) => {}
                 StoreChange::Put(stored) => match convert_document_all(&stored.document) {
                     Ok(object) => {
                         self.rejected.remove(&stored.key);

@@ -8,18 +8,40 @@ use policy_core::ObjectRef;
 use policy_core::manifest::{Loaded, parse_source_keeping_documents};
 
 use crate::kinds::{document_ref, kind_of_ref};
+use crate::resources::Resource;
 use crate::validate::{validate_apply, validate_delete};
 use crate::{Revision, Snapshot, StoreChange, StoreError, StoredObject, Written};
 
+/// What one apply writes: objects the policy engine reads, and documents
+/// of the kinds stored for IPAM.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Batch {
+    pub loaded: Vec<Loaded>,
+    pub resources: Vec<Resource>,
+}
+
 /// Reads manifest sources (name, text) keeping each object's document;
 /// kinds no datastore holds are errors.
-pub(crate) fn parse_sources(sources: &[(String, String)]) -> Result<Vec<Loaded>, StoreError> {
+pub(crate) fn parse_sources(sources: &[(String, String)]) -> Result<Batch, StoreError> {
     let mut loaded = Vec::new();
+    let mut resources = Vec::new();
     let mut errors = policy_core::Errors::new();
     for (source, text) in sources {
         match parse_source_keeping_documents(source, text) {
             Ok(parsed) => {
                 for s in parsed.skipped {
+                    if let Some(doc) = &s.document
+                        && let Some((info, object)) = document_ref(doc)
+                        && !info.policy
+                    {
+                        resources.push(Resource {
+                            origin: s.origin,
+                            info,
+                            object,
+                            document: doc.clone(),
+                        });
+                        continue;
+                    }
                     errors.push(
                         policy_core::Error::new(policy_core::ErrorKind::Unsupported(format!(
                             "kind {} ({}) is not something Palisade stores; known kinds: {}",
@@ -44,17 +66,18 @@ pub(crate) fn parse_sources(sources: &[(String, String)]) -> Result<Vec<Loaded>,
         }
     }
     errors.or_ok(()).map_err(StoreError::Rejected)?;
-    Ok(loaded)
+    Ok(Batch { loaded, resources })
 }
 
 /// Validates `batch` against `state` and works out its changes, each at
 /// `revision`; `Written.revision` is the state's when nothing changes.
 pub(crate) fn plan_apply(
     state: &Snapshot,
-    batch: Vec<Loaded>,
+    batch: Batch,
     revision: Revision,
 ) -> Result<(Vec<StoreChange>, Written), StoreError> {
-    validate_apply(state, &batch).map_err(StoreError::Rejected)?;
+    validate_apply(state, &batch.loaded).map_err(StoreError::Rejected)?;
+    crate::resources::validate(state, &batch.resources).map_err(StoreError::Rejected)?;
     let by_key: BTreeMap<&str, &StoredObject> =
         state.objects.iter().map(|o| (o.key.as_str(), o)).collect();
     let mut written = Written {
@@ -65,14 +88,24 @@ pub(crate) fn plan_apply(
         deleted: Vec::new(),
     };
     let mut changes = Vec::new();
-    for l in batch {
+    let documents = batch
+        .loaded
+        .into_iter()
+        .map(|l| (l.object.object_ref().kind, l.document))
+        .chain(
+            batch
+                .resources
+                .into_iter()
+                .map(|r| (r.object.kind, Some(r.document))),
+        );
+    for (kind, document) in documents {
         // Stored under the document's own kind and name (a WorkloadEndpoint
         // is not stored as its pod).
         let unknown = || StoreError::UnknownKind {
-            name: l.object.object_ref().kind,
+            name: kind.clone(),
             known: known_kinds(),
         };
-        let Some(document) = l.document.clone() else {
+        let Some(document) = document else {
             return Err(unknown());
         };
         let (info, object) = document_ref(&document).ok_or_else(unknown)?;

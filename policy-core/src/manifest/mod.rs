@@ -45,6 +45,9 @@ pub struct Skipped {
     pub kind: String,
     /// `namespace/name`, or `name`.
     pub name: String,
+    /// The document, when the caller asked to keep documents: a datastore
+    /// stores kinds other layers read (IP pools for IPAM).
+    pub document: Option<serde_json::Value>,
 }
 
 /// What one source holds.
@@ -132,7 +135,7 @@ fn acted_on(doc: &serde_json::Value) -> Result<bool, Error> {
     Ok(false)
 }
 
-fn skipped(doc: &serde_json::Value, origin: &Origin) -> Skipped {
+fn skipped(doc: &serde_json::Value, origin: &Origin, keep_document: bool) -> Skipped {
     let meta = doc.get("metadata");
     let name = meta.map_or("", |m| str_field(m, "name"));
     let name = match meta.map(|m| str_field(m, "namespace")) {
@@ -144,6 +147,7 @@ fn skipped(doc: &serde_json::Value, origin: &Origin) -> Skipped {
         api_version: str_field(doc, "apiVersion").to_string(),
         kind: str_field(doc, "kind").to_string(),
         name,
+        document: keep_document.then(|| doc.clone()),
     }
 }
 
@@ -215,7 +219,7 @@ fn convert_into(
         Ok(true) => {}
         Ok(false) => {
             let at = origin_of(item.map(|j| format!("items[{j}]")).as_deref());
-            parsed.skipped.push(skipped(doc, &at));
+            parsed.skipped.push(skipped(doc, &at, keep_documents));
             return;
         }
         Err(e) => {

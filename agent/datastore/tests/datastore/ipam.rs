@@ -380,3 +380,72 @@ fn an_unreachable_etcd_is_unavailable_and_named() {
         },
     }
 }
+
+const POOLS: &str = "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: frontend}\n\
+spec: {cidr: 10.10.0.0/16, vxlanMode: Always, natOutgoing: true}\n---\n\
+apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: backend}\n\
+spec: {cidr: 10.20.0.0/16, nodeSelector: \"zone == 'b'\"}\n---\n\
+apiVersion: projectcalico.org/v3\nkind: IPReservation\nmetadata: {name: gateways}\n\
+spec: {reservedCIDRs: [10.10.0.1, 10.20.0.0/30]}\n---\n\
+apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: node-b, labels: {zone: b}}\n";
+
+#[test]
+fn ip_pools_reservations_and_nodes_are_stored_for_ipam_and_validated() {
+    use palisade_datastore::{Datastore, NodeView, resources};
+    let (_dir, store) = super::store();
+    let w = store
+        .apply_sources(&[("pools.yaml".into(), POOLS.into())])
+        .unwrap();
+    assert_eq!(w.created.len(), 4);
+    let snapshot = store.snapshot().unwrap();
+    let cluster = resources::cluster(&snapshot.objects);
+    let names: Vec<&str> = cluster.pools().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["backend", "frontend"]);
+    assert_eq!(cluster.nodes["node-b"]["zone"], "b");
+    assert!(cluster.is_reserved("10.20.0.3".parse().unwrap()));
+
+    // The policy side does not see them, and does not call them rejected.
+    let mut view = NodeView::new("node-b");
+    let step = view.update(
+        &snapshot
+            .objects
+            .iter()
+            .cloned()
+            .map(palisade_datastore::StoreChange::Put)
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        step.changes.is_empty() && step.rejected.is_empty(),
+        "{step:?}"
+    );
+
+    // A bad block size and an overlap: refused, naming pool and field, and
+    // nothing of the batch is written.
+    for (doc, field) in [
+        (
+            "kind: IPPool\nmetadata: {name: ci}\nspec: {cidr: 10.30.0.0/16, blockSize: 19}",
+            "spec.blockSize",
+        ),
+        (
+            "kind: IPPool\nmetadata: {name: ci}\nspec: {cidr: 10.10.128.0/17}",
+            "overlaps IPPool frontend",
+        ),
+        (
+            "kind: IPReservation\nmetadata: {name: r}\nspec: {reservedCIDRs: [nonsense]}",
+            "spec.reservedCIDRs[0]",
+        ),
+    ] {
+        let text = format!(
+            "apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {{name: node-c}}\n---\napiVersion: projectcalico.org/v3\n{doc}\n"
+        );
+        let e = store
+            .apply_sources(&[("bad.yaml".into(), text)])
+            .unwrap_err();
+        assert!(e.to_string().contains(field), "{field}: {e}");
+        assert_eq!(
+            store.snapshot().unwrap().revision,
+            snapshot.revision,
+            "{field}: written anyway"
+        );
+    }
+}

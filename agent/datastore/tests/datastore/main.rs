@@ -28,7 +28,7 @@ fn zero_trust() -> Vec<(String, String)> {
         .collect()
 }
 
-fn store() -> (tempfile::TempDir, EmbeddedStore) {
+pub(crate) fn store() -> (tempfile::TempDir, EmbeddedStore) {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(dir.path().join("state")).unwrap();
     (dir, store)
