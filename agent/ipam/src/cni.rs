@@ -13,6 +13,7 @@ use serde_json::Value;
 use crate::assign::{AssignIpArgs, AutoAssignArgs};
 use crate::cluster::{Labels, family};
 use crate::error::IpamError;
+use crate::gc;
 use crate::ipam::Ipam;
 use crate::pool::Use;
 
@@ -209,7 +210,7 @@ pub fn add(ipam: &Ipam<'_>, req: &CniRequest<'_>) -> Result<CniResult, CniError>
             let ips = one_per_family(&json_list(text, IP_ADDRS)?, IP_ADDRS)?;
             let mut assigned = Vec::new();
             for ip in ips {
-                let args = assign_args(ip, &node, &handle, Some(pod));
+                let args = assign_args(ipam, ip, &node, &handle, Some(pod));
                 if let Err(e) = ipam.assign_ip(&args) {
                     let _ = ipam.release_by_handle(&handle);
                     return Err(e.into());
@@ -229,7 +230,7 @@ pub fn add(ipam: &Ipam<'_>, req: &CniRequest<'_>) -> Result<CniResult, CniError>
         }
     }
     if let Some(ip) = req.ip {
-        ipam.assign_ip(&assign_args(ip, &node, &handle, req.k8s_pod()))?;
+        ipam.assign_ip(&assign_args(ipam, ip, &node, &handle, req.k8s_pod()))?;
         return Ok(result_of(vec![host_prefix(ip)]));
     }
     let want4 = flag(&ipam_conf["assign_ipv4"], true);
@@ -241,11 +242,7 @@ pub fn add(ipam: &Ipam<'_>, req: &CniRequest<'_>) -> Result<CniResult, CniError>
     args.ipv6_pools = resolve_pools(ipam, &v6_pools)?;
     args.namespace = namespace;
     if let Some(pod) = req.k8s_pod() {
-        args.attrs = Labels::from([
-            ("namespace".to_string(), pod.namespace.clone()),
-            ("pod".to_string(), pod.name.clone()),
-            ("node".to_string(), node.clone()),
-        ]);
+        args.attrs = pod_attrs(ipam, pod, &node);
     }
     let got = ipam.auto_assign(&args);
     let mut ips = Vec::new();
@@ -310,13 +307,27 @@ fn one_per_family(entries: &[String], what: &str) -> Result<Vec<IpAddr>, CniErro
     Ok(out)
 }
 
-fn assign_args(ip: IpAddr, node: &str, handle: &str, pod: Option<&PodInfo>) -> AssignIpArgs {
-    let mut attrs = Labels::new();
-    if let Some(p) = pod {
-        attrs.insert("namespace".into(), p.namespace.clone());
-        attrs.insert("pod".into(), p.name.clone());
-        attrs.insert("node".into(), node.to_string());
-    }
+/// The owner attributes of a pod's address: what garbage collection reads.
+fn pod_attrs(ipam: &Ipam<'_>, pod: &PodInfo, node: &str) -> Labels {
+    Labels::from([
+        (gc::ATTR_NAMESPACE.to_string(), pod.namespace.clone()),
+        (gc::ATTR_POD.to_string(), pod.name.clone()),
+        (gc::ATTR_NODE.to_string(), node.to_string()),
+        (
+            gc::ATTR_TIMESTAMP.to_string(),
+            crate::time::rfc3339(ipam.now().as_secs()),
+        ),
+    ])
+}
+
+fn assign_args(
+    ipam: &Ipam<'_>,
+    ip: IpAddr,
+    node: &str,
+    handle: &str,
+    pod: Option<&PodInfo>,
+) -> AssignIpArgs {
+    let attrs = pod.map(|p| pod_attrs(ipam, p, node)).unwrap_or_default();
     AssignIpArgs {
         ip,
         hostname: node.to_string(),

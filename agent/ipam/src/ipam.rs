@@ -97,6 +97,11 @@ impl<'a> Ipam<'a> {
         Records { store: self.store }
     }
 
+    /// The injected clock's time.
+    pub fn now(&self) -> Duration {
+        self.env.now()
+    }
+
     /// The cluster this client reads.
     pub fn cluster(&self) -> &'a Cluster {
         self.cluster

@@ -34,6 +34,7 @@ pub mod check;
 pub mod cluster;
 pub mod cni;
 pub mod error;
+pub mod gc;
 pub mod ipam;
 pub mod pool;
 pub mod records;

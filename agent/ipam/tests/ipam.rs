@@ -279,3 +279,117 @@ fn config_is_validated_as_calico_does() {
         "reading the config must not write it"
     );
 }
+
+fn pod_attrs(env: &FixedEnv, ns: &str, pod: &str) -> std::collections::BTreeMap<String, String> {
+    use palisade_ipam::Env;
+    [
+        ("namespace", ns.to_string()),
+        ("pod", pod.to_string()),
+        ("node", "node-a".to_string()),
+        (
+            "timestamp",
+            palisade_ipam::time::rfc3339(env.now().as_secs()),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+#[test]
+fn check_names_leaks_and_gc_brings_the_store_back_to_the_live_allocations() {
+    use palisade_ipam::gc::Live;
+    use palisade_ipam::store::{Expect, Write};
+    let mut c = cluster(&["node-a", "node-b"]);
+    let store = MemoryStore::new();
+    let env = FixedEnv::new(Duration::from_secs(1_800_000_000), 5);
+    let pods = ["web-1", "web-2", "db-1"];
+    {
+        let ipam = Ipam::new(&store, &c, &env);
+        for (i, p) in pods.iter().enumerate() {
+            let mut args = AutoAssignArgs::new(
+                if i == 2 { "node-b" } else { "node-a" },
+                1,
+                1,
+                Use::Workload,
+            );
+            args.handle = Some(format!("k8s-pod-network.{p}"));
+            args.attrs = pod_attrs(&env, "shop", p);
+            assert!(ipam.auto_assign(&args).error.is_none());
+        }
+    }
+    // web-2 is gone; node-b (and db-1 on it) are gone.
+    let live = Live {
+        pods: [("shop".to_string(), "web-1".to_string())].into(),
+        nodes: ["node-a".to_string()].into(),
+    };
+    c.nodes.remove("node-b");
+    let ipam = Ipam::new(&store, &c, &env);
+    // A crash left a handle count high: check says so.
+    let (mut h, rev) = ipam
+        .records()
+        .handle("k8s-pod-network.web-1")
+        .unwrap()
+        .unwrap();
+    for n in h.block.values_mut() {
+        *n += 3;
+    }
+    store
+        .commit(&[Write::Put {
+            key: palisade_ipam::store::handle_key("k8s-pod-network.web-1"),
+            value: serde_json::to_vec(&h).unwrap(),
+            expect: Expect::At(rev),
+        }])
+        .unwrap();
+    let handles = palisade_ipam::gc::live_handles(&ipam, &live).unwrap();
+    let report = check(ipam.records(), &c, Some(&handles)).unwrap();
+    let leaked: BTreeSet<String> = report
+        .findings
+        .iter()
+        .filter_map(|f| match f {
+            Finding::Leaked { handle, .. } => Some(handle.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        leaked,
+        ["k8s-pod-network.db-1", "k8s-pod-network.web-2"]
+            .map(String::from)
+            .into(),
+        "{:#?}",
+        report.findings
+    );
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| matches!(f, Finding::HandleCount { .. }))
+    );
+    assert!(
+        report
+            .findings
+            .iter()
+            .any(|f| matches!(f, Finding::DeletedNode { host, .. } if host == "node-b"))
+    );
+
+    // Inside the grace period nothing is released.
+    let (done, _) = ipam.collect(&live, Duration::from_secs(900)).unwrap();
+    assert_eq!(
+        (done.released, done.waiting, done.handles_mended),
+        (0, 4, 1),
+        "{done:?}"
+    );
+    env.advance(Duration::from_secs(901));
+    let (done, _) = ipam.collect(&live, Duration::from_secs(900)).unwrap();
+    assert_eq!(done.released, 4, "{done:?}");
+    assert_eq!(
+        done.blocks_released, 2,
+        "node-b's IPv4 and IPv6 blocks: {done:?}"
+    );
+    // Exactly the live allocations are left, and nothing else is wrong.
+    let report = check(ipam.records(), &c, None).unwrap();
+    assert!(report.findings.is_empty(), "{:#?}", report.findings);
+    let owners: BTreeSet<Option<String>> = report.allocated.values().cloned().collect();
+    assert_eq!(owners, [Some("k8s-pod-network.web-1".to_string())].into());
+    assert_eq!(report.allocated.len(), 2);
+}
