@@ -129,10 +129,8 @@ impl Ipam<'_> {
         let report = check(self.records(), self.cluster, None)?;
         for f in &report.findings {
             match f {
-                Finding::HandleCount { handle, .. } => {
-                    if self.mend_handle(handle)? {
-                        done.handles_mended += 1;
-                    }
+                Finding::HandleCount { handle, .. } if self.mend_handle(handle)? => {
+                    done.handles_mended += 1;
                 }
                 Finding::StaleAffinity { host, block } => {
                     if let Some(rev) = self.records().affinity(host, block)? {
