@@ -31,6 +31,7 @@ macro_rules! out {
 mod agent;
 mod compile_cmd;
 mod explain_cmd;
+mod ipam_cmd;
 mod ipam_verify;
 mod lint_cmd;
 mod load;
@@ -205,6 +206,11 @@ enum Command {
         #[command(flatten)]
         store: store_cmd::StoreArgs,
     },
+    /// Calico IPAM: pool use, checks, release, assignment, garbage collection.
+    Ipam {
+        #[command(subcommand)]
+        command: ipam_cmd::IpamCommand,
+    },
     /// Run the node agent: follow the datastore and keep this node's
     /// dataplane equal to it (/metrics, /healthz, /readyz, /status).
     Agent(agent::AgentArgs),
@@ -263,6 +269,7 @@ fn run() -> anyhow::Result<ExitCode> {
             }
             SelectorCommand::Test { file } => Ok(selector_cmd::test(&file, verbose)?.finish()?),
         },
+        Command::Ipam { command } => ipam_cmd::run(command),
         Command::Verify {
             engine,
             paths,

@@ -57,7 +57,7 @@ use serde::{Deserialize, Serialize};
 
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdConfig, EtcdStore, EtcdWatch, PREFIXES};
-pub use ipam::{EmbeddedIpamStore, EtcdIpamStore};
+pub use ipam::{EmbeddedIpamStore, EtcdIpamStore, SystemEnv};
 pub use kinds::{KINDS, KindInfo, kind_named};
 pub use node_view::{NodeView, Rejected, Step};
 pub use validate::validate_apply;

@@ -40,3 +40,23 @@ fn holds(write: &Write, have: Option<Revision>) -> bool {
         | Write::Delete { revision, .. } => have == Some(*revision),
     }
 }
+
+/// The real clock and randomness IPAM runs on outside tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemEnv;
+
+impl palisade_ipam::Env for SystemEnv {
+    fn now(&self) -> std::time::Duration {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+    }
+
+    fn random(&self) -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        // A fresh random SipHash key per call, seeded by the OS.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(self.now().as_nanos());
+        h.finish()
+    }
+}
