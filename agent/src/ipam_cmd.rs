@@ -84,6 +84,10 @@ pub enum IpamCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Random assigns and releases, journaled, for concurrency, crash and
+    /// throughput checks.
+    #[command(hide = true)]
+    Exercise(crate::ipam_exercise::ExerciseArgs),
     /// Set IPAM's configuration (unset flags keep their value).
     Configure {
         /// Hosts only take addresses from their own blocks.
@@ -157,6 +161,7 @@ fn pct(used: u128, of: u128) -> String {
 
 pub fn run(command: IpamCommand) -> Result<std::process::ExitCode> {
     let store_args = match &command {
+        IpamCommand::Exercise(a) => a.store.clone(),
         IpamCommand::Show { store, .. }
         | IpamCommand::Check { store }
         | IpamCommand::Release { store, .. }
@@ -171,6 +176,10 @@ pub fn run(command: IpamCommand) -> Result<std::process::ExitCode> {
     let ipam = Ipam::new(records.as_ref(), &cluster, &env);
     let ok = std::process::ExitCode::SUCCESS;
     match command {
+        IpamCommand::Exercise(args) => {
+            crate::ipam_exercise::run(&args, &ipam)?;
+            Ok(ok)
+        }
         IpamCommand::Show { show_blocks, .. } => {
             show(&ipam, show_blocks)?;
             Ok(ok)

@@ -32,6 +32,7 @@ mod agent;
 mod compile_cmd;
 mod explain_cmd;
 mod ipam_cmd;
+mod ipam_exercise;
 mod ipam_verify;
 mod lint_cmd;
 mod load;

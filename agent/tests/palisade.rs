@@ -11,6 +11,8 @@ mod cluster;
 mod deploy;
 #[path = "palisade/ipam.rs"]
 mod ipam;
+#[path = "palisade/ipam_stress.rs"]
+mod ipam_stress;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
