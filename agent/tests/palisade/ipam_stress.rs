@@ -132,12 +132,11 @@ fn cli(store: &[String], args: &[&str]) -> (bool, String) {
     )
 }
 
-/// Pools small enough that blocks run out and get borrowed and reclaimed
-/// (a /22 in /28 blocks: 64 blocks of 16), and the nodes.
-fn setup(dir: &Path, store: &[String], nodes: &[&str]) {
-    let mut yaml = String::from(
-        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: stress}\n\
-         spec: {cidr: 10.40.0.0/22, blockSize: 28}\n",
+/// One pool and the nodes.
+fn setup(dir: &Path, store: &[String], nodes: &[&str], cidr: &str, block: u8) {
+    let mut yaml = format!(
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {{name: stress}}\n\
+         spec: {{cidr: {cidr}, blockSize: {block}}}\n"
     );
     for n in nodes {
         yaml.push_str(&format!(
@@ -153,7 +152,9 @@ fn setup(dir: &Path, store: &[String], nodes: &[&str]) {
 /// Runs allocators at once (node, count each), each `ops` operations,
 /// releasing all they hold at the end; then checks journals and store.
 fn race(dir: &Path, store: &[String], nodes: &[&str], per_node: usize, ops: usize) {
-    setup(dir, store, nodes);
+    // Small blocks (a /22 in /28s: 64 blocks of 16) so hosts keep claiming,
+    // filling and releasing blocks while the others do.
+    setup(dir, store, nodes, "10.40.0.0/22", 28);
     let mut children = Vec::new();
     let mut journals = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
@@ -228,21 +229,27 @@ fn an_allocator_killed_anywhere_leaks_only_what_check_names_and_gc_restores() {
         "--state-dir".to_string(),
         dir.join("state").display().to_string(),
     ];
-    setup(&dir, &store, &["node-a"]);
+    // Room for what the killed allocators leave held (a host holds at most
+    // 20 blocks: 1,280 addresses in /26s).
+    setup(&dir, &store, &["node-a"], "10.40.0.0/20", 26);
     let journal = dir.join("journal");
     let mut seed = 0x5eed_u64;
-    for round in 0..20 {
+    // Kill at random points until thousands of steps were acknowledged
+    // (how many fit between kills depends on the machine).
+    let mut kills = 0;
+    while read_journals(std::slice::from_ref(&journal)).steps < 2000 {
+        assert!(kills < 200, "the allocator makes no progress");
         seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let mut child = exercise(&store, "node-a", 100_000, round + 1, &journal, false);
+        let mut child = exercise(&store, "node-a", 100_000, kills + 1, &journal, false);
         std::thread::sleep(Duration::from_millis(150 + (seed >> 33) % 350));
         // SIGKILL: no chance to finish the step in flight.
         child.kill().unwrap();
         child.wait().unwrap();
+        kills += 1;
     }
     let p = read_journals(&[journal]);
-    assert!(p.steps >= 2000, "only {} steps acknowledged", p.steps);
     assert_never_held_twice(&p);
 
     // Every live promise is in the store under its handle; whatever else
@@ -288,9 +295,9 @@ fn an_allocator_killed_anywhere_leaks_only_what_check_names_and_gc_restores() {
     let leaked_ips = report.lines().filter(|l| l.contains("(handle ")).count();
     assert_eq!(allocated, live_ips.len() + leaked_ips, "{report}");
     // At most one step is in flight per kill.
-    assert!(leaked.len() <= 20, "{report}");
+    assert!(leaked.len() as u64 <= kills, "{report}");
     eprintln!(
-        "{} steps acknowledged over 20 kills: {} addresses live, {} leaked ({:?})",
+        "{} steps acknowledged over {kills} kills: {} addresses live, {} leaked ({:?})",
         p.steps,
         live_ips.len(),
         leaked_ips,
