@@ -458,16 +458,19 @@ fn setup() -> Result<()> {
 fn report(args: &[String]) -> Result<()> {
     let (name, rest) = match args.split_first() {
         Some((name, rest)) => (name.as_str(), rest),
-        None => bail!("usage: cargo xtask report <compiler|datapath|veth|agent> [-- ARGS]"),
+        None => bail!("usage: cargo xtask report <compiler|datapath|veth|agent|ipam> [-- ARGS]"),
     };
     let bin = match name {
         "compiler" => "compiler-report",
         "datapath" => "datapath-report",
         "veth" => "veth-report",
         "agent" => "agent-report",
-        other => bail!("unknown report {other:?}: expected compiler, datapath, veth or agent"),
+        "ipam" => "ipam-report",
+        other => {
+            bail!("unknown report {other:?}: expected compiler, datapath, veth, agent or ipam")
+        }
     };
-    if name != "compiler" && !is_root() {
+    if !matches!(name, "compiler" | "ipam") && !is_root() {
         bail!("the {name} report loads BPF programs and builds network namespaces: run it as root");
     }
     // The benches crate links the datapath, so every report builds the kernel programs.
@@ -475,8 +478,8 @@ fn report(args: &[String]) -> Result<()> {
     if name == "veth" {
         tools::ensure_debs(tools::VETH_REPORT_DEBS)?;
     }
-    if name == "agent" {
-        // It runs the release agent against etcd.
+    if name == "agent" || name == "ipam" {
+        // It runs the release binary against etcd.
         tools::ensure_debs(tools::ETCD_DEBS)?;
         run(cargo().args(["build", "--release", "-p", "palisade"]))?;
     }

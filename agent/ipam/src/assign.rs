@@ -18,7 +18,7 @@ use crate::error::IpamError;
 use crate::ipam::{Ipam, RETRIES};
 use crate::pool::{Pool, Use};
 use crate::records::{self, Config, Handle};
-use crate::store::{Revision, StoreError, Write};
+use crate::store::{Read, Revision, StoreError, Write};
 
 /// Seconds an empty block stays with the host that claimed it before
 /// another host may take it (Calico's `EmptyBlockMinReclaimAge`).
@@ -272,6 +272,32 @@ impl Walk {
     }
 }
 
+/// A handle as read ahead of its first write (None inside: no handle yet);
+/// taken by the first commit, later ones read it again.
+type HandleHint = Option<Option<(Handle, Revision)>>;
+
+/// The write that adds `delta` addresses in `block` to a handle as read.
+fn handle_change(
+    id: &str,
+    current: Option<(Handle, Revision)>,
+    block: &IpNet,
+    delta: isize,
+) -> Option<Write> {
+    let (mut handle, revision) = match current {
+        Some((h, r)) => (h, Some(r)),
+        None if delta <= 0 => return None,
+        None => (Handle::default(), None),
+    };
+    let key = block.to_string();
+    let n = handle.block.get(&key).copied().unwrap_or(0) as isize + delta;
+    if n <= 0 {
+        handle.block.remove(&key);
+    } else {
+        handle.block.insert(key, n as usize);
+    }
+    records::write_handle(id, &handle, revision)
+}
+
 /// FNV-1 32-bit hash: the same host starts its walk at the same block, so
 /// its concurrent requests meet at one block instead of claiming several.
 fn fnv1_32(s: &str) -> u32 {
@@ -341,6 +367,7 @@ impl Ipam<'_> {
     /// Pools for a request and the host's affine blocks in them; empty
     /// affine blocks of pools that no longer select the host are released
     /// (Calico's `prepareAffinityBlocksForHost`).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn prepare(
         &self,
         requested: &[IpNet],
@@ -349,7 +376,8 @@ impl Ipam<'_> {
         reserved: Option<&HostReserved>,
         usage: Use,
         namespace: Option<&str>,
-    ) -> Result<(Vec<&Pool>, Vec<IpNet>), IpamError> {
+        host_blocks: Vec<(IpNet, Revision)>,
+    ) -> Result<(Vec<&Pool>, Vec<(IpNet, Revision)>), IpamError> {
         let affinity = AffinityOf::new(host, usage);
         let node = self.cluster.node(host, usage)?;
         let max_prefix = max_prefix_len(version, reserved)?;
@@ -370,9 +398,9 @@ impl Ipam<'_> {
         }
         let contains = |pools: &[&Pool], b: &IpNet| pools.iter().any(|p| p.contains(b.network()));
         let mut affine = Vec::new();
-        for (cidr, _) in self.records().host_blocks(&affinity.host, Some(version))? {
+        for (cidr, revision) in host_blocks {
             if contains(&allowed, &cidr) {
-                affine.push(cidr);
+                affine.push((cidr, revision));
             } else if !contains(&selecting, &cidr) {
                 let Some(pool) = enabled.iter().find(|p| p.contains(cidr.network())) else {
                     continue;
@@ -398,6 +426,31 @@ impl Ipam<'_> {
             (args.num6, &args.ipv6_pools, args.host_reserved_v6.as_ref())
         };
         let affinity = AffinityOf::new(&args.hostname, args.intended_use);
+        // One round trip for what every assignment reads: the host's
+        // affinities, the config and the handle.
+        let prefix = crate::store::host_prefix(&affinity.host, Some(version));
+        let handle_key = args.handle.as_deref().map(crate::store::handle_key);
+        let mut reads = vec![Read::Prefix(&prefix), Read::Key(crate::store::CONFIG_KEY)];
+        if let Some(k) = &handle_key {
+            reads.push(Read::Key(k));
+        }
+        let read = match self.store.read(&reads) {
+            Ok(r) => r,
+            Err(e) => return (None, Some(e.into())),
+        };
+        let parsed = (|| -> Result<_, StoreError> {
+            let (config, _) = records::config_of(read[1].first())?;
+            let handle = match read.get(2) {
+                Some(e) => records::handle_of(e.first())?,
+                None => None,
+            };
+            Ok((config, handle))
+        })();
+        let (config, handle_read) = match parsed {
+            Ok(p) => p,
+            Err(e) => return (None, Some(e.into())),
+        };
+        let host_blocks = records::host_blocks_of(&affinity.host, &read[0]);
         let (pools, affine) = match self.prepare(
             requested,
             version,
@@ -405,15 +458,17 @@ impl Ipam<'_> {
             reserved,
             args.intended_use,
             args.namespace.as_deref(),
+            host_blocks,
         ) {
             Ok(p) => p,
             Err(e) => return (None, Some(e)),
         };
         let mut owned = affine.len() as u32;
-        let config = match self.config_for(args.windows) {
-            Ok((c, _)) => c,
-            Err(e) => return (None, Some(e)),
-        };
+        if args.windows && !config.strict_affinity {
+            return (None, Some(IpamError::StrictAffinityRequired));
+        }
+        // The handle as read, for the first commit; later ones re-read it.
+        let mut handle_hint = Some(handle_read);
         let mut limit = args.max_blocks_per_host;
         if config.max_blocks_per_host > 0 && (limit == 0 || limit > config.max_blocks_per_host) {
             limit = config.max_blocks_per_host;
@@ -438,7 +493,7 @@ impl Ipam<'_> {
                 Err(e) => return (Some(ia), Some(e)),
             }
         }
-        let mut remaining: VecDeque<IpNet> = affine.into();
+        let mut remaining: VecDeque<(IpNet, Revision)> = affine.into();
         let handle = args.handle.as_deref();
         // Each round either assigns or consumes an affine block or a claim;
         // the bound only guards against a store that keeps changing.
@@ -476,8 +531,15 @@ impl Ipam<'_> {
             }
             let rem = num - ia.ips.len();
             let check = config.strict_affinity.then_some(&affinity);
-            match self.assign_retrying(found.block, found.revision, rem, handle, &args.attrs, check)
-            {
+            match self.assign_retrying(
+                found.block,
+                found.revision,
+                rem,
+                handle,
+                &args.attrs,
+                check,
+                &mut handle_hint,
+            ) {
                 Ok(ips) => ia.ips.extend(ips),
                 Err(IpamError::Store(e)) => return (Some(ia), Some(e.into())),
                 Err(_) => ia.add_msg("Failed to assign IPs in newly allocated block".into()),
@@ -485,7 +547,15 @@ impl Ipam<'_> {
         }
         if ia.ips.len() < num
             && !config.strict_affinity
-            && let Err(e) = self.borrow(&mut ia, num, &pools, &affinity, handle, &args.attrs)
+            && let Err(e) = self.borrow(
+                &mut ia,
+                num,
+                &pools,
+                &affinity,
+                handle,
+                &args.attrs,
+                &mut handle_hint,
+            )
         {
             return (Some(ia), Some(e));
         }
@@ -493,6 +563,7 @@ impl Ipam<'_> {
     }
 
     /// Takes addresses from any block of the pools (strict affinity off).
+    #[allow(clippy::too_many_arguments)]
     fn borrow(
         &self,
         ia: &mut Assignments,
@@ -501,6 +572,7 @@ impl Ipam<'_> {
         affinity: &AffinityOf,
         handle: Option<&str>,
         attrs: &Labels,
+        handle_hint: &mut HandleHint,
     ) -> Result<(), IpamError> {
         let existing: BTreeMap<IpNet, (Block, Revision)> = self
             .records()
@@ -532,7 +604,7 @@ impl Ipam<'_> {
                 }
                 let (block, revision) = existing[cidr].clone();
                 let rem = num - ia.ips.len();
-                match self.assign_retrying(block, revision, rem, handle, attrs, None) {
+                match self.assign_retrying(block, revision, rem, handle, attrs, None, handle_hint) {
                     Ok(ips) => ia.ips.extend(ips),
                     Err(IpamError::Store(e)) => return Err(e.into()),
                     Err(_) => {}
@@ -553,6 +625,7 @@ impl Ipam<'_> {
 
     /// Assigns up to `num` addresses from a block, re-reading it when
     /// another writer got there first.
+    #[allow(clippy::too_many_arguments)]
     fn assign_retrying(
         &self,
         mut block: Block,
@@ -561,10 +634,13 @@ impl Ipam<'_> {
         handle: Option<&str>,
         attrs: &Labels,
         affinity_check: Option<&AffinityOf>,
+        handle_hint: &mut HandleHint,
     ) -> Result<Vec<IpNet>, IpamError> {
         for _ in 0..RETRIES {
             let cidr = block.cidr();
-            match self.assign_from_block(block, revision, num, handle, attrs, affinity_check) {
+            let hint = handle_hint.take();
+            match self.assign_from_block(block, revision, num, handle, attrs, affinity_check, hint)
+            {
                 Err(IpamError::Store(StoreError::Conflict { .. })) => {
                     match self.records().block(&cidr)? {
                         Some((b, r)) => (block, revision) = (b, r),
@@ -577,7 +653,9 @@ impl Ipam<'_> {
         Err(IpamError::TooManyConflicts)
     }
 
-    /// One commit: the block with its new allocations and the handle.
+    /// One commit: the block with its new allocations and the handle
+    /// (`hint`: the handle as just read, if it was).
+    #[allow(clippy::too_many_arguments)]
     fn assign_from_block(
         &self,
         mut block: Block,
@@ -586,6 +664,7 @@ impl Ipam<'_> {
         handle: Option<&str>,
         attrs: &Labels,
         affinity_check: Option<&AffinityOf>,
+        hint: Option<Option<(Handle, Revision)>>,
     ) -> Result<Vec<IpNet>, IpamError> {
         if let (Some(want), Some(have)) = (affinity_check, &block.affinity)
             && *have != want.text
@@ -601,7 +680,11 @@ impl Ipam<'_> {
         }
         let mut writes = vec![records::put_block(&mut block, Some(revision))];
         if let Some(h) = handle {
-            writes.extend(self.handle_delta(h, &block.cidr(), ips.len() as isize)?);
+            let current = match hint {
+                Some(read) => read,
+                None => self.records().handle(h)?,
+            };
+            writes.extend(handle_change(h, current, &block.cidr(), ips.len() as isize));
         }
         self.store.commit(&writes)?;
         let prefix = block.cidr().prefix_len();
@@ -618,19 +701,7 @@ impl Ipam<'_> {
         block: &IpNet,
         delta: isize,
     ) -> Result<Option<Write>, IpamError> {
-        let (mut handle, revision) = match self.records().handle(id)? {
-            Some((h, r)) => (h, Some(r)),
-            None if delta <= 0 => return Ok(None),
-            None => (Handle::default(), None),
-        };
-        let key = block.to_string();
-        let n = handle.block.get(&key).copied().unwrap_or(0) as isize + delta;
-        if n <= 0 {
-            handle.block.remove(&key);
-        } else {
-            handle.block.insert(key, n as usize);
-        }
-        Ok(records::write_handle(id, &handle, revision))
+        Ok(handle_change(id, self.records().handle(id)?, block, delta))
     }
 
     fn ips_of_handle_in_family(&self, handle: &str, version: u8) -> Result<Vec<IpNet>, IpamError> {
@@ -646,7 +717,7 @@ impl Ipam<'_> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn find_or_claim_block(
         &self,
-        remaining: &mut VecDeque<IpNet>,
+        remaining: &mut VecDeque<(IpNet, Revision)>,
         pools: &[&Pool],
         min_free: usize,
         allow_new: bool,
@@ -655,13 +726,19 @@ impl Ipam<'_> {
         affinity: &AffinityOf,
     ) -> Result<Found, IpamError> {
         let reserved_ip = |ip| self.cluster.is_reserved(ip);
-        'affine: while let Some(cidr) = remaining.pop_front() {
+        'affine: while let Some((cidr, listed)) = remaining.pop_front() {
             if self.cluster.reserves_whole(&cidr) {
                 continue;
             }
+            // The affinity's revision as listed; after a conflict, as read.
+            let mut known = Some(listed);
             for _ in 0..RETRIES {
-                let Some(aff_rev) = self.records().affinity(&affinity.host, &cidr)? else {
-                    continue 'affine;
+                let aff_rev = match known.take() {
+                    Some(r) => r,
+                    None => match self.records().affinity(&affinity.host, &cidr)? {
+                        Some(r) => r,
+                        None => continue 'affine,
+                    },
                 };
                 match self.records().block(&cidr)? {
                     None => {
@@ -963,6 +1040,7 @@ impl Ipam<'_> {
         host: &str,
         windows: bool,
     ) -> Result<IpNet, IpamError> {
+        let host_blocks = self.records().host_blocks(host, Some(version))?;
         let (pools, affine) = self.prepare(
             requested,
             version,
@@ -970,6 +1048,7 @@ impl Ipam<'_> {
             Some(reserved),
             Use::Workload,
             None,
+            host_blocks,
         )?;
         let (config, _) = self.config_for(windows)?;
         let affinity = AffinityOf::new(host, Use::Workload);

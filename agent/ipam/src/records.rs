@@ -114,14 +114,7 @@ impl<'a> Records<'a> {
 
     /// A handle and its revision.
     pub fn handle(&self, id: &str) -> Result<Option<(Handle, Revision)>, StoreError> {
-        let key = handle_key(id);
-        match self.store.get(&key)? {
-            None => Ok(None),
-            Some(e) => {
-                let h = serde_json::from_slice(&e.value).map_err(|err| corrupt(&key, err))?;
-                Ok(Some((h, e.revision)))
-            }
-        }
+        handle_of(self.store.get(&handle_key(id))?.as_ref())
     }
 
     /// Every handle id with its record.
@@ -151,17 +144,10 @@ impl<'a> Records<'a> {
         host: &str,
         version: Option<u8>,
     ) -> Result<Vec<(IpNet, Revision)>, StoreError> {
-        let mut out = Vec::new();
-        for e in self.store.list(&store::host_prefix(host, version))? {
-            match store::parse_affinity_key(&e.key) {
-                Some((h, cidr)) if h == host => out.push((cidr, e.revision)),
-                // Another host whose name starts with ours plus a slash
-                // cannot exist (names have no slash); anything else here is
-                // not ours to read.
-                _ => {}
-            }
-        }
-        Ok(out)
+        Ok(host_blocks_of(
+            host,
+            &self.store.list(&store::host_prefix(host, version))?,
+        ))
     }
 
     /// Every affinity: host, block and revision.
@@ -179,14 +165,39 @@ impl<'a> Records<'a> {
     /// The IPAM config and its revision (the default when none is stored;
     /// reading never writes).
     pub fn config(&self) -> Result<(Config, Option<Revision>), StoreError> {
-        match self.store.get(store::CONFIG_KEY)? {
-            None => Ok((Config::default(), None)),
-            Some(e) => {
-                let c = serde_json::from_slice(&e.value).map_err(|err| corrupt(&e.key, err))?;
-                Ok((c, Some(e.revision)))
-            }
+        config_of(self.store.get(store::CONFIG_KEY)?.as_ref())
+    }
+}
+
+/// The IPAM config in a read entry (the default when there is none).
+pub fn config_of(e: Option<&Entry>) -> Result<(Config, Option<Revision>), StoreError> {
+    match e {
+        None => Ok((Config::default(), None)),
+        Some(e) => {
+            let c = serde_json::from_slice(&e.value).map_err(|err| corrupt(&e.key, err))?;
+            Ok((c, Some(e.revision)))
         }
     }
+}
+
+/// A handle in a read entry.
+pub fn handle_of(e: Option<&Entry>) -> Result<Option<(Handle, Revision)>, StoreError> {
+    e.map(|e| {
+        let h = serde_json::from_slice(&e.value).map_err(|err| corrupt(&e.key, err))?;
+        Ok((h, e.revision))
+    })
+    .transpose()
+}
+
+/// Affinities in a listing of one host's prefix: block and revision.
+pub fn host_blocks_of(host: &str, entries: &[Entry]) -> Vec<(IpNet, Revision)> {
+    entries
+        .iter()
+        .filter_map(|e| match store::parse_affinity_key(&e.key) {
+            Some((h, cidr)) if h == host => Some((cidr, e.revision)),
+            _ => None,
+        })
+        .collect()
 }
 
 fn parse_block(e: &Entry) -> Result<Block, StoreError> {

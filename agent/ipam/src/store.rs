@@ -94,8 +94,29 @@ pub enum StoreError {
     },
 }
 
+/// One part of a batched read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read<'a> {
+    /// The record at a key (zero or one entry).
+    Key(&'a str),
+    /// Every record under a prefix, in key order.
+    Prefix(&'a str),
+}
+
 /// A compare-and-swap store of IPAM records (see the module documentation).
 pub trait IpamStore: Send + Sync {
+    /// Several reads at once: one round trip where the store can (etcd: one
+    /// read-only transaction, so one revision). The default reads them one
+    /// by one.
+    fn read(&self, reads: &[Read<'_>]) -> Result<Vec<Vec<Entry>>, StoreError> {
+        reads
+            .iter()
+            .map(|r| match r {
+                Read::Key(k) => Ok(self.get(k)?.into_iter().collect()),
+                Read::Prefix(p) => self.list(p),
+            })
+            .collect()
+    }
     /// The record at `key`.
     fn get(&self, key: &str) -> Result<Option<Entry>, StoreError>;
     /// Every record whose key starts with `prefix`, in key order.

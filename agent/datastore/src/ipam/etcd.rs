@@ -31,7 +31,7 @@
 //! ```
 
 use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
-use palisade_ipam::store::{Entry, Expect, IpamStore, StoreError, Write};
+use palisade_ipam::store::{Entry, Expect, IpamStore, Read, StoreError, Write};
 
 use super::holds;
 use crate::EtcdConfig;
@@ -163,7 +163,52 @@ impl EtcdIpamStore {
     }
 }
 
+impl EtcdIpamStore {
+    /// Every read in one read-only transaction (one round trip, one
+    /// revision); a prefix with more than a page of keys is read again
+    /// whole (one attempt).
+    fn read_once(&self, reads: &[Read<'_>]) -> Result<Vec<Vec<Entry>>, StoreError> {
+        let ops: Vec<TxnOp> = reads
+            .iter()
+            .map(|r| match r {
+                Read::Key(k) => TxnOp::get(*k, None),
+                Read::Prefix(p) => TxnOp::get(
+                    *p,
+                    Some(
+                        GetOptions::new()
+                            .with_range(prefix_end(p.as_bytes()))
+                            .with_limit(LIST_PAGE),
+                    ),
+                ),
+            })
+            .collect();
+        let mut client = self.conn.client.clone();
+        let resp = self
+            .conn
+            .runtime
+            .block_on(client.txn(Txn::new().and_then(ops)))
+            .map_err(self.unavailable())?;
+        let mut out = Vec::with_capacity(reads.len());
+        for (r, got) in reads.iter().zip(resp.op_responses()) {
+            let TxnOpResponse::Get(got) = got else {
+                return Err(StoreError::Unavailable(
+                    "etcd answered a read with something else".into(),
+                ));
+            };
+            match r {
+                Read::Prefix(p) if got.more() => out.push(self.list_once(p)?),
+                _ => out.push(got.kvs().iter().map(entry).collect::<Result<_, _>>()?),
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl IpamStore for EtcdIpamStore {
+    fn read(&self, reads: &[Read<'_>]) -> Result<Vec<Vec<Entry>>, StoreError> {
+        retrying(is_unavailable, || self.read_once(reads))
+    }
+
     fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         retrying(is_unavailable, || self.get_once(key))
     }

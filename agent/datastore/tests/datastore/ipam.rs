@@ -207,6 +207,23 @@ fn contract(store: &dyn IpamStore) -> Revision {
         assert!(now > last, "write {i}: {now} after {last}");
         last = now;
     }
+
+    // A batched read answers as the reads one by one would.
+    use palisade_ipam::store::Read;
+    let reads = [
+        Read::Prefix("/t/"),
+        Read::Key("/s"),
+        Read::Key("/missing"),
+        Read::Prefix("/none/"),
+    ];
+    let batched = store.read(&reads).unwrap();
+    let single: Vec<Vec<Entry>> = vec![
+        store.list("/t/").unwrap(),
+        store.get("/s").unwrap().into_iter().collect(),
+        Vec::new(),
+        Vec::new(),
+    ];
+    assert_eq!(batched, single);
     last
 }
 
