@@ -272,6 +272,9 @@ impl Walk {
     }
 }
 
+/// A host's affine blocks with their affinities' revisions.
+type AffineBlocks = Vec<(IpNet, Revision)>;
+
 /// A handle as read ahead of its first write (None inside: no handle yet);
 /// taken by the first commit, later ones read it again.
 type HandleHint = Option<Option<(Handle, Revision)>>;
@@ -377,7 +380,7 @@ impl Ipam<'_> {
         usage: Use,
         namespace: Option<&str>,
         host_blocks: Vec<(IpNet, Revision)>,
-    ) -> Result<(Vec<&Pool>, Vec<(IpNet, Revision)>), IpamError> {
+    ) -> Result<(Vec<&Pool>, AffineBlocks), IpamError> {
         let affinity = AffinityOf::new(host, usage);
         let node = self.cluster.node(host, usage)?;
         let max_prefix = max_prefix_len(version, reserved)?;

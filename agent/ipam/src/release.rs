@@ -214,20 +214,26 @@ impl Ipam<'_> {
 
     /// Calico's `ReleaseByHandle`.
     pub fn release_by_handle(&self, handle: &str) -> Result<(), IpamError> {
-        let (h, _) = self
+        let read = self
             .records()
             .handle(handle)?
             .ok_or_else(|| IpamError::HandleNotFound(handle.to_string()))?;
-        for cidr in h.block.keys() {
-            let Ok(cidr) = cidr.parse::<IpNet>() else {
-                continue;
-            };
-            self.release_handle_in_block(handle, &cidr)?;
+        let blocks: Vec<IpNet> = read.0.block.keys().filter_map(|c| c.parse().ok()).collect();
+        // The handle as read serves the first block's commit; the others
+        // read it again.
+        let mut hint = Some(read);
+        for cidr in blocks {
+            self.release_handle_in_block(handle, &cidr, hint.take())?;
         }
         Ok(())
     }
 
-    fn release_handle_in_block(&self, handle: &str, cidr: &IpNet) -> Result<(), IpamError> {
+    fn release_handle_in_block(
+        &self,
+        handle: &str,
+        cidr: &IpNet,
+        mut hint: Option<(records::Handle, Revision)>,
+    ) -> Result<(), IpamError> {
         for _ in 0..RETRIES {
             let (block, writes) = match self.records().block(cidr)? {
                 None => (None, Vec::new()),
@@ -243,7 +249,11 @@ impl Ipam<'_> {
             // Whatever the handle counted in this block is gone now, so its
             // entry goes whole (this also mends counts a crash left high).
             let mut writes = writes;
-            if let Some((mut h, rev)) = self.records().handle(handle)?
+            let current = match hint.take() {
+                Some(h) => Some(h),
+                None => self.records().handle(handle)?,
+            };
+            if let Some((mut h, rev)) = current
                 && h.block.remove(&cidr.to_string()).is_some()
             {
                 writes.extend(records::write_handle(handle, &h, Some(rev)));
