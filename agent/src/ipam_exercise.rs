@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use palisade_ipam::{AutoAssignArgs, Ipam, Use};
+use palisade_ipam::{AutoAssignArgs, Ipam, IpamCache, Use};
 use serde_json::json;
 
 use crate::store_cmd::StoreArgs;
@@ -69,6 +69,9 @@ fn summary(mut v: Vec<Duration>) -> serde_json::Value {
 }
 
 pub fn run(args: &ExerciseArgs, ipam: &Ipam<'_>) -> Result<()> {
+    // A long-running allocator, as a CNI daemon or the agent would be.
+    let cache = IpamCache::new();
+    let ipam = &ipam.with_cache(&cache);
     let mut journal = Journal(match &args.journal {
         Some(p) => Some(
             std::fs::OpenOptions::new()

@@ -437,19 +437,37 @@ impl Ipam<'_> {
         if let Some(k) = &handle_key {
             reads.push(Read::Key(k));
         }
+        // The blocks this host had last time, read in the same round trip.
+        let cached = self
+            .cache
+            .map(|c| c.blocks(&affinity.host, version))
+            .unwrap_or_default();
+        let cached_keys: Vec<String> = cached.iter().map(crate::store::block_key).collect();
+        let first_cached = reads.len();
+        reads.extend(cached_keys.iter().map(|k| Read::Key(k)));
         let read = match self.store.read(&reads) {
             Ok(r) => r,
             Err(e) => return (None, Some(e.into())),
         };
         let parsed = (|| -> Result<_, StoreError> {
             let (config, _) = records::config_of(read[1].first())?;
-            let handle = match read.get(2) {
-                Some(e) => records::handle_of(e.first())?,
-                None => None,
+            let handle = match (&handle_key, read.get(2)) {
+                (Some(_), Some(e)) => records::handle_of(e.first())?,
+                _ => None,
             };
-            Ok((config, handle))
+            let mut prefetched = BTreeMap::new();
+            for (cidr, got) in cached.iter().zip(&read[first_cached..]) {
+                if let Some(e) = got.first() {
+                    let b = Block::from_json(&e.value).map_err(|m| StoreError::Corrupt {
+                        key: e.key.clone(),
+                        message: m,
+                    })?;
+                    prefetched.insert(*cidr, (b, e.revision));
+                }
+            }
+            Ok((config, handle, prefetched))
         })();
-        let (config, handle_read) = match parsed {
+        let (config, handle_read, mut prefetched) = match parsed {
             Ok(p) => p,
             Err(e) => return (None, Some(e.into())),
         };
@@ -466,6 +484,13 @@ impl Ipam<'_> {
             Ok(p) => p,
             Err(e) => return (None, Some(e)),
         };
+        if let Some(c) = self.cache {
+            c.remember(
+                &affinity.host,
+                version,
+                affine.iter().map(|(b, _)| *b).collect(),
+            );
+        }
         let mut owned = affine.len() as u32;
         if args.windows && !config.strict_affinity {
             return (None, Some(IpamError::StrictAffinityRequired));
@@ -506,6 +531,7 @@ impl Ipam<'_> {
             let allow_new = owned < limit;
             let found = self.find_or_claim_block(
                 &mut remaining,
+                &mut prefetched,
                 &pools,
                 1,
                 allow_new,
@@ -721,6 +747,7 @@ impl Ipam<'_> {
     pub(crate) fn find_or_claim_block(
         &self,
         remaining: &mut VecDeque<(IpNet, Revision)>,
+        prefetched: &mut BTreeMap<IpNet, (Block, Revision)>,
         pools: &[&Pool],
         min_free: usize,
         allow_new: bool,
@@ -743,7 +770,12 @@ impl Ipam<'_> {
                         None => continue 'affine,
                     },
                 };
-                match self.records().block(&cidr)? {
+                // Read with the affinities, if it was; else now.
+                let current = match prefetched.remove(&cidr) {
+                    Some(found) => Some(found),
+                    None => self.records().block(&cidr)?,
+                };
+                match current {
                     None => {
                         // An affinity whose block is gone: make the block.
                         match self.create_block(&cidr, affinity, Some(aff_rev), reserved) {
@@ -1057,6 +1089,7 @@ impl Ipam<'_> {
         let affinity = AffinityOf::new(host, Use::Workload);
         let found = self.find_or_claim_block(
             &mut affine.into(),
+            &mut BTreeMap::new(),
             &pools,
             0,
             true,

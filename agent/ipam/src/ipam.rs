@@ -66,12 +66,45 @@ impl Env for FixedEnv {
     }
 }
 
+/// What a long-running allocator remembers between requests: each host's
+/// affine blocks, so the next request reads them together with the
+/// affinities (one round trip) instead of after them. Only a hint: the
+/// affinities read in the same round trip decide, and every write is
+/// compared.
+#[derive(Debug, Default)]
+pub struct IpamCache {
+    blocks: Mutex<std::collections::BTreeMap<(String, u8), Vec<IpNet>>>,
+}
+
+impl IpamCache {
+    /// Blocks prefetched per request at most.
+    const PREFETCH: usize = 4;
+
+    /// An empty cache.
+    pub fn new() -> IpamCache {
+        IpamCache::default()
+    }
+
+    pub(crate) fn blocks(&self, host: &str, version: u8) -> Vec<IpNet> {
+        let g = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(&(host.to_string(), version))
+            .map(|v| v.iter().take(Self::PREFETCH).copied().collect())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn remember(&self, host: &str, version: u8, blocks: Vec<IpNet>) {
+        let mut g = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        g.insert((host.to_string(), version), blocks);
+    }
+}
+
 /// The IPAM client (see the crate documentation).
 #[derive(Clone, Copy)]
 pub struct Ipam<'a> {
     pub(crate) store: &'a dyn IpamStore,
     pub(crate) cluster: &'a Cluster,
     pub(crate) env: &'a dyn Env,
+    pub(crate) cache: Option<&'a IpamCache>,
 }
 
 impl std::fmt::Debug for Ipam<'_> {
@@ -89,6 +122,16 @@ impl<'a> Ipam<'a> {
             store,
             cluster,
             env,
+            cache: None,
+        }
+    }
+
+    /// The same client remembering hosts' blocks in `cache` between
+    /// requests (for processes that allocate many times).
+    pub fn with_cache(self, cache: &'a IpamCache) -> Ipam<'a> {
+        Ipam {
+            cache: Some(cache),
+            ..self
         }
     }
 

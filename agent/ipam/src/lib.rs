@@ -46,7 +46,7 @@ pub use assign::{AssignIpArgs, Assignments, AutoAssignArgs, AutoAssigned, Ensure
 pub use block::{HostReserved, Release};
 pub use cluster::Cluster;
 pub use error::IpamError;
-pub use ipam::{Env, FixedEnv, Ipam};
+pub use ipam::{Env, FixedEnv, Ipam, IpamCache};
 pub use pool::{Pool, Use};
 pub use records::Config;
 pub use release::{PoolUse, ReleaseOutcome};

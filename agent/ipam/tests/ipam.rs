@@ -169,7 +169,10 @@ fn threads_sharing_a_store_never_share_an_address() {
         for t in 0..4u64 {
             let (c, store, env, given) = (&c, &store, &env, &given);
             s.spawn(move || {
-                let ipam = Ipam::new(store, c, env);
+                // Each thread remembers its hosts' blocks, as a long-running
+                // allocator process does; the others' writes make it stale.
+                let cache = palisade_ipam::IpamCache::new();
+                let ipam = Ipam::new(store, c, env).with_cache(&cache);
                 let mut rng = Rng(0x1234_5678 + t);
                 let host = hosts[(t % 2) as usize];
                 let mut mine: Vec<String> = Vec::new();

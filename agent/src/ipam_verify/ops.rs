@@ -26,6 +26,9 @@ pub struct Run<'s> {
     cluster: Cluster,
     refused: BTreeMap<String, IpamError>,
     env: FixedEnv,
+    /// Hosts' blocks remembered across steps: the corpus also checks that
+    /// a stale hint never changes an outcome.
+    cache: palisade_ipam::IpamCache,
     local_host: String,
     pub saved: BTreeMap<String, Value>,
 }
@@ -101,6 +104,7 @@ impl<'s> Run<'s> {
             cluster,
             refused,
             env: FixedEnv::new(Duration::from_secs(1_800_000_000), 0x5eed),
+            cache: palisade_ipam::IpamCache::new(),
             local_host: s(doc, "localHostname").unwrap_or("local-host").to_string(),
             saved: BTreeMap::new(),
         };
@@ -118,7 +122,7 @@ impl<'s> Run<'s> {
     }
 
     fn ipam(&self) -> Ipam<'_> {
-        Ipam::new(self.store, &self.cluster, &self.env)
+        Ipam::new(self.store, &self.cluster, &self.env).with_cache(&self.cache)
     }
 
     fn host(&self, args: &Value) -> String {
