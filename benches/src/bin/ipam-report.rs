@@ -203,7 +203,10 @@ fn main() -> Result<()> {
         md,
         "| store | allocators | ops/s | assign p50 | assign p99 | release p50 | release p99 | floor p50 | floor p99 | one read p50 | assign p50 / floor p50 |"
     )?;
-    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
     for kind in ["embedded", "etcd"] {
         for n in [1usize, 2, 8] {
             let state = dir.join(format!("state-{kind}-{n}"));

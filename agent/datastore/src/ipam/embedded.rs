@@ -11,10 +11,11 @@
 //!   across processes with byte-range locks on the file (open file
 //!   description locks, so two handles of one process exclude each other as
 //!   two processes do) and lets every reader see the last commit. A writer
-//!   waits for the one in progress with short backoff for up to
-//!   [`BUSY_FOR`], then fails with `Unavailable`; so does an open while a
-//!   process that opened the file in another mode holds it. Every process
-//!   sharing the file must use this type (or redb 5's `MultiWriter` mode).
+//!   waits for the one in progress on the lock itself (the kernel queues
+//!   waiters; a dead writer's lock goes with its file); an open waits with
+//!   backoff, for up to [`BUSY_FOR`], while a process that opened the file
+//!   in another mode holds it. Every process sharing the file must use this
+//!   type (or redb 5's `MultiWriter` mode).
 //!
 //! ```
 //! use palisade_datastore::EmbeddedIpamStore;
@@ -47,7 +48,7 @@ use std::time::{Duration, Instant};
 use palisade_ipam::store::{Entry, IpamStore, StoreError, Write};
 use redb::{
     ConcurrencyMode, Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition,
-    TableError, TransactionError, WriteTransaction,
+    TableError, WriteTransaction,
 };
 
 use super::holds;
@@ -61,8 +62,8 @@ const META_NAME: &str = "ipam_meta";
 /// The last revision a commit took.
 const REVISION: &str = "revision";
 
-/// How long an open or a commit waits for other processes' handles or
-/// write transactions before it fails with `Unavailable`.
+/// How long an open waits for a process holding the file in another mode
+/// before it fails with `Unavailable`.
 pub const BUSY_FOR: Duration = Duration::from_secs(10);
 
 /// The longest pause between two attempts while the file is busy.
@@ -148,27 +149,14 @@ impl EmbeddedIpamStore {
         &self.path
     }
 
-    /// The write transaction, once no other handle has one (for up to
-    /// [`BUSY_FOR`]).
+    /// The write transaction, once no other handle has one. The wait is
+    /// the kernel's (a blocking byte-range lock), so waiting writers are
+    /// served in turn instead of polling; a writer that dies releases the
+    /// lock with its file.
     fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
-        let deadline = Instant::now() + BUSY_FOR;
-        let mut wait = Duration::from_micros(100);
-        loop {
-            match self.db.try_begin_write() {
-                Ok(txn) => return Ok(txn),
-                Err(TransactionError::WouldBlock) if Instant::now() < deadline => {
-                    backoff(&mut wait);
-                }
-                Err(TransactionError::WouldBlock) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "{}: another writer held the file for {}s",
-                        self.path.display(),
-                        BUSY_FOR.as_secs()
-                    )));
-                }
-                Err(e) => return Err(failed(&self.path, &self.path.display().to_string(), e)),
-            }
-        }
+        self.db
+            .begin_write()
+            .map_err(|e| failed(&self.path, &self.path.display().to_string(), e))
     }
 
     /// Checks every expectation of `writes` in `txn` and writes them at the
