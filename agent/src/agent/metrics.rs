@@ -41,6 +41,29 @@ pub struct StatisticLabel {
     pub statistic: String,
 }
 
+/// An IP pool and a state of its addresses.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolStateLabel {
+    /// The pool's name.
+    pub pool: String,
+    /// `size`, `in_use` or `free`.
+    pub state: String,
+}
+
+/// An IP pool.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    /// The pool's name.
+    pub pool: String,
+}
+
+/// A node.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    /// The node's name.
+    pub node: String,
+}
+
 /// Every metric the agent exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -92,6 +115,14 @@ pub struct Metrics {
     pub cpu_seconds: Gauge<f64, AtomicU64>,
     /// The agent's resident memory.
     pub resident_memory_bytes: Gauge,
+    /// IP pool addresses: size, in use, free.
+    pub ipam_pool_addresses: Family<PoolStateLabel, Gauge<i64>>,
+    /// Allocation blocks per pool.
+    pub ipam_pool_blocks: Family<PoolLabel, Gauge>,
+    /// Allocation blocks affine to each node.
+    pub ipam_node_blocks: Family<NodeLabel, Gauge>,
+    /// IPAM reads that failed (the gauges keep their last values).
+    pub ipam_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -130,6 +161,10 @@ impl Metrics {
             policies: Gauge::default(),
             cpu_seconds: Gauge::default(),
             resident_memory_bytes: Gauge::default(),
+            ipam_pool_addresses: Family::default(),
+            ipam_pool_blocks: Family::default(),
+            ipam_node_blocks: Family::default(),
+            ipam_errors: Counter::default(),
         };
         macro_rules! register {
             ($($name:literal, $help:literal, $field:ident;)*) => {
@@ -160,6 +195,10 @@ impl Metrics {
             "policies", "Policies in force", policies;
             "agent_cpu_seconds", "The agent's CPU time, user and system", cpu_seconds;
             "agent_resident_memory_bytes", "The agent's resident memory", resident_memory_bytes;
+            "ipam_pool_addresses", "IP pool addresses by state: size, in_use, free (not reserved, in blocks or not)", ipam_pool_addresses;
+            "ipam_pool_blocks", "Allocation blocks per IP pool", ipam_pool_blocks;
+            "ipam_node_blocks", "Allocation blocks affine to each node", ipam_node_blocks;
+            "ipam_errors", "IPAM reads that failed (the IPAM gauges keep their last values)", ipam_errors;
         }
         Metrics { registry, ..m }
     }

@@ -24,6 +24,7 @@
 //! `metrics.rs`, `status.rs`; the writer loop is here.
 
 mod http;
+mod ipam;
 pub mod metrics;
 mod publish;
 pub mod status;
@@ -73,6 +74,10 @@ pub struct AgentArgs {
     /// Seconds between conntrack sweeps.
     #[arg(long, default_value_t = 10)]
     pub conntrack_sweep_seconds: u64,
+    /// Seconds between reads of the IPAM records for the pool headroom
+    /// metrics (0: not read).
+    #[arg(long, default_value_t = 15)]
+    pub ipam_metrics_seconds: u64,
     /// Log filter (tracing's syntax: `info`, `palisade=debug`, ...).
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -98,6 +103,8 @@ enum Input {
 pub struct Shared {
     /// The metrics.
     pub metrics: Metrics,
+    /// The IPAM objects seen (for the pool headroom metrics).
+    pub ipam: ipam::IpamView,
     status: Mutex<Status>,
     /// The writer's last sign of life (seconds since the epoch).
     heartbeat: AtomicU64,
@@ -113,6 +120,7 @@ impl Shared {
     fn new(status: Status) -> Self {
         Shared {
             metrics: Metrics::new(),
+            ipam: ipam::IpamView::default(),
             status: Mutex::new(status),
             heartbeat: AtomicU64::new(now_s()),
         }
@@ -186,6 +194,14 @@ pub fn run(args: AgentArgs) -> Result<()> {
         .with_context(|| format!("listening on {}", args.metrics_addr))?;
     let (tx, rx) = std::sync::mpsc::channel();
     spawn_watcher(&args, tx.clone())?;
+    if args.ipam_metrics_seconds > 0 {
+        ipam::spawn(
+            args.store.clone(),
+            Duration::from_secs(args.ipam_metrics_seconds),
+            shared.clone(),
+        )
+        .context("starting the IPAM metrics thread")?;
+    }
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let writer = {
         let shared = shared.clone();
@@ -247,6 +263,7 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
             match input {
                 Input::Changes(c, at) => {
                     count_events(shared, &c);
+                    shared.ipam.changes(&c);
                     batch.extend(c);
                     arrived.get_or_insert(at);
                 }
@@ -270,6 +287,7 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
                             shared.metrics.datastore_connected.set(0);
                         }
                         Input::Listing(snapshot, at) => {
+                            shared.ipam.listing(&snapshot);
                             listing(&mut node, shared, &snapshot, at, &mut seen)?;
                         }
                         Input::Resumed(after) => {

@@ -66,6 +66,8 @@ impl Agent {
             "127.0.0.1:9091",
             "--conntrack-sweep-seconds",
             "2",
+            "--ipam-metrics-seconds",
+            "1",
         ];
         Agent::spawn_spec(AgentSpec {
             nsenter: Some(netns.to_string()),
@@ -456,6 +458,52 @@ fn the_agent_enforces_the_embedded_store_through_changes_faults_and_restarts() {
     assert!(connect(reporting, api_addr).is_none(), "still denied");
     let (_, metrics) = agent.get("/metrics").unwrap();
     assert!(metrics.contains("palisade_rejected_objects 1"), "{metrics}");
+
+    // Pool headroom: a pool applied and an address assigned show in the
+    // agent's IPAM gauges.
+    let pool = dir.join("pool.yaml");
+    std::fs::write(
+        &pool,
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: frontend}\n\
+         spec: {cidr: 10.10.0.0/16, vxlanMode: Always, natOutgoing: true}\n---\n\
+         apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: node-a}\n",
+    )
+    .unwrap();
+    store(&state, &["apply", "-f", pool.to_str().unwrap()]).unwrap();
+    let out = palisade()
+        .args([
+            "ipam",
+            "assign",
+            "--node",
+            "node-a",
+            "--handle",
+            "h1",
+            "--state-dir",
+        ])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = [
+        "palisade_ipam_pool_addresses{pool=\"frontend\",state=\"in_use\"} 1",
+        "palisade_ipam_pool_addresses{pool=\"frontend\",state=\"size\"} 65536",
+        "palisade_ipam_pool_addresses{pool=\"frontend\",state=\"free\"} 65535",
+        "palisade_ipam_pool_blocks{pool=\"frontend\"} 1",
+        "palisade_ipam_node_blocks{node=\"node-a\"} 1",
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, metrics) = agent.get("/metrics").unwrap();
+        if want.iter().all(|w| metrics.contains(w)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     // It is no obstacle to repairing it.
     let revision = store(&state, &["delete", "globalnetworkpolicies", "sneaky"]).unwrap();
     agent.wait_revision(revision);
