@@ -33,6 +33,7 @@
 
 pub mod conformance;
 pub mod etcd;
+pub mod ipam_conformance;
 pub mod testgen;
 
 #[cfg(feature = "bpf")]

@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
 use ipnet::IpNet;
 use palisade_ipam::block::Block;
 use palisade_ipam::cluster::{Labels, family};
@@ -85,8 +84,18 @@ pub fn assignment_json(a: &Assignments) -> Value {
     })
 }
 
+impl std::fmt::Debug for Run<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run")
+            .field("local_host", &self.local_host)
+            .field("saved", &self.saved)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<'s> Run<'s> {
-    pub fn new(doc: &Value, store: &'s dyn IpamStore) -> Result<Self> {
+    /// A scenario on an empty `store`: its config, nodes and objects loaded.
+    pub fn new(doc: &Value, store: &'s dyn IpamStore) -> Result<Self, String> {
         let mut objects = Objects::default();
         for n in doc["nodes"].as_array().into_iter().flatten() {
             objects.nodes.insert(
@@ -115,7 +124,7 @@ impl<'s> Run<'s> {
                 max_blocks_per_host: c["maxBlocksPerHost"].as_u64().unwrap_or(0) as u32,
             };
             if config != Config::default() {
-                run.ipam().set_config(config)?;
+                run.ipam().set_config(config).map_err(|e| e.to_string())?;
             }
         }
         Ok(run)
