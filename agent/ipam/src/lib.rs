@@ -31,6 +31,7 @@
 pub mod assign;
 pub mod block;
 pub mod check;
+pub mod claim;
 pub mod cluster;
 pub mod cni;
 pub mod error;

@@ -8,7 +8,9 @@ use ipnet::IpNet;
 use palisade_ipam::IpamError;
 use serde_json::Value;
 
-use super::ops::{Outcome, Run};
+use palisade_ipam::block::Block;
+
+use super::Outcome;
 
 /// Resolves one `$…` reference; None when `text` is not one.
 fn lookup(text: &str, saved: &BTreeMap<String, Value>) -> Result<Option<Value>, String> {
@@ -191,7 +193,7 @@ impl<'a> Checked<'a> {
         op: &str,
         expect: &Value,
         saved: &BTreeMap<String, Value>,
-        run: &Run,
+        blocks: &dyn Fn() -> Vec<Block>,
     ) -> Result<(), String> {
         let Some(map) = expect.as_object() else {
             return Ok(());
@@ -200,7 +202,7 @@ impl<'a> Checked<'a> {
             match (op, k.as_str()) {
                 (_, "error") => self.check_error(want)?,
                 ("autoAssign", "v4" | "v6") => {
-                    self.check_assignment(k, want, &self.field(k), saved, run)?
+                    self.check_assignment(k, want, &self.field(k), saved, blocks)?
                 }
                 (_, "withinSeconds") => {
                     let limit = want.as_f64().unwrap_or(f64::MAX);
@@ -477,7 +479,7 @@ impl<'a> Checked<'a> {
         want: &Value,
         got: &Value,
         saved: &BTreeMap<String, Value>,
-        run: &Run,
+        blocks: &dyn Fn() -> Vec<Block>,
     ) -> Result<(), String> {
         if want.is_null() {
             return if got.is_null() {
@@ -558,8 +560,7 @@ impl<'a> Checked<'a> {
                 "blockReservedHandle" => {
                     let handle = w.as_str().unwrap_or("");
                     for ip in &ips {
-                        let block = run
-                            .blocks()
+                        let block = blocks()
                             .into_iter()
                             .find(|b| b.cidr().contains(ip))
                             .ok_or(format!("{what}: no block holds {ip}"))?;

@@ -16,6 +16,21 @@ use serde_json::Value;
 
 pub use ops::Run;
 
+/// An op's outcome: its error, its reported fields and its saveable values.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// IPAM's error.
+    pub error: Option<IpamError>,
+    /// An error that is not IPAM's own: its kind and text.
+    pub text_error: Option<(&'static str, String)>,
+    /// Reported fields, as expectations name them.
+    pub fields: BTreeMap<&'static str, Value>,
+    /// Values a step can save.
+    pub values: BTreeMap<&'static str, Value>,
+    /// How long the op took.
+    pub elapsed: std::time::Duration,
+}
+
 /// Whether a JSON document is an IPAM scenario.
 pub fn is_scenario(doc: &Value) -> bool {
     doc.get("steps").is_some_and(Value::is_array) && doc.get("source").is_some()

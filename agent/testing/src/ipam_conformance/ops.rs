@@ -15,8 +15,8 @@ use palisade_ipam::{
 };
 use serde_json::{Value, json};
 
-use super::Objects;
 use super::expect::{self, Checked};
+use super::{Objects, Outcome};
 
 /// A scenario being run.
 pub struct Run<'s> {
@@ -154,7 +154,7 @@ impl<'s> Run<'s> {
         let mut got = self.run_op(op, &args)?;
         got.elapsed = started.elapsed();
         let checked = Checked::new(&got, &self.refused);
-        checked.check(op, &expect, &self.saved, self)?;
+        checked.check(op, &expect, &self.saved, &|| self.blocks())?;
         if let Some(save) = step.get("save").and_then(Value::as_object) {
             for (field, var) in save {
                 let value = got.values.get(field.as_str()).cloned().ok_or_else(|| {
@@ -695,17 +695,6 @@ impl<'s> Run<'s> {
             .map(|v| v.into_iter().map(|(b, _)| b).collect())
             .unwrap_or_default()
     }
-}
-
-/// An op's outcome: its error, its reported fields and its saveable values.
-#[derive(Default)]
-pub struct Outcome {
-    pub error: Option<IpamError>,
-    /// An error that is not IPAM's own: its kind and text.
-    pub text_error: Option<(&'static str, String)>,
-    pub fields: BTreeMap<&'static str, Value>,
-    pub values: BTreeMap<&'static str, Value>,
-    pub elapsed: Duration,
 }
 
 fn failed_exit(e: &Option<(&'static str, String)>) -> bool {
