@@ -1,44 +1,93 @@
-//! Pool headroom for Prometheus, because when a pool runs out every new pod
-//! fails: per pool its size, addresses in use and free, and its blocks;
-//! per node its blocks. The writer keeps the IPAM objects it is fed (pools,
-//! reservations, nodes) in [`IpamView`]; a thread reads the IPAM records
-//! every `--ipam-metrics-seconds` and sets the gauges.
+//! IPAM in the agent. Pool headroom for Prometheus, because when a pool
+//! runs out every new pod fails: per pool its size, addresses in use and
+//! free, and its blocks; per node its blocks. And, where enabled (one node
+//! is enough; several are safe), garbage collection as Calico's
+//! kube-controllers run it: addresses of pods that are gone, once older
+//! than the grace period; blocks of deleted nodes once empty.
+//!
+//! The writer keeps what IPAM reads of the datastore (pools, reservations,
+//! nodes, and which pods exist) in [`IpamView`]; a thread reads the IPAM
+//! records every `--ipam-metrics-seconds`, sets the gauges, and collects
+//! every `--ipam-gc-seconds`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use palisade_datastore::{Snapshot, StoreChange, StoredObject, SystemEnv, kinds, resources};
+use palisade_ipam::gc::Live;
 use palisade_ipam::{Cluster, Ipam};
 
 use super::Shared;
 use super::metrics::{NodeLabel, PoolLabel, PoolStateLabel};
 use crate::store_cmd::StoreArgs;
 
-/// The IPAM objects of the datastore, as the writer last saw them.
+/// What IPAM reads of the datastore, as the writer last saw it.
 #[derive(Debug, Default)]
 pub struct IpamView {
-    objects: Mutex<BTreeMap<String, StoredObject>>,
+    inner: Mutex<Seen>,
 }
 
-fn is_ipam(o: &StoredObject) -> bool {
-    kinds::document_ref(&o.document).is_some_and(|(info, _)| !info.policy)
+#[derive(Debug, Default)]
+struct Seen {
+    /// Pools, reservations, nodes and namespaces, by key.
+    objects: BTreeMap<String, StoredObject>,
+    /// Pods (and workload endpoints, by their pod), by key.
+    pods: BTreeMap<String, (String, String)>,
+    /// Whether a complete listing was seen (before it, nothing is known to
+    /// be gone).
+    listed: bool,
+}
+
+/// What an object is to IPAM: cluster input, a pod, or nothing.
+fn classify(o: &StoredObject) -> (bool, Option<(String, String)>) {
+    let Some((info, r)) = kinds::document_ref(&o.document) else {
+        return (false, None);
+    };
+    let namespace = r.namespace.clone().unwrap_or_default();
+    match info.kind {
+        "Pod" => (false, Some((namespace, r.name))),
+        // A workload endpoint stands for the pod it names.
+        "WorkloadEndpoint" => {
+            let pod = o.document["spec"]["pod"]
+                .as_str()
+                .unwrap_or(&r.name)
+                .to_string();
+            (false, Some((namespace, pod)))
+        }
+        "Namespace" => (true, None),
+        _ => (!info.policy, None),
+    }
+}
+
+impl Seen {
+    fn put(&mut self, o: &StoredObject) {
+        let (input, pod) = classify(o);
+        if input {
+            self.objects.insert(o.key.clone(), o.clone());
+        }
+        if let Some(p) = pod {
+            self.pods.insert(o.key.clone(), p);
+        }
+    }
 }
 
 impl IpamView {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, StoredObject>> {
-        // A map of documents is whole whatever a panicking holder did.
-        self.objects.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Seen> {
+        // Maps of documents are whole whatever a panicking holder did.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A complete listing replaces what was seen.
     pub fn listing(&self, snapshot: &Snapshot) {
-        *self.lock() = snapshot
-            .objects
-            .iter()
-            .filter(|o| is_ipam(o))
-            .map(|o| (o.key.clone(), o.clone()))
-            .collect();
+        let mut seen = Seen {
+            listed: true,
+            ..Seen::default()
+        };
+        for o in &snapshot.objects {
+            seen.put(o);
+        }
+        *self.lock() = seen;
     }
 
     /// Changes after it.
@@ -46,12 +95,10 @@ impl IpamView {
         let mut g = self.lock();
         for c in changes {
             match c {
-                StoreChange::Put(o) if is_ipam(o) => {
-                    g.insert(o.key.clone(), o.clone());
-                }
-                StoreChange::Put(_) => {}
+                StoreChange::Put(o) => g.put(o),
                 StoreChange::Deleted { key, .. } => {
-                    g.remove(key);
+                    g.objects.remove(key);
+                    g.pods.remove(key);
                 }
             }
         }
@@ -59,7 +106,16 @@ impl IpamView {
 
     /// The cluster IPAM reads.
     pub fn cluster(&self) -> Cluster {
-        resources::cluster(self.lock().values())
+        resources::cluster(self.lock().objects.values())
+    }
+
+    /// What exists, once a complete listing was seen.
+    pub fn live(&self, cluster: &Cluster) -> Option<Live> {
+        let g = self.lock();
+        g.listed.then(|| Live {
+            pods: g.pods.values().cloned().collect(),
+            nodes: cluster.nodes.keys().cloned().collect(),
+        })
     }
 }
 
@@ -105,13 +161,52 @@ fn refresh(ipam: &Ipam<'_>, shared: &Shared) -> Result<(), palisade_ipam::IpamEr
     Ok(())
 }
 
-/// Starts the thread that refreshes the IPAM gauges every `every`; a store
-/// that cannot be opened or read is retried next time (and counted).
-pub fn spawn(store: StoreArgs, every: Duration, shared: Arc<Shared>) -> std::io::Result<()> {
+/// How often the IPAM thread reads, and whether it collects.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    /// Between refreshes of the gauges.
+    pub metrics: Duration,
+    /// Between collections (None: this agent does not collect).
+    pub gc: Option<Duration>,
+    /// Addresses younger than this are not collected.
+    pub grace: Duration,
+}
+
+/// One collection, logged and counted.
+fn collect(ipam: &Ipam<'_>, live: &Live, grace: Duration, shared: &Shared) {
+    match ipam.collect(live, grace) {
+        Ok((done, _)) => {
+            let m = &shared.metrics;
+            m.ipam_gc_released.inc_by(done.released as u64);
+            m.ipam_gc_blocks_released
+                .inc_by(done.blocks_released as u64);
+            if done != Default::default() {
+                tracing::info!(
+                    released = done.released,
+                    waiting = done.waiting,
+                    blocks_released = done.blocks_released,
+                    handles_mended = done.handles_mended,
+                    affinities_mended = done.affinities_mended,
+                    "IPAM garbage collected"
+                );
+            }
+        }
+        Err(e) => {
+            shared.metrics.ipam_errors.inc();
+            tracing::warn!(error = %e, "IPAM garbage collection");
+        }
+    }
+}
+
+/// Starts the thread that refreshes the IPAM gauges (and collects, if
+/// scheduled); a store that cannot be opened or read is retried next time
+/// (and counted).
+pub fn spawn(store: StoreArgs, schedule: Schedule, shared: Arc<Shared>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("ipam-metrics".into())
         .spawn(move || {
             let mut records = None;
+            let mut last_gc = std::time::Instant::now();
             loop {
                 if records.is_none() {
                     match crate::ipam_cmd::open_ipam_store(&store) {
@@ -125,12 +220,20 @@ pub fn spawn(store: StoreArgs, every: Duration, shared: Arc<Shared>) -> std::io:
                 if let Some(r) = &records {
                     let cluster = shared.ipam.cluster();
                     let env = SystemEnv;
-                    if let Err(e) = refresh(&Ipam::new(r.as_ref(), &cluster, &env), &shared) {
+                    let ipam = Ipam::new(r.as_ref(), &cluster, &env);
+                    if let Some(every) = schedule.gc
+                        && last_gc.elapsed() >= every
+                        && let Some(live) = shared.ipam.live(&cluster)
+                    {
+                        last_gc = std::time::Instant::now();
+                        collect(&ipam, &live, schedule.grace, &shared);
+                    }
+                    if let Err(e) = refresh(&ipam, &shared) {
                         shared.metrics.ipam_errors.inc();
                         tracing::warn!(error = %e, "IPAM metrics");
                     }
                 }
-                std::thread::sleep(every);
+                std::thread::sleep(schedule.metrics);
             }
         })
         .map(|_| ())

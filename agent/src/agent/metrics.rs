@@ -123,6 +123,10 @@ pub struct Metrics {
     pub ipam_node_blocks: Family<NodeLabel, Gauge>,
     /// IPAM reads that failed (the gauges keep their last values).
     pub ipam_errors: Counter,
+    /// Leaked addresses garbage collection released.
+    pub ipam_gc_released: Counter,
+    /// Blocks of deleted nodes garbage collection released.
+    pub ipam_gc_blocks_released: Counter,
 }
 
 impl Default for Metrics {
@@ -165,6 +169,8 @@ impl Metrics {
             ipam_pool_blocks: Family::default(),
             ipam_node_blocks: Family::default(),
             ipam_errors: Counter::default(),
+            ipam_gc_released: Counter::default(),
+            ipam_gc_blocks_released: Counter::default(),
         };
         macro_rules! register {
             ($($name:literal, $help:literal, $field:ident;)*) => {
@@ -199,6 +205,8 @@ impl Metrics {
             "ipam_pool_blocks", "Allocation blocks per IP pool", ipam_pool_blocks;
             "ipam_node_blocks", "Allocation blocks affine to each node", ipam_node_blocks;
             "ipam_errors", "IPAM reads that failed (the IPAM gauges keep their last values)", ipam_errors;
+            "ipam_gc_released", "Leaked addresses (their pod or node gone) released by garbage collection", ipam_gc_released;
+            "ipam_gc_blocks_released", "Blocks of deleted nodes released by garbage collection", ipam_gc_blocks_released;
         }
         Metrics { registry, ..m }
     }

@@ -78,6 +78,14 @@ pub struct AgentArgs {
     /// metrics (0: not read).
     #[arg(long, default_value_t = 15)]
     pub ipam_metrics_seconds: u64,
+    /// Seconds between IPAM garbage collections by this agent (0: none;
+    /// one node collecting is enough, several are safe).
+    #[arg(long, default_value_t = 0)]
+    pub ipam_gc_seconds: u64,
+    /// Addresses younger than this are never collected: their pod may not
+    /// be in the datastore yet.
+    #[arg(long, default_value_t = 900)]
+    pub ipam_gc_grace_seconds: u64,
     /// Log filter (tracing's syntax: `info`, `palisade=debug`, ...).
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -194,13 +202,19 @@ pub fn run(args: AgentArgs) -> Result<()> {
         .with_context(|| format!("listening on {}", args.metrics_addr))?;
     let (tx, rx) = std::sync::mpsc::channel();
     spawn_watcher(&args, tx.clone())?;
-    if args.ipam_metrics_seconds > 0 {
-        ipam::spawn(
-            args.store.clone(),
-            Duration::from_secs(args.ipam_metrics_seconds),
-            shared.clone(),
-        )
-        .context("starting the IPAM metrics thread")?;
+    if args.ipam_metrics_seconds > 0 || args.ipam_gc_seconds > 0 {
+        let every = |s: u64| Duration::from_secs(s.max(1));
+        let schedule = ipam::Schedule {
+            metrics: every(if args.ipam_metrics_seconds > 0 {
+                args.ipam_metrics_seconds
+            } else {
+                args.ipam_gc_seconds
+            }),
+            gc: (args.ipam_gc_seconds > 0).then(|| every(args.ipam_gc_seconds)),
+            grace: Duration::from_secs(args.ipam_gc_grace_seconds),
+        };
+        ipam::spawn(args.store.clone(), schedule, shared.clone())
+            .context("starting the IPAM thread")?;
     }
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let writer = {

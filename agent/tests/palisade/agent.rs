@@ -68,6 +68,10 @@ impl Agent {
             "2",
             "--ipam-metrics-seconds",
             "1",
+            "--ipam-gc-seconds",
+            "1",
+            "--ipam-gc-grace-seconds",
+            "0",
         ];
         Agent::spawn_spec(AgentSpec {
             nsenter: Some(netns.to_string()),
@@ -488,7 +492,22 @@ fn the_agent_enforces_the_embedded_store_through_changes_faults_and_restarts() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // An address whose pod does not exist: the agent's collection frees it
+    // (this agent collects, with no grace period); h1 names no owner and
+    // stays.
+    let out = palisade()
+        .args(["ipam", "assign", "--node", "node-a", "--handle", "ghost"])
+        .args(["--pod", "shop-frontend/ghost", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let want = [
+        "palisade_ipam_gc_released_total 1",
         "palisade_ipam_pool_addresses{pool=\"frontend\",state=\"in_use\"} 1",
         "palisade_ipam_pool_addresses{pool=\"frontend\",state=\"size\"} 65536",
         "palisade_ipam_pool_addresses{pool=\"frontend\",state=\"free\"} 65535",
