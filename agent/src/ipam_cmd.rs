@@ -137,15 +137,23 @@ pub fn cluster_of(args: &StoreArgs) -> Result<(Cluster, Live)> {
     }
     .with_context(|| format!("reading {}", args.describe()))?;
     let cluster = resources::cluster(&snapshot.objects);
+    // A workload endpoint stands for the pod it names.
     let pods = snapshot
         .objects
         .iter()
-        .filter(|o| o.object.kind == "Pod" || o.object.kind == "WorkloadEndpoint")
-        .map(|o| {
-            (
-                o.object.namespace.clone().unwrap_or_default(),
-                o.object.name.clone(),
-            )
+        .filter_map(|o| {
+            let namespace = o.object.namespace.clone().unwrap_or_default();
+            match o.object.kind.as_str() {
+                "Pod" => Some((namespace, o.object.name.clone())),
+                "WorkloadEndpoint" => Some((
+                    namespace,
+                    o.document["spec"]["pod"]
+                        .as_str()
+                        .unwrap_or(&o.object.name)
+                        .to_string(),
+                )),
+                _ => None,
+            }
         })
         .collect();
     let nodes = cluster.nodes.keys().cloned().collect();

@@ -68,13 +68,19 @@ fn ipam_cli_shows_checks_and_collects_what_pods_left_behind() {
          spec: {cidr: 10.30.0.0/29, blockSize: 29}\n---\n\
          apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: node-a}\n---\n\
          apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: shop}\n",
+         apiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: shop}\n---\n\
+         apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\n\
+         metadata: {name: node--a-k8s-web--3-eth0, namespace: shop}\n\
+         spec: {node: node-a, orchestrator: k8s, pod: web-3, endpoint: eth0, \
+         interfaceName: cali3, ipNetworks: [10.10.9.9/32], profiles: [kns.shop]}\n",
     )
     .unwrap();
     let pools = dir.join("pools.yaml");
     let (ok, out) = run(&["apply", "-f", pools.to_str().unwrap(), "--state-dir", s]);
     assert!(ok, "{out}");
-    for pod in ["web-1", "web-2"] {
+    // web-1 is a Pod, web-3 a WorkloadEndpoint (the pod it names), web-2
+    // is nothing.
+    for pod in ["web-1", "web-2", "web-3"] {
         let handle = format!("k8s-pod-network.{pod}");
         let owner = format!("shop/{pod}");
         let (ok, out) = run(&[
@@ -97,12 +103,12 @@ fn ipam_cli_shows_checks_and_collects_what_pods_left_behind() {
     assert!(ok, "{out}");
     assert!(
         out.lines()
-            .any(|l| l.starts_with("frontend") && l.contains("65536") && l.contains(" 2 ")),
+            .any(|l| l.starts_with("frontend") && l.contains("65536") && l.contains(" 3 ")),
         "{out}"
     );
     assert!(
         out.lines()
-            .any(|l| l.starts_with("node-a") && l.trim_end().ends_with('2')),
+            .any(|l| l.starts_with("node-a") && l.trim_end().ends_with('3')),
         "{out}"
     );
 
@@ -116,7 +122,7 @@ fn ipam_cli_shows_checks_and_collects_what_pods_left_behind() {
     assert!(ok && out.contains("released 1 leaked"), "{out}");
     let (ok, out) = run(&["ipam", "check", "--state-dir", s]);
     assert!(
-        ok && out.contains("0 findings") && out.contains("1 allocated"),
+        ok && out.contains("0 findings") && out.contains("2 allocated"),
         "{out}"
     );
 
