@@ -86,7 +86,7 @@ pub enum GetFormat {
     Json,
 }
 
-fn open(args: &StoreArgs) -> Result<Box<dyn Datastore>> {
+pub(crate) fn open(args: &StoreArgs) -> Result<Box<dyn Datastore>> {
     Ok(match args.datastore {
         DatastoreKind::Embedded => {
             Box::new(EmbeddedStore::open(&args.state_dir).with_context(|| {

@@ -7,6 +7,8 @@ use std::process::{Command, Output, Stdio};
 mod agent;
 #[path = "palisade/cluster.rs"]
 mod cluster;
+#[path = "palisade/cni.rs"]
+mod cni;
 #[path = "palisade/deploy.rs"]
 mod deploy;
 #[path = "palisade/ipam.rs"]

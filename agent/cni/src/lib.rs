@@ -1,4 +1,5 @@
-//! Palisade's CNI plugin. The `palisade-cni` binary is thin, as Cilium's
+//! Palisade's CNI plugin. The `palisade-cni` binary (in the `palisade`
+//! package, beside the agent) is thin, as Cilium's
 //! is: it reads the call ([`spec::Invocation`] from the environment,
 //! [`spec::NetConf`] from stdin), answers VERSION itself, and hands every
 //! other verb to the node agent over a root-only Unix socket
@@ -18,5 +19,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod plugin;
 pub mod protocol;
 pub mod spec;

@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod mtu;
 pub mod netlink;
 pub mod pod;
 

@@ -23,6 +23,7 @@
 //! `publish.rs` (logs, metrics, status after each batch), `http.rs`,
 //! `metrics.rs`, `status.rs`; the writer loop is here.
 
+mod cni;
 mod http;
 mod ipam;
 pub mod metrics;
@@ -86,6 +87,21 @@ pub struct AgentArgs {
     /// be in the datastore yet.
     #[arg(long, default_value_t = 900)]
     pub ipam_gc_grace_seconds: u64,
+    /// The Unix socket `palisade-cni` reaches the agent on (created 0600
+    /// in a 0700 folder: root only); empty: no CNI on this node.
+    #[arg(long, default_value = palisade_cni::spec::DEFAULT_SOCKET)]
+    pub cni_socket: PathBuf,
+    /// The pods' MTU; 0: the underlay's (the smallest MTU of the node's
+    /// own links that are up) less VXLAN's 50 bytes.
+    #[arg(long, default_value_t = 0)]
+    pub mtu: u32,
+    /// How long a CNI ADD waits for the pod's policy to be in the kernel
+    /// before it fails (and undoes itself).
+    #[arg(long, default_value_t = 15)]
+    pub cni_attach_timeout_seconds: u64,
+    /// Fault injection for tests: the CNI ADD step that fails.
+    #[arg(long, hide = true)]
+    pub cni_fail_at: Option<String>,
     /// Log filter (tracing's syntax: `info`, `palisade=debug`, ...).
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -216,6 +232,9 @@ pub fn run(args: AgentArgs) -> Result<()> {
         ipam::spawn(args.store.clone(), schedule, shared.clone())
             .context("starting the IPAM thread")?;
     }
+    if !args.cni_socket.as_os_str().is_empty() {
+        cni::spawn(&args, shared.clone()).context("starting CNI")?;
+    }
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let writer = {
         let shared = shared.clone();
@@ -342,15 +361,20 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
 /// Moves the calling thread into a network namespace (only this thread:
 /// interface lookups and attaches happen there).
 fn enter_netns(ns: &str) -> Result<()> {
-    let path = if ns.contains('/') {
-        PathBuf::from(ns)
-    } else {
-        PathBuf::from("/run/netns").join(ns)
-    };
+    let path = netns_path(ns);
     let file = std::fs::File::open(&path)
         .with_context(|| format!("--netns: opening {}", path.display()))?;
     nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("--netns: entering {}", path.display()))
+}
+
+/// `--netns`: a name under /run/netns, or a path.
+fn netns_path(ns: &str) -> PathBuf {
+    if ns.contains('/') {
+        PathBuf::from(ns)
+    } else {
+        PathBuf::from("/run/netns").join(ns)
+    }
 }
 
 /// A complete listing: the first loads (or adopts) the dataplane and makes

@@ -106,9 +106,21 @@ impl Agent {
             }
             None => Command::new(env!("CARGO_BIN_EXE_palisade")),
         };
+        // Each agent its own CNI socket (several run at once in tests).
+        let mut args = self.spec.args.clone();
+        if !args.iter().any(|a| a == "--cni-socket") {
+            args.push("--cni-socket".into());
+            args.push(
+                self.spec
+                    .log
+                    .with_extension("cni.sock")
+                    .display()
+                    .to_string(),
+            );
+        }
         let child = cmd
             .arg("agent")
-            .args(&self.spec.args)
+            .args(&args)
             .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)

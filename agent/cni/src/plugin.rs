@@ -1,10 +1,11 @@
-//! `palisade-cni`: the CNI plugin binary (see the crate doc).
+//! The `palisade-cni` binary's whole work (see the crate doc): the binary
+//! (in the `palisade` package, beside the agent it talks to) calls [`run`].
 
 use std::io::Read;
 use std::process::ExitCode;
 
-use palisade_cni::protocol::{Reply, Request, call};
-use palisade_cni::spec::{
+use crate::protocol::{Reply, Request, call};
+use crate::spec::{
     CniError, Command, ErrorCode, Invocation, LATEST, NetConf, at_least_1_1, result_json,
     version_json,
 };
@@ -15,7 +16,9 @@ fn fail(version: &str, e: &CniError) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn main() -> ExitCode {
+/// Reads the call from the environment and stdin, prints the result or
+/// the error JSON on stdout; the exit code says which.
+pub fn run() -> ExitCode {
     let mut stdin = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
         let e = CniError::new(
@@ -34,7 +37,7 @@ fn main() -> ExitCode {
         let asked = serde_json::from_slice::<serde_json::Value>(&stdin)
             .ok()
             .and_then(|v| v["cniVersion"].as_str().map(str::to_string))
-            .filter(|v| palisade_cni::spec::SUPPORTED_VERSIONS.contains(&v.as_str()))
+            .filter(|v| crate::spec::SUPPORTED_VERSIONS.contains(&v.as_str()))
             .unwrap_or_else(|| LATEST.to_string());
         println!("{}", version_json(&asked));
         return ExitCode::SUCCESS;
