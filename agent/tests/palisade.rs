@@ -15,6 +15,8 @@ mod deploy;
 mod ipam;
 #[path = "palisade/ipam_stress.rs"]
 mod ipam_stress;
+#[path = "palisade/overlay.rs"]
+mod overlay;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

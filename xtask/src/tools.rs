@@ -237,7 +237,7 @@ const fn deb(probe: &'static str, package: &'static str) -> Deb {
 }
 
 /// Network namespaces, veth pairs and TC (netns engine, kernel tests).
-pub const NETNS_DEBS: &[Deb] = &[deb("ip", "iproute2")];
+pub const NETNS_DEBS: &[Deb] = &[deb("ip", "iproute2"), deb("ping", "iputils-ping")];
 /// Building the workspace: the etcd client's gRPC code is generated with protoc.
 pub const BUILD_DEBS: &[Deb] = &[
     deb("protoc", "protobuf-compiler"),

@@ -1,5 +1,7 @@
 //! Pod networking for Palisade, over netlink (rtnetlink, no `ip`
-//! commands): a pod's veth wired as Calico wires it ([`pod`]).
+//! commands): a pod's veth wired as Calico wires it ([`pod`]), and the
+//! VXLAN overlay between nodes ([`overlay`] plans it as plain data,
+//! [`vxlan`] makes the kernel match the plan); the pods' MTU ([`mtu`]).
 //!
 //! The netlink edge ([`netlink`]) is the only place that talks to the
 //! kernel; everything it is asked to do is decided by plain functions.
@@ -15,7 +17,9 @@
 
 pub mod mtu;
 pub mod netlink;
+pub mod overlay;
 pub mod pod;
+pub mod vxlan;
 
 /// Netlink and namespace failures.
 #[derive(Debug, thiserror::Error)]

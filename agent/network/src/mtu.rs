@@ -23,7 +23,7 @@ fn ours(name: &str) -> bool {
 /// ```
 /// use palisade_network::netlink::Link;
 /// use palisade_network::mtu::{underlay_mtu, VXLAN_OVERHEAD};
-/// let link = |name: &str, mtu| Link { index: 1, name: name.into(), mac: vec![], mtu, up: true };
+/// let link = |name: &str, mtu| Link { index: 1, name: name.into(), mac: vec![], mtu, up: true, vxlan: None };
 /// let links = [link("lo", 65536), link("eth0", 1400), link("cali0123456789a", 1350)];
 /// assert_eq!(underlay_mtu(&links) - VXLAN_OVERHEAD, 1350);
 /// ```

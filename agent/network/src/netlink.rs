@@ -16,8 +16,13 @@ use std::os::fd::AsRawFd;
 use futures_util::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -42,6 +47,32 @@ pub struct Link {
     pub mtu: u32,
     /// Administratively up.
     pub up: bool,
+    /// For a VXLAN device: its VNI, source address, UDP port and underlay link.
+    pub vxlan: Option<VxlanInfo>,
+}
+
+/// A VXLAN device's settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VxlanInfo {
+    /// VNI.
+    pub vni: u32,
+    /// Source address.
+    pub local: Option<std::net::Ipv4Addr>,
+    /// UDP port.
+    pub port: u16,
+    /// The underlay link.
+    pub parent: Option<u32>,
+}
+
+/// An address on a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    /// The link's index.
+    pub index: u32,
+    /// The address and prefix.
+    pub addr: IpNet,
+    /// Scope universe (not link or host).
+    pub global: bool,
 }
 
 /// A route: destination, next hop, device, kind.
@@ -222,6 +253,53 @@ impl Netlink {
             .map_err(failed(format!("deleting link {index}")))
     }
 
+    /// Every address of every link.
+    pub fn addresses(&self) -> Result<Vec<Address>, NetError> {
+        let msgs: Vec<AddressMessage> = self
+            .block(self.handle.address().get().execute().try_collect())
+            .map_err(failed("listing addresses"))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| {
+                let ip = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(ip) => Some(*ip),
+                    _ => None,
+                });
+                let ip = ip.or_else(|| {
+                    m.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    })
+                })?;
+                Some(Address {
+                    index: m.header.index,
+                    addr: IpNet::new(ip, m.header.prefix_len).ok()?,
+                    global: m.header.scope == AddressScope::Universe,
+                })
+            })
+            .collect())
+    }
+
+    /// Removes an address from a link.
+    pub fn delete_address(&self, index: u32, addr: IpNet) -> Result<(), NetError> {
+        let mut msgs: Vec<AddressMessage> = self
+            .block(
+                self.handle
+                    .address()
+                    .get()
+                    .set_link_index_filter(index)
+                    .set_address_filter(addr.addr())
+                    .execute()
+                    .try_collect(),
+            )
+            .map_err(failed(format!("finding {addr} on link {index}")))?;
+        let Some(msg) = msgs.pop() else {
+            return Ok(());
+        };
+        self.block(self.handle.address().del(msg).execute())
+            .map_err(failed(format!("removing {addr} from link {index}")))
+    }
+
     /// Adds an address to a link.
     pub fn add_address(&self, index: u32, addr: IpNet) -> Result<(), NetError> {
         self.block(
@@ -305,7 +383,14 @@ impl Netlink {
 
     /// Writes a permanent FDB entry: frames for `mac` go to VTEP `ip`.
     pub fn replace_fdb(&self, n: &Neighbour) -> Result<(), NetError> {
-        let mut req = self.handle.neighbours().add_bridge(n.dev, &n.mac).replace();
+        let mut req = self
+            .handle
+            .neighbours()
+            .add_bridge(n.dev, &n.mac)
+            // NTF_SELF: the device's own table (a VXLAN device has no
+            // bridge above it).
+            .flags(NeighbourFlags::Own)
+            .replace();
         let dst = match n.ip {
             IpAddr::V4(a) => NeighbourAddress::Inet(a),
             IpAddr::V6(a) => NeighbourAddress::Inet6(a),
@@ -319,8 +404,8 @@ impl Netlink {
         )))
     }
 
-    /// Neighbour entries (`bridge`: FDB entries) of link `dev` that carry
-    /// both an IP and a MAC.
+    /// Permanent neighbour entries (`bridge`: FDB entries) of link `dev`
+    /// that carry both an IP and a MAC.
     pub fn neighbours(&self, dev: u32, bridge: bool) -> Result<Vec<Neighbour>, NetError> {
         let mut req = self.handle.neighbours().get();
         if bridge {
@@ -333,6 +418,7 @@ impl Netlink {
             .iter()
             .filter(|m| m.header.ifindex == dev)
             .filter(|m| !bridge || m.header.family == AddressFamily::Bridge)
+            .filter(|m| bridge || m.header.state == NeighbourState::Permanent)
             .filter_map(|m| neighbour_of(dev, m))
             .collect();
         out.sort();
@@ -349,6 +435,7 @@ impl Netlink {
         };
         if bridge {
             msg.header.family = AddressFamily::Bridge;
+            msg.header.flags = NeighbourFlags::Own;
             msg.attributes
                 .push(NeighbourAttribute::LinkLayerAddress(n.mac.to_vec()));
             msg.attributes.push(NeighbourAttribute::Destination(ip));
@@ -386,12 +473,30 @@ fn link_of(m: &LinkMessage) -> Link {
         mac: Vec::new(),
         mtu: 0,
         up: m.header.flags.contains(LinkFlags::Up),
+        vxlan: None,
     };
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => l.name = n.clone(),
             LinkAttribute::Address(a) => l.mac = a.clone(),
             LinkAttribute::Mtu(m) => l.mtu = *m,
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Data(InfoData::Vxlan(v)) = i {
+                        let mut info = VxlanInfo::default();
+                        for x in v {
+                            match x {
+                                InfoVxlan::Id(id) => info.vni = *id,
+                                InfoVxlan::Local(a) => info.local = Some(*a),
+                                InfoVxlan::Port(p) => info.port = *p,
+                                InfoVxlan::Link(i) => info.parent = Some(*i),
+                                _ => {}
+                            }
+                        }
+                        l.vxlan = Some(info);
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -444,6 +549,13 @@ fn neighbour_of(dev: u32, m: &NeighbourMessage) -> Option<Neighbour> {
             NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => ip = Some(IpAddr::V4(*a)),
             NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
                 ip = Some(IpAddr::V6(*a))
+            }
+            // An FDB entry's destination: the parser cannot tell its family.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                ip = <[u8; 4]>::try_from(b.as_slice())
+                    .map(IpAddr::from)
+                    .or_else(|_| <[u8; 16]>::try_from(b.as_slice()).map(IpAddr::from))
+                    .ok()
             }
             NeighbourAttribute::LinkLayerAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok(),
             _ => {}

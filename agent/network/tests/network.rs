@@ -158,3 +158,78 @@ fn a_wired_pod_is_reachable_and_a_failure_at_any_step_leaves_nothing() {
     assert_eq!(leftovers(&node_file), Vec::<String>::new());
     assert_eq!(leftovers(&pod_file), Vec::<String>::new());
 }
+
+#[test]
+fn a_vxlan_device_takes_neighbours_fdb_entries_and_onlink_routes() {
+    use palisade_network::netlink::{Neighbour, Route};
+    use palisade_network::overlay::{self, DEVICE};
+    use palisade_network::vxlan;
+    if !privileged() {
+        return;
+    }
+    let node = Netns::create(&format!("palnwv{}", std::process::id())).unwrap();
+    ip_batch(
+        Some(node.name()),
+        &[
+            "link set lo up".into(),
+            "link add eth0 type veth peer name eth0p".into(),
+            "link set eth0p up".into(),
+            "link set eth0 up".into(),
+            "addr add 192.168.100.1/24 dev eth0".into(),
+        ],
+    )
+    .unwrap();
+    let file = open(&node);
+    in_netns(&file, || {
+        let nl = Netlink::here().unwrap();
+        let underlay = vxlan::detect_underlay(&nl, None).unwrap();
+        assert_eq!(underlay.link.name, "eth0");
+        let tunnel = "10.10.0.1".parse().unwrap();
+        let mac = overlay::device_mac("a");
+        let dev = vxlan::ensure_device(&nl, &underlay, tunnel, mac, 1450).unwrap();
+        // Idempotent: the same device again.
+        assert_eq!(
+            vxlan::ensure_device(&nl, &underlay, tunnel, mac, 1450).unwrap(),
+            dev
+        );
+        let link = nl.link(DEVICE).unwrap().unwrap();
+        assert_eq!((link.mtu, link.mac.as_slice()), (1450, &mac[..]));
+        let peer = Neighbour {
+            dev,
+            ip: "10.10.0.65".parse().unwrap(),
+            mac: overlay::device_mac("b"),
+        };
+        let vtep = Neighbour {
+            dev,
+            ip: "192.168.100.2".parse().unwrap(),
+            mac: peer.mac,
+        };
+        nl.replace_neighbour(&peer).unwrap();
+        nl.replace_fdb(&vtep).unwrap();
+        let route = Route {
+            dst: "10.10.0.64/26".parse().unwrap(),
+            via: Some(peer.ip),
+            dev: Some(dev),
+            scope_link: false,
+            onlink: true,
+            blackhole: false,
+        };
+        nl.replace_route(&route).unwrap();
+        let have = vxlan::observe(&nl, dev).unwrap();
+        assert_eq!(
+            have.neighbours.into_iter().collect::<Vec<_>>(),
+            vec![peer.clone()]
+        );
+        assert_eq!(have.fdb.into_iter().collect::<Vec<_>>(), vec![vtep.clone()]);
+        assert_eq!(
+            have.routes.into_iter().collect::<Vec<_>>(),
+            vec![route.clone()]
+        );
+        nl.delete_route(&route).unwrap();
+        nl.delete_neighbour(&peer, false).unwrap();
+        nl.delete_neighbour(&vtep, true).unwrap();
+        let have = vxlan::observe(&nl, dev).unwrap();
+        assert!(have.routes.is_empty() && have.neighbours.is_empty() && have.fdb.is_empty());
+    })
+    .unwrap();
+}

@@ -109,6 +109,24 @@ impl IpamView {
         resources::cluster(self.lock().objects.values())
     }
 
+    /// The cluster, once a complete listing was seen.
+    pub fn listed_cluster(&self) -> Option<Cluster> {
+        let g = self.lock();
+        g.listed.then(|| resources::cluster(g.objects.values()))
+    }
+
+    /// The stored documents of one IPAM kind (`Node`, `IPPool`, ...), by name.
+    pub fn documents(&self, kind: &str) -> Vec<(String, serde_json::Value)> {
+        self.lock()
+            .objects
+            .values()
+            .filter_map(|o| {
+                let (info, r) = kinds::document_ref(&o.document)?;
+                (info.kind == kind).then(|| (r.name, o.document.clone()))
+            })
+            .collect()
+    }
+
     /// What exists, once a complete listing was seen.
     pub fn live(&self, cluster: &Cluster) -> Option<Live> {
         let g = self.lock();

@@ -127,6 +127,12 @@ pub struct Metrics {
     pub ipam_gc_released: Counter,
     /// Blocks of deleted nodes garbage collection released.
     pub ipam_gc_blocks_released: Counter,
+    /// Overlay routes wanted (remote blocks, local blackholes).
+    pub overlay_routes: Gauge,
+    /// Remote nodes reached over VXLAN.
+    pub overlay_remote_nodes: Gauge,
+    /// Overlay passes that failed.
+    pub overlay_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -171,6 +177,9 @@ impl Metrics {
             ipam_errors: Counter::default(),
             ipam_gc_released: Counter::default(),
             ipam_gc_blocks_released: Counter::default(),
+            overlay_routes: Gauge::default(),
+            overlay_remote_nodes: Gauge::default(),
+            overlay_errors: Counter::default(),
         };
         macro_rules! register {
             ($($name:literal, $help:literal, $field:ident;)*) => {
@@ -207,6 +216,9 @@ impl Metrics {
             "ipam_errors", "IPAM reads that failed (the IPAM gauges keep their last values)", ipam_errors;
             "ipam_gc_released", "Leaked addresses (their pod or node gone) released by garbage collection", ipam_gc_released;
             "ipam_gc_blocks_released", "Blocks of deleted nodes released by garbage collection", ipam_gc_blocks_released;
+            "overlay_routes", "Overlay routes wanted: remote blocks and local blackholes", overlay_routes;
+            "overlay_remote_nodes", "Remote nodes reached over VXLAN (neighbour and FDB entries)", overlay_remote_nodes;
+            "overlay_errors", "Overlay passes that failed (the next pass retries)", overlay_errors;
         }
         Metrics { registry, ..m }
     }

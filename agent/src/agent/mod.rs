@@ -27,6 +27,7 @@ mod cni;
 mod http;
 mod ipam;
 pub mod metrics;
+pub mod overlay;
 mod publish;
 pub mod status;
 pub mod sync;
@@ -34,7 +35,7 @@ mod watcher;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -99,12 +100,33 @@ pub struct AgentArgs {
     /// before it fails (and undoes itself).
     #[arg(long, default_value_t = 15)]
     pub cni_attach_timeout_seconds: u64,
+    /// The VXLAN overlay between nodes (`none`: routes between nodes are
+    /// someone else's, as on a single node).
+    #[arg(long, value_enum, default_value = "vxlan")]
+    pub overlay: OverlayKind,
+    /// This node's underlay address (default: the first global IPv4
+    /// address of a link that is up and not Palisade's).
+    #[arg(long)]
+    pub node_ip: Option<std::net::Ipv4Addr>,
+    /// Milliseconds between overlay passes (each reads the kernel back and
+    /// repairs what differs).
+    #[arg(long, default_value_t = 1000)]
+    pub overlay_millis: u64,
     /// Fault injection for tests: the CNI ADD step that fails.
     #[arg(long, hide = true)]
     pub cni_fail_at: Option<String>,
     /// Log filter (tracing's syntax: `info`, `palisade=debug`, ...).
     #[arg(long, default_value = "info")]
     pub log: String,
+}
+
+/// Overlays.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverlayKind {
+    /// Calico's VXLAN overlay (`vxlan.calico`, VNI 4096).
+    Vxlan,
+    /// None.
+    None,
 }
 
 /// What the watcher hands the writer.
@@ -132,6 +154,9 @@ pub struct Shared {
     status: Mutex<Status>,
     /// The writer's last sign of life (seconds since the epoch).
     heartbeat: AtomicU64,
+    /// The pods' MTU (the overlay keeps it equal to the underlay's less
+    /// VXLAN's overhead unless `--mtu` fixes it).
+    pub pod_mtu: AtomicU32,
 }
 
 fn now_s() -> u64 {
@@ -147,6 +172,7 @@ impl Shared {
             ipam: ipam::IpamView::default(),
             status: Mutex::new(status),
             heartbeat: AtomicU64::new(now_s()),
+            pod_mtu: AtomicU32::new(0),
         }
     }
 
@@ -232,8 +258,16 @@ pub fn run(args: AgentArgs) -> Result<()> {
         ipam::spawn(args.store.clone(), schedule, shared.clone())
             .context("starting the IPAM thread")?;
     }
-    if !args.cni_socket.as_os_str().is_empty() {
-        cni::spawn(&args, shared.clone()).context("starting CNI")?;
+    let cni = !args.cni_socket.as_os_str().is_empty();
+    if cni || args.overlay != OverlayKind::None {
+        let ipam_store: Arc<dyn palisade_ipam::IpamStore> =
+            Arc::from(crate::ipam_cmd::open_ipam_store(&args.store).context("opening IPAM")?);
+        if cni {
+            cni::spawn(&args, ipam_store.clone(), shared.clone()).context("starting CNI")?;
+        }
+        if args.overlay != OverlayKind::None {
+            overlay::spawn(&args, ipam_store, shared.clone())?;
+        }
     }
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let writer = {

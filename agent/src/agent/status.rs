@@ -92,6 +92,47 @@ pub struct Status {
     pub rejected: Vec<Problem>,
     /// The last errors (newest last).
     pub errors: Vec<Problem>,
+    /// The VXLAN overlay, once it ran.
+    #[serde(default)]
+    pub overlay: Option<OverlayStatus>,
+}
+
+/// The overlay as the last pass left it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OverlayStatus {
+    /// The VXLAN device (none: no pool uses VXLAN).
+    pub device: Option<String>,
+    /// Its MTU.
+    pub device_mtu: u32,
+    /// The pods' MTU.
+    pub pod_mtu: u32,
+    /// The underlay link and address.
+    pub underlay: String,
+    /// The underlay's MTU.
+    pub underlay_mtu: u32,
+    /// This node's tunnel address.
+    pub tunnel: Option<String>,
+    /// Overlay routes in the kernel.
+    pub routes: usize,
+    /// The other nodes.
+    pub nodes: Vec<OverlayNodeStatus>,
+    /// The last pass's error, if it failed.
+    pub error: Option<String>,
+}
+
+/// Another node as the overlay reaches it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OverlayNodeStatus {
+    /// Its name.
+    pub node: String,
+    /// Its underlay address.
+    pub underlay: String,
+    /// Its tunnel address (empty: none yet).
+    pub tunnel: String,
+    /// Its blocks.
+    pub blocks: usize,
 }
 
 /// Errors kept in the status.
@@ -167,6 +208,36 @@ impl Status {
             c.sweeps,
             c.expired
         );
+        if let Some(o) = &self.overlay {
+            let _ = writeln!(
+                s,
+                "\nOVERLAY      {} VNI 4096, MTU {} (underlay {}, MTU {}); pods MTU {}; tunnel {}; {} routes",
+                o.device.as_deref().unwrap_or("(no VXLAN pool)"),
+                o.device_mtu,
+                o.underlay,
+                o.underlay_mtu,
+                o.pod_mtu,
+                o.tunnel.as_deref().unwrap_or("-"),
+                o.routes
+            );
+            if let Some(e) = &o.error {
+                let _ = writeln!(s, "  last pass failed: {e}");
+            }
+            let _ = writeln!(
+                s,
+                "NODE                 UNDERLAY         TUNNEL           BLOCKS"
+            );
+            for n in &o.nodes {
+                let _ = writeln!(
+                    s,
+                    "{:<20} {:<16} {:<16} {}",
+                    n.node,
+                    n.underlay,
+                    if n.tunnel.is_empty() { "-" } else { &n.tunnel },
+                    n.blocks
+                );
+            }
+        }
         if !self.rejected.is_empty() {
             let _ = writeln!(
                 s,

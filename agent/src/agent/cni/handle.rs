@@ -216,7 +216,11 @@ impl Server {
             }
         };
         let addrs: Vec<IpAddr> = assigned.ips.iter().map(IpNet::addr).collect();
-        let mtu = conf.mtu.unwrap_or(self.mtu);
+        let mtu = conf.mtu.unwrap_or_else(|| {
+            self.shared
+                .pod_mtu
+                .load(std::sync::atomic::Ordering::Relaxed)
+        });
 
         // 2. The veth, in its steps.
         let spec = PodWiring {

@@ -37,8 +37,6 @@ struct Server {
     store: StoreArgs,
     /// The node's namespace, when not the agent's own.
     netns: Option<PathBuf>,
-    /// The pods' MTU unless a network configuration says.
-    mtu: u32,
     /// IPAM's records, opened once (the embedded file or etcd).
     ipam: Arc<dyn IpamStore>,
     shared: Arc<Shared>,
@@ -48,8 +46,8 @@ struct Server {
     fail_at: Option<String>,
 }
 
-/// Opens the socket and starts serving calls; returns the pods' MTU.
-pub fn spawn(args: &AgentArgs, shared: Arc<Shared>) -> Result<u32> {
+/// Opens the socket and starts serving calls.
+pub fn spawn(args: &AgentArgs, ipam: Arc<dyn IpamStore>, shared: Arc<Shared>) -> Result<()> {
     let netns = args.netns.as_deref().map(super::netns_path);
     let (mtu, underlay) = in_node_ns(netns.as_deref(), || {
         // Pods reach each other and the world through the node.
@@ -65,14 +63,18 @@ pub fn spawn(args: &AgentArgs, shared: Arc<Shared>) -> Result<u32> {
         };
         (mtu, underlay)
     })?;
-    let ipam: Arc<dyn IpamStore> =
-        Arc::from(crate::ipam_cmd::open_ipam_store(&args.store).context("opening IPAM for CNI")?);
+    // Until the overlay's first pass (or without one), the underlay's.
+    let _ = shared.pod_mtu.compare_exchange(
+        0,
+        mtu,
+        std::sync::atomic::Ordering::Relaxed,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let listener = listen(&args.cni_socket)?;
     let server = Arc::new(Server {
         node: args.node.clone(),
         store: args.store.clone(),
         netns,
-        mtu,
         ipam,
         shared,
         attach_timeout: Duration::from_secs(args.cni_attach_timeout_seconds.max(1)),
@@ -94,7 +96,7 @@ pub fn spawn(args: &AgentArgs, shared: Arc<Shared>) -> Result<u32> {
             }
         })
         .context("starting the CNI thread")?;
-    Ok(mtu)
+    Ok(())
 }
 
 /// Binds the socket: its folder 0700 and the socket 0600, so only root
