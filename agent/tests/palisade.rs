@@ -15,8 +15,12 @@ mod deploy;
 mod ipam;
 #[path = "palisade/ipam_stress.rs"]
 mod ipam_stress;
+#[path = "palisade/lab.rs"]
+mod lab;
 #[path = "palisade/overlay.rs"]
 mod overlay;
+#[path = "palisade/podman.rs"]
+mod podman;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

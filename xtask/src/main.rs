@@ -155,6 +155,7 @@ fn test() -> Result<()> {
         ensure_ebpf_tools()?;
         tools::ensure_debs(tools::FFI_DEBS)?;
         tools::ensure_debs(tools::ETCD_DEBS)?;
+        tools::ensure_debs(tools::PODMAN_DEBS)?;
         tools::CARGO_FUZZ.ensure(&tools::tools_root())?;
         tools::check_debian_install_path()
     })?;

@@ -253,6 +253,15 @@ pub const ETCD_DEBS: &[Deb] = &[
     deb("/usr/bin/etcdctl", "etcd-client"),
     deb("/usr/bin/openssl", "openssl"),
 ];
+/// A real container runtime on the CNI plugin: podman with runc, and a
+/// static busybox for the containers' image; iperf3 for the overlay
+/// benchmark.
+pub const PODMAN_DEBS: &[Deb] = &[
+    deb("podman", "podman"),
+    deb("runc", "runc"),
+    deb("/bin/busybox", "busybox-static"),
+    deb("iperf3", "iperf3"),
+];
 /// The C ABI tests: compilers, valgrind, and unshare for a private netns.
 pub const FFI_DEBS: &[Deb] = &[
     deb("cc", "gcc"),
@@ -270,6 +279,7 @@ pub fn all_debs() -> Vec<Deb> {
         NETNS_DEBS,
         BUILD_DEBS,
         ETCD_DEBS,
+        PODMAN_DEBS,
         FFI_DEBS,
         VETH_REPORT_DEBS,
     ]

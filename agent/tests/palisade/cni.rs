@@ -136,10 +136,15 @@ fn ipam_clean(state: &Path, n: usize) -> Result<(), String> {
 
 fn endpoints(state: &Path) -> String {
     let out = palisade()
-        .args(["get", "workloadendpoints", "-A", "--state-dir"])
+        .args(["get", "workloadendpoints", "--state-dir"])
         .arg(state)
         .output()
         .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
@@ -241,6 +246,11 @@ fn pods_get_their_pools_addresses_and_policy_and_failures_leave_nothing() {
     let (ok, other) = add(2, "other", &frontend("other"));
     assert!(ok, "{other}");
     let (web_ip, api_ip, other_ip) = (address(&web), address(&api), address(&other));
+    let listed = endpoints(&state);
+    assert!(
+        listed.contains("node--a-k8s-web-eth0") && listed.contains("node--a-k8s-api-eth0"),
+        "{listed}"
+    );
     assert!(web_ip.to_string().starts_with("10.10."), "{web}");
     assert!(api_ip.to_string().starts_with("10.20."), "{api}");
     assert!(other_ip.to_string().starts_with("10.10."), "{other}");

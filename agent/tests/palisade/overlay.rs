@@ -8,14 +8,13 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use palisade_testing::netns::{Netns, ip_batch};
 use serde_json::{Value, json};
 
-use super::agent::{Agent, AgentSpec, store};
+use super::lab::{Lab, Node, ip, wait_for};
 use super::{privileged, scratch};
 
 const CLUSTER: &str = "\
@@ -42,68 +41,6 @@ spec:
   - from: [{podSelector: {matchLabels: {app: web}}}]
     ports: [{port: 8080, protocol: TCP}]
 ";
-
-fn ip(ns: &str, args: &str) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("ip -n {ns} {args}"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn wait_for(what: &str, timeout_s: u64, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(timeout_s);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-struct Node {
-    ns: Netns,
-    name: String,
-    agent: Agent,
-    socket: PathBuf,
-}
-
-fn agent(ns: &str, name: &str, i: usize, state: &Path, dir: &Path) -> (Agent, PathBuf) {
-    let socket = dir.join(format!("cni-{name}.sock"));
-    let metrics = format!("127.0.0.1:{}", 9110 + i);
-    let pins = format!(
-        "/sys/fs/bpf/palisade-test-overlay-{}-{i}",
-        std::process::id()
-    );
-    let args: Vec<String> = [
-        "--node",
-        name,
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--pin-path",
-        &pins,
-        "--metrics-addr",
-        &metrics,
-        "--cni-socket",
-        socket.to_str().unwrap(),
-        "--overlay",
-        "vxlan",
-        "--overlay-millis",
-        "200",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let a = Agent::spawn_spec(AgentSpec {
-        nsenter: Some(ns.to_string()),
-        args,
-        metrics: metrics.parse().unwrap(),
-        pins: pins.into(),
-        log: dir.join(format!("agent-{name}.log")),
-        env: Vec::new(),
-    });
-    a.wait_ready();
-    (a, socket)
-}
 
 fn add(node: &Node, pod: &Netns, name: &str, net: &str, pool: &str, app: &str) -> IpAddr {
     let conf = json!({
@@ -202,60 +139,10 @@ fn pods_on_two_nodes_talk_over_vxlan_as_policy_says_and_the_overlay_reconciles()
         return;
     }
     let dir = scratch("overlay");
-    let state = dir.join("state");
     let tag = std::process::id();
-    std::fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
-    store(
-        &state,
-        &["apply", "-f", dir.join("cluster.yaml").to_str().unwrap()],
-    )
-    .unwrap();
-
-    // The underlay: a bridge, each node on it with MTU 1500.
-    let fabric = Netns::create(&format!("palovf{tag}")).unwrap();
-    ip_batch(
-        Some(fabric.name()),
-        &["link add br0 type bridge".into(), "link set br0 up".into()],
-    )
-    .unwrap();
-    let mut nodes = Vec::new();
-    for (i, name) in ["node-a", "node-b"].into_iter().enumerate() {
-        let ns = Netns::create(&format!("palov{i}{tag}")).unwrap();
-        ip_batch(
-            Some(fabric.name()),
-            &[
-                format!("link add n{i} type veth peer name eth0 netns {}", ns.name()),
-                format!("link set n{i} master br0"),
-                format!("link set n{i} up"),
-            ],
-        )
-        .unwrap();
-        ip_batch(
-            Some(ns.name()),
-            &[
-                "link set lo up".into(),
-                format!("addr add 192.168.100.{}/24 dev eth0", i + 1),
-                "link set eth0 up".into(),
-            ],
-        )
-        .unwrap();
-        let (agent, socket) = agent(ns.name(), name, i, &state, &dir);
-        nodes.push(Node {
-            ns,
-            name: name.into(),
-            agent,
-            socket,
-        });
-    }
-    // Each node sees the other's tunnel.
-    for n in &nodes {
-        wait_for(&format!("{}'s overlay", n.name), 30, || {
-            n.agent.status().is_some_and(|s| {
-                s["overlay"]["nodes"]
-                    .as_array()
-                    .is_some_and(|a| a.len() == 1 && a[0]["tunnel"] != "")
-            })
-        });
+    let mut lab = Lab::start("ov", &dir, &["node-a", "node-b"], CLUSTER);
+    let state = lab.state.clone();
+    for n in &lab.nodes {
         let link = ip(n.ns.name(), "-d link show vxlan.calico");
         assert!(
             link.contains("mtu 1450")
@@ -265,6 +152,7 @@ fn pods_on_two_nodes_talk_over_vxlan_as_policy_says_and_the_overlay_reconciles()
             "{link}"
         );
     }
+    let nodes = &mut lab.nodes;
 
     // Pods: web and other on node-a, api on node-b.
     let pods: Vec<Netns> = (0..3)

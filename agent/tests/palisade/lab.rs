@@ -1,0 +1,150 @@
+//! A lab of nodes on one machine for the tests that need several: network
+//! namespaces on an underlay bridge (MTU 1500), one agent each on a shared
+//! embedded datastore, each with its CNI socket and the VXLAN overlay.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use palisade_testing::netns::{Netns, ip_batch};
+
+use super::agent::{Agent, AgentSpec, store};
+
+/// `ip -n NS ARGS`' output.
+pub fn ip(ns: &str, args: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ip -n {ns} {args}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Polls `done` every 100 ms; panics after `timeout_s`.
+pub fn wait_for(what: &str, timeout_s: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(timeout_s);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One node of the lab.
+pub struct Node {
+    pub ns: Netns,
+    pub name: String,
+    pub agent: Agent,
+    /// Its agent's CNI socket.
+    pub socket: PathBuf,
+}
+
+/// The lab: the underlay, the nodes, the datastore.
+pub struct Lab {
+    pub nodes: Vec<Node>,
+    pub state: PathBuf,
+    _fabric: Netns,
+}
+
+fn agent(ns: &str, name: &str, i: usize, state: &Path, dir: &Path) -> (Agent, PathBuf) {
+    let socket = dir.join(format!("cni-{name}.sock"));
+    let metrics = format!("127.0.0.1:{}", 9110 + i);
+    let pins = format!(
+        "/sys/fs/bpf/palisade-test-lab-{}-{name}",
+        std::process::id()
+    );
+    let args: Vec<String> = [
+        "--node",
+        name,
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--pin-path",
+        &pins,
+        "--metrics-addr",
+        &metrics,
+        "--cni-socket",
+        socket.to_str().unwrap(),
+        "--overlay",
+        "vxlan",
+        "--overlay-millis",
+        "200",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let a = Agent::spawn_spec(AgentSpec {
+        nsenter: Some(ns.to_string()),
+        args,
+        metrics: metrics.parse().unwrap(),
+        pins: pins.into(),
+        log: dir.join(format!("agent-{name}.log")),
+        env: Vec::new(),
+    });
+    a.wait_ready();
+    (a, socket)
+}
+
+impl Lab {
+    /// `names.len()` nodes (192.168.100.1, .2, ...) whose agents share
+    /// the embedded datastore in `dir`, seeded with `manifests`; returns
+    /// once every node sees every other's tunnel.
+    pub fn start(tag: &str, dir: &Path, names: &[&str], manifests: &str) -> Lab {
+        let state = dir.join("state");
+        let pid = std::process::id();
+        std::fs::write(dir.join("cluster.yaml"), manifests).unwrap();
+        store(
+            &state,
+            &["apply", "-f", dir.join("cluster.yaml").to_str().unwrap()],
+        )
+        .unwrap();
+        let fabric = Netns::create(&format!("pal{tag}f{pid}")).unwrap();
+        ip_batch(
+            Some(fabric.name()),
+            &["link add br0 type bridge".into(), "link set br0 up".into()],
+        )
+        .unwrap();
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let ns = Netns::create(&format!("pal{tag}{i}{pid}")).unwrap();
+            ip_batch(
+                Some(fabric.name()),
+                &[
+                    format!("link add n{i} type veth peer name eth0 netns {}", ns.name()),
+                    format!("link set n{i} master br0"),
+                    format!("link set n{i} up"),
+                ],
+            )
+            .unwrap();
+            ip_batch(
+                Some(ns.name()),
+                &[
+                    "link set lo up".into(),
+                    format!("addr add 192.168.100.{}/24 dev eth0", i + 1),
+                    "link set eth0 up".into(),
+                ],
+            )
+            .unwrap();
+            let (agent, socket) = agent(ns.name(), name, i, &state, dir);
+            nodes.push(Node {
+                ns,
+                name: name.to_string(),
+                agent,
+                socket,
+            });
+        }
+        let others = names.len() - 1;
+        for n in &nodes {
+            wait_for(&format!("{}'s overlay", n.name), 30, || {
+                n.agent.status().is_some_and(|s| {
+                    s["overlay"]["nodes"]
+                        .as_array()
+                        .is_some_and(|a| a.len() == others && a.iter().all(|n| n["tunnel"] != ""))
+                })
+            });
+        }
+        Lab {
+            nodes,
+            state,
+            _fabric: fabric,
+        }
+    }
+}
