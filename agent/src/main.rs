@@ -34,6 +34,7 @@ mod explain_cmd;
 mod ipam_cmd;
 mod ipam_exercise;
 mod ipam_verify;
+mod lab_cmd;
 mod lint_cmd;
 mod load;
 mod matrix_cmd;
@@ -215,6 +216,11 @@ enum Command {
     /// Run the node agent: follow the datastore and keep this node's
     /// dataplane equal to it (/metrics, /healthz, /readyz, /status).
     Agent(agent::AgentArgs),
+    /// Run manifests on a cluster of this machine (root): nodes as network
+    /// namespaces over VXLAN, an agent each, a local etcd; the Pods join
+    /// through CNI; shows the real matrix beside the reference engine's,
+    /// the kernel's drops, the overlay and the metrics; then removes it all.
+    Lab(lab_cmd::LabArgs),
     /// Show a running agent's view: sync state, local endpoints, map fill,
     /// conntrack, last errors. Exit 0 when it is ready.
     Status {
@@ -344,6 +350,7 @@ fn run() -> anyhow::Result<ExitCode> {
             agent::run(args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Lab(args) => lab_cmd::run(args),
         Command::Status {
             metrics_addr,
             output,

@@ -316,17 +316,16 @@ fn demo() -> Result<()> {
     ensure_ebpf_tools()?;
     eprintln!("building palisade (release; the first build takes about 3 minutes on 2 cores)");
     run(cargo().args(["build", "--release", "-p", "palisade"]))?;
-    let example = root().join("examples/zero-trust");
+    tools::ensure_debs(tools::ETCD_DEBS)?;
     eprintln!(
-        "\nZero-trust example: default-deny GlobalNetworkPolicy + allow-only namespace policies,\n\
-         enforced by the TC programs on real connections between pod namespaces\n"
+        "\nA two-node cluster on this machine: a local etcd member, an agent per node, the\n\
+         VXLAN overlay, pools frontend/backend/ci, zero-trust policy, pods added through CNI\n"
     );
-    for port in ["8080", "5432"] {
-        run(Command::new(palisade())
-            .args(["matrix", "--engine", "netns", "--port", port, "-f"])
-            .arg(&example))?;
-        println!();
-    }
+    run(Command::new(palisade())
+        .args(["lab", "-f"])
+        .arg(root().join("examples/cluster")))?;
+    let example = root().join("examples/zero-trust");
+    println!();
     eprintln!("Why can't analytics reach the shop API? (the kernel's own events and counters)\n");
     // explain exits 1 for a denied connection; that is the expected answer here.
     let status = Command::new(palisade())

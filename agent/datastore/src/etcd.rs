@@ -122,10 +122,12 @@ impl Connection {
                 source,
             })?;
         // A dead member or a cut connection shows within seconds, not at
-        // the kernel's TCP timeout.
+        // the kernel's TCP timeout. Pings no more often than etcd's
+        // --grpc-keepalive-min-time (5 s by default): more often, etcd
+        // answers GOAWAY (too_many_pings) and drops the watch every 8 s.
         let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3))
+            .with_keep_alive(Duration::from_secs(6), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
         if config.ca_file.is_some() || config.cert_file.is_some() {
             let mut tls = TlsOptions::new();

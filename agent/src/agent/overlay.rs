@@ -62,23 +62,24 @@ pub fn spawn(args: &AgentArgs, ipam: Arc<dyn IpamStore>, shared: Arc<Shared>) ->
     std::thread::Builder::new()
         .name("overlay".into())
         .spawn(move || {
-            if let Some(path) = &netns {
-                let joined = std::fs::File::open(path)
-                    .map_err(anyhow::Error::new)
-                    .and_then(|f| {
-                        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-                            .map_err(anyhow::Error::new)
-                    });
-                if let Err(e) = joined {
-                    tracing::error!(error = %e, "overlay: cannot enter the node's namespace");
-                    return;
-                }
-            }
+            // The netlink socket in the node's namespace; this thread (and
+            // its datastore connections) in the agent's.
+            let open = || match &netns {
+                None => Netlink::here(),
+                Some(path) => std::fs::File::open(path)
+                    .map_err(|e| {
+                        palisade_network::NetError::Namespace(format!("{}: {e}", path.display()))
+                    })
+                    .and_then(|f| Netlink::in_netns(&f)),
+            };
             let mut nl = None;
             let mut last_error = String::new();
             loop {
                 if nl.is_none() {
-                    nl = Netlink::here().ok();
+                    match open() {
+                        Ok(n) => nl = Some(n),
+                        Err(e) => tracing::warn!(error = %e, "overlay: netlink"),
+                    }
                 }
                 if let Some(nl) = &nl {
                     match o.pass(nl) {

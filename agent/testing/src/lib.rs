@@ -6,7 +6,8 @@
 //! that answer from the lowered maps ([`maps_engine`]), from the kernel
 //! programs through `BPF_PROG_TEST_RUN` ([`kernel_engine`]) and from real
 //! traffic between network namespaces ([`netns_engine`], on the lab of
-//! [`netns`]), and real etcd clusters on loopback ([`etcd`]). The CLI's `verify`, `matrix --engine` and `explain --engine`
+//! [`netns`]), real etcd clusters on loopback ([`etcd`]), and a cluster of
+//! agents on one machine that pods join through CNI ([`lab`]). The CLI's `verify`, `matrix --engine` and `explain --engine`
 //! use it; libraries take it as a dev-dependency of their integration tests.
 //!
 //! ```
@@ -38,6 +39,8 @@ pub mod testgen;
 
 #[cfg(feature = "bpf")]
 pub mod kernel_engine;
+#[cfg(feature = "bpf")]
+pub mod lab;
 #[cfg(feature = "bpf")]
 pub mod maps_engine;
 #[cfg(feature = "bpf")]

@@ -45,13 +45,11 @@ pub struct Lab {
     _fabric: Netns,
 }
 
-fn agent(ns: &str, name: &str, i: usize, state: &Path, dir: &Path) -> (Agent, PathBuf) {
+fn agent(ns: &str, name: &str, port: u16, state: &Path, dir: &Path) -> (Agent, PathBuf) {
     let socket = dir.join(format!("cni-{name}.sock"));
-    let metrics = format!("127.0.0.1:{}", 9110 + i);
-    let pins = format!(
-        "/sys/fs/bpf/palisade-test-lab-{}-{name}",
-        std::process::id()
-    );
+    let metrics = format!("127.0.0.1:{port}");
+    // Tests run in parallel in one process: the namespace names them apart.
+    let pins = format!("/sys/fs/bpf/palisade-test-lab-{ns}");
     let args: Vec<String> = [
         "--node",
         name,
@@ -85,9 +83,10 @@ fn agent(ns: &str, name: &str, i: usize, state: &Path, dir: &Path) -> (Agent, Pa
 
 impl Lab {
     /// `names.len()` nodes (192.168.100.1, .2, ...) whose agents share
-    /// the embedded datastore in `dir`, seeded with `manifests`; returns
-    /// once every node sees every other's tunnel.
-    pub fn start(tag: &str, dir: &Path, names: &[&str], manifests: &str) -> Lab {
+    /// the embedded datastore in `dir`, seeded with `manifests`, serving
+    /// /metrics from `first_port` on (tests running at once need their
+    /// own); returns once every node sees every other's tunnel.
+    pub fn start(tag: &str, first_port: u16, dir: &Path, names: &[&str], manifests: &str) -> Lab {
         let state = dir.join("state");
         let pid = std::process::id();
         std::fs::write(dir.join("cluster.yaml"), manifests).unwrap();
@@ -123,7 +122,7 @@ impl Lab {
                 ],
             )
             .unwrap();
-            let (agent, socket) = agent(ns.name(), name, i, &state, dir);
+            let (agent, socket) = agent(ns.name(), name, first_port + i as u16, &state, dir);
             nodes.push(Node {
                 ns,
                 name: name.to_string(),

@@ -140,7 +140,7 @@ fn pods_on_two_nodes_talk_over_vxlan_as_policy_says_and_the_overlay_reconciles()
     }
     let dir = scratch("overlay");
     let tag = std::process::id();
-    let mut lab = Lab::start("ov", &dir, &["node-a", "node-b"], CLUSTER);
+    let mut lab = Lab::start("ov", 9110, &dir, &["node-a", "node-b"], CLUSTER);
     let state = lab.state.clone();
     for n in &lab.nodes {
         let link = ip(n.ns.name(), "-d link show vxlan.calico");
@@ -287,4 +287,44 @@ fn pods_on_two_nodes_talk_over_vxlan_as_policy_says_and_the_overlay_reconciles()
     add(&nodes[0], &late, "late", "frontend", "frontend", "web");
     assert!(ip(late.name(), "link show eth0").contains("mtu 1350"));
     drop(listener);
+}
+
+/// `palisade lab` (what `cargo xtask demo` runs): the example cluster's
+/// real matrix agrees with the reference engine on every cell, and the
+/// lab leaves nothing behind.
+#[test]
+fn the_lab_runs_the_example_cluster_and_agrees_with_the_reference_engine() {
+    if !privileged() {
+        return;
+    }
+    let out = super::palisade()
+        .args([
+            "lab",
+            "-f",
+            "examples/cluster",
+            "--datastore",
+            "embedded",
+            "--first-port",
+            "9130",
+        ])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("agree with the reference engine: 36/36"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("vxlan.calico VNI 4096 MTU 1450"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("removing the cluster"), "{stderr}");
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let left = String::from_utf8_lossy(&netns.stdout).to_string();
+    // The lab's namespaces (pl…; the tests' are pal…) are gone.
+    assert!(!left.lines().any(|l| l.starts_with("pl")), "{left}");
 }

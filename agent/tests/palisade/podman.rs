@@ -242,7 +242,7 @@ fn podman_containers_on_two_nodes_follow_the_reference_matrix() {
         return;
     }
     let dir = scratch("podman");
-    let lab = Lab::start("pm", &dir, &["node-a", "node-b"], CLUSTER);
+    let lab = Lab::start("pm", 9120, &dir, &["node-a", "node-b"], CLUSTER);
     std::fs::write(dir.join("policy.yaml"), POLICY).unwrap();
     let out = palisade()
         .args(["apply", "-f"])

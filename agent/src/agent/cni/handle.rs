@@ -114,6 +114,28 @@ impl Server {
         result.unwrap_or_else(Reply::Failed)
     }
 
+    /// Runs `f` with a netlink handle in the node's namespace, on a thread
+    /// that joined it (the host end's sysctls are written there); the call
+    /// itself stays in the agent's namespace, where the datastore is.
+    fn node_net<T: Send>(
+        &self,
+        f: impl FnOnce(&Netlink) -> Result<T, NetError> + Send,
+    ) -> Result<T, NetError> {
+        let run = || f(&Netlink::here()?);
+        match &self.netns {
+            None => run(),
+            Some(path) => {
+                let file = File::open(path).map_err(|e| {
+                    NetError::Namespace(format!(
+                        "opening the node's namespace {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                palisade_network::netlink::in_netns(&file, run)?
+            }
+        }
+    }
+
     fn fault(&self, step: &str) -> Result<(), CniError> {
         if self.fail_at.as_deref() == Some(step) {
             return Err(plugin_error(
@@ -195,7 +217,6 @@ impl Server {
                 e.to_string(),
             )
         })?;
-        let host = Netlink::here().map_err(|e| plugin_error("netlink", e))?;
         let cluster = self.shared.ipam.cluster();
         let env = palisade_datastore::SystemEnv;
         let ipam = self.ipam(&cluster, &env);
@@ -230,11 +251,14 @@ impl Server {
             addrs: &addrs,
             mtu,
         };
-        let wired = pod::wire(&host, &spec, &mut |step: WireStep| {
-            if self.fail_at.as_deref() == Some(step_name(step)) {
-                return Err(NetError::Injected(step_name(step).into()));
-            }
-            Ok(())
+        let fail_at = self.fail_at.as_deref();
+        let wired = self.node_net(|host| {
+            pod::wire(host, &spec, &mut |step: WireStep| {
+                if fail_at == Some(step_name(step)) {
+                    return Err(NetError::Injected(step_name(step).into()));
+                }
+                Ok(())
+            })
         });
         let wired = match wired {
             Ok(w) => w,
@@ -244,7 +268,9 @@ impl Server {
             }
         };
         let unwire = || {
-            if let Err(e) = pod::unwire(&host, &w.host_ifname, Some(&netns), &inv.ifname) {
+            let done =
+                self.node_net(|host| pod::unwire(host, &w.host_ifname, Some(&netns), &inv.ifname));
+            if let Err(e) = done {
                 tracing::warn!(error = %e, interface = %w.host_ifname, "CNI: unwiring after a failed ADD");
             }
         };
@@ -404,8 +430,8 @@ impl Server {
         }
         // The namespace may be gone already (the spec allows it).
         let netns = inv.netns.as_deref().and_then(|p| File::open(p).ok());
-        let unwired = Netlink::here()
-            .and_then(|host| pod::unwire(&host, &w.host_ifname, netns.as_ref(), &inv.ifname));
+        let unwired =
+            self.node_net(|host| pod::unwire(host, &w.host_ifname, netns.as_ref(), &inv.ifname));
         if let Err(e) = unwired {
             note(plugin_error("removing the pod's interface", e));
         }
@@ -445,9 +471,8 @@ impl Server {
                 }
             }
         }
-        let host = Netlink::here().map_err(|e| plugin_error("netlink", e))?;
         problems.extend(
-            pod::check(&host, &w.host_ifname, &netns, &inv.ifname, &addrs)
+            self.node_net(|host| pod::check(host, &w.host_ifname, &netns, &inv.ifname, &addrs))
                 .map_err(|e| plugin_error("reading the pod's interface", e))?,
         );
         let attached = self

@@ -11,8 +11,9 @@
 //!                                          any failure: undone in reverse, nothing left
 //! ```
 //!
-//! Calls run in parallel, each on its own thread in the node's namespace
-//! (`--netns`); IPAM's compare-and-swap commits keep parallel ADDs apart.
+//! Calls run in parallel, each on its own thread; their netlink work runs
+//! in the node's namespace (`--netns`), their datastore work in the
+//! agent's. IPAM's compare-and-swap commits keep parallel ADDs apart.
 
 mod handle;
 
@@ -155,14 +156,7 @@ impl Server {
                 Ok(request) => {
                     let started = std::time::Instant::now();
                     let command = request.invocation.command;
-                    let reply = match in_node_ns(self.netns.as_deref(), || self.handle(&request)) {
-                        Ok(r) => r,
-                        Err(e) => Reply::Failed(CniError::new(
-                            ErrorCode::Io,
-                            "entering the node's namespace",
-                            format!("{e:#}"),
-                        )),
-                    };
+                    let reply = self.handle(&request);
                     let ms = started.elapsed().as_secs_f64() * 1e3;
                     match &reply {
                         Reply::Failed(e) => tracing::warn!(
