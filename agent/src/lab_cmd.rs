@@ -84,7 +84,7 @@ fn split(files: &[PathBuf], nodes: &[String]) -> Result<(Vec<Workload>, String)>
             };
             let pools = meta["annotations"]["cni.projectcalico.org/ipv4pools"]
                 .as_str()
-                .map(|a| serde_json::from_str::<Vec<String>>(a))
+                .map(serde_json::from_str::<Vec<String>>)
                 .transpose()
                 .with_context(|| format!("pod {key}: the ipv4pools annotation is not a JSON list"))?
                 .unwrap_or_default();
