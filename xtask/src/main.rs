@@ -458,7 +458,9 @@ fn setup() -> Result<()> {
 fn report(args: &[String]) -> Result<()> {
     let (name, rest) = match args.split_first() {
         Some((name, rest)) => (name.as_str(), rest),
-        None => bail!("usage: cargo xtask report <compiler|datapath|veth|agent|ipam> [-- ARGS]"),
+        None => {
+            bail!("usage: cargo xtask report <compiler|datapath|veth|agent|ipam|cni> [-- ARGS]")
+        }
     };
     let bin = match name {
         "compiler" => "compiler-report",
@@ -466,8 +468,9 @@ fn report(args: &[String]) -> Result<()> {
         "veth" => "veth-report",
         "agent" => "agent-report",
         "ipam" => "ipam-report",
+        "cni" => "cni-report",
         other => {
-            bail!("unknown report {other:?}: expected compiler, datapath, veth, agent or ipam")
+            bail!("unknown report {other:?}: expected compiler, datapath, veth, agent, ipam or cni")
         }
     };
     if !matches!(name, "compiler" | "ipam") && !is_root() {
@@ -478,7 +481,10 @@ fn report(args: &[String]) -> Result<()> {
     if name == "veth" {
         tools::ensure_debs(tools::VETH_REPORT_DEBS)?;
     }
-    if name == "agent" || name == "ipam" {
+    if name == "cni" {
+        tools::ensure_debs(tools::PODMAN_DEBS)?;
+    }
+    if name == "agent" || name == "ipam" || name == "cni" {
         // It runs the release binary against etcd.
         tools::ensure_debs(tools::ETCD_DEBS)?;
         run(cargo().args(["build", "--release", "-p", "palisade"]))?;
