@@ -35,6 +35,106 @@ pub struct LabArgs {
     /// Node i's agent serves /metrics on 127.0.0.1:(this + i).
     #[arg(long, default_value_t = 9201)]
     first_port: u16,
+    /// Explain one connection across the cluster (namespace/pod): the
+    /// kernel's verdict and counters on both nodes beside the reference
+    /// trace. With --explain-to and --explain-port.
+    #[arg(long, requires_all = ["explain_to", "explain_port"])]
+    explain_from: Option<String>,
+    /// The connection's server (namespace/pod).
+    #[arg(long)]
+    explain_to: Option<String>,
+    /// The connection's TCP port.
+    #[arg(long)]
+    explain_port: Option<u16>,
+}
+
+/// Every node's non-zero drop counters, by node and series.
+fn drop_counters(lab: &Lab) -> Result<BTreeMap<(String, String), u64>> {
+    let mut out = BTreeMap::new();
+    for node in &lab.nodes {
+        let (_, metrics) = http_get(node.metrics, "/metrics")?;
+        for l in metrics
+            .lines()
+            .filter(|l| l.starts_with("palisade_policy_drops"))
+        {
+            if let Some((series, v)) = l.rsplit_once(' ') {
+                out.insert(
+                    (node.name.clone(), series.to_string()),
+                    v.parse().unwrap_or(0),
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One connection across the lab: what happened, what each kernel
+/// counted for it, and the reference engine's trace.
+fn explain(
+    lab: &Lab,
+    dir: &Path,
+    manifests: &str,
+    endpoints: &str,
+    from: &str,
+    to: &str,
+    port: u16,
+) -> Result<()> {
+    let find = |name: &str| {
+        lab.pods
+            .iter()
+            .position(|p| p.key.to_string() == name)
+            .with_context(|| format!("--explain: no pod {name} in the lab"))
+    };
+    let (a, b) = (find(from)?, find(to)?);
+    let before = drop_counters(lab)?;
+    let ok = lab.connects(a, lab.pods[b].addr, port, Duration::from_secs(1));
+    // Drop events reach the counters through each agent's telemetry.
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = drop_counters(lab)?;
+    println!(
+        "{from} ({} on {}) -> {to} ({} on {}) TCP {port}: {}",
+        lab.pods[a].addr,
+        lab.nodes[lab.pods[a].node].name,
+        lab.pods[b].addr,
+        lab.nodes[lab.pods[b].node].name,
+        if ok { "connected" } else { "no connection" }
+    );
+    let mut counted = false;
+    for ((node, series), v) in &after {
+        let was = before
+            .get(&(node.clone(), series.clone()))
+            .copied()
+            .unwrap_or(0);
+        if *v > was {
+            counted = true;
+            println!("  {node}'s kernel: +{} {series}", v - was);
+        }
+    }
+    if !counted {
+        println!("  no kernel counted a drop for it");
+    }
+    let m = dir.join("explain");
+    std::fs::create_dir_all(&m)?;
+    std::fs::write(m.join("manifests.yaml"), manifests)?;
+    std::fs::write(m.join("endpoints.yaml"), endpoints)?;
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "explain",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--port",
+            &port.to_string(),
+            "-f",
+        ])
+        .arg(&m)
+        .output()?;
+    println!("  the reference engine's trace:");
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("    {l}");
+    }
+    Ok(())
 }
 
 /// A Pod of the manifests, to run.
@@ -296,6 +396,15 @@ pub fn run(args: LabArgs) -> Result<std::process::ExitCode> {
         if drops.is_empty() {
             println!("  (none)");
         }
+    }
+    if let (Some(from), Some(to), Some(port)) =
+        (&args.explain_from, &args.explain_to, args.explain_port)
+    {
+        step(
+            &mut n,
+            &format!("why: {from} -> {to} TCP {port}, across the cluster"),
+        );
+        explain(&lab, &dir, &manifests, &endpoints, from, to, port)?;
     }
     step(&mut n, "the overlay on each node");
     for (i, node) in lab.nodes.iter().enumerate() {

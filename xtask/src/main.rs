@@ -322,7 +322,16 @@ fn demo() -> Result<()> {
          VXLAN overlay, pools frontend/backend/ci, zero-trust policy, pods added through CNI\n"
     );
     run(Command::new(palisade())
-        .args(["lab", "-f"])
+        .args([
+            "lab",
+            "--explain-from",
+            "frontend/web",
+            "--explain-to",
+            "backend/api",
+            "--explain-port",
+            "9090",
+            "-f",
+        ])
         .arg(root().join("examples/cluster")))?;
     let example = root().join("examples/zero-trust");
     println!();
