@@ -222,6 +222,8 @@ impl Server {
         let ipam = self.ipam(&cluster, &env);
         let req = self.ipam_request(inv, conf, &w, &cluster)?;
 
+        let started = Instant::now();
+        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
         // 1. Addresses.
         self.fault("ipam")?;
         let assigned = palisade_ipam::cni::add(&ipam, &req).map_err(|e| {
@@ -237,6 +239,8 @@ impl Server {
             }
         };
         let addrs: Vec<IpAddr> = assigned.ips.iter().map(IpNet::addr).collect();
+        let ipam_ms = ms(started);
+        let wire_started = Instant::now();
         let mtu = conf.mtu.unwrap_or_else(|| {
             self.shared
                 .pod_mtu
@@ -281,7 +285,9 @@ impl Server {
             .collect::<Vec<_>>()
             .join(":");
 
+        let wire_ms = ms(wire_started);
         // 3. The workload endpoint, then 4. the policy in the kernel.
+        let endpoint_started = Instant::now();
         let endpoint = self.endpoint_document(inv, conf, &w, &assigned.ips, &pod_mac);
         let written = self.fault("endpoint").and_then(|()| {
             let ds = self.datastore()?;
@@ -293,6 +299,8 @@ impl Server {
             release();
             return Err(e);
         }
+        let endpoint_ms = ms(endpoint_started);
+        let attach_started = Instant::now();
         if let Err(e) = self.fault("policy").and_then(|()| self.wait_attached(&w)) {
             if let Err(d) = self.datastore().and_then(|ds| {
                 ds.delete(&[endpoint_ref(&w)])
@@ -305,6 +313,14 @@ impl Server {
             return Err(e);
         }
 
+        tracing::info!(
+            pod = %format!("{}/{}", w.namespace, w.name),
+            ipam_ms,
+            wire_ms,
+            endpoint_ms,
+            attach_ms = ms(attach_started),
+            "CNI ADD steps"
+        );
         let mut routes = Vec::new();
         if addrs.iter().any(IpAddr::is_ipv4) {
             routes.push((
