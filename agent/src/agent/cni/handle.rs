@@ -89,6 +89,18 @@ fn workload(node: &str, inv: &Invocation, conf: &NetConf) -> Result<Workload, Cn
     })
 }
 
+/// The container's network namespace (ADD and CHECK need it there).
+fn container_netns(inv: &Invocation) -> Result<File, CniError> {
+    let path = inv.netns.as_deref().unwrap_or_default();
+    File::open(path).map_err(|e| {
+        CniError::new(
+            ErrorCode::UnknownContainer,
+            format!("the container's network namespace {path} cannot be opened"),
+            e.to_string(),
+        )
+    })
+}
+
 fn endpoint_ref(w: &Workload) -> ObjectRef {
     ObjectRef::new("WorkloadEndpoint", Some(&w.namespace), w.endpoint.clone())
 }
@@ -209,14 +221,7 @@ impl Server {
             ));
         }
         let w = workload(&self.node, inv, conf)?;
-        let netns_path = inv.netns.as_deref().unwrap_or_default();
-        let netns = File::open(netns_path).map_err(|e| {
-            CniError::new(
-                ErrorCode::UnknownContainer,
-                format!("the container's network namespace {netns_path} cannot be opened"),
-                e.to_string(),
-            )
-        })?;
+        let netns = container_netns(inv)?;
         let cluster = self.shared.ipam.cluster();
         let env = palisade_datastore::SystemEnv;
         let ipam = self.ipam(&cluster, &env);
@@ -456,14 +461,7 @@ impl Server {
 
     fn check(&self, inv: &Invocation, conf: &NetConf) -> Result<(), CniError> {
         let w = workload(&self.node, inv, conf)?;
-        let netns_path = inv.netns.as_deref().unwrap_or_default();
-        let netns = File::open(netns_path).map_err(|e| {
-            CniError::new(
-                ErrorCode::UnknownContainer,
-                format!("the container's network namespace {netns_path} cannot be opened"),
-                e.to_string(),
-            )
-        })?;
+        let netns = container_netns(inv)?;
         let cluster = self.shared.ipam.cluster();
         let env = palisade_datastore::SystemEnv;
         let ipam = self.ipam(&cluster, &env);
