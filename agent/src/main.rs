@@ -41,6 +41,7 @@ mod matrix_cmd;
 mod progress;
 mod resolve;
 mod selector_cmd;
+mod services_verify;
 mod store_cmd;
 mod verify_cmd;
 

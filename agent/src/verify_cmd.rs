@@ -197,6 +197,13 @@ pub fn verify(
             tally.add(&crate::ipam_verify::run_file(f, &doc, stores, verbose)?);
             continue;
         }
+        // Service cases (kube-proxy's tests) have their own schema.
+        if let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text)
+            && crate::services_verify::is_case(&doc)
+        {
+            tally.add(&crate::services_verify::run_file(f, &doc, engine, verbose)?);
+            continue;
+        }
         let case = match parse_case(&name, &text) {
             Ok(c) => c,
             Err(e) => {

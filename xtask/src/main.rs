@@ -216,6 +216,18 @@ fn test() -> Result<()> {
         }
     }
     for c in &corpora {
+        // Service load balancing: kube-proxy's packet-flow and
+        // endpoint-selection cases (the reference model; issue 21).
+        s.step(
+            &format!("conformance, services, reference engine ({})", c.display()),
+            || {
+                run(Command::new(palisade())
+                    .args(["verify", "--engine", "reference"])
+                    .arg(c.join("services")))
+            },
+        )?;
+    }
+    for c in &corpora {
         // etcd's run is an integration test (it starts its own cluster);
         // here every corpus root, the shared one with any held-out cases
         // included, runs on the embedded store.
@@ -253,18 +265,19 @@ fn test() -> Result<()> {
 
 /// What of a corpus `cargo xtask test` runs: the selector vectors and the
 /// policy folders the engines verify.
-const CHECKED_CORPUS: [&str; 6] = [
+const CHECKED_CORPUS: [&str; 7] = [
     "selectors.jsonl",
     "selectors_canonical.jsonl",
     "kubernetes",
     "calico",
     "extra",
     "ipam",
+    "services",
 ];
 
 /// The corpus vendored in the repository, plus the shared one next to the
 /// checkout when what CI runs of it differs (it may hold cases added since).
-/// Folders CI does not run yet (services, ...) do not count, so an
+/// Folders CI does not run yet (calico-services, ...) do not count, so an
 /// identical policy corpus is never verified twice.
 fn conformance_roots() -> Vec<PathBuf> {
     let vendored = root().join("conformance");
