@@ -26,6 +26,10 @@ pub struct Cluster {
     tiers: BTreeMap<String, Tier>,
     network_sets: BTreeMap<(Option<String>, String), NetworkSet>,
     profiles: BTreeMap<String, Profile>,
+    endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
+    /// Policies with `services` matches, as written; `policies` holds them
+    /// resolved against the current EndpointSlices.
+    service_policies: BTreeMap<PolicyId, Policy>,
 }
 
 impl Default for Cluster {
@@ -48,6 +52,9 @@ pub struct Applied {
     pub old: Option<Object>,
     /// The object after the change.
     pub new: Option<Object>,
+    /// A policy re-resolved because an EndpointSlice its Service matches
+    /// name changed (undoing the slice change undoes this too).
+    pub derived: bool,
 }
 
 impl Cluster {
@@ -64,6 +71,8 @@ impl Cluster {
                 .collect(),
             network_sets: BTreeMap::new(),
             profiles: BTreeMap::new(),
+            endpoint_slices: BTreeMap::new(),
+            service_policies: BTreeMap::new(),
         }
     }
 
@@ -84,26 +93,9 @@ impl Cluster {
             let r = match change {
                 Change::Upsert(obj) => {
                     touched.push(obj.object_ref());
-                    let new = obj.clone();
-                    let u = self.put(obj);
-                    let old = match &u {
-                        Undo::Restore(o) => Some(o.clone()),
-                        Undo::Remove(_) => None,
-                    };
-                    applied.push(Applied {
-                        old,
-                        new: Some(new),
-                    });
-                    Ok(u)
+                    Ok(self.put_tracked(obj, &mut applied))
                 }
-                Change::Delete(r) => self.remove(&r).inspect(|u| {
-                    if let Undo::Restore(o) = u {
-                        applied.push(Applied {
-                            old: Some(o.clone()),
-                            new: None,
-                        });
-                    }
-                }),
+                Change::Delete(r) => self.remove_tracked(&r, &mut applied),
             };
             match r {
                 Ok(u) => undo.push(u),
@@ -134,11 +126,124 @@ impl Cluster {
         }
     }
 
+    /// [`Cluster::put`], recording in `applied` what changed: the object,
+    /// then any policy whose Service matches it re-resolved (marked derived).
+    fn put_tracked(&mut self, obj: Object, applied: &mut Vec<Applied>) -> Undo {
+        let slice_service = match &obj {
+            Object::EndpointSlice(s) => s.service.clone().map(|svc| (s.namespace.clone(), svc)),
+            _ => None,
+        };
+        let old_service = match &obj {
+            Object::EndpointSlice(s) => self
+                .endpoint_slices
+                .get(&(s.namespace.clone(), s.name.clone()))
+                .and_then(|o| o.service.clone().map(|svc| (o.namespace.clone(), svc))),
+            _ => None,
+        };
+        let new = obj.clone();
+        let before = self.resolved_dependents(&[&slice_service, &old_service]);
+        let u = self.put(obj);
+        let old = match &u {
+            Undo::Restore(o) => Some(o.clone()),
+            Undo::Remove(_) => None,
+        };
+        applied.push(Applied {
+            old,
+            new: Some(new),
+            derived: false,
+        });
+        self.note_dependents(before, applied);
+        u
+    }
+
+    fn remove_tracked(&mut self, r: &ObjectRef, applied: &mut Vec<Applied>) -> Result<Undo, Error> {
+        let service = (r.kind == "EndpointSlice")
+            .then(|| {
+                self.endpoint_slices
+                    .get(&(r.namespace.clone().unwrap_or_default(), r.name.clone()))
+                    .and_then(|o| o.service.clone().map(|svc| (o.namespace.clone(), svc)))
+            })
+            .flatten();
+        let before = self.resolved_dependents(&[&service]);
+        let u = self.remove(r)?;
+        if let Undo::Restore(o) = &u {
+            applied.push(Applied {
+                old: Some(o.clone()),
+                new: None,
+                derived: false,
+            });
+        }
+        self.note_dependents(before, applied);
+        Ok(u)
+    }
+
+    /// The resolved form of every policy matching one of these Services.
+    fn resolved_dependents(&self, services: &[&Option<(String, String)>]) -> Vec<Policy> {
+        let wanted: Vec<ServiceRef> = services
+            .iter()
+            .filter_map(|s| s.as_ref())
+            .map(|(namespace, name)| ServiceRef {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Vec::new();
+        }
+        self.service_policies
+            .values()
+            .filter(|p| {
+                crate::service_match::services_of(p)
+                    .iter()
+                    .any(|s| wanted.contains(s))
+            })
+            .filter_map(|p| self.policies.get(&p.id).cloned())
+            .collect()
+    }
+
+    /// Re-resolves the policies in `before` and records those that changed.
+    fn note_dependents(&mut self, before: Vec<Policy>, applied: &mut Vec<Applied>) {
+        for old in before {
+            let Some(raw) = self.service_policies.get(&old.id) else {
+                continue;
+            };
+            let new = crate::service_match::resolve(raw, self.endpoint_slices.values());
+            if new != old {
+                self.policies.insert(new.id.clone(), new.clone());
+                applied.push(Applied {
+                    old: Some(Object::Policy(old)),
+                    new: Some(Object::Policy(new)),
+                    derived: true,
+                });
+            }
+        }
+    }
+
     /// Inserts or replaces; returns how to undo it.
     fn put(&mut self, obj: Object) -> Undo {
         let r = obj.object_ref();
         let old = match obj {
-            Object::Policy(p) => self.policies.insert(p.id.clone(), p).map(Object::Policy),
+            Object::Policy(p) => {
+                let raw_old = self.service_policies.remove(&p.id);
+                let resolved = if crate::service_match::uses_services(&p) {
+                    let resolved = crate::service_match::resolve(&p, self.endpoint_slices.values());
+                    self.service_policies.insert(p.id.clone(), p);
+                    resolved
+                } else {
+                    p
+                };
+                let old = self.policies.insert(resolved.id.clone(), resolved);
+                raw_old.or(old).map(Object::Policy)
+            }
+            Object::EndpointSlice(s) => {
+                let key = (s.namespace.clone(), s.name.clone());
+                let old = self
+                    .endpoint_slices
+                    .insert(key, s)
+                    .map(Object::EndpointSlice);
+                self.reresolve_all();
+                old
+            }
             Object::Tier(t) => self.tiers.insert(t.name.clone(), t).map(Object::Tier),
             Object::NetworkSet(n) => self
                 .network_sets
@@ -183,13 +288,15 @@ impl Cluster {
                     _ => &[PolicyKind::StagedKubernetesNetworkPolicy],
                 };
                 kinds.iter().find_map(|k| {
+                    let id = PolicyId {
+                        kind: *k,
+                        namespace: if k.is_namespaced() { ns.clone() } else { None },
+                        name: name.clone(),
+                    };
+                    let raw = self.service_policies.remove(&id);
                     self.policies
-                        .remove(&PolicyId {
-                            kind: *k,
-                            namespace: if k.is_namespaced() { ns.clone() } else { None },
-                            name: name.clone(),
-                        })
-                        .map(Object::Policy)
+                        .remove(&id)
+                        .map(|p| Object::Policy(raw.unwrap_or(p)))
                 })
             }
             "Tier" => {
@@ -212,6 +319,14 @@ impl Cluster {
                 .service_accounts
                 .remove(&(ns.unwrap_or_default(), name))
                 .map(Object::ServiceAccount),
+            "EndpointSlice" => {
+                let removed = self
+                    .endpoint_slices
+                    .remove(&(ns.unwrap_or_default(), name))
+                    .map(Object::EndpointSlice);
+                self.reresolve_all();
+                removed
+            }
             "Pod" | "WorkloadEndpoint" => self
                 .endpoints
                 .remove(&EndpointKey::new(ns.unwrap_or_default(), name))
@@ -222,6 +337,27 @@ impl Cluster {
             Some(o) => Ok(Undo::Restore(o)),
             None => Err(Error::new(ErrorKind::NotFound(r.to_string())).on(r.clone())),
         }
+    }
+
+    /// Resolves every policy with Service matches against the slices now.
+    fn reresolve_all(&mut self) {
+        for raw in self.service_policies.values() {
+            let resolved = crate::service_match::resolve(raw, self.endpoint_slices.values());
+            self.policies.insert(resolved.id.clone(), resolved);
+        }
+    }
+
+    /// EndpointSlices.
+    pub fn endpoint_slices(&self) -> impl Iterator<Item = &EndpointSlice> {
+        self.endpoint_slices.values()
+    }
+
+    /// A policy as written (Service matches unresolved); [`Cluster::policy`]
+    /// gives the resolved form engines evaluate.
+    pub fn policy_as_written(&self, id: &PolicyId) -> Option<&Policy> {
+        self.service_policies
+            .get(id)
+            .or_else(|| self.policies.get(id))
     }
 
     /// Cross-object rules: policies name existing tiers, tiers in use are not deleted.
@@ -267,7 +403,19 @@ impl Cluster {
         );
         v.extend(self.profiles.values().cloned().map(Object::Profile));
         v.extend(self.network_sets.values().cloned().map(Object::NetworkSet));
-        v.extend(self.policies.values().cloned().map(Object::Policy));
+        v.extend(
+            self.endpoint_slices
+                .values()
+                .cloned()
+                .map(Object::EndpointSlice),
+        );
+        v.extend(
+            self.policies
+                .keys()
+                .filter_map(|id| self.policy_as_written(id))
+                .cloned()
+                .map(Object::Policy),
+        );
         v.extend(self.endpoints.values().cloned().map(Object::Endpoint));
         v
     }

@@ -74,6 +74,7 @@ pub mod model;
 pub mod net;
 pub mod reference;
 pub mod selector;
+pub mod service_match;
 mod strict;
 pub mod suggest;
 

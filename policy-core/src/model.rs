@@ -187,12 +187,32 @@ pub struct EntityMatch {
     pub ports: Vec<PortMatch>,
     /// Port must match none of these.
     pub not_ports: Vec<PortMatch>,
+    /// A Kubernetes Service (Calico's `services`): as a source, the
+    /// addresses of its EndpointSlices; as a destination, their addresses
+    /// and ports. Resolved by the cluster before any engine sees a rule.
+    pub services: Option<ServiceRef>,
+}
+
+/// The Service a rule side names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceRef {
+    /// Namespace of the Service.
+    pub namespace: String,
+    /// Name of the Service.
+    pub name: String,
+}
+
+impl fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
 }
 
 impl EntityMatch {
     /// Whether this side matches everything.
     pub fn is_empty(&self) -> bool {
-        self.nets.is_empty()
+        self.services.is_none()
+            && self.nets.is_empty()
             && self.not_nets.is_empty()
             && self.selector.is_none()
             && self.not_selector.is_none()
@@ -406,6 +426,33 @@ pub struct Namespace {
     pub name: String,
     /// Labels.
     pub labels: LabelMap,
+}
+
+/// A discovery.k8s.io/v1 EndpointSlice: what Calico's `services` rule
+/// matches resolve against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSlice {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The Service it belongs to (label `kubernetes.io/service-name`).
+    pub service: Option<String>,
+    /// Every endpoint address.
+    pub addresses: Vec<IpAddr>,
+    /// Its ports (a port without a number is left out).
+    pub ports: Vec<SlicePort>,
+}
+
+/// A port of an EndpointSlice.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlicePort {
+    /// Port name (`""` for an unnamed port).
+    pub name: String,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Port number.
+    pub port: u16,
 }
 
 /// A Kubernetes service account.

@@ -118,6 +118,14 @@ pub const KINDS: &[KindInfo] = &[
         true,
         &["serviceaccount", "sa"],
     ),
+    // What Calico's `services` rule matches resolve against.
+    info(
+        "discovery.k8s.io/v1",
+        "endpointslices",
+        "EndpointSlice",
+        true,
+        &["endpointslice", "eps"],
+    ),
     ipam("ippools", "IPPool", &["ippool", "ipp", "pool", "pools"]),
     ipam("ipreservations", "IPReservation", &["ipreservation"]),
     ipam("nodes", "Node", &["node", "no"]),

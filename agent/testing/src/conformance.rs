@@ -151,6 +151,95 @@ struct RawCase {
     requires: Vec<String>,
     #[serde(default)]
     service_accounts: Vec<RawServiceAccount>,
+    /// EndpointSlices (`calico-services` cases): the EndpointSlice body
+    /// with `namespace`, `name` and `labels` beside it instead of metadata.
+    #[serde(default)]
+    endpoint_slices: Vec<serde_json::Value>,
+    /// Services with selectors: their EndpointSlices are derived from the
+    /// pods, as Kubernetes' EndpointSlice controller derives them.
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawService {
+    namespace: String,
+    name: String,
+    #[serde(default)]
+    selector: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    ports: Vec<RawServicePort>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawServicePort {
+    #[serde(default)]
+    name: Option<String>,
+    port: i64,
+    #[serde(default)]
+    target_port: Option<serde_json::Value>,
+    #[serde(default)]
+    protocol: Option<String>,
+}
+
+/// The EndpointSlices Kubernetes' controller makes for a selector Service:
+/// every selected pod, one slice per distinct resolution of the target
+/// ports (a named targetPort may resolve differently per pod).
+fn derived_slices(svc: &RawService, pods: &[Endpoint]) -> Result<Vec<EndpointSlice>, String> {
+    let Some(selector) = &svc.selector else {
+        return Ok(Vec::new());
+    };
+    let mut groups: BTreeMap<Vec<SlicePort>, Vec<IpAddr>> = BTreeMap::new();
+    for pod in pods.iter().filter(|p| {
+        p.key.namespace == svc.namespace && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+    }) {
+        let mut ports = Vec::new();
+        for (i, sp) in svc.ports.iter().enumerate() {
+            let protocol = Protocol::parse(sp.protocol.as_deref().unwrap_or("TCP"))
+                .map_err(|m| format!("services.{}.ports[{i}].protocol: {m}", svc.name))?;
+            let number = match &sp.target_port {
+                None => Some(sp.port),
+                Some(serde_json::Value::Number(n)) => n.as_i64(),
+                Some(serde_json::Value::String(name)) => pod
+                    .ports
+                    .iter()
+                    .find(|d| &d.name == name && d.protocol == protocol)
+                    .map(|d| i64::from(d.port)),
+                Some(other) => {
+                    return Err(format!(
+                        "services.{}.ports[{i}].targetPort: {other}",
+                        svc.name
+                    ));
+                }
+            };
+            // A named port the pod lacks: the controller leaves the pod out.
+            let Some(port) = number.and_then(|n| u16::try_from(n).ok()) else {
+                continue;
+            };
+            ports.push(SlicePort {
+                name: sp.name.clone().unwrap_or_default(),
+                protocol,
+                port,
+            });
+        }
+        groups
+            .entry(ports)
+            .or_default()
+            .extend(pod.ips.iter().copied());
+    }
+    Ok(groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, (ports, addresses))| EndpointSlice {
+            namespace: svc.namespace.clone(),
+            name: format!("{}-derived-{i}", svc.name),
+            service: Some(svc.name.clone()),
+            addresses,
+            ports,
+        })
+        .collect())
 }
 
 fn case_err(source: &str, field: String, msg: impl std::fmt::Display) -> Error {
@@ -234,6 +323,38 @@ pub fn parse_case(source: &str, text: &str) -> Result<Case, Error> {
             orchestrator: "k8s".into(),
             interface: None,
         }));
+    }
+    let pods: Vec<Endpoint> = objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Endpoint(e) => Some(e.clone()),
+            _ => None,
+        })
+        .collect();
+    for svc in &raw.services {
+        for slice in
+            derived_slices(svc, &pods).map_err(|m| case_err(source, "services".into(), m))?
+        {
+            objects.push(Object::EndpointSlice(slice));
+        }
+    }
+    for (i, raw_slice) in raw.endpoint_slices.iter().enumerate() {
+        let mut doc = raw_slice.clone();
+        if let Some(obj) = doc.as_object_mut() {
+            let mut meta = serde_json::Map::new();
+            for key in ["namespace", "name", "labels"] {
+                if let Some(v) = obj.remove(key) {
+                    meta.insert(key.into(), v);
+                }
+            }
+            obj.insert("metadata".into(), serde_json::Value::Object(meta));
+            obj.insert("apiVersion".into(), "discovery.k8s.io/v1".into());
+            obj.insert("kind".into(), "EndpointSlice".into());
+        }
+        objects.push(
+            convert_document(&doc)
+                .map_err(|e| case_err(source, format!("endpointSlices[{i}]"), e))?,
+        );
     }
     for (i, p) in raw.policies.iter().enumerate() {
         objects.push(convert_document(p).map_err(|e| {

@@ -62,6 +62,48 @@ const TEAMS: &[&str] = &["a", "b"];
 const ENVS: &[&str] = &["prod", "dev"];
 const NAMESPACES: &[&str] = &["x", "y", "z"];
 const SERVICE_ACCOUNTS: &[&str] = &["default", "robot"];
+const SERVICES: &[&str] = &["svc-a", "svc-b"];
+
+/// An EndpointSlice of one of [`SERVICES`]: pod-like addresses (some of
+/// no pod) and one or two ports.
+fn endpoint_slice(r: &mut Rng, name: &str) -> Object {
+    let ns = *r.pick(NAMESPACES);
+    let addresses: Vec<IpAddr> = (0..1 + r.below(3))
+        .map(|_| {
+            let (n, h) = (r.below(3), 1 + r.below(8));
+            if r.chance(80) {
+                format!("10.0.{n}.{h}")
+            } else {
+                format!("fd00::{n}:{h}")
+            }
+            .parse()
+            .expect("ip")
+        })
+        .collect();
+    let choices = [
+        (Protocol::TCP, 80),
+        (Protocol::UDP, 53),
+        (Protocol::TCP, 8080),
+        (Protocol::SCTP, 80),
+    ];
+    let ports = (0..1 + r.below(2))
+        .map(|i| {
+            let (protocol, port) = *r.pick(&choices);
+            SlicePort {
+                name: format!("p{i}"),
+                protocol,
+                port,
+            }
+        })
+        .collect();
+    Object::EndpointSlice(EndpointSlice {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        service: Some(r.pick(SERVICES).to_string()),
+        addresses,
+        ports,
+    })
+}
 
 /// CIDRs that nest and overlap the pod addresses (10.0.<ns>.<n>, fd00::<ns>:<n>).
 const CIDRS: &[&str] = &[
@@ -313,6 +355,22 @@ fn calico_policy(r: &mut Rng, name: &str, tiers: &[String]) -> Value {
             spec.insert(key.into(), Value::Array(rules));
         }
     }
+    // Calico `services` matches: an ingress rule's source, an egress
+    // rule's destination (the only sides Calico allows).
+    for (key, side) in [("ingress", "source"), ("egress", "destination")] {
+        if let Some(Value::Array(rules)) = spec.get_mut(key) {
+            for rule in rules.iter_mut() {
+                if r.chance(12) {
+                    let mut svc = serde_json::Map::new();
+                    svc.insert("name".into(), json!(r.pick(SERVICES)));
+                    if global || r.chance(50) {
+                        svc.insert("namespace".into(), json!(r.pick(NAMESPACES)));
+                    }
+                    rule[side] = json!({"services": svc});
+                }
+            }
+        }
+    }
     if r.chance(75) {
         spec.insert("types".into(), json!(types));
     }
@@ -455,6 +513,9 @@ pub fn small_cluster(seed: u64) -> Generated {
                        "spec": {"nets": [r.pick(CIDRS), r.pick(CIDRS)]}});
         objects.extend(convert(&v));
     }
+    for i in 0..r.below(4) {
+        objects.push(endpoint_slice(&mut r, &format!("eps{i}")));
+    }
     let n_pods = 3 + r.below(6);
     for i in 0..n_pods {
         let ns = r.below(NAMESPACES.len());
@@ -562,7 +623,14 @@ pub fn random_change(r: &mut Rng, current: &[Object], step: usize) -> Change {
         let matching: Vec<&Object> = current.iter().filter(|o| pred(o)).collect();
         (!matching.is_empty()).then(|| matching[r.below(matching.len())].clone())
     };
-    match r.below(10) {
+    match r.below(11) {
+        10 => match pick_kind(r, &|o| matches!(o, Object::EndpointSlice(_))) {
+            Some(o) if r.chance(40) => Change::Delete(o.object_ref()),
+            _ => {
+                let name = format!("eps{}", r.below(5));
+                Change::Upsert(endpoint_slice(r, &name))
+            }
+        },
         0 | 1 => {
             if let Some(Object::Endpoint(mut e)) =
                 pick_kind(r, &|o| matches!(o, Object::Endpoint(_)))
@@ -979,6 +1047,28 @@ pub fn wide_policies(policies: usize, rules: usize) -> Vec<Object> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The generated clusters exercise Calico `services` matches: policies
+    /// naming Services, and EndpointSlices for them.
+    #[test]
+    fn small_clusters_carry_service_matches() {
+        let (mut with_rules, mut with_slices) = (0, 0);
+        for seed in 0..200 {
+            let g = small_cluster(seed);
+            with_slices += usize::from(
+                g.objects
+                    .iter()
+                    .any(|o| matches!(o, Object::EndpointSlice(_))),
+            );
+            with_rules += usize::from(g.objects.iter().any(
+                |o| matches!(o, Object::Policy(p) if policy_core::service_match::uses_services(p)),
+            ));
+        }
+        assert!(
+            with_rules > 20 && with_slices > 100,
+            "{with_rules} {with_slices}"
+        );
+    }
 
     /// Tools that read files see exactly the cluster the benchmarks build.
     #[test]

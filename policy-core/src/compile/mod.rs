@@ -538,7 +538,14 @@ impl Compiler {
         );
         objects.extend(
             cluster
+                .endpoint_slices()
+                .cloned()
+                .map(|s| Change::Upsert(Object::EndpointSlice(s))),
+        );
+        objects.extend(
+            cluster
                 .policies()
+                .filter_map(|p| cluster.policy_as_written(&p.id))
                 .cloned()
                 .map(|p| Change::Upsert(Object::Policy(p))),
         );
@@ -571,6 +578,7 @@ impl Compiler {
         let undo = applied
             .iter()
             .rev()
+            .filter(|a| !a.derived)
             .filter_map(|a| match (&a.old, &a.new) {
                 (Some(old), _) => Some(Change::Upsert(old.clone())),
                 (None, Some(new)) => Some(Change::Delete(new.object_ref())),
@@ -649,6 +657,9 @@ impl Compiler {
                     }
                     None
                 }
+                // Policies whose Service matches it changed arrive as
+                // derived policy changes of their own.
+                Object::EndpointSlice(_) => None,
             };
             if let Some(name) = profile {
                 self.profile_cache.remove(&name);

@@ -9,12 +9,51 @@ pub(super) fn entity(
     policy_namespace: Option<&str>,
     field: &str,
 ) -> Result<EntityMatch, Error> {
-    if spec.services.is_some() {
-        return Err(Error::new(ErrorKind::Unsupported(
-            "services matches in rules (match the backing pods with a selector instead)".into(),
-        ))
-        .at(format!("{field}.services")));
-    }
+    let services = match &spec.services {
+        None => None,
+        Some(svc) => {
+            let f = format!("{field}.services");
+            if svc.name.is_empty() {
+                return Err(Error::invalid(
+                    format!("{f}.name"),
+                    "must specify a service name",
+                ));
+            }
+            for (set, what) in [
+                (spec.namespace_selector.is_some(), "namespaceSelector"),
+                (
+                    spec.selector.is_some() || spec.not_selector.is_some(),
+                    "selector/notSelector",
+                ),
+                (spec.service_accounts.is_some(), "serviceAccounts"),
+                (
+                    !spec.nets.is_empty() || !spec.not_nets.is_empty(),
+                    "nets/notNets",
+                ),
+            ] {
+                if set {
+                    return Err(Error::invalid(
+                        f,
+                        format!("cannot specify {what} and services on the same rule side"),
+                    ));
+                }
+            }
+            let namespace = match (svc.namespace.as_deref(), policy_namespace) {
+                (Some(ns), _) if !ns.is_empty() => ns.to_string(),
+                (_, Some(ns)) => ns.to_string(),
+                _ => {
+                    return Err(Error::invalid(
+                        format!("{f}.namespace"),
+                        "must specify a namespace (service names are namespaced)",
+                    ));
+                }
+            };
+            Some(ServiceRef {
+                namespace,
+                name: svc.name.clone(),
+            })
+        }
+    };
     let endpoint_sel = selector_field(spec.selector.as_deref(), &format!("{field}.selector"))?;
     if let Some(s) = &endpoint_sel
         && contains_global(s.expr())
@@ -92,7 +131,45 @@ pub(super) fn entity(
         not_selector,
         ports: ports_field(&spec.ports, &format!("{field}.ports"))?,
         not_ports: ports_field(&spec.not_ports, &format!("{field}.notPorts"))?,
+        services,
     })
+}
+
+/// Where Calico allows `services`: a destination of egress rules, a source
+/// of ingress rules, and never with destination ports (they come from the
+/// Service's endpoints).
+pub(super) fn check_service_sides(rules: &[Rule], egress: bool, field: &str) -> Result<(), Error> {
+    for (i, r) in rules.iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        if egress && r.source.services.is_some() {
+            return Err(Error::invalid(
+                format!("{f}.source.services"),
+                "not allowed in an egress rule's source",
+            ));
+        }
+        if !egress && r.destination.services.is_some() {
+            return Err(Error::invalid(
+                format!("{f}.destination.services"),
+                "not allowed in an ingress rule's destination",
+            ));
+        }
+        if r.destination.services.is_some() {
+            for (set, what) in [
+                (!r.destination.ports.is_empty(), "ports"),
+                (!r.destination.not_ports.is_empty(), "notPorts"),
+            ] {
+                if set {
+                    return Err(Error::invalid(
+                        format!("{f}.destination.{what}"),
+                        format!(
+                            "cannot specify {what} with a service (its endpoints' ports apply)"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Converts and validates a rule.
@@ -327,6 +404,8 @@ pub(super) fn calico_policy(
 
     let ingress = rules(&spec.ingress, namespace.as_deref(), "spec.ingress")?;
     let egress = rules(&spec.egress, namespace.as_deref(), "spec.egress")?;
+    check_service_sides(&ingress, false, "spec.ingress")?;
+    check_service_sides(&egress, true, "spec.egress")?;
     let (mut ingress_enabled, mut egress_enabled) =
         default_types(spec.types.as_deref(), ingress.len(), egress.len())?;
     if delete {

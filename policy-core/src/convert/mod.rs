@@ -65,6 +65,8 @@ pub enum Object {
     ServiceAccount(ServiceAccount),
     /// A Pod / workload endpoint.
     Endpoint(Endpoint),
+    /// An EndpointSlice (what `services` rule matches resolve against).
+    EndpointSlice(EndpointSlice),
 }
 
 impl Object {
@@ -90,6 +92,9 @@ impl Object {
             Object::Endpoint(e) => {
                 ObjectRef::new("Pod", Some(&e.key.namespace), e.key.name.clone())
             }
+            Object::EndpointSlice(s) => {
+                ObjectRef::new("EndpointSlice", Some(&s.namespace), s.name.clone())
+            }
         }
     }
 }
@@ -107,7 +112,8 @@ pub fn policy_ref(id: &PolicyId) -> ObjectRef {
 /// Kinds Palisade reads, for error messages.
 pub const SUPPORTED_KINDS: &str = "projectcalico.org/v3 NetworkPolicy, GlobalNetworkPolicy, \
 StagedNetworkPolicy, StagedGlobalNetworkPolicy, StagedKubernetesNetworkPolicy, Tier, NetworkSet, \
-GlobalNetworkSet, Profile, WorkloadEndpoint; networking.k8s.io/v1 NetworkPolicy; v1 Namespace, Pod, ServiceAccount";
+GlobalNetworkSet, Profile, WorkloadEndpoint; networking.k8s.io/v1 NetworkPolicy; v1 Namespace, Pod, ServiceAccount; \
+discovery.k8s.io/v1 EndpointSlice";
 
 /// Converts one manifest document (already parsed to JSON) into a model
 /// object; on failure, the first of [`convert_document_all`]'s errors.
@@ -316,6 +322,19 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
             let labels_to_apply = check_labels(&obj.spec.labels_to_apply, "spec.labelsToApply")?;
             let ingress = rules(&obj.spec.ingress, None, "spec.ingress")?;
             let egress = rules(&obj.spec.egress, None, "spec.egress")?;
+            for (list, field) in [(&ingress, "spec.ingress"), (&egress, "spec.egress")] {
+                if let Some(i) = list
+                    .iter()
+                    .position(|r| r.source.services.is_some() || r.destination.services.is_some())
+                {
+                    return fail(
+                        Error::new(ErrorKind::Unsupported(
+                            "services matches in Profile rules (use a policy)".into(),
+                        ))
+                        .at(format!("{field}[{i}]")),
+                    );
+                }
+            }
             Ok(Object::Profile(Profile {
                 name,
                 ingress,
@@ -342,6 +361,11 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
             let obj: CalicoObject<crate::api::WorkloadEndpointSpec> = typed(doc)?;
             Ok(Object::Endpoint(workload::workload_endpoint(&obj)?))
         }
+        "EndpointSlice" => {
+            expect_api(kind, api, "discovery.k8s.io/v1")?;
+            let slice: k8s_openapi::api::discovery::v1::EndpointSlice = typed(doc)?;
+            Ok(Object::EndpointSlice(endpoint_slice(&slice)?))
+        }
         "Pod" => {
             expect_api(kind, api, "v1")?;
             let pod: core::Pod = typed(doc)?;
@@ -359,6 +383,51 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
 }
 
 /// An error as the one error of a document.
+/// An EndpointSlice: its Service, addresses and numbered ports.
+pub fn endpoint_slice(
+    slice: &k8s_openapi::api::discovery::v1::EndpointSlice,
+) -> Result<EndpointSlice, Error> {
+    let mut addresses = Vec::new();
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        for (j, a) in ep.addresses.iter().enumerate() {
+            let ip: IpAddr = a.trim().parse().map_err(|_| {
+                Error::invalid(
+                    format!("endpoints[{i}].addresses[{j}]"),
+                    format!("{a:?} is not an IP address"),
+                )
+            })?;
+            if !addresses.contains(&ip) {
+                addresses.push(ip);
+            }
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let protocol = Protocol::parse(p.protocol.as_deref().unwrap_or("TCP"))
+            .map_err(|m| Error::invalid(format!("ports[{i}].protocol"), m))?;
+        let Some(n) = p.port else { continue };
+        let port = crate::net::port_number(i64::from(n))
+            .map_err(|m| Error::invalid(format!("ports[{i}].port"), m))?;
+        ports.push(SlicePort {
+            name: p.name.clone().unwrap_or_default(),
+            protocol,
+            port,
+        });
+    }
+    Ok(EndpointSlice {
+        namespace: namespace_of(&slice.metadata)?,
+        name: object_name(&slice.metadata, NameRule::Subdomain)?,
+        service: slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+            .cloned(),
+        addresses,
+        ports,
+    })
+}
+
 fn fail<T>(e: Error) -> Result<T, Errors> {
     Err(e.into())
 }

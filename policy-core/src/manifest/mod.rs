@@ -84,7 +84,7 @@ enum Section<'t> {
 }
 
 /// The kinds Palisade acts on (any other kind is skipped).
-pub const ACTED_ON_KINDS: [&str; 14] = [
+pub const ACTED_ON_KINDS: [&str; 15] = [
     "NetworkPolicy",
     "GlobalNetworkPolicy",
     "StagedNetworkPolicy",
@@ -98,6 +98,7 @@ pub const ACTED_ON_KINDS: [&str; 14] = [
     "Namespace",
     "Pod",
     "ServiceAccount",
+    "EndpointSlice",
     "List",
 ];
 

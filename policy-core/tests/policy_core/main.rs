@@ -113,6 +113,45 @@ mod bad_input {
     }
 
     #[test]
+    fn services_matches_are_checked_as_calico_checks_them() {
+        for (rule, field, says) in [
+            (
+                "{action: Allow, source: {services: {name: api}}}",
+                "spec.ingress[0].source.services.namespace",
+                "must specify a namespace",
+            ),
+            (
+                "{action: Allow, destination: {services: {name: api, namespace: x}}}",
+                "spec.ingress[0].destination.services",
+                "not allowed in an ingress rule's destination",
+            ),
+            (
+                "{action: Allow, source: {services: {name: api, namespace: x}, nets: [10.0.0.0/8]}}",
+                "spec.ingress[0].source.services",
+                "cannot specify nets/notNets and services",
+            ),
+            (
+                "{action: Allow, source: {services: {name: '', namespace: x}}}",
+                "spec.ingress[0].source.services.name",
+                "must specify a service name",
+            ),
+        ] {
+            let e = err(&gnp(rule));
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+        }
+        let e = err(
+            "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata: {name: p, namespace: x}\n\
+spec:\n  egress:\n  - {action: Allow, protocol: TCP, destination: {services: {name: api}, ports: [80]}}\n",
+        );
+        assert_eq!(
+            e.field.as_deref(),
+            Some("spec.egress[0].destination.ports"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn invalid_selector_names_field_and_offset() {
         let e = err(&gnp(
             "{action: Allow, source: {selector: \"app == 'a' &&& x\"}}",
