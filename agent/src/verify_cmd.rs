@@ -201,7 +201,18 @@ pub fn verify(
         if let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text)
             && crate::services_verify::is_case(&doc)
         {
-            tally.add(&crate::services_verify::run_file(f, &doc, engine, verbose)?);
+            use crate::services_verify::ServiceEngine;
+            let service_engine = match engine {
+                EngineKind::Reference => ServiceEngine::Reference,
+                EngineKind::Maps => ServiceEngine::Maps,
+                other => ServiceEngine::Unsupported(format!("{other:?}").to_lowercase()),
+            };
+            tally.add(&crate::services_verify::run_file(
+                f,
+                &doc,
+                service_engine,
+                verbose,
+            )?);
             continue;
         }
         let case = match parse_case(&name, &text) {

@@ -36,3 +36,4 @@ pub mod datapath;
 pub mod error;
 pub mod lower;
 pub mod packet;
+pub mod services;

@@ -26,6 +26,7 @@ mod packet;
 mod program;
 mod runtime;
 mod scratch;
+mod service;
 mod slots;
 
 pub use codes::*;
@@ -36,6 +37,7 @@ pub use packet::*;
 pub use program::*;
 pub use runtime::*;
 pub use scratch::*;
+pub use service::*;
 pub use slots::*;
 
 #[cfg(feature = "user")]
@@ -47,6 +49,16 @@ mod user {
     unsafe impl aya::Pod for LoweredNode {}
     // SAFETY: as above.
     unsafe impl aya::Pod for PeerClass {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FrontendKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FrontendValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BackendValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SlotKey {}
     // SAFETY: as above.

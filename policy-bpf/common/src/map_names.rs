@@ -54,6 +54,19 @@ pub const DELIVER: &str = "PALISADE_DELIVER";
 /// Per-CPU working memory (not pinned).
 pub const SCRATCH: &str = "PALISADE_SCRATCH";
 
+/// Service frontends (ClusterIP, external, LB IP, NodePort per address).
+/// The service maps are lowered and read by the `maps` engine; the kernel
+/// program does not declare them yet, so they are not in [`ALL`].
+pub const SVC_FRONTENDS: &str = "PALISADE_SVC_FRONTENDS";
+/// Service ports and their backend ranges.
+pub const SVC_SERVICES: &str = "PALISADE_SVC_SERVICES";
+/// Service backends.
+pub const SVC_BACKENDS: &str = "PALISADE_SVC_BACKENDS";
+/// Address classes of the service lookup (pod, node, service range, ClusterIP).
+pub const SVC_ADDRESSES: &str = "PALISADE_SVC_ADDRESSES";
+/// `loadBalancerSourceRanges` by Service.
+pub const SVC_SOURCE_RANGES: &str = "PALISADE_SVC_SOURCE_RANGES";
+
 /// Every map the program pins.
 pub const ALL: &[&str] = &[
     NODES, SLOTS, IFACES, MANAGED, LOCAL4, LPM4, LPM6, IDWORDS, CLASSWORDS, LAYOUT, CONN4, CTTAG4,

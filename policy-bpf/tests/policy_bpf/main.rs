@@ -442,3 +442,4 @@ fn writes_come_in_safe_order() {
 }
 
 mod kernel;
+mod services;

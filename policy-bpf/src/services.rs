@@ -1,0 +1,356 @@
+//! Lowering a node's service table ([`palisade_services::ServiceTable`])
+//! to the entries of the service maps, with capacity checks that name the
+//! map (a table that does not fit changes nothing), and the same entries
+//! read back in user space for the `maps` engine.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+use palisade_services::{Family, FrontendKind, Protocol, ServiceTable};
+use policy_bpf_common::*;
+
+/// How many entries each service map holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceCapacity {
+    pub frontends: usize,
+    pub services: usize,
+    pub backends: usize,
+    pub addresses: usize,
+    pub source_ranges: usize,
+}
+
+impl Default for ServiceCapacity {
+    /// Sized for 10k Services with 100k endpoints on one node.
+    fn default() -> Self {
+        ServiceCapacity {
+            frontends: 65_536,
+            services: 32_768,
+            backends: 262_144,
+            addresses: 4_096,
+            source_ranges: 16_384,
+        }
+    }
+}
+
+/// A table that does not fit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("service map {map} would need {needed} entries; it holds {capacity} (nothing was changed)")]
+pub struct ServiceMapFull {
+    pub map: &'static str,
+    pub needed: usize,
+    pub capacity: usize,
+}
+
+/// Every entry of the service maps for one node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceEntries {
+    pub frontends: BTreeMap<FrontendKey, FrontendValue>,
+    pub services: Vec<ServiceValue>,
+    pub backends: Vec<BackendValue>,
+    /// (prefix, `ADDR_*` flags), flags of covering prefixes folded in.
+    pub addresses: Vec<(IpNet, u32)>,
+    /// ((service, prefix), `RANGE_*` flags), folded the same way.
+    pub source_ranges: Vec<((u32, IpNet), u8)>,
+    pub config: ServiceConfig,
+}
+
+/// 16-byte address form of the maps.
+pub fn addr_bytes(ip: &IpAddr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
+        IpAddr::V6(v6) => out = v6.octets(),
+    }
+    out
+}
+
+/// The address a 16-byte map address stands for.
+pub fn addr_from(family: u8, bytes: &[u8; 16]) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+    } else {
+        IpAddr::from(*bytes)
+    }
+}
+
+fn family_code(ip: &IpAddr) -> u8 {
+    if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
+}
+
+fn protocol_code(p: Protocol) -> u8 {
+    p.number()
+}
+
+/// Folds the flags of covering prefixes into each prefix, so a longest-
+/// prefix lookup returns the union along the chain.
+fn fold<K: Ord + Clone, F: Copy + std::ops::BitOr<Output = F>>(
+    entries: BTreeMap<(K, IpNet), F>,
+) -> Vec<((K, IpNet), F)> {
+    entries
+        .iter()
+        .map(|((k, net), flags)| {
+            let mut all = *flags;
+            for ((k2, other), f) in &entries {
+                if k2 == k && other.contains(net) && other != net {
+                    all = all | *f;
+                }
+            }
+            ((k.clone(), *net), all)
+        })
+        .collect()
+}
+
+fn check(map: &'static str, needed: usize, capacity: usize) -> Result<(), ServiceMapFull> {
+    if needed > capacity {
+        Err(ServiceMapFull {
+            map,
+            needed,
+            capacity,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// Lowers `table` into map entries.
+pub fn lower_services(
+    table: &ServiceTable,
+    capacity: &ServiceCapacity,
+) -> Result<ServiceEntries, ServiceMapFull> {
+    let cfg = &table.config;
+    let mut out = ServiceEntries::default();
+    let backend = |a: &SocketAddr| BackendValue {
+        addr: addr_bytes(&a.ip()),
+        port: a.port(),
+        family: family_code(&a.ip()),
+        pad: 0,
+    };
+    let mut ranges: BTreeMap<(u32, IpNet), u8> = BTreeMap::new();
+    for (i, b) in table.services.iter().enumerate() {
+        let index = i as u32;
+        let cluster_first = out.backends.len() as u32;
+        out.backends.extend(b.cluster.iter().map(backend));
+        let local_first = out.backends.len() as u32;
+        out.backends.extend(b.local.iter().map(backend));
+        let mut flags = 0;
+        for (set, flag) in [
+            (b.has_any, SVC_HAS_ANY),
+            (b.internal_local, SVC_INTERNAL_LOCAL),
+            (b.external_local, SVC_EXTERNAL_LOCAL),
+            (!b.source_ranges.is_empty(), SVC_SOURCE_RANGES),
+        ] {
+            if set {
+                flags |= flag;
+            }
+        }
+        let count = |n: usize| u16::try_from(n).unwrap_or(u16::MAX);
+        out.services.push(ServiceValue {
+            cluster_first,
+            local_first,
+            cluster_count: count(b.cluster.len()),
+            local_count: count(b.local.len()),
+            flags,
+            pad: 0,
+            affinity_seconds: b.affinity_seconds.unwrap_or(0),
+        });
+        if !b.source_ranges.is_empty() {
+            for r in &b.source_ranges {
+                *ranges.entry((index, *r)).or_insert(0) |= RANGE_ALLOWED;
+            }
+            for ip in &b.load_balancer_ips {
+                *ranges.entry((index, IpNet::from(*ip))).or_insert(0) |= RANGE_LB_IP;
+            }
+        }
+        if b.cluster.len() > usize::from(u16::MAX) || b.local.len() > usize::from(u16::MAX) {
+            return Err(ServiceMapFull {
+                map: map_names::SVC_BACKENDS,
+                needed: b.cluster.len().max(b.local.len()),
+                capacity: usize::from(u16::MAX),
+            });
+        }
+    }
+    for ((ip, protocol, port), (kind, index)) in &table.frontends {
+        out.frontends.insert(
+            FrontendKey {
+                addr: addr_bytes(ip),
+                port: *port,
+                protocol: protocol_code(*protocol),
+                family: family_code(ip),
+            },
+            FrontendValue {
+                service: *index as u32,
+                kind: match kind {
+                    FrontendKind::ClusterIp => FRONTEND_CLUSTER_IP,
+                    FrontendKind::ExternalIp => FRONTEND_EXTERNAL_IP,
+                    FrontendKind::LoadBalancer => FRONTEND_LOAD_BALANCER,
+                    FrontendKind::NodePort => FRONTEND_NODE_PORT,
+                },
+                pad: [0; 3],
+            },
+        );
+    }
+    // NodePorts: one frontend per address they answer on (a VIP entry
+    // of the same address and port wins, as the table decides VIPs first).
+    for ((protocol, port), index) in &table.node_ports {
+        for ip in &table.node_port_ips {
+            out.frontends
+                .entry(FrontendKey {
+                    addr: addr_bytes(ip),
+                    port: *port,
+                    protocol: protocol_code(*protocol),
+                    family: family_code(ip),
+                })
+                .or_insert(FrontendValue {
+                    service: *index as u32,
+                    kind: FRONTEND_NODE_PORT,
+                    pad: [0; 3],
+                });
+        }
+    }
+    let mut addresses: BTreeMap<((), IpNet), u32> = BTreeMap::new();
+    let mut mark = |net: IpNet, flag: u32| *addresses.entry(((), net.trunc())).or_insert(0) |= flag;
+    for n in &cfg.cluster_cidrs {
+        mark(*n, ADDR_POD);
+    }
+    for ip in &cfg.node_ips {
+        mark(IpNet::from(*ip), ADDR_NODE_LOCAL);
+    }
+    for loopback in ["127.0.0.0/8", "::1/128"] {
+        if let Ok(net) = loopback.parse() {
+            mark(net, ADDR_NODE_LOCAL);
+        }
+    }
+    for n in &cfg.service_cidrs {
+        mark(*n, ADDR_SERVICE_CIDR);
+    }
+    for ip in &table.cluster_ips {
+        mark(IpNet::from(*ip), ADDR_CLUSTER_IP);
+    }
+    out.addresses = fold(addresses)
+        .into_iter()
+        .map(|(((), net), f)| (net, f))
+        .collect();
+    out.source_ranges = fold(ranges);
+    let mut flags = 0;
+    if cfg.masquerade_all {
+        flags |= CONFIG_MASQUERADE_ALL;
+    }
+    if cfg.has_detector() {
+        flags |= match cfg.family {
+            Family::V4 => CONFIG_DETECTOR_V4,
+            Family::V6 => CONFIG_DETECTOR_V6,
+        };
+    }
+    let primary = cfg
+        .primary_ip()
+        .map(|ip| addr_bytes(&ip))
+        .unwrap_or_default();
+    out.config = ServiceConfig {
+        primary_v4: if cfg.family == Family::V4 {
+            primary
+        } else {
+            [0; 16]
+        },
+        primary_v6: if cfg.family == Family::V6 {
+            primary
+        } else {
+            [0; 16]
+        },
+        flags,
+        pad: 0,
+    };
+    check(
+        map_names::SVC_FRONTENDS,
+        out.frontends.len(),
+        capacity.frontends,
+    )?;
+    check(
+        map_names::SVC_SERVICES,
+        out.services.len(),
+        capacity.services,
+    )?;
+    check(
+        map_names::SVC_BACKENDS,
+        out.backends.len(),
+        capacity.backends,
+    )?;
+    check(
+        map_names::SVC_ADDRESSES,
+        out.addresses.len(),
+        capacity.addresses,
+    )?;
+    check(
+        map_names::SVC_SOURCE_RANGES,
+        out.source_ranges.len(),
+        capacity.source_ranges,
+    )?;
+    Ok(out)
+}
+
+fn longest<'a, T: Copy>(entries: impl Iterator<Item = (&'a IpNet, T)>, ip: &IpAddr) -> Option<T> {
+    entries
+        .filter(|(net, _)| net.contains(ip))
+        .max_by_key(|(net, _)| net.prefix_len())
+        .map(|(_, v)| v)
+}
+
+/// The entries as the lookups of the decision see them (the `maps` engine).
+impl ServiceMaps for ServiceEntries {
+    fn frontend(&self, key: &FrontendKey) -> Option<FrontendValue> {
+        self.frontends.get(key).copied()
+    }
+
+    fn service(&self, index: u32) -> Option<ServiceValue> {
+        self.services.get(index as usize).copied()
+    }
+
+    fn config(&self) -> ServiceConfig {
+        self.config
+    }
+
+    fn address_flags(&self, family: u8, addr: &[u8; 16]) -> u32 {
+        let ip = addr_from(family, addr);
+        longest(self.addresses.iter().map(|(n, f)| (n, *f)), &ip).unwrap_or(0)
+    }
+
+    fn source_range(&self, service: u32, family: u8, addr: &[u8; 16]) -> u8 {
+        let ip = addr_from(family, addr);
+        longest(
+            self.source_ranges
+                .iter()
+                .filter(|((s, _), _)| *s == service)
+                .map(|((_, n), f)| (n, *f)),
+            &ip,
+        )
+        .unwrap_or(0)
+    }
+}
+
+impl ServiceEntries {
+    /// The backends of a forward decision.
+    pub fn backends_of(&self, first: u32, count: u16) -> Vec<SocketAddr> {
+        self.backends
+            .iter()
+            .skip(first as usize)
+            .take(usize::from(count))
+            .map(|b| SocketAddr::new(addr_from(b.family, &b.addr), b.port))
+            .collect()
+    }
+}
+
+/// A packet of the service lookup from addresses.
+pub fn service_packet(
+    source: IpAddr,
+    destination: IpAddr,
+    protocol: Protocol,
+    port: u16,
+) -> ServicePacket {
+    ServicePacket {
+        family: family_code(&destination),
+        source: addr_bytes(&source),
+        destination: addr_bytes(&destination),
+        protocol: protocol_code(protocol),
+        port,
+    }
+}
