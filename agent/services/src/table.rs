@@ -93,6 +93,9 @@ pub struct Backends {
     pub source_ranges: Vec<IpNet>,
     pub load_balancer_ips: Vec<IpAddr>,
     pub affinity_seconds: Option<u32>,
+    /// Every endpoint the slices list, in any condition: an established
+    /// connection keeps its backend while it is here.
+    pub present: Vec<SocketAddr>,
 }
 
 /// Every frontend of one family on one node.
@@ -145,6 +148,7 @@ impl ServiceTable {
                 source_ranges: p.source_ranges.clone(),
                 load_balancer_ips: p.load_balancer_ips.clone(),
                 affinity_seconds: p.affinity_seconds,
+                present: p.endpoints.iter().map(|e| e.addr).collect(),
             });
             if let Some(ip) = p.cluster_ip.filter(|ip| family.holds(ip)) {
                 table.cluster_ips.insert(ip);
@@ -170,6 +174,11 @@ impl ServiceTable {
             }
         }
         table
+    }
+
+    /// The Service port named `name`.
+    pub fn service(&self, name: &PortName) -> Option<&Backends> {
+        self.services.iter().find(|b| &b.name == name)
     }
 
     /// Service and endpoint counts, for status and metrics.
