@@ -41,6 +41,7 @@ mod matrix_cmd;
 mod progress;
 mod resolve;
 mod selector_cmd;
+mod services_cmd;
 mod services_verify;
 mod store_cmd;
 mod verify_cmd;
@@ -173,6 +174,10 @@ enum Command {
     },
     /// Connectivity matrix of pod pairs, with both directions' deciding rule per cell.
     Matrix(matrix_cmd::MatrixArgs),
+    /// A node's service table (kube-proxy's semantics): frontends, traffic
+    /// policies, the backends each traffic class reaches, map fill; with
+    /// --probe, one connection's fate on the model and the maps.
+    Services(services_cmd::ServicesArgs),
     /// Validate manifests and write them to the datastore as one batch (all or nothing).
     Apply {
         /// Manifest files or folders.
@@ -322,6 +327,10 @@ fn run() -> anyhow::Result<ExitCode> {
         }),
         Command::Matrix(args) => {
             matrix_cmd::matrix(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Services(args) => {
+            services_cmd::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Apply { files, store } => {

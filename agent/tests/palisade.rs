@@ -21,6 +21,8 @@ mod lab;
 mod overlay;
 #[path = "palisade/podman.rs"]
 mod podman;
+#[path = "palisade/services.rs"]
+mod services;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -314,6 +314,11 @@ fn ports_of(
             cluster_ip = Some(ip);
         }
     }
+    // A Service without a ClusterIP of this family is not this family's
+    // (kube-proxy runs one proxier per family).
+    if cluster_ip.is_none() {
+        return Ok(Vec::new());
+    }
     let mut external_ips = Vec::new();
     for (i, e) in spec.external_ips.iter().flatten().enumerate() {
         let ip = parse_ip(e).ok_or_else(|| {
