@@ -9,6 +9,7 @@
 
 pub mod chart;
 pub mod dataplane;
+pub mod kube_proxy;
 pub mod memory;
 pub mod packet_cost;
 pub mod veth;

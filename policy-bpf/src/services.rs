@@ -27,7 +27,7 @@ impl Default for ServiceCapacity {
             frontends: 65_536,
             services: 32_768,
             backends: 262_144,
-            addresses: 4_096,
+            addresses: 65_536,
             source_ranges: 16_384,
         }
     }
@@ -83,7 +83,8 @@ fn protocol_code(p: Protocol) -> u8 {
 }
 
 /// Folds the flags of covering prefixes into each prefix, so a longest-
-/// prefix lookup returns the union along the chain.
+/// prefix lookup returns the union along the chain (each prefix looks up
+/// its at most 128 supernets).
 fn fold<K: Ord + Clone, F: Copy + std::ops::BitOr<Output = F>>(
     entries: BTreeMap<(K, IpNet), F>,
 ) -> Vec<((K, IpNet), F)> {
@@ -91,10 +92,12 @@ fn fold<K: Ord + Clone, F: Copy + std::ops::BitOr<Output = F>>(
         .iter()
         .map(|((k, net), flags)| {
             let mut all = *flags;
-            for ((k2, other), f) in &entries {
-                if k2 == k && other.contains(net) && other != net {
+            let mut cur = *net;
+            while let Some(up) = cur.supernet() {
+                if let Some(f) = entries.get(&(k.clone(), up)) {
                     all = all | *f;
                 }
+                cur = up;
             }
             ((k.clone(), *net), all)
         })

@@ -496,8 +496,11 @@ fn report(args: &[String]) -> Result<()> {
         "agent" => "agent-report",
         "ipam" => "ipam-report",
         "cni" => "cni-report",
+        "services" => "services-report",
         other => {
-            bail!("unknown report {other:?}: expected compiler, datapath, veth, agent, ipam or cni")
+            bail!(
+                "unknown report {other:?}: expected compiler, datapath, veth, agent, ipam, cni or services"
+            )
         }
     };
     if !matches!(name, "compiler" | "ipam") && !is_root() {
@@ -505,8 +508,9 @@ fn report(args: &[String]) -> Result<()> {
     }
     // The benches crate links the datapath, so every report builds the kernel programs.
     ensure_ebpf_tools()?;
-    if name == "veth" {
+    if name == "veth" || name == "services" {
         tools::ensure_debs(tools::VETH_REPORT_DEBS)?;
+        tools::ensure_debs(tools::NFT_DEBS)?;
     }
     if name == "cni" {
         tools::ensure_debs(tools::PODMAN_DEBS)?;

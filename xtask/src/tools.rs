@@ -272,6 +272,9 @@ pub const FFI_DEBS: &[Deb] = &[
 /// The veth report's iptables lab (Calico's iptables layout).
 pub const VETH_REPORT_DEBS: &[Deb] = &[deb("ipset", "ipset"), deb("iptables-restore", "iptables")];
 
+/// `nft`, for the services report's kube-proxy nftables rules.
+pub const NFT_DEBS: &[Deb] = &[deb("nft", "nftables")];
+
 /// Every package any command may install: CI checks they all resolve from
 /// freshly updated package lists.
 pub fn all_debs() -> Vec<Deb> {
@@ -282,6 +285,7 @@ pub fn all_debs() -> Vec<Deb> {
         PODMAN_DEBS,
         FFI_DEBS,
         VETH_REPORT_DEBS,
+        NFT_DEBS,
     ]
     .concat();
     all.sort_by_key(|d| d.package);
