@@ -278,7 +278,9 @@ fn thousands_of_peer_sets_lower_and_agree() {
 }
 
 fn thousands_of_peer_sets() {
-    for (seed, n) in [(31, 2_100), (32, 10_000)] {
+    // Seeds whose generated cluster has selectors compiled after the wide
+    // ones (bits past n); the generator's draws decide which seeds do.
+    for (seed, n) in [(33, 2_100), (33, 10_000)] {
         let (cluster, external) = with_peer_sets(seed, n);
         let (compiled, delta) =
             Compiler::from_cluster(&cluster, CompileOptions::default()).unwrap();
