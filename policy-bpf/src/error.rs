@@ -8,6 +8,9 @@ pub enum DatapathError {
     /// The process lacks the privileges to load BPF programs.
     #[error("loading BPF programs needs root (CAP_BPF, CAP_NET_ADMIN): {0}")]
     Privileges(String),
+    /// A service table does not fit the service maps (nothing was written).
+    #[error(transparent)]
+    ServiceMapFull(#[from] crate::services::ServiceMapFull),
     /// Loading or verifying failed.
     #[error("loading the TC programs failed: {0}")]
     Load(String),

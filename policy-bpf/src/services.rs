@@ -18,10 +18,15 @@ pub struct ServiceCapacity {
     pub backends: usize,
     pub addresses: usize,
     pub source_ranges: usize,
+    /// NAT entries (two per translated connection; an LRU).
+    pub nat: usize,
+    /// ClientIP affinity entries (an LRU).
+    pub affinity: usize,
 }
 
 impl Default for ServiceCapacity {
-    /// Sized for 10k Services with 100k endpoints on one node.
+    /// Sized for 10k Services with 100k endpoints on one node, and 128k
+    /// translated connections at a time.
     fn default() -> Self {
         ServiceCapacity {
             frontends: 65_536,
@@ -29,6 +34,20 @@ impl Default for ServiceCapacity {
             backends: 262_144,
             addresses: 65_536,
             source_ranges: 16_384,
+            nat: 262_144,
+            affinity: 65_536,
+        }
+    }
+}
+
+impl ServiceCapacity {
+    /// Defaults with small NAT and affinity tables: the verification
+    /// engines forget every connection before each probe.
+    pub fn verification() -> Self {
+        ServiceCapacity {
+            nat: 1024,
+            affinity: 1024,
+            ..ServiceCapacity::default()
         }
     }
 }
@@ -72,6 +91,12 @@ pub fn addr_from(family: u8, bytes: &[u8; 16]) -> IpAddr {
     } else {
         IpAddr::from(*bytes)
     }
+}
+
+/// A prefix's family code and 16-byte address form.
+pub fn net_bytes(net: &IpNet) -> (u8, [u8; 16]) {
+    let ip = net.addr();
+    (family_code(&ip), addr_bytes(&ip))
 }
 
 fn family_code(ip: &IpAddr) -> u8 {
@@ -236,6 +261,9 @@ pub fn lower_services(
         .collect();
     out.source_ranges = fold(ranges);
     let mut flags = 0;
+    if !out.frontends.is_empty() {
+        flags |= CONFIG_ENABLED;
+    }
     if cfg.masquerade_all {
         flags |= CONFIG_MASQUERADE_ALL;
     }

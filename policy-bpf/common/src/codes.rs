@@ -148,6 +148,19 @@ codes! {
         /// steady share means connections outliving half the table's
         /// capacity in new flows fill the log.
         CtHome = 12,
+        /// New connections to a Service frontend translated to a backend.
+        ServiceNat = 13,
+        /// Packets of translated connections (either way).
+        ServiceTranslated = 14,
+        /// Service traffic dropped (source ranges, no local endpoint,
+        /// an unallocated service address).
+        ServiceDrop = 15,
+        /// Service traffic answered with ICMP unreachable (no usable endpoint,
+        /// an unknown port of a ClusterIP).
+        ServiceReject = 16,
+        /// New service connections translated but not recorded: the NAT table
+        /// could not take the entry (later packets are decided again).
+        ServiceNatFull = 17,
     }
 }
 
@@ -171,6 +184,6 @@ mod tests {
         for (i, s) in Statistic::ALL.iter().enumerate() {
             assert_eq!(s.code() as usize, i, "statistics index an array");
         }
-        assert_eq!(Statistic::COUNT, 13);
+        assert_eq!(Statistic::COUNT, 18);
     }
 }

@@ -60,6 +60,19 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for ServiceConfig {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for SvcAddrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SvcRangeKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NatTuple {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for NatValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AffinityKey {}
+    // SAFETY: as above (u64, two u32, then a 20-byte BackendValue: 36
+    // bytes padded to 40 at the end, never read as data).
+    unsafe impl aya::Pod for AffinityValue {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for SlotKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SlotValue {}

@@ -55,8 +55,6 @@ pub const DELIVER: &str = "PALISADE_DELIVER";
 pub const SCRATCH: &str = "PALISADE_SCRATCH";
 
 /// Service frontends (ClusterIP, external, LB IP, NodePort per address).
-/// The service maps are lowered and read by the `maps` engine; the kernel
-/// program does not declare them yet, so they are not in [`ALL`].
 pub const SVC_FRONTENDS: &str = "PALISADE_SVC_FRONTENDS";
 /// Service ports and their backend ranges.
 pub const SVC_SERVICES: &str = "PALISADE_SVC_SERVICES";
@@ -66,12 +64,51 @@ pub const SVC_BACKENDS: &str = "PALISADE_SVC_BACKENDS";
 pub const SVC_ADDRESSES: &str = "PALISADE_SVC_ADDRESSES";
 /// `loadBalancerSourceRanges` by Service.
 pub const SVC_SOURCE_RANGES: &str = "PALISADE_SVC_SOURCE_RANGES";
+/// The node's service configuration.
+pub const SVC_CONFIG: &str = "PALISADE_SVC_CONFIG";
+/// NAT state of translated connections, both directions.
+pub const SVC_NAT: &str = "PALISADE_SVC_NAT";
+/// ClientIP session affinity.
+pub const SVC_AFFINITY: &str = "PALISADE_SVC_AFFINITY";
+/// The service program's per-CPU working memory (not pinned).
+pub const SVC_SCRATCH: &str = "PALISADE_SVC_SCRATCH";
+/// The service program's per-CPU lookup keys (not pinned).
+pub const SVC_KEYS: &str = "PALISADE_SVC_KEYS";
 
 /// Every map the program pins.
 pub const ALL: &[&str] = &[
-    NODES, SLOTS, IFACES, MANAGED, LOCAL4, LPM4, LPM6, IDWORDS, CLASSWORDS, LAYOUT, CONN4, CTTAG4,
-    CONN6, CTTAG6, CTHEAD, CTOWN4, CTOWN6, FRAGS, COUNTERS, STATS, EVENTS, CONFIG, ENDPOINTS,
+    NODES,
+    SLOTS,
+    IFACES,
+    MANAGED,
+    LOCAL4,
+    LPM4,
+    LPM6,
+    IDWORDS,
+    CLASSWORDS,
+    LAYOUT,
+    CONN4,
+    CTTAG4,
+    CONN6,
+    CTTAG6,
+    CTHEAD,
+    CTOWN4,
+    CTOWN6,
+    FRAGS,
+    COUNTERS,
+    STATS,
+    EVENTS,
+    CONFIG,
+    ENDPOINTS,
     DELIVER,
+    SVC_FRONTENDS,
+    SVC_SERVICES,
+    SVC_BACKENDS,
+    SVC_ADDRESSES,
+    SVC_SOURCE_RANGES,
+    SVC_CONFIG,
+    SVC_NAT,
+    SVC_AFFINITY,
 ];
 
 /// Names earlier builds pinned with layouts this build cannot adopt:

@@ -47,6 +47,19 @@ pub const CONFIG_MASQUERADE_ALL: u32 = 1;
 pub const CONFIG_DETECTOR_V4: u32 = 2;
 /// Config flag: an IPv6 local-traffic detector exists.
 pub const CONFIG_DETECTOR_V6: u32 = 4;
+/// Config flag: some Service is programmed (only then do the policy
+/// programs hand allowed packets on for reply translation).
+pub const CONFIG_ENABLED: u32 = 8;
+
+/// Slots of the tail-call table (`PALISADE_DELIVER`): local delivery.
+pub const DELIVER_LOCAL: u32 = 0;
+/// A packet policy allowed, for reply translation, then on its way.
+pub const DELIVER_REPLY_NAT: u32 = 1;
+/// A packet policy allowed for local delivery, for reply translation,
+/// then handed over.
+pub const DELIVER_REPLY_NAT_LOCAL: u32 = 2;
+/// Entries of the tail-call table.
+pub const DELIVER_SLOTS: u32 = 3;
 
 /// Why a packet is dropped.
 pub const DROP_SOURCE_RANGE: u8 = 1;
@@ -124,6 +137,7 @@ pub struct ServiceConfig {
 }
 
 /// A new connection's first packet, as the service lookup reads it.
+#[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ServicePacket {
     pub family: u8,
@@ -163,6 +177,62 @@ pub enum ServiceAction {
     Reject(u8),
     /// Not service traffic.
     Pass,
+}
+
+/// Decision verdicts of [`ServiceDecision`].
+pub const DECISION_PASS: u8 = 0;
+/// Drop.
+pub const DECISION_DROP: u8 = 1;
+/// Reject.
+pub const DECISION_REJECT: u8 = 2;
+/// Forward to a backend.
+pub const DECISION_FORWARD: u8 = 3;
+
+/// A [`ServiceAction`] with every field set, to keep in memory: the
+/// kernel program stores it in its scratch, where an enum's unset
+/// payload would be written from registers the verifier calls
+/// uninitialised.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServiceDecision {
+    pub service: u32,
+    pub first: u32,
+    pub affinity_seconds: u32,
+    pub count: u16,
+    /// A `DECISION_*` verdict.
+    pub verdict: u8,
+    pub masquerade: u8,
+}
+
+impl ServiceDecision {
+    /// The decision of an action.
+    #[inline(always)]
+    pub fn of(action: ServiceAction) -> ServiceDecision {
+        let verdict = |verdict| ServiceDecision {
+            verdict,
+            ..ServiceDecision::default()
+        };
+        match action {
+            ServiceAction::Pass => verdict(DECISION_PASS),
+            ServiceAction::Drop(_) => verdict(DECISION_DROP),
+            ServiceAction::Reject(_) => verdict(DECISION_REJECT),
+            ServiceAction::Forward {
+                service,
+                first,
+                count,
+                masquerade,
+                affinity_seconds,
+                ..
+            } => ServiceDecision {
+                service,
+                first,
+                affinity_seconds,
+                count,
+                verdict: DECISION_FORWARD,
+                masquerade: u8::from(masquerade),
+            },
+        }
+    }
 }
 
 /// Decides a connection's first packet.
@@ -250,4 +320,148 @@ pub fn service_decide<M: ServiceMaps>(p: &ServicePacket, maps: &M) -> ServiceAct
         masquerade,
         affinity_seconds: svc.affinity_seconds,
     }
+}
+
+/// Key of the address trie: the family word, then the address; a prefix
+/// of `n` bits is `ADDR_KEY_BITS + n` bits of key.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SvcAddrKey {
+    pub family: u8,
+    pub pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// Bits of [`SvcAddrKey`] before the address.
+pub const ADDR_KEY_BITS: u32 = 32;
+
+/// Key of the source-range trie: the Service (big-endian), the family
+/// word, then the address; a prefix of `n` bits is `RANGE_KEY_BITS + n`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SvcRangeKey {
+    pub service: [u8; 4],
+    pub family: u8,
+    pub pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// Bits of [`SvcRangeKey`] before the address.
+pub const RANGE_KEY_BITS: u32 = 64;
+
+/// A connection's addresses as one direction of it is seen on the wire.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct NatTuple {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub family: u8,
+    pub pad: u16,
+}
+
+/// A NAT entry's rewrite: a packet whose tuple is the key leaves with
+/// these addresses and ports. A translated connection has two entries,
+/// four when masqueraded: on the way out, DNAT (client → frontend
+/// becomes client → backend) before policy and SNAT (client → backend
+/// becomes node → backend) after it; on the way back, the SNAT undone
+/// (backend → node becomes backend → client) before policy and the
+/// frontend restored (backend → client becomes frontend → client) after.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NatValue {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// `NAT_*` flags.
+    pub flags: u32,
+    /// The backend index the connection went to (original direction).
+    pub backend: u32,
+    pub pad: u32,
+}
+
+/// NAT entry flag: the reply direction.
+pub const NAT_REPLY: u32 = 1;
+/// NAT entry flag: the connection is masqueraded.
+pub const NAT_MASQUERADE: u32 = 2;
+/// NAT entry flag: applied after policy (SNAT on the way out, the
+/// frontend restored on the way back); the others before it. Policy
+/// sees the client and the backend, as Calico's does.
+pub const NAT_AFTER_POLICY: u32 = 4;
+
+/// Key of the ClientIP affinity table: (service, client).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AffinityKey {
+    pub service: u32,
+    pub family: u8,
+    pub pad: [u8; 3],
+    pub client: [u8; 16],
+}
+
+/// A client's backend and when a connection last chose it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AffinityValue {
+    /// When the last new connection of the client used the entry (ns, monotonic).
+    pub used_ns: u64,
+    /// The backend index.
+    pub backend: u32,
+    pub pad: u32,
+    /// The backend itself: an entry whose index now names another backend
+    /// (the Service's endpoints changed) is not followed.
+    pub value: BackendValue,
+}
+
+/// Per-CPU working memory of the service program.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceScratch {
+    pub packet: ServicePacket,
+    pub tuple: NatTuple,
+    pub forward: NatValue,
+    pub reply_key: NatTuple,
+    pub reply: NatValue,
+    /// A masqueraded connection's SNAT (after policy).
+    pub snat_key: NatTuple,
+    pub snat: NatValue,
+    /// Its reverse (before policy).
+    pub unsnat_key: NatTuple,
+    pub unsnat: NatValue,
+    /// The tuple after a first rewrite (for the second, where no policy
+    /// program runs between them).
+    pub next: NatTuple,
+    pub affinity: AffinityKey,
+    pub chosen: AffinityValue,
+    /// The decision on a new connection, for the translation.
+    pub decision: ServiceDecision,
+    /// The node's address of the packet's family (masquerade source).
+    pub node: [u8; 16],
+    /// The Ethernet addresses of a packet being answered.
+    pub macs: [u8; 12],
+    /// An ICMP error being built.
+    pub icmp: IcmpScratch,
+}
+
+/// An ICMP error being built: the checksum's pseudo-header (IPv6), the
+/// message (ICMP header, then the quoted IP header and 8 bytes of
+/// transport header) and the new IP header.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IcmpScratch {
+    pub pseudo: [u8; 40],
+    pub message: [u8; 72],
+    pub header: [u8; 40],
+}
+
+impl IcmpScratch {
+    /// All zero.
+    pub const ZERO: IcmpScratch = IcmpScratch {
+        pseudo: [0; 40],
+        message: [0; 72],
+        header: [0; 40],
+    };
 }

@@ -24,17 +24,39 @@ impl Datapath {
         self.attach_programs(iface, true)
     }
 
+    /// Attaches service load balancing at the interface's TC ingress,
+    /// first in line (before the policy program, which then judges the
+    /// translated packet), with a pinned TCX link like the others. Must
+    /// run in the interface's netns.
+    pub fn attach_service(&mut self, iface: &str) -> Result<(), DatapathError> {
+        self.attach_hooks(iface, &[Hook::Service], false)
+    }
+
     pub(super) fn attach_programs(
         &mut self,
         iface: &str,
         pass_through: bool,
     ) -> Result<(), DatapathError> {
-        for hook in [Hook::FromPod, Hook::ToPod] {
+        self.attach_hooks(iface, &[Hook::FromPod, Hook::ToPod], pass_through)
+    }
+
+    fn attach_hooks(
+        &mut self,
+        iface: &str,
+        hooks: &[Hook],
+        pass_through: bool,
+    ) -> Result<(), DatapathError> {
+        for &hook in hooks {
             let path = self.link_path(iface, hook);
             let program = if pass_through {
                 Hook::PassThrough.program()
             } else {
                 hook.program()
+            };
+            let order = if hook == Hook::Service {
+                LinkOrder::first()
+            } else {
+                LinkOrder::default()
             };
             let prog: &mut SchedClassifier = self
                 .ebpf
@@ -58,7 +80,7 @@ impl Datapath {
                     .attach_with_options(
                         iface,
                         hook.attach_type(),
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                        TcAttachOptions::TcxOrder(order),
                     )
                     .map_err(|e| attach_err(format!("TCX attach ({}): {e}", hook.name())))?,
             };
@@ -89,6 +111,8 @@ impl Datapath {
                 (i.to_string(), Hook::FromPod)
             } else if let Some(i) = name.strip_suffix("-to-pod") {
                 (i.to_string(), Hook::ToPod)
+            } else if let Some(i) = name.strip_suffix("-service") {
+                (i.to_string(), Hook::Service)
             } else {
                 continue;
             };
@@ -121,7 +145,7 @@ impl Datapath {
 
     /// Detaches the programs from an interface (removes the pinned links).
     pub fn detach(&mut self, iface: &str) -> Result<(), DatapathError> {
-        for hook in [Hook::FromPod, Hook::ToPod] {
+        for hook in [Hook::FromPod, Hook::ToPod, Hook::Service] {
             let path = self.link_path(iface, hook);
             if let Ok(pinned) = PinnedLink::from_pin(&path) {
                 let _ = pinned.unpin();

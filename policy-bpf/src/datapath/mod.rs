@@ -24,6 +24,7 @@ use policy_bpf_common::*;
 use crate::conntrack::{CONNTRACK_LOG_HEAD, Table, Way, Words, ways_for};
 mod attach;
 mod local;
+mod services;
 mod telemetry;
 mod write;
 use local::*;
@@ -64,6 +65,9 @@ pub enum Hook {
     /// A program that only passes packets: the baseline of benchmarks
     /// (never attached).
     PassThrough,
+    /// Service load balancing at TC ingress, before the policy program
+    /// (see [`Datapath::attach_service`]).
+    Service,
 }
 
 impl Hook {
@@ -72,11 +76,12 @@ impl Hook {
             Hook::FromPod => "palisade_from_pod",
             Hook::ToPod => "palisade_to_pod",
             Hook::PassThrough => "palisade_pass",
+            Hook::Service => SERVICE_PROGRAM,
         }
     }
     fn attach_type(self) -> TcAttachType {
         match self {
-            Hook::FromPod => TcAttachType::Ingress,
+            Hook::FromPod | Hook::Service => TcAttachType::Ingress,
             Hook::ToPod | Hook::PassThrough => TcAttachType::Egress,
         }
     }
@@ -85,6 +90,7 @@ impl Hook {
             Hook::FromPod => "from-pod",
             Hook::ToPod => "to-pod",
             Hook::PassThrough => "pass",
+            Hook::Service => "service",
         }
     }
 }
@@ -132,6 +138,10 @@ pub struct Datapath {
     config: Array<MapData, Config>,
     endpoints: BpfHashMap<MapData, LocalKey, LocalEndpoint>,
     links: HashMap<(String, Hook), PathBuf>,
+    /// What [`Datapath::set_services`] last wrote (the service maps'
+    /// contents, for replacing them).
+    services: Option<crate::services::ServiceEntries>,
+    service_capacity: crate::services::ServiceCapacity,
 }
 
 /// Mounts bpffs at /sys/fs/bpf if it is not mounted (needs root).
@@ -162,6 +172,20 @@ const CLOCK_PROGRAM: &str = "palisade_clock";
 
 /// The receiver's side of local delivery (tail-called, never attached).
 const LOCAL_DELIVERY_PROGRAM: &str = "palisade_to_pod_local";
+
+/// Service load balancing (see [`Datapath::set_services`]).
+pub(crate) const SERVICE_PROGRAM: &str = "palisade_service";
+
+/// Reply translation after policy (tail-called, never attached).
+const REPLY_NAT_PROGRAM: &str = "palisade_reply_nat";
+
+/// Reply translation after policy, then local delivery (tail-called).
+const REPLY_NAT_LOCAL_PROGRAM: &str = "palisade_reply_nat_local";
+
+/// A map size as the loader takes it (at least one entry).
+fn entries(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX).max(1)
+}
 
 /// Whether this process can load BPF programs (root or CAP_BPF+CAP_NET_ADMIN).
 pub fn privileged() -> bool {
@@ -222,7 +246,17 @@ impl Datapath {
             .map_max_entries(map_names::CTOWN6, ct_log_entries(conntrack_ways))
             .map_max_entries(CtEntry6::TAGS, conntrack_ways / CT_TAG_LINE)
             .map_max_entries(map_names::COUNTERS, cap.rules)
-            .map_max_entries(map_names::ENDPOINTS, cap.slots);
+            .map_max_entries(map_names::ENDPOINTS, cap.slots)
+            .map_max_entries(map_names::SVC_FRONTENDS, entries(cap.services.frontends))
+            .map_max_entries(map_names::SVC_SERVICES, entries(cap.services.services))
+            .map_max_entries(map_names::SVC_BACKENDS, entries(cap.services.backends))
+            .map_max_entries(map_names::SVC_ADDRESSES, entries(cap.services.addresses))
+            .map_max_entries(
+                map_names::SVC_SOURCE_RANGES,
+                entries(cap.services.source_ranges),
+            )
+            .map_max_entries(map_names::SVC_NAT, entries(cap.services.nat))
+            .map_max_entries(map_names::SVC_AFFINITY, entries(cap.services.affinity));
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(e.to_string()))?;
@@ -232,6 +266,9 @@ impl Datapath {
             Hook::PassThrough.program(),
             CLOCK_PROGRAM,
             LOCAL_DELIVERY_PROGRAM,
+            SERVICE_PROGRAM,
+            REPLY_NAT_PROGRAM,
+            REPLY_NAT_LOCAL_PROGRAM,
         ] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -241,25 +278,33 @@ impl Datapath {
             prog.load()
                 .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
         }
-        // The pinned jump table now leads to this load's receiver program
+        // The pinned jump table now leads to this load's programs
         // (programs attached by an earlier process jump there as well).
         {
-            let target = ebpf
-                .program(LOCAL_DELIVERY_PROGRAM)
-                .ok_or_else(|| {
-                    DatapathError::Load(format!("program {LOCAL_DELIVERY_PROGRAM} missing"))
-                })?
-                .fd()
-                .map_err(|e| DatapathError::Load(format!("{LOCAL_DELIVERY_PROGRAM}: {e}")))?
-                .try_clone()
-                .map_err(|e| DatapathError::Load(format!("{LOCAL_DELIVERY_PROGRAM}: {e}")))?;
+            let mut targets = Vec::new();
+            for (slot, name) in [
+                (DELIVER_LOCAL, LOCAL_DELIVERY_PROGRAM),
+                (DELIVER_REPLY_NAT, REPLY_NAT_PROGRAM),
+                (DELIVER_REPLY_NAT_LOCAL, REPLY_NAT_LOCAL_PROGRAM),
+            ] {
+                let fd = ebpf
+                    .program(name)
+                    .ok_or_else(|| DatapathError::Load(format!("program {name} missing")))?
+                    .fd()
+                    .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?
+                    .try_clone()
+                    .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
+                targets.push((slot, fd));
+            }
             let mut jump =
                 ProgramArray::try_from(ebpf.map_mut(map_names::DELIVER).ok_or_else(|| {
                     DatapathError::Load(format!("map {} missing", map_names::DELIVER))
                 })?)
                 .map_err(map_err(map_names::DELIVER))?;
-            jump.set(0, &target, 0)
-                .map_err(map_err(map_names::DELIVER))?;
+            for (slot, fd) in &targets {
+                jump.set(*slot, fd, 0)
+                    .map_err(map_err(map_names::DELIVER))?;
+            }
         }
         macro_rules! take {
             ($name:expr, $ty:ty) => {{
@@ -291,6 +336,8 @@ impl Datapath {
             pin_dir: pin_dir.to_path_buf(),
             owns_pin_dir: false,
             links: HashMap::new(),
+            services: None,
+            service_capacity: cap.services,
         };
         if dp.conn4.ways() != dp.conn6.ways() {
             return Err(DatapathError::Load(format!(
@@ -421,6 +468,8 @@ mod tests {
         defined.sort_unstable();
         let mut named: Vec<&str> = map_names::ALL.to_vec();
         named.push(map_names::SCRATCH);
+        named.push(map_names::SVC_SCRATCH);
+        named.push(map_names::SVC_KEYS);
         named.sort_unstable();
         assert_eq!(
             defined, named,

@@ -63,6 +63,8 @@ impl Datapath {
             retval: r.return_value as i32,
             duration_ns: r.duration.as_nanos() as u64,
         };
+        // The packet as the program left it (it may have grown or shrunk).
+        out.truncate(r.data_size_out as usize);
         Ok((result, out))
     }
 

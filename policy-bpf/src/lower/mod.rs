@@ -61,6 +61,8 @@ pub struct Capacity {
     /// half a log entry with its 8-byte owner: 180 bytes for IPv4 and 340
     /// for IPv6 (45 and 85 MiB at the default).
     pub conntrack: u32,
+    /// The service maps.
+    pub services: crate::services::ServiceCapacity,
 }
 
 impl Default for Capacity {
@@ -80,6 +82,7 @@ impl Default for Capacity {
             class_words: 2 << 20,
             rules: 65_536,
             conntrack: 262_144,
+            services: crate::services::ServiceCapacity::default(),
         }
     }
 }
@@ -92,6 +95,7 @@ impl Capacity {
     pub fn verification() -> Self {
         Capacity {
             conntrack: 1024,
+            services: crate::services::ServiceCapacity::verification(),
             ..Capacity::default()
         }
     }

@@ -86,9 +86,10 @@ pub(super) static PALISADE_CONFIG: Array<Config> = Array::pinned(1, 0);
 /// Local endpoints by address (see [`LocalEndpoint`]).
 #[map]
 pub(super) static PALISADE_ENDPOINTS: HashMap<LocalKey, LocalEndpoint> = HashMap::pinned(65_536, 0);
-/// Slot 0: `palisade_to_pod_local`, which local delivery tail-calls.
+/// The tail-call table: `palisade_to_pod_local` (local delivery), then
+/// the reply translations (see the `DELIVER_*` slots).
 #[map]
-pub(super) static PALISADE_DELIVER: ProgramArray = ProgramArray::pinned(1, 0);
+pub(super) static PALISADE_DELIVER: ProgramArray = ProgramArray::pinned(DELIVER_SLOTS, 0);
 /// Working memory; not pinned (each loaded program has its own).
 #[map]
 pub(super) static PALISADE_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

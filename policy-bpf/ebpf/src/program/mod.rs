@@ -35,6 +35,7 @@ mod delivery;
 mod maps;
 mod packet;
 mod report;
+mod service;
 mod walk;
 use conntrack::*;
 use delivery::*;
@@ -237,7 +238,20 @@ pub fn palisade_from_pod(ctx: TcContext) -> i32 {
         // this returns only when the slot is empty (then a deferred
         // approval is lost: the connection's next packet is judged
         // again).
-        unsafe { PALISADE_DELIVER.tail_call(&ctx, 0) };
+        unsafe { PALISADE_DELIVER.tail_call(&ctx, DELIVER_LOCAL) };
+    }
+    reply_nat(&ctx, DELIVER_REPLY_NAT)
+}
+
+/// Hands a packet policy allowed to the reply translation when Services
+/// are programmed (`slot`: then passes, or hands over); else, or if the
+/// slot is empty, it passes.
+#[inline(always)]
+fn reply_nat(ctx: &TcContext, slot: u32) -> i32 {
+    if service::services_enabled() {
+        // SAFETY: the targets are TC programs taking the same context;
+        // this returns only when the slot is empty.
+        unsafe { PALISADE_DELIVER.tail_call(ctx, slot) };
     }
     PASS
 }
@@ -252,7 +266,7 @@ pub fn palisade_to_pod(ctx: TcContext) -> i32 {
         arrival(&ctx),
         Approval::NONE,
     ) {
-        ALLOWED => PASS,
+        ALLOWED => reply_nat(&ctx, DELIVER_REPLY_NAT),
         r => r,
     }
 }
@@ -281,7 +295,13 @@ pub fn palisade_to_pod_local(ctx: TcContext) -> i32 {
         ep.ifindex,
         unstash(&ctx),
     ) {
-        ALLOWED | DEFERRED => hand_over(&ctx, &ep, family),
+        ALLOWED | DEFERRED => {
+            if service::services_enabled() {
+                // SAFETY: as in `reply_nat`; an empty slot returns here.
+                unsafe { PALISADE_DELIVER.tail_call(&ctx, DELIVER_REPLY_NAT_LOCAL) };
+            }
+            hand_over(&ctx, &ep, family)
+        }
         r => r,
     }
 }

@@ -227,4 +227,5 @@ mod conntrack;
 mod netns;
 mod packets;
 mod scale;
+mod services;
 mod updates;

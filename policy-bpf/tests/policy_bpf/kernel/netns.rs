@@ -344,3 +344,135 @@ fn restart_keeps_established_connections() {
     drop(dp);
     let _ = std::fs::remove_dir_all(&pin);
 }
+
+/// Policy after NAT, Calico's way, with real connections: on the example
+/// node with its zero-trust policy, a Service whose backend is `api`.
+/// `web` (allowed to api:8080) reaches it through the ClusterIP and gets
+/// its replies (judged by policy as the connection to the backend, then
+/// translated back, local delivery included); `analytics` (denied) does
+/// not get through the ClusterIP either.
+#[test]
+fn policy_judges_the_backend_of_a_cluster_ip_connection() {
+    if !privileged() {
+        return;
+    }
+    let ExampleNode {
+        topo,
+        mut dp,
+        ifaces,
+        ..
+    } = ExampleNode::up(Datapath::load_private(Capacity::verification()).unwrap());
+    use super::services::{service, slice, sock, table};
+    dp.set_services(&table(&[
+        service("api", "172.30.0.10", false),
+        slice("api", &["10.10.2.10"]),
+    ]))
+    .unwrap();
+    topo.node()
+        .run(|| ifaces.iter().try_for_each(|i| dp.attach_service(i)))
+        .unwrap()
+        .unwrap();
+    let web = topo.pod(&key("shop-frontend/web")).unwrap();
+    let api = topo.pod(&key("shop-backend/api")).unwrap();
+    let analytics = topo.pod(&key("analytics/reporting")).unwrap();
+    let listener = api
+        .ns
+        .run(|| TcpListener::bind("10.10.2.10:8080"))
+        .unwrap()
+        .unwrap();
+    let vip = sock("172.30.0.10", 80);
+    let mut client = web
+        .ns
+        .run(|| TcpStream::connect_timeout(&vip, Duration::from_secs(2)))
+        .unwrap()
+        .expect("web -> api through the ClusterIP is allowed");
+    let (mut server, seen) = listener.accept().unwrap();
+    assert_eq!(seen.ip(), web.ips[0], "the backend sees the client pod");
+    for s in [&client, &server] {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    }
+    let mut buf = [0u8; 5];
+    client.write_all(b"ping!").unwrap();
+    server.read_exact(&mut buf).unwrap();
+    server.write_all(b"pong!").unwrap();
+    client.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"pong!");
+    assert_eq!(client.peer_addr().unwrap(), vip);
+    let r = analytics
+        .ns
+        .run(|| TcpStream::connect_timeout(&vip, Duration::from_millis(300)));
+    assert!(
+        r.unwrap().is_err(),
+        "analytics -> api:8080 is denied, through the ClusterIP too"
+    );
+    let stats = dp.stats().unwrap();
+    assert!(
+        stats[Statistic::ServiceTranslated as usize] >= 2,
+        "replies translated back"
+    );
+}
+
+/// A masqueraded connection (a pod to a NodePort, `externalTrafficPolicy:
+/// Cluster`): policy judges client and backend, the SNAT to the node's
+/// address comes after it (before it, the client's own hook would see a
+/// source that is not the pod's), and the reply has it undone before
+/// policy and the frontend restored after.
+#[test]
+fn masqueraded_connections_are_judged_before_their_snat() {
+    if !privileged() {
+        return;
+    }
+    let ExampleNode {
+        topo,
+        mut dp,
+        ifaces,
+        ..
+    } = ExampleNode::up(Datapath::load_private(Capacity::verification()).unwrap());
+    use super::services::{slice, sock, table};
+    let node_port = serde_json::json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "api", "namespace": "default"},
+        "spec": {"type": "NodePort", "clusterIP": "172.30.0.10",
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]}});
+    dp.set_services(&table(&[node_port, slice("api", &["10.10.2.10"])]))
+        .unwrap();
+    topo.node()
+        .run(|| ifaces.iter().try_for_each(|i| dp.attach_service(i)))
+        .unwrap()
+        .unwrap();
+    let web = topo.pod(&key("shop-frontend/web")).unwrap();
+    let api = topo.pod(&key("shop-backend/api")).unwrap();
+    let analytics = topo.pod(&key("analytics/reporting")).unwrap();
+    let listener = api
+        .ns
+        .run(|| TcpListener::bind("10.10.2.10:8080"))
+        .unwrap()
+        .unwrap();
+    let frontend = sock("192.168.0.2", 30080);
+    let mut client = web
+        .ns
+        .run(|| TcpStream::connect_timeout(&frontend, Duration::from_secs(2)))
+        .unwrap()
+        .expect("web -> api through the NodePort is allowed");
+    let (mut server, seen) = listener.accept().unwrap();
+    assert_eq!(
+        seen.ip(),
+        ip("192.168.0.2"),
+        "masqueraded to the node's address"
+    );
+    for s in [&client, &server] {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    }
+    let mut buf = [0u8; 5];
+    client.write_all(b"ping!").unwrap();
+    server.read_exact(&mut buf).unwrap();
+    server.write_all(b"pong!").unwrap();
+    client.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"pong!");
+    let r = analytics
+        .ns
+        .run(|| TcpStream::connect_timeout(&frontend, Duration::from_millis(300)));
+    assert!(
+        r.unwrap().is_err(),
+        "analytics -> api:8080 is denied through the NodePort too"
+    );
+}

@@ -1,0 +1,847 @@
+//! Service load balancing, kube-proxy's job, as the TC program
+//! `palisade_service`: it runs before the policy programs, so policy
+//! judges the backend (Calico's order). A packet of a translated
+//! connection (either way) is rewritten from the NAT table; a new
+//! connection to a frontend is decided by the shared
+//! [`service_decide`] over the service maps, gets a backend (ClientIP
+//! affinity first), both directions recorded, and is rewritten (DNAT,
+//! and SNAT to the node's address where kube-proxy masquerades). DROP
+//! drops; REJECT answers with ICMP port unreachable, as kube-proxy's
+//! `reject` does, sent back out of the interface the packet came in on.
+
+// Keys and values in scratch go to the map helpers by reference: by value
+// they would be copied onto the 512-byte stack.
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "scratch keys stay off the stack"
+)]
+
+use aya_ebpf::bindings::{
+    BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
+};
+use aya_ebpf::helpers::{bpf_csum_diff, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail};
+
+use super::*;
+
+// Sizes are defaults; user space sizes them from its ServiceCapacity.
+#[map]
+pub(super) static PALISADE_SVC_FRONTENDS: HashMap<FrontendKey, FrontendValue> =
+    HashMap::pinned(65_536, 0);
+#[map]
+pub(super) static PALISADE_SVC_SERVICES: Array<ServiceValue> = Array::pinned(32_768, 0);
+#[map]
+pub(super) static PALISADE_SVC_BACKENDS: Array<BackendValue> = Array::pinned(262_144, 0);
+#[map]
+pub(super) static PALISADE_SVC_ADDRESSES: LpmTrie<SvcAddrKey, u32> = LpmTrie::pinned(65_536, 0);
+#[map]
+pub(super) static PALISADE_SVC_SOURCE_RANGES: LpmTrie<SvcRangeKey, u8> = LpmTrie::pinned(16_384, 0);
+#[map]
+pub(super) static PALISADE_SVC_CONFIG: Array<ServiceConfig> = Array::pinned(1, 0);
+/// Both directions of every translated connection. An LRU: a connection
+/// idle long enough to be evicted is decided again on its next packet.
+#[map]
+pub(super) static PALISADE_SVC_NAT: LruHashMap<NatTuple, NatValue> = LruHashMap::pinned(262_144, 0);
+#[map]
+pub(super) static PALISADE_SVC_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(65_536, 0);
+/// Working memory; not pinned.
+#[map]
+pub(super) static PALISADE_SVC_SCRATCH: PerCpuArray<ServiceScratch> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// The tries' lookup keys, kept off the stack (the decision's frame and
+/// its caller's must fit 512 bytes together).
+#[repr(C)]
+pub(super) struct LookupKeys {
+    addr: Key<SvcAddrKey>,
+    range: Key<SvcRangeKey>,
+}
+
+/// Working memory for the tries' keys; not pinned.
+#[map]
+pub(super) static PALISADE_SVC_KEYS: PerCpuArray<LookupKeys> = PerCpuArray::with_max_entries(1, 0);
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const SCTP: u8 = 132;
+/// Where the L3 header starts (the pod and host interfaces carry Ethernet).
+const L3: usize = ETH_HLEN;
+
+/// The service maps as [`service_decide`] reads them.
+struct Maps;
+
+impl ServiceMaps for Maps {
+    #[inline(always)]
+    fn frontend(&self, key: &FrontendKey) -> Option<FrontendValue> {
+        // SAFETY: the value is copied out at once.
+        unsafe { PALISADE_SVC_FRONTENDS.get(key) }.copied()
+    }
+
+    #[inline(always)]
+    fn service(&self, index: u32) -> Option<ServiceValue> {
+        PALISADE_SVC_SERVICES.get(index).copied()
+    }
+
+    #[inline(always)]
+    fn config(&self) -> ServiceConfig {
+        PALISADE_SVC_CONFIG.get(0).copied().unwrap_or_default()
+    }
+
+    #[inline(always)]
+    fn address_flags(&self, family: u8, addr: &[u8; 16]) -> u32 {
+        let Some(keys) = PALISADE_SVC_KEYS.get_ptr_mut(0) else {
+            return 0;
+        };
+        // SAFETY: this CPU's key memory, used by this run only.
+        let key = unsafe { &mut (*keys).addr };
+        key.prefix_len = ADDR_KEY_BITS + if family == FAMILY_V4 { 32 } else { 128 };
+        key.data = SvcAddrKey {
+            family,
+            pad: [0; 3],
+            addr: *addr,
+        };
+        PALISADE_SVC_ADDRESSES.get(&*key).copied().unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn source_range(&self, service: u32, family: u8, addr: &[u8; 16]) -> u8 {
+        let Some(keys) = PALISADE_SVC_KEYS.get_ptr_mut(0) else {
+            return 0;
+        };
+        // SAFETY: as above.
+        let key = unsafe { &mut (*keys).range };
+        key.prefix_len = RANGE_KEY_BITS + if family == FAMILY_V4 { 32 } else { 128 };
+        key.data = SvcRangeKey {
+            service: service.to_be_bytes(),
+            family,
+            pad: [0; 3],
+            addr: *addr,
+        };
+        PALISADE_SVC_SOURCE_RANGES.get(&*key).copied().unwrap_or(0)
+    }
+}
+
+/// Service load balancing on one packet; see the module comment.
+#[classifier]
+pub fn palisade_service(ctx: TcContext) -> i32 {
+    service(&ctx).unwrap_or(PASS)
+}
+
+/// Where a packet's headers are.
+struct Headers {
+    family: u8,
+    protocol: u8,
+    /// Transport header offset.
+    l4: usize,
+}
+
+#[inline(always)]
+fn headers(p: &Skb) -> Option<Headers> {
+    let ethertype = u16::from_be_bytes(p.fixed::<2>(12)?);
+    let (family, protocol, l4) = match ethertype {
+        ETH_P_IP => {
+            let [version_ihl] = p.fixed::<1>(L3)?;
+            let ihl = usize::from(version_ihl & 0x0f) * 4;
+            let fragment = u16::from_be_bytes(p.fixed::<2>(L3 + 6)?);
+            // Fragments are not translated (their ports are in the first
+            // one only); neither are options-bearing headers (rare, and
+            // kube-proxy's nftables rules see them the same as any).
+            if ihl != 20 || fragment & 0x3fff != 0 {
+                return None;
+            }
+            (FAMILY_V4, p.fixed::<1>(L3 + 9)?[0], L3 + 20)
+        }
+        // Extension headers are not followed: service traffic does not
+        // carry them.
+        ETH_P_IPV6 => (FAMILY_V6, p.fixed::<1>(L3 + 6)?[0], L3 + 40),
+        _ => return None,
+    };
+    if !matches!(protocol, TCP | UDP | SCTP) {
+        return None;
+    }
+    Some(Headers {
+        family,
+        protocol,
+        l4,
+    })
+}
+
+/// The headers of a TCP, UDP or SCTP packet, its tuple into `sc.tuple`.
+/// Headers are read straight from the packet's linear data (a helper
+/// call per field would cost more than the rest of a non-service
+/// packet's lookup); a function of its own, so that its buffers are not
+/// on the stack while the decision runs.
+#[inline(never)]
+fn parse(ctx: &TcContext) -> Option<Headers> {
+    let bytes = Skb {
+        ctx,
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+    };
+    let h = headers(&bytes)?;
+    let sc = scratch()?;
+    read_tuple(&bytes, &h, &mut sc.tuple)?;
+    Some(h)
+}
+
+/// A packet of a translated connection (`sc.tuple`), either way: 1
+/// when rewritten (or left to policy), 0 when not one, -1 when the
+/// rewrite failed. A reply on an interface the policy programs manage
+/// is theirs to translate: they judge it as the connection they
+/// recorded (to the backend), then hand it to `palisade_reply_nat`.
+#[inline(never)]
+fn translated(ctx: &TcContext, h: &Headers) -> i32 {
+    let Some(sc) = scratch() else {
+        return 0;
+    };
+    let Some(v) = PALISADE_SVC_NAT.get_ptr(&sc.tuple) else {
+        return 0;
+    };
+    // SAFETY: a map value stays valid for the rest of this run (RCU).
+    let v = unsafe { &*v };
+    let managed = interface_zone(arrival(ctx)).is_some();
+    if v.flags & NAT_AFTER_POLICY != 0 {
+        // The policy programs apply it once they allowed the packet.
+        if managed {
+            return 1;
+        }
+        if rewrite(ctx, h, &sc.tuple, v) != 0 {
+            return -1;
+        }
+        stat(Statistic::ServiceTranslated);
+        return 1;
+    }
+    if rewrite(ctx, h, &sc.tuple, v) != 0 {
+        return -1;
+    }
+    stat(Statistic::ServiceTranslated);
+    // Without a policy program after this one, the after-policy half
+    // (SNAT, or the frontend restored) is now.
+    if !managed {
+        sc.next = NatTuple {
+            src: v.src,
+            dst: v.dst,
+            src_port: v.src_port,
+            dst_port: v.dst_port,
+            protocol: sc.tuple.protocol,
+            family: sc.tuple.family,
+            pad: 0,
+        };
+        if let Some(after) = PALISADE_SVC_NAT.get_ptr(&sc.next) {
+            // SAFETY: as above.
+            let after = unsafe { &*after };
+            if after.flags & NAT_AFTER_POLICY != 0 && rewrite(ctx, h, &sc.next, after) != 0 {
+                return -1;
+            }
+        }
+    }
+    1
+}
+
+/// The packet's connection tuple.
+#[inline(always)]
+fn read_tuple(bytes: &Skb, h: &Headers, t: &mut NatTuple) -> Option<()> {
+    let (src_at, dst_at) = addr_offsets(h.family);
+    *t = NatTuple::default();
+    if h.family == FAMILY_V4 {
+        t.src[..4].copy_from_slice(&bytes.fixed::<4>(src_at)?);
+        t.dst[..4].copy_from_slice(&bytes.fixed::<4>(dst_at)?);
+    } else {
+        t.src = bytes.fixed::<16>(src_at)?;
+        t.dst = bytes.fixed::<16>(dst_at)?;
+    }
+    let ports = bytes.fixed::<4>(h.l4)?;
+    t.src_port = u16::from_be_bytes([ports[0], ports[1]]);
+    t.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+    t.protocol = h.protocol;
+    t.family = h.family;
+    Some(())
+}
+
+/// Whether any Service is programmed: only then do the policy programs
+/// hand the packets they allow to the reply translation.
+#[inline(always)]
+pub(super) fn services_enabled() -> bool {
+    PALISADE_SVC_CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & CONFIG_ENABLED != 0)
+}
+
+/// Applies a translated connection's after-policy entry, if the packet
+/// has one: the SNAT on the way out, the frontend restored on the way
+/// back. -1 when the rewrite failed.
+#[inline(always)]
+fn after_policy_nat(ctx: &TcContext) -> i32 {
+    let bytes = Skb {
+        ctx,
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+    };
+    let Some(h) = headers(&bytes) else {
+        return 0;
+    };
+    let Some(sc) = scratch() else {
+        return 0;
+    };
+    if read_tuple(&bytes, &h, &mut sc.tuple).is_none() {
+        return 0;
+    }
+    let Some(v) = PALISADE_SVC_NAT.get_ptr(&sc.tuple) else {
+        return 0;
+    };
+    // SAFETY: a map value stays valid for the rest of this run (RCU).
+    let v = unsafe { &*v };
+    if v.flags & NAT_AFTER_POLICY == 0 {
+        return 0;
+    }
+    if rewrite(ctx, &h, &sc.tuple, v) != 0 {
+        return -1;
+    }
+    stat(Statistic::ServiceTranslated);
+    1
+}
+
+/// A packet the policy programs allowed (tail-called from them when
+/// Services are programmed, `DELIVER_REPLY_NAT`): a translated
+/// connection's after-policy entry is applied (a reply gets its frontend
+/// back; a masqueraded connection its SNAT), then the packet passes.
+/// Policy judges the connection between client and backend, so these
+/// come after it; a tail call, so that neither its stack nor its paths
+/// add to the policy programs'.
+#[classifier]
+pub fn palisade_reply_nat(ctx: TcContext) -> i32 {
+    if after_policy_nat(&ctx) < 0 {
+        DROP
+    } else {
+        PASS
+    }
+}
+
+/// As [`palisade_reply_nat`] for a packet allowed to a local endpoint
+/// (`DELIVER_REPLY_NAT_LOCAL`, from `palisade_to_pod_local`): translated,
+/// then handed over to the pod.
+#[classifier]
+pub fn palisade_reply_nat_local(ctx: TcContext) -> i32 {
+    if after_policy_nat(&ctx) < 0 {
+        return DROP;
+    }
+    let Some(sc) = PALISADE_SCRATCH.get_ptr_mut(0) else {
+        return PASS;
+    };
+    // SAFETY: this CPU's policy scratch (TC programs do not nest on a CPU).
+    match local_receiver(&ctx, arrival(&ctx), unsafe { &mut (*sc).local }) {
+        Some((ep, family)) => hand_over(&ctx, &ep, family),
+        None => PASS,
+    }
+}
+
+/// Offsets of the source and destination addresses.
+#[inline(always)]
+fn addr_offsets(family: u8) -> (usize, usize) {
+    if family == FAMILY_V4 {
+        (L3 + 12, L3 + 16)
+    } else {
+        (L3 + 8, L3 + 24)
+    }
+}
+
+/// This CPU's scratch.
+#[inline(always)]
+fn scratch() -> Option<&'static mut ServiceScratch> {
+    let sc = PALISADE_SVC_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch; TC programs do not nest on a CPU and
+    // each function below takes it only after its caller is done with it.
+    Some(unsafe { &mut *sc })
+}
+
+#[inline(always)]
+fn service(ctx: &TcContext) -> Result<i32, i64> {
+    let Some(h) = parse(ctx) else {
+        return Ok(PASS);
+    };
+    let sc = scratch().ok_or(0i64)?;
+    match translated(ctx, &h) {
+        0 => {}
+        r if r < 0 => return Ok(DROP),
+        _ => return Ok(PASS),
+    }
+
+    let p = &mut sc.packet;
+    p.family = h.family;
+    p.source = sc.tuple.src;
+    p.destination = sc.tuple.dst;
+    p.protocol = h.protocol;
+    p.port = sc.tuple.dst_port;
+    decide();
+    let Some(sc) = scratch() else {
+        return Ok(DROP);
+    };
+    let d = sc.decision;
+    Ok(match d.verdict {
+        DECISION_DROP => {
+            stat(Statistic::ServiceDrop);
+            DROP
+        }
+        DECISION_REJECT => {
+            stat(Statistic::ServiceReject);
+            reject(ctx, &h)
+        }
+        DECISION_FORWARD if d.count == 0 => {
+            stat(Statistic::ServiceReject);
+            reject(ctx, &h)
+        }
+        DECISION_FORWARD => translate(ctx, &h),
+        _ => PASS,
+    })
+}
+
+/// The decision on a new connection (`sc.packet`) into `sc.decision`; a
+/// function of its own, so its lookup keys take their own stack frame.
+#[inline(never)]
+fn decide() {
+    if let Some(sc) = scratch() {
+        sc.decision = ServiceDecision::of(service_decide(&sc.packet, &Maps));
+    }
+}
+
+/// A new connection the decision forwards (`sc.decision`): the backend,
+/// both directions recorded, the packet rewritten.
+#[inline(never)]
+fn translate(ctx: &TcContext, h: &Headers) -> i32 {
+    let Some(sc) = scratch() else {
+        return DROP;
+    };
+    let ServiceDecision {
+        service,
+        first,
+        affinity_seconds,
+        count,
+        masquerade,
+        ..
+    } = sc.decision;
+    let masquerade = masquerade != 0;
+    choose(sc, service, first, count, affinity_seconds);
+    // Hairpin: a backend reaching itself through the Service is
+    // masqueraded, or it would answer itself directly.
+    let hairpin = sc.chosen.value.addr == sc.tuple.src;
+    sc.node = [0; 16];
+    if let Some(c) = PALISADE_SVC_CONFIG.get(0) {
+        sc.node = if h.family == FAMILY_V4 {
+            c.primary_v4
+        } else {
+            c.primary_v6
+        };
+    }
+    let masquerade = (masquerade || hairpin) && sc.node != [0; 16];
+    let masq_flag = if masquerade { NAT_MASQUERADE } else { 0 };
+    let t = sc.tuple;
+    let b = sc.chosen.value;
+    // Before policy: DNAT only.
+    sc.forward = NatValue {
+        src: t.src,
+        dst: b.addr,
+        src_port: t.src_port,
+        dst_port: b.port,
+        flags: masq_flag,
+        backend: sc.chosen.backend,
+        pad: 0,
+    };
+    // After policy, on the way back: the frontend restored.
+    sc.reply_key = NatTuple {
+        src: b.addr,
+        dst: t.src,
+        src_port: b.port,
+        dst_port: t.src_port,
+        protocol: t.protocol,
+        family: t.family,
+        pad: 0,
+    };
+    sc.reply = NatValue {
+        src: t.dst,
+        dst: t.src,
+        src_port: t.dst_port,
+        dst_port: t.src_port,
+        flags: NAT_REPLY | NAT_AFTER_POLICY | masq_flag,
+        backend: sc.chosen.backend,
+        pad: 0,
+    };
+    let mut recorded = PALISADE_SVC_NAT
+        .insert(&sc.reply_key, &sc.reply, u64::from(BPF_NOEXIST))
+        .is_ok();
+    if recorded && masquerade {
+        recorded = record_masquerade(sc);
+        if !recorded {
+            let _ = PALISADE_SVC_NAT.remove(&sc.reply_key);
+        }
+    }
+    if recorded
+        && PALISADE_SVC_NAT
+            .insert(&sc.tuple, &sc.forward, u64::from(BPF_NOEXIST))
+            .is_err()
+    {
+        let _ = PALISADE_SVC_NAT.remove(&sc.reply_key);
+        if masquerade {
+            let _ = PALISADE_SVC_NAT.remove(&sc.snat_key);
+            let _ = PALISADE_SVC_NAT.remove(&sc.unsnat_key);
+        }
+        recorded = false;
+    }
+    if !recorded {
+        stat(Statistic::ServiceNatFull);
+    }
+    if rewrite(ctx, h, &sc.tuple, &sc.forward) != 0 {
+        return DROP;
+    }
+    // Without a policy program after this one, the SNAT is now.
+    if masquerade && interface_zone(arrival(ctx)).is_none() {
+        sc.next = sc.snat_key;
+        if rewrite(ctx, h, &sc.next, &sc.snat) != 0 {
+            return DROP;
+        }
+    }
+    stat(Statistic::ServiceNat);
+    PASS
+}
+
+/// A masqueraded connection's SNAT (after policy) and its reverse
+/// (before policy), from `sc.forward`: clients share the node's
+/// address, so a second one with the same source port to the same
+/// backend takes another port. False when the table took neither.
+#[inline(always)]
+fn record_masquerade(sc: &mut ServiceScratch) -> bool {
+    let f = sc.forward;
+    sc.snat_key = NatTuple {
+        src: f.src,
+        dst: f.dst,
+        src_port: f.src_port,
+        dst_port: f.dst_port,
+        protocol: sc.tuple.protocol,
+        family: sc.tuple.family,
+        pad: 0,
+    };
+    sc.snat = NatValue {
+        src: sc.node,
+        dst: f.dst,
+        src_port: f.src_port,
+        dst_port: f.dst_port,
+        flags: NAT_AFTER_POLICY | NAT_MASQUERADE,
+        backend: f.backend,
+        pad: 0,
+    };
+    sc.unsnat_key = NatTuple {
+        src: f.dst,
+        dst: sc.node,
+        src_port: f.dst_port,
+        dst_port: f.src_port,
+        protocol: sc.tuple.protocol,
+        family: sc.tuple.family,
+        pad: 0,
+    };
+    sc.unsnat = NatValue {
+        src: f.dst,
+        dst: f.src,
+        src_port: f.dst_port,
+        dst_port: f.src_port,
+        flags: NAT_REPLY | NAT_MASQUERADE,
+        backend: f.backend,
+        pad: 0,
+    };
+    let mut taken = PALISADE_SVC_NAT
+        .insert(&sc.unsnat_key, &sc.unsnat, u64::from(BPF_NOEXIST))
+        .is_ok();
+    let mut tries = 0;
+    while !taken && tries < 4 {
+        tries += 1;
+        // SAFETY: helper without preconditions.
+        let port = 32_768 + (unsafe { bpf_get_prandom_u32() } % 28_232) as u16; // constant divisor
+        sc.snat.src_port = port;
+        sc.unsnat_key.dst_port = port;
+        taken = PALISADE_SVC_NAT
+            .insert(&sc.unsnat_key, &sc.unsnat, u64::from(BPF_NOEXIST))
+            .is_ok();
+    }
+    if !taken {
+        return false;
+    }
+    if PALISADE_SVC_NAT.insert(&sc.snat_key, &sc.snat, 0).is_err() {
+        let _ = PALISADE_SVC_NAT.remove(&sc.unsnat_key);
+        return false;
+    }
+    true
+}
+
+/// Picks the backend of a new connection into `sc.chosen`: the client's
+/// affinity entry while it is fresh and names a backend still in the
+/// range, else a random one; with affinity, the entry is (re)written.
+#[inline(always)]
+fn choose(sc: &mut ServiceScratch, service: u32, first: u32, count: u16, affinity_seconds: u32) {
+    // SAFETY: helpers without preconditions.
+    let (random, now) = unsafe { (bpf_get_prandom_u32(), bpf_ktime_get_ns()) };
+    // `count` is never 0 here (the caller rejects); `checked_rem` keeps
+    // the division's panic path out of the program all the same.
+    let mut index = first + random.checked_rem(u32::from(count)).unwrap_or(0);
+    if affinity_seconds > 0 {
+        sc.affinity = AffinityKey {
+            service,
+            family: sc.tuple.family,
+            pad: [0; 3],
+            client: sc.tuple.src,
+        };
+        // SAFETY: the entry is copied out at once.
+        if let Some(a) = unsafe { PALISADE_SVC_AFFINITY.get(&sc.affinity) }.copied() {
+            let fresh =
+                now.saturating_sub(a.used_ns) <= u64::from(affinity_seconds) * 1_000_000_000;
+            let listed = a.backend >= first
+                && a.backend < first + u32::from(count)
+                && PALISADE_SVC_BACKENDS.get(a.backend).copied() == Some(a.value);
+            if fresh && listed {
+                index = a.backend;
+            }
+        }
+    }
+    sc.chosen = AffinityValue {
+        used_ns: now,
+        backend: index,
+        pad: 0,
+        value: PALISADE_SVC_BACKENDS
+            .get(index)
+            .copied()
+            .unwrap_or_default(),
+    };
+    if affinity_seconds > 0 {
+        let _ = PALISADE_SVC_AFFINITY.insert(&sc.affinity, &sc.chosen, 0);
+    }
+}
+
+/// Rewrites the packet of tuple `old` to `new`'s addresses and ports,
+/// keeping the IPv4 header and TCP/UDP checksums right (incrementally).
+/// SCTP's CRC32c covers the ports and no helper updates it: an SCTP
+/// port translation leaves it stale (kube-proxy relies on the kernel's
+/// SCTP NAT helper for this; the kernel here has no SCTP).
+#[inline(never)]
+fn rewrite(ctx: &TcContext, h: &Headers, old: &NatTuple, new: &NatValue) -> i64 {
+    match rewrite_all(ctx, h, old, new) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}
+
+#[inline(always)]
+fn rewrite_all(ctx: &TcContext, h: &Headers, old: &NatTuple, new: &NatValue) -> Result<(), i64> {
+    // (checksum offset, 0 for none; flags). Not an Option: its unset
+    // payload would be an uninitialised register the verifier refuses.
+    let checksum = match h.protocol {
+        TCP => (h.l4 + 16, 0u64),
+        // A zero UDP checksum (IPv4: none) stays zero.
+        UDP => (h.l4 + 6, u64::from(BPF_F_MARK_MANGLED_0)),
+        _ => (0, 0),
+    };
+    let (src_at, dst_at) = addr_offsets(h.family);
+    rewrite_addr(ctx, h.family, src_at, &old.src, &new.src, checksum)?;
+    rewrite_addr(ctx, h.family, dst_at, &old.dst, &new.dst, checksum)?;
+    rewrite_port(ctx, h.l4, old.src_port, new.src_port, checksum)?;
+    rewrite_port(ctx, h.l4 + 2, old.dst_port, new.dst_port, checksum)?;
+    Ok(())
+}
+
+#[inline(always)]
+fn rewrite_addr(
+    ctx: &TcContext,
+    family: u8,
+    at: usize,
+    old: &[u8; 16],
+    new: &[u8; 16],
+    checksum: (usize, u64),
+) -> Result<(), i64> {
+    let words = if family == FAMILY_V4 { 1 } else { 4 };
+    for i in 0..4 {
+        if i >= words {
+            break;
+        }
+        let from = word(old, i);
+        let to = word(new, i);
+        if from == to {
+            continue;
+        }
+        let (csum_at, flags) = checksum;
+        if csum_at != 0 {
+            ctx.l4_csum_replace(
+                csum_at,
+                u64::from(from),
+                u64::from(to),
+                u64::from(BPF_F_PSEUDO_HDR) | flags | 4,
+            )?;
+        }
+        if family == FAMILY_V4 {
+            ctx.l3_csum_replace(L3 + 10, u64::from(from), u64::from(to), 4)?;
+        }
+        ctx.store(at + 4 * i, &to, 0)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn rewrite_port(
+    ctx: &TcContext,
+    at: usize,
+    old: u16,
+    new: u16,
+    checksum: (usize, u64),
+) -> Result<(), i64> {
+    if old == new {
+        return Ok(());
+    }
+    let (from, to) = (old.to_be(), new.to_be());
+    let (csum_at, flags) = checksum;
+    if csum_at != 0 {
+        ctx.l4_csum_replace(csum_at, u64::from(from), u64::from(to), flags | 2)?;
+    }
+    ctx.store(at, &to, 0)
+}
+
+/// Folds a 32-bit one's-complement sum to the checksum field's value.
+#[inline(always)]
+fn fold(sum: i64) -> u16 {
+    let mut s = (sum as u64) & 0xffff_ffff;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+/// One's-complement sum of `n` bytes at `p` (a multiple of 4) on `seed`.
+#[inline(always)]
+fn sum(p: *mut u8, n: u32, seed: u32) -> i64 {
+    // SAFETY: `p` points to `n` readable bytes of scratch memory.
+    unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p.cast(), n, seed) }
+}
+
+/// Turns the packet into ICMP port unreachable to its sender (type 3
+/// code 3; ICMPv6 type 1 code 4) quoting its IP header and the start of
+/// its transport header, and sends it back
+/// out of the interface it came in on. The packet is cut to the quoted
+/// length, then room for the new headers is opened after its IP header.
+#[inline(never)]
+fn reject(ctx: &TcContext, h: &Headers) -> i32 {
+    match answer_unreachable(ctx, h) {
+        Ok(r) => r,
+        Err(_) => DROP,
+    }
+}
+
+/// Fills `dst` (scratch memory) from `offset` of the packet; the length
+/// is the slice's, a constant here (aya's `load_bytes` clamps it to the
+/// packet, a length the verifier cannot bound away from zero).
+#[inline(always)]
+fn load_bytes(ctx: &TcContext, offset: usize, dst: &mut [u8]) -> Result<(), i64> {
+    // SAFETY: the context's own skb; `dst` is writable for its length.
+    let r = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            offset as u32,
+            dst.as_mut_ptr().cast(),
+            dst.len() as u32,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(r) }
+}
+
+/// Stores `bytes` (scratch memory) at `offset` of the packet.
+#[inline(always)]
+fn store_bytes(ctx: &TcContext, offset: usize, bytes: &[u8]) -> Result<(), i64> {
+    // SAFETY: the context's own skb; `bytes` is readable for its length.
+    let r = unsafe {
+        aya_ebpf::helpers::bpf_skb_store_bytes(
+            ctx.skb.skb,
+            offset as u32,
+            bytes.as_ptr().cast(),
+            bytes.len() as u32,
+            0,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(r) }
+}
+
+#[inline(always)]
+fn answer_unreachable(ctx: &TcContext, h: &Headers) -> Result<i32, i64> {
+    // The transport header is quoted up to its checksum at least: the
+    // kernel will not cut a packet whose checksum is left to the device
+    // (CHECKSUM_PARTIAL, as a pod's are) short of that field.
+    match h.protocol {
+        TCP => unreachable::<20>(ctx, h),
+        SCTP => unreachable::<12>(ctx, h),
+        _ => unreachable::<8>(ctx, h),
+    }
+}
+
+/// [`answer_unreachable`] quoting `Q` bytes of the transport header.
+#[inline(always)]
+fn unreachable<const Q: usize>(ctx: &TcContext, h: &Headers) -> Result<i32, i64> {
+    let sc = scratch().ok_or(0i64)?;
+    let (ip_len, inserted) = if h.family == FAMILY_V4 {
+        (20usize, 28i32)
+    } else {
+        (40usize, 48i32)
+    };
+    // The quote: the original IP header and the transport header's start.
+    let icmp = &mut sc.icmp;
+    *icmp = IcmpScratch::ZERO;
+    if h.family == FAMILY_V4 {
+        load_bytes(ctx, L3, &mut icmp.message[8..28 + Q])?;
+    } else {
+        load_bytes(ctx, L3, &mut icmp.message[8..48 + Q])?;
+    }
+    load_bytes(ctx, 0, &mut sc.macs)?;
+    let skb = ctx.skb.skb;
+    // SAFETY: the context's own skb.
+    if unsafe { bpf_skb_change_tail(skb, (L3 + ip_len + Q) as u32, 0) } != 0 {
+        return Ok(DROP);
+    }
+    ctx.adjust_room(inserted, BPF_ADJ_ROOM_NET, 0)?;
+    store_bytes(ctx, 0, &sc.macs[6..])?;
+    store_bytes(ctx, 6, &sc.macs[..6])?;
+    let t = &sc.tuple;
+    let icmp = &mut sc.icmp;
+    if h.family == FAMILY_V4 {
+        icmp.message[0] = 3;
+        icmp.message[1] = 3;
+        let c = fold(sum(icmp.message.as_mut_ptr(), (28 + Q) as u32, 0));
+        icmp.message[2..4].copy_from_slice(&c.to_ne_bytes());
+        let ip = &mut icmp.header;
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + 28 + Q) as u16).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 1;
+        ip[12..16].copy_from_slice(&t.dst[..4]);
+        ip[16..20].copy_from_slice(&t.src[..4]);
+        let c = fold(sum(ip.as_mut_ptr(), 20, 0));
+        ip[10..12].copy_from_slice(&c.to_ne_bytes());
+        store_bytes(ctx, L3, &icmp.header[..20])?;
+        store_bytes(ctx, L3 + 20, &icmp.message[..28])?;
+    } else {
+        icmp.message[0] = 1;
+        icmp.message[1] = 4;
+        let length = (48 + Q) as u32;
+        // The pseudo-header: source, destination, length, next header.
+        let pseudo = &mut icmp.pseudo;
+        pseudo[..16].copy_from_slice(&t.dst);
+        pseudo[16..32].copy_from_slice(&t.src);
+        pseudo[32..36].copy_from_slice(&length.to_be_bytes());
+        pseudo[39] = 58;
+        let seed = sum(pseudo.as_mut_ptr(), 40, 0) as u32;
+        let c = fold(sum(icmp.message.as_mut_ptr(), length, seed));
+        icmp.message[2..4].copy_from_slice(&c.to_ne_bytes());
+        let ip = &mut icmp.header;
+        ip[0] = 0x60;
+        ip[4..6].copy_from_slice(&(length as u16).to_be_bytes());
+        ip[6] = 58;
+        ip[7] = 64;
+        ip[8..24].copy_from_slice(&t.dst);
+        ip[24..40].copy_from_slice(&t.src);
+        store_bytes(ctx, L3, &icmp.header)?;
+        store_bytes(ctx, L3 + 40, &icmp.message[..48])?;
+    }
+    // SAFETY: the context's own interface.
+    Ok(unsafe { bpf_redirect((*skb).ifindex, 0) } as i32)
+}

@@ -1,0 +1,221 @@
+//! The service maps from user space: a node's service table written in
+//! (`set_services`), translated connections read back and resynchronised,
+//! and the service program run on crafted packets.
+
+use std::collections::BTreeSet;
+
+use aya::maps::Map;
+use palisade_services::ServiceTable;
+
+use super::*;
+use crate::services::{ServiceEntries, lower_services};
+
+/// A connection's backend as the NAT entries name it.
+type BackendAddr = ([u8; 16], u16, u8);
+
+impl Datapath {
+    /// Writes a node's service table into the service maps (lowered with
+    /// this datapath's capacities: a table that does not fit is refused
+    /// with the map named, and nothing is written), then forgets the NAT
+    /// state of connections whose backend is no longer listed: their next
+    /// packet is decided again, so they never reach a removed backend,
+    /// and connections whose backend stays keep it.
+    pub fn set_services(&mut self, table: &ServiceTable) -> Result<(), DatapathError> {
+        let entries = lower_services(table, &self.service_capacity)?;
+        self.write_services(&entries)?;
+        let listed: BTreeSet<BackendAddr> = entries
+            .backends
+            .iter()
+            .map(|b| (b.addr, b.port, b.family))
+            .collect();
+        self.services = Some(entries);
+        self.resync_nat(&listed)?;
+        Ok(())
+    }
+
+    /// The service entries last written.
+    pub fn services(&self) -> Option<&ServiceEntries> {
+        self.services.as_ref()
+    }
+
+    fn write_services(&mut self, new: &ServiceEntries) -> Result<(), DatapathError> {
+        let old = self.services.take().unwrap_or_default();
+        // Backends and services first: a frontend written next finds
+        // its ranges in place.
+        {
+            let mut backends: Array<&mut MapData, BackendValue> =
+                Array::try_from(self.map_mut(map_names::SVC_BACKENDS)?)
+                    .map_err(map_err(map_names::SVC_BACKENDS))?;
+            for (i, b) in new.backends.iter().enumerate() {
+                backends
+                    .set(i as u32, *b, 0)
+                    .map_err(map_err(map_names::SVC_BACKENDS))?;
+            }
+        }
+        {
+            let mut services: Array<&mut MapData, ServiceValue> =
+                Array::try_from(self.map_mut(map_names::SVC_SERVICES)?)
+                    .map_err(map_err(map_names::SVC_SERVICES))?;
+            for (i, v) in new.services.iter().enumerate() {
+                services
+                    .set(i as u32, *v, 0)
+                    .map_err(map_err(map_names::SVC_SERVICES))?;
+            }
+        }
+        {
+            let mut config: Array<&mut MapData, ServiceConfig> =
+                Array::try_from(self.map_mut(map_names::SVC_CONFIG)?)
+                    .map_err(map_err(map_names::SVC_CONFIG))?;
+            config
+                .set(0, new.config, 0)
+                .map_err(map_err(map_names::SVC_CONFIG))?;
+        }
+        {
+            let mut addresses: LpmTrie<&mut MapData, SvcAddrKey, u32> =
+                LpmTrie::try_from(self.map_mut(map_names::SVC_ADDRESSES)?)
+                    .map_err(map_err(map_names::SVC_ADDRESSES))?;
+            let key = |net: &ipnet::IpNet| {
+                let (family, addr) = crate::services::net_bytes(net);
+                Key::new(
+                    ADDR_KEY_BITS + u32::from(net.prefix_len()),
+                    SvcAddrKey {
+                        family,
+                        pad: [0; 3],
+                        addr,
+                    },
+                )
+            };
+            let keep: BTreeSet<&ipnet::IpNet> = new.addresses.iter().map(|(n, _)| n).collect();
+            for (net, flags) in &new.addresses {
+                addresses
+                    .insert(&key(net), *flags, 0)
+                    .map_err(map_err(map_names::SVC_ADDRESSES))?;
+            }
+            for (net, _) in old.addresses.iter().filter(|(n, _)| !keep.contains(n)) {
+                let _ = addresses.remove(&key(net));
+            }
+        }
+        {
+            let mut ranges: LpmTrie<&mut MapData, SvcRangeKey, u8> =
+                LpmTrie::try_from(self.map_mut(map_names::SVC_SOURCE_RANGES)?)
+                    .map_err(map_err(map_names::SVC_SOURCE_RANGES))?;
+            let key = |service: u32, net: &ipnet::IpNet| {
+                let (family, addr) = crate::services::net_bytes(net);
+                Key::new(
+                    RANGE_KEY_BITS + u32::from(net.prefix_len()),
+                    SvcRangeKey {
+                        service: service.to_be_bytes(),
+                        family,
+                        pad: [0; 3],
+                        addr,
+                    },
+                )
+            };
+            let keep: BTreeSet<&(u32, ipnet::IpNet)> =
+                new.source_ranges.iter().map(|(k, _)| k).collect();
+            for ((service, net), flags) in &new.source_ranges {
+                ranges
+                    .insert(&key(*service, net), *flags, 0)
+                    .map_err(map_err(map_names::SVC_SOURCE_RANGES))?;
+            }
+            for ((service, net), _) in old.source_ranges.iter().filter(|(k, _)| !keep.contains(k)) {
+                let _ = ranges.remove(&key(*service, net));
+            }
+        }
+        {
+            let mut frontends: BpfHashMap<&mut MapData, FrontendKey, FrontendValue> =
+                BpfHashMap::try_from(self.map_mut(map_names::SVC_FRONTENDS)?)
+                    .map_err(map_err(map_names::SVC_FRONTENDS))?;
+            for (k, v) in &new.frontends {
+                frontends
+                    .insert(k, v, 0)
+                    .map_err(map_err(map_names::SVC_FRONTENDS))?;
+            }
+            for k in old
+                .frontends
+                .keys()
+                .filter(|k| !new.frontends.contains_key(k))
+            {
+                let _ = frontends.remove(k);
+            }
+        }
+        Ok(())
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DatapathError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| DatapathError::Load(format!("map {name} missing")))
+    }
+
+    fn nat_map(&mut self) -> Result<BpfHashMap<&mut MapData, NatTuple, NatValue>, DatapathError> {
+        BpfHashMap::try_from(self.map_mut(map_names::SVC_NAT)?).map_err(map_err(map_names::SVC_NAT))
+    }
+
+    /// Every NAT entry (both directions of each translated connection).
+    pub fn nat_entries(&mut self) -> Result<Vec<(NatTuple, NatValue)>, DatapathError> {
+        let nat = self.nat_map()?;
+        Ok(nat.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Forgets every translated connection and affinity (the verification
+    /// engine's fresh start before each probe).
+    pub fn flush_services_state(&mut self) -> Result<(), DatapathError> {
+        let mut nat = self.nat_map()?;
+        let keys: Vec<NatTuple> = nat.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = nat.remove(&k);
+        }
+        let mut affinity: BpfHashMap<&mut MapData, AffinityKey, AffinityValue> =
+            BpfHashMap::try_from(self.map_mut(map_names::SVC_AFFINITY)?)
+                .map_err(map_err(map_names::SVC_AFFINITY))?;
+        let keys: Vec<AffinityKey> = affinity.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = affinity.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Removes the NAT entries of connections whose backend is not listed.
+    fn resync_nat(&mut self, listed: &BTreeSet<BackendAddr>) -> Result<(), DatapathError> {
+        let mut nat = self.nat_map()?;
+        let gone: Vec<NatTuple> = nat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                let backend = if v.flags & NAT_REPLY != 0 {
+                    (k.src, k.src_port, k.family)
+                } else {
+                    (v.dst, v.dst_port, k.family)
+                };
+                !listed.contains(&backend)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in gone {
+            let _ = nat.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// Runs the service program on a crafted packet (arriving on
+    /// `ifindex`, 0 for none): its return code and the packet it left.
+    pub fn run_service(
+        &self,
+        packet: &[u8],
+        ifindex: u32,
+    ) -> Result<(RunResult, Vec<u8>), DatapathError> {
+        self.test_run(SERVICE_PROGRAM, packet, 1, ifindex)
+    }
+
+    /// Runs the service program `repeat` times on one packet (benchmarks:
+    /// the mean run time is in the result).
+    pub fn run_service_repeated(
+        &self,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<RunResult, DatapathError> {
+        self.test_run(SERVICE_PROGRAM, packet, repeat, 0)
+            .map(|(r, _)| r)
+    }
+}
