@@ -42,6 +42,7 @@ mod progress;
 mod resolve;
 mod selector_cmd;
 mod services_cmd;
+mod services_netns;
 mod services_verify;
 mod store_cmd;
 mod verify_cmd;

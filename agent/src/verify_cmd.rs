@@ -183,6 +183,8 @@ pub fn verify(
                 .join(", ")
         );
     }
+    // The kernel's service program, loaded at the first service case.
+    let mut service_kernel = None;
     // The kernel and netns engines take minutes on the full corpora.
     let progress = crate::progress::bar(files.len() as u64, "cases");
     for f in &files {
@@ -205,12 +207,15 @@ pub fn verify(
             let service_engine = match engine {
                 EngineKind::Reference => ServiceEngine::Reference,
                 EngineKind::Maps => ServiceEngine::Maps,
+                EngineKind::Kernel => ServiceEngine::Kernel,
+                EngineKind::Netns => ServiceEngine::Netns,
                 other => ServiceEngine::Unsupported(format!("{other:?}").to_lowercase()),
             };
             tally.add(&crate::services_verify::run_file(
                 f,
                 &doc,
                 service_engine,
+                &mut service_kernel,
                 verbose,
             )?);
             continue;

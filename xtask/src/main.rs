@@ -218,9 +218,15 @@ fn test() -> Result<()> {
     }
     for c in &corpora {
         // Service load balancing: kube-proxy's packet-flow and
-        // endpoint-selection cases, on the model and on the lowered
-        // service maps (the kernel program does not carry them yet).
-        for engine in ["reference", "maps"] {
+        // endpoint-selection cases, on the model, on the lowered service
+        // maps, on the kernel's service program (crafted packets) and on
+        // real connections between namespaces.
+        for engine in ["reference", "maps", "kernel", "netns"] {
+            if matches!(engine, "kernel" | "netns")
+                && !privileged(&format!("the {engine} engine on services"))?
+            {
+                continue;
+            }
             s.step(
                 &format!("conformance, services, {engine} engine ({})", c.display()),
                 || {
@@ -486,7 +492,9 @@ fn report(args: &[String]) -> Result<()> {
     let (name, rest) = match args.split_first() {
         Some((name, rest)) => (name.as_str(), rest),
         None => {
-            bail!("usage: cargo xtask report <compiler|datapath|veth|agent|ipam|cni> [-- ARGS]")
+            bail!(
+                "usage: cargo xtask report <compiler|datapath|veth|agent|ipam|cni|services|service-packets> [-- ARGS]"
+            )
         }
     };
     let bin = match name {
@@ -497,9 +505,10 @@ fn report(args: &[String]) -> Result<()> {
         "ipam" => "ipam-report",
         "cni" => "cni-report",
         "services" => "services-report",
+        "service-packets" => "service-packet-report",
         other => {
             bail!(
-                "unknown report {other:?}: expected compiler, datapath, veth, agent, ipam, cni or services"
+                "unknown report {other:?}: expected compiler, datapath, veth, agent, ipam, cni, services or service-packets"
             )
         }
     };

@@ -1,0 +1,302 @@
+//! The `netns` engine for service cases: real connections. Each case
+//! becomes a node (namespaces: one per endpoint and pod source, one for
+//! external sources) with `palisade_service` on every interface of the
+//! node; each probe is connections from the source's namespace to the
+//! frontend, answered by listeners on the endpoints: which backend took
+//! each, and the address it saw (masquerade: not the client's).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use palisade_services::case::{Outcome, Output};
+use palisade_services::{Packet, Protocol, ServiceTable};
+use palisade_testing::netns::{Owner, Topology};
+use policy_bpf::datapath::Datapath;
+use policy_core::model::EndpointKey;
+
+/// Where a probe's source lives, or why real traffic cannot carry it.
+fn source_kind(table: &ServiceTable, ip: &IpAddr) -> Result<bool, String> {
+    if table.config.is_node_local(ip) {
+        return Err(
+            "the node's own connections need connect-time balancing (cgroup hooks), not built yet"
+                .into(),
+        );
+    }
+    if table
+        .frontends
+        .keys()
+        .any(|(frontend, _, _)| frontend == ip)
+    {
+        return Err(
+            "the source is a Service frontend (traffic the node SNATs to its LB IP): in a \
+             namespace it would take every probe to that address"
+                .into(),
+        );
+    }
+    Ok(table.config.is_pod(ip))
+}
+
+/// Why a probe cannot run on real traffic, if it cannot.
+pub fn unsupported(table: &ServiceTable, packet: &Packet, want: &Outcome) -> Option<String> {
+    if packet.protocol == Protocol::Sctp {
+        return Some("this kernel has no SCTP".into());
+    }
+    match want.output {
+        Output::Pass => {
+            return Some(
+                "not service traffic: its fate is the node's routing, not the service program's"
+                    .into(),
+            );
+        }
+        Output::Accept => return Some("ACCEPT is an iptables filter outcome".into()),
+        _ => {}
+    }
+    if packet.protocol == Protocol::Udp && want.output == Output::Drop {
+        return Some("a dropped UDP datagram and an unanswered one look alike".into());
+    }
+    source_kind(table, &packet.source).err()
+}
+
+/// A case's node, with listeners on every endpoint. The datapath is the
+/// engine's, loaded once for every case (a load verifies every program);
+/// [`ServiceNode::finish`] detaches it from this node's interfaces.
+pub struct ServiceNode {
+    topo: Topology,
+    ifaces: Vec<String>,
+    tcp: BTreeMap<SocketAddr, TcpListener>,
+    udp: BTreeMap<SocketAddr, UdpSocket>,
+}
+
+impl ServiceNode {
+    /// Builds the node for `table` and the probes' sources, with `dp`
+    /// programmed with `table` and attached to its interfaces.
+    pub fn build(
+        dp: &mut Datapath,
+        table: &ServiceTable,
+        sources: &[IpAddr],
+    ) -> Result<ServiceNode, String> {
+        let backends: BTreeSet<SocketAddr> = table
+            .services
+            .iter()
+            .flat_map(|b| b.cluster.iter().chain(b.local.iter()).copied())
+            .collect();
+        let mut ips: BTreeSet<IpAddr> = backends.iter().map(SocketAddr::ip).collect();
+        let mut external = BTreeSet::new();
+        for s in sources {
+            match source_kind(table, s) {
+                Ok(true) => {
+                    ips.insert(*s);
+                }
+                Ok(false) if !ips.contains(s) => {
+                    external.insert(*s);
+                }
+                _ => {}
+            }
+        }
+        let pods: Vec<(EndpointKey, Vec<IpAddr>)> = ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| {
+                let key: EndpointKey = format!("services/pod-{i}")
+                    .parse()
+                    .map_err(|e| format!("{e:?}"))?;
+                Ok((key, vec![*ip]))
+            })
+            .collect::<Result<_, String>>()?;
+        let mut topo = Topology::build(&pods).map_err(|e| e.to_string())?;
+        for ip in external {
+            topo.add_external(ip).map_err(|e| e.to_string())?;
+        }
+        dp.set_services(table).map_err(|e| e.to_string())?;
+        let mut ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
+        ifaces.push("ext".into());
+        topo.node()
+            .run(|| {
+                ifaces.iter().try_for_each(|i| {
+                    // A link pinned for a name an earlier case used would
+                    // be re-adopted, on an interface gone with its node.
+                    dp.detach(i)?;
+                    dp.attach_service(i)
+                })
+            })
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let mut node = ServiceNode {
+            topo,
+            ifaces,
+            tcp: BTreeMap::new(),
+            udp: BTreeMap::new(),
+        };
+        for b in backends {
+            let Ok(owner) = node.topo.owner(&b.ip()) else {
+                continue;
+            };
+            let ns = node.topo.netns(owner);
+            let tcp = ns
+                .run(|| TcpListener::bind(b))
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("listening on {b}: {e}"))?;
+            tcp.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let udp = ns
+                .run(|| UdpSocket::bind(b))
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("listening on udp {b}: {e}"))?;
+            udp.set_nonblocking(true).map_err(|e| e.to_string())?;
+            node.tcp.insert(b, tcp);
+            node.udp.insert(b, udp);
+        }
+        Ok(node)
+    }
+
+    /// One probe: connections until every expected backend answered (or
+    /// enough that one never will), or the first that fails.
+    pub fn probe(
+        &self,
+        dp: &mut Datapath,
+        packet: &Packet,
+        want: &Outcome,
+    ) -> Result<(Outcome, String), String> {
+        let owner = self
+            .topo
+            .owner(&packet.source)
+            .map_err(|e| format!("source: {e}"))?;
+        let dst = SocketAddr::new(packet.destination, packet.port);
+        let tries = match &want.output {
+            Output::Endpoints(e) => 16 + 16 * e.len(),
+            _ => 1,
+        };
+        let mut seen = BTreeSet::new();
+        let mut masq = false;
+        for attempt in 0..tries {
+            dp.flush_services_state().map_err(|e| e.to_string())?;
+            let answer = match packet.protocol {
+                Protocol::Udp => self.udp_once(owner, packet.source, dst, attempt)?,
+                _ => self.tcp_once(owner, packet.source, dst)?,
+            };
+            match answer {
+                Answer::Backend(b, from) => {
+                    seen.insert(b);
+                    masq |= from != packet.source;
+                }
+                Answer::Refused => return Ok((outcome(Output::Reject), "refused".into())),
+                Answer::Silent => return Ok((outcome(Output::Drop), "no answer".into())),
+            }
+            if let Output::Endpoints(e) = &want.output
+                && seen == *e
+            {
+                break;
+            }
+        }
+        let why = format!("{} backends answered", seen.len());
+        Ok((
+            Outcome {
+                output: Output::Endpoints(seen),
+                masq,
+            },
+            why,
+        ))
+    }
+
+    /// Detaches the datapath from this node's interfaces (their pinned
+    /// links would outlive the namespaces).
+    pub fn finish(self, dp: &mut Datapath) {
+        let _ = self
+            .topo
+            .node()
+            .run(|| self.ifaces.iter().for_each(|i| drop(dp.detach(i))));
+    }
+
+    fn tcp_once(&self, owner: Owner, source: IpAddr, dst: SocketAddr) -> Result<Answer, String> {
+        let ns = self.topo.netns(owner);
+        let connected = ns
+            .run(|| {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(dst),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                // From the probe's address (its namespace may hold others).
+                socket.bind(&SocketAddr::new(source, 0).into())?;
+                socket.connect_timeout(&dst.into(), Duration::from_millis(400))?;
+                Ok::<TcpStream, std::io::Error>(socket.into())
+            })
+            .map_err(|e| e.to_string())?;
+        let _client = match connected {
+            Ok(s) => s,
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Ok(Answer::Refused),
+            Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
+                return Ok(Answer::Silent);
+            }
+            Err(e) => return Err(format!("connecting to {dst}: {e}")),
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            for (b, l) in &self.tcp {
+                if let Ok((_, from)) = l.accept() {
+                    return Ok(Answer::Backend(*b, from.ip()));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("connected to {dst}, but no endpoint accepted"));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn udp_once(
+        &self,
+        owner: Owner,
+        source: IpAddr,
+        dst: SocketAddr,
+        attempt: usize,
+    ) -> Result<Answer, String> {
+        let ns = self.topo.netns(owner);
+        let client = ns
+            .run(|| UdpSocket::bind(SocketAddr::new(source, 0)))
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        client
+            .connect(dst)
+            .and_then(|()| client.send(format!("probe {attempt}").as_bytes()))
+            .map_err(|e| format!("sending to {dst}: {e}"))?;
+        client
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_millis(400);
+        let mut buf = [0u8; 64];
+        loop {
+            for (b, s) in &self.udp {
+                if let Ok((_, from)) = s.recv_from(&mut buf) {
+                    return Ok(Answer::Backend(*b, from.ip()));
+                }
+            }
+            // An ICMP port unreachable shows as a refused receive.
+            if let Err(e) = client.recv(&mut buf)
+                && e.kind() == ErrorKind::ConnectionRefused
+            {
+                return Ok(Answer::Refused);
+            }
+            if Instant::now() > deadline {
+                return Ok(Answer::Silent);
+            }
+        }
+    }
+}
+
+enum Answer {
+    /// This backend took it and saw this source.
+    Backend(SocketAddr, IpAddr),
+    /// ICMP port unreachable came back.
+    Refused,
+    /// Nothing came back.
+    Silent,
+}
+
+fn outcome(output: Output) -> Outcome {
+    Outcome {
+        output,
+        masq: false,
+    }
+}
