@@ -38,30 +38,29 @@ impl Datapath {
         self.services.as_ref()
     }
 
+    /// Writes `new` over the entries last written. A map write that fails
+    /// midway (the kernel refusing memory, say) writes the previous
+    /// entries back before returning the error, so the previous table
+    /// stays in force and on record.
     fn write_services(&mut self, new: &ServiceEntries) -> Result<(), DatapathError> {
         let old = self.services.take().unwrap_or_default();
+        let written = self.write_service_maps(new, &old);
+        if written.is_err() {
+            let _ = self.write_service_maps(&old, new);
+            self.services = Some(old);
+        }
+        written
+    }
+
+    fn write_service_maps(
+        &mut self,
+        new: &ServiceEntries,
+        old: &ServiceEntries,
+    ) -> Result<(), DatapathError> {
         // Backends and services first: a frontend written next finds
         // its ranges in place.
-        {
-            let mut backends: Array<&mut MapData, BackendValue> =
-                Array::try_from(self.map_mut(map_names::SVC_BACKENDS)?)
-                    .map_err(map_err(map_names::SVC_BACKENDS))?;
-            for (i, b) in new.backends.iter().enumerate() {
-                backends
-                    .set(i as u32, *b, 0)
-                    .map_err(map_err(map_names::SVC_BACKENDS))?;
-            }
-        }
-        {
-            let mut services: Array<&mut MapData, ServiceValue> =
-                Array::try_from(self.map_mut(map_names::SVC_SERVICES)?)
-                    .map_err(map_err(map_names::SVC_SERVICES))?;
-            for (i, v) in new.services.iter().enumerate() {
-                services
-                    .set(i as u32, *v, 0)
-                    .map_err(map_err(map_names::SVC_SERVICES))?;
-            }
-        }
+        self.write_array(map_names::SVC_BACKENDS, &new.backends)?;
+        self.write_array(map_names::SVC_SERVICES, &new.services)?;
         {
             let mut config: Array<&mut MapData, ServiceConfig> =
                 Array::try_from(self.map_mut(map_names::SVC_CONFIG)?)
@@ -142,6 +141,20 @@ impl Datapath {
         Ok(())
     }
 
+    /// Writes `values` at indices 0.. of an array map.
+    fn write_array<T: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        values: &[T],
+    ) -> Result<(), DatapathError> {
+        let mut array: Array<&mut MapData, T> =
+            Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        for (i, v) in values.iter().enumerate() {
+            array.set(i as u32, *v, 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
     fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DatapathError> {
         self.ebpf
             .map_mut(name)
@@ -150,6 +163,22 @@ impl Datapath {
 
     fn nat_map(&mut self) -> Result<BpfHashMap<&mut MapData, NatTuple, NatValue>, DatapathError> {
         BpfHashMap::try_from(self.map_mut(map_names::SVC_NAT)?).map_err(map_err(map_names::SVC_NAT))
+    }
+
+    /// NAT entries (both directions of each translated connection) and
+    /// ClientIP affinities held, for metrics.
+    pub fn service_state_len(&self) -> Result<(usize, usize), DatapathError> {
+        let map = |name: &'static str| {
+            self.ebpf
+                .map(name)
+                .ok_or_else(|| DatapathError::Load(format!("map {name} missing")))
+        };
+        let nat: BpfHashMap<&MapData, NatTuple, NatValue> =
+            BpfHashMap::try_from(map(map_names::SVC_NAT)?).map_err(map_err(map_names::SVC_NAT))?;
+        let affinity: BpfHashMap<&MapData, AffinityKey, AffinityValue> =
+            BpfHashMap::try_from(map(map_names::SVC_AFFINITY)?)
+                .map_err(map_err(map_names::SVC_AFFINITY))?;
+        Ok((nat.keys().count(), affinity.keys().count()))
     }
 
     /// Every NAT entry (both directions of each translated connection).
