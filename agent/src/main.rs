@@ -222,7 +222,7 @@ enum Command {
     },
     /// Run the node agent: follow the datastore and keep this node's
     /// dataplane equal to it (/metrics, /healthz, /readyz, /status).
-    Agent(agent::AgentArgs),
+    Agent(Box<agent::AgentArgs>),
     /// Run manifests on a cluster of this machine (root): nodes as network
     /// namespaces over VXLAN, an agent each, a local etcd; the Pods join
     /// through CNI; shows the real matrix beside the reference engine's,
@@ -358,7 +358,7 @@ fn run() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => {
-            agent::run(args)?;
+            agent::run(*args)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Lab(args) => lab_cmd::run(args),

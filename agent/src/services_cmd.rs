@@ -8,13 +8,10 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use crate::agent::services::ProxyArgs;
 use anyhow::{Context, Result, bail};
-use ipnet::IpNet;
 use palisade_services::case::outcome;
-use palisade_services::topology::NodeTopology;
-use palisade_services::{
-    Family, FrontendKind, Objects, Packet, Protocol, ProxyConfig, ServiceTable,
-};
+use palisade_services::{Family, FrontendKind, Objects, Packet, Protocol, ServiceTable};
 use policy_bpf::services::{ServiceCapacity, lower_services, service_packet};
 use policy_bpf_common::{ServiceAction, service_decide};
 use serde_json::Value;
@@ -27,24 +24,11 @@ pub struct ServicesArgs {
     /// The node the table is for (endpoints on it are local).
     #[arg(long, default_value = "node-a")]
     node: String,
-    /// The node's zone (topology hints).
-    #[arg(long)]
-    zone: Option<String>,
     /// The node's addresses; the first of each family is its primary.
     #[arg(long = "node-ip", value_delimiter = ',')]
     node_ips: Vec<IpAddr>,
-    /// Pod CIDRs (pod sources are not masqueraded to ClusterIPs).
-    #[arg(long = "cluster-cidr", value_delimiter = ',')]
-    cluster_cidrs: Vec<IpNet>,
-    /// Service CIDRs (unallocated addresses in them are dropped).
-    #[arg(long = "service-cidr", value_delimiter = ',')]
-    service_cidrs: Vec<IpNet>,
-    /// NodePorts answer only on node addresses in these.
-    #[arg(long = "node-port-address", value_delimiter = ',')]
-    node_port_addresses: Vec<IpNet>,
-    /// Masquerade all ClusterIP traffic.
-    #[arg(long)]
-    masquerade_all: bool,
+    #[command(flatten)]
+    proxy: ProxyArgs,
     /// One new connection to decide: SOURCE,DESTINATION:PORT[/TCP|UDP|SCTP].
     #[arg(long)]
     probe: Option<String>,
@@ -121,31 +105,15 @@ pub fn run(args: &ServicesArgs) -> Result<()> {
                 .join(", ")
         );
     }
-    let labels: BTreeMap<String, String> = args
-        .zone
-        .iter()
-        .map(|z| {
-            (
-                palisade_services::topology::ZONE_LABEL.to_string(),
-                z.clone(),
-            )
-        })
-        .collect();
     let probe = args.probe.as_deref().map(parse_probe).transpose()?;
     for family in [Family::V4, Family::V6] {
         let ports = objects.service_ports(family)?;
         if ports.is_empty() {
             continue;
         }
-        let config = ProxyConfig {
-            family,
-            node: NodeTopology::new(&args.node, &labels, true),
-            node_ips: args.node_ips.clone(),
-            cluster_cidrs: args.cluster_cidrs.clone(),
-            service_cidrs: args.service_cidrs.clone(),
-            masquerade_all: args.masquerade_all,
-            node_port_addresses: args.node_port_addresses.clone(),
-        };
+        let config = args
+            .proxy
+            .config(family, &args.node, args.node_ips.clone(), Vec::new());
         let table = ServiceTable::build(config, &ports);
         outln!(
             "{} services on {}",

@@ -7,8 +7,10 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use palisade_services::ServiceTable;
 use policy_bpf::datapath::Datapath;
 use policy_bpf::lower::{Capacity, Mirror, WritePlan};
+use policy_bpf::services::ServiceEntries;
 use policy_bpf_common::{LocalEndpoint, map_names};
 
 use crate::dataplane::{Adopted, Dataplane};
@@ -63,6 +65,18 @@ impl AyaDataplane {
     /// The loaded datapath (for telemetry), once loaded.
     pub fn datapath(&self) -> Option<&Datapath> {
         self.datapath.as_ref()
+    }
+
+    /// Attaches only the service program (a node interface: NodePorts and
+    /// external IPs reached from outside).
+    pub fn attach_service(&mut self, ifname: &str) -> Result<(), DataplaneError> {
+        Ok(self.loaded()?.attach_service(ifname)?)
+    }
+
+    /// Translated connections and ClientIP affinities held (NAT entries
+    /// count both directions of each connection).
+    pub fn service_state_len(&self) -> Option<(usize, usize)> {
+        self.datapath.as_ref()?.service_state_len().ok()
     }
 
     fn loaded(&mut self) -> Result<&mut Datapath, DataplaneError> {
@@ -153,8 +167,13 @@ impl Dataplane for AyaDataplane {
             })
     }
 
+    /// The policy programs and, first on ingress, the service program: a
+    /// pod's connections to Services are translated before policy judges
+    /// the backend (with no Service it passes packets on).
     fn attach(&mut self, ifname: &str) -> Result<(), DataplaneError> {
-        Ok(self.loaded()?.attach(ifname)?)
+        let dp = self.loaded()?;
+        dp.attach(ifname)?;
+        Ok(dp.attach_service(ifname)?)
     }
 
     fn detach(&mut self, ifname: &str) -> Result<(), DataplaneError> {
@@ -171,5 +190,13 @@ impl Dataplane for AyaDataplane {
 
     fn expire_conntrack(&mut self) -> Result<u64, DataplaneError> {
         Ok(self.loaded()?.expire_conntrack()? as u64)
+    }
+
+    fn set_services(&mut self, table: &ServiceTable) -> Result<(), DataplaneError> {
+        Ok(self.loaded()?.set_services(table)?)
+    }
+
+    fn services(&self) -> Option<&ServiceEntries> {
+        self.datapath.as_ref()?.services()
     }
 }

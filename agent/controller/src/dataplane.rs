@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use palisade_services::ServiceTable;
 use policy_bpf::lower::{Capacity, InUse, MapWrite, Mirror, WritePlan};
+use policy_bpf::services::{ServiceCapacity, ServiceEntries, lower_services};
 use policy_bpf_common::LocalEndpoint;
 
 use crate::error::DataplaneError;
@@ -59,6 +61,12 @@ pub trait Dataplane {
     ) -> Result<(), DataplaneError>;
     /// Removes idle connections from conntrack; returns how many.
     fn expire_conntrack(&mut self) -> Result<u64, DataplaneError>;
+    /// Replaces the service table (frontends and the backends each
+    /// traffic class reaches); refused as a whole, naming the full map,
+    /// when it does not fit: the previous table stays in force.
+    fn set_services(&mut self, table: &ServiceTable) -> Result<(), DataplaneError>;
+    /// The service map entries last written.
+    fn services(&self) -> Option<&ServiceEntries>;
 }
 
 /// The writes that put everything of a mirror into empty maps, in the safe
@@ -118,6 +126,10 @@ pub struct MirrorDataplane {
     pub local: BTreeMap<IpAddr, LocalEndpoint>,
     /// Writes made so far (whole plans count once).
     pub writes: usize,
+    /// The service maps' sizes (from `load`).
+    pub service_capacity: ServiceCapacity,
+    /// The service entries last set.
+    pub services: Option<ServiceEntries>,
     refuse: usize,
 }
 
@@ -165,9 +177,10 @@ impl MirrorDataplane {
 }
 
 impl Dataplane for MirrorDataplane {
-    fn load(&mut self, _capacity: Capacity, full: &WritePlan) -> Result<(), DataplaneError> {
+    fn load(&mut self, capacity: Capacity, full: &WritePlan) -> Result<(), DataplaneError> {
         self.write_all(full)?;
         self.loaded = true;
+        self.service_capacity = capacity.services;
         Ok(())
     }
 
@@ -225,6 +238,17 @@ impl Dataplane for MirrorDataplane {
         // No connections are tracked in memory.
         Ok(0)
     }
+
+    fn set_services(&mut self, table: &ServiceTable) -> Result<(), DataplaneError> {
+        let entries = lower_services(table, &self.service_capacity)
+            .map_err(|e| DataplaneError::Datapath(e.into()))?;
+        self.services = Some(entries);
+        Ok(())
+    }
+
+    fn services(&self) -> Option<&ServiceEntries> {
+        self.services.as_ref()
+    }
 }
 
 /// A dataplane that cannot load programs (a build without the kernel
@@ -269,5 +293,11 @@ impl Dataplane for UnavailableDataplane {
     }
     fn expire_conntrack(&mut self) -> Result<u64, DataplaneError> {
         Err(self.error())
+    }
+    fn set_services(&mut self, _: &ServiceTable) -> Result<(), DataplaneError> {
+        Err(self.error())
+    }
+    fn services(&self) -> Option<&ServiceEntries> {
+        None
     }
 }

@@ -126,6 +126,12 @@ pub const KINDS: &[KindInfo] = &[
         true,
         &["endpointslice", "eps"],
     ),
+    // What the service dataplane load-balances (with the EndpointSlices
+    // above); validated by palisade-services, not the policy engine.
+    KindInfo {
+        policy: false,
+        ..core("services", "Service", true, &["service", "svc"])
+    },
     ipam("ippools", "IPPool", &["ippool", "ipp", "pool", "pools"]),
     ipam("ipreservations", "IPReservation", &["ipreservation"]),
     ipam("nodes", "Node", &["node", "no"]),

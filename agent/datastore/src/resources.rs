@@ -1,7 +1,8 @@
-//! Kinds the datastore stores for IPAM rather than for the policy engine:
-//! IP pools, IP reservations and nodes, validated as Calico validates them
-//! (pools by palisade-ipam, overlaps across the store and the batch), and
-//! the IPAM cluster view they make.
+//! Kinds the datastore stores for other layers than the policy engine: IP
+//! pools, IP reservations and nodes for IPAM, validated as Calico validates
+//! them (pools by palisade-ipam, overlaps across the store and the batch),
+//! and the IPAM cluster view they make; Services for the service dataplane,
+//! validated by palisade-services.
 
 use std::collections::BTreeMap;
 
@@ -64,6 +65,13 @@ fn check_one(r: &Resource) -> Result<Option<Pool>, Error> {
         "IPReservation" => reserved_cidrs(&r.document)
             .map(|_| None)
             .map_err(|m| bad("spec.reservedCIDRs", m)),
+        "Service" => palisade_services::Objects::from_documents([&r.document])
+            .map(|_| None)
+            .map_err(
+                |palisade_services::ServiceError::Invalid { field, reason, .. }| {
+                    bad(&field, reason)
+                },
+            ),
         _ => labels(&r.document["metadata"]["labels"])
             .map(|_| None)
             .ok_or_else(|| bad("metadata.labels", "labels are a map of strings".into())),

@@ -56,6 +56,8 @@ fn classify(o: &StoredObject) -> (bool, Option<(String, String)>) {
             (false, Some((namespace, pod)))
         }
         "Namespace" => (true, None),
+        // The service dataplane's, not IPAM's.
+        "Service" => (false, None),
         _ => (!info.policy, None),
     }
 }

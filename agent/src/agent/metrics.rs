@@ -133,6 +133,18 @@ pub struct Metrics {
     pub overlay_remote_nodes: Gauge,
     /// Overlay passes that failed.
     pub overlay_errors: Counter,
+    /// Service ports with a frontend on this node.
+    pub services: Gauge,
+    /// Endpoints the service table reaches (cluster and local sets).
+    pub service_backends: Gauge,
+    /// Translated connections' NAT entries (both directions).
+    pub service_nat_entries: Gauge,
+    /// NAT capacity (an LRU: the oldest go when full).
+    pub service_nat_capacity: Gauge,
+    /// ClientIP affinities held.
+    pub service_affinity_entries: Gauge,
+    /// Service documents skipped and tables refused.
+    pub service_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -180,6 +192,12 @@ impl Metrics {
             overlay_routes: Gauge::default(),
             overlay_remote_nodes: Gauge::default(),
             overlay_errors: Counter::default(),
+            services: Gauge::default(),
+            service_backends: Gauge::default(),
+            service_nat_entries: Gauge::default(),
+            service_nat_capacity: Gauge::default(),
+            service_affinity_entries: Gauge::default(),
+            service_errors: Counter::default(),
         };
         macro_rules! register {
             ($($name:literal, $help:literal, $field:ident;)*) => {
@@ -219,6 +237,12 @@ impl Metrics {
             "overlay_routes", "Overlay routes wanted: remote blocks and local blackholes", overlay_routes;
             "overlay_remote_nodes", "Remote nodes reached over VXLAN (neighbour and FDB entries)", overlay_remote_nodes;
             "overlay_errors", "Overlay passes that failed (the next pass retries)", overlay_errors;
+            "services", "Service ports with a frontend on this node", services;
+            "service_backends", "Endpoints the service table reaches (cluster and local sets)", service_backends;
+            "service_nat_entries", "NAT entries of translated connections (two per connection, four when masqueraded)", service_nat_entries;
+            "service_nat_capacity", "NAT entry capacity (an LRU: the least recently used go when full)", service_nat_capacity;
+            "service_affinity_entries", "ClientIP session affinities held", service_affinity_entries;
+            "service_errors", "Service documents skipped and service tables refused", service_errors;
         }
         Metrics { registry, ..m }
     }

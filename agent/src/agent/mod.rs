@@ -29,6 +29,7 @@ mod ipam;
 pub mod metrics;
 pub mod overlay;
 mod publish;
+pub mod services;
 pub mod status;
 pub mod sync;
 mod watcher;
@@ -112,6 +113,13 @@ pub struct AgentArgs {
     /// repairs what differs).
     #[arg(long, default_value_t = 1000)]
     pub overlay_millis: u64,
+    #[command(flatten)]
+    pub proxy: services::ProxyArgs,
+    /// Node interfaces that also get the service program (the uplink: for
+    /// NodePorts and external IPs reached from outside the node); pod
+    /// interfaces always get it.
+    #[arg(long = "service-interface", value_delimiter = ',')]
+    pub service_interfaces: Vec<String>,
     /// Fault injection for tests: the CNI ADD step that fails.
     #[arg(long, hide = true)]
     pub cni_fail_at: Option<String>,
@@ -314,6 +322,8 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
     let sweep_every = Duration::from_secs(args.conntrack_sweep_seconds.max(1));
     let mut last_sweep = Instant::now();
     let mut seen = Seen::default();
+    let mut services = services::ServiceSource::default();
+    let mut service_interfaces_attached = args.service_interfaces.is_empty();
     loop {
         shared.heartbeat.store(now_s(), Ordering::Relaxed);
         let first = match rx.recv_timeout(Duration::from_secs(1)) {
@@ -331,6 +341,7 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
                 Input::Changes(c, at) => {
                     count_events(shared, &c);
                     shared.ipam.changes(&c);
+                    services.changes(&c);
                     batch.extend(c);
                     arrived.get_or_insert(at);
                 }
@@ -355,6 +366,7 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
                         }
                         Input::Listing(snapshot, at) => {
                             shared.ipam.listing(&snapshot);
+                            services.listing(&snapshot);
                             listing(&mut node, shared, &snapshot, at, &mut seen)?;
                         }
                         Input::Resumed(after) => {
@@ -375,6 +387,12 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
         if !node.started() {
             continue;
         }
+        if services.take_dirty() {
+            write_services(&mut node, &services, args, shared);
+        }
+        if !service_interfaces_attached {
+            service_interfaces_attached = attach_service_interfaces(&mut node, args);
+        }
         for ifname in node.retry_pending() {
             tracing::info!(interface = %ifname, "attached (its interface appeared)");
         }
@@ -390,6 +408,77 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
         }
         publish(&node, shared, &mut seen);
     }
+}
+
+/// Builds this node's service table from what the writer has seen and
+/// writes it; a table that does not fit is refused whole (the previous
+/// one stays), and skipped documents are reported, never fatal.
+fn write_services(
+    node: &mut NodeSync<AyaDataplane>,
+    source: &services::ServiceSource,
+    args: &AgentArgs,
+    shared: &Shared,
+) {
+    let pools = shared
+        .ipam
+        .cluster()
+        .pools()
+        .iter()
+        .filter(|p| !p.disabled && p.cidr.addr().is_ipv4())
+        .map(|p| p.cidr)
+        .collect();
+    let config = args.proxy.config(
+        palisade_services::Family::V4,
+        &args.node,
+        services::node_addresses(args.node_ip),
+        pools,
+    );
+    let (table, skipped) = source.table(config);
+    let revision = node.revision();
+    let mut problems = Vec::new();
+    for (object, message) in skipped {
+        tracing::warn!(%object, %message, "service input skipped");
+        problems.push(sync::Problem {
+            revision,
+            object,
+            message,
+        });
+    }
+    let started = Instant::now();
+    match node.dataplane_mut().set_services(&table) {
+        Ok(()) => tracing::info!(
+            services = source.service_count(),
+            frontends = table.frontends.len() + table.node_ports.len(),
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "service table written"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "service table refused; the previous one stays in force");
+            problems.push(sync::Problem {
+                revision,
+                object: "services".into(),
+                message: e.to_string(),
+            });
+        }
+    }
+    shared.metrics.service_errors.inc_by(problems.len() as u64);
+    let mut s = shared.status();
+    for p in problems {
+        s.record(p);
+    }
+}
+
+/// Attaches the service program to `--service-interface`s; false while
+/// one is missing (retried every tick).
+fn attach_service_interfaces(node: &mut NodeSync<AyaDataplane>, args: &AgentArgs) -> bool {
+    let mut all = true;
+    for ifname in &args.service_interfaces {
+        if let Err(e) = node.dataplane_mut().attach_service(ifname) {
+            tracing::warn!(interface = %ifname, error = %e, "service program not attached yet");
+            all = false;
+        }
+    }
+    all
 }
 
 /// Moves the calling thread into a network namespace (only this thread:

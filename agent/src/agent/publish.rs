@@ -30,6 +30,10 @@ pub trait Telemetry {
     fn statistics(&self) -> Option<Vec<(Statistic, u64)>> {
         None
     }
+    /// NAT entries and ClientIP affinities held.
+    fn service_state_len(&self) -> Option<(usize, usize)> {
+        None
+    }
 }
 
 impl Telemetry for MirrorDataplane {}
@@ -40,6 +44,9 @@ impl Telemetry for AyaDataplane {
     }
     fn rule_packets(&self, index: u32) -> Option<u64> {
         self.datapath()?.counter(index).ok().map(|c| c.packets)
+    }
+    fn service_state_len(&self) -> Option<(usize, usize)> {
+        AyaDataplane::service_state_len(self)
     }
     fn statistics(&self) -> Option<Vec<(Statistic, u64)>> {
         let stats = self.datapath()?.stats().ok()?;
@@ -132,6 +139,34 @@ pub(super) fn publish<D: Dataplane + Telemetry>(
     ];
     let m = &shared.metrics;
     let mut fill = Vec::new();
+    let dataplane = c.dataplane();
+    // The service maps, once a table was written.
+    let services = dataplane.services();
+    let service_maps = services.map(|e| {
+        let s = &cap.services;
+        [
+            ("svc_frontends", e.frontends.len(), s.frontends),
+            ("svc_services", e.services.len(), s.services),
+            ("svc_backends", e.backends.len(), s.backends),
+            ("svc_addresses", e.addresses.len(), s.addresses),
+            ("svc_source_ranges", e.source_ranges.len(), s.source_ranges),
+        ]
+    });
+    let maps = maps.into_iter().chain(
+        service_maps
+            .into_iter()
+            .flatten()
+            .map(|(n, e, c)| (n, e, u32::try_from(c).unwrap_or(u32::MAX))),
+    );
+    if let Some(e) = services {
+        m.services.set(e.services.len() as i64);
+        m.service_backends.set(e.backends.len() as i64);
+    }
+    m.service_nat_capacity.set(cap.services.nat as i64);
+    if let Some((nat, affinity)) = dataplane.service_state_len() {
+        m.service_nat_entries.set(nat as i64);
+        m.service_affinity_entries.set(affinity as i64);
+    }
     for (name, entries, capacity) in maps {
         let label = MapLabel { map: name.into() };
         m.map_entries.get_or_create(&label).set(entries as i64);
@@ -144,7 +179,6 @@ pub(super) fn publish<D: Dataplane + Telemetry>(
             capacity: u64::from(capacity),
         });
     }
-    let dataplane = c.dataplane();
     let conntrack = dataplane.conntrack_len().unwrap_or(0) as u64;
     m.conntrack_entries.set(conntrack as i64);
     m.conntrack_capacity.set(i64::from(cap.conntrack));

@@ -73,6 +73,11 @@ impl<D: Dataplane> NodeSync<D> {
         &self.controller
     }
 
+    /// The dataplane, for what the controller does not drive (services).
+    pub fn dataplane_mut(&mut self) -> &mut D {
+        self.controller.dataplane_mut()
+    }
+
     /// The node view (objects in force, skipped ones, bindings).
     pub fn view(&self) -> &NodeView {
         &self.view

@@ -55,6 +55,18 @@ fn in_netns<T: Send>(ns: Option<&str>, f: impl FnOnce() -> T + Send) -> T {
 impl Agent {
     /// An agent inside node namespace `netns` on the embedded store.
     pub fn start(netns: &str, node: &str, state: &Path, pins: &Path, log: &Path) -> Agent {
+        Agent::start_with(netns, node, state, pins, log, &[])
+    }
+
+    /// [`Agent::start`] with `extra` flags.
+    pub fn start_with(
+        netns: &str,
+        node: &str,
+        state: &Path,
+        pins: &Path,
+        log: &Path,
+        extra: &[&str],
+    ) -> Agent {
         let args = [
             "--node",
             node,
@@ -75,7 +87,7 @@ impl Agent {
         ];
         Agent::spawn_spec(AgentSpec {
             nsenter: Some(netns.to_string()),
-            args: args.iter().map(|a| a.to_string()).collect(),
+            args: args.iter().chain(extra).map(|a| a.to_string()).collect(),
             metrics: "127.0.0.1:9091".parse().unwrap(),
             pins: pins.to_path_buf(),
             log: log.to_path_buf(),
@@ -621,4 +633,178 @@ fn the_agent_enforces_the_embedded_store_through_changes_faults_and_restarts() {
     );
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A server that answers each connection with its name, then closes.
+fn serve_name(pod: &PodNet, addr: SocketAddr, name: &'static str) {
+    let listener = pod.ns.run(|| TcpListener::bind(addr)).unwrap().unwrap();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let _ = stream.write_all(name.as_bytes());
+        }
+    });
+}
+
+/// Which server answered a new connection from `pod` to `to`, or the error.
+fn who(pod: &PodNet, to: SocketAddr) -> Result<String, std::io::ErrorKind> {
+    let mut s = pod
+        .ns
+        .run(|| TcpStream::connect_timeout(&to, Duration::from_millis(700)))
+        .unwrap()
+        .map_err(|e| e.kind())?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.kind())?;
+    Ok(out)
+}
+
+/// The agent as kube-proxy's replacement: Services and EndpointSlices from
+/// the embedded store become ClusterIP load balancing in the pods' TC
+/// hooks; an endpoint taken out of the slice gets no new connection, a
+/// Service with no endpoint is refused at once (ICMP port unreachable),
+/// and the service metrics count it all.
+#[test]
+fn the_agent_load_balances_services_from_the_store() {
+    if !privileged() {
+        return;
+    }
+    let dir = scratch("agent-services");
+    let state = dir.join("state");
+    let pods: Vec<(EndpointKey, Vec<std::net::IpAddr>)> = [
+        ("shop-frontend", "web", "10.10.1.10"),
+        ("shop-backend", "api-1", "10.10.2.10"),
+        ("shop-backend", "api-2", "10.10.2.11"),
+    ]
+    .into_iter()
+    .map(|(ns, name, ip)| (EndpointKey::new(ns, name), vec![ip.parse().unwrap()]))
+    .collect();
+    let topo = Topology::build(&pods).unwrap();
+    let [web, api1, api2] = [0, 1, 2].map(|i| &topo.pods()[i]);
+    serve_name(api1, "10.10.2.10:8080".parse().unwrap(), "api-1");
+    serve_name(api2, "10.10.2.11:8080".parse().unwrap(), "api-2");
+    let slice = |addrs: &[&str]| {
+        let endpoints: Vec<String> = addrs
+            .iter()
+            .map(|a| {
+                format!("{{addresses: [\"{a}\"], conditions: {{ready: true}}, nodeName: node1}}")
+            })
+            .collect();
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: api-1, namespace: shop-backend, labels: {{kubernetes.io/service-name: api}}}}\n\
+             addressType: IPv4\nendpoints: [{}]\nports: [{{name: http, port: 8080, protocol: TCP}}]\n",
+            endpoints.join(", ")
+        )
+    };
+    let objects = dir.join("objects.yaml");
+    let docs = [
+        workload_endpoint("node1", web, "app: web", ""),
+        workload_endpoint("node1", api1, "app: api", ""),
+        workload_endpoint("node1", api2, "app: api", ""),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop-backend}\n\
+         spec: {clusterIP: 172.30.0.10, selector: {app: api}, ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]}\n"
+            .to_string(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: idle, namespace: shop-backend}\n\
+         spec: {clusterIP: 172.30.0.11, ports: [{name: http, port: 80, protocol: TCP}]}\n"
+            .to_string(),
+        slice(&["10.10.2.10", "10.10.2.11"]),
+    ];
+    std::fs::write(&objects, docs.join("---\n")).unwrap();
+    let example = repo().join("examples/zero-trust/00-namespaces.yaml");
+    let revision = store(
+        &state,
+        &[
+            "apply",
+            "-f",
+            example.to_str().unwrap(),
+            "-f",
+            objects.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    // A Service the model cannot read is refused at apply, naming the field.
+    let bad = dir.join("bad-service.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: shop-backend}\n\
+         spec: {clusterIP: 172.30.0.12, ports: [{port: eighty}]}\n",
+    )
+    .unwrap();
+    let err = store(&state, &["apply", "-f", bad.to_str().unwrap()]).unwrap_err();
+    assert!(err.contains("bad") && err.contains("port"), "{err}");
+
+    let pins = PathBuf::from(format!(
+        "/sys/fs/bpf/palisade-test-agent-services-{}",
+        std::process::id()
+    ));
+    let log = dir.join("agent.log");
+    let agent = Agent::start_with(
+        topo.node().name(),
+        "node1",
+        &state,
+        &pins,
+        &log,
+        &[
+            "--overlay",
+            "none",
+            "--service-cidr",
+            "172.30.0.0/16",
+            "--cluster-cidr",
+            "10.10.0.0/16",
+        ],
+    );
+    agent.wait_ready();
+    agent.wait_revision(revision);
+    let vip: SocketAddr = "172.30.0.10:80".parse().unwrap();
+    // The table is written after the batch; wait for the first answer.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while who(web, vip).is_err() {
+        assert!(Instant::now() < deadline, "no answer through the ClusterIP");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let seen: std::collections::BTreeSet<String> =
+        (0..40).filter_map(|_| who(web, vip).ok()).collect();
+    assert_eq!(
+        seen,
+        ["api-1", "api-2"].map(String::from).into(),
+        "both endpoints answer through the ClusterIP"
+    );
+    // A Service with no endpoint: refused at once, not timed out.
+    assert_eq!(
+        who(web, "172.30.0.11:80".parse().unwrap()),
+        Err(std::io::ErrorKind::ConnectionRefused)
+    );
+
+    // api-2 leaves the slice: no new connection reaches it.
+    std::fs::write(&objects, slice(&["10.10.2.10"])).unwrap();
+    let revision = store(&state, &["apply", "-f", objects.to_str().unwrap()]).unwrap();
+    agent.wait_revision(revision);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answers: Vec<String> = (0..20).filter_map(|_| who(web, vip).ok()).collect();
+        if answers.len() == 20 && answers.iter().all(|a| a == "api-1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "api-2 still reached after it left the slice: {answers:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let (_, metrics) = agent.get("/metrics").unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in\n{metrics}"))
+    };
+    assert_eq!(value("palisade_services"), 2.0, "{metrics}");
+    assert!(value("palisade_service_backends") >= 1.0, "{metrics}");
+    assert!(value("palisade_service_nat_entries") > 0.0, "{metrics}");
+    assert!(
+        metrics.contains("palisade_map_entries{map=\"svc_frontends\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("statistic=\"ServiceReject\""), "{metrics}");
 }
