@@ -12,7 +12,7 @@ use policy_core::model::Action;
 
 use super::Shared;
 use super::metrics::{EventLabel, MapLabel, RuleLabel, StatisticLabel};
-use super::status::{ConntrackStatus, LocalEndpointStatus, MapFill};
+use super::status::{ConntrackStatus, LocalEndpointStatus, MapFill, ServiceStatus};
 use super::sync::{NodeSync, Outcome, Problem};
 
 /// The dataplane's counters, where it has them (the kernel does; memory
@@ -158,15 +158,22 @@ pub(super) fn publish<D: Dataplane + Telemetry>(
             .flatten()
             .map(|(n, e, c)| (n, e, u32::try_from(c).unwrap_or(u32::MAX))),
     );
-    if let Some(e) = services {
+    m.service_nat_capacity.set(cap.services.nat as i64);
+    let (nat, affinities) = dataplane.service_state_len().unwrap_or((0, 0));
+    m.service_nat_entries.set(nat as i64);
+    m.service_affinity_entries.set(affinities as i64);
+    let service_status = services.map(|e| {
         m.services.set(e.services.len() as i64);
         m.service_backends.set(e.backends.len() as i64);
-    }
-    m.service_nat_capacity.set(cap.services.nat as i64);
-    if let Some((nat, affinity)) = dataplane.service_state_len() {
-        m.service_nat_entries.set(nat as i64);
-        m.service_affinity_entries.set(affinity as i64);
-    }
+        ServiceStatus {
+            ports: e.services.len(),
+            frontends: e.frontends.len(),
+            backends: e.backends.len(),
+            nat_entries: nat as u64,
+            nat_capacity: cap.services.nat as u64,
+            affinities: affinities as u64,
+        }
+    });
     for (name, entries, capacity) in maps {
         let label = MapLabel { map: name.into() };
         m.map_entries.get_or_create(&label).set(entries as i64);
@@ -268,6 +275,7 @@ pub(super) fn publish<D: Dataplane + Telemetry>(
     s.known_endpoints = cluster.endpoints().count();
     s.policies = policies;
     s.maps = fill;
+    s.services = service_status;
     s.conntrack = ConntrackStatus {
         entries: conntrack,
         capacity: u64::from(cap.conntrack),

@@ -95,6 +95,26 @@ pub struct Status {
     /// The VXLAN overlay, once it ran.
     #[serde(default)]
     pub overlay: Option<OverlayStatus>,
+    /// The service table, once one was written.
+    #[serde(default)]
+    pub services: Option<ServiceStatus>,
+}
+
+/// The service dataplane.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    /// Service ports with a frontend here.
+    pub ports: usize,
+    /// Frontends (ClusterIPs, external and load-balancer IPs, NodePorts).
+    pub frontends: usize,
+    /// Endpoints reached.
+    pub backends: usize,
+    /// NAT entries of translated connections, and the capacity.
+    pub nat_entries: u64,
+    pub nat_capacity: u64,
+    /// ClientIP affinities held.
+    pub affinities: u64,
 }
 
 /// The overlay as the last pass left it.
@@ -179,6 +199,19 @@ impl Status {
             "policies    {} in force; {} endpoints known",
             self.policies, self.known_endpoints
         );
+        if let Some(v) = &self.services {
+            let _ = writeln!(
+                s,
+                "services    {} ports, {} frontends, {} backends; NAT {} of {} {}; {} affinities",
+                v.ports,
+                v.frontends,
+                v.backends,
+                v.nat_entries,
+                v.nat_capacity,
+                fill_bar(v.nat_entries, v.nat_capacity),
+                v.affinities
+            );
+        }
         let _ = writeln!(s, "\nLOCAL ENDPOINT                 INTERFACE        STATE");
         if self.endpoints.is_empty() {
             let _ = writeln!(s, "(none)");

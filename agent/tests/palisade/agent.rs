@@ -807,4 +807,10 @@ fn the_agent_load_balances_services_from_the_store() {
         "{metrics}"
     );
     assert!(metrics.contains("statistic=\"ServiceReject\""), "{metrics}");
+    let status = agent.status().unwrap();
+    assert_eq!(status["services"]["ports"], 2, "{status}");
+    assert!(
+        status["services"]["natEntries"].as_u64() > Some(0),
+        "{status}"
+    );
 }
