@@ -146,17 +146,76 @@ pub fn lower_services(
     table: &ServiceTable,
     capacity: &ServiceCapacity,
 ) -> Result<ServiceEntries, ServiceMapFull> {
-    let cfg = &table.config;
+    lower_service_tables(std::slice::from_ref(table), capacity)
+}
+
+/// Lowers one table per IP family (a dual-stack node) into one set of
+/// map entries: every key carries its family, so the tables only share
+/// the arrays (each table's indices follow the last's) and the config.
+pub fn lower_service_tables(
+    tables: &[ServiceTable],
+    capacity: &ServiceCapacity,
+) -> Result<ServiceEntries, ServiceMapFull> {
     let mut out = ServiceEntries::default();
+    let mut addresses: BTreeMap<((), IpNet), u32> = BTreeMap::new();
+    let mut ranges: BTreeMap<(u32, IpNet), u8> = BTreeMap::new();
+    for table in tables {
+        lower_table(table, &mut out, &mut addresses, &mut ranges)?;
+    }
+    out.addresses = fold(addresses)
+        .into_iter()
+        .map(|(((), net), f)| (net, f))
+        .collect();
+    out.source_ranges = fold(ranges);
+    if !out.frontends.is_empty() {
+        out.config.flags |= CONFIG_ENABLED;
+    }
+    check(
+        map_names::SVC_FRONTENDS,
+        out.frontends.len(),
+        capacity.frontends,
+    )?;
+    check(
+        map_names::SVC_SERVICES,
+        out.services.len(),
+        capacity.services,
+    )?;
+    check(
+        map_names::SVC_BACKENDS,
+        out.backends.len(),
+        capacity.backends,
+    )?;
+    check(
+        map_names::SVC_ADDRESSES,
+        out.addresses.len(),
+        capacity.addresses,
+    )?;
+    check(
+        map_names::SVC_SOURCE_RANGES,
+        out.source_ranges.len(),
+        capacity.source_ranges,
+    )?;
+    Ok(out)
+}
+
+/// Appends one family's table to `out`; address classes and source
+/// ranges are collected unfolded (folded once over every table).
+fn lower_table(
+    table: &ServiceTable,
+    out: &mut ServiceEntries,
+    addresses: &mut BTreeMap<((), IpNet), u32>,
+    ranges: &mut BTreeMap<(u32, IpNet), u8>,
+) -> Result<(), ServiceMapFull> {
+    let cfg = &table.config;
+    let offset = out.services.len();
     let backend = |a: &SocketAddr| BackendValue {
         addr: addr_bytes(&a.ip()),
         port: a.port(),
         family: family_code(&a.ip()),
         pad: 0,
     };
-    let mut ranges: BTreeMap<(u32, IpNet), u8> = BTreeMap::new();
-    for (i, b) in table.services.iter().enumerate() {
-        let index = i as u32;
+    for b in &table.services {
+        let index = out.services.len() as u32;
         let cluster_first = out.backends.len() as u32;
         out.backends.extend(b.cluster.iter().map(backend));
         let local_first = out.backends.len() as u32;
@@ -198,6 +257,7 @@ pub fn lower_services(
             });
         }
     }
+    let service = |index: usize| (offset + index) as u32;
     for ((ip, protocol, port), (kind, index)) in &table.frontends {
         out.frontends.insert(
             FrontendKey {
@@ -207,7 +267,7 @@ pub fn lower_services(
                 family: family_code(ip),
             },
             FrontendValue {
-                service: *index as u32,
+                service: service(*index),
                 kind: match kind {
                     FrontendKind::ClusterIp => FRONTEND_CLUSTER_IP,
                     FrontendKind::ExternalIp => FRONTEND_EXTERNAL_IP,
@@ -230,13 +290,12 @@ pub fn lower_services(
                     family: family_code(ip),
                 })
                 .or_insert(FrontendValue {
-                    service: *index as u32,
+                    service: service(*index),
                     kind: FRONTEND_NODE_PORT,
                     pad: [0; 3],
                 });
         }
     }
-    let mut addresses: BTreeMap<((), IpNet), u32> = BTreeMap::new();
     let mut mark = |net: IpNet, flag: u32| *addresses.entry(((), net.trunc())).or_insert(0) |= flag;
     for n in &cfg.cluster_cidrs {
         mark(*n, ADDR_POD);
@@ -255,68 +314,22 @@ pub fn lower_services(
     for ip in &table.cluster_ips {
         mark(IpNet::from(*ip), ADDR_CLUSTER_IP);
     }
-    out.addresses = fold(addresses)
-        .into_iter()
-        .map(|(((), net), f)| (net, f))
-        .collect();
-    out.source_ranges = fold(ranges);
-    let mut flags = 0;
-    if !out.frontends.is_empty() {
-        flags |= CONFIG_ENABLED;
-    }
     if cfg.masquerade_all {
-        flags |= CONFIG_MASQUERADE_ALL;
+        out.config.flags |= CONFIG_MASQUERADE_ALL;
     }
     if cfg.has_detector() {
-        flags |= match cfg.family {
+        out.config.flags |= match cfg.family {
             Family::V4 => CONFIG_DETECTOR_V4,
             Family::V6 => CONFIG_DETECTOR_V6,
         };
     }
-    let primary = cfg
-        .primary_ip()
-        .map(|ip| addr_bytes(&ip))
-        .unwrap_or_default();
-    out.config = ServiceConfig {
-        primary_v4: if cfg.family == Family::V4 {
-            primary
-        } else {
-            [0; 16]
-        },
-        primary_v6: if cfg.family == Family::V6 {
-            primary
-        } else {
-            [0; 16]
-        },
-        flags,
-        pad: 0,
-    };
-    check(
-        map_names::SVC_FRONTENDS,
-        out.frontends.len(),
-        capacity.frontends,
-    )?;
-    check(
-        map_names::SVC_SERVICES,
-        out.services.len(),
-        capacity.services,
-    )?;
-    check(
-        map_names::SVC_BACKENDS,
-        out.backends.len(),
-        capacity.backends,
-    )?;
-    check(
-        map_names::SVC_ADDRESSES,
-        out.addresses.len(),
-        capacity.addresses,
-    )?;
-    check(
-        map_names::SVC_SOURCE_RANGES,
-        out.source_ranges.len(),
-        capacity.source_ranges,
-    )?;
-    Ok(out)
+    if let Some(ip) = cfg.primary_ip() {
+        match cfg.family {
+            Family::V4 => out.config.primary_v4 = addr_bytes(&ip),
+            Family::V6 => out.config.primary_v6 = addr_bytes(&ip),
+        }
+    }
+    Ok(())
 }
 
 fn longest<'a, T: Copy>(entries: impl Iterator<Item = (&'a IpNet, T)>, ip: &IpAddr) -> Option<T> {
@@ -383,5 +396,83 @@ pub fn service_packet(
         destination: addr_bytes(&destination),
         protocol: protocol_code(protocol),
         port,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_services::topology::NodeTopology;
+    use palisade_services::{Objects, ProxyConfig};
+    use serde_json::json;
+
+    fn table(family: Family, objects: &Objects) -> ServiceTable {
+        let config = ProxyConfig {
+            family,
+            node: NodeTopology::new("node-a", &Default::default(), true),
+            node_ips: vec!["192.168.0.2".parse().unwrap(), "fd00::2".parse().unwrap()],
+            cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap(), "fd10::/64".parse().unwrap()],
+            service_cidrs: vec![],
+            masquerade_all: false,
+            node_port_addresses: vec![],
+        };
+        ServiceTable::build(config, &objects.service_ports(family).unwrap())
+    }
+
+    fn slice(name: &str, kind: &str, addr: &str) -> serde_json::Value {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": name, "namespace": "default",
+                            "labels": {"kubernetes.io/service-name": "api"}},
+               "addressType": kind,
+               "endpoints": [{"addresses": [addr], "conditions": {"ready": true}}],
+               "ports": [{"name": "http", "port": 9090, "protocol": "TCP"}]})
+    }
+
+    /// A dual-stack Service: each family's ClusterIP forwards to that
+    /// family's endpoint, through one set of entries.
+    #[test]
+    fn both_families_lower_into_one_set_of_entries() {
+        let docs = [
+            json!({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": "api", "namespace": "default"},
+                   "spec": {"clusterIP": "172.30.0.10", "clusterIPs": ["172.30.0.10", "fd30::10"],
+                            "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+                            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}),
+            slice("api-v4", "IPv4", "10.20.0.5"),
+            slice("api-v6", "IPv6", "fd10::5"),
+        ];
+        let objects = Objects::from_documents(&docs).unwrap();
+        let tables = [table(Family::V4, &objects), table(Family::V6, &objects)];
+        let entries = lower_service_tables(&tables, &ServiceCapacity::default()).unwrap();
+        assert_eq!(entries.services.len(), 2);
+        assert_ne!(entries.config.primary_v4, [0; 16]);
+        assert_ne!(entries.config.primary_v6, [0; 16]);
+        for (client, vip, backend) in [
+            ("10.1.0.1", "172.30.0.10", "10.20.0.5"),
+            ("fd10::1", "fd30::10", "fd10::5"),
+        ] {
+            let packet = service_packet(
+                client.parse().unwrap(),
+                vip.parse().unwrap(),
+                Protocol::Tcp,
+                80,
+            );
+            let ServiceAction::Forward { first, count, .. } = service_decide(&packet, &entries)
+            else {
+                panic!("{vip}: not forwarded");
+            };
+            assert_eq!(count, 1, "{vip}");
+            let b = entries.backends[first as usize];
+            let ip: IpAddr = backend.parse().unwrap();
+            assert_eq!(
+                (b.addr, b.port),
+                (addr_bytes(&ip), 9090),
+                "{vip} -> {backend}"
+            );
+        }
+        // One family alone lowers as before.
+        let v4 = lower_services(&tables[0], &ServiceCapacity::default()).unwrap();
+        assert_eq!(v4.services.len(), 1);
+        assert_eq!(v4.config.primary_v6, [0; 16]);
     }
 }

@@ -192,8 +192,8 @@ impl Dataplane for AyaDataplane {
         Ok(self.loaded()?.expire_conntrack()? as u64)
     }
 
-    fn set_services(&mut self, table: &ServiceTable) -> Result<(), DataplaneError> {
-        Ok(self.loaded()?.set_services(table)?)
+    fn set_services(&mut self, tables: &[ServiceTable]) -> Result<(), DataplaneError> {
+        Ok(self.loaded()?.set_service_tables(tables)?)
     }
 
     fn services(&self) -> Option<&ServiceEntries> {

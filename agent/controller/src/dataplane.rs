@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use palisade_services::ServiceTable;
 use policy_bpf::lower::{Capacity, InUse, MapWrite, Mirror, WritePlan};
-use policy_bpf::services::{ServiceCapacity, ServiceEntries, lower_services};
+use policy_bpf::services::{ServiceCapacity, ServiceEntries, lower_service_tables};
 use policy_bpf_common::LocalEndpoint;
 
 use crate::error::DataplaneError;
@@ -61,10 +61,10 @@ pub trait Dataplane {
     ) -> Result<(), DataplaneError>;
     /// Removes idle connections from conntrack; returns how many.
     fn expire_conntrack(&mut self) -> Result<u64, DataplaneError>;
-    /// Replaces the service table (frontends and the backends each
-    /// traffic class reaches); refused as a whole, naming the full map,
-    /// when it does not fit: the previous table stays in force.
-    fn set_services(&mut self, table: &ServiceTable) -> Result<(), DataplaneError>;
+    /// Replaces the service tables, one per IP family (frontends and the
+    /// backends each traffic class reaches); refused as a whole, naming
+    /// the full map, when they do not fit: the previous ones stay in force.
+    fn set_services(&mut self, tables: &[ServiceTable]) -> Result<(), DataplaneError>;
     /// The service map entries last written.
     fn services(&self) -> Option<&ServiceEntries>;
 }
@@ -239,8 +239,8 @@ impl Dataplane for MirrorDataplane {
         Ok(0)
     }
 
-    fn set_services(&mut self, table: &ServiceTable) -> Result<(), DataplaneError> {
-        let entries = lower_services(table, &self.service_capacity)
+    fn set_services(&mut self, tables: &[ServiceTable]) -> Result<(), DataplaneError> {
+        let entries = lower_service_tables(tables, &self.service_capacity)
             .map_err(|e| DataplaneError::Datapath(e.into()))?;
         self.services = Some(entries);
         Ok(())
@@ -294,7 +294,7 @@ impl Dataplane for UnavailableDataplane {
     fn expire_conntrack(&mut self) -> Result<u64, DataplaneError> {
         Err(self.error())
     }
-    fn set_services(&mut self, _: &ServiceTable) -> Result<(), DataplaneError> {
+    fn set_services(&mut self, _: &[ServiceTable]) -> Result<(), DataplaneError> {
         Err(self.error())
     }
     fn services(&self) -> Option<&ServiceEntries> {

@@ -45,6 +45,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use palisade_controller::{AyaDataplane, Dataplane};
 use palisade_datastore::{Revision, Snapshot, StoreChange};
+use palisade_services::Family;
 
 use crate::store_cmd::StoreArgs;
 use metrics::Metrics;
@@ -419,21 +420,22 @@ fn write_services(
     args: &AgentArgs,
     shared: &Shared,
 ) {
-    let pools = shared
-        .ipam
-        .cluster()
-        .pools()
-        .iter()
-        .filter(|p| !p.disabled && p.cidr.addr().is_ipv4())
-        .map(|p| p.cidr)
+    let cluster = shared.ipam.cluster();
+    let node_ips = services::node_addresses(args.node_ip);
+    let configs = [Family::V4, Family::V6]
+        .into_iter()
+        .map(|family| {
+            let pools = cluster
+                .pools()
+                .iter()
+                .filter(|p| !p.disabled && family.holds(&p.cidr.addr()))
+                .map(|p| p.cidr)
+                .collect();
+            args.proxy
+                .config(family, &args.node, node_ips.clone(), pools)
+        })
         .collect();
-    let config = args.proxy.config(
-        palisade_services::Family::V4,
-        &args.node,
-        services::node_addresses(args.node_ip),
-        pools,
-    );
-    let (table, skipped) = source.table(config);
+    let (tables, skipped) = source.tables(configs);
     let revision = node.revision();
     let mut problems = Vec::new();
     for (object, message) in skipped {
@@ -445,10 +447,13 @@ fn write_services(
         });
     }
     let started = Instant::now();
-    match node.dataplane_mut().set_services(&table) {
+    match node.dataplane_mut().set_services(&tables) {
         Ok(()) => tracing::info!(
             services = source.service_count(),
-            frontends = table.frontends.len() + table.node_ports.len(),
+            frontends = tables
+                .iter()
+                .map(|t| t.frontends.len() + t.node_ports.len())
+                .sum::<usize>(),
             took_ms = started.elapsed().as_secs_f64() * 1e3,
             "service table written"
         ),

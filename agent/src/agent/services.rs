@@ -1,7 +1,8 @@
 //! Services in the agent, as kube-proxy's replacement: the writer keeps the
 //! stored Services and EndpointSlices, and after every batch that touched
-//! one it builds this node's IPv4 service table (palisade-services, the
-//! nftables proxier's semantics) and writes it to the service maps. The
+//! one it builds this node's service tables, IPv4 and IPv6
+//! (palisade-services, the nftables proxier's semantics), and writes them
+//! to the service maps as one. The
 //! service program is attached first on each pod interface's ingress (with
 //! the policy programs) and on the `--service-interface`s (NodePorts and
 //! external IPs reached from outside the node).
@@ -126,9 +127,9 @@ impl ServiceSource {
             .count()
     }
 
-    /// The table for `config`, with the documents it had to skip (key and
-    /// what is wrong, naming the field).
-    pub fn table(&self, config: ProxyConfig) -> (ServiceTable, Vec<(String, String)>) {
+    /// A table per configuration (one per IP family), with the documents
+    /// it had to skip (key and what is wrong, naming the field).
+    pub fn tables(&self, configs: Vec<ProxyConfig>) -> (Vec<ServiceTable>, Vec<(String, String)>) {
         let mut objects = Objects::default();
         let mut skipped = Vec::new();
         for (key, doc) in &self.documents {
@@ -140,37 +141,49 @@ impl ServiceSource {
                 Err(e) => skipped.push((key.clone(), e.to_string())),
             }
         }
-        let ports = match objects.service_ports(config.family) {
-            Ok(p) => p,
-            Err(e) => {
-                skipped.push(("services".into(), e.to_string()));
-                Vec::new()
-            }
-        };
-        (ServiceTable::build(config, &ports), skipped)
+        let tables = configs
+            .into_iter()
+            .map(|config| {
+                let ports = objects.service_ports(config.family).unwrap_or_else(|e| {
+                    skipped.push(("services".into(), e.to_string()));
+                    Vec::new()
+                });
+                ServiceTable::build(config, &ports)
+            })
+            .collect();
+        (tables, skipped)
     }
 }
 
-/// This node's first global IPv4 address on a link that is up and not a
-/// pod's, the overlay's or loopback (the primary node IP when `--node-ip`
-/// is not given).
+/// This node's addresses for the service table: `--node-ip` or the first
+/// global IPv4 address on a link that is up and not a pod's, the
+/// overlay's or loopback, and the first global IPv6 address likewise.
 pub fn node_addresses(given: Option<std::net::Ipv4Addr>) -> Vec<IpAddr> {
-    if let Some(ip) = given {
-        return vec![IpAddr::V4(ip)];
-    }
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
+    let found: Vec<IpAddr> = match nix::ifaddrs::getifaddrs() {
+        Ok(addrs) => addrs
+            .filter(|a| {
+                a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
+                    && !a.interface_name.starts_with("cali")
+                    && !a.interface_name.starts_with("vxlan")
+            })
+            .filter_map(|a| {
+                let a = a.address?;
+                a.as_sockaddr_in()
+                    .map(|s| IpAddr::V4(s.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+            })
+            .filter(|ip| match ip {
+                IpAddr::V4(v) => !v.is_loopback() && !v.is_link_local(),
+                IpAddr::V6(v) => !v.is_loopback() && !v.is_unicast_link_local(),
+            })
+            .collect(),
+        Err(_) => Vec::new(),
     };
-    addrs
-        .filter(|a| {
-            a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
-                && !a.interface_name.starts_with("cali")
-                && !a.interface_name.starts_with("vxlan")
-        })
-        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| IpAddr::V4(s.ip())))
-        .filter(|ip| !ip.is_loopback() && !matches!(ip, IpAddr::V4(v) if v.is_link_local()))
-        .take(1)
-        .collect()
+    let v4 = given
+        .map(IpAddr::V4)
+        .or_else(|| found.iter().copied().find(IpAddr::is_ipv4));
+    let v6 = found.iter().copied().find(IpAddr::is_ipv6);
+    v4.into_iter().chain(v6).collect()
 }
 
 #[cfg(test)]
@@ -228,7 +241,8 @@ mod tests {
         assert!(source.take_dirty());
         assert!(!source.take_dirty());
         assert_eq!(source.service_count(), 1);
-        let (table, skipped) = source.table(config());
+        let (tables, skipped) = source.tables(vec![config()]);
+        let table = &tables[0];
         assert!(skipped.is_empty(), "{skipped:?}");
         assert_eq!(table.services.len(), 1);
         assert_eq!(
@@ -245,8 +259,8 @@ mod tests {
         assert!(!source.take_dirty());
         source.changes(&[gone("/e", 3)]);
         assert!(source.take_dirty());
-        let (table, _) = source.table(config());
-        assert!(table.services[0].cluster.is_empty());
+        let (tables, _) = source.tables(vec![config()]);
+        assert!(tables[0].services[0].cluster.is_empty());
     }
 
     #[test]
@@ -255,8 +269,8 @@ mod tests {
         let mut bad = slice("10.20.0.5");
         bad["ports"][0]["port"] = json!("ninety");
         source.changes(&[stored("/s", service()), stored("/e", bad)]);
-        let (table, skipped) = source.table(config());
-        assert_eq!(table.services.len(), 1);
+        let (tables, skipped) = source.tables(vec![config()]);
+        assert_eq!(tables[0].services.len(), 1);
         assert_eq!(skipped.len(), 1);
         assert!(
             skipped[0].0 == "/e" && skipped[0].1.contains("api-1"),

@@ -8,7 +8,7 @@ use aya::maps::Map;
 use palisade_services::ServiceTable;
 
 use super::*;
-use crate::services::{ServiceEntries, lower_services};
+use crate::services::{ServiceEntries, lower_service_tables};
 
 /// A connection's backend as the NAT entries name it.
 type BackendAddr = ([u8; 16], u16, u8);
@@ -21,7 +21,13 @@ impl Datapath {
     /// packet is decided again, so they never reach a removed backend,
     /// and connections whose backend stays keep it.
     pub fn set_services(&mut self, table: &ServiceTable) -> Result<(), DatapathError> {
-        let entries = lower_services(table, &self.service_capacity)?;
+        self.set_service_tables(std::slice::from_ref(table))
+    }
+
+    /// [`Datapath::set_services`] for a dual-stack node: one table per
+    /// IP family, written as one.
+    pub fn set_service_tables(&mut self, tables: &[ServiceTable]) -> Result<(), DatapathError> {
+        let entries = lower_service_tables(tables, &self.service_capacity)?;
         self.write_services(&entries)?;
         let listed: BTreeSet<BackendAddr> = entries
             .backends
