@@ -73,6 +73,12 @@ impl AyaDataplane {
         Ok(self.loaded()?.attach_service(ifname)?)
     }
 
+    /// Connect-time load balancing for the sockets of processes in
+    /// `cgroup` (the node's own traffic to Services).
+    pub fn attach_connect_hooks(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
+        Ok(self.loaded()?.attach_connect_hooks(cgroup)?)
+    }
+
     /// Translated connections and ClientIP affinities held (NAT entries
     /// count both directions of each connection).
     pub fn service_state_len(&self) -> Option<(usize, usize)> {

@@ -121,6 +121,13 @@ pub struct AgentArgs {
     /// interfaces always get it.
     #[arg(long = "service-interface", value_delimiter = ',')]
     pub service_interfaces: Vec<String>,
+    /// A cgroup v2 directory whose processes' IPv4 `connect()` calls are
+    /// load-balanced to Services' backends (the node's own traffic to
+    /// ClusterIPs and NodePorts); its root (`/sys/fs/cgroup`, or
+    /// `/sys/fs/cgroup/unified` on hybrid hosts) for every process. Not
+    /// set: the node's own traffic is not load-balanced by Palisade.
+    #[arg(long)]
+    pub connect_hooks_cgroup: Option<PathBuf>,
     /// Fault injection for tests: the CNI ADD step that fails.
     #[arg(long, hide = true)]
     pub cni_fail_at: Option<String>,
@@ -325,6 +332,7 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
     let mut seen = Seen::default();
     let mut services = services::ServiceSource::default();
     let mut service_interfaces_attached = args.service_interfaces.is_empty();
+    let mut connect_hooks_attached = args.connect_hooks_cgroup.is_none();
     loop {
         shared.heartbeat.store(now_s(), Ordering::Relaxed);
         let first = match rx.recv_timeout(Duration::from_secs(1)) {
@@ -393,6 +401,24 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
         }
         if !service_interfaces_attached {
             service_interfaces_attached = attach_service_interfaces(&mut node, args);
+        }
+        if let (false, Some(cgroup)) = (connect_hooks_attached, &args.connect_hooks_cgroup) {
+            // Once: a cgroup that cannot take the hook will not later.
+            connect_hooks_attached = true;
+            match node.dataplane_mut().attach_connect_hooks(cgroup) {
+                Ok(()) => {
+                    tracing::info!(cgroup = %cgroup.display(), "connect-time service balancing attached")
+                }
+                Err(e) => {
+                    tracing::warn!(cgroup = %cgroup.display(), error = %e, "connect-time service balancing not attached");
+                    shared.metrics.service_errors.inc();
+                    shared.status().record(sync::Problem {
+                        revision: node.revision(),
+                        object: format!("cgroup {}", cgroup.display()),
+                        message: e.to_string(),
+                    });
+                }
+            }
         }
         for ifname in node.retry_pending() {
             tracing::info!(interface = %ifname, "attached (its interface appeared)");

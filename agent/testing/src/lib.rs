@@ -32,6 +32,7 @@
 //! assert!(results.iter().all(|r| r.status == ProbeStatus::Passed));
 //! ```
 
+pub mod cgroup;
 pub mod conformance;
 pub mod etcd;
 pub mod ipam_conformance;

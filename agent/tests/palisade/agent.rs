@@ -738,6 +738,22 @@ fn the_agent_load_balances_services_from_the_store() {
         std::process::id()
     ));
     let log = dir.join("agent.log");
+    // The node's own processes, in a cgroup of this test: connect-time
+    // balancing. The node gets an address for them to connect from.
+    let cgroup = palisade_testing::cgroup::TestCgroup::new("agent-connect").unwrap();
+    let added = Command::new("ip")
+        .args([
+            "-n",
+            topo.node().name(),
+            "addr",
+            "add",
+            "192.168.0.2/32",
+            "dev",
+            "lo",
+        ])
+        .status()
+        .unwrap();
+    assert!(added.success());
     let agent = Agent::start_with(
         topo.node().name(),
         "node1",
@@ -745,6 +761,8 @@ fn the_agent_load_balances_services_from_the_store() {
         &pins,
         &log,
         &[
+            "--connect-hooks-cgroup",
+            cgroup.path().to_str().unwrap(),
             "--overlay",
             "none",
             "--service-cidr",
@@ -768,6 +786,19 @@ fn the_agent_load_balances_services_from_the_store() {
         seen,
         ["api-1", "api-2"].map(String::from).into(),
         "both endpoints answer through the ClusterIP"
+    );
+    // The node's own process reaches it too (connect-time balancing).
+    let out = cgroup
+        .bash_in(
+            topo.node().name(),
+            "exec 3<>/dev/tcp/172.30.0.10/80 && cat <&3",
+        )
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        answer == "api-1" || answer == "api-2",
+        "a node process through the ClusterIP: {answer:?} {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     // A Service with no endpoint: refused at once, not timed out.
     assert_eq!(

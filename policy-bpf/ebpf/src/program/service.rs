@@ -19,7 +19,11 @@
 use aya_ebpf::bindings::{
     BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
 };
-use aya_ebpf::helpers::{bpf_csum_diff, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail};
+use aya_ebpf::helpers::{
+    bpf_csum_diff, bpf_ktime_get_ns, bpf_redirect, bpf_set_retval, bpf_skb_change_tail,
+};
+use aya_ebpf::macros::cgroup_sock_addr;
+use aya_ebpf::programs::SockAddrContext;
 
 use super::*;
 
@@ -577,20 +581,60 @@ fn record_masquerade(sc: &mut ServiceScratch) -> bool {
 /// range, else a random one; with affinity, the entry is (re)written.
 #[inline(always)]
 fn choose(sc: &mut ServiceScratch, service: u32, first: u32, count: u16, affinity_seconds: u32) {
+    let ServiceScratch {
+        affinity,
+        chosen,
+        tuple,
+        ..
+    } = sc;
+    let client = Client {
+        family: tuple.family,
+        addr: tuple.src,
+    };
+    pick(
+        affinity,
+        chosen,
+        service,
+        &client,
+        first,
+        count,
+        affinity_seconds,
+    );
+}
+
+/// Who asks for a backend (the ClientIP affinity key's address).
+struct Client {
+    family: u8,
+    addr: [u8; 16],
+}
+
+/// A backend among `count` from `first`: the client's affine one while its
+/// affinity is fresh and the backend still listed, else a random one;
+/// `chosen` says which, `affinity` is the key it was recorded under.
+#[inline(always)]
+fn pick(
+    affinity: &mut AffinityKey,
+    chosen: &mut AffinityValue,
+    service: u32,
+    client: &Client,
+    first: u32,
+    count: u16,
+    affinity_seconds: u32,
+) {
     // SAFETY: helpers without preconditions.
     let (random, now) = unsafe { (bpf_get_prandom_u32(), bpf_ktime_get_ns()) };
     // `count` is never 0 here (the caller rejects); `checked_rem` keeps
     // the division's panic path out of the program all the same.
     let mut index = first + random.checked_rem(u32::from(count)).unwrap_or(0);
     if affinity_seconds > 0 {
-        sc.affinity = AffinityKey {
+        *affinity = AffinityKey {
             service,
-            family: sc.tuple.family,
+            family: client.family,
             pad: [0; 3],
-            client: sc.tuple.src,
+            client: client.addr,
         };
         // SAFETY: the entry is copied out at once.
-        if let Some(a) = unsafe { PALISADE_SVC_AFFINITY.get(&sc.affinity) }.copied() {
+        if let Some(a) = unsafe { PALISADE_SVC_AFFINITY.get(&*affinity) }.copied() {
             let fresh =
                 now.saturating_sub(a.used_ns) <= u64::from(affinity_seconds) * 1_000_000_000;
             let listed = a.backend >= first
@@ -601,7 +645,7 @@ fn choose(sc: &mut ServiceScratch, service: u32, first: u32, count: u16, affinit
             }
         }
     }
-    sc.chosen = AffinityValue {
+    *chosen = AffinityValue {
         used_ns: now,
         backend: index,
         pad: 0,
@@ -611,7 +655,7 @@ fn choose(sc: &mut ServiceScratch, service: u32, first: u32, count: u16, affinit
             .unwrap_or_default(),
     };
     if affinity_seconds > 0 {
-        let _ = PALISADE_SVC_AFFINITY.insert(&sc.affinity, &sc.chosen, 0);
+        let _ = PALISADE_SVC_AFFINITY.insert(&*affinity, &*chosen, 0);
     }
 }
 
@@ -844,4 +888,143 @@ fn unreachable<const Q: usize>(ctx: &TcContext, h: &Headers) -> Result<i32, i64>
     }
     // SAFETY: the context's own interface.
     Ok(unsafe { bpf_redirect((*skb).ifindex, 0) } as i32)
+}
+
+/// The service maps with the tries' keys on the stack, for the socket
+/// hooks: they run in process context, where a softirq's TC program may
+/// take this CPU's key memory in the middle of a lookup.
+struct SockMaps;
+
+impl ServiceMaps for SockMaps {
+    #[inline(always)]
+    fn frontend(&self, key: &FrontendKey) -> Option<FrontendValue> {
+        Maps.frontend(key)
+    }
+
+    #[inline(always)]
+    fn service(&self, index: u32) -> Option<ServiceValue> {
+        Maps.service(index)
+    }
+
+    #[inline(always)]
+    fn config(&self) -> ServiceConfig {
+        Maps.config()
+    }
+
+    #[inline(always)]
+    fn address_flags(&self, family: u8, addr: &[u8; 16]) -> u32 {
+        let key = Key::new(
+            ADDR_KEY_BITS + if family == FAMILY_V4 { 32 } else { 128 },
+            SvcAddrKey {
+                family,
+                pad: [0; 3],
+                addr: *addr,
+            },
+        );
+        PALISADE_SVC_ADDRESSES.get(&key).copied().unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn source_range(&self, service: u32, family: u8, addr: &[u8; 16]) -> u8 {
+        let key = Key::new(
+            RANGE_KEY_BITS + if family == FAMILY_V4 { 32 } else { 128 },
+            SvcRangeKey {
+                service: service.to_be_bytes(),
+                family,
+                pad: [0; 3],
+                addr: *addr,
+            },
+        );
+        PALISADE_SVC_SOURCE_RANGES.get(&key).copied().unwrap_or(0)
+    }
+}
+
+/// `connect()` of the node's own IPv4 sockets (cgroup/connect4):
+/// connect-time load balancing, as Calico's and Cilium's eBPF modes do
+/// it. A connection to a frontend is pointed at its backend before it
+/// exists, so its packets need no NAT (the socket's peer is the backend;
+/// `getpeername()` says so). REJECT fails `connect()` with
+/// ECONNREFUSED, as kube-proxy's ICMP would; DROP with EPERM.
+#[cgroup_sock_addr(connect4)]
+pub fn palisade_connect4(ctx: SockAddrContext) -> i32 {
+    connect4(&ctx)
+}
+
+/// `connect()` allowed, with the address as it is now.
+const SOCK_ALLOW: i32 = 1;
+/// `connect()` refused.
+const SOCK_REFUSE: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+#[inline(always)]
+fn connect4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel's context of this run; these fields are readable
+    // in connect4.
+    let (ip, port, protocol) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
+    let config = Maps.config();
+    if config.flags & CONFIG_ENABLED == 0 {
+        return SOCK_ALLOW;
+    }
+    let mut destination = [0u8; 16];
+    // `user_ip4` holds the address in network order: its bytes as stored.
+    destination[..4].copy_from_slice(&ip.to_ne_bytes());
+    // The kernel has not chosen the source yet: the node's primary
+    // address stands for it (the address the backend will see).
+    let packet = ServicePacket {
+        family: FAMILY_V4,
+        source: config.primary_v4,
+        destination,
+        protocol: protocol as u8,
+        port: u16::from_be(port as u16),
+    };
+    match service_decide(&packet, &SockMaps) {
+        ServiceAction::Forward {
+            service,
+            first,
+            count,
+            affinity_seconds,
+            ..
+        } => {
+            let mut affinity = AffinityKey::default();
+            let mut chosen = AffinityValue::default();
+            let client = Client {
+                family: FAMILY_V4,
+                addr: config.primary_v4,
+            };
+            pick(
+                &mut affinity,
+                &mut chosen,
+                service,
+                &client,
+                first,
+                count,
+                affinity_seconds,
+            );
+            let b = chosen.value;
+            if b.family != FAMILY_V4 {
+                return SOCK_ALLOW;
+            }
+            let addr = [b.addr[0], b.addr[1], b.addr[2], b.addr[3]];
+            // SAFETY: connect4 may write the address and port it connects to.
+            unsafe {
+                (*sa).user_ip4 = u32::from_ne_bytes(addr);
+                (*sa).user_port = u32::from(b.port.to_be());
+            }
+            stat(Statistic::ServiceTranslated);
+            SOCK_ALLOW
+        }
+        ServiceAction::Reject(_) => {
+            // SAFETY: a helper cgroup programs may call; the error
+            // `connect()` returns instead of EPERM.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            stat(Statistic::ServiceReject);
+            SOCK_REFUSE
+        }
+        ServiceAction::Drop(_) => {
+            stat(Statistic::ServiceDrop);
+            SOCK_REFUSE
+        }
+        ServiceAction::Pass => SOCK_ALLOW,
+    }
 }

@@ -445,3 +445,90 @@ fn real_connections_reach_a_backend_through_a_cluster_ip_and_back() {
     let stats = dp.stats().unwrap();
     assert!(stats[policy_bpf_common::Statistic::ServiceNat as usize] >= 24);
 }
+
+/// Processes of the node reach a ClusterIP through connect-time load
+/// balancing (cgroup/connect4): the socket connects straight to a
+/// backend, no packet is translated, every backend is used, and a
+/// Service without endpoints fails `connect()` with ECONNREFUSED.
+#[test]
+fn node_processes_reach_a_cluster_ip_through_the_connect_hook() {
+    use std::io::Write;
+    use std::net::TcpListener;
+    use std::process::Command;
+
+    use palisade_testing::netns::Topology;
+
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::build(&[
+        (super::key("default/api-a"), vec![super::ip("10.0.2.5")]),
+        (super::key("default/api-b"), vec![super::ip("10.0.3.6")]),
+    ])
+    .unwrap();
+    for (k, name) in [("default/api-a", "api-a"), ("default/api-b", "api-b")] {
+        let pod = topo.pod(&super::key(k)).unwrap();
+        let at = SocketAddr::new(pod.ips[0], 8080);
+        let l = pod.ns.run(|| TcpListener::bind(at)).unwrap().unwrap();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let _ = s.write_all(name.as_bytes());
+            }
+        });
+    }
+    // The node's address (config's), for the kernel to choose as source.
+    let added = Command::new("ip")
+        .args([
+            "-n",
+            topo.node().name(),
+            "addr",
+            "add",
+            "192.168.0.2/32",
+            "dev",
+            "lo",
+        ])
+        .status()
+        .unwrap();
+    assert!(added.success());
+    let mut dp = load();
+    dp.set_services(&table(&[
+        service("api", VIP, false),
+        slice("api", &["10.0.2.5", "10.0.3.6"]),
+        service("idle", "172.30.0.11", false),
+        slice("idle", &[]),
+    ]))
+    .unwrap();
+    let cgroup = palisade_testing::cgroup::TestCgroup::new("connect").unwrap();
+    dp.attach_connect_hooks(cgroup.path()).unwrap();
+    // A shell of the node joins the cgroup, then connects.
+    let connect = |to: &str| {
+        let out = cgroup
+            .bash_in(
+                topo.node().name(),
+                &format!("exec 3<>/dev/tcp/{to}/80 && cat <&3"),
+            )
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let mut reached = std::collections::BTreeSet::new();
+    for _ in 0..24 {
+        let (ok, out, err) = connect(VIP);
+        assert!(ok, "through the ClusterIP: {err}");
+        reached.insert(out);
+    }
+    assert_eq!(
+        reached,
+        ["api-a", "api-b"].map(String::from).into(),
+        "every backend takes connections"
+    );
+    assert!(
+        dp.nat_entries().unwrap().is_empty(),
+        "connect-time balancing translates no packet"
+    );
+    let (ok, _, err) = connect("172.30.0.11");
+    assert!(!ok && err.contains("Connection refused"), "{err}");
+}
