@@ -121,7 +121,7 @@ pub struct AgentArgs {
     /// interfaces always get it.
     #[arg(long = "service-interface", value_delimiter = ',')]
     pub service_interfaces: Vec<String>,
-    /// A cgroup v2 directory whose processes' IPv4 `connect()` calls are
+    /// A cgroup v2 directory whose processes' `connect()` calls are
     /// load-balanced to Services' backends (the node's own traffic to
     /// ClusterIPs and NodePorts); its root (`/sys/fs/cgroup`, or
     /// `/sys/fs/cgroup/unified` on hybrid hosts) for every process. Not

@@ -236,6 +236,10 @@ impl ServiceDecision {
 }
 
 /// Decides a connection's first packet.
+// Inlined in the kernel: with an out-of-line copy shared by the two socket
+// hooks, the object failed to load ("missing btf func_info" in the policy
+// programs' subprograms).
+#[cfg_attr(target_arch = "bpf", inline(always))]
 pub fn service_decide<M: ServiceMaps>(p: &ServicePacket, maps: &M) -> ServiceAction {
     let key = FrontendKey {
         addr: p.destination,

@@ -10,8 +10,8 @@ use palisade_services::ServiceTable;
 use super::*;
 use crate::services::{ServiceEntries, lower_service_tables};
 
-/// The connect-time load balancer of the node's own IPv4 sockets.
-pub const CONNECT4_PROGRAM: &str = "palisade_connect4";
+/// The connect-time load balancers of the node's own IPv4 and IPv6 sockets.
+pub const CONNECT_PROGRAMS: [&str; 2] = ["palisade_connect4", "palisade_connect6"];
 
 /// A connection's backend as the NAT entries name it.
 type BackendAddr = ([u8; 16], u16, u8);
@@ -42,7 +42,7 @@ impl Datapath {
         Ok(())
     }
 
-    /// Load-balances `connect()` of IPv4 sockets in `cgroup` (a cgroup v2
+    /// Load-balances `connect()` of IPv4 and IPv6 sockets in `cgroup` (a cgroup v2
     /// directory; its root for every process of the node): a socket
     /// connecting to a frontend is pointed at a backend before any packet
     /// exists, so host traffic needs no NAT. The hook lives as long as
@@ -53,21 +53,23 @@ impl Datapath {
             message,
         };
         let file = std::fs::File::open(cgroup).map_err(|e| attach_err(e.to_string()))?;
-        let prog: &mut aya::programs::CgroupSockAddr = self
-            .ebpf
-            .program_mut(CONNECT4_PROGRAM)
-            .ok_or_else(|| DatapathError::Load(format!("program {CONNECT4_PROGRAM} missing")))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
-        // Loaded at first use: nodes without the hook never verify it.
-        if prog.fd().is_err() {
-            prog.load()
-                .map_err(|e| DatapathError::Load(format!("{CONNECT4_PROGRAM}: {e}")))?;
+        for name in CONNECT_PROGRAMS {
+            let prog: &mut aya::programs::CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| DatapathError::Load(format!("program {name} missing")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
+            // Loaded at first use: nodes without the hooks never verify them.
+            if prog.fd().is_err() {
+                prog.load()
+                    .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
+            }
+            // A link (kernels from 5.7): several programs share a cgroup
+            // without the attach flags, which links refuse.
+            prog.attach(&file, aya::programs::links::CgroupAttachMode::Single)
+                .map_err(|e| attach_err(format!("{name}: {e}")))?;
         }
-        // A link (kernels from 5.7): several programs share a cgroup
-        // without the attach flags, which links refuse.
-        prog.attach(&file, aya::programs::links::CgroupAttachMode::Single)
-            .map_err(|e| attach_err(format!("{e}: {:?}", std::error::Error::source(&e))))?;
         Ok(())
     }
 

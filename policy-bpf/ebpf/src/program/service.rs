@@ -16,6 +16,7 @@
     reason = "scratch keys stay off the stack"
 )]
 
+use aya_ebpf::bindings::bpf_sock_addr;
 use aya_ebpf::bindings::{
     BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, bpf_adj_room_mode::BPF_ADJ_ROOM_NET,
 };
@@ -939,7 +940,7 @@ impl ServiceMaps for SockMaps {
     }
 }
 
-/// `connect()` of the node's own IPv4 sockets (cgroup/connect4):
+/// `connect()` of the node's own sockets (cgroup/connect4 and connect6):
 /// connect-time load balancing, as Calico's and Cilium's eBPF modes do
 /// it. A connection to a frontend is pointed at its backend before it
 /// exists, so its packets need no NAT (the socket's peer is the backend;
@@ -947,7 +948,13 @@ impl ServiceMaps for SockMaps {
 /// ECONNREFUSED, as kube-proxy's ICMP would; DROP with EPERM.
 #[cgroup_sock_addr(connect4)]
 pub fn palisade_connect4(ctx: SockAddrContext) -> i32 {
-    connect4(&ctx)
+    connect(&ctx, FAMILY_V4)
+}
+
+/// [`palisade_connect4`] for IPv6 sockets.
+#[cgroup_sock_addr(connect6)]
+pub fn palisade_connect6(ctx: SockAddrContext) -> i32 {
+    connect(&ctx, FAMILY_V6)
 }
 
 /// `connect()` allowed, with the address as it is now.
@@ -956,26 +963,73 @@ const SOCK_ALLOW: i32 = 1;
 const SOCK_REFUSE: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 
+/// The address a socket connects to, as 16 map bytes. The context allows
+/// only 4-byte accesses to these fields: one volatile read per word.
 #[inline(always)]
-fn connect4(ctx: &SockAddrContext) -> i32 {
+fn sock_destination(sa: *mut bpf_sock_addr, family: u8) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    // SAFETY: the kernel's context of this run; its address fields are
+    // readable in connect4/6, word by word.
+    unsafe {
+        if family == FAMILY_V4 {
+            let w = core::ptr::read_volatile(&raw const (*sa).user_ip4);
+            out[..4].copy_from_slice(&w.to_ne_bytes());
+        } else {
+            for i in 0..4 {
+                let w = core::ptr::read_volatile(&raw const (*sa).user_ip6[i]);
+                out[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// Points the socket at `b` (address and port, both in network order).
+#[inline(always)]
+fn sock_redirect(sa: *mut bpf_sock_addr, family: u8, b: &BackendValue) {
+    let word =
+        |i: usize| u32::from_ne_bytes([b.addr[i], b.addr[i + 1], b.addr[i + 2], b.addr[i + 3]]);
+    // SAFETY: connect4/6 may write the address and port they connect to,
+    // word by word.
+    unsafe {
+        if family == FAMILY_V4 {
+            core::ptr::write_volatile(&raw mut (*sa).user_ip4, word(0));
+        } else {
+            for i in 0..4 {
+                core::ptr::write_volatile(&raw mut (*sa).user_ip6[i], word(i * 4));
+            }
+        }
+        core::ptr::write_volatile(&raw mut (*sa).user_port, u32::from(b.port.to_be()));
+    }
+}
+
+#[inline(always)]
+fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
     let sa = ctx.sock_addr;
-    // SAFETY: the kernel's context of this run; these fields are readable
-    // in connect4.
-    let (ip, port, protocol) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
+    // SAFETY: as in `sock_destination`.
+    let (port, protocol) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*sa).user_port),
+            core::ptr::read_volatile(&raw const (*sa).protocol),
+        )
+    };
     let config = Maps.config();
     if config.flags & CONFIG_ENABLED == 0 {
         return SOCK_ALLOW;
     }
-    let mut destination = [0u8; 16];
-    // `user_ip4` holds the address in network order: its bytes as stored.
-    destination[..4].copy_from_slice(&ip.to_ne_bytes());
     // The kernel has not chosen the source yet: the node's primary
     // address stands for it (the address the backend will see).
+    let source = if family == FAMILY_V4 {
+        config.primary_v4
+    } else {
+        config.primary_v6
+    };
     let packet = ServicePacket {
-        family: FAMILY_V4,
-        source: config.primary_v4,
-        destination,
+        family,
+        source,
+        destination: sock_destination(sa, family),
         protocol: protocol as u8,
+        // `user_port` holds the port in network order in its low bytes.
         port: u16::from_be(port as u16),
     };
     match service_decide(&packet, &SockMaps) {
@@ -989,8 +1043,8 @@ fn connect4(ctx: &SockAddrContext) -> i32 {
             let mut affinity = AffinityKey::default();
             let mut chosen = AffinityValue::default();
             let client = Client {
-                family: FAMILY_V4,
-                addr: config.primary_v4,
+                family,
+                addr: source,
             };
             pick(
                 &mut affinity,
@@ -1001,16 +1055,10 @@ fn connect4(ctx: &SockAddrContext) -> i32 {
                 count,
                 affinity_seconds,
             );
-            let b = chosen.value;
-            if b.family != FAMILY_V4 {
+            if chosen.value.family != family {
                 return SOCK_ALLOW;
             }
-            let addr = [b.addr[0], b.addr[1], b.addr[2], b.addr[3]];
-            // SAFETY: connect4 may write the address and port it connects to.
-            unsafe {
-                (*sa).user_ip4 = u32::from_ne_bytes(addr);
-                (*sa).user_port = u32::from(b.port.to_be());
-            }
+            sock_redirect(sa, family, &chosen.value);
             stat(Statistic::ServiceTranslated);
             SOCK_ALLOW
         }

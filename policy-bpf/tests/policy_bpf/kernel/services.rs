@@ -464,9 +464,14 @@ fn node_processes_reach_a_cluster_ip_through_the_connect_hook() {
     let topo = Topology::build(&[
         (super::key("default/api-a"), vec![super::ip("10.0.2.5")]),
         (super::key("default/api-b"), vec![super::ip("10.0.3.6")]),
+        (super::key("default/api-c"), vec![super::ip("fd10::5")]),
     ])
     .unwrap();
-    for (k, name) in [("default/api-a", "api-a"), ("default/api-b", "api-b")] {
+    for (k, name) in [
+        ("default/api-a", "api-a"),
+        ("default/api-b", "api-b"),
+        ("default/api-c", "api-c"),
+    ] {
         let pod = topo.pod(&super::key(k)).unwrap();
         let at = SocketAddr::new(pod.ips[0], 8080);
         let l = pod.ns.run(|| TcpListener::bind(at)).unwrap().unwrap();
@@ -476,27 +481,46 @@ fn node_processes_reach_a_cluster_ip_through_the_connect_hook() {
             }
         });
     }
-    // The node's address (config's), for the kernel to choose as source.
-    let added = Command::new("ip")
-        .args([
-            "-n",
-            topo.node().name(),
-            "addr",
-            "add",
-            "192.168.0.2/32",
-            "dev",
-            "lo",
-        ])
-        .status()
-        .unwrap();
-    assert!(added.success());
+    // The node's addresses (the configs'), for the kernel to choose as source.
+    for addr in ["192.168.0.2/32", "fd00::2/128"] {
+        let added = Command::new("ip")
+            .args(["-n", topo.node().name(), "addr", "add", addr, "dev", "lo"])
+            .status()
+            .unwrap();
+        assert!(added.success());
+    }
+    // An IPv6 Service next to the IPv4 ones: one table per family.
+    let v6_objects = Objects::from_documents(&[
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "api6", "namespace": "default"},
+               "spec": {"clusterIP": "fd30::10", "ipFamilies": ["IPv6"],
+                        "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}),
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": "api6-1", "namespace": "default",
+                            "labels": {"kubernetes.io/service-name": "api6"}},
+               "addressType": "IPv6",
+               "endpoints": [{"addresses": ["fd10::5"], "conditions": {"ready": true}}],
+               "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}),
+    ])
+    .unwrap();
+    let v6_config = ProxyConfig {
+        family: Family::V6,
+        node_ips: vec!["fd00::2".parse().unwrap()],
+        cluster_cidrs: vec!["fd10::/64".parse().unwrap()],
+        service_cidrs: vec!["fd30::/112".parse().unwrap()],
+        ..config()
+    };
+    let v6 = ServiceTable::build(v6_config, &v6_objects.service_ports(Family::V6).unwrap());
     let mut dp = load();
-    dp.set_services(&table(&[
-        service("api", VIP, false),
-        slice("api", &["10.0.2.5", "10.0.3.6"]),
-        service("idle", "172.30.0.11", false),
-        slice("idle", &[]),
-    ]))
+    dp.set_service_tables(&[
+        table(&[
+            service("api", VIP, false),
+            slice("api", &["10.0.2.5", "10.0.3.6"]),
+            service("idle", "172.30.0.11", false),
+            slice("idle", &[]),
+        ]),
+        v6,
+    ])
     .unwrap();
     let cgroup = palisade_testing::cgroup::TestCgroup::new("connect").unwrap();
     dp.attach_connect_hooks(cgroup.path()).unwrap();
@@ -531,4 +555,9 @@ fn node_processes_reach_a_cluster_ip_through_the_connect_hook() {
     );
     let (ok, _, err) = connect("172.30.0.11");
     assert!(!ok && err.contains("Connection refused"), "{err}");
+    let (ok, out, err) = connect("fd30::10");
+    assert!(
+        ok && out == "api-c",
+        "through the IPv6 ClusterIP: {out:?} {err}"
+    );
 }
