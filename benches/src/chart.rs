@@ -15,6 +15,22 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
+/// A chart column: legend, colour, dashed, and the value of a row.
+pub type Column<'a, R> = (&'a str, &'static str, bool, fn(&R) -> f64);
+
+/// One series per column, each over `rows` at x = `x(row)`.
+pub fn series_of<R>(columns: &[Column<'_, R>], rows: &[R], x: impl Fn(&R) -> f64) -> Vec<Series> {
+    columns
+        .iter()
+        .map(|(name, color, dashed, f)| Series {
+            name: (*name).into(),
+            color,
+            dashed: *dashed,
+            points: rows.iter().map(|r| (x(r), f(r))).collect(),
+        })
+        .collect()
+}
+
 /// Renders the series over a log10 x axis and a linear y axis from 0 to
 /// `y_max`, with a horizontal guide at `guide` (if any).
 pub fn line_chart(

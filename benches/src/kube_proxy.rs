@@ -11,6 +11,7 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
+use palisade_services::{FrontendKind, ServiceTable};
 use sha2::{Digest, Sha256};
 
 /// One Service port as kube-proxy programs it (ClusterIP and NodePort,
@@ -25,6 +26,33 @@ pub struct KpService {
     pub port: u16,
     pub node_port: Option<u16>,
     pub endpoints: Vec<SocketAddr>,
+}
+
+/// A node's service table as kube-proxy's Services: each Service port
+/// with its ClusterIP frontend, NodePort and cluster endpoints.
+pub fn kp_services(table: &ServiceTable) -> Vec<KpService> {
+    let mut out: Vec<KpService> = table
+        .services
+        .iter()
+        .map(|b| KpService {
+            name: b.name.to_string(),
+            protocol: "tcp",
+            cluster_ip: "0.0.0.0".parse().expect("ip"),
+            port: 0,
+            node_port: None,
+            endpoints: b.cluster.clone(),
+        })
+        .collect();
+    for ((ip, _, port), (kind, idx)) in &table.frontends {
+        if *kind == FrontendKind::ClusterIp {
+            out[*idx].cluster_ip = *ip;
+            out[*idx].port = *port;
+        }
+    }
+    for ((_, port), idx) in &table.node_ports {
+        out[*idx].node_port = Some(*port);
+    }
+    out
 }
 
 const BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";

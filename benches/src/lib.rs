@@ -12,6 +12,7 @@ pub mod dataplane;
 pub mod kube_proxy;
 pub mod memory;
 pub mod packet_cost;
+pub mod service_lab;
 pub mod veth;
 
 use palisade_testing::testgen::{Rng, Scale, scale_cluster};
@@ -141,3 +142,21 @@ pub fn change(kind: ChangeKind, cluster: &Cluster, r: &mut Rng, step: usize) -> 
 /// Counts heap allocations; the report binary installs it as the global
 /// allocator to measure compiled memory.
 pub use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
+
+/// Writes a report's page and chart as `docs/<stem>.md` and `.svg`.
+pub fn write_docs(stem: &str, md: &str, svg: &str) -> std::io::Result<()> {
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    std::fs::write(docs.join(format!("{stem}.md")), md)?;
+    std::fs::write(docs.join(format!("{stem}.svg")), svg)?;
+    eprintln!("wrote docs/{stem}.md and .svg");
+    Ok(())
+}
+
+/// What `tool --version` prints (empty when it cannot run).
+pub fn tool_version(tool: &str) -> String {
+    std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}

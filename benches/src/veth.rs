@@ -78,7 +78,9 @@ pub struct Lab {
     next_udp_flow: std::cell::Cell<u32>,
 }
 
-fn run_in(ns: &Netns, program: &str, args: &[&str], stdin: &str) -> Result<()> {
+/// Runs `program args` inside `ns` with `stdin` as its input (rules for
+/// `iptables-restore`, `ipset restore`, `nft -f -`); fails with what it said.
+pub fn run_in(ns: &Netns, program: &str, args: &[&str], stdin: &str) -> Result<()> {
     let mut child = Command::new("ip")
         .args(["netns", "exec", ns.name(), program])
         .args(args)
@@ -385,58 +387,17 @@ impl Lab {
 
     /// TCP connections per second, each opened and reset (a new flow each).
     pub fn tcp_connect_rate(&self, secs: f64) -> Result<f64> {
-        // A deep accept queue: under load the acceptor may lag, and a full
-        // queue would drop SYNs (a one-second retransmit, not policy).
-        let listener: TcpListener = self
-            .ns("bench/server")
-            .run(|| -> std::io::Result<Socket> {
-                let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-                s.set_reuse_address(true)?;
-                s.bind(&SocketAddr::new(SERVER.parse().expect("ip"), TCP_PORT).into())?;
-                s.listen(4096)?;
-                Ok(s)
-            })??
-            .into();
-        let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicU64::new(0));
-        let acceptor = {
-            let (stop, accepted) = (stop.clone(), accepted.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if listener.accept().is_ok() {
-                        accepted.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        };
-        let client_ns = self.ns("bench/client");
-        let dst: socket2::SockAddr = SocketAddr::new(SERVER.parse()?, TCP_PORT).into();
-        let start = Instant::now();
-        let mut done = 0u64;
-        // Sockets are made in the client namespace in batches (a thread
-        // per batch), then connected from here.
-        while start.elapsed().as_secs_f64() < secs {
-            let batch: Vec<Socket> = client_ns.run(|| {
-                (0..64)
-                    .map(|_| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))
-                    .collect::<std::io::Result<Vec<_>>>()
-            })??;
-            for s in batch {
-                s.set_linger(Some(Duration::ZERO))?;
-                s.connect_timeout(&dst, Duration::from_secs(5))
-                    .context("connect: the policy must allow the client")?;
-                done += 1;
-            }
-        }
-        let elapsed = start.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
-        // One more connection wakes the acceptor so it sees the stop flag.
-        let wake =
-            client_ns.run(|| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))??;
-        wake.set_linger(Some(Duration::ZERO))?;
-        let _ = wake.connect_timeout(&dst, Duration::from_secs(5));
-        acceptor.join().ok();
-        Ok(done as f64 / elapsed)
+        let server = SocketAddr::new(SERVER.parse()?, TCP_PORT);
+        let run = tcp_connects(
+            self.ns("bench/client"),
+            self.ns("bench/server"),
+            server,
+            &[server],
+            CLIENT.parse()?,
+            secs,
+        )
+        .context("the policy must allow the client")?;
+        Ok(run.rate())
     }
 
     /// Bytes per second of one established TCP stream.
@@ -473,6 +434,147 @@ impl Lab {
             .map_err(|_| anyhow::anyhow!("reader panicked"))??;
         Ok(total as f64 / start.elapsed().as_secs_f64())
     }
+}
+
+/// What one run of [`tcp_connects`] did.
+#[derive(Debug, Clone, Default)]
+pub struct Connects {
+    /// Connections the client opened (its handshake completed).
+    pub connected: u64,
+    /// Connections the server accepted (waited for up to 2 s after the
+    /// client stopped).
+    pub accepted: u64,
+    /// Accepted connections whose peer was not the client's address (a
+    /// masquerade where none should be).
+    pub foreign_peers: u64,
+    /// The server's side of every 256th accepted connection: the address
+    /// the connection really reached.
+    pub reached: Vec<SocketAddr>,
+    /// Seconds the client spent connecting.
+    pub secs: f64,
+}
+
+impl Connects {
+    /// Connections per second.
+    pub fn rate(&self) -> f64 {
+        self.connected as f64 / self.secs
+    }
+
+    /// Fails unless the server accepted (nearly) every connection the
+    /// client opened, each from the client's own address.
+    pub fn check(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.connected > 0 && self.accepted * 1000 >= self.connected * 999,
+            "the client opened {} connections but the server accepted {}",
+            self.connected,
+            self.accepted
+        );
+        anyhow::ensure!(
+            self.foreign_peers == 0,
+            "{} connections reached the server from another address than the client's",
+            self.foreign_peers
+        );
+        Ok(())
+    }
+}
+
+/// Opens TCP connections from `client` to `dsts` in turn for `secs`
+/// seconds, each reset at once (`SO_LINGER` 0: no TIME_WAIT, a new flow
+/// each), accepted in `server` by one listener bound to `listen` (a
+/// 4096-deep accept queue and an acceptor thread counting). Sockets are
+/// made in the client namespace in batches of 64 (a thread per batch)
+/// and connected from the calling thread. `client_ip` is the address the
+/// server should see.
+pub fn tcp_connects(
+    client: &Netns,
+    server: &Netns,
+    listen: SocketAddr,
+    dsts: &[SocketAddr],
+    client_ip: IpAddr,
+    secs: f64,
+) -> Result<Connects> {
+    anyhow::ensure!(!dsts.is_empty(), "no destinations");
+    // A deep accept queue: under load the acceptor may lag, and a full
+    // queue would drop SYNs (a one-second retransmit, not policy).
+    let listener: TcpListener = server
+        .run(|| -> std::io::Result<Socket> {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+            s.set_reuse_address(true)?;
+            s.bind(&listen.into())?;
+            s.listen(4096)?;
+            Ok(s)
+        })??
+        .into();
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let acceptor = {
+        let (stop, accepted) = (stop.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            let (mut foreign, mut reached) = (0u64, Vec::new());
+            loop {
+                let got = listener.accept();
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok((conn, peer)) = got {
+                    let k = accepted.fetch_add(1, Ordering::Relaxed);
+                    if peer.ip() != client_ip {
+                        foreign += 1;
+                    }
+                    if k % 256 == 0
+                        && let Ok(at) = conn.local_addr()
+                    {
+                        reached.push(at);
+                    }
+                }
+            }
+            (foreign, reached)
+        })
+    };
+    let start = Instant::now();
+    let mut done = 0u64;
+    let mut next = 0usize;
+    while start.elapsed().as_secs_f64() < secs {
+        let batch: Vec<Socket> = client.run(|| {
+            (0..64)
+                .map(|_| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))
+                .collect::<std::io::Result<Vec<_>>>()
+        })??;
+        for s in batch {
+            let dst = dsts[next];
+            next = (next + 1) % dsts.len();
+            s.set_linger(Some(Duration::ZERO))?;
+            s.connect_timeout(&dst.into(), Duration::from_secs(5))
+                .with_context(|| format!("connecting to {dst}"))?;
+            done += 1;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while accepted.load(Ordering::Relaxed) < done && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let accepted = accepted.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    // One more connection, from the server's own namespace, wakes the
+    // acceptor so it sees the stop flag.
+    let mut wake_at = listen;
+    if wake_at.ip().is_unspecified() {
+        wake_at.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let wake = server.run(|| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))??;
+    wake.set_linger(Some(Duration::ZERO))?;
+    let _ = wake.connect_timeout(&wake_at.into(), Duration::from_secs(5));
+    let (foreign_peers, reached) = acceptor
+        .join()
+        .map_err(|_| anyhow::anyhow!("acceptor panicked"))?;
+    Ok(Connects {
+        connected: done,
+        accepted,
+        foreign_peers,
+        reached,
+        secs: elapsed,
+    })
 }
 
 /// UDP datagrams that reached the UDP layer in a namespace (delivered, or

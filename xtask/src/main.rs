@@ -493,7 +493,7 @@ fn report(args: &[String]) -> Result<()> {
         Some((name, rest)) => (name.as_str(), rest),
         None => {
             bail!(
-                "usage: cargo xtask report <compiler|datapath|veth|agent|ipam|cni|services|service-packets> [-- ARGS]"
+                "usage: cargo xtask report <compiler|datapath|veth|agent|ipam|cni|services|service-packets|service-traffic> [-- ARGS]"
             )
         }
     };
@@ -506,9 +506,10 @@ fn report(args: &[String]) -> Result<()> {
         "cni" => "cni-report",
         "services" => "services-report",
         "service-packets" => "service-packet-report",
+        "service-traffic" => "service-traffic-report",
         other => {
             bail!(
-                "unknown report {other:?}: expected compiler, datapath, veth, agent, ipam, cni, services or service-packets"
+                "unknown report {other:?}: expected compiler, datapath, veth, agent, ipam, cni, services, service-packets or service-traffic"
             )
         }
     };
@@ -517,7 +518,7 @@ fn report(args: &[String]) -> Result<()> {
     }
     // The benches crate links the datapath, so every report builds the kernel programs.
     ensure_ebpf_tools()?;
-    if name == "veth" || name == "services" {
+    if matches!(name, "veth" | "services" | "service-traffic") {
         tools::ensure_debs(tools::VETH_REPORT_DEBS)?;
         tools::ensure_debs(tools::NFT_DEBS)?;
     }

@@ -10,76 +10,17 @@
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use palisade_benches::chart::{Series, line_chart};
-use palisade_services::topology::NodeTopology;
-use palisade_services::{Family, Objects, ProxyConfig, ServiceTable};
+use palisade_benches::chart::{line_chart, series_of};
+use palisade_benches::service_lab::{ENDPOINTS, endpoint, table, vip};
 use policy_bpf::datapath::{Datapath, Hook};
 use policy_bpf::lower::Capacity;
 use policy_core::flow::Flow;
 use policy_core::net::Protocol;
-use serde_json::{Value, json};
 
-const ENDPOINTS: usize = 10;
 const CONNECTIONS: u16 = 4000;
-
-fn vip(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(172, 30, (i / 250) as u8, (i % 250 + 1) as u8)
-}
-
-fn endpoint(i: usize, e: usize) -> Ipv4Addr {
-    let n = (i * 32 + e) as u32;
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + n)
-}
-
-fn docs(n: usize) -> Vec<Value> {
-    let mut out = Vec::with_capacity(2 * n);
-    for i in 0..n {
-        let name = format!("svc{i}");
-        out.push(json!({"apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": "bench"},
-            "spec": {"clusterIP": vip(i).to_string(),
-                     "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}));
-        let endpoints: Vec<Value> = (0..ENDPOINTS)
-            .map(|e| {
-                json!({"addresses": [endpoint(i, e).to_string()], "nodeName": "node-b",
-                            "conditions": {"ready": true}})
-            })
-            .collect();
-        out.push(
-            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": format!("{name}-1"), "namespace": "bench",
-                         "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4", "endpoints": endpoints,
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}),
-        );
-    }
-    out
-}
-
-fn table(n: usize) -> Result<ServiceTable> {
-    let config = ProxyConfig {
-        family: Family::V4,
-        node: NodeTopology {
-            name: "node-a".into(),
-            zone: None,
-            prefer_same_node: true,
-        },
-        node_ips: vec!["192.168.0.2".parse()?],
-        cluster_cidrs: vec!["10.0.0.0/8".parse()?],
-        service_cidrs: vec!["172.30.0.0/16".parse()?],
-        masquerade_all: false,
-        node_port_addresses: vec![],
-    };
-    let objects = Objects::from_documents(&docs(n))?;
-    Ok(ServiceTable::build(
-        config,
-        &objects.service_ports(Family::V4)?,
-    ))
-}
 
 fn syn(src_port: u16, dst: Ipv4Addr, port: u16, flags: u8) -> Vec<u8> {
     policy_bpf::packet::build_with(
@@ -246,15 +187,7 @@ fn main() -> Result<()> {
             r.established
         }),
     ];
-    let series: Vec<Series> = columns
-        .into_iter()
-        .map(|(name, color, dashed, f)| Series {
-            name: name.into(),
-            color,
-            dashed,
-            points: rows.iter().map(|r| (r.services as f64, f(r))).collect(),
-        })
-        .collect();
+    let series = series_of(&columns, &rows, |r| r.services as f64);
     let y_max = rows
         .iter()
         .flat_map(|r| [r.direct, r.new, r.established])
@@ -268,9 +201,6 @@ fn main() -> Result<()> {
         y_max,
         None,
     );
-    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
-    std::fs::write(docs.join("services-per-packet.md"), md)?;
-    std::fs::write(docs.join("services-per-packet.svg"), svg)?;
-    eprintln!("wrote docs/services-per-packet.md and .svg");
+    palisade_benches::write_docs("services-per-packet", &md, &svg)?;
     Ok(())
 }

@@ -17,17 +17,16 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use palisade_benches::chart::{Series, line_chart};
 use palisade_benches::kube_proxy::{
-    KpService, iptables_change, iptables_full, nft_change, nft_full,
+    iptables_change, iptables_full, kp_services, nft_change, nft_full,
 };
 use palisade_services::topology::NodeTopology;
-use palisade_services::{Family, FrontendKind, Objects, ProxyConfig, ServiceTable};
+use palisade_services::{Family, Objects, ProxyConfig, ServiceTable};
 use policy_bpf::services::{ServiceCapacity, ServiceEntries, lower_services};
 use serde_json::{Value, json};
 
@@ -124,31 +123,6 @@ fn diff(a: &ServiceEntries, b: &ServiceEntries) -> usize {
         .count()
         + a.backends.len().abs_diff(b.backends.len());
     fronts + svcs + backs
-}
-
-fn kp_services(table: &ServiceTable) -> Vec<KpService> {
-    let mut out: Vec<KpService> = table
-        .services
-        .iter()
-        .map(|b| KpService {
-            name: b.name.to_string(),
-            protocol: "tcp",
-            cluster_ip: "0.0.0.0".parse().expect("ip"),
-            port: 0,
-            node_port: None,
-            endpoints: b.cluster.clone(),
-        })
-        .collect();
-    for ((ip, _, port), (kind, idx)) in &table.frontends {
-        if *kind == FrontendKind::ClusterIp {
-            out[*idx].cluster_ip = *ip;
-            out[*idx].port = *port;
-        }
-    }
-    for ((_, port), idx) in &table.node_ports {
-        out[*idx].node_port = Some(*port);
-    }
-    out
 }
 
 fn sh(args: &[&str], stdin: &str) -> Result<Duration> {
@@ -328,13 +302,7 @@ fn main() -> Result<()> {
         );
         rows.push(row);
     }
-    let version = |tool: &str| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
+    let version = palisade_benches::tool_version;
     let versions = format!("Tools: {}; {}.\n\n", version("iptables"), version("nft"));
     let mut md = String::from(
         "# Services: the control plane against kube-proxy's rules\n\n\
@@ -438,9 +406,6 @@ fn main() -> Result<()> {
         y_max,
         None,
     );
-    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
-    std::fs::write(docs.join("services-control-plane.md"), md)?;
-    std::fs::write(docs.join("services-control-plane.svg"), svg)?;
-    eprintln!("wrote docs/services-control-plane.md and .svg");
+    palisade_benches::write_docs("services-control-plane", &md, &svg)?;
     Ok(())
 }

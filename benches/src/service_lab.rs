@@ -1,0 +1,348 @@
+//! Services for the service reports: N ClusterIP Services of
+//! [`ENDPOINTS`] endpoints each (the manifests and the node's
+//! [`ServiceTable`] built from them), and a node that balances them with
+//! real traffic ([`ServiceLab`]): a client pod and a server pod over veths
+//! ([`palisade_testing::netns::Topology`]), every endpoint address an
+//! address of the server pod, and one of four balancers on the node:
+//! none (the client connects to the endpoints directly), Palisade's
+//! service program on the host veths, or kube-proxy's rules for the same
+//! Services in its iptables or nftables mode ([`crate::kube_proxy`]).
+//!
+//! ```
+//! use palisade_benches::service_lab::{ENDPOINTS, endpoint, table, vip};
+//! let t = table(3).unwrap();
+//! assert_eq!(t.services.len(), 3);
+//! assert_eq!(t.services[0].cluster.len(), ENDPOINTS);
+//! assert_eq!(vip(0).to_string(), "172.30.0.1");
+//! assert_eq!(endpoint(1, 2).to_string(), "10.64.0.34");
+//! ```
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use anyhow::{Context, Result};
+use palisade_services::topology::NodeTopology;
+use palisade_services::{Family, Objects, ProxyConfig, ServiceTable};
+use palisade_testing::netns::{Netns, Topology, ip_batch};
+use policy_bpf::datapath::Datapath;
+use policy_bpf::lower::Capacity;
+use policy_bpf::services::ServiceCapacity;
+use policy_bpf_common::Statistic;
+use policy_core::model::EndpointKey;
+use serde_json::{Value, json};
+
+use crate::dataplane::{CLIENT, SERVER};
+use crate::kube_proxy::{iptables_full, kp_services, nft_full};
+use crate::veth::{Connects, raise_conntrack_limit, run_in, tcp_connects};
+
+/// Endpoints per Service.
+pub const ENDPOINTS: usize = 10;
+/// The Services' port.
+pub const SERVICE_PORT: u16 = 80;
+/// The endpoints' port.
+pub const TARGET_PORT: u16 = 8080;
+/// The cluster's pod addresses: the client's is one, so its connections
+/// to a Service are not masqueraded (pod to Service), by any balancer.
+pub const CLUSTER_CIDR: &str = "10.0.0.0/8";
+/// Every endpoint address ([`endpoint`]) of up to [`MAX_SERVICES`]
+/// Services.
+pub const ENDPOINT_RANGE: &str = "10.64.0.0/13";
+/// The most Services whose endpoints fit [`ENDPOINT_RANGE`].
+pub const MAX_SERVICES: usize = 1 << 14;
+
+/// Service `i`'s ClusterIP (172.30.0.0/16).
+pub fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(172, 30, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+
+/// Service `i`'s endpoint `e`: 10.64.0.0 + 32 i + e.
+pub fn endpoint(i: usize, e: usize) -> Ipv4Addr {
+    let n = (i * 32 + e) as u32;
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + n)
+}
+
+/// The manifests of `n` Services (`bench/svc<i>`, port 80/TCP named
+/// `http`) with an EndpointSlice each: [`ENDPOINTS`] ready endpoints on
+/// another node, target port 8080.
+pub fn docs(n: usize) -> Vec<Value> {
+    assert!(n <= MAX_SERVICES, "at most {MAX_SERVICES} Services");
+    let mut out = Vec::with_capacity(2 * n);
+    for i in 0..n {
+        let name = format!("svc{i}");
+        out.push(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "bench"},
+            "spec": {"clusterIP": vip(i).to_string(),
+                     "ports": [{"name": "http", "port": SERVICE_PORT, "protocol": "TCP"}]}}));
+        let endpoints: Vec<Value> = (0..ENDPOINTS)
+            .map(|e| {
+                json!({"addresses": [endpoint(i, e).to_string()], "nodeName": "node-b",
+                            "conditions": {"ready": true}})
+            })
+            .collect();
+        out.push(
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{name}-1"), "namespace": "bench",
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "endpoints": endpoints,
+            "ports": [{"name": "http", "port": TARGET_PORT, "protocol": "TCP"}]}),
+        );
+    }
+    out
+}
+
+/// The node's proxy configuration (node `node-a`, [`CLUSTER_CIDR`]).
+pub fn config() -> Result<ProxyConfig> {
+    Ok(ProxyConfig {
+        family: Family::V4,
+        node: NodeTopology {
+            name: "node-a".into(),
+            zone: None,
+            prefer_same_node: true,
+        },
+        node_ips: vec!["192.168.0.2".parse()?],
+        cluster_cidrs: vec![CLUSTER_CIDR.parse()?],
+        service_cidrs: vec!["172.30.0.0/16".parse()?],
+        masquerade_all: false,
+        node_port_addresses: vec![],
+    })
+}
+
+/// The node's service table for [`docs`]`(n)`.
+pub fn table(n: usize) -> Result<ServiceTable> {
+    let objects = Objects::from_documents(&docs(n))?;
+    Ok(ServiceTable::build(
+        config()?,
+        &objects.service_ports(Family::V4)?,
+    ))
+}
+
+/// What balances the Services on the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balancer {
+    /// Nothing: no rules, no programs; the client connects to the
+    /// endpoints' addresses (the baseline).
+    Direct,
+    /// Palisade's service program at the TC ingress of both host veths
+    /// (no policy program: it applies both halves of the NAT).
+    Palisade,
+    /// kube-proxy's iptables-mode rules (`iptables-restore`).
+    Iptables,
+    /// kube-proxy's nftables-mode rules (`nft -f`).
+    Nftables,
+}
+
+impl Balancer {
+    /// Every balancer, the baseline first.
+    pub const ALL: [Balancer; 4] = [
+        Balancer::Direct,
+        Balancer::Palisade,
+        Balancer::Iptables,
+        Balancer::Nftables,
+    ];
+
+    /// Name for tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Balancer::Direct => "direct",
+            Balancer::Palisade => "palisade",
+            Balancer::Iptables => "iptables",
+            Balancer::Nftables => "nftables",
+        }
+    }
+}
+
+/// Palisade's NAT entries: two per connection, room for every connection
+/// a lab makes in a report (as the kernel's conntrack limit is raised for
+/// the rule-based labs), so the LRU never evicts.
+pub const NAT_ENTRIES: usize = 2_097_152;
+
+/// One run of [`ServiceLab::connects`].
+#[derive(Debug, Clone, Default)]
+pub struct ServiceRun {
+    /// The client's connections and the server's accepts.
+    pub connects: Connects,
+    /// Connections Palisade translated (its `ServiceNat` statistic; 0
+    /// for the other balancers).
+    pub translated: u64,
+    /// Connections Palisade translated without room to record them
+    /// (`ServiceNatFull`; 0 in a fair run).
+    pub nat_full: u64,
+}
+
+/// A node with a client pod, a server pod holding every endpoint address,
+/// and one balancer for N Services.
+#[derive(Debug)]
+pub struct ServiceLab {
+    balancer: Balancer,
+    // Drop order: the datapath before the namespaces.
+    datapath: Option<Datapath>,
+    topo: Topology,
+    /// Where the client connects, in turn: the ClusterIPs, or for
+    /// [`Balancer::Direct`] the endpoints.
+    targets: Vec<SocketAddr>,
+    /// Every endpoint.
+    backends: HashSet<SocketAddr>,
+    /// Connections made so far (Palisade's NAT must hold them all).
+    made: std::cell::Cell<u64>,
+}
+
+fn key(s: &str) -> EndpointKey {
+    s.parse().expect("endpoint key")
+}
+
+impl ServiceLab {
+    /// Builds the namespaces and programs `table`'s Services with
+    /// `balancer`. Loading kube-proxy's rules for 10k Services takes tens
+    /// of seconds (iptables) to minutes (nftables).
+    pub fn new(balancer: Balancer, table: &ServiceTable) -> Result<ServiceLab> {
+        let pods = vec![
+            (key("bench/client"), vec![CLIENT.parse()?]),
+            (key("bench/server"), vec![SERVER.parse()?]),
+        ];
+        let topo = Topology::build(&pods)?;
+        let server = topo.pod(&key("bench/server")).context("server")?;
+        // Every endpoint is the server pod's (AnyIP), and the node routes
+        // them to it; the client reaches the ClusterIPs by its default
+        // route through the node.
+        ip_batch(
+            Some(server.ns.name()),
+            &[format!("route add local {ENDPOINT_RANGE} dev lo")],
+        )?;
+        ip_batch(
+            Some(topo.node().name()),
+            &[format!(
+                "route add {ENDPOINT_RANGE} via {SERVER} dev {}",
+                server.host_if
+            )],
+        )?;
+        let services = kp_services(table);
+        let backends: HashSet<SocketAddr> = services
+            .iter()
+            .flat_map(|s| s.endpoints.iter().copied())
+            .collect();
+        let targets: Vec<SocketAddr> = match balancer {
+            // Round robin over the Services, then over their endpoints.
+            Balancer::Direct => (0..ENDPOINTS)
+                .flat_map(|e| services.iter().filter_map(move |s| s.endpoints.get(e)))
+                .copied()
+                .collect(),
+            _ => services
+                .iter()
+                .map(|s| SocketAddr::new(s.cluster_ip, s.port))
+                .collect(),
+        };
+        anyhow::ensure!(!targets.is_empty(), "no Services");
+        let datapath = match balancer {
+            Balancer::Direct => None,
+            Balancer::Palisade => {
+                let cap = Capacity {
+                    services: ServiceCapacity {
+                        nat: NAT_ENTRIES,
+                        ..ServiceCapacity::default()
+                    },
+                    ..Capacity::default()
+                };
+                let mut dp = Datapath::load_private(cap)?;
+                dp.set_services(table)?;
+                let ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
+                topo.node()
+                    .run(|| ifaces.iter().try_for_each(|i| dp.attach_service(i)))??;
+                Some(dp)
+            }
+            Balancer::Iptables => {
+                let rules = iptables_full(&services, CLUSTER_CIDR);
+                run_in(topo.node(), "iptables-restore", &[], &rules)?;
+                // The rules loaded nf_conntrack; now its limit exists.
+                raise_conntrack_limit()?;
+                None
+            }
+            Balancer::Nftables => {
+                let rules = nft_full(&services, CLUSTER_CIDR);
+                run_in(topo.node(), "nft", &["-f", "-"], &rules)?;
+                raise_conntrack_limit()?;
+                None
+            }
+        };
+        Ok(ServiceLab {
+            balancer,
+            datapath,
+            topo,
+            targets,
+            backends,
+            made: std::cell::Cell::new(0),
+        })
+    }
+
+    /// The balancer.
+    pub fn balancer(&self) -> Balancer {
+        self.balancer
+    }
+
+    /// The names of the lab's namespaces (to check they are gone after).
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut names = vec![self.topo.node().name().to_string()];
+        names.extend(self.topo.pods().iter().map(|p| p.ns.name().to_string()));
+        names
+    }
+
+    fn ns(&self, k: &str) -> &Netns {
+        &self.topo.pod(&key(k)).expect("pod").ns
+    }
+
+    fn stat(&self, s: Statistic) -> Result<u64> {
+        match &self.datapath {
+            Some(dp) => Ok(dp.stats()?[s as usize]),
+            None => Ok(0),
+        }
+    }
+
+    /// TCP connections for `secs` seconds from the client to the targets
+    /// in turn (each opened and reset), checked: the server accepted them
+    /// all, from the client's own address, at endpoint addresses (so each
+    /// really went through the balancer to a backend); Palisade recorded
+    /// every translation.
+    pub fn connects(&self, secs: f64) -> Result<ServiceRun> {
+        let (translated, nat_full) = (
+            self.stat(Statistic::ServiceNat)?,
+            self.stat(Statistic::ServiceNatFull)?,
+        );
+        let connects = tcp_connects(
+            self.ns("bench/client"),
+            self.ns("bench/server"),
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), TARGET_PORT),
+            &self.targets,
+            IpAddr::V4(CLIENT.parse()?),
+            secs,
+        )?;
+        let run = ServiceRun {
+            translated: self.stat(Statistic::ServiceNat)? - translated,
+            nat_full: self.stat(Statistic::ServiceNatFull)? - nat_full,
+            connects,
+        };
+        let name = self.balancer.name();
+        run.connects.check().context(name)?;
+        if let Some(stray) = run
+            .connects
+            .reached
+            .iter()
+            .find(|a| !self.backends.contains(a))
+        {
+            anyhow::bail!("{name}: a connection reached {stray}, not an endpoint");
+        }
+        self.made.set(self.made.get() + run.connects.connected);
+        if self.balancer == Balancer::Palisade {
+            anyhow::ensure!(
+                run.nat_full == 0 && self.made.get() * 2 <= NAT_ENTRIES as u64,
+                "palisade: the NAT table filled ({} connections not recorded, {} made of room for {})",
+                run.nat_full,
+                self.made.get(),
+                NAT_ENTRIES / 2
+            );
+            anyhow::ensure!(
+                run.translated > 0,
+                "palisade: the service program translated no connection"
+            );
+        }
+        Ok(run)
+    }
+}
