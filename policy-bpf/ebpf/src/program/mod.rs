@@ -36,6 +36,7 @@ mod maps;
 mod packet;
 mod report;
 mod service;
+mod sock;
 mod walk;
 use conntrack::*;
 use delivery::*;
