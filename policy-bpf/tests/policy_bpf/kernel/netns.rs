@@ -345,6 +345,32 @@ fn restart_keeps_established_connections() {
     let _ = std::fs::remove_dir_all(&pin);
 }
 
+/// The example node with `service` (named `api`, backed by
+/// shop-backend/api at 10.10.2.10:8080) on every interface, and a
+/// listener on that backend.
+fn example_with_service(service: serde_json::Value) -> (ExampleNode, TcpListener) {
+    use super::services::{slice, table};
+    let mut node = ExampleNode::up(Datapath::load_private(Capacity::verification()).unwrap());
+    node.dp
+        .set_services(&table(&[service, slice("api", &["10.10.2.10"])]))
+        .unwrap();
+    let (dp, ifaces) = (&mut node.dp, &node.ifaces);
+    node.topo
+        .node()
+        .run(|| ifaces.iter().try_for_each(|i| dp.attach_service(i)))
+        .unwrap()
+        .unwrap();
+    let listener = node
+        .topo
+        .pod(&key("shop-backend/api"))
+        .unwrap()
+        .ns
+        .run(|| TcpListener::bind("10.10.2.10:8080"))
+        .unwrap()
+        .unwrap();
+    (node, listener)
+}
+
 /// Policy after NAT, Calico's way, with real connections: on the example
 /// node with its zero-trust policy, a Service whose backend is `api`.
 /// `web` (allowed to api:8080) reaches it through the ClusterIP and gets
@@ -356,30 +382,11 @@ fn policy_judges_the_backend_of_a_cluster_ip_connection() {
     if !privileged() {
         return;
     }
-    let ExampleNode {
-        topo,
-        mut dp,
-        ifaces,
-        ..
-    } = ExampleNode::up(Datapath::load_private(Capacity::verification()).unwrap());
-    use super::services::{service, slice, sock, table};
-    dp.set_services(&table(&[
-        service("api", "172.30.0.10", false),
-        slice("api", &["10.10.2.10"]),
-    ]))
-    .unwrap();
-    topo.node()
-        .run(|| ifaces.iter().try_for_each(|i| dp.attach_service(i)))
-        .unwrap()
-        .unwrap();
+    use super::services::{service, sock};
+    let (ExampleNode { topo, dp, .. }, listener) =
+        example_with_service(service("api", "172.30.0.10", false));
     let web = topo.pod(&key("shop-frontend/web")).unwrap();
-    let api = topo.pod(&key("shop-backend/api")).unwrap();
     let analytics = topo.pod(&key("analytics/reporting")).unwrap();
-    let listener = api
-        .ns
-        .run(|| TcpListener::bind("10.10.2.10:8080"))
-        .unwrap()
-        .unwrap();
     let vip = sock("172.30.0.10", 80);
     let mut client = web
         .ns
@@ -422,31 +429,15 @@ fn masqueraded_connections_are_judged_before_their_snat() {
     if !privileged() {
         return;
     }
-    let ExampleNode {
-        topo,
-        mut dp,
-        ifaces,
-        ..
-    } = ExampleNode::up(Datapath::load_private(Capacity::verification()).unwrap());
-    use super::services::{slice, sock, table};
+    use super::services::sock;
     let node_port = serde_json::json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "api", "namespace": "default"},
         "spec": {"type": "NodePort", "clusterIP": "172.30.0.10",
                  "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30080}]}});
-    dp.set_services(&table(&[node_port, slice("api", &["10.10.2.10"])]))
-        .unwrap();
-    topo.node()
-        .run(|| ifaces.iter().try_for_each(|i| dp.attach_service(i)))
-        .unwrap()
-        .unwrap();
+    // The datapath bound for the test's length: dropped, it would detach.
+    let (ExampleNode { topo, dp: _dp, .. }, listener) = example_with_service(node_port);
     let web = topo.pod(&key("shop-frontend/web")).unwrap();
-    let api = topo.pod(&key("shop-backend/api")).unwrap();
     let analytics = topo.pod(&key("analytics/reporting")).unwrap();
-    let listener = api
-        .ns
-        .run(|| TcpListener::bind("10.10.2.10:8080"))
-        .unwrap()
-        .unwrap();
     let frontend = sock("192.168.0.2", 30080);
     let mut client = web
         .ns
