@@ -160,3 +160,16 @@ pub fn tool_version(tool: &str) -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
 }
+
+/// `--sizes N,N,...` from a report's arguments, or `default`.
+pub fn sizes_arg(args: &[String], default: &[usize]) -> anyhow::Result<Vec<usize>> {
+    match args.iter().position(|a| a == "--sizes") {
+        Some(i) => {
+            let list = args
+                .get(i + 1)
+                .ok_or_else(|| anyhow::anyhow!("--sizes N,N,..."))?;
+            Ok(list.split(',').map(str::parse).collect::<Result<_, _>>()?)
+        }
+        None => Ok(default.to_vec()),
+    }
+}

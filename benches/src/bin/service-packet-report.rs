@@ -113,15 +113,7 @@ impl Size {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let sizes: Vec<usize> = match args.iter().position(|a| a == "--sizes") {
-        Some(i) => args
-            .get(i + 1)
-            .context("--sizes N,N,...")?
-            .split(',')
-            .map(str::parse)
-            .collect::<Result<_, _>>()?,
-        None => vec![10, 1_000, 10_000],
-    };
+    let sizes = palisade_benches::sizes_arg(&args, &[10, 1_000, 10_000])?;
     let mut loaded = Vec::new();
     for n in &sizes {
         eprintln!("service packets: loading {n} Services x {ENDPOINTS} endpoints ...");

@@ -283,15 +283,7 @@ fn measure(n: usize, full_runs: usize, changes: usize) -> Result<Row> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let sizes: Vec<usize> = match args.iter().position(|a| a == "--sizes") {
-        Some(i) => args
-            .get(i + 1)
-            .context("--sizes N,N,...")?
-            .split(',')
-            .map(str::parse)
-            .collect::<Result<_, _>>()?,
-        None => vec![100, 1_000, 10_000],
-    };
+    let sizes = palisade_benches::sizes_arg(&args, &[100, 1_000, 10_000])?;
     let mut rows = Vec::new();
     for n in &sizes {
         eprintln!("services report: {n} Services x {ENDPOINTS} endpoints ...");
