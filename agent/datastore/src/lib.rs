@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | [`EmbeddedStore`] | one node: a state directory | an append-only log, fsynced per apply, followed with inotify ([`Watch`]) |
 //! | [`EtcdStore`] | several nodes: Calico's etcdv3 key layout | etcd watches ([`EtcdWatch`]), resumed from their revision |
-//! | Kubernetes API (its own issue) | a real cluster | list + watch |
+//! | [`KubeStore`] | a real cluster: Calico's Kubernetes datastore (read-only) | list + watch per kind ([`KubeWatch`]), resumed from each kind's resourceVersion |
 //!
 //! IPAM's compare-and-swap records (`palisade_ipam::store::IpamStore`) have
 //! stores of their own in [`ipam`]: [`EmbeddedIpamStore`] (one redb file a
@@ -47,6 +47,7 @@ mod embedded;
 mod etcd;
 pub mod ipam;
 pub mod kinds;
+pub mod kubernetes;
 mod node_view;
 mod plan;
 pub mod resources;
@@ -59,6 +60,7 @@ pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdConfig, EtcdStore, EtcdWatch, PREFIXES};
 pub use ipam::{EmbeddedIpamStore, EtcdIpamStore, SystemEnv};
 pub use kinds::{KINDS, KindInfo, kind_named};
+pub use kubernetes::{KubeClient, KubeOptions, KubeStore, KubeWatch};
 pub use node_view::{NodeView, Rejected, Step};
 pub use validate::validate_apply;
 pub use watch::Watch;

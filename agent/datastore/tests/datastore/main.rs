@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 mod etcd;
 mod ipam;
+mod kubernetes;
 
 use palisade_datastore::{Datastore, EmbeddedStore, Follower, StoreChange, StoreError, kind_named};
 use policy_core::ObjectRef;
