@@ -121,6 +121,10 @@ pub fn open_ipam_store(args: &StoreArgs) -> Result<Box<dyn IpamStore>> {
             EtcdIpamStore::connect(&args.etcd())
                 .with_context(|| format!("connecting to {}", args.describe()))?,
         ),
+        DatastoreKind::Kubernetes => bail!(
+            "IPAM records on the Kubernetes datastore (Calico's IPAMBlock, BlockAffinity and IPAMHandle) are not supported yet: \
+             allocate from etcd or the embedded store (--datastore etcd|embedded)"
+        ),
     })
 }
 
@@ -134,6 +138,7 @@ pub fn cluster_of(args: &StoreArgs) -> Result<(Cluster, Live)> {
         DatastoreKind::Etcd => EtcdStore::connect(&args.etcd())
             .with_context(|| format!("connecting to {}", args.describe()))?
             .snapshot(),
+        DatastoreKind::Kubernetes => args.kubernetes()?.snapshot(),
     }
     .with_context(|| format!("reading {}", args.describe()))?;
     let cluster = resources::cluster(&snapshot.objects);

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use palisade_datastore::{
-    Datastore, EmbeddedStore, EtcdConfig, EtcdStore, StoreError, StoredObject, Written, kind_named,
+    Datastore, EmbeddedStore, EtcdConfig, EtcdStore, KubeClient, KubeOptions, KubeStore,
+    StoreError, StoredObject, Written, kind_named,
 };
 use policy_core::ObjectRef;
 
@@ -14,7 +15,8 @@ use crate::load::collect_files;
 /// Which datastore, and where (the etcd flags read calicoctl's variables).
 #[derive(Args, Debug, Clone)]
 pub struct StoreArgs {
-    /// The datastore: `embedded` (a state directory on this node) or `etcd`.
+    /// The datastore: `embedded` (a state directory on this node), `etcd`,
+    /// or `kubernetes` (the cluster's API, read-only).
     #[arg(
         long,
         value_enum,
@@ -42,6 +44,10 @@ pub struct StoreArgs {
     /// The client certificate's key (PEM).
     #[arg(long, env = "ETCD_KEY_FILE")]
     pub etcd_key_file: Option<PathBuf>,
+    /// kubeconfig of the Kubernetes datastore (default: the in-cluster
+    /// ServiceAccount, else `~/.kube/config`).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl StoreArgs {
@@ -60,7 +66,22 @@ impl StoreArgs {
         match self.datastore {
             DatastoreKind::Embedded => format!("embedded {}", self.state_dir.display()),
             DatastoreKind::Etcd => format!("etcd {}", self.etcd_endpoints.join(",")),
+            DatastoreKind::Kubernetes => match &self.kubeconfig {
+                Some(path) => format!("kubernetes ({})", path.display()),
+                None => "kubernetes (in-cluster or ~/.kube/config)".into(),
+            },
         }
+    }
+
+    /// The Kubernetes datastore the flags describe, started (its watches
+    /// run until the last handle goes).
+    pub fn kubernetes(&self) -> Result<KubeStore> {
+        let client = match &self.kubeconfig {
+            Some(path) => KubeClient::Kubeconfig(path.clone()),
+            None => KubeClient::Infer,
+        };
+        KubeStore::start(client, KubeOptions::default())
+            .with_context(|| format!("starting {}", self.describe()))
     }
 }
 
@@ -71,6 +92,9 @@ pub enum DatastoreKind {
     Embedded,
     /// etcd v3, in Calico's key layout (several nodes).
     Etcd,
+    /// A cluster's API server, as Calico's Kubernetes datastore (read-only:
+    /// objects are written with kubectl).
+    Kubernetes,
 }
 
 /// `get` output formats.
@@ -97,6 +121,7 @@ pub(crate) fn open(args: &StoreArgs) -> Result<Box<dyn Datastore>> {
             EtcdStore::connect(&args.etcd())
                 .with_context(|| format!("connecting to {}", args.describe()))?,
         ),
+        DatastoreKind::Kubernetes => Box::new(args.kubernetes()?),
     })
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use palisade_datastore::{
-    Datastore, EmbeddedStore, EtcdStore, Follower, Revision, StoreError, Watch,
+    Datastore, EmbeddedStore, EtcdStore, Follower, KubeStore, Revision, StoreError, Watch,
 };
 
 use super::{AgentArgs, Input};
@@ -19,6 +19,12 @@ use crate::store_cmd::DatastoreKind;
 /// again only when the datastore no longer has the changes after it.
 pub(super) fn spawn_watcher(args: &AgentArgs, tx: Sender<Input>) -> Result<()> {
     let store = args.store.clone();
+    // One set of Kubernetes watches for the agent's life: a reconnect
+    // follows them again rather than starting new ones.
+    let kubernetes = match store.datastore {
+        DatastoreKind::Kubernetes => Some(store.kubernetes()?),
+        _ => None,
+    };
     std::thread::Builder::new()
         .name("watcher".into())
         .spawn(move || match store.datastore {
@@ -31,6 +37,11 @@ pub(super) fn spawn_watcher(args: &AgentArgs, tx: Sender<Input>) -> Result<()> {
                 &tx,
                 || Ok(EtcdStore::connect(&store.etcd())?),
                 |s, after| Ok(s.watch(after)?),
+            ),
+            DatastoreKind::Kubernetes => watch_loop(
+                &tx,
+                || kubernetes.clone().context("the Kubernetes datastore"),
+                |s: &KubeStore, after| Ok(s.watch(after)?),
             ),
         })
         .context("starting the watcher thread")?;

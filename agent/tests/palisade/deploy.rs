@@ -115,3 +115,93 @@ fn the_systemd_unit_runs_the_agent_with_flags_it_has() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+fn yaml_documents(path: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(repo().join(path)).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
+/// deploy/kubernetes: the DaemonSet runs the agent with flags it has, on
+/// the ServiceAccount the RBAC binds, with every path a flag names on a
+/// mounted host path; its probes hit the metrics address; the CNI
+/// configuration it installs is one palisade-cni accepts. (The RBAC rules
+/// and CRDs are checked against the store's calls in palisade-datastore.)
+#[test]
+fn the_daemonset_runs_the_agent_with_flags_it_has_on_the_bound_account() {
+    let docs = yaml_documents("deploy/kubernetes/daemonset.yaml");
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    let rbac = yaml_documents("deploy/kubernetes/rbac.yaml");
+    let account = rbac
+        .iter()
+        .find(|d| d["kind"] == "ServiceAccount")
+        .unwrap();
+    assert_eq!(pod["serviceAccountName"], account["metadata"]["name"]);
+    assert_eq!(ds["metadata"]["namespace"], account["metadata"]["namespace"]);
+
+    let agent = &pod["containers"][0];
+    let words: Vec<&str> = agent["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert!(words[0].ends_with("/palisade") && words[1] == "agent", "{words:?}");
+    let help = agent_help();
+    let mut flags = BTreeMap::new();
+    for pair in words[2..].chunks(2) {
+        let [flag, value] = pair else {
+            panic!("{pair:?} has no value")
+        };
+        assert!(help.contains(&format!("{flag} <")), "palisade agent has no {flag}");
+        flags.insert(*flag, *value);
+    }
+    assert_eq!(flags["--datastore"], "kubernetes");
+    assert!(help.contains("kubernetes"), "a datastore value it takes");
+    // $(VAR) in the command names a variable the container defines.
+    let env: Vec<&str> = agent["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(flags["--node"], "$(NODE_NAME)");
+    assert!(env.contains(&"NODE_NAME"));
+    // The probes hit the metrics address.
+    let port: u64 = flags["--metrics-addr"].rsplit(':').next().unwrap().parse().unwrap();
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(agent[probe]["httpGet"]["port"], port, "{probe}");
+    }
+    assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/readyz");
+    // Every path a flag names lies on a mount from the host.
+    let mounts: Vec<&str> = agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    for flag in ["--pin-path", "--connect-hooks-cgroup"] {
+        assert!(
+            mounts.iter().any(|m| flags[flag].starts_with(m)),
+            "{flag} {} is not mounted: {mounts:?}",
+            flags[flag]
+        );
+    }
+    // The installed CNI configuration is one the plugin accepts, installed
+    // where the runtime reads it, naming the binary installed beside it.
+    let config = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let (file, conflist) = config["data"].as_object().unwrap().iter().next().unwrap();
+    let conflist: serde_json::Value = serde_json::from_str(conflist.as_str().unwrap()).unwrap();
+    let plugin = &conflist["plugins"][0];
+    assert_eq!(plugin["type"], "palisade-cni");
+    let mut net = plugin.clone();
+    net["cniVersion"] = conflist["cniVersion"].clone();
+    net["name"] = conflist["name"].clone();
+    palisade_cni::spec::NetConf::parse(net.to_string().as_bytes()).unwrap();
+    let install = pod["initContainers"][0]["args"][0].as_str().unwrap();
+    assert!(install.contains(&format!("/host/etc/cni/net.d/{file}")), "{install}");
+    assert!(install.contains("/host/opt/cni/bin/palisade-cni"), "{install}");
+}

@@ -195,6 +195,22 @@ impl MockApi {
         Feed { tx }
     }
 
+    /// The first request `matches` accepts, waiting up to 10 s for it.
+    pub fn wait_for(&self, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(r) = self.requests().into_iter().find(|r| matches(r)) {
+                return r;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no such request: {:?}",
+                self.requests()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// Every request so far (path and query).
     pub fn requests(&self) -> Vec<String> {
         self.script.lock().unwrap().requests.clone()

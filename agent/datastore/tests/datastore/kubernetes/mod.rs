@@ -282,12 +282,10 @@ fn a_listed_cluster_is_enforced_and_follows_relabels_policies_and_namespace_dele
             .any(|r| r.starts_with(PODS) && r.contains("continue=page-2")),
         "the second page was asked for: {requests:?}"
     );
+    let watched = api.wait_for(|r| r.starts_with(PODS) && r.contains("watch=true"));
     assert!(
-        requests.iter().any(|r| r.starts_with(PODS)
-            && r.contains("watch=true")
-            && r.contains("resourceVersion=100")
-            && r.contains("allowWatchBookmarks=true")),
-        "the watch starts at the listing's version, with bookmarks: {requests:?}"
+        watched.contains("resourceVersion=100") && watched.contains("allowWatchBookmarks=true"),
+        "the watch starts at the listing's version, with bookmarks: {watched}"
     );
 
     // A pod relabelled: it no longer matches the policy's source.
@@ -459,14 +457,14 @@ fn a_410_lists_again_and_leaves_exactly_the_listed_state() {
         ["db-from-frontend"],
         "exactly the listed policies"
     );
-    let watches: Vec<String> = api
-        .requests()
-        .into_iter()
-        .filter(|r| r.starts_with(K8S_POLICIES) && r.contains("watch=true"))
-        .collect();
+    let rewatched = api.wait_for(|r| {
+        r.starts_with(K8S_POLICIES)
+            && r.contains("watch=true")
+            && !r.contains("resourceVersion=100")
+    });
     assert!(
-        watches[1].contains("resourceVersion=300"),
-        "watching from the new listing: {watches:?}"
+        rewatched.contains("resourceVersion=300"),
+        "watching from the new listing: {rewatched}"
     );
     second.event("DELETED", db_policy("db-from-frontend", json!({}), "301"));
     node.until(&mut watch, "the delete after the re-list", |n| {
@@ -576,4 +574,116 @@ fn the_store_is_read_only_and_says_where_writes_go() {
         )
         .unwrap_err();
     assert!(e.to_string().contains("kubectl apply"), "{e}");
+}
+
+/// `(group, resource, verb)` of an API request the store made.
+fn call_of(request: &str) -> (String, String, String) {
+    let (path, query) = request.split_once('?').unwrap_or((request, ""));
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, resource) = match parts.as_slice() {
+        ["api", _version, resource] => ("", *resource),
+        ["apis", group, _version, resource] => (*group, *resource),
+        other => panic!("an unexpected path: {other:?}"),
+    };
+    let verb = if query.split('&').any(|p| p == "watch=true") {
+        "watch"
+    } else {
+        "list"
+    };
+    (group.into(), resource.into(), verb.into())
+}
+
+fn deployed(file: &str) -> Vec<Value> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/kubernetes")
+        .join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
+/// The ClusterRole grants exactly the calls the store makes (watched from
+/// the replaying server), and the CRDs define exactly the Calico kinds it
+/// reads, with the scope the datastore gives them.
+#[test]
+fn the_deployed_rbac_and_crds_match_what_the_store_reads() {
+    use std::collections::BTreeSet;
+    let api = MockApi::default();
+    let store = start(&api);
+    store.snapshot().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let calls = loop {
+        let calls: BTreeSet<(String, String, String)> =
+            api.requests().iter().map(|r| call_of(r)).collect();
+        if calls.iter().filter(|c| c.2 == "watch").count()
+            == palisade_datastore::kubernetes::API_KINDS.len()
+        {
+            break calls;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every kind is watched: {calls:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+
+    let docs = deployed("rbac.yaml");
+    let role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for group in rule["apiGroups"].as_array().unwrap() {
+            for resource in rule["resources"].as_array().unwrap() {
+                for verb in rule["verbs"].as_array().unwrap() {
+                    granted.insert((
+                        group.as_str().unwrap().to_string(),
+                        resource.as_str().unwrap().to_string(),
+                        verb.as_str().unwrap().to_string(),
+                    ));
+                }
+            }
+        }
+    }
+    assert_eq!(
+        granted.difference(&calls).collect::<Vec<_>>(),
+        Vec::<&(String, String, String)>::new(),
+        "granted but never called"
+    );
+    assert_eq!(
+        calls.difference(&granted).collect::<Vec<_>>(),
+        Vec::<&(String, String, String)>::new(),
+        "called but not granted"
+    );
+    let binding = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRoleBinding")
+        .unwrap();
+    let account = docs.iter().find(|d| d["kind"] == "ServiceAccount").unwrap();
+    assert_eq!(binding["subjects"][0]["name"], account["metadata"]["name"]);
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+
+    let crds = deployed("crds.yaml");
+    let read: BTreeSet<(String, String, bool)> = palisade_datastore::kubernetes::API_KINDS
+        .iter()
+        .filter(|k| k.group == "crd.projectcalico.org")
+        .map(|k| {
+            let namespaced = palisade_datastore::kind_named(k.stored_as)
+                .unwrap()
+                .namespaced;
+            (k.plural.to_string(), k.kind.to_string(), namespaced)
+        })
+        .collect();
+    let defined: BTreeSet<(String, String, bool)> = crds
+        .iter()
+        .map(|c| {
+            assert_eq!(c["spec"]["group"], "crd.projectcalico.org");
+            assert_eq!(c["spec"]["versions"][0]["name"], "v1");
+            (
+                c["spec"]["names"]["plural"].as_str().unwrap().to_string(),
+                c["spec"]["names"]["kind"].as_str().unwrap().to_string(),
+                c["spec"]["scope"] == "Namespaced",
+            )
+        })
+        .collect();
+    assert_eq!(defined, read);
 }
