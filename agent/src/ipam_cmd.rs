@@ -121,9 +121,9 @@ pub fn open_ipam_store(args: &StoreArgs) -> Result<Box<dyn IpamStore>> {
             EtcdIpamStore::connect(&args.etcd())
                 .with_context(|| format!("connecting to {}", args.describe()))?,
         ),
-        DatastoreKind::Kubernetes => bail!(
-            "IPAM records on the Kubernetes datastore (Calico's IPAMBlock, BlockAffinity and IPAMHandle) are not supported yet: \
-             allocate from etcd or the embedded store (--datastore etcd|embedded)"
+        DatastoreKind::Kubernetes => Box::new(
+            palisade_datastore::KubeIpamStore::connect(args.kube_client())
+                .with_context(|| format!("connecting to {}", args.describe()))?,
         ),
     })
 }

@@ -76,12 +76,16 @@ impl StoreArgs {
     /// The Kubernetes datastore the flags describe, started (its watches
     /// run until the last handle goes).
     pub fn kubernetes(&self) -> Result<KubeStore> {
-        let client = match &self.kubeconfig {
+        KubeStore::start(self.kube_client(), KubeOptions::default())
+            .with_context(|| format!("starting {}", self.describe()))
+    }
+
+    /// How to reach the Kubernetes API: `--kubeconfig`, else inferred.
+    pub fn kube_client(&self) -> KubeClient {
+        match &self.kubeconfig {
             Some(path) => KubeClient::Kubeconfig(path.clone()),
             None => KubeClient::Infer,
-        };
-        KubeStore::start(client, KubeOptions::default())
-            .with_context(|| format!("starting {}", self.describe()))
+        }
     }
 }
 
@@ -121,7 +125,10 @@ pub(crate) fn open(args: &StoreArgs) -> Result<Box<dyn Datastore>> {
             EtcdStore::connect(&args.etcd())
                 .with_context(|| format!("connecting to {}", args.describe()))?,
         ),
-        DatastoreKind::Kubernetes => Box::new(args.kubernetes()?),
+        // Watches start on the first read: a writer lists nothing.
+        DatastoreKind::Kubernetes => {
+            Box::new(KubeStore::new(args.kube_client(), KubeOptions::default()))
+        }
     })
 }
 

@@ -58,7 +58,7 @@ use serde::{Deserialize, Serialize};
 
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdConfig, EtcdStore, EtcdWatch, PREFIXES};
-pub use ipam::{EmbeddedIpamStore, EtcdIpamStore, SystemEnv};
+pub use ipam::{EmbeddedIpamStore, EtcdIpamStore, KubeIpamStore, SystemEnv};
 pub use kinds::{KINDS, KindInfo, kind_named};
 pub use kubernetes::{KubeClient, KubeOptions, KubeStore, KubeWatch};
 pub use node_view::{NodeView, Rejected, Step};

@@ -612,7 +612,10 @@ impl Ipam<'_> {
         if ips.is_empty() {
             return Ok(Vec::new());
         }
-        let mut writes = vec![records::put_block(&mut block, Some(revision))];
+        // The handle first: a store that applies writes one by one (the
+        // Kubernetes API) then never shows an address in a block that its
+        // handle does not count (a count too high is what release mends).
+        let mut writes = Vec::new();
         if let Some(h) = handle {
             let current = match hint {
                 Some(read) => read,
@@ -620,6 +623,7 @@ impl Ipam<'_> {
             };
             writes.extend(handle_change(h, current, &block.cidr(), ips.len() as isize));
         }
+        writes.push(records::put_block(&mut block, Some(revision)));
         self.store.commit(&writes)?;
         let prefix = block.cidr().prefix_len();
         Ok(ips
@@ -713,10 +717,12 @@ impl Ipam<'_> {
                     _ => IpamError::NotInAnyPool(args.ip),
                 });
             }
-            let mut writes = vec![records::put_block(&mut block, Some(revision))];
+            // The handle first, as in auto-assignment.
+            let mut writes = Vec::new();
             if let Some(h) = &args.handle {
                 writes.extend(self.handle_delta(h, &block_cidr, 1)?);
             }
+            writes.push(records::put_block(&mut block, Some(revision)));
             match self.store.commit(&writes) {
                 Ok(()) => return Ok(()),
                 Err(StoreError::Conflict { .. }) => continue,

@@ -122,7 +122,13 @@ pub trait IpamStore: Send + Sync {
     /// Every record whose key starts with `prefix`, in key order.
     fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError>;
     /// Applies `writes` atomically: all of them, or none and `Conflict`.
-    /// Keys are distinct. Durable once it returns `Ok`.
+    /// Keys are distinct. Durable once it returns `Ok`. A store without
+    /// transactions over several records (the Kubernetes API) applies them
+    /// in the order given and undoes them on a conflict, so callers order
+    /// them so that every prefix is a state IPAM repairs: a handle counts
+    /// an address before its block holds it, a block names its host before
+    /// the affinity confirms it, and a block lets an address go before its
+    /// handle stops counting it.
     fn commit(&self, writes: &[Write]) -> Result<(), StoreError>;
 }
 

@@ -260,9 +260,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         .with_context(|| format!("listening on {}", args.metrics_addr))?;
     let (tx, rx) = std::sync::mpsc::channel();
     spawn_watcher(&args, tx.clone())?;
-    // IPAM records on the Kubernetes datastore are not read yet: no gauges.
-    let ipam_records = args.store.datastore != crate::store_cmd::DatastoreKind::Kubernetes;
-    if ipam_records && (args.ipam_metrics_seconds > 0 || args.ipam_gc_seconds > 0) {
+    if args.ipam_metrics_seconds > 0 || args.ipam_gc_seconds > 0 {
         let every = |s: u64| Duration::from_secs(s.max(1));
         let schedule = ipam::Schedule {
             metrics: every(if args.ipam_metrics_seconds > 0 {

@@ -135,12 +135,12 @@ fn the_daemonset_runs_the_agent_with_flags_it_has_on_the_bound_account() {
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
     let rbac = yaml_documents("deploy/kubernetes/rbac.yaml");
-    let account = rbac
-        .iter()
-        .find(|d| d["kind"] == "ServiceAccount")
-        .unwrap();
+    let account = rbac.iter().find(|d| d["kind"] == "ServiceAccount").unwrap();
     assert_eq!(pod["serviceAccountName"], account["metadata"]["name"]);
-    assert_eq!(ds["metadata"]["namespace"], account["metadata"]["namespace"]);
+    assert_eq!(
+        ds["metadata"]["namespace"],
+        account["metadata"]["namespace"]
+    );
 
     let agent = &pod["containers"][0];
     let words: Vec<&str> = agent["command"]
@@ -149,14 +149,20 @@ fn the_daemonset_runs_the_agent_with_flags_it_has_on_the_bound_account() {
         .iter()
         .map(|w| w.as_str().unwrap())
         .collect();
-    assert!(words[0].ends_with("/palisade") && words[1] == "agent", "{words:?}");
+    assert!(
+        words[0].ends_with("/palisade") && words[1] == "agent",
+        "{words:?}"
+    );
     let help = agent_help();
     let mut flags = BTreeMap::new();
     for pair in words[2..].chunks(2) {
         let [flag, value] = pair else {
             panic!("{pair:?} has no value")
         };
-        assert!(help.contains(&format!("{flag} <")), "palisade agent has no {flag}");
+        assert!(
+            help.contains(&format!("{flag} <")),
+            "palisade agent has no {flag}"
+        );
         flags.insert(*flag, *value);
     }
     assert_eq!(flags["--datastore"], "kubernetes");
@@ -171,7 +177,12 @@ fn the_daemonset_runs_the_agent_with_flags_it_has_on_the_bound_account() {
     assert_eq!(flags["--node"], "$(NODE_NAME)");
     assert!(env.contains(&"NODE_NAME"));
     // The probes hit the metrics address.
-    let port: u64 = flags["--metrics-addr"].rsplit(':').next().unwrap().parse().unwrap();
+    let port: u64 = flags["--metrics-addr"]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     for probe in ["readinessProbe", "livenessProbe"] {
         assert_eq!(agent[probe]["httpGet"]["port"], port, "{probe}");
     }
@@ -202,6 +213,12 @@ fn the_daemonset_runs_the_agent_with_flags_it_has_on_the_bound_account() {
     net["name"] = conflist["name"].clone();
     palisade_cni::spec::NetConf::parse(net.to_string().as_bytes()).unwrap();
     let install = pod["initContainers"][0]["args"][0].as_str().unwrap();
-    assert!(install.contains(&format!("/host/etc/cni/net.d/{file}")), "{install}");
-    assert!(install.contains("/host/opt/cni/bin/palisade-cni"), "{install}");
+    assert!(
+        install.contains(&format!("/host/etc/cni/net.d/{file}")),
+        "{install}"
+    );
+    assert!(
+        install.contains("/host/opt/cni/bin/palisade-cni"),
+        "{install}"
+    );
 }

@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | [`EmbeddedIpamStore`] | one node: one redb file, shared by every process of the node that allocates | a counter kept in the file, one step per commit |
 //! | [`EtcdIpamStore`] | several nodes: the same keys Calico's etcd datastore uses | etcd's: a key's `mod_revision` |
+//! | [`KubeIpamStore`] | a cluster's API: Calico's IPAMBlock, BlockAffinity, IPAMHandle and IPAMConfig resources | each object's resourceVersion; a commit is ordered single-object writes with undo (see its module) |
 //!
 //! Both behave as [`palisade_ipam::store::MemoryStore`] does: `list` in key
 //! order, a commit lands whole or not at all, and a failed expectation
@@ -19,9 +20,11 @@
 
 pub mod embedded;
 pub mod etcd;
+pub mod kubernetes;
 
 pub use embedded::EmbeddedIpamStore;
 pub use etcd::EtcdIpamStore;
+pub use kubernetes::KubeIpamStore;
 
 use palisade_ipam::store::{Expect, Revision, Write};
 

@@ -4,7 +4,7 @@
 //! | from the API | stored as |
 //! |---|---|
 //! | `crd.projectcalico.org/v1` kinds | the same kind in `projectcalico.org/v3`; a default-tier policy loses the `default.` its CRD name carries |
-//! | Pod (scheduled, not host-networked, with addresses, not finished) | a `WorkloadEndpoint` named `<node>-k8s-<pod>-eth0`, on the interface Palisade's CNI plugin creates for it |
+//! | Pod (scheduled, not host-networked, with addresses, not finished) | a `WorkloadEndpoint` named `<node>-k8s-<pod>-eth0`, on the interface Palisade's CNI plugin creates for it; addresses from the CNI plugin's `cni.projectcalico.org/podIPs` annotation, else the status |
 //! | Pod that does not convert | the Pod itself, so the node's view reports it naming the field |
 //! | Pod without a place on the network yet | nothing (an absent endpoint) |
 //! | Node | a Calico `Node` from its annotations and addresses |
@@ -147,14 +147,26 @@ fn pod(object: &Value) -> Stored {
     let status = &object["status"];
     let node = spec["nodeName"].as_str().unwrap_or_default();
     let finished = matches!(status["phase"].as_str(), Some("Succeeded" | "Failed"));
-    let ips: Vec<&str> = status["podIPs"]
+    // The CNI plugin's annotation first (it is there before the kubelet
+    // reports the pod's addresses), then the pod's status.
+    let annotated: Vec<&str> = object["metadata"]["annotations"][super::write::POD_IPS]
+        .as_str()
+        .map(|s| {
+            s.split(',')
+                .map(|n| n.trim().split('/').next().unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default();
+    let reported: Vec<&str> = status["podIPs"]
         .as_array()
         .map(|a| a.iter().filter_map(|p| p["ip"].as_str()).collect())
         .unwrap_or_default();
-    let ips = if ips.is_empty() {
-        status["podIP"].as_str().into_iter().collect()
+    let ips: Vec<&str> = if !annotated.is_empty() {
+        annotated
+    } else if !reported.is_empty() {
+        reported
     } else {
-        ips
+        status["podIP"].as_str().into_iter().collect()
     };
     if node.is_empty() || spec["hostNetwork"] == true || finished || ips.is_empty() {
         return Stored::Absent;
@@ -162,7 +174,10 @@ fn pod(object: &Value) -> Stored {
     // The model's own Pod conversion checks every field a workload endpoint
     // takes from the pod; a pod it refuses is kept as it is so the node's
     // view reports it by the pod's own fields.
-    let document = same(object);
+    let mut document = same(object);
+    document["status"]["podIPs"] =
+        json!(ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>());
+    document["status"]["podIP"] = json!(ips[0]);
     if policy_core::convert::convert_document_all(&document).is_err() {
         return Stored::Document(document);
     }
@@ -325,6 +340,20 @@ mod tests {
         );
         let endpoint = policy_core::convert::convert_document_all(&wep).unwrap();
         assert_eq!(endpoint.object_ref().name, "web-0");
+    }
+
+    #[test]
+    fn the_cni_plugins_annotation_gives_the_addresses_before_the_status_does() {
+        let mut p = pod_json(&[]);
+        p["metadata"]["annotations"] =
+            json!({"cni.projectcalico.org/podIPs": "10.10.0.9/32,fd00::9/128"});
+        let Stored::Document(wep) = convert(Conversion::Pod, &p) else {
+            panic!("absent")
+        };
+        assert_eq!(
+            wep["spec"]["ipNetworks"],
+            json!(["10.10.0.9/32", "fd00::9/128"])
+        );
     }
 
     #[test]

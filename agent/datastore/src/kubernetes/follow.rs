@@ -36,7 +36,7 @@ pub(super) fn run(
                 Ok(c) => c,
                 Err(e) => return fail_all(&shared, &format!("no client configuration: {e}")),
             },
-            KubeClient::Kubeconfig(path) => match client_from(&path).await {
+            KubeClient::Kubeconfig(path) => match super::client_from(&path).await {
                 Ok(c) => c,
                 Err(e) => return fail_all(&shared, &e),
             },
@@ -54,18 +54,6 @@ pub(super) fn run(
         });
         futures_util::future::join_all(tasks).await;
     });
-}
-
-async fn client_from(path: &std::path::Path) -> Result<kube::Client, String> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .map_err(|e| format!("{}: {e}", path.display()))?;
-    kube::Client::try_from(config).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn fail_all(shared: &Shared, why: &str) {

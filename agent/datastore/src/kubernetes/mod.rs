@@ -22,11 +22,13 @@
 //! - A kind out of sync (a broken watch, 403, throttling, the API away)
 //!   makes every follower fail once, and no follower starts until every
 //!   kind is in sync again: the agent is ready only while all are.
-//! - Writes go through the API server (`kubectl apply`); this store only
-//!   reads.
+//! - Objects are written through the API server (`kubectl apply`); the
+//!   store writes only what an agent records, as Calico does ([`write`]):
+//!   a pod's addresses and its own Node's tunnel, as annotations.
 
 pub mod convert;
 mod follow;
+pub mod write;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -147,14 +149,15 @@ pub const API_KINDS: &[ApiKind] = &[
 ];
 
 /// How the store reaches the API server.
+#[derive(Clone)]
 pub enum KubeClient {
     /// The in-cluster configuration, else `$KUBECONFIG` or `~/.kube/config`.
     Infer,
     /// This kubeconfig file.
     Kubeconfig(PathBuf),
-    /// A client built by the caller, on the store's runtime (tests: a
+    /// Clients built by the caller, on the store's runtimes (tests: a
     /// service replaying recorded responses).
-    Custom(Box<dyn FnOnce() -> kube::Client + Send>),
+    Custom(Arc<dyn Fn() -> kube::Client + Send + Sync>),
 }
 
 impl std::fmt::Debug for KubeClient {
@@ -355,13 +358,70 @@ impl Drop for StopOnDrop {
 pub struct KubeStore {
     shared: Arc<Shared>,
     options: KubeOptions,
+    writer: Arc<Writer>,
+    /// What the watch thread needs, until it is started.
+    watches: Arc<Mutex<Option<WatchStart>>>,
     _stop: Arc<StopOnDrop>,
+}
+
+type WatchStart = (KubeClient, tokio::sync::watch::Receiver<bool>);
+
+/// The client writes go through, made on first use on a runtime of its own.
+struct Writer {
+    source: KubeClient,
+    connection: Mutex<Option<(tokio::runtime::Runtime, kube::Client)>>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    fn make(&self, writes: &[write::ApiWrite]) -> Result<(), StoreError> {
+        let mut connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        if connection.is_none() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError::Unavailable(format!("starting a runtime: {e}")))?;
+            let client = runtime.block_on(async {
+                match &self.source {
+                    KubeClient::Custom(make) => Ok(make()),
+                    KubeClient::Infer => kube::Client::try_default()
+                        .await
+                        .map_err(|e| StoreError::Unavailable(format!("Kubernetes API: {e}"))),
+                    KubeClient::Kubeconfig(path) => {
+                        client_from(path).await.map_err(StoreError::Unavailable)
+                    }
+                }
+            })?;
+            *connection = Some((runtime, client));
+        }
+        let Some((runtime, client)) = connection.as_ref() else {
+            return Err(StoreError::Unavailable("no Kubernetes client".into()));
+        };
+        for w in writes {
+            runtime.block_on(write::make(client, w))?;
+        }
+        Ok(())
+    }
 }
 
 impl KubeStore {
     /// Starts listing and watching every kind of [`API_KINDS`] on a thread
     /// of its own; returns at once (see [`KubeStore::sync`]).
     pub fn start(client: KubeClient, options: KubeOptions) -> Result<Self, StoreError> {
+        let store = Self::new(client, options);
+        store.ensure_watching()?;
+        Ok(store)
+    }
+
+    /// A store whose watches start on the first read ([`Datastore::snapshot`],
+    /// [`KubeStore::watch`]): a writer (the CNI plugin's ADD) makes its two
+    /// kinds of write without listing the cluster.
+    pub fn new(client: KubeClient, options: KubeOptions) -> Self {
         let shared = Arc::new(Shared {
             log_limit: options.log_limit,
             ..Shared::default()
@@ -373,7 +433,27 @@ impl KubeStore {
             }
         }
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let tasks = Arc::clone(&shared);
+        let writer = Arc::new(Writer {
+            source: client.clone(),
+            connection: Mutex::new(None),
+        });
+        Self {
+            shared: Arc::clone(&shared),
+            options,
+            writer,
+            watches: Arc::new(Mutex::new(Some((client, stopped)))),
+            _stop: Arc::new(StopOnDrop { shared, stop }),
+        }
+    }
+
+    /// Starts the watch thread unless it runs.
+    fn ensure_watching(&self) -> Result<(), StoreError> {
+        let mut pending = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((client, stopped)) = pending.take() else {
+            return Ok(());
+        };
+        let tasks = Arc::clone(&self.shared);
+        let options = self.options;
         std::thread::Builder::new()
             .name("kube-watch".into())
             .spawn(move || follow::run(client, tasks, options, stopped))
@@ -381,11 +461,7 @@ impl KubeStore {
                 path: "kube-watch thread".into(),
                 source,
             })?;
-        Ok(Self {
-            shared: Arc::clone(&shared),
-            options,
-            _stop: Arc::new(StopOnDrop { shared, stop }),
-        })
+        Ok(())
     }
 
     /// Where every kind is, by API resource.
@@ -397,6 +473,7 @@ impl KubeStore {
     /// while a kind is out of sync, and with [`StoreError::Compacted`] when
     /// the log no longer holds them.
     pub fn watch(&self, after: Revision) -> Result<KubeWatch, StoreError> {
+        self.ensure_watching()?;
         let s = self.shared.lock();
         let unsynced = s.unsynced();
         if !unsynced.is_empty() {
@@ -416,6 +493,19 @@ impl KubeStore {
     }
 }
 
+/// A client from a kubeconfig file.
+pub(crate) async fn client_from(path: &std::path::Path) -> Result<kube::Client, String> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    kube::Client::try_from(config).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 fn out_of_sync(unsynced: &[String]) -> StoreError {
     StoreError::Unavailable(format!(
         "Kubernetes API: not in sync: {}",
@@ -427,6 +517,7 @@ impl Datastore for KubeStore {
     /// Every object once every kind is in sync (waits up to the options'
     /// `sync_timeout`).
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        self.ensure_watching()?;
         let deadline = Instant::now() + self.options.sync_timeout;
         let mut s = self.shared.lock();
         loop {
@@ -450,20 +541,50 @@ impl Datastore for KubeStore {
         }
     }
 
-    fn apply_sources(&self, _: &[(String, String)]) -> Result<Written, StoreError> {
-        Err(read_only())
+    /// Workload endpoints (their pods' addresses) and Nodes (their
+    /// annotations) only; any other kind refuses the batch before anything
+    /// is written.
+    fn apply_sources(&self, sources: &[(String, String)]) -> Result<Written, StoreError> {
+        let batch = crate::plan::parse_sources(sources)?;
+        let documents = batch
+            .loaded
+            .iter()
+            .filter_map(|l| l.document.as_ref())
+            .chain(batch.resources.iter().map(|r| &r.document));
+        let mut writes = Vec::new();
+        let mut replaced = Vec::new();
+        for document in documents {
+            writes.push(write::write_for(document)?);
+            if let Some((_, r)) = document_ref(document) {
+                replaced.push(r);
+            }
+        }
+        self.writer.make(&writes)?;
+        Ok(self.written(replaced, Vec::new()))
     }
 
-    fn delete(&self, _: &[ObjectRef]) -> Result<Written, StoreError> {
-        Err(read_only())
+    /// The addresses of workload endpoints' pods; nothing else.
+    fn delete(&self, objects: &[ObjectRef]) -> Result<Written, StoreError> {
+        let writes = objects
+            .iter()
+            .map(write::delete_for)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.writer.make(&writes)?;
+        Ok(self.written(Vec::new(), objects.to_vec()))
     }
 }
 
-fn read_only() -> StoreError {
-    StoreError::Unavailable(
-        "the Kubernetes datastore is written through the API server (kubectl apply), not by Palisade"
-            .into(),
-    )
+impl KubeStore {
+    fn written(&self, replaced: Vec<ObjectRef>, deleted: Vec<ObjectRef>) -> Written {
+        Written {
+            // The store's revision moves when the watch brings the change.
+            revision: self.shared.lock().revision,
+            created: Vec::new(),
+            replaced,
+            unchanged: Vec::new(),
+            deleted,
+        }
+    }
 }
 
 /// Follows a [`KubeStore`]: the batches after a revision, in order; fails

@@ -444,20 +444,30 @@ impl<'s> Run<'s> {
             "ageBlock" => {
                 let cidr = net_arg(a, "cidr")?;
                 let secs = a["seconds"].as_u64().unwrap_or(0);
-                let entry = self
-                    .store
-                    .get(&palisade_ipam::store::block_key(&cidr))
-                    .map_err(|e| e.to_string())?
-                    .ok_or(format!("no block {cidr} to age"))?;
-                let mut b = Block::from_json(&entry.value)?;
-                b.affinity_claimed_at = b.affinity_claimed_at.map(|t| t.saturating_sub(secs));
-                self.store
-                    .commit(&[Write::Put {
+                // A writer like any other: on a conflict it reads again.
+                let mut attempts = 0;
+                loop {
+                    let entry = self
+                        .store
+                        .get(&palisade_ipam::store::block_key(&cidr))
+                        .map_err(|e| e.to_string())?
+                        .ok_or(format!("no block {cidr} to age"))?;
+                    let mut b = Block::from_json(&entry.value)?;
+                    b.affinity_claimed_at = b.affinity_claimed_at.map(|t| t.saturating_sub(secs));
+                    match self.store.commit(&[Write::Put {
                         key: entry.key,
                         value: b.to_json(),
                         expect: Expect::At(entry.revision),
-                    }])
-                    .map_err(|e| e.to_string())?;
+                    }]) {
+                        Ok(()) => break,
+                        Err(palisade_ipam::store::StoreError::Conflict { .. })
+                            if attempts < 100 =>
+                        {
+                            attempts += 1;
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
             }
             "applyNode" => {
                 self.objects.nodes.insert(

@@ -1,6 +1,7 @@
 //! An API server that replays responses: kube's client runs on a tower
 //! service that answers each request with the next reply scripted for its
-//! path (list or watch), and records every request it got.
+//! path (list or watch), and records every request it got. A write
+//! (PATCH) is answered with the object and its body kept.
 //!
 //! The replies are shaped as the API server writes them (List kinds with
 //! `metadata.resourceVersion` and `continue`, items without kind, watch
@@ -31,6 +32,8 @@ enum Reply {
 struct Script {
     replies: HashMap<(String, bool), VecDeque<Reply>>,
     requests: Vec<String>,
+    /// `(method path, body)` of every request that carried one.
+    bodies: Vec<(String, Value)>,
     /// Senders of the quiet watches handed out unscripted, kept open.
     quiet: Vec<UnboundedSender<Chunk>>,
 }
@@ -132,13 +135,47 @@ impl MockApi {
         let me = self.clone();
         let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
             let me = me.clone();
-            async move { Ok::<_, Infallible>(me.answer(&req)) }
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let req = http::Request::from_parts(parts, ());
+                Ok::<_, Infallible>(me.answer(&req, &bytes))
+            }
         });
         kube::Client::new(service, "default")
     }
 
-    fn answer(&self, req: &http::Request<kube::client::Body>) -> http::Response<Body> {
+    fn answer(&self, req: &http::Request<()>, body: &[u8]) -> http::Response<Body> {
         let mut s = self.script.lock().unwrap();
+        if *req.method() != http::Method::GET {
+            s.requests.push(format!("{} {}", req.method(), req.uri()));
+            let sent: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            s.bodies
+                .push((format!("{} {}", req.method(), req.uri().path()), sent));
+            // The API server answers a patch with the object it now holds.
+            let name = req.uri().path().rsplit('/').next().unwrap_or_default();
+            let kind = if req.uri().path().contains("/pods/") {
+                "Pod"
+            } else {
+                "Node"
+            };
+            return http::Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(
+                    Full::new(Bytes::from(
+                        json!({"apiVersion": "v1", "kind": kind, "metadata": {"name": name}})
+                            .to_string(),
+                    ))
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+                )
+                .expect("a valid response");
+        }
         s.requests.push(req.uri().to_string());
         let key = path_of(req.uri());
         let reply = s.replies.get_mut(&key).and_then(VecDeque::pop_front);
@@ -211,7 +248,12 @@ impl MockApi {
         }
     }
 
-    /// Every request so far (path and query).
+    /// `(method path, body)` of every write so far.
+    pub fn bodies(&self) -> Vec<(String, Value)> {
+        self.script.lock().unwrap().bodies.clone()
+    }
+
+    /// Every request so far (path and query; writes with their method).
     pub fn requests(&self) -> Vec<String> {
         self.script.lock().unwrap().requests.clone()
     }

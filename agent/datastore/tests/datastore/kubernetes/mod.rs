@@ -2,6 +2,8 @@
 //! each test follows the store into a node's view and its controller (the
 //! compiled programs of the maps engine) and checks what they then enforce.
 
+mod fake;
+mod ipam;
 mod mock;
 
 use std::time::{Duration, Instant};
@@ -26,7 +28,7 @@ const NODE: &str = "n1";
 fn start(api: &MockApi) -> KubeStore {
     let api = api.clone();
     KubeStore::start(
-        KubeClient::Custom(Box::new(move || api.client())),
+        KubeClient::Custom(std::sync::Arc::new(move || api.client())),
         KubeOptions {
             backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(200),
@@ -563,10 +565,57 @@ fn malformed_objects_are_reported_and_skipped_while_the_rest_is_enforced() {
     assert_eq!(node.allows("clients/web-0", "shop/db-0", 5432), Some(false));
 }
 
+/// What the CNI plugin and the overlay write become annotations, as with
+/// Calico's Kubernetes backend; anything else is refused before a request.
 #[test]
-fn the_store_is_read_only_and_says_where_writes_go() {
+fn an_endpoint_and_a_node_are_written_as_annotations_and_the_rest_is_refused() {
     let api = MockApi::default();
-    let store = start(&api);
+    // A writer's store lists nothing.
+    let store = {
+        let api = api.clone();
+        KubeStore::new(
+            KubeClient::Custom(std::sync::Arc::new(move || api.client())),
+            KubeOptions::default(),
+        )
+    };
+    let endpoint = json!({"apiVersion": "projectcalico.org/v3", "kind": "WorkloadEndpoint",
+        "metadata": {"name": "n1-k8s-web--0-eth0", "namespace": "shop"},
+        "spec": {"orchestrator": "k8s", "node": NODE, "pod": "web-0", "endpoint": "eth0",
+                 "containerID": "c0ffee", "interfaceName": pod_interface("shop", "web-0"),
+                 "ipNetworks": ["10.10.0.9/32"]}});
+    store
+        .apply_text("palisade-cni", &endpoint.to_string())
+        .unwrap();
+    let node = json!({"apiVersion": "projectcalico.org/v3", "kind": "Node", "metadata": {"name": NODE},
+        "spec": {"bgp": {"ipv4Address": "192.0.2.11/24"}, "ipv4VXLANTunnelAddr": "10.10.0.1",
+                 "vxlanTunnelMACAddr": "66:00:00:00:00:01"}});
+    store
+        .apply_text("palisade-agent", &node.to_string())
+        .unwrap();
+    store
+        .delete(&[policy_core::ObjectRef::new(
+            "WorkloadEndpoint",
+            Some("shop"),
+            "web-0",
+        )])
+        .unwrap();
+    let bodies = api.bodies();
+    assert_eq!(bodies[0].0, "PATCH /api/v1/namespaces/shop/pods/web-0");
+    assert_eq!(
+        bodies[0].1["metadata"]["annotations"],
+        json!({"cni.projectcalico.org/podIP": "10.10.0.9/32", "cni.projectcalico.org/podIPs": "10.10.0.9/32",
+               "cni.projectcalico.org/containerID": "c0ffee"})
+    );
+    assert_eq!(bodies[1].0, "PATCH /api/v1/nodes/n1");
+    assert_eq!(
+        bodies[1].1["metadata"]["annotations"]["projectcalico.org/IPv4VXLANTunnelAddr"],
+        "10.10.0.1"
+    );
+    assert_eq!(
+        bodies[2].1["metadata"]["annotations"]["cni.projectcalico.org/podIPs"],
+        Value::Null
+    );
+
     let e = store
         .apply_text(
             "x.yaml",
@@ -574,21 +623,61 @@ fn the_store_is_read_only_and_says_where_writes_go() {
         )
         .unwrap_err();
     assert!(e.to_string().contains("kubectl apply"), "{e}");
+    assert_eq!(api.bodies().len(), 3, "nothing was sent");
+    assert!(
+        api.requests().iter().all(|r| r.starts_with("PATCH ")),
+        "a writer's store lists nothing: {:?}",
+        api.requests()
+    );
+}
+
+/// A pod the CNI plugin annotated is an endpoint at once, before the
+/// kubelet reports its addresses.
+#[test]
+fn a_pod_annotated_by_the_cni_plugin_is_enforced_before_its_status_says_so() {
+    let api = MockApi::default();
+    shop(&api, "100");
+    let pods = api.on_watch(PODS);
+    let store = start(&api);
+    let mut node = Node::new(&[
+        ("shop", "api-0"),
+        ("shop", "db-0"),
+        ("clients", "web-0"),
+        ("shop", "api-1"),
+    ]);
+    let mut watch = listed(&store, &mut node);
+    let mut fresh = pod("shop", "api-1", "api", "10.10.0.8", "110");
+    fresh["status"] = json!({"phase": "Pending"});
+    pods.event("ADDED", fresh.clone());
+    fresh["metadata"]["annotations"] = json!({"cni.projectcalico.org/podIPs": "10.10.0.8/32",
+        "cni.projectcalico.org/podIP": "10.10.0.8/32", "cni.projectcalico.org/containerID": "c0ffee"});
+    fresh["metadata"]["resourceVersion"] = json!("111");
+    pods.event("MODIFIED", fresh);
+    node.until(&mut watch, "the annotated pod", |n| {
+        n.allows("shop/api-1", "shop/db-0", 5432) == Some(true)
+    });
+    assert!(
+        node.view
+            .bindings()
+            .contains_key(&pod_interface("shop", "api-1"))
+    );
 }
 
 /// `(group, resource, verb)` of an API request the store made.
 fn call_of(request: &str) -> (String, String, String) {
+    let (method, request) = request.split_once(' ').unwrap_or(("GET", request));
     let (path, query) = request.split_once('?').unwrap_or((request, ""));
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let (group, resource) = match parts.as_slice() {
-        ["api", _version, resource] => ("", *resource),
+        ["api", _version, resource] | ["api", _version, resource, _] => ("", *resource),
+        ["api", _version, "namespaces", _, resource, _] => ("", *resource),
         ["apis", group, _version, resource] => (*group, *resource),
         other => panic!("an unexpected path: {other:?}"),
     };
-    let verb = if query.split('&').any(|p| p == "watch=true") {
-        "watch"
-    } else {
-        "list"
+    let verb = match method {
+        "PATCH" => "patch",
+        _ if query.split('&').any(|p| p == "watch=true") => "watch",
+        _ => "list",
     };
     (group.into(), resource.into(), verb.into())
 }
@@ -603,15 +692,30 @@ fn deployed(file: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The ClusterRole grants exactly the calls the store makes (watched from
-/// the replaying server), and the CRDs define exactly the Calico kinds it
-/// reads, with the scope the datastore gives them.
+/// The ClusterRole grants exactly the calls the stores make (the watches
+/// seen by the replaying server, IPAM's by the stand-in running corpus
+/// scenarios), and the CRDs define exactly the Calico kinds they read and
+/// write, with the scope the datastore gives them.
 #[test]
 fn the_deployed_rbac_and_crds_match_what_the_store_reads() {
     use std::collections::BTreeSet;
     let api = MockApi::default();
     let store = start(&api);
     store.snapshot().unwrap();
+    // The two writes an agent makes.
+    store
+        .apply_text("palisade-cni", &json!({"apiVersion": "projectcalico.org/v3", "kind": "WorkloadEndpoint",
+            "metadata": {"name": "n1-k8s-web--0-eth0", "namespace": "shop"},
+            "spec": {"orchestrator": "k8s", "node": NODE, "pod": "web-0", "ipNetworks": ["10.10.0.9/32"]}}).to_string())
+        .unwrap();
+    store
+        .apply_text(
+            "palisade-agent",
+            &json!({"apiVersion": "projectcalico.org/v3", "kind": "Node",
+            "metadata": {"name": NODE}, "spec": {"bgp": {"ipv4Address": "192.0.2.11/24"}}})
+            .to_string(),
+        )
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let calls = loop {
         let calls: BTreeSet<(String, String, String)> =
@@ -627,6 +731,39 @@ fn the_deployed_rbac_and_crds_match_what_the_store_reads() {
         );
         std::thread::sleep(Duration::from_millis(10));
     };
+
+    // The IPAM store may make each of its verbs on each of its resources
+    // (its keys are generic): those are what it needs. The corpus run on
+    // the stand-in shows it makes no other call, and each verb somewhere.
+    use palisade_datastore::ipam::kubernetes::{IPAM_RESOURCES, IPAM_VERBS};
+    let fake = fake::FakeApi::default();
+    ipam::run_scenarios_on(&fake, usize::MAX);
+    let ipam_calls: BTreeSet<(String, String, String)> = fake.calls().into_iter().collect();
+    let ipam_needs: BTreeSet<(String, String, String)> = IPAM_RESOURCES
+        .iter()
+        .flat_map(|(plural, _)| {
+            IPAM_VERBS.iter().map(move |verb| {
+                (
+                    "crd.projectcalico.org".to_string(),
+                    plural.to_string(),
+                    verb.to_string(),
+                )
+            })
+        })
+        .collect();
+    assert!(
+        ipam_calls.is_subset(&ipam_needs),
+        "{:?}",
+        ipam_calls.difference(&ipam_needs)
+    );
+    for verb in IPAM_VERBS {
+        assert!(
+            ipam_calls.iter().any(|c| c.2 == verb),
+            "IPAM never calls {verb}"
+        );
+    }
+    let mut calls = calls;
+    calls.extend(ipam_needs);
 
     let docs = deployed("rbac.yaml");
     let role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
@@ -661,9 +798,47 @@ fn the_deployed_rbac_and_crds_match_what_the_store_reads() {
     let account = docs.iter().find(|d| d["kind"] == "ServiceAccount").unwrap();
     assert_eq!(binding["subjects"][0]["name"], account["metadata"]["name"]);
     assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    // The admission policy that keeps its patches to its own node names
+    // the same account, and is bound.
+    let account_user = format!(
+        "system:serviceaccount:{}:{}",
+        account["metadata"]["namespace"].as_str().unwrap(),
+        account["metadata"]["name"].as_str().unwrap()
+    );
+    let own = docs
+        .iter()
+        .find(|d| d["kind"] == "ValidatingAdmissionPolicy")
+        .unwrap();
+    assert!(
+        own["spec"]["matchConditions"][0]["expression"]
+            .as_str()
+            .unwrap()
+            .contains(&account_user)
+    );
+    let patched: BTreeSet<String> = granted
+        .iter()
+        .filter(|g| g.2 == "patch")
+        .map(|g| g.1.clone())
+        .collect();
+    let guarded: BTreeSet<String> =
+        own["spec"]["matchConstraints"]["resourceRules"][0]["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap().to_string())
+            .collect();
+    assert_eq!(
+        patched, guarded,
+        "every patch it may make is held to its own node"
+    );
+    let bound = docs
+        .iter()
+        .find(|d| d["kind"] == "ValidatingAdmissionPolicyBinding")
+        .unwrap();
+    assert_eq!(bound["spec"]["policyName"], own["metadata"]["name"]);
 
     let crds = deployed("crds.yaml");
-    let read: BTreeSet<(String, String, bool)> = palisade_datastore::kubernetes::API_KINDS
+    let mut read: BTreeSet<(String, String, bool)> = palisade_datastore::kubernetes::API_KINDS
         .iter()
         .filter(|k| k.group == "crd.projectcalico.org")
         .map(|k| {
@@ -673,6 +848,9 @@ fn the_deployed_rbac_and_crds_match_what_the_store_reads() {
             (k.plural.to_string(), k.kind.to_string(), namespaced)
         })
         .collect();
+    for (plural, kind) in palisade_datastore::ipam::kubernetes::IPAM_RESOURCES {
+        read.insert((plural.to_string(), kind.to_string(), false));
+    }
     let defined: BTreeSet<(String, String, bool)> = crds
         .iter()
         .map(|c| {
