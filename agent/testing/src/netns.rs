@@ -292,6 +292,15 @@ impl Topology {
     /// external namespace. Addresses that real traffic cannot use, or that
     /// two pods claim, are left out and reported by [`Topology::owner`].
     pub fn build(pods: &[(EndpointKey, Vec<IpAddr>)]) -> Result<Topology, NetnsError> {
+        Self::build_named(pods, |i, _| format!("p{i}"))
+    }
+
+    /// [`Topology::build`] with each pod's host-side interface named by
+    /// `host_name(index, key)` (as a CNI plugin names it).
+    pub fn build_named(
+        pods: &[(EndpointKey, Vec<IpAddr>)],
+        host_name: impl Fn(usize, &EndpointKey) -> String,
+    ) -> Result<Topology, NetnsError> {
         let n = TOPOLOGIES.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("pal{}-{n}", std::process::id());
         let node = Netns::create(&format!("{prefix}-node"))?;
@@ -329,7 +338,7 @@ impl Topology {
         let mut pod_lines = Vec::new();
         for (i, (key, ips)) in pods.iter().enumerate() {
             let ns = Netns::create(&format!("{prefix}-p{i}"))?;
-            let host_if = format!("p{i}");
+            let host_if = host_name(i, key);
             let pod_mac = mac(0, i);
             node_lines.push(format!(
                 "link add {host_if} address {HOST_MAC} type veth peer name eth0 netns {} address {pod_mac}",

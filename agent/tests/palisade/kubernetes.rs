@@ -1,0 +1,447 @@
+//! `palisade agent --datastore kubernetes` as a node runs it: the agent in
+//! the node's namespace, its kubeconfig pointing at an HTTP stand-in of the
+//! API server in that namespace (lists and chunked watch streams the test
+//! feeds; no API server can run on these machines), pods wired with the
+//! interface names the CNI plugin gives them, real connections between
+//! them.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use palisade_datastore::kubernetes::pod_interface;
+use palisade_testing::netns::Topology;
+use policy_core::EndpointKey;
+use serde_json::{Value, json};
+
+use super::agent::{Agent, AgentSpec, connect, echo, serve};
+use super::{privileged, scratch};
+
+/// What a watch stream is sent.
+enum Frame {
+    Line(Value),
+    /// Half of this line, then the connection closes.
+    Break(Value),
+}
+
+#[derive(Default)]
+struct Routes {
+    lists: HashMap<String, Value>,
+    /// Watches of a path answered 500 before any stream is served.
+    refusals: HashMap<String, usize>,
+    watches: HashMap<String, VecDeque<Receiver<Frame>>>,
+    requests: Vec<String>,
+}
+
+/// The stand-in: lists by path, watch streams fed by the test; unknown
+/// paths list empty and watch quietly.
+struct ApiServer {
+    addr: SocketAddr,
+    routes: Arc<Mutex<Routes>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn chunk(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    write!(stream, "{:x}\r\n", bytes.len())?;
+    stream.write_all(bytes)?;
+    stream.write_all(b"\r\n")?;
+    stream.flush()
+}
+
+impl ApiServer {
+    /// Listens on loopback inside network namespace `netns`.
+    fn start(netns: &str) -> ApiServer {
+        let listener = std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                TcpListener::bind("127.0.0.1:0").unwrap()
+            })
+            .join()
+            .unwrap()
+        });
+        listener.set_nonblocking(true).unwrap();
+        let server = ApiServer {
+            addr: listener.local_addr().unwrap(),
+            routes: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (routes, stop) = (server.routes.clone(), server.stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (routes, stop) = (routes.clone(), stop.clone());
+                        std::thread::spawn(move || {
+                            let _ = serve_connection(conn, &routes, &stop);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        server
+    }
+
+    fn list(&self, path: &str, kind: &str, version: &str, items: Vec<Value>) {
+        self.routes.lock().unwrap().lists.insert(
+            path.into(),
+            json!({"kind": format!("{kind}List"), "apiVersion": "v1",
+                   "metadata": {"resourceVersion": version}, "items": items}),
+        );
+    }
+
+    /// The next watch of `path` streams what is sent here.
+    fn watch(&self, path: &str) -> Sender<Frame> {
+        let (tx, rx) = channel();
+        self.routes
+            .lock()
+            .unwrap()
+            .watches
+            .entry(path.into())
+            .or_default()
+            .push_back(rx);
+        tx
+    }
+
+    /// The next `n` watches of `path` are answered 500.
+    fn refuse_watches(&self, path: &str, n: usize) {
+        self.routes.lock().unwrap().refusals.insert(path.into(), n);
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.routes.lock().unwrap().requests.clone()
+    }
+
+    fn kubeconfig(&self, dir: &std::path::Path) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\n\
+                 clusters: [{{name: test, cluster: {{server: \"http://{}\"}}}}]\n\
+                 users: [{{name: agent, user: {{token: test-token}}}}]\n\
+                 contexts: [{{name: test, context: {{cluster: test, user: agent}}}}]\n\
+                 current-context: test\n",
+                self.addr
+            ),
+        )
+        .unwrap();
+        path
+    }
+}
+
+fn serve_connection(
+    conn: TcpStream,
+    routes: &Mutex<Routes>,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut out = conn;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.split_whitespace();
+        let (method, target) = (
+            parts.next().unwrap_or_default().to_string(),
+            parts.next().unwrap_or_default().to_string(),
+        );
+        let mut length = 0;
+        loop {
+            let mut header = String::new();
+            reader.read_line(&mut header)?;
+            if header.trim().is_empty() {
+                break;
+            }
+            if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body)?;
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let watching = query.split('&').any(|p| p == "watch=true");
+        let refused = {
+            let mut r = routes.lock().unwrap();
+            r.requests.push(format!("{method} {target}"));
+            match r.refusals.get_mut(path) {
+                Some(n) if watching && *n > 0 => {
+                    *n -= 1;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if refused {
+            // 500, not 429: kube's client retries 429/503/504 itself.
+            let text =
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500})
+                .to_string();
+            write!(
+                out,
+                "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+                text.len()
+            )?;
+            out.flush()?;
+            continue;
+        }
+        let feed = {
+            let mut r = routes.lock().unwrap();
+            if watching {
+                Some(r.watches.get_mut(path).and_then(VecDeque::pop_front))
+            } else {
+                None
+            }
+        };
+        if let Some(feed) = feed {
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )?;
+            out.flush()?;
+            // Unscripted watches stay open and quiet.
+            let Some(feed) = feed else {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                return Ok(());
+            };
+            loop {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                match feed.recv_timeout(Duration::from_millis(50)) {
+                    Ok(Frame::Line(v)) => chunk(&mut out, format!("{v}\n").as_bytes())?,
+                    Ok(Frame::Break(v)) => {
+                        let text = v.to_string();
+                        // A chunk that promises the whole line, half of it,
+                        // and the connection gone.
+                        write!(out, "{:x}\r\n", text.len() + 1)?;
+                        out.write_all(&text.as_bytes()[..text.len() / 2])?;
+                        out.flush()?;
+                        return out.shutdown(std::net::Shutdown::Both);
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        out.write_all(b"0\r\n\r\n")?;
+                        return out.flush();
+                    }
+                }
+            }
+        }
+        let answer = if method == "GET" {
+            let r = routes.lock().unwrap();
+            r.lists.get(path).cloned().unwrap_or_else(|| {
+                json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": []})
+            })
+        } else {
+            let name = path.rsplit('/').next().unwrap_or_default();
+            json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+        };
+        let text = answer.to_string();
+        write!(
+            out,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        )?;
+        out.flush()?;
+    }
+}
+
+fn pod(namespace: &str, name: &str, app: &str, ip: &str, version: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": namespace, "labels": {"app": app},
+                        "resourceVersion": version, "uid": format!("uid-{name}")},
+           "spec": {"nodeName": "node1", "containers": [{"name": "main", "image": "busybox",
+                    "ports": [{"name": "http", "containerPort": 8080}]}]},
+           "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
+}
+
+fn event(kind: &str, object: Value) -> Frame {
+    Frame::Line(json!({"type": kind, "object": object}))
+}
+
+/// The agent on the Kubernetes datastore: what the API lists is enforced;
+/// a relabelled pod and a deleted policy change what connects; a watch
+/// broken mid-event makes the agent unready until it resumes from the last
+/// version seen, and the event after the resume is enforced.
+#[test]
+fn the_agent_enforces_what_the_kubernetes_api_says() {
+    if !privileged() {
+        return;
+    }
+    let dir = scratch("agent-kubernetes");
+    let pods: Vec<(EndpointKey, Vec<std::net::IpAddr>)> = [
+        ("clients", "web-0", "10.10.1.10"),
+        ("shop", "api-0", "10.10.2.10"),
+        ("shop", "db-0", "10.10.2.20"),
+    ]
+    .into_iter()
+    .map(|(ns, name, ip)| (EndpointKey::new(ns, name), vec![ip.parse().unwrap()]))
+    .collect();
+    let topo = Topology::build_named(&pods, |_, k| pod_interface(&k.namespace, &k.name)).unwrap();
+    let [web, api, db] = [0, 1, 2].map(|i| &topo.pods()[i]);
+    let db_addr: SocketAddr = "10.10.2.20:8080".parse().unwrap();
+    serve(db, db_addr);
+
+    let server = ApiServer::start(topo.node().name());
+    server.list("/api/v1/namespaces", "Namespace", "100", vec![
+        json!({"metadata": {"name": "shop", "labels": {"kubernetes.io/metadata.name": "shop"}}}),
+        json!({"metadata": {"name": "clients", "labels": {"kubernetes.io/metadata.name": "clients"}}}),
+    ]);
+    server.list(
+        "/api/v1/pods",
+        "Pod",
+        "100",
+        vec![
+            pod("clients", "web-0", "web", "10.10.1.10", "10"),
+            pod("shop", "api-0", "api", "10.10.2.10", "11"),
+            pod("shop", "db-0", "db", "10.10.2.20", "12"),
+        ],
+    );
+    server.list(
+        "/apis/crd.projectcalico.org/v1/globalnetworkpolicies",
+        "GlobalNetworkPolicy",
+        "100",
+        vec![json!({"metadata": {"name": "default.default-deny"},
+               "spec": {"tier": "default", "selector": "all()", "types": ["Ingress"]}})],
+    );
+    let allow_api = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "db-from-api", "namespace": "shop", "resourceVersion": "20"},
+        "spec": {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "api"}}}],
+                              "ports": [{"protocol": "TCP", "port": 8080}]}]}});
+    server.list(
+        "/apis/networking.k8s.io/v1/networkpolicies",
+        "NetworkPolicy",
+        "100",
+        vec![allow_api.clone()],
+    );
+    let pods_first = server.watch("/api/v1/pods");
+    let pods_second = server.watch("/api/v1/pods");
+    let policies = server.watch("/apis/networking.k8s.io/v1/networkpolicies");
+
+    let pins = PathBuf::from(format!(
+        "/sys/fs/bpf/palisade-test-kube-{}",
+        std::process::id()
+    ));
+    let kubeconfig = server.kubeconfig(&dir);
+    let args = [
+        "--node",
+        "node1",
+        "--datastore",
+        "kubernetes",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--pin-path",
+        pins.to_str().unwrap(),
+        "--metrics-addr",
+        "127.0.0.1:9091",
+        "--overlay",
+        "none",
+        "--ipam-metrics-seconds",
+        "1",
+    ];
+    let agent = Agent::spawn_spec(AgentSpec {
+        nsenter: Some(topo.node().name().to_string()),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        metrics: "127.0.0.1:9091".parse().unwrap(),
+        pins: pins.clone(),
+        log: dir.join("agent.log"),
+        env: Vec::new(),
+    });
+    agent.wait_ready();
+    let mut open = connect(api, db_addr).expect("api -> db:8080 is allowed");
+    assert!(echo(&mut open));
+    assert!(connect(web, db_addr).is_none(), "web -> db is denied");
+
+    // A pod relabelled: no longer the policy's source.
+    pods_first
+        .send(event(
+            "MODIFIED",
+            pod("shop", "api-0", "batch", "10.10.2.10", "101"),
+        ))
+        .unwrap();
+    wait_until("api-0 relabelled is denied", || {
+        connect(api, db_addr).is_none()
+    });
+
+    // The watch breaks halfway through an event and the API fails the next
+    // watches: not ready until the store resumes, from the last version
+    // seen; then the event after the resume is enforced.
+    server.refuse_watches("/api/v1/pods", 3);
+    pods_first
+        .send(Frame::Line(
+            json!({"type": "BOOKMARK", "object": {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"resourceVersion": "150"}}}),
+        ))
+        .unwrap();
+    pods_first
+        .send(Frame::Break(json!({"type": "MODIFIED",
+        "object": pod("shop", "api-0", "api", "10.10.2.10", "151")})))
+        .unwrap();
+    agent.wait_not_ready();
+    agent.wait_ready();
+    let resumed: Vec<String> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("GET /api/v1/pods?") && r.contains("watch=true"))
+        .collect();
+    assert_eq!(
+        resumed.len(),
+        5,
+        "one watch, three failed, one resumed: {resumed:?}"
+    );
+    assert!(
+        resumed[1..]
+            .iter()
+            .all(|r| r.contains("resourceVersion=150")),
+        "resumed from the bookmark: {resumed:?}"
+    );
+    let listings = server
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=true"))
+        .count();
+    assert_eq!(listings, 1, "no second listing");
+    pods_second
+        .send(event(
+            "MODIFIED",
+            pod("shop", "api-0", "api", "10.10.2.10", "151"),
+        ))
+        .unwrap();
+    wait_until("api-0 labelled api again is allowed", || {
+        connect(api, db_addr).is_some()
+    });
+
+    // The policy deleted: default deny again.
+    policies.send(event("DELETED", allow_api)).unwrap();
+    wait_until("the policy's deletion is enforced", || {
+        connect(api, db_addr).is_none()
+    });
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
