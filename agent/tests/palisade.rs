@@ -15,6 +15,8 @@ mod deploy;
 mod ipam;
 #[path = "palisade/ipam_stress.rs"]
 mod ipam_stress;
+#[path = "palisade/kube_api.rs"]
+mod kube_api;
 #[path = "palisade/kubernetes.rs"]
 mod kubernetes;
 #[path = "palisade/lab.rs"]

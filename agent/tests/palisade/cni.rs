@@ -69,15 +69,15 @@ fn netconf(name: &str, pool: &str, app: &str, socket: &Path) -> Value {
     })
 }
 
-struct Call<'a> {
-    command: &'a str,
-    container: &'a str,
-    netns: Option<&'a str>,
-    args: &'a str,
+pub struct Call<'a> {
+    pub command: &'a str,
+    pub container: &'a str,
+    pub netns: Option<&'a str>,
+    pub args: &'a str,
 }
 
 /// Runs `palisade-cni`: exit status and stdout as JSON (or the text).
-fn cni(call: &Call<'_>, conf: &Value) -> (bool, Value) {
+pub fn cni(call: &Call<'_>, conf: &Value) -> (bool, Value) {
     cni_raw(call, conf.to_string().as_bytes())
 }
 
@@ -148,7 +148,7 @@ fn endpoints(state: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-fn connects(from: &Netns, to: SocketAddr) -> bool {
+pub fn connects(from: &Netns, to: SocketAddr) -> bool {
     from.run(|| TcpStream::connect_timeout(&to, Duration::from_millis(700)).is_ok())
         .unwrap()
 }
@@ -189,7 +189,7 @@ fn agent(node_ns: &str, state: &Path, dir: &Path, extra: &[&str]) -> Agent {
     a
 }
 
-fn address(result: &Value) -> IpAddr {
+pub fn address(result: &Value) -> IpAddr {
     let a = result["ips"][0]["address"]
         .as_str()
         .unwrap_or_else(|| panic!("{result}"));

@@ -445,3 +445,198 @@ fn wait_until(what: &str, done: impl Fn() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The DaemonSet's flow on one node with the stateful stand-in of the API:
+/// pods scheduled there get addresses from the IPPool custom resource
+/// through Calico's IPAM resources, the CNI plugin's addresses reach the
+/// agent as the pods' annotations (before any kubelet would report them),
+/// and the NetworkPolicy holds from the first packet; DEL gives the address
+/// back and takes the annotations off.
+#[test]
+fn pods_networked_by_the_cni_plugin_on_the_kubernetes_datastore() {
+    use super::cni::{Call, address, cni, connects};
+    use super::kube_api::KubeApi;
+    use palisade_testing::netns::Netns;
+
+    if !privileged() {
+        return;
+    }
+    let dir = scratch("cni-kubernetes");
+    let topo = Topology::build(&[]).unwrap();
+    let node_ns = topo.node().name().to_string();
+    let pod = |name: &str, app: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": "shop", "labels": {"app": app}, "uid": format!("uid-{name}")},
+               "spec": {"nodeName": "node-a", "containers": [{"name": "main", "image": "busybox"}]},
+               "status": {"phase": "Pending"}})
+    };
+    let api = KubeApi::start(
+        &node_ns,
+        vec![
+            (
+                "/api/v1/namespaces",
+                json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "shop", "labels": {"kubernetes.io/metadata.name": "shop"}}}),
+            ),
+            (
+                "/api/v1/nodes",
+                json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.11"}]}}),
+            ),
+            (
+                "/apis/crd.projectcalico.org/v1/ippools",
+                json!({"apiVersion": "crd.projectcalico.org/v1",
+            "kind": "IPPool", "metadata": {"name": "frontend"},
+            "spec": {"cidr": "10.10.0.0/16", "blockSize": 26, "vxlanMode": "Never", "ipipMode": "Never"}}),
+            ),
+            (
+                "/apis/networking.k8s.io/v1/networkpolicies",
+                json!({"apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy", "metadata": {"name": "api-from-web", "namespace": "shop"},
+            "spec": {"podSelector": {"matchLabels": {"app": "api"}}, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                                  "ports": [{"protocol": "TCP", "port": 8080}]}]}}),
+            ),
+            ("/api/v1/pods", pod("web-0", "web")),
+            ("/api/v1/pods", pod("api-0", "api")),
+            ("/api/v1/pods", pod("other-0", "other")),
+        ],
+    );
+    let socket = dir.join("cni.sock");
+    let pins = PathBuf::from(format!(
+        "/sys/fs/bpf/palisade-test-kcni-{}",
+        std::process::id()
+    ));
+    let kubeconfig = api.kubeconfig(&dir);
+    let args = [
+        "--node",
+        "node-a",
+        "--datastore",
+        "kubernetes",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--pin-path",
+        pins.to_str().unwrap(),
+        "--metrics-addr",
+        "127.0.0.1:9094",
+        "--cni-socket",
+        socket.to_str().unwrap(),
+        "--cni-attach-timeout-seconds",
+        "10",
+        "--overlay",
+        "none",
+    ];
+    let agent = Agent::spawn_spec(AgentSpec {
+        nsenter: Some(node_ns.clone()),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        metrics: "127.0.0.1:9094".parse().unwrap(),
+        pins,
+        log: dir.join("agent.log"),
+        env: Vec::new(),
+    });
+    agent.wait_ready();
+
+    let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "palisade-cni",
+                      "agent_socket": socket, "ipam": {"type": "calico-ipam"}});
+    let mut netns = Vec::new();
+    let mut addrs = Vec::new();
+    for (i, name) in ["web-0", "api-0", "other-0"].iter().enumerate() {
+        let ns = Netns::create(&format!("pal{}-kpod{i}", std::process::id())).unwrap();
+        let args = format!("K8S_POD_NAMESPACE=shop;K8S_POD_NAME={name}");
+        let (ok, result) = cni(
+            &Call {
+                command: "ADD",
+                container: &format!("c{i}"),
+                netns: Some(ns.name()),
+                args: &args,
+            },
+            &conf,
+        );
+        assert!(
+            ok,
+            "ADD {name}: {result}\n{}",
+            std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+        );
+        let ip = address(&result);
+        assert!(ip.to_string().starts_with("10.10."), "{name}: {ip}");
+        addrs.push(ip);
+        netns.push(ns);
+    }
+    // The addresses are Calico's IPAM resources and the pods' annotations.
+    let blocks = api.objects("/apis/crd.projectcalico.org/v1/ipamblocks");
+    assert_eq!(blocks.len(), 1, "one block for the node: {blocks:?}");
+    assert_eq!(blocks[0]["spec"]["affinity"], "host:node-a");
+    assert_eq!(
+        api.objects("/apis/crd.projectcalico.org/v1/blockaffinities")
+            .len(),
+        1
+    );
+    assert_eq!(
+        api.objects("/apis/crd.projectcalico.org/v1/ipamhandles")
+            .len(),
+        3
+    );
+    let annotated: Vec<String> = api
+        .objects("/api/v1/pods")
+        .iter()
+        .map(|p| {
+            p["metadata"]["annotations"]["cni.projectcalico.org/podIPs"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert!(
+        annotated.iter().all(|a| a.ends_with("/32")),
+        "{annotated:?}"
+    );
+
+    // The policy holds: web reaches api, other does not.
+    let api_addr = SocketAddr::new(addrs[1], 8080);
+    let listener = netns[1]
+        .run(|| std::net::TcpListener::bind(api_addr).unwrap())
+        .unwrap();
+    std::thread::spawn(move || for _ in listener.incoming() {});
+    assert!(connects(&netns[0], api_addr), "web -> api:8080 is allowed");
+    assert!(!connects(&netns[2], api_addr), "other -> api is denied");
+
+    // DEL: the address goes back, the annotations come off.
+    let (ok, result) = cni(
+        &Call {
+            command: "DEL",
+            container: "c1",
+            netns: Some(netns[1].name()),
+            args: "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=api-0",
+        },
+        &conf,
+    );
+    assert!(ok, "DEL: {result}");
+    assert_eq!(
+        api.objects("/apis/crd.projectcalico.org/v1/ipamhandles")
+            .len(),
+        2
+    );
+    let api_pod = api
+        .objects("/api/v1/pods")
+        .into_iter()
+        .find(|p| p["metadata"]["name"] == "api-0")
+        .unwrap();
+    assert!(
+        api_pod["metadata"]["annotations"]
+            .get("cni.projectcalico.org/podIPs")
+            .is_none(),
+        "{api_pod}"
+    );
+    let writes: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| !r.starts_with("GET"))
+        .collect();
+    assert!(
+        writes.iter().all(|w| w.contains("crd.projectcalico.org")
+            || w.starts_with("PATCH /api/v1/namespaces/shop/pods/")),
+        "only IPAM resources and pods' annotations are written: {writes:?}"
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}

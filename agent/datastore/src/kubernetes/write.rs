@@ -92,17 +92,42 @@ pub(crate) fn write_for(document: &Value) -> Result<ApiWrite, StoreError> {
     }
 }
 
-/// The API write that deletes `object`.
-pub(crate) fn delete_for(object: &ObjectRef) -> Result<ApiWrite, StoreError> {
-    // A WorkloadEndpoint of a pod is deleted as its pod (see NodeView).
-    if matches!(object.kind.as_str(), "Pod" | "WorkloadEndpoint") {
-        return Ok(ApiWrite::Pod {
-            namespace: object.namespace.clone().unwrap_or_else(|| "default".into()),
-            name: object.name.clone(),
-            patch: json!({"metadata": {"annotations": {POD_IP: null, POD_IPS: null, CONTAINER_ID: null}}}),
-        });
+/// The parts of a Calico workload endpoint name (`node-k8s-pod-eth0`, each
+/// part's `-` doubled): node, orchestrator, workload, interface.
+pub fn workload_endpoint_parts(name: &str) -> Option<[String; 4]> {
+    let mut parts = vec![String::new()];
+    let mut chars = name.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '-' if chars.peek() == Some(&'-') => {
+                chars.next();
+                parts.last_mut()?.push('-');
+            }
+            '-' => parts.push(String::new()),
+            c => parts.last_mut()?.push(c),
+        }
     }
-    Err(refused(&format!("deleting {object}")))
+    parts.try_into().ok()
+}
+
+/// The API write that deletes `object`: a pod's workload endpoint (named as
+/// Calico names it, or as its pod) loses the CNI plugin's annotations.
+pub(crate) fn delete_for(object: &ObjectRef) -> Result<ApiWrite, StoreError> {
+    let pod = match object.kind.as_str() {
+        "Pod" => Some(object.name.clone()),
+        "WorkloadEndpoint" => workload_endpoint_parts(&object.name)
+            .filter(|[_, orchestrator, _, _]| orchestrator == "k8s")
+            .map(|[_, _, pod, _]| pod),
+        _ => None,
+    };
+    match pod {
+        Some(name) => Ok(ApiWrite::Pod {
+            namespace: object.namespace.clone().unwrap_or_else(|| "default".into()),
+            name,
+            patch: json!({"metadata": {"annotations": {POD_IP: null, POD_IPS: null, CONTAINER_ID: null}}}),
+        }),
+        None => Err(refused(&format!("deleting {object}"))),
+    }
 }
 
 /// Makes one write.
@@ -142,4 +167,26 @@ pub(crate) async fn make(client: &kube::Client, write: &ApiWrite) -> Result<(), 
         }),
         _ => StoreError::Unavailable(format!("Kubernetes API: patching {what}: {e}")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_endpoint_names_split_back_into_their_parts() {
+        let name = crate::kubernetes::workload_endpoint_name("node-a", "k8s", "api-0", "eth0");
+        assert_eq!(name, "node--a-k8s-api--0-eth0");
+        assert_eq!(
+            workload_endpoint_parts(&name).unwrap(),
+            ["node-a", "k8s", "api-0", "eth0"].map(String::from)
+        );
+        assert_eq!(
+            workload_endpoint_parts("a---k8s-b-eth0").unwrap(),
+            ["a-", "k8s", "b", "eth0"].map(String::from)
+        );
+        assert!(workload_endpoint_parts("just-three-parts").is_none());
+        let w = delete_for(&ObjectRef::new("WorkloadEndpoint", Some("shop"), name)).unwrap();
+        assert!(matches!(w, ApiWrite::Pod { name, .. } if name == "api-0"));
+    }
 }

@@ -41,11 +41,6 @@ fn plugin_error(msg: impl Into<String>, e: impl std::fmt::Display) -> CniError {
     CniError::new(ErrorCode::Plugin, msg, e.to_string())
 }
 
-/// Calico's name part: `-` doubled so the parts can be joined with `-`.
-fn escape(part: &str) -> String {
-    part.replace('-', "--")
-}
-
 fn dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
@@ -74,11 +69,11 @@ fn workload(node: &str, inv: &Invocation, conf: &NetConf) -> Result<Workload, Cn
         Some(pod) => (pod.to_string(), "k8s", format!("{namespace}.{pod}")),
         None => (inv.container_id.clone(), "cni", inv.container_id.clone()),
     };
-    let endpoint = format!(
-        "{}-{orchestrator}-{}-{}",
-        escape(node),
-        escape(&name),
-        escape(&inv.ifname)
+    let endpoint = palisade_datastore::kubernetes::workload_endpoint_name(
+        node,
+        orchestrator,
+        &name,
+        &inv.ifname,
     );
     Ok(Workload {
         namespace,

@@ -596,7 +596,7 @@ fn an_endpoint_and_a_node_are_written_as_annotations_and_the_rest_is_refused() {
         .delete(&[policy_core::ObjectRef::new(
             "WorkloadEndpoint",
             Some("shop"),
-            "web-0",
+            "n1-k8s-web--0-eth0",
         )])
         .unwrap();
     let bodies = api.bodies();
