@@ -209,16 +209,7 @@ impl KubeApi {
     /// Serves on loopback inside network namespace `netns`, holding
     /// `objects` (`(collection, object)`).
     pub fn start(netns: &str, objects: Vec<(&str, Value)>) -> KubeApi {
-        let listener = std::thread::scope(|s| {
-            s.spawn(|| {
-                let file = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
-                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                TcpListener::bind("127.0.0.1:0").unwrap()
-            })
-            .join()
-            .unwrap()
-        });
-        listener.set_nonblocking(true).unwrap();
+        let listener = listen_in(netns);
         let mut state = State::default();
         for (collection, object) in objects {
             state.put(collection, object, "ADDED");
@@ -228,19 +219,9 @@ impl KubeApi {
             state: Arc::new(Mutex::new(state)),
             stop: Arc::default(),
         };
-        let (state, stop) = (api.state.clone(), api.stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        let (state, stop) = (state.clone(), stop.clone());
-                        std::thread::spawn(move || {
-                            let _ = serve(conn, &state, &stop);
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
+        let state = api.state.clone();
+        accept_each(listener, api.stop.clone(), move |conn, stop| {
+            let _ = serve(conn, &state, stop);
         });
         api
     }
@@ -262,45 +243,80 @@ impl KubeApi {
 
     /// A kubeconfig for it, written in `dir`.
     pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
-        let path = dir.join("kubeconfig");
-        std::fs::write(
-            &path,
-            format!(
-                "apiVersion: v1\nkind: Config\n\
-                 clusters: [{{name: test, cluster: {{server: \"http://{}\"}}}}]\n\
-                 users: [{{name: agent, user: {{token: test-token}}}}]\n\
-                 contexts: [{{name: test, context: {{cluster: test, user: agent}}}}]\n\
-                 current-context: test\n",
-                self.addr
-            ),
-        )
-        .unwrap();
-        path
+        kubeconfig(self.addr, dir)
     }
 }
 
-fn respond(out: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
-    let text = body.to_string();
-    write!(
-        out,
-        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
-        text.len()
-    )?;
-    out.flush()
+/// A listener on loopback inside network namespace `netns` (non-blocking).
+pub fn listen_in(netns: &str) -> TcpListener {
+    let listener = std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            TcpListener::bind("127.0.0.1:0").unwrap()
+        })
+        .join()
+        .unwrap()
+    });
+    listener.set_nonblocking(true).unwrap();
+    listener
 }
 
-fn serve(conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> std::io::Result<()> {
-    conn.set_nonblocking(false)?;
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut out = conn;
-    loop {
+/// Serves each connection on a thread of its own until `stop`.
+pub fn accept_each(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    serve: impl Fn(TcpStream, &AtomicBool) + Send + Sync + 'static,
+) {
+    let serve = Arc::new(serve);
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    let _ = conn.set_nonblocking(false);
+                    let (serve, stop) = (serve.clone(), stop.clone());
+                    std::thread::spawn(move || serve(conn, &stop));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+}
+
+/// A kubeconfig naming the server at `addr` (plain HTTP, a token).
+pub fn kubeconfig(addr: SocketAddr, dir: &Path) -> PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters: [{{name: test, cluster: {{server: \"http://{addr}\"}}}}]\n\
+             users: [{{name: agent, user: {{token: test-token}}}}]\n\
+             contexts: [{{name: test, context: {{cluster: test, user: agent}}}}]\n\
+             current-context: test\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// One HTTP/1.1 request: method, target (path and query), body.
+pub struct Request {
+    pub method: String,
+    pub target: String,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    /// Reads the next request of a connection (`None`: it closed).
+    pub fn read(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>> {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let mut words = line.split_whitespace();
         let method = words.next().unwrap_or_default().to_string();
-        let request = words.next().unwrap_or_default().to_string();
+        let target = words.next().unwrap_or_default().to_string();
         let mut length = 0;
         loop {
             let mut header = String::new();
@@ -314,32 +330,79 @@ fn serve(conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> std::io::R
         }
         let mut body = vec![0; length];
         reader.read_exact(&mut body)?;
-        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let (path, query) = request.split_once('?').unwrap_or((&request, ""));
+        Ok(Some(Request {
+            method,
+            target,
+            body,
+        }))
+    }
+
+    /// Path and query.
+    pub fn split(&self) -> (&str, &str) {
+        self.target.split_once('?').unwrap_or((&self.target, ""))
+    }
+
+    /// Whether it asks for a watch.
+    pub fn watching(&self) -> bool {
+        self.split().1.split('&').any(|p| p == "watch=true")
+    }
+}
+
+/// Starts a chunked 200 answer (a watch stream).
+pub fn start_stream(out: &mut TcpStream) -> std::io::Result<()> {
+    write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )?;
+    out.flush()
+}
+
+/// One chunk of a stream.
+pub fn chunk(out: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    write!(out, "{:x}\r\n", bytes.len())?;
+    out.write_all(bytes)?;
+    out.write_all(b"\r\n")?;
+    out.flush()
+}
+
+/// A whole JSON answer.
+pub fn respond(out: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
+    let text = body.to_string();
+    write!(
+        out,
+        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+        text.len()
+    )?;
+    out.flush()
+}
+
+fn serve(conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut out = conn;
+    while let Some(request) = Request::read(&mut reader)? {
+        let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+        let (path, query) = request.split();
         let param = |name: &str| {
             query
                 .split('&')
                 .find_map(|p| p.strip_prefix(&format!("{name}=")))
                 .map(str::to_string)
         };
+        let method = request.method.as_str();
         state
             .lock()
             .unwrap()
             .requests
-            .push(format!("{method} {request}"));
+            .push(format!("{method} {}", request.target));
         let Some(t) = target(path) else {
             respond(&mut out, 404, &status(404, "NotFound", path))?;
             continue;
         };
-        if method == "GET" && param("watch").as_deref() == Some("true") {
+        if request.watching() {
             let mut seen: u64 = param("resourceVersion")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            write!(
-                out,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-            )?;
-            out.flush()?;
+            start_stream(&mut out)?;
             while !stop.load(Ordering::Relaxed) {
                 let lines: Vec<(u64, String)> = {
                     let s = state.lock().unwrap();
@@ -358,15 +421,15 @@ fn serve(conn: TcpStream, state: &Mutex<State>, stop: &AtomicBool) -> std::io::R
                         .collect()
                 };
                 for (v, text) in lines {
-                    write!(out, "{:x}\r\n{text}\r\n", text.len())?;
-                    out.flush()?;
+                    chunk(&mut out, text.as_bytes())?;
                     seen = v;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
             return Ok(());
         }
-        let (code, answer) = state.lock().unwrap().answer(&method, &t, &body);
+        let (code, answer) = state.lock().unwrap().answer(method, &t, &body);
         respond(&mut out, code, &answer)?;
     }
+    Ok(())
 }

@@ -6,8 +6,8 @@
 //! them.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -20,6 +20,7 @@ use policy_core::EndpointKey;
 use serde_json::{Value, json};
 
 use super::agent::{Agent, AgentSpec, connect, echo, serve};
+use super::kube_api::{Request, accept_each, chunk, kubeconfig, listen_in, respond, start_stream};
 use super::{privileged, scratch};
 
 /// What a watch stream is sent.
@@ -52,44 +53,18 @@ impl Drop for ApiServer {
     }
 }
 
-fn chunk(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
-    write!(stream, "{:x}\r\n", bytes.len())?;
-    stream.write_all(bytes)?;
-    stream.write_all(b"\r\n")?;
-    stream.flush()
-}
-
 impl ApiServer {
     /// Listens on loopback inside network namespace `netns`.
     fn start(netns: &str) -> ApiServer {
-        let listener = std::thread::scope(|s| {
-            s.spawn(|| {
-                let file = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
-                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                TcpListener::bind("127.0.0.1:0").unwrap()
-            })
-            .join()
-            .unwrap()
-        });
-        listener.set_nonblocking(true).unwrap();
+        let listener = listen_in(netns);
         let server = ApiServer {
             addr: listener.local_addr().unwrap(),
             routes: Arc::default(),
             stop: Arc::default(),
         };
-        let (routes, stop) = (server.routes.clone(), server.stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        let (routes, stop) = (routes.clone(), stop.clone());
-                        std::thread::spawn(move || {
-                            let _ = serve_connection(conn, &routes, &stop);
-                        });
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
+        let routes = server.routes.clone();
+        accept_each(listener, server.stop.clone(), move |conn, stop| {
+            let _ = serve_connection(conn, &routes, stop);
         });
         server
     }
@@ -125,20 +100,7 @@ impl ApiServer {
     }
 
     fn kubeconfig(&self, dir: &std::path::Path) -> PathBuf {
-        let path = dir.join("kubeconfig");
-        std::fs::write(
-            &path,
-            format!(
-                "apiVersion: v1\nkind: Config\n\
-                 clusters: [{{name: test, cluster: {{server: \"http://{}\"}}}}]\n\
-                 users: [{{name: agent, user: {{token: test-token}}}}]\n\
-                 contexts: [{{name: test, context: {{cluster: test, user: agent}}}}]\n\
-                 current-context: test\n",
-                self.addr
-            ),
-        )
-        .unwrap();
-        path
+        kubeconfig(self.addr, dir)
     }
 }
 
@@ -147,34 +109,12 @@ fn serve_connection(
     routes: &Mutex<Routes>,
     stop: &AtomicBool,
 ) -> std::io::Result<()> {
-    conn.set_nonblocking(false)?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut out = conn;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let mut parts = line.split_whitespace();
-        let (method, target) = (
-            parts.next().unwrap_or_default().to_string(),
-            parts.next().unwrap_or_default().to_string(),
-        );
-        let mut length = 0;
-        loop {
-            let mut header = String::new();
-            reader.read_line(&mut header)?;
-            if header.trim().is_empty() {
-                break;
-            }
-            if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap_or(0);
-            }
-        }
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body)?;
-        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-        let watching = query.split('&').any(|p| p == "watch=true");
+    while let Some(request) = Request::read(&mut reader)? {
+        let (method, target) = (request.method.clone(), request.target.clone());
+        let (path, _) = request.split();
+        let watching = request.watching();
         let refused = {
             let mut r = routes.lock().unwrap();
             r.requests.push(format!("{method} {target}"));
@@ -209,11 +149,7 @@ fn serve_connection(
             }
         };
         if let Some(feed) = feed {
-            write!(
-                out,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-            )?;
-            out.flush()?;
+            start_stream(&mut out)?;
             // Unscripted watches stay open and quiet.
             let Some(feed) = feed else {
                 while !stop.load(Ordering::Relaxed) {
@@ -253,21 +189,16 @@ fn serve_connection(
             let name = path.rsplit('/').next().unwrap_or_default();
             json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
         };
-        let text = answer.to_string();
-        write!(
-            out,
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
-            text.len()
-        )?;
-        out.flush()?;
+        respond(&mut out, 200, &answer)?;
     }
+    Ok(())
 }
 
 fn pod(namespace: &str, name: &str, app: &str, ip: &str, version: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": name, "namespace": namespace, "labels": {"app": app},
                         "resourceVersion": version, "uid": format!("uid-{name}")},
-           "spec": {"nodeName": "node1", "containers": [{"name": "main", "image": "busybox",
+           "spec": {"nodeName": "node-a", "containers": [{"name": "main", "image": "busybox",
                     "ports": [{"name": "http", "containerPort": 8080}]}]},
            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
 }
@@ -336,36 +267,13 @@ fn the_agent_enforces_what_the_kubernetes_api_says() {
     let pods_second = server.watch("/api/v1/pods");
     let policies = server.watch("/apis/networking.k8s.io/v1/networkpolicies");
 
-    let pins = PathBuf::from(format!(
-        "/sys/fs/bpf/palisade-test-kube-{}",
-        std::process::id()
-    ));
-    let kubeconfig = server.kubeconfig(&dir);
-    let args = [
-        "--node",
-        "node1",
-        "--datastore",
-        "kubernetes",
-        "--kubeconfig",
-        kubeconfig.to_str().unwrap(),
-        "--pin-path",
-        pins.to_str().unwrap(),
-        "--metrics-addr",
-        "127.0.0.1:9091",
-        "--overlay",
-        "none",
-        "--ipam-metrics-seconds",
-        "1",
-    ];
-    let agent = Agent::spawn_spec(AgentSpec {
-        nsenter: Some(topo.node().name().to_string()),
-        args: args.iter().map(|a| a.to_string()).collect(),
-        metrics: "127.0.0.1:9091".parse().unwrap(),
-        pins: pins.clone(),
-        log: dir.join("agent.log"),
-        env: Vec::new(),
-    });
-    agent.wait_ready();
+    let agent = kube_agent(
+        topo.node().name(),
+        &server.kubeconfig(&dir),
+        &dir,
+        9091,
+        &[],
+    );
     let mut open = connect(api, db_addr).expect("api -> db:8080 is allowed");
     assert!(echo(&mut open));
     assert!(connect(web, db_addr).is_none(), "web -> db is denied");
@@ -438,6 +346,48 @@ fn the_agent_enforces_what_the_kubernetes_api_says() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An agent in node namespace `netns` (node `node-a`) on the Kubernetes
+/// datastore of `kubeconfig`, serving its metrics on `port`, with `extra`.
+fn kube_agent(
+    netns: &str,
+    kubeconfig: &std::path::Path,
+    dir: &std::path::Path,
+    port: u16,
+    extra: &[&str],
+) -> Agent {
+    let pins = PathBuf::from(format!(
+        "/sys/fs/bpf/palisade-test-kube{port}-{}",
+        std::process::id()
+    ));
+    let metrics = format!("127.0.0.1:{port}");
+    let args = [
+        "--node",
+        "node-a",
+        "--datastore",
+        "kubernetes",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--pin-path",
+        pins.to_str().unwrap(),
+        "--metrics-addr",
+        &metrics,
+        "--overlay",
+        "none",
+        "--ipam-metrics-seconds",
+        "1",
+    ];
+    let agent = Agent::spawn_spec(AgentSpec {
+        nsenter: Some(netns.to_string()),
+        args: args.iter().chain(extra).map(|a| a.to_string()).collect(),
+        metrics: metrics.parse().unwrap(),
+        pins,
+        log: dir.join("agent.log"),
+        env: Vec::new(),
+    });
+    agent.wait_ready();
+    agent
+}
+
 fn wait_until(what: &str, done: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !done() {
@@ -503,38 +453,18 @@ fn pods_networked_by_the_cni_plugin_on_the_kubernetes_datastore() {
         ],
     );
     let socket = dir.join("cni.sock");
-    let pins = PathBuf::from(format!(
-        "/sys/fs/bpf/palisade-test-kcni-{}",
-        std::process::id()
-    ));
-    let kubeconfig = api.kubeconfig(&dir);
-    let args = [
-        "--node",
-        "node-a",
-        "--datastore",
-        "kubernetes",
-        "--kubeconfig",
-        kubeconfig.to_str().unwrap(),
-        "--pin-path",
-        pins.to_str().unwrap(),
-        "--metrics-addr",
-        "127.0.0.1:9094",
-        "--cni-socket",
-        socket.to_str().unwrap(),
-        "--cni-attach-timeout-seconds",
-        "10",
-        "--overlay",
-        "none",
-    ];
-    let agent = Agent::spawn_spec(AgentSpec {
-        nsenter: Some(node_ns.clone()),
-        args: args.iter().map(|a| a.to_string()).collect(),
-        metrics: "127.0.0.1:9094".parse().unwrap(),
-        pins,
-        log: dir.join("agent.log"),
-        env: Vec::new(),
-    });
-    agent.wait_ready();
+    let agent = kube_agent(
+        &node_ns,
+        &api.kubeconfig(&dir),
+        &dir,
+        9094,
+        &[
+            "--cni-socket",
+            socket.to_str().unwrap(),
+            "--cni-attach-timeout-seconds",
+            "10",
+        ],
+    );
 
     let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "palisade-cni",
                       "agent_socket": socket, "ipam": {"type": "calico-ipam"}});

@@ -9,17 +9,13 @@
 //! allocation from single-address blocks does, would never get through.)
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 
-use super::mock::status;
-
-type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+use super::mock::{Body, client_on, status};
 
 #[derive(Default)]
 struct State {
@@ -106,19 +102,7 @@ impl FakeApi {
     /// A kube client on this server.
     pub fn client(&self) -> kube::Client {
         let me = self.clone();
-        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
-            let me = me.clone();
-            async move {
-                let (parts, body) = req.into_parts();
-                let bytes = body
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                Ok::<_, Infallible>(me.answer(&parts.method, &parts.uri, &bytes))
-            }
-        });
-        kube::Client::new(service, "default")
+        client_on(move |req, body| me.answer(req.method(), req.uri(), &body))
     }
 
     /// Writes answered, and how many of them with an injected conflict.

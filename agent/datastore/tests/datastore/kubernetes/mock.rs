@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 type Chunk = Result<Bytes, std::io::Error>;
-type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
 enum Reply {
     Json(u16, Value),
@@ -94,6 +94,25 @@ pub fn status(code: u16, reason: &str, message: &str) -> Value {
            "message": message, "reason": reason, "code": code})
 }
 
+/// A kube client whose requests `answer` serves (head and whole body).
+pub fn client_on(
+    answer: impl Fn(http::Request<()>, Bytes) -> http::Response<Body> + Clone + Send + Sync + 'static,
+) -> kube::Client {
+    let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+        let answer = answer.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Ok::<_, Infallible>(answer(http::Request::from_parts(parts, ()), bytes))
+        }
+    });
+    kube::Client::new(service, "default")
+}
+
 /// A List as the API server sends it (items without kind and apiVersion).
 pub fn list(
     api_version: &str,
@@ -133,20 +152,7 @@ impl MockApi {
     /// A kube client on this server (call on the store's runtime).
     pub fn client(&self) -> kube::Client {
         let me = self.clone();
-        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
-            let me = me.clone();
-            async move {
-                let (parts, body) = req.into_parts();
-                let bytes = body
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                let req = http::Request::from_parts(parts, ());
-                Ok::<_, Infallible>(me.answer(&req, &bytes))
-            }
-        });
-        kube::Client::new(service, "default")
+        client_on(move |req, body| me.answer(&req, &body))
     }
 
     fn answer(&self, req: &http::Request<()>, body: &[u8]) -> http::Response<Body> {
