@@ -1,7 +1,8 @@
 //! IPAM records on the Kubernetes API ([`KubeIpamStore`]) against a
 //! stateful stand-in of the API server ([`FakeApi`]): the Calico IPAM
-//! corpus, the same with a conflict injected on the first attempt of every
-//! write, the store's own contract, and allocators on several stores
+//! corpus, the same with every commit's first attempt answered with a
+//! conflict and with half of all writes conflicting at the server, the
+//! store's own contract, and allocators on several stores
 //! racing for blocks.
 
 use std::collections::BTreeSet;
@@ -55,14 +56,48 @@ pub fn run_scenarios_on(fake: &FakeApi, n: usize) {
     }
 }
 
-/// Every scenario on a fresh server; the failures, one line each.
-fn run_corpus(make: impl Fn() -> FakeApi) -> (usize, Vec<String>, usize) {
+/// Answers every other commit (the first attempt of each, when nothing
+/// else commits in between) with a conflict before it reaches the store.
+struct ConflictFirst<S> {
+    inner: S,
+    inject: std::sync::atomic::AtomicBool,
+    injected: std::sync::atomic::AtomicUsize,
+}
+
+impl<S: IpamStore> IpamStore for ConflictFirst<S> {
+    fn get(&self, key: &str) -> Result<Option<palisade_ipam::store::Entry>, StoreError> {
+        self.inner.get(key)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<palisade_ipam::store::Entry>, StoreError> {
+        self.inner.list(prefix)
+    }
+
+    fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if let Some(first) = writes.first()
+            && self.inject.fetch_xor(true, SeqCst)
+        {
+            self.injected.fetch_add(1, SeqCst);
+            return conflict(first.key());
+        }
+        self.inner.commit(writes)
+    }
+}
+
+/// Every scenario on a fresh server; the steps, the failures (one line
+/// each) and the conflicts injected.
+fn run_corpus(make: impl Fn() -> FakeApi, conflict_first: bool) -> (usize, Vec<String>, usize) {
     let mut steps = 0;
     let mut failed = Vec::new();
     let mut injected = 0;
     for (name, doc) in scenarios() {
         let fake = make();
-        let store = store_on(&fake);
+        let store = ConflictFirst {
+            inner: store_on(&fake),
+            inject: conflict_first.into(),
+            injected: 0.into(),
+        };
         let mut run = Run::new(&doc, &store).unwrap_or_else(|e| panic!("{name}: {e}"));
         for (i, step) in doc["steps"].as_array().into_iter().flatten().enumerate() {
             steps += 1;
@@ -70,14 +105,14 @@ fn run_corpus(make: impl Fn() -> FakeApi) -> (usize, Vec<String>, usize) {
                 failed.push(format!("{name} step {i} {}: {why}", step["op"]));
             }
         }
-        injected += fake.writes().1;
+        injected += fake.writes().1 + store.injected.into_inner();
     }
     (steps, failed, injected)
 }
 
 #[test]
 fn the_calico_ipam_corpus_passes_on_the_kubernetes_store() {
-    let (steps, failed, _) = run_corpus(FakeApi::default);
+    let (steps, failed, _) = run_corpus(FakeApi::default, false);
     assert!(steps > 300, "{steps} steps");
     assert!(
         failed.is_empty(),
@@ -87,9 +122,25 @@ fn the_calico_ipam_corpus_passes_on_the_kubernetes_store() {
     );
 }
 
+/// Every commit of the allocator meets a conflict on its first attempt
+/// (nothing written) and is retried.
+#[test]
+fn the_corpus_passes_when_every_commit_first_meets_a_conflict() {
+    let (steps, failed, injected) = run_corpus(FakeApi::default, true);
+    assert!(injected > 300, "{injected} conflicts injected");
+    assert!(
+        failed.is_empty(),
+        "{} of {steps} steps failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
+/// Half of all writes the API receives (undo writes included) meet a
+/// conflict after another writer rewrote the object.
 #[test]
 fn the_corpus_passes_with_a_conflict_on_half_of_all_writes() {
-    let (steps, failed, injected) = run_corpus(|| FakeApi::conflicting(0x5eed));
+    let (steps, failed, injected) = run_corpus(|| FakeApi::conflicting(0x5eed), false);
     assert!(injected > 300, "{injected} conflicts injected");
     assert!(
         failed.is_empty(),

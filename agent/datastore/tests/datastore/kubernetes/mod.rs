@@ -511,19 +511,20 @@ fn forbidden_and_throttled_lists_keep_the_store_out_of_sync_until_they_pass() {
         why.contains("403") && why.contains("list and watch on namespaces"),
         "{why}"
     );
-    // Then it passes: the listing arrives and every kind is in sync.
-    let snapshot = store.snapshot().unwrap();
-    assert!(
-        snapshot
-            .objects
-            .iter()
-            .any(|o| o.object.kind == "Namespace" && o.object.name == "shop")
-    );
+    // Nothing can follow it meanwhile: no partial cluster is enforced.
+    assert!(store.watch(0).is_err());
+    // Then it passes: the listing arrives, every kind is in sync, and the
+    // node enforces the whole cluster.
+    let mut node = Node::new(&[("shop", "api-0"), ("shop", "db-0"), ("clients", "web-0")]);
+    listed(&store, &mut node);
+    assert_eq!(node.allows("shop/api-0", "shop/db-0", 5432), Some(true));
+    assert_eq!(node.allows("clients/web-0", "shop/db-0", 5432), Some(false));
     let asked = api
         .requests()
         .iter()
         .filter(|r| r.starts_with(NAMESPACES) && !r.contains("watch"))
         .count();
+    // kube's client retries a 429 itself: the store saw the 403s only.
     assert_eq!(asked, 4, "two refusals, one throttle, one listing");
 }
 
