@@ -13,10 +13,11 @@
 //! of it; the spec keeps what the key needs.
 //!
 //! The API has no transaction over several objects, so a commit here is
-//! not one: it first reads every key it writes and fails with `Conflict`,
-//! writing nothing, when an expectation does not hold; then it writes in
-//! the order given, each write conditional on the version it expects, and
-//! on a conflict part-way undoes what it wrote (each undo conditional on
+//! not one: it first reads each record it will replace or delete before
+//! its last write (for the undo; a stale expectation there stops it with
+//! `Conflict`, nothing written); then it writes in the order given, each
+//! write conditional on the version it expects, and on a conflict part-way
+//! undoes what it wrote (each undo conditional on
 //! the object still holding what this commit wrote; what another writer
 //! has built on since stays) before saying `Conflict`. Between two writes of a commit other readers see the first
 //! without the second, and a process killed there leaves it so: the
@@ -453,17 +454,28 @@ impl IpamStore for KubeIpamStore {
             .iter()
             .map(|w| place(w.key()))
             .collect::<Result<_, _>>()?;
-        // One write needs no undo; several are checked first, and their
-        // old values kept for the undo.
+        // The old value of a record replaced or deleted before the last
+        // write is read first (the undo puts it back; a stale expectation
+        // stops the commit before anything is written). A create needs no
+        // old value, and the last write no undo.
         let mut before: Vec<Option<Entry>> = vec![None; writes.len()];
-        if writes.len() > 1 {
-            for ((w, p), slot) in writes.iter().zip(&places).zip(&mut before) {
-                let have = self.fetch(p)?;
-                if !super::holds(w, have.as_ref().map(|e| e.revision)) {
-                    return Err(conflict(w.key()));
+        let last = writes.len().saturating_sub(1);
+        for (((w, p), slot), _) in writes.iter().zip(&places).zip(&mut before).zip(0..last) {
+            let creates = matches!(
+                w,
+                Write::Put {
+                    expect: Expect::Absent,
+                    ..
                 }
-                *slot = have;
+            );
+            if creates {
+                continue;
             }
+            let have = self.fetch(p)?;
+            if !super::holds(w, have.as_ref().map(|e| e.revision)) {
+                return Err(conflict(w.key()));
+            }
+            *slot = have;
         }
         let mut applied: Vec<Undo> = Vec::new();
         for ((w, p), old) in writes.iter().zip(&places).zip(before) {

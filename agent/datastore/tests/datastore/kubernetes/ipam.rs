@@ -210,7 +210,8 @@ fn the_kubernetes_store_keeps_compare_and_swap_per_object_and_undoes_a_conflicti
         store.commit(&[put(HANDLE, json!({"block": {}}), Expect::At(0))]),
         conflict(HANDLE)
     );
-    // Checked before anything is written: the handle is not created.
+    // The block's stale expectation fails after the handle was created:
+    // the handle is taken back.
     assert_eq!(
         store.commit(&[
             put(HANDLE, json!({"block": {"10.0.0.0/26": 1}}), Expect::Absent),
@@ -359,5 +360,47 @@ fn allocators_racing_on_one_api_server_never_both_win() {
         fake.writes().1 > 50,
         "conflicts were injected: {:?}",
         fake.writes()
+    );
+}
+
+/// What an assignment costs on this store, in API calls (each a round trip
+/// to the API server): the first on a node claims its block, the next ones
+/// find it. Printed for the docs; bounded so a change that adds calls is
+/// seen.
+#[test]
+fn api_calls_per_assignment() {
+    let fake = FakeApi::default();
+    let c = cluster(&["node-a"]);
+    let env = FixedEnv::new(Duration::from_secs(1_800_000_000), 11);
+    let store = store_on(&fake);
+    let cache = palisade_ipam::IpamCache::new();
+    let ipam = Ipam::new(&store, &c, &env).with_cache(&cache);
+    let mut costs = Vec::new();
+    for i in 0..5 {
+        let before = fake.calls().len();
+        let mut args = AutoAssignArgs::new("node-a", 1, 0, Use::Workload);
+        args.handle = Some(format!("pod-{i}"));
+        let got = ipam.auto_assign(&args);
+        assert!(got.error.is_none(), "{:?}", got.error);
+        let calls = &fake.calls()[before..];
+        let writes = calls
+            .iter()
+            .filter(|c| c.2 != "get" && c.2 != "list")
+            .count();
+        costs.push((calls.len(), writes));
+    }
+    let release_before = fake.calls().len();
+    ipam.release_by_handle("pod-0").unwrap();
+    let release = fake.calls().len() - release_before;
+    eprintln!(
+        "API calls (all, writes) per assignment: first {:?}, then {:?}; release by handle: {release}",
+        costs[0],
+        &costs[1..]
+    );
+    assert!(
+        costs[1..]
+            .iter()
+            .all(|(all, writes)| *all <= 6 && *writes == 2),
+        "{costs:?}"
     );
 }
