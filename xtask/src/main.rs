@@ -493,7 +493,7 @@ fn report(args: &[String]) -> Result<()> {
         Some((name, rest)) => (name.as_str(), rest),
         None => {
             bail!(
-                "usage: cargo xtask report <compiler|datapath|veth|agent|ipam|cni|services|service-packets|service-traffic> [-- ARGS]"
+                "usage: cargo xtask report <compiler|datapath|veth|agent|ipam|cni|services|service-packets|service-traffic|kube> [-- ARGS]"
             )
         }
     };
@@ -507,9 +507,10 @@ fn report(args: &[String]) -> Result<()> {
         "services" => "services-report",
         "service-packets" => "service-packet-report",
         "service-traffic" => "service-traffic-report",
+        "kube" => "kube-report",
         other => {
             bail!(
-                "unknown report {other:?}: expected compiler, datapath, veth, agent, ipam, cni, services, service-packets or service-traffic"
+                "unknown report {other:?}: expected compiler, datapath, veth, agent, ipam, cni, services, service-packets, service-traffic or kube"
             )
         }
     };

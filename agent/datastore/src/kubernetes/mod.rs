@@ -612,12 +612,9 @@ impl Follower for KubeWatch {
                 });
             }
             if s.revision > self.after {
-                let changes: Vec<StoreChange> = s
-                    .log
-                    .iter()
-                    .filter(|c| c.revision() > self.after)
-                    .cloned()
-                    .collect();
+                // The log is in revision order: start where ours end.
+                let from = s.log.partition_point(|c| c.revision() <= self.after);
+                let changes: Vec<StoreChange> = s.log.range(from..).cloned().collect();
                 self.after = s.revision;
                 return Ok(changes);
             }
