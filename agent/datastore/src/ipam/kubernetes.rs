@@ -180,6 +180,7 @@ fn entry_of(kind: Kind, object: &DynamicObject) -> Result<Entry, StoreError> {
         .get("spec")
         .cloned()
         .unwrap_or_else(|| json!({}));
+    from_crd(kind, &mut spec);
     let text = |v: Option<Value>, field: &str| {
         v.and_then(|v| v.as_str().map(str::to_string))
             .ok_or_else(|| corrupt(format!("spec.{field} is missing")))
@@ -223,6 +224,66 @@ fn entry_of(kind: Kind, object: &DynamicObject) -> Result<Entry, StoreError> {
     })
 }
 
+/// The IPAMConfig fields: etcd's names (what the records hold) and the
+/// custom resource's.
+const CONFIG_FIELDS: [(&str, &str); 2] = [
+    ("strict_affinity", "strictAffinity"),
+    ("auto_allocate_blocks", "autoAllocateBlocks"),
+];
+
+/// A record's value (Calico's etcd form) as its custom resource's spec
+/// (Calico's CRD schemas): IPAMConfig's field names, BlockAffinity's
+/// `deleted` as a string, IPAMBlock's required `strictAffinity`.
+fn to_crd(kind: Kind, spec: &mut Value) {
+    let Some(m) = spec.as_object_mut() else {
+        return;
+    };
+    match kind {
+        Kind::Config => {
+            for (etcd, crd) in CONFIG_FIELDS {
+                if let Some(v) = m.remove(etcd) {
+                    m.insert(crd.into(), v);
+                }
+            }
+        }
+        Kind::Affinity => {
+            if let Some(b) = m.get("deleted").and_then(Value::as_bool) {
+                m.insert("deleted".into(), json!(b.to_string()));
+            }
+        }
+        Kind::Block => {
+            m.entry("strictAffinity").or_insert(json!(false));
+        }
+        Kind::Handle => {}
+    }
+}
+
+/// The inverse of [`to_crd`].
+fn from_crd(kind: Kind, spec: &mut Value) {
+    let Some(m) = spec.as_object_mut() else {
+        return;
+    };
+    match kind {
+        Kind::Config => {
+            for (etcd, crd) in CONFIG_FIELDS {
+                if let Some(v) = m.remove(crd) {
+                    m.insert(etcd.into(), v);
+                }
+            }
+        }
+        Kind::Affinity => {
+            if let Some(text) = m.get("deleted").and_then(Value::as_str) {
+                let deleted = text == "true";
+                m.insert("deleted".into(), json!(deleted));
+            }
+        }
+        Kind::Block => {
+            m.remove("strictAffinity");
+        }
+        Kind::Handle => {}
+    }
+}
+
 fn take(spec: &mut Value, field: &str) -> Option<Value> {
     spec.as_object_mut().and_then(|m| m.remove(field))
 }
@@ -242,6 +303,7 @@ fn object_for(
             m.insert((*field).to_string(), v.clone());
         }
     }
+    to_crd(place.kind, &mut spec);
     let mut object =
         DynamicObject::new(&place.name, &place.kind.resource()).data(json!({ "spec": spec }));
     object.metadata.resource_version = revision.map(|r| r.to_string());
@@ -523,6 +585,99 @@ impl IpamStore for KubeIpamStore {
 mod tests {
     use super::*;
 
+    /// The spec properties and required fields of Calico's IPAM custom
+    /// resources, transcribed from Calico's `kdd-crds.yaml`
+    /// (crd.projectcalico.org ipamblocks, ipamconfigs, ipamhandles,
+    /// blockaffinities; `affinityClaimTime` from Calico 3.26 on).
+    type Schema = (Kind, &'static [&'static str], &'static [&'static str]);
+    const CALICO_SCHEMAS: [Schema; 4] = [
+        (
+            Kind::Block,
+            &[
+                "affinity",
+                "affinityClaimTime",
+                "allocations",
+                "attributes",
+                "cidr",
+                "deleted",
+                "sequenceNumber",
+                "sequenceNumberForAllocation",
+                "strictAffinity",
+                "unallocated",
+            ],
+            &[
+                "allocations",
+                "attributes",
+                "cidr",
+                "strictAffinity",
+                "unallocated",
+            ],
+        ),
+        (
+            Kind::Config,
+            &["autoAllocateBlocks", "maxBlocksPerHost", "strictAffinity"],
+            &["autoAllocateBlocks", "strictAffinity"],
+        ),
+        (
+            Kind::Handle,
+            &["block", "deleted", "handleID"],
+            &["block", "handleID"],
+        ),
+        (
+            Kind::Affinity,
+            &["cidr", "deleted", "node", "state"],
+            &["cidr", "deleted", "node", "state"],
+        ),
+    ];
+
+    /// What this store writes is what Calico's CRDs keep (a field they do
+    /// not know would be pruned), with every field they require, and reads
+    /// back as it was written.
+    #[test]
+    fn specs_fit_calicos_crd_schemas_and_read_back_unchanged() {
+        let cidr: IpNet = "10.0.0.0/26".parse().unwrap();
+        let mut block = palisade_ipam::block::Block::new(cidr, 7, None);
+        block.affinity = Some("host:node-a".into());
+        block.affinity_claimed_at = Some(1_800_000_000);
+        let config = serde_json::to_vec(&palisade_ipam::Config::default()).unwrap();
+        let records: [(String, Vec<u8>); 4] = [
+            (records::block_key(&cidr), block.to_json()),
+            (CONFIG_KEY.into(), config),
+            (
+                records::handle_key("pod-a"),
+                br#"{"block":{"10.0.0.0/26":1},"deleted":false}"#.to_vec(),
+            ),
+            (
+                records::affinity_key("node-a", &cidr),
+                br#"{"state":"confirmed","deleted":false}"#.to_vec(),
+            ),
+        ];
+        for (key, value) in records {
+            let p = place(&key).unwrap();
+            let object = object_for(&p, &value, Some(3)).unwrap();
+            let spec = object.data["spec"].as_object().unwrap();
+            let (_, known, required) = CALICO_SCHEMAS
+                .iter()
+                .find(|(k, _, _)| *k == p.kind)
+                .unwrap();
+            for field in spec.keys() {
+                assert!(
+                    known.contains(&field.as_str()),
+                    "{key}: {field} is not in Calico's schema"
+                );
+            }
+            for field in *required {
+                assert!(spec.contains_key(*field), "{key}: Calico requires {field}");
+            }
+            let entry = entry_of(p.kind, &object).unwrap();
+            assert_eq!(entry.key, key);
+            assert!(
+                same_json(&entry.value, &value),
+                "{key} reads back as written"
+            );
+        }
+    }
+
     #[test]
     fn keys_map_to_calicos_resource_names_and_back() {
         let cidr: IpNet = "10.0.0.0/26".parse().unwrap();
@@ -551,6 +706,10 @@ mod tests {
             Some(7),
         )
         .unwrap();
+        assert_eq!(
+            object.data["spec"]["deleted"], "false",
+            "a string, as Calico's CRD has it"
+        );
         let entry = entry_of(Kind::Affinity, &object).unwrap();
         assert_eq!(entry.key, records::affinity_key("node-a", &cidr));
         assert_eq!(entry.revision, 7);
