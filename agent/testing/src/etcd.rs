@@ -23,7 +23,7 @@ pub enum EtcdError {
         message: String,
     },
     /// The cluster did not answer in time.
-    #[error("etcd did not become healthy within {0:?}; member logs are in {1}")]
+    #[error("etcd did not become healthy within {0:?}; the members' last log lines:\n{1}")]
     NotHealthy(Duration, String),
 }
 
@@ -334,7 +334,20 @@ impl EtcdCluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(EtcdError::NotHealthy(limit, self.dir.display().to_string()));
+                // The folder goes with the cluster: the logs' ends go in
+                // the error.
+                let tails: Vec<String> = which
+                    .iter()
+                    .map(|i| {
+                        let name = &self.members[*i].name;
+                        let log = std::fs::read_to_string(self.dir.join(format!("{name}.log")))
+                            .unwrap_or_default();
+                        let lines: Vec<&str> = log.lines().collect();
+                        let tail = lines[lines.len().saturating_sub(8)..].join("\n");
+                        format!("{name}:\n{tail}")
+                    })
+                    .collect();
+                return Err(EtcdError::NotHealthy(limit, tails.join("\n")));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
