@@ -1,6 +1,8 @@
 //! Allocators racing and dying: several `palisade ipam exercise`
 //! processes on one store (embedded, and a 3-member etcd with three
-//! nodes), and one killed with SIGKILL at random points. Their journals
+//! nodes), three agents on a 3-member etcd handing out addresses to CNI
+//! ADDs at once, and an allocator killed with SIGKILL at random points.
+//! Their journals
 //! (fsynced after every acknowledged step, with the wall clock) say what
 //! each was promised; the checker proves no address was promised to two
 //! holders at once, no block was claimed twice, nothing acknowledged was
@@ -14,9 +16,13 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use palisade_testing::etcd::EtcdCluster;
+use palisade_testing::netns::Netns;
+use serde_json::json;
 
 use super::cluster::etcd_available;
-use super::{palisade, scratch};
+use super::cni::{Call, address, cni};
+use super::lab::{Lab, Node, ip, on_store};
+use super::{palisade, privileged, scratch};
 
 /// What the journals say.
 #[derive(Default, Debug)]
@@ -30,14 +36,19 @@ struct Promised {
 }
 
 fn read_journals(paths: &[PathBuf]) -> Promised {
-    let mut p = Promised::default();
-    let mut since: BTreeMap<String, (u64, Vec<IpAddr>)> = BTreeMap::new();
     let mut lines: Vec<serde_json::Value> = Vec::new();
     for path in paths {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         // A kill can tear the last line: it was never acknowledged.
         lines.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
     }
+    promised(lines)
+}
+
+/// What journal lines (`op`, `handle`, `t`, `ips`) promised, in time order.
+fn promised(mut lines: Vec<serde_json::Value>) -> Promised {
+    let mut p = Promised::default();
+    let mut since: BTreeMap<String, (u64, Vec<IpAddr>)> = BTreeMap::new();
     lines.sort_by_key(|v| v["t"].as_u64().unwrap_or(0));
     for v in lines {
         let h = v["handle"].as_str().unwrap_or("").to_string();
@@ -312,4 +323,161 @@ fn an_allocator_killed_anywhere_leaks_only_what_check_names_and_gc_restores() {
         out.contains(&format!(", {} allocated", live_ips.len())),
         "{out}"
     );
+}
+
+/// The wall clock in nanoseconds, as the allocators' journals write it.
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// One node's CNI traffic: `ops` ADDs and DELs in a random order over
+/// `slots` pod namespaces, draining at the end; journal lines as the
+/// allocators write them (an ADD's after its answer, a DEL's `releasing`
+/// before its call).
+fn cni_churn(node: &Node, index: usize, slots: &[Netns], ops: usize) -> Vec<serde_json::Value> {
+    let conf = json!({
+        "cniVersion": "1.0.0", "name": "stress", "type": "palisade-cni",
+        "agent_socket": node.socket, "namespace": "shop", "labels": {"app": "churn"},
+        "ipam": {"type": "calico-ipam", "ipv4_pools": ["stress"]},
+    });
+    let mut journal = Vec::new();
+    let mut rng = 0x9e37_79b9_u64 + index as u64;
+    let mut held: Vec<Option<String>> = vec![None; slots.len()];
+    let mut seq = 0;
+    let call = |command: &str, container: &str, slot: usize| {
+        let args = format!("K8S_POD_NAME={container}");
+        cni(
+            &Call {
+                command,
+                container,
+                netns: Some(slots[slot].name()),
+                args: &args,
+            },
+            &conf,
+        )
+    };
+    let del = |journal: &mut Vec<serde_json::Value>, slot: usize, container: &str| {
+        journal.push(json!({"op": "releasing", "handle": container, "t": now_ns()}));
+        let (ok, out) = call("DEL", container, slot);
+        assert!(ok, "{} DEL {container}: {out}", node.name);
+        journal.push(json!({"op": "released", "handle": container, "t": now_ns()}));
+    };
+    for _ in 0..ops {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let slot = (rng % slots.len() as u64) as usize;
+        match held[slot].take() {
+            Some(container) => del(&mut journal, slot, &container),
+            None => {
+                seq += 1;
+                let container = format!("{}-{seq}", node.name);
+                let (ok, out) = call("ADD", &container, slot);
+                assert!(ok, "{} ADD {container}: {out}", node.name);
+                journal.push(json!({"op": "assigned", "handle": container,
+                    "ips": [address(&out).to_string()], "t": now_ns()}));
+                held[slot] = Some(container);
+            }
+        }
+    }
+    for (slot, container) in held.iter_mut().enumerate() {
+        if let Some(container) = container.take() {
+            del(&mut journal, slot, &container);
+        }
+    }
+    journal
+}
+
+#[test]
+fn three_agents_on_a_three_member_etcd_never_give_two_pods_one_address() {
+    if !privileged() || !etcd_available() {
+        return;
+    }
+    let dir = scratch("ipam-race-agents");
+    let cluster = EtcdCluster::start(&dir.join("etcd"), 3, None).unwrap();
+    let store = vec![
+        "--datastore".to_string(),
+        "etcd".to_string(),
+        "--etcd-endpoints".to_string(),
+        cluster.endpoints().join(","),
+    ];
+    let nodes = ["node-a", "node-b", "node-c"];
+    // Small blocks (a /24 in /29s: 32 blocks of 8) so the nodes keep
+    // claiming, filling and borrowing blocks while the others do.
+    let mut manifests = String::from(
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: stress}\n\
+         spec: {cidr: 10.40.0.0/24, blockSize: 29, vxlanMode: Always}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n",
+    );
+    for n in nodes {
+        manifests.push_str(&format!(
+            "---\napiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {{name: {n}}}\n"
+        ));
+    }
+    let lab = Lab::start_on("ir", 9150, &dir, &nodes, &manifests, store);
+    // The tunnel addresses come from the same pool: held all along.
+    let mut tunnels = Vec::new();
+    for n in &lab.nodes {
+        let addr = ip(n.ns.name(), "-4 -o addr show dev vxlan.calico");
+        let a: IpAddr = addr
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{}'s tunnel address: {addr}", n.name));
+        tunnels.push(
+            json!({"op": "assigned", "handle": format!("vxlan-tunnel-addr-{}", n.name),
+            "ips": [a.to_string()], "t": 0}),
+        );
+    }
+    let pid = std::process::id();
+    let slots: Vec<Vec<Netns>> = (0..nodes.len())
+        .map(|i| {
+            (0..6)
+                .map(|k| Netns::create(&format!("palir{i}{k}{pid}")).unwrap())
+                .collect()
+        })
+        .collect();
+    let ops = 340;
+    let started = std::time::Instant::now();
+    let journals: Vec<Vec<serde_json::Value>> = std::thread::scope(|s| {
+        let runs: Vec<_> = lab
+            .nodes
+            .iter()
+            .zip(&slots)
+            .enumerate()
+            .map(|(i, (n, pods))| s.spawn(move || cni_churn(n, i, pods, ops)))
+            .collect();
+        runs.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let mut lines: Vec<serde_json::Value> = journals.into_iter().flatten().collect();
+    let calls = lines.iter().filter(|v| v["op"] != "releasing").count();
+    lines.extend(tunnels);
+    let p = promised(lines);
+    eprintln!(
+        "{calls} CNI calls on 3 agents in {:.1} s, {} addresses used",
+        started.elapsed().as_secs_f64(),
+        p.intervals.len()
+    );
+    assert!(calls >= nodes.len() * ops, "{calls} calls");
+    assert_never_held_twice(&p);
+    assert_eq!(
+        p.live.len(),
+        nodes.len(),
+        "only the tunnels left: {:?}",
+        p.live
+    );
+    // Nothing left but the tunnels; no block claimed twice; every
+    // endpoint the CNI wrote is gone.
+    let check = on_store(&lab.store, &["ipam", "check"]);
+    assert!(
+        check.contains(&format!("{} allocated addresses", nodes.len()))
+            && check.contains("\n0 findings"),
+        "{check}"
+    );
+    let weps = on_store(&lab.store, &["get", "workloadendpoints"]);
+    assert!(!weps.contains("node-"), "{weps}");
 }

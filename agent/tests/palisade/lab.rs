@@ -1,6 +1,7 @@
 //! A lab of nodes on one machine for the tests that need several: network
 //! namespaces on an underlay bridge (MTU 1500), one agent each on a shared
-//! embedded datastore, each with its CNI socket and the VXLAN overlay.
+//! datastore (embedded, or etcd), each with its CNI socket and the VXLAN
+//! overlay.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -8,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use palisade_testing::netns::{Netns, ip_batch};
 
-use super::agent::{Agent, AgentSpec, store};
+use super::agent::{Agent, AgentSpec};
+use super::palisade;
 
 /// `ip -n NS ARGS`' output.
 pub fn ip(ns: &str, args: &str) -> String {
@@ -41,20 +43,33 @@ pub struct Node {
 /// The lab: the underlay, the nodes, the datastore.
 pub struct Lab {
     pub nodes: Vec<Node>,
+    /// The embedded datastore's folder (unused on etcd).
     pub state: PathBuf,
+    /// The flags naming the datastore, for `palisade` commands.
+    pub store: Vec<String>,
     _fabric: Netns,
 }
 
-fn agent(ns: &str, name: &str, port: u16, state: &Path, dir: &Path) -> (Agent, PathBuf) {
+/// Runs `palisade ARGS STORE`; its stdout, or a panic with what it said.
+pub fn on_store(store: &[String], args: &[&str]) -> String {
+    let out = palisade().args(args).args(store).output().unwrap();
+    assert!(
+        out.status.success(),
+        "palisade {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn agent(ns: &str, name: &str, port: u16, store: &[String], dir: &Path) -> (Agent, PathBuf) {
     let socket = dir.join(format!("cni-{name}.sock"));
     let metrics = format!("127.0.0.1:{port}");
     // Tests run in parallel in one process: the namespace names them apart.
     let pins = format!("/sys/fs/bpf/palisade-test-lab-{ns}");
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "--node",
         name,
-        "--state-dir",
-        state.to_str().unwrap(),
         "--pin-path",
         &pins,
         "--metrics-addr",
@@ -69,8 +84,16 @@ fn agent(ns: &str, name: &str, port: u16, state: &Path, dir: &Path) -> (Agent, P
     .iter()
     .map(|s| s.to_string())
     .collect();
+    args.extend(store.iter().cloned());
+    // An etcd cluster listens on the host's loopback, which a node's
+    // namespace cannot reach: that agent runs in the host namespace and
+    // works in its node's through --netns, as `palisade lab` runs them.
+    let on_host = store.iter().any(|a| a == "etcd");
+    if on_host {
+        args.extend(["--netns".to_string(), ns.to_string()]);
+    }
     let a = Agent::spawn_spec(AgentSpec {
-        nsenter: Some(ns.to_string()),
+        nsenter: (!on_host).then(|| ns.to_string()),
         args,
         metrics: metrics.parse().unwrap(),
         pins: pins.into(),
@@ -88,13 +111,27 @@ impl Lab {
     /// own); returns once every node sees every other's tunnel.
     pub fn start(tag: &str, first_port: u16, dir: &Path, names: &[&str], manifests: &str) -> Lab {
         let state = dir.join("state");
+        let store = vec!["--state-dir".to_string(), state.display().to_string()];
+        Lab::start_on(tag, first_port, dir, names, manifests, store)
+    }
+
+    /// As [`Lab::start`], on the datastore `store` names (`palisade`'s
+    /// flags, e.g. `--datastore etcd --etcd-endpoints URL`).
+    pub fn start_on(
+        tag: &str,
+        first_port: u16,
+        dir: &Path,
+        names: &[&str],
+        manifests: &str,
+        store: Vec<String>,
+    ) -> Lab {
+        let state = dir.join("state");
         let pid = std::process::id();
         std::fs::write(dir.join("cluster.yaml"), manifests).unwrap();
-        store(
-            &state,
+        on_store(
+            &store,
             &["apply", "-f", dir.join("cluster.yaml").to_str().unwrap()],
-        )
-        .unwrap();
+        );
         let fabric = Netns::create(&format!("pal{tag}f{pid}")).unwrap();
         ip_batch(
             Some(fabric.name()),
@@ -122,7 +159,7 @@ impl Lab {
                 ],
             )
             .unwrap();
-            let (agent, socket) = agent(ns.name(), name, first_port + i as u16, &state, dir);
+            let (agent, socket) = agent(ns.name(), name, first_port + i as u16, &store, dir);
             nodes.push(Node {
                 ns,
                 name: name.to_string(),
@@ -143,6 +180,7 @@ impl Lab {
         Lab {
             nodes,
             state,
+            store,
             _fabric: fabric,
         }
     }
