@@ -94,6 +94,42 @@ pub enum StoreError {
     },
 }
 
+/// A condition of [`IpamStore::commit_checked`] on records it does not
+/// write: what a decision made from a cached view rests on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check<'a> {
+    /// The record at the key is as expected.
+    Key(&'a str, Expect),
+    /// No record under the prefix was written after the revision (a
+    /// removed record is not seen here: check it by key).
+    NoneNewer {
+        /// The prefix.
+        prefix: &'a str,
+        /// The newest revision allowed.
+        revision: Revision,
+    },
+}
+
+impl Check<'_> {
+    /// The key or prefix checked, for a conflict's message.
+    pub fn key(&self) -> &str {
+        match self {
+            Check::Key(key, _) => key,
+            Check::NoneNewer { prefix, .. } => prefix,
+        }
+    }
+}
+
+/// What [`IpamStore::commit_checked`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// Every check held and every write landed, at this revision.
+    Landed(Revision),
+    /// The store cannot check and write in one step (nor tell the revision
+    /// written); nothing was written.
+    Unsupported,
+}
+
 /// One part of a batched read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Read<'a> {
@@ -130,6 +166,19 @@ pub trait IpamStore: Send + Sync {
     /// the affinity confirms it, and a block lets an address go before its
     /// handle stops counting it.
     fn commit(&self, writes: &[Write]) -> Result<(), StoreError>;
+    /// Like [`commit`](IpamStore::commit), with `checks` on records not
+    /// written holding in the same atomic step, and the revision every
+    /// write took. A failed check is a `Conflict` naming its key or prefix.
+    /// Stores that cannot do this in one step say `Unsupported` (the
+    /// default) and write nothing.
+    fn commit_checked(
+        &self,
+        checks: &[Check<'_>],
+        writes: &[Write],
+    ) -> Result<Committed, StoreError> {
+        let _ = (checks, writes);
+        Ok(Committed::Unsupported)
+    }
 }
 
 /// Key prefix of every IPAM record.
@@ -263,7 +312,32 @@ impl IpamStore for MemoryStore {
     }
 
     fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
+        self.commit_checked(&[], writes).map(|_| ())
+    }
+
+    fn commit_checked(
+        &self,
+        checks: &[Check<'_>],
+        writes: &[Write],
+    ) -> Result<Committed, StoreError> {
         let mut inner = self.lock();
+        for c in checks {
+            let have = |k: &str| inner.records.get(k).map(|(_, r)| *r);
+            let held = match c {
+                Check::Key(key, Expect::Absent) => have(key).is_none(),
+                Check::Key(key, Expect::At(r)) => have(key) == Some(*r),
+                Check::NoneNewer { prefix, revision } => inner
+                    .records
+                    .range(prefix.to_string()..)
+                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .all(|(_, (_, r))| r <= revision),
+            };
+            if !held {
+                return Err(StoreError::Conflict {
+                    key: c.key().to_string(),
+                });
+            }
+        }
         for w in writes {
             let have = inner.records.get(w.key()).map(|(_, r)| *r);
             let holds = match w {
@@ -291,7 +365,7 @@ impl IpamStore for MemoryStore {
                 }
             }
         }
-        Ok(())
+        Ok(Committed::Landed(revision))
     }
 }
 

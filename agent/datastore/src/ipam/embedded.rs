@@ -45,7 +45,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use palisade_ipam::store::{Entry, IpamStore, StoreError, Write};
+use palisade_ipam::store::{
+    Check, Committed, Entry, Expect, IpamStore, Revision, StoreError, Write,
+};
 use redb::{
     ConcurrencyMode, Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition,
     TableError, WriteTransaction,
@@ -162,11 +164,52 @@ impl EmbeddedIpamStore {
     /// Checks every expectation of `writes` in `txn` and writes them at the
     /// next revision; `Conflict` (and nothing written) at the first that
     /// fails.
-    fn apply(&self, txn: &WriteTransaction, writes: &[Write]) -> Result<(), StoreError> {
+    fn apply(
+        &self,
+        txn: &WriteTransaction,
+        checks: &[Check<'_>],
+        writes: &[Write],
+    ) -> Result<Revision, StoreError> {
         let file = self.path.display().to_string();
         let mut records = txn
             .open_table(RECORDS)
             .map_err(|e| failed(&self.path, RECORDS_NAME, e))?;
+        for c in checks {
+            let held = match c {
+                Check::Key(key, expect) => {
+                    let have = records
+                        .get(*key)
+                        .map_err(|e| failed(&self.path, key, e))?
+                        .map(|g| g.value().0);
+                    match expect {
+                        Expect::Absent => have.is_none(),
+                        Expect::At(r) => have == Some(*r),
+                    }
+                }
+                Check::NoneNewer { prefix, revision } => {
+                    let mut newer = false;
+                    for item in records
+                        .range(*prefix..)
+                        .map_err(|e| failed(&self.path, prefix, e))?
+                    {
+                        let (key, record) = item.map_err(|e| failed(&self.path, prefix, e))?;
+                        if !key.value().starts_with(prefix) {
+                            break;
+                        }
+                        if record.value().0 > *revision {
+                            newer = true;
+                            break;
+                        }
+                    }
+                    !newer
+                }
+            };
+            if !held {
+                return Err(StoreError::Conflict {
+                    key: c.key().to_string(),
+                });
+            }
+        }
         for w in writes {
             let have = records
                 .get(w.key())
@@ -205,7 +248,7 @@ impl EmbeddedIpamStore {
         }
         meta.insert(REVISION, revision)
             .map_err(|e| failed(&self.path, &file, e))?;
-        Ok(())
+        Ok(revision)
     }
 }
 
@@ -265,10 +308,19 @@ impl IpamStore for EmbeddedIpamStore {
         if writes.is_empty() {
             return Ok(());
         }
+        self.commit_checked(&[], writes).map(|_| ())
+    }
+
+    fn commit_checked(
+        &self,
+        checks: &[Check<'_>],
+        writes: &[Write],
+    ) -> Result<Committed, StoreError> {
         let txn = self.begin_write()?;
-        match self.apply(&txn, writes) {
-            Ok(()) => txn
+        match self.apply(&txn, checks, writes) {
+            Ok(revision) => txn
                 .commit()
+                .map(|()| Committed::Landed(revision))
                 .map_err(|e| failed(&self.path, &self.path.display().to_string(), e)),
             Err(e) => {
                 // Nothing was written; dropping the transaction would abort

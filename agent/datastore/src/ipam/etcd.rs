@@ -31,7 +31,9 @@
 //! ```
 
 use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
-use palisade_ipam::store::{Entry, Expect, IpamStore, Read, StoreError, Write};
+use palisade_ipam::store::{
+    Check, Committed, Entry, Expect, IpamStore, Read, Revision, StoreError, Write,
+};
 
 use super::holds;
 use crate::EtcdConfig;
@@ -74,6 +76,24 @@ fn entry(kv: &KeyValue) -> Result<Entry, StoreError> {
         value: kv.value().to_vec(),
         revision,
     })
+}
+
+/// The comparison that holds when `check` does. A prefix's: every key in
+/// its range has a mod revision below the next one (a range with no keys
+/// compares as a missing key, revision 0).
+fn compare_check(check: &Check<'_>) -> Compare {
+    match check {
+        Check::Key(key, Expect::Absent) => Compare::version(*key, CompareOp::Equal, 0),
+        Check::Key(key, Expect::At(revision)) => match i64::try_from(*revision) {
+            Ok(revision) if revision > 0 => Compare::mod_revision(*key, CompareOp::Equal, revision),
+            _ => Compare::mod_revision(*key, CompareOp::Less, 0),
+        },
+        Check::NoneNewer { prefix, revision } => {
+            let below = i64::try_from(revision.saturating_add(1)).unwrap_or(i64::MAX);
+            Compare::mod_revision(*prefix, CompareOp::Less, below)
+                .with_range(prefix_end(prefix.as_bytes()))
+        }
+    }
 }
 
 /// The comparison that holds when `write`'s expectation does.
@@ -221,7 +241,16 @@ impl IpamStore for EtcdIpamStore {
         if writes.is_empty() {
             return Ok(());
         }
-        let compares: Vec<Compare> = writes.iter().map(compare).collect();
+        self.commit_checked(&[], writes).map(|_| ())
+    }
+
+    fn commit_checked(
+        &self,
+        checks: &[Check<'_>],
+        writes: &[Write],
+    ) -> Result<Committed, StoreError> {
+        let mut compares: Vec<Compare> = checks.iter().map(compare_check).collect();
+        compares.extend(writes.iter().map(compare));
         let ops: Vec<TxnOp> = writes
             .iter()
             .map(|w| match w {
@@ -229,9 +258,20 @@ impl IpamStore for EtcdIpamStore {
                 Write::Delete { key, .. } => TxnOp::delete(key.as_str(), None),
             })
             .collect();
-        // When a comparison fails: every key as it was then, to name the
-        // first whose expectation failed.
-        let reads: Vec<TxnOp> = writes.iter().map(|w| TxnOp::get(w.key(), None)).collect();
+        // When a comparison fails: every key compared as it was then, to
+        // name the first whose expectation failed.
+        let key_checks: Vec<(&str, Expect)> = checks
+            .iter()
+            .filter_map(|c| match c {
+                Check::Key(k, e) => Some((*k, *e)),
+                Check::NoneNewer { .. } => None,
+            })
+            .collect();
+        let reads: Vec<TxnOp> = key_checks
+            .iter()
+            .map(|(k, _)| TxnOp::get(*k, None))
+            .chain(writes.iter().map(|w| TxnOp::get(w.key(), None)))
+            .collect();
         let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
         let mut client = self.conn.client.clone();
         // Not retried (unlike reads): an error here may mean the answer was
@@ -245,26 +285,53 @@ impl IpamStore for EtcdIpamStore {
             .block_on(client.txn(txn))
             .map_err(self.unavailable())?;
         if resp.succeeded() {
-            return Ok(());
+            let revision = resp.header().map_or(0, |h| h.revision());
+            return u64::try_from(revision)
+                .ok()
+                .filter(|r| *r > 0)
+                .map(Committed::Landed)
+                .ok_or_else(|| {
+                    StoreError::Unavailable(format!(
+                        "etcd answered a commit with revision {revision}"
+                    ))
+                });
         }
-        for (w, r) in writes.iter().zip(resp.op_responses()) {
-            let TxnOpResponse::Get(got) = r else {
-                continue;
+        let mut answers = resp.op_responses().into_iter();
+        let mut have = || -> Result<Option<Revision>, StoreError> {
+            match answers.next() {
+                Some(TxnOpResponse::Get(got)) => match got.kvs().first() {
+                    Some(kv) => Ok(Some(entry(kv)?.revision)),
+                    None => Ok(None),
+                },
+                _ => Ok(None),
+            }
+        };
+        for (key, expect) in &key_checks {
+            let found = have()?;
+            let held = match expect {
+                Expect::Absent => found.is_none(),
+                Expect::At(r) => found == Some(*r),
             };
-            let have = match got.kvs().first() {
-                Some(kv) => Some(entry(kv)?.revision),
-                None => None,
-            };
-            if !holds(w, have) {
+            if !held {
+                return Err(StoreError::Conflict {
+                    key: key.to_string(),
+                });
+            }
+        }
+        for w in writes {
+            if !holds(w, have()?) {
                 return Err(StoreError::Conflict {
                     key: w.key().to_string(),
                 });
             }
         }
-        // Unreachable while etcd answers as documented: some comparison
-        // failed, so some key's expectation did.
+        // Some comparison failed and it was none of the keys': a prefix's.
+        let key = checks
+            .iter()
+            .find(|c| matches!(c, Check::NoneNewer { .. }))
+            .map_or_else(|| writes.first().map_or("", |w| w.key()), |c| c.key());
         Err(StoreError::Conflict {
-            key: writes[0].key().to_string(),
+            key: key.to_string(),
         })
     }
 }

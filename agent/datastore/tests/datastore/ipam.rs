@@ -208,6 +208,67 @@ fn contract(store: &dyn IpamStore) -> Revision {
         last = now;
     }
 
+    // A checked commit writes only when every check holds too, names the
+    // check that failed, and tells the revision its writes took.
+    use palisade_ipam::store::{Check, Committed};
+    let s_at = entry(store, "/s").revision;
+    let newest_t = store
+        .list("/t/")
+        .unwrap()
+        .iter()
+        .map(|e| e.revision)
+        .max()
+        .unwrap();
+    let u = || [put("/u", "u", Expect::Absent)];
+    for (check, named) in [
+        (Check::Key("/s", Expect::At(s_at + 1000)), "/s"),
+        (Check::Key("/s", Expect::Absent), "/s"),
+        (Check::Key("/missing", Expect::At(s_at)), "/missing"),
+        (
+            Check::NoneNewer {
+                prefix: "/t/",
+                revision: newest_t - 1,
+            },
+            "/t/",
+        ),
+    ] {
+        assert_eq!(
+            store.commit_checked(&[check], &u()),
+            Err(StoreError::Conflict { key: named.into() }),
+            "{check:?}"
+        );
+        assert_eq!(store.get("/u").unwrap(), None, "{check:?} wrote");
+    }
+    // A prefix check sees only its prefix: "/t0" is not under "/t/".
+    let t0 = entry(store, "/t0").revision;
+    store
+        .commit(&[put("/t0", "later", Expect::At(t0))])
+        .unwrap();
+    let all_hold = [
+        Check::Key("/s", Expect::At(s_at)),
+        Check::Key("/missing", Expect::Absent),
+        Check::NoneNewer {
+            prefix: "/t/",
+            revision: newest_t,
+        },
+        Check::NoneNewer {
+            prefix: "/none/",
+            revision: 0,
+        },
+    ];
+    let landed = store.commit_checked(&all_hold, &u()).unwrap();
+    let u_at = entry(store, "/u").revision;
+    assert_eq!(landed, Committed::Landed(u_at));
+    assert!(u_at > entry(store, "/t0").revision);
+    last = u_at;
+    store
+        .commit(&[
+            delete("/u", u_at),
+            put("/t0", "w", Expect::At(entry(store, "/t0").revision)),
+        ])
+        .unwrap();
+    last = last.max(entry(store, "/t0").revision);
+
     // A batched read answers as the reads one by one would.
     use palisade_ipam::store::Read;
     let reads = [
