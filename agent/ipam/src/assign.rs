@@ -15,10 +15,15 @@ use ipnet::IpNet;
 use crate::block::{Block, HostReserved};
 use crate::cluster::{LOAD_BALANCER_NODE, Labels, family};
 use crate::error::IpamError;
-use crate::ipam::{Ipam, RETRIES};
+use crate::ipam::{HostView, Ipam, RETRIES};
 use crate::pool::{Pool, Use};
 use crate::records::{self, Config, Handle};
-use crate::store::{Read, Revision, StoreError, Write};
+use crate::store::{Check, Committed, Expect, Read, Revision, StoreError, Write};
+
+/// Checks and writes of one checked commit at most (etcd takes 128
+/// comparisons by default); a host with more affine blocks takes the full
+/// path.
+const MAX_CHECKED_COMMIT: usize = 100;
 
 /// Blocks a host may hold when no limit is configured.
 pub const DEFAULT_BLOCK_LIMIT: u32 = 20;
@@ -200,6 +205,35 @@ pub(crate) fn max_prefix_len(
     Ok((bits - len) as u8)
 }
 
+/// What a request asks of the pools: its family, host, use and namespace.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolQuery<'q> {
+    pub requested: &'q [IpNet],
+    pub version: u8,
+    pub host: &'q str,
+    pub reserved: Option<&'q HostReserved>,
+    pub usage: Use,
+    pub namespace: Option<&'q str>,
+}
+
+impl<'q> PoolQuery<'q> {
+    fn of(
+        args: &'q AutoAssignArgs,
+        version: u8,
+        requested: &'q [IpNet],
+        reserved: Option<&'q HostReserved>,
+    ) -> PoolQuery<'q> {
+        PoolQuery {
+            requested,
+            version,
+            host: &args.hostname,
+            reserved,
+            usage: args.intended_use,
+            namespace: args.namespace.as_deref(),
+        }
+    }
+}
+
 /// A host's affine blocks with their affinities' revisions.
 type AffineBlocks = Vec<(IpNet, Revision)>;
 
@@ -275,18 +309,35 @@ impl Ipam<'_> {
     /// Pools for a request and the host's affine blocks in them; empty
     /// affine blocks of pools that no longer select the host are released
     /// (Calico's `prepareAffinityBlocksForHost`).
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn prepare(
         &self,
-        requested: &[IpNet],
-        version: u8,
-        host: &str,
-        reserved: Option<&HostReserved>,
-        usage: Use,
-        namespace: Option<&str>,
+        query: &PoolQuery<'_>,
         host_blocks: Vec<(IpNet, Revision)>,
     ) -> Result<(Vec<&Pool>, AffineBlocks), IpamError> {
-        let affinity = AffinityOf::new(host, usage);
+        let (allowed, affine, release) = self.plan_pools(query, host_blocks)?;
+        let affinity = AffinityOf::new(query.host, query.usage);
+        for cidr in release {
+            // Only if empty; a failure leaves the affinity for next time.
+            let _ = self.release_block_affinity(&affinity, &cidr, true, None);
+        }
+        Ok((allowed, affine))
+    }
+
+    /// What [`prepare`](Self::prepare) decides, without writing: the pools,
+    /// the affine blocks in them, and the affine blocks to let go if empty.
+    fn plan_pools(
+        &self,
+        query: &PoolQuery<'_>,
+        host_blocks: Vec<(IpNet, Revision)>,
+    ) -> Result<(Vec<&Pool>, AffineBlocks, Vec<IpNet>), IpamError> {
+        let PoolQuery {
+            requested,
+            version,
+            host,
+            reserved,
+            usage,
+            namespace,
+        } = *query;
         let node = self.cluster.node(host, usage)?;
         let max_prefix = max_prefix_len(version, reserved)?;
         let ns_labels = namespace.and_then(|n| self.cluster.namespaces.get(n));
@@ -306,6 +357,7 @@ impl Ipam<'_> {
         }
         let contains = |pools: &[&Pool], b: &IpNet| pools.iter().any(|p| p.contains(b.network()));
         let mut affine = Vec::new();
+        let mut release = Vec::new();
         for (cidr, revision) in host_blocks {
             if contains(&allowed, &cidr) {
                 affine.push((cidr, revision));
@@ -316,11 +368,111 @@ impl Ipam<'_> {
                 if pool.node_selector.matches(&node) {
                     continue;
                 }
-                // Only if empty; a failure leaves the affinity for next time.
-                let _ = self.release_block_affinity(&affinity, &cidr, true, None);
+                release.push(cidr);
             }
         }
-        Ok((allowed, affine))
+        Ok((allowed, affine, release))
+    }
+
+    /// The common assignment (addresses from the first affine block with
+    /// room) decided from the cache's view and made in one commit that also
+    /// checks everything the choice rests on: the config, the host's
+    /// affinities (none gone, none new), each affine block passed over and
+    /// the block used, and that the handle is new. It lands only when a
+    /// fresh read would have chosen the same, so it is the same assignment
+    /// in one round trip instead of two. None: the view cannot decide alone
+    /// (no view, a block not known, more than one block needed, a store
+    /// that cannot check) or something changed; the full path runs and
+    /// renews the view.
+    #[allow(clippy::too_many_arguments)]
+    fn assign_from_view(
+        &self,
+        args: &AutoAssignArgs,
+        version: u8,
+        num: usize,
+        requested: &[IpNet],
+        reserved: Option<&HostReserved>,
+        affinity: &AffinityOf,
+    ) -> Option<(Option<Assignments>, Option<IpamError>)> {
+        let cache = self.cache?;
+        if args.max_alloc_per_handle > 0 || num == 0 {
+            return None;
+        }
+        let view = cache.view(&affinity.host, version)?;
+        if args.windows && !view.config.strict_affinity {
+            return None;
+        }
+        let query = PoolQuery::of(args, version, requested, reserved);
+        let (_, affine, release) = self.plan_pools(&query, view.affinities.clone()).ok()?;
+        if !release.is_empty() {
+            return None;
+        }
+        let reserved_ip = |ip| self.cluster.is_reserved(ip);
+        let mut passed = Vec::new();
+        let mut chosen = None;
+        for (cidr, _) in &affine {
+            if self.cluster.reserves_whole(cidr) {
+                continue;
+            }
+            let (block, revision) = cache.known_block(cidr)?;
+            if block.affinity.as_deref() != Some(affinity.text.as_str()) {
+                return None;
+            }
+            if block.free(reserved_ip) >= 1 {
+                chosen = Some((block, revision));
+                break;
+            }
+            passed.push((crate::store::block_key(cidr), revision));
+        }
+        let (mut block, revision) = chosen?;
+        let ips = block.auto_assign(num, args.handle.as_deref(), &args.attrs, reserved_ip);
+        if ips.len() < num {
+            return None;
+        }
+        let mut writes = Vec::new();
+        if let Some(h) = &args.handle {
+            writes.extend(handle_change(h, None, &block.cidr(), ips.len() as isize));
+        }
+        writes.push(records::put_block(&mut block, Some(revision)));
+        let prefix = crate::store::host_prefix(&affinity.host, Some(version));
+        let affinity_keys: Vec<(String, Revision)> = view
+            .affinities
+            .iter()
+            .map(|(c, r)| (crate::store::affinity_key(&affinity.host, c), *r))
+            .collect();
+        let newest = view.affinities.iter().map(|(_, r)| *r).max().unwrap_or(0);
+        let at = |r: Option<Revision>| r.map_or(Expect::Absent, Expect::At);
+        let mut checks = vec![
+            Check::Key(crate::store::CONFIG_KEY, at(view.config_revision)),
+            Check::NoneNewer {
+                prefix: &prefix,
+                revision: newest,
+            },
+        ];
+        for (key, r) in affinity_keys.iter().chain(&passed) {
+            checks.push(Check::Key(key, Expect::At(*r)));
+        }
+        if checks.len() + writes.len() > MAX_CHECKED_COMMIT {
+            return None;
+        }
+        let landed = match self.store.commit_checked(&checks, &writes) {
+            Ok(Committed::Landed(r)) => r,
+            Ok(Committed::Unsupported) | Err(StoreError::Conflict { .. }) => return None,
+            Err(e) => return Some((None, Some(e.into()))),
+        };
+        cache.note_block(block.cidr(), Some((&block, landed)));
+        let prefix_len = block.cidr().prefix_len();
+        let ia = Assignments {
+            ips: ips
+                .into_iter()
+                .filter_map(|ip| IpNet::new(ip, prefix_len).ok())
+                .collect(),
+            version,
+            requested: num,
+            host_reserved: reserved.cloned(),
+            msgs: Vec::new(),
+        };
+        Some((Some(ia), None))
     }
 
     fn auto_assign_family(
@@ -334,6 +486,11 @@ impl Ipam<'_> {
             (args.num6, &args.ipv6_pools, args.host_reserved_v6.as_ref())
         };
         let affinity = AffinityOf::new(&args.hostname, args.intended_use);
+        if let Some(done) =
+            self.assign_from_view(args, version, num, requested, reserved, &affinity)
+        {
+            return done;
+        }
         // One round trip for what every assignment reads: the host's
         // affinities, the config and the handle.
         let prefix = crate::store::host_prefix(&affinity.host, Some(version));
@@ -377,15 +534,23 @@ impl Ipam<'_> {
             Err(e) => return (None, Some(e.into())),
         };
         let host_blocks = records::host_blocks_of(&affinity.host, &read[0]);
-        let (pools, affine) = match self.prepare(
-            requested,
-            version,
-            &args.hostname,
-            reserved,
-            args.intended_use,
-            args.namespace.as_deref(),
-            host_blocks,
-        ) {
+        if let Some(c) = self.cache {
+            let config_revision = read[1].first().map(|e| e.revision);
+            c.set_view(
+                &affinity.host,
+                version,
+                Some(HostView {
+                    config,
+                    config_revision,
+                    affinities: host_blocks.clone(),
+                }),
+            );
+            for (b, r) in prefetched.values() {
+                c.note_block(b.cidr(), Some((b, *r)));
+            }
+        }
+        let query = PoolQuery::of(args, version, requested, reserved);
+        let (pools, affine) = match self.prepare(&query, host_blocks) {
             Ok(p) => p,
             Err(e) => return (None, Some(e)),
         };
@@ -462,6 +627,10 @@ impl Ipam<'_> {
             };
             if found.newly_claimed {
                 owned += 1;
+                // The host's affinities changed: read them next time.
+                if let Some(c) = self.cache {
+                    c.set_view(&affinity.host, version, None);
+                }
             }
             let rem = num - ia.ips.len();
             let check = config.strict_affinity.then_some(&affinity);
@@ -624,7 +793,7 @@ impl Ipam<'_> {
             writes.extend(handle_change(h, current, &block.cidr(), ips.len() as isize));
         }
         writes.push(records::put_block(&mut block, Some(revision)));
-        self.store.commit(&writes)?;
+        self.commit_noting(&writes, Some(&block))?;
         let prefix = block.cidr().prefix_len();
         Ok(ips
             .into_iter()
@@ -764,15 +933,15 @@ impl Ipam<'_> {
         windows: bool,
     ) -> Result<IpNet, IpamError> {
         let host_blocks = self.records().host_blocks(host, Some(version))?;
-        let (pools, affine) = self.prepare(
+        let query = PoolQuery {
             requested,
             version,
             host,
-            Some(reserved),
-            Use::Workload,
-            None,
-            host_blocks,
-        )?;
+            reserved: Some(reserved),
+            usage: Use::Workload,
+            namespace: None,
+        };
+        let (pools, affine) = self.prepare(&query, host_blocks)?;
         let (config, _) = self.config_for(windows)?;
         let affinity = AffinityOf::new(host, Use::Workload);
         let found = self.find_or_claim_block(

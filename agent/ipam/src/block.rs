@@ -301,6 +301,14 @@ impl Block {
         Ok(out)
     }
 
+    /// Whether any address of the block is held by `handle`.
+    pub fn holds_handle(&self, handle: &str) -> bool {
+        self.allocations
+            .iter()
+            .flatten()
+            .any(|i| self.attributes[*i].handle.as_deref() == Some(handle))
+    }
+
     /// Releases every address allocated under `handle`; how many.
     pub fn release_by_handle(&mut self, handle: &str) -> usize {
         let ordinals: Vec<u32> = (0..self.size())

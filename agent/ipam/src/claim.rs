@@ -145,7 +145,13 @@ impl Ipam<'_> {
                 // Read with the affinities, if it was; else now.
                 let current = match prefetched.remove(&cidr) {
                     Some(found) => Some(found),
-                    None => self.records().block(&cidr)?,
+                    None => {
+                        let read = self.records().block(&cidr)?;
+                        if let Some((b, r)) = &read {
+                            self.note_read(b, *r);
+                        }
+                        read
+                    }
                 };
                 match current {
                     None => {

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use crate::cluster::Cluster;
 use crate::error::IpamError;
 use crate::records::{self, Config, Records};
-use crate::store::{IpamStore, StoreError};
+use crate::store::{Committed, IpamStore, Revision, StoreError, Write};
 
 /// Attempts per write before giving up to other writers (Calico's
 /// `datastoreRetries`).
@@ -66,14 +66,32 @@ impl Env for FixedEnv {
     }
 }
 
-/// What a long-running allocator remembers between requests: each host's
-/// affine blocks, so the next request reads them together with the
-/// affinities (one round trip) instead of after them. Only a hint: the
-/// affinities read in the same round trip decide, and every write is
-/// compared.
+/// What a long-running allocator remembers between requests:
+///
+/// - each host's affine blocks, so the next request reads them together
+///   with the affinities (one round trip) instead of after them;
+/// - the host's view as last read (config, affinities) and the blocks as
+///   last read or written, with their revisions, so that where the store
+///   can check records it does not write in the same commit, the common
+///   assignment is that one commit: it lands only if everything the
+///   choice was made from is still as remembered, and is then exactly the
+///   assignment a fresh read would have made.
+///
+/// Only ever a hint: what decides is compared in the commit.
 #[derive(Debug, Default)]
 pub struct IpamCache {
     blocks: Mutex<std::collections::BTreeMap<(String, u8), Vec<IpNet>>>,
+    views: Mutex<std::collections::BTreeMap<(String, u8), HostView>>,
+    known: Mutex<std::collections::BTreeMap<IpNet, (crate::block::Block, Revision)>>,
+}
+
+/// A host's IPAM inputs as last read, with their revisions.
+#[derive(Debug, Clone)]
+pub(crate) struct HostView {
+    pub config: crate::records::Config,
+    pub config_revision: Option<Revision>,
+    /// Affine blocks as listed, with their affinities' revisions.
+    pub affinities: Vec<(IpNet, Revision)>,
 }
 
 impl IpamCache {
@@ -95,6 +113,42 @@ impl IpamCache {
     pub(crate) fn remember(&self, host: &str, version: u8, blocks: Vec<IpNet>) {
         let mut g = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
         g.insert((host.to_string(), version), blocks);
+    }
+
+    pub(crate) fn view(&self, host: &str, version: u8) -> Option<HostView> {
+        let g = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(&(host.to_string(), version)).cloned()
+    }
+
+    /// Replaces the host's view (None: forgets it, after this process
+    /// changed the host's affinities).
+    pub(crate) fn set_view(&self, host: &str, version: u8, view: Option<HostView>) {
+        let mut g = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        match view {
+            Some(v) => g.insert((host.to_string(), version), v),
+            None => g.remove(&(host.to_string(), version)),
+        };
+    }
+
+    /// A block as read or written at `revision` (None: deleted).
+    pub(crate) fn note_block(&self, cidr: IpNet, block: Option<(&crate::block::Block, Revision)>) {
+        let mut g = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        match block {
+            Some((b, r)) => {
+                // An older read never replaces a newer one.
+                if g.get(&cidr).is_none_or(|(_, have)| *have < r) {
+                    g.insert(cidr, (b.clone(), r));
+                }
+            }
+            None => {
+                g.remove(&cidr);
+            }
+        }
+    }
+
+    pub(crate) fn known_block(&self, cidr: &IpNet) -> Option<(crate::block::Block, Revision)> {
+        let g = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(cidr).cloned()
     }
 }
 
@@ -123,6 +177,39 @@ impl<'a> Ipam<'a> {
             cluster,
             env,
             cache: None,
+        }
+    }
+
+    /// Commits `writes`; with a cache, notes `block` as they leave it (put
+    /// or deleted) at the revision the commit took, where the store tells.
+    pub(crate) fn commit_noting(
+        &self,
+        writes: &[Write],
+        block: Option<&crate::block::Block>,
+    ) -> Result<(), StoreError> {
+        let Some(cache) = self.cache else {
+            return self.store.commit(writes);
+        };
+        match self.store.commit_checked(&[], writes)? {
+            Committed::Landed(revision) => {
+                if let Some(b) = block {
+                    let key = crate::store::block_key(&b.cidr());
+                    match writes.iter().find(|w| w.key() == key) {
+                        Some(Write::Put { .. }) => cache.note_block(b.cidr(), Some((b, revision))),
+                        Some(Write::Delete { .. }) => cache.note_block(b.cidr(), None),
+                        None => {}
+                    }
+                }
+                Ok(())
+            }
+            Committed::Unsupported => self.store.commit(writes),
+        }
+    }
+
+    /// Notes a block as read (with a cache).
+    pub(crate) fn note_read(&self, block: &crate::block::Block, revision: Revision) {
+        if let Some(c) = self.cache {
+            c.note_block(block.cidr(), Some((block, revision)));
         }
     }
 

@@ -166,7 +166,7 @@ impl Ipam<'_> {
             for (h, n) in &released.by_handle {
                 writes.extend(self.handle_delta(h, cidr, -(*n as isize))?);
             }
-            match self.store.commit(&writes) {
+            match self.commit_noting(&writes, Some(&block)) {
                 Ok(()) => {
                     self.ensure_consistent_affinity(&block);
                     return Ok(released.unallocated);
@@ -234,8 +234,20 @@ impl Ipam<'_> {
         cidr: &IpNet,
         mut hint: Option<(records::Handle, Revision)>,
     ) -> Result<(), IpamError> {
+        // The block as this process last saw it, if that shows the handle:
+        // the commit compares its revision, so a stale one is a conflict
+        // and a read. (One that does not show the handle is read: it may
+        // be stale the other way.)
+        let mut known = self
+            .cache
+            .and_then(|c| c.known_block(cidr))
+            .filter(|(b, _)| b.holds_handle(handle));
         for _ in 0..RETRIES {
-            let (block, writes) = match self.records().block(cidr)? {
+            let current = match known.take() {
+                Some(k) => Some(k),
+                None => self.records().block(cidr)?,
+            };
+            let (block, writes) = match current {
                 None => (None, Vec::new()),
                 Some((mut b, rev)) => {
                     if b.release_by_handle(handle) == 0 {
@@ -261,7 +273,7 @@ impl Ipam<'_> {
             if writes.is_empty() {
                 return Ok(());
             }
-            match self.store.commit(&writes) {
+            match self.commit_noting(&writes, block.as_ref()) {
                 Ok(()) => {
                     if let Some(b) = block {
                         self.ensure_consistent_affinity(&b);

@@ -396,3 +396,203 @@ fn check_names_leaks_and_gc_brings_the_store_back_to_the_live_allocations() {
     assert_eq!(owners, [Some("k8s-pod-network.web-1".to_string())].into());
     assert_eq!(report.allocated.len(), 2);
 }
+
+/// A store that counts the calls made of it.
+struct Counting<'a> {
+    inner: &'a MemoryStore,
+    reads: std::sync::atomic::AtomicUsize,
+    commits: std::sync::atomic::AtomicUsize,
+}
+
+impl Counting<'_> {
+    fn calls(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.reads.load(Relaxed), self.commits.load(Relaxed))
+    }
+    fn read(&self) {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl IpamStore for Counting<'_> {
+    fn read(
+        &self,
+        reads: &[palisade_ipam::store::Read<'_>],
+    ) -> Result<Vec<Vec<palisade_ipam::store::Entry>>, palisade_ipam::store::StoreError> {
+        Counting::read(self);
+        self.inner.read(reads)
+    }
+    fn get(
+        &self,
+        key: &str,
+    ) -> Result<Option<palisade_ipam::store::Entry>, palisade_ipam::store::StoreError> {
+        Counting::read(self);
+        self.inner.get(key)
+    }
+    fn list(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<palisade_ipam::store::Entry>, palisade_ipam::store::StoreError> {
+        Counting::read(self);
+        self.inner.list(prefix)
+    }
+    fn commit(
+        &self,
+        writes: &[palisade_ipam::store::Write],
+    ) -> Result<(), palisade_ipam::store::StoreError> {
+        self.commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.commit(writes)
+    }
+    fn commit_checked(
+        &self,
+        checks: &[palisade_ipam::store::Check<'_>],
+        writes: &[palisade_ipam::store::Write],
+    ) -> Result<palisade_ipam::store::Committed, palisade_ipam::store::StoreError> {
+        self.commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.commit_checked(checks, writes)
+    }
+}
+
+/// A copy of every record (revisions differ; nothing IPAM decides reads them).
+fn snapshot(store: &MemoryStore) -> MemoryStore {
+    use palisade_ipam::store::{Expect, Write};
+    let copy = MemoryStore::new();
+    let writes: Vec<Write> = store
+        .list("")
+        .unwrap()
+        .into_iter()
+        .map(|e| Write::Put {
+            key: e.key,
+            value: e.value,
+            expect: Expect::Absent,
+        })
+        .collect();
+    copy.commit(&writes).unwrap();
+    copy
+}
+
+fn addresses(got: &palisade_ipam::AutoAssigned) -> Vec<IpAddr> {
+    [&got.v4, &got.v6]
+        .into_iter()
+        .flatten()
+        .flat_map(|a| a.ips.iter().map(|n| n.addr()))
+        .collect()
+}
+
+/// The cached allocator's one-commit assignments (decided from what it
+/// remembers) are exactly what an allocator reading afresh would assign,
+/// while another allocator assigns, releases, changes the config and takes
+/// the host's affinities away behind its back; and when nothing changed
+/// behind it, an assignment is one commit and no read.
+#[test]
+fn a_cached_allocator_assigns_exactly_as_a_fresh_read_would_in_one_commit() {
+    let c = cluster(&["node-a", "node-b"]);
+    let memory = MemoryStore::new();
+    let store = Counting {
+        inner: &memory,
+        reads: 0.into(),
+        commits: 0.into(),
+    };
+    let cache = palisade_ipam::IpamCache::new();
+    let now = Duration::from_secs(1_800_000_000);
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut mine: Vec<String> = Vec::new();
+    let mut theirs: Vec<String> = Vec::new();
+    let (mut quiet, mut one_commit) = (0, 0);
+    let mut changed_behind = true;
+    for step in 0..1200u64 {
+        let env = FixedEnv::new(now, step + 1);
+        let ipam = Ipam::new(&store, &c, &env).with_cache(&cache);
+        let other = Ipam::new(&memory, &c, &env);
+        match rng.next(20) {
+            0..=9 => {
+                let handle = format!("mine-{step}");
+                let mut args =
+                    AutoAssignArgs::new("node-a", 1, (rng.next(4) == 0) as usize, Use::Workload);
+                args.handle = Some(handle.clone());
+                let fresh_store = snapshot(&memory);
+                let fresh_env = FixedEnv::new(now, step + 1);
+                let fresh = Ipam::new(&fresh_store, &c, &fresh_env).auto_assign(&args);
+                let before = store.calls();
+                let got = ipam.auto_assign(&args);
+                let after = store.calls();
+                assert_eq!(
+                    addresses(&got),
+                    addresses(&fresh),
+                    "step {step}: the cached allocator chose differently ({:?} / {:?})",
+                    got.error,
+                    fresh.error
+                );
+                assert_eq!(got.error.is_some(), fresh.error.is_some(), "step {step}");
+                if !changed_behind && args.num6 == 0 && got.error.is_none() {
+                    quiet += 1;
+                    if after.0 == before.0 && after.1 == before.1 + 1 {
+                        one_commit += 1;
+                    }
+                }
+                changed_behind = false;
+                if !addresses(&got).is_empty() {
+                    mine.push(handle);
+                }
+            }
+            10..=13 if !mine.is_empty() => {
+                let h = mine.swap_remove(rng.next(mine.len() as u64) as usize);
+                ipam.release_by_handle(&h).unwrap();
+            }
+            14..=16 => {
+                // Another process of the same node, or of another.
+                let host = ["node-a", "node-b"][rng.next(2) as usize];
+                let handle = format!("theirs-{step}");
+                let mut args =
+                    AutoAssignArgs::new(host, 1 + rng.next(2) as usize, 0, Use::Workload);
+                args.handle = Some(handle.clone());
+                if !addresses(&other.auto_assign(&args)).is_empty() {
+                    theirs.push(handle);
+                }
+                changed_behind = true;
+            }
+            17 if !mine.is_empty() => {
+                // Someone else releases one of ours (a GC, an operator).
+                let h = mine.swap_remove(rng.next(mine.len() as u64) as usize);
+                other.release_by_handle(&h).unwrap();
+                changed_behind = true;
+            }
+            18 => {
+                let strict = rng.next(2) == 0;
+                other
+                    .set_config(Config {
+                        strict_affinity: strict,
+                        auto_allocate_blocks: true,
+                        max_blocks_per_host: if strict { 1 + rng.next(6) as u32 } else { 0 },
+                    })
+                    .unwrap();
+                changed_behind = true;
+            }
+            19 => {
+                // node-a's empty blocks go (as when its pods drain).
+                let _ = other.release_host_affinities("node-a", true);
+                changed_behind = true;
+            }
+            _ => {}
+        }
+        if theirs.len() > 40 {
+            let h = theirs.remove(0);
+            other.release_by_handle(&h).unwrap();
+            changed_behind = true;
+        }
+    }
+    assert!(
+        quiet > 100,
+        "only {quiet} assignments with nothing changed behind"
+    );
+    assert!(
+        one_commit * 10 >= quiet * 8,
+        "{one_commit} of {quiet} assignments with nothing changed behind took one commit and no read"
+    );
+    let env = FixedEnv::new(now, 1);
+    let report = check(Ipam::new(&memory, &c, &env).records(), &c, None).unwrap();
+    assert!(clean(&report.findings), "{:?}", report.findings);
+}
