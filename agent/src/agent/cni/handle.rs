@@ -158,7 +158,7 @@ impl Server {
         cluster: &'a palisade_ipam::Cluster,
         env: &'a palisade_datastore::SystemEnv,
     ) -> Ipam<'a> {
-        Ipam::new(self.ipam.as_ref() as &dyn IpamStore, cluster, env)
+        Ipam::new(self.ipam.as_ref() as &dyn IpamStore, cluster, env).with_cache(&self.ipam_cache)
     }
 
     fn ipam_request<'a>(

@@ -40,6 +40,9 @@ struct Server {
     netns: Option<PathBuf>,
     /// IPAM's records, opened once (the embedded file or etcd).
     ipam: Arc<dyn IpamStore>,
+    /// What the node's allocations remember between calls, so that the
+    /// common ADD is one checked commit (see `palisade_ipam::IpamCache`).
+    ipam_cache: palisade_ipam::IpamCache,
     shared: Arc<Shared>,
     /// How long ADD waits for the writer to attach the pod's interface.
     attach_timeout: Duration,
@@ -77,6 +80,7 @@ pub fn spawn(args: &AgentArgs, ipam: Arc<dyn IpamStore>, shared: Arc<Shared>) ->
         store: args.store.clone(),
         netns,
         ipam,
+        ipam_cache: palisade_ipam::IpamCache::new(),
         shared,
         attach_timeout: Duration::from_secs(args.cni_attach_timeout_seconds.max(1)),
         fail_at: args.cni_fail_at.clone(),
