@@ -441,7 +441,7 @@ fn three_agents_on_a_three_member_etcd_never_give_two_pods_one_address() {
                 .collect()
         })
         .collect();
-    let ops = 340;
+    let ops = 700;
     let started = std::time::Instant::now();
     let journals: Vec<Vec<serde_json::Value>> = std::thread::scope(|s| {
         let runs: Vec<_> = lab
