@@ -172,6 +172,17 @@ fn free_port() -> Result<u16, EtcdError> {
         })
 }
 
+/// One change in etcd's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The revision it took.
+    pub revision: u64,
+    /// The key.
+    pub key: String,
+    /// Deleted (else written).
+    pub deleted: bool,
+}
+
 /// Whether etcd and etcdctl are installed.
 pub fn installed() -> bool {
     [("etcd", "--version"), ("etcdctl", "version")]
@@ -382,6 +393,78 @@ impl EtcdCluster {
             self.spawn(i)?;
         }
         self.wait_healthy(&(0..self.members.len()).collect::<Vec<_>>())
+    }
+
+    /// Every change to keys under `prefix` from the first revision to
+    /// now, in order: etcd keeps its whole history until compacted, and
+    /// these clusters never compact. (A watch from revision 1 replays it;
+    /// a key written last marks where now is.)
+    pub fn history(&self, prefix: &str) -> Result<Vec<Change>, EtcdError> {
+        use std::io::BufRead;
+        let all: Vec<usize> = (0..self.members.len()).collect();
+        let end = "/palisade-testing/history-end";
+        self.etcdctl(&all, &["put", end, "now"])?;
+        let failed = |message: String| EtcdError::Command {
+            command: "etcdctl watch --rev=1".into(),
+            message,
+        };
+        let mut cmd = Command::new("timeout");
+        // A bound on a watch that never reaches the end mark.
+        cmd.args(["120", "etcdctl"])
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint(0)));
+        if let Some(t) = &self.tls {
+            cmd.arg(format!("--cacert={}", t.ca.display()))
+                .arg(format!("--cert={}", t.client_cert.display()))
+                .arg(format!("--key={}", t.client_key.display()));
+        }
+        let mut child = cmd
+            .args(["watch", "--rev=1", "--prefix", "/", "-w", "fields"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| failed(e.to_string()))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| failed("no output".into()))?;
+        let (mut changes, mut kind, mut key) = (Vec::new(), None, None);
+        let mut reached = false;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.map_err(|e| failed(e.to_string()))?;
+            let Some((field, value)) = line.split_once(" : ") else {
+                continue;
+            };
+            match field {
+                "\"Type\"" => kind = Some(value == "DELETE"),
+                "\"Key\"" => key = Some(value.trim_matches('"').to_string()),
+                "\"ModRevision\"" => {
+                    let (Some(deleted), Some(k)) = (kind.take(), key.take()) else {
+                        continue;
+                    };
+                    if k == end {
+                        reached = true;
+                        break;
+                    }
+                    let revision = value.parse().map_err(|_| failed(line.clone()))?;
+                    if k.starts_with(prefix) {
+                        changes.push(Change {
+                            revision,
+                            key: k,
+                            deleted,
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        // `timeout` passes SIGTERM on to the watch.
+        let _ = Command::new("kill").arg(child.id().to_string()).status();
+        let _ = child.wait();
+        if !reached {
+            return Err(failed("the watch ended before now".into()));
+        }
+        Ok(changes)
     }
 
     /// The current revision.

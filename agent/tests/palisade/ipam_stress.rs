@@ -231,6 +231,8 @@ fn three_nodes_on_a_three_member_etcd_never_share_an_address() {
         cluster.endpoints().join(","),
     ];
     race(&dir, &store, &["node-a", "node-b", "node-c"], 2, 250);
+    let claims = assert_never_affine_twice(&cluster);
+    assert!(claims >= 3, "only {claims} blocks claimed");
 }
 
 #[test]
@@ -405,11 +407,12 @@ fn three_agents_on_a_three_member_etcd_never_give_two_pods_one_address() {
         cluster.endpoints().join(","),
     ];
     let nodes = ["node-a", "node-b", "node-c"];
-    // Small blocks (a /24 in /29s: 32 blocks of 8) so the nodes keep
-    // claiming, filling and borrowing blocks while the others do.
+    // Small blocks (a /24 in /30s: 64 blocks of 4) so that each node's six
+    // pods and tunnel need two blocks or more, claimed while the others
+    // claim theirs.
     let mut manifests = String::from(
         "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: stress}\n\
-         spec: {cidr: 10.40.0.0/24, blockSize: 29, vxlanMode: Always}\n---\n\
+         spec: {cidr: 10.40.0.0/24, blockSize: 30, vxlanMode: Always}\n---\n\
          apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n",
     );
     for n in nodes {
@@ -480,4 +483,48 @@ fn three_agents_on_a_three_member_etcd_never_give_two_pods_one_address() {
     );
     let weps = on_store(&lab.store, &["get", "workloadendpoints"]);
     assert!(!weps.contains("node-"), "{weps}");
+    let claims = assert_never_affine_twice(&cluster);
+    assert!(claims > nodes.len(), "only {claims} blocks claimed");
+}
+
+/// Replays etcd's history of block affinities, revision by revision: a
+/// block is never affine to two hosts at once. How many claims there were.
+fn assert_never_affine_twice(cluster: &EtcdCluster) -> usize {
+    let history = cluster.history("/calico/ipam/v2/host/").unwrap();
+    let mut owners: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut claims = 0;
+    let mut i = 0;
+    while i < history.len() {
+        // Every change of one transaction, then the state it left.
+        let revision = history[i].revision;
+        let mut touched = Vec::new();
+        while i < history.len() && history[i].revision == revision {
+            let c = &history[i];
+            i += 1;
+            let parts: Vec<&str> = c.key.split('/').collect();
+            // ["", "calico", "ipam", "v2", "host", <host>, "ipv4", "block", <cidr>]
+            let (Some(host), Some(cidr)) = (parts.get(5), parts.get(8)) else {
+                panic!("not an affinity key: {}", c.key);
+            };
+            let hosts = owners.entry(cidr.to_string()).or_default();
+            if c.deleted {
+                hosts.remove(*host);
+            } else if hosts.insert(host.to_string()) {
+                claims += 1;
+            }
+            touched.push(cidr.to_string());
+        }
+        for cidr in touched {
+            assert!(
+                owners[&cidr].len() <= 1,
+                "revision {revision}: block {cidr} affine to {:?}",
+                owners[&cidr]
+            );
+        }
+    }
+    eprintln!(
+        "{claims} block claims in {} changes of etcd's history, never a block affine to two hosts",
+        history.len()
+    );
+    claims
 }
