@@ -110,16 +110,20 @@ fn run_corpus(make: impl Fn() -> FakeApi, conflict_first: bool) -> (usize, Vec<S
     (steps, failed, injected)
 }
 
-#[test]
-fn the_calico_ipam_corpus_passes_on_the_kubernetes_store() {
-    let (steps, failed, _) = run_corpus(FakeApi::default, false);
-    assert!(steps > 300, "{steps} steps");
+fn assert_all_passed(steps: usize, failed: &[String]) {
     assert!(
         failed.is_empty(),
         "{} of {steps} steps failed:\n{}",
         failed.len(),
         failed.join("\n")
     );
+}
+
+#[test]
+fn the_calico_ipam_corpus_passes_on_the_kubernetes_store() {
+    let (steps, failed, _) = run_corpus(FakeApi::default, false);
+    assert!(steps > 300, "{steps} steps");
+    assert_all_passed(steps, &failed);
 }
 
 /// Every commit of the allocator meets a conflict on its first attempt
@@ -128,12 +132,7 @@ fn the_calico_ipam_corpus_passes_on_the_kubernetes_store() {
 fn the_corpus_passes_when_every_commit_first_meets_a_conflict() {
     let (steps, failed, injected) = run_corpus(FakeApi::default, true);
     assert!(injected > 300, "{injected} conflicts injected");
-    assert!(
-        failed.is_empty(),
-        "{} of {steps} steps failed:\n{}",
-        failed.len(),
-        failed.join("\n")
-    );
+    assert_all_passed(steps, &failed);
 }
 
 /// Half of all writes the API receives (undo writes included) meet a
@@ -142,12 +141,7 @@ fn the_corpus_passes_when_every_commit_first_meets_a_conflict() {
 fn the_corpus_passes_with_a_conflict_on_half_of_all_writes() {
     let (steps, failed, injected) = run_corpus(|| FakeApi::conflicting(0x5eed), false);
     assert!(injected > 300, "{injected} conflicts injected");
-    assert!(
-        failed.is_empty(),
-        "{} of {steps} steps failed:\n{}",
-        failed.len(),
-        failed.join("\n")
-    );
+    assert_all_passed(steps, &failed);
 }
 
 const BLOCK: &str = "/calico/ipam/v2/assignment/ipv4/block/10.0.0.0-26";
