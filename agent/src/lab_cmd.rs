@@ -411,7 +411,7 @@ pub fn run(args: LabArgs) -> Result<std::process::ExitCode> {
         let s = lab.status(i)?;
         let o = &s["overlay"];
         println!(
-            "{}: {} VNI 4096 MTU {} over {} (MTU {}); pods MTU {}; tunnel {}; {} routes; peers {}",
+            "{}: {} VNI 4096 MTU {} over {} (MTU {}); pods MTU {}; tunnel {}; {} routes; peers {}; natOutgoing {}",
             node.name,
             o["device"].as_str().unwrap_or("-"),
             o["deviceMtu"],
@@ -430,7 +430,16 @@ pub fn run(args: LabArgs) -> Result<std::process::ExitCode> {
                     p["underlay"].as_str().unwrap_or("")
                 ))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            o["natOutgoing"]
+                .as_array()
+                .filter(|a| !a.is_empty())
+                .map(|a| a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_else(|| "(no pool)".into())
         );
     }
     step(&mut n, "metrics (Prometheus text) while the lab runs");

@@ -21,6 +21,8 @@ mod kube_api;
 mod kubernetes;
 #[path = "palisade/lab.rs"]
 mod lab;
+#[path = "palisade/natout.rs"]
+mod natout;
 #[path = "palisade/overlay.rs"]
 mod overlay;
 #[path = "palisade/podman.rs"]

@@ -156,6 +156,7 @@ fn test() -> Result<()> {
         tools::ensure_debs(tools::FFI_DEBS)?;
         tools::ensure_debs(tools::ETCD_DEBS)?;
         tools::ensure_debs(tools::PODMAN_DEBS)?;
+        tools::ensure_debs(tools::NFT_DEBS)?;
         tools::CARGO_FUZZ.ensure(&tools::tools_root())?;
         tools::check_debian_install_path()
     })?;
@@ -341,6 +342,7 @@ fn demo() -> Result<()> {
     eprintln!("building palisade (release; the first build takes about 3 minutes on 2 cores)");
     run(cargo().args(["build", "--release", "-p", "palisade"]))?;
     tools::ensure_debs(tools::ETCD_DEBS)?;
+    tools::ensure_debs(tools::NFT_DEBS)?;
     eprintln!(
         "\nA two-node cluster on this machine: a local etcd member, an agent per node, the\n\
          VXLAN overlay, pools frontend/backend/ci, zero-trust policy, pods added through CNI\n"
@@ -525,6 +527,7 @@ fn report(args: &[String]) -> Result<()> {
     }
     if name == "cni" {
         tools::ensure_debs(tools::PODMAN_DEBS)?;
+        tools::ensure_debs(tools::NFT_DEBS)?;
     }
     if name == "agent" || name == "ipam" || name == "cni" {
         // It runs the release binary against etcd.

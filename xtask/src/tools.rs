@@ -272,7 +272,8 @@ pub const FFI_DEBS: &[Deb] = &[
 /// The veth report's iptables lab (Calico's iptables layout).
 pub const VETH_REPORT_DEBS: &[Deb] = &[deb("ipset", "ipset"), deb("iptables-restore", "iptables")];
 
-/// `nft`, for the services report's kube-proxy nftables rules.
+/// `nft`: the agent's natOutgoing table (as Calico's eBPF mode, the pools'
+/// masquerade is netfilter's), and the services report's kube-proxy rules.
 pub const NFT_DEBS: &[Deb] = &[deb("nft", "nftables")];
 
 /// Every package any command may install: CI checks they all resolve from

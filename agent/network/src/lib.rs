@@ -1,7 +1,8 @@
 //! Pod networking for Palisade, over netlink (rtnetlink, no `ip`
 //! commands): a pod's veth wired as Calico wires it ([`pod`]), and the
 //! VXLAN overlay between nodes ([`overlay`] plans it as plain data,
-//! [`vxlan`] makes the kernel match the plan); the pods' MTU ([`mtu`]).
+//! [`vxlan`] makes the kernel match the plan); the pods' MTU ([`mtu`]);
+//! IP pools' `natOutgoing` ([`natout`] plans it, [`nft`] writes it).
 //!
 //! The netlink edge ([`netlink`]) is the only place that talks to the
 //! kernel; everything it is asked to do is decided by plain functions.
@@ -16,7 +17,9 @@
 #![forbid(unsafe_code)]
 
 pub mod mtu;
+pub mod natout;
 pub mod netlink;
+pub mod nft;
 pub mod overlay;
 pub mod pod;
 pub mod vxlan;

@@ -6,12 +6,17 @@
 //! to the plan `palisade_network::overlay` derives from the Node objects
 //! and the IPAM blocks. Each pass reads the kernel back, so a restarted
 //! agent sweeps what is stale and leaves what is right (traffic goes on).
+//!
+//! The same pass keeps the pools' `natOutgoing` table (`nft`, as Calico's
+//! eBPF mode leaves that SNAT to netfilter): written when the pools change,
+//! and read back every [`NAT_VERIFY`] so a table someone removed returns.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use ipnet::IpNet;
@@ -19,9 +24,10 @@ use palisade_ipam::assign::AutoAssignArgs;
 use palisade_ipam::pool::{Encapsulation, Use};
 use palisade_ipam::{Ipam, IpamStore};
 use palisade_network::mtu::VXLAN_OVERHEAD;
+use palisade_network::natout::{self, NatOutgoing, PoolNat};
 use palisade_network::netlink::Netlink;
 use palisade_network::overlay::{self, Block, DEVICE, Input, Mode, Node, device_mac, mac_text};
-use palisade_network::vxlan;
+use palisade_network::{nft, vxlan};
 use serde_json::{Value, json};
 
 use super::status::{OverlayNodeStatus, OverlayStatus};
@@ -44,7 +50,15 @@ struct Overlay {
     /// The Node document this agent wrote last (until the datastore's
     /// copy reaches the writer, the same write is not repeated).
     published: std::sync::Mutex<Option<Value>>,
+    /// The node's namespace (`--netns`), where `nft` must run.
+    netns: Option<PathBuf>,
+    /// The natOutgoing plan the kernel was last seen or made to hold, and
+    /// when it was last read back.
+    nat: std::sync::Mutex<Option<(NatOutgoing, Instant)>>,
 }
+
+/// How often the natOutgoing table is read back when the pools are quiet.
+pub const NAT_VERIFY: Duration = Duration::from_secs(10);
 
 /// Starts the overlay thread (in the node's namespace).
 pub fn spawn(args: &AgentArgs, ipam: Arc<dyn IpamStore>, shared: Arc<Shared>) -> Result<()> {
@@ -56,8 +70,10 @@ pub fn spawn(args: &AgentArgs, ipam: Arc<dyn IpamStore>, shared: Arc<Shared>) ->
         ipam,
         shared,
         published: std::sync::Mutex::new(None),
+        netns: args.netns.as_deref().map(super::netns_path),
+        nat: std::sync::Mutex::new(None),
     };
-    let netns = args.netns.as_deref().map(super::netns_path);
+    let netns = o.netns.clone();
     let every = Duration::from_millis(args.overlay_millis.max(50));
     std::thread::Builder::new()
         .name("overlay".into())
@@ -232,6 +248,21 @@ impl Overlay {
                 }
             }
         }
+        let nat = natout::plan(
+            &cluster
+                .pools()
+                .iter()
+                .map(|p| PoolNat {
+                    cidr: p.cidr,
+                    nat_outgoing: p.nat_outgoing,
+                    load_balancer_only: p.allowed_uses == [Use::LoadBalancer],
+                })
+                .collect::<Vec<_>>(),
+        );
+        let nat_error = self.sync_nat(&nat).err().map(|e| {
+            self.shared.metrics.overlay_errors.inc();
+            format!("natOutgoing: {e:#}")
+        });
         let input = Input {
             node: self.node.clone(),
             subnet: underlay.addr.trunc(),
@@ -292,8 +323,49 @@ impl Overlay {
                     blocks: blocks.iter().filter(|b| b.node == n.name).count(),
                 })
                 .collect(),
-            error: None,
+            nat_outgoing: nat.masquerade.iter().map(IpNet::to_string).collect(),
+            error: nat_error,
         }))
+    }
+
+    /// Makes the kernel's natOutgoing table hold `want`: written when it
+    /// differs from what was last applied, read back (and written again
+    /// if it drifted) every [`NAT_VERIFY`]. A restarted agent reads first,
+    /// so a table that is right is left as it is.
+    fn sync_nat(&self, want: &NatOutgoing) -> Result<()> {
+        let mut last = self.nat.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((applied, at)) = last.as_ref()
+            && applied == want
+            && at.elapsed() < NAT_VERIFY
+        {
+            return Ok(());
+        }
+        let work = || -> Result<()> {
+            let have = nft::read()?;
+            let right = match &have {
+                None => want.is_empty(),
+                Some(h) => h == want,
+            };
+            if !right {
+                nft::apply(want)?;
+                tracing::info!(
+                    masquerading = ?want.masquerade,
+                    pools = want.pools.len(),
+                    "natOutgoing table written"
+                );
+            }
+            Ok(())
+        };
+        match &self.netns {
+            None => work()?,
+            Some(path) => {
+                let f = std::fs::File::open(path)
+                    .with_context(|| format!("opening {}", path.display()))?;
+                palisade_network::netlink::in_netns(&f, work)??;
+            }
+        }
+        *last = Some((want.clone(), Instant::now()));
+        Ok(())
     }
 
     /// Writes this node's underlay address, tunnel address and MAC into

@@ -137,6 +137,9 @@ pub struct OverlayStatus {
     pub routes: usize,
     /// The other nodes.
     pub nodes: Vec<OverlayNodeStatus>,
+    /// Pools whose pods are masqueraded leaving the pools (`natOutgoing`).
+    #[serde(default)]
+    pub nat_outgoing: Vec<String>,
     /// The last pass's error, if it failed.
     pub error: Option<String>,
 }
@@ -252,6 +255,15 @@ impl Status {
                 o.pod_mtu,
                 o.tunnel.as_deref().unwrap_or("-"),
                 o.routes
+            );
+            let _ = writeln!(
+                s,
+                "natOutgoing  {}",
+                if o.nat_outgoing.is_empty() {
+                    "(no pool)".to_string()
+                } else {
+                    format!("{} (nft table inet palisade)", o.nat_outgoing.join(", "))
+                }
             );
             if let Some(e) = &o.error {
                 let _ = writeln!(s, "  last pass failed: {e}");

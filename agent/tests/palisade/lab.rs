@@ -47,7 +47,8 @@ pub struct Lab {
     pub state: PathBuf,
     /// The flags naming the datastore, for `palisade` commands.
     pub store: Vec<String>,
-    _fabric: Netns,
+    /// The underlay's namespace (its bridge is `br0`).
+    pub fabric: Netns,
 }
 
 /// Runs `palisade ARGS STORE`; its stdout, or a panic with what it said.
@@ -181,7 +182,7 @@ impl Lab {
             nodes,
             state,
             store,
-            _fabric: fabric,
+            fabric,
         }
     }
 }

@@ -42,7 +42,9 @@ spec:
     ports: [{port: 8080, protocol: TCP}]
 ";
 
-fn add(node: &Node, pod: &Netns, name: &str, net: &str, pool: &str, app: &str) -> IpAddr {
+/// Adds pod `name` (namespace `shop`, label app=`app`) on `node` in the
+/// namespace `pod` through `palisade-cni`, from `pool`; its address.
+pub fn add(node: &Node, pod: &Netns, name: &str, net: &str, pool: &str, app: &str) -> IpAddr {
     let conf = json!({
         "cniVersion": "1.0.0", "name": net, "type": "palisade-cni",
         "agent_socket": node.socket, "namespace": "shop", "labels": {"app": app},
