@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 use policy_core::connection::{ConnectionSpec, Peer, enforcing_endpoint, flow_between};
 use policy_core::flow::{DecidedBy, Decision, Verdict};
 use policy_core::net::Protocol;
@@ -117,7 +117,15 @@ pub fn explain(
     format: Format,
     engine_kind: EngineKind,
 ) -> Result<bool> {
-    let cluster = load_cluster(files)?;
+    // The lab runs first: the cluster is then what it runs (its addresses).
+    let lab = (engine_kind == EngineKind::Lab)
+        .then(|| crate::lab_engine::LabEngine::start(files, args.port.as_slice()))
+        .transpose()?;
+    let files = match &lab {
+        Some(l) => vec![l.model()?],
+        None => files.to_vec(),
+    };
+    let cluster = load_cluster(&files)?;
     let engine = ReferenceEngine::new(&cluster);
     let from: Peer = args
         .from
@@ -152,7 +160,7 @@ pub fn explain(
     let mut allowed = traces.iter().all(|t| t.decision.verdict == Verdict::Allow);
     let observed = match engine_kind {
         EngineKind::Reference => None,
-        kind => Some(observe(&cluster, kind, &from, &to, &flow)?),
+        kind => Some(observe(lab.as_ref(), &cluster, kind, &from, &to, &flow)?),
     };
     if let Some(o) = &observed {
         allowed = o.outcome.allowed;
@@ -192,7 +200,11 @@ pub fn explain(
             }
         }
     }
-    if let Some(o) = &observed {
+    if let Some(o) = &observed
+        && let Some(lab) = &o.lab
+    {
+        lab.check(&traces, o.outcome.allowed)?;
+    } else if let Some(o) = &observed {
         let reference = |d: Direction| {
             traces
                 .iter()
@@ -225,6 +237,49 @@ struct Observed {
     engine: String,
     outcome: ProbeOutcome,
     events: Vec<(EventReport, Option<Counter>)>,
+    /// For `lab`: where the ends ran and what each node's kernel counted.
+    lab: Option<LabObserved>,
+}
+
+/// A connection across the lab: each end's node and address, and the drop
+/// counters that rose on each node meanwhile.
+struct LabObserved {
+    from: (String, std::net::IpAddr),
+    to: (String, std::net::IpAddr),
+    counted: Vec<crate::lab_engine::Counted>,
+}
+
+impl LabObserved {
+    /// The lab agrees with the reference when the connection went as the
+    /// reference says and, when denied, the node of the denying end
+    /// counted the drop under the rule the reference names.
+    fn check(&self, traces: &[Trace], allowed: bool) -> Result<()> {
+        let denied = traces.iter().find(|t| t.decision.verdict == Verdict::Deny);
+        if allowed != denied.is_none() {
+            anyhow::bail!(
+                "the lab disagrees with the reference: the connection was {}",
+                if allowed { "set up" } else { "blocked" }
+            );
+        }
+        let Some(t) = denied else { return Ok(()) };
+        let Some(labels) = crate::lab_engine::drop_labels(&t.decision.decided_by) else {
+            return Ok(());
+        };
+        let node = match t.direction {
+            Direction::Egress => &self.from.0,
+            Direction::Ingress => &self.to.0,
+        };
+        if !self
+            .counted
+            .iter()
+            .any(|(n, series, _)| n == node && series.contains(&labels))
+        {
+            anyhow::bail!(
+                "the lab disagrees with the reference: {node}'s kernel counted no drop under {{{labels}}}"
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Observed {
@@ -235,6 +290,21 @@ impl Observed {
             "blocked"
         };
         outln!("{} engine: the connection was {verdict}", self.engine)?;
+        if let Some(lab) = &self.lab {
+            outln!(
+                "  client on {} ({}), server on {} ({})",
+                lab.from.0,
+                lab.from.1,
+                lab.to.0,
+                lab.to.1
+            )?;
+            for (node, series, n) in &lab.counted {
+                outln!("  {node}'s kernel counted: +{n} {series}")?;
+            }
+            if lab.counted.is_empty() {
+                outln!("  no kernel counted a drop for it")?;
+            }
+        }
         for (d, dir) in [
             (&self.outcome.egress, Direction::Egress),
             (&self.outcome.ingress, Direction::Ingress),
@@ -286,12 +356,37 @@ impl Observed {
 }
 
 fn observe(
+    lab: Option<&crate::lab_engine::LabEngine>,
     cluster: &policy_core::Cluster,
     kind: EngineKind,
     from: &Peer,
     to: &Peer,
     flow: &policy_core::Flow,
 ) -> Result<Observed> {
+    if let Some(engine) = lab {
+        let place = |p: &Peer| match p {
+            Peer::Endpoint(k) => engine
+                .placement(k)
+                .with_context(|| format!("{k} does not run on the lab")),
+            Peer::Ip(ip) => anyhow::bail!("{ip}: the lab probes between its pods"),
+        };
+        let lab = LabObserved {
+            from: place(from)?,
+            to: place(to)?,
+            counted: Vec::new(),
+        };
+        let (allowed, counted) = engine.probe(from, to, flow)?;
+        return Ok(Observed {
+            engine: format!("lab ({})", engine.describe()),
+            outcome: ProbeOutcome {
+                allowed,
+                egress: None,
+                ingress: None,
+            },
+            events: Vec::new(),
+            lab: Some(LabObserved { counted, ..lab }),
+        });
+    }
     if kind == EngineKind::Netns {
         // Namespaces for the two ends only, not for every pod of the cluster.
         // An address peer that is some pod's address is that pod.
@@ -326,6 +421,7 @@ fn observe(
             ),
             outcome,
             events,
+            lab: None,
         });
     }
     let engine = build_engine(kind, cluster)?;
@@ -334,5 +430,6 @@ fn observe(
         engine: engine.name().to_string(),
         outcome,
         events: Vec::new(),
+        lab: None,
     })
 }

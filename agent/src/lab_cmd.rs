@@ -49,7 +49,7 @@ pub struct LabArgs {
 }
 
 /// Every node's non-zero drop counters, by node and series.
-fn drop_counters(lab: &Lab) -> Result<BTreeMap<(String, String), u64>> {
+pub(crate) fn drop_counters(lab: &Lab) -> Result<BTreeMap<(String, String), u64>> {
     let mut out = BTreeMap::new();
     for node in &lab.nodes {
         let (_, metrics) = http_get(node.metrics, "/metrics")?;
@@ -138,15 +138,15 @@ fn explain(
 }
 
 /// A Pod of the manifests, to run.
-struct Workload {
-    key: EndpointKey,
-    node: usize,
+pub(crate) struct Workload {
+    pub key: EndpointKey,
+    pub node: usize,
     labels: serde_json::Map<String, Value>,
     pools: Vec<String>,
-    ports: Vec<u16>,
+    pub ports: Vec<u16>,
 }
 
-fn step(n: &mut usize, text: &str) {
+pub(crate) fn step(n: &mut usize, text: &str) {
     *n += 1;
     eprintln!("[{n:>2}] {text}");
 }
@@ -253,10 +253,45 @@ fn reference(
     Ok(cells)
 }
 
-/// Runs `palisade lab`.
-pub fn run(args: LabArgs) -> Result<std::process::ExitCode> {
-    let started = Instant::now();
-    let (workloads, manifests) = split(&args.files, &args.nodes)?;
+/// A lab brought up from manifests: its Pods running through CNI.
+pub(crate) struct Running {
+    /// The cluster.
+    pub lab: Lab,
+    /// The Pods of the manifests, as they run.
+    pub workloads: Vec<Workload>,
+    /// Everything but the Pods (applied to the datastore).
+    pub manifests: String,
+    /// Its scratch folder (removed with [`Running::finish`]).
+    pub dir: PathBuf,
+}
+
+impl Running {
+    /// Removes the cluster: pods (CNI DEL), agents, namespaces, etcd.
+    pub fn finish(self) {
+        drop(self.lab);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Brings up nodes `nodes` (a local etcd member when `etcd`, else the
+/// embedded store), applies the manifests but their Pods, and runs the
+/// Pods through CNI (round robin over the nodes unless `spec.nodeName`
+/// says), each listening on its container ports and `extra_ports`.
+/// Progress goes to stderr as numbered steps (`n` counts them).
+pub(crate) fn bring_up(
+    files: &[PathBuf],
+    nodes: &[String],
+    etcd: bool,
+    first_port: u16,
+    extra_ports: &[u16],
+    n: &mut usize,
+) -> Result<Running> {
+    let (mut workloads, manifests) = split(files, nodes)?;
+    for w in &mut workloads {
+        w.ports.extend_from_slice(extra_ports);
+        w.ports.sort_unstable();
+        w.ports.dedup();
+    }
     let dir = std::env::temp_dir().join(format!("palisade-lab-{}", std::process::id()));
     let exe = std::env::current_exe()?;
     let cni = exe.with_file_name("palisade-cni");
@@ -266,42 +301,34 @@ pub fn run(args: LabArgs) -> Result<std::process::ExitCode> {
             cni.display()
         );
     }
-    let etcd = args.datastore == crate::store_cmd::DatastoreKind::Etcd;
-    let mut n = 0;
     let lab = Lab::start(
         LabConfig {
             dir: dir.clone(),
-            nodes: args.nodes.clone(),
+            nodes: nodes.to_vec(),
             etcd,
             palisade: exe,
             cni,
-            first_port: args.first_port,
+            first_port,
             tag: "pl".into(),
             underlay_mtu: 1500,
         },
         &|s| eprintln!("     {s}"),
     );
     let mut lab = lab?;
-    step(
-        &mut n,
-        "cluster up: applying the policies, pools and namespaces",
-    );
+    step(n, "cluster up: applying the policies, pools and namespaces");
     std::fs::write(dir.join("manifests.yaml"), &manifests)?;
     lab.palisade(&[
         "apply",
         "-f",
         &dir.join("manifests.yaml").display().to_string(),
     ])?;
-    step(
-        &mut n,
-        "waiting for every node to reach the others over VXLAN",
-    );
+    step(n, "waiting for every node to reach the others over VXLAN");
     lab.wait_overlay(0)?;
     for w in &workloads {
         let node = lab.nodes[w.node].name.clone();
         let pod = lab.add_pod(w.node, w.key.clone(), &w.labels, &w.pools, &w.ports)?;
         step(
-            &mut n,
+            n,
             &format!(
                 "pod {:<28} on {node}: {:<12} pools {:?}",
                 w.key.to_string(),
@@ -311,8 +338,28 @@ pub fn run(args: LabArgs) -> Result<std::process::ExitCode> {
         );
     }
     let busy: std::collections::BTreeSet<usize> = workloads.iter().map(|w| w.node).collect();
-    step(&mut n, "waiting for the routes to every node's blocks");
+    step(n, "waiting for the routes to every node's blocks");
     lab.wait_overlay(busy.len() as u64)?;
+    Ok(Running {
+        lab,
+        workloads,
+        manifests,
+        dir,
+    })
+}
+
+/// Runs `palisade lab`.
+pub fn run(args: LabArgs) -> Result<std::process::ExitCode> {
+    let started = Instant::now();
+    let mut n = 0;
+    let etcd = args.datastore == crate::store_cmd::DatastoreKind::Etcd;
+    let running = bring_up(&args.files, &args.nodes, etcd, args.first_port, &[], &mut n)?;
+    let (lab, workloads, manifests, dir) = (
+        &running.lab,
+        &running.workloads,
+        &running.manifests,
+        &running.dir,
+    );
 
     // The matrix, per port: real connections beside the reference engine.
     let endpoints = lab.palisade(&["get", "workloadendpoints", "-o", "yaml"])?;
@@ -328,7 +375,7 @@ pub fn run(args: LabArgs) -> Result<std::process::ExitCode> {
                 "TCP {port}: a real connection between every pair of pods, beside the reference engine"
             ),
         );
-        let want = reference(&dir, &manifests, &endpoints, port)?;
+        let want = reference(dir, manifests, &endpoints, port)?;
         let pairs: Vec<(usize, usize)> = (0..lab.pods.len())
             .flat_map(|a| (0..lab.pods.len()).map(move |b| (a, b)))
             .filter(|(a, b)| a != b)
@@ -404,7 +451,7 @@ pub fn run(args: LabArgs) -> Result<std::process::ExitCode> {
             &mut n,
             &format!("why: {from} -> {to} TCP {port}, across the cluster"),
         );
-        explain(&lab, &dir, &manifests, &endpoints, from, to, port)?;
+        explain(lab, dir, manifests, &endpoints, from, to, port)?;
     }
     step(&mut n, "the overlay on each node");
     for (i, node) in lab.nodes.iter().enumerate() {
@@ -454,8 +501,7 @@ pub fn run(args: LabArgs) -> Result<std::process::ExitCode> {
         "removing the cluster: pods (CNI DEL), agents, namespaces, etcd",
     );
     let ok = disagree == 0;
-    drop(lab);
-    let _ = std::fs::remove_dir_all(&dir);
+    running.finish();
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(if ok {
         std::process::ExitCode::SUCCESS

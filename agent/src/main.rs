@@ -35,6 +35,7 @@ mod ipam_cmd;
 mod ipam_exercise;
 mod ipam_verify;
 mod lab_cmd;
+mod lab_engine;
 mod lint_cmd;
 mod load;
 mod matrix_cmd;

@@ -31,6 +31,9 @@ pub enum EngineKind {
     Kernel,
     /// Real traffic between network namespaces through the attached programs.
     Netns,
+    /// Real traffic over a two-node cluster on this machine (agents, VXLAN,
+    /// pods through CNI): `matrix` and `explain` only.
+    Lab,
 }
 
 /// Builds an engine for a cluster.
@@ -48,6 +51,7 @@ pub fn build_engine<'a>(
         EngineKind::Maps => Box::new(MapsEngine::new(cluster, Capacity::verification())?),
         EngineKind::Kernel => Box::new(KernelEngine::new(cluster, Capacity::verification())?),
         EngineKind::Netns => Box::new(NetnsEngine::new(cluster, Capacity::verification())?),
+        EngineKind::Lab => return Err(lab_only()),
     })
 }
 
@@ -77,7 +81,15 @@ fn run_engine(kind: EngineKind, case: &Case) -> Vec<ProbeResult> {
             Err(EngineError::Unavailable(why)) => skipped_all(case, &why),
             Err(e) => failed_all(case, &format!("building the namespaces failed: {e}")),
         },
+        EngineKind::Lab => failed_all(case, &lab_only().to_string()),
     }
+}
+
+/// The lab engine starts a cluster from files: only `matrix` and `explain` run it.
+fn lab_only() -> EngineError {
+    EngineError::Unavailable(
+        "the lab engine starts a cluster from the manifests: `matrix` and `explain` run it".into(),
+    )
 }
 
 fn skipped_all(case: &Case, why: &str) -> Vec<ProbeResult> {

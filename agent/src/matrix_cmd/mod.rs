@@ -13,7 +13,7 @@ use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use palisade_testing::netns_engine::{EventReport, NetnsEngine};
 use policy_bpf::lower::Capacity;
@@ -73,7 +73,8 @@ pub struct MatrixArgs {
     /// Engine answering each cell (`compiled`: the decision programs, fast;
     /// `reference`: rules evaluated one by one, slow at scale; `netns`: real
     /// connections through the kernel programs, drop events printed as they
-    /// happen).
+    /// happen; `lab`: real TCP connections over a two-node cluster, agents
+    /// and VXLAN, the Pods added through CNI).
     #[arg(long, value_enum, default_value = "compiled")]
     pub engine: EngineKind,
     /// Clients: namespace/pod, a namespace, or a Calico selector over pod
@@ -374,8 +375,16 @@ fn esc(s: &str) -> String {
 
 /// Runs `palisade matrix`.
 pub fn matrix(args: &MatrixArgs) -> Result<()> {
+    // The lab runs first: the cluster is then what it runs (its addresses).
+    let mut lab = (args.engine == EngineKind::Lab)
+        .then(|| crate::lab_engine::LabEngine::start(&args.files, &[args.port]))
+        .transpose()?;
+    let files = match &lab {
+        Some(l) => vec![l.model()?],
+        None => args.files.clone(),
+    };
     let loading = spinner("loading manifests");
-    let cluster = load_cluster(&args.files)?;
+    let cluster = load_cluster(&files)?;
     crate::lint_cmd::warn(&cluster);
     loading.finish_and_clear();
     let protocol = Protocol::parse(&args.protocol).map_err(|e| anyhow!("--protocol: {e}"))?;
@@ -448,6 +457,10 @@ pub fn matrix(args: &MatrixArgs) -> Result<()> {
                         );
                     }
                 }))?;
+                Box::new(e)
+            } else if kind == EngineKind::Lab {
+                let e = lab.take().context("the lab engine was started above")?;
+                eprintln!("{}", e.describe());
                 Box::new(e)
             } else {
                 build_engine(kind, &cluster)?

@@ -294,11 +294,16 @@ fn pods_on_two_nodes_talk_over_vxlan_as_policy_says_and_the_overlay_reconciles()
 /// `palisade lab` (what `cargo xtask demo` runs): the example cluster's
 /// real matrix agrees with the reference engine on every cell, and the
 /// lab leaves nothing behind.
+/// `palisade lab` runs, one at a time: each test checks that no lab
+/// namespace (`pl…`) is left after its own.
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn the_lab_runs_the_example_cluster_and_agrees_with_the_reference_engine() {
     if !privileged() {
         return;
     }
+    let _one_lab = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
     let out = super::palisade()
         .args([
             "lab",
@@ -328,5 +333,90 @@ fn the_lab_runs_the_example_cluster_and_agrees_with_the_reference_engine() {
     let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let left = String::from_utf8_lossy(&netns.stdout).to_string();
     // The lab's namespaces (pl…; the tests' are pal…) are gone.
+    assert!(!left.lines().any(|l| l.starts_with("pl")), "{left}");
+}
+
+/// `matrix` and `explain` with `--engine lab` answer from real connections
+/// over two nodes; explain checks the lab against the reference (the
+/// connection's fate, and which node's kernel counted the drop under which
+/// rule) and fails when they differ.
+#[test]
+fn matrix_and_explain_answer_over_a_two_node_lab() {
+    if !privileged() {
+        return;
+    }
+    let _one_lab = ONE_LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let run = |args: &[&str]| {
+        let out = super::palisade().args(args).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = run(&[
+        "matrix",
+        "-f",
+        "examples/cluster",
+        "--engine",
+        "lab",
+        "--port",
+        "8080",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    let allowed: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|c| c["allowed"] == true)
+        .map(|c| {
+            (
+                c["from"].as_str().unwrap().into(),
+                c["to"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    // The example's policy: only the web front end reaches the API on 8080.
+    assert_eq!(
+        allowed,
+        [("frontend/web".to_string(), "backend/api".to_string())],
+        "{text}"
+    );
+    assert!(text.contains("4 pods on 2 nodes"), "{text}");
+
+    let explain = |port: &str| {
+        run(&[
+            "explain",
+            "-f",
+            "examples/cluster",
+            "--engine",
+            "lab",
+            "--from",
+            "frontend/web",
+            "--to",
+            "backend/api",
+            "--port",
+            port,
+        ])
+    };
+    // Denied on egress at node-a (web's node) by the default tier's end:
+    // exit status 1 (denied), not 2 (the lab disagreeing with the reference).
+    let (code, text) = explain("9090");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains(r#"kernel counted: +1 palisade_policy_drops_total{tier="default",policy="tier-default",rule=""}"#)
+            && text.contains("the connection was blocked")
+            && text.contains("DENIED"),
+        "{text}"
+    );
+    let (code, text) = explain("8080");
+    assert!(
+        code == Some(0) && text.contains("the connection was connected"),
+        "{text}"
+    );
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let left = String::from_utf8_lossy(&netns.stdout).to_string();
     assert!(!left.lines().any(|l| l.starts_with("pl")), "{left}");
 }
