@@ -153,6 +153,11 @@ fn wire_steps(
     sysctl(&format!("net/ipv4/conf/{h}/proxy_arp"), "1")?;
     sysctl(&format!("net/ipv4/neigh/{h}/proxy_delay"), "0")?;
     sysctl(&format!("net/ipv4/conf/{h}/forwarding"), "1")?;
+    // A masqueraded service connection leaves the pod's programs with a
+    // node address as its source, before routing: without this the
+    // kernel drops it as a martian. A pod cannot send such a packet
+    // itself (its programs drop any source but its own).
+    sysctl(&format!("net/ipv4/conf/{h}/accept_local"), "1")?;
     if spec.addrs.iter().any(IpAddr::is_ipv6) {
         sysctl(&format!("net/ipv6/conf/{h}/proxy_ndp"), "1")?;
         sysctl(&format!("net/ipv6/conf/{h}/forwarding"), "1")?;

@@ -63,7 +63,14 @@ pub fn on_store(store: &[String], args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
-fn agent(ns: &str, name: &str, port: u16, store: &[String], dir: &Path) -> (Agent, PathBuf) {
+fn agent(
+    ns: &str,
+    name: &str,
+    port: u16,
+    store: &[String],
+    dir: &Path,
+    extra: &[String],
+) -> (Agent, PathBuf) {
     let socket = dir.join(format!("cni-{name}.sock"));
     let metrics = format!("127.0.0.1:{port}");
     // Tests run in parallel in one process: the namespace names them apart.
@@ -86,6 +93,7 @@ fn agent(ns: &str, name: &str, port: u16, store: &[String], dir: &Path) -> (Agen
     .map(|s| s.to_string())
     .collect();
     args.extend(store.iter().cloned());
+    args.extend(extra.iter().cloned());
     // An etcd cluster listens on the host's loopback, which a node's
     // namespace cannot reach: that agent runs in the host namespace and
     // works in its node's through --netns, as `palisade lab` runs them.
@@ -116,6 +124,21 @@ impl Lab {
         Lab::start_on(tag, first_port, dir, names, manifests, store)
     }
 
+    /// As [`Lab::start`], each agent also taking `agent_args`.
+    pub fn start_with(
+        tag: &str,
+        first_port: u16,
+        dir: &Path,
+        names: &[&str],
+        manifests: &str,
+        agent_args: &[&str],
+    ) -> Lab {
+        let state = dir.join("state");
+        let store = vec!["--state-dir".to_string(), state.display().to_string()];
+        let extra: Vec<String> = agent_args.iter().map(|a| a.to_string()).collect();
+        Lab::build(tag, first_port, dir, names, manifests, store, &extra)
+    }
+
     /// As [`Lab::start`], on the datastore `store` names (`palisade`'s
     /// flags, e.g. `--datastore etcd --etcd-endpoints URL`).
     pub fn start_on(
@@ -125,6 +148,18 @@ impl Lab {
         names: &[&str],
         manifests: &str,
         store: Vec<String>,
+    ) -> Lab {
+        Lab::build(tag, first_port, dir, names, manifests, store, &[])
+    }
+
+    fn build(
+        tag: &str,
+        first_port: u16,
+        dir: &Path,
+        names: &[&str],
+        manifests: &str,
+        store: Vec<String>,
+        agent_args: &[String],
     ) -> Lab {
         let state = dir.join("state");
         let pid = std::process::id();
@@ -160,7 +195,14 @@ impl Lab {
                 ],
             )
             .unwrap();
-            let (agent, socket) = agent(ns.name(), name, first_port + i as u16, &store, dir);
+            let (agent, socket) = agent(
+                ns.name(),
+                name,
+                first_port + i as u16,
+                &store,
+                dir,
+                agent_args,
+            );
             nodes.push(Node {
                 ns,
                 name: name.to_string(),

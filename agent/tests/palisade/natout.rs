@@ -48,7 +48,12 @@ fn listen(ns: &Netns, addr: SocketAddr) -> TcpListener {
 
 /// The source address `l` sees when `from` connects to it.
 fn tcp_peer(from: &Netns, l: &TcpListener) -> Option<IpAddr> {
-    let to = l.local_addr().unwrap();
+    tcp_peer_via(from, l.local_addr().unwrap(), l)
+}
+
+/// The source address `l` sees when `from` connects to `to` (a service
+/// address leading to it).
+fn tcp_peer_via(from: &Netns, to: SocketAddr, l: &TcpListener) -> Option<IpAddr> {
     let _client = from
         .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(2)))
         .unwrap()
@@ -228,6 +233,69 @@ fn nat_outgoing_masquerades_pods_leaving_the_pools_as_calico_does() {
         tcp_peer(&pods[0], &api_tcp),
         Some(web),
         "pods still reach pods"
+    );
+    drop(lab);
+}
+
+/// kube-proxy's `--masquerade-all` with the backend on another node: the
+/// connection to the ClusterIP is set up, and the backend sees the
+/// client's node (the source rewritten to a node address before the
+/// packet is routed must not be taken for a martian).
+#[test]
+fn a_masqueraded_service_connection_reaches_a_backend_on_another_node() {
+    if !privileged() {
+        return;
+    }
+    let dir = scratch("svc-masq");
+    let tag = std::process::id();
+    let lab = Lab::start_with(
+        "sm",
+        9145,
+        &dir,
+        &["node-a", "node-b"],
+        &pools(false, false),
+        &["--masquerade-all", "--service-interface", "eth0"],
+    );
+    let pods: Vec<Netns> = (0..2)
+        .map(|i| Netns::create(&format!("palsmp{i}{tag}")).unwrap())
+        .collect();
+    let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
+    let web = add(a, &pods[0], "web", "frontend", "frontend", "web");
+    let api = add(b, &pods[1], "api", "backend", "backend", "api");
+    let file = dir.join("service.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: shop}}\n\
+             spec: {{clusterIP: 172.30.0.10, ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: api-1, namespace: shop, labels: {{kubernetes.io/service-name: api}}}}\n\
+             addressType: IPv4\nendpoints: [{{addresses: [{api}]}}]\n\
+             ports: [{{name: http, port: 8080, protocol: TCP}}]\n"
+        ),
+    )
+    .unwrap();
+    on_store(&lab.store, &["apply", "-f", file.to_str().unwrap()]);
+    wait_for("node-a's service table", 30, || {
+        a.agent
+            .status()
+            .is_some_and(|s| s["services"]["backends"].as_u64() >= Some(1))
+    });
+    wait_for("node-a's route to node-b's block", 30, || {
+        super::lab::ip(a.ns.name(), "route show dev vxlan.calico").contains("10.20.")
+    });
+    let api_tcp = listen(&pods[1], (api, 8080).into());
+    // Straight to the pod: its own address.
+    assert_eq!(tcp_peer(&pods[0], &api_tcp), Some(web), "web -> api");
+    // Through the ClusterIP, masqueraded: node-a's address.
+    assert_eq!(
+        tcp_peer_via(
+            &pods[0],
+            (Ipv4Addr::new(172, 30, 0, 10), 80).into(),
+            &api_tcp
+        ),
+        Some(IpAddr::V4(NODE_A)),
+        "web -> 172.30.0.10:80 (api on node-b), masqueraded"
     );
     drop(lab);
 }
