@@ -25,6 +25,8 @@ pub struct Cluster {
     policies: BTreeMap<PolicyId, Policy>,
     tiers: BTreeMap<String, Tier>,
     network_sets: BTreeMap<(Option<String>, String), NetworkSet>,
+    /// Nodes, each with the address set node peers select.
+    nodes: BTreeMap<String, (Node, NetworkSet)>,
     profiles: BTreeMap<String, Profile>,
     endpoint_slices: BTreeMap<(String, String), EndpointSlice>,
     /// Policies with `services` matches, as written; `policies` holds them
@@ -70,6 +72,7 @@ impl Cluster {
                 .map(|t| (t.name.clone(), t))
                 .collect(),
             network_sets: BTreeMap::new(),
+            nodes: BTreeMap::new(),
             profiles: BTreeMap::new(),
             endpoint_slices: BTreeMap::new(),
             service_policies: BTreeMap::new(),
@@ -250,6 +253,12 @@ impl Cluster {
                 .insert((n.namespace.clone(), n.name.clone()), n)
                 .map(Object::NetworkSet),
             Object::Profile(p) => self.profiles.insert(p.name.clone(), p).map(Object::Profile),
+            Object::Node(n) => {
+                let set = n.address_set();
+                self.nodes
+                    .insert(n.name.clone(), (n, set))
+                    .map(|(old, _)| Object::Node(old))
+            }
             Object::Namespace(n) => self
                 .namespaces
                 .insert(n.name.clone(), n)
@@ -314,6 +323,7 @@ impl Cluster {
                 .remove(&(if r.kind == "NetworkSet" { ns } else { None }, name))
                 .map(Object::NetworkSet),
             "Profile" => self.profiles.remove(&name).map(Object::Profile),
+            "Node" => self.nodes.remove(&name).map(|(n, _)| Object::Node(n)),
             "Namespace" => self.namespaces.remove(&name).map(Object::Namespace),
             "ServiceAccount" => self
                 .service_accounts
@@ -403,6 +413,7 @@ impl Cluster {
         );
         v.extend(self.profiles.values().cloned().map(Object::Profile));
         v.extend(self.network_sets.values().cloned().map(Object::NetworkSet));
+        v.extend(self.nodes.values().map(|(n, _)| Object::Node(n.clone())));
         v.extend(
             self.endpoint_slices
                 .values()
@@ -457,8 +468,17 @@ impl Cluster {
         self.tiers.get(name)
     }
     /// All network sets.
+    /// Network sets, including the address set of each Node (which only
+    /// admin policies' node peers select).
     pub fn network_sets(&self) -> impl Iterator<Item = &NetworkSet> {
-        self.network_sets.values()
+        self.network_sets
+            .values()
+            .chain(self.nodes.values().map(|(_, set)| set))
+    }
+
+    /// Nodes.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values().map(|(n, _)| n)
     }
     /// Explicitly defined profiles (not the ones derived from namespaces).
     pub fn explicit_profiles(&self) -> impl Iterator<Item = &Profile> {

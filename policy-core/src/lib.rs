@@ -60,6 +60,7 @@
 // `expect`s left state an internal invariant.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod admin_api;
 pub mod api;
 pub mod cluster;
 pub mod compile;

@@ -29,6 +29,9 @@ pub const LABEL_NAME: &str = "projectcalico.org/name";
 pub const NAMESPACE_LABEL_PREFIX: &str = "pcns.";
 /// Prefix of service-account labels inherited by endpoints.
 pub const SERVICE_ACCOUNT_LABEL_PREFIX: &str = "pcsa.";
+/// Label carrying a node's name on the address set Palisade derives from
+/// each Node, which only the `nodes` peers of admin policies select.
+pub const LABEL_NODE: &str = "projectcalico.org/node";
 /// Prefix of the profile Calico derives from each namespace.
 pub const NAMESPACE_PROFILE_PREFIX: &str = "kns.";
 /// Prefix of the profile Calico derives from each service account.
@@ -96,6 +99,12 @@ pub enum PolicyKind {
     StagedGlobalNetworkPolicy,
     /// projectcalico.org/v3 StagedKubernetesNetworkPolicy
     StagedKubernetesNetworkPolicy,
+    /// policy.networking.k8s.io/v1alpha1 AdminNetworkPolicy (tier `kube-admin`)
+    AdminNetworkPolicy,
+    /// policy.networking.k8s.io/v1alpha1 BaselineAdminNetworkPolicy (tier `kube-baseline`)
+    BaselineAdminNetworkPolicy,
+    /// policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy (tier `kube-admin` or `kube-baseline`)
+    ClusterNetworkPolicy,
 }
 
 impl PolicyKind {
@@ -107,6 +116,9 @@ impl PolicyKind {
             PolicyKind::StagedNetworkPolicy => "StagedNetworkPolicy",
             PolicyKind::StagedGlobalNetworkPolicy => "StagedGlobalNetworkPolicy",
             PolicyKind::StagedKubernetesNetworkPolicy => "StagedKubernetesNetworkPolicy",
+            PolicyKind::AdminNetworkPolicy => "AdminNetworkPolicy",
+            PolicyKind::BaselineAdminNetworkPolicy => "BaselineAdminNetworkPolicy",
+            PolicyKind::ClusterNetworkPolicy => "ClusterNetworkPolicy",
         }
     }
 
@@ -119,6 +131,9 @@ impl PolicyKind {
             PolicyKind::StagedNetworkPolicy => "snp",
             PolicyKind::StagedGlobalNetworkPolicy => "sgnp",
             PolicyKind::StagedKubernetesNetworkPolicy => "sknp",
+            PolicyKind::AdminNetworkPolicy => "kanp",
+            PolicyKind::BaselineAdminNetworkPolicy => "kbanp",
+            PolicyKind::ClusterNetworkPolicy => "kcnp",
         }
     }
 
@@ -136,7 +151,11 @@ impl PolicyKind {
     pub fn is_namespaced(self) -> bool {
         !matches!(
             self,
-            PolicyKind::GlobalNetworkPolicy | PolicyKind::StagedGlobalNetworkPolicy
+            PolicyKind::GlobalNetworkPolicy
+                | PolicyKind::StagedGlobalNetworkPolicy
+                | PolicyKind::AdminNetworkPolicy
+                | PolicyKind::BaselineAdminNetworkPolicy
+                | PolicyKind::ClusterNetworkPolicy
         )
     }
 }
@@ -394,6 +413,34 @@ pub struct NetworkSet {
     pub labels: LabelMap,
     /// Member CIDRs.
     pub nets: Vec<IpNet>,
+}
+
+/// A Kubernetes Node, as the `nodes` peers of admin policies see it: its
+/// labels and addresses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// Name.
+    pub name: String,
+    /// Labels.
+    pub labels: LabelMap,
+    /// Its addresses (`status.addresses` of type InternalIP and ExternalIP).
+    pub ips: Vec<IpAddr>,
+}
+
+impl Node {
+    /// The address set rule selectors see: the node's labels plus
+    /// [`LABEL_NODE`], which no user-written set may carry, so only node
+    /// peers (which require it) select it.
+    pub fn address_set(&self) -> NetworkSet {
+        let mut labels = self.labels.clone();
+        labels.insert(LABEL_NODE.into(), self.name.clone());
+        NetworkSet {
+            namespace: None,
+            name: format!("node:{}", self.name),
+            labels,
+            nets: self.ips.iter().map(|ip| IpNet::from(*ip)).collect(),
+        }
+    }
 }
 
 /// A profile: rules applied after all tiers, and labels for its endpoints.

@@ -100,6 +100,15 @@ struct RawNamespace {
 }
 
 #[derive(Deserialize)]
+struct RawNode {
+    name: String,
+    #[serde(default)]
+    ip: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
 struct RawServiceAccount {
     namespace: String,
     name: String,
@@ -151,6 +160,9 @@ struct RawCase {
     requires: Vec<String>,
     #[serde(default)]
     service_accounts: Vec<RawServiceAccount>,
+    /// Nodes (admin policies' node peers select their addresses).
+    #[serde(default)]
+    nodes: Vec<RawNode>,
     /// EndpointSlices (`calico-services` cases): the EndpointSlice body
     /// with `namespace`, `name` and `labels` beside it instead of metadata.
     #[serde(default)]
@@ -280,6 +292,28 @@ pub fn parse_case(source: &str, text: &str) -> Result<Case, Error> {
             labels: check_labels(&sa.labels, &format!("serviceAccounts[{i}].labels"))?,
         }));
     }
+    for (i, node) in raw.nodes.iter().enumerate() {
+        let field = |f: &str| format!("nodes[{i}].{f}");
+        let ips = match &node.ip {
+            None => Vec::new(),
+            Some(s) => vec![s.parse::<IpAddr>().map_err(|_| {
+                case_err(source, field("ip"), format!("{s:?} is not an IP address"))
+            })?],
+        };
+        objects.push(Object::Node(Node {
+            name: node.name.clone(),
+            labels: check_labels(&node.labels, &field("labels"))?,
+            ips,
+        }));
+    }
+    // Host-networked pods are not workload endpoints: a probe to or from
+    // one is a probe to or from its node's address.
+    let host_network: Vec<String> = raw
+        .pods
+        .iter()
+        .filter(|p| p.host_network)
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .collect();
     for (i, pod) in raw.pods.iter().enumerate() {
         if pod.host_network {
             // Host-networked pods are not workload endpoints; policy does not apply to them.
@@ -374,7 +408,8 @@ pub fn parse_case(source: &str, text: &str) -> Result<Case, Error> {
     let mut probes = Vec::new();
     for (i, p) in raw.probes.iter().enumerate() {
         probes.push(
-            build_probe(&cluster, i, p).map_err(|m| case_err(source, format!("probes[{i}]"), m))?,
+            build_probe(&cluster, i, p, &host_network)
+                .map_err(|m| case_err(source, format!("probes[{i}]"), m))?,
         );
     }
     Ok(Case {
@@ -386,9 +421,28 @@ pub fn parse_case(source: &str, text: &str) -> Result<Case, Error> {
     })
 }
 
-fn build_probe(cluster: &Cluster, index: usize, p: &RawProbe) -> Result<Probe, String> {
-    let from: Peer = p.from.parse()?;
-    let to: Peer = p.to.parse()?;
+fn build_probe(
+    cluster: &Cluster,
+    index: usize,
+    p: &RawProbe,
+    host_network: &[String],
+) -> Result<Probe, String> {
+    let peer = |name: &str, ip: Option<&str>| -> Result<Peer, String> {
+        if host_network.iter().any(|h| h == name) {
+            let ip = ip.ok_or_else(|| {
+                format!(
+                    "{name} is host-networked: the probe needs its node address (from_ip/to_ip)"
+                )
+            })?;
+            return ip
+                .parse()
+                .map(Peer::Ip)
+                .map_err(|_| format!("{ip:?} is not an IP address"));
+        }
+        name.parse()
+    };
+    let from = peer(&p.from, p.from_ip.as_deref())?;
+    let to = peer(&p.to, p.to_ip.as_deref())?;
     let protocol = match &p.protocol {
         serde_json::Value::String(s) => Protocol::parse(s).map_err(|e| e.to_string())?,
         serde_json::Value::Number(n) => {

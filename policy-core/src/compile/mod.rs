@@ -645,6 +645,11 @@ impl Compiler {
                     w.netsets.insert((n.namespace.clone(), n.name.clone()));
                     None
                 }
+                Object::Node(n) => {
+                    let set = n.address_set();
+                    w.netsets.insert((set.namespace, set.name));
+                    None
+                }
                 Object::Policy(p) => {
                     w.policies.insert(p.id.clone());
                     None

@@ -23,11 +23,13 @@ use crate::selector::{Expr, MAX_LABEL_LENGTH, Selector, is_valid_label_key};
 use crate::strict::{self, UnknownField};
 use crate::suggest::closest;
 
+mod admin;
 mod calico;
 mod fields;
 mod kubernetes;
 mod mixups;
 mod workload;
+pub use admin::admin_limits;
 use calico::*;
 pub use fields::check_labels;
 use fields::*;
@@ -67,6 +69,8 @@ pub enum Object {
     Endpoint(Endpoint),
     /// An EndpointSlice (what `services` rule matches resolve against).
     EndpointSlice(EndpointSlice),
+    /// A Node (what admin policies' `nodes` peers select).
+    Node(Node),
 }
 
 impl Object {
@@ -95,6 +99,7 @@ impl Object {
             Object::EndpointSlice(s) => {
                 ObjectRef::new("EndpointSlice", Some(&s.namespace), s.name.clone())
             }
+            Object::Node(n) => ObjectRef::new("Node", None, n.name.clone()),
         }
     }
 }
@@ -112,8 +117,9 @@ pub fn policy_ref(id: &PolicyId) -> ObjectRef {
 /// Kinds Palisade reads, for error messages.
 pub const SUPPORTED_KINDS: &str = "projectcalico.org/v3 NetworkPolicy, GlobalNetworkPolicy, \
 StagedNetworkPolicy, StagedGlobalNetworkPolicy, StagedKubernetesNetworkPolicy, Tier, NetworkSet, \
-GlobalNetworkSet, Profile, WorkloadEndpoint; networking.k8s.io/v1 NetworkPolicy; v1 Namespace, Pod, ServiceAccount; \
-discovery.k8s.io/v1 EndpointSlice";
+GlobalNetworkSet, Profile, WorkloadEndpoint; networking.k8s.io/v1 NetworkPolicy; v1 Namespace, Node, Pod, \
+ServiceAccount; discovery.k8s.io/v1 EndpointSlice; policy.networking.k8s.io/v1alpha1 AdminNetworkPolicy, \
+BaselineAdminNetworkPolicy; policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy";
 
 /// Converts one manifest document (already parsed to JSON) into a model
 /// object; on failure, the first of [`convert_document_all`]'s errors.
@@ -285,11 +291,13 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
                 None
             };
             let labels = labels_of(&obj.metadata, "metadata.labels")?;
-            if labels.contains_key(LABEL_NAMESPACE) {
-                return fail(Error::invalid(
-                    format!("metadata.labels[{LABEL_NAMESPACE}]"),
-                    "projectcalico.org/namespace is set by Calico and may not be given",
-                ));
+            for reserved in [LABEL_NAMESPACE, LABEL_NODE] {
+                if labels.contains_key(reserved) {
+                    return fail(Error::invalid(
+                        format!("metadata.labels[{reserved}]"),
+                        format!("{reserved} is set by Calico and may not be given"),
+                    ));
+                }
             }
             if !obj.spec.allowed_egress_domains.is_empty() {
                 return fail(
@@ -366,6 +374,14 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
             let slice: k8s_openapi::api::discovery::v1::EndpointSlice = typed(doc)?;
             Ok(Object::EndpointSlice(endpoint_slice(&slice)?))
         }
+        "AdminNetworkPolicy" | "BaselineAdminNetworkPolicy" | "ClusterNetworkPolicy" => {
+            Ok(Object::Policy(admin::admin_document(doc, kind, api)?))
+        }
+        "Node" => {
+            expect_api(kind, api, "v1")?;
+            let node: core::Node = typed(doc)?;
+            Ok(Object::Node(node_object(&node)?))
+        }
         "Pod" => {
             expect_api(kind, api, "v1")?;
             let pod: core::Pod = typed(doc)?;
@@ -382,7 +398,31 @@ fn convert_inner(doc: &serde_json::Value, kind: &str, api: &str) -> Result<Objec
     }
 }
 
-/// An error as the one error of a document.
+/// A Node: its labels and its InternalIP/ExternalIP addresses.
+pub fn node_object(node: &core::Node) -> Result<Node, Error> {
+    let mut ips = Vec::new();
+    let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+    for (i, a) in addresses.into_iter().flatten().enumerate() {
+        if !matches!(a.type_.as_str(), "InternalIP" | "ExternalIP") {
+            continue;
+        }
+        let ip: IpAddr = a.address.trim().parse().map_err(|_| {
+            Error::invalid(
+                format!("status.addresses[{i}].address"),
+                format!("{:?} is not an IP address", a.address),
+            )
+        })?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    Ok(Node {
+        name: object_name(&node.metadata, NameRule::Subdomain)?,
+        labels: labels_of(&node.metadata, "metadata.labels")?,
+        ips,
+    })
+}
+
 /// An EndpointSlice: its Service, addresses and numbered ports.
 pub fn endpoint_slice(
     slice: &k8s_openapi::api::discovery::v1::EndpointSlice,

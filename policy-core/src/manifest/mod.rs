@@ -84,7 +84,7 @@ enum Section<'t> {
 }
 
 /// The kinds Palisade acts on (any other kind is skipped).
-pub const ACTED_ON_KINDS: [&str; 15] = [
+pub const ACTED_ON_KINDS: [&str; 18] = [
     "NetworkPolicy",
     "GlobalNetworkPolicy",
     "StagedNetworkPolicy",
@@ -99,6 +99,9 @@ pub const ACTED_ON_KINDS: [&str; 15] = [
     "Pod",
     "ServiceAccount",
     "EndpointSlice",
+    "AdminNetworkPolicy",
+    "BaselineAdminNetworkPolicy",
+    "ClusterNetworkPolicy",
     "List",
 ];
 
