@@ -468,6 +468,71 @@ spec:
     }
 
     #[test]
+    fn admin_policies_decide_before_namespace_policies_and_are_named() {
+        // examples/admin-policies over examples/zero-trust: the
+        // AdminNetworkPolicy's Deny in tier kube-admin decides analytics ->
+        // shop-backend at ingress, before the default tier is consulted.
+        for engine in ["reference", "compiled"] {
+            let o = palisade(&[
+                "matrix",
+                "-f",
+                "../examples/zero-trust",
+                "-f",
+                "../examples/admin-policies",
+                "--port",
+                "8080",
+                "--engine",
+                engine,
+                "-o",
+                "json",
+            ]);
+            let (_, cells) = json_lines(&o);
+            let cell = |from: &str, to: &str| {
+                cells
+                    .iter()
+                    .find(|c| c["from"] == from && c["to"] == to)
+                    .unwrap_or_else(|| panic!("no cell {from} -> {to}"))
+                    .clone()
+            };
+            for to in ["shop-backend/api", "shop-backend/db"] {
+                let c = cell("analytics/reporting", to);
+                assert_eq!(c["allowed"], false, "{engine}: {c}");
+                let by = &c["ingress"]["decidedBy"];
+                assert_eq!(by["tier"], "kube-admin", "{engine}: {c}");
+                assert_eq!(by["policy"], "kanp:isolate-analytics", "{engine}: {c}");
+            }
+            // The shop's own traffic passes through the admin tier to its
+            // namespace policies.
+            let c = cell("shop-frontend/web", "shop-backend/api");
+            assert_eq!(c["allowed"], true, "{engine}: {c}");
+            assert_eq!(
+                c["ingress"]["decidedBy"]["tier"], "default",
+                "{engine}: {c}"
+            );
+        }
+        let o = palisade(&[
+            "explain",
+            "-f",
+            "../examples/zero-trust",
+            "-f",
+            "../examples/admin-policies",
+            "--from",
+            "analytics/reporting",
+            "--to",
+            "shop-backend/db",
+            "--port",
+            "5432",
+        ]);
+        let out = text(&o.stdout);
+        assert_eq!(o.status.code(), Some(1), "{out}{}", text(&o.stderr));
+        assert!(out.contains("tier kube-admin"), "{out}");
+        assert!(
+            out.contains("=> deny by tier kube-admin, kanp:isolate-analytics, rule 0 (deny)"),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn explain_names_an_unknown_pod_and_the_closest_one() {
         let d = Dir::new("explain-unknown");
         let f = d.file("shop.yaml", SHOP);

@@ -126,6 +126,29 @@ pub const KINDS: &[KindInfo] = &[
         true,
         &["endpointslice", "eps"],
     ),
+    // The network-policy-api's cluster-admin kinds (tiers kube-admin and
+    // kube-baseline).
+    info(
+        "policy.networking.k8s.io/v1alpha1",
+        "adminnetworkpolicies",
+        "AdminNetworkPolicy",
+        false,
+        &["adminnetworkpolicy", "anp"],
+    ),
+    info(
+        "policy.networking.k8s.io/v1alpha1",
+        "baselineadminnetworkpolicies",
+        "BaselineAdminNetworkPolicy",
+        false,
+        &["baselineadminnetworkpolicy", "banp"],
+    ),
+    info(
+        "policy.networking.k8s.io/v1alpha2",
+        "clusternetworkpolicies",
+        "ClusterNetworkPolicy",
+        false,
+        &["clusternetworkpolicy", "kcnp"],
+    ),
     // What the service dataplane load-balances (with the EndpointSlices
     // above); validated by palisade-services, not the policy engine.
     KindInfo {
