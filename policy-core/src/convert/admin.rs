@@ -464,6 +464,31 @@ fn admin_policy(
     Ok(p)
 }
 
+/// The peers of a rule: `from` on ingress, `to` on egress, never the other.
+fn rule_peers<'a>(
+    from: &'a Option<Vec<Peer>>,
+    to: &'a Option<Vec<Peer>>,
+    ingress: bool,
+    field: &str,
+    max: usize,
+) -> Result<&'a [Peer], Error> {
+    let (peers, name, wrong) = if ingress {
+        (from, "from", to.is_some().then_some("to"))
+    } else {
+        (to, "to", from.is_some().then_some("from"))
+    };
+    if let Some(w) = wrong {
+        let dir = if ingress { "ingress" } else { "egress" };
+        return Err(Error::invalid(
+            format!("{field}.{w}"),
+            format!("an {dir} rule has no `{w}`"),
+        ));
+    }
+    let peers = peers.as_deref().unwrap_or_default();
+    limit("peers", peers.len(), max, format!("{field}.{name}"))?;
+    Ok(peers)
+}
+
 fn v1alpha1_rules<'a>(
     rules: &'a [AdminRule],
     ingress: bool,
@@ -476,24 +501,7 @@ fn v1alpha1_rules<'a>(
         .enumerate()
         .map(|(i, r)| {
             let field = format!("spec.{dir}[{i}]");
-            let (peers, wrong) = if ingress {
-                (&r.from, r.to.is_some().then_some("to"))
-            } else {
-                (&r.to, r.from.is_some().then_some("from"))
-            };
-            if let Some(w) = wrong {
-                return Err(Error::invalid(
-                    format!("{field}.{w}"),
-                    format!("an {dir} rule has no `{w}`"),
-                ));
-            }
-            let peers = peers.as_deref().unwrap_or_default();
-            limit(
-                "peers",
-                peers.len(),
-                V1ALPHA1_ITEMS,
-                format!("{field}.{}", if ingress { "from" } else { "to" }),
-            )?;
+            let peers = rule_peers(&r.from, &r.to, ingress, &field, V1ALPHA1_ITEMS)?;
             Ok(ApiRule {
                 action: parse_action(&r.action, actions, format!("{field}.action"))?,
                 name: r.name.as_deref(),
@@ -513,24 +521,7 @@ fn v1alpha2_rules(rules: &[ClusterRule], ingress: bool) -> Result<Vec<ApiRule<'_
         .enumerate()
         .map(|(i, r)| {
             let field = format!("spec.{dir}[{i}]");
-            let (peers, wrong) = if ingress {
-                (&r.from, r.to.is_some().then_some("to"))
-            } else {
-                (&r.to, r.from.is_some().then_some("from"))
-            };
-            if let Some(w) = wrong {
-                return Err(Error::invalid(
-                    format!("{field}.{w}"),
-                    format!("an {dir} rule has no `{w}`"),
-                ));
-            }
-            let peers = peers.as_deref().unwrap_or_default();
-            limit(
-                "peers",
-                peers.len(),
-                V1ALPHA2_ITEMS,
-                format!("{field}.{}", if ingress { "from" } else { "to" }),
-            )?;
+            let peers = rule_peers(&r.from, &r.to, ingress, &field, V1ALPHA2_ITEMS)?;
             Ok(ApiRule {
                 action: parse_action(
                     &r.action,
