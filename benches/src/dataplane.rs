@@ -102,6 +102,38 @@ pub fn manifests_with_peer_sets(n: usize, sets: usize) -> String {
     y
 }
 
+/// The policy set with `n` policies behind `anps` AdminNetworkPolicies
+/// and the BaselineAdminNetworkPolicy, all selecting the server: each
+/// admin policy denies one peer group on a TCP port of its own and Passes
+/// another, so none decides the client, whose packets cross the whole
+/// kube-admin tier before the default tier allows them.
+pub fn manifests_with_admin(n: usize, anps: usize) -> String {
+    let mut y = manifests(n);
+    for i in 0..anps {
+        let _ = writeln!(
+            y,
+            "---\napiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {{name: guard{i}}}\n\
+             spec:\n  priority: {}\n  subject: {{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: server}}}}}}}}\n  ingress:\n  \
+             - {{action: Deny, from: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{group: g{}}}}}}}}}], ports: [{{portNumber: {{port: {}}}}}]}}\n  \
+             - {{action: Pass, from: [{{namespaces: {{matchLabels: {{kubernetes.io/metadata.name: bench}}}}}}], ports: [{{portNumber: {{protocol: UDP, port: {}}}}}]}}",
+            i % 1001,
+            i % PEER_GROUPS,
+            30000 + i % 30000,
+            20000 + i % 30000
+        );
+    }
+    y.push_str(
+        "---\napiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: default}\n\
+         spec:\n  subject: {namespaces: {}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}]}\n",
+    );
+    y
+}
+
+/// The policy set of [`manifests_with_admin`].
+pub fn cluster_with_admin(n: usize, anps: usize) -> Cluster {
+    parse(&manifests_with_admin(n, anps))
+}
+
 /// The policy set of [`manifests_with_peer_sets`].
 pub fn cluster_with_peer_sets(n: usize, sets: usize) -> Cluster {
     parse(&manifests_with_peer_sets(n, sets))
@@ -126,6 +158,24 @@ mod tests {
     use policy_core::connection::{Peer, evaluate_connection};
     use policy_core::net::Protocol;
     use policy_core::{Flow, ReferenceEngine};
+
+    #[test]
+    fn admin_policies_leave_the_client_to_the_default_tier() {
+        let c = cluster_with_admin(10, 20);
+        let r = ReferenceEngine::new(&c);
+        let server = Peer::Endpoint("bench/server".parse().unwrap());
+        let ask = |from: &str, src: IpAddr, port: u16| {
+            let f = Flow::ports(src, SERVER.parse().unwrap(), Protocol::TCP, 40000, port);
+            evaluate_connection(&r, &c, &Peer::Endpoint(from.parse().unwrap()), &server, &f)
+                .unwrap()
+        };
+        assert!(ask("bench/client", CLIENT.parse().unwrap(), TCP_PORT).allowed);
+        // The first admin policy denies group g0 on its own port.
+        let o = ask("bench/peer-0", peer_ip(0), 30000);
+        assert!(!o.allowed);
+        let decider = o.ingress.map(|d| d.to_string()).unwrap_or_default();
+        assert!(decider.contains("kanp:guard0"), "{decider}");
+    }
 
     #[test]
     fn only_the_client_gets_in() {

@@ -259,6 +259,23 @@ pub fn measure_peer_sets(
     )
 }
 
+/// [`measure`] on the policy set behind `anps` AdminNetworkPolicies
+/// ([`crate::dataplane::cluster_with_admin`]).
+pub fn measure_admin(
+    policies: usize,
+    anps: usize,
+    samples: usize,
+    per_round: u64,
+) -> anyhow::Result<CostRow> {
+    measure_cluster(
+        &crate::dataplane::cluster_with_admin(policies, anps),
+        policies,
+        Capacity::default(),
+        samples,
+        per_round,
+    )
+}
+
 fn measure_cluster(
     cluster: &policy_core::Cluster,
     policies: usize,

@@ -2,12 +2,16 @@
 //! pass-through program, new and established flows, at 10 to 5k policies.
 //!
 //! `sudo cargo xtask report datapath [-- --quick]` (installs the eBPF toolchain first).
+//! `-- --admin-only` measures only the admin-policies table
+//! (docs/datapath-admin-policies.md), which the full run writes too.
 
 use std::fmt::Write as _;
 
 use anyhow::Result;
 use palisade_benches::dataplane::{PEER_SETS, SIZES};
-use palisade_benches::packet_cost::{CostRow, measure, measure_peer_sets, measure_with};
+use palisade_benches::packet_cost::{
+    CostRow, measure, measure_admin, measure_peer_sets, measure_with,
+};
 use policy_bpf::lower::Capacity;
 
 /// Conntrack capacities the report compares (connections).
@@ -49,6 +53,10 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let (samples, per_round) = if quick { (5, 2_000) } else { (21, 10_000) };
+    admin_report(samples, per_round)?;
+    if std::env::args().any(|a| a == "--admin-only") {
+        return Ok(());
+    }
     let mut rows: Vec<CostRow> = Vec::new();
     for n in SIZES {
         eprintln!("measuring {n} policies ({samples} rounds of {per_round} packets)...");
@@ -222,6 +230,65 @@ fn main() -> Result<()> {
          the criterion version is `sudo cargo bench -p palisade-benches --bench datapath` after `cargo xtask setup`."
     )?;
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/datapath-cost.md");
+    std::fs::write(&out, md)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// AdminNetworkPolicies in front of 1000 policies: what crossing the
+/// kube-admin tier adds to a packet, against the same set without them,
+/// measured in the same run.
+fn admin_report(samples: usize, per_round: u64) -> Result<()> {
+    const POLICIES: usize = 1000;
+    let mut rows = Vec::new();
+    for anps in [0usize, 10, 100, 500] {
+        eprintln!("measuring {POLICIES} policies behind {anps} AdminNetworkPolicies...");
+        let r = if anps == 0 {
+            measure(POLICIES, samples, per_round)?
+        } else {
+            measure_admin(POLICIES, anps, samples, per_round)?
+        };
+        eprintln!(
+            "  new flow +{:.0} ns, established +{:.0} ns",
+            r.new_added(),
+            r.established_added()
+        );
+        rows.push((anps, r));
+    }
+    let base = rows[0].1;
+    let mut md = String::from("# Per-packet cost behind admin policies\n\n");
+    writeln!(
+        md,
+        "Measured as [datapath-cost.md](datapath-cost.md) (`BPF_PROG_TEST_RUN`, the server's ingress \
+         program, medians of {samples} rounds of {per_round} packets), on its {POLICIES}-policy set \
+         behind *n* AdminNetworkPolicies and the BaselineAdminNetworkPolicy, all selecting the \
+         server (`benches/src/dataplane.rs`, `manifests_with_admin`): each denies one peer group \
+         on a port of its own and Passes another, so the client's packets cross the whole \
+         kube-admin tier before the default tier allows them. Baseline: the same set without \
+         admin policies, in the same run.\n"
+    )?;
+    writeln!(
+        md,
+        "| AdminNetworkPolicies | peer sets | added, new (ns) | new vs none | added, established (ns) | established vs none |"
+    )?;
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|")?;
+    for (anps, r) in &rows {
+        writeln!(
+            md,
+            "| {anps} | {} | {:.0} | {:.2}x | {:.0} | {:.2}x |",
+            r.peer_sets,
+            r.new_added(),
+            r.new_flow / base.new_flow,
+            r.established_added(),
+            r.established / base.established
+        )?;
+    }
+    writeln!(
+        md,
+        "\nReproduce: `sudo cargo xtask report datapath -- --admin-only`."
+    )?;
+    let out =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/datapath-admin-policies.md");
     std::fs::write(&out, md)?;
     eprintln!("wrote {}", out.display());
     Ok(())

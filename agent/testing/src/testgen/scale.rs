@@ -323,3 +323,54 @@ pub fn wide_policies(policies: usize, rules: usize) -> Vec<Object> {
     }
     objects
 }
+
+/// `count` AdminNetworkPolicies plus the BaselineAdminNetworkPolicy for a
+/// [`scale_cluster`] of `namespaces` namespaces, the guard rails a platform
+/// team writes: per team, deny ingress from `dev` namespaces, allow
+/// monitoring to the named `metrics` port, Pass the team's own namespaces,
+/// deny egress to the cloud metadata address; alternately by namespace
+/// (team) and by pod (role in env). Priorities spread over 0-1000. Empty
+/// for `count` 0.
+pub fn admin_policies(count: usize, namespaces: usize) -> Vec<Object> {
+    let teams = 20.min(namespaces.max(1));
+    let mut docs: Vec<Value> = (0..count)
+        .map(|k| {
+            let team = format!("team-{}", k % teams);
+            let subject = if k % 2 == 0 {
+                json!({"namespaces": {"matchLabels": {"team": team}}})
+            } else {
+                json!({"pods": {"namespaceSelector": {"matchLabels": {"team": team, "env": "prod"}},
+                    "podSelector": {"matchExpressions": [{"key": "role", "operator": "In",
+                        "values": ["backend", "db"]}]}}})
+            };
+            json!({"apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy",
+                "metadata": {"name": format!("guard-{k}")},
+                "spec": {"priority": (k * 7) % 1001, "subject": subject,
+                    "ingress": [
+                        {"name": "no-dev", "action": "Deny",
+                         "from": [{"namespaces": {"matchLabels": {"env": "dev"}}}]},
+                        {"name": "monitoring", "action": "Allow",
+                         "from": [{"namespaces": {"matchLabels": {"purpose": "monitoring"}}}],
+                         "ports": [{"namedPort": "metrics"}]},
+                        {"name": "own-team", "action": "Pass",
+                         "from": [{"namespaces": {"matchLabels": {"team": team}}}],
+                         "ports": [{"portNumber": {"port": 8080}}, {"portRange": {"start": 50000, "end": 50100}}]}],
+                    "egress": [
+                        {"name": "no-metadata", "action": "Deny",
+                         "to": [{"networks": ["169.254.169.254/32"]}]},
+                        {"name": "dns", "action": "Allow",
+                         "to": [{"pods": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                             "podSelector": {}}}],
+                         "ports": [{"portNumber": {"protocol": "UDP", "port": 53}}]}]}})
+        })
+        .collect();
+    if count > 0 {
+        docs.push(json!({"apiVersion": "policy.networking.k8s.io/v1alpha1",
+            "kind": "BaselineAdminNetworkPolicy", "metadata": {"name": "default"},
+            "spec": {"subject": {"namespaces": {}},
+                "ingress": [{"name": "default-deny", "action": "Deny", "from": [{"namespaces": {}}]}]}}));
+    }
+    docs.iter()
+        .map(|d| convert_document(d).expect("generated admin policy is valid"))
+        .collect()
+}
