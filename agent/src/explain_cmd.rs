@@ -82,12 +82,22 @@ pub fn decision_json(d: &Decision) -> Value {
 fn trace_json(t: &Trace) -> Value {
     let rules = |rs: &[policy_core::reference::RuleTrace]| -> Vec<Value> {
         rs.iter()
-            .map(|r| match &r.outcome {
-                RuleOutcome::Matched => json!({"index": r.index, "action": r.action.to_string(), "matched": true}),
-                RuleOutcome::NoMatch(why) => json!({"index": r.index, "action": r.action.to_string(), "matched": false, "why": why}),
+            .map(|r| {
+                let mut v = match &r.outcome {
+                    RuleOutcome::Matched => json!({"index": r.index, "action": r.action.to_string(), "matched": true}),
+                    RuleOutcome::NoMatch(why) => json!({"index": r.index, "action": r.action.to_string(), "matched": false, "why": why}),
+                };
+                if let Some(name) = &r.name {
+                    v["name"] = json!(name);
+                }
+                v
             })
             .collect()
     };
+    let mut decision = decision_json(&t.decision);
+    if let Some(name) = t.decider_name() {
+        decision["decidedBy"]["ruleName"] = json!(name);
+    }
     json!({
         "endpoint": t.endpoint.to_string(),
         "direction": t.direction.to_string(),
@@ -107,7 +117,7 @@ fn trace_json(t: &Trace) -> Value {
         "profiles": t.profiles.iter().map(|p| json!({
             "profile": p.profile, "defined": p.defined, "rules": rules(&p.rules),
         })).collect::<Vec<_>>(),
-        "decision": decision_json(&t.decision),
+        "decision": decision,
     })
 }
 
@@ -192,9 +202,12 @@ pub fn explain(
             let verdict = if allowed { "ALLOWED" } else { "DENIED" };
             match traces.iter().find(|t| t.decision.verdict == Verdict::Deny) {
                 Some(t) => outln!(
-                    "{verdict}: {} denied by {}",
+                    "{verdict}: {} denied by {}{}",
                     t.direction,
-                    t.decision.decided_by
+                    t.decision.decided_by,
+                    t.decider_name()
+                        .map(|n| format!(", named {n:?}"))
+                        .unwrap_or_default()
                 )?,
                 None => outln!("{verdict}")?,
             }

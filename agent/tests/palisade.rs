@@ -527,7 +527,13 @@ spec:
         assert_eq!(o.status.code(), Some(1), "{out}{}", text(&o.stderr));
         assert!(out.contains("tier kube-admin"), "{out}");
         assert!(
-            out.contains("=> deny by tier kube-admin, kanp:isolate-analytics, rule 0 (deny)"),
+            out.contains("rule 0 \"no-analytics\" deny: matched"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "=> deny by tier kube-admin, kanp:isolate-analytics, rule 0 (deny), named \"no-analytics\""
+            ),
             "{out}"
         );
     }

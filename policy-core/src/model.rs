@@ -259,6 +259,9 @@ pub struct Rule {
     pub source: EntityMatch,
     /// Destination side.
     pub destination: EntityMatch,
+    /// The name the rule was written with (network-policy-api rules have
+    /// one); several rules share it when one written rule became several.
+    pub name: Option<String>,
 }
 
 impl Rule {
@@ -273,6 +276,7 @@ impl Rule {
             not_icmp: None,
             source: EntityMatch::default(),
             destination: EntityMatch::default(),
+            name: None,
         }
     }
 }

@@ -48,6 +48,8 @@ pub struct RuleTrace {
     pub index: usize,
     /// The rule's action.
     pub action: Action,
+    /// The rule's name, if it was written with one.
+    pub name: Option<String>,
     /// Match or why not.
     pub outcome: RuleOutcome,
 }
@@ -404,6 +406,7 @@ impl<'c> ReferenceEngine<'c> {
                     pt.rules.push(RuleTrace {
                         index: i,
                         action: rule.action,
+                        name: rule.name.clone(),
                         outcome,
                     });
                     if !matched {
@@ -488,6 +491,7 @@ impl<'c> ReferenceEngine<'c> {
                     pt.rules.push(RuleTrace {
                         index: i,
                         action: rule.action,
+                        name: rule.name.clone(),
                         outcome,
                     });
                     if !matched {
@@ -622,15 +626,46 @@ impl fmt::Display for Trace {
                 write_rule(f, r, "    ")?;
             }
         }
-        writeln!(f, "  => {}", self.decision)
+        writeln!(f, "  => {}{}", self.decision, self.decider_name_suffix())
+    }
+}
+
+impl Trace {
+    /// The name of the rule that decided, when it was written with one.
+    pub fn decider_name(&self) -> Option<&str> {
+        let DecidedBy::Rule { policy, rule, .. } = &self.decision.decided_by else {
+            return None;
+        };
+        self.tiers
+            .iter()
+            .flat_map(|t| &t.policies)
+            .filter(|p| &p.policy == policy)
+            .flat_map(|p| &p.rules)
+            .find(|r| r.index == *rule)
+            .and_then(|r| r.name.as_deref())
+    }
+
+    fn decider_name_suffix(&self) -> String {
+        self.decider_name()
+            .map(|n| format!(", named {n:?}"))
+            .unwrap_or_default()
     }
 }
 
 fn write_rule(f: &mut fmt::Formatter<'_>, r: &RuleTrace, indent: &str) -> fmt::Result {
+    let name = r
+        .name
+        .as_deref()
+        .map(|n| format!(" {n:?}"))
+        .unwrap_or_default();
     match &r.outcome {
-        RuleOutcome::Matched => writeln!(f, "{indent}rule {} {}: matched", r.index, r.action),
+        RuleOutcome::Matched => writeln!(f, "{indent}rule {}{name} {}: matched", r.index, r.action),
         RuleOutcome::NoMatch(why) => {
-            writeln!(f, "{indent}rule {} {}: no match: {why}", r.index, r.action)
+            writeln!(
+                f,
+                "{indent}rule {}{name} {}: no match: {why}",
+                r.index, r.action
+            )
         }
     }
 }

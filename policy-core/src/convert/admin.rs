@@ -352,7 +352,12 @@ fn peer_entity(peer: &Peer, ingress: bool, field: &str) -> Result<EntityRuleSpec
 }
 
 /// The Calico rules of one API rule: one per (protocol group, peer).
-fn calico_rules(r: &ApiRule, ingress: bool, out: &mut Vec<RuleSpec>) -> Result<(), Error> {
+fn calico_rules(
+    r: &ApiRule,
+    ingress: bool,
+    out: &mut Vec<RuleSpec>,
+    names: &mut Vec<Option<String>>,
+) -> Result<(), Error> {
     let peers_field = format!("{}.{}", r.field, if ingress { "from" } else { "to" });
     if r.peers.is_empty() {
         return Err(Error::invalid(peers_field, "a rule has at least one peer"));
@@ -405,6 +410,7 @@ fn calico_rules(r: &ApiRule, ingress: bool, out: &mut Vec<RuleSpec>) -> Result<(
                 rule.destination = entity;
             }
             out.push(rule);
+            names.push(r.name.map(String::from));
         }
     }
     Ok(())
@@ -438,13 +444,13 @@ fn admin_policy(
     egress: &[ApiRule],
 ) -> Result<Policy, Error> {
     let (selector, namespace_selector) = subject_selectors(subject)?;
-    let mut ingress_specs = Vec::new();
+    let (mut ingress_specs, mut ingress_names) = (Vec::new(), Vec::new());
     for r in ingress {
-        calico_rules(r, true, &mut ingress_specs)?;
+        calico_rules(r, true, &mut ingress_specs, &mut ingress_names)?;
     }
-    let mut egress_specs = Vec::new();
+    let (mut egress_specs, mut egress_names) = (Vec::new(), Vec::new());
     for r in egress {
-        calico_rules(r, false, &mut egress_specs)?;
+        calico_rules(r, false, &mut egress_specs, &mut egress_names)?;
     }
     let spec = PolicySpec {
         tier: Some(tier.into()),
@@ -457,6 +463,13 @@ fn admin_policy(
     };
     let mut p = calico_policy(meta, &spec, PolicyKind::GlobalNetworkPolicy)?;
     p.id.kind = kind;
+    // One Calico rule per name pushed, in order.
+    for (rule, name) in p.ingress.iter_mut().zip(ingress_names) {
+        rule.name = name;
+    }
+    for (rule, name) in p.egress.iter_mut().zip(egress_names) {
+        rule.name = name;
+    }
     // Calico lists a type only for a direction with rules; a direction
     // without any leaves the tier's Pass in charge either way.
     p.ingress_enabled = !p.ingress.is_empty();
@@ -690,6 +703,8 @@ mod tests {
                 .canonical(),
             "has(projectcalico.org/namespace)"
         );
+        // Every Calico rule keeps the name of the rule it came from.
+        assert!(p.egress.iter().all(|r| r.name.as_deref() == Some("r")));
     }
 
     #[test]

@@ -312,6 +312,7 @@ pub(crate) fn rule(
         not_icmp,
         source,
         destination,
+        name: None,
     })
 }
 
