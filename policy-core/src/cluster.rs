@@ -287,13 +287,19 @@ impl Cluster {
             | "StagedNetworkPolicy"
             | "StagedGlobalNetworkPolicy"
             | "StagedKubernetesNetworkPolicy"
-            | "KubernetesNetworkPolicy" => {
+            | "KubernetesNetworkPolicy"
+            | "AdminNetworkPolicy"
+            | "BaselineAdminNetworkPolicy"
+            | "ClusterNetworkPolicy" => {
                 let kinds: &[PolicyKind] = match r.kind.as_str() {
                     "NetworkPolicy" => &[PolicyKind::NetworkPolicy],
                     "KubernetesNetworkPolicy" => &[PolicyKind::KubernetesNetworkPolicy],
                     "GlobalNetworkPolicy" => &[PolicyKind::GlobalNetworkPolicy],
                     "StagedNetworkPolicy" => &[PolicyKind::StagedNetworkPolicy],
                     "StagedGlobalNetworkPolicy" => &[PolicyKind::StagedGlobalNetworkPolicy],
+                    "AdminNetworkPolicy" => &[PolicyKind::AdminNetworkPolicy],
+                    "BaselineAdminNetworkPolicy" => &[PolicyKind::BaselineAdminNetworkPolicy],
+                    "ClusterNetworkPolicy" => &[PolicyKind::ClusterNetworkPolicy],
                     _ => &[PolicyKind::StagedKubernetesNetworkPolicy],
                 };
                 kinds.iter().find_map(|k| {

@@ -762,6 +762,25 @@ mod tests {
     }
 
     #[test]
+    fn every_kind_can_be_deleted_by_its_reference() {
+        use crate::cluster::{Change, Cluster};
+        let docs = [
+            anp(json!({"priority": 1, "subject": subject()})),
+            json!({"apiVersion": V1ALPHA1, "kind": "BaselineAdminNetworkPolicy",
+                "metadata": {"name": "default"}, "spec": {"subject": subject()}}),
+            json!({"apiVersion": V1ALPHA2, "kind": "ClusterNetworkPolicy",
+                "metadata": {"name": "c"}, "spec": {"tier": "Baseline", "priority": 1, "subject": subject()}}),
+        ];
+        let objects: Vec<Object> = docs.iter().map(|d| convert_document(d).unwrap()).collect();
+        let refs: Vec<_> = objects.iter().map(Object::object_ref).collect();
+        let mut c = Cluster::from_objects(objects).unwrap();
+        assert_eq!(c.policies().count(), 3);
+        c.apply(refs.into_iter().map(Change::Delete).collect())
+            .unwrap();
+        assert_eq!(c.policies().count(), 0);
+    }
+
+    #[test]
     fn bad_objects_name_the_field() {
         let rule = json!({"action": "Allow", "from": [{"namespaces": {}}]});
         let cases = [

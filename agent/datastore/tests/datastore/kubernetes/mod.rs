@@ -338,6 +338,47 @@ fn a_listed_cluster_is_enforced_and_follows_relabels_policies_and_namespace_dele
 }
 
 #[test]
+fn admin_network_policies_from_the_api_decide_before_namespace_policies() {
+    const ADMIN: &str = "/apis/policy.networking.k8s.io/v1alpha1/adminnetworkpolicies";
+    let api = MockApi::default();
+    shop(&api, "100");
+    let guard = json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy",
+        "metadata": {"name": "db-guard", "resourceVersion": "50", "uid": "u-anp",
+                     "generation": 1, "creationTimestamp": "2026-12-01T10:00:00Z"},
+        "spec": {"priority": 5,
+                 "subject": {"pods": {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "db"}}}},
+                 "ingress": [{"name": "no-api", "action": "Deny",
+                              "from": [{"pods": {"namespaceSelector": {},
+                                                 "podSelector": {"matchLabels": {"app": "api"}}}}]}]}});
+    api.on_list(
+        ADMIN,
+        200,
+        list(
+            "policy.networking.k8s.io/v1alpha1",
+            "AdminNetworkPolicy",
+            "100",
+            None,
+            std::slice::from_ref(&guard),
+        ),
+    );
+    let admin = api.on_watch(ADMIN);
+    let store = start(&api);
+    let mut node = Node::new(&[("shop", "api-0"), ("shop", "db-0"), ("clients", "web-0")]);
+    let mut watch = listed(&store, &mut node);
+    // The namespace policy allows api -> db; the admin tier denies it first.
+    assert_eq!(node.allows("shop/api-0", "shop/db-0", 5432), Some(false));
+    // Deleted: the namespace policy decides again.
+    admin.event("DELETED", guard);
+    node.until(&mut watch, "the admin policy's removal", |n| {
+        n.allows("shop/api-0", "shop/db-0", 5432) == Some(true)
+    });
+    // The baseline and ClusterNetworkPolicy kinds are not served here (no
+    // CRDs): the store is in sync without them.
+    assert!(node.rejected.is_empty(), "{:?}", node.rejected);
+}
+
+#[test]
 fn a_watch_broken_mid_event_resumes_from_the_last_version_seen() {
     let api = MockApi::default();
     shop(&api, "100");
