@@ -259,7 +259,7 @@ struct Observed {
 struct LabObserved {
     from: (String, std::net::IpAddr),
     to: (String, std::net::IpAddr),
-    counted: Vec<crate::lab_engine::Counted>,
+    counted: Vec<crate::lab_cmd::Counted>,
 }
 
 impl LabObserved {

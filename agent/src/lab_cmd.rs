@@ -48,6 +48,26 @@ pub struct LabArgs {
     explain_port: Option<u16>,
 }
 
+/// A drop a node's kernel counted: node, series, how many.
+pub type Counted = (String, String, u64);
+
+/// The counters that rose between two readings.
+pub(crate) fn counted(
+    before: &BTreeMap<(String, String), u64>,
+    after: &BTreeMap<(String, String), u64>,
+) -> Vec<Counted> {
+    after
+        .iter()
+        .filter_map(|((node, series), v)| {
+            let was = before
+                .get(&(node.clone(), series.clone()))
+                .copied()
+                .unwrap_or(0);
+            (*v > was).then(|| (node.clone(), series.clone(), v - was))
+        })
+        .collect()
+}
+
 /// Every node's non-zero drop counters, by node and series.
 pub(crate) fn drop_counters(lab: &Lab) -> Result<BTreeMap<(String, String), u64>> {
     let mut out = BTreeMap::new();
@@ -99,18 +119,11 @@ fn explain(
         lab.nodes[lab.pods[b].node].name,
         if ok { "connected" } else { "no connection" }
     );
-    let mut counted = false;
-    for ((node, series), v) in &after {
-        let was = before
-            .get(&(node.clone(), series.clone()))
-            .copied()
-            .unwrap_or(0);
-        if *v > was {
-            counted = true;
-            println!("  {node}'s kernel: +{} {series}", v - was);
-        }
+    let rose = counted(&before, &after);
+    for (node, series, n) in &rose {
+        println!("  {node}'s kernel: +{n} {series}");
     }
-    if !counted {
+    if rose.is_empty() {
         println!("  no kernel counted a drop for it");
     }
     let m = dir.join("explain");

@@ -10,7 +10,7 @@
 //! engines' cluster comes from the lab ([`LabEngine::model`]): the
 //! manifests without their Pods, and the workload endpoints CNI wrote.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -20,10 +20,7 @@ use policy_core::flow::DecidedBy;
 use policy_core::net::Protocol;
 use policy_core::{Cluster, EndpointKey, Engine, EngineError, Flow};
 
-use crate::lab_cmd::{Running, bring_up, drop_counters};
-
-/// A drop a node's kernel counted: node, series, how many.
-pub type Counted = (String, String, u64);
+use crate::lab_cmd::{Counted, Running, bring_up, counted, drop_counters};
 
 /// The lab, running; removed on drop.
 pub struct LabEngine {
@@ -143,23 +140,6 @@ impl LabEngine {
     }
 }
 
-/// The counters that rose between two readings.
-fn counted(
-    before: &BTreeMap<(String, String), u64>,
-    after: &BTreeMap<(String, String), u64>,
-) -> Vec<Counted> {
-    after
-        .iter()
-        .filter_map(|((node, series), v)| {
-            let was = before
-                .get(&(node.clone(), series.clone()))
-                .copied()
-                .unwrap_or(0);
-            (*v > was).then(|| (node.clone(), series.clone(), v - was))
-        })
-        .collect()
-}
-
 /// The `palisade_policy_drops_total` labels a denying decision is counted
 /// under (profiles' rules are not counted).
 pub fn drop_labels(d: &DecidedBy) -> Option<String> {
@@ -240,8 +220,8 @@ mod tests {
             drop_labels(&DecidedBy::NoProfileMatch).unwrap(),
             r#"tier="",policy="no-profile-match",rule="""#
         );
-        let before = BTreeMap::from([(("a".to_string(), "s".to_string()), 2)]);
-        let after = BTreeMap::from([
+        let before = std::collections::BTreeMap::from([(("a".to_string(), "s".to_string()), 2)]);
+        let after = std::collections::BTreeMap::from([
             (("a".to_string(), "s".to_string()), 3),
             (("b".to_string(), "s".to_string()), 0),
         ]);

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{Revision, Snapshot, StoreChange};
 use policy_core::cluster::Change;
-use policy_core::convert::{Object, convert_document_all};
+use policy_core::convert::{Object, calico_node, convert_document_all};
 use policy_core::{EndpointKey, ObjectRef};
 
 /// A stored object the stage could not use.
@@ -77,11 +77,12 @@ impl NodeView {
         let mut step = Step::default();
         for change in batch {
             match change {
-                // IP pools, reservations and nodes are IPAM's, not policy.
+                // IP pools, reservations and nodes are IPAM's; nodes are
+                // also what admin policies' node peers select.
                 StoreChange::Put(stored)
                     if crate::kinds::document_ref(&stored.document)
-                        .is_some_and(|(info, _)| !info.policy) => {}
-                StoreChange::Put(stored) => match convert_document_all(&stored.document) {
+                        .is_some_and(|(info, _)| !info.policy && info.kind != "Node") => {}
+                StoreChange::Put(stored) => match convert_stored(&stored.document) {
                     Ok(object) => {
                         self.rejected.remove(&stored.key);
                         let old = self.objects.insert(stored.key.clone(), object.clone());
@@ -174,6 +175,15 @@ impl NodeView {
     }
 }
 
+/// A stored document as a policy object: a Calico Node as the addresses
+/// node peers select, anything else as itself.
+fn convert_stored(document: &serde_json::Value) -> Result<Object, policy_core::Errors> {
+    if crate::kinds::document_ref(document).is_some_and(|(info, _)| info.kind == "Node") {
+        return calico_node(document).map(Object::Node).map_err(Into::into);
+    }
+    convert_document_all(document)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,6 +209,46 @@ mod tests {
                "metadata": {"name": "n-k8s-web-eth0", "namespace": "a"},
                "spec": {"node": node, "orchestrator": "k8s", "pod": "web",
                         "interfaceName": iface, "ipNetworks": ["10.0.0.1/32"]}})
+    }
+
+    #[test]
+    fn calico_nodes_become_the_addresses_node_peers_select() {
+        let mut view = NodeView::new("n");
+        let node = json!({"apiVersion": "projectcalico.org/v3", "kind": "Node",
+            "metadata": {"name": "n2", "labels": {"kubernetes.io/os": "linux"}},
+            "spec": {"bgp": {"ipv4Address": "192.168.1.2/24"},
+                     "addresses": [{"address": "192.168.1.2", "type": "InternalIP"},
+                                   {"address": "fd00::2", "type": "InternalIP"}],
+                     "ipv4VXLANTunnelAddr": "10.10.0.1"}});
+        let step = view.update(&[put("nodes/n2", 1, node)]);
+        let [Change::Upsert(Object::Node(n))] = step.changes.as_slice() else {
+            panic!("{:?}", step.changes);
+        };
+        assert_eq!(n.name, "n2");
+        assert_eq!(n.labels["kubernetes.io/os"], "linux");
+        let ips: Vec<String> = n.ips.iter().map(ToString::to_string).collect();
+        assert_eq!(ips, ["192.168.1.2", "fd00::2"]);
+        let step = view.update(&[StoreChange::Deleted {
+            key: "nodes/n2".into(),
+            object: ObjectRef::new("Node", None, "n2"),
+            revision: 2,
+        }]);
+        assert_eq!(
+            step.changes,
+            [Change::Delete(ObjectRef::new("Node", None, "n2"))]
+        );
+        // A bad address is reported with its field, like any object.
+        let bad = json!({"apiVersion": "projectcalico.org/v3", "kind": "Node",
+            "metadata": {"name": "n3"}, "spec": {"addresses": [{"address": "nope"}]}});
+        let step = view.update(&[put("nodes/n3", 3, bad)]);
+        assert!(step.changes.is_empty());
+        assert!(
+            step.rejected[0]
+                .errors
+                .contains("spec.addresses[0].address"),
+            "{:?}",
+            step.rejected
+        );
     }
 
     #[test]

@@ -423,6 +423,55 @@ pub fn node_object(node: &core::Node) -> Result<Node, Error> {
     })
 }
 
+/// A Calico Node (`projectcalico.org/v3`, what IPAM and the datastores
+/// keep per node) as admin policies' node peers see it: its labels, and the
+/// addresses in `spec.addresses` and `spec.bgp.ipv4Address`/`ipv6Address`
+/// (prefix lengths dropped). Other fields are IPAM's and not read here.
+pub fn calico_node(doc: &serde_json::Value) -> Result<Node, Error> {
+    let meta: ObjectMeta = serde_json::from_value(doc["metadata"].clone())
+        .map_err(|e| Error::invalid("metadata", e.to_string()))?;
+    let on = |e: Error| {
+        e.on(ObjectRef::new(
+            "Node",
+            None,
+            meta.name.clone().unwrap_or_default(),
+        ))
+    };
+    let name = object_name(&meta, NameRule::Subdomain).map_err(on)?;
+    let labels = labels_of(&meta, "metadata.labels").map_err(on)?;
+    let spec = &doc["spec"];
+    let mut found: Vec<(String, &str)> = Vec::new();
+    for (i, a) in spec["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        if let Some(text) = a["address"].as_str() {
+            found.push((format!("spec.addresses[{i}].address"), text));
+        }
+    }
+    for key in ["ipv4Address", "ipv6Address"] {
+        if let Some(text) = spec["bgp"][key].as_str() {
+            found.push((format!("spec.bgp.{key}"), text));
+        }
+    }
+    let mut ips = Vec::new();
+    for (field, text) in found {
+        let host = text.split('/').next().unwrap_or(text).trim();
+        let ip: IpAddr = host.parse().map_err(|_| {
+            on(Error::invalid(
+                field,
+                format!("{text:?} is not an IP address"),
+            ))
+        })?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    Ok(Node { name, labels, ips })
+}
+
 /// An EndpointSlice: its Service, addresses and numbered ports.
 pub fn endpoint_slice(
     slice: &k8s_openapi::api::discovery::v1::EndpointSlice,

@@ -482,7 +482,8 @@ fn ip_pools_reservations_and_nodes_are_stored_for_ipam_and_validated() {
     assert_eq!(cluster.nodes["node-b"]["zone"], "b");
     assert!(cluster.is_reserved("10.20.0.3".parse().unwrap()));
 
-    // The policy side does not see them, and does not call them rejected.
+    // The policy side sees only the node (what admin policies' node peers
+    // select), and calls nothing rejected.
     let mut view = NodeView::new("node-b");
     let step = view.update(
         &snapshot
@@ -492,8 +493,12 @@ fn ip_pools_reservations_and_nodes_are_stored_for_ipam_and_validated() {
             .map(palisade_datastore::StoreChange::Put)
             .collect::<Vec<_>>(),
     );
+    assert!(step.rejected.is_empty(), "{step:?}");
     assert!(
-        step.changes.is_empty() && step.rejected.is_empty(),
+        step.changes.iter().all(|c| matches!(
+            c,
+            policy_core::cluster::Change::Upsert(policy_core::Object::Node(n)) if n.name == "node-b"
+        )) && step.changes.len() == 1,
         "{step:?}"
     );
 
