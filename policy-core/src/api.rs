@@ -175,6 +175,25 @@ pub struct RuleSpec {
     pub metadata: Option<RuleMetadataSpec>,
 }
 
+impl RuleSpec {
+    /// A rule with `action` and `protocol` that matches any source and
+    /// destination; converters fill in the sides.
+    pub fn matching_any(action: ActionSpec, protocol: Option<NumOrString>) -> Self {
+        Self {
+            action,
+            ip_version: None,
+            protocol,
+            not_protocol: None,
+            icmp: None,
+            not_icmp: None,
+            source: EntityRuleSpec::default(),
+            destination: EntityRuleSpec::default(),
+            http: None,
+            metadata: None,
+        }
+    }
+}
+
 /// Spec of NetworkPolicy, GlobalNetworkPolicy and their staged variants.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]

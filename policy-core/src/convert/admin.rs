@@ -40,8 +40,8 @@ struct ApiRule<'a> {
     name: Option<&'a str>,
     action: Action,
     peers: &'a [Peer],
-    /// protocol ("" for named ports) -> ports (None: every port).
-    ports: BTreeMap<String, Option<Vec<NumOrString>>>,
+    /// Ports by protocol.
+    ports: PortGroups,
 }
 
 fn limit(what: &'static str, count: usize, max: usize, field: String) -> Result<(), Error> {
@@ -122,11 +122,7 @@ fn named_port(name: &str, field: String) -> Result<NumOrString, Error> {
 
 /// Adds one (protocol, port) to a rule's groups; `None` is every port of
 /// the protocol and absorbs any listed one.
-fn add_port(
-    groups: &mut BTreeMap<String, Option<Vec<NumOrString>>>,
-    protocol: String,
-    port: Option<NumOrString>,
-) {
+fn add_port(groups: &mut PortGroups, protocol: String, port: Option<NumOrString>) {
     match port {
         None => {
             groups.insert(protocol, None);
@@ -139,24 +135,43 @@ fn add_port(
     }
 }
 
-/// v1alpha1 `ports`.
-fn v1alpha1_ports(
-    ports: Option<&[AdminPort]>,
+/// Ports by protocol ("" for named ports); `None`: every port.
+type PortGroups = BTreeMap<String, Option<Vec<NumOrString>>>;
+
+/// A rule's `ports` / `protocols` list: `Ok(None)` when absent (every
+/// protocol and port), else the list and its field, checked non-empty and
+/// within `max`.
+fn port_list<'a, T>(
+    list: Option<&'a [T]>,
     field: &str,
-) -> Result<BTreeMap<String, Option<Vec<NumOrString>>>, Error> {
-    let mut groups = BTreeMap::new();
-    let Some(ports) = ports else {
-        groups.insert(String::new(), None);
-        return Ok(groups);
+    name: &'static str,
+    max: usize,
+) -> Result<Option<(&'a [T], String)>, Error> {
+    let Some(list) = list else {
+        return Ok(None);
     };
-    let f = format!("{field}.ports");
-    if ports.is_empty() {
+    let f = format!("{field}.{name}");
+    if list.is_empty() {
         return Err(Error::invalid(
             f,
-            "ports, when given, lists at least one port",
+            format!("{name}, when given, lists at least one entry"),
         ));
     }
-    limit("ports", ports.len(), V1ALPHA1_ITEMS, f.clone())?;
+    limit(name, list.len(), max, f.clone())?;
+    Ok(Some((list, f)))
+}
+
+/// Every protocol and port.
+fn any_port() -> PortGroups {
+    BTreeMap::from([(String::new(), None)])
+}
+
+/// v1alpha1 `ports`.
+fn v1alpha1_ports(ports: Option<&[AdminPort]>, field: &str) -> Result<PortGroups, Error> {
+    let Some((ports, f)) = port_list(ports, field, "ports", V1ALPHA1_ITEMS)? else {
+        return Ok(any_port());
+    };
+    let mut groups = BTreeMap::new();
     for (i, p) in ports.iter().enumerate() {
         let pf = format!("{f}[{i}]");
         let set = [
@@ -203,20 +218,11 @@ fn v1alpha1_ports(
 fn v1alpha2_protocols(
     protocols: Option<&[ProtocolEntry]>,
     field: &str,
-) -> Result<BTreeMap<String, Option<Vec<NumOrString>>>, Error> {
-    let mut groups = BTreeMap::new();
-    let Some(protocols) = protocols else {
-        groups.insert(String::new(), None);
-        return Ok(groups);
+) -> Result<PortGroups, Error> {
+    let Some((protocols, f)) = port_list(protocols, field, "protocols", V1ALPHA2_ITEMS)? else {
+        return Ok(any_port());
     };
-    let f = format!("{field}.protocols");
-    if protocols.is_empty() {
-        return Err(Error::invalid(
-            f,
-            "protocols, when given, lists at least one protocol",
-        ));
-    }
-    limit("protocols", protocols.len(), V1ALPHA2_ITEMS, f.clone())?;
+    let mut groups = BTreeMap::new();
     for (i, e) in protocols.iter().enumerate() {
         let pf = format!("{f}[{i}]");
         let entries = [
@@ -385,23 +391,15 @@ fn calico_rules(
         for entity in &entities {
             let mut entity = entity.clone();
             let ports = ports.clone().unwrap_or_default();
-            let mut rule = RuleSpec {
-                action: match r.action {
+            let mut rule = RuleSpec::matching_any(
+                match r.action {
                     Action::Allow => ActionSpec::Allow,
                     Action::Deny => ActionSpec::Deny,
                     Action::Pass => ActionSpec::Pass,
                     Action::Log => ActionSpec::Log,
                 },
-                ip_version: None,
-                protocol: (!protocol.is_empty()).then(|| NumOrString::Str(protocol.clone())),
-                not_protocol: None,
-                icmp: None,
-                not_icmp: None,
-                source: EntityRuleSpec::default(),
-                destination: EntityRuleSpec::default(),
-                http: None,
-                metadata: None,
-            };
+                (!protocol.is_empty()).then(|| NumOrString::Str(protocol.clone())),
+            );
             if ingress {
                 rule.source = entity;
                 rule.destination.ports = ports;

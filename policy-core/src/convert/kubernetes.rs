@@ -270,18 +270,7 @@ pub(super) fn k8s_rule(
                 Some(NumOrString::Str(protocol.clone()))
             };
             let ports = port_list.clone().unwrap_or_default();
-            let mut rule = RuleSpec {
-                action: ActionSpec::Allow,
-                ip_version: None,
-                protocol: protocol_spec,
-                not_protocol: None,
-                icmp: None,
-                not_icmp: None,
-                source: EntityRuleSpec::default(),
-                destination: EntityRuleSpec::default(),
-                http: None,
-                metadata: None,
-            };
+            let mut rule = RuleSpec::matching_any(ActionSpec::Allow, protocol_spec);
             if ingress {
                 rule.source = entity;
                 rule.destination.ports = ports;
