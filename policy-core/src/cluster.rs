@@ -549,6 +549,15 @@ impl Cluster {
     }
 }
 
+/// Labels an endpoint may not carry as its own: the namespace and
+/// service-account families Calico derives, and the node label, which
+/// would make a pod pass for a node to admin policies' node peers.
+fn is_reserved_for_others(key: &str) -> bool {
+    key.starts_with(NAMESPACE_LABEL_PREFIX)
+        || key.starts_with(SERVICE_ACCOUNT_LABEL_PREFIX)
+        || key == LABEL_NODE
+}
+
 /// Effective endpoint labels, with profile labels supplied by `profile_labels`
 /// (so callers can cache them). See [`Cluster::endpoint_labels`].
 pub fn endpoint_labels_with<L: std::borrow::Borrow<LabelMap>>(
@@ -558,9 +567,7 @@ pub fn endpoint_labels_with<L: std::borrow::Borrow<LabelMap>>(
     let mut labels: LabelMap = ep
         .labels
         .iter()
-        .filter(|(k, _)| {
-            !k.starts_with(NAMESPACE_LABEL_PREFIX) && !k.starts_with(SERVICE_ACCOUNT_LABEL_PREFIX)
-        })
+        .filter(|(k, _)| !is_reserved_for_others(k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     labels.insert(LABEL_NAMESPACE.into(), ep.key.namespace.clone());
@@ -571,7 +578,7 @@ pub fn endpoint_labels_with<L: std::borrow::Borrow<LabelMap>>(
     for name in ep.profile_names() {
         if let Some(p) = profile_labels(&name) {
             for (k, v) in p.borrow() {
-                if !labels.contains_key(k) {
+                if !labels.contains_key(k) && k != LABEL_NODE {
                     labels.insert(k.clone(), v.clone());
                 }
             }

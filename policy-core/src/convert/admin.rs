@@ -779,6 +779,37 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_labelled_as_a_node_is_not_a_node_peer() {
+        use crate::cluster::Cluster;
+        use crate::model::{Endpoint, EndpointKey, Node};
+        let rule = policy(anp(json!({"priority": 1, "subject": subject(),
+            "egress": [{"action": "Allow", "to": [{"nodes": {"matchLabels": {"os": "linux"}}}]}]})));
+        let peer = rule.egress[0].destination.selector.clone().unwrap();
+        let labels = [("os", "linux"), (LABEL_NODE, "n1")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into();
+        let node = Node {
+            name: "n1".into(),
+            labels: BTreeMap::from([("os".to_string(), "linux".to_string())]),
+            ips: vec!["192.168.0.1".parse().unwrap()],
+        };
+        let pod = Endpoint {
+            key: EndpointKey::new("x", "spoof"),
+            labels,
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            ports: Vec::new(),
+            service_account: None,
+            node: None,
+            profiles: None,
+            orchestrator: "k8s".into(),
+            interface: None,
+        };
+        let c = Cluster::from_objects([Object::Node(node.clone())]).unwrap();
+        assert!(peer.matches(&node.address_set().labels));
+        assert!(!peer.matches(&c.endpoint_labels(&pod)));
+    }
+
+    #[test]
     fn bad_objects_name_the_field() {
         let rule = json!({"action": "Allow", "from": [{"namespaces": {}}]});
         let cases = [
