@@ -73,10 +73,11 @@ impl AyaDataplane {
         Ok(self.loaded()?.attach_service(ifname)?)
     }
 
-    /// Connect-time load balancing for the sockets of processes in
-    /// `cgroup` (the node's own traffic to Services).
-    pub fn attach_connect_hooks(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
-        Ok(self.loaded()?.attach_connect_hooks(cgroup)?)
+    /// Socket-time load balancing for the sockets of processes in
+    /// `cgroup` (the node's own traffic to Services): connect, sendmsg,
+    /// and the frontend reported by recvmsg and getpeername.
+    pub fn attach_socket_hooks(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
+        Ok(self.loaded()?.attach_socket_hooks(cgroup)?)
     }
 
     /// Translated connections and ClientIP affinities held (NAT entries

@@ -405,12 +405,12 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
         if let (false, Some(cgroup)) = (connect_hooks_attached, &args.connect_hooks_cgroup) {
             // Once: a cgroup that cannot take the hook will not later.
             connect_hooks_attached = true;
-            match node.dataplane_mut().attach_connect_hooks(cgroup) {
+            match node.dataplane_mut().attach_socket_hooks(cgroup) {
                 Ok(()) => {
-                    tracing::info!(cgroup = %cgroup.display(), "connect-time service balancing attached")
+                    tracing::info!(cgroup = %cgroup.display(), "socket-time service balancing attached (connect, sendmsg, recvmsg, getpeername)")
                 }
                 Err(e) => {
-                    tracing::warn!(cgroup = %cgroup.display(), error = %e, "connect-time service balancing not attached");
+                    tracing::warn!(cgroup = %cgroup.display(), error = %e, "socket-time service balancing not attached");
                     shared.metrics.service_errors.inc();
                     shared.status().record(sync::Problem {
                         revision: node.revision(),

@@ -72,6 +72,10 @@ mod user {
     // SAFETY: as above (u64, two u32, then a 20-byte BackendValue: 36
     // bytes padded to 40 at the end, never read as data).
     unsafe impl aya::Pod for AffinityValue {}
+    // SAFETY: as above (u64, 16 bytes, u16, u8, 5 padding bytes: 32).
+    unsafe impl aya::Pod for SockReverseKey {}
+    // SAFETY: as above (16 bytes, u16, 2 padding bytes, u32: 24).
+    unsafe impl aya::Pod for SockReverseValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SlotKey {}
     // SAFETY: as above.
@@ -139,6 +143,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<Event>(), 64);
         assert_eq!(core::mem::size_of::<LocalKey>(), 20);
         assert_eq!(core::mem::size_of::<LocalEndpoint>(), 16);
+        assert_eq!(core::mem::size_of::<SockReverseKey>(), 32);
+        assert_eq!(core::mem::size_of::<SockReverseValue>(), 24);
         // One cache line per IPv4 way, two per IPv6 way; the kernel reads
         // the value and the key at the same offsets in both.
         assert_eq!(core::mem::size_of::<CtEntry4>(), 64);

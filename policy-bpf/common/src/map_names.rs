@@ -70,6 +70,9 @@ pub const SVC_CONFIG: &str = "PALISADE_SVC_CONFIG";
 pub const SVC_NAT: &str = "PALISADE_SVC_NAT";
 /// ClientIP session affinity.
 pub const SVC_AFFINITY: &str = "PALISADE_SVC_AFFINITY";
+/// The socket hooks' reverse table: which frontend a node socket
+/// addressed, for `recvmsg()` and `getpeername()`.
+pub const SOCK_REVERSE: &str = "PALISADE_SOCK_REVERSE";
 /// The service program's per-CPU working memory (not pinned).
 pub const SVC_SCRATCH: &str = "PALISADE_SVC_SCRATCH";
 /// The service program's per-CPU lookup keys (not pinned).
@@ -109,6 +112,7 @@ pub const ALL: &[&str] = &[
     SVC_CONFIG,
     SVC_NAT,
     SVC_AFFINITY,
+    SOCK_REVERSE,
 ];
 
 /// Names earlier builds pinned with layouts this build cannot adopt:

@@ -420,6 +420,32 @@ pub struct AffinityValue {
     pub value: BackendValue,
 }
 
+/// Key of the socket hooks' reverse table: a node socket (by its
+/// cookie) and the backend its datagrams or connection were sent to.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SockReverseKey {
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    /// Network order, as the socket hooks see it.
+    pub port: u16,
+    pub family: u8,
+    pub pad: [u8; 5],
+}
+
+/// The frontend a node socket addressed, which `recvmsg()` and
+/// `getpeername()` report in place of the backend.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SockReverseValue {
+    pub addr: [u8; 16],
+    /// Network order.
+    pub port: u16,
+    pub pad: [u8; 2],
+    /// The Service port's index, for state cleanup and metrics.
+    pub service: u32,
+}
+
 /// Per-CPU working memory of the service program.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

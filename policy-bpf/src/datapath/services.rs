@@ -10,8 +10,20 @@ use palisade_services::ServiceTable;
 use super::*;
 use crate::services::{ServiceEntries, lower_service_tables};
 
-/// The connect-time load balancers of the node's own IPv4 and IPv6 sockets.
-pub const CONNECT_PROGRAMS: [&str; 2] = ["palisade_connect4", "palisade_connect6"];
+/// The socket-time load balancers of the node's own IPv4 and IPv6
+/// sockets: `connect()`, unconnected datagrams, and the hooks that report
+/// the frontend a socket addressed (received datagrams' source,
+/// `getpeername()`).
+pub const SOCKET_PROGRAMS: [&str; 8] = [
+    "palisade_connect4",
+    "palisade_connect6",
+    "palisade_sendmsg4",
+    "palisade_sendmsg6",
+    "palisade_recvmsg4",
+    "palisade_recvmsg6",
+    "palisade_getpeername4",
+    "palisade_getpeername6",
+];
 
 /// A connection's backend as the NAT entries name it.
 type BackendAddr = ([u8; 16], u16, u8);
@@ -42,18 +54,19 @@ impl Datapath {
         Ok(())
     }
 
-    /// Load-balances `connect()` of IPv4 and IPv6 sockets in `cgroup` (a cgroup v2
-    /// directory; its root for every process of the node): a socket
-    /// connecting to a frontend is pointed at a backend before any packet
-    /// exists, so host traffic needs no NAT. The hook lives as long as
-    /// this datapath.
-    pub fn attach_connect_hooks(&mut self, cgroup: &std::path::Path) -> Result<(), DatapathError> {
+    /// Load-balances the IPv4 and IPv6 sockets of processes in `cgroup` (a
+    /// cgroup v2 directory; its root for every process of the node): a
+    /// `connect()` or unconnected datagram to a frontend is pointed at a
+    /// backend before any packet exists, so host traffic needs no NAT, and
+    /// replies' source and `getpeername()` name the frontend. The hooks
+    /// live as long as this datapath.
+    pub fn attach_socket_hooks(&mut self, cgroup: &std::path::Path) -> Result<(), DatapathError> {
         let attach_err = |message: String| DatapathError::Attach {
             interface: format!("cgroup {}", cgroup.display()),
             message,
         };
         let file = std::fs::File::open(cgroup).map_err(|e| attach_err(e.to_string()))?;
-        for name in CONNECT_PROGRAMS {
+        for name in SOCKET_PROGRAMS {
             let prog: &mut aya::programs::CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)

@@ -1,15 +1,29 @@
-//! The node's own sockets (cgroup/connect4 and connect6): connect-time
-//! load balancing over the service maps `palisade_service` reads, as
-//! Calico's and Cilium's eBPF modes do it. A connection to a frontend is
-//! pointed at its backend before it exists, so its packets need no NAT.
+//! The node's own sockets: socket-time load balancing over the service
+//! maps `palisade_service` reads, as Calico's and Cilium's eBPF modes do
+//! it. `connect()` (cgroup/connect4, connect6) and each unconnected
+//! datagram (cgroup/sendmsg4, sendmsg6) are pointed at a backend before
+//! any packet exists, so their packets need no NAT. What the socket
+//! addressed is kept by socket cookie, so replies' sources (cgroup/
+//! recvmsg4, recvmsg6) and `getpeername()` (cgroup/getpeername4,
+//! getpeername6) say the Service address, as they do behind kube-proxy's
+//! DNAT.
 
 use aya_ebpf::bindings::bpf_sock_addr;
-use aya_ebpf::helpers::bpf_set_retval;
+use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_set_retval};
 use aya_ebpf::macros::cgroup_sock_addr;
 use aya_ebpf::programs::SockAddrContext;
 
-use super::service::{Client, Maps, PALISADE_SVC_ADDRESSES, PALISADE_SVC_SOURCE_RANGES, pick};
+use super::service::{
+    Client, Maps, PALISADE_SVC_ADDRESSES, PALISADE_SVC_CONFIG, PALISADE_SVC_SOURCE_RANGES, pick,
+};
 use super::*;
+
+/// What each node socket addressed, by (cookie, backend). An LRU: a
+/// socket's cookie is never reused, so entries of closed sockets are
+/// only ever evicted.
+#[map]
+static PALISADE_SOCK_REVERSE: LruHashMap<SockReverseKey, SockReverseValue> =
+    LruHashMap::pinned(65_536, 0);
 
 /// The service maps with the tries' keys on the stack, for the socket
 /// hooks: they run in process context, where a softirq's TC program may
@@ -32,7 +46,9 @@ impl ServiceMaps for SockMaps {
         Maps.config()
     }
 
-    #[inline(always)]
+    // Not inlined: each trie key lives in its own small frame, not in
+    // the decision's.
+    #[inline(never)]
     fn address_flags(&self, family: u8, addr: &[u8; 16]) -> u32 {
         let key = Key::new(
             ADDR_KEY_BITS + if family == FAMILY_V4 { 32 } else { 128 },
@@ -45,7 +61,7 @@ impl ServiceMaps for SockMaps {
         PALISADE_SVC_ADDRESSES.get(&key).copied().unwrap_or(0)
     }
 
-    #[inline(always)]
+    #[inline(never)]
     fn source_range(&self, service: u32, family: u8, addr: &[u8; 16]) -> u8 {
         let key = Key::new(
             RANGE_KEY_BITS + if family == FAMILY_V4 { 32 } else { 128 },
@@ -61,36 +77,80 @@ impl ServiceMaps for SockMaps {
 }
 
 /// `connect()` of the node's own sockets (cgroup/connect4 and connect6):
-/// connect-time load balancing, as Calico's and Cilium's eBPF modes do
-/// it. A connection to a frontend is pointed at its backend before it
-/// exists, so its packets need no NAT (the socket's peer is the backend;
-/// `getpeername()` says so). REJECT fails `connect()` with
-/// ECONNREFUSED, as kube-proxy's ICMP would; DROP with EPERM.
+/// connect-time load balancing. A connection to a frontend is pointed at
+/// its backend before it exists, so its packets need no NAT.
+/// REJECT fails `connect()` with ECONNREFUSED, as kube-proxy's ICMP
+/// would; DROP with EPERM.
 #[cgroup_sock_addr(connect4)]
 pub fn palisade_connect4(ctx: SockAddrContext) -> i32 {
-    connect(&ctx, FAMILY_V4)
+    translate(&ctx, FAMILY_V4)
 }
 
 /// [`palisade_connect4`] for IPv6 sockets.
 #[cgroup_sock_addr(connect6)]
 pub fn palisade_connect6(ctx: SockAddrContext) -> i32 {
-    connect(&ctx, FAMILY_V6)
+    translate(&ctx, FAMILY_V6)
 }
 
-/// `connect()` allowed, with the address as it is now.
+/// Each datagram of an unconnected UDP socket (cgroup/sendmsg4 and
+/// sendmsg6): balanced as `connect()` is, per datagram (ClientIP
+/// affinity keeps a client's datagrams on one backend).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn palisade_sendmsg4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx, FAMILY_V4)
+}
+
+/// [`palisade_sendmsg4`] for IPv6 sockets.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn palisade_sendmsg6(ctx: SockAddrContext) -> i32 {
+    translate(&ctx, FAMILY_V6)
+}
+
+/// A received datagram's source (cgroup/recvmsg4 and recvmsg6): a
+/// backend this socket addressed as a frontend is reported as that
+/// frontend, so a client that checks who answered (a DNS resolver)
+/// accepts the reply.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn palisade_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, FAMILY_V4)
+}
+
+/// [`palisade_recvmsg4`] for IPv6 sockets.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn palisade_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, FAMILY_V6)
+}
+
+/// `getpeername()` (cgroup/getpeername4 and getpeername6): a socket
+/// connected through a frontend names the frontend as its peer.
+#[cgroup_sock_addr(getpeername4)]
+pub fn palisade_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, FAMILY_V4)
+}
+
+/// [`palisade_getpeername4`] for IPv6 sockets.
+#[cgroup_sock_addr(getpeername6)]
+pub fn palisade_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore(&ctx, FAMILY_V6)
+}
+
+/// The call goes on, with the address as it is now (recvmsg and
+/// getpeername hooks must return it).
 const SOCK_ALLOW: i32 = 1;
-/// `connect()` refused.
+/// The call is refused.
 const SOCK_REFUSE: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 
-/// The address a socket connects to, as 16 map bytes. The context allows
-/// only 4-byte accesses to these fields: one volatile read per word.
+/// The address and port in the context (the destination of connect and
+/// sendmsg, the peer of recvmsg and getpeername), as 16 map bytes and the
+/// port in network order. The context allows only 4-byte accesses to
+/// these fields: one volatile read per word.
 #[inline(always)]
-fn sock_destination(sa: *mut bpf_sock_addr, family: u8) -> [u8; 16] {
+fn sock_address(sa: *mut bpf_sock_addr, family: u8) -> ([u8; 16], u16) {
     let mut out = [0u8; 16];
     // SAFETY: the kernel's context of this run; its address fields are
-    // readable in connect4/6, word by word.
-    unsafe {
+    // readable in every sock_addr hook, word by word.
+    let port = unsafe {
         if family == FAMILY_V4 {
             let w = core::ptr::read_volatile(&raw const (*sa).user_ip4);
             out[..4].copy_from_slice(&w.to_ne_bytes());
@@ -100,17 +160,18 @@ fn sock_destination(sa: *mut bpf_sock_addr, family: u8) -> [u8; 16] {
                 out[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
             }
         }
-    }
-    out
+        core::ptr::read_volatile(&raw const (*sa).user_port)
+    };
+    // `user_port` holds the port in network order in its low bytes.
+    (out, port as u16)
 }
 
-/// Points the socket at `b` (address and port, both in network order).
+/// Writes `addr` and `port` (network order) into the context.
 #[inline(always)]
-fn sock_redirect(sa: *mut bpf_sock_addr, family: u8, b: &BackendValue) {
-    let word =
-        |i: usize| u32::from_ne_bytes([b.addr[i], b.addr[i + 1], b.addr[i + 2], b.addr[i + 3]]);
-    // SAFETY: connect4/6 may write the address and port they connect to,
-    // word by word.
+fn set_sock_address(sa: *mut bpf_sock_addr, family: u8, addr: &[u8; 16], port: u16) {
+    let word = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    // SAFETY: connect, sendmsg, recvmsg and getpeername hooks may write
+    // the address and port, word by word.
     unsafe {
         if family == FAMILY_V4 {
             core::ptr::write_volatile(&raw mut (*sa).user_ip4, word(0));
@@ -119,38 +180,99 @@ fn sock_redirect(sa: *mut bpf_sock_addr, family: u8, b: &BackendValue) {
                 core::ptr::write_volatile(&raw mut (*sa).user_ip6[i], word(i * 4));
             }
         }
-        core::ptr::write_volatile(&raw mut (*sa).user_port, u32::from(b.port.to_be()));
+        core::ptr::write_volatile(&raw mut (*sa).user_port, u32::from(port));
     }
 }
 
 #[inline(always)]
-fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
+fn socket_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: a helper sock_addr programs may call with their context.
+    unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
+}
+
+/// Points a socket's connection or datagram at a backend when it
+/// addresses a frontend, and records what it addressed.
+///
+/// Three frames, so that each fits the 512 bytes the verifier allows a
+/// call chain: this one (the reverse entry), then [`decide`] (the
+/// service lookup) and [`pick_backend`] (ClientIP affinity and the pick),
+/// never live together. One instance of each per family: the other
+/// family's paths fall away, as they do inlined.
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by value the entry would be copied again onto a full stack"
+)]
+#[inline(always)]
+fn translate(ctx: &SockAddrContext, family: u8) -> i32 {
     let sa = ctx.sock_addr;
-    // SAFETY: as in `sock_destination`.
-    let (port, protocol) = unsafe {
+    // The key: (this socket, the backend); the value: the frontend.
+    let mut entry = (SockReverseKey::default(), SockReverseValue::default());
+    let mut forward = Forward::default();
+    let (verdict, picked) = if family == FAMILY_V4 {
+        let v = decide::<FAMILY_V4>(sa, &mut entry.1, &mut forward);
         (
-            core::ptr::read_volatile(&raw const (*sa).user_port),
-            core::ptr::read_volatile(&raw const (*sa).protocol),
+            v,
+            v == FORWARD && pick_backend::<FAMILY_V4>(&forward, &mut entry.0),
+        )
+    } else {
+        let v = decide::<FAMILY_V6>(sa, &mut entry.1, &mut forward);
+        (
+            v,
+            v == FORWARD && pick_backend::<FAMILY_V6>(&forward, &mut entry.0),
         )
     };
-    let config = Maps.config();
+    if verdict != FORWARD {
+        return verdict;
+    }
+    if !picked {
+        return SOCK_ALLOW;
+    }
+    entry.0.cookie = socket_cookie(ctx);
+    // Best effort: without the entry the backend's own address is
+    // reported, as a direct connection's would be.
+    let _ = PALISADE_SOCK_REVERSE.insert(&entry.0, &entry.1, 0);
+    set_sock_address(sa, family, &entry.0.addr, entry.0.port);
+    stat(Statistic::ServiceTranslated);
+    SOCK_ALLOW
+}
+
+/// [`decide`]'s verdict for a frontend with backends.
+const FORWARD: i32 = 2;
+
+/// A frontend's backends, as [`decide`] found them.
+#[derive(Default)]
+struct Forward {
+    service: u32,
+    first: u32,
+    count: u16,
+    affinity_seconds: u32,
+}
+
+/// The service decision for the address a socket addresses: FORWARD
+/// (the frontend in `frontend`, its backends in `forward`), or the
+/// hook's return code.
+#[inline(never)]
+fn decide<const FAMILY: u8>(
+    sa: *mut bpf_sock_addr,
+    frontend: &mut SockReverseValue,
+    forward: &mut Forward,
+) -> i32 {
+    // SAFETY: as in `sock_address`.
+    let protocol = unsafe { core::ptr::read_volatile(&raw const (*sa).protocol) };
+    // Read in place: a copy of the whole configuration costs stack.
+    let Some(config) = PALISADE_SVC_CONFIG.get(0) else {
+        return SOCK_ALLOW;
+    };
     if config.flags & CONFIG_ENABLED == 0 {
         return SOCK_ALLOW;
     }
-    // The kernel has not chosen the source yet: the node's primary
-    // address stands for it (the address the backend will see).
-    let source = if family == FAMILY_V4 {
-        config.primary_v4
-    } else {
-        config.primary_v6
-    };
+    let (destination, port) = sock_address(sa, FAMILY);
     let packet = ServicePacket {
-        family,
-        source,
-        destination: sock_destination(sa, family),
+        family: FAMILY,
+        source: node_source::<FAMILY>(config),
+        destination,
         protocol: protocol as u8,
-        // `user_port` holds the port in network order in its low bytes.
-        port: u16::from_be(port as u16),
+        port: u16::from_be(port),
     };
     match service_decide(&packet, &SockMaps) {
         ServiceAction::Forward {
@@ -160,31 +282,20 @@ fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
             affinity_seconds,
             ..
         } => {
-            let mut affinity = AffinityKey::default();
-            let mut chosen = AffinityValue::default();
-            let client = Client {
-                family,
-                addr: source,
-            };
-            pick(
-                &mut affinity,
-                &mut chosen,
+            *forward = Forward {
                 service,
-                &client,
                 first,
                 count,
                 affinity_seconds,
-            );
-            if chosen.value.family != family {
-                return SOCK_ALLOW;
-            }
-            sock_redirect(sa, family, &chosen.value);
-            stat(Statistic::ServiceTranslated);
-            SOCK_ALLOW
+            };
+            frontend.addr = destination;
+            frontend.port = port;
+            frontend.service = service;
+            FORWARD
         }
         ServiceAction::Reject(_) => {
             // SAFETY: a helper cgroup programs may call; the error
-            // `connect()` returns instead of EPERM.
+            // `connect()` or `sendmsg()` returns instead of EPERM.
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             stat(Statistic::ServiceReject);
             SOCK_REFUSE
@@ -195,4 +306,67 @@ fn connect(ctx: &SockAddrContext, family: u8) -> i32 {
         }
         ServiceAction::Pass => SOCK_ALLOW,
     }
+}
+
+/// The kernel has not chosen a socket's source yet: the node's primary
+/// address stands for it (the address the backend will see).
+#[inline(always)]
+fn node_source<const FAMILY: u8>(config: &ServiceConfig) -> [u8; 16] {
+    if FAMILY == FAMILY_V4 {
+        config.primary_v4
+    } else {
+        config.primary_v6
+    }
+}
+
+/// The backend of `forward` for the node's address (ClientIP affinity
+/// first), into `backend` (address and port in network order); false if
+/// none of this family.
+#[inline(never)]
+fn pick_backend<const FAMILY: u8>(forward: &Forward, backend: &mut SockReverseKey) -> bool {
+    let Some(config) = PALISADE_SVC_CONFIG.get(0) else {
+        return false;
+    };
+    let mut affinity = AffinityKey::default();
+    let mut picked = AffinityValue::default();
+    let client = Client {
+        family: FAMILY,
+        addr: node_source::<FAMILY>(config),
+    };
+    pick(
+        &mut affinity,
+        &mut picked,
+        forward.service,
+        &client,
+        forward.first,
+        forward.count,
+        forward.affinity_seconds,
+    );
+    if picked.value.family != FAMILY {
+        return false;
+    }
+    backend.addr = picked.value.addr;
+    backend.port = picked.value.port.to_be();
+    backend.family = FAMILY;
+    true
+}
+
+/// Reports a backend this socket addressed through a frontend as the
+/// frontend.
+#[inline(always)]
+fn restore(ctx: &SockAddrContext, family: u8) -> i32 {
+    let sa = ctx.sock_addr;
+    let (addr, port) = sock_address(sa, family);
+    let key = SockReverseKey {
+        cookie: socket_cookie(ctx),
+        addr,
+        port,
+        family,
+        pad: [0; 5],
+    };
+    // SAFETY: the entry is copied out at once.
+    if let Some(frontend) = unsafe { PALISADE_SOCK_REVERSE.get(key) }.copied() {
+        set_sock_address(sa, family, &frontend.addr, frontend.port);
+    }
+    SOCK_ALLOW
 }

@@ -446,14 +446,17 @@ fn real_connections_reach_a_backend_through_a_cluster_ip_and_back() {
     assert!(stats[policy_bpf_common::Statistic::ServiceNat as usize] >= 24);
 }
 
-/// Processes of the node reach a ClusterIP through connect-time load
-/// balancing (cgroup/connect4): the socket connects straight to a
+/// Processes of the node reach a ClusterIP through socket-time load
+/// balancing: `connect()` (cgroup/connect4, 6) goes straight to a
 /// backend, no packet is translated, every backend is used, and a
-/// Service without endpoints fails `connect()` with ECONNREFUSED.
+/// Service without endpoints fails `connect()` with ECONNREFUSED; an
+/// unconnected UDP socket's datagrams (sendmsg4, 6) reach the backends
+/// and their replies come from the Service address (recvmsg4, 6), as a
+/// DNS resolver requires; `getpeername()` names the Service address.
 #[test]
-fn node_processes_reach_a_cluster_ip_through_the_connect_hook() {
+fn node_processes_reach_a_cluster_ip_through_the_socket_hooks() {
     use std::io::Write;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, UdpSocket};
     use std::process::Command;
 
     use palisade_testing::netns::Topology;
@@ -480,6 +483,15 @@ fn node_processes_reach_a_cluster_ip_through_the_connect_hook() {
                 let _ = s.write_all(name.as_bytes());
             }
         });
+        // A UDP server answering each datagram with its name.
+        let at = SocketAddr::new(pod.ips[0], 5353);
+        let u = pod.ns.run(|| UdpSocket::bind(at)).unwrap().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while let Ok((_, from)) = u.recv_from(&mut buf) {
+                let _ = u.send_to(name.as_bytes(), from);
+            }
+        });
     }
     // The node's addresses (the configs'), for the kernel to choose as source.
     for addr in ["192.168.0.2/32", "fd00::2/128"] {
@@ -494,13 +506,15 @@ fn node_processes_reach_a_cluster_ip_through_the_connect_hook() {
         json!({"apiVersion": "v1", "kind": "Service",
                "metadata": {"name": "api6", "namespace": "default"},
                "spec": {"clusterIP": "fd30::10", "ipFamilies": ["IPv6"],
-                        "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}),
+                        "ports": [{"name": "http", "port": 80, "protocol": "TCP"},
+                                  {"name": "dns", "port": 53, "protocol": "UDP"}]}}),
         json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                "metadata": {"name": "api6-1", "namespace": "default",
                             "labels": {"kubernetes.io/service-name": "api6"}},
                "addressType": "IPv6",
                "endpoints": [{"addresses": ["fd10::5"], "conditions": {"ready": true}}],
-               "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}),
+               "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                         {"name": "dns", "port": 5353, "protocol": "UDP"}]}),
     ])
     .unwrap();
     let v6_config = ProxyConfig {
@@ -523,7 +537,7 @@ fn node_processes_reach_a_cluster_ip_through_the_connect_hook() {
     ])
     .unwrap();
     let cgroup = palisade_testing::cgroup::TestCgroup::new("connect").unwrap();
-    dp.attach_connect_hooks(cgroup.path()).unwrap();
+    dp.attach_socket_hooks(cgroup.path()).unwrap();
     // A shell of the node joins the cgroup, then connects.
     let connect = |to: &str| {
         let out = cgroup
@@ -560,4 +574,102 @@ fn node_processes_reach_a_cluster_ip_through_the_connect_hook() {
         ok && out == "api-c",
         "through the IPv6 ClusterIP: {out:?} {err}"
     );
+
+    // A process of the node runs `socket_probe_child` (this binary
+    // again) in the cgroup: its sockets are the ones the hooks see.
+    let exe = std::env::current_exe().unwrap();
+    let probe = |what: &str| -> String {
+        let out = cgroup
+            .bash_in(
+                topo.node().name(),
+                &format!(
+                    "PALISADE_SOCKET_PROBE='{what}' exec {} --exact \
+                     kernel::services::socket_probe_child --ignored --nocapture",
+                    exe.display()
+                ),
+            )
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("probe: "))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{what}: no answer: {stdout} {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+            .to_string()
+    };
+    let mut reached = std::collections::BTreeSet::new();
+    for _ in 0..24 {
+        let got = probe(&format!("udp {VIP}:53"));
+        let (name, from) = got
+            .split_once(" from ")
+            .unwrap_or_else(|| panic!("unconnected UDP to the ClusterIP: {got}"));
+        assert_eq!(
+            from,
+            format!("{VIP}:53"),
+            "the reply's source is the Service address"
+        );
+        reached.insert(name.to_string());
+    }
+    assert_eq!(
+        reached,
+        ["api-a", "api-b"].map(String::from).into(),
+        "every backend takes datagrams"
+    );
+    assert_eq!(probe("udp [fd30::10]:53"), "api-c from [fd30::10]:53");
+    let refused = probe("udp 172.30.0.11:53");
+    assert!(refused.contains("os error 111"), "{refused}");
+    assert_eq!(probe(&format!("tcp {VIP}:80")), format!("peer {VIP}:80"));
+    assert_eq!(probe("tcp [fd30::10]:80"), "peer [fd30::10]:80");
+    assert!(
+        dp.nat_entries().unwrap().is_empty(),
+        "socket-time balancing translates no packet"
+    );
+}
+
+/// The child side of the socket-hook test above, which re-runs this
+/// binary inside its cgroup and the node's namespace: one probe from
+/// `PALISADE_SOCKET_PROBE` (`udp ADDR`: an unconnected datagram and
+/// its reply; `tcp ADDR`: a connection and its peer's name), answered on
+/// a line starting `probe: `. Without the variable it does nothing.
+#[test]
+#[ignore = "run by node_processes_reach_a_cluster_ip_through_the_socket_hooks"]
+fn socket_probe_child() {
+    use std::net::{TcpStream, UdpSocket};
+    use std::time::Duration;
+
+    let Ok(probe) = std::env::var("PALISADE_SOCKET_PROBE") else {
+        return;
+    };
+    let (kind, to) = probe.split_once(' ').expect("`udp ADDR` or `tcp ADDR`");
+    let to: SocketAddr = to.parse().expect("a socket address");
+    let answer = match kind {
+        "udp" => (|| -> std::io::Result<String> {
+            let any: SocketAddr = if to.is_ipv4() {
+                "0.0.0.0:0".parse().unwrap()
+            } else {
+                "[::]:0".parse().unwrap()
+            };
+            let s = UdpSocket::bind(any)?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send_to(b"who", to)?;
+            let mut buf = [0u8; 64];
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok(format!(
+                "{} from {from}",
+                String::from_utf8_lossy(&buf[..n])
+            ))
+        })(),
+        "tcp" => TcpStream::connect_timeout(&to, Duration::from_secs(2))
+            .and_then(|s| s.peer_addr())
+            .map(|p| format!("peer {p}")),
+        other => panic!("unknown probe {other}"),
+    };
+    match answer {
+        Ok(a) => println!("probe: {a}"),
+        Err(e) => println!("probe: error {e}"),
+    }
 }
