@@ -20,7 +20,9 @@ use policy_core::model::EndpointKey;
 fn source_kind(table: &ServiceTable, ip: &IpAddr) -> Result<bool, String> {
     if table.config.is_node_local(ip) {
         return Err(
-            "the node's own connections need connect-time balancing (cgroup hooks), not built yet"
+            "the node's own connections are balanced by the cgroup socket hooks before any packet \
+             exists (kernel test node_processes_reach_a_cluster_ip_through_the_socket_hooks), not \
+             by the TC program this engine probes"
                 .into(),
         );
     }
