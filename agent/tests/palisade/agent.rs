@@ -754,7 +754,7 @@ fn the_agent_load_balances_services_from_the_store() {
         .status()
         .unwrap();
     assert!(added.success());
-    let agent = Agent::start_with(
+    let mut agent = Agent::start_with(
         topo.node().name(),
         "node1",
         &state,
@@ -800,6 +800,48 @@ fn the_agent_load_balances_services_from_the_store() {
         "a node process through the ClusterIP: {answer:?} {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The socket hooks' links are pinned: the node's processes stay
+    // balanced while the agent is down, and a restarted agent replaces
+    // them (one set attached, not two).
+    let node_answer = || {
+        let out = cgroup
+            .bash_in(
+                topo.node().name(),
+                "exec 3<>/dev/tcp/172.30.0.10/80 && cat <&3",
+            )
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let hooks = policy_bpf::datapath::SOCKET_PROGRAMS.len();
+    assert_eq!(
+        policy_bpf::datapath::attached_socket_hooks().unwrap(),
+        hooks
+    );
+    agent.kill();
+    let answer = node_answer();
+    assert!(
+        answer == "api-1" || answer == "api-2",
+        "a node process through the ClusterIP with the agent down: {answer:?}"
+    );
+    assert_eq!(
+        policy_bpf::datapath::attached_socket_hooks().unwrap(),
+        hooks
+    );
+    let from = agent.log_len();
+    agent.restart();
+    agent.wait_ready();
+    agent.wait_log(from, "socket-time service balancing attached");
+    assert_eq!(
+        policy_bpf::datapath::attached_socket_hooks().unwrap(),
+        hooks,
+        "the restarted agent's hooks replace the earlier ones"
+    );
+    let answer = node_answer();
+    assert!(
+        answer == "api-1" || answer == "api-2",
+        "a node process through the ClusterIP after the restart: {answer:?}"
+    );
+
     // A Service with no endpoint: refused at once, not timed out.
     assert_eq!(
         who(web, "172.30.0.11:80".parse().unwrap()),

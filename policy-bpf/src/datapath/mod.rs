@@ -32,6 +32,7 @@ use write::*;
 
 pub use crate::error::DatapathError;
 use crate::lower::{Capacity, InUse, MapWrite, Mirror, WritePlan};
+pub use services::{SOCKET_PROGRAMS, attached_socket_hooks};
 
 /// A random, nonzero seed for the conntrack set hash (std's hasher keys
 /// come from the OS's random source).

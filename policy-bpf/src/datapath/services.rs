@@ -25,6 +25,30 @@ pub const SOCKET_PROGRAMS: [&str; 8] = [
     "palisade_getpeername6",
 ];
 
+/// How many socket hooks are attached on this machine, by any process
+/// and to any cgroup: cgroup links whose program is one of
+/// [`SOCKET_PROGRAMS`] (names as the kernel keeps them, cut to 15 bytes).
+/// A node whose agent restarted has one set, not two.
+pub fn attached_socket_hooks() -> Result<usize, DatapathError> {
+    let kernel_name = |n: &str| n[..n.len().min(15)].to_string();
+    let names: BTreeSet<String> = SOCKET_PROGRAMS.iter().map(|n| kernel_name(n)).collect();
+    let ours: BTreeSet<u32> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str().is_some_and(|n| names.contains(n)))
+        .map(|p| p.id())
+        .collect();
+    let mut count = 0;
+    for link in aya::programs::loaded_links() {
+        let link = link.map_err(|e| DatapathError::Load(format!("listing links: {e}")))?;
+        if link.link_type().ok() == Some(aya::programs::links::LinkType::Cgroup)
+            && ours.contains(&link.program_id())
+        {
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
 /// A connection's backend as the NAT entries name it.
 type BackendAddr = ([u8; 16], u16, u8);
 
@@ -58,15 +82,28 @@ impl Datapath {
     /// cgroup v2 directory; its root for every process of the node): a
     /// `connect()` or unconnected datagram to a frontend is pointed at a
     /// backend before any packet exists, so host traffic needs no NAT, and
-    /// replies' source and `getpeername()` name the frontend. The hooks
-    /// live as long as this datapath.
+    /// replies' source and `getpeername()` name the frontend.
+    ///
+    /// The links are pinned (`links/cgroup-<inode>-<program>`), so the hooks
+    /// outlive this process as the TC links do: a restarting agent leaves
+    /// the node's sockets balanced. A link an earlier process pinned for
+    /// the same cgroup and program is released only once this one's is
+    /// attached, so no socket goes without a hook (for that moment both
+    /// run: the second finds a backend, not a frontend, and leaves it).
     pub fn attach_socket_hooks(&mut self, cgroup: &std::path::Path) -> Result<(), DatapathError> {
+        use std::os::unix::fs::MetadataExt;
+
         let attach_err = |message: String| DatapathError::Attach {
             interface: format!("cgroup {}", cgroup.display()),
             message,
         };
         let file = std::fs::File::open(cgroup).map_err(|e| attach_err(e.to_string()))?;
+        let inode = file
+            .metadata()
+            .map_err(|e| attach_err(e.to_string()))?
+            .ino();
         for name in SOCKET_PROGRAMS {
+            let path = self.socket_link_path(inode, name);
             let prog: &mut aya::programs::CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
@@ -80,10 +117,48 @@ impl Datapath {
             }
             // A link (kernels from 5.7): several programs share a cgroup
             // without the attach flags, which links refuse.
-            prog.attach(&file, aya::programs::links::CgroupAttachMode::Single)
+            let id = prog
+                .attach(&file, aya::programs::links::CgroupAttachMode::Single)
                 .map_err(|e| attach_err(format!("{name}: {e}")))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|e| attach_err(format!("{name}: {e}")))?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| {
+                    attach_err(format!("{name}: a cgroup link needs Linux 5.7: {e}"))
+                })?;
+            if let Ok(earlier) = PinnedLink::from_pin(&path) {
+                // Unpinned and closed: the earlier process's link goes.
+                let _ = earlier.unpin();
+            }
+            link.pin(&path)
+                .map_err(|e| attach_err(format!("pinning the {name} link: {e}")))?;
         }
         Ok(())
+    }
+
+    /// Detaches the socket hooks from `cgroup` (removes their pinned links).
+    pub fn detach_socket_hooks(&mut self, cgroup: &std::path::Path) -> Result<(), DatapathError> {
+        use std::os::unix::fs::MetadataExt;
+
+        let inode = std::fs::metadata(cgroup)
+            .map_err(|e| DatapathError::Attach {
+                interface: format!("cgroup {}", cgroup.display()),
+                message: e.to_string(),
+            })?
+            .ino();
+        for name in SOCKET_PROGRAMS {
+            if let Ok(pinned) = PinnedLink::from_pin(self.socket_link_path(inode, name)) {
+                let _ = pinned.unpin();
+            }
+        }
+        Ok(())
+    }
+
+    fn socket_link_path(&self, cgroup_inode: u64, program: &str) -> PathBuf {
+        self.pin_dir
+            .join("links")
+            .join(format!("cgroup-{cgroup_inode}-{program}"))
     }
 
     /// The service entries last written.

@@ -628,6 +628,10 @@ fn node_processes_reach_a_cluster_ip_through_the_socket_hooks() {
         dp.nat_entries().unwrap().is_empty(),
         "socket-time balancing translates no packet"
     );
+    let attached = policy_bpf::datapath::attached_socket_hooks().unwrap();
+    assert_eq!(attached, policy_bpf::datapath::SOCKET_PROGRAMS.len());
+    dp.detach_socket_hooks(cgroup.path()).unwrap();
+    assert_eq!(policy_bpf::datapath::attached_socket_hooks().unwrap(), 0);
 }
 
 /// The child side of the socket-hook test above, which re-runs this
