@@ -51,6 +51,8 @@ pub mod kubernetes;
 mod node_view;
 mod plan;
 pub mod resources;
+mod sources;
+pub mod stored_pods;
 mod validate;
 mod watch;
 

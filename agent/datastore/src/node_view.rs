@@ -176,10 +176,14 @@ impl NodeView {
 }
 
 /// A stored document as a policy object: a Calico Node as the addresses
-/// node peers select, anything else as itself.
+/// node peers select, a Pod the CNI plugin annotated as the endpoint on its
+/// interface, anything else as itself.
 fn convert_stored(document: &serde_json::Value) -> Result<Object, policy_core::Errors> {
     if crate::kinds::document_ref(document).is_some_and(|(info, _)| info.kind == "Node") {
         return calico_node(document).map(Object::Node).map_err(Into::into);
+    }
+    if let Some(endpoint) = crate::stored_pods::endpoint_of_annotated_pod(document) {
+        return convert_document_all(&endpoint);
     }
     convert_document_all(document)
 }

@@ -1,81 +1,26 @@
-//! What every backend does before it writes, apart from the writing: read
-//! the manifests, validate the batch against the stored state, and work out
-//! the changes (unchanged documents are not written again).
+//! What every backend does before it writes, apart from the writing:
+//! validate the batch (read by [`parse_sources`]) against the stored state,
+//! and work out the changes (unchanged documents are not written again).
 
 use std::collections::BTreeMap;
 
 use policy_core::ObjectRef;
-use policy_core::manifest::{Loaded, parse_source_keeping_documents};
 
 use crate::kinds::{document_ref, kind_of_ref};
-use crate::resources::Resource;
+pub(crate) use crate::sources::{Batch, parse_sources};
 use crate::validate::{validate_apply, validate_delete};
 use crate::{Revision, Snapshot, StoreChange, StoreError, StoredObject, Written};
-
-/// What one apply writes: objects the policy engine reads, and documents
-/// of the kinds stored for IPAM.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Batch {
-    pub loaded: Vec<Loaded>,
-    pub resources: Vec<Resource>,
-}
-
-/// Reads manifest sources (name, text) keeping each object's document;
-/// kinds no datastore holds are errors.
-pub(crate) fn parse_sources(sources: &[(String, String)]) -> Result<Batch, StoreError> {
-    let mut loaded = Vec::new();
-    let mut resources = Vec::new();
-    let mut errors = policy_core::Errors::new();
-    for (source, text) in sources {
-        match parse_source_keeping_documents(source, text) {
-            Ok(parsed) => {
-                for s in parsed.skipped {
-                    if let Some(doc) = &s.document
-                        && let Some((info, object)) = document_ref(doc)
-                        && !info.policy
-                    {
-                        resources.push(Resource {
-                            origin: s.origin,
-                            info,
-                            object,
-                            document: doc.clone(),
-                        });
-                        continue;
-                    }
-                    errors.push(
-                        policy_core::Error::new(policy_core::ErrorKind::Unsupported(format!(
-                            "kind {} ({}) is not something Palisade stores; known kinds: {}",
-                            s.kind,
-                            s.api_version,
-                            crate::KINDS
-                                .iter()
-                                .map(|k| k.plural)
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )))
-                        .from_origin(s.origin),
-                    );
-                }
-                loaded.extend(parsed.objects);
-            }
-            Err(es) => {
-                for e in es {
-                    errors.push(e);
-                }
-            }
-        }
-    }
-    errors.or_ok(()).map_err(StoreError::Rejected)?;
-    Ok(Batch { loaded, resources })
-}
 
 /// Validates `batch` against `state` and works out its changes, each at
 /// `revision`; `Written.revision` is the state's when nothing changes.
 pub(crate) fn plan_apply(
     state: &Snapshot,
-    batch: Batch,
+    mut batch: Batch,
     revision: Revision,
 ) -> Result<(Vec<StoreChange>, Written), StoreError> {
+    // The CNI plugin's endpoint for a stored Pod is that Pod, annotated.
+    batch.loaded = crate::stored_pods::endpoints_onto_pods(state, batch.loaded)
+        .map_err(StoreError::Rejected)?;
     validate_apply(state, &batch.loaded).map_err(StoreError::Rejected)?;
     crate::resources::validate(state, &batch.resources).map_err(StoreError::Rejected)?;
     let by_key: BTreeMap<&str, &StoredObject> =
@@ -140,6 +85,11 @@ pub(crate) fn plan_delete(
     for object in objects {
         let key = key_of(object)?;
         if !state.objects.iter().any(|o| o.key == key) {
+            // An endpoint that lives on a stored Pod: the Pod loses it.
+            if let Some(pod) = crate::stored_pods::pod_releasing_endpoint(state, object) {
+                changes.push(StoreChange::Put(StoredObject { revision, ..pod }));
+                continue;
+            }
             return Err(StoreError::NotFound(object.clone()));
         }
         keys.push(key.clone());

@@ -34,6 +34,9 @@ struct Seen {
     objects: BTreeMap<String, StoredObject>,
     /// Pods (and workload endpoints, by their pod), by key.
     pods: BTreeMap<String, (String, String)>,
+    /// Stored Pods' annotations (IPAM's pool and address requests), by
+    /// namespace and name.
+    pod_annotations: BTreeMap<(String, String), palisade_ipam::cluster::Labels>,
     /// Whether a complete listing was seen (before it, nothing is known to
     /// be gone).
     listed: bool,
@@ -69,7 +72,25 @@ impl Seen {
             self.objects.insert(o.key.clone(), o.clone());
         }
         if let Some(p) = pod {
+            if o.document["kind"] == "Pod" {
+                let annotations = o.document["metadata"]["annotations"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect();
+                self.pod_annotations.insert(p.clone(), annotations);
+            }
             self.pods.insert(o.key.clone(), p);
+        }
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.objects.remove(key);
+        if let Some(p) = self.pods.remove(key)
+            && !self.pods.values().any(|other| *other == p)
+        {
+            self.pod_annotations.remove(&p);
         }
     }
 }
@@ -98,12 +119,19 @@ impl IpamView {
         for c in changes {
             match c {
                 StoreChange::Put(o) => g.put(o),
-                StoreChange::Deleted { key, .. } => {
-                    g.objects.remove(key);
-                    g.pods.remove(key);
-                }
+                StoreChange::Deleted { key, .. } => g.remove(key),
             }
         }
+    }
+
+    /// A stored Pod's annotations (empty when no Pod is stored): its
+    /// `cni.projectcalico.org/ipv4pools` and the like choose its addresses.
+    pub fn pod_annotations(&self, namespace: &str, name: &str) -> palisade_ipam::cluster::Labels {
+        self.lock()
+            .pod_annotations
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The cluster IPAM reads.

@@ -362,3 +362,163 @@ fn pods_get_their_pools_addresses_and_policy_and_failures_leave_nothing() {
         "{out}"
     );
 }
+
+/// A Pod stored in the embedded store (applied for its labels, as one
+/// would for a podman container) and the CNI plugin's endpoint for it are
+/// one object, as in Calico's Kubernetes datastore: ADD annotates the Pod
+/// (its addresses, container, node) instead of writing a second endpoint;
+/// the Pod's labels decide its policy and its `ipv4pools` annotation its
+/// pool, over the conflist's; DEL takes the annotations off. A Pod
+/// scheduled to another node is refused, naming the field, leaving nothing.
+#[test]
+fn a_stored_pod_is_the_cni_plugins_endpoint_with_its_labels_and_pool() {
+    if !privileged() {
+        return;
+    }
+    let dir = scratch("cni-pod");
+    let state: PathBuf = dir.join("state");
+    let tag = std::process::id();
+    let node = Netns::create(&format!("palsn{tag}")).unwrap();
+    ip_batch(
+        Some(node.name()),
+        &[
+            "link set lo up".into(),
+            "addr add 192.168.200.1/32 dev lo".into(),
+        ],
+    )
+    .unwrap();
+    let pods_yaml = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db
+  namespace: shop
+  labels: {app: api}
+  annotations: {cni.projectcalico.org/ipv4pools: '[\"backend\"]'}
+spec: {containers: [{name: db, image: busybox}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: far, namespace: shop, labels: {app: api}}
+spec: {nodeName: node-b, containers: [{name: far, image: busybox}]}
+";
+    std::fs::write(
+        dir.join("cluster.yaml"),
+        format!("{CLUSTER}---\n{pods_yaml}"),
+    )
+    .unwrap();
+    store(
+        &state,
+        &["apply", "-f", dir.join("cluster.yaml").to_str().unwrap()],
+    )
+    .unwrap();
+    let socket = dir.join("cni.sock");
+    // Every pod's conflist says frontend and its own app label: the stored
+    // Pod's say otherwise. Kubernetes policy mode: pod annotations count,
+    // as with Calico's plugin.
+    let conf = |app| {
+        let mut c = netconf("frontend", "frontend", app, &socket);
+        c["policy"] = json!({"type": "k8s"});
+        c
+    };
+    let _a = agent(node.name(), &state, &dir, &[]);
+    let pods: Vec<Netns> = (0..4)
+        .map(|i| Netns::create(&format!("palsp{i}{tag}")).unwrap())
+        .collect();
+    let call = |i: usize, command: &'static str, name: &str| Call {
+        command,
+        container: Box::leak(format!("s{i}{tag}").into_boxed_str()),
+        netns: Some(Box::leak(pods[i].name().to_string().into_boxed_str())),
+        args: Box::leak(format!("K8S_POD_NAME={name}").into_boxed_str()),
+    };
+    let (ok, db) = cni(&call(0, "ADD", "db"), &conf("web"));
+    assert!(ok, "{db}");
+    let (ok, web) = cni(&call(1, "ADD", "web"), &conf("web"));
+    assert!(ok, "{web}");
+    let (ok, other) = cni(&call(2, "ADD", "other"), &conf("other"));
+    assert!(ok, "{other}");
+    let db_ip = address(&db);
+    assert!(
+        db_ip.to_string().starts_with("10.20."),
+        "the Pod's ipv4pools annotation chose backend: {db}"
+    );
+    let listed = endpoints(&state);
+    assert!(
+        !listed.contains("-db-"),
+        "no second object for db: {listed}"
+    );
+    let get_pod = |name: &str| -> Value {
+        let out = palisade()
+            .args([
+                "get",
+                "pods",
+                name,
+                "-n",
+                "shop",
+                "-o",
+                "json",
+                "--state-dir",
+            ])
+            .arg(&state)
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        if v.is_array() { v[0].clone() } else { v }
+    };
+    let stored = get_pod("db");
+    assert_eq!(stored["spec"]["nodeName"], "node-a", "{stored}");
+    assert_eq!(
+        stored["metadata"]["annotations"]["cni.projectcalico.org/podIPs"],
+        format!("{db_ip}/32"),
+        "{stored}"
+    );
+    // The Pod's labels (app=api) decide: web reaches db on 8080, other
+    // does not, whatever db's conflist said.
+    let listener = pods[0]
+        .run(|| TcpListener::bind((db_ip, 8080)).unwrap())
+        .unwrap();
+    assert!(connects(&pods[1], SocketAddr::new(db_ip, 8080)));
+    assert!(!connects(&pods[2], SocketAddr::new(db_ip, 8080)));
+    drop(listener);
+
+    // A late DEL of an older sandbox of db (another container ID) leaves
+    // the running one's endpoint and interface alone.
+    let node_links = links(node.name());
+    let stale = Call {
+        container: "an-older-sandbox",
+        ..call(0, "DEL", "db")
+    };
+    let (ok, out) = cni(&stale, &conf("web"));
+    assert!(ok, "{out}");
+    assert!(
+        !get_pod("db")["metadata"]["annotations"]["cni.projectcalico.org/podIPs"].is_null(),
+        "an older sandbox's DEL cleared the running one's endpoint"
+    );
+    assert_eq!(links(node.name()), node_links, "nor its interface");
+
+    // DEL: the annotations go, the Pod stays, nothing of db is left.
+    let node_links = links(node.name());
+    let (ok, out) = cni(&call(0, "DEL", "db"), &conf("web"));
+    assert!(ok, "{out}");
+    let stored = get_pod("db");
+    assert!(
+        stored["metadata"]["annotations"]["cni.projectcalico.org/podIPs"].is_null(),
+        "{stored}"
+    );
+    assert_eq!(links(node.name()).len(), node_links.len() - 1);
+    ipam_clean(&state, 2).unwrap();
+
+    // A Pod scheduled to another node: refused by name, nothing left.
+    let node_links = links(node.name());
+    let (ok, out) = cni(&call(3, "ADD", "far"), &conf("web"));
+    assert!(!ok, "{out}");
+    let text = out.to_string();
+    assert!(
+        text.contains("spec.node") && text.contains("node-b"),
+        "{out}"
+    );
+    assert_eq!(links(node.name()), node_links);
+    assert!(links(pods[3].name()).is_empty());
+    ipam_clean(&state, 2).unwrap();
+}

@@ -574,7 +574,7 @@ impl Datastore for KubeStore {
     /// annotations) only; any other kind refuses the batch before anything
     /// is written.
     fn apply_sources(&self, sources: &[(String, String)]) -> Result<Written, StoreError> {
-        let batch = crate::plan::parse_sources(sources)?;
+        let batch = crate::sources::parse_sources(sources)?;
         let documents = batch
             .loaded
             .iter()

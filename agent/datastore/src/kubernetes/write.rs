@@ -44,6 +44,22 @@ fn refused(what: &str) -> StoreError {
     ))
 }
 
+/// The annotations Calico's CNI plugin puts on a Pod for the workload
+/// endpoint `spec` (a WorkloadEndpoint's): its addresses and container.
+pub(crate) fn cni_annotations(spec: &Value) -> Value {
+    let nets: Vec<&str> = spec["ipNetworks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    json!({
+        POD_IP: nets.first(),
+        POD_IPS: nets.join(","),
+        CONTAINER_ID: spec["containerID"],
+    })
+}
+
 /// The API write a stored document stands for.
 pub(crate) fn write_for(document: &Value) -> Result<ApiWrite, StoreError> {
     let kind = document["kind"].as_str().unwrap_or_default();
@@ -61,20 +77,10 @@ pub(crate) fn write_for(document: &Value) -> Result<ApiWrite, StoreError> {
                     "WorkloadEndpoint {namespace}/{name} names no pod"
                 )));
             }
-            let nets: Vec<&str> = spec["ipNetworks"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
             Ok(ApiWrite::Pod {
                 namespace,
                 name: pod,
-                patch: json!({"metadata": {"annotations": {
-                    POD_IP: nets.first(),
-                    POD_IPS: nets.join(","),
-                    CONTAINER_ID: spec["containerID"],
-                }}}),
+                patch: json!({"metadata": {"annotations": cni_annotations(spec)}}),
             })
         }
         "Node" => {

@@ -11,7 +11,7 @@ use palisade_datastore::{
 use palisade_testing::etcd::{EtcdCluster, TlsFiles, installed};
 use policy_core::ObjectRef;
 
-use super::{GNP, zero_trust};
+use super::{GNP, an_endpoint_for_a_stored_pod_is_the_pod, zero_trust};
 
 /// Whether etcd tests may run: etcd installed, or a skip CI turns into a
 /// failure.
@@ -264,4 +264,15 @@ fn a_large_apply_is_written_in_transactions_and_listed_in_pages() {
     assert_eq!(snapshot.revision, w.revision);
     let again = store.apply_text("many.yaml", &docs.join("---\n")).unwrap();
     assert_eq!(again.unchanged.len(), 1200);
+}
+
+#[test]
+fn an_endpoint_for_a_pod_in_etcd_is_the_pod() {
+    if !etcd_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = EtcdCluster::start(&dir.path().join("etcd"), 1, None).unwrap();
+    let store = EtcdStore::connect(&config(&cluster)).unwrap();
+    an_endpoint_for_a_stored_pod_is_the_pod(&store);
 }

@@ -298,6 +298,65 @@ fn workload_endpoints_are_stored_under_their_own_name_and_deleted_as_their_pod()
     );
 }
 
+/// The CNI plugin's endpoint for a stored Pod is that Pod, annotated
+/// (one object, as in Calico's Kubernetes datastore), and deleting the
+/// endpoint takes the annotations off. Every backend that stores Pods.
+pub(crate) fn an_endpoint_for_a_stored_pod_is_the_pod(store: &dyn Datastore) {
+    store.apply_sources(&zero_trust()).unwrap();
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: cache, namespace: shop-backend, labels: {app: cache}}\n\
+               spec: {containers: [{name: c, image: x}]}\n";
+    store.apply_text("pod.yaml", pod).unwrap();
+    let wep = "apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\n\
+               metadata: {name: node1-k8s-cache-eth0, namespace: shop-backend}\n\
+               spec: {node: node1, orchestrator: k8s, pod: cache, endpoint: eth0, containerID: c1,\n\
+                      interfaceName: cali1234, ipNetworks: [10.10.2.30/32], profiles: [kns.shop-backend]}\n";
+    let written = store.apply_text("wep.yaml", wep).unwrap();
+    assert_eq!(
+        written.replaced,
+        vec![ObjectRef::new("Pod", Some("shop-backend"), "cache")],
+        "{written:?}"
+    );
+    let snapshot = store.snapshot().unwrap();
+    assert!(
+        !snapshot
+            .objects
+            .iter()
+            .any(|o| o.object.kind == "WorkloadEndpoint"),
+        "no second object for the pod"
+    );
+    let stored = snapshot
+        .objects
+        .iter()
+        .find(|o| o.object.kind == "Pod" && o.object.name == "cache")
+        .unwrap();
+    assert_eq!(stored.document["spec"]["nodeName"], "node1");
+    let annotations = &stored.document["metadata"]["annotations"];
+    assert_eq!(annotations["cni.projectcalico.org/podIPs"], "10.10.2.30/32");
+    assert_eq!(annotations["cni.projectcalico.org/containerID"], "c1");
+    // The endpoint, deleted by its own name: the Pod stays, unannotated.
+    let gone = store
+        .delete(&[ObjectRef::new(
+            "WorkloadEndpoint",
+            Some("shop-backend"),
+            "node1-k8s-cache-eth0",
+        )])
+        .unwrap();
+    assert!(gone.revision > written.revision);
+    let snapshot = store.snapshot().unwrap();
+    let stored = snapshot
+        .objects
+        .iter()
+        .find(|o| o.object.kind == "Pod" && o.object.name == "cache")
+        .unwrap();
+    assert!(stored.document["metadata"]["annotations"]["cni.projectcalico.org/podIPs"].is_null());
+}
+
+#[test]
+fn an_endpoint_for_a_pod_in_the_embedded_store_is_the_pod() {
+    let (_d, store) = store();
+    an_endpoint_for_a_stored_pod_is_the_pod(&store);
+}
+
 /// The agent's pipeline without a kernel: a store, a watch, this node's
 /// view, and the node controller on its in-memory dataplane. A policy
 /// applied with `palisade apply` decides connections at once; a bad

@@ -190,7 +190,8 @@ impl Server {
                     .get(&w.namespace)
                     .cloned()
                     .unwrap_or_default(),
-                annotations: Default::default(),
+                // A stored Pod's own requests (pools, addresses).
+                annotations: self.shared.ipam.pod_annotations(&w.namespace, &w.name),
             }),
             local_host: &self.node,
             reuse_existing: false,
@@ -425,8 +426,17 @@ impl Server {
             first.get_or_insert(e);
         };
         // The endpoint first: its policy goes before its addresses can be
-        // handed to another pod.
+        // handed to another pod. A stored Pod annotated for another
+        // container (a newer sandbox) keeps its endpoint: this DEL is for
+        // an older one (Calico's plugin compares the same annotation).
+        let newer_sandbox = self
+            .shared
+            .ipam
+            .pod_annotations(&w.namespace, &w.name)
+            .get(palisade_datastore::kubernetes::write::CONTAINER_ID)
+            .is_some_and(|c| *c != inv.container_id);
         match self.datastore() {
+            Ok(_) if newer_sandbox => {}
             Ok(ds) => match ds.delete(&[endpoint_ref(&w)]) {
                 Ok(_) | Err(StoreError::NotFound(_)) => {}
                 Err(e) => note(plugin_error("deleting the workload endpoint", e)),
@@ -444,10 +454,15 @@ impl Server {
             }
             Err(e) => note(e),
         }
-        // The namespace may be gone already (the spec allows it).
+        // The namespace may be gone already (the spec allows it). The
+        // host interface is named by the pod, not the container: a newer
+        // sandbox's stays.
         let netns = inv.netns.as_deref().and_then(|p| File::open(p).ok());
-        let unwired =
-            self.node_net(|host| pod::unwire(host, &w.host_ifname, netns.as_ref(), &inv.ifname));
+        let unwired = if newer_sandbox {
+            Ok(())
+        } else {
+            self.node_net(|host| pod::unwire(host, &w.host_ifname, netns.as_ref(), &inv.ifname))
+        };
         if let Err(e) = unwired {
             note(plugin_error("removing the pod's interface", e));
         }
