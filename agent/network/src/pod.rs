@@ -153,11 +153,7 @@ fn wire_steps(
     sysctl(&format!("net/ipv4/conf/{h}/proxy_arp"), "1")?;
     sysctl(&format!("net/ipv4/neigh/{h}/proxy_delay"), "0")?;
     sysctl(&format!("net/ipv4/conf/{h}/forwarding"), "1")?;
-    // A masqueraded service connection leaves the pod's programs with a
-    // node address as its source, before routing: without this the
-    // kernel drops it as a martian. A pod cannot send such a packet
-    // itself (its programs drop any source but its own).
-    sysctl(&format!("net/ipv4/conf/{h}/accept_local"), "1")?;
+    settle_host_side(h)?;
     if spec.addrs.iter().any(IpAddr::is_ipv6) {
         sysctl(&format!("net/ipv6/conf/{h}/proxy_ndp"), "1")?;
         sysctl(&format!("net/ipv6/conf/{h}/forwarding"), "1")?;
@@ -347,4 +343,16 @@ pub fn check(
         Some(_) => {}
     }
     Ok(problems)
+}
+
+/// What the host side of an attached pod interface needs, whoever wired
+/// it: the agent sets it again on every attach, so pods wired by an older
+/// plugin (without it) get it too. Idempotent.
+///
+/// `accept_local`: a masqueraded service connection leaves the pod's
+/// programs with a node address as its source, before routing; without
+/// it the kernel drops it as a martian. A pod cannot send such a packet
+/// itself (its programs drop any source but its own).
+pub fn settle_host_side(host_ifname: &str) -> Result<(), NetError> {
+    sysctl(&format!("net/ipv4/conf/{host_ifname}/accept_local"), "1")
 }

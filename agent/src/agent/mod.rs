@@ -422,6 +422,7 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
         }
         for ifname in node.retry_pending() {
             tracing::info!(interface = %ifname, "attached (its interface appeared)");
+            publish::settle_host_side(&ifname);
         }
         if last_sweep.elapsed() >= sweep_every {
             last_sweep = Instant::now();

@@ -82,6 +82,14 @@ pub(super) struct Seen {
     stats: [u64; Statistic::COUNT as usize],
 }
 
+/// The host side's settings on an interface just attached (pods wired by
+/// an older plugin lack them); a failure is logged, the attach stands.
+pub(super) fn settle_host_side(ifname: &str) {
+    if let Err(e) = palisade_network::pod::settle_host_side(ifname) {
+        tracing::warn!(interface = %ifname, error = %e, "host-side settings of an attached interface");
+    }
+}
+
 /// Logs and counts what an update did, and refreshes the status.
 pub(super) fn report<D: Dataplane + Telemetry>(
     node: &NodeSync<D>,
@@ -104,6 +112,7 @@ pub(super) fn report<D: Dataplane + Telemetry>(
     }
     for i in &out.attached {
         tracing::info!(interface = %i, "attached");
+        settle_host_side(i);
     }
     for i in &out.detached {
         tracing::info!(interface = %i, "detached");

@@ -780,6 +780,14 @@ fn the_agent_load_balances_services_from_the_store() {
         assert!(Instant::now() < deadline, "no answer through the ClusterIP");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The agent settles the host side of what it attaches, whoever wired
+    // it (these veths were made without accept_local, as an older plugin
+    // made them): masqueraded service traffic needs it.
+    for pod in [web, api1, api2] {
+        let path = format!("/proc/sys/net/ipv4/conf/{}/accept_local", pod.host_if);
+        let value = topo.node().run(|| std::fs::read_to_string(&path)).unwrap();
+        assert_eq!(value.unwrap().trim(), "1", "{}", pod.host_if);
+    }
     let seen: std::collections::BTreeSet<String> =
         (0..40).filter_map(|_| who(web, vip).ok()).collect();
     assert_eq!(
