@@ -158,6 +158,13 @@ pub const KINDS: &[KindInfo] = &[
     ipam("ippools", "IPPool", &["ippool", "ipp", "pool", "pools"]),
     ipam("ipreservations", "IPReservation", &["ipreservation"]),
     ipam("nodes", "Node", &["node", "no"]),
+    // Felix's configuration (`default`, `node.<name>`): the overlay pass
+    // reads its natOutgoing settings; other fields are kept, not acted on.
+    ipam(
+        "felixconfigurations",
+        "FelixConfiguration",
+        &["felixconfiguration", "felixconfig", "felixconfigs"],
+    ),
 ];
 
 /// A Calico kind IPAM reads (cluster-scoped).

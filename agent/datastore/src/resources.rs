@@ -65,6 +65,9 @@ fn check_one(r: &Resource) -> Result<Option<Pool>, Error> {
         "IPReservation" => reserved_cidrs(&r.document)
             .map(|_| None)
             .map_err(|m| bad("spec.reservedCIDRs", m)),
+        "FelixConfiguration" => palisade_network::natout::NatSettings::from_document(&r.document)
+            .map(|_| None)
+            .map_err(|e| bad(e.field, e.message)),
         "Service" => palisade_services::Objects::from_documents([&r.document])
             .map(|_| None)
             .map_err(

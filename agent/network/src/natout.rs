@@ -3,12 +3,18 @@
 //! | traffic from a pod in a `natOutgoing` pool to | masqueraded? |
 //! |---|---|
 //! | the internet, a host outside the cluster | yes |
-//! | another node's host address | yes (Calico's default `natOutgoingExclusions: IPPoolsOnly`) |
+//! | another node's host address | yes (Calico's default `natOutgoingExclusions: IPPoolsOnly`); no with `IPPoolsAndHostIPs` |
 //! | a pod or tunnel address in any pool, this node's or another's (disabled pools count) | no |
 //! | an address in a `LoadBalancer`-only pool | yes |
 //! | this node's own addresses | no (it never leaves through an interface) |
 //!
-//! Pods in other pools are never masqueraded. Calico's eBPF mode leaves
+//! Pods in other pools are never masqueraded. Felix's `natPortRange` bounds
+//! the source ports TCP and UDP are masqueraded to, and
+//! `natOutgoingAddress` makes IPv4 leave from that address (SNAT) instead
+//! of the outgoing interface's ([`NatSettings`], from FelixConfiguration
+//! `default` and `node.<name>`, the node's winning field by field).
+//!
+//! Calico's eBPF mode leaves
 //! this SNAT to the kernel's netfilter (one MASQUERADE rule over two IP
 //! sets in POSTROUTING, `felix/rules/nat.go`); so does Palisade: [`plan`]
 //! derives the two sets per family and [`NatOutgoing::script`] the one
@@ -52,7 +58,101 @@ pub struct PoolNat {
     pub load_balancer_only: bool,
 }
 
-/// The two sets Calico keeps (`all-ipam-pools`, `masq-ipam-pools`).
+/// Felix's settings for the masquerade (FelixConfiguration `spec`), as
+/// written: an absent field is `None`, so a node's configuration can be
+/// laid over the `default` one field by field ([`NatSettings::over`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NatSettings {
+    /// `natOutgoingExclusions`: `IPPoolsAndHostIPs` (true) also spares
+    /// the hosts' addresses; `IPPoolsOnly` (false, the default) does not.
+    pub exclude_hosts: Option<bool>,
+    /// `natPortRange` (`"min:max"` or one port): the source ports TCP and
+    /// UDP are masqueraded to.
+    pub port_range: Option<(u16, u16)>,
+    /// `natOutgoingAddress`: IPv4 leaves from this address (SNAT) rather
+    /// than the outgoing interface's.
+    pub address: Option<std::net::Ipv4Addr>,
+}
+
+/// A FelixConfiguration field Palisade reads that does not parse: the
+/// field's path and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadSetting {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl NatSettings {
+    /// The settings in a FelixConfiguration document (its other fields
+    /// are Felix's and ignored here).
+    pub fn from_document(doc: &Value) -> Result<NatSettings, BadSetting> {
+        let spec = &doc["spec"];
+        let bad = |field, message: String| BadSetting { field, message };
+        let exclude_hosts = match &spec["natOutgoingExclusions"] {
+            Value::Null => None,
+            Value::String(s) if s == "IPPoolsOnly" => Some(false),
+            Value::String(s) if s == "IPPoolsAndHostIPs" => Some(true),
+            other => {
+                return Err(bad(
+                    "spec.natOutgoingExclusions",
+                    format!("{other}: IPPoolsOnly or IPPoolsAndHostIPs"),
+                ));
+            }
+        };
+        let port_range = match &spec["natPortRange"] {
+            Value::Null => None,
+            v => Some(port_range(v).ok_or_else(|| {
+                bad(
+                    "spec.natPortRange",
+                    format!("{v}: a port or \"min:max\", 1 to 65535, min not above max"),
+                )
+            })?),
+        };
+        let address =
+            match &spec["natOutgoingAddress"] {
+                Value::Null => None,
+                Value::String(s) if s.is_empty() => None,
+                v => Some(v.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
+                    bad("spec.natOutgoingAddress", format!("{v}: an IPv4 address"))
+                })?),
+            };
+        Ok(NatSettings {
+            exclude_hosts,
+            port_range,
+            address,
+        })
+    }
+
+    /// These settings (a node's) over `default`'s: each field set here wins.
+    pub fn over(self, default: NatSettings) -> NatSettings {
+        NatSettings {
+            exclude_hosts: self.exclude_hosts.or(default.exclude_hosts),
+            port_range: self.port_range.or(default.port_range),
+            address: self.address.or(default.address),
+        }
+    }
+}
+
+fn port_range(v: &Value) -> Option<(u16, u16)> {
+    let (min, max) = match v {
+        Value::Number(n) => {
+            let p = u16::try_from(n.as_u64()?).ok()?;
+            (p, p)
+        }
+        Value::String(s) => match s.split_once(':') {
+            Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+            None => {
+                let p = s.trim().parse().ok()?;
+                (p, p)
+            }
+        },
+        _ => return None,
+    };
+    (min >= 1 && min <= max).then_some((min, max))
+}
+
+/// The sets Calico keeps (`all-ipam-pools`, `masq-ipam-pools`, the hosts'
+/// addresses) and how the masquerade is done.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NatOutgoing {
     /// Destinations that are never masqueraded: every pool but the
@@ -60,11 +160,28 @@ pub struct NatOutgoing {
     pub pools: BTreeSet<IpNet>,
     /// Sources that are: the pools with `natOutgoing`.
     pub masquerade: BTreeSet<IpNet>,
+    /// Destinations spared as well (`IPPoolsAndHostIPs`): the hosts'
+    /// addresses.
+    pub hosts: BTreeSet<IpNet>,
+    /// `natPortRange`, for TCP and UDP.
+    pub port_range: Option<(u16, u16)>,
+    /// `natOutgoingAddress`: IPv4's SNAT address.
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
-/// The sets `pools` lead to.
+/// The sets `pools` lead to, with Felix's defaults.
 pub fn plan(pools: &[PoolNat]) -> NatOutgoing {
-    let mut p = NatOutgoing::default();
+    plan_with(pools, &NatSettings::default(), &[])
+}
+
+/// The sets `pools` lead to under `settings`; `hosts` are the cluster's
+/// host addresses (spared under `IPPoolsAndHostIPs`).
+pub fn plan_with(pools: &[PoolNat], settings: &NatSettings, hosts: &[IpAddr]) -> NatOutgoing {
+    let mut p = NatOutgoing {
+        port_range: settings.port_range,
+        address: settings.address,
+        ..NatOutgoing::default()
+    };
     for pool in pools {
         let cidr = pool.cidr.trunc();
         if !pool.load_balancer_only {
@@ -73,6 +190,9 @@ pub fn plan(pools: &[PoolNat]) -> NatOutgoing {
         if pool.nat_outgoing {
             p.masquerade.insert(cidr);
         }
+    }
+    if settings.exclude_hosts == Some(true) {
+        p.hosts = hosts.iter().map(|h| IpNet::from(*h)).collect();
     }
     p
 }
@@ -88,6 +208,28 @@ impl NatOutgoing {
     pub fn masquerades(&self, src: IpAddr, dst: IpAddr) -> bool {
         self.masquerade.iter().any(|n| n.contains(&src))
             && !self.pools.iter().any(|n| n.contains(&dst))
+            && !self.hosts.iter().any(|n| n.contains(&dst))
+    }
+
+    /// The source NAT of a family's rule (`masquerade`, or `snat ip to`
+    /// the configured address), with ports when `ports`.
+    fn action(&self, v4: bool, ports: bool) -> String {
+        let range = match (ports, self.port_range) {
+            (true, Some((a, b))) if a == b => format!(":{a}"),
+            (true, Some((a, b))) => format!(":{a}-{b}"),
+            _ => String::new(),
+        };
+        match (v4, self.address) {
+            (true, Some(addr)) => format!("snat ip to {addr}{range}"),
+            _ if range.is_empty() => "masquerade".into(),
+            _ => format!("masquerade to {range}"),
+        }
+    }
+
+    /// Rules the table holds: one per family, two with a port range (TCP
+    /// and UDP with it, the rest without).
+    fn rule_count(&self) -> usize {
+        if self.port_range.is_some() { 4 } else { 2 }
     }
 
     /// The `nft -f` script that makes the kernel hold exactly this plan:
@@ -103,6 +245,7 @@ impl NatOutgoing {
             for (name, nets) in [
                 ("all-ipam-pools", &self.pools),
                 ("masq-ipam-pools", &self.masquerade),
+                ("all-hosts", &self.hosts),
             ] {
                 let elements: Vec<String> = nets
                     .iter()
@@ -121,10 +264,19 @@ impl NatOutgoing {
         s.push_str(&format!(
             "  chain {CHAIN} {{\n    type nat hook postrouting priority srcnat; policy accept;\n"
         ));
-        s.push_str("    ip saddr @masq-ipam-pools-v4 ip daddr != @all-ipam-pools-v4 masquerade\n");
-        s.push_str(
-            "    ip6 saddr @masq-ipam-pools-v6 ip6 daddr != @all-ipam-pools-v6 masquerade\n",
-        );
+        for (ip, family, v4) in [("ip", "v4", true), ("ip6", "v6", false)] {
+            let matches = format!(
+                "{ip} saddr @masq-ipam-pools-{family} {ip} daddr != @all-ipam-pools-{family} \
+                 {ip} daddr != @all-hosts-{family}"
+            );
+            if self.port_range.is_some() {
+                s.push_str(&format!(
+                    "    {matches} meta l4proto {{ tcp, udp }} {}\n",
+                    self.action(v4, true)
+                ));
+            }
+            s.push_str(&format!("    {matches} {}\n", self.action(v4, false)));
+        }
         s.push_str("  }\n}\n");
         s
     }
@@ -141,12 +293,22 @@ impl NatOutgoing {
             if o["table"]["name"] == TABLE {
                 found = true;
             }
-            if o["rule"]["chain"] == CHAIN
-                && o["rule"]["expr"]
-                    .as_array()
-                    .is_some_and(|e| e.iter().any(|x| x.get("masquerade").is_some()))
-            {
-                rules += 1;
+            if o["rule"]["chain"] == CHAIN {
+                for x in o["rule"]["expr"].as_array().into_iter().flatten() {
+                    let nat = x.get("masquerade").or_else(|| x.get("snat"));
+                    let Some(nat) = nat else { continue };
+                    rules += 1;
+                    if let Some([a, b]) = nat["port"]["range"].as_array().map(Vec::as_slice) {
+                        p.port_range = a.as_u64().zip(b.as_u64()).and_then(|(a, b)| {
+                            Some((u16::try_from(a).ok()?, u16::try_from(b).ok()?))
+                        });
+                    } else if let Some(one) = nat["port"].as_u64() {
+                        p.port_range = u16::try_from(one).ok().map(|p| (p, p));
+                    }
+                    if let Some(addr) = nat["addr"].as_str() {
+                        p.address = addr.parse().ok();
+                    }
+                }
             }
             let set = &o["set"];
             let Some(name) = set["name"].as_str() else {
@@ -156,6 +318,8 @@ impl NatOutgoing {
                 &mut p.pools
             } else if name.starts_with("masq-ipam-pools-") {
                 &mut p.masquerade
+            } else if name.starts_with("all-hosts-") {
+                &mut p.hosts
             } else {
                 continue;
             };
@@ -173,7 +337,7 @@ impl NatOutgoing {
         if !found {
             return None;
         }
-        if rules != 2 {
+        if rules != p.rule_count() {
             // Not a table this plan writes: make sure it never compares equal.
             p.masquerade.insert(IpNet::V4(Default::default()));
         }
@@ -281,5 +445,78 @@ mod tests {
         cut["nftables"].as_array_mut().unwrap().pop();
         assert_ne!(NatOutgoing::from_listing(&cut), Some(want));
         assert_eq!(NatOutgoing::from_listing(&json!({"nftables": []})), None);
+    }
+
+    #[test]
+    fn felix_settings_read_as_calico_writes_them_and_a_node_overrides_by_field() {
+        let default = NatSettings::from_document(&json!({"spec": {
+            "natOutgoingExclusions": "IPPoolsAndHostIPs", "natPortRange": "32768:65000",
+            "ipipMTU": 1400}}))
+        .unwrap();
+        assert_eq!(default.exclude_hosts, Some(true));
+        assert_eq!(default.port_range, Some((32768, 65000)));
+        let node = NatSettings::from_document(&json!({"spec": {
+            "natPortRange": 40000, "natOutgoingAddress": "192.168.100.9"}}))
+        .unwrap();
+        let merged = node.over(default);
+        assert_eq!(merged.exclude_hosts, Some(true));
+        assert_eq!(merged.port_range, Some((40000, 40000)));
+        assert_eq!(merged.address, Some("192.168.100.9".parse().unwrap()));
+        for (spec, field) in [
+            (
+                json!({"natOutgoingExclusions": "Hosts"}),
+                "spec.natOutgoingExclusions",
+            ),
+            (json!({"natPortRange": "65000:32768"}), "spec.natPortRange"),
+            (json!({"natPortRange": "0:10"}), "spec.natPortRange"),
+            (json!({"natPortRange": "a:b"}), "spec.natPortRange"),
+            (
+                json!({"natOutgoingAddress": "fd00::1"}),
+                "spec.natOutgoingAddress",
+            ),
+        ] {
+            let e = NatSettings::from_document(&json!({ "spec": spec })).unwrap_err();
+            assert_eq!(e.field, field, "{spec}");
+        }
+    }
+
+    #[test]
+    fn host_exclusion_port_range_and_address_shape_the_rules() {
+        let pools = [
+            pool("10.10.0.0/16", true, false),
+            pool("fd00:10::/48", true, false),
+        ];
+        let hosts = [ip("192.168.100.2"), ip("fd00::2")];
+        // IPPoolsOnly (the default): hosts are masqueraded.
+        let only = plan_with(&pools, &NatSettings::default(), &hosts);
+        assert!(only.masquerades(ip("10.10.1.2"), ip("192.168.100.2")));
+        let settings = NatSettings {
+            exclude_hosts: Some(true),
+            port_range: Some((40000, 40100)),
+            address: Some("192.168.100.9".parse().unwrap()),
+        };
+        let p = plan_with(&pools, &settings, &hosts);
+        assert!(!p.masquerades(ip("10.10.1.2"), ip("192.168.100.2")));
+        assert!(!p.masquerades(ip("fd00:10::5"), ip("fd00::2")));
+        assert!(p.masquerades(ip("10.10.1.2"), ip("8.8.8.8")));
+        let s = p.script();
+        assert!(s.contains("elements = { 192.168.100.2/32 }"), "{s}");
+        assert!(
+            s.contains("meta l4proto { tcp, udp } snat ip to 192.168.100.9:40000-40100\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("ip daddr != @all-hosts-v4 snat ip to 192.168.100.9\n"),
+            "{s}"
+        );
+        // IPv6 has no SNAT address: masquerade, with the ports.
+        assert!(
+            s.contains("meta l4proto { tcp, udp } masquerade to :40000-40100\n"),
+            "{s}"
+        );
+        assert_eq!(
+            s.matches("snat").count() + s.matches("masquerade").count(),
+            4
+        );
     }
 }

@@ -233,3 +233,57 @@ fn a_vxlan_device_takes_neighbours_fdb_entries_and_onlink_routes() {
     })
     .unwrap();
 }
+
+/// The natOutgoing table as nft takes it and lists it back: every shape
+/// the plan can have (host exclusion, a port range, an SNAT address) is
+/// read back as the plan that wrote it, so the agent's periodic
+/// comparison does not rewrite a table that is right.
+#[test]
+fn every_nat_outgoing_plan_round_trips_through_nft() {
+    use palisade_network::natout::{NatSettings, PoolNat, plan_with};
+    use palisade_network::nft;
+
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::create(&format!("palnft{}", std::process::id())).unwrap();
+    let pools = [
+        PoolNat {
+            cidr: "10.10.0.0/16".parse().unwrap(),
+            nat_outgoing: true,
+            load_balancer_only: false,
+        },
+        PoolNat {
+            cidr: "fd00:10::/48".parse().unwrap(),
+            nat_outgoing: true,
+            load_balancer_only: false,
+        },
+    ];
+    let hosts: Vec<IpAddr> = ["192.168.100.2", "192.168.100.3", "fd00::2"]
+        .iter()
+        .map(|h| h.parse().unwrap())
+        .collect();
+    let mut cases = Vec::new();
+    for exclude_hosts in [None, Some(true)] {
+        for port_range in [None, Some((40000, 40100)), Some((50000, 50000))] {
+            for address in [None, Some("192.168.100.9".parse().unwrap())] {
+                cases.push(NatSettings {
+                    exclude_hosts,
+                    port_range,
+                    address,
+                });
+            }
+        }
+    }
+    let file = open(&ns);
+    for settings in cases {
+        let want = plan_with(&pools, &settings, &hosts);
+        let got = in_netns(&file, || {
+            nft::apply(&want)?;
+            nft::read()
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{settings:?}: {e}"));
+        assert_eq!(got, Some(want), "{settings:?}");
+    }
+}

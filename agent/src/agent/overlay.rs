@@ -24,7 +24,7 @@ use palisade_ipam::assign::AutoAssignArgs;
 use palisade_ipam::pool::{Encapsulation, Use};
 use palisade_ipam::{Ipam, IpamStore};
 use palisade_network::mtu::VXLAN_OVERHEAD;
-use palisade_network::natout::{self, NatOutgoing, PoolNat};
+use palisade_network::natout::{self, NatOutgoing, NatSettings, PoolNat};
 use palisade_network::netlink::Netlink;
 use palisade_network::overlay::{self, Block, DEVICE, Input, Mode, Node, device_mac, mac_text};
 use palisade_network::{nft, vxlan};
@@ -156,6 +156,21 @@ fn node_of(name: &str, doc: &Value) -> Option<Node> {
 }
 
 impl Overlay {
+    /// Felix's natOutgoing settings for this node: `node.<name>` over
+    /// `default` (the store validated both; one that does not read counts
+    /// as unset).
+    fn nat_settings(&self) -> NatSettings {
+        let documents = self.shared.ipam.documents("FelixConfiguration");
+        let named = |name: &str| {
+            documents
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, d)| NatSettings::from_document(d).ok())
+                .unwrap_or_default()
+        };
+        named(&format!("node.{}", self.node)).over(named("default"))
+    }
+
     /// One pass; the status it leads to (None: nothing to do yet).
     fn pass(&self, nl: &Netlink) -> Result<Option<OverlayStatus>> {
         let Some(cluster) = self.shared.ipam.listed_cluster() else {
@@ -248,7 +263,8 @@ impl Overlay {
                 }
             }
         }
-        let nat = natout::plan(
+        let hosts: Vec<IpAddr> = nodes.iter().map(|n| IpAddr::V4(n.underlay)).collect();
+        let nat = natout::plan_with(
             &cluster
                 .pools()
                 .iter()
@@ -258,6 +274,8 @@ impl Overlay {
                     load_balancer_only: p.allowed_uses == [Use::LoadBalancer],
                 })
                 .collect::<Vec<_>>(),
+            &self.nat_settings(),
+            &hosts,
         );
         let nat_error = self.sync_nat(&nat).err().map(|e| {
             self.shared.metrics.overlay_errors.inc();

@@ -54,6 +54,11 @@ fn tcp_peer(from: &Netns, l: &TcpListener) -> Option<IpAddr> {
 /// The source address `l` sees when `from` connects to `to` (a service
 /// address leading to it).
 fn tcp_peer_via(from: &Netns, to: SocketAddr, l: &TcpListener) -> Option<IpAddr> {
+    tcp_peer_socket(from, to, l).map(|p| p.ip())
+}
+
+/// The source address and port `l` sees when `from` connects to `to`.
+fn tcp_peer_socket(from: &Netns, to: SocketAddr, l: &TcpListener) -> Option<SocketAddr> {
     let _client = from
         .run(|| TcpStream::connect_timeout(&to, Duration::from_secs(2)))
         .unwrap()
@@ -61,7 +66,7 @@ fn tcp_peer_via(from: &Netns, to: SocketAddr, l: &TcpListener) -> Option<IpAddr>
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         match l.accept() {
-            Ok((_, peer)) => return Some(peer.ip()),
+            Ok((_, peer)) => return Some(peer),
             Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -179,6 +184,61 @@ fn nat_outgoing_masquerades_pods_leaving_the_pools_as_calico_does() {
     );
     // This node's own address: never (the packet does not leave).
     assert_eq!(tcp_peer(&pods[0], &node_a_tcp), Some(web), "web -> node-a");
+
+    // Felix's settings: IPPoolsAndHostIPs spares other nodes' addresses,
+    // natPortRange bounds the masqueraded source ports.
+    let felix = dir.join("felix.yaml");
+    std::fs::write(
+        &felix,
+        "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {name: default}\n\
+         spec: {natOutgoingExclusions: IPPoolsAndHostIPs, natPortRange: '40000:40100', ipipMTU: 1400}\n",
+    )
+    .unwrap();
+    on_store(&lab.store, &["apply", "-f", felix.to_str().unwrap()]);
+    wait_for("node-b spared from the masquerade", 30, || {
+        tcp_peer(&pods[0], &node_b_tcp) == Some(web)
+    });
+    for _ in 0..5 {
+        let seen = tcp_peer_socket(&pods[0], out_tcp.local_addr().unwrap(), &out_tcp).unwrap();
+        assert_eq!(seen.ip(), node_a, "web -> outside, still masqueraded");
+        assert!(
+            (40000..=40100).contains(&seen.port()),
+            "source port {} outside natPortRange",
+            seen.port()
+        );
+    }
+    // A node's own configuration wins field by field: node-a back to
+    // IPPoolsOnly, the port range still the default's.
+    std::fs::write(
+        &felix,
+        "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {name: node.node-a}\n\
+         spec: {natOutgoingExclusions: IPPoolsOnly}\n",
+    )
+    .unwrap();
+    on_store(&lab.store, &["apply", "-f", felix.to_str().unwrap()]);
+    wait_for("node-b masqueraded again from node-a", 30, || {
+        tcp_peer(&pods[0], &node_b_tcp) == Some(node_a)
+    });
+    let seen = tcp_peer_socket(&pods[0], out_tcp.local_addr().unwrap(), &out_tcp).unwrap();
+    assert!((40000..=40100).contains(&seen.port()), "{seen}");
+    // A bad setting is refused by the store, naming the field.
+    std::fs::write(
+        &felix,
+        "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {name: default}\n\
+         spec: {natPortRange: '65000:100'}\n",
+    )
+    .unwrap();
+    let refused = super::palisade()
+        .args(["apply", "-f", felix.to_str().unwrap()])
+        .args(lab.store.iter())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("spec.natPortRange"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 
     // A table removed by hand comes back (read back every few seconds).
     assert!(

@@ -175,6 +175,7 @@ pub const API_KINDS: &[ApiKind] = &[
     calico!("networksets", "NetworkSet"),
     calico!("ippools", "IPPool"),
     calico!("ipreservations", "IPReservation"),
+    calico!("felixconfigurations", "FelixConfiguration"),
 ];
 
 /// How the store reaches the API server.
