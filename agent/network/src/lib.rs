@@ -2,7 +2,8 @@
 //! commands): a pod's veth wired as Calico wires it ([`pod`]), and the
 //! VXLAN overlay between nodes ([`overlay`] plans it as plain data,
 //! [`vxlan`] makes the kernel match the plan); the pods' MTU ([`mtu`]);
-//! IP pools' `natOutgoing` ([`natout`] plans it, [`nft`] writes it).
+//! IP pools' `natOutgoing` ([`natout`] plans it, [`nft`] writes it);
+//! kube-proxy's rules found on a node ([`kube_proxy`]).
 //!
 //! The netlink edge ([`netlink`]) is the only place that talks to the
 //! kernel; everything it is asked to do is decided by plain functions.
@@ -16,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod kube_proxy;
 pub mod mtu;
 pub mod natout;
 pub mod netlink;

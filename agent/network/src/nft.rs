@@ -60,3 +60,17 @@ pub fn read() -> Result<Option<NatOutgoing>, NetError> {
         .map_err(|e| NetError::Invalid(format!("nft -j list: {e}")))?;
     Ok(NatOutgoing::from_listing(&json))
 }
+
+/// kube-proxy's rules in this namespace ([`kube_proxy::footprint`](crate::kube_proxy::footprint)).
+pub fn kube_proxy_footprint() -> Result<Vec<String>, NetError> {
+    let out = nft(&["-j", "list", "chains"], None)?;
+    if !out.status.success() {
+        return Err(NetError::Invalid(format!(
+            "nft list chains: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| NetError::Invalid(format!("nft -j list chains: {e}")))?;
+    Ok(crate::kube_proxy::footprint(&json))
+}

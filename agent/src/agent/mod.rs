@@ -433,8 +433,31 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
                 }
                 Err(e) => tracing::warn!(error = %e, "conntrack sweep"),
             }
+            check_kube_proxy(shared);
         }
         publish(&node, shared, &mut seen);
+    }
+}
+
+/// Looks for kube-proxy's rules on this node (the writer's namespace):
+/// found, they are in the status and the metric, and a change is logged.
+fn check_kube_proxy(shared: &Shared) {
+    let found = match palisade_network::nft::kube_proxy_footprint() {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!(error = %e, "looking for kube-proxy's rules");
+            return;
+        }
+    };
+    shared.metrics.kube_proxy_tables.set(found.len() as i64);
+    let mut s = shared.status();
+    if s.kube_proxy != found {
+        if found.is_empty() {
+            tracing::info!("kube-proxy's rules are gone from this node");
+        } else {
+            tracing::warn!(found = %found.join(", "), "kube-proxy is active on this node: it and Palisade both load-balance Services; turn kube-proxy off");
+        }
+        s.kube_proxy = found;
     }
 }
 

@@ -98,6 +98,10 @@ pub struct Status {
     /// The service table, once one was written.
     #[serde(default)]
     pub services: Option<ServiceStatus>,
+    /// kube-proxy's rules found on this node (empty: none): with them,
+    /// kube-proxy and Palisade both load-balance Services.
+    #[serde(default)]
+    pub kube_proxy: Vec<String>,
 }
 
 /// The service dataplane.
@@ -213,6 +217,13 @@ impl Status {
                 v.nat_capacity,
                 fill_bar(v.nat_entries, v.nat_capacity),
                 v.affinities
+            );
+        }
+        if !self.kube_proxy.is_empty() {
+            let _ = writeln!(
+                s,
+                "kube-proxy  ACTIVE on this node: {}; it and Palisade both load-balance Services, turn kube-proxy off",
+                self.kube_proxy.join(", ")
             );
         }
         let _ = writeln!(s, "\nLOCAL ENDPOINT                 INTERFACE        STATE");
@@ -374,6 +385,7 @@ mod tests {
                 interface: "cali1".into(),
                 state: "attached".into(),
             }],
+            kube_proxy: vec!["table ip kube-proxy (nftables mode)".into()],
             ..Status::default()
         };
         for i in 0..(ERRORS_KEPT + 3) {
@@ -391,6 +403,7 @@ mod tests {
             "###....... 25.0%",
             "shop/web",
             "spec.selector: bad",
+            "kube-proxy  ACTIVE on this node: table ip kube-proxy (nftables mode)",
         ] {
             assert!(text.contains(want), "{want:?} missing from\n{text}");
         }

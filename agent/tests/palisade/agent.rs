@@ -172,6 +172,10 @@ impl Agent {
         (code == 200).then(|| serde_json::from_str(&body).unwrap())
     }
 
+    pub fn wait_for(&self, what: &str, done: impl Fn(&Agent) -> bool) {
+        self.wait(what, done)
+    }
+
     fn wait(&self, what: &str, done: impl Fn(&Agent) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !done(self) {
@@ -894,4 +898,36 @@ fn the_agent_load_balances_services_from_the_store() {
         status["services"]["natEntries"].as_u64() > Some(0),
         "{status}"
     );
+
+    // kube-proxy's rules appear on the node (nftables mode, then
+    // iptables mode's chain): the status and the metric say so; gone,
+    // they clear.
+    let nft = |args: &str| {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", topo.node().name(), "nft"])
+            .args(args.split(' '))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "nft {args}");
+    };
+    nft("add table ip kube-proxy");
+    nft("add chain ip kube-proxy services");
+    nft("add table ip nat");
+    nft("add chain ip nat KUBE-SERVICES");
+    agent.wait_for("reporting kube-proxy", |a| {
+        a.status()
+            .is_some_and(|s| s["kubeProxy"].as_array().is_some_and(|k| k.len() == 2))
+    });
+    let (_, metrics) = agent.get("/metrics").unwrap();
+    assert!(
+        metrics.contains("palisade_kube_proxy_tables 2"),
+        "{metrics}"
+    );
+    nft("delete table ip kube-proxy");
+    nft("delete table ip nat");
+    agent.wait_for("kube-proxy cleared", |a| {
+        a.status()
+            .is_some_and(|s| s["kubeProxy"].as_array().is_some_and(Vec::is_empty))
+    });
 }
