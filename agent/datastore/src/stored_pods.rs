@@ -3,7 +3,7 @@
 //!
 //! | write | stored as |
 //! |---|---|
-//! | a `k8s` WorkloadEndpoint whose Pod is stored (and that is not stored itself) | that Pod with the CNI plugin's annotations (`cni.projectcalico.org/podIP`, `podIPs`, `containerID`) and `spec.nodeName` set to the endpoint's node when it had none |
+//! | a `k8s` WorkloadEndpoint whose Pod is stored (and that is not stored itself) | that Pod with the CNI plugin's annotations (`cni.projectcalico.org/podIP`, `podIPs`, `containerID`, and the endpoint's [`NETWORK_ANNOTATION`]) and `spec.nodeName` set to the endpoint's node when it had none |
 //! | deleting that endpoint | the Pod without those annotations |
 //!
 //! The node's view reads an annotated Pod as the endpoint on the CNI
@@ -23,8 +23,13 @@ use crate::kubernetes::write::{
 };
 use crate::{Snapshot, StoredObject};
 
+/// The network (conflist `name`) a workload endpoint was made for, on
+/// the endpoint, or on the stored Pod that holds it: CNI GC removes the
+/// attachments of its own network only.
+pub const NETWORK_ANNOTATION: &str = "palisade.dev/network";
+
 /// The CNI plugin's annotations on a Pod it put on the network.
-const CNI_ANNOTATIONS: [&str; 3] = [POD_IP, POD_IPS, CONTAINER_ID];
+const CNI_ANNOTATIONS: [&str; 4] = [POD_IP, POD_IPS, CONTAINER_ID, NETWORK_ANNOTATION];
 
 fn stored_pod<'a>(state: &'a Snapshot, namespace: &str, name: &str) -> Option<&'a StoredObject> {
     let key = kind_of_ref("Pod")?.key(Some(namespace), name);
@@ -94,6 +99,9 @@ fn pod_for_endpoint(state: &Snapshot, loaded: &Loaded) -> Option<Result<Loaded, 
         cni_annotations(spec),
     ) {
         annotations.extend(cni);
+        if let Some(network) = document["metadata"]["annotations"].get(NETWORK_ANNOTATION) {
+            annotations.insert(NETWORK_ANNOTATION.into(), network.clone());
+        }
     }
     let object = match policy_core::convert::convert_document_all(&pod) {
         Ok(o) => o,
@@ -188,7 +196,8 @@ mod tests {
     fn endpoint() -> Vec<Loaded> {
         let wep = json!({"apiVersion": "projectcalico.org/v3", "kind": "WorkloadEndpoint",
             "metadata": {"name": "node--a-k8s-db-eth0", "namespace": "shop",
-                         "labels": {"from": "conflist"}},
+                         "labels": {"from": "conflist"},
+                         "annotations": {"palisade.dev/network": "frontend"}},
             "spec": {"orchestrator": "k8s", "node": "node-a", "pod": "db", "endpoint": "eth0",
                      "containerID": "c0ffee", "interfaceName": "cali123",
                      "ipNetworks": ["10.10.0.5/32"], "profiles": ["kns.shop"]}});
@@ -205,6 +214,10 @@ mod tests {
         assert_eq!(doc["spec"]["nodeName"], "node-a");
         assert_eq!(doc["metadata"]["annotations"][POD_IPS], "10.10.0.5/32");
         assert_eq!(doc["metadata"]["annotations"][CONTAINER_ID], "c0ffee");
+        assert_eq!(
+            doc["metadata"]["annotations"][NETWORK_ANNOTATION],
+            "frontend"
+        );
         assert_eq!(out[0].object.object_ref().to_string(), "Pod shop/db");
         // Read back: the endpoint on the CNI plugin's interface, with the
         // Pod's labels (not the conflist's) and its named port.

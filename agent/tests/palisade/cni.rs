@@ -509,6 +509,39 @@ spec: {nodeName: node-b, containers: [{name: far, image: busybox}]}
     assert_eq!(links(node.name()).len(), node_links.len() - 1);
     ipam_clean(&state, 2).unwrap();
 
+    // GC: the runtime holds web's and other's attachments only; db,
+    // added again, is collected off its Pod, web's endpoint stays.
+    let (ok, db) = cni(&call(0, "ADD", "db"), &conf("web"));
+    assert!(ok, "{db}");
+    assert!(!get_pod("db")["metadata"]["annotations"]["palisade.dev/network"].is_null());
+    let node_links = links(node.name());
+    let mut gc = conf("web");
+    gc["cniVersion"] = json!("1.1.0");
+    gc["cni.dev/valid-attachments"] = json!([
+        {"containerID": format!("s1{tag}"), "ifname": "eth0"},
+        {"containerID": format!("s2{tag}"), "ifname": "eth0"},
+    ]);
+    let (ok, out) = cni(
+        &Call {
+            command: "GC",
+            container: "",
+            netns: None,
+            args: "",
+        },
+        &gc,
+    );
+    assert!(ok, "{out}");
+    assert!(
+        get_pod("db")["metadata"]["annotations"]["cni.projectcalico.org/podIPs"].is_null(),
+        "GC clears the Pod-held attachment"
+    );
+    assert_eq!(links(node.name()).len(), node_links.len() - 1);
+    assert!(
+        endpoints(&state).contains("-web-"),
+        "GC keeps web's endpoint"
+    );
+    ipam_clean(&state, 2).unwrap();
+
     // A Pod scheduled to another node: refused by name, nothing left.
     let node_links = links(node.name());
     let (ok, out) = cni(&call(3, "ADD", "far"), &conf("web"));

@@ -21,8 +21,9 @@ use serde_json::{Value, json};
 
 use super::Server;
 
+use palisade_datastore::kubernetes::write::CONTAINER_ID;
 /// The annotation naming the network a workload endpoint was made for.
-pub const NETWORK_ANNOTATION: &str = "palisade.dev/network";
+pub use palisade_datastore::stored_pods::NETWORK_ANNOTATION;
 
 /// Who a call is for, and the names derived from it.
 #[derive(Debug, Clone)]
@@ -547,14 +548,25 @@ impl Server {
             .map_err(|e| plugin_error("listing the workload endpoints", e))?;
         for o in &snapshot.objects {
             let d = &o.document;
-            if d["kind"] != "WorkloadEndpoint"
-                || d["spec"]["node"] != self.node.as_str()
-                || d["metadata"]["annotations"][NETWORK_ANNOTATION] != conf.name.as_str()
-            {
+            let annotations = &d["metadata"]["annotations"];
+            if annotations[NETWORK_ANNOTATION] != conf.name.as_str() {
                 continue;
             }
-            let container = d["spec"]["containerID"].as_str().unwrap_or_default();
-            let ifname = d["spec"]["endpoint"].as_str().unwrap_or_default();
+            // This network's attachments on this node: its endpoints, and
+            // stored Pods holding one (on Calico's `eth0`).
+            let (container, ifname, pod) = match d["kind"].as_str() {
+                Some("WorkloadEndpoint") if d["spec"]["node"] == self.node.as_str() => (
+                    d["spec"]["containerID"].as_str().unwrap_or_default(),
+                    d["spec"]["endpoint"].as_str().unwrap_or_default(),
+                    d["spec"]["pod"].as_str().unwrap_or_default(),
+                ),
+                Some("Pod") if d["spec"]["nodeName"] == self.node.as_str() => (
+                    annotations[CONTAINER_ID].as_str().unwrap_or_default(),
+                    "eth0",
+                    d["metadata"]["name"].as_str().unwrap_or_default(),
+                ),
+                _ => continue,
+            };
             if valid
                 .iter()
                 .any(|a| a.container_id == container && a.ifname == ifname)
@@ -562,7 +574,7 @@ impl Server {
                 continue;
             }
             let mut args = Vec::new();
-            if d["spec"]["orchestrator"] == "k8s" {
+            if d["kind"] == "Pod" || d["spec"]["orchestrator"] == "k8s" {
                 args.push((
                     "K8S_POD_NAMESPACE".to_string(),
                     d["metadata"]["namespace"]
@@ -570,10 +582,7 @@ impl Server {
                         .unwrap_or_default()
                         .to_string(),
                 ));
-                args.push((
-                    "K8S_POD_NAME".to_string(),
-                    d["spec"]["pod"].as_str().unwrap_or_default().to_string(),
-                ));
+                args.push(("K8S_POD_NAME".to_string(), pod.to_string()));
             }
             let inv = Invocation {
                 command: Command::Del,
