@@ -548,19 +548,22 @@ spec:
                 "{engine}: {c}"
             );
         }
-        let o = palisade(&[
-            "explain",
-            "-f",
-            "../examples/zero-trust",
-            "-f",
-            "../examples/admin-policies",
-            "--from",
-            "analytics/reporting",
-            "--to",
-            "shop-backend/db",
-            "--port",
-            "5432",
-        ]);
+        let explain = |from: &str, to: &str, port: &str| {
+            palisade(&[
+                "explain",
+                "-f",
+                "../examples/zero-trust",
+                "-f",
+                "../examples/admin-policies",
+                "--from",
+                from,
+                "--to",
+                to,
+                "--port",
+                port,
+            ])
+        };
+        let o = explain("analytics/reporting", "shop-backend/db", "5432");
         let out = text(&o.stdout);
         assert_eq!(o.status.code(), Some(1), "{out}{}", text(&o.stderr));
         assert!(out.contains("tier kube-admin"), "{out}");
@@ -571,6 +574,17 @@ spec:
         assert!(
             out.contains(
                 "=> deny by tier kube-admin, kanp:isolate-analytics, rule 0 (deny), named \"no-analytics\""
+            ),
+            "{out}"
+        );
+        // A node peer over manifests: the Nodes in nodes.yaml are what
+        // the no-kubelet policy's `nodes` peer selects.
+        let o = explain("shop-frontend/web", "ip:192.168.100.2", "10250");
+        let out = text(&o.stdout);
+        assert_eq!(o.status.code(), Some(1), "{out}{}", text(&o.stderr));
+        assert!(
+            out.contains(
+                "=> deny by tier kube-admin, kanp:no-kubelet, rule 0 (deny), named \"kubelet\""
             ),
             "{out}"
         );

@@ -130,6 +130,11 @@ fn acted_on(doc: &serde_json::Value) -> Result<bool, Error> {
         // Conversion reports a missing kind or apiVersion.
         return Ok(true);
     }
+    // A Kubernetes Node: the addresses admin policies' node peers select.
+    // Calico's Node (projectcalico.org/v3) is IPAM's and skipped.
+    if kind == "Node" && api == "v1" {
+        return Ok(true);
+    }
     if let Some(near) = closest(kind, ACTED_ON_KINDS) {
         return Err(Error::invalid(
             "kind",
@@ -496,6 +501,20 @@ mod tests {
         let e = parse_manifests("bad.yaml", "kind: [unclosed\n").unwrap_err();
         assert!(matches!(e.kind, ErrorKind::Syntax { .. }), "{e}");
         assert_eq!(e.origin.as_ref().unwrap().source, "bad.yaml");
+    }
+
+    #[test]
+    fn kubernetes_nodes_are_read_and_calico_nodes_skipped() {
+        let text = "apiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {zone: a}}\n\
+                    status: {addresses: [{type: InternalIP, address: 192.168.0.7}]}\n---\n\
+                    apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: n1}\n";
+        let parsed = parse_source("nodes.yaml", text).unwrap();
+        assert_eq!(parsed.objects.len(), 1);
+        let Object::Node(n) = &parsed.objects[0].object else {
+            panic!("{:?}", parsed.objects[0].object);
+        };
+        assert_eq!(n.ips, ["192.168.0.7".parse::<std::net::IpAddr>().unwrap()]);
+        assert_eq!(parsed.skipped.len(), 1, "the Calico Node is IPAM's");
     }
 
     #[test]
