@@ -153,11 +153,14 @@ pub fn connects(from: &Netns, to: SocketAddr) -> bool {
         .unwrap()
 }
 
+/// An agent for node namespace `node_ns`, with its CNI socket in `dir`
+/// and its pins named after `dir` (bpffs is shared by the tests running
+/// at once; each removes its own pins when it ends).
 fn agent(node_ns: &str, state: &Path, dir: &Path, extra: &[&str]) -> Agent {
     let socket = dir.join("cni.sock");
     let pins = PathBuf::from(format!(
-        "/sys/fs/bpf/palisade-test-cni-{}",
-        std::process::id()
+        "/sys/fs/bpf/palisade-test-{}",
+        dir.file_name().unwrap().to_string_lossy()
     ));
     let mut args: Vec<String> = [
         "--node",
