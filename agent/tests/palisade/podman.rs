@@ -3,7 +3,7 @@
 //! pool (podman passes only `K8S_POD_NAME` in `CNI_ARGS`); containers get
 //! addresses from their pool, and the matrix of real connections between
 //! them, across nodes and on one node, is the reference engine's for the
-//! same policies and endpoints.
+//! same policies and endpoints; inside them the MTU is 1450, to the byte.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -33,7 +33,8 @@ metadata: {name: ci}
 spec: {cidr: 10.30.0.0/16, vxlanMode: Always}
 ";
 
-/// Zero trust: everything denied unless a namespace policy allows it.
+/// Zero trust: everything denied unless a namespace policy allows it
+/// (ICMP aside, for the MTU check; the matrix is TCP).
 const POLICY: &str = "\
 apiVersion: v1
 kind: Namespace
@@ -51,6 +52,16 @@ apiVersion: projectcalico.org/v3
 kind: GlobalNetworkPolicy
 metadata: {name: default-deny}
 spec: {order: 2000, selector: all(), types: [Ingress, Egress]}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: allow-icmp}
+spec:
+  order: 100
+  selector: all()
+  types: [Ingress, Egress]
+  ingress: [{action: Allow, protocol: ICMP}]
+  egress: [{action: Allow, protocol: ICMP}]
 ---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -409,6 +420,30 @@ fn podman_containers_on_two_nodes_follow_the_reference_matrix() {
         !real[&("runner-a".to_string(), "api-b".to_string())],
         "{table}"
     );
+
+    // MTU 1450 inside the containers, across the overlay: the largest DF
+    // ping that fits (1422 bytes of payload) passes, one byte more fails.
+    let (web_sandbox, _) = &where_["web-a"];
+    let (_, api_b) = where_["api-b"];
+    let in_sandbox = |args: &[&str]| {
+        Command::new("ip")
+            .args(["netns", "exec"])
+            .arg(Path::new(web_sandbox).file_name().unwrap())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let mtu = in_sandbox(&["cat", "/sys/class/net/eth0/mtu"]);
+    assert_eq!(String::from_utf8_lossy(&mtu.stdout).trim(), "1450");
+    let df_ping = |payload: usize| {
+        let size = payload.to_string();
+        let to = api_b.to_string();
+        in_sandbox(&["ping", "-M", "do", "-c", "1", "-W", "2", "-s", &size, &to])
+            .status
+            .success()
+    };
+    assert!(df_ping(1422), "a 1450-byte DF packet from web-a to api-b");
+    assert!(!df_ping(1423), "a 1451-byte DF packet does not fit");
 
     // Removing containers releases their addresses (CNI DEL).
     for (name, node, _) in containers {
