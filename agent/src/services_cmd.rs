@@ -208,11 +208,10 @@ pub fn run(args: &ServicesArgs) -> Result<()> {
         let capacity = ServiceCapacity::default();
         let fill = match lower_services(&table, &capacity) {
             Ok(e) => format!(
-                "frontends {}/{}, services {}/{}, backends {}/{}, address classes {}/{}, source ranges {}/{}",
+                "frontends {}/{} ({} Service ports), backends {}/{}, address classes {}/{}, source ranges {}/{}",
                 e.frontends.len(),
                 capacity.frontends,
                 e.services.len(),
-                capacity.services,
                 e.backends.len(),
                 capacity.backends,
                 e.addresses.len(),

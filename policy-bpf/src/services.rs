@@ -14,7 +14,6 @@ use policy_bpf_common::*;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServiceCapacity {
     pub frontends: usize,
-    pub services: usize,
     pub backends: usize,
     pub addresses: usize,
     pub source_ranges: usize,
@@ -30,7 +29,6 @@ impl Default for ServiceCapacity {
     fn default() -> Self {
         ServiceCapacity {
             frontends: 65_536,
-            services: 32_768,
             backends: 262_144,
             addresses: 65_536,
             source_ranges: 16_384,
@@ -65,6 +63,8 @@ pub struct ServiceMapFull {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceEntries {
     pub frontends: BTreeMap<FrontendKey, FrontendValue>,
+    /// Each Service port's values, by its number (no map of their own:
+    /// every frontend of the port carries them).
     pub services: Vec<ServiceValue>,
     pub backends: Vec<BackendValue>,
     /// (prefix, `ADDR_*` flags), flags of covering prefixes folded in.
@@ -176,11 +176,6 @@ pub fn lower_service_tables(
         capacity.frontends,
     )?;
     check(
-        map_names::SVC_SERVICES,
-        out.services.len(),
-        capacity.services,
-    )?;
-    check(
         map_names::SVC_BACKENDS,
         out.backends.len(),
         capacity.backends,
@@ -268,6 +263,7 @@ fn lower_table(
             },
             FrontendValue {
                 service: service(*index),
+                port: out.services[service(*index) as usize],
                 kind: match kind {
                     FrontendKind::ClusterIp => FRONTEND_CLUSTER_IP,
                     FrontendKind::ExternalIp => FRONTEND_EXTERNAL_IP,
@@ -293,6 +289,7 @@ fn lower_table(
                     service: service(*index),
                     kind: FRONTEND_NODE_PORT,
                     pad: [0; 3],
+                    port: out.services[service(*index) as usize],
                 });
         }
     }
@@ -343,10 +340,6 @@ fn longest<'a, T: Copy>(entries: impl Iterator<Item = (&'a IpNet, T)>, ip: &IpAd
 impl ServiceMaps for ServiceEntries {
     fn frontend(&self, key: &FrontendKey) -> Option<FrontendValue> {
         self.frontends.get(key).copied()
-    }
-
-    fn service(&self, index: u32) -> Option<ServiceValue> {
-        self.services.get(index as usize).copied()
     }
 
     fn config(&self) -> ServiceConfig {

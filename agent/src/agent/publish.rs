@@ -155,7 +155,6 @@ pub(super) fn publish<D: Dataplane + Telemetry>(
         let s = &cap.services;
         [
             ("svc_frontends", e.frontends.len(), s.frontends),
-            ("svc_services", e.services.len(), s.services),
             ("svc_backends", e.backends.len(), s.backends),
             ("svc_addresses", e.addresses.len(), s.addresses),
             ("svc_source_ranges", e.source_ranges.len(), s.source_ranges),

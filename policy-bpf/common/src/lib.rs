@@ -54,8 +54,6 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for FrontendValue {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for ServiceValue {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for BackendValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ServiceConfig {}

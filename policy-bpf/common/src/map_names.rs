@@ -56,8 +56,6 @@ pub const SCRATCH: &str = "PALISADE_SCRATCH";
 
 /// Service frontends (ClusterIP, external, LB IP, NodePort per address).
 pub const SVC_FRONTENDS: &str = "PALISADE_SVC_FRONTENDS";
-/// Service ports and their backend ranges.
-pub const SVC_SERVICES: &str = "PALISADE_SVC_SERVICES";
 /// Service backends.
 pub const SVC_BACKENDS: &str = "PALISADE_SVC_BACKENDS";
 /// Address classes of the service lookup (pod, node, service range, ClusterIP).
@@ -105,7 +103,6 @@ pub const ALL: &[&str] = &[
     ENDPOINTS,
     DELIVER,
     SVC_FRONTENDS,
-    SVC_SERVICES,
     SVC_BACKENDS,
     SVC_ADDRESSES,
     SVC_SOURCE_RANGES,

@@ -85,15 +85,21 @@ pub struct FrontendKey {
     pub family: u8,
 }
 
-/// What a frontend leads to.
+/// What a frontend leads to: its Service port, whole. The port's values
+/// sit in every frontend of it rather than in an array of their own, so
+/// a new connection reads one entry before its backend, not two (each a
+/// cache miss once Services outnumber the cache).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct FrontendValue {
-    /// Index into the service array.
+    /// The Service port's number, the key of its source ranges and
+    /// affinities.
     pub service: u32,
     /// A `FRONTEND_*` kind.
     pub kind: u8,
     pub pad: [u8; 3],
+    /// The Service port's backends and flags.
+    pub port: ServiceValue,
 }
 
 /// One Service port: its backend ranges in the backend array.
@@ -150,7 +156,6 @@ pub struct ServicePacket {
 /// The lookups the decision makes (maps in the kernel, tables in user space).
 pub trait ServiceMaps {
     fn frontend(&self, key: &FrontendKey) -> Option<FrontendValue>;
-    fn service(&self, index: u32) -> Option<ServiceValue>;
     fn config(&self) -> ServiceConfig;
     /// `ADDR_*` flags of an address (longest prefix, flags of covering prefixes included).
     fn address_flags(&self, family: u8, addr: &[u8; 16]) -> u32;
@@ -257,9 +262,7 @@ pub fn service_decide<M: ServiceMaps>(p: &ServicePacket, maps: &M) -> ServiceAct
         }
         return ServiceAction::Pass;
     };
-    let Some(svc) = maps.service(fe.service) else {
-        return ServiceAction::Pass;
-    };
+    let svc = fe.port;
     let config = maps.config();
     let source_flags = maps.address_flags(p.family, &p.source);
     let node_local = source_flags & ADDR_NODE_LOCAL != 0;

@@ -249,7 +249,6 @@ impl Datapath {
             .map_max_entries(map_names::COUNTERS, cap.rules)
             .map_max_entries(map_names::ENDPOINTS, cap.slots)
             .map_max_entries(map_names::SVC_FRONTENDS, entries(cap.services.frontends))
-            .map_max_entries(map_names::SVC_SERVICES, entries(cap.services.services))
             .map_max_entries(map_names::SVC_BACKENDS, entries(cap.services.backends))
             .map_max_entries(map_names::SVC_ADDRESSES, entries(cap.services.addresses))
             .map_max_entries(

@@ -185,10 +185,9 @@ impl Datapath {
         new: &ServiceEntries,
         old: &ServiceEntries,
     ) -> Result<(), DatapathError> {
-        // Backends and services first: a frontend written next finds
-        // its ranges in place.
+        // Backends first: a frontend written next finds its ranges in
+        // place.
         self.write_array(map_names::SVC_BACKENDS, &new.backends)?;
-        self.write_array(map_names::SVC_SERVICES, &new.services)?;
         {
             let mut config: Array<&mut MapData, ServiceConfig> =
                 Array::try_from(self.map_mut(map_names::SVC_CONFIG)?)

@@ -28,8 +28,6 @@ use super::*;
 pub(super) static PALISADE_SVC_FRONTENDS: HashMap<FrontendKey, FrontendValue> =
     HashMap::pinned(65_536, 0);
 #[map]
-pub(super) static PALISADE_SVC_SERVICES: Array<ServiceValue> = Array::pinned(32_768, 0);
-#[map]
 pub(super) static PALISADE_SVC_BACKENDS: Array<BackendValue> = Array::pinned(262_144, 0);
 #[map]
 pub(super) static PALISADE_SVC_ADDRESSES: LpmTrie<SvcAddrKey, u32> = LpmTrie::pinned(65_536, 0);
@@ -77,11 +75,6 @@ impl ServiceMaps for Maps {
     fn frontend(&self, key: &FrontendKey) -> Option<FrontendValue> {
         // SAFETY: the value is copied out at once.
         unsafe { PALISADE_SVC_FRONTENDS.get(key) }.copied()
-    }
-
-    #[inline(always)]
-    fn service(&self, index: u32) -> Option<ServiceValue> {
-        PALISADE_SVC_SERVICES.get(index).copied()
     }
 
     #[inline(always)]

@@ -37,11 +37,6 @@ impl ServiceMaps for SockMaps {
     }
 
     #[inline(always)]
-    fn service(&self, index: u32) -> Option<ServiceValue> {
-        Maps.service(index)
-    }
-
-    #[inline(always)]
     fn config(&self) -> ServiceConfig {
         Maps.config()
     }
