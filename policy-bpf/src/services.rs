@@ -342,8 +342,16 @@ impl ServiceMaps for ServiceEntries {
         self.frontends.get(key).copied()
     }
 
-    fn config(&self) -> ServiceConfig {
-        self.config
+    fn config_flags(&self) -> u32 {
+        self.config.flags
+    }
+
+    fn primary(&self, family: u8) -> [u8; 16] {
+        if family == FAMILY_V4 {
+            self.config.primary_v4
+        } else {
+            self.config.primary_v6
+        }
     }
 
     fn address_flags(&self, family: u8, addr: &[u8; 16]) -> u32 {

@@ -156,7 +156,12 @@ pub struct ServicePacket {
 /// The lookups the decision makes (maps in the kernel, tables in user space).
 pub trait ServiceMaps {
     fn frontend(&self, key: &FrontendKey) -> Option<FrontendValue>;
-    fn config(&self) -> ServiceConfig;
+    /// The configuration's `CONFIG_*` flags.
+    fn config_flags(&self) -> u32;
+    /// The node's primary address of a family (map form). Apart from
+    /// the flags: a whole configuration copied costs the socket hooks
+    /// stack they do not have.
+    fn primary(&self, family: u8) -> [u8; 16];
     /// `ADDR_*` flags of an address (longest prefix, flags of covering prefixes included).
     fn address_flags(&self, family: u8, addr: &[u8; 16]) -> u32;
     /// `RANGE_*` flags of a source for a Service (longest prefix, as above).
@@ -263,17 +268,13 @@ pub fn service_decide<M: ServiceMaps>(p: &ServicePacket, maps: &M) -> ServiceAct
         return ServiceAction::Pass;
     };
     let svc = fe.port;
-    let config = maps.config();
+    let config_flags = maps.config_flags();
     let source_flags = maps.address_flags(p.family, &p.source);
     let node_local = source_flags & ADDR_NODE_LOCAL != 0;
     if fe.kind == FRONTEND_LOAD_BALANCER && svc.flags & SVC_SOURCE_RANGES != 0 {
         // The node's own connections leave from its primary address.
         let checked = if node_local {
-            if p.family == FAMILY_V4 {
-                config.primary_v4
-            } else {
-                config.primary_v6
-            }
+            maps.primary(p.family)
         } else {
             p.source
         };
@@ -286,7 +287,7 @@ pub fn service_decide<M: ServiceMaps>(p: &ServicePacket, maps: &M) -> ServiceAct
     if svc.flags & SVC_HAS_ANY == 0 {
         return ServiceAction::Reject(REJECT_NO_ENDPOINTS);
     }
-    let detector = config.flags
+    let detector = config_flags
         & if p.family == FAMILY_V4 {
             CONFIG_DETECTOR_V4
         } else {
@@ -297,7 +298,7 @@ pub fn service_decide<M: ServiceMaps>(p: &ServicePacket, maps: &M) -> ServiceAct
     let cluster = (svc.cluster_first, svc.cluster_count);
     let local = (svc.local_first, svc.local_count);
     let ((first, count), masquerade) = if fe.kind == FRONTEND_CLUSTER_IP {
-        let masq = config.flags & CONFIG_MASQUERADE_ALL != 0 || (detector && !pod);
+        let masq = config_flags & CONFIG_MASQUERADE_ALL != 0 || (detector && !pod);
         if svc.flags & SVC_INTERNAL_LOCAL != 0 {
             if local.1 == 0 {
                 return ServiceAction::Drop(DROP_NO_LOCAL_ENDPOINT_INTERNAL);

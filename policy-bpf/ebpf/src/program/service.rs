@@ -78,8 +78,17 @@ impl ServiceMaps for Maps {
     }
 
     #[inline(always)]
-    fn config(&self) -> ServiceConfig {
-        PALISADE_SVC_CONFIG.get(0).copied().unwrap_or_default()
+    fn config_flags(&self) -> u32 {
+        PALISADE_SVC_CONFIG.get(0).map_or(0, |c| c.flags)
+    }
+
+    #[inline(always)]
+    fn primary(&self, family: u8) -> [u8; 16] {
+        match PALISADE_SVC_CONFIG.get(0) {
+            Some(c) if family == FAMILY_V4 => c.primary_v4,
+            Some(c) => c.primary_v6,
+            None => [0; 16],
+        }
     }
 
     #[inline(always)]

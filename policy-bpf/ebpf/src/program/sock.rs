@@ -6,7 +6,9 @@
 //! addressed is kept by socket cookie, so replies' sources (cgroup/
 //! recvmsg4, recvmsg6) and `getpeername()` (cgroup/getpeername4,
 //! getpeername6) say the Service address, as they do behind kube-proxy's
-//! DNAT.
+//! DNAT. An IPv6 socket addressing an IPv4-mapped address (`::ffff:a.b.c.d`,
+//! a dual-stack socket reaching IPv4) sends IPv4 packets, which kube-proxy's
+//! IPv4 rules would translate: its hooks decide on the IPv4 Services.
 
 use aya_ebpf::bindings::bpf_sock_addr;
 use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_set_retval};
@@ -37,8 +39,13 @@ impl ServiceMaps for SockMaps {
     }
 
     #[inline(always)]
-    fn config(&self) -> ServiceConfig {
-        Maps.config()
+    fn config_flags(&self) -> u32 {
+        Maps.config_flags()
+    }
+
+    #[inline(always)]
+    fn primary(&self, family: u8) -> [u8; 16] {
+        Maps.primary(family)
     }
 
     // Not inlined: each trie key lives in its own small frame, not in
@@ -211,10 +218,13 @@ fn translate(ctx: &SockAddrContext, family: u8) -> i32 {
         )
     } else {
         let v = decide::<FAMILY_V6>(sa, &mut entry.1, &mut forward);
-        (
-            v,
-            v == FORWARD && pick_backend::<FAMILY_V6>(&forward, &mut entry.0),
-        )
+        let picked = v == FORWARD
+            && if forward.mapped {
+                pick_backend::<FAMILY_V4>(&forward, &mut entry.0)
+            } else {
+                pick_backend::<FAMILY_V6>(&forward, &mut entry.0)
+            };
+        (v, picked)
     };
     if verdict != FORWARD {
         return verdict;
@@ -226,7 +236,11 @@ fn translate(ctx: &SockAddrContext, family: u8) -> i32 {
     // Best effort: without the entry the backend's own address is
     // reported, as a direct connection's would be.
     let _ = PALISADE_SOCK_REVERSE.insert(&entry.0, &entry.1, 0);
-    set_sock_address(sa, family, &entry.0.addr, entry.0.port);
+    if forward.mapped {
+        set_sock_address(sa, family, &v4_mapped(&entry.0.addr), entry.0.port);
+    } else {
+        set_sock_address(sa, family, &entry.0.addr, entry.0.port);
+    }
     stat(Statistic::ServiceTranslated);
     SOCK_ALLOW
 }
@@ -241,6 +255,32 @@ struct Forward {
     first: u32,
     count: u16,
     affinity_seconds: u32,
+    /// An IPv6 socket addressed an IPv4-mapped frontend: the backend is
+    /// IPv4 and goes back mapped.
+    mapped: bool,
+}
+
+/// Turns an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) into the IPv4
+/// address it holds, in the maps' form (first four bytes); false, and
+/// `addr` unchanged, for any other address.
+#[inline(always)]
+fn unmap_v4(addr: &mut [u8; 16]) -> bool {
+    if addr[..10] != [0; 10] || addr[10] != 0xff || addr[11] != 0xff {
+        return false;
+    }
+    addr.copy_within(12..16, 0);
+    addr[4..].fill(0);
+    true
+}
+
+/// An IPv4 address in the maps' form as an IPv4-mapped IPv6 address.
+#[inline(always)]
+fn v4_mapped(addr: &[u8; 16]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[10] = 0xff;
+    out[11] = 0xff;
+    out[12..].copy_from_slice(&addr[..4]);
+    out
 }
 
 /// The service decision for the address a socket addresses: FORWARD
@@ -262,13 +302,19 @@ fn decide<const FAMILY: u8>(
         return SOCK_ALLOW;
     }
     let (destination, port) = sock_address(sa, FAMILY);
-    let packet = ServicePacket {
+    let mut packet = ServicePacket {
         family: FAMILY,
         source: node_source::<FAMILY>(config),
         destination,
         protocol: protocol as u8,
         port: u16::from_be(port),
     };
+    // In place: another copy of the addresses would not fit the stack.
+    let mapped = FAMILY == FAMILY_V6 && unmap_v4(&mut packet.destination);
+    if mapped {
+        packet.family = FAMILY_V4;
+        packet.source = config.primary_v4;
+    }
     match service_decide(&packet, &SockMaps) {
         ServiceAction::Forward {
             service,
@@ -282,8 +328,9 @@ fn decide<const FAMILY: u8>(
                 first,
                 count,
                 affinity_seconds,
+                mapped,
             };
-            frontend.addr = destination;
+            frontend.addr = packet.destination;
             frontend.port = port;
             frontend.service = service;
             FORWARD
@@ -352,16 +399,25 @@ fn pick_backend<const FAMILY: u8>(forward: &Forward, backend: &mut SockReverseKe
 fn restore(ctx: &SockAddrContext, family: u8) -> i32 {
     let sa = ctx.sock_addr;
     let (addr, port) = sock_address(sa, family);
-    let key = SockReverseKey {
+    let mut key = SockReverseKey {
         cookie: socket_cookie(ctx),
         addr,
         port,
         family,
         pad: [0; 5],
     };
+    // An IPv4 backend of an IPv6 socket was recorded in IPv4 form.
+    let mapped = family == FAMILY_V6 && unmap_v4(&mut key.addr);
+    if mapped {
+        key.family = FAMILY_V4;
+    }
     // SAFETY: the entry is copied out at once.
     if let Some(frontend) = unsafe { PALISADE_SOCK_REVERSE.get(key) }.copied() {
-        set_sock_address(sa, family, &frontend.addr, frontend.port);
+        if mapped {
+            set_sock_address(sa, family, &v4_mapped(&frontend.addr), frontend.port);
+        } else {
+            set_sock_address(sa, family, &frontend.addr, frontend.port);
+        }
     }
     SOCK_ALLOW
 }

@@ -626,6 +626,28 @@ fn node_processes_reach_a_cluster_ip_through_the_socket_hooks() {
     assert!(refused.contains("os error 111"), "{refused}");
     assert_eq!(probe(&format!("tcp {VIP}:80")), format!("peer {VIP}:80"));
     assert_eq!(probe("tcp [fd30::10]:80"), "peer [fd30::10]:80");
+    // A dual-stack IPv6 socket reaching the IPv4 Service by its
+    // IPv4-mapped address: balanced over the IPv4 backends, and told the
+    // mapped Service address back.
+    let mapped = format!("[::ffff:{VIP}]");
+    let mut reached = std::collections::BTreeSet::new();
+    for _ in 0..24 {
+        let got = probe(&format!("udp {mapped}:53"));
+        let (name, from) = got
+            .split_once(" from ")
+            .unwrap_or_else(|| panic!("unconnected UDP to the mapped ClusterIP: {got}"));
+        assert_eq!(from, format!("{mapped}:53"));
+        reached.insert(name.to_string());
+    }
+    assert_eq!(reached, ["api-a", "api-b"].map(String::from).into());
+    assert_eq!(
+        probe(&format!("tcp {mapped}:80")),
+        format!("peer {mapped}:80")
+    );
+    assert!(
+        probe("udp [::ffff:172.30.0.11]:53").contains("os error 111"),
+        "a mapped Service without endpoints is refused too"
+    );
     assert!(
         dp.nat_entries().unwrap().is_empty(),
         "socket-time balancing translates no packet"
