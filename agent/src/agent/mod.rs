@@ -528,9 +528,14 @@ fn write_services(
 fn attach_service_interfaces(node: &mut NodeSync<AyaDataplane>, args: &AgentArgs) -> bool {
     let mut all = true;
     for ifname in &args.service_interfaces {
-        if let Err(e) = node.dataplane_mut().attach_service(ifname) {
-            tracing::warn!(interface = %ifname, error = %e, "service program not attached yet");
-            all = false;
+        match node.dataplane_mut().attach_service(ifname) {
+            // A NodePort connection masqueraded at this interface's
+            // ingress carries the node's address into routing.
+            Ok(()) => publish::settle_host_side(ifname),
+            Err(e) => {
+                tracing::warn!(interface = %ifname, error = %e, "service program not attached yet");
+                all = false;
+            }
         }
     }
     all

@@ -300,7 +300,9 @@ fn nat_outgoing_masquerades_pods_leaving_the_pools_as_calico_does() {
 /// kube-proxy's `--masquerade-all` with the backend on another node: the
 /// connection to the ClusterIP is set up, and the backend sees the
 /// client's node (the source rewritten to a node address before the
-/// packet is routed must not be taken for a martian).
+/// packet is routed must not be taken for a martian). The same for a
+/// host outside the cluster reaching the NodePort on node-a's
+/// `--service-interface`.
 #[test]
 fn a_masqueraded_service_connection_reaches_a_backend_on_another_node() {
     if !privileged() {
@@ -327,7 +329,7 @@ fn a_masqueraded_service_connection_reaches_a_backend_on_another_node() {
         &file,
         format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: shop}}\n\
-             spec: {{clusterIP: 172.30.0.10, ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]}}\n\
+             spec: {{type: NodePort, clusterIP: 172.30.0.10, ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080, protocol: TCP}}]}}\n\
              ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
              metadata: {{name: api-1, namespace: shop, labels: {{kubernetes.io/service-name: api}}}}\n\
              addressType: IPv4\nendpoints: [{{addresses: [{api}]}}]\n\
@@ -356,6 +358,35 @@ fn a_masqueraded_service_connection_reaches_a_backend_on_another_node() {
         ),
         Some(IpAddr::V4(NODE_A)),
         "web -> 172.30.0.10:80 (api on node-b), masqueraded"
+    );
+    // A host on the underlay, to node-a's NodePort: eth0 carries the
+    // service program, which masquerades at its ingress.
+    let outside = Netns::create(&format!("palsmo{tag}")).unwrap();
+    ip_batch(
+        Some(lab.fabric.name()),
+        &[
+            format!(
+                "link add out type veth peer name eth0 netns {}",
+                outside.name()
+            ),
+            "link set out master br0".into(),
+            "link set out up".into(),
+        ],
+    )
+    .unwrap();
+    ip_batch(
+        Some(outside.name()),
+        &[
+            "link set lo up".into(),
+            format!("addr add {OUTSIDE}/24 dev eth0"),
+            "link set eth0 up".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        tcp_peer_via(&outside, (NODE_A, 30080).into(), &api_tcp),
+        Some(IpAddr::V4(NODE_A)),
+        "outside -> node-a:30080 (api on node-b), masqueraded"
     );
     drop(lab);
 }
