@@ -3,7 +3,10 @@
 //! external sources) with `palisade_service` on every interface of the
 //! node; each probe is connections from the source's namespace to the
 //! frontend, answered by listeners on the endpoints: which backend took
-//! each, and the address it saw (masquerade: not the client's).
+//! each, and the address it saw (masquerade: not the client's). The
+//! node's own probes are connections from the node namespace by this
+//! process while it is in a cgroup of its own with the socket hooks
+//! attached, as an agent attaches them to the node's processes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::ErrorKind;
@@ -11,20 +14,28 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use palisade_services::case::{Outcome, Output};
-use palisade_services::{Packet, Protocol, ServiceTable};
-use palisade_testing::netns::{Owner, Topology};
+use palisade_services::{Packet, Protocol, ProxyConfig, ServiceTable};
+use palisade_testing::cgroup::TestCgroup;
+use palisade_testing::netns::{Netns, Topology};
 use policy_bpf::datapath::Datapath;
 use policy_core::model::EndpointKey;
 
+/// Where a probe's source lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// A pod's namespace (by the local-traffic detector).
+    Pod,
+    /// The namespace of hosts outside the cluster.
+    External,
+    /// The node namespace: a process of the node, balanced by the socket
+    /// hooks.
+    Node,
+}
+
 /// Where a probe's source lives, or why real traffic cannot carry it.
-fn source_kind(table: &ServiceTable, ip: &IpAddr) -> Result<bool, String> {
+fn source_kind(table: &ServiceTable, ip: &IpAddr) -> Result<Source, String> {
     if table.config.is_node_local(ip) {
-        return Err(
-            "the node's own connections are balanced by the cgroup socket hooks before any packet \
-             exists (kernel test node_processes_reach_a_cluster_ip_through_the_socket_hooks), not \
-             by the TC program this engine probes"
-                .into(),
-        );
+        return Ok(Source::Node);
     }
     if table
         .frontends
@@ -37,7 +48,11 @@ fn source_kind(table: &ServiceTable, ip: &IpAddr) -> Result<bool, String> {
                 .into(),
         );
     }
-    Ok(table.config.is_pod(ip))
+    Ok(if table.config.is_pod(ip) {
+        Source::Pod
+    } else {
+        Source::External
+    })
 }
 
 /// Why a probe cannot run on real traffic, if it cannot.
@@ -69,6 +84,10 @@ pub struct ServiceNode {
     ifaces: Vec<String>,
     tcp: BTreeMap<SocketAddr, TcpListener>,
     udp: BTreeMap<SocketAddr, UdpSocket>,
+    config: ProxyConfig,
+    /// The cgroup the node's probes run in, its socket hooks attached;
+    /// made when some probe starts on the node.
+    node_cgroup: Option<TestCgroup>,
 }
 
 impl ServiceNode {
@@ -86,13 +105,17 @@ impl ServiceNode {
             .collect();
         let mut ips: BTreeSet<IpAddr> = backends.iter().map(SocketAddr::ip).collect();
         let mut external = BTreeSet::new();
+        let mut node_ips = BTreeSet::new();
         for s in sources {
             match source_kind(table, s) {
-                Ok(true) => {
+                Ok(Source::Pod) => {
                     ips.insert(*s);
                 }
-                Ok(false) if !ips.contains(s) => {
+                Ok(Source::External) if !ips.contains(s) => {
                     external.insert(*s);
+                }
+                Ok(Source::Node) => {
+                    node_ips.insert(*s);
                 }
                 _ => {}
             }
@@ -111,6 +134,17 @@ impl ServiceNode {
         for ip in external {
             topo.add_external(ip).map_err(|e| e.to_string())?;
         }
+        // The node's own addresses, for its probes to start from.
+        let lines: Vec<String> = node_ips
+            .iter()
+            .filter(|ip| !ip.is_loopback())
+            .map(|ip| match ip {
+                IpAddr::V4(_) => format!("addr add {ip}/32 dev lo"),
+                IpAddr::V6(_) => format!("addr add {ip}/128 dev lo nodad"),
+            })
+            .collect();
+        palisade_testing::netns::ip_batch(Some(topo.node().name()), &lines)
+            .map_err(|e| e.to_string())?;
         dp.set_services(table).map_err(|e| e.to_string())?;
         let mut ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
         ifaces.push("ext".into());
@@ -125,11 +159,29 @@ impl ServiceNode {
             })
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        // As the agent settles every interface it attaches: a packet the
+        // program masqueraded at ingress carries a node address, a martian
+        // to the routing that follows otherwise.
+        for i in &ifaces {
+            topo.node()
+                .sysctl(&format!("ipv4/conf/{i}/accept_local"), "1")
+                .map_err(|e| e.to_string())?;
+        }
+        let node_cgroup = if node_ips.is_empty() {
+            None
+        } else {
+            let cgroup = TestCgroup::new("services-netns").map_err(|e| format!("cgroup: {e}"))?;
+            dp.attach_socket_hooks(cgroup.path())
+                .map_err(|e| format!("socket hooks: {e}"))?;
+            Some(cgroup)
+        };
         let mut node = ServiceNode {
             topo,
             ifaces,
             tcp: BTreeMap::new(),
             udp: BTreeMap::new(),
+            config: table.config.clone(),
+            node_cgroup,
         };
         for b in backends {
             let Ok(owner) = node.topo.owner(&b.ip()) else {
@@ -160,10 +212,16 @@ impl ServiceNode {
         packet: &Packet,
         want: &Outcome,
     ) -> Result<(Outcome, String), String> {
-        let owner = self
-            .topo
-            .owner(&packet.source)
-            .map_err(|e| format!("source: {e}"))?;
+        let from_node = self.config.is_node_local(&packet.source);
+        let ns = if from_node {
+            self.topo.node()
+        } else {
+            let owner = self
+                .topo
+                .owner(&packet.source)
+                .map_err(|e| format!("source: {e}"))?;
+            self.topo.netns(owner)
+        };
         let dst = SocketAddr::new(packet.destination, packet.port);
         let tries = match &want.output {
             Output::Endpoints(e) => 16 + 16 * e.len(),
@@ -171,16 +229,24 @@ impl ServiceNode {
         };
         let mut seen = BTreeSet::new();
         let mut masq = false;
+        let mut node_address_seen = true;
         for attempt in 0..tries {
             dp.flush_services_state().map_err(|e| e.to_string())?;
-            let answer = match packet.protocol {
-                Protocol::Udp => self.udp_once(owner, packet.source, dst, attempt)?,
-                _ => self.tcp_once(owner, packet.source, dst)?,
+            let once = || match packet.protocol {
+                Protocol::Udp => self.udp_once(ns, packet.source, dst, attempt),
+                _ => self.tcp_once(ns, packet.source, dst),
+            };
+            let answer = match (&self.node_cgroup, from_node) {
+                (Some(cgroup), true) => cgroup
+                    .run_inside(once)
+                    .map_err(|e| format!("joining the probe cgroup: {e}"))??,
+                _ => once()?,
             };
             match answer {
                 Answer::Backend(b, from) => {
                     seen.insert(b);
                     masq |= from != packet.source;
+                    node_address_seen &= self.config.is_node_local(&from);
                 }
                 Answer::Refused => return Ok((outcome(Output::Reject), "refused".into())),
                 Answer::Silent => return Ok((outcome(Output::Drop), "no answer".into())),
@@ -192,6 +258,14 @@ impl ServiceNode {
             }
         }
         let why = format!("{} backends answered", seen.len());
+        // A node's connection reaches the backend from a node address
+        // whether kube-proxy masquerades it (to the address routing
+        // picks) or not: what shows is that the backend saw one.
+        let masq = if from_node {
+            want.masq == node_address_seen
+        } else {
+            masq
+        };
         Ok((
             Outcome {
                 output: Output::Endpoints(seen),
@@ -208,10 +282,12 @@ impl ServiceNode {
             .topo
             .node()
             .run(|| self.ifaces.iter().for_each(|i| drop(dp.detach(i))));
+        if let Some(cgroup) = &self.node_cgroup {
+            let _ = dp.detach_socket_hooks(cgroup.path());
+        }
     }
 
-    fn tcp_once(&self, owner: Owner, source: IpAddr, dst: SocketAddr) -> Result<Answer, String> {
-        let ns = self.topo.netns(owner);
+    fn tcp_once(&self, ns: &Netns, source: IpAddr, dst: SocketAddr) -> Result<Answer, String> {
         let connected = ns
             .run(|| {
                 let socket = socket2::Socket::new(
@@ -228,7 +304,13 @@ impl ServiceNode {
         let _client = match connected {
             Ok(s) => s,
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Ok(Answer::Refused),
-            Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
+            // EPERM: the socket hooks refuse what the TC program drops.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::TimedOut | ErrorKind::WouldBlock | ErrorKind::PermissionDenied
+                ) =>
+            {
                 return Ok(Answer::Silent);
             }
             Err(e) => return Err(format!("connecting to {dst}: {e}")),
@@ -249,20 +331,26 @@ impl ServiceNode {
 
     fn udp_once(
         &self,
-        owner: Owner,
+        ns: &Netns,
         source: IpAddr,
         dst: SocketAddr,
         attempt: usize,
     ) -> Result<Answer, String> {
-        let ns = self.topo.netns(owner);
         let client = ns
             .run(|| UdpSocket::bind(SocketAddr::new(source, 0)))
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        client
+        // The node's socket hooks answer at connect(): ECONNREFUSED for
+        // a rejection, EPERM for a drop.
+        match client
             .connect(dst)
             .and_then(|()| client.send(format!("probe {attempt}").as_bytes()))
-            .map_err(|e| format!("sending to {dst}: {e}"))?;
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Ok(Answer::Refused),
+            Err(e) if e.kind() == ErrorKind::PermissionDenied => return Ok(Answer::Silent),
+            Err(e) => return Err(format!("sending to {dst}: {e}")),
+        }
         client
             .set_read_timeout(Some(Duration::from_millis(50)))
             .map_err(|e| e.to_string())?;

@@ -35,6 +35,25 @@ impl TestCgroup {
         &self.0
     }
 
+    /// Runs `f` with this whole process in this cgroup, so sockets `f`
+    /// opens (on any thread) belong to it, and stay its after: the
+    /// cgroup's hooks see them. The process goes back to the cgroup it
+    /// was in afterwards, even if `f` panics.
+    pub fn run_inside<T>(&self, f: impl FnOnce() -> T) -> std::io::Result<T> {
+        /// Moves the process back on drop.
+        struct Home(PathBuf);
+        impl Drop for Home {
+            fn drop(&mut self) {
+                let _ = join(&self.0);
+            }
+        }
+        let home = Home(own_cgroup()?);
+        join(&self.0)?;
+        let out = f();
+        drop(home);
+        Ok(out)
+    }
+
     /// Runs a bash `script` in network namespace `netns` (a name under
     /// /run/netns) as a process of this cgroup.
     pub fn bash_in(&self, netns: &str, script: &str) -> std::io::Result<Output> {
@@ -44,6 +63,21 @@ impl TestCgroup {
             .args(["bash", "-c", &joined])
             .output()
     }
+}
+
+/// Moves this process (every thread) into the cgroup at `path`.
+fn join(path: &Path) -> std::io::Result<()> {
+    std::fs::write(path.join("cgroup.procs"), std::process::id().to_string())
+}
+
+/// The cgroup v2 directory this process is in.
+fn own_cgroup() -> std::io::Result<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup")?;
+    let relative = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| std::io::Error::other("this process is in no cgroup v2 cgroup"))?;
+    Ok(cgroup2_root()?.join(relative.trim_start_matches('/')))
 }
 
 impl Drop for TestCgroup {
