@@ -289,10 +289,12 @@ fn main() -> Result<()> {
          against, so 0.9 allows a ninth of it. Palisade runs its program on each of the four \
          packets (SYN, ACK and RST on the client's veth, SYN-ACK on the server's): once as a new \
          connection (the Service found in hash maps, a backend picked, two NAT entries recorded in \
-         an LRU, the DNAT) and three times as an established one (a NAT entry read, the rewrite), \
-         about 1.2-1.7 and 0.6 µs by [services-per-packet.md](services-per-packet.md): 3-3.5 µs a \
-         connection, what it adds here give or take the rounds' noise; none of it grows with the \
-         number of Services beyond cache pressure. \
+         an LRU, the DNAT) and three times as an established one (a NAT entry read, the rewrite). \
+         [services-per-packet.md](services-per-packet.md) times the program alone on a packet \
+         already in place, 0.6-1.1 and 0.3 µs; what Palisade adds here is more than those four \
+         runs (each packet also enters the TC hook and, rewritten, is made writable and has its \
+         checksums updated; not measured apart); none of it grows with the number of Services \
+         beyond cache pressure. \
          kube-proxy's rules run kernel conntrack for every connection (an entry created, \
          confirmed, NATed both ways, and kept 10 s after the reset) whichever proxier wrote them; the \
          nftables proxier then finds the Service in one verdict-map lookup, so it stays flat, \

@@ -10,6 +10,7 @@ use std::time::Instant;
 use ipnet::IpNet;
 use palisade_cni::protocol::{Reply, Request};
 use palisade_cni::spec::{Attached, CniError, Command, ErrorCode, Invocation, NetConf};
+use palisade_datastore::kubernetes::write::CONTAINER_ID;
 use palisade_datastore::{Datastore, StoreError};
 use palisade_ipam::cni::{CniRequest, PodInfo};
 use palisade_ipam::{Ipam, IpamStore};
@@ -21,7 +22,6 @@ use serde_json::{Value, json};
 
 use super::Server;
 
-use palisade_datastore::kubernetes::write::CONTAINER_ID;
 /// The annotation naming the network a workload endpoint was made for.
 pub use palisade_datastore::stored_pods::NETWORK_ANNOTATION;
 
@@ -434,7 +434,7 @@ impl Server {
             .shared
             .ipam
             .pod_annotations(&w.namespace, &w.name)
-            .get(palisade_datastore::kubernetes::write::CONTAINER_ID)
+            .get(CONTAINER_ID)
             .is_some_and(|c| *c != inv.container_id);
         match self.datastore() {
             Ok(_) if newer_sandbox => {}
