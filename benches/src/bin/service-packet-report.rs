@@ -183,7 +183,7 @@ fn main() -> Result<()> {
          touched, so at 10k it reads three lines from memory one after another (the frontend's \
          hash bucket, the frontend entry with its Service port's values, the backend) where \
          direct reads one (the bucket that says there is no frontend); on this 2-core virtual \
-         machine each such miss costs about 100 ns against a cached new connection of about \
+         machine each such miss costs 100-170 ns against a cached new connection of about \
          550 ns, so this worst case stays above the goal. The Service port's values were an \
          array entry of their own, a fourth miss, until they moved into the frontend entry.\n\n\
          ![per packet](services-per-packet.svg)\n",

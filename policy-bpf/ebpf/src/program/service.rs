@@ -220,8 +220,10 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
     }
     stat(Statistic::ServiceTranslated);
     // Without a policy program after this one, the after-policy half
-    // (SNAT, or the frontend restored) is now.
-    if !managed {
+    // (SNAT, or the frontend restored) is now. Only a masqueraded
+    // connection has one after a before-policy entry: the others skip a
+    // lookup that would miss (a cold bucket in a busy table).
+    if !managed && v.flags & NAT_MASQUERADE != 0 {
         sc.next = NatTuple {
             src: v.src,
             dst: v.dst,
