@@ -113,11 +113,14 @@ pub const ALL: &[&str] = &[
 ];
 
 /// Names earlier builds pinned with layouts this build cannot adopt:
-/// hashed conntrack tables (`PALISADE_CT`, `PALISADE_CT4`) and fixed
-/// 2,048-bit membership bitsets (before 2026-12-03).
+/// hashed conntrack tables (`PALISADE_CT`, `PALISADE_CT4`), fixed
+/// 2,048-bit membership bitsets (before 2026-12-03), and the service
+/// array of builds whose frontend entries were 8 bytes (before
+/// 2026-12-06).
 pub const RETIRED: &[&str] = &[
     "PALISADE_CT",
     "PALISADE_CT4",
     "PALISADE_IDENTITIES",
     "PALISADE_CLASSES",
+    "PALISADE_SVC_SERVICES",
 ];

@@ -290,6 +290,8 @@ fn pins_of_an_earlier_conntrack_layout_are_refused_by_name() {
     }
     for (pinned, named) in [
         (&["PALISADE_CT4"][..], "PALISADE_CT4"),
+        // The service array of builds whose frontends were 8 bytes.
+        (&["PALISADE_SVC_SERVICES"][..], "PALISADE_SVC_SERVICES"),
         // Ways pinned without their tag lines: the state words were in
         // the ways then.
         (&[map_names::CONN4][..], map_names::CONN4),
