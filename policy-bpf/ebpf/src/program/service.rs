@@ -199,6 +199,7 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
         return 0;
     };
     let Some(v) = PALISADE_SVC_NAT.get_ptr(&sc.tuple) else {
+        forget_stale_reply(ctx, h);
         return 0;
     };
     // SAFETY: a map value stays valid for the rest of this run (RCU).
@@ -242,6 +243,69 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
         }
     }
     1
+}
+
+/// A TCP connection opening (SYN without ACK) that no NAT entry covers
+/// (`sc.tuple`): an entry for the way back of its tuple belongs to a
+/// closed translated connection (the LRU keeps entries past their
+/// connection) that used the same client port and backend, and would
+/// give this connection's replies a frontend's address. It goes, with
+/// its forward entry, so a later connection through the frontend from
+/// that port is decided afresh; a live connection with that tuple could
+/// not share it with this one at the backend anyway (conntrack would
+/// have remapped the port). Masqueraded connections' entries stay: their
+/// SNAT entry already covers such a tuple (a gap, see docs/services.md).
+#[inline(never)]
+fn forget_stale_reply(ctx: &TcContext, h: &Headers) {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    if h.protocol != TCP {
+        return;
+    }
+    let bytes = Skb {
+        ctx,
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+    };
+    match bytes.fixed::<1>(h.l4 + 13) {
+        Some([flags]) if flags & (SYN | ACK) == SYN => {}
+        _ => return,
+    }
+    let Some(sc) = scratch() else {
+        return;
+    };
+    let t = sc.tuple;
+    sc.next = NatTuple {
+        src: t.dst,
+        dst: t.src,
+        src_port: t.dst_port,
+        dst_port: t.src_port,
+        protocol: t.protocol,
+        family: t.family,
+        pad: 0,
+    };
+    let Some(v) = PALISADE_SVC_NAT.get_ptr(&sc.next) else {
+        return;
+    };
+    // SAFETY: a map value stays valid for the rest of this run (RCU).
+    let v = unsafe { &*v };
+    if v.flags & (NAT_REPLY | NAT_AFTER_POLICY | NAT_MASQUERADE) != NAT_REPLY | NAT_AFTER_POLICY {
+        return;
+    }
+    // The reply entry restores the frontend: its forward entry is the
+    // client to that frontend.
+    sc.tuple = NatTuple {
+        src: v.dst,
+        dst: v.src,
+        src_port: v.dst_port,
+        dst_port: v.src_port,
+        protocol: t.protocol,
+        family: t.family,
+        pad: 0,
+    };
+    let _ = PALISADE_SVC_NAT.remove(&sc.next);
+    let _ = PALISADE_SVC_NAT.remove(&sc.tuple);
+    sc.tuple = t;
 }
 
 /// The packet's connection tuple.
@@ -471,9 +535,10 @@ fn translate(ctx: &TcContext, h: &Headers) -> i32 {
         backend: sc.chosen.backend,
         pad: 0,
     };
-    let mut recorded = PALISADE_SVC_NAT
-        .insert(&sc.reply_key, &sc.reply, u64::from(BPF_NOEXIST))
-        .is_ok();
+    // Over any entry of that key: one a closed connection left (the same
+    // client port and backend, reached through another frontend of the
+    // Service); a live one could not share the tuple at the backend.
+    let mut recorded = PALISADE_SVC_NAT.insert(&sc.reply_key, &sc.reply, 0).is_ok();
     if recorded && masquerade {
         recorded = record_masquerade(sc);
         if !recorded {

@@ -199,6 +199,55 @@ fn a_connection_round_trips_through_a_cluster_ip_with_valid_checksums() {
     );
 }
 
+/// A closed connection's NAT entries stay in the LRU. A new connection
+/// from the same client port straight to the backend it used keeps the
+/// backend's address on its replies, and a later one through the
+/// ClusterIP from that port is translated both ways again (kube-proxy's
+/// conntrack starts a new entry for each new SYN).
+#[test]
+fn a_reused_client_port_is_not_taken_for_a_closed_connection() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = load();
+    dp.set_services(&table(&[
+        service("api", VIP, false),
+        slice("api", &["10.0.2.5"]),
+    ]))
+    .unwrap();
+    let client = sock(CLIENT, 40_010);
+    let vip = sock(VIP, 80);
+    let (_, out) = dp.run_service(&packet(6, client, vip, 0x02), 0).unwrap();
+    let backend = destination(&out);
+    assert_eq!(backend, sock("10.0.2.5", 8080));
+    // That connection ends; its entries stay. The port again, straight
+    // to the backend:
+    let (run, out) = dp
+        .run_service(&packet(6, client, backend, 0x02), 0)
+        .unwrap();
+    assert!(run.passed());
+    assert_eq!((source(&out), destination(&out)), (client, backend));
+    let (_, back) = dp
+        .run_service(&packet(6, backend, client, 0x12), 0)
+        .unwrap();
+    assert_eq!(
+        source(&back),
+        backend,
+        "a direct connection's reply keeps the backend's address"
+    );
+    // And through the ClusterIP once more: both ways translated.
+    let (_, out) = dp.run_service(&packet(6, client, vip, 0x02), 0).unwrap();
+    assert_eq!(destination(&out), backend);
+    let (_, back) = dp
+        .run_service(&packet(6, backend, client, 0x12), 0)
+        .unwrap();
+    assert_eq!(
+        source(&back),
+        vip,
+        "the reply comes from the ClusterIP again"
+    );
+}
+
 #[test]
 fn a_service_without_endpoints_answers_icmp_port_unreachable() {
     if !privileged() {
