@@ -180,6 +180,8 @@ pub struct ServiceLab {
     /// Where the client connects, in turn: the ClusterIPs, or for
     /// [`Balancer::Direct`] the endpoints.
     targets: Vec<SocketAddr>,
+    /// The endpoints in the order [`Balancer::Direct`] connects to them.
+    endpoints_in_turn: Vec<SocketAddr>,
     /// Every endpoint.
     backends: HashSet<SocketAddr>,
     /// Connections made so far (Palisade's NAT must hold them all).
@@ -220,12 +222,13 @@ impl ServiceLab {
             .iter()
             .flat_map(|s| s.endpoints.iter().copied())
             .collect();
+        // Round robin over the Services, then over their endpoints.
+        let endpoints_in_turn: Vec<SocketAddr> = (0..ENDPOINTS)
+            .flat_map(|e| services.iter().filter_map(move |s| s.endpoints.get(e)))
+            .copied()
+            .collect();
         let targets: Vec<SocketAddr> = match balancer {
-            // Round robin over the Services, then over their endpoints.
-            Balancer::Direct => (0..ENDPOINTS)
-                .flat_map(|e| services.iter().filter_map(move |s| s.endpoints.get(e)))
-                .copied()
-                .collect(),
+            Balancer::Direct => endpoints_in_turn.clone(),
             _ => services
                 .iter()
                 .map(|s| SocketAddr::new(s.cluster_ip, s.port))
@@ -268,6 +271,7 @@ impl ServiceLab {
             datapath,
             topo,
             targets,
+            endpoints_in_turn,
             backends,
             made: std::cell::Cell::new(0),
         })
@@ -302,6 +306,24 @@ impl ServiceLab {
     /// really went through the balancer to a backend); Palisade recorded
     /// every translation.
     pub fn connects(&self, secs: f64) -> Result<ServiceRun> {
+        self.connects_to(false, secs)
+    }
+
+    /// As [`ServiceLab::connects`], to the endpoints' own addresses (as
+    /// [`Balancer::Direct`] does), past whatever the balancer has on the
+    /// way: in Palisade's lab, what its program costs traffic it does not
+    /// translate.
+    pub fn connects_to_endpoints(&self, secs: f64) -> Result<ServiceRun> {
+        self.connects_to(true, secs)
+    }
+
+    fn connects_to(&self, endpoints: bool, secs: f64) -> Result<ServiceRun> {
+        let targets = if endpoints {
+            &self.endpoints_in_turn
+        } else {
+            &self.targets
+        };
+        let to_services = !endpoints && self.balancer != Balancer::Direct;
         let (translated, nat_full) = (
             self.stat(Statistic::ServiceNat)?,
             self.stat(Statistic::ServiceNatFull)?,
@@ -310,7 +332,7 @@ impl ServiceLab {
             self.ns("bench/client"),
             self.ns("bench/server"),
             SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), TARGET_PORT),
-            &self.targets,
+            targets,
             IpAddr::V4(CLIENT.parse()?),
             secs,
         )?;
@@ -330,7 +352,13 @@ impl ServiceLab {
             anyhow::bail!("{name}: a connection reached {stray}, not an endpoint");
         }
         self.made.set(self.made.get() + run.connects.connected);
-        if self.balancer == Balancer::Palisade {
+        if self.balancer == Balancer::Palisade && !to_services {
+            anyhow::ensure!(
+                run.translated == 0,
+                "palisade: connections to the endpoints were translated"
+            );
+        }
+        if self.balancer == Balancer::Palisade && to_services {
             anyhow::ensure!(
                 run.nat_full == 0 && self.made.get() * 2 <= NAT_ENTRIES as u64,
                 "palisade: the NAT table filled ({} connections not recorded, {} made of room for {})",

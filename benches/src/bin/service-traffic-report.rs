@@ -25,10 +25,11 @@ use palisade_benches::service_lab::{
     Balancer, CLUSTER_CIDR, ENDPOINT_RANGE, ENDPOINTS, NAT_ENTRIES, ServiceLab, table,
 };
 
-/// One size's medians, in [`Balancer::ALL`]'s order (connections/s).
+/// One size's medians, in [`Balancer::ALL`]'s order (connections/s),
+/// then Palisade's lab connecting to the endpoints.
 struct Row {
     services: usize,
-    rates: [f64; 4],
+    rates: [f64; 5],
     /// The lowest and highest of Palisade's rate over direct's in the
     /// same round.
     palisade_rounds: (f64, f64),
@@ -114,25 +115,39 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<Row> {
         lab.connects(secs.min(0.5))
             .with_context(|| format!("{} warm-up", lab.balancer().name()))?;
     }
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); labs.len()];
+    // Each lab through its balancer, and Palisade's once more to the
+    // endpoints (its program on the way, no Service).
+    let palisade = Balancer::ALL
+        .iter()
+        .position(|b| *b == Balancer::Palisade)
+        .context("no Palisade lab")?;
+    let measures: Vec<(usize, bool)> = (0..labs.len())
+        .map(|i| (i, false))
+        .chain([(palisade, true)])
+        .collect();
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); measures.len()];
     let (mut connections, mut nat_full) = (0, 0);
     for round in 0..rounds {
         let mut line = format!("  round {}/{rounds}:", round + 1);
-        for k in 0..labs.len() {
-            let i = (round + k) % labs.len();
+        for k in 0..measures.len() {
+            let m = (round + k) % measures.len();
+            let (i, to_endpoints) = measures[m];
             let lab = &labs[i];
-            let run = lab
-                .connects(secs)
-                .with_context(|| format!("{} with {n} Services", lab.balancer().name()))?;
+            let name = if to_endpoints {
+                "palisade-to-endpoints"
+            } else {
+                lab.balancer().name()
+            };
+            let run = if to_endpoints {
+                lab.connects_to_endpoints(secs)
+            } else {
+                lab.connects(secs)
+            }
+            .with_context(|| format!("{name} with {n} Services"))?;
             connections += run.connects.connected;
             nat_full += run.nat_full;
-            samples[i].push(run.connects.rate());
-            let _ = write!(
-                line,
-                " {} {:.0}/s",
-                lab.balancer().name(),
-                run.connects.rate()
-            );
+            samples[m].push(run.connects.rate());
+            let _ = write!(line, " {name} {:.0}/s", run.connects.rate());
         }
         eprintln!("{line}");
     }
@@ -154,7 +169,7 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<Row> {
         by_round.iter().copied().fold(f64::INFINITY, f64::min),
         by_round.iter().copied().fold(0.0, f64::max),
     );
-    let mut rates = [0.0; 4];
+    let mut rates = [0.0; 5];
     for (r, s) in rates.iter_mut().zip(samples.iter_mut()) {
         *r = median(s);
     }
@@ -188,12 +203,13 @@ fn main() -> Result<()> {
             "service traffic: {n} Services x {ENDPOINTS} endpoints, {rounds} rounds of {secs} s ..."
         );
         let row = measure(*n, rounds, secs)?;
-        let [direct, palisade, iptables, nft] = row.rates;
+        let [direct, palisade, iptables, nft, untranslated] = row.rates;
         eprintln!(
-            "  of direct: Palisade {:.2}, iptables {:.2}, nftables {:.2}",
+            "  of direct: Palisade {:.2}, iptables {:.2}, nftables {:.2}; Palisade's program, no Service {:.2}",
             palisade / direct,
             iptables / direct,
-            nft / direct
+            nft / direct,
+            untranslated / direct
         );
         rows.push(row);
     }
@@ -232,19 +248,22 @@ fn main() -> Result<()> {
          Every round is checked: the server accepted every connection the client opened, from the \
          client's own address, at an endpoint address (sampled: every 256th connection's local \
          address), else the report fails. The rule-based labs' conntrack limit is raised to hold \
-         every flow of the run.\n",
+         every flow of the run. **Palisade, no Service**: Palisade's lab once more, the client \
+         connecting to the endpoints as in direct: the program runs on every packet and finds no \
+         connection and no frontend (checked: it translated none), what it costs traffic it does \
+         not balance.\n",
         NAT_ENTRIES / 2,
         rows.iter().map(|r| r.nat_full).sum::<u64>(),
     );
     md.push_str(
-        "| Services | direct /s | Palisade /s | iptables /s | nftables /s | Palisade/direct | iptables/direct | nft/direct | Palisade/direct by round |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| Services | direct /s | Palisade /s | iptables /s | nftables /s | Palisade/direct | iptables/direct | nft/direct | Palisade/direct by round | Palisade, no Service /s | its /direct |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
-        let [direct, palisade, iptables, nft] = r.rates;
+        let [direct, palisade, iptables, nft, untranslated] = r.rates;
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | **{:.2}** | {:.2} | {:.2} | {:.2}-{:.2} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | **{:.2}** | {:.2} | {:.2} | {:.2}-{:.2} | {:.0} | {:.2} |",
             r.services,
             direct,
             palisade,
@@ -254,7 +273,9 @@ fn main() -> Result<()> {
             iptables / direct,
             nft / direct,
             r.palisade_rounds.0,
-            r.palisade_rounds.1
+            r.palisade_rounds.1,
+            untranslated,
+            untranslated / direct
         );
     }
     md.push_str(
@@ -264,18 +285,19 @@ fn main() -> Result<()> {
          labs to the next.\n\n\
          Goal (issue 21): Palisade at least 0.9 of direct at every size.\n\n\
          What a connection costs over direct, in microseconds (1/rate − 1/direct rate):\n\n\
-         | Services | direct (µs a connection) | Palisade adds | iptables adds | nftables adds |\n\
-         |---:|---:|---:|---:|---:|\n",
+         | Services | direct (µs a connection) | Palisade adds | Palisade, no Service, adds | iptables adds | nftables adds |\n\
+         |---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
         let us = |rate: f64| 1e6 / rate;
-        let [direct, palisade, iptables, nft] = r.rates;
+        let [direct, palisade, iptables, nft, untranslated] = r.rates;
         let _ = writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             r.services,
             us(direct),
             us(palisade) - us(direct),
+            us(untranslated) - us(direct),
             us(iptables) - us(direct),
             us(nft) - us(direct)
         );
@@ -292,15 +314,16 @@ fn main() -> Result<()> {
          an LRU, the DNAT) and three times as an established one (a NAT entry read, the rewrite). \
          [services-per-packet.md](services-per-packet.md) times the program alone on a packet \
          already in place, 0.6-1.1 and 0.3 µs; what Palisade adds here is more than those four \
-         runs (each packet also enters the TC hook and, rewritten, is made writable and has its \
-         checksums updated; not measured apart); none of it grows with the number of Services \
-         beyond cache pressure. \
+         runs, and the **Palisade, no Service** run shows where: the program on traffic it does \
+         not translate (each packet parsed, a NAT lookup and a frontend lookup that miss, an \
+         address lookup) costs most of it, the translation itself the rest; none of it grows \
+         with the number of Services beyond cache pressure. \
          kube-proxy's rules run kernel conntrack for every connection (an entry created, \
          confirmed, NATed both ways, and kept 10 s after the reset) whichever proxier wrote them; the \
          nftables proxier then finds the Service in one verdict-map lookup, so it stays flat, \
          while the iptables proxier matches the first packet against the `KUBE-SERVICES` rules \
          one after another (on average half of the N), so it falls as N grows. {} connections \
-         in all ({} rounds of each of the four labs at {} sizes).\n\n\
+         in all ({} rounds of each of the four labs, and of Palisade's to the endpoints, at {} sizes).\n\n\
          Tools: {}; {}. Kernel {}, {cores} cores; load average at the end of the run {load} \
          (loading the largest size's rules included). \
          The machine was shared with other work: the ratios, measured in alternating rounds, \
@@ -313,9 +336,12 @@ fn main() -> Result<()> {
         kernel.trim(),
     );
     type Column = fn(&Row) -> f64;
-    let columns: [(&str, &'static str, bool, Column); 4] = [
+    let columns: [(&str, &'static str, bool, Column); 5] = [
         ("direct (no Service)", "#7f7f7f", true, |r| r.rates[0]),
         ("Palisade", "#1f77b4", false, |r| r.rates[1]),
+        ("Palisade's program, no Service", "#1f77b4", true, |r| {
+            r.rates[4]
+        }),
         ("kube-proxy iptables", "#d62728", false, |r| r.rates[2]),
         ("kube-proxy nftables", "#2ca02c", false, |r| r.rates[3]),
     ];
