@@ -97,27 +97,9 @@ fn nat_status(lab: &Lab, node: usize) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn has_table(ns: &str) -> bool {
-    Command::new("ip")
-        .args([
-            "netns", "exec", ns, "nft", "list", "table", "inet", "palisade",
-        ])
-        .output()
-        .unwrap()
-        .status
-        .success()
-}
-
-#[test]
-fn nat_outgoing_masquerades_pods_leaving_the_pools_as_calico_does() {
-    if !privileged() {
-        return;
-    }
-    let dir = scratch("natout");
-    let tag = std::process::id();
-    let lab = Lab::start("no", 9140, &dir, &["node-a", "node-b"], &pools(true, false));
-    // A host on the underlay outside the cluster: no route to any pool.
-    let outside = Netns::create(&format!("palnoo{tag}")).unwrap();
+/// A host on the lab's underlay at [`OUTSIDE`], in a namespace `name`.
+fn outside_host(lab: &Lab, name: &str) -> Netns {
+    let outside = Netns::create(name).unwrap();
     ip_batch(
         Some(lab.fabric.name()),
         &[
@@ -139,6 +121,30 @@ fn nat_outgoing_masquerades_pods_leaving_the_pools_as_calico_does() {
         ],
     )
     .unwrap();
+    outside
+}
+
+fn has_table(ns: &str) -> bool {
+    Command::new("ip")
+        .args([
+            "netns", "exec", ns, "nft", "list", "table", "inet", "palisade",
+        ])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[test]
+fn nat_outgoing_masquerades_pods_leaving_the_pools_as_calico_does() {
+    if !privileged() {
+        return;
+    }
+    let dir = scratch("natout");
+    let tag = std::process::id();
+    let lab = Lab::start("no", 9140, &dir, &["node-a", "node-b"], &pools(true, false));
+    // A host on the underlay outside the cluster: no route to any pool.
+    let outside = outside_host(&lab, &format!("palnoo{tag}"));
     let pods: Vec<Netns> = (0..3)
         .map(|i| Netns::create(&format!("palnop{i}{tag}")).unwrap())
         .collect();
@@ -361,28 +367,7 @@ fn a_masqueraded_service_connection_reaches_a_backend_on_another_node() {
     );
     // A host on the underlay, to node-a's NodePort: eth0 carries the
     // service program, which masquerades at its ingress.
-    let outside = Netns::create(&format!("palsmo{tag}")).unwrap();
-    ip_batch(
-        Some(lab.fabric.name()),
-        &[
-            format!(
-                "link add out type veth peer name eth0 netns {}",
-                outside.name()
-            ),
-            "link set out master br0".into(),
-            "link set out up".into(),
-        ],
-    )
-    .unwrap();
-    ip_batch(
-        Some(outside.name()),
-        &[
-            "link set lo up".into(),
-            format!("addr add {OUTSIDE}/24 dev eth0"),
-            "link set eth0 up".into(),
-        ],
-    )
-    .unwrap();
+    let outside = outside_host(&lab, &format!("palsmo{tag}"));
     assert_eq!(
         tcp_peer_via(&outside, (NODE_A, 30080).into(), &api_tcp),
         Some(IpAddr::V4(NODE_A)),

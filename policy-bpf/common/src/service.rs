@@ -370,6 +370,36 @@ pub struct NatTuple {
     pub pad: u16,
 }
 
+impl NatTuple {
+    /// The tuple of this packet once `v` rewrote it.
+    #[inline(always)]
+    pub fn rewritten(&self, v: &NatValue) -> NatTuple {
+        NatTuple {
+            src: v.src,
+            dst: v.dst,
+            src_port: v.src_port,
+            dst_port: v.dst_port,
+            protocol: self.protocol,
+            family: self.family,
+            pad: 0,
+        }
+    }
+
+    /// The other direction's tuple.
+    #[inline(always)]
+    pub fn reversed(&self) -> NatTuple {
+        NatTuple {
+            src: self.dst,
+            dst: self.src,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            protocol: self.protocol,
+            family: self.family,
+            pad: 0,
+        }
+    }
+}
+
 /// A NAT entry's rewrite: a packet whose tuple is the key leaves with
 /// these addresses and ports. A translated connection has two entries,
 /// four when masqueraded: on the way out, DNAT (client → frontend

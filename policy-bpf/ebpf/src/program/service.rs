@@ -225,15 +225,7 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
     // connection has one after a before-policy entry: the others skip a
     // lookup that would miss (a cold bucket in a busy table).
     if !managed && v.flags & NAT_MASQUERADE != 0 {
-        sc.next = NatTuple {
-            src: v.src,
-            dst: v.dst,
-            src_port: v.src_port,
-            dst_port: v.dst_port,
-            protocol: sc.tuple.protocol,
-            family: sc.tuple.family,
-            pad: 0,
-        };
+        sc.next = sc.tuple.rewritten(v);
         if let Some(after) = PALISADE_SVC_NAT.get_ptr(&sc.next) {
             // SAFETY: as above.
             let after = unsafe { &*after };
@@ -275,15 +267,7 @@ fn forget_stale_reply(ctx: &TcContext, h: &Headers) {
         return;
     };
     let t = sc.tuple;
-    sc.next = NatTuple {
-        src: t.dst,
-        dst: t.src,
-        src_port: t.dst_port,
-        dst_port: t.src_port,
-        protocol: t.protocol,
-        family: t.family,
-        pad: 0,
-    };
+    sc.next = t.reversed();
     let Some(v) = PALISADE_SVC_NAT.get_ptr(&sc.next) else {
         return;
     };
@@ -294,15 +278,7 @@ fn forget_stale_reply(ctx: &TcContext, h: &Headers) {
     }
     // The reply entry restores the frontend: its forward entry is the
     // client to that frontend.
-    sc.tuple = NatTuple {
-        src: v.dst,
-        dst: v.src,
-        src_port: v.dst_port,
-        dst_port: v.src_port,
-        protocol: t.protocol,
-        family: t.family,
-        pad: 0,
-    };
+    sc.tuple = t.rewritten(v).reversed();
     let _ = PALISADE_SVC_NAT.remove(&sc.next);
     let _ = PALISADE_SVC_NAT.remove(&sc.tuple);
     sc.tuple = t;
@@ -581,15 +557,7 @@ fn translate(ctx: &TcContext, h: &Headers) -> i32 {
 #[inline(always)]
 fn record_masquerade(sc: &mut ServiceScratch) -> bool {
     let f = sc.forward;
-    sc.snat_key = NatTuple {
-        src: f.src,
-        dst: f.dst,
-        src_port: f.src_port,
-        dst_port: f.dst_port,
-        protocol: sc.tuple.protocol,
-        family: sc.tuple.family,
-        pad: 0,
-    };
+    sc.snat_key = sc.tuple.rewritten(&f);
     sc.snat = NatValue {
         src: sc.node,
         dst: f.dst,
