@@ -400,6 +400,22 @@ pub fn service_packet(
     }
 }
 
+/// The address filter's bits for `entries` (word → bits to set): every
+/// frontend address in the frontends' half, every backend address in the
+/// backends' half (see [`ADDR_FILTER_BITS_LOG2`]). They are set, never
+/// cleared: a backend gone from the table may still have connections.
+pub fn filter_bits(entries: &ServiceEntries) -> BTreeMap<u32, u64> {
+    let mut words = BTreeMap::new();
+    let mut set = |(word, bit): (u32, u64)| *words.entry(word).or_insert(0) |= bit;
+    for k in entries.frontends.keys() {
+        set(addr_filter_bit(FILTER_FRONTENDS, k.family, &k.addr));
+    }
+    for b in &entries.backends {
+        set(addr_filter_bit(FILTER_BACKENDS, b.family, &b.addr));
+    }
+    words
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -475,5 +491,33 @@ mod tests {
         let v4 = lower_services(&tables[0], &ServiceCapacity::default()).unwrap();
         assert_eq!(v4.services.len(), 1);
         assert_eq!(v4.config.primary_v6, [0; 16]);
+
+        // The address filter names every frontend and backend in its
+        // half, and a client address in neither (these addresses do not
+        // collide).
+        let bits = filter_bits(&entries);
+        let has = |half, ip: &str| {
+            let ip: IpAddr = ip.parse().unwrap();
+            let (word, bit) = addr_filter_bit(half, family_code(&ip), &addr_bytes(&ip));
+            bits.get(&word).is_some_and(|w| w & bit != 0)
+        };
+        for vip in ["172.30.0.10", "fd30::10"] {
+            assert!(
+                has(FILTER_FRONTENDS, vip) && !has(FILTER_BACKENDS, vip),
+                "{vip}"
+            );
+        }
+        for backend in ["10.20.0.5", "fd10::5"] {
+            assert!(
+                has(FILTER_BACKENDS, backend) && !has(FILTER_FRONTENDS, backend),
+                "{backend}"
+            );
+        }
+        for client in ["10.1.0.1", "fd10::1"] {
+            assert!(
+                !has(FILTER_FRONTENDS, client) && !has(FILTER_BACKENDS, client),
+                "{client}"
+            );
+        }
     }
 }

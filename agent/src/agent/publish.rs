@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use palisade_controller::{AyaDataplane, Dataplane, MirrorDataplane};
 use palisade_datastore::StoreChange;
-use policy_bpf_common::Statistic;
+use policy_bpf_common::{ADDR_FILTER_WORDS, Statistic};
 use policy_core::compile::RuleRef;
 use policy_core::model::Action;
 
@@ -34,6 +34,10 @@ pub trait Telemetry {
     fn service_state_len(&self) -> Option<(usize, usize)> {
         None
     }
+    /// Bits of the service address filter set.
+    fn service_filter_bits(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl Telemetry for MirrorDataplane {}
@@ -47,6 +51,9 @@ impl Telemetry for AyaDataplane {
     }
     fn service_state_len(&self) -> Option<(usize, usize)> {
         AyaDataplane::service_state_len(self)
+    }
+    fn service_filter_bits(&self) -> Option<usize> {
+        self.datapath().map(|d| d.service_filter_bits())
     }
     fn statistics(&self) -> Option<Vec<(Statistic, u64)>> {
         let stats = self.datapath()?.stats().ok()?;
@@ -158,6 +165,13 @@ pub(super) fn publish<D: Dataplane + Telemetry>(
             ("svc_backends", e.backends.len(), s.backends),
             ("svc_addresses", e.addresses.len(), s.addresses),
             ("svc_source_ranges", e.source_ranges.len(), s.source_ranges),
+            // Its bits, not entries: the more are set, the more packets
+            // not balanced take the lookups it saves them.
+            (
+                "svc_filter",
+                dataplane.service_filter_bits().unwrap_or(0),
+                64 * ADDR_FILTER_WORDS as usize,
+            ),
         ]
     });
     let maps = maps.into_iter().chain(

@@ -893,6 +893,11 @@ fn the_agent_load_balances_services_from_the_store() {
         metrics.contains("palisade_map_entries{map=\"svc_frontends\"} 2"),
         "{metrics}"
     );
+    // The address filter has the ClusterIP's bit and the backends'.
+    assert!(
+        value("palisade_map_entries{map=\"svc_filter\"}") >= 2.0,
+        "{metrics}"
+    );
     assert!(metrics.contains("statistic=\"ServiceReject\""), "{metrics}");
     let status = agent.status().unwrap();
     assert_eq!(status["services"]["ports"], 2, "{status}");

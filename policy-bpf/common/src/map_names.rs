@@ -66,6 +66,9 @@ pub const SVC_SOURCE_RANGES: &str = "PALISADE_SVC_SOURCE_RANGES";
 pub const SVC_CONFIG: &str = "PALISADE_SVC_CONFIG";
 /// NAT state of translated connections, both directions.
 pub const SVC_NAT: &str = "PALISADE_SVC_NAT";
+/// The address filter: which addresses may be a frontend or a backend
+/// (see [`crate::ADDR_FILTER_BITS_LOG2`]).
+pub const SVC_FILTER: &str = "PALISADE_SVC_FILTER";
 /// ClientIP session affinity.
 pub const SVC_AFFINITY: &str = "PALISADE_SVC_AFFINITY";
 /// The socket hooks' reverse table: which frontend a node socket
@@ -109,6 +112,7 @@ pub const ALL: &[&str] = &[
     SVC_CONFIG,
     SVC_NAT,
     SVC_AFFINITY,
+    SVC_FILTER,
     SOCK_REVERSE,
 ];
 

@@ -357,6 +357,57 @@ pub struct SvcRangeKey {
 /// Bits of [`SvcRangeKey`] before the address.
 pub const RANGE_KEY_BITS: u32 = 64;
 
+/// The address filter (`PALISADE_SVC_FILTER`): a bit per hashed address
+/// in two halves, [`FILTER_FRONTENDS`] (every frontend address) and
+/// [`FILTER_BACKENDS`] (every backend address). A NAT entry names a
+/// frontend as the destination of its forward key and a backend in its
+/// other keys, so a packet whose addresses have no bit set in the half
+/// they would need cannot have an entry or a frontend: the program
+/// skips those hash lookups (cold buckets of large tables) for the
+/// traffic that is not balanced. Bits are only ever set while the pins
+/// live (a removed backend may still have connections, whose replies
+/// need their entries found); a stale or colliding bit only costs the
+/// lookups it would have saved.
+pub const ADDR_FILTER_BITS_LOG2: u32 = 21;
+/// The frontends' half of the filter.
+pub const FILTER_FRONTENDS: u32 = 0;
+/// The backends' half of the filter.
+pub const FILTER_BACKENDS: u32 = 1;
+/// Words of the filter (both halves).
+pub const ADDR_FILTER_WORDS: u32 = 2 << (ADDR_FILTER_BITS_LOG2 - 6);
+
+/// The word and bit of an address in one half of the filter: the
+/// address folded to 32 bits (big-endian words, so the varying low
+/// octets of nearby addresses stay low), mixed (murmur3's finaliser),
+/// its top bits taken.
+#[inline(always)]
+pub fn addr_filter_bit(half: u32, family: u8, addr: &[u8; 16]) -> (u32, u64) {
+    let word = |i: usize| {
+        u32::from_be_bytes([
+            addr[4 * i],
+            addr[4 * i + 1],
+            addr[4 * i + 2],
+            addr[4 * i + 3],
+        ])
+    };
+    let mut x = if family == FAMILY_V4 {
+        word(0)
+    } else {
+        word(0)
+            ^ word(1).rotate_left(8)
+            ^ word(2).rotate_left(16)
+            ^ word(3).rotate_left(24)
+            ^ 0x9e37_79b9
+    };
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x85eb_ca6b);
+    x ^= x >> 13;
+    x = x.wrapping_mul(0xc2b2_ae35);
+    x ^= x >> 16;
+    let bit = (half << ADDR_FILTER_BITS_LOG2) | (x >> (32 - ADDR_FILTER_BITS_LOG2));
+    (bit >> 6, 1u64 << (bit & 63))
+}
+
 /// A connection's addresses as one direction of it is seen on the wire.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
@@ -528,4 +579,37 @@ impl IcmpScratch {
         message: [0; 72],
         header: [0; 40],
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_filter_halves_are_apart_and_spread_nearby_addresses() {
+        let v4 = |i: u32| {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&(0x0a40_0000 + i).to_be_bytes());
+            a
+        };
+        let half = ADDR_FILTER_WORDS / 2;
+        // Which words of the frontends' half were hit (no_std: a bitset).
+        let mut seen = [0u64; (ADDR_FILTER_WORDS / 2 / 64) as usize];
+        for i in 0..4096 {
+            let (w, bit) = addr_filter_bit(FILTER_FRONTENDS, FAMILY_V4, &v4(i));
+            let (b, _) = addr_filter_bit(FILTER_BACKENDS, FAMILY_V4, &v4(i));
+            assert!(w < half && (half..ADDR_FILTER_WORDS).contains(&b));
+            assert_eq!(bit.count_ones(), 1);
+            seen[(w / 64) as usize] |= 1 << (w % 64);
+        }
+        // 4,096 consecutive addresses over 32,768 words: nearly all apart.
+        let words: u32 = seen.iter().map(|w| w.count_ones()).sum();
+        assert!(words > 3800, "{words} words");
+        // The family takes part: an IPv6 address with the same leading
+        // bytes lands elsewhere.
+        assert_ne!(
+            addr_filter_bit(FILTER_FRONTENDS, FAMILY_V4, &v4(7)),
+            addr_filter_bit(FILTER_FRONTENDS, FAMILY_V6, &v4(7))
+        );
+    }
 }

@@ -143,6 +143,8 @@ pub struct Datapath {
     /// contents, for replacing them).
     services: Option<crate::services::ServiceEntries>,
     service_capacity: crate::services::ServiceCapacity,
+    /// Which addresses may be a frontend or a backend (bits only set).
+    service_filter: Words,
 }
 
 /// Mounts bpffs at /sys/fs/bpf if it is not mounted (needs root).
@@ -226,6 +228,9 @@ impl Datapath {
             )));
         }
         let fresh = !pin_dir.exists();
+        // Pins of a build before the address filter: it starts empty
+        // beside tables in force, and is filled from them below.
+        let filter_missing = !fresh && !pin_dir.join(map_names::SVC_FILTER).exists();
         std::fs::create_dir_all(pin_dir.join("links"))
             .map_err(|e| DatapathError::Load(format!("creating {}: {e}", pin_dir.display())))?;
         let mut loader = EbpfLoader::new();
@@ -277,6 +282,10 @@ impl Datapath {
                 .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
             prog.load()
                 .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
+        }
+        let service_filter = Words::take(&mut ebpf, map_names::SVC_FILTER)?;
+        if filter_missing {
+            services::seed_filter(&ebpf, &service_filter)?;
         }
         // The pinned jump table now leads to this load's programs
         // (programs attached by an earlier process jump there as well).
@@ -332,6 +341,7 @@ impl Datapath {
             events: take!(map_names::EVENTS, RingBuf<MapData>),
             config: take!(map_names::CONFIG, Array<MapData, Config>),
             endpoints: take!(map_names::ENDPOINTS, BpfHashMap<MapData, LocalKey, LocalEndpoint>),
+            service_filter,
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             owns_pin_dir: false,

@@ -3,6 +3,7 @@
 //! and the service program run on crafted packets.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 
 use aya::maps::Map;
 use palisade_services::ServiceTable;
@@ -47,6 +48,37 @@ pub fn attached_socket_hooks() -> Result<usize, DatapathError> {
         }
     }
     Ok(count)
+}
+
+/// Sets the address filter's bits for the frontends and backends the
+/// service maps hold (pins adopted from a build before the filter), so
+/// that the programs of this load find their connections' entries.
+pub(super) fn seed_filter(ebpf: &Ebpf, filter: &Words) -> Result<(), DatapathError> {
+    let map = |name: &'static str| {
+        ebpf.map(name)
+            .ok_or_else(|| DatapathError::Load(format!("map {name} missing")))
+    };
+    let set = |(word, bit): (u32, u64)| {
+        if let Some(w) = filter.get(word) {
+            w.fetch_or(bit, Ordering::Release);
+        }
+    };
+    let frontends: BpfHashMap<&MapData, FrontendKey, FrontendValue> =
+        BpfHashMap::try_from(map(map_names::SVC_FRONTENDS)?)
+            .map_err(map_err(map_names::SVC_FRONTENDS))?;
+    for k in frontends.keys() {
+        let k = k.map_err(map_err(map_names::SVC_FRONTENDS))?;
+        set(addr_filter_bit(FILTER_FRONTENDS, k.family, &k.addr));
+    }
+    let backends: Array<&MapData, BackendValue> =
+        Array::try_from(map(map_names::SVC_BACKENDS)?).map_err(map_err(map_names::SVC_BACKENDS))?;
+    for b in backends.iter() {
+        let b = b.map_err(map_err(map_names::SVC_BACKENDS))?;
+        if b.family != 0 {
+            set(addr_filter_bit(FILTER_BACKENDS, b.family, &b.addr));
+        }
+    }
+    Ok(())
 }
 
 /// A connection's backend as the NAT entries name it.
@@ -185,8 +217,15 @@ impl Datapath {
         new: &ServiceEntries,
         old: &ServiceEntries,
     ) -> Result<(), DatapathError> {
-        // Backends first: a frontend written next finds its ranges in
-        // place.
+        // The filter first: a packet of a connection to a backend or
+        // frontend written next is looked up.
+        for (word, bits) in crate::services::filter_bits(new) {
+            if let Some(w) = self.service_filter.get(word) {
+                w.fetch_or(bits, Ordering::Release);
+            }
+        }
+        // Backends next: a frontend written after them finds its ranges
+        // in place.
         self.write_array(map_names::SVC_BACKENDS, &new.backends)?;
         {
             let mut config: Array<&mut MapData, ServiceConfig> =
@@ -290,6 +329,15 @@ impl Datapath {
 
     fn nat_map(&mut self) -> Result<BpfHashMap<&mut MapData, NatTuple, NatValue>, DatapathError> {
         BpfHashMap::try_from(self.map_mut(map_names::SVC_NAT)?).map_err(map_err(map_names::SVC_NAT))
+    }
+
+    /// Bits of the service address filter set (of
+    /// `64 * ADDR_FILTER_WORDS`; see [`ADDR_FILTER_BITS_LOG2`]).
+    pub fn service_filter_bits(&self) -> usize {
+        (0..self.service_filter.len())
+            .filter_map(|i| self.service_filter.get(i))
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as usize)
+            .sum()
     }
 
     /// NAT entries (both directions of each translated connection) and

@@ -39,6 +39,11 @@ pub(super) static PALISADE_SVC_CONFIG: Array<ServiceConfig> = Array::pinned(1, 0
 /// idle long enough to be evicted is decided again on its next packet.
 #[map]
 pub(super) static PALISADE_SVC_NAT: LruHashMap<NatTuple, NatValue> = LruHashMap::pinned(262_144, 0);
+/// Which addresses may be a frontend or a backend (see
+/// [`ADDR_FILTER_BITS_LOG2`]); words user space sets whole (mmap).
+#[map]
+pub(super) static PALISADE_SVC_FILTER: Array<u64> =
+    Array::pinned(ADDR_FILTER_WORDS, BPF_F_MMAPABLE);
 #[map]
 pub(super) static PALISADE_SVC_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(65_536, 0);
@@ -70,9 +75,33 @@ const L3: usize = ETH_HLEN;
 /// The service maps as [`service_decide`] reads them.
 pub(super) struct Maps;
 
+/// Whether `addr` may be in one half of the address filter (a frontend,
+/// or a backend): false only where no entry can name it there.
+#[inline(always)]
+fn may_be(half: u32, family: u8, addr: &[u8; 16]) -> bool {
+    let (word, bit) = addr_filter_bit(half, family, addr);
+    match PALISADE_SVC_FILTER.get_ptr(word) {
+        // SAFETY: an aligned word of an array map, set whole (an atomic
+        // OR) by user space.
+        Some(w) => (unsafe { core::ptr::read_volatile(w) }) & bit != 0,
+        None => true,
+    }
+}
+
+/// Whether a packet of tuple `t`, as it arrives before policy, may have
+/// a NAT entry: a forward key is to a frontend, the others (a reply, a
+/// masqueraded connection's way back) are from a backend.
+#[inline(always)]
+fn may_have_entry(t: &NatTuple) -> bool {
+    may_be(FILTER_FRONTENDS, t.family, &t.dst) || may_be(FILTER_BACKENDS, t.family, &t.src)
+}
+
 impl ServiceMaps for Maps {
     #[inline(always)]
     fn frontend(&self, key: &FrontendKey) -> Option<FrontendValue> {
+        if !may_be(FILTER_FRONTENDS, key.family, &key.addr) {
+            return None;
+        }
         // SAFETY: the value is copied out at once.
         unsafe { PALISADE_SVC_FRONTENDS.get(key) }.copied()
     }
@@ -198,7 +227,12 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
     let Some(sc) = scratch() else {
         return 0;
     };
-    let Some(v) = PALISADE_SVC_NAT.get_ptr(&sc.tuple) else {
+    let found = if may_have_entry(&sc.tuple) {
+        PALISADE_SVC_NAT.get_ptr(&sc.tuple)
+    } else {
+        None
+    };
+    let Some(v) = found else {
         forget_stale_reply(ctx, h);
         return 0;
     };
@@ -267,6 +301,11 @@ fn forget_stale_reply(ctx: &TcContext, h: &Headers) {
         return;
     };
     let t = sc.tuple;
+    // A reply entry's key is from a backend: to one, a connection may
+    // have a stale one.
+    if !may_be(FILTER_BACKENDS, t.family, &t.dst) {
+        return;
+    }
     sc.next = t.reversed();
     let Some(v) = PALISADE_SVC_NAT.get_ptr(&sc.next) else {
         return;
@@ -330,6 +369,12 @@ fn after_policy_nat(ctx: &TcContext) -> i32 {
         return 0;
     };
     if read_tuple(&bytes, &h, &mut sc.tuple).is_none() {
+        return 0;
+    }
+    // After policy: a reply is from a backend, a masqueraded connection's
+    // SNAT key to one.
+    let t = &sc.tuple;
+    if !may_be(FILTER_BACKENDS, t.family, &t.src) && !may_be(FILTER_BACKENDS, t.family, &t.dst) {
         return 0;
     }
     let Some(v) = PALISADE_SVC_NAT.get_ptr(&sc.tuple) else {

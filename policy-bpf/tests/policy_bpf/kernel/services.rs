@@ -3,7 +3,8 @@
 //! receiver accepts; a Service without endpoints answers ICMP port
 //! unreachable; ClientIP affinity holds; endpoint churn never breaks a
 //! connection whose backend stays and never sends one to a removed
-//! backend; a table that does not fit changes nothing.
+//! backend; a table that does not fit changes nothing; pins of a build
+//! before the address filter get theirs filled from their tables.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -755,4 +756,59 @@ fn socket_probe_child() {
         Ok(a) => println!("probe: {a}"),
         Err(e) => println!("probe: error {e}"),
     }
+}
+
+/// Pins of a build before the address filter: the new load creates the
+/// filter empty beside tables and connections in force, and fills it from
+/// the pinned frontends and backends before its programs run, so an
+/// established connection's replies still find their entry.
+#[test]
+fn a_filter_new_to_adopted_pins_is_filled_from_their_tables() {
+    if !privileged() {
+        return;
+    }
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/palisade-test-filter-pins-{}",
+        std::process::id()
+    ));
+    // Removed however the test ends.
+    struct Pins(std::path::PathBuf);
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _pins = Pins(dir.clone());
+    let backends = ["10.0.2.5", "10.0.3.6"];
+    let client = sock(CLIENT, 40_777);
+    let backend = {
+        let mut dp = Datapath::load(&dir, Capacity::verification()).unwrap();
+        dp.set_services(&table(&[
+            service("api", VIP, false),
+            slice("api", &backends),
+        ]))
+        .unwrap();
+        let (_, out) = dp
+            .run_service(&packet(6, client, sock(VIP, 80), 0x02), 0)
+            .unwrap();
+        destination(&out)
+    };
+    // As an earlier build left them: no filter pinned.
+    std::fs::remove_file(dir.join(policy_bpf_common::map_names::SVC_FILTER)).unwrap();
+    let dp = Datapath::load(&dir, Capacity::verification()).unwrap();
+    // The ClusterIP's bit and both backends' (no table written yet).
+    assert!(
+        dp.service_filter_bits() >= 3,
+        "{} bits",
+        dp.service_filter_bits()
+    );
+    let (_, back) = dp
+        .run_service(&packet(6, backend, client, 0x12), 0)
+        .unwrap();
+    assert_eq!(
+        (source(&back), destination(&back)),
+        (sock(VIP, 80), client),
+        "the reply kept the backend's address"
+    );
+    drop(dp);
 }
