@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 use palisade_services::topology::NodeTopology;
 use palisade_services::{Family, Objects, ProxyConfig, ServiceTable};
 use palisade_testing::netns::{Netns, Topology, ip_batch};
-use policy_bpf::datapath::Datapath;
+use policy_bpf::datapath::{Datapath, Hook};
 use policy_bpf::lower::Capacity;
 use policy_bpf::services::ServiceCapacity;
 use policy_bpf_common::Statistic;
@@ -315,6 +315,27 @@ impl ServiceLab {
     /// translate.
     pub fn connects_to_endpoints(&self, secs: f64) -> Result<ServiceRun> {
         self.connects_to(true, secs)
+    }
+
+    /// The service program in place, from the kernel's run-time
+    /// statistics (enabled for this run only: they add two clock reads a
+    /// run, so the rates are measured without them) during `secs` of
+    /// connections, through the ClusterIPs or to the endpoints:
+    /// (nanoseconds a run, runs a connection); None outside Palisade's lab.
+    pub fn program_time(&self, to_endpoints: bool, secs: f64) -> Result<Option<(f64, f64)>> {
+        let Some(dp) = &self.datapath else {
+            return Ok(None);
+        };
+        let stats = Datapath::enable_run_time_stats()?;
+        let (t0, n0) = dp.program_stats(Hook::Service)?;
+        let run = self.connects_to(to_endpoints, secs)?;
+        let (t1, n1) = dp.program_stats(Hook::Service)?;
+        drop(stats);
+        let runs = n1.saturating_sub(n0).max(1);
+        Ok(Some((
+            t1.saturating_sub(t0).as_nanos() as f64 / runs as f64,
+            runs as f64 / run.connects.connected.max(1) as f64,
+        )))
     }
 
     fn connects_to(&self, endpoints: bool, secs: f64) -> Result<ServiceRun> {

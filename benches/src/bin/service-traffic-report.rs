@@ -37,6 +37,9 @@ struct Row {
     connections: u64,
     /// Palisade's connections not recorded for a full NAT table.
     nat_full: u64,
+    /// The service program in place, through the ClusterIPs and to the
+    /// endpoints: (ns a run, runs a connection).
+    program: [(f64, f64); 2],
 }
 
 /// The value after `flag`, parsed.
@@ -151,6 +154,18 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<Row> {
         }
         eprintln!("{line}");
     }
+    // Then the program's own time in place, in runs of their own (the
+    // kernel's statistics cost each run two clock reads).
+    let mut program = [(0.0, 0.0); 2];
+    for (slot, to_endpoints) in program.iter_mut().zip([false, true]) {
+        *slot = labs[palisade]
+            .program_time(to_endpoints, secs)?
+            .context("Palisade's lab has no datapath")?;
+    }
+    eprintln!(
+        "  the program in place: {:.0} ns a run through the ClusterIPs ({:.1} runs a connection), {:.0} ns to the endpoints",
+        program[0].0, program[0].1, program[1].0
+    );
     eprintln!("  tearing down ...");
     drop(labs);
     let left: Vec<String> = namespaces()?
@@ -179,6 +194,7 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<Row> {
         palisade_rounds,
         connections,
         nat_full,
+        program,
     })
 }
 
@@ -302,6 +318,30 @@ fn main() -> Result<()> {
             us(nft) - us(direct)
         );
     }
+    md.push_str(
+        "\nWhere Palisade's time goes: its program in place, from the kernel's run-time statistics \
+         (`BPF_ENABLE_STATS`, on for one more run of each kind after the rounds, as they add two \
+         clock reads to every run), against what the connection costs over direct above:\n\n\
+         | Services | through the ClusterIPs: ns a run | runs a connection | µs a connection | Palisade adds (µs) | to the endpoints: ns a run | µs a connection | no Service adds (µs) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in &rows {
+        let us = |rate: f64| 1e6 / rate;
+        let [direct, palisade, _, _, untranslated] = r.rates;
+        let [(svc_ns, svc_runs), (ep_ns, ep_runs)] = r.program;
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} |",
+            r.services,
+            svc_ns,
+            svc_runs,
+            svc_ns * svc_runs / 1e3,
+            us(palisade) - us(direct),
+            ep_ns,
+            ep_ns * ep_runs / 1e3,
+            us(untranslated) - us(direct),
+        );
+    }
     let _ = writeln!(
         md,
         "\n![connections per second](services-traffic.svg)\n\n\
@@ -312,12 +352,13 @@ fn main() -> Result<()> {
          packets (SYN, ACK and RST on the client's veth, SYN-ACK on the server's): once as a new \
          connection (the Service found in hash maps, a backend picked, two NAT entries recorded in \
          an LRU, the DNAT) and three times as an established one (a NAT entry read, the rewrite). \
-         [services-per-packet.md](services-per-packet.md) times the program alone on a packet \
-         already in place, 0.6-1.1 and 0.3 µs; what Palisade adds here is more than those four \
-         runs, and the **Palisade, no Service** run shows where: the program on traffic it does \
-         not translate (each packet parsed, a NAT lookup and a frontend lookup that miss, an \
-         address lookup) costs most of it, the translation itself the rest; none of it grows \
-         with the number of Services beyond cache pressure. \
+         The table above times those runs in place, where the caches are colder than under \
+         `BPF_PROG_TEST_RUN` ([services-per-packet.md](services-per-packet.md) times the same \
+         program on a packet already in place); compare its µs a connection with what Palisade \
+         adds. To the endpoints, the address filter spares most packets the hash lookups (the \
+         SYN-ACK, from a backend, and the SYN, to one, still look up the NAT table); what is left \
+         is the parse, an address lookup and the hook. None of it grows with the number of \
+         Services beyond cache pressure. \
          kube-proxy's rules run kernel conntrack for every connection (an entry created, \
          confirmed, NATed both ways, and kept 10 s after the reset) whichever proxier wrote them; the \
          nftables proxier then finds the Service in one verdict-map lookup, so it stays flat, \
