@@ -238,6 +238,14 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
     };
     // SAFETY: a map value stays valid for the rest of this run (RCU).
     let v = unsafe { &*v };
+    if v.flags & NAT_AFTER_POLICY != 0 && opening(ctx, h) {
+        // Before policy, an after-policy key is only ever met as a new
+        // connection's tuple: a closed translated connection's entries
+        // (the LRU keeps them) would capture it.
+        let v = *v;
+        forget_captured(sc, &v);
+        return 0;
+    }
     let managed = interface_zone(arrival(ctx)).is_some();
     if v.flags & NAT_AFTER_POLICY != 0 {
         // The policy programs apply it once they allowed the packet.
@@ -275,27 +283,15 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
 /// (`sc.tuple`): an entry for the way back of its tuple belongs to a
 /// closed translated connection (the LRU keeps entries past their
 /// connection) that used the same client port and backend, and would
-/// give this connection's replies a frontend's address. It goes, with
-/// its forward entry, so a later connection through the frontend from
-/// that port is decided afresh; a live connection with that tuple could
-/// not share it with this one at the backend anyway (conntrack would
-/// have remapped the port). Masqueraded connections' entries stay: their
-/// SNAT entry already covers such a tuple (a gap, see docs/services.md).
+/// give this connection's replies a frontend's address. That
+/// connection's entries go (see [`forget_connection`]), so a later
+/// connection through the frontend from that port is decided afresh; a
+/// live connection with that tuple could not share it with this one at
+/// the backend anyway (conntrack would have remapped the port).
 #[inline(never)]
 fn forget_stale_reply(ctx: &TcContext, h: &Headers) {
-    const SYN: u8 = 0x02;
-    const ACK: u8 = 0x10;
-    if h.protocol != TCP {
+    if !opening(ctx, h) {
         return;
-    }
-    let bytes = Skb {
-        ctx,
-        data: ctx.data(),
-        data_end: ctx.data_end(),
-    };
-    match bytes.fixed::<1>(h.l4 + 13) {
-        Some([flags]) if flags & (SYN | ACK) == SYN => {}
-        _ => return,
     }
     let Some(sc) = scratch() else {
         return;
@@ -311,15 +307,84 @@ fn forget_stale_reply(ctx: &TcContext, h: &Headers) {
         return;
     };
     // SAFETY: a map value stays valid for the rest of this run (RCU).
-    let v = unsafe { &*v };
-    if v.flags & (NAT_REPLY | NAT_AFTER_POLICY | NAT_MASQUERADE) != NAT_REPLY | NAT_AFTER_POLICY {
+    let flags = unsafe { (*v).flags };
+    if flags & (NAT_REPLY | NAT_AFTER_POLICY) != NAT_REPLY | NAT_AFTER_POLICY {
         return;
+    }
+    // Masqueraded, the connection's SNAT entry is keyed by this very
+    // tuple (client to backend).
+    let mut snat = false;
+    if flags & NAT_MASQUERADE != 0
+        && let Some(s) = PALISADE_SVC_NAT.get_ptr(&sc.tuple)
+    {
+        // SAFETY: as above.
+        let s = unsafe { *s };
+        if s.flags & (NAT_MASQUERADE | NAT_REPLY) == NAT_MASQUERADE {
+            sc.snat = s;
+            snat = true;
+        }
+    }
+    forget_connection(sc, snat);
+}
+
+/// Whether the packet opens a TCP connection (SYN without ACK).
+#[inline(always)]
+fn opening(ctx: &TcContext, h: &Headers) -> bool {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    if h.protocol != TCP {
+        return false;
+    }
+    let bytes = Skb {
+        ctx,
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+    };
+    matches!(bytes.fixed::<1>(h.l4 + 13), Some([flags]) if flags & (SYN | ACK) == SYN)
+}
+
+/// A new TCP connection's tuple (`sc.tuple`) met an after-policy entry
+/// `v` before policy, where only a closed translated connection's
+/// entries (the LRU keeps them) can put one: a masqueraded connection's
+/// SNAT entry (the client's port reused straight to the backend), or a
+/// reply entry (the backend opening a connection to the client's port).
+/// That connection's entries go (see [`forget_connection`]).
+#[inline(never)]
+fn forget_captured(sc: &mut ServiceScratch, v: &NatValue) {
+    let snat = v.flags & (NAT_MASQUERADE | NAT_REPLY) == NAT_MASQUERADE;
+    if snat {
+        sc.snat = *v;
+        sc.next = sc.tuple.reversed();
+    } else {
+        sc.next = sc.tuple;
+    }
+    forget_connection(sc, snat);
+}
+
+/// Removes a closed connection's entries: its reply entry (key in
+/// `sc.next`, backend to client) and the forward entry it names; when
+/// `snat`, also its SNAT entry (key `sc.tuple`, value in `sc.snat`) and
+/// the way back to the node's port it names.
+#[inline(always)]
+fn forget_connection(sc: &mut ServiceScratch, snat: bool) {
+    let t = sc.tuple;
+    if snat {
+        let s = sc.snat;
+        let _ = PALISADE_SVC_NAT.remove(&sc.tuple);
+        sc.tuple = t.rewritten(&s).reversed();
+        let _ = PALISADE_SVC_NAT.remove(&sc.tuple);
     }
     // The reply entry restores the frontend: its forward entry is the
     // client to that frontend.
-    sc.tuple = t.rewritten(v).reversed();
-    let _ = PALISADE_SVC_NAT.remove(&sc.next);
-    let _ = PALISADE_SVC_NAT.remove(&sc.tuple);
+    if let Some(r) = PALISADE_SVC_NAT.get_ptr(&sc.next) {
+        // SAFETY: a map value stays valid for the rest of this run (RCU).
+        let r = unsafe { *r };
+        if r.flags & (NAT_REPLY | NAT_AFTER_POLICY) == NAT_REPLY | NAT_AFTER_POLICY {
+            sc.tuple = sc.next.rewritten(&r).reversed();
+            let _ = PALISADE_SVC_NAT.remove(&sc.tuple);
+            let _ = PALISADE_SVC_NAT.remove(&sc.next);
+        }
+    }
     sc.tuple = t;
 }
 

@@ -200,11 +200,62 @@ fn a_connection_round_trips_through_a_cluster_ip_with_valid_checksums() {
     );
 }
 
-/// A closed connection's NAT entries stay in the LRU. A new connection
-/// from the same client port straight to the backend it used keeps the
-/// backend's address on its replies, and a later one through the
-/// ClusterIP from that port is translated both ways again (kube-proxy's
-/// conntrack starts a new entry for each new SYN).
+/// A client port used through the ClusterIP, then (that connection
+/// closed, its entries left in the LRU) straight to the backend, then
+/// through the ClusterIP again, from `client`; `masquerade`: the node
+/// address the backend sees through the ClusterIP (None: the client's).
+/// The direct connection keeps its addresses both ways, and the last is
+/// translated both ways again (kube-proxy's conntrack starts a new entry
+/// for each new SYN). Returns the backend.
+fn reuse_a_client_port(
+    dp: &Datapath,
+    client: SocketAddr,
+    masquerade: Option<IpAddr>,
+) -> SocketAddr {
+    let vip = sock(VIP, 80);
+    let through_vip = || {
+        let (_, out) = dp.run_service(&packet(6, client, vip, 0x02), 0).unwrap();
+        let seen = source(&out);
+        assert_eq!(
+            seen.ip(),
+            masquerade.unwrap_or(client.ip()),
+            "{client}: source"
+        );
+        (seen, destination(&out))
+    };
+    let (_, backend) = through_vip();
+    assert_eq!(backend, sock("10.0.2.5", 8080));
+    let (run, out) = dp
+        .run_service(&packet(6, client, backend, 0x02), 0)
+        .unwrap();
+    assert!(run.passed());
+    assert_eq!(
+        (source(&out), destination(&out)),
+        (client, backend),
+        "{client}: a direct connection keeps its addresses"
+    );
+    let (_, back) = dp
+        .run_service(&packet(6, backend, client, 0x12), 0)
+        .unwrap();
+    assert_eq!(
+        (source(&back), destination(&back)),
+        (backend, client),
+        "{client}: a direct connection's reply keeps the backend's address"
+    );
+    let (seen, to) = through_vip();
+    assert_eq!(to, backend);
+    let (_, back) = dp.run_service(&packet(6, backend, seen, 0x12), 0).unwrap();
+    assert_eq!(
+        (source(&back), destination(&back)),
+        (vip, client),
+        "{client}: the reply comes from the ClusterIP again"
+    );
+    backend
+}
+
+/// A closed connection's NAT entries stay in the LRU: a new connection
+/// from its client port straight to its backend, or from the backend's
+/// port to the client's, is not taken for it.
 #[test]
 fn a_reused_client_port_is_not_taken_for_a_closed_connection() {
     if !privileged() {
@@ -217,36 +268,41 @@ fn a_reused_client_port_is_not_taken_for_a_closed_connection() {
     ]))
     .unwrap();
     let client = sock(CLIENT, 40_010);
-    let vip = sock(VIP, 80);
-    let (_, out) = dp.run_service(&packet(6, client, vip, 0x02), 0).unwrap();
-    let backend = destination(&out);
-    assert_eq!(backend, sock("10.0.2.5", 8080));
-    // That connection ends; its entries stay. The port again, straight
-    // to the backend:
-    let (run, out) = dp
-        .run_service(&packet(6, client, backend, 0x02), 0)
-        .unwrap();
-    assert!(run.passed());
-    assert_eq!((source(&out), destination(&out)), (client, backend));
-    let (_, back) = dp
-        .run_service(&packet(6, backend, client, 0x12), 0)
+    let backend = reuse_a_client_port(&dp, client, None);
+    // That one ends too; the backend opens a connection from its port
+    // to the client's: not answered for the ClusterIP.
+    let (_, out) = dp
+        .run_service(&packet(6, backend, client, 0x02), 0)
         .unwrap();
     assert_eq!(
-        source(&back),
-        backend,
-        "a direct connection's reply keeps the backend's address"
+        (source(&out), destination(&out)),
+        (backend, client),
+        "the backend's own connection keeps its address"
     );
-    // And through the ClusterIP once more: both ways translated.
-    let (_, out) = dp.run_service(&packet(6, client, vip, 0x02), 0).unwrap();
-    assert_eq!(destination(&out), backend);
-    let (_, back) = dp
-        .run_service(&packet(6, backend, client, 0x12), 0)
-        .unwrap();
-    assert_eq!(
-        source(&back),
-        vip,
-        "the reply comes from the ClusterIP again"
-    );
+}
+
+/// The same for a masqueraded connection (a client outside the cluster
+/// CIDR): its SNAT entry is keyed by the client's port to the backend,
+/// and its reply entry by the backend to that port; neither takes the
+/// direct connection, whether or not the client is itself a backend (of
+/// another Service: the address filter then lets its packets look their
+/// tuple up).
+#[test]
+fn a_reused_client_port_is_not_taken_for_a_closed_masqueraded_connection() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = load();
+    dp.set_services(&table(&[
+        service("api", VIP, false),
+        slice("api", &["10.0.2.5"]),
+        service("db", "172.30.0.20", false),
+        slice("db", &["192.168.5.10"]),
+    ]))
+    .unwrap();
+    let node: IpAddr = "192.168.0.2".parse().unwrap();
+    reuse_a_client_port(&dp, sock("192.168.5.9", 40_020), Some(node));
+    reuse_a_client_port(&dp, sock("192.168.5.10", 40_021), Some(node));
 }
 
 #[test]
