@@ -182,7 +182,9 @@ fn main() -> Result<()> {
          grows is cache misses. Here each connection goes to a Service no earlier connection \
          touched, so at 10k it reads three lines from memory one after another (the frontend's \
          hash bucket, the frontend entry with its Service port's values, the backend) where \
-         direct reads one (the bucket that says there is no frontend); on this 2-core virtual \
+         direct, to a pod that is some Service's endpoint, reads the address filter's words \
+         and, its SYN going to a backend, the NAT bucket a stale reply entry would be in, never \
+         the frontend table (the filter says its address is no frontend); on this 2-core virtual \
          machine each such miss costs 100-170 ns against a cached new connection of about \
          550 ns, so this worst case stays above the goal. The Service port's values were an \
          array entry of their own, a fourth miss, until they moved into the frontend entry.\n\n\
