@@ -400,17 +400,20 @@ pub fn service_packet(
     }
 }
 
-/// The address filter's bits for `entries` (word → bits to set): every
-/// frontend address in the frontends' half, every backend address in the
+/// The address filter's bits (word → bits to set): every frontend
+/// address in the frontends' half, every backend address in the
 /// backends' half (see [`ADDR_FILTER_BITS_LOG2`]). They are set, never
 /// cleared: a backend gone from the table may still have connections.
-pub fn filter_bits(entries: &ServiceEntries) -> BTreeMap<u32, u64> {
+pub fn filter_bits<'a>(
+    frontends: impl IntoIterator<Item = &'a FrontendKey>,
+    backends: impl IntoIterator<Item = &'a BackendValue>,
+) -> BTreeMap<u32, u64> {
     let mut words = BTreeMap::new();
     let mut set = |(word, bit): (u32, u64)| *words.entry(word).or_insert(0) |= bit;
-    for k in entries.frontends.keys() {
+    for k in frontends {
         set(addr_filter_bit(FILTER_FRONTENDS, k.family, &k.addr));
     }
-    for b in &entries.backends {
+    for b in backends {
         set(addr_filter_bit(FILTER_BACKENDS, b.family, &b.addr));
     }
     words
@@ -495,7 +498,7 @@ mod tests {
         // The address filter names every frontend and backend in its
         // half, and a client address in neither (these addresses do not
         // collide).
-        let bits = filter_bits(&entries);
+        let bits = filter_bits(entries.frontends.keys(), &entries.backends);
         let has = |half, ip: &str| {
             let ip: IpAddr = ip.parse().unwrap();
             let (word, bit) = addr_filter_bit(half, family_code(&ip), &addr_bytes(&ip));

@@ -58,27 +58,34 @@ pub(super) fn seed_filter(ebpf: &Ebpf, filter: &Words) -> Result<(), DatapathErr
         ebpf.map(name)
             .ok_or_else(|| DatapathError::Load(format!("map {name} missing")))
     };
-    let set = |(word, bit): (u32, u64)| {
-        if let Some(w) = filter.get(word) {
-            w.fetch_or(bit, Ordering::Release);
-        }
-    };
     let frontends: BpfHashMap<&MapData, FrontendKey, FrontendValue> =
         BpfHashMap::try_from(map(map_names::SVC_FRONTENDS)?)
             .map_err(map_err(map_names::SVC_FRONTENDS))?;
-    for k in frontends.keys() {
-        let k = k.map_err(map_err(map_names::SVC_FRONTENDS))?;
-        set(addr_filter_bit(FILTER_FRONTENDS, k.family, &k.addr));
-    }
+    let frontends: Vec<FrontendKey> = frontends
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(map_names::SVC_FRONTENDS))?;
     let backends: Array<&MapData, BackendValue> =
         Array::try_from(map(map_names::SVC_BACKENDS)?).map_err(map_err(map_names::SVC_BACKENDS))?;
+    let mut listed = Vec::new();
     for b in backends.iter() {
         let b = b.map_err(map_err(map_names::SVC_BACKENDS))?;
+        // Unused slots are zero.
         if b.family != 0 {
-            set(addr_filter_bit(FILTER_BACKENDS, b.family, &b.addr));
+            listed.push(b);
         }
     }
+    set_filter_bits(filter, crate::services::filter_bits(&frontends, &listed));
     Ok(())
+}
+
+/// ORs `bits` (word → bits) into the address filter.
+fn set_filter_bits(filter: &Words, bits: std::collections::BTreeMap<u32, u64>) {
+    for (word, bits) in bits {
+        if let Some(w) = filter.get(word) {
+            w.fetch_or(bits, Ordering::Release);
+        }
+    }
 }
 
 /// A connection's backend as the NAT entries name it.
@@ -219,11 +226,10 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         // The filter first: a packet of a connection to a backend or
         // frontend written next is looked up.
-        for (word, bits) in crate::services::filter_bits(new) {
-            if let Some(w) = self.service_filter.get(word) {
-                w.fetch_or(bits, Ordering::Release);
-            }
-        }
+        set_filter_bits(
+            &self.service_filter,
+            crate::services::filter_bits(new.frontends.keys(), &new.backends),
+        );
         // Backends next: a frontend written after them finds its ranges
         // in place.
         self.write_array(map_names::SVC_BACKENDS, &new.backends)?;

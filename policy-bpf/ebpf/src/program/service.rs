@@ -308,14 +308,14 @@ fn forget_stale_reply(ctx: &TcContext, h: &Headers) {
         return;
     };
     // SAFETY: a map value stays valid for the rest of this run (RCU).
-    let flags = unsafe { (*v).flags };
-    if flags & (NAT_REPLY | NAT_AFTER_POLICY) != NAT_REPLY | NAT_AFTER_POLICY {
+    sc.reply = unsafe { *v };
+    if !restores_frontend(&sc.reply) {
         return;
     }
     // Masqueraded, the connection's SNAT entry is keyed by this very
     // tuple (client to backend).
     let mut snat = false;
-    if flags & NAT_MASQUERADE != 0
+    if sc.reply.flags & NAT_MASQUERADE != 0
         && let Some(s) = PALISADE_SVC_NAT.get_ptr(&sc.tuple)
     {
         // SAFETY: as above.
@@ -325,7 +325,14 @@ fn forget_stale_reply(ctx: &TcContext, h: &Headers) {
             snat = true;
         }
     }
-    forget_connection(sc, snat);
+    forget_connection(sc, snat, true);
+}
+
+/// Whether a NAT entry is a reply entry, which gives a backend's packets
+/// the frontend's address back.
+#[inline(always)]
+fn restores_frontend(v: &NatValue) -> bool {
+    v.flags & (NAT_REPLY | NAT_AFTER_POLICY) == NAT_REPLY | NAT_AFTER_POLICY
 }
 
 /// Whether the packet opens a TCP connection (SYN without ACK).
@@ -353,21 +360,29 @@ fn opening(ctx: &TcContext, h: &Headers) -> bool {
 #[inline(never)]
 fn forget_captured(sc: &mut ServiceScratch, v: &NatValue) {
     let snat = v.flags & (NAT_MASQUERADE | NAT_REPLY) == NAT_MASQUERADE;
+    let mut reply = false;
     if snat {
         sc.snat = *v;
         sc.next = sc.tuple.reversed();
+        if let Some(r) = PALISADE_SVC_NAT.get_ptr(&sc.next) {
+            // SAFETY: a map value stays valid for the rest of this run (RCU).
+            sc.reply = unsafe { *r };
+            reply = restores_frontend(&sc.reply);
+        }
     } else {
         sc.next = sc.tuple;
+        sc.reply = *v;
+        reply = restores_frontend(v);
     }
-    forget_connection(sc, snat);
+    forget_connection(sc, snat, reply);
 }
 
-/// Removes a closed connection's entries: its reply entry (key in
-/// `sc.next`, backend to client) and the forward entry it names; when
-/// `snat`, also its SNAT entry (key `sc.tuple`, value in `sc.snat`) and
-/// the way back to the node's port it names.
+/// Removes a closed connection's entries: when `reply`, its reply entry
+/// (key `sc.next`, backend to client; value `sc.reply`) and the forward
+/// entry it names; when `snat`, its SNAT entry (key `sc.tuple`, value
+/// `sc.snat`) and the way back to the node's port it names.
 #[inline(always)]
-fn forget_connection(sc: &mut ServiceScratch, snat: bool) {
+fn forget_connection(sc: &mut ServiceScratch, snat: bool, reply: bool) {
     let t = sc.tuple;
     if snat {
         let s = sc.snat;
@@ -375,16 +390,13 @@ fn forget_connection(sc: &mut ServiceScratch, snat: bool) {
         sc.tuple = t.rewritten(&s).reversed();
         let _ = PALISADE_SVC_NAT.remove(&sc.tuple);
     }
-    // The reply entry restores the frontend: its forward entry is the
-    // client to that frontend.
-    if let Some(r) = PALISADE_SVC_NAT.get_ptr(&sc.next) {
-        // SAFETY: a map value stays valid for the rest of this run (RCU).
-        let r = unsafe { *r };
-        if r.flags & (NAT_REPLY | NAT_AFTER_POLICY) == NAT_REPLY | NAT_AFTER_POLICY {
-            sc.tuple = sc.next.rewritten(&r).reversed();
-            let _ = PALISADE_SVC_NAT.remove(&sc.tuple);
-            let _ = PALISADE_SVC_NAT.remove(&sc.next);
-        }
+    if reply {
+        // The reply entry restores the frontend: its forward entry is the
+        // client to that frontend.
+        let r = sc.reply;
+        sc.tuple = sc.next.rewritten(&r).reversed();
+        let _ = PALISADE_SVC_NAT.remove(&sc.tuple);
+        let _ = PALISADE_SVC_NAT.remove(&sc.next);
     }
     sc.tuple = t;
 }
