@@ -30,6 +30,10 @@ enum Source {
     /// The node namespace: a process of the node, balanced by the socket
     /// hooks.
     Node,
+    /// The external namespace, from an address the node serves: a load
+    /// balancer's IP, which it SNATs the clients it forwards to (its
+    /// own connections to that address leave for the node).
+    ServedExternal,
 }
 
 /// Where a probe's source lives, or why real traffic cannot carry it.
@@ -37,22 +41,22 @@ fn source_kind(table: &ServiceTable, ip: &IpAddr) -> Result<Source, String> {
     if table.config.is_node_local(ip) {
         return Ok(Source::Node);
     }
+    let pod = table.config.is_pod(ip);
     if table
         .frontends
         .keys()
         .any(|(frontend, _, _)| frontend == ip)
     {
-        return Err(
-            "the source is a Service frontend (traffic the node SNATs to its LB IP): in a \
-             namespace it would take every probe to that address"
-                .into(),
-        );
+        if pod {
+            return Err(
+                "the source is a pod address the node also serves: in the pod's namespace \
+                 its connections to it would stay there"
+                    .into(),
+            );
+        }
+        return Ok(Source::ServedExternal);
     }
-    Ok(if table.config.is_pod(ip) {
-        Source::Pod
-    } else {
-        Source::External
-    })
+    Ok(if pod { Source::Pod } else { Source::External })
 }
 
 /// Why a probe cannot run on real traffic, if it cannot.
@@ -112,7 +116,10 @@ impl ServiceNode {
                     ips.insert(*s);
                 }
                 Ok(Source::External) if !ips.contains(s) => {
-                    external.insert(*s);
+                    external.insert((*s, false));
+                }
+                Ok(Source::ServedExternal) if !ips.contains(s) => {
+                    external.insert((*s, true));
                 }
                 Ok(Source::Node) => {
                     node_ips.insert(*s);
@@ -131,8 +138,13 @@ impl ServiceNode {
             })
             .collect::<Result<_, String>>()?;
         let mut topo = Topology::build(&pods).map_err(|e| e.to_string())?;
-        for ip in external {
-            topo.add_external(ip).map_err(|e| e.to_string())?;
+        for (ip, served) in external {
+            if served {
+                topo.add_external_frontend(ip)
+            } else {
+                topo.add_external(ip)
+            }
+            .map_err(|e| e.to_string())?;
         }
         // The node's own addresses, for its probes to start from.
         let lines: Vec<String> = node_ips
@@ -388,5 +400,59 @@ fn outcome(output: Output) -> Outcome {
     Outcome {
         output,
         masq: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_services::topology::NodeTopology;
+    use palisade_services::{Family, Objects};
+    use serde_json::json;
+
+    /// One LoadBalancer Service: ClusterIP 172.30.0.41, ingress IPs
+    /// 1.2.3.4 and (a pod address, as a misconfigured one) 10.0.0.9.
+    fn table() -> ServiceTable {
+        let docs = [
+            json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "lb", "namespace": "ns"},
+                "spec": {"type": "LoadBalancer", "clusterIP": "172.30.0.41",
+                         "ports": [{"port": 80, "protocol": "TCP", "nodePort": 3001}]},
+                "status": {"loadBalancer": {"ingress": [{"ip": "1.2.3.4"}, {"ip": "10.0.0.9"}]}}}),
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "lb-1", "namespace": "ns",
+                             "labels": {"kubernetes.io/service-name": "lb"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["10.180.0.1"], "conditions": {}}],
+                "ports": [{"port": 80, "protocol": "TCP"}]}),
+        ];
+        let config = ProxyConfig {
+            family: Family::V4,
+            node: NodeTopology {
+                name: "node-a".into(),
+                zone: None,
+                prefer_same_node: false,
+            },
+            node_ips: vec!["192.168.0.2".parse().unwrap()],
+            cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            service_cidrs: vec!["172.30.0.0/16".parse().unwrap()],
+            masquerade_all: false,
+            node_port_addresses: vec![],
+        };
+        let objects = Objects::from_documents(&docs).unwrap();
+        ServiceTable::build(config, &objects.service_ports(Family::V4).unwrap())
+    }
+
+    #[test]
+    fn a_source_is_placed_where_real_traffic_can_come_from() {
+        let t = table();
+        let kind = |ip: &str| source_kind(&t, &ip.parse().unwrap());
+        assert_eq!(kind("192.168.0.2"), Ok(Source::Node));
+        assert_eq!(kind("10.0.0.2"), Ok(Source::Pod));
+        assert_eq!(kind("203.0.113.2"), Ok(Source::External));
+        // The load balancer's own IP, as it SNATs its clients.
+        assert_eq!(kind("1.2.3.4"), Ok(Source::ServedExternal));
+        // A pod's namespace would keep its connections to itself.
+        assert!(kind("10.0.0.9").is_err());
     }
 }

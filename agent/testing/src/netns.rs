@@ -28,6 +28,14 @@ pub const HOST_MAC_BYTES: [u8; 6] = [0xee; 6];
 pub const GATEWAY_V4: &str = "169.254.1.1";
 /// IPv6 gateway pods route through.
 pub const GATEWAY_V6: &str = "fe80::1";
+/// Preference of the external namespace's rules for its own connections
+/// to a served address of its own: before the local table's, which moves
+/// from 0 to [`LOCAL_RULE`].
+const EXTERNAL_FRONTEND_RULE: u32 = 10;
+/// Where the external namespace's local-table rule moves.
+const LOCAL_RULE: u32 = 20;
+/// Routing table of those connections: out to the node.
+const EXTERNAL_FRONTEND_TABLE: u32 = 110;
 
 /// Namespace and wiring failures.
 #[derive(Debug, thiserror::Error)]
@@ -56,12 +64,25 @@ pub enum NetnsError {
 
 /// Runs `ip` with batch lines on stdin, optionally inside a namespace.
 pub fn ip_batch(netns: Option<&str>, lines: &[String]) -> Result<(), NetnsError> {
+    ip_batch_family(netns, None, lines)
+}
+
+/// As [`ip_batch`], with `ip -6` when `v6` (a batch line cannot say it;
+/// `rule` lines take the family from it).
+fn ip_batch_family(
+    netns: Option<&str>,
+    v6: Option<bool>,
+    lines: &[String],
+) -> Result<(), NetnsError> {
     if lines.is_empty() {
         return Ok(());
     }
     let mut cmd = Command::new("ip");
     if let Some(n) = netns {
         cmd.args(["-n", n]);
+    }
+    if v6 == Some(true) {
+        cmd.arg("-6");
     }
     cmd.args(["-b", "-"])
         .stdin(Stdio::piped())
@@ -270,6 +291,9 @@ pub struct Topology {
     pods: Vec<PodNet>,
     external: Netns,
     external_ips: HashSet<IpAddr>,
+    /// The families (IPv6: true) whose external rules were moved for
+    /// [`Topology::add_external_frontend`].
+    external_frontend_rules: HashSet<bool>,
     owners: HashMap<IpAddr, Owner>,
     by_key: BTreeMap<EndpointKey, usize>,
     unusable: HashMap<IpAddr, String>,
@@ -309,6 +333,7 @@ impl Topology {
             pods: Vec::new(),
             external,
             external_ips: HashSet::new(),
+            external_frontend_rules: HashSet::new(),
             owners: HashMap::new(),
             by_key: BTreeMap::new(),
             unusable: HashMap::new(),
@@ -443,6 +468,40 @@ impl Topology {
         self.external_ips.insert(ip);
         self.owners.insert(ip, Owner::External);
         Ok(())
+    }
+
+    /// Makes `ip` an external address that is also one the node serves
+    /// (a load balancer's IP, which it SNATs the clients it forwards to):
+    /// the external namespace's own connections to `ip` leave for the
+    /// node instead of being delivered locally, and the answers, from
+    /// `ip` to `ip`, are taken in. Others' connections to `ip` still go
+    /// to the node (its route for `ip` only carries the answers back).
+    pub fn add_external_frontend(&mut self, ip: IpAddr) -> Result<(), NetnsError> {
+        self.add_external(ip)?;
+        // A rule before the local table's (moved after it), for locally
+        // sent packets only (`iif lo`): arriving ones, from the node, are
+        // delivered.
+        let (v6, all, gateway) = match ip {
+            IpAddr::V4(_) => (false, "0.0.0.0/0", GATEWAY_V4),
+            IpAddr::V6(_) => (true, "::/0", GATEWAY_V6),
+        };
+        let table = EXTERNAL_FRONTEND_TABLE;
+        let mut lines = Vec::new();
+        if !self.external_frontend_rules.contains(&v6) {
+            lines.push(format!("rule add pref {LOCAL_RULE} lookup local"));
+            lines.push("rule del pref 0 lookup local".to_string());
+            lines.push(format!(
+                "route add {all} via {gateway} dev eth0 table {table}"
+            ));
+        }
+        lines.push(format!(
+            "rule add to {} iif lo pref {EXTERNAL_FRONTEND_RULE} lookup {table}",
+            host_prefix(&ip)
+        ));
+        ip_batch_family(Some(self.external.name()), Some(v6), &lines)?;
+        self.external_frontend_rules.insert(v6);
+        // The answers carry a source address of this namespace.
+        self.external.sysctl("ipv4/conf/eth0/accept_local", "1")
     }
 
     /// Who holds an address, or why no one can.
