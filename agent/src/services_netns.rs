@@ -64,15 +64,8 @@ pub fn unsupported(table: &ServiceTable, packet: &Packet, want: &Outcome) -> Opt
     if packet.protocol == Protocol::Sctp {
         return Some("this kernel has no SCTP".into());
     }
-    match want.output {
-        Output::Pass => {
-            return Some(
-                "not service traffic: its fate is the node's routing, not the service program's"
-                    .into(),
-            );
-        }
-        Output::Accept => return Some("ACCEPT is an iptables filter outcome".into()),
-        _ => {}
+    if want.output == Output::Accept {
+        return Some("ACCEPT is an iptables filter outcome".into());
     }
     if packet.protocol == Protocol::Udp && want.output == Output::Drop {
         return Some("a dropped UDP datagram and an unanswered one look alike".into());
@@ -97,10 +90,13 @@ pub struct ServiceNode {
 impl ServiceNode {
     /// Builds the node for `table` and the probes' sources, with `dp`
     /// programmed with `table` and attached to its interfaces.
+    /// `untouched`: where probes the program should leave alone go (a
+    /// listener waits there, so that they show they arrived unchanged).
     pub fn build(
         dp: &mut Datapath,
         table: &ServiceTable,
         sources: &[IpAddr],
+        untouched: &[(Protocol, SocketAddr)],
     ) -> Result<ServiceNode, String> {
         let backends: BTreeSet<SocketAddr> = table
             .services
@@ -146,8 +142,22 @@ impl ServiceNode {
             }
             .map_err(|e| e.to_string())?;
         }
-        // The node's own addresses, for its probes to start from.
-        let lines: Vec<String> = node_ips
+        // Where untouched probes go: the node's own addresses are the
+        // node's, pods' their pods'; anything else (a ClusterIP on a port
+        // it does not serve, say) an address of the external namespace,
+        // whose own connections to it still leave for the node.
+        let mut node_addresses = node_ips.clone();
+        for (_, at) in untouched {
+            let ip = at.ip();
+            if table.config.is_node_local(&ip) || ip.is_loopback() {
+                node_addresses.insert(ip);
+            } else if topo.owner(&ip).is_err() {
+                topo.add_external_frontend(ip).map_err(|e| e.to_string())?;
+            }
+        }
+        // The node's own addresses, for its probes to start from and its
+        // untouched probes to reach.
+        let lines: Vec<String> = node_addresses
             .iter()
             .filter(|ip| !ip.is_loopback())
             .map(|ip| match ip {
@@ -195,11 +205,19 @@ impl ServiceNode {
             config: table.config.clone(),
             node_cgroup,
         };
-        for b in backends {
-            let Ok(owner) = node.topo.owner(&b.ip()) else {
+        let untouched_at = untouched.iter().map(|(_, at)| *at);
+        for b in backends.into_iter().chain(untouched_at) {
+            if node.tcp.contains_key(&b) {
                 continue;
+            }
+            let ns = if node.config.is_node_local(&b.ip()) || b.ip().is_loopback() {
+                node.topo.node()
+            } else {
+                let Ok(owner) = node.topo.owner(&b.ip()) else {
+                    continue;
+                };
+                node.topo.netns(owner)
             };
-            let ns = node.topo.netns(owner);
             let tcp = ns
                 .run(|| TcpListener::bind(b))
                 .map_err(|e| e.to_string())?
@@ -255,6 +273,20 @@ impl ServiceNode {
                 _ => once()?,
             };
             match answer {
+                // It arrived where it was sent: the program left it alone
+                // (from its own source; a masqueraded one is no pass).
+                Answer::Backend(b, from) if b == dst => {
+                    let output = if from == packet.source {
+                        Output::Pass
+                    } else {
+                        Output::Endpoints([b].into())
+                    };
+                    let masq = from != packet.source;
+                    return Ok((
+                        Outcome { output, masq },
+                        format!("{dst} took it from {from}"),
+                    ));
+                }
                 Answer::Backend(b, from) => {
                     seen.insert(b);
                     masq |= from != packet.source;

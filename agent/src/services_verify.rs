@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use palisade_services::case::{Case, Outcome, Output, check_selection, outcome};
-use palisade_services::{Packet, ServiceTable};
+use palisade_services::{Packet, Protocol, ServiceTable};
 use std::net::SocketAddr;
 
 use policy_bpf::datapath::Datapath;
@@ -93,7 +93,16 @@ pub fn run_file(
         let Some(dp) = kernel.as_mut() else {
             anyhow::bail!("the datapath is loaded above");
         };
-        match crate::services_netns::ServiceNode::build(dp, &table, &sources) {
+        // Where probes that pass the service program untouched are sent:
+        // a listener there shows they arrived as they left.
+        let untouched: Vec<(Protocol, SocketAddr)> = case
+            .probes
+            .iter()
+            .filter(|p| p.expected().is_ok_and(|w| w.output == Output::Pass))
+            .filter_map(|p| p.packet().ok())
+            .map(|k| (k.protocol, SocketAddr::new(k.destination, k.port)))
+            .collect();
+        match crate::services_netns::ServiceNode::build(dp, &table, &sources, &untouched) {
             Ok(n) => netns = Some(n),
             Err(e) => {
                 outln!("FAIL {name}: the case's node: {e}")?;
