@@ -96,7 +96,7 @@ impl ServiceNode {
         dp: &mut Datapath,
         table: &ServiceTable,
         sources: &[IpAddr],
-        untouched: &[(Protocol, SocketAddr)],
+        untouched: &[SocketAddr],
     ) -> Result<ServiceNode, String> {
         let backends: BTreeSet<SocketAddr> = table
             .services
@@ -147,7 +147,7 @@ impl ServiceNode {
         // it does not serve, say) an address of the external namespace,
         // whose own connections to it still leave for the node.
         let mut node_addresses = node_ips.clone();
-        for (_, at) in untouched {
+        for at in untouched {
             let ip = at.ip();
             if table.config.is_node_local(&ip) || ip.is_loopback() {
                 node_addresses.insert(ip);
@@ -205,8 +205,7 @@ impl ServiceNode {
             config: table.config.clone(),
             node_cgroup,
         };
-        let untouched_at = untouched.iter().map(|(_, at)| *at);
-        for b in backends.into_iter().chain(untouched_at) {
+        for b in backends.into_iter().chain(untouched.iter().copied()) {
             if node.tcp.contains_key(&b) {
                 continue;
             }
@@ -276,12 +275,12 @@ impl ServiceNode {
                 // It arrived where it was sent: the program left it alone
                 // (from its own source; a masqueraded one is no pass).
                 Answer::Backend(b, from) if b == dst => {
-                    let output = if from == packet.source {
-                        Output::Pass
-                    } else {
-                        Output::Endpoints([b].into())
-                    };
                     let masq = from != packet.source;
+                    let output = if masq {
+                        Output::Endpoints([b].into())
+                    } else {
+                        Output::Pass
+                    };
                     return Ok((
                         Outcome { output, masq },
                         format!("{dst} took it from {from}"),

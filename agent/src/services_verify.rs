@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use palisade_services::case::{Case, Outcome, Output, check_selection, outcome};
-use palisade_services::{Packet, Protocol, ServiceTable};
+use palisade_services::{Packet, ServiceTable};
 use std::net::SocketAddr;
 
 use policy_bpf::datapath::Datapath;
@@ -95,12 +95,12 @@ pub fn run_file(
         };
         // Where probes that pass the service program untouched are sent:
         // a listener there shows they arrived as they left.
-        let untouched: Vec<(Protocol, SocketAddr)> = case
+        let untouched: Vec<SocketAddr> = case
             .probes
             .iter()
             .filter(|p| p.expected().is_ok_and(|w| w.output == Output::Pass))
             .filter_map(|p| p.packet().ok())
-            .map(|k| (k.protocol, SocketAddr::new(k.destination, k.port)))
+            .map(|k| SocketAddr::new(k.destination, k.port))
             .collect();
         match crate::services_netns::ServiceNode::build(dp, &table, &sources, &untouched) {
             Ok(n) => netns = Some(n),

@@ -64,16 +64,12 @@ pub enum NetnsError {
 
 /// Runs `ip` with batch lines on stdin, optionally inside a namespace.
 pub fn ip_batch(netns: Option<&str>, lines: &[String]) -> Result<(), NetnsError> {
-    ip_batch_family(netns, None, lines)
+    ip_batch_family(netns, false, lines)
 }
 
 /// As [`ip_batch`], with `ip -6` when `v6` (a batch line cannot say it;
 /// `rule` lines take the family from it).
-fn ip_batch_family(
-    netns: Option<&str>,
-    v6: Option<bool>,
-    lines: &[String],
-) -> Result<(), NetnsError> {
+fn ip_batch_family(netns: Option<&str>, v6: bool, lines: &[String]) -> Result<(), NetnsError> {
     if lines.is_empty() {
         return Ok(());
     }
@@ -81,7 +77,7 @@ fn ip_batch_family(
     if let Some(n) = netns {
         cmd.args(["-n", n]);
     }
-    if v6 == Some(true) {
+    if v6 {
         cmd.arg("-6");
     }
     cmd.args(["-b", "-"])
@@ -498,7 +494,7 @@ impl Topology {
             "rule add to {} iif lo pref {EXTERNAL_FRONTEND_RULE} lookup {table}",
             host_prefix(&ip)
         ));
-        ip_batch_family(Some(self.external.name()), Some(v6), &lines)?;
+        ip_batch_family(Some(self.external.name()), v6, &lines)?;
         self.external_frontend_rules.insert(v6);
         // The answers carry a source address of this namespace.
         self.external.sysctl("ipv4/conf/eth0/accept_local", "1")
