@@ -195,6 +195,15 @@ impl ServiceNode {
             let cgroup = TestCgroup::new("services-netns").map_err(|e| format!("cgroup: {e}"))?;
             dp.attach_socket_hooks(cgroup.path())
                 .map_err(|e| format!("socket hooks: {e}"))?;
+            // The node is a namespace of its own: its probes' sockets are
+            // the node's.
+            let node_netns = topo
+                .node()
+                .run(policy_bpf::datapath::current_netns_cookie)
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("the node's netns cookie: {e}"))?;
+            dp.set_socket_netns(node_netns, policy_bpf::datapath::SocketNetns::Node)
+                .map_err(|e| format!("socket hooks: {e}"))?;
             Some(cgroup)
         };
         let mut node = ServiceNode {

@@ -3,7 +3,7 @@
 //! map (a table that does not fit changes nothing), and the same entries
 //! read back in user space for the `maps` engine.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
@@ -72,6 +72,21 @@ pub struct ServiceEntries {
     /// ((service, prefix), `RANGE_*` flags), folded the same way.
     pub source_ranges: Vec<((u32, IpNet), u8)>,
     pub config: ServiceConfig,
+}
+
+/// A service range as the programs test it.
+fn service_range(net: &IpNet) -> ServiceRange {
+    let (family, addr) = net_bytes(net);
+    let mask_bytes = addr_bytes(&net.netmask());
+    let word = |b: &[u8; 16], i: usize| {
+        u32::from_ne_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+    };
+    ServiceRange {
+        net: std::array::from_fn(|i| word(&addr, i) & word(&mask_bytes, i)),
+        mask: std::array::from_fn(|i| word(&mask_bytes, i)),
+        family,
+        pad: [0; 3],
+    }
 }
 
 /// 16-byte address form of the maps.
@@ -167,6 +182,18 @@ pub fn lower_service_tables(
         .map(|(((), net), f)| (net, f))
         .collect();
     out.source_ranges = fold(ranges);
+    // The service ranges, for the programs to rule an address out without
+    // the trie; more than the configuration holds and they use the trie.
+    let service_ranges: BTreeSet<IpNet> = tables
+        .iter()
+        .flat_map(|t| t.config.service_cidrs.iter().map(IpNet::trunc))
+        .collect();
+    if service_ranges.len() <= SERVICE_RANGES {
+        out.config.flags |= CONFIG_RANGES_KNOWN;
+        for (slot, net) in out.config.ranges.iter_mut().zip(&service_ranges) {
+            *slot = service_range(net);
+        }
+    }
     if !out.frontends.is_empty() {
         out.config.flags |= CONFIG_ENABLED;
     }
@@ -446,6 +473,41 @@ mod tests {
                "addressType": kind,
                "endpoints": [{"addresses": [addr], "conditions": {"ready": true}}],
                "ports": [{"name": "http", "port": 9090, "protocol": "TCP"}]})
+    }
+
+    /// The service ranges go into the configuration, where the programs
+    /// rule an address out without the trie; more than it holds, and the
+    /// flag says the programs must use the trie.
+    #[test]
+    fn service_ranges_are_in_the_configuration_while_they_fit() {
+        let objects = Objects::from_documents(&[]).unwrap();
+        let with = |cidrs: &[&str]| {
+            let mut t = table(Family::V4, &objects);
+            t.config.service_cidrs = cidrs.iter().map(|c| c.parse().unwrap()).collect();
+            lower_service_tables(&[t], &ServiceCapacity::default()).unwrap()
+        };
+        let e = with(&["172.30.0.0/16", "fd30::/112"]);
+        assert!(e.config.flags & CONFIG_RANGES_KNOWN != 0);
+        let bytes = |ip: &str| {
+            let ip: IpAddr = ip.parse().unwrap();
+            (family_code(&ip), addr_bytes(&ip))
+        };
+        let inside = |ip: &str| {
+            let (family, addr) = bytes(ip);
+            e.config.ranges.iter().any(|r| r.contains(family, &addr))
+        };
+        assert!(inside("172.30.0.10") && inside("172.30.255.255") && inside("fd30::ffff"));
+        assert!(!inside("172.31.0.1") && !inside("10.0.0.1") && !inside("fd30::1:0"));
+        // An IPv4 range does not take an IPv6 address with the same first word.
+        assert!(!inside("ac1e::1"));
+        let e = with(&[
+            "172.30.0.0/16",
+            "172.31.0.0/16",
+            "172.32.0.0/16",
+            "172.33.0.0/16",
+            "172.34.0.0/16",
+        ]);
+        assert_eq!(e.config.flags & CONFIG_RANGES_KNOWN, 0);
     }
 
     /// A dual-stack Service: each family's ClusterIP forwards to that

@@ -57,6 +57,8 @@ mod user {
     unsafe impl aya::Pod for BackendValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ServiceConfig {}
+    // SAFETY: as above (eight u32, u8, 3 padding bytes: 36).
+    unsafe impl aya::Pod for ServiceRange {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SvcAddrKey {}
     // SAFETY: as above.
@@ -74,6 +76,10 @@ mod user {
     unsafe impl aya::Pod for SockReverseKey {}
     // SAFETY: as above (16 bytes, u16, 2 padding bytes, u32: 24).
     unsafe impl aya::Pod for SockReverseValue {}
+    // SAFETY: as above (16 bytes, u16, u8, a padding byte, 24 bytes: 44).
+    unsafe impl aya::Pod for SockPeer {}
+    // SAFETY: as above (two u8, 2 padding bytes, 32 bytes: 36).
+    unsafe impl aya::Pod for SockNetns {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SlotKey {}
     // SAFETY: as above.
@@ -143,6 +149,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<LocalEndpoint>(), 16);
         assert_eq!(core::mem::size_of::<SockReverseKey>(), 32);
         assert_eq!(core::mem::size_of::<SockReverseValue>(), 24);
+        assert_eq!(core::mem::size_of::<SockNetns>(), 36);
+        assert_eq!(core::mem::size_of::<SockPeer>(), 44);
         // One cache line per IPv4 way, two per IPv6 way; the kernel reads
         // the value and the key at the same offsets in both.
         assert_eq!(core::mem::size_of::<CtEntry4>(), 64);

@@ -74,6 +74,12 @@ pub const SVC_AFFINITY: &str = "PALISADE_SVC_AFFINITY";
 /// The socket hooks' reverse table: which frontend a node socket
 /// addressed, for `recvmsg()` and `getpeername()`.
 pub const SOCK_REVERSE: &str = "PALISADE_SOCK_REVERSE";
+/// The network namespaces whose sockets the socket hooks balance: the
+/// node's, and pods' with their addresses.
+pub const SOCK_NETNS: &str = "PALISADE_SOCK_NETNS";
+/// What each connected socket the hooks balanced addressed, in the
+/// socket's own storage (not pinned: it lives with the sockets).
+pub const SOCK_PEER: &str = "PALISADE_SOCK_PEER";
 /// The service program's per-CPU working memory (not pinned).
 pub const SVC_SCRATCH: &str = "PALISADE_SVC_SCRATCH";
 /// The service program's per-CPU lookup keys (not pinned).
@@ -114,6 +120,7 @@ pub const ALL: &[&str] = &[
     SVC_AFFINITY,
     SVC_FILTER,
     SOCK_REVERSE,
+    SOCK_NETNS,
 ];
 
 /// Names earlier builds pinned with layouts this build cannot adopt:

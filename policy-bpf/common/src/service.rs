@@ -50,6 +50,45 @@ pub const CONFIG_DETECTOR_V6: u32 = 4;
 /// Config flag: some Service is programmed (only then do the policy
 /// programs hand allowed packets on for reply translation).
 pub const CONFIG_ENABLED: u32 = 8;
+/// [`ServiceConfig::ranges`] holds every service range of the node (there
+/// were at most [`SERVICE_RANGES`]): an address outside them that is not a
+/// frontend's needs no address lookup.
+pub const CONFIG_RANGES_KNOWN: u32 = 16;
+/// Service ranges [`ServiceConfig`] holds.
+pub const SERVICE_RANGES: usize = 4;
+
+/// A service range (a `--service-cidr`) as the programs test it: an
+/// address in map form, read as four native words, is in it when its
+/// words masked equal `net`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ServiceRange {
+    pub net: [u32; 4],
+    pub mask: [u32; 4],
+    /// 0: an unused slot.
+    pub family: u8,
+    pub pad: [u8; 3],
+}
+
+impl ServiceRange {
+    /// Whether the address `addr` (map form) of `family` is in the range.
+    #[inline(always)]
+    pub fn contains(&self, family: u8, addr: &[u8; 16]) -> bool {
+        let word = |i: usize| {
+            u32::from_ne_bytes([
+                addr[4 * i],
+                addr[4 * i + 1],
+                addr[4 * i + 2],
+                addr[4 * i + 3],
+            ])
+        };
+        self.family == family
+            && word(0) & self.mask[0] == self.net[0]
+            && word(1) & self.mask[1] == self.net[1]
+            && word(2) & self.mask[2] == self.net[2]
+            && word(3) & self.mask[3] == self.net[3]
+    }
+}
 
 /// Slots of the tail-call table (`PALISADE_DELIVER`): local delivery.
 pub const DELIVER_LOCAL: u32 = 0;
@@ -140,6 +179,8 @@ pub struct ServiceConfig {
     /// `CONFIG_*` flags.
     pub flags: u32,
     pub pad: u32,
+    /// The service ranges, when [`CONFIG_RANGES_KNOWN`].
+    pub ranges: [ServiceRange; SERVICE_RANGES],
 }
 
 /// A new connection's first packet, as the service lookup reads it.
@@ -164,6 +205,13 @@ pub trait ServiceMaps {
     fn primary(&self, family: u8) -> [u8; 16];
     /// `ADDR_*` flags of an address (longest prefix, flags of covering prefixes included).
     fn address_flags(&self, family: u8, addr: &[u8; 16]) -> u32;
+    /// [`ServiceMaps::address_flags`] of a destination no frontend serves
+    /// on its port, as far as the decision reads them (an active ClusterIP,
+    /// a service range): maps that know the address can be neither (not a
+    /// frontend's address, outside every range) skip the lookup.
+    fn unserved_flags(&self, family: u8, addr: &[u8; 16]) -> u32 {
+        self.address_flags(family, addr)
+    }
     /// `RANGE_*` flags of a source for a Service (longest prefix, as above).
     fn source_range(&self, service: u32, family: u8, addr: &[u8; 16]) -> u8;
 }
@@ -258,7 +306,7 @@ pub fn service_decide<M: ServiceMaps>(p: &ServicePacket, maps: &M) -> ServiceAct
         family: p.family,
     };
     let Some(fe) = maps.frontend(&key) else {
-        let flags = maps.address_flags(p.family, &p.destination);
+        let flags = maps.unserved_flags(p.family, &p.destination);
         if flags & ADDR_CLUSTER_IP != 0 {
             return ServiceAction::Reject(REJECT_UNKNOWN_PORT);
         }
@@ -529,6 +577,48 @@ pub struct SockReverseValue {
     pub pad: [u8; 2],
     /// The Service port's index, for state cleanup and metrics.
     pub service: u32,
+}
+
+/// What a connected socket addressed, kept with the socket (its storage
+/// goes with it): the backend it was pointed at and the frontend it asked
+/// for, which `getpeername()` and `recvmsg()` report.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SockPeer {
+    pub backend: [u8; 16],
+    /// Network order.
+    pub backend_port: u16,
+    pub family: u8,
+    pub pad: u8,
+    pub frontend: SockReverseValue,
+}
+
+/// A network namespace of the node's own sockets (its processes connect
+/// from the node's addresses).
+pub const SOCK_NETNS_NODE: u8 = 1;
+/// A pod's network namespace: its TCP connections are balanced at
+/// `connect()` (Calico's `bpfConnectTimeLoadBalancing: TCP`), from the
+/// pod's address.
+pub const SOCK_NETNS_POD: u8 = 2;
+/// [`SockNetns::families`]: the pod has an IPv4 address.
+pub const SOCK_NETNS_HAS_V4: u8 = 1;
+/// [`SockNetns::families`]: the pod has an IPv6 address.
+pub const SOCK_NETNS_HAS_V6: u8 = 2;
+
+/// Whose sockets a network namespace holds, by its cookie: the socket
+/// hooks balance only the namespaces listed.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SockNetns {
+    /// `SOCK_NETNS_NODE` or `SOCK_NETNS_POD`.
+    pub kind: u8,
+    /// `SOCK_NETNS_HAS_*`: which of a pod's addresses are set.
+    pub families: u8,
+    pub pad: [u8; 2],
+    /// A pod's IPv4 address, in the maps' form (first four bytes).
+    pub v4: [u8; 16],
+    /// A pod's IPv6 address.
+    pub v6: [u8; 16],
 }
 
 /// Per-CPU working memory of the service program.

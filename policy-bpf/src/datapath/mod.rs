@@ -25,6 +25,7 @@ use crate::conntrack::{CONNTRACK_LOG_HEAD, Table, Way, Words, ways_for};
 mod attach;
 mod local;
 mod services;
+mod socket_netns;
 mod telemetry;
 mod write;
 use local::*;
@@ -33,6 +34,7 @@ use write::*;
 pub use crate::error::DatapathError;
 use crate::lower::{Capacity, InUse, MapWrite, Mirror, WritePlan};
 pub use services::{SOCKET_PROGRAMS, attached_socket_hooks};
+pub use socket_netns::{SocketNetns, current_netns_cookie, netns_cookie};
 
 /// A random, nonzero seed for the conntrack set hash (std's hasher keys
 /// come from the OS's random source).
@@ -480,6 +482,7 @@ mod tests {
         named.push(map_names::SCRATCH);
         named.push(map_names::SVC_SCRATCH);
         named.push(map_names::SVC_KEYS);
+        named.push(map_names::SOCK_PEER);
         named.sort_unstable();
         assert_eq!(
             defined, named,

@@ -121,7 +121,9 @@ impl Datapath {
     /// cgroup v2 directory; its root for every process of the node): a
     /// `connect()` or unconnected datagram to a frontend is pointed at a
     /// backend before any packet exists, so host traffic needs no NAT, and
-    /// replies' source and `getpeername()` name the frontend.
+    /// replies' source and `getpeername()` name the frontend. Only the
+    /// namespaces listed with [`Datapath::set_socket_netns`] are balanced;
+    /// the calling thread's is listed as the node's.
     ///
     /// The links are pinned (`links/cgroup-<inode>-<program>`), so the hooks
     /// outlive this process as the TC links do: a restarting agent leaves
@@ -141,6 +143,8 @@ impl Datapath {
             .metadata()
             .map_err(|e| attach_err(e.to_string()))?
             .ino();
+        let node = super::current_netns_cookie()?;
+        self.set_socket_netns(node, super::SocketNetns::Node)?;
         for name in SOCKET_PROGRAMS {
             let path = self.socket_link_path(inode, name);
             let prog: &mut aya::programs::CgroupSockAddr = self
@@ -226,9 +230,25 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         // The filter first: a packet of a connection to a backend or
         // frontend written next is looked up.
+        // ClusterIPs too: the programs skip the address lookup for an
+        // address the frontends' half rules out (every ClusterIP has a
+        // frontend for each of its ports; these cover any without).
+        let cluster_ips: Vec<FrontendKey> = new
+            .addresses
+            .iter()
+            .filter(|(_, flags)| flags & ADDR_CLUSTER_IP != 0)
+            .map(|(net, _)| {
+                let (family, addr) = crate::services::net_bytes(net);
+                FrontendKey {
+                    addr,
+                    family,
+                    ..FrontendKey::default()
+                }
+            })
+            .collect();
         set_filter_bits(
             &self.service_filter,
-            crate::services::filter_bits(new.frontends.keys(), &new.backends),
+            crate::services::filter_bits(new.frontends.keys().chain(&cluster_ips), &new.backends),
         );
         // Backends next: a frontend written after them finds its ranges
         // in place.
@@ -327,7 +347,7 @@ impl Datapath {
         Ok(())
     }
 
-    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DatapathError> {
+    pub(super) fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DatapathError> {
         self.ebpf
             .map_mut(name)
             .ok_or_else(|| DatapathError::Load(format!("map {name} missing")))

@@ -89,6 +89,26 @@ impl Datapath {
         Ok((info.run_time(), info.run_count()))
     }
 
+    /// As [`Datapath::program_stats`] for a socket hook (one of
+    /// [`super::SOCKET_PROGRAMS`]); zero runs if it was never loaded.
+    pub fn socket_program_stats(
+        &self,
+        name: &'static str,
+    ) -> Result<(std::time::Duration, u64), DatapathError> {
+        let prog = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| DatapathError::Load(format!("program {name} missing")))?;
+        if prog.fd().is_err() {
+            return Ok((std::time::Duration::ZERO, 0));
+        }
+        let info = prog.info().map_err(|e| DatapathError::ProgramInfo {
+            program: name,
+            message: e.to_string(),
+        })?;
+        Ok((info.run_time(), info.run_count()))
+    }
+
     /// Packet and byte counters of a rule index, summed over CPUs.
     pub fn counter(&self, rule: u32) -> Result<Counter, DatapathError> {
         let v = self

@@ -67,7 +67,7 @@ pub(super) static PALISADE_SVC_KEYS: PerCpuArray<LookupKeys> = PerCpuArray::with
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
-const TCP: u8 = 6;
+pub(super) const TCP: u8 = 6;
 const UDP: u8 = 17;
 const SCTP: u8 = 132;
 /// Where the L3 header starts (the pod and host interfaces carry Ethernet).
@@ -95,6 +95,24 @@ fn may_be(half: u32, family: u8, addr: &[u8; 16]) -> bool {
 #[inline(always)]
 fn may_have_entry(t: &NatTuple) -> bool {
     may_be(FILTER_FRONTENDS, t.family, &t.dst) || may_be(FILTER_BACKENDS, t.family, &t.src)
+}
+
+/// Whether `addr` is known to be outside every service range (false when
+/// the configuration does not hold them all).
+#[inline(always)]
+fn outside_service_ranges(family: u8, addr: &[u8; 16]) -> bool {
+    let Some(c) = PALISADE_SVC_CONFIG.get(0) else {
+        return false;
+    };
+    if c.flags & CONFIG_RANGES_KNOWN == 0 {
+        return false;
+    }
+    for r in &c.ranges {
+        if r.contains(family, addr) {
+            return false;
+        }
+    }
+    true
 }
 
 impl ServiceMaps for Maps {
@@ -135,6 +153,17 @@ impl ServiceMaps for Maps {
             addr: *addr,
         };
         PALISADE_SVC_ADDRESSES.get(&*key).copied().unwrap_or(0)
+    }
+
+    /// Most packets are to no frontend and outside the service ranges:
+    /// the filter and the ranges in the configuration say so without the
+    /// trie (a walk of cold nodes on every such packet).
+    #[inline(always)]
+    fn unserved_flags(&self, family: u8, addr: &[u8; 16]) -> u32 {
+        if !may_be(FILTER_FRONTENDS, family, addr) && outside_service_ranges(family, addr) {
+            return 0;
+        }
+        self.address_flags(family, addr)
     }
 
     #[inline(always)]

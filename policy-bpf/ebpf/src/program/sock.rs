@@ -9,23 +9,48 @@
 //! DNAT. An IPv6 socket addressing an IPv4-mapped address (`::ffff:a.b.c.d`,
 //! a dual-stack socket reaching IPv4) sends IPv4 packets, which kube-proxy's
 //! IPv4 rules would translate: its hooks decide on the IPv4 Services.
+//!
+//! Only the network namespaces listed in `PALISADE_SOCK_NETNS` are
+//! balanced: the node's, from its primary address, and pods', whose TCP
+//! connections are pointed at a backend at `connect()` from the pod's
+//! address (Calico's `bpfConnectTimeLoadBalancing: TCP`, the default of its
+//! eBPF mode): their packets then go straight to the backend, as the TC
+//! program would have rewritten them, and policy sees the same backend.
+//! What the socket cannot do exactly as kube-proxy does is left to the TC
+//! program: a pod's UDP (conntrack's per-flow backend), a connection that
+//! is masqueraded (or hairpins back to the pod), refused or dropped.
 
 use aya_ebpf::bindings::bpf_sock_addr;
-use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_set_retval};
-use aya_ebpf::macros::cgroup_sock_addr;
+use aya_ebpf::btf_maps::SkStorage;
+use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval};
+use aya_ebpf::macros::{btf_map, cgroup_sock_addr};
 use aya_ebpf::programs::SockAddrContext;
 
 use super::service::{
-    Client, Maps, PALISADE_SVC_ADDRESSES, PALISADE_SVC_CONFIG, PALISADE_SVC_SOURCE_RANGES, pick,
+    Client, Maps, PALISADE_SVC_ADDRESSES, PALISADE_SVC_CONFIG, PALISADE_SVC_SOURCE_RANGES, TCP,
+    pick,
 };
 use super::*;
 
-/// What each node socket addressed, by (cookie, backend). An LRU: a
-/// socket's cookie is never reused, so entries of closed sockets are
-/// only ever evicted.
+/// What each unconnected socket's datagrams addressed, by (cookie,
+/// backend). An LRU: a socket's cookie is never reused, so entries of
+/// closed sockets are only ever evicted.
 #[map]
 static PALISADE_SOCK_REVERSE: LruHashMap<SockReverseKey, SockReverseValue> =
     LruHashMap::pinned(65_536, 0);
+
+/// What a connected socket addressed, in its own storage: one peer per
+/// socket, freed with it. Per connection this costs an allocation where
+/// the LRU above would, once full, evict an entry each time.
+#[btf_map]
+static PALISADE_SOCK_PEER: SkStorage<SockPeer> = SkStorage::new();
+
+/// The network namespaces whose sockets are balanced, by netns cookie:
+/// the node's, written with the hooks, and pods', written as they are
+/// networked. An LRU: a cookie is never reused, so the entry of a pod
+/// whose removal was missed only ages out.
+#[map]
+static PALISADE_SOCK_NETNS: LruHashMap<u64, SockNetns> = LruHashMap::pinned(65_536, 0);
 
 /// The service maps with the tries' keys on the stack, for the socket
 /// hooks: they run in process context, where a softirq's TC program may
@@ -85,13 +110,13 @@ impl ServiceMaps for SockMaps {
 /// would; DROP with EPERM.
 #[cgroup_sock_addr(connect4)]
 pub fn palisade_connect4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, FAMILY_V4)
+    translate(&ctx, FAMILY_V4, true)
 }
 
 /// [`palisade_connect4`] for IPv6 sockets.
 #[cgroup_sock_addr(connect6)]
 pub fn palisade_connect6(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, FAMILY_V6)
+    translate(&ctx, FAMILY_V6, true)
 }
 
 /// Each datagram of an unconnected UDP socket (cgroup/sendmsg4 and
@@ -99,13 +124,13 @@ pub fn palisade_connect6(ctx: SockAddrContext) -> i32 {
 /// affinity keeps a client's datagrams on one backend).
 #[cgroup_sock_addr(sendmsg4)]
 pub fn palisade_sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, FAMILY_V4)
+    translate(&ctx, FAMILY_V4, false)
 }
 
 /// [`palisade_sendmsg4`] for IPv6 sockets.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn palisade_sendmsg6(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, FAMILY_V6)
+    translate(&ctx, FAMILY_V6, false)
 }
 
 /// A received datagram's source (cgroup/recvmsg4 and recvmsg6): a
@@ -192,8 +217,8 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) }
 }
 
-/// Points a socket's connection or datagram at a backend when it
-/// addresses a frontend, and records what it addressed.
+/// Points a socket's connection (`connect`) or datagram at a backend
+/// when it addresses a frontend, and records what it addressed.
 ///
 /// Three frames, so that each fits the 512 bytes the verifier allows a
 /// call chain: this one (the reverse entry), then [`decide`] (the
@@ -205,24 +230,39 @@ fn socket_cookie(ctx: &SockAddrContext) -> u64 {
     reason = "by value the entry would be copied again onto a full stack"
 )]
 #[inline(always)]
-fn translate(ctx: &SockAddrContext, family: u8) -> i32 {
+fn translate(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
     let sa = ctx.sock_addr;
+    // SAFETY: a helper sock_addr programs may call with their context.
+    let netns = unsafe { bpf_get_netns_cookie(sa.cast()) };
+    // SAFETY: the entry is only read, in place, during this run (RCU).
+    let Some(ns) = (unsafe { PALISADE_SOCK_NETNS.get(&netns) }) else {
+        return SOCK_ALLOW;
+    };
+    if ns.kind == SOCK_NETNS_POD {
+        // SAFETY: as in `sock_address`.
+        let protocol = unsafe { core::ptr::read_volatile(&raw const (*sa).protocol) };
+        if !connect || protocol != u32::from(TCP) {
+            return SOCK_ALLOW;
+        }
+    } else if ns.kind != SOCK_NETNS_NODE {
+        return SOCK_ALLOW;
+    }
     // The key: (this socket, the backend); the value: the frontend.
     let mut entry = (SockReverseKey::default(), SockReverseValue::default());
     let mut forward = Forward::default();
     let (verdict, picked) = if family == FAMILY_V4 {
-        let v = decide::<FAMILY_V4>(sa, &mut entry.1, &mut forward);
+        let v = decide::<FAMILY_V4>(sa, ns, &mut entry.1, &mut forward);
         (
             v,
-            v == FORWARD && pick_backend::<FAMILY_V4>(&forward, &mut entry.0),
+            v == FORWARD && pick_backend::<FAMILY_V4>(ns, &forward, &mut entry.0),
         )
     } else {
-        let v = decide::<FAMILY_V6>(sa, &mut entry.1, &mut forward);
+        let v = decide::<FAMILY_V6>(sa, ns, &mut entry.1, &mut forward);
         let picked = v == FORWARD
             && if forward.mapped {
-                pick_backend::<FAMILY_V4>(&forward, &mut entry.0)
+                pick_backend::<FAMILY_V4>(ns, &forward, &mut entry.0)
             } else {
-                pick_backend::<FAMILY_V6>(&forward, &mut entry.0)
+                pick_backend::<FAMILY_V6>(ns, &forward, &mut entry.0)
             };
         (v, picked)
     };
@@ -232,10 +272,28 @@ fn translate(ctx: &SockAddrContext, family: u8) -> i32 {
     if !picked {
         return SOCK_ALLOW;
     }
-    entry.0.cookie = socket_cookie(ctx);
     // Best effort: without the entry the backend's own address is
     // reported, as a direct connection's would be.
-    let _ = PALISADE_SOCK_REVERSE.insert(&entry.0, &entry.1, 0);
+    if connect {
+        let mut peer = SockPeer {
+            backend: entry.0.addr,
+            backend_port: entry.0.port,
+            family: entry.0.family,
+            pad: 0,
+            frontend: entry.1,
+        };
+        // SAFETY: the context's socket, which the helper takes; the
+        // storage it returns is this socket's, written whole here.
+        unsafe {
+            let p = PALISADE_SOCK_PEER.get_or_insert_ptr_mut(ctx, Some(&mut peer));
+            if !p.is_null() {
+                *p = peer;
+            }
+        }
+    } else {
+        entry.0.cookie = socket_cookie(ctx);
+        let _ = PALISADE_SOCK_REVERSE.insert(&entry.0, &entry.1, 0);
+    }
     if forward.mapped {
         set_sock_address(sa, family, &v4_mapped(&entry.0.addr), entry.0.port);
     } else {
@@ -283,12 +341,15 @@ fn v4_mapped(addr: &[u8; 16]) -> [u8; 16] {
     out
 }
 
-/// The service decision for the address a socket addresses: FORWARD
-/// (the frontend in `frontend`, its backends in `forward`), or the
-/// hook's return code.
+/// The service decision for the address a socket of namespace `ns`
+/// addresses: FORWARD (the frontend in `frontend`, its backends in
+/// `forward`), or the hook's return code. A pod's connection that is not
+/// simply forwarded (masqueraded, refused, dropped) is left to the TC
+/// program, which does it on the wire as kube-proxy does.
 #[inline(never)]
 fn decide<const FAMILY: u8>(
     sa: *mut bpf_sock_addr,
+    ns: &SockNetns,
     frontend: &mut SockReverseValue,
     forward: &mut Forward,
 ) -> i32 {
@@ -302,9 +363,12 @@ fn decide<const FAMILY: u8>(
         return SOCK_ALLOW;
     }
     let (destination, port) = sock_address(sa, FAMILY);
+    let Some(source) = client_source::<FAMILY>(ns, config) else {
+        return SOCK_ALLOW;
+    };
     let mut packet = ServicePacket {
         family: FAMILY,
-        source: node_source::<FAMILY>(config),
+        source,
         destination,
         protocol: protocol as u8,
         port: u16::from_be(port),
@@ -312,10 +376,15 @@ fn decide<const FAMILY: u8>(
     // In place: another copy of the addresses would not fit the stack.
     let mapped = FAMILY == FAMILY_V6 && unmap_v4(&mut packet.destination);
     if mapped {
+        let Some(source) = client_source::<FAMILY_V4>(ns, config) else {
+            return SOCK_ALLOW;
+        };
         packet.family = FAMILY_V4;
-        packet.source = config.primary_v4;
+        packet.source = source;
     }
+    let pod = ns.kind == SOCK_NETNS_POD;
     match service_decide(&packet, &SockMaps) {
+        ServiceAction::Forward { masquerade, .. } if pod && masquerade => SOCK_ALLOW,
         ServiceAction::Forward {
             service,
             first,
@@ -335,6 +404,7 @@ fn decide<const FAMILY: u8>(
             frontend.service = service;
             FORWARD
         }
+        ServiceAction::Reject(_) | ServiceAction::Drop(_) if pod => SOCK_ALLOW,
         ServiceAction::Reject(_) => {
             // SAFETY: a helper cgroup programs may call; the error
             // `connect()` or `sendmsg()` returns instead of EPERM.
@@ -350,30 +420,42 @@ fn decide<const FAMILY: u8>(
     }
 }
 
-/// The kernel has not chosen a socket's source yet: the node's primary
-/// address stands for it (the address the backend will see).
+/// The address a socket of namespace `ns` connects from, for the
+/// decision: the kernel has not chosen a node socket's source yet, so
+/// the node's primary address stands for it (the address the backend
+/// will see); a pod's is its own. None for a pod without one of this
+/// family.
 #[inline(always)]
-fn node_source<const FAMILY: u8>(config: &ServiceConfig) -> [u8; 16] {
-    if FAMILY == FAMILY_V4 {
-        config.primary_v4
-    } else {
-        config.primary_v6
+fn client_source<const FAMILY: u8>(ns: &SockNetns, config: &ServiceConfig) -> Option<[u8; 16]> {
+    match (ns.kind, FAMILY) {
+        (SOCK_NETNS_POD, FAMILY_V4) => (ns.families & SOCK_NETNS_HAS_V4 != 0).then_some(ns.v4),
+        (SOCK_NETNS_POD, _) => (ns.families & SOCK_NETNS_HAS_V6 != 0).then_some(ns.v6),
+        (_, FAMILY_V4) => Some(config.primary_v4),
+        _ => Some(config.primary_v6),
     }
 }
 
-/// The backend of `forward` for the node's address (ClientIP affinity
-/// first), into `backend` (address and port in network order); false if
-/// none of this family.
+/// The backend of `forward` for the client of namespace `ns` (ClientIP
+/// affinity first), into `backend` (address and port in network order);
+/// false if none of this family, or if a pod would reach itself (a
+/// hairpin, which kube-proxy masquerades: the TC program's).
 #[inline(never)]
-fn pick_backend<const FAMILY: u8>(forward: &Forward, backend: &mut SockReverseKey) -> bool {
+fn pick_backend<const FAMILY: u8>(
+    ns: &SockNetns,
+    forward: &Forward,
+    backend: &mut SockReverseKey,
+) -> bool {
     let Some(config) = PALISADE_SVC_CONFIG.get(0) else {
+        return false;
+    };
+    let Some(addr) = client_source::<FAMILY>(ns, config) else {
         return false;
     };
     let mut affinity = AffinityKey::default();
     let mut picked = AffinityValue::default();
     let client = Client {
         family: FAMILY,
-        addr: node_source::<FAMILY>(config),
+        addr,
     };
     pick(
         &mut affinity,
@@ -384,7 +466,7 @@ fn pick_backend<const FAMILY: u8>(forward: &Forward, backend: &mut SockReverseKe
         forward.count,
         forward.affinity_seconds,
     );
-    if picked.value.family != FAMILY {
+    if picked.value.family != FAMILY || (ns.kind == SOCK_NETNS_POD && picked.value.addr == addr) {
         return false;
     }
     backend.addr = picked.value.addr;
@@ -411,8 +493,15 @@ fn restore(ctx: &SockAddrContext, family: u8) -> i32 {
     if mapped {
         key.family = FAMILY_V4;
     }
+    // A connected socket's peer first, then an unconnected one's datagrams.
+    // SAFETY: the context's socket; its storage is copied out at once.
+    let peer = unsafe { PALISADE_SOCK_PEER.get_ptr_mut(ctx).as_ref() }
+        .copied()
+        .filter(|p| p.backend == key.addr && p.backend_port == key.port && p.family == key.family)
+        .map(|p| p.frontend);
     // SAFETY: the entry is copied out at once.
-    if let Some(frontend) = unsafe { PALISADE_SOCK_REVERSE.get(key) }.copied() {
+    let frontend = peer.or_else(|| unsafe { PALISADE_SOCK_REVERSE.get(key) }.copied());
+    if let Some(frontend) = frontend {
         if mapped {
             set_sock_address(sa, family, &v4_mapped(&frontend.addr), frontend.port);
         } else {

@@ -226,6 +226,7 @@ fn assert_enforces(l: &mut Loaded, cluster: &Cluster, what: &str) {
 mod conntrack;
 mod netns;
 mod packets;
+mod pod_sockets;
 mod scale;
 mod services;
 mod updates;

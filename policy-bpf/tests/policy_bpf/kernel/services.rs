@@ -142,6 +142,18 @@ pub(super) fn sock(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
 }
 
+/// The service program at the TC ingress of every pod's host veth.
+pub(super) fn attach_service_on_pods(dp: &mut Datapath, topo: &palisade_testing::netns::Topology) {
+    let ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
+    topo.node()
+        .run(|| {
+            for i in &ifaces {
+                dp.attach_service(i).unwrap();
+            }
+        })
+        .unwrap();
+}
+
 fn load() -> Datapath {
     Datapath::load_private(Capacity::verification()).unwrap()
 }
@@ -484,14 +496,7 @@ fn real_connections_reach_a_backend_through_a_cluster_ip_and_back() {
         slice("api", &["10.0.2.5", "10.0.3.6"]),
     ]))
     .unwrap();
-    let ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
-    topo.node()
-        .run(|| {
-            for i in &ifaces {
-                dp.attach_service(i).unwrap();
-            }
-        })
-        .unwrap();
+    attach_service_on_pods(&mut dp, &topo);
     let listeners: Vec<(String, TcpListener)> = ["default/api-a", "default/api-b"]
         .iter()
         .map(|k| {
@@ -646,6 +651,14 @@ fn node_processes_reach_a_cluster_ip_through_the_socket_hooks() {
     // Socket hooks other runs left pinned (a killed test) count apart.
     let hooks_before = policy_bpf::datapath::attached_socket_hooks().unwrap();
     dp.attach_socket_hooks(cgroup.path()).unwrap();
+    // The node is a namespace of its own here: its sockets are the node's.
+    let node_netns = topo
+        .node()
+        .run(policy_bpf::datapath::current_netns_cookie)
+        .unwrap()
+        .unwrap();
+    dp.set_socket_netns(node_netns, policy_bpf::datapath::SocketNetns::Node)
+        .unwrap();
     // A shell of the node joins the cgroup, then connects.
     let connect = |to: &str| {
         let out = cgroup
