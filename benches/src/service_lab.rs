@@ -5,8 +5,10 @@
 //! ([`palisade_testing::netns::Topology`]), every endpoint address an
 //! address of the server pod, and one of four balancers on the node:
 //! none (the client connects to the endpoints directly), Palisade's
-//! service program on the host veths, or kube-proxy's rules for the same
-//! Services in its iptables or nftables mode ([`crate::kube_proxy`]).
+//! service program on the host veths (and its socket hooks, which may
+//! balance the client pod's TCP at `connect()` instead), or kube-proxy's
+//! rules for the same Services in its iptables or nftables mode
+//! ([`crate::kube_proxy`]).
 //!
 //! ```
 //! use palisade_benches::service_lab::{ENDPOINTS, endpoint, table, vip};
@@ -23,8 +25,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use anyhow::{Context, Result};
 use palisade_services::topology::NodeTopology;
 use palisade_services::{Family, Objects, ProxyConfig, ServiceTable};
+use palisade_testing::cgroup::TestCgroup;
 use palisade_testing::netns::{Netns, Topology, ip_batch};
-use policy_bpf::datapath::{Datapath, Hook};
+use policy_bpf::datapath::{Datapath, Hook, SocketNetns, current_netns_cookie};
 use policy_bpf::lower::Capacity;
 use policy_bpf::services::ServiceCapacity;
 use policy_bpf_common::Statistic;
@@ -123,7 +126,10 @@ pub enum Balancer {
     /// endpoints' addresses (the baseline).
     Direct,
     /// Palisade's service program at the TC ingress of both host veths
-    /// (no policy program: it applies both halves of the NAT).
+    /// (no policy program: it applies both halves of the NAT), and its
+    /// socket hooks on a cgroup of their own with the client's namespace
+    /// listed, which balance the client's TCP at `connect()` when it
+    /// joins that cgroup ([`Via::AtConnect`]).
     Palisade,
     /// kube-proxy's iptables-mode rules (`iptables-restore`).
     Iptables,
@@ -156,14 +162,44 @@ impl Balancer {
 /// the rule-based labs), so the LRU never evicts.
 pub const NAT_ENTRIES: usize = 2_097_152;
 
+/// Where the client's connections go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// To the ClusterIPs, as the lab's balancer takes them (Palisade's:
+    /// every packet translated by the service program, as the agent
+    /// balances pods), or for [`Balancer::Direct`] to the endpoints.
+    Balancer,
+    /// Palisade's lab: to the ClusterIPs from inside the socket hooks'
+    /// cgroup, so each connection is pointed at a backend at `connect()`
+    /// and no packet is translated.
+    AtConnect,
+    /// To the endpoints' own addresses, past whatever the balancer has on
+    /// the way.
+    Endpoints,
+}
+
+/// Palisade's programs in place ([`ServiceLab::program_time`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProgramTime {
+    /// The service program's nanoseconds a run.
+    pub ns_a_run: f64,
+    /// Its runs a connection.
+    pub runs_a_connection: f64,
+    /// The `connect()` hook's nanoseconds a connection (0 where the client
+    /// is outside its cgroup).
+    pub connect_hook_ns: f64,
+}
+
 /// One run of [`ServiceLab::connects`].
 #[derive(Debug, Clone, Default)]
 pub struct ServiceRun {
     /// The client's connections and the server's accepts.
     pub connects: Connects,
-    /// Connections Palisade translated (its `ServiceNat` statistic; 0
-    /// for the other balancers).
+    /// Connections Palisade's service program translated (its
+    /// `ServiceNat` statistic; 0 for the other balancers).
     pub translated: u64,
+    /// Connections Palisade's socket hooks balanced at `connect()`.
+    pub balanced_at_connect: u64,
     /// Connections Palisade translated without room to record them
     /// (`ServiceNatFull`; 0 in a fair run).
     pub nat_full: u64,
@@ -174,8 +210,12 @@ pub struct ServiceRun {
 #[derive(Debug)]
 pub struct ServiceLab {
     balancer: Balancer,
-    // Drop order: the datapath before the namespaces.
+    // Drop order: the datapath (and its hooks) before their cgroup, both
+    // before the namespaces.
     datapath: Option<Datapath>,
+    /// The cgroup of Palisade's socket hooks, which the client joins for
+    /// [`Via::Balancer`].
+    cgroup: Option<TestCgroup>,
     topo: Topology,
     /// Where the client connects, in turn: the ClusterIPs, or for
     /// [`Balancer::Direct`] the endpoints.
@@ -235,6 +275,7 @@ impl ServiceLab {
                 .collect(),
         };
         anyhow::ensure!(!targets.is_empty(), "no Services");
+        let mut cgroup = None;
         let datapath = match balancer {
             Balancer::Direct => None,
             Balancer::Palisade => {
@@ -250,6 +291,20 @@ impl ServiceLab {
                 let ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
                 topo.node()
                     .run(|| ifaces.iter().try_for_each(|i| dp.attach_service(i)))??;
+                // As the agent: the hooks on every process's cgroup (here
+                // the one the client joins), the client's namespace listed.
+                let hooks = TestCgroup::new("service-lab")?;
+                dp.attach_socket_hooks(hooks.path())?;
+                let client = topo.pod(&key("bench/client")).context("client")?;
+                let netns = client.ns.run(current_netns_cookie)??;
+                dp.set_socket_netns(
+                    netns,
+                    SocketNetns::Pod {
+                        v4: Some(CLIENT.parse()?),
+                        v6: None,
+                    },
+                )?;
+                cgroup = Some(hooks);
                 Some(dp)
             }
             Balancer::Iptables => {
@@ -269,6 +324,7 @@ impl ServiceLab {
         Ok(ServiceLab {
             balancer,
             datapath,
+            cgroup,
             topo,
             targets,
             endpoints_in_turn,
@@ -304,9 +360,10 @@ impl ServiceLab {
     /// in turn (each opened and reset), checked: the server accepted them
     /// all, from the client's own address, at endpoint addresses (so each
     /// really went through the balancer to a backend); Palisade recorded
-    /// every translation.
+    /// every translation (or, [`Via::AtConnect`], balanced every
+    /// connection at `connect()` and translated no packet).
     pub fn connects(&self, secs: f64) -> Result<ServiceRun> {
-        self.connects_to(false, secs)
+        self.connects_via(Via::Balancer, secs)
     }
 
     /// As [`ServiceLab::connects`], to the endpoints' own addresses (as
@@ -314,51 +371,80 @@ impl ServiceLab {
     /// way: in Palisade's lab, what its program costs traffic it does not
     /// translate.
     pub fn connects_to_endpoints(&self, secs: f64) -> Result<ServiceRun> {
-        self.connects_to(true, secs)
+        self.connects_via(Via::Endpoints, secs)
     }
 
     /// The service program in place, from the kernel's run-time
     /// statistics (enabled for this run only: they add two clock reads a
     /// run, so the rates are measured without them) during `secs` of
-    /// connections, through the ClusterIPs or to the endpoints:
-    /// (nanoseconds a run, runs a connection); None outside Palisade's lab.
-    pub fn program_time(&self, to_endpoints: bool, secs: f64) -> Result<Option<(f64, f64)>> {
+    /// connections `via`: nanoseconds a run and runs a connection of the
+    /// service program, and the `connect()` hook's nanoseconds a
+    /// connection; None outside Palisade's lab.
+    pub fn program_time(&self, via: Via, secs: f64) -> Result<Option<ProgramTime>> {
         let Some(dp) = &self.datapath else {
             return Ok(None);
         };
         let stats = Datapath::enable_run_time_stats()?;
         let (t0, n0) = dp.program_stats(Hook::Service)?;
-        let run = self.connects_to(to_endpoints, secs)?;
+        let (h0, _) = dp.socket_program_stats("palisade_connect4")?;
+        let run = self.connects_via(via, secs)?;
         let (t1, n1) = dp.program_stats(Hook::Service)?;
+        let (h1, _) = dp.socket_program_stats("palisade_connect4")?;
         drop(stats);
         let runs = n1.saturating_sub(n0).max(1);
-        Ok(Some((
-            t1.saturating_sub(t0).as_nanos() as f64 / runs as f64,
-            runs as f64 / run.connects.connected.max(1) as f64,
-        )))
+        let connections = run.connects.connected.max(1) as f64;
+        Ok(Some(ProgramTime {
+            ns_a_run: t1.saturating_sub(t0).as_nanos() as f64 / runs as f64,
+            runs_a_connection: runs as f64 / connections,
+            connect_hook_ns: h1.saturating_sub(h0).as_nanos() as f64 / connections,
+        }))
     }
 
-    fn connects_to(&self, endpoints: bool, secs: f64) -> Result<ServiceRun> {
-        let targets = if endpoints {
+    /// TCP connections for `secs` seconds `via` one way, checked as
+    /// [`ServiceLab::connects`] says.
+    pub fn connects_via(&self, via: Via, secs: f64) -> Result<ServiceRun> {
+        let palisade = self.balancer == Balancer::Palisade;
+        anyhow::ensure!(
+            via != Via::AtConnect || palisade,
+            "only Palisade's lab balances per packet and at connect()"
+        );
+        let targets = if via == Via::Endpoints {
             &self.endpoints_in_turn
         } else {
             &self.targets
         };
-        let to_services = !endpoints && self.balancer != Balancer::Direct;
-        let (translated, nat_full) = (
+        let to_services = via != Via::Endpoints && self.balancer != Balancer::Direct;
+        let (translated, nat_full, at_connect) = (
             self.stat(Statistic::ServiceNat)?,
             self.stat(Statistic::ServiceNatFull)?,
+            self.stat(Statistic::ServiceTranslated)?,
         );
-        let connects = tcp_connects(
-            self.ns("bench/client"),
-            self.ns("bench/server"),
-            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), TARGET_PORT),
-            targets,
-            IpAddr::V4(CLIENT.parse()?),
-            secs,
-        )?;
+        let connect = || {
+            tcp_connects(
+                self.ns("bench/client"),
+                self.ns("bench/server"),
+                SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), TARGET_PORT),
+                targets,
+                IpAddr::V4(CLIENT.parse()?),
+                secs,
+            )
+        };
+        let connects = match (&self.cgroup, via) {
+            // The whole process joins the cgroup for the run: the client's
+            // sockets are the hooks' to balance.
+            (Some(cgroup), Via::AtConnect) => cgroup.run_inside(connect)??,
+            _ => connect()?,
+        };
+        let translated = self.stat(Statistic::ServiceNat)? - translated;
         let run = ServiceRun {
-            translated: self.stat(Statistic::ServiceNat)? - translated,
+            translated,
+            // The socket hooks count each connection they balance as
+            // translated; the service program each packet it rewrites.
+            balanced_at_connect: if via == Via::AtConnect {
+                self.stat(Statistic::ServiceTranslated)? - at_connect
+            } else {
+                0
+            },
             nat_full: self.stat(Statistic::ServiceNatFull)? - nat_full,
             connects,
         };
@@ -372,14 +458,23 @@ impl ServiceLab {
         {
             anyhow::bail!("{name}: a connection reached {stray}, not an endpoint");
         }
-        self.made.set(self.made.get() + run.connects.connected);
-        if self.balancer == Balancer::Palisade && !to_services {
+        if palisade && !to_services {
             anyhow::ensure!(
                 run.translated == 0,
                 "palisade: connections to the endpoints were translated"
             );
         }
-        if self.balancer == Balancer::Palisade && to_services {
+        if via == Via::AtConnect {
+            anyhow::ensure!(
+                run.translated == 0 && run.balanced_at_connect >= run.connects.connected,
+                "palisade: {} of {} connections balanced at connect(), {} translated per packet",
+                run.balanced_at_connect,
+                run.connects.connected,
+                run.translated
+            );
+        }
+        if palisade && via == Via::Balancer {
+            self.made.set(self.made.get() + run.connects.connected);
             anyhow::ensure!(
                 run.nat_full == 0 && self.made.get() * 2 <= NAT_ENTRIES as u64,
                 "palisade: the NAT table filled ({} connections not recorded, {} made of room for {})",

@@ -22,14 +22,16 @@ use anyhow::{Context, Result, bail};
 use palisade_benches::chart::{line_chart, series_of};
 use palisade_benches::packet_cost::median;
 use palisade_benches::service_lab::{
-    Balancer, CLUSTER_CIDR, ENDPOINT_RANGE, ENDPOINTS, NAT_ENTRIES, ServiceLab, table,
+    Balancer, CLUSTER_CIDR, ENDPOINT_RANGE, ENDPOINTS, NAT_ENTRIES, ProgramTime, ServiceLab, Via,
+    table,
 };
 
 /// One size's medians, in [`Balancer::ALL`]'s order (connections/s),
-/// then Palisade's lab connecting to the endpoints.
+/// then Palisade's lab balancing at `connect()` and to the endpoints
+/// ([`PALISADE_VIA`]).
 struct Row {
     services: usize,
-    rates: [f64; 5],
+    rates: [f64; 6],
     /// The lowest and highest of Palisade's rate over direct's in the
     /// same round.
     palisade_rounds: (f64, f64),
@@ -37,10 +39,15 @@ struct Row {
     connections: u64,
     /// Palisade's connections not recorded for a full NAT table.
     nat_full: u64,
-    /// The service program in place, through the ClusterIPs and to the
-    /// endpoints: (ns a run, runs a connection).
-    program: [(f64, f64); 2],
+    /// The service program in place, in Palisade's lab, each way of
+    /// [`PALISADE_VIA`]: (ns a run, runs a connection).
+    program: [ProgramTime; 3],
 }
+
+/// Palisade's lab is measured three ways: per packet (as its agent
+/// balances pods), at `connect()` (the client's namespace listed, in the
+/// hooks' cgroup) and to the endpoints (no Service).
+const PALISADE_VIA: [Via; 3] = [Via::Balancer, Via::AtConnect, Via::Endpoints];
 
 /// The value after `flag`, parsed.
 fn option<T: std::str::FromStr>(args: &[String], flag: &str) -> Result<Option<T>>
@@ -100,7 +107,9 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<Row> {
     for b in Balancer::ALL {
         let what = match b {
             Balancer::Direct => "a plain node (no rules, no programs)",
-            Balancer::Palisade => "Palisade's service program on the host veths",
+            Balancer::Palisade => {
+                "Palisade's service program on the host veths, its socket hooks on a cgroup"
+            }
             Balancer::Iptables => "kube-proxy's iptables rules (iptables-restore)",
             Balancer::Nftables => "kube-proxy's nftables rules (nft -f)",
         };
@@ -118,15 +127,15 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<Row> {
         lab.connects(secs.min(0.5))
             .with_context(|| format!("{} warm-up", lab.balancer().name()))?;
     }
-    // Each lab through its balancer, and Palisade's once more to the
-    // endpoints (its program on the way, no Service).
+    // Each lab through its balancer, and Palisade's twice more: at
+    // connect(), and to the endpoints (its program on the way, no Service).
     let palisade = Balancer::ALL
         .iter()
         .position(|b| *b == Balancer::Palisade)
         .context("no Palisade lab")?;
-    let measures: Vec<(usize, bool)> = (0..labs.len())
-        .map(|i| (i, false))
-        .chain([(palisade, true)])
+    let measures: Vec<(usize, Via)> = (0..labs.len())
+        .map(|i| (i, Via::Balancer))
+        .chain([(palisade, Via::AtConnect), (palisade, Via::Endpoints)])
         .collect();
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); measures.len()];
     let (mut connections, mut nat_full) = (0, 0);
@@ -134,19 +143,16 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<Row> {
         let mut line = format!("  round {}/{rounds}:", round + 1);
         for k in 0..measures.len() {
             let m = (round + k) % measures.len();
-            let (i, to_endpoints) = measures[m];
+            let (i, via) = measures[m];
             let lab = &labs[i];
-            let name = if to_endpoints {
-                "palisade-to-endpoints"
-            } else {
-                lab.balancer().name()
+            let name = match via {
+                Via::Balancer => lab.balancer().name(),
+                Via::AtConnect => "palisade-at-connect",
+                Via::Endpoints => "palisade-to-endpoints",
             };
-            let run = if to_endpoints {
-                lab.connects_to_endpoints(secs)
-            } else {
-                lab.connects(secs)
-            }
-            .with_context(|| format!("{name} with {n} Services"))?;
+            let run = lab
+                .connects_via(via, secs)
+                .with_context(|| format!("{name} with {n} Services"))?;
             connections += run.connects.connected;
             nat_full += run.nat_full;
             samples[m].push(run.connects.rate());
@@ -156,15 +162,19 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<Row> {
     }
     // Then the program's own time in place, in runs of their own (the
     // kernel's statistics cost each run two clock reads).
-    let mut program = [(0.0, 0.0); 2];
-    for (slot, to_endpoints) in program.iter_mut().zip([false, true]) {
+    let mut program = [ProgramTime::default(); 3];
+    for (slot, via) in program.iter_mut().zip(PALISADE_VIA) {
         *slot = labs[palisade]
-            .program_time(to_endpoints, secs)?
+            .program_time(via, secs)?
             .context("Palisade's lab has no datapath")?;
     }
     eprintln!(
-        "  the program in place: {:.0} ns a run through the ClusterIPs ({:.1} runs a connection), {:.0} ns to the endpoints",
-        program[0].0, program[0].1, program[1].0
+        "  in place: the service program {:.0} ns a run per packet ({:.1} runs a connection), {:.0} ns at connect() (and the hook {:.0} ns a connection), {:.0} ns to the endpoints",
+        program[0].ns_a_run,
+        program[0].runs_a_connection,
+        program[1].ns_a_run,
+        program[1].connect_hook_ns,
+        program[2].ns_a_run
     );
     eprintln!("  tearing down ...");
     drop(labs);
@@ -184,7 +194,7 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<Row> {
         by_round.iter().copied().fold(f64::INFINITY, f64::min),
         by_round.iter().copied().fold(0.0, f64::max),
     );
-    let mut rates = [0.0; 5];
+    let mut rates = [0.0; 6];
     for (r, s) in rates.iter_mut().zip(samples.iter_mut()) {
         *r = median(s);
     }
@@ -219,12 +229,13 @@ fn main() -> Result<()> {
             "service traffic: {n} Services x {ENDPOINTS} endpoints, {rounds} rounds of {secs} s ..."
         );
         let row = measure(*n, rounds, secs)?;
-        let [direct, palisade, iptables, nft, untranslated] = row.rates;
+        let [direct, palisade, iptables, nft, at_connect, untranslated] = row.rates;
         eprintln!(
-            "  of direct: Palisade {:.2}, iptables {:.2}, nftables {:.2}; Palisade's program, no Service {:.2}",
+            "  of direct: Palisade {:.2}, iptables {:.2}, nftables {:.2}; Palisade at connect() {:.2}, its program with no Service {:.2}",
             palisade / direct,
             iptables / direct,
             nft / direct,
+            at_connect / direct,
             untranslated / direct
         );
         rows.push(row);
@@ -246,13 +257,15 @@ fn main() -> Result<()> {
          on 0.0.0.0:8080. The client opens TCP connections and resets each at once (`SO_LINGER` 0: \
          a new flow each, no TIME_WAIT), one at a time from one thread, for {secs} s a round; \
          connections/s, median of {rounds} rounds after a 0.5 s warm-up; the four labs exist side by \
-         side and the rounds alternate between them, rotating the order. The same Services, balanced four ways:\n\n\
+         side and the rounds alternate between them (and Palisade's two more ways below), rotating \
+         the order. The same Services, balanced four ways:\n\n\
          - **direct** (the baseline): a plain node, no rules, no programs; the client connects \
          straight to the endpoints' addresses, in turn over every endpoint of every Service.\n\
          - **Palisade**: `palisade_service` at the TC ingress of both host veths (no policy program, \
          so it applies both halves of the NAT: the DNAT on the way in, the frontend restored on the \
-         reply), the table written by `Datapath::set_services`; NAT table sized for every \
-         connection of the run ({} connections), none unrecorded: {}.\n\
+         reply), the table written by `Datapath::set_services`, every packet translated, as its \
+         agent balances pods; NAT table sized for every connection of the run ({} connections), \
+         none unrecorded: {}.\n\
          - **iptables**: kube-proxy's rules for the same Services as its iptables proxier writes \
          them (`KUBE-SERVICES` → `KUBE-SVC-*` with `statistic` probabilities → `KUBE-SEP-*` DNAT; \
          benches/src/kube_proxy.rs), loaded with `iptables-restore` in the node namespace.\n\
@@ -264,22 +277,26 @@ fn main() -> Result<()> {
          Every round is checked: the server accepted every connection the client opened, from the \
          client's own address, at an endpoint address (sampled: every 256th connection's local \
          address), else the report fails. The rule-based labs' conntrack limit is raised to hold \
-         every flow of the run. **Palisade, no Service**: Palisade's lab once more, the client \
-         connecting to the endpoints as in direct: the program runs on every packet and finds no \
-         connection and no frontend (checked: it translated none), what it costs traffic it does \
-         not balance.\n",
+         every flow of the run. Palisade's lab is measured two more ways. **Palisade at connect()**: \
+         its socket hooks are attached to a cgroup of their own and the client's namespace is \
+         listed as a pod's (`Datapath::set_socket_netns`); the client joins that cgroup, so each \
+         connection is pointed at a backend in `connect()` (Calico's \
+         `bpfConnectTimeLoadBalancing: TCP`) and leaves for it directly (checked: every connection \
+         balanced there, no packet translated). **Palisade, no Service**: the client connects to \
+         the endpoints as in direct: the program runs on every packet and finds no connection and \
+         no frontend (checked: it translated none), what it costs traffic it does not balance.\n",
         NAT_ENTRIES / 2,
         rows.iter().map(|r| r.nat_full).sum::<u64>(),
     );
     md.push_str(
-        "| Services | direct /s | Palisade /s | iptables /s | nftables /s | Palisade/direct | iptables/direct | nft/direct | Palisade/direct by round | Palisade, no Service /s | its /direct |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| Services | direct /s | Palisade /s | iptables /s | nftables /s | Palisade/direct | iptables/direct | nft/direct | Palisade/direct by round | Palisade at connect() /s | its /direct | Palisade, no Service /s | its /direct |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
-        let [direct, palisade, iptables, nft, untranslated] = r.rates;
+        let [direct, palisade, iptables, nft, at_connect, untranslated] = r.rates;
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | **{:.2}** | {:.2} | {:.2} | {:.2}-{:.2} | {:.0} | {:.2} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | **{:.2}** | {:.2} | {:.2} | {:.2}-{:.2} | {:.0} | {:.2} | {:.0} | {:.2} |",
             r.services,
             direct,
             palisade,
@@ -290,55 +307,63 @@ fn main() -> Result<()> {
             nft / direct,
             r.palisade_rounds.0,
             r.palisade_rounds.1,
+            at_connect,
+            at_connect / direct,
             untranslated,
             untranslated / direct
         );
     }
     md.push_str(
-        "\nThe ratios are of the medians; the last column is Palisade's rate over direct's within each \
+        "\nThe ratios are of the medians; \"by round\" is Palisade's rate over direct's within each \
          round (the two labs measured back to back): how far one ratio moves on this machine, from \
          round to round and, in repeated runs of this report, about as much from one build of the \
          labs to the next.\n\n\
          Goal (issue 21): Palisade at least 0.9 of direct at every size.\n\n\
          What a connection costs over direct, in microseconds (1/rate − 1/direct rate):\n\n\
-         | Services | direct (µs a connection) | Palisade adds | Palisade, no Service, adds | iptables adds | nftables adds |\n\
-         |---:|---:|---:|---:|---:|---:|\n",
+         | Services | direct (µs a connection) | Palisade adds | Palisade at connect() adds | Palisade, no Service, adds | iptables adds | nftables adds |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
         let us = |rate: f64| 1e6 / rate;
-        let [direct, palisade, iptables, nft, untranslated] = r.rates;
+        let [direct, palisade, iptables, nft, at_connect, untranslated] = r.rates;
         let _ = writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             r.services,
             us(direct),
             us(palisade) - us(direct),
+            us(at_connect) - us(direct),
             us(untranslated) - us(direct),
             us(iptables) - us(direct),
             us(nft) - us(direct)
         );
     }
     md.push_str(
-        "\nWhere Palisade's time goes: its program in place, from the kernel's run-time statistics \
-         (`BPF_ENABLE_STATS`, on for one more run of each kind after the rounds, as they add two \
-         clock reads to every run), against what the connection costs over direct above:\n\n\
-         | Services | through the ClusterIPs: ns a run | runs a connection | µs a connection | Palisade adds (µs) | to the endpoints: ns a run | µs a connection | no Service adds (µs) |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "\nWhere Palisade's time goes: its service program in place, from the kernel's run-time \
+         statistics (`BPF_ENABLE_STATS`, on for one more run of each kind after the rounds, as they \
+         add two clock reads to every run), and at `connect()` its hook's, against what the \
+         connection costs over direct above:\n\n\
+         | Services | per packet: ns a run | runs a connection | µs a connection | Palisade adds (µs) | at connect(): the hook (ns) | the program, ns a run | µs a connection, both | at connect() adds (µs) | to the endpoints: ns a run | µs a connection | no Service adds (µs) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
         let us = |rate: f64| 1e6 / rate;
-        let [direct, palisade, _, _, untranslated] = r.rates;
-        let [(svc_ns, svc_runs), (ep_ns, ep_runs)] = r.program;
+        let [direct, palisade, _, _, at_connect, untranslated] = r.rates;
+        let [packet, connect, endpoints] = r.program;
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} |",
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} |",
             r.services,
-            svc_ns,
-            svc_runs,
-            svc_ns * svc_runs / 1e3,
+            packet.ns_a_run,
+            packet.runs_a_connection,
+            packet.ns_a_run * packet.runs_a_connection / 1e3,
             us(palisade) - us(direct),
-            ep_ns,
-            ep_ns * ep_runs / 1e3,
+            connect.connect_hook_ns,
+            connect.ns_a_run,
+            (connect.ns_a_run * connect.runs_a_connection + connect.connect_hook_ns) / 1e3,
+            us(at_connect) - us(direct),
+            endpoints.ns_a_run,
+            endpoints.ns_a_run * endpoints.runs_a_connection / 1e3,
             us(untranslated) - us(direct),
         );
     }
@@ -357,14 +382,17 @@ fn main() -> Result<()> {
          program on a packet already in place); compare its µs a connection with what Palisade \
          adds. To the endpoints, the address filter spares most packets the hash lookups (the \
          SYN-ACK, from a backend, and the SYN, to one, still look up the NAT table); what is left \
-         is the parse, an address lookup and the hook. None of it grows with the number of \
-         Services beyond cache pressure. \
+         is the parse, the filter's words and the hook (an address outside the service ranges and \
+         no frontend's needs no address lookup). None of it grows with the number of \
+         Services beyond cache pressure. At `connect()` the program still runs on every packet \
+         (as to the endpoints) and the hook adds its own decision, the backend picked and the \
+         frontend kept in the socket's storage for `getpeername()`. \
          kube-proxy's rules run kernel conntrack for every connection (an entry created, \
          confirmed, NATed both ways, and kept 10 s after the reset) whichever proxier wrote them; the \
          nftables proxier then finds the Service in one verdict-map lookup, so it stays flat, \
          while the iptables proxier matches the first packet against the `KUBE-SERVICES` rules \
          one after another (on average half of the N), so it falls as N grows. {} connections \
-         in all ({} rounds of each of the four labs, and of Palisade's to the endpoints, at {} sizes).\n\n\
+         in all ({} rounds of each of the four labs, and of Palisade's at connect() and to the endpoints, at {} sizes).\n\n\
          Tools: {}; {}. Kernel {}, {cores} cores; load average at the end of the run {load} \
          (loading the largest size's rules included). \
          The machine was shared with other work: the ratios, measured in alternating rounds, \
@@ -377,11 +405,12 @@ fn main() -> Result<()> {
         kernel.trim(),
     );
     type Column = fn(&Row) -> f64;
-    let columns: [(&str, &'static str, bool, Column); 5] = [
+    let columns: [(&str, &'static str, bool, Column); 6] = [
         ("direct (no Service)", "#7f7f7f", true, |r| r.rates[0]),
         ("Palisade", "#1f77b4", false, |r| r.rates[1]),
+        ("Palisade at connect()", "#9467bd", false, |r| r.rates[4]),
         ("Palisade's program, no Service", "#1f77b4", true, |r| {
-            r.rates[4]
+            r.rates[5]
         }),
         ("kube-proxy iptables", "#d62728", false, |r| r.rates[2]),
         ("kube-proxy nftables", "#2ca02c", false, |r| r.rates[3]),
