@@ -80,6 +80,21 @@ impl AyaDataplane {
         Ok(self.loaded()?.attach_socket_hooks(cgroup)?)
     }
 
+    /// Lets the socket hooks balance the sockets of network namespace
+    /// `cookie` as `who`'s.
+    pub fn set_socket_netns(
+        &mut self,
+        cookie: u64,
+        who: policy_bpf::datapath::SocketNetns,
+    ) -> Result<(), DataplaneError> {
+        Ok(self.loaded()?.set_socket_netns(cookie, who)?)
+    }
+
+    /// Stops balancing the sockets of network namespace `cookie`.
+    pub fn remove_socket_netns(&mut self, cookie: u64) -> Result<(), DataplaneError> {
+        Ok(self.loaded()?.remove_socket_netns(cookie)?)
+    }
+
     /// Translated connections and ClientIP affinities held (NAT entries
     /// count both directions of each connection).
     pub fn service_state_len(&self) -> Option<(usize, usize)> {

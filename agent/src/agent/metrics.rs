@@ -145,6 +145,8 @@ pub struct Metrics {
     pub service_affinity_entries: Gauge,
     /// Service documents skipped and tables refused.
     pub service_errors: Counter,
+    /// Pods whose TCP the socket hooks balance at `connect()`.
+    pub pods_balanced_at_connect: Gauge,
     /// Tables of kube-proxy's rules found on this node (it and Palisade
     /// must not both load-balance Services).
     pub kube_proxy_tables: Gauge,
@@ -201,6 +203,7 @@ impl Metrics {
             service_nat_capacity: Gauge::default(),
             service_affinity_entries: Gauge::default(),
             service_errors: Counter::default(),
+            pods_balanced_at_connect: Gauge::default(),
             kube_proxy_tables: Gauge::default(),
         };
         macro_rules! register {
@@ -247,6 +250,7 @@ impl Metrics {
             "service_nat_capacity", "NAT entry capacity (an LRU: the least recently used go when full)", service_nat_capacity;
             "service_affinity_entries", "ClientIP session affinities held", service_affinity_entries;
             "service_errors", "Service documents skipped and service tables refused", service_errors;
+            "pods_balanced_at_connect", "Pods whose TCP connections to Services the socket hooks balance at connect() (--pod-connect-balancing tcp)", pods_balanced_at_connect;
             "kube_proxy_tables", "Tables of kube-proxy's rules on this node (nonzero: kube-proxy and Palisade both load-balance Services)", kube_proxy_tables;
         }
         Metrics { registry, ..m }

@@ -28,6 +28,7 @@ mod http;
 mod ipam;
 pub mod metrics;
 pub mod overlay;
+pub mod pod_sockets;
 mod publish;
 pub mod services;
 pub mod status;
@@ -128,6 +129,13 @@ pub struct AgentArgs {
     /// set: the node's own traffic is not load-balanced by Palisade.
     #[arg(long)]
     pub connect_hooks_cgroup: Option<PathBuf>,
+    /// Pods' TCP connections to Services balanced at `connect()` by the
+    /// socket hooks (Calico's `bpfConnectTimeLoadBalancing`): `tcp` lists
+    /// each pod's network namespace as the CNI plugin networks it (the
+    /// hooks' cgroup must hold the pods' processes); `off` leaves pods to
+    /// the service program's per-packet NAT, kube-proxy's exact behaviour.
+    #[arg(long, value_enum, default_value = "off")]
+    pub pod_connect_balancing: pod_sockets::PodConnectBalancing,
     /// Fault injection for tests: the CNI ADD step that fails.
     #[arg(long, hide = true)]
     pub cni_fail_at: Option<String>,
@@ -173,6 +181,8 @@ pub struct Shared {
     /// The pods' MTU (the overlay keeps it equal to the underlay's less
     /// VXLAN's overhead unless `--mtu` fixes it).
     pub pod_mtu: AtomicU32,
+    /// Pods' namespaces for the socket hooks, from the CNI side.
+    pub pod_sockets: pod_sockets::PodSocketQueue,
 }
 
 fn now_s() -> u64 {
@@ -189,6 +199,7 @@ impl Shared {
             status: Mutex::new(status),
             heartbeat: AtomicU64::new(now_s()),
             pod_mtu: AtomicU32::new(0),
+            pod_sockets: pod_sockets::PodSocketQueue::default(),
         }
     }
 
@@ -333,6 +344,8 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
     let mut services = services::ServiceSource::default();
     let mut service_interfaces_attached = args.service_interfaces.is_empty();
     let mut connect_hooks_attached = args.connect_hooks_cgroup.is_none();
+    let mut socket_hooks_ok = false;
+    let mut pod_socket_table = pod_sockets::PodSocketTable::default();
     loop {
         shared.heartbeat.store(now_s(), Ordering::Relaxed);
         let first = match rx.recv_timeout(Duration::from_secs(1)) {
@@ -407,6 +420,7 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
             connect_hooks_attached = true;
             match node.dataplane_mut().attach_socket_hooks(cgroup) {
                 Ok(()) => {
+                    socket_hooks_ok = true;
                     tracing::info!(cgroup = %cgroup.display(), "socket-time service balancing attached (connect, sendmsg, recvmsg, getpeername)")
                 }
                 Err(e) => {
@@ -418,6 +432,15 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
                         message: e.to_string(),
                     });
                 }
+            }
+        }
+        if connect_hooks_attached && socket_hooks_ok {
+            let (listed, failed) =
+                pod_socket_table.apply(&shared.pod_sockets, node.dataplane_mut());
+            shared.metrics.pods_balanced_at_connect.set(listed as i64);
+            for (interface, error) in failed {
+                tracing::warn!(%interface, %error, "a pod's TCP stays balanced per packet");
+                shared.metrics.service_errors.inc();
             }
         }
         for ifname in node.retry_pending() {

@@ -1,7 +1,9 @@
 //! `palisade-cni` against a running agent on one node: pods get addresses
 //! from their network's pool and are held to policy from their first
-//! packet; DEL twice is fine; a failure at every step of ADD, a stopped
-//! agent and bad configurations leave nothing behind.
+//! packet; with `--pod-connect-balancing tcp` their TCP to a Service is
+//! balanced at `connect()` (no packet translated) and DEL unlists them;
+//! DEL twice is fine; a failure at every step of ADD, a stopped agent and
+//! bad configurations leave nothing behind.
 
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -226,7 +228,22 @@ fn pods_get_their_pools_addresses_and_policy_and_failures_leave_nothing() {
     let frontend = |app| netconf("frontend", "frontend", app, &socket);
     let backend = netconf("backend", "backend", "api", &socket);
 
-    let mut a = agent(node.name(), &state, &dir, &[]);
+    // Pods' TCP to Services balanced at connect(): the socket hooks on a
+    // cgroup of this test, which the pods' processes below join.
+    let cgroup = palisade_testing::cgroup::TestCgroup::new("cni-connect").unwrap();
+    let mut a = agent(
+        node.name(),
+        &state,
+        &dir,
+        &[
+            "--connect-hooks-cgroup",
+            cgroup.path().to_str().unwrap(),
+            "--pod-connect-balancing",
+            "tcp",
+            "--service-cidr",
+            "172.30.0.0/16",
+        ],
+    );
     let pods: Vec<Netns> = (0..3)
         .map(|i| Netns::create(&format!("palcp{i}{tag}")).unwrap())
         .collect();
@@ -269,6 +286,68 @@ fn pods_get_their_pools_addresses_and_policy_and_failures_leave_nothing() {
         .unwrap();
     assert!(connects(&pods[0], SocketAddr::new(api_ip, 8080)));
     assert!(!connects(&pods[2], SocketAddr::new(api_ip, 8080)));
+
+    // A Service in front of api: web's connection from the hooks' cgroup
+    // is pointed at api in connect(), so no packet is translated.
+    let metric = |a: &Agent, name: &str| -> f64 {
+        let (_, text) = a.get("/metrics").unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} not in\n{text}"))
+    };
+    let wait_for = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !ok() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("3 pods listed for connect()", &|| {
+        metric(&a, "palisade_pods_balanced_at_connect") == 3.0
+    });
+    let service = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: shop}}\n\
+         spec: {{clusterIP: 172.30.0.10, ports: [{{name: http, port: 80, protocol: TCP}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: api-1, namespace: shop, labels: {{kubernetes.io/service-name: api}}}}\n\
+         addressType: IPv4\nendpoints: [{{addresses: [\"{api_ip}\"], conditions: {{ready: true}}}}]\n\
+         ports: [{{name: http, port: 8080, protocol: TCP}}]\n"
+    );
+    std::fs::write(dir.join("service.yaml"), service).unwrap();
+    store(
+        &state,
+        &["apply", "-f", dir.join("service.yaml").to_str().unwrap()],
+    )
+    .unwrap();
+    let through_service = || {
+        cgroup
+            .bash_in(pods[0].name(), "exec 3<>/dev/tcp/172.30.0.10/80")
+            .unwrap()
+            .status
+            .success()
+    };
+    wait_for("web reaches api through its ClusterIP", &through_service);
+    // The metrics of the writer's next pass count it (the hook counts the
+    // connection translated); by then a NAT entry would be counted too.
+    wait_for("the connection counted", &|| {
+        metric(
+            &a,
+            "palisade_datapath_packets_total{statistic=\"ServiceTranslated\"}",
+        ) >= 1.0
+    });
+    assert_eq!(
+        metric(
+            &a,
+            "palisade_datapath_packets_total{statistic=\"ServiceNat\"}"
+        ),
+        0.0,
+        "balanced at connect(): no packet translated"
+    );
+    assert_eq!(
+        metric(&a, "palisade_service_nat_entries"),
+        0.0,
+        "balanced at connect(): no NAT entry"
+    );
     drop(listener);
 
     // CHECK agrees; DEL twice is fine and leaves nothing of web.
@@ -286,6 +365,9 @@ fn pods_get_their_pools_addresses_and_policy_and_failures_leave_nothing() {
         assert!(ok, "{out}");
     }
     assert_eq!(links(node.name()).len(), before - 1);
+    wait_for("web no longer listed after DEL", &|| {
+        metric(&a, "palisade_pods_balanced_at_connect") == 2.0
+    });
     assert!(links(pods[0].name()).is_empty());
     assert!(!endpoints(&state).contains("web"), "{}", endpoints(&state));
     let (ok, out) = cni(&web_call("CHECK"), &frontend("web"));

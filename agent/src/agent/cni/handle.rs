@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::net::IpAddr;
+use std::path::Path;
 use std::time::Instant;
 
 use ipnet::IpNet;
@@ -315,6 +316,19 @@ impl Server {
             return Err(e);
         }
 
+        if self.pod_connect_balancing {
+            // Best effort: a pod not listed is balanced per packet.
+            match super::super::pod_sockets::PodSockets::listed(
+                &w.host_ifname,
+                Path::new(inv.netns.as_deref().unwrap_or_default()),
+                &addrs,
+            ) {
+                Ok(listed) => self.shared.pod_sockets.push(listed),
+                Err(e) => {
+                    tracing::warn!(error = %e, pod = %w.name, "CNI: the pod's TCP stays balanced per packet")
+                }
+            }
+        }
         tracing::info!(
             pod = %format!("{}/{}", w.namespace, w.name),
             ipam_ms,
@@ -459,6 +473,13 @@ impl Server {
         // host interface is named by the pod, not the container: a newer
         // sandbox's stays.
         let netns = inv.netns.as_deref().and_then(|p| File::open(p).ok());
+        if self.pod_connect_balancing && !newer_sandbox {
+            self.shared
+                .pod_sockets
+                .push(super::super::pod_sockets::PodSockets::Gone {
+                    interface: w.host_ifname.clone(),
+                });
+        }
         let unwired = if newer_sandbox {
             Ok(())
         } else {

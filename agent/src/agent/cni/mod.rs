@@ -48,6 +48,8 @@ struct Server {
     attach_timeout: Duration,
     /// Test-only fault injection: the ADD step that fails.
     fail_at: Option<String>,
+    /// Whether pods' namespaces are listed for the socket hooks.
+    pod_connect_balancing: bool,
 }
 
 /// Opens the socket and starts serving calls.
@@ -84,6 +86,9 @@ pub fn spawn(args: &AgentArgs, ipam: Arc<dyn IpamStore>, shared: Arc<Shared>) ->
         shared,
         attach_timeout: Duration::from_secs(args.cni_attach_timeout_seconds.max(1)),
         fail_at: args.cni_fail_at.clone(),
+        pod_connect_balancing: args.pod_connect_balancing
+            == super::pod_sockets::PodConnectBalancing::Tcp
+            && args.connect_hooks_cgroup.is_some(),
     });
     tracing::info!(socket = %args.cni_socket.display(), mtu, underlay, "CNI socket open");
     std::thread::Builder::new()
