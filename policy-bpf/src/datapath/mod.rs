@@ -230,6 +230,7 @@ impl Datapath {
             )));
         }
         let fresh = !pin_dir.exists();
+        let short_config = services::take_short_service_config(pin_dir)?;
         // Pins of a build before the address filter: it starts empty
         // beside tables in force, and is filled from them below.
         let filter_missing = !fresh && !pin_dir.join(map_names::SVC_FILTER).exists();
@@ -288,6 +289,9 @@ impl Datapath {
         let service_filter = Words::take(&mut ebpf, map_names::SVC_FILTER)?;
         if filter_missing {
             services::seed_filter(&ebpf, &service_filter)?;
+        }
+        if let Some(config) = short_config {
+            services::restore_service_config(&mut ebpf, config)?;
         }
         // The pinned jump table now leads to this load's programs
         // (programs attached by an earlier process jump there as well).

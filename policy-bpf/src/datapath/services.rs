@@ -79,6 +79,63 @@ pub(super) fn seed_filter(ebpf: &Ebpf, filter: &Words) -> Result<(), DatapathErr
     Ok(())
 }
 
+/// The configuration record builds before the service ranges
+/// (2026-12-06) pinned: the two primary addresses and the flags.
+const SHORT_CONFIG_BYTES: usize = 40;
+
+/// Takes out of `pin_dir` a service configuration pinned by a build whose
+/// record was shorter (the programs of this one would read past its end),
+/// returning what it held for [`restore_service_config`]: each table
+/// write rewrites the record whole, so until the next one the old fields
+/// stand, without the ranges (the programs then use the address trie).
+pub(super) fn take_short_service_config(
+    pin_dir: &Path,
+) -> Result<Option<ServiceConfig>, DatapathError> {
+    let path = pin_dir.join(map_names::SVC_CONFIG);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let err = |e: aya::maps::MapError| {
+        DatapathError::Load(format!("the pinned {}: {e}", map_names::SVC_CONFIG))
+    };
+    let size = aya::maps::MapInfo::from_pin(&path)
+        .map_err(err)?
+        .value_size() as usize;
+    if size == std::mem::size_of::<ServiceConfig>() {
+        return Ok(None);
+    }
+    let mut carried = None;
+    if size == SHORT_CONFIG_BYTES {
+        let map = Map::Array(MapData::from_pin(&path).map_err(err)?);
+        let old: Array<MapData, [u8; SHORT_CONFIG_BYTES]> = Array::try_from(map).map_err(err)?;
+        let b = old.get(&0, 0).map_err(err)?;
+        let mut config = ServiceConfig::default();
+        config.primary_v4.copy_from_slice(&b[..16]);
+        config.primary_v6.copy_from_slice(&b[16..32]);
+        config.flags = u32::from_ne_bytes([b[32], b[33], b[34], b[35]]) & !CONFIG_RANGES_KNOWN;
+        carried = Some(config);
+    }
+    std::fs::remove_file(&path)
+        .map_err(|e| DatapathError::Load(format!("replacing {}: {e}", path.display())))?;
+    Ok(carried)
+}
+
+/// Writes a configuration [`take_short_service_config`] carried over
+/// into this load's record.
+pub(super) fn restore_service_config(
+    ebpf: &mut Ebpf,
+    config: ServiceConfig,
+) -> Result<(), DatapathError> {
+    let map = ebpf
+        .map_mut(map_names::SVC_CONFIG)
+        .ok_or_else(|| DatapathError::Load(format!("map {} missing", map_names::SVC_CONFIG)))?;
+    let mut array: Array<&mut MapData, ServiceConfig> =
+        Array::try_from(map).map_err(map_err(map_names::SVC_CONFIG))?;
+    array
+        .set(0, config, 0)
+        .map_err(map_err(map_names::SVC_CONFIG))
+}
+
 /// ORs `bits` (word → bits) into the address filter.
 fn set_filter_bits(filter: &Words, bits: std::collections::BTreeMap<u32, u64>) {
     for (word, bits) in bits {

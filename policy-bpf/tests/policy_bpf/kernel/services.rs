@@ -154,6 +154,15 @@ pub(super) fn attach_service_on_pods(dp: &mut Datapath, topo: &palisade_testing:
         .unwrap();
 }
 
+/// A pin directory of a test's own, removed however the test ends.
+struct Pins(std::path::PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn load() -> Datapath {
     Datapath::load_private(Capacity::verification()).unwrap()
 }
@@ -827,6 +836,60 @@ fn socket_probe_child() {
     }
 }
 
+/// Pins of a build whose service configuration record was shorter (40
+/// bytes, before the service ranges): the new load replaces it with its
+/// own, carrying the primary addresses and flags over, so the programs
+/// load and connections through the ClusterIP are translated before the
+/// next table write.
+#[test]
+fn a_shorter_pinned_service_configuration_is_replaced_and_carried_over() {
+    use aya::maps::{Array, MapData};
+    use policy_bpf_common::map_names::SVC_CONFIG;
+
+    if !privileged() {
+        return;
+    }
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/palisade-test-config-pins-{}",
+        std::process::id()
+    ));
+    let _pins = Pins(dir.clone());
+    let written = {
+        let mut dp = Datapath::load(&dir, Capacity::verification()).unwrap();
+        dp.set_services(&table(&[
+            service("api", VIP, false),
+            slice("api", &["10.0.2.5"]),
+        ]))
+        .unwrap();
+        dp.services().unwrap().config
+    };
+    // As the earlier build pinned it: two addresses, the flags, padding.
+    let mut old = [0u8; 40];
+    old[..16].copy_from_slice(&written.primary_v4);
+    old[16..32].copy_from_slice(&written.primary_v6);
+    old[32..36].copy_from_slice(&written.flags.to_ne_bytes());
+    std::fs::remove_file(dir.join(SVC_CONFIG)).unwrap();
+    let mut short: Array<MapData, [u8; 40]> = Array::create(1, 0).unwrap();
+    short.set(0, old, 0).unwrap();
+    short.pin(dir.join(SVC_CONFIG)).unwrap();
+
+    let dp = Datapath::load(&dir, Capacity::verification()).unwrap();
+    let (_, out) = dp
+        .run_service(&packet(6, sock(CLIENT, 40_778), sock(VIP, 80), 0x02), 0)
+        .unwrap();
+    assert_eq!(
+        destination(&out),
+        sock("10.0.2.5", 8080),
+        "translated with the carried configuration"
+    );
+    let info = aya::maps::MapInfo::from_pin(dir.join(SVC_CONFIG)).unwrap();
+    assert_eq!(
+        info.value_size() as usize,
+        std::mem::size_of::<policy_bpf_common::ServiceConfig>()
+    );
+    drop(dp);
+}
+
 /// Pins of a build before the address filter: the new load creates the
 /// filter empty beside tables and connections in force, and fills it from
 /// the pinned frontends and backends before its programs run, so an
@@ -840,13 +903,6 @@ fn a_filter_new_to_adopted_pins_is_filled_from_their_tables() {
         "/sys/fs/bpf/palisade-test-filter-pins-{}",
         std::process::id()
     ));
-    // Removed however the test ends.
-    struct Pins(std::path::PathBuf);
-    impl Drop for Pins {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
     let _pins = Pins(dir.clone());
     let backends = ["10.0.2.5", "10.0.3.6"];
     let client = sock(CLIENT, 40_777);
