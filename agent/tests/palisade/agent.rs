@@ -758,8 +758,6 @@ fn the_agent_load_balances_services_from_the_store() {
         .status()
         .unwrap();
     assert!(added.success());
-    // Socket hooks other runs left pinned (a killed test) count apart.
-    let hooks_before = policy_bpf::datapath::attached_socket_hooks().unwrap();
     let mut agent = Agent::start_with(
         topo.node().name(),
         "node1",
@@ -826,9 +824,10 @@ fn the_agent_load_balances_services_from_the_store() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let hooks = hooks_before + policy_bpf::datapath::SOCKET_PROGRAMS.len();
+    // Counted on this test's cgroup: other tests attach theirs meanwhile.
+    let hooks = policy_bpf::datapath::SOCKET_PROGRAMS.len();
     assert_eq!(
-        policy_bpf::datapath::attached_socket_hooks().unwrap(),
+        policy_bpf::datapath::attached_socket_hooks(cgroup.path()).unwrap(),
         hooks
     );
     agent.kill();
@@ -838,7 +837,7 @@ fn the_agent_load_balances_services_from_the_store() {
         "a node process through the ClusterIP with the agent down: {answer:?}"
     );
     assert_eq!(
-        policy_bpf::datapath::attached_socket_hooks().unwrap(),
+        policy_bpf::datapath::attached_socket_hooks(cgroup.path()).unwrap(),
         hooks
     );
     let from = agent.log_len();
@@ -846,7 +845,7 @@ fn the_agent_load_balances_services_from_the_store() {
     agent.wait_ready();
     agent.wait_log(from, "socket-time service balancing attached");
     assert_eq!(
-        policy_bpf::datapath::attached_socket_hooks().unwrap(),
+        policy_bpf::datapath::attached_socket_hooks(cgroup.path()).unwrap(),
         hooks,
         "the restarted agent's hooks replace the earlier ones"
     );

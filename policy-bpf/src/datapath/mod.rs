@@ -23,6 +23,7 @@ use policy_bpf_common::*;
 
 use crate::conntrack::{CONNTRACK_LOG_HEAD, Table, Way, Words, ways_for};
 mod attach;
+mod cgroup_hooks;
 mod local;
 mod services;
 mod socket_netns;
@@ -33,7 +34,8 @@ use write::*;
 
 pub use crate::error::DatapathError;
 use crate::lower::{Capacity, InUse, MapWrite, Mirror, WritePlan};
-pub use services::{SOCKET_PROGRAMS, attached_socket_hooks};
+pub use cgroup_hooks::{attached_socket_hooks, cgroup_socket_hooks};
+pub use services::SOCKET_PROGRAMS;
 pub use socket_netns::{SocketNetns, current_netns_cookie, netns_cookie};
 
 /// A random, nonzero seed for the conntrack set hash (std's hasher keys

@@ -26,30 +26,6 @@ pub const SOCKET_PROGRAMS: [&str; 8] = [
     "palisade_getpeername6",
 ];
 
-/// How many socket hooks are attached on this machine, by any process
-/// and to any cgroup: cgroup links whose program is one of
-/// [`SOCKET_PROGRAMS`] (names as the kernel keeps them, cut to 15 bytes).
-/// A node whose agent restarted has one set, not two.
-pub fn attached_socket_hooks() -> Result<usize, DatapathError> {
-    let kernel_name = |n: &str| n[..n.len().min(15)].to_string();
-    let names: BTreeSet<String> = SOCKET_PROGRAMS.iter().map(|n| kernel_name(n)).collect();
-    let ours: BTreeSet<u32> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|p| p.name_as_str().is_some_and(|n| names.contains(n)))
-        .map(|p| p.id())
-        .collect();
-    let mut count = 0;
-    for link in aya::programs::loaded_links() {
-        let link = link.map_err(|e| DatapathError::Load(format!("listing links: {e}")))?;
-        if link.link_type().ok() == Some(aya::programs::links::LinkType::Cgroup)
-            && ours.contains(&link.program_id())
-        {
-            count += 1;
-        }
-    }
-    Ok(count)
-}
-
 /// Sets the address filter's bits for the frontends and backends the
 /// service maps hold (pins adopted from a build before the filter), so
 /// that the programs of this load find their connections' entries.

@@ -657,8 +657,6 @@ fn node_processes_reach_a_cluster_ip_through_the_socket_hooks() {
     ])
     .unwrap();
     let cgroup = palisade_testing::cgroup::TestCgroup::new("connect").unwrap();
-    // Socket hooks other runs left pinned (a killed test) count apart.
-    let hooks_before = policy_bpf::datapath::attached_socket_hooks().unwrap();
     dp.attach_socket_hooks(cgroup.path()).unwrap();
     // The node is a namespace of its own here: its sockets are the node's.
     let node_netns = topo
@@ -780,15 +778,16 @@ fn node_processes_reach_a_cluster_ip_through_the_socket_hooks() {
         dp.nat_entries().unwrap().is_empty(),
         "socket-time balancing translates no packet"
     );
-    let attached = policy_bpf::datapath::attached_socket_hooks().unwrap();
-    assert_eq!(
-        attached,
-        hooks_before + policy_bpf::datapath::SOCKET_PROGRAMS.len()
+    let attached = policy_bpf::datapath::cgroup_socket_hooks(cgroup.path()).unwrap();
+    assert!(
+        attached.iter().all(|(_, ids)| ids.len() == 1),
+        "one program on each socket hook: {attached:?}"
     );
+    assert_eq!(attached.len(), policy_bpf::datapath::SOCKET_PROGRAMS.len());
     dp.detach_socket_hooks(cgroup.path()).unwrap();
     assert_eq!(
-        policy_bpf::datapath::attached_socket_hooks().unwrap(),
-        hooks_before
+        policy_bpf::datapath::attached_socket_hooks(cgroup.path()).unwrap(),
+        0
     );
 }
 
