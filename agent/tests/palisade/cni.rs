@@ -319,6 +319,11 @@ fn pods_get_their_pools_addresses_and_policy_and_failures_leave_nothing() {
         &["apply", "-f", dir.join("service.yaml").to_str().unwrap()],
     )
     .unwrap();
+    // Connected before the table is in the maps, web's SYN would pass the
+    // hook untouched and its retransmission be translated per packet.
+    wait_for("the Service in the maps", &|| {
+        metric(&a, "palisade_services") == 1.0
+    });
     let through_service = || {
         cgroup
             .bash_in(pods[0].name(), "exec 3<>/dev/tcp/172.30.0.10/80")

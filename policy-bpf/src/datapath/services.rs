@@ -15,15 +15,19 @@ use crate::services::{ServiceEntries, lower_service_tables};
 /// sockets: `connect()`, unconnected datagrams, and the hooks that report
 /// the frontend a socket addressed (received datagrams' source,
 /// `getpeername()`).
+///
+/// In the order they are attached: those that give a socket its
+/// frontend back first, then those that translate, so that no connection
+/// is translated without being restored.
 pub const SOCKET_PROGRAMS: [&str; 8] = [
-    "palisade_connect4",
-    "palisade_connect6",
-    "palisade_sendmsg4",
-    "palisade_sendmsg6",
     "palisade_recvmsg4",
     "palisade_recvmsg6",
     "palisade_getpeername4",
     "palisade_getpeername6",
+    "palisade_connect4",
+    "palisade_connect6",
+    "palisade_sendmsg4",
+    "palisade_sendmsg6",
 ];
 
 /// Sets the address filter's bits for the frontends and backends the
@@ -178,21 +182,19 @@ impl Datapath {
             .ino();
         let node = super::current_netns_cookie()?;
         self.set_socket_netns(node, super::SocketNetns::Node)?;
+        // Loaded at first use (nodes without the hooks never verify them),
+        // all before any is attached: loading takes the verifier a while,
+        // and a node half hooked rewrites connect() without getpeername().
         for name in SOCKET_PROGRAMS {
-            let path = self.socket_link_path(inode, name);
-            let prog: &mut aya::programs::CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| DatapathError::Load(format!("program {name} missing")))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))?;
-            // Loaded at first use: nodes without the hooks never verify them.
+            let prog = self.socket_program(name)?;
             if prog.fd().is_err() {
                 prog.load()
                     .map_err(|e| DatapathError::Load(format!("{name}: {e}")))?;
             }
-            // A link (kernels from 5.7): several programs share a cgroup
-            // without the attach flags, which links refuse.
+        }
+        for name in SOCKET_PROGRAMS {
+            let path = self.socket_link_path(inode, name);
+            let prog = self.socket_program(name)?;
             let id = prog
                 .attach(&file, aya::programs::links::CgroupAttachMode::Single)
                 .map_err(|e| attach_err(format!("{name}: {e}")))?;
@@ -211,6 +213,17 @@ impl Datapath {
                 .map_err(|e| attach_err(format!("pinning the {name} link: {e}")))?;
         }
         Ok(())
+    }
+
+    fn socket_program(
+        &mut self,
+        name: &str,
+    ) -> Result<&mut aya::programs::CgroupSockAddr, DatapathError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::Load(format!("program {name} missing")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| DatapathError::Load(e.to_string()))
     }
 
     /// Detaches the socket hooks from `cgroup` (removes their pinned links).
