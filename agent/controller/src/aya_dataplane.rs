@@ -80,6 +80,18 @@ impl AyaDataplane {
         Ok(self.loaded()?.attach_socket_hooks(cgroup)?)
     }
 
+    /// The programs on `cgroup`'s socket hooks this dataplane did not load
+    /// (another balancer of the same `connect()`s); empty before it loads.
+    pub fn foreign_socket_hooks(
+        &self,
+        cgroup: &Path,
+    ) -> Result<Vec<policy_bpf::datapath::ForeignSocketHook>, DataplaneError> {
+        match &self.datapath {
+            Some(dp) => Ok(dp.foreign_socket_hooks(cgroup)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Lets the socket hooks balance the sockets of network namespace
     /// `cookie` as `who`'s.
     pub fn set_socket_netns(

@@ -150,6 +150,8 @@ pub struct Metrics {
     /// Tables of kube-proxy's rules found on this node (it and Palisade
     /// must not both load-balance Services).
     pub kube_proxy_tables: Gauge,
+    /// Programs another balancer put on the socket hooks' cgroup.
+    pub foreign_socket_hooks: Gauge,
 }
 
 impl Default for Metrics {
@@ -205,6 +207,7 @@ impl Metrics {
             service_errors: Counter::default(),
             pods_balanced_at_connect: Gauge::default(),
             kube_proxy_tables: Gauge::default(),
+            foreign_socket_hooks: Gauge::default(),
         };
         macro_rules! register {
             ($($name:literal, $help:literal, $field:ident;)*) => {
@@ -252,6 +255,7 @@ impl Metrics {
             "service_errors", "Service documents skipped and service tables refused", service_errors;
             "pods_balanced_at_connect", "Pods whose TCP connections to Services the socket hooks balance at connect() (--pod-connect-balancing tcp)", pods_balanced_at_connect;
             "kube_proxy_tables", "Tables of kube-proxy's rules on this node (nonzero: kube-proxy and Palisade both load-balance Services)", kube_proxy_tables;
+            "foreign_socket_hooks", "Programs another balancer attached to the socket hooks' cgroup (nonzero: two balancers rewrite the node's connect() calls)", foreign_socket_hooks;
         }
         Metrics { registry, ..m }
     }

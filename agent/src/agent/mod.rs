@@ -457,6 +457,9 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
                 Err(e) => tracing::warn!(error = %e, "conntrack sweep"),
             }
             check_kube_proxy(shared);
+            if let (true, Some(cgroup)) = (socket_hooks_ok, &args.connect_hooks_cgroup) {
+                check_socket_hooks(node.controller().dataplane(), cgroup, shared);
+            }
         }
         publish(&node, shared, &mut seen);
     }
@@ -481,6 +484,29 @@ fn check_kube_proxy(shared: &Shared) {
             tracing::warn!(found = %found.join(", "), "kube-proxy is active on this node: it and Palisade both load-balance Services; turn kube-proxy off");
         }
         s.kube_proxy = found;
+    }
+}
+
+/// Looks for programs another balancer put on the socket hooks' cgroup
+/// (Cilium's or Calico's socket load balancer, a second agent): found,
+/// they are in the status and the metric, and a change is logged.
+fn check_socket_hooks(dataplane: &AyaDataplane, cgroup: &std::path::Path, shared: &Shared) {
+    let found: Vec<String> = match dataplane.foreign_socket_hooks(cgroup) {
+        Ok(f) => f.iter().map(ToString::to_string).collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "listing the socket hooks' programs");
+            return;
+        }
+    };
+    shared.metrics.foreign_socket_hooks.set(found.len() as i64);
+    let mut s = shared.status();
+    if s.foreign_socket_hooks != found {
+        if found.is_empty() {
+            tracing::info!(cgroup = %cgroup.display(), "the socket hooks' cgroup holds only Palisade's programs again");
+        } else {
+            tracing::warn!(cgroup = %cgroup.display(), found = %found.join(", "), "another balancer's programs are on the socket hooks: two balancers rewrite the node's connect() calls; turn the other off");
+        }
+        s.foreign_socket_hooks = found;
     }
 }
 

@@ -102,6 +102,10 @@ pub struct Status {
     /// kube-proxy and Palisade both load-balance Services.
     #[serde(default)]
     pub kube_proxy: Vec<String>,
+    /// Programs another balancer put on the socket hooks' cgroup (empty:
+    /// none): with them, two balancers rewrite the node's `connect()`s.
+    #[serde(default)]
+    pub foreign_socket_hooks: Vec<String>,
 }
 
 /// The service dataplane.
@@ -224,6 +228,13 @@ impl Status {
                 s,
                 "kube-proxy  ACTIVE on this node: {}; it and Palisade both load-balance Services, turn kube-proxy off",
                 self.kube_proxy.join(", ")
+            );
+        }
+        if !self.foreign_socket_hooks.is_empty() {
+            let _ = writeln!(
+                s,
+                "socket LB   ANOTHER on the hooks' cgroup: {}; two balancers rewrite connect(), turn the other off",
+                self.foreign_socket_hooks.join(", ")
             );
         }
         let _ = writeln!(s, "\nLOCAL ENDPOINT                 INTERFACE        STATE");
@@ -386,6 +397,7 @@ mod tests {
                 state: "attached".into(),
             }],
             kube_proxy: vec!["table ip kube-proxy (nftables mode)".into()],
+            foreign_socket_hooks: vec!["connect4: program 812 (cil_sock4_conn)".into()],
             ..Status::default()
         };
         for i in 0..(ERRORS_KEPT + 3) {
@@ -404,6 +416,7 @@ mod tests {
             "shop/web",
             "spec.selector: bad",
             "kube-proxy  ACTIVE on this node: table ip kube-proxy (nftables mode)",
+            "socket LB   ANOTHER on the hooks' cgroup: connect4: program 812 (cil_sock4_conn)",
         ] {
             assert!(text.contains(want), "{want:?} missing from\n{text}");
         }

@@ -799,7 +799,9 @@ fn the_agent_load_balances_services_from_the_store() {
         ["api-1", "api-2"].map(String::from).into(),
         "both endpoints answer through the ClusterIP"
     );
-    // The node's own process reaches it too (connect-time balancing).
+    // The node's own process reaches it too (connect-time balancing), once
+    // the hooks are attached (after the service table: they load then).
+    agent.wait_log(0, "socket-time service balancing attached");
     let out = cgroup
         .bash_in(
             topo.node().name(),
@@ -936,4 +938,42 @@ fn the_agent_load_balances_services_from_the_store() {
         a.status()
             .is_some_and(|s| s["kubeProxy"].as_array().is_some_and(Vec::is_empty))
     });
+
+    // Another balancer's programs join the agent's on the hooks' cgroup
+    // (a second datapath of its own here): reported by hook, then cleared
+    // once they go.
+    let mut other = policy_bpf::datapath::Datapath::load_private(Default::default()).unwrap();
+    other.attach_socket_hooks(cgroup.path()).unwrap();
+    agent.wait_for("reporting the other socket balancer", |a| {
+        a.status().is_some_and(|s| {
+            s["foreignSocketHooks"]
+                .as_array()
+                .is_some_and(|k| k.len() == policy_bpf::datapath::SOCKET_PROGRAMS.len())
+        })
+    });
+    let status = agent.status().unwrap();
+    assert!(
+        status["foreignSocketHooks"][0].as_str().is_some_and(|h| h
+            .starts_with("connect4: program ")
+            && h.ends_with("(palisade_connec)")),
+        "{status}"
+    );
+    let (_, metrics) = agent.get("/metrics").unwrap();
+    assert!(
+        metrics.contains("palisade_foreign_socket_hooks 8"),
+        "{metrics}"
+    );
+    other.detach_socket_hooks(cgroup.path()).unwrap();
+    drop(other);
+    agent.wait_for("the other socket balancer cleared", |a| {
+        a.status().is_some_and(|s| {
+            s["foreignSocketHooks"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+        })
+    });
+    assert_eq!(
+        policy_bpf::datapath::attached_socket_hooks(cgroup.path()).unwrap(),
+        policy_bpf::datapath::SOCKET_PROGRAMS.len()
+    );
 }

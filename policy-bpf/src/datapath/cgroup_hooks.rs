@@ -90,3 +90,64 @@ pub fn attached_socket_hooks(cgroup: &Path) -> Result<usize, DatapathError> {
         .map(|(_, ids)| ids.len())
         .sum())
 }
+
+/// A program on one of a cgroup's socket hooks that a [`Datapath`] did
+/// not load: another kube-proxy replacement (Cilium's or Calico's socket
+/// load balancer), or a second Palisade, balancing the same `connect()`s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignSocketHook {
+    /// The hook (`connect4`, ...).
+    pub hook: &'static str,
+    /// The program's kernel id.
+    pub program_id: u32,
+    /// Its name as the kernel keeps it (cut to 15 bytes; empty when it
+    /// went meanwhile).
+    pub program_name: String,
+}
+
+impl std::fmt::Display for ForeignSocketHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: program {}", self.hook, self.program_id)?;
+        if !self.program_name.is_empty() {
+            write!(f, " ({})", self.program_name)?;
+        }
+        Ok(())
+    }
+}
+
+impl Datapath {
+    /// The programs on `cgroup`'s socket hooks that this datapath did not
+    /// load (see [`ForeignSocketHook`]); empty when its hooks are alone.
+    pub fn foreign_socket_hooks(
+        &self,
+        cgroup: &Path,
+    ) -> Result<Vec<ForeignSocketHook>, DatapathError> {
+        let own: std::collections::BTreeSet<u32> = self
+            .ebpf
+            .programs()
+            .filter_map(|(_, p)| p.info().ok().map(|i| i.id()))
+            .collect();
+        let foreign: Vec<(&'static str, u32)> = cgroup_socket_hooks(cgroup)?
+            .into_iter()
+            .flat_map(|(hook, ids)| ids.into_iter().map(move |id| (hook, id)))
+            .filter(|(_, id)| !own.contains(id))
+            .collect();
+        if foreign.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Names for the report only: a program unloaded meanwhile has none.
+        let names: std::collections::BTreeMap<u32, String> = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|p| foreign.iter().any(|(_, id)| *id == p.id()))
+            .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_string()))
+            .collect();
+        Ok(foreign
+            .into_iter()
+            .map(|(hook, program_id)| ForeignSocketHook {
+                hook,
+                program_id,
+                program_name: names.get(&program_id).cloned().unwrap_or_default(),
+            })
+            .collect())
+    }
+}

@@ -34,7 +34,7 @@ use write::*;
 
 pub use crate::error::DatapathError;
 use crate::lower::{Capacity, InUse, MapWrite, Mirror, WritePlan};
-pub use cgroup_hooks::{attached_socket_hooks, cgroup_socket_hooks};
+pub use cgroup_hooks::{ForeignSocketHook, attached_socket_hooks, cgroup_socket_hooks};
 pub use services::SOCKET_PROGRAMS;
 pub use socket_netns::{SocketNetns, current_netns_cookie, netns_cookie};
 
