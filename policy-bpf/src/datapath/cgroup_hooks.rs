@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::*;
 
-/// The socket hooks [`SOCKET_PROGRAMS`] attach to, in that order, by
+/// The socket hooks the programs of [`SOCKET_PROGRAMS`] attach to, by
 /// their kernel attach types (`BPF_CGROUP_INET4_CONNECT` and on).
 const SOCKET_HOOKS: [(&str, u32); 8] = [
     ("connect4", 10),
@@ -33,6 +33,9 @@ struct ProgQuery {
     attach_flags: u32,
     prog_ids: u64,
     prog_cnt: u32,
+    /// The kernel's unnamed 32 bits after `prog_cnt`, zeroed here rather
+    /// than left as padding.
+    hole: u32,
 }
 
 /// The programs attached directly to `cgroup` at each socket hook (not
@@ -56,6 +59,7 @@ pub fn cgroup_socket_hooks(cgroup: &Path) -> Result<Vec<(&'static str, Vec<u32>)
             attach_flags: 0,
             prog_ids: ids.as_mut_ptr() as u64,
             prog_cnt: ids.len() as u32,
+            hole: 0,
         };
         // SAFETY: `attr` is a valid prefix of `bpf_attr` for
         // BPF_PROG_QUERY, its size passed with it; the kernel writes at
