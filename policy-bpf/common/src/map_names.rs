@@ -1,7 +1,7 @@
 //! Names of the pinned maps, spelled once for user space. The kernel
 //! program declares each as a `static` of the same name (aya names a map
 //! after its static); `policy-bpf` checks at build-test time that the
-//! compiled object defines exactly [`ALL`] plus the unpinned scratch map.
+//! compiled object defines exactly [`ALL`] plus the unpinned scratch maps.
 
 /// Decision program nodes.
 pub const NODES: &str = "PALISADE_NODES";
@@ -78,7 +78,7 @@ pub const SOCK_REVERSE: &str = "PALISADE_SOCK_REVERSE";
 /// node's, and pods' with their addresses.
 pub const SOCK_NETNS: &str = "PALISADE_SOCK_NETNS";
 /// What each connected socket the hooks balanced addressed, in the
-/// socket's own storage (not pinned: it lives with the sockets).
+/// socket's own storage (pinned, so a restarted agent's hooks read it).
 pub const SOCK_PEER: &str = "PALISADE_SOCK_PEER";
 /// The service program's per-CPU working memory (not pinned).
 pub const SVC_SCRATCH: &str = "PALISADE_SVC_SCRATCH";
@@ -121,6 +121,7 @@ pub const ALL: &[&str] = &[
     SVC_FILTER,
     SOCK_REVERSE,
     SOCK_NETNS,
+    SOCK_PEER,
 ];
 
 /// Names earlier builds pinned with layouts this build cannot adopt:

@@ -488,7 +488,6 @@ mod tests {
         named.push(map_names::SCRATCH);
         named.push(map_names::SVC_SCRATCH);
         named.push(map_names::SVC_KEYS);
-        named.push(map_names::SOCK_PEER);
         named.sort_unstable();
         assert_eq!(
             defined, named,

@@ -21,8 +21,9 @@
 //! is masqueraded (or hairpins back to the pod), refused or dropped.
 
 use aya_ebpf::bindings::bpf_sock_addr;
-use aya_ebpf::btf_maps::SkStorage;
-use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval};
+use aya_ebpf::helpers::{
+    bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval, bpf_sk_storage_get,
+};
 use aya_ebpf::macros::{btf_map, cgroup_sock_addr};
 use aya_ebpf::programs::SockAddrContext;
 
@@ -41,9 +42,64 @@ static PALISADE_SOCK_REVERSE: LruHashMap<SockReverseKey, SockReverseValue> =
 
 /// What a connected socket addressed, in its own storage: one peer per
 /// socket, freed with it. Per connection this costs an allocation where
-/// the LRU above would, once full, evict an entry each time.
+/// the LRU above would, once full, evict an entry each time. Pinned, so a
+/// restarted agent's hooks read what the earlier one's wrote: sockets
+/// connected before the restart still name the Service as their peer.
 #[btf_map]
-static PALISADE_SOCK_PEER: SkStorage<SockPeer> = SkStorage::new();
+static PALISADE_SOCK_PEER: PinnedSkStorage<SockPeer> = PinnedSkStorage::new();
+
+/// Socket storage (`BPF_MAP_TYPE_SK_STORAGE`) pinned by name. aya-ebpf's
+/// `SkStorage` has no pinning field; this is its BTF definition with one
+/// (libbpf's `__uint(pinning, LIBBPF_PIN_BY_NAME)`, which the loader reads
+/// as the length of the array the field points to). The fields are never
+/// read: the loader takes the map's shape from their types.
+#[repr(C)]
+struct PinnedSkStorage<T> {
+    r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize],
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: the fields are null placeholders the loader replaces with the
+// map; nothing reads or writes them, so sharing the static is sound.
+unsafe impl<T> Sync for PinnedSkStorage<T> {}
+
+impl<T> PinnedSkStorage<T> {
+    const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+
+    /// The storage of the context's socket, or null; with `create`, made
+    /// from `init` when the socket has none.
+    ///
+    /// # Safety
+    ///
+    /// `ctx` is the hook's context: its socket pointer is the kernel's.
+    #[inline(always)]
+    unsafe fn get(&self, ctx: &SockAddrContext, init: Option<&mut T>, create: bool) -> *mut T {
+        // SAFETY: the context the kernel passed; `sk` is its socket.
+        let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+        let flags = if create {
+            u64::from(aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE)
+        } else {
+            0
+        };
+        let init = init.map_or(core::ptr::null_mut(), core::ptr::from_mut);
+        let map = core::ptr::from_ref(self).cast_mut().cast();
+        // SAFETY: `map` is this static, relocated to the map by the loader.
+        unsafe { bpf_sk_storage_get(map, sk.cast(), init.cast(), flags) }.cast()
+    }
+}
 
 /// The network namespaces whose sockets are balanced, by netns cookie:
 /// the node's, written with the hooks, and pods', written as they are
@@ -285,7 +341,7 @@ fn translate(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
         // SAFETY: the context's socket, which the helper takes; the
         // storage it returns is this socket's, written whole here.
         unsafe {
-            let p = PALISADE_SOCK_PEER.get_or_insert_ptr_mut(ctx, Some(&mut peer));
+            let p = PALISADE_SOCK_PEER.get(ctx, Some(&mut peer), true);
             if !p.is_null() {
                 *p = peer;
             }
@@ -495,7 +551,7 @@ fn restore(ctx: &SockAddrContext, family: u8) -> i32 {
     }
     // A connected socket's peer first, then an unconnected one's datagrams.
     // SAFETY: the context's socket; its storage is copied out at once.
-    let peer = unsafe { PALISADE_SOCK_PEER.get_ptr_mut(ctx).as_ref() }
+    let peer = unsafe { PALISADE_SOCK_PEER.get(ctx, None, false).as_ref() }
         .copied()
         .filter(|p| p.backend == key.addr && p.backend_port == key.port && p.family == key.family)
         .map(|p| p.frontend);

@@ -13,7 +13,7 @@ use palisade_testing::netns::Topology;
 use policy_bpf::datapath::{Datapath, SocketNetns, current_netns_cookie};
 use policy_bpf::lower::Capacity;
 
-use super::services::{attach_service_on_pods, service, slice, table};
+use super::services::{Pins, attach_service_on_pods, service, slice, table};
 use super::{key, privileged};
 
 const VIP: &str = "172.30.0.10";
@@ -151,4 +151,94 @@ fn pods_tcp_connections_are_balanced_at_connect_and_the_rest_per_packet() {
     assert!(answer.ends_with(" 10.0.1.9"), "{answer}");
     assert!(!dp.nat_entries().unwrap().is_empty());
     dp.detach_socket_hooks(cgroup.path()).unwrap();
+}
+
+/// A restarted agent loads its programs again on the same pins and
+/// replaces the hooks' links: a socket connected before still names the
+/// Service as its peer (the hooks keep what it addressed in socket
+/// storage, pinned like the other maps), and the new hooks balance new
+/// connections.
+#[test]
+fn a_socket_connected_before_a_reload_still_names_the_service() {
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::build(&[
+        (key("default/client"), vec![super::ip("10.0.1.9")]),
+        (key("default/api-a"), vec![super::ip("10.0.2.5")]),
+    ])
+    .unwrap();
+    let server = topo.pod(&key("default/api-a")).unwrap();
+    let listener = server
+        .ns
+        .run(|| TcpListener::bind(SocketAddr::new(server.ips[0], 8080)))
+        .unwrap()
+        .unwrap();
+    // Accepted connections stay open for the test's length.
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().map_while(Result::ok).collect();
+        drop(held);
+    });
+    let client = topo.pod(&key("default/client")).unwrap();
+    let client_netns = client.ns.run(current_netns_cookie).unwrap().unwrap();
+    let dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/palisade-test-sock-reload-{}",
+        std::process::id()
+    ));
+    let _pins = Pins(dir.clone());
+    let cgroup = TestCgroup::new("sock-reload").unwrap();
+    let start = || {
+        let mut dp = Datapath::load(&dir, Capacity::verification()).unwrap();
+        dp.set_services(&table(&[
+            service("api", VIP, false),
+            slice("api", &["10.0.2.5"]),
+        ]))
+        .unwrap();
+        dp.attach_socket_hooks(cgroup.path()).unwrap();
+        let pod = SocketNetns::Pod {
+            v4: Some("10.0.1.9".parse().unwrap()),
+            v6: None,
+        };
+        dp.set_socket_netns(client_netns, pod).unwrap();
+        dp
+    };
+    let vip = SocketAddr::new(VIP.parse().unwrap(), 80);
+    let connect = || {
+        cgroup
+            .run_inside(|| {
+                client
+                    .ns
+                    .run(|| TcpStream::connect_timeout(&vip, Duration::from_secs(2)))
+            })
+            .unwrap()
+            .unwrap()
+            .unwrap()
+    };
+
+    let first = start();
+    let held = connect();
+    assert_eq!(held.peer_addr().unwrap(), vip);
+    // The agent goes; its pinned links keep the hooks on the cgroup.
+    drop(first);
+    let mut second = start();
+    let hooks = policy_bpf::datapath::cgroup_socket_hooks(cgroup.path()).unwrap();
+    assert!(
+        hooks.iter().all(|(_, ids)| ids.len() == 1),
+        "the restarted agent's programs replaced the earlier ones: {hooks:?}"
+    );
+    assert_eq!(
+        held.peer_addr().unwrap(),
+        vip,
+        "a socket connected before the restart still names the Service"
+    );
+    let fresh = connect();
+    assert_eq!(fresh.peer_addr().unwrap(), vip);
+    assert!(
+        second.nat_entries().unwrap().is_empty(),
+        "both balanced at connect(): no packet translated"
+    );
+    second.detach_socket_hooks(cgroup.path()).unwrap();
 }

@@ -155,7 +155,7 @@ pub(super) fn attach_service_on_pods(dp: &mut Datapath, topo: &palisade_testing:
 }
 
 /// A pin directory of a test's own, removed however the test ends.
-struct Pins(std::path::PathBuf);
+pub(super) struct Pins(pub(super) std::path::PathBuf);
 
 impl Drop for Pins {
     fn drop(&mut self) {
