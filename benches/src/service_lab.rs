@@ -135,16 +135,28 @@ pub enum Balancer {
     Iptables,
     /// kube-proxy's nftables-mode rules (`nft -f`).
     Nftables,
+    /// No balancer: a program that only passes packets
+    /// (`palisade_pass`) where Palisade's lab has its service program,
+    /// and the client connects to the endpoints as in [`Balancer::Direct`]:
+    /// what any per-packet TC design pays before doing anything.
+    EmptyProgram,
 }
 
 impl Balancer {
     /// Every balancer, the baseline first.
-    pub const ALL: [Balancer; 4] = [
+    pub const ALL: [Balancer; 5] = [
         Balancer::Direct,
         Balancer::Palisade,
         Balancer::Iptables,
         Balancer::Nftables,
+        Balancer::EmptyProgram,
     ];
+
+    /// Whether the client connects to the endpoints (no Service on the
+    /// node to balance).
+    pub fn to_endpoints(self) -> bool {
+        matches!(self, Balancer::Direct | Balancer::EmptyProgram)
+    }
 
     /// Name for tables.
     pub fn name(self) -> &'static str {
@@ -153,6 +165,7 @@ impl Balancer {
             Balancer::Palisade => "palisade",
             Balancer::Iptables => "iptables",
             Balancer::Nftables => "nftables",
+            Balancer::EmptyProgram => "empty-program",
         }
     }
 }
@@ -268,7 +281,7 @@ impl ServiceLab {
             .copied()
             .collect();
         let targets: Vec<SocketAddr> = match balancer {
-            Balancer::Direct => endpoints_in_turn.clone(),
+            b if b.to_endpoints() => endpoints_in_turn.clone(),
             _ => services
                 .iter()
                 .map(|s| SocketAddr::new(s.cluster_ip, s.port))
@@ -305,6 +318,16 @@ impl ServiceLab {
                     },
                 )?;
                 cgroup = Some(hooks);
+                Some(dp)
+            }
+            Balancer::EmptyProgram => {
+                let mut dp = Datapath::load_private(Capacity::verification())?;
+                let ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
+                topo.node().run(|| {
+                    ifaces
+                        .iter()
+                        .try_for_each(|i| dp.attach_pass_through_as_service(i))
+                })??;
                 Some(dp)
             }
             Balancer::Iptables => {
@@ -413,7 +436,7 @@ impl ServiceLab {
         } else {
             &self.targets
         };
-        let to_services = via != Via::Endpoints && self.balancer != Balancer::Direct;
+        let to_services = via != Via::Endpoints && !self.balancer.to_endpoints();
         let (translated, nat_full, at_connect) = (
             self.stat(Statistic::ServiceNat)?,
             self.stat(Statistic::ServiceNatFull)?,

@@ -31,11 +31,11 @@ use palisade_benches::service_lab::{
 /// ([`PALISADE_VIA`]).
 struct Row {
     services: usize,
-    rates: [f64; 6],
+    rates: [f64; 7],
     /// The lowest and highest of Palisade's rate over direct's in the
     /// same round.
     palisade_rounds: (f64, f64),
-    /// Connections made through all four labs.
+    /// Connections made through all the labs.
     connections: u64,
     /// Palisade's connections not recorded for a full NAT table.
     nat_full: u64,
@@ -112,6 +112,7 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<Row> {
             }
             Balancer::Iptables => "kube-proxy's iptables rules (iptables-restore)",
             Balancer::Nftables => "kube-proxy's nftables rules (nft -f)",
+            Balancer::EmptyProgram => "a program that only passes packets on the host veths",
         };
         eprintln!("  building {}: {what} ...", b.name());
         let t = Instant::now();
@@ -194,7 +195,7 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<Row> {
         by_round.iter().copied().fold(f64::INFINITY, f64::min),
         by_round.iter().copied().fold(0.0, f64::max),
     );
-    let mut rates = [0.0; 6];
+    let mut rates = [0.0; 7];
     for (r, s) in rates.iter_mut().zip(samples.iter_mut()) {
         *r = median(s);
     }
@@ -229,14 +230,23 @@ fn main() -> Result<()> {
             "service traffic: {n} Services x {ENDPOINTS} endpoints, {rounds} rounds of {secs} s ..."
         );
         let row = measure(*n, rounds, secs)?;
-        let [direct, palisade, iptables, nft, at_connect, untranslated] = row.rates;
+        let [
+            direct,
+            palisade,
+            iptables,
+            nft,
+            empty,
+            at_connect,
+            untranslated,
+        ] = row.rates;
         eprintln!(
-            "  of direct: Palisade {:.2}, iptables {:.2}, nftables {:.2}; Palisade at connect() {:.2}, its program with no Service {:.2}",
+            "  of direct: Palisade {:.2}, iptables {:.2}, nftables {:.2}; Palisade at connect() {:.2}, its program with no Service {:.2}; an empty program {:.2}",
             palisade / direct,
             iptables / direct,
             nft / direct,
             at_connect / direct,
-            untranslated / direct
+            untranslated / direct,
+            empty / direct
         );
         rows.push(row);
     }
@@ -256,9 +266,9 @@ fn main() -> Result<()> {
          (an AnyIP route for {ENDPOINT_RANGE}, which the node routes to it) where one socket listens \
          on 0.0.0.0:8080. The client opens TCP connections and resets each at once (`SO_LINGER` 0: \
          a new flow each, no TIME_WAIT), one at a time from one thread, for {secs} s a round; \
-         connections/s, median of {rounds} rounds after a 0.5 s warm-up; the four labs exist side by \
+         connections/s, median of {rounds} rounds after a 0.5 s warm-up; the five labs exist side by \
          side and the rounds alternate between them (and Palisade's two more ways below), rotating \
-         the order. The same Services, balanced four ways:\n\n\
+         the order. The same Services, balanced four ways, and a floor:\n\n\
          - **direct** (the baseline): a plain node, no rules, no programs; the client connects \
          straight to the endpoints' addresses, in turn over every endpoint of every Service.\n\
          - **Palisade**: `palisade_service` at the TC ingress of both host veths (no policy program, \
@@ -271,7 +281,10 @@ fn main() -> Result<()> {
          benches/src/kube_proxy.rs), loaded with `iptables-restore` in the node namespace.\n\
          - **nftables**: the same Services as its nftables proxier writes them (the `service-ips` \
          verdict map → `service-*` chains with `numgen random mod 10 vmap` → `endpoint-*` DNAT), \
-         loaded with `nft -f`.\n\n\
+         loaded with `nft -f`.\n\
+         - **empty program** (the floor of any per-packet design): a plain node as direct, with \
+         `palisade_pass` (a program that returns at once) where Palisade's lab has its service \
+         program; the client connects to the endpoints, as in direct.\n\n\
          In the three balanced labs the client connects to the ClusterIPs, in turn over all N. The \
          cluster CIDR ({CLUSTER_CIDR}) holds the client, so nothing is masqueraded (pod to Service). \
          Every round is checked: the server accepted every connection the client opened, from the \
@@ -289,14 +302,22 @@ fn main() -> Result<()> {
         rows.iter().map(|r| r.nat_full).sum::<u64>(),
     );
     md.push_str(
-        "| Services | direct /s | Palisade /s | iptables /s | nftables /s | Palisade/direct | iptables/direct | nft/direct | Palisade/direct by round | Palisade at connect() /s | its /direct | Palisade, no Service /s | its /direct |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| Services | direct /s | Palisade /s | iptables /s | nftables /s | Palisade/direct | iptables/direct | nft/direct | Palisade/direct by round | Palisade at connect() /s | its /direct | Palisade, no Service /s | its /direct | empty program /s | its /direct |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
-        let [direct, palisade, iptables, nft, at_connect, untranslated] = r.rates;
+        let [
+            direct,
+            palisade,
+            iptables,
+            nft,
+            empty,
+            at_connect,
+            untranslated,
+        ] = r.rates;
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | **{:.2}** | {:.2} | {:.2} | {:.2}-{:.2} | {:.0} | {:.2} | {:.0} | {:.2} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | **{:.2}** | {:.2} | {:.2} | {:.2}-{:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} |",
             r.services,
             direct,
             palisade,
@@ -310,7 +331,9 @@ fn main() -> Result<()> {
             at_connect,
             at_connect / direct,
             untranslated,
-            untranslated / direct
+            untranslated / direct,
+            empty,
+            empty / direct
         );
     }
     md.push_str(
@@ -320,20 +343,29 @@ fn main() -> Result<()> {
          labs to the next.\n\n\
          Goal (issue 21): Palisade at least 0.9 of direct at every size.\n\n\
          What a connection costs over direct, in microseconds (1/rate − 1/direct rate):\n\n\
-         | Services | direct (µs a connection) | Palisade adds | Palisade at connect() adds | Palisade, no Service, adds | iptables adds | nftables adds |\n\
-         |---:|---:|---:|---:|---:|---:|---:|\n",
+         | Services | direct (µs a connection) | Palisade adds | Palisade at connect() adds | Palisade, no Service, adds | empty program adds | iptables adds | nftables adds |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
         let us = |rate: f64| 1e6 / rate;
-        let [direct, palisade, iptables, nft, at_connect, untranslated] = r.rates;
+        let [
+            direct,
+            palisade,
+            iptables,
+            nft,
+            empty,
+            at_connect,
+            untranslated,
+        ] = r.rates;
         let _ = writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             r.services,
             us(direct),
             us(palisade) - us(direct),
             us(at_connect) - us(direct),
             us(untranslated) - us(direct),
+            us(empty) - us(direct),
             us(iptables) - us(direct),
             us(nft) - us(direct)
         );
@@ -348,7 +380,7 @@ fn main() -> Result<()> {
     );
     for r in &rows {
         let us = |rate: f64| 1e6 / rate;
-        let [direct, palisade, _, _, at_connect, untranslated] = r.rates;
+        let [direct, palisade, _, _, _, at_connect, untranslated] = r.rates;
         let [packet, connect, endpoints] = r.program;
         let _ = writeln!(
             md,
@@ -392,7 +424,7 @@ fn main() -> Result<()> {
          nftables proxier then finds the Service in one verdict-map lookup, so it stays flat, \
          while the iptables proxier matches the first packet against the `KUBE-SERVICES` rules \
          one after another (on average half of the N), so it falls as N grows. {} connections \
-         in all ({} rounds of each of the four labs, and of Palisade's at connect() and to the endpoints, at {} sizes).\n\n\
+         in all ({} rounds of each of the five labs, and of Palisade's at connect() and to the endpoints, at {} sizes).\n\n\
          Tools: {}; {}. Kernel {}, {cores} cores; load average at the end of the run {load} \
          (loading the largest size's rules included). \
          The machine was shared with other work: the ratios, measured in alternating rounds, \
@@ -405,13 +437,14 @@ fn main() -> Result<()> {
         kernel.trim(),
     );
     type Column = fn(&Row) -> f64;
-    let columns: [(&str, &'static str, bool, Column); 6] = [
+    let columns: [(&str, &'static str, bool, Column); 7] = [
         ("direct (no Service)", "#7f7f7f", true, |r| r.rates[0]),
         ("Palisade", "#1f77b4", false, |r| r.rates[1]),
-        ("Palisade at connect()", "#9467bd", false, |r| r.rates[4]),
+        ("Palisade at connect()", "#9467bd", false, |r| r.rates[5]),
         ("Palisade's program, no Service", "#1f77b4", true, |r| {
-            r.rates[5]
+            r.rates[6]
         }),
+        ("an empty program (floor)", "#bcbd22", true, |r| r.rates[4]),
         ("kube-proxy iptables", "#d62728", false, |r| r.rates[2]),
         ("kube-proxy nftables", "#2ca02c", false, |r| r.rates[3]),
     ];

@@ -24,6 +24,13 @@ impl Datapath {
         self.attach_programs(iface, true)
     }
 
+    /// Attaches the pass-through program where [`Self::attach_service`]
+    /// attaches the service program: what the TC hook alone costs a
+    /// packet (the service benchmarks' floor). Detached like it.
+    pub fn attach_pass_through_as_service(&mut self, iface: &str) -> Result<(), DatapathError> {
+        self.attach_hooks(iface, &[Hook::Service], true)
+    }
+
     /// Attaches service load balancing at the interface's TC ingress,
     /// first in line (before the policy program, which then judges the
     /// translated packet), with a pinned TCX link like the others. Must
