@@ -268,7 +268,7 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
     };
     // SAFETY: a map value stays valid for the rest of this run (RCU).
     let v = unsafe { &*v };
-    if v.flags & NAT_AFTER_POLICY != 0 && opening(ctx, h) {
+    if v.flags & NAT_AFTER_POLICY != 0 && captured(ctx, h, v) {
         // Before policy, an after-policy key is only ever met as a new
         // connection's tuple: a closed translated connection's entries
         // (the LRU keeps them) would capture it.
@@ -309,18 +309,19 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
     1
 }
 
-/// A TCP connection opening (SYN without ACK) that no NAT entry covers
-/// (`sc.tuple`): an entry for the way back of its tuple belongs to a
-/// closed translated connection (the LRU keeps entries past their
-/// connection) that used the same client port and backend, and would
-/// give this connection's replies a frontend's address. That
-/// connection's entries go (see [`forget_connection`]), so a later
+/// A TCP connection opening (SYN without ACK), or a UDP datagram, that
+/// no NAT entry covers (`sc.tuple`): an entry for the way back of its
+/// tuple belongs to a closed translated connection (the LRU keeps
+/// entries past their connection) that used the same client port and
+/// backend, and would give this flow's replies a frontend's address.
+/// That connection's entries go (see [`forget_connection`]), so a later
 /// connection through the frontend from that port is decided afresh; a
 /// live connection with that tuple could not share it with this one at
-/// the backend anyway (conntrack would have remapped the port).
+/// the backend anyway (conntrack would have remapped a TCP port, and
+/// refuses a UDP flow whose replies clash with another's).
 #[inline(never)]
 fn forget_stale_reply(ctx: &TcContext, h: &Headers) {
-    if !opening(ctx, h) {
+    if !may_open(ctx, h) {
         return;
     }
     let Some(sc) = scratch() else {
@@ -362,6 +363,29 @@ fn forget_stale_reply(ctx: &TcContext, h: &Headers) {
 #[inline(always)]
 fn restores_frontend(v: &NatValue) -> bool {
     v.flags & (NAT_REPLY | NAT_AFTER_POLICY) == NAT_REPLY | NAT_AFTER_POLICY
+}
+
+/// Whether a packet that met after-policy entry `v` before policy is a
+/// new flow the entry would capture: a TCP opening, or a UDP datagram
+/// keyed like a masqueraded connection's SNAT entry (the client's port to
+/// the backend, which that connection's own datagrams carry only after
+/// the DNAT, never here). A UDP datagram keyed like a reply entry (the
+/// backend to the client's port) is the reply conntrack would take it
+/// for.
+#[inline(always)]
+fn captured(ctx: &TcContext, h: &Headers, v: &NatValue) -> bool {
+    if h.protocol == UDP {
+        return v.flags & NAT_REPLY == 0;
+    }
+    opening(ctx, h)
+}
+
+/// Whether the packet may start a flow: a TCP opening, or any UDP
+/// datagram (UDP has none; conntrack takes a datagram no entry matches
+/// for a new flow).
+#[inline(always)]
+fn may_open(ctx: &TcContext, h: &Headers) -> bool {
+    h.protocol == UDP || opening(ctx, h)
 }
 
 /// Whether the packet opens a TCP connection (SYN without ACK).

@@ -221,21 +221,29 @@ fn a_connection_round_trips_through_a_cluster_ip_with_valid_checksums() {
     );
 }
 
-/// A client port used through the ClusterIP, then (that connection
-/// closed, its entries left in the LRU) straight to the backend, then
-/// through the ClusterIP again, from `client`; `masquerade`: the node
-/// address the backend sees through the ClusterIP (None: the client's).
-/// The direct connection keeps its addresses both ways, and the last is
-/// translated both ways again (kube-proxy's conntrack starts a new entry
-/// for each new SYN). Returns the backend.
+/// A client port used through the ClusterIP (TCP or UDP: `protocol`),
+/// then (that flow over, its entries left in the LRU) straight to the
+/// backend, then through the ClusterIP again, from `client`;
+/// `masquerade`: the node address the backend sees through the
+/// ClusterIP (None: the client's). The direct flow keeps its addresses
+/// both ways, and the last is translated both ways again (kube-proxy's
+/// conntrack starts a new entry for each new SYN, and for a datagram no
+/// entry matches). Returns the backend.
 fn reuse_a_client_port(
     dp: &Datapath,
+    protocol: u8,
     client: SocketAddr,
     masquerade: Option<IpAddr>,
 ) -> SocketAddr {
-    let vip = sock(VIP, 80);
+    // TCP: SYN, then SYN-ACK; UDP: a datagram each way.
+    let (vip, target, open, answer) = match protocol {
+        6 => (sock(VIP, 80), sock("10.0.2.5", 8080), 0x02, 0x12),
+        _ => (sock(VIP, 53), sock("10.0.2.5", 5353), 0, 0),
+    };
     let through_vip = || {
-        let (_, out) = dp.run_service(&packet(6, client, vip, 0x02), 0).unwrap();
+        let (_, out) = dp
+            .run_service(&packet(protocol, client, vip, open), 0)
+            .unwrap();
         let seen = source(&out);
         assert_eq!(
             seen.ip(),
@@ -245,27 +253,29 @@ fn reuse_a_client_port(
         (seen, destination(&out))
     };
     let (_, backend) = through_vip();
-    assert_eq!(backend, sock("10.0.2.5", 8080));
+    assert_eq!(backend, target);
     let (run, out) = dp
-        .run_service(&packet(6, client, backend, 0x02), 0)
+        .run_service(&packet(protocol, client, backend, open), 0)
         .unwrap();
     assert!(run.passed());
     assert_eq!(
         (source(&out), destination(&out)),
         (client, backend),
-        "{client}: a direct connection keeps its addresses"
+        "{client}: a direct flow keeps its addresses"
     );
     let (_, back) = dp
-        .run_service(&packet(6, backend, client, 0x12), 0)
+        .run_service(&packet(protocol, backend, client, answer), 0)
         .unwrap();
     assert_eq!(
         (source(&back), destination(&back)),
         (backend, client),
-        "{client}: a direct connection's reply keeps the backend's address"
+        "{client}: a direct flow's reply keeps the backend's address"
     );
     let (seen, to) = through_vip();
     assert_eq!(to, backend);
-    let (_, back) = dp.run_service(&packet(6, backend, seen, 0x12), 0).unwrap();
+    let (_, back) = dp
+        .run_service(&packet(protocol, backend, seen, answer), 0)
+        .unwrap();
     assert_eq!(
         (source(&back), destination(&back)),
         (vip, client),
@@ -289,7 +299,10 @@ fn a_reused_client_port_is_not_taken_for_a_closed_connection() {
     ]))
     .unwrap();
     let client = sock(CLIENT, 40_010);
-    let backend = reuse_a_client_port(&dp, client, None);
+    // UDP has no opening: a datagram no entry covers is a new flow, as
+    // conntrack takes it.
+    reuse_a_client_port(&dp, 17, sock(CLIENT, 40_011), None);
+    let backend = reuse_a_client_port(&dp, 6, client, None);
     // That one ends too; the backend opens a connection from its port
     // to the client's: not answered for the ClusterIP.
     let (_, out) = dp
@@ -322,8 +335,10 @@ fn a_reused_client_port_is_not_taken_for_a_closed_masqueraded_connection() {
     ]))
     .unwrap();
     let node: IpAddr = "192.168.0.2".parse().unwrap();
-    reuse_a_client_port(&dp, sock("192.168.5.9", 40_020), Some(node));
-    reuse_a_client_port(&dp, sock("192.168.5.10", 40_021), Some(node));
+    for protocol in [6, 17] {
+        reuse_a_client_port(&dp, protocol, sock("192.168.5.9", 40_020), Some(node));
+        reuse_a_client_port(&dp, protocol, sock("192.168.5.10", 40_021), Some(node));
+    }
 }
 
 #[test]
