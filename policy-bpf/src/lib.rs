@@ -35,5 +35,6 @@ pub mod conntrack;
 pub mod datapath;
 pub mod error;
 pub mod lower;
+pub mod nat_expiry;
 pub mod packet;
 pub mod services;

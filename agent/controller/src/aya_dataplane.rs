@@ -223,7 +223,10 @@ impl Dataplane for AyaDataplane {
     }
 
     fn expire_conntrack(&mut self) -> Result<u64, DataplaneError> {
-        Ok(self.loaded()?.expire_conntrack()? as u64)
+        let datapath = self.loaded()?;
+        let tracked = datapath.expire_conntrack()?;
+        // UDP flows through Services end as conntrack's would, with it.
+        Ok((tracked + datapath.expire_service_flows()?) as u64)
     }
 
     fn set_services(&mut self, tables: &[ServiceTable]) -> Result<(), DataplaneError> {

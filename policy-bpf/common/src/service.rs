@@ -517,7 +517,22 @@ pub struct NatValue {
     pub flags: u32,
     /// The backend index the connection went to (original direction).
     pub backend: u32,
-    pub pad: u32,
+    /// UDP: the second of the kernel's coarse monotonic clock when a
+    /// packet last met this entry before policy (0: not yet known, as in
+    /// entries pinned by an earlier build); the sweep ends flows idle for
+    /// conntrack's UDP timeouts ([`udp_flow_timeout`]). TCP: 0.
+    pub seen: u32,
+}
+
+/// NAT entry flag: a reply-side entry (reply or SNAT undone) that carried
+/// a packet: the flow has seen a reply (conntrack's `SEEN_REPLY`).
+pub const NAT_REPLIED: u32 = 8;
+
+/// Seconds a UDP flow lives without packets, as the kernel's conntrack
+/// keeps it (`nf_conntrack_udp_timeout` and `_stream`): 30 unreplied,
+/// 120 once it has seen a reply.
+pub const fn udp_flow_timeout(replied: bool) -> u32 {
+    if replied { 120 } else { 30 }
 }
 
 /// NAT entry flag: the reply direction.

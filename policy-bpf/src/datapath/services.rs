@@ -434,6 +434,40 @@ impl Datapath {
         Ok(nat.iter().filter_map(Result::ok).collect())
     }
 
+    /// Ends the UDP flows through a frontend that the kernel's conntrack
+    /// would have timed out by now ([`crate::nat_expiry`]); returns how
+    /// many. The agent calls it with each conntrack sweep.
+    pub fn expire_service_flows(&mut self) -> Result<usize, DatapathError> {
+        let (_, coarse_ns) = self.kernel_clock()?;
+        self.expire_service_flows_at((coarse_ns / 1_000_000_000) as u32)
+    }
+
+    /// [`Self::expire_service_flows`] at `now`, in seconds of the kernel's
+    /// coarse monotonic clock (the programs' [`NatValue::seen`]). A flow
+    /// a packet met since it was read is left.
+    pub fn expire_service_flows_at(&mut self, now: u32) -> Result<usize, DatapathError> {
+        let mut nat = self.nat_map()?;
+        let entries: Vec<(NatTuple, NatValue)> = nat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.protocol == 17)
+            .collect();
+        let mut ended = 0;
+        for flow in crate::nat_expiry::expired_udp_flows(&entries, now) {
+            let untouched = flow
+                .iter()
+                .all(|(k, seen)| nat.get(k, 0).is_ok_and(|v| v.seen == *seen));
+            if !untouched {
+                continue;
+            }
+            for (k, _) in &flow {
+                let _ = nat.remove(k);
+            }
+            ended += 1;
+        }
+        Ok(ended)
+    }
+
     /// Forgets every translated connection and affinity (the verification
     /// engine's fresh start before each probe).
     pub fn flush_services_state(&mut self) -> Result<(), DatapathError> {

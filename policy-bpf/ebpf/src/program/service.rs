@@ -17,7 +17,7 @@
 )]
 
 use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST};
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 
 use super::*;
 
@@ -258,7 +258,7 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
         return 0;
     };
     let found = if may_have_entry(&sc.tuple) {
-        PALISADE_SVC_NAT.get_ptr(&sc.tuple)
+        PALISADE_SVC_NAT.get_ptr_mut(&sc.tuple)
     } else {
         None
     };
@@ -266,6 +266,10 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
         forget_stale_reply(ctx, h);
         return 0;
     };
+    if h.protocol == UDP {
+        // SAFETY: as below; concurrent runs write the same values.
+        unsafe { refresh_udp(&mut *v) };
+    }
     // SAFETY: a map value stays valid for the rest of this run (RCU).
     let v = unsafe { &*v };
     if v.flags & NAT_AFTER_POLICY != 0 && captured(ctx, h, v) {
@@ -386,6 +390,32 @@ fn captured(ctx: &TcContext, h: &Headers, v: &NatValue) -> bool {
 #[inline(always)]
 fn may_open(ctx: &TcContext, h: &Headers) -> bool {
     h.protocol == UDP || opening(ctx, h)
+}
+
+/// The clock a UDP entry keeps ([`NatValue::seen`]); 0 for the others.
+#[inline(always)]
+fn udp_seen(protocol: u8) -> u32 {
+    if protocol != UDP {
+        return 0;
+    }
+    // SAFETY: helper without preconditions.
+    let s = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
+    // 0 means "not yet known"; the first second after boot reads as 1.
+    s.max(1)
+}
+
+/// A UDP entry met a packet: its clock set (a write at most once a
+/// second), and a reply-side entry marks the flow replied. The sweep
+/// ends flows whose entries all fell idle (conntrack's UDP timeouts).
+#[inline(always)]
+fn refresh_udp(v: &mut NatValue) {
+    let now = udp_seen(UDP);
+    if v.seen != now {
+        v.seen = now;
+    }
+    if v.flags & NAT_REPLY != 0 && v.flags & NAT_REPLIED == 0 {
+        v.flags |= NAT_REPLIED;
+    }
 }
 
 /// Whether the packet opens a TCP connection (SYN without ACK).
@@ -657,6 +687,7 @@ fn translate(ctx: &TcContext, h: &Headers) -> i32 {
     let masquerade = (masquerade || hairpin) && sc.node != [0; 16];
     let masq_flag = if masquerade { NAT_MASQUERADE } else { 0 };
     let t = sc.tuple;
+    let seen = udp_seen(t.protocol);
     let b = sc.chosen.value;
     // Before policy: DNAT only.
     sc.forward = NatValue {
@@ -666,7 +697,7 @@ fn translate(ctx: &TcContext, h: &Headers) -> i32 {
         dst_port: b.port,
         flags: masq_flag,
         backend: sc.chosen.backend,
-        pad: 0,
+        seen,
     };
     // After policy, on the way back: the frontend restored.
     sc.reply_key = NatTuple {
@@ -685,7 +716,7 @@ fn translate(ctx: &TcContext, h: &Headers) -> i32 {
         dst_port: t.src_port,
         flags: NAT_REPLY | NAT_AFTER_POLICY | masq_flag,
         backend: sc.chosen.backend,
-        pad: 0,
+        seen,
     };
     // Over any entry of that key: one a closed connection left (the same
     // client port and backend, reached through another frontend of the
@@ -741,7 +772,7 @@ fn record_masquerade(sc: &mut ServiceScratch) -> bool {
         dst_port: f.dst_port,
         flags: NAT_AFTER_POLICY | NAT_MASQUERADE,
         backend: f.backend,
-        pad: 0,
+        seen: f.seen,
     };
     sc.unsnat_key = NatTuple {
         src: f.dst,
@@ -759,7 +790,7 @@ fn record_masquerade(sc: &mut ServiceScratch) -> bool {
         dst_port: f.src_port,
         flags: NAT_REPLY | NAT_MASQUERADE,
         backend: f.backend,
-        pad: 0,
+        seen: f.seen,
     };
     let mut taken = PALISADE_SVC_NAT
         .insert(&sc.unsnat_key, &sc.unsnat, u64::from(BPF_NOEXIST))

@@ -228,5 +228,6 @@ mod netns;
 mod packets;
 mod pod_sockets;
 mod scale;
+mod service_flows;
 mod services;
 mod updates;

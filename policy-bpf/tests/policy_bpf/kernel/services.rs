@@ -75,7 +75,7 @@ fn fold(mut s: u32) -> u16 {
 }
 
 /// An IPv4 TCP (flags) or UDP packet with valid checksums.
-fn packet(proto: u8, src: SocketAddr, dst: SocketAddr, flags: u8) -> Vec<u8> {
+pub(super) fn packet(proto: u8, src: SocketAddr, dst: SocketAddr, flags: u8) -> Vec<u8> {
     let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
         unreachable!()
     };
@@ -130,11 +130,11 @@ fn addr(p: &[u8], at: usize) -> SocketAddr {
     SocketAddr::new(ip, u16::from_be_bytes([p[port_at], p[port_at + 1]]))
 }
 
-fn source(p: &[u8]) -> SocketAddr {
+pub(super) fn source(p: &[u8]) -> SocketAddr {
     addr(p, 26)
 }
 
-fn destination(p: &[u8]) -> SocketAddr {
+pub(super) fn destination(p: &[u8]) -> SocketAddr {
     addr(p, 30)
 }
 
