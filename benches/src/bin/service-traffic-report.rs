@@ -31,7 +31,7 @@ use palisade_benches::service_lab::{
 /// ([`PALISADE_VIA`]).
 struct Row {
     services: usize,
-    rates: [f64; 7],
+    rates: Rates,
     /// The lowest and highest of Palisade's rate over direct's in the
     /// same round.
     palisade_rounds: (f64, f64),
@@ -42,6 +42,70 @@ struct Row {
     /// The service program in place, in Palisade's lab, each way of
     /// [`PALISADE_VIA`]: (ns a run, runs a connection).
     program: [ProgramTime; 3],
+}
+
+/// A size's median rates (connections/s), by lab and way.
+#[derive(Clone, Copy)]
+struct Rates {
+    direct: f64,
+    palisade: f64,
+    iptables: f64,
+    nft: f64,
+    empty: f64,
+    at_connect: f64,
+    /// Palisade's lab to the endpoints (its program, no Service).
+    untranslated: f64,
+}
+
+impl Rates {
+    /// From the medians in the measures' order: [`Balancer::ALL`], then
+    /// [`PALISADE_VIA`]'s two more ways.
+    fn of(m: [f64; 7]) -> Rates {
+        let [
+            direct,
+            palisade,
+            iptables,
+            nft,
+            empty,
+            at_connect,
+            untranslated,
+        ] = m;
+        Rates {
+            direct,
+            palisade,
+            iptables,
+            nft,
+            empty,
+            at_connect,
+            untranslated,
+        }
+    }
+
+    fn all(&self) -> [f64; 7] {
+        [
+            self.direct,
+            self.palisade,
+            self.iptables,
+            self.nft,
+            self.empty,
+            self.at_connect,
+            self.untranslated,
+        ]
+    }
+
+    fn map(&self, f: impl Fn(f64) -> f64) -> Rates {
+        Rates::of(self.all().map(f))
+    }
+
+    /// Each rate over direct's.
+    fn of_direct(&self) -> Rates {
+        self.map(|r| r / self.direct)
+    }
+
+    /// Microseconds each adds to a connection over direct (1/rate − 1/direct rate).
+    fn added_us(&self) -> Rates {
+        self.map(|r| 1e6 / r - 1e6 / self.direct)
+    }
 }
 
 /// Palisade's lab is measured three ways: per packet (as its agent
@@ -201,7 +265,7 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<Row> {
     }
     Ok(Row {
         services: n,
-        rates,
+        rates: Rates::of(rates),
         palisade_rounds,
         connections,
         nat_full,
@@ -230,23 +294,10 @@ fn main() -> Result<()> {
             "service traffic: {n} Services x {ENDPOINTS} endpoints, {rounds} rounds of {secs} s ..."
         );
         let row = measure(*n, rounds, secs)?;
-        let [
-            direct,
-            palisade,
-            iptables,
-            nft,
-            empty,
-            at_connect,
-            untranslated,
-        ] = row.rates;
+        let f = row.rates.of_direct();
         eprintln!(
             "  of direct: Palisade {:.2}, iptables {:.2}, nftables {:.2}; Palisade at connect() {:.2}, its program with no Service {:.2}; an empty program {:.2}",
-            palisade / direct,
-            iptables / direct,
-            nft / direct,
-            at_connect / direct,
-            untranslated / direct,
-            empty / direct
+            f.palisade, f.iptables, f.nft, f.at_connect, f.untranslated, f.empty
         );
         rows.push(row);
     }
@@ -306,34 +357,26 @@ fn main() -> Result<()> {
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
-        let [
-            direct,
-            palisade,
-            iptables,
-            nft,
-            empty,
-            at_connect,
-            untranslated,
-        ] = r.rates;
+        let (q, f) = (r.rates, r.rates.of_direct());
         let _ = writeln!(
             md,
             "| {} | {:.0} | {:.0} | {:.0} | {:.0} | **{:.2}** | {:.2} | {:.2} | {:.2}-{:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} |",
             r.services,
-            direct,
-            palisade,
-            iptables,
-            nft,
-            palisade / direct,
-            iptables / direct,
-            nft / direct,
+            q.direct,
+            q.palisade,
+            q.iptables,
+            q.nft,
+            f.palisade,
+            f.iptables,
+            f.nft,
             r.palisade_rounds.0,
             r.palisade_rounds.1,
-            at_connect,
-            at_connect / direct,
-            untranslated,
-            untranslated / direct,
-            empty,
-            empty / direct
+            q.at_connect,
+            f.at_connect,
+            q.untranslated,
+            f.untranslated,
+            q.empty,
+            f.empty
         );
     }
     md.push_str(
@@ -347,27 +390,18 @@ fn main() -> Result<()> {
          |---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
-        let us = |rate: f64| 1e6 / rate;
-        let [
-            direct,
-            palisade,
-            iptables,
-            nft,
-            empty,
-            at_connect,
-            untranslated,
-        ] = r.rates;
+        let a = r.rates.added_us();
         let _ = writeln!(
             md,
             "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             r.services,
-            us(direct),
-            us(palisade) - us(direct),
-            us(at_connect) - us(direct),
-            us(untranslated) - us(direct),
-            us(empty) - us(direct),
-            us(iptables) - us(direct),
-            us(nft) - us(direct)
+            1e6 / r.rates.direct,
+            a.palisade,
+            a.at_connect,
+            a.untranslated,
+            a.empty,
+            a.iptables,
+            a.nft
         );
     }
     md.push_str(
@@ -379,8 +413,7 @@ fn main() -> Result<()> {
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
-        let us = |rate: f64| 1e6 / rate;
-        let [direct, palisade, _, _, _, at_connect, untranslated] = r.rates;
+        let a = r.rates.added_us();
         let [packet, connect, endpoints] = r.program;
         let _ = writeln!(
             md,
@@ -389,14 +422,14 @@ fn main() -> Result<()> {
             packet.ns_a_run,
             packet.runs_a_connection,
             packet.ns_a_run * packet.runs_a_connection / 1e3,
-            us(palisade) - us(direct),
+            a.palisade,
             connect.connect_hook_ns,
             connect.ns_a_run,
             (connect.ns_a_run * connect.runs_a_connection + connect.connect_hook_ns) / 1e3,
-            us(at_connect) - us(direct),
+            a.at_connect,
             endpoints.ns_a_run,
             endpoints.ns_a_run * endpoints.runs_a_connection / 1e3,
-            us(untranslated) - us(direct),
+            a.untranslated,
         );
     }
     let _ = writeln!(
@@ -438,18 +471,24 @@ fn main() -> Result<()> {
     );
     type Column = fn(&Row) -> f64;
     let columns: [(&str, &'static str, bool, Column); 7] = [
-        ("direct (no Service)", "#7f7f7f", true, |r| r.rates[0]),
-        ("Palisade", "#1f77b4", false, |r| r.rates[1]),
-        ("Palisade at connect()", "#9467bd", false, |r| r.rates[5]),
-        ("Palisade's program, no Service", "#1f77b4", true, |r| {
-            r.rates[6]
+        ("direct (no Service)", "#7f7f7f", true, |r| r.rates.direct),
+        ("Palisade", "#1f77b4", false, |r| r.rates.palisade),
+        ("Palisade at connect()", "#9467bd", false, |r| {
+            r.rates.at_connect
         }),
-        ("an empty program (floor)", "#bcbd22", true, |r| r.rates[4]),
-        ("kube-proxy iptables", "#d62728", false, |r| r.rates[2]),
-        ("kube-proxy nftables", "#2ca02c", false, |r| r.rates[3]),
+        ("Palisade's program, no Service", "#1f77b4", true, |r| {
+            r.rates.untranslated
+        }),
+        ("an empty program (floor)", "#bcbd22", true, |r| {
+            r.rates.empty
+        }),
+        ("kube-proxy iptables", "#d62728", false, |r| {
+            r.rates.iptables
+        }),
+        ("kube-proxy nftables", "#2ca02c", false, |r| r.rates.nft),
     ];
     let series = series_of(&columns, &rows, |r| r.services as f64);
-    let y_max = rows.iter().flat_map(|r| r.rates).fold(0.0, f64::max) * 1.15;
+    let y_max = rows.iter().flat_map(|r| r.rates.all()).fold(0.0, f64::max) * 1.15;
     let svg = line_chart(
         "TCP connections through a ClusterIP",
         "Services (10 endpoints each)",
