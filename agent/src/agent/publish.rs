@@ -87,6 +87,32 @@ pub(super) fn count_events(shared: &Shared, changes: &[StoreChange]) {
 pub(super) struct Seen {
     drops: std::collections::HashMap<u32, u64>,
     stats: [u64; Statistic::COUNT as usize],
+    /// NAT entries and affinities last counted, and when.
+    service_state: Option<((usize, usize), std::time::Instant)>,
+}
+
+/// Counting the NAT table walks it from user space (a 262,144-entry table
+/// full: about 160 ms here): a large one is counted this often, not with
+/// every publish (each second).
+const LARGE_STATE_RECOUNT: std::time::Duration = std::time::Duration::from_secs(10);
+/// NAT entries and affinities below which they are counted with every
+/// publish (a walk of a few milliseconds).
+const SMALL_STATE: usize = 16_384;
+
+impl Seen {
+    /// The NAT entries and affinities, counted again when the last count
+    /// was small or is old.
+    fn service_state_len(&mut self, dataplane: &impl Telemetry) -> (usize, usize) {
+        if let Some((counted @ (nat, affinities), at)) = self.service_state
+            && nat + affinities >= SMALL_STATE
+            && at.elapsed() < LARGE_STATE_RECOUNT
+        {
+            return counted;
+        }
+        let counted = dataplane.service_state_len().unwrap_or((0, 0));
+        self.service_state = Some((counted, std::time::Instant::now()));
+        counted
+    }
 }
 
 /// The host side's settings on an interface just attached (pods wired by
@@ -181,7 +207,7 @@ pub(super) fn publish<D: Dataplane + Telemetry>(
             .map(|(n, e, c)| (n, e, u32::try_from(c).unwrap_or(u32::MAX))),
     );
     m.service_nat_capacity.set(cap.services.nat as i64);
-    let (nat, affinities) = dataplane.service_state_len().unwrap_or((0, 0));
+    let (nat, affinities) = seen.service_state_len(dataplane);
     m.service_nat_entries.set(nat as i64);
     m.service_affinity_entries.set(affinities as i64);
     let service_status = services.map(|e| {
@@ -305,4 +331,45 @@ pub(super) fn publish<D: Dataplane + Telemetry>(
         expired: m.conntrack_expired.get(),
     };
     s.rejected = rejected;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A table of a fixed size that counts how often it was walked.
+    struct Table {
+        len: (usize, usize),
+        walks: std::cell::Cell<usize>,
+    }
+
+    impl Telemetry for Table {
+        fn service_state_len(&self) -> Option<(usize, usize)> {
+            self.walks.set(self.walks.get() + 1);
+            Some(self.len)
+        }
+    }
+
+    #[test]
+    fn a_small_nat_table_is_counted_with_every_publish_a_large_one_less_often() {
+        let small = Table {
+            len: (100, 2),
+            walks: 0.into(),
+        };
+        let mut seen = Seen::default();
+        for _ in 0..3 {
+            assert_eq!(seen.service_state_len(&small), (100, 2));
+        }
+        assert_eq!(small.walks.get(), 3);
+
+        let large = Table {
+            len: (200_000, 10),
+            walks: 0.into(),
+        };
+        let mut seen = Seen::default();
+        for _ in 0..3 {
+            assert_eq!(seen.service_state_len(&large), (200_000, 10));
+        }
+        assert_eq!(large.walks.get(), 1, "counted again only after a while");
+    }
 }
