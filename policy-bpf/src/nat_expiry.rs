@@ -1,15 +1,21 @@
-//! Which UDP service flows the kernel's conntrack would have ended: a
-//! flow's NAT entries (two, four when masqueraded) keep the second a
-//! packet last met them ([`NatValue::seen`], written by the service
-//! program), and a flow idle for [`udp_flow_timeout`] seconds (30, or 120
-//! once it has seen a reply) is over, so its next datagram through the
-//! frontend is balanced afresh and the backend's datagrams to that port
-//! are no longer answered for the frontend. Pure: entries and the clock in,
-//! the flows to remove out.
+//! Which service flows the kernel's conntrack would have ended. A flow's
+//! NAT entries (two, four when masqueraded) keep the second a packet
+//! last met them ([`NatValue::seen`], written by the service program):
+//!
+//! | flow | over when idle for |
+//! |---|---|
+//! | UDP | [`udp_flow_timeout`]: 30 s, 120 s once it has seen a reply |
+//! | TCP reset either way (`NAT_RST`) | [`tcp_closed_timeout`]: 10 s (conntrack's `CLOSE`) |
+//! | TCP with FINs both ways (`NAT_FIN`) | 120 s (`TIME_WAIT`) |
+//! | TCP open, or closed one way | never here (the LRU, as for an idle established connection) |
+//!
+//! An ended flow's next packet through the frontend is balanced afresh,
+//! and the backend's packets to that port are no longer answered for the
+//! frontend. Pure: entries and the clock in, the flows to remove out.
 //!
 //! ```
-//! use policy_bpf::nat_expiry::expired_udp_flows;
-//! use policy_bpf_common::{NAT_AFTER_POLICY, NAT_REPLY, NatTuple, NatValue};
+//! use policy_bpf::nat_expiry::expired_flows;
+//! use policy_bpf_common::{NAT_AFTER_POLICY, NAT_REPLY, NAT_RST, NatTuple, NatValue};
 //!
 //! let client = NatTuple { src: [10, 0, 1, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
 //!     dst: [172, 30, 0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -21,67 +27,98 @@
 //!     dst_port: 40_000, ..client };
 //! let reply = NatValue { src: client.dst, dst: client.src, src_port: 53,
 //!     dst_port: 40_000, flags: NAT_REPLY | NAT_AFTER_POLICY, backend: 0, seen: 100 };
-//! let entries = [(client, forward), (reply_key, reply)];
-//! assert!(expired_udp_flows(&entries, 130).is_empty(), "30 s idle: still alive");
-//! let gone = expired_udp_flows(&entries, 131);
+//! let udp = [(client, forward), (reply_key, reply)];
+//! assert!(expired_flows(&udp, 130).is_empty(), "30 s idle: still alive");
+//! let gone = expired_flows(&udp, 131);
 //! assert_eq!(gone.len(), 1);
 //! assert_eq!(gone[0].len(), 2, "both directions go together");
+//!
+//! // The same as a TCP connection: open, it is never timed here; reset
+//! // (the client's RST met its forward entry at 100), it is over 10 s on.
+//! let tcp = |flags| {
+//!     let (mut k, mut r) = (client, reply_key);
+//!     (k.protocol, r.protocol) = (6, 6);
+//!     [(k, NatValue { flags, seen: 100 * u32::from(flags != 0), ..forward }),
+//!      (r, NatValue { seen: 0, ..reply })]
+//! };
+//! assert!(expired_flows(&tcp(0), 10_000).is_empty());
+//! assert!(expired_flows(&tcp(NAT_RST), 110).is_empty());
+//! assert_eq!(expired_flows(&tcp(NAT_RST), 111).len(), 1);
 //! ```
 
 use std::collections::BTreeMap;
 
 use policy_bpf_common::{
-    NAT_AFTER_POLICY, NAT_REPLIED, NAT_REPLY, NatTuple, NatValue, udp_flow_timeout,
+    NAT_AFTER_POLICY, NAT_REPLIED, NAT_REPLY, NAT_RST, NatTuple, NatValue, tcp_closed,
+    tcp_closed_timeout, udp_flow_timeout,
 };
 
+const TCP: u8 = 6;
 const UDP: u8 = 17;
 
-/// A flow: (family, client address and port, backend address and port).
-type FlowKey = (u8, [u8; 16], u16, [u8; 16], u16);
+/// A flow: (protocol, family, client address and port, backend address
+/// and port).
+type FlowKey = (u8, u8, [u8; 16], u16, [u8; 16], u16);
 
 /// The flow an entry belongs to, from its key and value by its kind.
 fn flow_of(k: &NatTuple, v: &NatValue) -> FlowKey {
     let reply = v.flags & NAT_REPLY != 0;
     let after_policy = v.flags & NAT_AFTER_POLICY != 0;
+    let p = k.protocol;
     match (reply, after_policy) {
         // Client → frontend, rewritten to client → backend.
-        (false, false) => (k.family, k.src, k.src_port, v.dst, v.dst_port),
+        (false, false) => (p, k.family, k.src, k.src_port, v.dst, v.dst_port),
         // Masqueraded: client → backend, rewritten to node → backend.
-        (false, true) => (k.family, k.src, k.src_port, k.dst, k.dst_port),
+        (false, true) => (p, k.family, k.src, k.src_port, k.dst, k.dst_port),
         // Backend → client, rewritten to frontend → client.
-        (true, true) => (k.family, k.dst, k.dst_port, k.src, k.src_port),
+        (true, true) => (p, k.family, k.dst, k.dst_port, k.src, k.src_port),
         // Masqueraded: backend → node, rewritten to backend → client.
-        (true, false) => (k.family, v.dst, v.dst_port, k.src, k.src_port),
+        (true, false) => (p, k.family, v.dst, v.dst_port, k.src, k.src_port),
     }
 }
 
-/// The UDP flows idle past their timeout at `now` (seconds of the
-/// kernel's coarse monotonic clock), each as its entries' keys with the
-/// clock each held (to check nothing met them since). A flow with an
-/// entry whose clock is not yet known (0) is not judged.
-pub fn expired_udp_flows(entries: &[(NatTuple, NatValue)], now: u32) -> Vec<Vec<(NatTuple, u32)>> {
+/// The UDP and TCP flows over at `now` (seconds of the kernel's coarse
+/// monotonic clock), each as its entries as read (to check nothing met
+/// them since). A UDP flow with an entry whose clock is not yet known
+/// (0) is not judged; nor is a TCP connection that has not ended.
+pub fn expired_flows(entries: &[(NatTuple, NatValue)], now: u32) -> Vec<Vec<(NatTuple, NatValue)>> {
     let mut flows: BTreeMap<FlowKey, Vec<(NatTuple, NatValue)>> = BTreeMap::new();
-    for (k, v) in entries.iter().filter(|(k, _)| k.protocol == UDP) {
+    for (k, v) in entries
+        .iter()
+        .filter(|(k, _)| matches!(k.protocol, TCP | UDP))
+    {
         flows.entry(flow_of(k, v)).or_default().push((*k, *v));
     }
-    flows
-        .into_values()
-        .filter(|flow| {
-            if flow.iter().any(|(_, v)| v.seen == 0) {
-                return false;
-            }
-            let last = flow.iter().map(|(_, v)| v.seen).max().unwrap_or(0);
-            let replied = flow.iter().any(|(_, v)| v.flags & NAT_REPLIED != 0);
-            now.saturating_sub(last) > udp_flow_timeout(replied)
-        })
-        .map(|flow| flow.into_iter().map(|(k, v)| (k, v.seen)).collect())
-        .collect()
+    flows.into_values().filter(|flow| over(flow, now)).collect()
+}
+
+/// Whether one flow's entries (one protocol, never empty) say it is over.
+fn over(flow: &[(NatTuple, NatValue)], now: u32) -> bool {
+    let last = flow.iter().map(|(_, v)| v.seen).max().unwrap_or(0);
+    if last == 0 {
+        return false;
+    }
+    let idle = now.saturating_sub(last);
+    if flow[0].0.protocol == UDP {
+        if flow.iter().any(|(_, v)| v.seen == 0) {
+            return false;
+        }
+        let replied = flow.iter().any(|(_, v)| v.flags & NAT_REPLIED != 0);
+        return idle > udp_flow_timeout(replied);
+    }
+    let side = |reply: bool| {
+        flow.iter()
+            .filter(|(_, v)| (v.flags & NAT_REPLY != 0) == reply)
+            .fold(0, |f, (_, v)| f | v.flags)
+    };
+    let (original, reply) = (side(false), side(true));
+    tcp_closed(original, reply) && idle > tcp_closed_timeout((original | reply) & NAT_RST != 0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use policy_bpf_common::NAT_MASQUERADE;
+    use policy_bpf_common::{NAT_FIN, NAT_MASQUERADE};
 
     fn a(last: u8) -> [u8; 16] {
         let mut b = [0; 16];
@@ -162,8 +199,8 @@ mod tests {
     #[test]
     fn a_masqueraded_flows_four_entries_go_together_after_its_last_packet() {
         let flow = masqueraded([10, 10, 50, 10], false);
-        assert!(expired_udp_flows(&flow, 80).is_empty(), "30 s after 50");
-        let gone = expired_udp_flows(&flow, 81);
+        assert!(expired_flows(&flow, 80).is_empty(), "30 s after 50");
+        let gone = expired_flows(&flow, 81);
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].len(), 4);
     }
@@ -171,22 +208,75 @@ mod tests {
     #[test]
     fn a_replied_flow_lives_120_seconds() {
         let flow = masqueraded([10, 10, 10, 10], true);
-        assert!(expired_udp_flows(&flow, 130).is_empty());
-        assert_eq!(expired_udp_flows(&flow, 131).len(), 1);
+        assert!(expired_flows(&flow, 130).is_empty());
+        assert_eq!(expired_flows(&flow, 131).len(), 1);
     }
 
     #[test]
-    fn unknown_clocks_and_tcp_are_never_judged() {
+    fn unknown_clocks_and_open_tcp_are_never_judged() {
         let flow = masqueraded([10, 0, 10, 10], false);
-        assert!(expired_udp_flows(&flow, 1_000).is_empty(), "an entry of 0");
-        let tcp: Vec<_> = masqueraded([10, 10, 10, 10], false)
-            .into_iter()
-            .map(|(mut k, v)| {
-                k.protocol = 6;
+        assert!(expired_flows(&flow, 1_000).is_empty(), "an entry of 0");
+        let tcp = as_tcp(masqueraded([10, 10, 10, 10], false), [0; 4]);
+        assert!(expired_flows(&tcp, 1_000).is_empty());
+    }
+
+    /// The flow as a TCP connection, each entry's flags ORed with `marks`
+    /// (and its clock kept only where marked, as the program does).
+    fn as_tcp(flow: Vec<(NatTuple, NatValue)>, marks: [u32; 4]) -> Vec<(NatTuple, NatValue)> {
+        flow.into_iter()
+            .zip(marks)
+            .map(|((mut k, mut v), m)| {
+                k.protocol = TCP;
+                v.flags |= m;
+                if m == 0 {
+                    v.seen = 0;
+                }
                 (k, v)
             })
-            .collect();
-        assert!(expired_udp_flows(&tcp, 1_000).is_empty());
+            .collect()
+    }
+
+    #[test]
+    fn a_reset_tcp_connection_is_over_10_seconds_after_its_last_packet() {
+        // The client's RST met its two outgoing entries at 40 and 41.
+        let reset = as_tcp(masqueraded([40, 41, 0, 0], false), [NAT_RST, NAT_RST, 0, 0]);
+        assert!(expired_flows(&reset, 51).is_empty());
+        let gone = expired_flows(&reset, 52);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].len(), 4, "its four entries go together");
+        // The backend's RST ends it as well.
+        let reset = as_tcp(masqueraded([0, 0, 40, 40], false), [0, 0, NAT_RST, 0]);
+        assert_eq!(expired_flows(&reset, 51).len(), 1);
+    }
+
+    #[test]
+    fn a_tcp_connection_closed_both_ways_lives_120_seconds_one_way_is_not_judged() {
+        let both = as_tcp(
+            masqueraded([40, 40, 45, 45], false),
+            [NAT_FIN, NAT_FIN, NAT_FIN, NAT_FIN],
+        );
+        assert!(expired_flows(&both, 165).is_empty());
+        assert_eq!(expired_flows(&both, 166).len(), 1);
+        let half = as_tcp(masqueraded([40, 40, 0, 0], false), [NAT_FIN, NAT_FIN, 0, 0]);
+        assert!(expired_flows(&half, 100_000).is_empty(), "half-closed");
+        let answered = as_tcp(masqueraded([40, 0, 0, 45], false), [NAT_FIN, 0, 0, NAT_FIN]);
+        assert_eq!(
+            expired_flows(&answered, 166).len(),
+            1,
+            "the FIN back met the reply entry only"
+        );
+    }
+
+    #[test]
+    fn a_tcp_and_a_udp_flow_on_the_same_ports_are_apart() {
+        let mut entries = masqueraded([10, 10, 10, 10], false);
+        entries.extend(as_tcp(
+            masqueraded([10, 10, 10, 10], false),
+            [NAT_FIN, 0, 0, 0],
+        ));
+        let gone = expired_flows(&entries, 1_000);
+        assert_eq!(gone.len(), 1);
+        assert!(gone[0].iter().all(|(k, _)| k.protocol == UDP));
     }
 
     #[test]
@@ -202,8 +292,8 @@ mod tests {
             }
         }
         entries.extend(other);
-        let gone = expired_udp_flows(&entries, 50);
+        let gone = expired_flows(&entries, 50);
         assert_eq!(gone.len(), 1, "only the first flow is idle");
-        assert!(gone[0].iter().all(|(_, seen)| *seen == 10));
+        assert!(gone[0].iter().all(|(_, v)| v.seen == 10));
     }
 }

@@ -225,7 +225,8 @@ impl Dataplane for AyaDataplane {
     fn expire_conntrack(&mut self) -> Result<u64, DataplaneError> {
         let datapath = self.loaded()?;
         let tracked = datapath.expire_conntrack()?;
-        // UDP flows through Services end as conntrack's would, with it.
+        // Flows through Services (UDP idle, TCP closed) end as conntrack's
+        // would, with it.
         Ok((tracked + datapath.expire_service_flows()?) as u64)
     }
 

@@ -59,8 +59,9 @@ pub trait Dataplane {
         addr: IpAddr,
         to: Option<LocalEndpoint>,
     ) -> Result<(), DataplaneError>;
-    /// Removes idle connections from conntrack, and UDP flows through
-    /// Services idle past conntrack's UDP timeouts; returns how many.
+    /// Removes idle connections from conntrack, and flows through
+    /// Services past conntrack's timeouts (UDP idle, TCP reset or closed
+    /// both ways); returns how many.
     fn expire_conntrack(&mut self) -> Result<u64, DataplaneError>;
     /// Replaces the service tables, one per IP family (frontends and the
     /// backends each traffic class reaches); refused as a whole, naming

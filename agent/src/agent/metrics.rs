@@ -230,7 +230,7 @@ impl Metrics {
             "conntrack_entries", "Tracked connections", conntrack_entries;
             "conntrack_capacity", "Conntrack capacity", conntrack_capacity;
             "conntrack_sweeps", "Conntrack sweeps run", conntrack_sweeps;
-            "conntrack_expired", "Connections the sweeps expired (tracked connections, and UDP flows through Services past conntrack's timeouts)", conntrack_expired;
+            "conntrack_expired", "Connections the sweeps expired (tracked connections, and flows through Services past conntrack's timeouts)", conntrack_expired;
             "policy_drops", "New flows denied, by the rule that denied them", policy_drops;
             "datapath_packets", "Datapath statistics, in packets", datapath_packets;
             "local_endpoints", "Endpoints of this node attached to their interfaces", local_endpoints;

@@ -517,10 +517,12 @@ pub struct NatValue {
     pub flags: u32,
     /// The backend index the connection went to (original direction).
     pub backend: u32,
-    /// UDP: the second of the kernel's coarse monotonic clock when a
-    /// packet last met this entry before policy (0: not yet known, as in
-    /// entries pinned by an earlier build); the sweep ends flows idle for
-    /// conntrack's UDP timeouts ([`udp_flow_timeout`]). TCP: 0.
+    /// The second of the kernel's coarse monotonic clock when a packet
+    /// last met this entry (0: not yet known, as in entries pinned by an
+    /// earlier build). UDP: every packet before policy; the sweep ends
+    /// flows idle for conntrack's UDP timeouts ([`udp_flow_timeout`]).
+    /// TCP: from the entry's first FIN or RST on (0 while open); the
+    /// sweep ends connections closed for [`tcp_closed_timeout`].
     pub seen: u32,
 }
 
@@ -533,6 +535,38 @@ pub const NAT_REPLIED: u32 = 8;
 /// 120 once it has seen a reply.
 pub const fn udp_flow_timeout(replied: bool) -> u32 {
     if replied { 120 } else { 30 }
+}
+
+/// NAT entry flag (TCP): a FIN met this entry, so its direction of the
+/// connection is closed (conntrack's `CLOSE_INIT` for that direction).
+pub const NAT_FIN: u32 = 16;
+/// NAT entry flag (TCP): an RST met this entry: the connection is over
+/// (conntrack's `CLOSE` state). Sequence numbers are not checked.
+pub const NAT_RST: u32 = 32;
+
+/// Seconds the kernel's conntrack keeps a TCP connection after its last
+/// packet once it has ended: 10 after a reset (`CLOSE`,
+/// `nf_conntrack_tcp_timeout_close`), 120 after FINs both ways
+/// (`TIME_WAIT`, `nf_conntrack_tcp_timeout_time_wait`).
+pub const fn tcp_closed_timeout(reset: bool) -> u32 {
+    if reset { 10 } else { 120 }
+}
+
+/// Whether a TCP connection whose original-direction entries carry
+/// `original` flags and reply-direction entries `reply` flags has ended
+/// as conntrack ends one: reset either way (`CLOSE`), or FINs both ways
+/// (`TIME_WAIT`). Its entries then time out by [`tcp_closed_timeout`].
+pub const fn tcp_closed(original: u32, reply: u32) -> bool {
+    (original | reply) & NAT_RST != 0 || (original & reply & NAT_FIN) != 0
+}
+
+/// Whether a SYN from the client on such a connection's tuple opens a
+/// new connection (balanced afresh), as conntrack kills an entry in
+/// `CLOSE` or `TIME_WAIT` for it when a FIN was seen either way or the
+/// client itself reset it; a connection the backend reset without a FIN
+/// keeps the SYN (conntrack passes it on the old entry, then resyncs).
+pub const fn tcp_reopens(original: u32, reply: u32) -> bool {
+    tcp_closed(original, reply) && ((original | reply) & NAT_FIN != 0 || original & NAT_RST != 0)
 }
 
 /// NAT entry flag: the reply direction.

@@ -434,9 +434,9 @@ impl Datapath {
         Ok(nat.iter().filter_map(Result::ok).collect())
     }
 
-    /// Ends the UDP flows through a frontend that the kernel's conntrack
-    /// would have timed out by now ([`crate::nat_expiry`]); returns how
-    /// many. The agent calls it with each conntrack sweep.
+    /// Ends the flows through a frontend that the kernel's conntrack
+    /// would have timed out by now ([`crate::nat_expiry`]: idle UDP,
+    /// TCP reset or closed both ways); returns how many. The agent calls it with each conntrack sweep.
     pub fn expire_service_flows(&mut self) -> Result<usize, DatapathError> {
         let (_, coarse_ns) = self.kernel_clock()?;
         self.expire_service_flows_at((coarse_ns / 1_000_000_000) as u32)
@@ -450,13 +450,15 @@ impl Datapath {
         let entries: Vec<(NatTuple, NatValue)> = nat
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, _)| k.protocol == 17)
+            .filter(|(k, _)| matches!(k.protocol, 6 | 17))
             .collect();
         let mut ended = 0;
-        for flow in crate::nat_expiry::expired_udp_flows(&entries, now) {
+        for flow in crate::nat_expiry::expired_flows(&entries, now) {
+            // A packet since the read (a new clock, a mark) or a new
+            // connection on the tuple leaves the flow.
             let untouched = flow
                 .iter()
-                .all(|(k, seen)| nat.get(k, 0).is_ok_and(|v| v.seen == *seen));
+                .all(|(k, read)| nat.get(k, 0).is_ok_and(|v| v == *read));
             if !untouched {
                 continue;
             }

@@ -21,7 +21,9 @@ use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 
 use super::*;
 
+mod lifetime;
 mod reject;
+use lifetime::{forget_ended, is_opening, note_tcp_end, refresh_udp, tcp_flags, udp_seen};
 use reject::reject;
 
 // Sizes are defaults; user space sizes them from its ServiceCapacity.
@@ -266,9 +268,22 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
         forget_stale_reply(ctx, h);
         return 0;
     };
+    let tcp = packet_tcp_flags(ctx, h);
     if h.protocol == UDP {
         // SAFETY: as below; concurrent runs write the same values.
         unsafe { refresh_udp(&mut *v) };
+    } else if h.protocol == TCP {
+        // SAFETY: as below; see `note_tcp_end` on concurrent runs.
+        let entry = unsafe { &mut *v };
+        // A SYN meeting its tuple's forward entry is rare (a client
+        // port reused): only then is the reply side read.
+        if is_opening(tcp) && entry.flags & (NAT_REPLY | NAT_AFTER_POLICY) == 0 {
+            let old = *entry;
+            if forget_ended(sc, &old) {
+                return 0;
+            }
+        }
+        note_tcp_end(entry, tcp);
     }
     // SAFETY: a map value stays valid for the rest of this run (RCU).
     let v = unsafe { &*v };
@@ -302,9 +317,10 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
     // lookup that would miss (a cold bucket in a busy table).
     if !managed && v.flags & NAT_MASQUERADE != 0 {
         sc.next = sc.tuple.rewritten(v);
-        if let Some(after) = PALISADE_SVC_NAT.get_ptr(&sc.next) {
+        if let Some(after) = PALISADE_SVC_NAT.get_ptr_mut(&sc.next) {
             // SAFETY: as above.
-            let after = unsafe { &*after };
+            let after = unsafe { &mut *after };
+            note_tcp_end(after, tcp);
             if after.flags & NAT_AFTER_POLICY != 0 && rewrite(ctx, h, &sc.next, after) != 0 {
                 return -1;
             }
@@ -392,46 +408,21 @@ fn may_open(ctx: &TcContext, h: &Headers) -> bool {
     h.protocol == UDP || opening(ctx, h)
 }
 
-/// The clock a UDP entry keeps ([`NatValue::seen`]); 0 for the others.
-#[inline(always)]
-fn udp_seen(protocol: u8) -> u32 {
-    if protocol != UDP {
-        return 0;
-    }
-    // SAFETY: helper without preconditions.
-    let s = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
-    // 0 means "not yet known"; the first second after boot reads as 1.
-    s.max(1)
-}
-
-/// A UDP entry met a packet: its clock set (a write at most once a
-/// second), and a reply-side entry marks the flow replied. The sweep
-/// ends flows whose entries all fell idle (conntrack's UDP timeouts).
-#[inline(always)]
-fn refresh_udp(v: &mut NatValue) {
-    let now = udp_seen(UDP);
-    if v.seen != now {
-        v.seen = now;
-    }
-    if v.flags & NAT_REPLY != 0 && v.flags & NAT_REPLIED == 0 {
-        v.flags |= NAT_REPLIED;
-    }
-}
-
 /// Whether the packet opens a TCP connection (SYN without ACK).
 #[inline(always)]
 fn opening(ctx: &TcContext, h: &Headers) -> bool {
-    const SYN: u8 = 0x02;
-    const ACK: u8 = 0x10;
-    if h.protocol != TCP {
-        return false;
-    }
+    is_opening(packet_tcp_flags(ctx, h))
+}
+
+/// The packet's TCP flags (0 when not TCP).
+#[inline(always)]
+fn packet_tcp_flags(ctx: &TcContext, h: &Headers) -> u8 {
     let bytes = Skb {
         ctx,
         data: ctx.data(),
         data_end: ctx.data_end(),
     };
-    matches!(bytes.fixed::<1>(h.l4 + 13), Some([flags]) if flags & (SYN | ACK) == SYN)
+    tcp_flags(&bytes, h)
 }
 
 /// A new TCP connection's tuple (`sc.tuple`) met an after-policy entry
@@ -538,14 +529,16 @@ fn after_policy_nat(ctx: &TcContext) -> i32 {
     if !may_be(FILTER_BACKENDS, t.family, &t.src) && !may_be(FILTER_BACKENDS, t.family, &t.dst) {
         return 0;
     }
-    let Some(v) = PALISADE_SVC_NAT.get_ptr(&sc.tuple) else {
+    let Some(v) = PALISADE_SVC_NAT.get_ptr_mut(&sc.tuple) else {
         return 0;
     };
     // SAFETY: a map value stays valid for the rest of this run (RCU).
-    let v = unsafe { &*v };
+    let v = unsafe { &mut *v };
     if v.flags & NAT_AFTER_POLICY == 0 {
         return 0;
     }
+    // A reply from a backend on another node meets its entries only here.
+    note_tcp_end(v, tcp_flags(&bytes, &h));
     if rewrite(ctx, &h, &sc.tuple, v) != 0 {
         return -1;
     }

@@ -1,12 +1,16 @@
-//! UDP flows through a Service end as the kernel's conntrack ends them:
-//! idle 30 s (120 s once replied), the sweep removes their NAT entries,
-//! so the backend's datagrams to the client's port are no longer answered
-//! for the frontend and the next datagram is balanced afresh. The sweep
-//! is run at a chosen time (the programs keep the kernel's clock).
+//! Flows through a Service end as the kernel's conntrack ends them: UDP
+//! idle 30 s (120 s once replied), TCP 10 s after a reset and 120 s after
+//! FINs both ways. The sweep removes their NAT entries, so the backend's
+//! packets to the client's port are no longer answered for the frontend
+//! and the next packet is balanced afresh; a SYN on an ended TCP
+//! connection's tuple is a new connection at once. The sweep is run at a
+//! chosen time (the programs keep the kernel's clock).
+
+use std::net::SocketAddr;
 
 use policy_bpf::datapath::Datapath;
 use policy_bpf::lower::Capacity;
-use policy_bpf_common::{NAT_REPLIED, NAT_REPLY};
+use policy_bpf_common::{NAT_FIN, NAT_REPLIED, NAT_REPLY, NAT_RST};
 
 use super::privileged;
 use super::services::{destination, packet, service, slice, sock, source, table};
@@ -84,4 +88,194 @@ fn udp_flows_through_a_service_end_after_conntracks_timeouts() {
     let (_, out) = dp.run_service(&packet(17, quiet, vip, 0), 0).unwrap();
     assert_eq!(destination(&out), backend);
     assert_eq!(dp.expire_service_flows().unwrap(), 0, "at the kernel's now");
+}
+
+const SYN: u8 = 0x02;
+const FIN_ACK: u8 = 0x11;
+const RST_ACK: u8 = 0x14;
+const ACK: u8 = 0x10;
+
+/// A datapath balancing the ClusterIP over one backend, 10.0.2.5.
+fn one_backend() -> Datapath {
+    let mut dp = Datapath::load_private(Capacity::verification()).unwrap();
+    dp.set_services(&table(&[
+        service("api", VIP, false),
+        slice("api", &["10.0.2.5"]),
+    ]))
+    .unwrap();
+    dp
+}
+
+/// One TCP packet through the program; the packet as it leaves.
+fn send(dp: &Datapath, from: SocketAddr, to: SocketAddr, flags: u8) -> Vec<u8> {
+    dp.run_service(&packet(6, from, to, flags), 0).unwrap().1
+}
+
+/// A handshake from `client` through the ClusterIP (port 80); the
+/// address the backend sees (the node's, masqueraded).
+fn open(dp: &Datapath, client: SocketAddr) -> SocketAddr {
+    let (vip, backend) = (sock(VIP, 80), sock("10.0.2.5", 8080));
+    let out = send(dp, client, vip, SYN);
+    assert_eq!(destination(&out), backend, "{client}");
+    let seen = source(&out);
+    let back = send(dp, backend, seen, SYN | ACK);
+    assert_eq!((source(&back), destination(&back)), (vip, client));
+    send(dp, client, vip, ACK);
+    seen
+}
+
+/// The clocks of the entries marked closing: (earliest, latest).
+fn closing_clocks(dp: &mut Datapath) -> (u32, u32) {
+    let seen: Vec<u32> = dp
+        .nat_entries()
+        .unwrap()
+        .iter()
+        .filter(|(_, v)| v.flags & (NAT_FIN | NAT_RST) != 0)
+        .map(|(_, v)| v.seen)
+        .collect();
+    assert!(seen.iter().all(|s| *s > 0), "{seen:?}");
+    (*seen.iter().min().unwrap(), *seen.iter().max().unwrap())
+}
+
+#[test]
+fn tcp_connections_through_a_service_end_as_conntracks_do() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = one_backend();
+    let (vip, backend) = (sock(VIP, 80), sock("10.0.2.5", 8080));
+    let reset = sock("10.0.1.9", 40_200);
+    let masqueraded = sock("192.168.5.9", 40_201);
+    let closed = sock("10.0.1.9", 40_202);
+    let half_closed = sock("10.0.1.9", 40_203);
+    let established = sock("10.0.1.9", 40_204);
+    for client in [reset, masqueraded, closed, half_closed, established] {
+        open(&dp, client);
+    }
+    assert_eq!(
+        dp.expire_service_flows_at(u32::MAX / 2).unwrap(),
+        0,
+        "open connections are never timed by the sweep (the LRU's)"
+    );
+    send(&dp, reset, vip, RST_ACK);
+    send(&dp, masqueraded, vip, RST_ACK);
+    send(&dp, closed, vip, FIN_ACK);
+    send(&dp, backend, closed, FIN_ACK);
+    send(&dp, closed, vip, ACK);
+    send(&dp, half_closed, vip, FIN_ACK);
+    let marked = |dp: &mut Datapath, port: u16, flag: u32| {
+        dp.nat_entries()
+            .unwrap()
+            .iter()
+            .filter(|(k, v)| (k.src_port == port || k.dst_port == port) && v.flags & flag != 0)
+            .count()
+    };
+    assert_eq!(
+        marked(&mut dp, 40_200, NAT_RST),
+        1,
+        "the RST met the forward entry"
+    );
+    assert_eq!(
+        marked(&mut dp, 40_201, NAT_RST),
+        2,
+        "and, masqueraded, the SNAT entry too"
+    );
+    assert_eq!(marked(&mut dp, 40_202, NAT_FIN), 2, "a FIN each way");
+
+    let (earliest, latest) = closing_clocks(&mut dp);
+    assert!(latest - earliest <= 1);
+    assert_eq!(dp.expire_service_flows_at(earliest + 10).unwrap(), 0);
+    assert_eq!(
+        dp.expire_service_flows_at(latest + 11).unwrap(),
+        2,
+        "reset: over 10 s after its last packet (conntrack's CLOSE)"
+    );
+    let back = send(&dp, backend, reset, ACK);
+    assert_eq!(
+        source(&back),
+        backend,
+        "over, its port no longer answers for the Service"
+    );
+    assert_eq!(dp.expire_service_flows_at(earliest + 120).unwrap(), 0);
+    assert_eq!(
+        dp.expire_service_flows_at(latest + 121).unwrap(),
+        1,
+        "FINs both ways: over 120 s on (TIME_WAIT)"
+    );
+    let left = dp.nat_entries().unwrap();
+    assert_eq!(left.len(), 4, "half-closed and established stay: {left:?}");
+    assert_eq!(dp.expire_service_flows_at(u32::MAX / 2).unwrap(), 0);
+}
+
+#[test]
+fn a_syn_on_an_ended_tcp_connections_port_is_a_new_connection() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = one_backend();
+    let vip = sock(VIP, 80);
+    // (client, its packets after the handshake: from the client or the
+    // backend, the connection's entries, whether a SYN then reopens it)
+    type Case = (SocketAddr, &'static [(bool, u8)], usize, bool);
+    let cases: [Case; 6] = [
+        (sock("10.0.1.9", 40_300), &[(true, RST_ACK)], 2, true),
+        (sock("192.168.5.9", 40_301), &[(true, RST_ACK)], 4, true),
+        (
+            sock("10.0.1.9", 40_302),
+            &[(true, FIN_ACK), (false, FIN_ACK), (true, ACK)],
+            2,
+            true,
+        ),
+        (
+            sock("10.0.1.9", 40_303),
+            &[(false, FIN_ACK), (false, RST_ACK)],
+            2,
+            true,
+        ),
+        // Reset by the backend without a FIN: conntrack passes the SYN on
+        // the old entry.
+        (sock("10.0.1.9", 40_304), &[(false, RST_ACK)], 2, false),
+        // Half-closed: conntrack ignores the SYN.
+        (sock("10.0.1.9", 40_305), &[(true, FIN_ACK)], 2, false),
+    ];
+    for (client, end, entries, reopens) in cases {
+        dp.flush_services_state().unwrap();
+        let seen = open(&dp, client);
+        for (from_client, flags) in end {
+            if *from_client {
+                send(&dp, client, vip, *flags);
+            } else {
+                send(&dp, sock("10.0.2.5", 8080), seen, *flags);
+            }
+        }
+        let closing = |dp: &mut Datapath| {
+            dp.nat_entries()
+                .unwrap()
+                .iter()
+                .filter(|(_, v)| v.flags & (NAT_FIN | NAT_RST) != 0)
+                .count()
+        };
+        assert!(closing(&mut dp) > 0, "{client}: marked");
+        let seen = open(&dp, client);
+        let now = dp.nat_entries().unwrap();
+        assert_eq!(
+            now.len(),
+            entries,
+            "{client}: one connection's entries: {now:?}"
+        );
+        if reopens {
+            assert_eq!(
+                closing(&mut dp),
+                0,
+                "{client}: the SYN opened a new connection (conntrack kills one in CLOSE or TIME_WAIT)"
+            );
+        } else {
+            assert!(
+                closing(&mut dp) > 0,
+                "{client}: the SYN is the old connection's"
+            );
+        }
+        let back = send(&dp, sock("10.0.2.5", 8080), seen, ACK);
+        assert_eq!(source(&back), vip, "{client}: answered for the Service");
+    }
 }
