@@ -46,10 +46,10 @@
 //! assert_eq!(expired_flows(&tcp(NAT_RST), 111).len(), 1);
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use policy_bpf_common::{
-    NAT_AFTER_POLICY, NAT_REPLIED, NAT_REPLY, NAT_RST, NatTuple, NatValue, tcp_closed,
+    NAT_AFTER_POLICY, NAT_FIN, NAT_REPLIED, NAT_REPLY, NAT_RST, NatTuple, NatValue, tcp_closed,
     tcp_closed_timeout, udp_flow_timeout,
 };
 
@@ -82,14 +82,37 @@ fn flow_of(k: &NatTuple, v: &NatValue) -> FlowKey {
 /// them since). A UDP flow with an entry whose clock is not yet known
 /// (0) is not judged; nor is a TCP connection that has not ended.
 pub fn expired_flows(entries: &[(NatTuple, NatValue)], now: u32) -> Vec<Vec<(NatTuple, NatValue)>> {
-    let mut flows: BTreeMap<FlowKey, Vec<(NatTuple, NatValue)>> = BTreeMap::new();
-    for (k, v) in entries
+    // Only flows with an entry idle past the shortest timeout are
+    // gathered: a busy table is mostly live flows, and gathering all of
+    // them cost more than reading the table.
+    let candidates: HashSet<FlowKey> = entries
         .iter()
-        .filter(|(k, _)| matches!(k.protocol, TCP | UDP))
-    {
-        flows.entry(flow_of(k, v)).or_default().push((*k, *v));
+        .filter(|(k, v)| may_be_over(k, v, now))
+        .map(|(k, v)| flow_of(k, v))
+        .collect();
+    if candidates.is_empty() {
+        return Vec::new();
+    }
+    let mut flows: BTreeMap<FlowKey, Vec<(NatTuple, NatValue)>> = BTreeMap::new();
+    for (k, v) in entries {
+        let flow = flow_of(k, v);
+        if candidates.contains(&flow) {
+            flows.entry(flow).or_default().push((*k, *v));
+        }
     }
     flows.into_values().filter(|flow| over(flow, now)).collect()
+}
+
+/// Whether an entry is idle past the shortest timeout its flow could
+/// have: every entry with a clock of a flow that is over is.
+fn may_be_over(k: &NatTuple, v: &NatValue, now: u32) -> bool {
+    let idle = now.saturating_sub(v.seen);
+    v.seen != 0
+        && match k.protocol {
+            UDP => idle > udp_flow_timeout(false),
+            TCP => v.flags & (NAT_FIN | NAT_RST) != 0 && idle > tcp_closed_timeout(true),
+            _ => false,
+        }
 }
 
 /// Whether one flow's entries (one protocol, never empty) say it is over.
@@ -118,7 +141,7 @@ fn over(flow: &[(NatTuple, NatValue)], now: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use policy_bpf_common::{NAT_FIN, NAT_MASQUERADE};
+    use policy_bpf_common::NAT_MASQUERADE;
 
     fn a(last: u8) -> [u8; 16] {
         let mut b = [0; 16];

@@ -91,9 +91,9 @@ pub(super) struct Seen {
     service_state: Option<((usize, usize), std::time::Instant)>,
 }
 
-/// Counting the NAT table walks it from user space (a 262,144-entry table
-/// full: about 160 ms here): a large one is counted this often, not with
-/// every publish (each second).
+/// Counting the NAT table reads it from user space (a 262,144-entry table
+/// full, in batches: about 95 ms here): a large one is counted this often,
+/// not with every publish (each second).
 const LARGE_STATE_RECOUNT: std::time::Duration = std::time::Duration::from_secs(10);
 /// NAT entries and affinities below which they are counted with every
 /// publish (a walk of a few milliseconds).

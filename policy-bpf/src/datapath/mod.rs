@@ -23,6 +23,7 @@ use policy_bpf_common::*;
 
 use crate::conntrack::{CONNTRACK_LOG_HEAD, Table, Way, Words, ways_for};
 mod attach;
+mod batch;
 mod cgroup_hooks;
 mod local;
 mod services;

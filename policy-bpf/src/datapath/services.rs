@@ -415,23 +415,44 @@ impl Datapath {
     /// NAT entries (both directions of each translated connection) and
     /// ClientIP affinities held, for metrics.
     pub fn service_state_len(&self) -> Result<(usize, usize), DatapathError> {
-        let map = |name: &'static str| {
-            self.ebpf
-                .map(name)
-                .ok_or_else(|| DatapathError::Load(format!("map {name} missing")))
-        };
-        let nat: BpfHashMap<&MapData, NatTuple, NatValue> =
-            BpfHashMap::try_from(map(map_names::SVC_NAT)?).map_err(map_err(map_names::SVC_NAT))?;
-        let affinity: BpfHashMap<&MapData, AffinityKey, AffinityValue> =
-            BpfHashMap::try_from(map(map_names::SVC_AFFINITY)?)
-                .map_err(map_err(map_names::SVC_AFFINITY))?;
-        Ok((nat.keys().count(), affinity.keys().count()))
+        Ok((
+            self.read_hash_map::<NatTuple, NatValue>(map_names::SVC_NAT)?
+                .len(),
+            self.read_hash_map::<AffinityKey, AffinityValue>(map_names::SVC_AFFINITY)?
+                .len(),
+        ))
     }
 
     /// Every NAT entry (both directions of each translated connection).
-    pub fn nat_entries(&mut self) -> Result<Vec<(NatTuple, NatValue)>, DatapathError> {
-        let nat = self.nat_map()?;
-        Ok(nat.iter().filter_map(Result::ok).collect())
+    pub fn nat_entries(&self) -> Result<Vec<(NatTuple, NatValue)>, DatapathError> {
+        self.read_hash_map(map_names::SVC_NAT)
+    }
+
+    /// Every entry of the hash map `name`, read in batches of `batch`
+    /// entries a system call ([`batch`]).
+    fn read_hash_map<K: aya::Pod + Default, V: aya::Pod + Default>(
+        &self,
+        name: &'static str,
+    ) -> Result<Vec<(K, V)>, DatapathError> {
+        self.read_hash_map_in(name, batch::BATCH_ENTRIES)
+    }
+
+    /// [`Self::read_hash_map`] with a chosen batch size (tests: a batch
+    /// smaller than a hash bucket).
+    #[doc(hidden)]
+    pub fn read_hash_map_in<K: aya::Pod + Default, V: aya::Pod + Default>(
+        &self,
+        name: &'static str,
+        batch: usize,
+    ) -> Result<Vec<(K, V)>, DatapathError> {
+        let fail = |message: String| DatapathError::Map { map: name, message };
+        let data = match self.ebpf.map(name) {
+            Some(Map::HashMap(m) | Map::LruHashMap(m)) => m,
+            Some(_) => return Err(fail("not a hash map".into())),
+            None => return Err(DatapathError::Load(format!("map {name} missing"))),
+        };
+        batch::lookup_all(data.fd().as_fd(), batch)
+            .map_err(|e| fail(format!("reading it in batches: {e}")))
     }
 
     /// Ends the flows through a frontend that the kernel's conntrack
@@ -446,12 +467,9 @@ impl Datapath {
     /// coarse monotonic clock (the programs' [`NatValue::seen`]). A flow
     /// a packet met since it was read is left.
     pub fn expire_service_flows_at(&mut self, now: u32) -> Result<usize, DatapathError> {
+        let mut entries = self.nat_entries()?;
+        entries.retain(|(k, _)| matches!(k.protocol, 6 | 17));
         let mut nat = self.nat_map()?;
-        let entries: Vec<(NatTuple, NatValue)> = nat
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, _)| matches!(k.protocol, 6 | 17))
-            .collect();
         let mut ended = 0;
         for flow in crate::nat_expiry::expired_flows(&entries, now) {
             // A packet since the read (a new clock, a mark) or a new

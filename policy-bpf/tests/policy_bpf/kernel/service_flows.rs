@@ -10,7 +10,8 @@ use std::net::SocketAddr;
 
 use policy_bpf::datapath::Datapath;
 use policy_bpf::lower::Capacity;
-use policy_bpf_common::{NAT_FIN, NAT_REPLIED, NAT_REPLY, NAT_RST};
+use policy_bpf::services::ServiceCapacity;
+use policy_bpf_common::{NAT_FIN, NAT_REPLIED, NAT_REPLY, NAT_RST, NatTuple, NatValue, map_names};
 
 use super::privileged;
 use super::services::{destination, packet, service, slice, sock, source, table};
@@ -278,4 +279,48 @@ fn a_syn_on_an_ended_tcp_connections_port_is_a_new_connection() {
         let back = send(&dp, sock("10.0.2.5", 8080), seen, ACK);
         assert_eq!(source(&back), vip, "{client}: answered for the Service");
     }
+}
+
+/// The sweep and the metrics read the NAT table in batches: the same
+/// entries as asked one bucket at a time (a batch of one entry, which a
+/// bucket of two overflows: the read grows its buffer and goes on).
+#[test]
+fn the_nat_table_is_read_whole_in_batches() {
+    if !privileged() {
+        return;
+    }
+    let capacity = Capacity {
+        services: ServiceCapacity {
+            nat: 16_384,
+            ..ServiceCapacity::verification()
+        },
+        ..Capacity::verification()
+    };
+    let mut dp = Datapath::load_private(capacity).unwrap();
+    dp.set_services(&table(&[
+        service("api", VIP, false),
+        slice("api", &["10.0.2.5"]),
+    ]))
+    .unwrap();
+    let flows = 3_000u16;
+    for port in 0..flows {
+        let client = sock("10.0.1.9", 20_000 + port);
+        dp.run_service(&packet(17, client, sock(VIP, 53), 0), 0)
+            .unwrap();
+    }
+    let mut whole = dp.nat_entries().unwrap();
+    let mut one_by_one: Vec<(NatTuple, NatValue)> =
+        dp.read_hash_map_in(map_names::SVC_NAT, 1).unwrap();
+    assert_eq!(whole.len(), 2 * usize::from(flows));
+    let key = |e: &(NatTuple, NatValue)| (e.0.src, e.0.dst, e.0.src_port, e.0.dst_port);
+    whole.sort_by_key(key);
+    one_by_one.sort_by_key(key);
+    assert!(whole == one_by_one, "the same entries, each once");
+    whole.dedup_by_key(|e| key(e));
+    assert_eq!(whole.len(), 2 * usize::from(flows));
+    assert_eq!(
+        dp.service_state_len().unwrap(),
+        (2 * usize::from(flows), 0),
+        "the metrics' count"
+    );
 }
