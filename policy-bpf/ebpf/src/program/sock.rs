@@ -79,17 +79,17 @@ impl<T> PinnedSkStorage<T> {
         }
     }
 
-    /// The storage of the context's socket, or null; with `create`, made
-    /// from `init` when the socket has none.
+    /// The storage of the context's socket, or null; with `init`, made
+    /// from it when the socket has none.
     ///
     /// # Safety
     ///
     /// `ctx` is the hook's context: its socket pointer is the kernel's.
     #[inline(always)]
-    unsafe fn get(&self, ctx: &SockAddrContext, init: Option<&mut T>, create: bool) -> *mut T {
+    unsafe fn get(&self, ctx: &SockAddrContext, init: Option<&mut T>) -> *mut T {
         // SAFETY: the context the kernel passed; `sk` is its socket.
         let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-        let flags = if create {
+        let flags = if init.is_some() {
             u64::from(aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE)
         } else {
             0
@@ -341,7 +341,7 @@ fn translate(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
         // SAFETY: the context's socket, which the helper takes; the
         // storage it returns is this socket's, written whole here.
         unsafe {
-            let p = PALISADE_SOCK_PEER.get(ctx, Some(&mut peer), true);
+            let p = PALISADE_SOCK_PEER.get(ctx, Some(&mut peer));
             if !p.is_null() {
                 *p = peer;
             }
@@ -551,7 +551,7 @@ fn restore(ctx: &SockAddrContext, family: u8) -> i32 {
     }
     // A connected socket's peer first, then an unconnected one's datagrams.
     // SAFETY: the context's socket; its storage is copied out at once.
-    let peer = unsafe { PALISADE_SOCK_PEER.get(ctx, None, false).as_ref() }
+    let peer = unsafe { PALISADE_SOCK_PEER.get(ctx, None).as_ref() }
         .copied()
         .filter(|p| p.backend == key.addr && p.backend_port == key.port && p.family == key.family)
         .map(|p| p.frontend);
