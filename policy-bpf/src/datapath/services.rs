@@ -457,7 +457,8 @@ impl Datapath {
 
     /// Ends the flows through a frontend that the kernel's conntrack
     /// would have timed out by now ([`crate::nat_expiry`]: idle UDP,
-    /// TCP reset or closed both ways); returns how many. The agent calls it with each conntrack sweep.
+    /// TCP reset or closed both ways); returns how many. The agent calls
+    /// it with each conntrack sweep.
     pub fn expire_service_flows(&mut self) -> Result<usize, DatapathError> {
         let (_, coarse_ns) = self.kernel_clock()?;
         self.expire_service_flows_at((coarse_ns / 1_000_000_000) as u32)
@@ -467,8 +468,7 @@ impl Datapath {
     /// coarse monotonic clock (the programs' [`NatValue::seen`]). A flow
     /// a packet met since it was read is left.
     pub fn expire_service_flows_at(&mut self, now: u32) -> Result<usize, DatapathError> {
-        let mut entries = self.nat_entries()?;
-        entries.retain(|(k, _)| matches!(k.protocol, 6 | 17));
+        let entries = self.nat_entries()?;
         let mut nat = self.nat_map()?;
         let mut ended = 0;
         for flow in crate::nat_expiry::expired_flows(&entries, now) {
