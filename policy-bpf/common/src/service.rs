@@ -631,6 +631,12 @@ pub struct SockReverseValue {
 /// What a connected socket addressed, kept with the socket (its storage
 /// goes with it): the backend it was pointed at and the frontend it asked
 /// for, which `getpeername()` and `recvmsg()` report.
+///
+/// With [`SOCK_PEER_HAIRPIN`] the socket was left addressing the frontend:
+/// the `connect()` hook picked the pod itself, a hairpin only the TC
+/// program can masquerade, and `frontend.service` holds that backend's
+/// index so the TC program takes the same pick (picking again would
+/// reach the pod with probability p² instead of p).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SockPeer {
@@ -638,8 +644,26 @@ pub struct SockPeer {
     /// Network order.
     pub backend_port: u16,
     pub family: u8,
-    pub pad: u8,
+    /// [`SOCK_PEER_HAIRPIN`] or 0 (0 in entries written before the flag).
+    pub flags: u8,
     pub frontend: SockReverseValue,
+}
+
+/// [`SockPeer::flags`]: the hook picked the pod itself and left the
+/// connection to the TC program.
+pub const SOCK_PEER_HAIRPIN: u8 = 1;
+
+impl SockPeer {
+    /// The backend index a hairpin entry holds for the TC program, when
+    /// the entry is one and was made for a connection to `frontend`
+    /// (address, port in network order) of `family`.
+    pub fn hairpin_backend(&self, family: u8, frontend: &[u8; 16], port_be: u16) -> Option<u32> {
+        (self.flags & SOCK_PEER_HAIRPIN != 0
+            && self.family == family
+            && self.frontend.addr == *frontend
+            && self.frontend.port == port_be)
+            .then_some(self.frontend.service)
+    }
 }
 
 /// A network namespace of the node's own sockets (its processes connect
@@ -749,6 +773,44 @@ mod tests {
         assert_ne!(
             addr_filter_bit(FILTER_FRONTENDS, FAMILY_V4, &v4(7)),
             addr_filter_bit(FILTER_FRONTENDS, FAMILY_V6, &v4(7))
+        );
+    }
+
+    #[test]
+    fn a_hairpin_pick_is_followed_only_for_the_frontend_it_was_made_for() {
+        let vip = {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&[172, 30, 0, 13]);
+            a
+        };
+        let peer = SockPeer {
+            backend: [9; 16],
+            backend_port: 8080u16.to_be(),
+            family: FAMILY_V4,
+            flags: SOCK_PEER_HAIRPIN,
+            frontend: SockReverseValue {
+                addr: vip,
+                port: 80u16.to_be(),
+                pad: [0; 2],
+                service: 41,
+            },
+        };
+        assert_eq!(
+            peer.hairpin_backend(FAMILY_V4, &vip, 80u16.to_be()),
+            Some(41)
+        );
+        assert_eq!(peer.hairpin_backend(FAMILY_V4, &vip, 443u16.to_be()), None);
+        assert_eq!(peer.hairpin_backend(FAMILY_V6, &vip, 80u16.to_be()), None);
+        assert_eq!(
+            peer.hairpin_backend(FAMILY_V4, &[0; 16], 80u16.to_be()),
+            None
+        );
+        // A connected socket's peer (written before the flag, or since)
+        // is no hairpin.
+        let connected = SockPeer { flags: 0, ..peer };
+        assert_eq!(
+            connected.hairpin_backend(FAMILY_V4, &vip, 80u16.to_be()),
+            None
         );
     }
 }

@@ -37,6 +37,7 @@ mod packet;
 mod report;
 mod service;
 mod sock;
+mod sock_peer;
 mod walk;
 use conntrack::*;
 use delivery::*;

@@ -21,8 +21,10 @@ use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 
 use super::*;
 
+mod hairpin;
 mod lifetime;
 mod reject;
+use hairpin::take_hairpin_picked_at_connect;
 use lifetime::{forget_ended, is_opening, note_tcp_end, refresh_udp, tcp_flags, udp_seen};
 use reject::reject;
 
@@ -666,6 +668,9 @@ fn translate(ctx: &TcContext, h: &Headers) -> i32 {
     } = sc.decision;
     let masquerade = masquerade != 0;
     choose(sc, service, first, count, affinity_seconds);
+    if h.protocol == TCP {
+        take_hairpin_picked_at_connect(ctx, sc, first, count);
+    }
     // Hairpin: a backend reaching itself through the Service is
     // masqueraded, or it would answer itself directly.
     let hairpin = sc.chosen.value.addr == sc.tuple.src;

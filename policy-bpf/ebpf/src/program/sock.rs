@@ -21,16 +21,15 @@
 //! is masqueraded (or hairpins back to the pod), refused or dropped.
 
 use aya_ebpf::bindings::bpf_sock_addr;
-use aya_ebpf::helpers::{
-    bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval, bpf_sk_storage_get,
-};
-use aya_ebpf::macros::{btf_map, cgroup_sock_addr};
+use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval};
+use aya_ebpf::macros::cgroup_sock_addr;
 use aya_ebpf::programs::SockAddrContext;
 
 use super::service::{
     Client, Maps, PALISADE_SVC_ADDRESSES, PALISADE_SVC_CONFIG, PALISADE_SVC_SOURCE_RANGES, TCP,
     pick,
 };
+use super::sock_peer::PALISADE_SOCK_PEER;
 use super::*;
 
 /// What each unconnected socket's datagrams addressed, by (cookie,
@@ -39,67 +38,6 @@ use super::*;
 #[map]
 static PALISADE_SOCK_REVERSE: LruHashMap<SockReverseKey, SockReverseValue> =
     LruHashMap::pinned(65_536, 0);
-
-/// What a connected socket addressed, in its own storage: one peer per
-/// socket, freed with it. Per connection this costs an allocation where
-/// the LRU above would, once full, evict an entry each time. Pinned, so a
-/// restarted agent's hooks read what the earlier one's wrote: sockets
-/// connected before the restart still name the Service as their peer.
-#[btf_map]
-static PALISADE_SOCK_PEER: PinnedSkStorage<SockPeer> = PinnedSkStorage::new();
-
-/// Socket storage (`BPF_MAP_TYPE_SK_STORAGE`) pinned by name. aya-ebpf's
-/// `SkStorage` has no pinning field; this is its BTF definition with one
-/// (libbpf's `__uint(pinning, LIBBPF_PIN_BY_NAME)`, which the loader reads
-/// as the length of the array the field points to). The fields are never
-/// read: the loader takes the map's shape from their types.
-#[repr(C)]
-struct PinnedSkStorage<T> {
-    r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
-    key: *const i32,
-    value: *const T,
-    max_entries: *const [i32; 0],
-    map_flags: *const [i32; aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize],
-    pinning: *const [i32; 1],
-}
-
-// SAFETY: the fields are null placeholders the loader replaces with the
-// map; nothing reads or writes them, so sharing the static is sound.
-unsafe impl<T> Sync for PinnedSkStorage<T> {}
-
-impl<T> PinnedSkStorage<T> {
-    const fn new() -> Self {
-        Self {
-            r#type: core::ptr::null(),
-            key: core::ptr::null(),
-            value: core::ptr::null(),
-            max_entries: core::ptr::null(),
-            map_flags: core::ptr::null(),
-            pinning: core::ptr::null(),
-        }
-    }
-
-    /// The storage of the context's socket, or null; with `init`, made
-    /// from it when the socket has none.
-    ///
-    /// # Safety
-    ///
-    /// `ctx` is the hook's context: its socket pointer is the kernel's.
-    #[inline(always)]
-    unsafe fn get(&self, ctx: &SockAddrContext, init: Option<&mut T>) -> *mut T {
-        // SAFETY: the context the kernel passed; `sk` is its socket.
-        let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-        let flags = if init.is_some() {
-            u64::from(aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE)
-        } else {
-            0
-        };
-        let init = init.map_or(core::ptr::null_mut(), core::ptr::from_mut);
-        let map = core::ptr::from_ref(self).cast_mut().cast();
-        // SAFETY: `map` is this static, relocated to the map by the loader.
-        unsafe { bpf_sk_storage_get(map, sk.cast(), init.cast(), flags) }.cast()
-    }
-}
 
 /// The network namespaces whose sockets are balanced, by netns cookie:
 /// the node's, written with the hooks, and pods', written as they are
@@ -306,26 +244,50 @@ fn translate(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
     // The key: (this socket, the backend); the value: the frontend.
     let mut entry = (SockReverseKey::default(), SockReverseValue::default());
     let mut forward = Forward::default();
+    let mut index = 0;
     let (verdict, picked) = if family == FAMILY_V4 {
         let v = decide::<FAMILY_V4>(sa, ns, &mut entry.1, &mut forward);
-        (
-            v,
-            v == FORWARD && pick_backend::<FAMILY_V4>(ns, &forward, &mut entry.0),
-        )
+        let picked = if v == FORWARD {
+            pick_backend::<FAMILY_V4>(ns, &forward, &mut entry.0, &mut index)
+        } else {
+            PICKED_NONE
+        };
+        (v, picked)
     } else {
         let v = decide::<FAMILY_V6>(sa, ns, &mut entry.1, &mut forward);
-        let picked = v == FORWARD
-            && if forward.mapped {
-                pick_backend::<FAMILY_V4>(ns, &forward, &mut entry.0)
-            } else {
-                pick_backend::<FAMILY_V6>(ns, &forward, &mut entry.0)
-            };
+        let picked = match (v == FORWARD, forward.mapped) {
+            (false, _) => PICKED_NONE,
+            (true, true) => pick_backend::<FAMILY_V4>(ns, &forward, &mut entry.0, &mut index),
+            (true, false) => pick_backend::<FAMILY_V6>(ns, &forward, &mut entry.0, &mut index),
+        };
         (v, picked)
     };
     if verdict != FORWARD {
         return verdict;
     }
-    if !picked {
+    if picked == PICKED_SELF {
+        // The TC program masquerades the hairpin; it reads this pick from
+        // the socket's storage rather than picking again.
+        let mut peer = SockPeer {
+            backend: entry.0.addr,
+            backend_port: entry.0.port,
+            family: entry.0.family,
+            flags: SOCK_PEER_HAIRPIN,
+            frontend: SockReverseValue {
+                service: index,
+                ..entry.1
+            },
+        };
+        // SAFETY: as below.
+        unsafe {
+            let p = PALISADE_SOCK_PEER.get(ctx, Some(&mut peer));
+            if !p.is_null() {
+                *p = peer;
+            }
+        }
+        return SOCK_ALLOW;
+    }
+    if picked != PICKED_BACKEND {
         return SOCK_ALLOW;
     }
     // Best effort: without the entry the backend's own address is
@@ -335,7 +297,7 @@ fn translate(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
             backend: entry.0.addr,
             backend_port: entry.0.port,
             family: entry.0.family,
-            pad: 0,
+            flags: 0,
             frontend: entry.1,
         };
         // SAFETY: the context's socket, which the helper takes; the
@@ -491,21 +453,29 @@ fn client_source<const FAMILY: u8>(ns: &SockNetns, config: &ServiceConfig) -> Op
     }
 }
 
+/// [`pick_backend`]'s outcomes: no backend of this family, a backend to
+/// point the socket at, or the pod itself.
+const PICKED_NONE: u8 = 0;
+const PICKED_BACKEND: u8 = 1;
+const PICKED_SELF: u8 = 2;
+
 /// The backend of `forward` for the client of namespace `ns` (ClientIP
-/// affinity first), into `backend` (address and port in network order);
-/// false if none of this family, or if a pod would reach itself (a
-/// hairpin, which kube-proxy masquerades: the TC program's).
+/// affinity first), into `backend` (address and port in network order)
+/// and its index into `index`. [`PICKED_SELF`] when a pod would reach
+/// itself (a hairpin, which kube-proxy masquerades: the TC program's,
+/// told the pick through the socket's storage).
 #[inline(never)]
 fn pick_backend<const FAMILY: u8>(
     ns: &SockNetns,
     forward: &Forward,
     backend: &mut SockReverseKey,
-) -> bool {
+    index: &mut u32,
+) -> u8 {
     let Some(config) = PALISADE_SVC_CONFIG.get(0) else {
-        return false;
+        return PICKED_NONE;
     };
     let Some(addr) = client_source::<FAMILY>(ns, config) else {
-        return false;
+        return PICKED_NONE;
     };
     let mut affinity = AffinityKey::default();
     let mut picked = AffinityValue::default();
@@ -522,13 +492,17 @@ fn pick_backend<const FAMILY: u8>(
         forward.count,
         forward.affinity_seconds,
     );
-    if picked.value.family != FAMILY || (ns.kind == SOCK_NETNS_POD && picked.value.addr == addr) {
-        return false;
+    if picked.value.family != FAMILY {
+        return PICKED_NONE;
     }
     backend.addr = picked.value.addr;
     backend.port = picked.value.port.to_be();
     backend.family = FAMILY;
-    true
+    *index = picked.backend;
+    if ns.kind == SOCK_NETNS_POD && picked.value.addr == addr {
+        return PICKED_SELF;
+    }
+    PICKED_BACKEND
 }
 
 /// Reports a backend this socket addressed through a frontend as the
@@ -553,7 +527,12 @@ fn restore(ctx: &SockAddrContext, family: u8) -> i32 {
     // SAFETY: the context's socket; its storage is copied out at once.
     let peer = unsafe { PALISADE_SOCK_PEER.get(ctx, None).as_ref() }
         .copied()
-        .filter(|p| p.backend == key.addr && p.backend_port == key.port && p.family == key.family)
+        .filter(|p| {
+            p.flags & SOCK_PEER_HAIRPIN == 0
+                && p.backend == key.addr
+                && p.backend_port == key.port
+                && p.family == key.family
+        })
         .map(|p| p.frontend);
     // SAFETY: the entry is copied out at once.
     let frontend = peer.or_else(|| unsafe { PALISADE_SOCK_REVERSE.get(key) }.copied());
