@@ -124,8 +124,9 @@ fn pods_tcp_connections_are_balanced_at_connect_and_the_rest_per_packet() {
     // With the pod one of two endpoints, the hook's pick of the pod
     // itself stands (the TC program reads it from the socket's storage):
     // half the connections hairpin, as behind kube-proxy. Picked again
-    // on the wire, a quarter would (p², below 60 of 160 at 3.6 standard
-    // deviations; p at 3.2 above it).
+    // on the wire, a quarter would (p²: 40 of 160, 55 is 2.7 standard
+    // deviations above; p: 80, 55 is 3.9 below, so a fair run fails
+    // about once in 15,000).
     let vip: SocketAddr = format!("{HALF_SELF_VIP}:80").parse().unwrap();
     let (mut hairpins, mut direct) = (0, 0);
     for _ in 0..160 {
@@ -152,7 +153,7 @@ fn pods_tcp_connections_are_balanced_at_connect_and_the_rest_per_packet() {
         }
     }
     assert!(
-        hairpins >= 60 && direct >= 60,
+        hairpins >= 55 && direct >= 55,
         "{hairpins} of 160 connections reached the pod itself, {direct} the other endpoint"
     );
     dp.flush_services_state().unwrap();
