@@ -11,6 +11,8 @@ mod cluster;
 mod cni;
 #[path = "palisade/deploy.rs"]
 mod deploy;
+#[path = "palisade/health_checks.rs"]
+mod health_checks;
 #[path = "palisade/ipam.rs"]
 mod ipam;
 #[path = "palisade/ipam_stress.rs"]

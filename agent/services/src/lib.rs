@@ -47,6 +47,7 @@ pub mod affinity;
 pub mod case;
 pub mod decide;
 pub mod error;
+pub mod health;
 pub mod nat;
 pub mod objects;
 pub mod table;

@@ -25,16 +25,25 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+/// A request's head (up to its blank line); None when the client closed
+/// first or sent more than 16 KiB without one.
+pub(super) async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     let mut request = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") {
         let n = stream.read(&mut buf).await?;
         if n == 0 || request.len() > 16 * 1024 {
-            return Ok(());
+            return Ok(None);
         }
         request.extend_from_slice(&buf[..n]);
     }
+    Ok(Some(request))
+}
+
+async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let Some(request) = read_head(&mut stream).await? else {
+        return Ok(());
+    };
     let line = String::from_utf8_lossy(&request);
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));

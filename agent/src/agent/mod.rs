@@ -24,6 +24,7 @@
 //! `metrics.rs`, `status.rs`; the writer loop is here.
 
 mod cni;
+mod health_checks;
 mod http;
 mod ipam;
 pub mod metrics;
@@ -300,10 +301,11 @@ pub fn run(args: AgentArgs) -> Result<()> {
     let writer = {
         let shared = shared.clone();
         let args = args.clone();
+        let runtime = runtime.handle().clone();
         std::thread::Builder::new()
             .name("writer".into())
             .spawn(move || {
-                let r = write_loop(&args, rx, &shared);
+                let r = write_loop(&args, rx, &shared, runtime);
                 let _ = done_tx.send(());
                 r
             })
@@ -329,7 +331,12 @@ pub fn run(args: AgentArgs) -> Result<()> {
 
 /// The writer: owns the dataplane; applies what the watcher sends, ticks
 /// every second (pending interfaces, telemetry, conntrack sweeps).
-fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<()> {
+fn write_loop(
+    args: &AgentArgs,
+    rx: Receiver<Input>,
+    shared: &Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+) -> Result<()> {
     if let Some(ns) = &args.netns {
         enter_netns(ns)?;
     }
@@ -346,6 +353,11 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
     let mut connect_hooks_attached = args.connect_hooks_cgroup.is_none();
     let mut socket_hooks_ok = false;
     let mut pod_socket_table = pod_sockets::PodSocketTable::default();
+    let mut health_checks = health_checks::HealthCheckServers::new(
+        runtime,
+        shared.clone(),
+        args.proxy.node_port_addresses.clone(),
+    );
     loop {
         shared.heartbeat.store(now_s(), Ordering::Relaxed);
         let first = match rx.recv_timeout(Duration::from_secs(1)) {
@@ -410,7 +422,9 @@ fn write_loop(args: &AgentArgs, rx: Receiver<Input>, shared: &Shared) -> Result<
             continue;
         }
         if services.take_dirty() {
-            write_services(&mut node, &services, args, shared);
+            health_checks.sync(write_services(&mut node, &services, args, shared));
+        } else {
+            health_checks.retry();
         }
         if !service_interfaces_attached {
             service_interfaces_attached = attach_service_interfaces(&mut node, args);
@@ -512,13 +526,14 @@ fn check_socket_hooks(dataplane: &AyaDataplane, cgroup: &std::path::Path, shared
 
 /// Builds this node's service table from what the writer has seen and
 /// writes it; a table that does not fit is refused whole (the previous
-/// one stays), and skipped documents are reported, never fatal.
+/// one stays), and skipped documents are reported, never fatal. Returns
+/// the health checks this node serves.
 fn write_services(
     node: &mut NodeSync<AyaDataplane>,
     source: &services::ServiceSource,
     args: &AgentArgs,
     shared: &Shared,
-) {
+) -> Vec<palisade_services::health::HealthCheck> {
     let cluster = shared.ipam.cluster();
     let node_ips = services::node_addresses(args.node_ip);
     let configs = [Family::V4, Family::V6]
@@ -534,7 +549,11 @@ fn write_services(
                 .config(family, &args.node, node_ips.clone(), pools)
         })
         .collect();
-    let (tables, skipped) = source.tables(configs);
+    let services::Built {
+        tables,
+        skipped,
+        health_checks,
+    } = source.build(configs);
     let revision = node.revision();
     let mut problems = Vec::new();
     for (object, message) in skipped {
@@ -570,6 +589,7 @@ fn write_services(
     for p in problems {
         s.record(p);
     }
+    health_checks
 }
 
 /// Attaches the service program to `--service-interface`s; false while

@@ -16,6 +16,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use palisade_datastore::{Snapshot, StoreChange, kinds};
+use palisade_services::health::{HealthCheck, health_checks};
 use palisade_services::topology::{NodeTopology, ZONE_LABEL};
 use palisade_services::{Family, Objects, ProxyConfig, ServiceTable};
 use serde_json::Value;
@@ -128,8 +129,9 @@ impl ServiceSource {
     }
 
     /// A table per configuration (one per IP family), with the documents
-    /// it had to skip (key and what is wrong, naming the field).
-    pub fn tables(&self, configs: Vec<ProxyConfig>) -> (Vec<ServiceTable>, Vec<(String, String)>) {
+    /// it had to skip (key and what is wrong, naming the field), and the
+    /// health checks this node serves (over every configuration's family).
+    pub fn build(&self, configs: Vec<ProxyConfig>) -> Built {
         let mut objects = Objects::default();
         let mut skipped = Vec::new();
         for (key, doc) in &self.documents {
@@ -141,6 +143,11 @@ impl ServiceSource {
                 Err(e) => skipped.push((key.clone(), e.to_string())),
             }
         }
+        let mut all_ports = Vec::new();
+        let node = configs
+            .first()
+            .map(|c| c.node.name.clone())
+            .unwrap_or_default();
         let tables = configs
             .into_iter()
             .map(|config| {
@@ -148,11 +155,25 @@ impl ServiceSource {
                     skipped.push(("services".into(), e.to_string()));
                     Vec::new()
                 });
-                ServiceTable::build(config, &ports)
+                let table = ServiceTable::build(config, &ports);
+                all_ports.extend(ports);
+                table
             })
             .collect();
-        (tables, skipped)
+        Built {
+            tables,
+            skipped,
+            health_checks: health_checks(&all_ports, &node),
+        }
     }
+}
+
+/// What [`ServiceSource::build`] makes.
+pub struct Built {
+    pub tables: Vec<ServiceTable>,
+    /// Documents skipped: key and what is wrong, naming the field.
+    pub skipped: Vec<(String, String)>,
+    pub health_checks: Vec<HealthCheck>,
 }
 
 /// This node's addresses for the service table: `--node-ip` or the first
@@ -241,7 +262,9 @@ mod tests {
         assert!(source.take_dirty());
         assert!(!source.take_dirty());
         assert_eq!(source.service_count(), 1);
-        let (tables, skipped) = source.tables(vec![config()]);
+        let Built {
+            tables, skipped, ..
+        } = source.build(vec![config()]);
         let table = &tables[0];
         assert!(skipped.is_empty(), "{skipped:?}");
         assert_eq!(table.services.len(), 1);
@@ -259,7 +282,7 @@ mod tests {
         assert!(!source.take_dirty());
         source.changes(&[gone("/e", 3)]);
         assert!(source.take_dirty());
-        let (tables, _) = source.tables(vec![config()]);
+        let Built { tables, .. } = source.build(vec![config()]);
         assert!(tables[0].services[0].cluster.is_empty());
     }
 
@@ -269,7 +292,9 @@ mod tests {
         let mut bad = slice("10.20.0.5");
         bad["ports"][0]["port"] = json!("ninety");
         source.changes(&[stored("/s", service()), stored("/e", bad)]);
-        let (tables, skipped) = source.tables(vec![config()]);
+        let Built {
+            tables, skipped, ..
+        } = source.build(vec![config()]);
         assert_eq!(tables[0].services.len(), 1);
         assert_eq!(skipped.len(), 1);
         assert!(
