@@ -107,6 +107,86 @@ pub fn answer(
     (status, body)
 }
 
+/// What kube-proxy's own health server (`--healthz-bind-address`, port
+/// 10256) answers on `path` at `now` (seconds and nanoseconds since the
+/// epoch): `/healthz` (cloud load balancers probe it for Services with
+/// `externalTrafficPolicy: Cluster`) is 200 while the proxy is healthy and
+/// the node eligible, `/livez` while the proxy is healthy; anything else
+/// is Go's 404. `last_updated` is when the proxy last wrote its rules; a
+/// healthy answer reports `now` for it, as kube-proxy does.
+pub fn proxy_health_answer(
+    path: &str,
+    healthy: bool,
+    node_eligible: bool,
+    last_updated: (u64, u32),
+    now: (u64, u32),
+) -> (u16, String) {
+    let current = go_time(now);
+    let updated = go_time(last_updated);
+    match path {
+        "/healthz" => {
+            let ok = healthy && node_eligible;
+            let updated = if ok { current.clone() } else { updated };
+            (
+                if ok { 200 } else { 503 },
+                format!(
+                    "{{\"lastUpdated\": \"{updated}\",\"currentTime\": \"{current}\", \"nodeEligible\": {node_eligible}}}"
+                ),
+            )
+        }
+        "/livez" => {
+            let updated = if healthy { current.clone() } else { updated };
+            (
+                if healthy { 200 } else { 503 },
+                format!("{{\"lastUpdated\": \"{updated}\",\"currentTime\": \"{current}\"}}"),
+            )
+        }
+        _ => (404, "404 page not found\n".to_string()),
+    }
+}
+
+/// Whether a Node (its stored document) should still get load balancers'
+/// traffic, as kube-proxy's `/healthz` judges it: not when it is being
+/// deleted, nor when the cluster autoscaler tainted it for deletion.
+pub fn node_eligible(node: &serde_json::Value) -> bool {
+    let deleting = !node["metadata"]["deletionTimestamp"].is_null();
+    let to_be_deleted = node["spec"]["taints"].as_array().is_some_and(|t| {
+        t.iter()
+            .any(|t| t["key"] == "ToBeDeletedByClusterAutoscaler")
+    });
+    !deleting && !to_be_deleted
+}
+
+/// A UTC time as Go prints a `time.Time` (`2006-01-02 15:04:05.999999999
+/// +0000 UTC`, trailing zeros of the fraction dropped).
+fn go_time((secs, nanos): (u64, u32)) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut fraction = String::new();
+    if nanos > 0 {
+        fraction = format!(".{nanos:09}");
+        while fraction.ends_with('0') {
+            fraction.pop();
+        }
+    }
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}{fraction} +0000 UTC",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +273,65 @@ mod tests {
         let (status, body) = answer("shop", "web", 2, false);
         assert_eq!(status, 503);
         assert!(body.contains("\"serviceProxyHealthy\": false"));
+    }
+
+    #[test]
+    fn the_proxy_health_server_answers_as_kube_proxys() {
+        let now = (1_796_601_600, 250_000_000); // 2026-12-07 00:00:00.25 UTC
+        let before = (1_796_601_500, 0);
+        let (status, body) = proxy_health_answer("/healthz", true, true, before, now);
+        assert_eq!(status, 200);
+        assert_eq!(
+            body,
+            "{\"lastUpdated\": \"2026-12-07 00:00:00.25 +0000 UTC\",\"currentTime\": \"2026-12-07 00:00:00.25 +0000 UTC\", \"nodeEligible\": true}"
+        );
+        // Unhealthy: the last write's time, 503 on both.
+        let (status, body) = proxy_health_answer("/healthz", false, true, before, now);
+        assert_eq!(status, 503);
+        assert!(
+            body.contains("\"lastUpdated\": \"2026-12-06 23:58:20 +0000 UTC\""),
+            "{body}"
+        );
+        assert_eq!(
+            proxy_health_answer("/livez", false, true, before, now).0,
+            503
+        );
+        // A node being drained: /healthz fails (with the last write's
+        // time), /livez does not.
+        let (status, body) = proxy_health_answer("/healthz", true, false, before, now);
+        assert_eq!(status, 503);
+        assert!(
+            body.contains("\"lastUpdated\": \"2026-12-06 23:58:20 +0000 UTC\""),
+            "{body}"
+        );
+        let (status, body) = proxy_health_answer("/livez", true, false, before, now);
+        assert_eq!(status, 200);
+        assert!(!body.contains("nodeEligible"));
+        assert_eq!(
+            proxy_health_answer("/metrics", true, true, before, now).0,
+            404
+        );
+        // Leap day and the epoch.
+        assert_eq!(go_time((951_782_400, 0)), "2000-02-29 00:00:00 +0000 UTC");
+        assert_eq!(go_time((0, 1)), "1970-01-01 00:00:00.000000001 +0000 UTC");
+    }
+
+    #[test]
+    fn a_node_being_deleted_or_tainted_for_it_is_not_eligible() {
+        assert!(node_eligible(
+            &json!({"kind": "Node", "metadata": {"name": "n1"}})
+        ));
+        assert!(!node_eligible(&json!({"metadata": {"name": "n1",
+            "deletionTimestamp": "2026-12-07T00:00:00Z"}})));
+        assert!(!node_eligible(
+            &json!({"metadata": {"name": "n1"}, "spec": {"taints": [
+            {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"},
+            {"key": "ToBeDeletedByClusterAutoscaler", "value": "1733529600", "effect": "NoSchedule"}]}})
+        ));
+        // Unschedulable alone (cordoned) stays eligible, as in kube-proxy.
+        assert!(node_eligible(
+            &json!({"metadata": {"name": "n1"}, "spec": {"unschedulable": true,
+            "taints": [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]}})
+        ));
     }
 }

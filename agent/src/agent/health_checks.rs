@@ -7,6 +7,10 @@
 //! can serve it. What to answer is `palisade_services::health`'s; this
 //! module listens.
 //!
+//! With them, kube-proxy's own health server (`--healthz-bind-address`,
+//! 0.0.0.0:10256): `/healthz` and `/livez`, which cloud load balancers
+//! probe for Services with `externalTrafficPolicy: Cluster`.
+//!
 //! The listeners are bound by the writer thread, in the node's network
 //! namespace, and served on the agent's runtime. A port that cannot be
 //! bound (another process holds it) is reported and tried again each tick.
@@ -18,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use palisade_services::health::{HealthCheck, answer};
+use palisade_services::health::{HealthCheck, answer, proxy_health_answer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -51,6 +55,13 @@ pub struct HealthCheckServers {
     /// The last checks asked for; some could not be bound yet.
     wanted: Vec<HealthCheck>,
     unbound: usize,
+    /// kube-proxy's health server: where, and its task once bound.
+    proxy_healthz: Option<SocketAddr>,
+    /// This node's name (whether its Node is being deleted).
+    node: String,
+    proxy_healthz_task: Option<JoinHandle<()>>,
+    /// When the service table was last written (since the epoch).
+    last_written: Arc<std::sync::Mutex<Duration>>,
 }
 
 impl HealthCheckServers {
@@ -58,20 +69,98 @@ impl HealthCheckServers {
         runtime: tokio::runtime::Handle,
         shared: Arc<Shared>,
         node_port_addresses: Vec<IpNet>,
+        proxy_healthz: Option<SocketAddr>,
+        node: &str,
     ) -> Self {
-        HealthCheckServers {
+        let mut servers = HealthCheckServers {
             runtime,
             shared,
             node_port_addresses,
             serving: BTreeMap::new(),
             wanted: Vec::new(),
             unbound: 0,
+            proxy_healthz,
+            node: node.to_string(),
+            proxy_healthz_task: None,
+            last_written: Arc::new(std::sync::Mutex::new(since_epoch())),
+        };
+        servers.open_proxy_healthz(true);
+        servers
+    }
+
+    /// Binds kube-proxy's health server if it is wanted and not bound;
+    /// `first` logs a failure (later ones are the same).
+    fn open_proxy_healthz(&mut self, first: bool) {
+        let Some(at) = self.proxy_healthz else {
+            return;
+        };
+        if self.proxy_healthz_task.is_some() {
+            return;
         }
+        let listener = match bind(at) {
+            Ok(l) => l,
+            Err(e) => {
+                if first {
+                    tracing::warn!(%at, error = %e, "kube-proxy's health server (--healthz-bind-address) not bound; trying again each second");
+                    self.shared.metrics.service_errors.inc();
+                }
+                return;
+            }
+        };
+        let _runtime = self.runtime.enter();
+        let Ok(listener) = TcpListener::from_std(listener) else {
+            return;
+        };
+        tracing::info!(%at, "kube-proxy's health server serving /healthz and /livez");
+        let (shared, last_written) = (self.shared.clone(), self.last_written.clone());
+        let node = Arc::new(self.node.clone());
+        self.proxy_healthz_task = Some(self.runtime.spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (shared, last_written) = (shared.clone(), last_written.clone());
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let reply = async {
+                        let Some(head) = super::http::read_head(&mut stream).await? else {
+                            return Ok(());
+                        };
+                        let line = String::from_utf8_lossy(&head);
+                        let target = line.split_whitespace().nth(1).unwrap_or("");
+                        let path = target.split('?').next().unwrap_or("");
+                        let last = *last_written.lock().unwrap_or_else(|e| e.into_inner());
+                        let (status, body) = proxy_health_answer(
+                            path,
+                            shared.healthy().is_ok(),
+                            shared.ipam.node_eligible(&node),
+                            (last.as_secs(), last.subsec_nanos()),
+                            {
+                                let now = since_epoch();
+                                (now.as_secs(), now.subsec_nanos())
+                            },
+                        );
+                        let content_type = if status == 404 {
+                            "text/plain; charset=utf-8"
+                        } else {
+                            "application/json"
+                        };
+                        write_answer(&mut stream, status, content_type, &[], &body).await
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(10), reply).await;
+                });
+            }
+        }));
     }
 
     /// Serves exactly `checks`: listeners of Services gone (or whose port
     /// changed) close, new ones open, counts update in place.
     pub fn sync(&mut self, checks: Vec<HealthCheck>) {
+        *self.last_written.lock().unwrap_or_else(|e| e.into_inner()) = since_epoch();
+        self.serve(checks);
+    }
+
+    fn serve(&mut self, checks: Vec<HealthCheck>) {
         let keep: BTreeMap<(String, String), u16> = checks
             .iter()
             .map(|c| ((c.namespace.clone(), c.name.clone()), c.port))
@@ -106,8 +195,9 @@ impl HealthCheckServers {
 
     /// Tries again the listeners that could not be bound.
     pub fn retry(&mut self) {
+        self.open_proxy_healthz(false);
         if self.unbound > 0 {
-            self.sync(self.wanted.clone());
+            self.serve(self.wanted.clone());
         }
     }
 
@@ -202,16 +292,47 @@ async fn respond(
         return Ok(());
     }
     let (status, body) = answer(namespace, name, local_endpoints, healthy);
-    let reason = if status == 200 {
-        "OK"
-    } else {
-        "Service Unavailable"
+    let weight = local_endpoints.to_string();
+    write_answer(
+        &mut stream,
+        status,
+        "application/json",
+        &[("X-Load-Balancing-Endpoint-Weight", &weight)],
+        &body,
+    )
+    .await
+}
+
+/// An HTTP/1.1 answer with kube-proxy's headers, then the connection's end.
+async fn write_answer(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    extra: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        _ => "Service Unavailable",
     };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nX-Load-Balancing-Endpoint-Weight: {local_endpoints}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+    let mut head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nX-Content-Type-Options: nosniff\r\n"
     );
+    for (name, value) in extra {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!(
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    ));
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+fn since_epoch() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
 }

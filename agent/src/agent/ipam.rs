@@ -145,6 +145,20 @@ impl IpamView {
         g.listed.then(|| resources::cluster(g.objects.values()))
     }
 
+    /// Whether load balancers should still use node `name`, as kube-proxy
+    /// judges it (see [`palisade_services::health::node_eligible`]); true
+    /// while its Node is not stored.
+    pub fn node_eligible(&self, name: &str) -> bool {
+        self.lock()
+            .objects
+            .values()
+            .find(|o| {
+                kinds::document_ref(&o.document)
+                    .is_some_and(|(info, r)| info.kind == "Node" && r.name == name)
+            })
+            .is_none_or(|o| palisade_services::health::node_eligible(&o.document))
+    }
+
     /// The stored documents of one IPAM kind (`Node`, `IPPool`, ...), by name.
     pub fn documents(&self, kind: &str) -> Vec<(String, serde_json::Value)> {
         self.lock()

@@ -57,6 +57,21 @@ use sync::NodeSync;
 use watcher::spawn_watcher;
 
 /// `palisade agent` flags.
+/// `--healthz-bind-address`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthzAddress(pub Option<SocketAddr>);
+
+impl std::str::FromStr for HealthzAddress {
+    type Err = std::net::AddrParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(HealthzAddress(None));
+        }
+        s.parse().map(|a| HealthzAddress(Some(a)))
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct AgentArgs {
     /// This node's name (endpoints whose node is this one are enforced here).
@@ -71,6 +86,11 @@ pub struct AgentArgs {
     /// Where /metrics, /healthz, /readyz and /status are served.
     #[arg(long, default_value = "127.0.0.1:9091")]
     pub metrics_addr: SocketAddr,
+    /// kube-proxy's health server (`/healthz`, `/livez`), which cloud load
+    /// balancers probe for Services with `externalTrafficPolicy: Cluster`;
+    /// bound in the node's namespace; `off` for none.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_bind_address: HealthzAddress,
     /// The network namespace of the node's interfaces (a name under
     /// /run/netns or a path), when it is not the agent's own: the dataplane
     /// writer works there while the datastore and /metrics stay in the
@@ -357,6 +377,8 @@ fn write_loop(
         runtime,
         shared.clone(),
         args.proxy.node_port_addresses.clone(),
+        args.healthz_bind_address.0,
+        &args.node,
     );
     loop {
         shared.heartbeat.store(now_s(), Ordering::Relaxed);

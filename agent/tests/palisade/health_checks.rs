@@ -1,7 +1,7 @@
 //! The agent serves a LoadBalancer Service's `healthCheckNodePort`
 //! (`externalTrafficPolicy: Local`) as kube-proxy does: 200 while this
 //! node runs a ready endpoint of it, 503 when it runs none, nothing once
-//! the Service is gone.
+//! the Service is gone; and kube-proxy's own `/healthz` and `/livez`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use palisade_testing::netns::Topology;
 use policy_core::EndpointKey;
 
-use super::agent::{Agent, store};
+use super::agent::{Agent, http_get, store};
 use super::{privileged, scratch};
 
 /// A health check's answer: status, the endpoint-weight header, the body.
@@ -120,6 +120,39 @@ fn the_agent_serves_health_check_node_ports_as_kube_proxy_does() {
         serde_json::json!({"service": {"namespace": "shop", "name": "web"},
                            "localEndpoints": 1, "serviceProxyHealthy": true})
     );
+
+    // kube-proxy's own health server, in the node's namespace: what cloud
+    // load balancers probe for Services with externalTrafficPolicy Cluster.
+    let healthz: SocketAddr = "127.0.0.1:10256".parse().unwrap();
+    let get = |path: &str| topo.node().run(|| http_get(healthz, path)).unwrap();
+    let (status, body) = get("/healthz").expect("the proxy health server answers");
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["nodeEligible"], true);
+    assert_eq!(json["lastUpdated"], json["currentTime"], "{body}");
+    assert!(
+        json["currentTime"]
+            .as_str()
+            .unwrap()
+            .ends_with(" +0000 UTC")
+    );
+    assert_eq!(get("/livez").map(|(s, _)| s), Some(200));
+    assert_eq!(get("/readyz").map(|(s, _)| s), Some(404));
+    // The autoscaler marks the node for deletion: /healthz drains it,
+    // /livez stays.
+    let node = dir.join("node.yaml");
+    std::fs::write(
+        &node,
+        "apiVersion: projectcalico.org/v3\nkind: Node\nmetadata: {name: node1}\n\
+         spec: {taints: [{key: ToBeDeletedByClusterAutoscaler, value: \"1733529600\", effect: NoSchedule}]}\n",
+    )
+    .unwrap();
+    let revision = store(&state, &["apply", "-f", node.to_str().unwrap()]).unwrap();
+    agent.wait_revision(revision);
+    let (status, body) = get("/healthz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"nodeEligible\": false"), "{body}");
+    assert_eq!(get("/livez").map(|(s, _)| s), Some(200));
 
     // The local endpoint terminates: 503, so the load balancer drains us.
     std::fs::write(&objects, slice(false)).unwrap();

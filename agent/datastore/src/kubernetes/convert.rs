@@ -284,9 +284,23 @@ fn node(object: &Value) -> Value {
     if !addresses.is_empty() {
         spec.insert("addresses".into(), Value::Array(addresses));
     }
+    // What kube-proxy's /healthz reads: a Node being deleted, or tainted
+    // for deletion by the cluster autoscaler, is no longer eligible.
+    if let Some(taints) = object["spec"]["taints"]
+        .as_array()
+        .filter(|t| !t.is_empty())
+    {
+        spec.insert("taints".into(), Value::Array(taints.clone()));
+    }
     let mut metadata = trimmed_metadata(&object["metadata"]);
     if let Value::Object(m) = &mut metadata {
         m.remove("annotations");
+        if let Some(t) = object["metadata"]
+            .get("deletionTimestamp")
+            .filter(|t| !t.is_null())
+        {
+            m.insert("deletionTimestamp".into(), t.clone());
+        }
     }
     json!({
         "apiVersion": "projectcalico.org/v3",
@@ -423,5 +437,19 @@ mod tests {
             d["spec"]["addresses"],
             json!([{"address": "192.0.2.10", "type": "InternalIP"}])
         );
+        assert!(d["spec"].get("taints").is_none());
+    }
+
+    #[test]
+    fn a_node_keeps_what_says_it_is_going() {
+        let taint = json!({"key": "ToBeDeletedByClusterAutoscaler", "value": "1733529600", "effect": "NoSchedule"});
+        let node = json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "deletionTimestamp": "2026-12-07T00:00:00Z"},
+            "spec": {"taints": [taint]}});
+        let Stored::Document(d) = convert(Conversion::Node, &node) else {
+            panic!()
+        };
+        assert_eq!(d["metadata"]["deletionTimestamp"], "2026-12-07T00:00:00Z");
+        assert_eq!(d["spec"]["taints"], json!([taint]));
     }
 }
