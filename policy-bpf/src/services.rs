@@ -114,6 +114,20 @@ pub fn net_bytes(net: &IpNet) -> (u8, [u8; 16]) {
     (family_code(&ip), addr_bytes(&ip))
 }
 
+/// Every endpoint the tables' slices list, in any condition, as the NAT
+/// entries name a backend (address, port, family): a translated
+/// connection keeps its backend while it is here, so one to a terminating
+/// endpoint that new connections no longer get drains as behind
+/// kube-proxy, whose conntrack entries outlive the endpoint's selection.
+pub fn present_backends(tables: &[ServiceTable]) -> BTreeSet<([u8; 16], u16, u8)> {
+    tables
+        .iter()
+        .flat_map(|t| &t.services)
+        .flat_map(|b| b.present.iter().chain(&b.cluster).chain(&b.local))
+        .map(|a| (addr_bytes(&a.ip()), a.port(), family_code(&a.ip())))
+        .collect()
+}
+
 fn family_code(ip: &IpAddr) -> u8 {
     if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
 }

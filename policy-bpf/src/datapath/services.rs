@@ -9,7 +9,7 @@ use aya::maps::Map;
 use palisade_services::ServiceTable;
 
 use super::*;
-use crate::services::{ServiceEntries, lower_service_tables};
+use crate::services::{ServiceEntries, lower_service_tables, present_backends};
 
 /// The socket-time load balancers of the node's own IPv4 and IPv6
 /// sockets: `connect()`, unconnected datagrams, and the hooks that report
@@ -132,9 +132,10 @@ impl Datapath {
     /// Writes a node's service table into the service maps (lowered with
     /// this datapath's capacities: a table that does not fit is refused
     /// with the map named, and nothing is written), then forgets the NAT
-    /// state of connections whose backend is no longer listed: their next
-    /// packet is decided again, so they never reach a removed backend,
-    /// and connections whose backend stays keep it.
+    /// state of connections whose backend the slices no longer list:
+    /// their next packet is decided again, so they never reach a removed
+    /// backend, and connections whose backend stays keep it, also while it
+    /// terminates and new connections go elsewhere (graceful shutdown).
     pub fn set_services(&mut self, table: &ServiceTable) -> Result<(), DatapathError> {
         self.set_service_tables(std::slice::from_ref(table))
     }
@@ -144,11 +145,7 @@ impl Datapath {
     pub fn set_service_tables(&mut self, tables: &[ServiceTable]) -> Result<(), DatapathError> {
         let entries = lower_service_tables(tables, &self.service_capacity)?;
         self.write_services(&entries)?;
-        let listed: BTreeSet<BackendAddr> = entries
-            .backends
-            .iter()
-            .map(|b| (b.addr, b.port, b.family))
-            .collect();
+        let listed: BTreeSet<BackendAddr> = present_backends(tables);
         self.services = Some(entries);
         self.resync_nat(&listed)?;
         Ok(())

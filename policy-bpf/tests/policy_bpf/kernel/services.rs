@@ -453,6 +453,35 @@ fn endpoint_churn_keeps_connections_whose_backend_stays() {
             "a new connection reached a removed backend"
         );
     }
+
+    // A backend that terminates (still listed, serving) while others are
+    // ready gets no new connection, and its connections drain on it, as
+    // behind kube-proxy, whose conntrack entries outlive the selection.
+    let mut terminating = slice("api", &now);
+    terminating["endpoints"][0]["conditions"] =
+        json!({"ready": false, "serving": true, "terminating": true});
+    let draining: IpAddr = now[0].parse().unwrap();
+    let client = by_backend[&draining];
+    dp.set_services(&table(&[service("api", VIP, false), terminating]))
+        .unwrap();
+    let (_, out) = dp
+        .run_service(&packet(6, client, sock(VIP, 80), 0x10), 0)
+        .unwrap();
+    assert_eq!(
+        destination(&out).ip(),
+        draining,
+        "a terminating backend's connection moved"
+    );
+    for i in 0..100 {
+        let (_, out) = dp
+            .run_service(&packet(6, sock(CLIENT, 44_000 + i), sock(VIP, 80), 0x02), 0)
+            .unwrap();
+        assert_ne!(
+            destination(&out).ip(),
+            draining,
+            "a new connection reached a terminating backend while others are ready"
+        );
+    }
 }
 
 #[test]
