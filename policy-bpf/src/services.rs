@@ -114,18 +114,46 @@ pub fn net_bytes(net: &IpNet) -> (u8, [u8; 16]) {
     (family_code(&ip), addr_bytes(&ip))
 }
 
-/// Every endpoint the tables' slices list, in any condition, as the NAT
-/// entries name a backend (address, port, family): a translated
-/// connection keeps its backend while it is here, so one to a terminating
-/// endpoint that new connections no longer get drains as behind
-/// kube-proxy, whose conntrack entries outlive the endpoint's selection.
-pub fn present_backends(tables: &[ServiceTable]) -> BTreeSet<([u8; 16], u16, u8)> {
-    tables
-        .iter()
-        .flat_map(|t| &t.services)
-        .flat_map(|b| b.present.iter().chain(&b.cluster).chain(&b.local))
-        .map(|a| (addr_bytes(&a.ip()), a.port(), family_code(&a.ip())))
-        .collect()
+/// A backend as the NAT entries name it: address, port, family.
+pub type NatBackend = ([u8; 16], u16, u8);
+
+/// The backends translated flows keep after a new table (see
+/// [`KeptBackends::keeps`]).
+#[derive(Debug, Default)]
+pub struct KeptBackends {
+    /// Every endpoint the slices list, in any condition.
+    pub present: BTreeSet<NatBackend>,
+    /// The endpoints serving (ready, or terminating and still serving).
+    pub serving: BTreeSet<NatBackend>,
+}
+
+impl KeptBackends {
+    pub fn of(tables: &[ServiceTable]) -> KeptBackends {
+        let nat = |a: &SocketAddr| (addr_bytes(&a.ip()), a.port(), family_code(&a.ip()));
+        let mut kept = KeptBackends::default();
+        for b in tables.iter().flat_map(|t| &t.services) {
+            kept.present
+                .extend(b.present.iter().chain(&b.cluster).chain(&b.local).map(nat));
+            kept.serving
+                .extend(b.serving.iter().chain(&b.cluster).chain(&b.local).map(nat));
+        }
+        kept
+    }
+
+    /// Whether a translated flow of `protocol` keeps `backend`: a
+    /// connection while the slices list it in any condition, so one to a
+    /// terminating endpoint that new connections no longer get drains as
+    /// behind kube-proxy, whose conntrack entries outlive the selection; a
+    /// UDP flow only while it serves, as kube-proxy clears UDP conntrack
+    /// entries to any other endpoint (the next datagram goes to one that
+    /// serves).
+    pub fn keeps(&self, protocol: u8, backend: &NatBackend) -> bool {
+        if protocol == Protocol::Udp.number() {
+            self.serving.contains(backend)
+        } else {
+            self.present.contains(backend)
+        }
+    }
 }
 
 fn family_code(ip: &IpAddr) -> u8 {

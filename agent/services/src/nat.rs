@@ -106,13 +106,18 @@ impl NatTable {
     }
 
     /// After `table` changed: forgets connections whose endpoint is no
-    /// longer listed by their Service; returns how many.
+    /// longer listed by their Service, and UDP flows whose endpoint no
+    /// longer serves (kube-proxy's conntrack cleanup); returns how many.
     pub fn resync(&mut self, table: &ServiceTable) -> usize {
         let before = self.entries.len();
-        self.entries.retain(|_, e| {
-            table
-                .service(&e.service)
-                .is_some_and(|b| b.present.contains(&e.backend))
+        self.entries.retain(|c, e| {
+            table.service(&e.service).is_some_and(|b| {
+                if c.protocol == Protocol::Udp {
+                    b.serving.contains(&e.backend)
+                } else {
+                    b.present.contains(&e.backend)
+                }
+            })
         });
         before - self.entries.len()
     }

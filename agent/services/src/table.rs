@@ -96,6 +96,11 @@ pub struct Backends {
     /// Every endpoint the slices list, in any condition: an established
     /// connection keeps its backend while it is here.
     pub present: Vec<SocketAddr>,
+    /// The endpoints serving (ready, or terminating and still serving): a
+    /// UDP flow keeps its backend only while it is here, as kube-proxy
+    /// clears the conntrack entries of UDP flows to any other, so the
+    /// next datagram goes to one that serves.
+    pub serving: Vec<SocketAddr>,
 }
 
 /// Every frontend of one family on one node.
@@ -149,6 +154,12 @@ impl ServiceTable {
                 load_balancer_ips: p.load_balancer_ips.clone(),
                 affinity_seconds: p.affinity_seconds,
                 present: p.endpoints.iter().map(|e| e.addr).collect(),
+                serving: p
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.serving)
+                    .map(|e| e.addr)
+                    .collect(),
             });
             if let Some(ip) = p.cluster_ip.filter(|ip| family.holds(ip)) {
                 table.cluster_ips.insert(ip);

@@ -9,7 +9,7 @@ use aya::maps::Map;
 use palisade_services::ServiceTable;
 
 use super::*;
-use crate::services::{ServiceEntries, lower_service_tables, present_backends};
+use crate::services::{KeptBackends, ServiceEntries, lower_service_tables};
 
 /// The socket-time load balancers of the node's own IPv4 and IPv6
 /// sockets: `connect()`, unconnected datagrams, and the hooks that report
@@ -125,17 +125,15 @@ fn set_filter_bits(filter: &Words, bits: std::collections::BTreeMap<u32, u64>) {
     }
 }
 
-/// A connection's backend as the NAT entries name it.
-type BackendAddr = ([u8; 16], u16, u8);
-
 impl Datapath {
     /// Writes a node's service table into the service maps (lowered with
     /// this datapath's capacities: a table that does not fit is refused
     /// with the map named, and nothing is written), then forgets the NAT
-    /// state of connections whose backend the slices no longer list:
-    /// their next packet is decided again, so they never reach a removed
-    /// backend, and connections whose backend stays keep it, also while it
-    /// terminates and new connections go elsewhere (graceful shutdown).
+    /// state of connections whose backend the slices no longer list (UDP
+    /// flows: no longer serving): their next packet is decided again, so
+    /// they never reach a removed backend, and connections whose backend
+    /// stays keep it, also while it terminates and new connections go
+    /// elsewhere (graceful shutdown).
     pub fn set_services(&mut self, table: &ServiceTable) -> Result<(), DatapathError> {
         self.set_service_tables(std::slice::from_ref(table))
     }
@@ -145,9 +143,9 @@ impl Datapath {
     pub fn set_service_tables(&mut self, tables: &[ServiceTable]) -> Result<(), DatapathError> {
         let entries = lower_service_tables(tables, &self.service_capacity)?;
         self.write_services(&entries)?;
-        let listed: BTreeSet<BackendAddr> = present_backends(tables);
+        let kept = KeptBackends::of(tables);
         self.services = Some(entries);
-        self.resync_nat(&listed)?;
+        self.resync_nat(&kept)?;
         Ok(())
     }
 
@@ -503,8 +501,8 @@ impl Datapath {
         Ok(())
     }
 
-    /// Removes the NAT entries of connections whose backend is not listed.
-    fn resync_nat(&mut self, listed: &BTreeSet<BackendAddr>) -> Result<(), DatapathError> {
+    /// Removes the NAT entries of flows whose backend is not kept.
+    fn resync_nat(&mut self, kept: &KeptBackends) -> Result<(), DatapathError> {
         let mut nat = self.nat_map()?;
         let gone: Vec<NatTuple> = nat
             .iter()
@@ -515,7 +513,7 @@ impl Datapath {
                 } else {
                     (v.dst, v.dst_port, k.family)
                 };
-                !listed.contains(&backend)
+                !kept.keeps(k.protocol, &backend)
             })
             .map(|(k, _)| k)
             .collect();

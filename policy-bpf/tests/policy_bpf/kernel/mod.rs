@@ -228,6 +228,7 @@ mod netns;
 mod packets;
 mod pod_sockets;
 mod scale;
+mod service_churn;
 mod service_flows;
 mod services;
 mod updates;
