@@ -140,6 +140,12 @@ impl KeptBackends {
         kept
     }
 
+    /// Whether every backend `before` kept is kept here too (then no
+    /// flow's state needs forgetting).
+    pub fn covers(&self, before: &KeptBackends) -> bool {
+        self.present.is_superset(&before.present) && self.serving.is_superset(&before.serving)
+    }
+
     /// Whether a translated flow of `protocol` keeps `backend`: a
     /// connection while the slices list it in any condition, so one to a
     /// terminating endpoint that new connections no longer get drains as
@@ -626,5 +632,35 @@ mod tests {
                 "{client}"
             );
         }
+    }
+
+    #[test]
+    fn flows_keep_backends_by_protocol_and_a_grown_set_covers_the_old() {
+        let objects = |conditions: serde_json::Value| {
+            let mut s = slice("api-1", "IPv4", "10.0.2.5");
+            s["endpoints"][0]["conditions"] = conditions;
+            let svc = json!({"apiVersion": "v1", "kind": "Service",
+                             "metadata": {"name": "api", "namespace": "default"},
+                             "spec": {"clusterIP": "172.30.0.10", "ports": [{"name": "http", "port": 80}]}});
+            Objects::from_documents(&[svc, s]).unwrap()
+        };
+        let backend = (addr_bytes(&"10.0.2.5".parse().unwrap()), 9090, FAMILY_V4);
+        let (tcp, udp) = (Protocol::Tcp.number(), Protocol::Udp.number());
+        let ready = KeptBackends::of(&[table(Family::V4, &objects(json!({"ready": true})))]);
+        assert!(ready.keeps(tcp, &backend) && ready.keeps(udp, &backend));
+        let unready = KeptBackends::of(&[table(Family::V4, &objects(json!({"ready": false})))]);
+        assert!(unready.keeps(tcp, &backend) && !unready.keeps(udp, &backend));
+        let draining = KeptBackends::of(&[table(
+            Family::V4,
+            &objects(json!({"ready": false, "serving": true, "terminating": true})),
+        )]);
+        assert!(draining.keeps(tcp, &backend) && draining.keeps(udp, &backend));
+        // Going unready drops a UDP backend: the table must be read; coming
+        // back only adds one: nothing to forget.
+        assert!(!unready.covers(&ready));
+        assert!(ready.covers(&unready));
+        assert!(ready.covers(&draining) && draining.covers(&ready));
+        let none = KeptBackends::default();
+        assert!(ready.covers(&none) && !none.covers(&ready));
     }
 }

@@ -147,6 +147,9 @@ pub struct Datapath {
     /// What [`Datapath::set_services`] last wrote (the service maps'
     /// contents, for replacing them).
     services: Option<crate::services::ServiceEntries>,
+    /// The backends translated flows kept at the last table: a table that
+    /// keeps all of them has no NAT state to forget.
+    kept_backends: Option<crate::services::KeptBackends>,
     service_capacity: crate::services::ServiceCapacity,
     /// Which addresses may be a frontend or a backend (bits only set).
     service_filter: Words,
@@ -356,6 +359,7 @@ impl Datapath {
             owns_pin_dir: false,
             links: HashMap::new(),
             services: None,
+            kept_backends: None,
             service_capacity: cap.services,
         };
         if dp.conn4.ways() != dp.conn6.ways() {

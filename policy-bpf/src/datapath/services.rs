@@ -145,7 +145,17 @@ impl Datapath {
         self.write_services(&entries)?;
         let kept = KeptBackends::of(tables);
         self.services = Some(entries);
-        self.resync_nat(&kept)?;
+        // Backends only added (a scale-up, a new Service): no flow lost
+        // its backend, and the table is not read. After a restart the
+        // first table reads it (backends may have gone meanwhile).
+        if !self
+            .kept_backends
+            .as_ref()
+            .is_some_and(|before| kept.covers(before))
+        {
+            self.resync_nat(&kept)?;
+        }
+        self.kept_backends = Some(kept);
         Ok(())
     }
 
@@ -503,10 +513,10 @@ impl Datapath {
 
     /// Removes the NAT entries of flows whose backend is not kept.
     fn resync_nat(&mut self, kept: &KeptBackends) -> Result<(), DatapathError> {
+        let entries = self.nat_entries()?;
         let mut nat = self.nat_map()?;
-        let gone: Vec<NatTuple> = nat
-            .iter()
-            .filter_map(Result::ok)
+        let gone: Vec<NatTuple> = entries
+            .into_iter()
             .filter(|(k, v)| {
                 let backend = if v.flags & NAT_REPLY != 0 {
                     (k.src, k.src_port, k.family)
