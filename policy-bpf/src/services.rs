@@ -132,8 +132,8 @@ impl KeptBackends {
         let nat = |a: &SocketAddr| (addr_bytes(&a.ip()), a.port(), family_code(&a.ip()));
         let mut kept = KeptBackends::default();
         for b in tables.iter().flat_map(|t| &t.services) {
-            kept.present
-                .extend(b.present.iter().chain(&b.cluster).chain(&b.local).map(nat));
+            kept.present.extend(b.present.iter().map(nat));
+            // With the selected ones: a slice may say ready but not serving.
             kept.serving
                 .extend(b.serving.iter().chain(&b.cluster).chain(&b.local).map(nat));
         }

@@ -265,31 +265,13 @@ fn translate(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
     if verdict != FORWARD {
         return verdict;
     }
-    if picked == PICKED_SELF {
-        // The TC program masquerades the hairpin; it reads this pick from
-        // the socket's storage rather than picking again.
-        let mut peer = SockPeer {
-            backend: entry.0.addr,
-            backend_port: entry.0.port,
-            family: entry.0.family,
-            flags: SOCK_PEER_HAIRPIN,
-            frontend: SockReverseValue {
-                service: index,
-                ..entry.1
-            },
-        };
-        // SAFETY: as below.
-        unsafe {
-            let p = PALISADE_SOCK_PEER.get(ctx, Some(&mut peer));
-            if !p.is_null() {
-                *p = peer;
-            }
-        }
+    if picked == PICKED_NONE {
         return SOCK_ALLOW;
     }
-    if picked != PICKED_BACKEND {
-        return SOCK_ALLOW;
-    }
+    // The pod itself: the socket stays addressed to the frontend, the TC
+    // program masquerades the hairpin and takes this pick (the backend's
+    // index, in the storage) rather than picking again.
+    let hairpin = picked == PICKED_SELF;
     // Best effort: without the entry the backend's own address is
     // reported, as a direct connection's would be.
     if connect {
@@ -297,8 +279,15 @@ fn translate(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
             backend: entry.0.addr,
             backend_port: entry.0.port,
             family: entry.0.family,
-            flags: 0,
-            frontend: entry.1,
+            flags: if hairpin { SOCK_PEER_HAIRPIN } else { 0 },
+            frontend: if hairpin {
+                SockReverseValue {
+                    service: index,
+                    ..entry.1
+                }
+            } else {
+                entry.1
+            },
         };
         // SAFETY: the context's socket, which the helper takes; the
         // storage it returns is this socket's, written whole here.
@@ -308,9 +297,12 @@ fn translate(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
                 *p = peer;
             }
         }
-    } else {
+    } else if !hairpin {
         entry.0.cookie = socket_cookie(ctx);
         let _ = PALISADE_SOCK_REVERSE.insert(&entry.0, &entry.1, 0);
+    }
+    if hairpin {
+        return SOCK_ALLOW;
     }
     if forward.mapped {
         set_sock_address(sa, family, &v4_mapped(&entry.0.addr), entry.0.port);
