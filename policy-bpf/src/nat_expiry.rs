@@ -49,7 +49,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use policy_bpf_common::{
-    NAT_AFTER_POLICY, NAT_FIN, NAT_REPLIED, NAT_REPLY, NAT_RST, NatTuple, NatValue, tcp_closed,
+    NAT_AFTER_POLICY, NAT_FIN, NAT_REPLY, NAT_RST, NatTuple, NatValue, flow_over,
     tcp_closed_timeout, udp_flow_timeout,
 };
 
@@ -118,30 +118,22 @@ fn may_be_over(k: &NatTuple, v: &NatValue, now: u32) -> bool {
 /// Whether one flow's entries (one protocol, never empty) say it is over.
 fn over(flow: &[(NatTuple, NatValue)], now: u32) -> bool {
     let last = flow.iter().map(|(_, v)| v.seen).max().unwrap_or(0);
-    if last == 0 {
+    let protocol = flow[0].0.protocol;
+    if last == 0 || protocol == UDP && flow.iter().any(|(_, v)| v.seen == 0) {
         return false;
-    }
-    let idle = now.saturating_sub(last);
-    if flow[0].0.protocol == UDP {
-        if flow.iter().any(|(_, v)| v.seen == 0) {
-            return false;
-        }
-        let replied = flow.iter().any(|(_, v)| v.flags & NAT_REPLIED != 0);
-        return idle > udp_flow_timeout(replied);
     }
     let side = |reply: bool| {
         flow.iter()
             .filter(|(_, v)| (v.flags & NAT_REPLY != 0) == reply)
             .fold(0, |f, (_, v)| f | v.flags)
     };
-    let (original, reply) = (side(false), side(true));
-    tcp_closed(original, reply) && idle > tcp_closed_timeout((original | reply) & NAT_RST != 0)
+    flow_over(protocol, side(false), side(true), last, now)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use policy_bpf_common::NAT_MASQUERADE;
+    use policy_bpf_common::{NAT_MASQUERADE, NAT_REPLIED};
 
     fn a(last: u8) -> [u8; 16] {
         let mut b = [0; 16];

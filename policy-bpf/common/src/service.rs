@@ -560,6 +560,22 @@ pub const fn tcp_closed(original: u32, reply: u32) -> bool {
     (original | reply) & NAT_RST != 0 || (original & reply & NAT_FIN) != 0
 }
 
+/// Whether a flow is over as the kernel's conntrack ends one, at second
+/// `now`: a UDP flow idle past [`udp_flow_timeout`], a TCP connection
+/// [`tcp_closed`] and idle past [`tcp_closed_timeout`]. `original` and
+/// `reply` are the flags of its original- and reply-direction entries,
+/// `last` the latest clock among them. The agent's sweep and the
+/// program (a packet arriving before the sweep) judge by it.
+pub const fn flow_over(protocol: u8, original: u32, reply: u32, last: u32, now: u32) -> bool {
+    let idle = now.saturating_sub(last);
+    let flags = original | reply;
+    match protocol {
+        17 => idle > udp_flow_timeout(flags & NAT_REPLIED != 0),
+        6 => tcp_closed(original, reply) && idle > tcp_closed_timeout(flags & NAT_RST != 0),
+        _ => false,
+    }
+}
+
 /// Whether a SYN from the client on such a connection's tuple opens a
 /// new connection (balanced afresh), as conntrack kills an entry in
 /// `CLOSE` or `TIME_WAIT` for it when a FIN was seen either way or the

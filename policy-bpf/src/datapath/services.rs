@@ -543,6 +543,28 @@ impl Datapath {
         self.test_run(SERVICE_PROGRAM, packet, 1, ifindex)
     }
 
+    /// Runs the after-policy translation (`palisade_reply_nat`, which the
+    /// policy programs tail-call) on a crafted packet: how a reply from a
+    /// backend on another node meets its entries.
+    pub fn run_reply_nat(&self, packet: &[u8]) -> Result<(RunResult, Vec<u8>), DatapathError> {
+        self.test_run(REPLY_NAT_PROGRAM, packet, 1, 0)
+    }
+
+    /// Moves every NAT entry's clock `seconds` back, as if no packet had
+    /// met the flows for that long (tests of timeouts without the wait).
+    #[doc(hidden)]
+    pub fn age_service_flows(&mut self, seconds: u32) -> Result<(), DatapathError> {
+        let entries = self.nat_entries()?;
+        let mut nat = self.nat_map()?;
+        for (k, mut v) in entries {
+            if v.seen != 0 {
+                v.seen = v.seen.saturating_sub(seconds).max(1);
+                nat.insert(k, v, 0).map_err(map_err(map_names::SVC_NAT))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the service program `repeat` times on one packet (benchmarks:
     /// the mean run time is in the result).
     pub fn run_service_repeated(

@@ -25,7 +25,10 @@ mod hairpin;
 mod lifetime;
 mod reject;
 use hairpin::take_hairpin_picked_at_connect;
-use lifetime::{forget_ended, is_opening, note_tcp_end, refresh_udp, tcp_flags, udp_seen};
+use lifetime::{
+    forget_connection, forget_ended, forget_over_udp, is_opening, note_tcp_end, refresh_udp,
+    tcp_flags, udp_idle, udp_seen,
+};
 use reject::reject;
 
 // Sizes are defaults; user space sizes them from its ServiceCapacity.
@@ -273,7 +276,14 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
     let tcp = packet_tcp_flags(ctx, h);
     if h.protocol == UDP {
         // SAFETY: as below; concurrent runs write the same values.
-        unsafe { refresh_udp(&mut *v) };
+        let entry = unsafe { &mut *v };
+        if udp_idle(entry) {
+            let old = *entry;
+            if forget_over_udp(sc, &old) {
+                return 0;
+            }
+        }
+        refresh_udp(entry);
     } else if h.protocol == TCP {
         // SAFETY: as below; see `note_tcp_end` on concurrent runs.
         let entry = unsafe { &mut *v };
@@ -453,30 +463,6 @@ fn forget_captured(sc: &mut ServiceScratch, v: &NatValue) {
     forget_connection(sc, snat, reply);
 }
 
-/// Removes a closed connection's entries: when `reply`, its reply entry
-/// (key `sc.next`, backend to client; value `sc.reply`) and the forward
-/// entry it names; when `snat`, its SNAT entry (key `sc.tuple`, value
-/// `sc.snat`) and the way back to the node's port it names.
-#[inline(always)]
-fn forget_connection(sc: &mut ServiceScratch, snat: bool, reply: bool) {
-    let t = sc.tuple;
-    if snat {
-        let s = sc.snat;
-        let _ = PALISADE_SVC_NAT.remove(&sc.tuple);
-        sc.tuple = t.rewritten(&s).reversed();
-        let _ = PALISADE_SVC_NAT.remove(&sc.tuple);
-    }
-    if reply {
-        // The reply entry restores the frontend: its forward entry is the
-        // client to that frontend.
-        let r = sc.reply;
-        sc.tuple = sc.next.rewritten(&r).reversed();
-        let _ = PALISADE_SVC_NAT.remove(&sc.tuple);
-        let _ = PALISADE_SVC_NAT.remove(&sc.next);
-    }
-    sc.tuple = t;
-}
-
 /// The packet's connection tuple.
 #[inline(always)]
 fn read_tuple(bytes: &Skb, h: &Headers, t: &mut NatTuple) -> Option<()> {
@@ -540,6 +526,15 @@ fn after_policy_nat(ctx: &TcContext) -> i32 {
         return 0;
     }
     // A reply from a backend on another node meets its entries only here.
+    if h.protocol == UDP {
+        if udp_idle(v) {
+            let old = *v;
+            if forget_over_udp(sc, &old) {
+                return 0;
+            }
+        }
+        refresh_udp(v);
+    }
     note_tcp_end(v, tcp_flags(&bytes, &h));
     if rewrite(ctx, &h, &sc.tuple, v) != 0 {
         return -1;

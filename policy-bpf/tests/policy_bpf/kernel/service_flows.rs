@@ -91,6 +91,112 @@ fn udp_flows_through_a_service_end_after_conntracks_timeouts() {
     assert_eq!(dp.expire_service_flows().unwrap(), 0, "at the kernel's now");
 }
 
+/// The entries of the UDP flows from `client`'s port (either way).
+fn flow_entries(dp: &Datapath, port: u16) -> Vec<(NatTuple, NatValue)> {
+    dp.nat_entries()
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.protocol == 17 && (k.src_port == port || k.dst_port == port))
+        .collect()
+}
+
+/// The kernel's conntrack forgets a UDP flow at its timeout, not when the
+/// agent's sweep next comes by (every 10 s): a datagram after the timeout
+/// is a new flow, from the client balanced afresh, from the backend not
+/// answered for the Service. Replies from a backend on another node (met
+/// only after policy) keep the flow alive and mark it replied too.
+#[test]
+fn a_udp_flow_past_its_timeout_is_over_before_the_sweep() {
+    if !privileged() {
+        return;
+    }
+    let mut dp = one_backend();
+    let (vip, backend) = (sock(VIP, 53), sock("10.0.2.5", 5353));
+    let client = sock("10.0.1.9", 40_400);
+    let clocks = |dp: &Datapath| -> Vec<u32> {
+        flow_entries(dp, client.port())
+            .iter()
+            .map(|(_, v)| v.seen)
+            .collect()
+    };
+    let udp = |from, to| packet(17, from, to, 0);
+    dp.run_service(&udp(client, vip), 0).unwrap();
+    let now = *clocks(&dp).iter().max().unwrap();
+
+    // 25 s idle: the datagram is the flow's (the reply entry's clock left
+    // as it was).
+    dp.age_service_flows(25).unwrap();
+    dp.run_service(&udp(client, vip), 0).unwrap();
+    let mut seen = clocks(&dp);
+    seen.sort();
+    assert_eq!(seen.len(), 2);
+    assert!(now - seen[0] >= 24 && seen[1] >= now, "{seen:?}");
+
+    // Its last datagram 31 s ago (and 56 s for the reply side): over, so
+    // the next one opens a new flow, every entry new.
+    dp.age_service_flows(31).unwrap();
+    let (_, out) = dp.run_service(&udp(client, vip), 0).unwrap();
+    assert_eq!(destination(&out), backend);
+    let seen = clocks(&dp);
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter().all(|s| *s >= now),
+        "the flow was recorded anew: {seen:?}"
+    );
+
+    // Replied, it lives 120 s; a reply after that is not the Service's.
+    let (_, back) = dp.run_service(&udp(backend, client), 0).unwrap();
+    assert_eq!(source(&back), vip);
+    dp.age_service_flows(119).unwrap();
+    let (_, back) = dp.run_service(&udp(backend, client), 0).unwrap();
+    assert_eq!(source(&back), vip, "replied: alive at 119 s");
+    dp.age_service_flows(121).unwrap();
+    let (_, back) = dp.run_service(&udp(backend, client), 0).unwrap();
+    assert_eq!(source(&back), backend, "over at 121 s");
+    assert!(flow_entries(&dp, client.port()).is_empty());
+
+    // A backend on another node: its replies meet the flow only after
+    // policy, and still keep it and mark it replied.
+    let remote = sock("10.0.1.9", 40_401);
+    dp.run_service(&udp(remote, vip), 0).unwrap();
+    let (_, back) = dp.run_reply_nat(&udp(backend, remote)).unwrap();
+    assert_eq!(source(&back), vip);
+    assert!(
+        flow_entries(&dp, remote.port())
+            .iter()
+            .any(|(_, v)| v.flags & (NAT_REPLY | NAT_REPLIED) == NAT_REPLY | NAT_REPLIED),
+        "the reply after policy marks the flow replied"
+    );
+    dp.age_service_flows(60).unwrap();
+    dp.run_reply_nat(&udp(backend, remote)).unwrap();
+    dp.age_service_flows(60).unwrap();
+    let (_, out) = dp.run_service(&udp(remote, vip), 0).unwrap();
+    assert_eq!(destination(&out), backend);
+    assert_eq!(
+        dp.expire_service_flows().unwrap(),
+        0,
+        "a reply 60 s ago keeps the flow (120 s idle since the client's)"
+    );
+    assert_eq!(flow_entries(&dp, remote.port()).len(), 2);
+    dp.age_service_flows(121).unwrap();
+    let (_, back) = dp.run_reply_nat(&udp(backend, remote)).unwrap();
+    assert_eq!(source(&back), backend, "over, after policy too");
+    assert!(flow_entries(&dp, remote.port()).is_empty());
+
+    // Masqueraded (a client outside the cluster): four entries, over
+    // together; the backend's datagram to the node's port is then not
+    // answered for the Service.
+    let outside = sock("192.168.5.9", 40_402);
+    let (_, out) = dp.run_service(&udp(outside, vip), 0).unwrap();
+    let node = source(&out);
+    assert_ne!(node, outside, "masqueraded");
+    assert_eq!(dp.nat_entries().unwrap().len(), 4);
+    dp.age_service_flows(31).unwrap();
+    let (_, back) = dp.run_service(&udp(backend, node), 0).unwrap();
+    assert_eq!(destination(&back), node, "over: not translated back");
+    assert!(dp.nat_entries().unwrap().is_empty());
+}
+
 const SYN: u8 = 0x02;
 const FIN_ACK: u8 = 0x11;
 const RST_ACK: u8 = 0x14;
