@@ -58,10 +58,10 @@ const UDP: u8 = 17;
 
 /// A flow: (protocol, family, client address and port, backend address
 /// and port).
-type FlowKey = (u8, u8, [u8; 16], u16, [u8; 16], u16);
+pub(crate) type FlowKey = (u8, u8, [u8; 16], u16, [u8; 16], u16);
 
 /// The flow an entry belongs to, from its key and value by its kind.
-fn flow_of(k: &NatTuple, v: &NatValue) -> FlowKey {
+pub(crate) fn flow_of(k: &NatTuple, v: &NatValue) -> FlowKey {
     let reply = v.flags & NAT_REPLY != 0;
     let after_policy = v.flags & NAT_AFTER_POLICY != 0;
     let p = k.protocol;

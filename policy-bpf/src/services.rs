@@ -3,12 +3,14 @@
 //! map (a table that does not fit changes nothing), and the same entries
 //! read back in user space for the `maps` engine.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use palisade_services::{Family, FrontendKind, Protocol, ServiceTable};
 use policy_bpf_common::*;
+
+use crate::nat_expiry::{FlowKey, flow_of};
 
 /// How many entries each service map holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,48 +119,145 @@ pub fn net_bytes(net: &IpNet) -> (u8, [u8; 16]) {
 /// A backend as the NAT entries name it: address, port, family.
 pub type NatBackend = ([u8; 16], u16, u8);
 
+/// A frontend as a flow's NAT entries name it: address, port, family (a
+/// NodePort's address is the node's).
+pub type NatFrontend = ([u8; 16], u16, u8);
+
 /// The backends translated flows keep after a new table (see
 /// [`KeptBackends::keeps`]).
 #[derive(Debug, Default)]
 pub struct KeptBackends {
     /// Every endpoint the slices list, in any condition.
     pub present: BTreeSet<NatBackend>,
-    /// The endpoints serving (ready, or terminating and still serving).
-    pub serving: BTreeSet<NatBackend>,
+    /// The endpoints serving (ready, or terminating and still serving),
+    /// one set per UDP Service port.
+    pub serving: Vec<BTreeSet<NatBackend>>,
+    /// Which set of `serving` each UDP frontend's flows keep (ClusterIPs,
+    /// external and LoadBalancer IPs).
+    pub udp_frontends: BTreeMap<NatFrontend, usize>,
+    /// Which set each UDP NodePort's flows keep: (port, family).
+    pub udp_node_ports: BTreeMap<(u16, u8), usize>,
 }
 
 impl KeptBackends {
     pub fn of(tables: &[ServiceTable]) -> KeptBackends {
         let nat = |a: &SocketAddr| (addr_bytes(&a.ip()), a.port(), family_code(&a.ip()));
         let mut kept = KeptBackends::default();
-        for b in tables.iter().flat_map(|t| &t.services) {
-            kept.present.extend(b.present.iter().map(nat));
-            // With the selected ones: a slice may say ready but not serving.
-            kept.serving
-                .extend(b.serving.iter().chain(&b.cluster).chain(&b.local).map(nat));
+        for t in tables {
+            let family = match t.config.family {
+                Family::V4 => FAMILY_V4,
+                Family::V6 => FAMILY_V6,
+            };
+            let first = kept.serving.len();
+            // Set `first + i` is Service port `i`'s (empty unless UDP).
+            for b in &t.services {
+                kept.present.extend(b.present.iter().map(nat));
+                let udp = b.protocol == Protocol::Udp;
+                // With the selected ones: a slice may say ready but not serving.
+                let serving = b.serving.iter().chain(&b.cluster).chain(&b.local);
+                kept.serving
+                    .push(serving.filter(|_| udp).map(nat).collect());
+            }
+            for ((ip, protocol, port), (_, i)) in &t.frontends {
+                if *protocol == Protocol::Udp {
+                    let frontend = (addr_bytes(ip), *port, family);
+                    kept.udp_frontends.insert(frontend, first + i);
+                }
+            }
+            for ((protocol, port), i) in &t.node_ports {
+                if *protocol == Protocol::Udp {
+                    kept.udp_node_ports.insert((*port, family), first + i);
+                }
+            }
         }
         kept
+    }
+
+    /// The serving endpoints of the Service port behind UDP `frontend`.
+    fn serving_at(&self, frontend: &NatFrontend) -> Option<&BTreeSet<NatBackend>> {
+        let (_, port, family) = *frontend;
+        let set = self
+            .udp_frontends
+            .get(frontend)
+            .or_else(|| self.udp_node_ports.get(&(port, family)))?;
+        self.serving.get(*set)
     }
 
     /// Whether every backend `before` kept is kept here too (then no
     /// flow's state needs forgetting).
     pub fn covers(&self, before: &KeptBackends) -> bool {
-        self.present.is_superset(&before.present) && self.serving.is_superset(&before.serving)
+        let grown = |now: Option<&usize>, then: &usize| match (
+            now.and_then(|i| self.serving.get(*i)),
+            before.serving.get(*then),
+        ) {
+            (Some(now), Some(then)) => now.is_superset(then),
+            _ => false,
+        };
+        self.present.is_superset(&before.present)
+            && (before.udp_frontends.iter()).all(|(f, i)| grown(self.udp_frontends.get(f), i))
+            && (before.udp_node_ports.iter()).all(|(p, i)| grown(self.udp_node_ports.get(p), i))
     }
 
-    /// Whether a translated flow of `protocol` keeps `backend`: a
-    /// connection while the slices list it in any condition, so one to a
-    /// terminating endpoint that new connections no longer get drains as
-    /// behind kube-proxy, whose conntrack entries outlive the selection; a
-    /// UDP flow only while it serves, as kube-proxy clears UDP conntrack
-    /// entries to any other endpoint (the next datagram goes to one that
-    /// serves).
-    pub fn keeps(&self, protocol: u8, backend: &NatBackend) -> bool {
+    /// Whether a translated flow of `protocol` through `frontend` keeps
+    /// `backend`: a connection while the slices list it in any
+    /// condition, so one to a terminating endpoint that new connections
+    /// no longer get drains as behind kube-proxy, whose conntrack entries
+    /// outlive the selection; a UDP flow only while its frontend's Service
+    /// port lists it serving, as kube-proxy clears the UDP conntrack
+    /// entries of each Service to any other endpoint (the next datagram
+    /// goes to one that serves).
+    pub fn keeps(
+        &self,
+        protocol: u8,
+        frontend: Option<&NatFrontend>,
+        backend: &NatBackend,
+    ) -> bool {
         if protocol == Protocol::Udp.number() {
-            self.serving.contains(backend)
+            frontend
+                .and_then(|f| self.serving_at(f))
+                .is_some_and(|s| s.contains(backend))
         } else {
             self.present.contains(backend)
         }
+    }
+
+    /// The keys of the NAT entries a new table forgets: every entry of a
+    /// flow whose backend it does not keep ([`Self::keeps`]; a UDP flow's
+    /// frontend is in its forward or reply entry).
+    pub fn forgotten(&self, entries: &[(NatTuple, NatValue)]) -> Vec<NatTuple> {
+        let udp = Protocol::Udp.number();
+        let frontends: HashMap<FlowKey, NatFrontend> = entries
+            .iter()
+            .filter(|(k, _)| k.protocol == udp)
+            .filter_map(|(k, v)| Some((flow_of(k, v), frontend_of(k, v)?)))
+            .collect();
+        entries
+            .iter()
+            .filter(|(k, v)| {
+                let backend = if v.flags & NAT_REPLY != 0 {
+                    (k.src, k.src_port, k.family)
+                } else {
+                    (v.dst, v.dst_port, k.family)
+                };
+                let frontend = if k.protocol == udp {
+                    frontends.get(&flow_of(k, v))
+                } else {
+                    None
+                };
+                !self.keeps(k.protocol, frontend, &backend)
+            })
+            .map(|(k, _)| *k)
+            .collect()
+    }
+}
+
+/// The frontend an entry names: the forward entry's destination, the
+/// reply entry's restored source (the SNAT entries name none).
+fn frontend_of(k: &NatTuple, v: &NatValue) -> Option<NatFrontend> {
+    match v.flags & (NAT_REPLY | NAT_AFTER_POLICY) {
+        0 => Some((k.dst, k.dst_port, k.family)),
+        f if f == NAT_REPLY | NAT_AFTER_POLICY => Some((v.src, v.src_port, k.family)),
+        _ => None,
     }
 }
 
@@ -634,33 +733,149 @@ mod tests {
         }
     }
 
-    #[test]
-    fn flows_keep_backends_by_protocol_and_a_grown_set_covers_the_old() {
-        let objects = |conditions: serde_json::Value| {
-            let mut s = slice("api-1", "IPv4", "10.0.2.5");
-            s["endpoints"][0]["conditions"] = conditions;
-            let svc = json!({"apiVersion": "v1", "kind": "Service",
-                             "metadata": {"name": "api", "namespace": "default"},
-                             "spec": {"clusterIP": "172.30.0.10", "ports": [{"name": "http", "port": 80}]}});
-            Objects::from_documents(&[svc, s]).unwrap()
+    /// Services `api` (TCP 80, UDP 53, NodePort 30053) and `dns` (UDP 53
+    /// only), both over endpoint 10.0.2.5 with the conditions given.
+    fn two_services(api: serde_json::Value, dns: serde_json::Value) -> ServiceTable {
+        let service = |name: &str, ip: &str, ports: serde_json::Value| {
+            json!({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": name, "namespace": "default"},
+                   "spec": {"type": "NodePort", "clusterIP": ip, "ports": ports}})
         };
-        let backend = (addr_bytes(&"10.0.2.5".parse().unwrap()), 9090, FAMILY_V4);
+        let slice = |name: &str, conditions: serde_json::Value| {
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": format!("{name}-1"), "namespace": "default",
+                                "labels": {"kubernetes.io/service-name": name}},
+                   "addressType": "IPv4",
+                   "endpoints": [{"addresses": ["10.0.2.5"], "conditions": conditions}],
+                   "ports": [{"name": "http", "port": 9090, "protocol": "TCP"},
+                             {"name": "dns", "port": 5353, "protocol": "UDP"}]})
+        };
+        let objects = Objects::from_documents(&[
+            service(
+                "api",
+                "172.30.0.10",
+                json!([{"name": "http", "port": 80, "targetPort": 9090},
+                       {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353,
+                        "nodePort": 30053}]),
+            ),
+            service(
+                "dns",
+                "172.30.0.11",
+                json!([{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]),
+            ),
+            slice("api", api),
+            slice("dns", dns),
+        ])
+        .unwrap();
+        table(Family::V4, &objects)
+    }
+
+    #[test]
+    fn flows_keep_backends_by_protocol_and_service_and_a_grown_set_covers_the_old() {
+        let ip = |s: &str| addr_bytes(&s.parse().unwrap());
         let (tcp, udp) = (Protocol::Tcp.number(), Protocol::Udp.number());
-        let ready = KeptBackends::of(&[table(Family::V4, &objects(json!({"ready": true})))]);
-        assert!(ready.keeps(tcp, &backend) && ready.keeps(udp, &backend));
-        let unready = KeptBackends::of(&[table(Family::V4, &objects(json!({"ready": false})))]);
-        assert!(unready.keeps(tcp, &backend) && !unready.keeps(udp, &backend));
-        let draining = KeptBackends::of(&[table(
-            Family::V4,
-            &objects(json!({"ready": false, "serving": true, "terminating": true})),
-        )]);
-        assert!(draining.keeps(tcp, &backend) && draining.keeps(udp, &backend));
+        let (http, dns) = (
+            (ip("10.0.2.5"), 9090, FAMILY_V4),
+            (ip("10.0.2.5"), 5353, FAMILY_V4),
+        );
+        let (api, other) = (
+            (ip("172.30.0.10"), 53, FAMILY_V4),
+            (ip("172.30.0.11"), 53, FAMILY_V4),
+        );
+        let node_port = (ip("192.168.0.2"), 30053, FAMILY_V4);
+        let (ready, unready) = (json!({"ready": true}), json!({"ready": false}));
+        let draining = json!({"ready": false, "serving": true, "terminating": true});
+        let kept = |api: &serde_json::Value, dns: &serde_json::Value| {
+            KeptBackends::of(&[two_services(api.clone(), dns.clone())])
+        };
+
+        let all = kept(&ready, &ready);
+        assert!(all.keeps(tcp, None, &http));
+        assert!(all.keeps(udp, Some(&api), &dns) && all.keeps(udp, Some(&other), &dns));
+        assert!(all.keeps(udp, Some(&node_port), &dns), "by the NodePort");
+        assert!(
+            !all.keeps(udp, None, &dns),
+            "a UDP flow of no known frontend"
+        );
+        // Unready for one Service only: that Service's UDP flows leave the
+        // endpoint, the other's stay (kube-proxy cleans per Service).
+        let half = kept(&ready, &unready);
+        assert!(half.keeps(udp, Some(&api), &dns) && !half.keeps(udp, Some(&other), &dns));
+        let none = kept(&unready, &unready);
+        assert!(none.keeps(tcp, None, &http) && !none.keeps(udp, Some(&node_port), &dns));
+        let drains = kept(&draining, &draining);
+        assert!(drains.keeps(tcp, None, &http) && drains.keeps(udp, Some(&api), &dns));
+
         // Going unready drops a UDP backend: the table must be read; coming
         // back only adds one: nothing to forget.
-        assert!(!unready.covers(&ready));
-        assert!(ready.covers(&unready));
-        assert!(ready.covers(&draining) && draining.covers(&ready));
-        let none = KeptBackends::default();
-        assert!(ready.covers(&none) && !none.covers(&ready));
+        assert!(!half.covers(&all) && all.covers(&half));
+        assert!(!none.covers(&half) && half.covers(&none));
+        assert!(all.covers(&drains) && drains.covers(&all));
+        let empty = KeptBackends::default();
+        assert!(all.covers(&empty) && !empty.covers(&all));
+    }
+
+    #[test]
+    fn a_flows_entries_are_forgotten_together_by_its_frontend() {
+        let ip = |s: &str| addr_bytes(&s.parse().unwrap());
+        let tuple = |src: &str, sp, dst: &str, dp| NatTuple {
+            src: ip(src),
+            dst: ip(dst),
+            src_port: sp,
+            dst_port: dp,
+            protocol: Protocol::Udp.number(),
+            family: FAMILY_V4,
+            pad: 0,
+        };
+        let value = |src: &str, sp, dst: &str, dp, flags| NatValue {
+            src: ip(src),
+            dst: ip(dst),
+            src_port: sp,
+            dst_port: dp,
+            flags,
+            backend: 0,
+            seen: 1,
+        };
+        // A masqueraded flow (an outside client) through `dns`'s ClusterIP
+        // and a plain one through `api`'s, both to 10.0.2.5:5353.
+        let (m, r, a) = (NAT_MASQUERADE, NAT_REPLY, NAT_AFTER_POLICY);
+        let entries = [
+            (
+                tuple("192.168.9.1", 4000, "172.30.0.11", 53),
+                value("192.168.9.1", 4000, "10.0.2.5", 5353, m),
+            ),
+            (
+                tuple("192.168.9.1", 4000, "10.0.2.5", 5353),
+                value("192.168.0.2", 33000, "10.0.2.5", 5353, m | a),
+            ),
+            (
+                tuple("10.0.2.5", 5353, "192.168.0.2", 33000),
+                value("10.0.2.5", 5353, "192.168.9.1", 4000, m | r),
+            ),
+            (
+                tuple("10.0.2.5", 5353, "192.168.9.1", 4000),
+                value("172.30.0.11", 53, "192.168.9.1", 4000, m | r | a),
+            ),
+            (
+                tuple("10.0.1.9", 4001, "172.30.0.10", 53),
+                value("10.0.1.9", 4001, "10.0.2.5", 5353, 0),
+            ),
+            (
+                tuple("10.0.2.5", 5353, "10.0.1.9", 4001),
+                value("172.30.0.10", 53, "10.0.1.9", 4001, r | a),
+            ),
+        ];
+        let kept = KeptBackends::of(&[two_services(
+            json!({"ready": true}),
+            json!({"ready": false}),
+        )]);
+        let gone = kept.forgotten(&entries);
+        assert_eq!(
+            gone,
+            entries[..4].iter().map(|(k, _)| *k).collect::<Vec<_>>()
+        );
+        let kept =
+            KeptBackends::of(&[two_services(json!({"ready": true}), json!({"ready": true}))]);
+        assert!(kept.forgotten(&entries).is_empty());
     }
 }

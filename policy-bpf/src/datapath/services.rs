@@ -515,19 +515,7 @@ impl Datapath {
     fn resync_nat(&mut self, kept: &KeptBackends) -> Result<(), DatapathError> {
         let entries = self.nat_entries()?;
         let mut nat = self.nat_map()?;
-        let gone: Vec<NatTuple> = entries
-            .into_iter()
-            .filter(|(k, v)| {
-                let backend = if v.flags & NAT_REPLY != 0 {
-                    (k.src, k.src_port, k.family)
-                } else {
-                    (v.dst, v.dst_port, k.family)
-                };
-                !kept.keeps(k.protocol, &backend)
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for k in gone {
+        for k in kept.forgotten(&entries) {
             let _ = nat.remove(&k);
         }
         Ok(())
