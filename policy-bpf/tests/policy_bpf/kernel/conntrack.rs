@@ -83,11 +83,14 @@ fn concurrent_packets_and_sweeps_keep_verdicts_exact() {
     .unwrap();
     let dp = &l.dp;
     let done = std::sync::atomic::AtomicBool::new(false);
+    // Sweeps so far: runners go on past their 1,000 rounds until the
+    // sweeper has run alongside (on a loaded machine it may start late).
+    let swept = std::sync::atomic::AtomicU32::new(0);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     std::thread::scope(|s| {
         let runners: Vec<_> = (0..2)
             .map(|t| {
-                let done = &done;
+                let (done, swept) = (&done, &swept);
                 s.spawn(move || {
                     // Stops the sweeper however this runner ends.
                     struct Done<'a>(&'a std::sync::atomic::AtomicBool);
@@ -98,8 +101,11 @@ fn concurrent_packets_and_sweeps_keep_verdicts_exact() {
                     }
                     let _done = Done(done);
                     pin_to_cpu(t % cpus);
-                    for i in 0..1000u16 {
-                        let sport = 40000 + (i * 7 + t as u16) % 96;
+                    for i in 0..200_000u32 {
+                        if i >= 1000 && swept.load(std::sync::atomic::Ordering::Relaxed) > 32 {
+                            break;
+                        }
+                        let sport = 40000 + ((i * 7 + t as u32) % 96) as u16;
                         let allowed = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(sport, 8080));
                         let reply = v4("10.10.2.10", "10.10.1.10", 6, &{
                             let mut h = tcp_syn(8080, sport);
@@ -130,6 +136,7 @@ fn concurrent_packets_and_sweeps_keep_verdicts_exact() {
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 freed += dp.expire_conntrack().unwrap();
                 sweeps += 1;
+                swept.store(sweeps, std::sync::atomic::Ordering::Relaxed);
                 if sweeps % 16 == 0 {
                     freed += dp.flush_conntrack();
                 }
