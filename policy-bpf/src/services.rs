@@ -249,6 +249,24 @@ impl KeptBackends {
             .map(|(k, _)| *k)
             .collect()
     }
+
+    /// The socket hooks' UDP flows a new table forgets (keys of
+    /// `PALISADE_SOCK_FLOWS`): those whose backend it does not keep for
+    /// their frontend, as [`Self::forgotten`] does the NAT entries.
+    pub fn forgotten_socket_flows(
+        &self,
+        flows: &[(SockReverseKey, SockFlowValue)],
+    ) -> Vec<SockReverseKey> {
+        flows
+            .iter()
+            .filter(|(k, v)| {
+                let frontend = (k.addr, u16::from_be(k.port), k.family);
+                let backend = (v.backend, u16::from_be(v.backend_port), v.family);
+                !self.keeps(Protocol::Udp.number(), Some(&frontend), &backend)
+            })
+            .map(|(k, _)| *k)
+            .collect()
+    }
 }
 
 /// The frontend an entry names: the forward entry's destination, the

@@ -76,6 +76,8 @@ mod user {
     unsafe impl aya::Pod for SockReverseKey {}
     // SAFETY: as above (16 bytes, u16, 2 padding bytes, u32: 24).
     unsafe impl aya::Pod for SockReverseValue {}
+    // SAFETY: as above (16 bytes, u16, two u8, u32: 24, no padding).
+    unsafe impl aya::Pod for SockFlowValue {}
     // SAFETY: as above (16 bytes, u16, u8, a padding byte, 24 bytes: 44).
     unsafe impl aya::Pod for SockPeer {}
     // SAFETY: as above (two u8, 2 padding bytes, 32 bytes: 36).

@@ -74,6 +74,9 @@ pub const SVC_AFFINITY: &str = "PALISADE_SVC_AFFINITY";
 /// The socket hooks' reverse table: which frontend a node socket
 /// addressed, for `recvmsg()` and `getpeername()`.
 pub const SOCK_REVERSE: &str = "PALISADE_SOCK_REVERSE";
+/// The socket hooks' UDP flows: which backend an unconnected node
+/// socket's datagrams to a frontend go to, while the flow lives.
+pub const SOCK_FLOWS: &str = "PALISADE_SOCK_FLOWS";
 /// The network namespaces whose sockets the socket hooks balance: the
 /// node's, and pods' with their addresses.
 pub const SOCK_NETNS: &str = "PALISADE_SOCK_NETNS";
@@ -120,6 +123,7 @@ pub const ALL: &[&str] = &[
     SVC_AFFINITY,
     SVC_FILTER,
     SOCK_REVERSE,
+    SOCK_FLOWS,
     SOCK_NETNS,
     SOCK_PEER,
 ];

@@ -644,6 +644,28 @@ pub struct SockReverseValue {
     pub service: u32,
 }
 
+/// Where an unconnected node socket's datagrams to a frontend go (key: a
+/// [`SockReverseKey`] naming the frontend): the flow conntrack would
+/// hold for the socket's port and the frontend, so its datagrams keep
+/// one backend while it lives, as behind kube-proxy's DNAT.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SockFlowValue {
+    pub backend: [u8; 16],
+    /// Network order.
+    pub backend_port: u16,
+    pub family: u8,
+    /// [`SOCK_FLOW_REPLIED`] once a datagram came back.
+    pub flags: u8,
+    /// The second of the kernel's coarse monotonic clock of its last
+    /// datagram either way; the flow is over once idle past
+    /// [`udp_flow_timeout`].
+    pub seen: u32,
+}
+
+/// [`SockFlowValue`] flag: the backend answered (conntrack's `SEEN_REPLY`).
+pub const SOCK_FLOW_REPLIED: u8 = 1;
+
 /// What a connected socket addressed, kept with the socket (its storage
 /// goes with it): the backend it was pointed at and the frontend it asked
 /// for, which `getpeername()` and `recvmsg()` report.

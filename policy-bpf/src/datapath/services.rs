@@ -512,13 +512,26 @@ impl Datapath {
     }
 
     /// Removes the NAT entries of flows whose backend is not kept.
+    /// And the socket hooks' UDP flows likewise.
     fn resync_nat(&mut self, kept: &KeptBackends) -> Result<(), DatapathError> {
         let entries = self.nat_entries()?;
         let mut nat = self.nat_map()?;
         for k in kept.forgotten(&entries) {
             let _ = nat.remove(&k);
         }
+        let flows = self.socket_flows()?;
+        let mut map: BpfHashMap<&mut MapData, SockReverseKey, SockFlowValue> =
+            BpfHashMap::try_from(self.map_mut(map_names::SOCK_FLOWS)?)
+                .map_err(map_err(map_names::SOCK_FLOWS))?;
+        for k in kept.forgotten_socket_flows(&flows) {
+            let _ = map.remove(&k);
+        }
         Ok(())
+    }
+
+    /// The socket hooks' UDP flows: (socket cookie and frontend, backend).
+    pub fn socket_flows(&self) -> Result<Vec<(SockReverseKey, SockFlowValue)>, DatapathError> {
+        self.read_hash_map(map_names::SOCK_FLOWS)
     }
 
     /// Runs the service program on a crafted packet (arriving on

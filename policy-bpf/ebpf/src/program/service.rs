@@ -31,6 +31,8 @@ use lifetime::{
 };
 use reject::reject;
 
+pub(super) use lifetime::now_seconds;
+
 // Sizes are defaults; user space sizes them from its ServiceCapacity.
 #[map]
 pub(super) static PALISADE_SVC_FRONTENDS: HashMap<FrontendKey, FrontendValue> =

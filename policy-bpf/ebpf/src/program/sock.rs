@@ -27,7 +27,7 @@ use aya_ebpf::programs::SockAddrContext;
 
 use super::service::{
     Client, Maps, PALISADE_SVC_ADDRESSES, PALISADE_SVC_CONFIG, PALISADE_SVC_SOURCE_RANGES, TCP,
-    pick,
+    now_seconds, pick,
 };
 use super::sock_peer::PALISADE_SOCK_PEER;
 use super::*;
@@ -37,6 +37,15 @@ use super::*;
 /// closed sockets are only ever evicted.
 #[map]
 static PALISADE_SOCK_REVERSE: LruHashMap<SockReverseKey, SockReverseValue> =
+    LruHashMap::pinned(65_536, 0);
+
+/// The backend of each unconnected socket's UDP flow to a frontend, by
+/// (cookie, frontend): its datagrams keep it while the flow lives, as
+/// conntrack keeps one behind kube-proxy. An LRU: entries of closed
+/// sockets age out; user space forgets flows whose backend a new table no
+/// longer keeps.
+#[map]
+static PALISADE_SOCK_FLOWS: LruHashMap<SockReverseKey, SockFlowValue> =
     LruHashMap::pinned(65_536, 0);
 
 /// The network namespaces whose sockets are balanced, by netns cookie:
@@ -114,8 +123,9 @@ pub fn palisade_connect6(ctx: SockAddrContext) -> i32 {
 }
 
 /// Each datagram of an unconnected UDP socket (cgroup/sendmsg4 and
-/// sendmsg6): balanced as `connect()` is, per datagram (ClientIP
-/// affinity keeps a client's datagrams on one backend).
+/// sendmsg6): balanced as `connect()` is, once per flow (the socket and
+/// the frontend): its later datagrams keep the backend while the flow
+/// lives (`PALISADE_SOCK_FLOWS`), as conntrack keeps a flow's.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn palisade_sendmsg4(ctx: SockAddrContext) -> i32 {
     translate(&ctx, FAMILY_V4, false)
@@ -245,26 +255,31 @@ fn translate(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
     let mut entry = (SockReverseKey::default(), SockReverseValue::default());
     let mut forward = Forward::default();
     let mut index = 0;
-    let (verdict, picked) = if family == FAMILY_V4 {
-        let v = decide::<FAMILY_V4>(sa, ns, &mut entry.1, &mut forward);
-        let picked = if v == FORWARD {
-            pick_backend::<FAMILY_V4>(ns, &forward, &mut entry.0, &mut index)
-        } else {
-            PICKED_NONE
-        };
-        (v, picked)
+    let verdict = if family == FAMILY_V4 {
+        decide::<FAMILY_V4>(sa, ns, &mut entry.1, &mut forward)
     } else {
-        let v = decide::<FAMILY_V6>(sa, ns, &mut entry.1, &mut forward);
-        let picked = match (v == FORWARD, forward.mapped) {
-            (false, _) => PICKED_NONE,
-            (true, true) => pick_backend::<FAMILY_V4>(ns, &forward, &mut entry.0, &mut index),
-            (true, false) => pick_backend::<FAMILY_V6>(ns, &forward, &mut entry.0, &mut index),
-        };
-        (v, picked)
+        decide::<FAMILY_V6>(sa, ns, &mut entry.1, &mut forward)
     };
     if verdict != FORWARD {
         return verdict;
     }
+    // An IPv4-mapped frontend has IPv4 backends.
+    let backends = if forward.mapped { FAMILY_V4 } else { family };
+    // An unconnected socket's datagram: its flow's backend, while it lives.
+    let cookie = if connect { 0 } else { socket_cookie(ctx) };
+    let picked = if !connect && flow_backend(cookie, backends, &entry.1, &mut entry.0) {
+        PICKED_BACKEND
+    } else {
+        let picked = if backends == FAMILY_V4 {
+            pick_backend::<FAMILY_V4>(ns, &forward, &mut entry.0, &mut index)
+        } else {
+            pick_backend::<FAMILY_V6>(ns, &forward, &mut entry.0, &mut index)
+        };
+        if !connect && picked == PICKED_BACKEND {
+            record_flow(cookie, &entry.1, &entry.0);
+        }
+        picked
+    };
     if picked == PICKED_NONE {
         return SOCK_ALLOW;
     }
@@ -298,7 +313,7 @@ fn translate(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
             }
         }
     } else if !hairpin {
-        entry.0.cookie = socket_cookie(ctx);
+        entry.0.cookie = cookie;
         let _ = PALISADE_SOCK_REVERSE.insert(&entry.0, &entry.1, 0);
     }
     if hairpin {
@@ -311,6 +326,80 @@ fn translate(ctx: &SockAddrContext, family: u8, connect: bool) -> i32 {
     }
     stat(Statistic::ServiceTranslated);
     SOCK_ALLOW
+}
+
+/// The key of socket `cookie`'s flow to `frontend` (backends of `family`).
+#[inline(always)]
+fn flow_key(cookie: u64, family: u8, frontend: &SockReverseValue) -> SockReverseKey {
+    SockReverseKey {
+        cookie,
+        addr: frontend.addr,
+        port: frontend.port,
+        family,
+        pad: [0; 5],
+    }
+}
+
+/// The backend of socket `cookie`'s UDP flow to `frontend`, into
+/// `backend`, when the flow lives (a datagram either way within
+/// conntrack's UDP timeout); its clock moves on. False for a new flow.
+#[inline(never)]
+fn flow_backend(
+    cookie: u64,
+    family: u8,
+    frontend: &SockReverseValue,
+    backend: &mut SockReverseKey,
+) -> bool {
+    let Some(flow) = PALISADE_SOCK_FLOWS.get_ptr_mut(flow_key(cookie, family, frontend)) else {
+        return false;
+    };
+    // SAFETY: a map value stays valid for the rest of this run (RCU);
+    // concurrent datagrams of the socket write the same values.
+    let flow = unsafe { &mut *flow };
+    let now = now_seconds();
+    let replied = flow.flags & SOCK_FLOW_REPLIED != 0;
+    if flow.family != family || now.saturating_sub(flow.seen) > udp_flow_timeout(replied) {
+        return false;
+    }
+    if flow.seen != now {
+        flow.seen = now;
+    }
+    backend.addr = flow.backend;
+    backend.port = flow.backend_port;
+    backend.family = family;
+    true
+}
+
+/// Records socket `cookie`'s new UDP flow to `frontend`, to `backend`.
+#[inline(never)]
+fn record_flow(cookie: u64, frontend: &SockReverseValue, backend: &SockReverseKey) {
+    let flow = SockFlowValue {
+        backend: backend.addr,
+        backend_port: backend.port,
+        family: backend.family,
+        flags: 0,
+        seen: now_seconds(),
+    };
+    let key = flow_key(cookie, backend.family, frontend);
+    let _ = PALISADE_SOCK_FLOWS.insert(key, flow, 0);
+}
+
+/// A datagram from the backend of socket `cookie`'s flow to `frontend`:
+/// the flow has seen a reply (conntrack's 120 s) and its clock moves on.
+#[inline(never)]
+fn flow_replied(cookie: u64, family: u8, frontend: &SockReverseValue) {
+    let Some(flow) = PALISADE_SOCK_FLOWS.get_ptr_mut(flow_key(cookie, family, frontend)) else {
+        return;
+    };
+    // SAFETY: as in `flow_backend`.
+    let flow = unsafe { &mut *flow };
+    let now = now_seconds();
+    if flow.seen != now {
+        flow.seen = now;
+    }
+    if flow.flags & SOCK_FLOW_REPLIED == 0 {
+        flow.flags |= SOCK_FLOW_REPLIED;
+    }
 }
 
 /// [`decide`]'s verdict for a frontend with backends.
@@ -526,8 +615,14 @@ fn restore(ctx: &SockAddrContext, family: u8) -> i32 {
                 && p.family == key.family
         })
         .map(|p| p.frontend);
-    // SAFETY: the entry is copied out at once.
-    let frontend = peer.or_else(|| unsafe { PALISADE_SOCK_REVERSE.get(key) }.copied());
+    let frontend = peer.or_else(|| {
+        // SAFETY: the entry is copied out at once.
+        let datagram = unsafe { PALISADE_SOCK_REVERSE.get(key) }.copied();
+        if let Some(frontend) = &datagram {
+            flow_replied(key.cookie, key.family, frontend);
+        }
+        datagram
+    });
     if let Some(frontend) = frontend {
         if mapped {
             set_sock_address(sa, family, &v4_mapped(&frontend.addr), frontend.port);

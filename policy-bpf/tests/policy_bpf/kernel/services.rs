@@ -13,6 +13,7 @@ use palisade_services::{Family, Objects, ProxyConfig, ServiceTable};
 use policy_bpf::datapath::Datapath;
 use policy_bpf::lower::Capacity;
 use policy_bpf::services::ServiceCapacity;
+use policy_bpf_common::SOCK_FLOW_REPLIED;
 use serde_json::{Value, json};
 
 use super::privileged;
@@ -621,7 +622,7 @@ fn node_processes_reach_a_cluster_ip_through_the_socket_hooks() {
             service("idle", "172.30.0.11", false),
             slice("idle", &[]),
         ]),
-        v6,
+        v6.clone(),
     ])
     .unwrap();
     let cgroup = palisade_testing::cgroup::TestCgroup::new("connect").unwrap();
@@ -742,10 +743,39 @@ fn node_processes_reach_a_cluster_ip_through_the_socket_hooks() {
         probe("udp [::ffff:172.30.0.11]:53").contains("os error 111"),
         "a mapped Service without endpoints is refused too"
     );
+    // One socket's datagrams to the Service are one flow, as conntrack
+    // keeps them behind kube-proxy: one backend while it lives.
+    for _ in 0..3 {
+        let got = probe(&format!("udp-flow {VIP}:53"));
+        let names: std::collections::BTreeSet<&str> = got.split(',').collect();
+        assert_eq!(names.len(), 1, "one socket's datagrams: {got}");
+    }
     assert!(
         dp.nat_entries().unwrap().is_empty(),
         "socket-time balancing translates no packet"
     );
+    let mut backend_b = [0u8; 16];
+    backend_b[..4].copy_from_slice(&[10, 0, 3, 6]);
+    let flows = dp.socket_flows().unwrap();
+    assert!(
+        flows
+            .iter()
+            .any(|(_, v)| v.flags & SOCK_FLOW_REPLIED != 0 && v.backend == backend_b),
+        "replies mark the flows: {flows:?}"
+    );
+    // api-b leaves the Service: the flows to it go, the others stay.
+    dp.set_service_tables(&[
+        table(&[
+            service("api", VIP, false),
+            slice("api", &["10.0.2.5"]),
+            service("idle", "172.30.0.11", false),
+            slice("idle", &[]),
+        ]),
+        v6,
+    ])
+    .unwrap();
+    let flows = dp.socket_flows().unwrap();
+    assert!(!flows.is_empty() && flows.iter().all(|(_, v)| v.backend != backend_b));
     let attached = policy_bpf::datapath::cgroup_socket_hooks(cgroup.path()).unwrap();
     assert!(
         attached.iter().all(|(_, ids)| ids.len() == 1),
@@ -791,6 +821,19 @@ fn socket_probe_child() {
                 "{} from {from}",
                 String::from_utf8_lossy(&buf[..n])
             ))
+        })(),
+        "udp-flow" => (|| -> std::io::Result<String> {
+            // Six datagrams of one unconnected socket, each answered.
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut names = Vec::new();
+            for _ in 0..6 {
+                s.send_to(b"who", to)?;
+                let mut buf = [0u8; 64];
+                let (n, _) = s.recv_from(&mut buf)?;
+                names.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            Ok(names.join(","))
         })(),
         "tcp" => TcpStream::connect_timeout(&to, Duration::from_secs(2))
             .and_then(|s| s.peer_addr())

@@ -16,7 +16,7 @@ const ACK: u8 = 0x10;
 /// The second of the kernel's coarse monotonic clock, never 0 (which
 /// means "not yet known").
 #[inline(always)]
-fn now_seconds() -> u32 {
+pub(in crate::program) fn now_seconds() -> u32 {
     // SAFETY: helper without preconditions.
     let s = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
     // The first second after boot reads as 1.
