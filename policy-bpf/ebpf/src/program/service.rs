@@ -24,12 +24,14 @@ use super::*;
 mod hairpin;
 mod lifetime;
 mod reject;
+mod related;
 use hairpin::take_hairpin_picked_at_connect;
 use lifetime::{
     forget_connection, forget_ended, forget_over_udp, is_opening, note_tcp_end, refresh_udp,
     tcp_flags, udp_idle, udp_seen,
 };
 use reject::reject;
+use related::{related_after_policy, related_before_policy};
 
 pub(super) use lifetime::now_seconds;
 
@@ -505,7 +507,7 @@ fn after_policy_nat(ctx: &TcContext) -> i32 {
         data_end: ctx.data_end(),
     };
     let Some(h) = headers(&bytes) else {
-        return 0;
+        return related_after_policy(ctx);
     };
     let Some(sc) = scratch() else {
         return 0;
@@ -601,7 +603,7 @@ fn scratch() -> Option<&'static mut ServiceScratch> {
 #[inline(always)]
 fn service(ctx: &TcContext) -> Result<i32, i64> {
     let Some(h) = parse(ctx) else {
-        return Ok(PASS);
+        return Ok(related_before_policy(ctx));
     };
     let sc = scratch().ok_or(0i64)?;
     match translated(ctx, &h) {

@@ -230,5 +230,6 @@ mod pod_sockets;
 mod scale;
 mod service_churn;
 mod service_flows;
+mod service_icmp;
 mod services;
 mod updates;

@@ -21,7 +21,7 @@ use super::privileged;
 pub(super) const CLIENT: &str = "10.0.1.9";
 pub(super) const VIP: &str = "172.30.0.10";
 
-fn config() -> ProxyConfig {
+pub(super) fn config() -> ProxyConfig {
     ProxyConfig {
         family: Family::V4,
         node: NodeTopology {
@@ -61,14 +61,14 @@ pub(super) fn table(docs: &[Value]) -> ServiceTable {
     ServiceTable::build(config(), &objects.service_ports(Family::V4).unwrap())
 }
 
-fn sum16(bytes: &[u8], mut acc: u32) -> u32 {
+pub(super) fn sum16(bytes: &[u8], mut acc: u32) -> u32 {
     for c in bytes.chunks(2) {
         acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
     }
     acc
 }
 
-fn fold(mut s: u32) -> u16 {
+pub(super) fn fold(mut s: u32) -> u16 {
     while s >> 16 != 0 {
         s = (s & 0xffff) + (s >> 16);
     }
