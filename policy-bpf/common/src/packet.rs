@@ -252,6 +252,68 @@ pub fn parse<P: PacketBytes>(p: &P) -> Result<Parsed, ParseError> {
     parse_into(p, &mut out).map(|()| out)
 }
 
+/// Whether a parsed packet is an ICMP error, which quotes the packet it
+/// is about: destination unreachable, time exceeded, parameter problem
+/// (ICMPv6: and packet too big).
+#[inline(always)]
+pub fn is_icmp_error(p: &Parsed) -> bool {
+    match p.protocol {
+        1 => matches!(p.icmp_type, 3 | 11 | 12),
+        58 => matches!(p.icmp_type, 1..=4),
+        _ => false,
+    }
+}
+
+/// The TCP, UDP or SCTP packet an ICMP error `outer` quotes, as `quote`
+/// (addresses, protocol, ports; the error's family): the connection it is
+/// RELATED to, as conntrack says. False for any other packet, and for an
+/// error behind IPv4 options' or IPv6 extension headers' worth of outer
+/// header it does not look past.
+#[inline(always)]
+pub fn parse_quote<P: PacketBytes>(p: &P, outer: &Parsed, quote: &mut Parsed) -> bool {
+    if !is_icmp_error(outer) || outer.fragment {
+        return false;
+    }
+    let v4 = outer.protocol == 1;
+    let icmp = if v4 {
+        let Some(version_ihl) = p.byte(14) else {
+            return false;
+        };
+        14 + usize::from(version_ihl & 0x0f) * 4
+    } else {
+        if p.byte(20) != Some(58) {
+            return false;
+        }
+        54
+    };
+    let inner = icmp + 8;
+    let (protocol, ports, ok) = if v4 {
+        let Some(version_ihl) = p.byte(inner) else {
+            return false;
+        };
+        let ihl = usize::from(version_ihl & 0x0f) * 4;
+        if version_ihl >> 4 != 4 || ihl < 20 {
+            return false;
+        }
+        let ok = p.addr(inner + 12, &mut quote.src, 1) && p.addr(inner + 16, &mut quote.dst, 1);
+        (p.byte(inner + 9), inner + ihl, ok)
+    } else {
+        let ok = p.addr(inner + 8, &mut quote.src, 4) && p.addr(inner + 24, &mut quote.dst, 4);
+        (p.byte(inner + 6), inner + 40, ok)
+    };
+    let Some(protocol) = protocol.filter(|p| matches!(p, 6 | 17 | 132)) else {
+        return false;
+    };
+    let (Some(src_port), Some(dst_port)) = (p.be16(ports), p.be16(ports + 2)) else {
+        return false;
+    };
+    quote.family = outer.family;
+    quote.protocol = protocol;
+    quote.src_port = src_port;
+    quote.dst_port = dst_port;
+    ok
+}
+
 /// ICMPv6 link-local control (MLD 130-132 and 143, NDP 133-137), which the
 /// programs pass without policy as Calico does: without it IPv6 breaks on
 /// the link.
@@ -283,5 +345,68 @@ pub fn features(p: &Parsed, direction: u8) -> PacketFeatures {
         peer_port: if ports { u32::from(peer) } else { 0 },
         icmp_type: if icmp { u32::from(p.icmp_type) } else { 0 },
         icmp_code: if icmp { u32::from(p.icmp_code) } else { 0 },
+    }
+}
+
+#[cfg(test)]
+mod quote_tests {
+    extern crate std;
+
+    use super::*;
+    use std::vec;
+    use std::vec::Vec;
+
+    /// An IPv4 ICMP error (`kind`) from 10.0.9.1 to 10.0.1.9 quoting a
+    /// UDP datagram 10.0.1.9:40000 → 10.0.2.5:5353.
+    fn error_v4(kind: u8, inner_protocol: u8) -> Vec<u8> {
+        let mut p = vec![0u8; 14];
+        p[12..14].copy_from_slice(&[0x08, 0x00]);
+        let mut ip = vec![
+            0x45, 0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 9, 1, 10, 0, 1, 9,
+        ];
+        p.append(&mut ip);
+        p.extend_from_slice(&[kind, 3, 0, 0, 0, 0, 0, 0]);
+        let mut inner = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, inner_protocol, 0, 0];
+        inner.extend_from_slice(&[10, 0, 1, 9, 10, 0, 2, 5]);
+        p.append(&mut inner);
+        p.extend_from_slice(&40000u16.to_be_bytes());
+        p.extend_from_slice(&5353u16.to_be_bytes());
+        p.extend_from_slice(&[0, 8, 0, 0]);
+        p
+    }
+
+    #[test]
+    fn an_icmp_error_quotes_the_connection_it_is_about() {
+        let bytes = error_v4(3, 17);
+        let outer = parse(&bytes.as_slice()).unwrap();
+        assert!(is_icmp_error(&outer));
+        let mut quote = Parsed::default();
+        assert!(parse_quote(&bytes.as_slice(), &outer, &mut quote));
+        assert_eq!(
+            (quote.protocol, quote.src_port, quote.dst_port),
+            (17, 40000, 5353)
+        );
+        assert_eq!(
+            (&quote.src[..4], &quote.dst[..4]),
+            (&[10, 0, 1, 9][..], &[10, 0, 2, 5][..])
+        );
+        assert_eq!(quote.family, outer.family);
+
+        // An echo request is no error; a quoted ICMP packet is no connection
+        // with ports; a cut quote is nothing.
+        let echo = error_v4(8, 17);
+        assert!(!parse_quote(
+            &echo.as_slice(),
+            &parse(&echo.as_slice()).unwrap(),
+            &mut quote
+        ));
+        let icmp = error_v4(3, 1);
+        assert!(!parse_quote(
+            &icmp.as_slice(),
+            &parse(&icmp.as_slice()).unwrap(),
+            &mut quote
+        ));
+        let cut = &bytes[..bytes.len() - 6];
+        assert!(!parse_quote(&cut, &parse(&cut).unwrap(), &mut quote));
     }
 }

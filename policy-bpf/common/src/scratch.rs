@@ -12,6 +12,8 @@ use crate::slots::{LocalKey, SlotKey};
 pub struct Scratch {
     /// The parsed packet.
     pub parsed: Parsed,
+    /// The packet an ICMP error quotes (see [`crate::parse_quote`]).
+    pub quote: Parsed,
     /// Slot lookup key.
     pub slot: SlotKey,
     /// Conntrack key (IPv6).

@@ -192,6 +192,17 @@ const REPLY_NAT_PROGRAM: &str = "palisade_reply_nat";
 
 /// Reply translation after policy, then local delivery (tail-called).
 const REPLY_NAT_LOCAL_PROGRAM: &str = "palisade_reply_nat_local";
+/// Every TC program, in the order they are loaded.
+const TC_PROGRAMS: [&str; 8] = [
+    "palisade_from_pod",
+    "palisade_to_pod",
+    "palisade_pass",
+    CLOCK_PROGRAM,
+    LOCAL_DELIVERY_PROGRAM,
+    SERVICE_PROGRAM,
+    REPLY_NAT_PROGRAM,
+    REPLY_NAT_LOCAL_PROGRAM,
+];
 
 /// A map size as the loader takes it (at least one entry).
 fn entries(n: usize) -> u32 {
@@ -274,16 +285,7 @@ impl Datapath {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| DatapathError::Load(e.to_string()))?;
-        for name in [
-            Hook::FromPod.program(),
-            Hook::ToPod.program(),
-            Hook::PassThrough.program(),
-            CLOCK_PROGRAM,
-            LOCAL_DELIVERY_PROGRAM,
-            SERVICE_PROGRAM,
-            REPLY_NAT_PROGRAM,
-            REPLY_NAT_LOCAL_PROGRAM,
-        ] {
+        for name in TC_PROGRAMS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| DatapathError::Load(format!("program {name} missing")))?

@@ -89,6 +89,22 @@ impl Datapath {
         Ok((info.run_time(), info.run_count()))
     }
 
+    /// Instructions the verifier went through to accept each TC program
+    /// (of its limit of 1,000,000): how close a program is to being
+    /// refused.
+    pub fn verified_instructions(&self) -> Result<Vec<(&'static str, u32)>, DatapathError> {
+        let mut out = Vec::new();
+        for name in super::TC_PROGRAMS {
+            let prog = self.classifier(name)?;
+            let info = prog.info().map_err(|e| DatapathError::ProgramInfo {
+                program: name,
+                message: e.to_string(),
+            })?;
+            out.push((name, info.verified_instruction_count().unwrap_or(0)));
+        }
+        Ok(out)
+    }
+
     /// As [`Datapath::program_stats`] for a socket hook (one of
     /// [`super::SOCKET_PROGRAMS`]); zero runs if it was never loaded.
     pub fn socket_program_stats(

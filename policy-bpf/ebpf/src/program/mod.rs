@@ -50,7 +50,8 @@ use walk::*;
 /// would (the interface it arrived on, or the local endpoint's it is
 /// being delivered to). `sender` is the other side's deferred
 /// approval, recorded with this side's when the connection is new
-/// (none: interface 0). The phases: the interface's zone, parsing,
+/// (none: interface 0). `related`: an ICMP error is first looked up as
+/// the connection it quotes. The phases: the interface's zone, parsing,
 /// fragments, the connection table, and for a new flow the slot, the
 /// peer's class, the walk and the approval.
 // Keys in this CPU's scratch go to the map helpers by reference: by value
@@ -60,7 +61,7 @@ use walk::*;
     reason = "scratch keys stay off the stack"
 )]
 #[inline(always)]
-fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i32 {
+fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval, related: bool) -> i32 {
     let Some(zone) = interface_zone(ifindex) else {
         stat(Statistic::Unmanaged);
         return PASS;
@@ -116,8 +117,17 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
         return DROP;
     }
 
+    // An ICMP error is judged first by the connection it quotes: one
+    // this endpoint approved takes it along (conntrack's RELATED, which
+    // Calico accepts with ESTABLISHED), so a path MTU or a port
+    // unreachable reaches the socket under any policy. Otherwise policy
+    // judges the error itself.
+    let quoted = related && is_icmp_error(&sc.parsed) && quote(ctx, sc);
+    let p = if quoted { &sc.quote } else { &sc.parsed };
     let a_is_src = ct_key(p, &mut sc.ct, &mut sc.ct4);
     let conn = Conn {
+        // The quote's family is the error's: one pointer on both paths,
+        // which the verifier's states then share.
         family: &sc.parsed.family,
         key: &sc.ct,
         key4: &sc.ct4,
@@ -127,15 +137,19 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
         log6: &raw mut sc.log6,
     };
     conn.lookup(&cfg, now);
+    // The side of the connection this interface's endpoint is on: a
+    // quoted packet's sender at its ingress (the error comes back to
+    // it), its receiver at its egress.
+    let local_src = (direction == HookDirection::Egress.code()) != quoted;
     let side = Side {
-        // The side of the connection this interface's endpoint is on.
-        local_is_a: a_is_src == (direction == HookDirection::Egress.code()),
+        local_is_a: a_is_src == local_src,
         a_is_src,
     };
     if established(ctx, p, &conn, side, ifindex, &cfg, now) {
         stat(Statistic::Established);
         return ALLOWED;
     }
+    let p = &sc.parsed;
 
     // New flow: find the endpoint's slot (its address on this
     // interface: anything else is spoofed), classify the peer and walk
@@ -169,13 +183,16 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
     // next, which records both sides in one insert. Recorded here, the
     // receiver would join the entry with locked instructions that wait
     // for this insert's write (a cache miss in a large table) to land.
-    let deferred = direction == HookDirection::Egress.code()
+    // An ICMP error the policy allowed opens nothing: not recorded.
+    let opens = !is_icmp_error(p);
+    let deferred = opens
+        && direction == HookDirection::Egress.code()
         && !p.fragment
         && conn.hit().is_none()
         && local_receiver(ctx, ifindex, &mut sc.local).is_some();
     if deferred {
         stash(ctx, v.rule, ifindex);
-    } else {
+    } else if opens {
         match approve(
             &conn,
             side.local_is_a,
@@ -213,6 +230,20 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
     if deferred { DEFERRED } else { ALLOWED }
 }
 
+/// Parses the packet the ICMP error in `sc.parsed` quotes into
+/// `sc.quote` (see [`parse_quote`]); false when it quotes none. A
+/// function of its own: its frame is gone before the lookup runs.
+#[inline(never)]
+fn quote(ctx: &TcContext, sc: &mut Scratch) -> bool {
+    let bytes = Skb {
+        ctx,
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+    };
+    clear(&mut sc.quote);
+    parse_quote(&bytes, &sc.parsed, &mut sc.quote)
+}
+
 /// The pod's egress policy: packets the pod sends.
 // The macro's entry point calls this function: inlined, the program
 // is one function (a BPF-to-BPF call costs a frame on every packet).
@@ -220,18 +251,29 @@ fn process(ctx: &TcContext, direction: u8, ifindex: u32, sender: Approval) -> i3
 #[inline(always)]
 pub fn palisade_from_pod(ctx: TcContext) -> i32 {
     let from = arrival(&ctx);
-    let deliver = match process(&ctx, HookDirection::Egress.code(), from, Approval::NONE) {
+    let deliver = match process(
+        &ctx,
+        HookDirection::Egress.code(),
+        from,
+        Approval::NONE,
+        true,
+    ) {
         DEFERRED => true,
         ALLOWED => match PALISADE_SCRATCH.get_ptr_mut(0) {
-            Some(sc) => {
-                // SAFETY: this CPU's scratch (TC programs do not nest), so
-                // no other reference to it is live.
+            // An ICMP error takes the node's forwarding to the receiver's
+            // `palisade_to_pod`, which looks for the connection it is
+            // about (`palisade_to_pod_local` does not: the verifier's
+            // limits).
+            // SAFETY: this CPU's scratch (TC programs do not nest), so
+            // no other reference to it is live.
+            Some(sc) if !is_icmp_error(unsafe { &(*sc).parsed }) => {
+                // SAFETY: as above.
                 local_receiver(&ctx, from, unsafe { &mut (*sc).local }).is_some() && {
                     clear_stash(&ctx);
                     true
                 }
             }
-            None => false,
+            _ => false,
         },
         r => return r,
     };
@@ -267,6 +309,7 @@ pub fn palisade_to_pod(ctx: TcContext) -> i32 {
         HookDirection::Ingress.code(),
         arrival(&ctx),
         Approval::NONE,
+        true,
     ) {
         ALLOWED => reply_nat(&ctx, DELIVER_REPLY_NAT),
         r => r,
@@ -296,6 +339,7 @@ pub fn palisade_to_pod_local(ctx: TcContext) -> i32 {
         HookDirection::Ingress.code(),
         ep.ifindex,
         unstash(&ctx),
+        false,
     ) {
         ALLOWED | DEFERRED => {
             if service::services_enabled() {

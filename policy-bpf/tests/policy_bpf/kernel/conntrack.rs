@@ -323,3 +323,58 @@ fn pins_of_an_earlier_conntrack_layout_are_refused_by_name() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// An ICMP error (`kind`, `code`) from `from` to `to` quoting `quoted`'s
+/// IPv4 header and first 8 transport bytes.
+fn icmp_error(from: &str, to: &str, kind: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut body = vec![kind, code, 0, 0, 0, 0, 0x05, 0x78];
+    body.extend_from_slice(&quoted[14..14 + 28]);
+    v4(from, to, 1, &body)
+}
+
+/// ICMP errors about a connection an endpoint approved pass with it, as
+/// conntrack's RELATED packets do (Calico accepts them with ESTABLISHED):
+/// under default deny a router's "fragmentation needed" about web's
+/// segment reaches web, and api's port unreachable about it leaves api;
+/// an error about a connection never approved stays denied.
+#[test]
+fn icmp_errors_about_an_approved_connection_pass_under_default_deny() {
+    if !privileged() {
+        return;
+    }
+    let mut l = example_loaded();
+    l.dp.flush_conntrack();
+    let syn = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(40000, 8080));
+    let frag_needed = icmp_error("10.10.9.1", "10.10.1.10", 3, 4, &syn);
+    let refused = icmp_error("10.10.2.10", "10.10.1.10", 3, 3, &syn);
+    assert!(
+        !l.run(Hook::ToPod, &frag_needed).0,
+        "no connection yet: web's ingress denies it"
+    );
+    assert!(!l.run(Hook::FromPod, &refused).0, "nor api's egress");
+    assert!(l.run(Hook::FromPod, &syn).0, "web -> api:8080");
+    assert!(l.run(Hook::ToPod, &syn).0, "api takes it");
+    assert!(l.run(Hook::ToPod, &frag_needed).0, "RELATED: to web");
+    assert!(l.run(Hook::FromPod, &refused).0, "RELATED: from api");
+    let other = v4("10.10.1.10", "10.10.2.10", 6, &tcp_syn(40001, 8080));
+    let unrelated = icmp_error("10.10.9.1", "10.10.1.10", 3, 4, &other);
+    assert!(
+        !l.run(Hook::ToPod, &unrelated).0,
+        "about a connection never made: denied"
+    );
+}
+
+/// How much of the verifier's budget (1,000,000 instructions) each TC
+/// program takes, printed for the record; a program past 95% is one
+/// change away from being refused at load.
+#[test]
+fn every_program_leaves_the_verifier_room() {
+    if !privileged() {
+        return;
+    }
+    let l = example_loaded();
+    for (name, insns) in l.dp.verified_instructions().unwrap() {
+        eprintln!("{name}: {insns} instructions verified");
+        assert!(insns < 950_000, "{name}: {insns} of 1,000,000");
+    }
+}

@@ -191,6 +191,54 @@ fn local_delivery_forwards_like_the_node() {
     }
 }
 
+/// Real sockets under default deny: web's UDP socket connected to
+/// coredns on a port nothing listens on learns it at once
+/// (ECONNREFUSED): coredns's port unreachable is about a flow both
+/// sides' policies allowed, so it passes with it (conntrack's RELATED),
+/// where neither policy allows ICMP between them. An error about a flow
+/// never allowed stays dropped: web's socket to api's UDP port (denied)
+/// only times out.
+#[test]
+fn icmp_errors_about_allowed_flows_reach_the_socket_under_default_deny() {
+    use std::net::UdpSocket;
+    if !privileged() {
+        return;
+    }
+    let ExampleNode {
+        topo,
+        mut dp,
+        ifaces,
+        ..
+    } = ExampleNode::up(Datapath::load_private(Capacity::default()).unwrap());
+    let web = topo.pod(&key("shop-frontend/web")).unwrap();
+    let refused = |to: &str| -> std::io::ErrorKind {
+        let s = web
+            .ns
+            .run(|| UdpSocket::bind("10.10.1.10:0"))
+            .unwrap()
+            .unwrap();
+        s.connect(to).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        s.send(b"query").unwrap();
+        s.recv(&mut [0u8; 16]).unwrap_err().kind()
+    };
+    // Nothing listens on coredns's port 53 here.
+    assert_eq!(
+        refused("10.10.0.53:53"),
+        std::io::ErrorKind::ConnectionRefused,
+        "the port unreachable reaches web"
+    );
+    assert_eq!(
+        refused("10.10.2.10:53"),
+        std::io::ErrorKind::WouldBlock,
+        "web -> api:53 is denied: nothing comes back"
+    );
+    for i in &ifaces {
+        topo.node().run(|| dp.detach(i)).unwrap().unwrap();
+    }
+}
+
 /// One datagram's TTL (from IP_RECVTTL), or None on timeout.
 fn recv_ttl(s: &std::net::UdpSocket) -> Option<u8> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
