@@ -201,30 +201,34 @@ fn rewrite_error(
     let (src_at, dst_at) = addr_offsets(e.family);
     let (inner_src, inner_dst) = (e.inner_l3 + src_at - L3, e.inner_l3 + dst_at - L3);
     // The quote's source is the reply's destination, and so on.
-    inner_addr(ctx, e, inner_src, &r.dst, &to.dst)?;
-    inner_addr(ctx, e, inner_dst, &r.src, &to.src)?;
+    error_addr(ctx, e, inner_src, e.inner_l3, false, &r.dst, &to.dst)?;
+    error_addr(ctx, e, inner_dst, e.inner_l3, false, &r.src, &to.src)?;
     inner_port(ctx, e, e.inner_l4, r.dst_port, to.dst_port)?;
     inner_port(ctx, e, e.inner_l4 + 2, r.src_port, to.src_port)?;
     if sc.next.src == r.src {
-        outer_addr(ctx, e, src_at, &r.src, &to.src)?;
+        error_addr(ctx, e, src_at, L3, true, &r.src, &to.src)?;
         sc.next.src = to.src;
     }
     if sc.next.dst == r.dst {
-        outer_addr(ctx, e, dst_at, &r.dst, &to.dst)?;
+        error_addr(ctx, e, dst_at, L3, true, &r.dst, &to.dst)?;
         sc.next.dst = to.dst;
     }
     sc.tuple = sc.snat_key;
     Ok(())
 }
 
-/// A quoted address: IPv4's own header checksum follows it (which keeps
-/// the ICMP checksum over that header unchanged); ICMPv6's checksum
-/// covers it directly.
+/// An address of the error, in the IPv4 header at `header` (the quote's
+/// or the outer one), whose checksum follows it (which keeps the ICMP
+/// checksum over a quoted header unchanged); with IPv6, ICMPv6's
+/// checksum covers it: directly when quoted, through its pseudo-header
+/// when outer (`pseudo`).
 #[inline(always)]
-fn inner_addr(
+fn error_addr(
     ctx: &TcContext,
     e: &IcmpError,
     at: usize,
+    header: usize,
+    pseudo: bool,
     old: &[u8; 16],
     new: &[u8; 16],
 ) -> Result<(), i64> {
@@ -238,9 +242,14 @@ fn inner_addr(
             continue;
         }
         if e.family == FAMILY_V4 {
-            ctx.l3_csum_replace(e.inner_l3 + 10, u64::from(from), u64::from(to), 4)?;
+            ctx.l3_csum_replace(header + 10, u64::from(from), u64::from(to), 4)?;
         } else {
-            ctx.l4_csum_replace(e.checksum, u64::from(from), u64::from(to), 4)?;
+            let flags = if pseudo {
+                u64::from(BPF_F_PSEUDO_HDR)
+            } else {
+                0
+            } | 4;
+            ctx.l4_csum_replace(e.checksum, u64::from(from), u64::from(to), flags)?;
         }
         ctx.store(at + 4 * i, &to, 0)?;
     }
@@ -257,33 +266,4 @@ fn inner_port(ctx: &TcContext, e: &IcmpError, at: usize, old: u16, new: u16) -> 
     let (from, to) = (old.to_be(), new.to_be());
     ctx.l4_csum_replace(e.checksum, u64::from(from), u64::from(to), 2)?;
     ctx.store(at, &to, 0)
-}
-
-/// An outer address: IPv4's header checksum, or ICMPv6's pseudo-header.
-#[inline(always)]
-fn outer_addr(
-    ctx: &TcContext,
-    e: &IcmpError,
-    at: usize,
-    old: &[u8; 16],
-    new: &[u8; 16],
-) -> Result<(), i64> {
-    let words = if e.family == FAMILY_V4 { 1 } else { 4 };
-    for i in 0..4 {
-        if i >= words {
-            break;
-        }
-        let (from, to) = (word(old, i), word(new, i));
-        if from == to {
-            continue;
-        }
-        if e.family == FAMILY_V4 {
-            ctx.l3_csum_replace(L3 + 10, u64::from(from), u64::from(to), 4)?;
-        } else {
-            let flags = u64::from(BPF_F_PSEUDO_HDR) | 4;
-            ctx.l4_csum_replace(e.checksum, u64::from(from), u64::from(to), flags)?;
-        }
-        ctx.store(at + 4 * i, &to, 0)?;
-    }
-    Ok(())
 }
