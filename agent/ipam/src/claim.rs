@@ -225,11 +225,7 @@ impl Ipam<'_> {
             None => self.create_block(cidr, affinity, aff_rev, reserved),
             Some((b, rev)) if b.affinity.as_deref() == Some(affinity.text.as_str()) => {
                 if aff_rev.is_none() {
-                    let confirm = records::put_affinity(&affinity.host, cidr, None);
-                    match self.store.commit(&[confirm]) {
-                        Ok(()) | Err(StoreError::Conflict { .. }) => {}
-                        Err(e) => return Err(e.into()),
-                    }
+                    self.confirm_affinity(cidr, affinity)?;
                 }
                 Ok(Found {
                     block: b,
@@ -239,6 +235,27 @@ impl Ipam<'_> {
             }
             Some(_) => Err(IpamError::ClaimConflict(*cidr)),
         }
+    }
+
+    /// Makes sure the host's affinity to its block `cidr` exists before
+    /// the block is used: a conflict on creating it is taken as another
+    /// writer's affinity only once a read shows it (a conflict may also
+    /// come from a commit that then undid it, which left the block's
+    /// affinity without its record).
+    fn confirm_affinity(&self, cidr: &IpNet, affinity: &AffinityOf) -> Result<(), IpamError> {
+        for _ in 0..RETRIES {
+            let confirm = records::put_affinity(&affinity.host, cidr, None);
+            match self.store.commit(&[confirm]) {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => {
+                    if self.records().affinity(&affinity.host, cidr)?.is_some() {
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(IpamError::ClaimConflict(*cidr))
     }
 
     /// One commit: a new block affine to the host and the host's affinity.
