@@ -214,7 +214,8 @@ fn test() -> Result<()> {
                         .arg(c.join("extra"))
                         .arg(c.join("calico-services"))
                         .arg(c.join("anp-v1alpha1"))
-                        .arg(c.join("cnp-v1alpha2")))
+                        .arg(c.join("cnp-v1alpha2"))
+                        .args(present(c, &["calico-services-extra"])))
                 },
             )?;
         }
@@ -235,7 +236,8 @@ fn test() -> Result<()> {
                 || {
                     run(Command::new(palisade())
                         .args(["verify", "--engine", engine])
-                        .arg(c.join("services")))
+                        .arg(c.join("services"))
+                        .args(present(c, &["services-extra"])))
                 },
             )?;
         }
@@ -274,6 +276,16 @@ fn test() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The folders of corpus `c` among `names` that exist: the cases we
+/// transcribed ourselves (`*-extra`) live only in the vendored corpus.
+fn present(c: &Path, names: &[&str]) -> Vec<PathBuf> {
+    names
+        .iter()
+        .map(|n| c.join(n))
+        .filter(|p| p.is_dir())
+        .collect()
 }
 
 /// What of a corpus `cargo xtask test` runs: the selector vectors and the
