@@ -281,13 +281,14 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
     if h.protocol == UDP {
         // SAFETY: as below; concurrent runs write the same values.
         let entry = unsafe { &mut *v };
-        if udp_idle(entry) {
+        let now = now_seconds();
+        if udp_idle(entry, now) {
             let old = *entry;
             if forget_over_udp(sc, &old) {
                 return 0;
             }
         }
-        refresh_udp(entry);
+        refresh_udp(entry, now);
     } else if h.protocol == TCP {
         // SAFETY: as below; see `note_tcp_end` on concurrent runs.
         let entry = unsafe { &mut *v };
@@ -531,13 +532,14 @@ fn after_policy_nat(ctx: &TcContext) -> i32 {
     }
     // A reply from a backend on another node meets its entries only here.
     if h.protocol == UDP {
-        if udp_idle(v) {
+        let now = now_seconds();
+        if udp_idle(v, now) {
             let old = *v;
             if forget_over_udp(sc, &old) {
                 return 0;
             }
         }
-        refresh_udp(v);
+        refresh_udp(v, now);
     }
     note_tcp_end(v, tcp_flags(&bytes, &h));
     if rewrite(ctx, &h, &sc.tuple, v) != 0 {

@@ -30,12 +30,12 @@ pub(super) fn udp_seen(protocol: u8) -> u32 {
     if protocol == UDP { now_seconds() } else { 0 }
 }
 
-/// A UDP entry met a packet: its clock set (a write at most once a
-/// second), and a reply-side entry marks the flow replied. The sweep
-/// ends flows whose entries all fell idle (conntrack's UDP timeouts).
+/// A UDP entry met a packet at second `now`: its clock set (a write at
+/// most once a second), and a reply-side entry marks the flow replied.
+/// The sweep ends flows whose entries all fell idle (conntrack's UDP
+/// timeouts).
 #[inline(always)]
-pub(super) fn refresh_udp(v: &mut NatValue) {
-    let now = now_seconds();
+pub(super) fn refresh_udp(v: &mut NatValue, now: u32) {
     if v.seen != now {
         v.seen = now;
     }
@@ -99,12 +99,12 @@ pub(super) fn forget_ended(sc: &mut ServiceScratch, v: &NatValue) -> bool {
     true
 }
 
-/// Whether UDP entry `v` is idle past the shortest timeout a UDP flow
-/// has: only then may its flow be over ([`forget_over_udp`]). One
-/// comparison on the way of every datagram.
+/// Whether UDP entry `v` is idle at second `now` past the shortest
+/// timeout a UDP flow has: only then may its flow be over
+/// ([`forget_over_udp`]). One comparison on the way of every datagram.
 #[inline(always)]
-pub(super) fn udp_idle(v: &NatValue) -> bool {
-    v.seen != 0 && now_seconds().saturating_sub(v.seen) > udp_flow_timeout(false)
+pub(super) fn udp_idle(v: &NatValue, now: u32) -> bool {
+    v.seen != 0 && now.saturating_sub(v.seen) > udp_flow_timeout(false)
 }
 
 /// A UDP datagram met entry `v` (key `sc.tuple`) idle past the shortest
