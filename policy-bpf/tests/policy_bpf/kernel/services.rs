@@ -557,12 +557,16 @@ fn node_processes_reach_a_cluster_ip_through_the_socket_hooks() {
         (super::key("default/api-a"), vec![super::ip("10.0.2.5")]),
         (super::key("default/api-b"), vec![super::ip("10.0.3.6")]),
         (super::key("default/api-c"), vec![super::ip("fd10::5")]),
+        // Backs no Service: a flow's recorded backend moved here shows
+        // whether a datagram kept the flow.
+        (super::key("default/stray"), vec![super::ip("10.0.4.7")]),
     ])
     .unwrap();
     for (k, name) in [
         ("default/api-a", "api-a"),
         ("default/api-b", "api-b"),
         ("default/api-c", "api-c"),
+        ("default/stray", "stray"),
     ] {
         let pod = topo.pod(&super::key(k)).unwrap();
         let at = SocketAddr::new(pod.ips[0], 8080);
@@ -776,6 +780,36 @@ fn node_processes_reach_a_cluster_ip_through_the_socket_hooks() {
     .unwrap();
     let flows = dp.socket_flows().unwrap();
     assert!(!flows.is_empty() && flows.iter().all(|(_, v)| v.backend != backend_b));
+    // A flow idle past conntrack's UDP timeout is over at its next
+    // datagram: 30 s unreplied, 120 s once replied. The probe moves its
+    // flow's backend to `stray` and its clock back: a kept flow's next
+    // datagram reaches `stray`, a new flow a backend of the Service.
+    let pin = dp
+        .pin_dir()
+        .join(policy_bpf_common::map_names::SOCK_FLOWS)
+        .display()
+        .to_string();
+    for (idle, replied, kept) in [
+        (25, 0, true),
+        (31, 0, false),
+        (115, 1, true),
+        (121, 1, false),
+    ] {
+        let got = probe(&format!(
+            "udp-aged {VIP}:53 {idle} {replied} 10.0.4.7 {pin}"
+        ));
+        let (first, next) = got
+            .split_once(',')
+            .unwrap_or_else(|| panic!("aged flow: {got}"));
+        assert_eq!(first, "api-a", "the flow's first datagram");
+        let expected = if kept { "stray" } else { "api-a" };
+        assert_eq!(
+            next,
+            expected,
+            "idle {idle} s, replied {replied}: the flow {}",
+            if kept { "lives" } else { "is over" }
+        );
+    }
     let attached = policy_bpf::datapath::cgroup_socket_hooks(cgroup.path()).unwrap();
     assert!(
         attached.iter().all(|(_, ids)| ids.len() == 1),
@@ -803,7 +837,10 @@ fn socket_probe_child() {
     let Ok(probe) = std::env::var("PALISADE_SOCKET_PROBE") else {
         return;
     };
-    let (kind, to) = probe.split_once(' ').expect("`udp ADDR` or `tcp ADDR`");
+    let mut words = probe.split_whitespace();
+    let (Some(kind), Some(to)) = (words.next(), words.next()) else {
+        panic!("`udp ADDR` or `tcp ADDR`");
+    };
     let to: SocketAddr = to.parse().expect("a socket address");
     let answer = match kind {
         "udp" => (|| -> std::io::Result<String> {
@@ -835,6 +872,28 @@ fn socket_probe_child() {
             }
             Ok(names.join(","))
         })(),
+        "udp-aged" => (|| -> std::io::Result<String> {
+            // `udp-aged ADDR IDLE REPLIED STRAY PIN`: a datagram and its
+            // reply; then this socket's flow is made IDLE seconds old,
+            // replied or not, its backend STRAY (same port), in the
+            // pinned flow map PIN; then a second datagram.
+            let rest: Vec<&str> = words.collect();
+            let [idle, replied, stray, pin] = rest[..] else {
+                panic!("udp-aged ADDR IDLE REPLIED STRAY PIN: {rest:?}");
+            };
+            let idle: u32 = idle.parse().expect("seconds");
+            let stray: std::net::Ipv4Addr = stray.parse().expect("an IPv4 address");
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut buf = [0u8; 64];
+            s.send_to(b"who", to)?;
+            let (n, _) = s.recv_from(&mut buf)?;
+            let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+            age_socket_flow(&s, pin, idle, replied == "1", stray)?;
+            s.send_to(b"who", to)?;
+            let (n, _) = s.recv_from(&mut buf)?;
+            Ok(format!("{first},{}", String::from_utf8_lossy(&buf[..n])))
+        })(),
         "tcp" => TcpStream::connect_timeout(&to, Duration::from_secs(2))
             .and_then(|s| s.peer_addr())
             .map(|p| format!("peer {p}")),
@@ -844,6 +903,54 @@ fn socket_probe_child() {
         Ok(a) => println!("probe: {a}"),
         Err(e) => println!("probe: error {e}"),
     }
+}
+
+/// Makes socket `s`'s UDP flows in the pinned map `pin` `idle` seconds
+/// old, replied or not, with their backend moved to `stray`.
+fn age_socket_flow(
+    s: &std::net::UdpSocket,
+    pin: &str,
+    idle: u32,
+    replied: bool,
+    stray: std::net::Ipv4Addr,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+
+    use aya::maps::{HashMap, MapData};
+    use policy_bpf_common::{SockFlowValue, SockReverseKey};
+
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: SO_COOKIE writes a u64 into `cookie`, whose size `len` says.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let data = MapData::from_pin(pin).map_err(std::io::Error::other)?;
+    let mut flows: HashMap<MapData, SockReverseKey, SockFlowValue> =
+        HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(std::io::Error::other)?;
+    let mine: Vec<(SockReverseKey, SockFlowValue)> = flows
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, _)| k.cookie == cookie)
+        .collect();
+    assert_eq!(mine.len(), 1, "one flow for the socket");
+    for (k, mut v) in mine {
+        v.seen = v.seen.saturating_sub(idle).max(1);
+        v.flags = if replied { SOCK_FLOW_REPLIED } else { 0 };
+        v.backend = [0; 16];
+        v.backend[..4].copy_from_slice(&stray.octets());
+        flows.insert(k, v, 0).map_err(std::io::Error::other)?;
+    }
+    Ok(())
 }
 
 /// Pins of a build whose service configuration record was shorter (40
