@@ -251,7 +251,8 @@ fn test() -> Result<()> {
             || {
                 run(Command::new(palisade())
                     .args(["verify", "--store", "embedded"])
-                    .arg(c.join("ipam")))
+                    .arg(c.join("ipam"))
+                    .args(present(c, &["ipam-extra"])))
             },
         )?;
     }

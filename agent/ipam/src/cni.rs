@@ -188,8 +188,7 @@ pub fn add(ipam: &Ipam<'_>, req: &CniRequest<'_>) -> Result<CniResult, CniError>
     let handle = req.handle();
     let node = req.node();
     if req.reuse_existing
-        && let Ok(held) = ipam.ips_by_handle(&handle)
-        && !held.is_empty()
+        && let Some(held) = existing_endpoint(ipam, req)
     {
         return Ok(result_of(held));
     }
@@ -268,6 +267,32 @@ pub fn add(ipam: &Ipam<'_>, req: &CniRequest<'_>) -> Result<CniResult, CniError>
         return Err(e);
     }
     Ok(result_of(ips))
+}
+
+/// The addresses of the container's endpoint, if it has one. Outside
+/// Kubernetes Calico's endpoint is the container's (node, `cni`, container
+/// ID, interface), whichever network's ADD made it, so an ADD under
+/// another network name finds it too: its addresses are under
+/// `<that network>.<container ID>`.
+fn existing_endpoint(ipam: &Ipam<'_>, req: &CniRequest<'_>) -> Option<Vec<IpNet>> {
+    let held = |handle: &str| {
+        ipam.ips_by_handle(handle)
+            .ok()
+            .filter(|ips| !ips.is_empty())
+    };
+    if let Some(ips) = held(&req.handle()) {
+        return Some(ips);
+    }
+    if req.container_id.is_empty() {
+        return None;
+    }
+    let suffix = format!(".{}", req.container_id);
+    ipam.records()
+        .handles()
+        .ok()?
+        .into_iter()
+        .filter(|(id, _)| id.ends_with(&suffix))
+        .find_map(|(id, _)| held(&id))
 }
 
 /// CNI DEL's address part: the handle's addresses, then the legacy

@@ -50,5 +50,5 @@ pub use error::IpamError;
 pub use ipam::{Env, FixedEnv, Ipam, IpamCache};
 pub use pool::{Pool, Use};
 pub use records::Config;
-pub use release::{PoolUse, ReleaseOutcome};
+pub use release::{AffinityClaims, PoolUse, ReleaseOutcome};
 pub use store::{IpamStore, MemoryStore};

@@ -97,6 +97,18 @@ fn covered(within: &IpNet, nets: &[IpNet]) -> u128 {
     kept.iter().map(net_size).sum()
 }
 
+/// What [`Ipam::claim_affinity`] did with a CIDR's blocks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AffinityClaims {
+    /// Blocks now affine to the host (already its, or claimed now).
+    pub claimed: Vec<IpNet>,
+    /// Blocks held by another host, or by none.
+    pub failed: Vec<IpNet>,
+    /// The error that stopped it: as Calico, the blocks handled before it
+    /// are still reported (none when the CIDR is refused up front).
+    pub error: Option<IpamError>,
+}
+
 impl Ipam<'_> {
     /// Calico's `ReleaseIPs`.
     pub fn release_ips(&self, requests: &[Release]) -> Result<ReleaseOutcome, IpamError> {
@@ -386,34 +398,39 @@ impl Ipam<'_> {
             .unwrap_or_default())
     }
 
-    /// Calico's `ClaimAffinity`: claims every block in `cidr` for `host`;
-    /// returns the blocks claimed and those held by others.
-    pub fn claim_affinity(
-        &self,
-        cidr: &IpNet,
-        host: &str,
-    ) -> Result<(Vec<IpNet>, Vec<IpNet>), IpamError> {
-        let blocks = self.blocks_within(cidr)?;
+    /// Calico's `ClaimAffinity`: claims every block in `cidr` for `host`.
+    pub fn claim_affinity(&self, cidr: &IpNet, host: &str) -> AffinityClaims {
+        let mut claims = AffinityClaims::default();
+        let blocks = match self.blocks_within(cidr) {
+            Ok(b) => b,
+            Err(e) => {
+                claims.error = Some(e);
+                return claims;
+            }
+        };
         let affinity = AffinityOf::new(host, Use::Workload);
-        let (mut claimed, mut failed) = (Vec::new(), Vec::new());
         'blocks: for b in blocks {
             for _ in 0..RETRIES {
                 match self.claim_block(&b, &affinity, None) {
                     Ok(_) => {
-                        claimed.push(b);
+                        claims.claimed.push(b);
                         continue 'blocks;
                     }
                     Err(IpamError::ClaimConflict(_)) => {
-                        failed.push(b);
+                        claims.failed.push(b);
                         continue 'blocks;
                     }
                     Err(IpamError::Store(StoreError::Conflict { .. })) => continue,
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        claims.error = Some(e);
+                        return claims;
+                    }
                 }
             }
-            return Err(IpamError::TooManyConflicts);
+            claims.error = Some(IpamError::TooManyConflicts);
+            return claims;
         }
-        Ok((claimed, failed))
+        claims
     }
 
     /// Calico's `ReleaseAffinity`: releases `host`'s blocks in `cidr`.

@@ -606,3 +606,61 @@ fn a_cached_allocator_assigns_exactly_as_a_fresh_read_would_in_one_commit() {
     let report = check(Ipam::new(&memory, &c, &env).records(), &c, None).unwrap();
     assert!(clean(&report.findings), "{:?}", report.findings);
 }
+
+#[test]
+fn claim_affinity_reports_what_it_claimed_alongside_its_error() {
+    let c = cluster(&["node-a", "node-b"]);
+    let store = MemoryStore::new();
+    let env = FixedEnv::new(Duration::from_secs(1), 5);
+    let ipam = Ipam::new(&store, &c, &env);
+    // Smaller than a block (/28): refused up front, nothing claimed.
+    let refused = ipam.claim_affinity(&"10.10.0.0/29".parse().unwrap(), "node-a");
+    assert!(refused.error.is_some());
+    assert!(refused.claimed.is_empty() && refused.failed.is_empty());
+    // node-b holds the second block: node-a claims the others, fails it.
+    let held = ipam.claim_affinity(&"10.10.0.16/28".parse().unwrap(), "node-b");
+    assert_eq!((held.claimed.len(), held.error), (1, None));
+    let got = ipam.claim_affinity(&"10.10.0.0/26".parse().unwrap(), "node-a");
+    assert_eq!(got.error, None);
+    assert_eq!((got.claimed.len(), got.failed.len()), (3, 1));
+    assert_eq!(got.failed, vec!["10.10.0.16/28".parse().unwrap()]);
+}
+
+fn cni_request(
+    netconf: &serde_json::Value,
+    reuse_existing: bool,
+) -> palisade_ipam::cni::CniRequest<'_> {
+    palisade_ipam::cni::CniRequest {
+        netconf,
+        container_id: "badbeef",
+        ip: None,
+        pod: None,
+        local_host: "node-a",
+        reuse_existing,
+    }
+}
+
+#[test]
+fn a_cni_add_under_another_network_name_finds_the_containers_endpoint() {
+    use palisade_ipam::cni::add;
+
+    let c = cluster(&["node-a"]);
+    let store = MemoryStore::new();
+    let env = FixedEnv::new(Duration::from_secs(1), 6);
+    let ipam = Ipam::new(&store, &c, &env);
+    let net1 = json!({"name": "net1", "type": "calico", "ipam": {"type": "calico-ipam"}});
+    let net2 = json!({"name": "net2", "type": "calico", "ipam": {"type": "calico-ipam"}});
+    let first = add(&ipam, &cni_request(&net1, true)).unwrap();
+    // The `calico` plugin: the container's endpoint exists, whichever
+    // network made it; its addresses come back, nothing is assigned.
+    let again = add(&ipam, &cni_request(&net2, true)).unwrap();
+    assert_eq!(again, first);
+    assert!(
+        !ipam
+            .ips_by_handle("net2.badbeef")
+            .is_ok_and(|ips| !ips.is_empty())
+    );
+    // `calico-ipam` alone assigns for the new handle.
+    let other = add(&ipam, &cni_request(&net2, false)).unwrap();
+    assert_ne!(other.ips, first.ips);
+}

@@ -249,7 +249,10 @@ impl<'a> Checked<'a> {
                 ("ipamAdd" | "ipamDel" | "cniAdd" | "cniDel", "exitCode") => {
                     eq(k, want, &self.field("exitCode"))?
                 }
-                ("ipamAdd" | "cniAdd", "result") => self.check_cni_result(want, saved)?,
+                // DEL prints no result: no addresses, no routes.
+                ("ipamAdd" | "cniAdd" | "ipamDel" | "cniDel", "result") => {
+                    self.check_cni_result(want, saved)?
+                }
                 ("ensureBlock", "v4Block" | "v6Block") => {
                     let got = self.field(k);
                     let got_net: Option<IpNet> = got.as_str().and_then(|s| s.parse().ok());

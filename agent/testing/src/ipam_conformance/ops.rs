@@ -280,16 +280,15 @@ impl<'s> Run<'s> {
                     }
                 }
             }
-            "claimAffinity" => match self
-                .ipam()
-                .claim_affinity(&net_arg(a, "cidr")?, &self.host(a))
-            {
-                Ok((c, f)) => {
-                    out.fields.insert("claimedCount", json!(c.len()));
-                    out.fields.insert("failedCount", json!(f.len()));
-                }
-                Err(e) => out.error = Some(e),
-            },
+            "claimAffinity" => {
+                let claims = self
+                    .ipam()
+                    .claim_affinity(&net_arg(a, "cidr")?, &self.host(a));
+                out.fields
+                    .insert("claimedCount", json!(claims.claimed.len()));
+                out.fields.insert("failedCount", json!(claims.failed.len()));
+                out.error = claims.error;
+            }
             "releaseAffinity" => {
                 let must = a["mustBeEmpty"].as_bool().unwrap_or(false);
                 out.error = self
@@ -666,6 +665,8 @@ impl<'s> Run<'s> {
                 Err(e) => Some(e),
             }
         } else {
+            out.fields
+                .insert("result", json!({"ips": [], "routes": []}));
             cni::del(&ipam, &req).err()
         };
         if let Some(e) = failed {
