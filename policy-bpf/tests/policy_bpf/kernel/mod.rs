@@ -225,6 +225,7 @@ fn assert_enforces(l: &mut Loaded, cluster: &Cluster, what: &str) {
 
 mod conntrack;
 mod netns;
+mod node_sockets;
 mod packets;
 mod pod_sockets;
 mod scale;
