@@ -166,7 +166,7 @@ fn pods_tcp_connections_are_balanced_at_connect_and_the_rest_per_packet() {
             client.ns.name(),
             &format!(
                 "PALISADE_SOCKET_PROBE='udp {VIP}:53' exec {} --exact \
-                 kernel::services::socket_probe_child --ignored --nocapture",
+                 kernel::node_sockets::socket_probe_child --ignored --nocapture",
                 exe.display()
             ),
         )
