@@ -140,22 +140,33 @@ pub enum Balancer {
     /// and the client connects to the endpoints as in [`Balancer::Direct`]:
     /// what any per-packet TC design pays before doing anything.
     EmptyProgram,
+    /// No balancer: the NAT-state floor (`palisade_nat_floor`) where
+    /// Palisade's lab has its service program, and the client connects
+    /// to the endpoints: every packet's tuple looked up in a NAT table
+    /// sized as Palisade's, two entries recorded for each new connection,
+    /// nothing translated. What any per-packet design that keeps
+    /// conntrack's state pays before deciding or rewriting anything.
+    NatFloor,
 }
 
 impl Balancer {
     /// Every balancer, the baseline first.
-    pub const ALL: [Balancer; 5] = [
+    pub const ALL: [Balancer; 6] = [
         Balancer::Direct,
         Balancer::Palisade,
         Balancer::Iptables,
         Balancer::Nftables,
         Balancer::EmptyProgram,
+        Balancer::NatFloor,
     ];
 
     /// Whether the client connects to the endpoints (no Service on the
     /// node to balance).
     pub fn to_endpoints(self) -> bool {
-        matches!(self, Balancer::Direct | Balancer::EmptyProgram)
+        matches!(
+            self,
+            Balancer::Direct | Balancer::EmptyProgram | Balancer::NatFloor
+        )
     }
 
     /// Name for tables.
@@ -166,6 +177,7 @@ impl Balancer {
             Balancer::Iptables => "iptables",
             Balancer::Nftables => "nftables",
             Balancer::EmptyProgram => "empty-program",
+            Balancer::NatFloor => "nat-floor",
         }
     }
 }
@@ -289,16 +301,16 @@ impl ServiceLab {
         };
         anyhow::ensure!(!targets.is_empty(), "no Services");
         let mut cgroup = None;
+        let cap = Capacity {
+            services: ServiceCapacity {
+                nat: NAT_ENTRIES,
+                ..ServiceCapacity::default()
+            },
+            ..Capacity::default()
+        };
         let datapath = match balancer {
             Balancer::Direct => None,
             Balancer::Palisade => {
-                let cap = Capacity {
-                    services: ServiceCapacity {
-                        nat: NAT_ENTRIES,
-                        ..ServiceCapacity::default()
-                    },
-                    ..Capacity::default()
-                };
                 let mut dp = Datapath::load_private(cap)?;
                 dp.set_services(table)?;
                 let ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
@@ -320,13 +332,20 @@ impl ServiceLab {
                 cgroup = Some(hooks);
                 Some(dp)
             }
-            Balancer::EmptyProgram => {
-                let mut dp = Datapath::load_private(Capacity::verification())?;
+            Balancer::EmptyProgram | Balancer::NatFloor => {
+                let floor = balancer == Balancer::NatFloor;
+                // The floor's NAT table as large as Palisade's lab's.
+                let mut dp =
+                    Datapath::load_private(if floor { cap } else { Capacity::verification() })?;
                 let ifaces: Vec<String> = topo.pods().iter().map(|p| p.host_if.clone()).collect();
                 topo.node().run(|| {
-                    ifaces
-                        .iter()
-                        .try_for_each(|i| dp.attach_pass_through_as_service(i))
+                    ifaces.iter().try_for_each(|i| {
+                        if floor {
+                            dp.attach_nat_floor_as_service(i)
+                        } else {
+                            dp.attach_pass_through_as_service(i)
+                        }
+                    })
                 })??;
                 Some(dp)
             }
@@ -494,6 +513,19 @@ impl ServiceLab {
                 run.balanced_at_connect,
                 run.connects.connected,
                 run.translated
+            );
+        }
+        if self.balancer == Balancer::NatFloor {
+            self.made.set(self.made.get() + run.connects.connected);
+            anyhow::ensure!(
+                run.nat_full == 0
+                    && self.made.get() * 2 <= NAT_ENTRIES as u64
+                    && run.translated > 0,
+                "nat-floor: {} connections recorded, {} not (the table full), {} made of room for {}",
+                run.translated,
+                run.nat_full,
+                self.made.get(),
+                NAT_ENTRIES / 2
             );
         }
         if palisade && via == Via::Balancer {

@@ -52,6 +52,8 @@ struct Rates {
     iptables: f64,
     nft: f64,
     empty: f64,
+    /// The NAT-state floor, to the endpoints.
+    floor: f64,
     at_connect: f64,
     /// Palisade's lab to the endpoints (its program, no Service).
     untranslated: f64,
@@ -60,13 +62,14 @@ struct Rates {
 impl Rates {
     /// From the medians in the measures' order: [`Balancer::ALL`], then
     /// [`PALISADE_VIA`]'s two more ways.
-    fn of(m: [f64; 7]) -> Rates {
+    fn of(m: [f64; 8]) -> Rates {
         let [
             direct,
             palisade,
             iptables,
             nft,
             empty,
+            floor,
             at_connect,
             untranslated,
         ] = m;
@@ -76,18 +79,20 @@ impl Rates {
             iptables,
             nft,
             empty,
+            floor,
             at_connect,
             untranslated,
         }
     }
 
-    fn all(&self) -> [f64; 7] {
+    fn all(&self) -> [f64; 8] {
         [
             self.direct,
             self.palisade,
             self.iptables,
             self.nft,
             self.empty,
+            self.floor,
             self.at_connect,
             self.untranslated,
         ]
@@ -156,7 +161,7 @@ fn with_heartbeat<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-/// Builds the four labs for `n` Services side by side, measures them in
+/// Builds the labs for `n` Services side by side, measures them in
 /// interleaved rounds (rotating the order, so drift on the machine falls
 /// on all alike), tears them down and checks their namespaces are gone.
 fn measure(n: usize, rounds: usize, secs: f64) -> Result<Row> {
@@ -177,6 +182,9 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<Row> {
             Balancer::Iptables => "kube-proxy's iptables rules (iptables-restore)",
             Balancer::Nftables => "kube-proxy's nftables rules (nft -f)",
             Balancer::EmptyProgram => "a program that only passes packets on the host veths",
+            Balancer::NatFloor => {
+                "the NAT-state floor on the host veths (a lookup a packet, two entries a connection)"
+            }
         };
         eprintln!("  building {}: {what} ...", b.name());
         let t = Instant::now();
@@ -259,7 +267,7 @@ fn measure(n: usize, rounds: usize, secs: f64) -> Result<Row> {
         by_round.iter().copied().fold(f64::INFINITY, f64::min),
         by_round.iter().copied().fold(0.0, f64::max),
     );
-    let mut rates = [0.0; 7];
+    let mut rates = [0.0; 8];
     for (r, s) in rates.iter_mut().zip(samples.iter_mut()) {
         *r = median(s);
     }
@@ -296,8 +304,8 @@ fn main() -> Result<()> {
         let row = measure(*n, rounds, secs)?;
         let f = row.rates.of_direct();
         eprintln!(
-            "  of direct: Palisade {:.2}, iptables {:.2}, nftables {:.2}; Palisade at connect() {:.2}, its program with no Service {:.2}; an empty program {:.2}",
-            f.palisade, f.iptables, f.nft, f.at_connect, f.untranslated, f.empty
+            "  of direct: Palisade {:.2}, iptables {:.2}, nftables {:.2}; Palisade at connect() {:.2}, its program with no Service {:.2}; an empty program {:.2}, the NAT-state floor {:.2}",
+            f.palisade, f.iptables, f.nft, f.at_connect, f.untranslated, f.empty, f.floor
         );
         rows.push(row);
     }
@@ -317,9 +325,9 @@ fn main() -> Result<()> {
          (an AnyIP route for {ENDPOINT_RANGE}, which the node routes to it) where one socket listens \
          on 0.0.0.0:8080. The client opens TCP connections and resets each at once (`SO_LINGER` 0: \
          a new flow each, no TIME_WAIT), one at a time from one thread, for {secs} s a round; \
-         connections/s, median of {rounds} rounds after a 0.5 s warm-up; the five labs exist side by \
+         connections/s, median of {rounds} rounds after a 0.5 s warm-up; the six labs exist side by \
          side and the rounds alternate between them (and Palisade's two more ways below), rotating \
-         the order. The same Services, balanced four ways, and a floor:\n\n\
+         the order. The same Services, balanced four ways, and two floors:\n\n\
          - **direct** (the baseline): a plain node, no rules, no programs; the client connects \
          straight to the endpoints' addresses, in turn over every endpoint of every Service.\n\
          - **Palisade**: `palisade_service` at the TC ingress of both host veths (no policy program, \
@@ -335,7 +343,12 @@ fn main() -> Result<()> {
          loaded with `nft -f`.\n\
          - **empty program** (the floor of any per-packet design): a plain node as direct, with \
          `palisade_pass` (a program that returns at once) where Palisade's lab has its service \
-         program; the client connects to the endpoints, as in direct.\n\n\
+         program; the client connects to the endpoints, as in direct.\n\
+         - **NAT-state floor** (the floor of any per-packet design that keeps conntrack's state): \
+         as the empty program, with `palisade_nat_floor` in its place: each packet parsed and its \
+         tuple looked up in a NAT table as large as Palisade's lab's, two entries recorded for \
+         each new connection (its way there and its way back, as Palisade records one), no \
+         decision, nothing rewritten (checked: connections recorded, none for a full table).\n\n\
          In the three balanced labs the client connects to the ClusterIPs, in turn over all N. The \
          cluster CIDR ({CLUSTER_CIDR}) holds the client, so nothing is masqueraded (pod to Service). \
          Every round is checked: the server accepted every connection the client opened, from the \
@@ -353,14 +366,14 @@ fn main() -> Result<()> {
         rows.iter().map(|r| r.nat_full).sum::<u64>(),
     );
     md.push_str(
-        "| Services | direct /s | Palisade /s | iptables /s | nftables /s | Palisade/direct | iptables/direct | nft/direct | Palisade/direct by round | Palisade at connect() /s | its /direct | Palisade, no Service /s | its /direct | empty program /s | its /direct |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| Services | direct /s | Palisade /s | iptables /s | nftables /s | Palisade/direct | iptables/direct | nft/direct | Palisade/direct by round | Palisade at connect() /s | its /direct | Palisade, no Service /s | its /direct | empty program /s | its /direct | NAT-state floor /s | its /direct |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
         let (q, f) = (r.rates, r.rates.of_direct());
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | **{:.2}** | {:.2} | {:.2} | {:.2}-{:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | **{:.2}** | {:.2} | {:.2} | {:.2}-{:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} | {:.0} | {:.2} |",
             r.services,
             q.direct,
             q.palisade,
@@ -376,7 +389,9 @@ fn main() -> Result<()> {
             q.untranslated,
             f.untranslated,
             q.empty,
-            f.empty
+            f.empty,
+            q.floor,
+            f.floor
         );
     }
     md.push_str(
@@ -386,20 +401,21 @@ fn main() -> Result<()> {
          labs to the next.\n\n\
          Goal (issue 21): Palisade at least 0.9 of direct at every size.\n\n\
          What a connection costs over direct, in microseconds (1/rate − 1/direct rate):\n\n\
-         | Services | direct (µs a connection) | Palisade adds | Palisade at connect() adds | Palisade, no Service, adds | empty program adds | iptables adds | nftables adds |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | Services | direct (µs a connection) | Palisade adds | Palisade at connect() adds | Palisade, no Service, adds | empty program adds | NAT-state floor adds | iptables adds | nftables adds |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &rows {
         let a = r.rates.added_us();
         let _ = writeln!(
             md,
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
             r.services,
             1e6 / r.rates.direct,
             a.palisade,
             a.at_connect,
             a.untranslated,
             a.empty,
+            a.floor,
             a.iptables,
             a.nft
         );
@@ -451,13 +467,17 @@ fn main() -> Result<()> {
          no frontend's needs no address lookup). None of it grows with the number of \
          Services beyond cache pressure. At `connect()` the program still runs on every packet \
          (as to the endpoints) and the hook adds its own decision, the backend picked and the \
-         frontend kept in the socket's storage for `getpeername()`. \
+         frontend kept in the socket's storage for `getpeername()`. The NAT-state floor does \
+         only the table's part of a per-packet design (a lookup on every packet, two entries for \
+         a new connection, in an LRU as large as Palisade's): its distance from the empty program \
+         is what keeping conntrack's state per packet costs before any decision or rewrite, and \
+         Palisade's distance from it is Palisade's own work. \
          kube-proxy's rules run kernel conntrack for every connection (an entry created, \
          confirmed, NATed both ways, and kept 10 s after the reset) whichever proxier wrote them; the \
          nftables proxier then finds the Service in one verdict-map lookup, so it stays flat, \
          while the iptables proxier matches the first packet against the `KUBE-SERVICES` rules \
          one after another (on average half of the N), so it falls as N grows. {} connections \
-         in all ({} rounds of each of the five labs, and of Palisade's at connect() and to the endpoints, at {} sizes).\n\n\
+         in all ({} rounds of each of the six labs, and of Palisade's at connect() and to the endpoints, at {} sizes).\n\n\
          Tools: {}; {}. Kernel {}, {cores} cores; load average at the end of the run {load} \
          (loading the largest size's rules included). \
          The machine was shared with other work: the ratios, measured in alternating rounds, \
@@ -470,7 +490,7 @@ fn main() -> Result<()> {
         kernel.trim(),
     );
     type Column = fn(&Row) -> f64;
-    let columns: [(&str, &'static str, bool, Column); 7] = [
+    let columns: [(&str, &'static str, bool, Column); 8] = [
         ("direct (no Service)", "#7f7f7f", true, |r| r.rates.direct),
         ("Palisade", "#1f77b4", false, |r| r.rates.palisade),
         ("Palisade at connect()", "#9467bd", false, |r| {
@@ -482,6 +502,7 @@ fn main() -> Result<()> {
         ("an empty program (floor)", "#bcbd22", true, |r| {
             r.rates.empty
         }),
+        ("the NAT-state floor", "#8c564b", true, |r| r.rates.floor),
         ("kube-proxy iptables", "#d62728", false, |r| {
             r.rates.iptables
         }),

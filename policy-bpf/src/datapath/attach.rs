@@ -14,21 +14,31 @@ impl Datapath {
     /// outlive this process. An existing pinned link is updated in place
     /// (atomic program replacement). Must run in the interface's netns.
     pub fn attach(&mut self, iface: &str) -> Result<(), DatapathError> {
-        self.attach_programs(iface, false)
+        self.attach_programs(iface, None)
     }
 
     /// Attaches the pass-through program in both places [`Self::attach`]
     /// attaches the policy programs: what TC hooks cost a packet before
     /// any policy (benchmarks measure against it). Detached like them.
     pub fn attach_pass_through(&mut self, iface: &str) -> Result<(), DatapathError> {
-        self.attach_programs(iface, true)
+        self.attach_programs(iface, Some(Hook::PassThrough.program()))
     }
 
     /// Attaches the pass-through program where [`Self::attach_service`]
     /// attaches the service program: what the TC hook alone costs a
     /// packet (the service benchmarks' floor). Detached like it.
     pub fn attach_pass_through_as_service(&mut self, iface: &str) -> Result<(), DatapathError> {
-        self.attach_hooks(iface, &[Hook::Service], true)
+        self.attach_hooks(iface, &[Hook::Service], Some(Hook::PassThrough.program()))
+    }
+
+    /// Attaches the NAT-state floor (`palisade_nat_floor`) where
+    /// [`Self::attach_service`] attaches the service program: on every
+    /// packet a NAT table lookup, on each new connection two entries
+    /// recorded, nothing translated. What keeping conntrack's state alone
+    /// costs traffic (the service benchmarks' second floor). Detached
+    /// like it.
+    pub fn attach_nat_floor_as_service(&mut self, iface: &str) -> Result<(), DatapathError> {
+        self.attach_hooks(iface, &[Hook::Service], Some(NAT_FLOOR_PROGRAM))
     }
 
     /// Attaches service load balancing at the interface's TC ingress,
@@ -36,30 +46,27 @@ impl Datapath {
     /// translated packet), with a pinned TCX link like the others. Must
     /// run in the interface's netns.
     pub fn attach_service(&mut self, iface: &str) -> Result<(), DatapathError> {
-        self.attach_hooks(iface, &[Hook::Service], false)
+        self.attach_hooks(iface, &[Hook::Service], None)
     }
 
     pub(super) fn attach_programs(
         &mut self,
         iface: &str,
-        pass_through: bool,
+        stand_in: Option<&'static str>,
     ) -> Result<(), DatapathError> {
-        self.attach_hooks(iface, &[Hook::FromPod, Hook::ToPod], pass_through)
+        self.attach_hooks(iface, &[Hook::FromPod, Hook::ToPod], stand_in)
     }
 
     fn attach_hooks(
         &mut self,
         iface: &str,
         hooks: &[Hook],
-        pass_through: bool,
+        stand_in: Option<&'static str>,
     ) -> Result<(), DatapathError> {
         for &hook in hooks {
             let path = self.link_path(iface, hook);
-            let program = if pass_through {
-                Hook::PassThrough.program()
-            } else {
-                hook.program()
-            };
+            // A benchmark's stand-in goes where the hook's program would.
+            let program = stand_in.unwrap_or_else(|| hook.program());
             let order = if hook == Hook::Service {
                 LinkOrder::first()
             } else {

@@ -192,8 +192,12 @@ const REPLY_NAT_PROGRAM: &str = "palisade_reply_nat";
 
 /// Reply translation after policy, then local delivery (tail-called).
 const REPLY_NAT_LOCAL_PROGRAM: &str = "palisade_reply_nat_local";
+/// The NAT-state floor of the service benchmarks (see
+/// [`Datapath::attach_nat_floor_as_service`]; never attached by the agent).
+const NAT_FLOOR_PROGRAM: &str = "palisade_nat_floor";
+
 /// Every TC program, in the order they are loaded.
-const TC_PROGRAMS: [&str; 8] = [
+const TC_PROGRAMS: [&str; 9] = [
     "palisade_from_pod",
     "palisade_to_pod",
     "palisade_pass",
@@ -202,6 +206,7 @@ const TC_PROGRAMS: [&str; 8] = [
     SERVICE_PROGRAM,
     REPLY_NAT_PROGRAM,
     REPLY_NAT_LOCAL_PROGRAM,
+    NAT_FLOOR_PROGRAM,
 ];
 
 /// A map size as the loader takes it (at least one entry).

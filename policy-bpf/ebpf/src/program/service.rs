@@ -21,6 +21,7 @@ use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 
 use super::*;
 
+mod floor;
 mod hairpin;
 mod lifetime;
 mod reject;
