@@ -281,15 +281,9 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
     let tcp = packet_tcp_flags(ctx, h);
     if h.protocol == UDP {
         // SAFETY: as below; concurrent runs write the same values.
-        let entry = unsafe { &mut *v };
-        let now = now_seconds();
-        if udp_idle(entry, now) {
-            let old = *entry;
-            if forget_over_udp(sc, &old) {
-                return 0;
-            }
+        if !udp_flow_lives(sc, unsafe { &mut *v }) {
+            return 0;
         }
-        refresh_udp(entry, now);
     } else if h.protocol == TCP {
         // SAFETY: as below; see `note_tcp_end` on concurrent runs.
         let entry = unsafe { &mut *v };
@@ -345,6 +339,22 @@ fn translated(ctx: &TcContext, h: &Headers) -> i32 {
         }
     }
     1
+}
+
+/// A UDP datagram met its flow's `entry`: false when the flow was over
+/// (its entries are gone: the datagram opens a new flow), else the
+/// flow's clock moves on.
+#[inline(always)]
+fn udp_flow_lives(sc: &mut ServiceScratch, entry: &mut NatValue) -> bool {
+    let now = now_seconds();
+    if udp_idle(entry, now) {
+        let old = *entry;
+        if forget_over_udp(sc, &old) {
+            return false;
+        }
+    }
+    refresh_udp(entry, now);
+    true
 }
 
 /// A TCP connection opening (SYN without ACK), or a UDP datagram, that
@@ -532,15 +542,8 @@ fn after_policy_nat(ctx: &TcContext) -> i32 {
         return 0;
     }
     // A reply from a backend on another node meets its entries only here.
-    if h.protocol == UDP {
-        let now = now_seconds();
-        if udp_idle(v, now) {
-            let old = *v;
-            if forget_over_udp(sc, &old) {
-                return 0;
-            }
-        }
-        refresh_udp(v, now);
+    if h.protocol == UDP && !udp_flow_lives(sc, v) {
+        return 0;
     }
     note_tcp_end(v, tcp_flags(&bytes, &h));
     if rewrite(ctx, &h, &sc.tuple, v) != 0 {

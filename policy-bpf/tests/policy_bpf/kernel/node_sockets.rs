@@ -154,18 +154,8 @@ fn node_processes_reach_a_cluster_ip_through_the_socket_hooks() {
 
     // A process of the node runs `socket_probe_child` (this binary
     // again) in the cgroup: its sockets are the ones the hooks see.
-    let exe = std::env::current_exe().unwrap();
     let probe = |what: &str| -> String {
-        let out = cgroup
-            .bash_in(
-                topo.node().name(),
-                &format!(
-                    "PALISADE_SOCKET_PROBE='{what}' exec {} --exact \
-                     kernel::node_sockets::socket_probe_child --ignored --nocapture",
-                    exe.display()
-                ),
-            )
-            .unwrap();
+        let out = run_socket_probe(&cgroup, topo.node().name(), what);
         let stdout = String::from_utf8_lossy(&out.stdout);
         stdout
             .lines()
@@ -297,6 +287,27 @@ fn node_processes_reach_a_cluster_ip_through_the_socket_hooks() {
         policy_bpf::datapath::attached_socket_hooks(cgroup.path()).unwrap(),
         0
     );
+}
+
+/// Runs [`socket_probe_child`] (this binary again) with probe `what`, in
+/// `cgroup` and namespace `ns`: its sockets are the ones the hooks there
+/// see.
+pub(super) fn run_socket_probe(
+    cgroup: &palisade_testing::cgroup::TestCgroup,
+    ns: &str,
+    what: &str,
+) -> std::process::Output {
+    let exe = std::env::current_exe().unwrap();
+    cgroup
+        .bash_in(
+            ns,
+            &format!(
+                "PALISADE_SOCKET_PROBE='{what}' exec {} --exact \
+                 kernel::node_sockets::socket_probe_child --ignored --nocapture",
+                exe.display()
+            ),
+        )
+        .unwrap()
 }
 
 /// The child side of the socket-hook test above, which re-runs this

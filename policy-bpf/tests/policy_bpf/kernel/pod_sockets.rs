@@ -160,17 +160,8 @@ fn pods_tcp_connections_are_balanced_at_connect_and_the_rest_per_packet() {
 
     // The pod's UDP is translated per packet (a flow keeps its backend as
     // conntrack would keep it), its replies coming from the Service.
-    let exe = std::env::current_exe().unwrap();
-    let out = cgroup
-        .bash_in(
-            client.ns.name(),
-            &format!(
-                "PALISADE_SOCKET_PROBE='udp {VIP}:53' exec {} --exact \
-                 kernel::node_sockets::socket_probe_child --ignored --nocapture",
-                exe.display()
-            ),
-        )
-        .unwrap();
+    let out =
+        super::node_sockets::run_socket_probe(&cgroup, client.ns.name(), &format!("udp {VIP}:53"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains(&format!(" from {VIP}:53")),
