@@ -544,6 +544,13 @@ impl Datapath {
         self.test_run(SERVICE_PROGRAM, packet, 1, ifindex)
     }
 
+    /// Runs the NAT-state floor of the service benchmarks
+    /// ([`Datapath::attach_nat_floor_as_service`]) on a crafted packet: its
+    /// return code and the packet it left.
+    pub fn run_nat_floor(&self, packet: &[u8]) -> Result<(RunResult, Vec<u8>), DatapathError> {
+        self.test_run(NAT_FLOOR_PROGRAM, packet, 1, 0)
+    }
+
     /// Runs the after-policy translation (`palisade_reply_nat`, which the
     /// policy programs tail-call) on a crafted packet: how a reply from a
     /// backend on another node meets its entries.

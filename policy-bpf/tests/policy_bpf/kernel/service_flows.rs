@@ -14,7 +14,7 @@ use policy_bpf::services::ServiceCapacity;
 use policy_bpf_common::{NAT_FIN, NAT_REPLIED, NAT_REPLY, NAT_RST, NatTuple, NatValue, map_names};
 
 use super::privileged;
-use super::services::{destination, packet, service, slice, sock, source, table};
+use super::services::{destination, load_api, packet, service, slice, sock, source, table};
 
 const VIP: &str = "172.30.0.10";
 
@@ -23,12 +23,7 @@ fn udp_flows_through_a_service_end_after_conntracks_timeouts() {
     if !privileged() {
         return;
     }
-    let mut dp = Datapath::load_private(Capacity::verification()).unwrap();
-    dp.set_services(&table(&[
-        service("api", VIP, false),
-        slice("api", &["10.0.2.5"]),
-    ]))
-    .unwrap();
+    let mut dp = load_api(&["10.0.2.5"]);
     let (vip, backend) = (sock(VIP, 53), sock("10.0.2.5", 5353));
     let (quiet, answered, tcp) = (
         sock("10.0.1.9", 40_100),
@@ -204,13 +199,7 @@ const ACK: u8 = 0x10;
 
 /// A datapath balancing the ClusterIP over one backend, 10.0.2.5.
 fn one_backend() -> Datapath {
-    let mut dp = Datapath::load_private(Capacity::verification()).unwrap();
-    dp.set_services(&table(&[
-        service("api", VIP, false),
-        slice("api", &["10.0.2.5"]),
-    ]))
-    .unwrap();
-    dp
+    load_api(&["10.0.2.5"])
 }
 
 /// One TCP packet through the program; the packet as it leaves.
