@@ -37,7 +37,7 @@ pub use crate::error::DatapathError;
 use crate::lower::{Capacity, InUse, MapWrite, Mirror, WritePlan};
 pub use cgroup_hooks::{ForeignSocketHook, attached_socket_hooks, cgroup_socket_hooks};
 pub use services::SOCKET_PROGRAMS;
-pub use socket_netns::{SocketNetns, current_netns_cookie, netns_cookie};
+pub use socket_netns::{SocketNetns, current_netns_cookie, netns_cookie, socket_cookie};
 
 /// A random, nonzero seed for the conntrack set hash (std's hasher keys
 /// come from the OS's random source).

@@ -5,7 +5,7 @@
 //! cookie (`bpf_get_netns_cookie`), read here from a socket made in it.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use super::*;
@@ -55,27 +55,39 @@ pub fn current_netns_cookie() -> Result<u64, DatapathError> {
         None,
     )
     .map_err(|e| DatapathError::Load(format!("a socket for the netns cookie: {e}")))?;
-    let mut cookie = 0u64;
+    u64_socket_option(fd.as_fd(), libc::SO_NETNS_COOKIE).map_err(|e| {
+        DatapathError::Load(format!(
+            "reading the netns cookie (SO_NETNS_COOKIE needs Linux 5.14): {e}"
+        ))
+    })
+}
+
+/// The kernel's cookie of `socket` (`SO_COOKIE`), as the hooks'
+/// `bpf_get_socket_cookie` reads it: the key of its UDP flows.
+pub fn socket_cookie(socket: &impl AsFd) -> std::io::Result<u64> {
+    u64_socket_option(socket.as_fd(), libc::SO_COOKIE)
+}
+
+/// A socket option of `SOL_SOCKET` whose value is a u64.
+fn u64_socket_option(fd: BorrowedFd<'_>, option: libc::c_int) -> std::io::Result<u64> {
+    let mut value = 0u64;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `fd` is an open socket; the kernel writes at most `len`
-    // bytes (a u64, SO_NETNS_COOKIE's size) into `cookie` and the length
-    // back into `len`, both live for the call.
+    // SAFETY: `fd` is an open descriptor for the call; the kernel writes
+    // at most `len` bytes (a u64) into `value` and the length back into
+    // `len`, both live for the call.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
+            option,
+            (&raw mut value).cast(),
             &raw mut len,
         )
     };
     if rc != 0 {
-        return Err(DatapathError::Load(format!(
-            "reading the netns cookie (SO_NETNS_COOKIE needs Linux 5.14): {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(std::io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 /// The cookie of the network namespace at `path` (`/run/netns/NAME`, a

@@ -168,21 +168,26 @@ fn node_processes_reach_a_cluster_ip_through_the_socket_hooks() {
             })
             .to_string()
     };
-    let mut reached = std::collections::BTreeSet::new();
-    for _ in 0..24 {
-        let got = probe(&format!("udp {VIP}:53"));
-        let (name, from) = got
-            .split_once(" from ")
-            .unwrap_or_else(|| panic!("unconnected UDP to the ClusterIP: {got}"));
-        assert_eq!(
-            from,
-            format!("{VIP}:53"),
-            "the reply's source is the Service address"
-        );
-        reached.insert(name.to_string());
-    }
+    // Unconnected datagrams to a Service address, 24 sockets: the
+    // backends that answered, every reply from that address.
+    let udp_backends = |to: &str| -> std::collections::BTreeSet<String> {
+        (0..24)
+            .map(|_| {
+                let got = probe(&format!("udp {to}:53"));
+                let (name, from) = got
+                    .split_once(" from ")
+                    .unwrap_or_else(|| panic!("unconnected UDP to {to}: {got}"));
+                assert_eq!(
+                    from,
+                    format!("{to}:53"),
+                    "the reply's source is the Service address"
+                );
+                name.to_string()
+            })
+            .collect()
+    };
     assert_eq!(
-        reached,
+        udp_backends(VIP),
         ["api-a", "api-b"].map(String::from).into(),
         "every backend takes datagrams"
     );
@@ -195,16 +200,10 @@ fn node_processes_reach_a_cluster_ip_through_the_socket_hooks() {
     // IPv4-mapped address: balanced over the IPv4 backends, and told the
     // mapped Service address back.
     let mapped = format!("[::ffff:{VIP}]");
-    let mut reached = std::collections::BTreeSet::new();
-    for _ in 0..24 {
-        let got = probe(&format!("udp {mapped}:53"));
-        let (name, from) = got
-            .split_once(" from ")
-            .unwrap_or_else(|| panic!("unconnected UDP to the mapped ClusterIP: {got}"));
-        assert_eq!(from, format!("{mapped}:53"));
-        reached.insert(name.to_string());
-    }
-    assert_eq!(reached, ["api-a", "api-b"].map(String::from).into());
+    assert_eq!(
+        udp_backends(&mapped),
+        ["api-a", "api-b"].map(String::from).into()
+    );
     assert_eq!(
         probe(&format!("tcp {mapped}:80")),
         format!("peer {mapped}:80")
@@ -401,26 +400,10 @@ fn age_socket_flow(
     replied: bool,
     stray: std::net::Ipv4Addr,
 ) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-
     use aya::maps::{HashMap, MapData};
     use policy_bpf_common::{SockFlowValue, SockReverseKey};
 
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: SO_COOKIE writes a u64 into `cookie`, whose size `len` says.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
-            &raw mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let cookie = policy_bpf::datapath::socket_cookie(s)?;
     let data = MapData::from_pin(pin).map_err(std::io::Error::other)?;
     let mut flows: HashMap<MapData, SockReverseKey, SockFlowValue> =
         HashMap::try_from(aya::maps::Map::LruHashMap(data)).map_err(std::io::Error::other)?;
